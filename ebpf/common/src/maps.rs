@@ -1,0 +1,42 @@
+//! Map names, defined once. The eBPF programs name their maps with these, the agent looks
+//! them up and pins them (under the pin root) by the same names.
+
+/// `HashMap<NetnsCookie, PodRecord>`: enrolled pods, keyed by their network namespace.
+pub const PODS: &str = "PODS";
+/// `LruHashMap<SocketCookie, OrigDst>`: destination saved by connect4/6 until sock_ops
+/// hands it over.
+pub const ORIG_DST_BY_SOCKET: &str = "ORIG_DST_BY_SOCKET";
+/// `LruHashMap<ConnKey, OrigDst>`: original destination of each steered connection, read
+/// (and deleted) by the proxy when it accepts on the outbound port.
+pub const ORIG_DST: &str = "ORIG_DST";
+/// `SockHash<ListenerKey>`: the inbound (15006) listener of each enrolled pod IP.
+pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+/// `Array<ProxyConfig, 1>`: proxy ports and socket mark.
+pub const PROXY_CONFIG: &str = "PROXY_CONFIG";
+/// `HashMap<PortKey, u8>`: destination ports never steered.
+pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+/// `LpmTrie<AddrKey, u8>`: destination CIDRs never steered (IPv4 as v4-mapped /96+len).
+pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+/// `PerCpuArray<Stats, 1>`: one counter per verdict and error arm of every program.
+pub const STATS: &str = "STATS";
+
+/// Every map the agent expects in the object, for the load-time check.
+pub const ALL: &[&str] = &[
+    PODS,
+    ORIG_DST_BY_SOCKET,
+    ORIG_DST,
+    INBOUND_LISTENERS,
+    PROXY_CONFIG,
+    EXCLUDED_PORTS,
+    EXCLUDED_CIDRS,
+    STATS,
+];
+
+/// Capacity of the pod map: pods on one node.
+pub const MAX_PODS: u32 = 4096;
+/// Capacity of the in-flight and accepted-connection maps (LRU, so a leak self-heals).
+pub const MAX_CONNS: u32 = 65_536;
+/// Capacity of the inbound listener map: pod IPs on one node (two families).
+pub const MAX_LISTENERS: u32 = 8192;
+/// Capacity of each exclusion map.
+pub const MAX_EXCLUSIONS: u32 = 256;
