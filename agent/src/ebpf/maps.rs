@@ -1,0 +1,390 @@
+//! Typed handles on the pinned maps, and the expected layout of each (checked against pins
+//! left by a previous agent).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    mem::size_of,
+    net::IpAddr,
+    os::fd::{AsRawFd as _, BorrowedFd},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray, SockHash,
+        lpm_trie::Key,
+    },
+};
+use ebpf_common::{
+    config::{AddrKey, ListenerKey, PortKey, ProxyConfig, V4_MAPPED_PREFIX},
+    maps::{self, MAX_CONNS, MAX_EXCLUSIONS, MAX_LISTENERS, MAX_PODS},
+    netns::{NetnsCookie, PodRecord},
+    orig_dst::{ConnKey, OrigDst, SocketCookie},
+    stats::Stats,
+};
+use ipnet::IpNet;
+
+use super::{
+    AF_INET, ConfigDump, Error, MAX_DUMPED_CONNS, MapDump, OrigDstDump, PodDump, addr_bytes,
+    addr_from_bytes, orig_dst_addr,
+};
+
+/// Typed handles on every map of the object.
+pub(crate) struct Maps {
+    pods: HashMap<MapData, NetnsCookie, PodRecord>,
+    orig_dst_by_socket: HashMap<MapData, SocketCookie, OrigDst>,
+    pub(crate) orig_dst: Arc<HashMap<MapData, ConnKey, OrigDst>>,
+    inbound_listeners: SockHash<MapData, ListenerKey>,
+    proxy_config: Array<MapData, ProxyConfig>,
+    excluded_ports: HashMap<MapData, PortKey, u8>,
+    excluded_cidrs: LpmTrie<MapData, AddrKey, u8>,
+    stats: PerCpuArray<MapData, Stats>,
+}
+
+/// What a map must look like; `bpf_map_info` of a pinned map is compared with it.
+#[derive(Debug)]
+pub(crate) struct Layout {
+    pub(crate) name: &'static str,
+    pub(crate) map_type: MapType,
+    pub(crate) key_size: u32,
+    pub(crate) value_size: u32,
+    pub(crate) max_entries: u32,
+}
+
+/// One entry per name of `ebpf_common::maps::ALL`, in the same order.
+pub(crate) const LAYOUTS: &[Layout] = &[
+    layout::<NetnsCookie, PodRecord>(maps::PODS, MapType::Hash, MAX_PODS),
+    layout::<SocketCookie, OrigDst>(maps::ORIG_DST_BY_SOCKET, MapType::LruHash, MAX_CONNS),
+    layout::<ConnKey, OrigDst>(maps::ORIG_DST, MapType::LruHash, MAX_CONNS),
+    // A sockhash's value is the socket's fd (u32) on update.
+    layout::<ListenerKey, u32>(maps::INBOUND_LISTENERS, MapType::SockHash, MAX_LISTENERS),
+    layout::<u32, ProxyConfig>(maps::PROXY_CONFIG, MapType::Array, 1),
+    layout::<PortKey, u8>(maps::EXCLUDED_PORTS, MapType::Hash, MAX_EXCLUSIONS),
+    // The LPM trie key is the prefix length (u32) followed by the data.
+    layout::<Key<AddrKey>, u8>(maps::EXCLUDED_CIDRS, MapType::LpmTrie, MAX_EXCLUSIONS),
+    layout::<u32, Stats>(maps::STATS, MapType::PerCpuArray, 1),
+];
+
+impl Maps {
+    /// Takes every map out of the loaded object.
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            pods: typed(ebpf, maps::PODS)?,
+            orig_dst_by_socket: typed(ebpf, maps::ORIG_DST_BY_SOCKET)?,
+            orig_dst: Arc::new(typed(ebpf, maps::ORIG_DST)?),
+            inbound_listeners: typed(ebpf, maps::INBOUND_LISTENERS)?,
+            proxy_config: typed(ebpf, maps::PROXY_CONFIG)?,
+            excluded_ports: typed(ebpf, maps::EXCLUDED_PORTS)?,
+            excluded_cidrs: typed(ebpf, maps::EXCLUDED_CIDRS)?,
+            stats: typed(ebpf, maps::STATS)?,
+        })
+    }
+
+    /// Writes the proxy config and replaces the exclusion maps' contents. New exclusions
+    /// are inserted before stale ones are removed, so nothing is briefly un-excluded.
+    pub(crate) fn apply_settings(&mut self, settings: &super::Settings) -> Result<(), Error> {
+        let ports: BTreeSet<u16> = settings.excluded_ports.iter().copied().collect();
+        let cidrs: BTreeSet<(u32, [u8; 16])> = settings
+            .excluded_cidrs
+            .iter()
+            .map(|net| cidr_key(*net))
+            .collect();
+        for (what, count) in [("ports", ports.len()), ("CIDRs", cidrs.len())] {
+            if count > MAX_EXCLUSIONS as usize {
+                return Err(Error::TooManyExclusions {
+                    what,
+                    count,
+                    max: MAX_EXCLUSIONS,
+                });
+            }
+        }
+
+        let config = ProxyConfig {
+            proxy_mark: settings.proxy_mark,
+            outbound_port: settings.outbound_port,
+            inbound_port: settings.inbound_port,
+            hbone_port: settings.hbone_port,
+            _pad: [0; 6],
+        };
+        self.proxy_config
+            .set(0, config, 0)
+            .map_err(map_error(maps::PROXY_CONFIG, "write"))?;
+
+        for &port in &ports {
+            self.excluded_ports
+                .insert(port_key(port), 1, 0)
+                .map_err(map_error(maps::EXCLUDED_PORTS, "insert into"))?;
+        }
+        let stale: Vec<PortKey> = self
+            .excluded_ports
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::EXCLUDED_PORTS, "list"))?;
+        for key in stale.into_iter().filter(|k| !ports.contains(&k.port)) {
+            remove_if_present(self.excluded_ports.remove(&key), maps::EXCLUDED_PORTS)?;
+        }
+
+        for &(prefix_len, addr) in &cidrs {
+            self.excluded_cidrs
+                .insert(&Key::new(prefix_len, AddrKey { addr }), 1, 0)
+                .map_err(map_error(maps::EXCLUDED_CIDRS, "insert into"))?;
+        }
+        let stale: Vec<Key<AddrKey>> = self
+            .excluded_cidrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::EXCLUDED_CIDRS, "list"))?;
+        for key in stale
+            .into_iter()
+            .filter(|k| !cidrs.contains(&(k.prefix_len(), k.data().addr)))
+        {
+            remove_if_present(self.excluded_cidrs.remove(&key), maps::EXCLUDED_CIDRS)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn insert_pod(
+        &mut self,
+        cookie: NetnsCookie,
+        record: PodRecord,
+    ) -> Result<(), Error> {
+        self.pods
+            .insert(cookie, record, 0)
+            .map_err(map_error(maps::PODS, "insert into"))
+    }
+
+    pub(crate) fn remove_pod(&mut self, cookie: NetnsCookie) -> Result<(), Error> {
+        remove_if_present(self.pods.remove(&cookie), maps::PODS)
+    }
+
+    pub(crate) fn pods(&self) -> Result<Vec<(NetnsCookie, PodRecord)>, Error> {
+        self.pods
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::PODS, "list"))
+    }
+
+    pub(crate) fn set_inbound_listener(
+        &mut self,
+        ip: IpAddr,
+        listener: BorrowedFd<'_>,
+    ) -> Result<(), Error> {
+        let key = ListenerKey {
+            addr: addr_bytes(ip),
+        };
+        self.inbound_listeners
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(map_error(maps::INBOUND_LISTENERS, "insert into"))
+    }
+
+    pub(crate) fn remove_inbound_listener(&mut self, ip: IpAddr) -> Result<(), Error> {
+        let key = ListenerKey {
+            addr: addr_bytes(ip),
+        };
+        remove_if_present(self.inbound_listeners.remove(&key), maps::INBOUND_LISTENERS)
+    }
+
+    pub(crate) fn stats(&self) -> Result<Stats, Error> {
+        let per_cpu = self
+            .stats
+            .get(&0, 0)
+            .map_err(map_error(maps::STATS, "read"))?;
+        Ok(per_cpu
+            .iter()
+            .fold(Stats::default(), |sum, cpu| add(&sum, cpu)))
+    }
+
+    /// Everything but the fields the data plane fills in (pin root, programs, links).
+    pub(crate) fn dump(&self) -> Result<MapDump, Error> {
+        let config = self
+            .proxy_config
+            .get(&0, 0)
+            .map_err(map_error(maps::PROXY_CONFIG, "read"))?;
+        let pods = self
+            .pods()?
+            .into_iter()
+            .map(|(cookie, record)| PodDump {
+                netns_cookie: cookie.0,
+                pod_id: record.pod_id,
+                flags: record.flags,
+            })
+            .collect();
+        let inbound_listeners = self
+            .inbound_listeners
+            .keys()
+            .map(|key| key.map(|k| addr_from_bytes(k.addr)))
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::INBOUND_LISTENERS, "list"))?;
+        let excluded_ports = self
+            .excluded_ports
+            .keys()
+            .map(|key| key.map(|k| k.port))
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::EXCLUDED_PORTS, "list"))?;
+        let excluded_cidrs = self
+            .excluded_cidrs
+            .keys()
+            .map(|key| key.map(|k| cidr_from_key(k.prefix_len(), k.data().addr)))
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::EXCLUDED_CIDRS, "list"))?;
+        let orig_dst_pending = self.orig_dst_by_socket.keys().count();
+        let mut orig_dst_count = 0;
+        let mut orig_dst = Vec::new();
+        for entry in self.orig_dst.iter() {
+            // An entry taken by the proxy while we iterate ends the walk early; that is fine
+            // for a status view.
+            let Ok((key, value)) = entry else { break };
+            orig_dst_count += 1;
+            if orig_dst.len() < MAX_DUMPED_CONNS {
+                orig_dst.push(OrigDstDump {
+                    netns_cookie: key.netns_cookie,
+                    client_port: key.client_port,
+                    family: if key.family == AF_INET {
+                        "ipv4"
+                    } else {
+                        "ipv6"
+                    },
+                    orig_dst: orig_dst_addr(&value),
+                });
+            }
+        }
+        let stats = stat_fields(&self.stats()?).into_iter().collect();
+        Ok(MapDump {
+            pin_root: PathBuf::new(),
+            cgroup_root: PathBuf::new(),
+            programs: BTreeMap::new(),
+            cgroup_attached: BTreeMap::new(),
+            config: (config.proxy_mark != 0).then_some(ConfigDump {
+                proxy_mark: config.proxy_mark,
+                outbound_port: config.outbound_port,
+                inbound_port: config.inbound_port,
+                hbone_port: config.hbone_port,
+            }),
+            pods,
+            sk_lookup_links: Vec::new(),
+            inbound_listeners,
+            excluded_ports,
+            excluded_cidrs,
+            orig_dst_pending,
+            orig_dst_count,
+            orig_dst,
+            stats,
+        })
+    }
+}
+
+/// Every counter with its name (the `Stats` field name, used as the metric label value).
+pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 10] {
+    let Stats {
+        connect_redirected,
+        connect_not_enrolled,
+        connect_excluded,
+        connect_not_tcp,
+        connect_error_refused,
+        sockops_handed_over,
+        sockops_error_missing,
+        sklookup_steered,
+        sklookup_passed,
+        sklookup_error_dropped,
+    } = *stats;
+    [
+        ("connect_redirected", connect_redirected),
+        ("connect_not_enrolled", connect_not_enrolled),
+        ("connect_excluded", connect_excluded),
+        ("connect_not_tcp", connect_not_tcp),
+        ("connect_error_refused", connect_error_refused),
+        ("sockops_handed_over", sockops_handed_over),
+        ("sockops_error_missing", sockops_error_missing),
+        ("sklookup_steered", sklookup_steered),
+        ("sklookup_passed", sklookup_passed),
+        ("sklookup_error_dropped", sklookup_error_dropped),
+    ]
+}
+
+fn add(a: &Stats, b: &Stats) -> Stats {
+    Stats {
+        connect_redirected: a.connect_redirected + b.connect_redirected,
+        connect_not_enrolled: a.connect_not_enrolled + b.connect_not_enrolled,
+        connect_excluded: a.connect_excluded + b.connect_excluded,
+        connect_not_tcp: a.connect_not_tcp + b.connect_not_tcp,
+        connect_error_refused: a.connect_error_refused + b.connect_error_refused,
+        sockops_handed_over: a.sockops_handed_over + b.sockops_handed_over,
+        sockops_error_missing: a.sockops_error_missing + b.sockops_error_missing,
+        sklookup_steered: a.sklookup_steered + b.sklookup_steered,
+        sklookup_passed: a.sklookup_passed + b.sklookup_passed,
+        sklookup_error_dropped: a.sklookup_error_dropped + b.sklookup_error_dropped,
+    }
+}
+
+/// The LPM key of a CIDR: IPv4 as v4-mapped, its prefix length shifted by 96.
+pub(crate) fn cidr_key(net: IpNet) -> (u32, [u8; 16]) {
+    let net = net.trunc();
+    match net {
+        IpNet::V4(v4) => (
+            V4_MAPPED_PREFIX + u32::from(v4.prefix_len()),
+            ebpf_common::config::v4_mapped(v4.addr().octets()),
+        ),
+        IpNet::V6(v6) => (u32::from(v6.prefix_len()), v6.addr().octets()),
+    }
+}
+
+/// The inverse of `cidr_key` (for dumps); an impossible prefix shows as a /128 host.
+pub(crate) fn cidr_from_key(prefix_len: u32, addr: [u8; 16]) -> IpNet {
+    match addr_from_bytes(addr) {
+        IpAddr::V4(ip) if prefix_len >= V4_MAPPED_PREFIX => {
+            let len = u8::try_from(prefix_len - V4_MAPPED_PREFIX).unwrap_or(32);
+            IpNet::new(IpAddr::V4(ip), len).unwrap_or(IpNet::from(IpAddr::V4(ip)))
+        }
+        ip => {
+            let v6 = std::net::Ipv6Addr::from(addr);
+            let len = u8::try_from(prefix_len).unwrap_or(128);
+            IpNet::new(IpAddr::V6(v6), len).unwrap_or(IpNet::from(ip))
+        }
+    }
+}
+
+fn port_key(port: u16) -> PortKey {
+    PortKey { port, _pad: [0; 2] }
+}
+
+fn typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::BugMissingMap(name))?;
+    T::try_from(map).map_err(map_error(name, "open"))
+}
+
+fn map_error(map: &'static str, op: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map {
+        map,
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// Deleting what is already gone is success (unenroll and reconcile are idempotent).
+fn remove_if_present(result: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Map {
+            map,
+            op: "delete from",
+            source: Box::new(source),
+        }),
+    }
+}
+
+const fn layout<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> Layout {
+    Layout {
+        name,
+        map_type,
+        key_size: size_of::<K>() as u32,
+        value_size: size_of::<V>() as u32,
+        max_entries,
+    }
+}

@@ -1,0 +1,750 @@
+//! Privileged tests of the eBPF programs on the real kernel: each loads the embedded object
+//! under its own bpffs pin root, attaches to its own cgroup v2 group, builds its own network
+//! namespaces, drives real connections from a child process in that cgroup and netns, and
+//! reads the maps through `ebpf-common` types. Every guard removes what it created on drop.
+//!
+//! Not root: skipped with a message (a failure when `CI` is set).
+
+use std::{
+    fs::{self, File},
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+        unix::process::CommandExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ebpf_common::{
+    config::v4_mapped,
+    maps,
+    netns::{NetnsCookie, POD_FLAG_REDIRECT_OUTBOUND, PodRecord},
+    orig_dst::OrigDst,
+    stats::Stats,
+};
+
+use super::{
+    Config, Dataplane, Settings, conn_key, links,
+    maps::LAYOUTS,
+    orig_dst_addr,
+    query::{self, QueryScope},
+};
+
+#[test]
+fn map_layouts_cover_every_map_name() {
+    let names: Vec<&str> = LAYOUTS.iter().map(|l| l.name).collect();
+    assert_eq!(names, maps::ALL);
+}
+
+#[test]
+fn loads_every_map_with_its_layout_and_btf() {
+    let Some(env) = TestEnv::new() else { return };
+    let dataplane = env.load(&settings());
+    for layout in LAYOUTS {
+        let path = env.pins.path.join(layout.name);
+        let info = aya::maps::MapInfo::from_pin(&path).unwrap_or_else(|e| {
+            panic!(
+                "map {} is not pinned at {}: {e}",
+                layout.name,
+                path.display()
+            )
+        });
+        assert_eq!(
+            (
+                info.map_type().ok(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            ),
+            (
+                Some(layout.map_type),
+                layout.key_size,
+                layout.value_size,
+                layout.max_entries
+            ),
+            "layout of {}",
+            layout.name
+        );
+    }
+    dataplane
+        .verify_attached()
+        .expect("cgroup programs are effective");
+    let dump = dataplane.dump().expect("dump");
+    assert_eq!(
+        dump.config.as_ref().map(|c| c.outbound_port),
+        Some(OUTBOUND)
+    );
+}
+
+#[test]
+fn steers_enrolled_tcp_connects_to_the_outbound_listener() {
+    let Some(env) = TestEnv::new() else { return };
+    let mut dataplane = env.load(&settings());
+    let pod = Netns::new("pod");
+    let cookie = pod.cookie();
+    let listener4 = pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND)))
+        .expect("bind 15001");
+    let listener6 = pod
+        .run(|| TcpListener::bind((Ipv6Addr::LOCALHOST, OUTBOUND)))
+        .expect("bind [::1]:15001");
+    dataplane
+        .enroll(cookie, pod_record(), pod.fd())
+        .expect("enroll");
+    let table = dataplane.orig_dst_table();
+
+    // IPv4.
+    let out = env.connect_from(&pod, "tcp", "10.9.9.9", 80, 0);
+    assert!(out.contains("connected"), "child: {out}");
+    let (mut stream, peer) = accept(&listener4);
+    assert_eq!(read_all(&mut stream), "hello");
+    let orig = table
+        .take(conn_key(cookie, peer))
+        .expect("take")
+        .expect("ORIG_DST holds the original destination under (netns, client port, family)");
+    assert_eq!(
+        orig_dst_addr(&orig),
+        "10.9.9.9:80".parse::<SocketAddr>().expect("addr")
+    );
+    assert_eq!(orig.family, libc::AF_INET as u16);
+    assert_eq!(
+        table.take(conn_key(cookie, peer)).expect("take"),
+        None,
+        "take deletes"
+    );
+
+    // IPv6.
+    let out = env.connect_from(&pod, "tcp", "fd00::9", 443, 0);
+    assert!(out.contains("connected"), "child: {out}");
+    let (_stream, peer) = accept(&listener6);
+    let orig = table
+        .take(conn_key(cookie, peer))
+        .expect("take")
+        .expect("v6 orig dst");
+    assert_eq!(
+        orig_dst_addr(&orig),
+        "[fd00::9]:443".parse::<SocketAddr>().expect("addr")
+    );
+
+    // A dual-stack socket to a v4-mapped address stays IPv4: it reaches the v4 listener and
+    // its key's family is AF_INET, while the record keeps the socket's family.
+    let out = env.connect_from(&pod, "tcp", "::ffff:10.9.9.8", 8080, 0);
+    assert!(out.contains("connected"), "child: {out}");
+    let (_stream, peer) = accept(&listener4);
+    let orig = table
+        .take(conn_key(cookie, peer))
+        .expect("take")
+        .expect("v4-mapped orig dst");
+    assert_eq!(
+        orig_dst_addr(&orig),
+        "10.9.9.8:8080".parse::<SocketAddr>().expect("addr")
+    );
+    assert_eq!(orig.family, libc::AF_INET6 as u16);
+
+    let stats = dataplane.stats().expect("stats");
+    assert_eq!(stats.connect_redirected, 3, "{stats:?}");
+    assert_eq!(stats.sockops_handed_over, 3, "{stats:?}");
+    assert_eq!(
+        stats.connect_error_refused + stats.sockops_error_missing,
+        0,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
+    let Some(env) = TestEnv::new() else { return };
+    let mut settings = settings();
+    settings.excluded_ports = vec![8443];
+    settings.excluded_cidrs = vec!["10.8.0.0/16".parse().expect("cidr")];
+    let mut dataplane = env.load(&settings);
+    let pod = Netns::new("pod");
+    let other = Netns::new("other");
+    let udp = pod
+        .run(|| UdpSocket::bind((Ipv4Addr::LOCALHOST, OUTBOUND)))
+        .expect("udp bind");
+    let listener = pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND)))
+        .expect("bind");
+    let other_listener = other
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND)))
+        .expect("bind");
+    dataplane
+        .enroll(pod.cookie(), pod_record(), pod.fd())
+        .expect("enroll");
+
+    // Not steered, so these find no route in a netns with only `lo`.
+    let before = dataplane.stats().expect("stats");
+    env.connect_from(&pod, "udp", "10.9.9.9", 53, 0);
+    env.connect_from(&other, "tcp", "10.9.9.9", 80, 0);
+    env.connect_from(&pod, "tcp", "10.9.9.9", 8443, 0);
+    env.connect_from(&pod, "tcp", "10.8.1.2", 80, 0);
+    env.connect_from(&pod, "tcp", "10.9.9.9", 80, PROXY_MARK);
+    let after = dataplane.stats().expect("stats");
+
+    assert_eq!(
+        after.connect_not_tcp - before.connect_not_tcp,
+        1,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.connect_not_enrolled - before.connect_not_enrolled,
+        1,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.connect_excluded - before.connect_excluded,
+        3,
+        "{after:?}"
+    );
+    assert_eq!(after.connect_redirected, 0, "{after:?}");
+    for l in [&listener, &other_listener] {
+        l.set_nonblocking(true).expect("nonblocking");
+        assert!(l.accept().is_err(), "nothing reaches an outbound listener");
+    }
+    udp.set_nonblocking(true).expect("nonblocking");
+    assert!(udp.recv(&mut [0; 16]).is_err(), "UDP is not steered");
+
+    // Exclusions are replaced wholesale.
+    let mut replaced = settings.clone();
+    replaced.excluded_ports = vec![9000];
+    replaced.excluded_cidrs = vec!["fd00::/8".parse().expect("cidr")];
+    dataplane.apply_settings(&replaced).expect("apply");
+    let dump = dataplane.dump().expect("dump");
+    assert_eq!(dump.excluded_ports, vec![9000]);
+    assert_eq!(dump.excluded_cidrs, replaced.excluded_cidrs);
+}
+
+#[test]
+fn sk_lookup_steers_inbound_to_the_listener_and_drops_without_it() {
+    let Some(env) = TestEnv::new() else { return };
+    let mut dataplane = env.load(&settings());
+    let pod = Netns::new("pod");
+    let client = Netns::new("client");
+    let pod_ip = Ipv4Addr::new(10, 77, 0, 1);
+    env.veth(&pod, &client, pod_ip, Ipv4Addr::new(10, 77, 0, 2));
+    // The application and the proxy's inbound listener, both in the pod.
+    let app = pod
+        .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 8080)))
+        .expect("bind app");
+    let inbound = pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, INBOUND)))
+        .expect("bind 15006");
+    dataplane
+        .enroll(pod.cookie(), pod_record(), pod.fd())
+        .expect("enroll");
+    dataplane
+        .set_inbound_listener(IpAddr::V4(pod_ip), inbound.as_fd())
+        .expect("register listener");
+    assert_eq!(
+        dataplane.dump().expect("dump").inbound_listeners,
+        vec![IpAddr::V4(pod_ip)]
+    );
+
+    let dst = SocketAddr::from((pod_ip, 8080));
+    let mut stream = client
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+        .expect("inbound connect is accepted by the steered listener");
+    stream.write_all(b"in").expect("write");
+    drop(stream);
+    let (mut accepted, _) = accept(&inbound);
+    assert_eq!(
+        accepted.local_addr().expect("local"),
+        dst,
+        "the original destination is kept"
+    );
+    assert_eq!(read_all(&mut accepted), "in");
+    app.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        app.accept().is_err(),
+        "the application is not reached around the proxy"
+    );
+
+    // The pod's own connection to its own IP is not steered.
+    let local = pod
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+        .expect("local connect");
+    drop(local);
+    app.set_nonblocking(false).expect("blocking");
+    let (_app_conn, _) = accept(&app);
+
+    // The proxy's socket is gone: the kernel removes it from the sockhash, and sk_lookup
+    // drops (fail closed) instead of passing to the application.
+    drop(inbound);
+    assert!(dataplane.dump().expect("dump").inbound_listeners.is_empty());
+    let before = dataplane.stats().expect("stats");
+    let result = client.run(|| TcpStream::connect_timeout(&dst, Duration::from_millis(700)));
+    assert!(result.is_err(), "connection must not succeed: {result:?}");
+    app.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        app.accept().is_err(),
+        "the application is not reached around the proxy"
+    );
+    let after = dataplane.stats().expect("stats");
+    assert!(
+        after.sklookup_error_dropped > before.sklookup_error_dropped,
+        "{after:?}"
+    );
+    assert!(after.sklookup_steered >= 1, "{after:?}");
+}
+
+#[test]
+fn restart_leaves_exactly_one_attachment_of_each_program() {
+    let Some(env) = TestEnv::new() else { return };
+    let pod = Netns::new("pod");
+    let mut first = env.load(&settings());
+    first
+        .enroll(pod.cookie(), pod_record(), pod.fd())
+        .expect("enroll");
+    drop(first);
+    // A leftover staging pin from an agent that died mid-replacement.
+    let staging = env.pins.path.join("links/connect4-staging");
+    let leftover: aya::programs::links::FdLink =
+        aya::programs::links::PinnedLink::from_pin(env.pins.path.join("links/connect4"))
+            .expect("open pinned link")
+            .into();
+    drop(leftover.pin(&staging).expect("pin leftover"));
+
+    let mut second = env.load(&settings());
+    second
+        .enroll(pod.cookie(), pod_record(), pod.fd())
+        .expect("re-enroll");
+    let ids = second.program_ids;
+    for (name, id, attach_type) in ids.cgroup() {
+        let attached = query::prog_ids(env.cgroup.fd(), attach_type, QueryScope::Attached)
+            .expect("query cgroup");
+        assert_eq!(attached, vec![id], "{name} attached once, by the new agent");
+    }
+    let attached =
+        query::prog_ids(pod.fd(), query::BPF_SK_LOOKUP, QueryScope::Attached).expect("query netns");
+    assert_eq!(attached, vec![ids.sk_lookup], "sk_lookup attached once");
+    assert!(!staging.exists());
+    second.verify_attached().expect("verify");
+    assert_eq!(
+        second.enrolled().expect("enrolled"),
+        vec![(pod.cookie(), pod_record())]
+    );
+
+    // A third agent finds the pod by its pinned link alone and removes it.
+    drop(second);
+    let mut third = env.load(&settings());
+    assert_eq!(third.pinned_netns().expect("pinned"), vec![pod.cookie()]);
+    third.unenroll(pod.cookie()).expect("unenroll");
+    third
+        .unenroll(pod.cookie())
+        .expect("unenroll is idempotent");
+    assert!(third.pinned_netns().expect("pinned").is_empty());
+    assert!(third.enrolled().expect("enrolled").is_empty());
+    let attached =
+        query::prog_ids(pod.fd(), query::BPF_SK_LOOKUP, QueryScope::Attached).expect("query netns");
+    assert!(attached.is_empty(), "sk_lookup detached: {attached:?}");
+    third.uninstall().expect("uninstall");
+    for (_, _, attach_type) in ids.cgroup() {
+        let attached = query::prog_ids(env.cgroup.fd(), attach_type, QueryScope::Attached)
+            .expect("query cgroup");
+        assert!(attached.is_empty(), "uninstall detaches: {attached:?}");
+    }
+}
+
+#[test]
+fn bpftool_dumps_pinned_maps_with_named_fields() {
+    let Some(env) = TestEnv::new() else { return };
+    if Command::new("bpftool").arg("version").output().is_err() {
+        eprintln!("skipping: bpftool is not installed");
+        return;
+    }
+    let mut dataplane = env.load(&settings());
+    let pod = Netns::new("pod");
+    dataplane
+        .enroll(pod.cookie(), pod_record(), pod.fd())
+        .expect("enroll");
+    let dump = |map: &str| {
+        let path = env.pins.path.join(map);
+        let output = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .expect("run bpftool");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        eprintln!("bpftool map dump pinned {}:\n{text}", path.display());
+        text
+    };
+    let pods = dump(maps::PODS);
+    for field in ["pod_id", "flags"] {
+        assert!(pods.contains(field), "PODS dump names {field}: {pods}");
+    }
+    let config = dump(maps::PROXY_CONFIG);
+    assert!(config.contains("outbound_port"), "{config}");
+    let stats = dump(maps::STATS);
+    assert!(stats.contains("connect_redirected"), "{stats}");
+}
+
+#[test]
+fn stats_fields_sum_like_the_struct() {
+    let stats = Stats {
+        connect_redirected: 1,
+        sklookup_error_dropped: 2,
+        ..Stats::default()
+    };
+    let fields = super::stat_fields(&stats);
+    assert_eq!(fields.iter().map(|(_, v)| v).sum::<u64>(), 3);
+    assert!(fields.contains(&("sklookup_error_dropped", 2)));
+}
+
+#[test]
+fn conn_key_counts_v4_mapped_peers_as_ipv4() {
+    let peer: SocketAddr = "[::ffff:127.0.0.1]:4000".parse().expect("addr");
+    let key = conn_key(NetnsCookie(7), peer);
+    assert_eq!(
+        (key.netns_cookie, key.client_port, key.family),
+        (7, 4000, libc::AF_INET as u16)
+    );
+    let orig = OrigDst {
+        addr: v4_mapped([10, 0, 0, 1]),
+        port: 80,
+        family: libc::AF_INET6 as u16,
+        _pad: [0; 4],
+    };
+    assert_eq!(
+        orig_dst_addr(&orig),
+        "10.0.0.1:80".parse::<SocketAddr>().expect("addr")
+    );
+}
+
+const OUTBOUND: u16 = 15_001;
+const INBOUND: u16 = 15_006;
+const PROXY_MARK: u32 = 0x5eed;
+
+fn settings() -> Settings {
+    Settings {
+        proxy_mark: PROXY_MARK,
+        outbound_port: OUTBOUND,
+        inbound_port: INBOUND,
+        hbone_port: 15_008,
+        excluded_ports: Vec::new(),
+        excluded_cidrs: Vec::new(),
+    }
+}
+
+fn pod_record() -> PodRecord {
+    PodRecord {
+        pod_id: 1,
+        flags: POD_FLAG_REDIRECT_OUTBOUND,
+    }
+}
+
+/// Accepts one connection within a few seconds.
+fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false).expect("blocking");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                return (stream, peer);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("no connection on {:?}: {e}", listener.local_addr()),
+        }
+    }
+}
+
+fn read_all(stream: &mut TcpStream) -> String {
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).expect("read");
+    buf
+}
+
+/// One test's pin root, cgroup and helpers.
+struct TestEnv {
+    // Field order is drop order: pins (links detached) before the cgroup goes.
+    pins: PinRoot,
+    cgroup: Cgroup,
+}
+
+impl TestEnv {
+    /// `None` (after saying why) when the test cannot run here.
+    fn new() -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "eBPF tests need root, and CI must run them"
+            );
+            eprintln!("skipping: eBPF tests need root");
+            return None;
+        }
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Some(Self {
+            pins: PinRoot::new(n),
+            cgroup: Cgroup::new(n),
+        })
+    }
+
+    fn load(&self, settings: &Settings) -> Dataplane {
+        let config = Config {
+            pin_root: self.pins.path.clone(),
+            cgroup_root: self.cgroup.path.clone(),
+        };
+        Dataplane::load(&config, settings).unwrap_or_else(|e| panic!("load: {e}"))
+    }
+
+    /// Runs a connect (and a write) in a child process inside the test cgroup and `netns`;
+    /// returns what it printed (`connected` or `error …`).
+    fn connect_from(&self, netns: &Netns, proto: &str, host: &str, port: u16, mark: u32) -> String {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.cgroup.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let procs_fd = procs.as_raw_fd();
+        let netns_fd = netns.file.as_raw_fd();
+        let mut command = Command::new("python3");
+        command
+            .args([
+                "-c",
+                CONNECT_PY,
+                proto,
+                host,
+                &port.to_string(),
+                &mark.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // system calls on fds the parent keeps open until the child is reaped.
+        unsafe {
+            command.pre_exec(move || {
+                // "0" moves the writing process: the child's sockets belong to the test cgroup.
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                    || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let output = command.output().expect("run python3");
+        drop(procs);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// A veth pair between two namespaces, addressed /24.
+    fn veth(&self, a: &Netns, b: &Netns, ip_a: Ipv4Addr, ip_b: Ipv4Addr) {
+        ip(&[
+            "-n", &a.name, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
+            &b.name,
+        ]);
+        ip(&[
+            "-n",
+            &a.name,
+            "addr",
+            "add",
+            &format!("{ip_a}/24"),
+            "dev",
+            "va",
+        ]);
+        ip(&[
+            "-n",
+            &b.name,
+            "addr",
+            "add",
+            &format!("{ip_b}/24"),
+            "dev",
+            "vb",
+        ]);
+        ip(&["-n", &a.name, "link", "set", "va", "up"]);
+        ip(&["-n", &b.name, "link", "set", "vb", "up"]);
+    }
+}
+
+/// A pin root under /sys/fs/bpf, mounting bpffs there if needed. Drop detaches every link
+/// and removes every pin.
+struct PinRoot {
+    path: PathBuf,
+}
+
+impl PinRoot {
+    fn new(n: u32) -> Self {
+        let bpffs = Path::new("/sys/fs/bpf");
+        let is_bpffs = nix::sys::statfs::statfs(bpffs)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+        if !is_bpffs {
+            nix::mount::mount(
+                Some("bpf"),
+                bpffs,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount bpffs at /sys/fs/bpf");
+        }
+        let path = bpffs.join(format!("weft-ebpftest-{}-{n}", std::process::id()));
+        Self { path }
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        if let Err(e) = links::remove_all(&self.path) {
+            eprintln!("cleanup: {e}");
+        }
+        if let Err(e) = fs::remove_dir_all(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A fresh cgroup v2 group. Drop moves any process left in it to the cgroup2 root and
+/// removes it.
+struct Cgroup {
+    path: PathBuf,
+    root: PathBuf,
+    dir: File,
+}
+
+impl Cgroup {
+    fn new(n: u32) -> Self {
+        let root = cgroup2_mount().expect("a cgroup2 mount in /proc/self/mountinfo");
+        let path = root.join(format!("weft-ebpftest-{}-{n}", std::process::id()));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let dir = File::open(&path).expect("open cgroup");
+        Self { path, root, dir }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _moved = fs::write(self.root.join("cgroup.procs"), pid);
+                }
+            }
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        eprintln!("cleanup: cannot remove cgroup {}", self.path.display());
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// A named network namespace (`ip netns`), with `lo` up. Drop deletes it.
+struct Netns {
+    name: String,
+    file: File,
+}
+
+impl Netns {
+    fn new(role: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("weft-ebpftest-{}-{n}-{role}", std::process::id());
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let file = File::open(Path::new("/run/netns").join(&name)).expect("open netns");
+        Self { name, file }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Runs `f` on a thread inside this netns (sockets it creates stay in it).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&self.file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("setns");
+                    f()
+                })
+                .join()
+                .expect("netns thread")
+        })
+    }
+
+    fn cookie(&self) -> NetnsCookie {
+        self.run(|| {
+            let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("socket");
+            let mut cookie = 0_u64;
+            let mut len = size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live u64.
+            let ret = unsafe {
+                libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_NETNS_COOKIE,
+                    std::ptr::from_mut(&mut cookie).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(
+                ret,
+                0,
+                "SO_NETNS_COOKIE: {}",
+                std::io::Error::last_os_error()
+            );
+            NetnsCookie(cookie)
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {}: {status}", args.join(" "));
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The child's connect: `python3 -c CONNECT_PY <tcp|udp> <host> <port> <mark>`.
+const CONNECT_PY: &str = r#"
+import socket, sys
+proto, host, port, mark = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
+s.settimeout(2)
+try:
+    s.connect((host, port))
+    s.send(b"hello")
+    print("connected")
+except OSError as e:
+    print("error", e)
+"#;
