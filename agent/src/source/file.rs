@@ -1,0 +1,476 @@
+//! The local YAML file source: parses and validates the whole file into the start-up
+//! `agent:` section and a `state::Snapshot`, then polls the file and publishes each valid
+//! change. Field paths in errors follow the YAML (`workloads[1].ips[0]`).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{AgentSection, Error},
+    source::SourceStatus,
+    state::{MeshSettings, Service, ServicePort, Snapshot, Workload, WorkloadRef},
+};
+
+/// A parsed and validated config file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileDoc {
+    /// Start-up settings (a change needs a restart).
+    pub agent: AgentSection,
+    /// Everything else.
+    pub snapshot: Snapshot,
+}
+
+/// Reads and validates the file.
+pub fn load(path: &Path) -> Result<FileDoc, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Validates `text` as the contents of `path`.
+pub fn parse(path: &Path, text: &str) -> Result<FileDoc, Error> {
+    let raw: RawFile = serde_yaml::from_str(text).map_err(|source| Error::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    Validator { path }.file(raw)
+}
+
+/// Polls `path` and publishes every valid change to `tx`; rejects invalid ones, keeping the
+/// last good snapshot. Runs until `tx` has no receivers.
+pub async fn watch(
+    path: PathBuf,
+    interval: Duration,
+    started_with: FileDoc,
+    tx: watch::Sender<Arc<Snapshot>>,
+    status: Arc<SourceStatus>,
+) {
+    // Compared by content, not mtime: editors and ConfigMap mounts swap files by rename.
+    // The first read may already differ from what start-up parsed, hence no initial text.
+    let mut last_text: Option<String> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticker.tick().await;
+        if tx.is_closed() {
+            return;
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(e) => {
+                // Kept quiet after the first report: editors replace files by rename.
+                if last_text.take().is_some() {
+                    warn!(component = "config", path = %path.display(), error = %e,
+                        "config file unreadable; keeping the last good config");
+                }
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        match parse(&path, &text) {
+            Ok(doc) if *tx.borrow().as_ref() == doc.snapshot => {
+                // Same state (first read, or a change of comments or order only).
+                if status.view().last_rejection.is_some() {
+                    status.recovered();
+                }
+            }
+            Ok(doc) => {
+                if doc.agent != started_with.agent {
+                    warn!(component = "config", path = %path.display(),
+                        "the agent: section changed; it takes effect after a restart");
+                }
+                status.accepted();
+                info!(component = "config", path = %path.display(),
+                    workloads = doc.snapshot.workloads.len(),
+                    services = doc.snapshot.services.len(), "config reloaded");
+                tx.send_replace(Arc::new(doc.snapshot));
+            }
+            Err(e) => {
+                status.rejected(&e);
+                error!(component = "config", path = %path.display(), error = %e,
+                    "config rejected; keeping the last good config");
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    #[serde(default)]
+    agent: AgentSection,
+    #[serde(default)]
+    mesh: RawMesh,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMesh {
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
+    #[serde(default)]
+    excluded_cidrs: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: String,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    #[serde(default)]
+    ips: Vec<String>,
+    netns: Option<PathBuf>,
+    enrolled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    vips: Vec<String>,
+    #[serde(default)]
+    ports: Vec<RawServicePort>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    port: u16,
+    target_port: Option<u16>,
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn file(&self, raw: RawFile) -> Result<FileDoc, Error> {
+        let mesh = self.mesh(raw.mesh)?;
+        let mut workloads = BTreeMap::new();
+        let mut owner_of_ip: HashMap<IpAddr, WorkloadRef> = HashMap::new();
+        for (i, raw) in raw.workloads.into_iter().enumerate() {
+            let field = format!("workloads[{i}]");
+            let workload = self.workload(&field, raw)?;
+            for (j, ip) in workload.ips.iter().enumerate() {
+                if let Some(other) = owner_of_ip.insert(*ip, workload.name.clone()) {
+                    return Err(self.invalid(
+                        format!("{field}.ips[{j}]"),
+                        format!("{ip} is already the IP of workload {other}"),
+                    ));
+                }
+            }
+            if workloads.contains_key(&workload.name) {
+                return Err(self.invalid(
+                    format!("{field}.name"),
+                    format!("duplicate workload {}", workload.name),
+                ));
+            }
+            workloads.insert(workload.name.clone(), workload);
+        }
+        let mut services = BTreeMap::new();
+        for (i, raw) in raw.services.into_iter().enumerate() {
+            let field = format!("services[{i}]");
+            let service = self.service(&field, raw)?;
+            if services.contains_key(&service.name) {
+                return Err(self.invalid(
+                    format!("{field}.name"),
+                    format!("duplicate service {}", service.name),
+                ));
+            }
+            services.insert(service.name.clone(), service);
+        }
+        Ok(FileDoc {
+            agent: raw.agent,
+            snapshot: Snapshot {
+                mesh,
+                workloads,
+                services,
+            },
+        })
+    }
+
+    fn mesh(&self, raw: RawMesh) -> Result<MeshSettings, Error> {
+        for (i, port) in raw.excluded_ports.iter().enumerate() {
+            self.port(&format!("mesh.excludedPorts[{i}]"), *port)?;
+        }
+        let excluded_cidrs = raw
+            .excluded_cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.parse::<ipnet::IpNet>().map_err(|_| {
+                    self.invalid(
+                        format!("mesh.excludedCidrs[{i}]"),
+                        format!("invalid CIDR {text:?} (expected e.g. 10.0.0.0/8)"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(MeshSettings {
+            excluded_ports: raw.excluded_ports,
+            excluded_cidrs,
+        })
+    }
+
+    fn workload(&self, field: &str, raw: RawWorkload) -> Result<Workload, Error> {
+        let name = self.name(&format!("{field}.name"), raw.name)?;
+        let namespace = self.name(
+            &format!("{field}.namespace"),
+            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
+        )?;
+        let service_account = self.name(
+            &format!("{field}.serviceAccount"),
+            raw.service_account.unwrap_or_else(|| DEFAULT.into()),
+        )?;
+        if raw.ips.is_empty() {
+            return Err(self.invalid(format!("{field}.ips"), "at least one IP is required".into()));
+        }
+        let ips = self.ips(&format!("{field}.ips"), &raw.ips)?;
+        let enrolled = raw.enrolled.unwrap_or(true);
+        let netns = match raw.netns {
+            Some(netns) => netns,
+            None => {
+                return Err(self.invalid(
+                    format!("{field}.netns"),
+                    "required: the pod's network namespace path".into(),
+                ));
+            }
+        };
+        // Only enrolled pods are entered; checking here turns a typo into a rejected file
+        // instead of a pod that silently stays out of the mesh.
+        if enrolled && !netns.exists() {
+            return Err(self.invalid(
+                format!("{field}.netns"),
+                format!("{} does not exist", netns.display()),
+            ));
+        }
+        Ok(Workload {
+            name: WorkloadRef { namespace, name },
+            service_account,
+            ips,
+            netns,
+            enrolled,
+        })
+    }
+
+    fn service(&self, field: &str, raw: RawService) -> Result<Service, Error> {
+        let name = self.name(&format!("{field}.name"), raw.name)?;
+        let namespace = self.name(
+            &format!("{field}.namespace"),
+            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
+        )?;
+        let ports = raw
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let port = self.port(&format!("{field}.ports[{i}].port"), p.port)?;
+                let target_port = self.port(
+                    &format!("{field}.ports[{i}].targetPort"),
+                    p.target_port.unwrap_or(p.port),
+                )?;
+                Ok(ServicePort { port, target_port })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(Service {
+            name: WorkloadRef { namespace, name },
+            vips: self.ips(&format!("{field}.vips"), &raw.vips)?,
+            ports,
+            endpoints: self.ips(&format!("{field}.endpoints"), &raw.endpoints)?,
+        })
+    }
+
+    fn ips(&self, field: &str, texts: &[String]) -> Result<Vec<IpAddr>, Error> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.parse().map_err(|_| {
+                    self.invalid(
+                        format!("{field}[{i}]"),
+                        format!("invalid IP address {text:?}"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn name(&self, field: &str, name: String) -> Result<String, Error> {
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if valid {
+            Ok(name)
+        } else {
+            Err(self.invalid(
+                field.into(),
+                format!("{name:?} is not a valid name (lowercase letters, digits, '-', '.')"),
+            ))
+        }
+    }
+
+    fn port(&self, field: &str, port: u16) -> Result<u16, Error> {
+        if port == 0 {
+            return Err(self.invalid(field.into(), "port must be between 1 and 65535".into()));
+        }
+        Ok(port)
+    }
+
+    fn invalid(&self, field: String, reason: String) -> Error {
+        Error::Invalid {
+            path: self.path.to_owned(),
+            field,
+            reason,
+        }
+    }
+}
+
+const DEFAULT: &str = "default";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(yaml: &str) -> Result<FileDoc, String> {
+        parse(Path::new("node.yaml"), yaml).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"
+agent:
+  cgroupRoot: /sys/fs/cgroup
+mesh:
+  excludedPorts: [22]
+  excludedCidrs: ["169.254.0.0/16"]
+workloads:
+  - name: client
+    namespace: default
+    serviceAccount: client
+    ips: ["10.1.0.2"]
+    netns: /proc/self/ns/net
+  - name: legacy
+    ips: ["10.1.0.9"]
+    netns: /does/not/matter
+    enrolled: false
+services:
+  - name: echo
+    vips: ["10.96.0.10"]
+    ports: [{port: 80, targetPort: 8080}, {port: 81}]
+    endpoints: ["10.1.0.3"]
+"#;
+
+    #[test]
+    fn a_full_file_parses_with_defaults() {
+        let doc = parse_str(GOOD).unwrap();
+        let legacy = &doc.snapshot.workloads[&WorkloadRef::new("default", "legacy")];
+        assert!(!legacy.enrolled);
+        assert_eq!(legacy.service_account, "default");
+        let echo = &doc.snapshot.services[&WorkloadRef::new("default", "echo")];
+        assert_eq!(echo.ports[1].target_port, 81);
+        assert_eq!(doc.snapshot.mesh.excluded_ports, vec![22]);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse_str(&GOOD.replace("serviceAccount: client", "serviceAcount: client"))
+            .unwrap_err();
+        assert!(err.contains("serviceAcount"), "{err}");
+        assert!(err.contains("workloads[0]"), "{err}");
+    }
+
+    #[test]
+    fn bad_ip_names_the_field_and_the_value() {
+        let err = parse_str(&GOOD.replace("10.1.0.2", "10.1.0.300")).unwrap_err();
+        assert!(err.contains("workloads[0].ips[0]"), "{err}");
+        assert!(err.contains("10.1.0.300"), "{err}");
+    }
+
+    #[test]
+    fn missing_netns_of_an_enrolled_pod_is_rejected() {
+        let err = parse_str(&GOOD.replace("/proc/self/ns/net", "/run/netns/nope")).unwrap_err();
+        assert!(err.contains("workloads[0].netns"), "{err}");
+        assert!(err.contains("/run/netns/nope does not exist"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ip_is_rejected() {
+        let err = parse_str(&GOOD.replace("10.1.0.9", "10.1.0.2")).unwrap_err();
+        assert!(err.contains("workloads[1].ips[0]"), "{err}");
+    }
+
+    #[test]
+    fn bad_cidr_and_zero_port_are_named() {
+        let err = parse_str(&GOOD.replace("169.254.0.0/16", "169.254.0.0/33")).unwrap_err();
+        assert!(err.contains("mesh.excludedCidrs[0]"), "{err}");
+        let err = parse_str(&GOOD.replace("{port: 81}", "{port: 0}")).unwrap_err();
+        assert!(err.contains("services[0].ports[1].port"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_reload_keeps_the_last_good_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let doc = load(&path).unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+        let status = Arc::new(SourceStatus::default());
+        tokio::spawn(watch(
+            path.clone(),
+            Duration::from_millis(5),
+            doc,
+            tx,
+            Arc::clone(&status),
+        ));
+
+        std::fs::write(&path, GOOD.replace("10.1.0.2", "bad-ip")).unwrap();
+        let rejected = async {
+            while status.view().rejected_total == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), rejected)
+            .await
+            .unwrap();
+        assert!(!rx.has_changed().unwrap());
+        assert!(
+            status
+                .view()
+                .last_rejection
+                .unwrap()
+                .contains("workloads[0].ips[0]")
+        );
+
+        std::fs::write(&path, GOOD.replace("10.1.0.2", "10.1.0.5")).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let client = rx.borrow().workloads[&WorkloadRef::new("default", "client")].clone();
+        assert_eq!(client.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(status.view().last_rejection, None);
+    }
+}

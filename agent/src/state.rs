@@ -1,0 +1,136 @@
+//! The mesh as the node proxy sees it: one immutable `Snapshot` of workloads, services and
+//! mesh-wide data-path settings, replaced whole on every accepted change. Sources produce
+//! snapshots; enrollment, the eBPF maps and the proxy read them through a `StateHandle`.
+
+pub mod service;
+pub mod workload;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use service::{Service, ServicePort};
+pub use workload::{Workload, WorkloadRef};
+
+/// Everything the data path needs to know, validated. Cheap to share (`Arc`), never mutated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    /// Mesh-wide data-path settings.
+    pub mesh: MeshSettings,
+    /// Workloads on this node, by namespace/name.
+    pub workloads: BTreeMap<WorkloadRef, Workload>,
+    /// Services, by namespace/name.
+    pub services: BTreeMap<WorkloadRef, Service>,
+}
+
+/// Mesh-wide settings of the data path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MeshSettings {
+    /// Destination ports never steered to the proxy.
+    pub excluded_ports: Vec<u16>,
+    /// Destination networks never steered to the proxy.
+    pub excluded_cidrs: Vec<ipnet::IpNet>,
+}
+
+/// Where the proxy should send a connection whose original destination it knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The address to connect to.
+    pub upstream: SocketAddr,
+    /// The service the original destination belonged to, if it was a service VIP.
+    pub service: Option<WorkloadRef>,
+}
+
+/// Read side of the current snapshot.
+pub type StateHandle = watch::Receiver<Arc<Snapshot>>;
+
+impl Snapshot {
+    /// Enrolled workloads only.
+    pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values().filter(|w| w.enrolled)
+    }
+
+    /// The workload that owns `ip`, if it runs on this node.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.values().find(|w| w.ips.contains(&ip))
+    }
+
+    /// Resolves an original destination: a service VIP:port becomes one of the service's
+    /// endpoints at the target port (picked with `pick`, a caller-supplied index so the
+    /// caller owns the balancing state); anything else is connected to as it is.
+    pub fn resolve(&self, dst: SocketAddr, pick: usize) -> Resolved {
+        for (name, service) in &self.services {
+            if !service.vips.contains(&dst.ip()) {
+                continue;
+            }
+            let Some(port) = service.ports.iter().find(|p| p.port == dst.port()) else {
+                continue;
+            };
+            if service.endpoints.is_empty() {
+                break;
+            }
+            let endpoint = service.endpoints[pick % service.endpoints.len()];
+            return Resolved {
+                upstream: SocketAddr::new(endpoint, port.target_port),
+                service: Some(name.clone()),
+            };
+        }
+        Resolved {
+            upstream: dst,
+            service: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot_with_service() -> Snapshot {
+        let name = WorkloadRef::new("default", "echo");
+        let service = Service {
+            name: name.clone(),
+            vips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: vec!["10.1.0.3".parse().unwrap(), "10.1.0.4".parse().unwrap()],
+        };
+        Snapshot {
+            services: BTreeMap::from([(name, service)]),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn service_vip_resolves_to_endpoints_in_turn() {
+        let snapshot = snapshot_with_service();
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let first = snapshot.resolve(vip, 0);
+        let second = snapshot.resolve(vip, 1);
+        assert_eq!(first.upstream, "10.1.0.3:8080".parse().unwrap());
+        assert_eq!(second.upstream, "10.1.0.4:8080".parse().unwrap());
+        assert_eq!(first.service, Some(WorkloadRef::new("default", "echo")));
+    }
+
+    #[test]
+    fn unknown_port_of_a_vip_is_left_alone() {
+        let snapshot = snapshot_with_service();
+        let dst: SocketAddr = "10.96.0.10:81".parse().unwrap();
+        assert_eq!(snapshot.resolve(dst, 0).upstream, dst);
+        assert_eq!(snapshot.resolve(dst, 0).service, None);
+    }
+
+    #[test]
+    fn pod_ip_is_connected_to_as_it_is() {
+        let snapshot = snapshot_with_service();
+        let dst: SocketAddr = "10.1.0.3:8080".parse().unwrap();
+        assert_eq!(snapshot.resolve(dst, 7).upstream, dst);
+    }
+}

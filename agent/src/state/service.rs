@@ -1,0 +1,29 @@
+//! Services: virtual IPs and ports in front of a set of endpoints.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::WorkloadRef;
+
+/// A service the proxy load-balances itself (no kube-proxy on the meshed path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// Namespace and name.
+    pub name: WorkloadRef,
+    /// Virtual IPs clients connect to.
+    pub vips: Vec<IpAddr>,
+    /// Ports of the service.
+    pub ports: Vec<ServicePort>,
+    /// Endpoint (pod) IPs.
+    pub endpoints: Vec<IpAddr>,
+}
+
+/// One port of a service and where it lands on the endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// Port on the VIP.
+    pub port: u16,
+    /// Port on each endpoint.
+    pub target_port: u16,
+}
