@@ -1,0 +1,221 @@
+//! Admin and readiness HTTP servers.
+//!
+//! Admin (`agent.adminAddr`, default 127.0.0.1:15000, keep it on localhost):
+//! - `GET /healthz/ready`      200 `ready`, or 503 with the pending conditions
+//! - `GET /status`             JSON for `weft status`: readiness, config generation and last
+//!   rejection, enrolled pods and their listeners, eBPF maps and counters, connection totals
+//! - `GET /config_dump`        JSON: start-up config and the current state snapshot
+//! - `GET /debug/connections`  JSON: active and recently closed connections
+//! - `POST /quitquitquit`      graceful exit
+//!
+//! Readiness (`agent.readinessAddr`, default 0.0.0.0:15021): `GET /healthz/ready` only.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::Notify};
+use tracing::{debug, warn};
+
+use crate::{
+    ebpf::Dataplane, enroll::EnrollStatus, proxy::Connections, readiness::Ready,
+    source::SourceStatus, state::StateHandle,
+};
+
+/// Admin addresses, fixed at start-up.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub admin_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot listen on {addr}: {source} (is another agent running in this network namespace?)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the admin endpoints read.
+pub struct Context {
+    pub node: String,
+    /// The start-up configuration, serialized once.
+    pub config: serde_json::Value,
+    pub ready: Ready,
+    pub state: StateHandle,
+    pub source: Arc<SourceStatus>,
+    pub enroll: Arc<Mutex<EnrollStatus>>,
+    pub dataplane: Arc<Mutex<Dataplane>>,
+    pub connections: Arc<Connections>,
+    pub shutdown: Arc<Notify>,
+}
+
+/// Bound servers; `spawn` starts serving.
+pub struct Servers {
+    admin: TcpListener,
+    readiness: TcpListener,
+}
+
+impl Servers {
+    pub async fn bind(config: &Config) -> Result<Self, Error> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })
+        };
+        Ok(Self {
+            admin: bind(config.admin_addr).await?,
+            readiness: bind(config.readiness_addr).await?,
+        })
+    }
+
+    /// Addresses actually bound (port 0 resolved).
+    pub fn addresses(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (
+            self.admin.local_addr().ok(),
+            self.readiness.local_addr().ok(),
+        )
+    }
+
+    pub fn spawn(self, context: Arc<Context>) {
+        tokio::spawn(serve(self.admin, Arc::clone(&context), Endpoints::Admin));
+        tokio::spawn(serve(self.readiness, context, Endpoints::Readiness));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Endpoints {
+    Admin,
+    Readiness,
+}
+
+async fn serve(listener: TcpListener, context: Arc<Context>, endpoints: Endpoints) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(component = "admin", error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let context = Arc::clone(&context);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let context = Arc::clone(&context);
+                async move { Ok::<_, Infallible>(route(&context, endpoints, &req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(component = "admin", error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(
+    context: &Context,
+    endpoints: Endpoints,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (endpoints, req.method(), path) {
+        (_, &Method::GET, "/healthz/ready") => ready(context),
+        (Endpoints::Admin, &Method::GET, "/status") => json_response(&status(context)),
+        (Endpoints::Admin, &Method::GET, "/config_dump") => json_response(&json!({
+            "node": context.node,
+            "config": context.config,
+            "state": &**context.state.borrow(),
+        })),
+        (Endpoints::Admin, &Method::GET, "/debug/connections") => {
+            json_response(&context.connections.view())
+        }
+        (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
+            context.shutdown.notify_one();
+            text(StatusCode::OK, "shutting down\n".into())
+        }
+        _ => text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
+    }
+}
+
+fn ready(context: &Context) -> Response<Full<Bytes>> {
+    let pending = context.ready.pending();
+    if pending.is_empty() {
+        return text(StatusCode::OK, "ready\n".into());
+    }
+    let reasons: String = pending.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready\n{reasons}"),
+    )
+}
+
+fn status(context: &Context) -> serde_json::Value {
+    let dataplane = match context
+        .dataplane
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .dump()
+    {
+        Ok(dump) => {
+            serde_json::to_value(dump).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+        }
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    let connections = context.connections.view();
+    json!({
+        "node": context.node,
+        "ready": context.ready.is_ready(),
+        "pending": context.ready.pending(),
+        "config": context.source.view(),
+        "pods": &*context.enroll.lock().unwrap_or_else(PoisonError::into_inner),
+        "dataplane": dataplane,
+        "connections": {
+            "active": connections.active.len(),
+            "closed_total": connections.closed_total,
+        },
+    })
+}
+
+fn json_response(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => response(StatusCode::OK, "application/json", body),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode: {e}\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}

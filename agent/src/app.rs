@@ -1,0 +1,158 @@
+//! Wiring: builds every subsystem of the agent from its config, runs the reconcile loop
+//! (snapshot → eBPF settings → enrollment → readiness) and shuts down on a signal or
+//! `/quitquitquit`. The only module that knows all the others.
+//!
+//! Shutting down detaches nothing: pinned maps and links keep enrolled pods steered to
+//! listeners that are gone, so they fail closed until the next agent re-adopts them.
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::sync::{Notify, watch};
+use tracing::{error, info};
+
+use crate::{
+    admin,
+    config::Config,
+    ebpf::{self, Dataplane},
+    enroll::{self, Enroller},
+    proxy::{Connections, Proxy},
+    readiness::Ready,
+    source::{self, SourceStatus, file::FileDoc},
+    state::{MeshSettings, Snapshot},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+    #[error("cannot open the agent's own network namespace: {0}")]
+    HomeNetns(#[source] std::io::Error),
+}
+
+/// Runs the agent until it is told to stop.
+pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
+    // Before any thread enters a pod: remember where home is.
+    enroll::netns::remember_home().map_err(Error::HomeNetns)?;
+    let ready = Ready::default();
+    ready.block("ebpf", "loading programs");
+    ready.block("enroll", "first reconcile pending");
+
+    let settings = dataplane_settings(&config, &doc.snapshot.mesh);
+    let dataplane = Dataplane::load(&config.ebpf, &settings)?;
+    info!(component = "ebpf", pin_root = %config.ebpf.pin_root.display(),
+        cgroup_root = %config.ebpf.cgroup_root.display(), "eBPF programs loaded and attached");
+    let orig_dst = dataplane.orig_dst_table();
+    let dataplane = Arc::new(Mutex::new(dataplane));
+
+    let source_status = Arc::new(SourceStatus::default());
+    source_status.accepted();
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    let connections = Arc::new(Connections::default());
+    let proxy = Proxy::new(state_rx.clone(), orig_dst, Arc::clone(&connections));
+    let mut enroller = Enroller::new(Arc::clone(&dataplane), proxy, config.proxy);
+    let enroll_status = Arc::new(Mutex::new(enroller.status()));
+    let shutdown = Arc::new(Notify::new());
+
+    let servers = admin::Servers::bind(&config.admin).await?;
+    let (admin_addr, readiness_addr) = servers.addresses();
+    servers.spawn(Arc::new(admin::Context {
+        node: config.node.clone(),
+        config: serde_json::to_value(&config).unwrap_or_default(),
+        ready: ready.clone(),
+        state: state_rx.clone(),
+        source: Arc::clone(&source_status),
+        enroll: Arc::clone(&enroll_status),
+        dataplane: Arc::clone(&dataplane),
+        connections,
+        shutdown: Arc::clone(&shutdown),
+    }));
+    info!(component = "admin", admin = ?admin_addr, readiness = ?readiness_addr, "admin servers listening");
+
+    tokio::spawn(source::file::watch(
+        config.config_path.clone(),
+        config.reload_interval,
+        doc,
+        state_tx,
+        source_status,
+    ));
+
+    let mut applied: Option<ebpf::Settings> = Some(settings);
+    let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
+    let mut snapshot: Arc<Snapshot> = Arc::clone(&state_rx.borrow_and_update());
+    loop {
+        // Settings first: exclusions must be right before new pods get steered.
+        let settings = dataplane_settings(&config, &snapshot.mesh);
+        if applied.as_ref() != Some(&settings) {
+            match lock(&dataplane).apply_settings(&settings) {
+                Ok(()) => applied = Some(settings),
+                Err(e) => {
+                    applied = None;
+                    error!(component = "ebpf", error = %e, "cannot apply data-path settings; will retry");
+                }
+            }
+        }
+        let all_enrolled = enroller.reconcile(&snapshot);
+        *lock(&enroll_status) = enroller.status();
+        ready.set(
+            "enroll",
+            if all_enrolled {
+                Ok(())
+            } else {
+                Err("some pods failed to enroll (see /status)")
+            },
+        );
+        ready.set("ebpf", lock(&dataplane).verify_attached());
+
+        tokio::select! {
+            changed = state_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                snapshot = Arc::clone(&state_rx.borrow_and_update());
+            }
+            _ = ticker.tick() => {}
+            () = shutdown.notified() => break,
+            () = terminate() => break,
+        }
+    }
+    info!(
+        component = "app",
+        "shutting down; eBPF state stays pinned (pods fail closed until the next agent)"
+    );
+    Ok(())
+}
+
+fn dataplane_settings(config: &Config, mesh: &MeshSettings) -> ebpf::Settings {
+    ebpf::Settings {
+        proxy_mark: config.proxy.mark,
+        outbound_port: config.proxy.ports.outbound,
+        inbound_port: config.proxy.ports.inbound,
+        hbone_port: config.proxy.ports.hbone,
+        excluded_ports: mesh.excluded_ports.clone(),
+        excluded_cidrs: mesh.excluded_cidrs.clone(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// SIGTERM or SIGINT.
+async fn terminate() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// How often attachment is re-verified and failed enrollments retried.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(5);

@@ -1,0 +1,53 @@
+//! Command line: `weft agent`, `weft status`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about = "weft: sidecarless service mesh")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: eBPF data path, pod enrollment and the node proxy.
+    Agent(AgentArgs),
+    /// Show what the agent on this node is doing (enrolled pods, listeners, eBPF maps).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Local config file (workloads, services, settings); reloaded on change.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: PathBuf,
+    /// bpffs directory for pinned maps and links (overrides agent.pinRoot).
+    #[arg(long, env = "WEFT_PIN_ROOT")]
+    pub pin_root: Option<PathBuf>,
+    /// cgroup v2 directory holding the pods (overrides agent.cgroupRoot).
+    #[arg(long, env = "WEFT_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Admin API address (overrides agent.adminAddr).
+    #[arg(long, env = "WEFT_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Readiness address (overrides agent.readinessAddr).
+    #[arg(long, env = "WEFT_READINESS_ADDR")]
+    pub readiness_addr: Option<SocketAddr>,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's admin API.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,16 @@
+//! weft: a sidecarless service mesh. This crate is the one binary a node needs (agent,
+//! status, and later waypoint and CA); the library target exists so the end-to-end test
+//! crate and benchmarks can reuse its types.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod enroll;
+pub mod proxy;
+pub mod readiness;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod telemetry;

@@ -1,0 +1,131 @@
+//! Outbound: a pod's application connected somewhere, connect4/6 sent it to the proxy's
+//! outbound listener. Find where it meant to go, pick the upstream, connect from inside
+//! the pod (so the source address is the pod's), copy.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use ebpf_common::orig_dst::{ConnKey, OrigDst};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy, copy, socket};
+
+pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
+    let dst = match original_destination(proxy, pod, peer) {
+        Ok(dst) => dst,
+        Err(e) => {
+            // Unknown destination: reset rather than guess (and never connect to ourselves).
+            let tracked = proxy.connections().open(
+                Direction::Outbound,
+                pod.workload.to_string(),
+                peer,
+                client.local_addr().unwrap_or(peer),
+            );
+            copy::reset(&client);
+            proxy.connections().close(&tracked, Some(&e));
+            return;
+        }
+    };
+    let tracked =
+        proxy
+            .connections()
+            .open(Direction::Outbound, pod.workload.to_string(), peer, dst);
+    let resolved = proxy
+        .inner
+        .state
+        .borrow()
+        .resolve(dst, proxy.pick_endpoint());
+    tracked.set_upstream(resolved.upstream, resolved.service.map(|s| s.to_string()));
+    debug!(component = "proxy", src = %peer, dst = %dst, upstream = %resolved.upstream, "outbound");
+    let result = async {
+        let mut upstream =
+            socket::connect(pod.sockets.as_ref(), resolved.upstream, CONNECT_TIMEOUT).await?;
+        copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received).await
+    }
+    .await;
+    if result.is_err() {
+        copy::reset(&client);
+    }
+    proxy.connections().close(&tracked, result.err().as_ref());
+}
+
+/// Takes the connection's original destination out of the eBPF table. The key's family is
+/// the family of the socket in the application; a v6 socket talking to a v4-mapped address
+/// arrives on the v4 listener, so the other family is tried when the first misses.
+fn original_destination(
+    proxy: &Proxy,
+    pod: &PodContext,
+    peer: SocketAddr,
+) -> Result<SocketAddr, Error> {
+    let families = if peer.is_ipv4() {
+        [AF_INET, AF_INET6]
+    } else {
+        [AF_INET6, AF_INET]
+    };
+    for family in families {
+        let key = ConnKey {
+            netns_cookie: pod.netns_cookie.0,
+            client_port: peer.port(),
+            family,
+            _pad: [0; 4],
+        };
+        if let Some(orig) = proxy
+            .inner
+            .orig_dst
+            .take(key)
+            .map_err(Error::OrigDstLookup)?
+        {
+            return Ok(to_socket_addr(&orig));
+        }
+    }
+    Err(Error::NoOrigDst)
+}
+
+/// Converts the map's 16-byte form back; v4-mapped addresses become IPv4.
+pub(crate) fn to_socket_addr(orig: &OrigDst) -> SocketAddr {
+    let v6 = Ipv6Addr::from(orig.addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, orig.port)
+}
+
+const AF_INET: u16 = libc::AF_INET as u16;
+const AF_INET6: u16 = libc::AF_INET6 as u16;
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn v4_mapped_destinations_come_back_as_ipv4() {
+        let orig = OrigDst {
+            addr: ebpf_common::config::v4_mapped([10, 1, 0, 3]),
+            port: 8080,
+            family: AF_INET,
+            _pad: [0; 4],
+        };
+        assert_eq!(
+            to_socket_addr(&orig),
+            SocketAddr::new(Ipv4Addr::new(10, 1, 0, 3).into(), 8080)
+        );
+    }
+
+    #[test]
+    fn ipv6_destinations_stay_ipv6() {
+        let ip: Ipv6Addr = "fd00::3".parse().unwrap();
+        let orig = OrigDst {
+            addr: ip.octets(),
+            port: 80,
+            family: AF_INET6,
+            _pad: [0; 4],
+        };
+        assert_eq!(to_socket_addr(&orig), SocketAddr::new(ip.into(), 80));
+    }
+}
