@@ -2,6 +2,8 @@
 //! by `WEFT_LOG` (EnvFilter syntax, default `info`). Access-log lines use the target
 //! `weft::access`, so they can be filtered or routed on their own.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Output format of the logs.

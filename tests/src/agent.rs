@@ -1,0 +1,314 @@
+//! `TestAgent`: the real `weft` binary running as a node's agent.
+//!
+//! The config (docs/config.md) is generated from the node ([`TestNode::config`]) and
+//! written to `<node dir>/weft.yaml`; the agent runs `weft agent --config <file>` with its
+//! stdout and stderr in `<node dir>/agent.log`, whose tail is printed when the `TestAgent` is
+//! dropped (libtest shows it only for a failed test).
+//!
+//! The agent process joins the node's netns only (between fork and exec), like a
+//! DaemonSet pod with hostNetwork: it is *not* in the pods' cgroup subtree, and it keeps
+//! the host's mounts. (`ip netns exec` would not do: it remounts `/sys`, hiding bpffs and
+//! the cgroup2 mount from the agent.)
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, ExitStatus},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{
+    app::weft_bin,
+    eventually::{eventually, scaled},
+    node::TestNode,
+    process::{Placement, TestProcess},
+    sys::{self, HttpResponse},
+};
+
+/// The agent of one [`TestNode`].
+pub struct TestAgent {
+    process: Option<TestProcess>,
+    netns: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    /// Length of the log when the current process started.
+    log_offset: usize,
+    bin: PathBuf,
+    show_log_on_drop: bool,
+}
+
+/// `GET /debug/connections`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Connections {
+    pub active: Vec<ConnRecord>,
+    pub recent: Vec<ConnRecord>,
+}
+
+/// One connection as the proxy recorded it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub id: u64,
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// `namespace/name`.
+    pub pod: String,
+    pub src: String,
+    /// The original destination.
+    pub dst: String,
+    pub upstream: Option<String>,
+    /// `namespace/name` of the service, when `dst` was a service VIP.
+    #[serde(default)]
+    pub service: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub error: Option<String>,
+}
+
+impl Connections {
+    /// Every record, active ones first.
+    pub fn all(&self) -> impl Iterator<Item = &ConnRecord> {
+        self.active.iter().chain(self.recent.iter())
+    }
+}
+
+impl TestAgent {
+    /// Writes the node's config, starts the agent and waits until `/healthz/ready` is 200.
+    pub fn start(node: &TestNode) -> Result<Self> {
+        let mut agent = Self::spawn_only(node)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Writes the node's config and starts the agent without waiting for readiness (for
+    /// tests of start-up failures: see [`TestAgent::wait_exit`]).
+    pub fn spawn_only(node: &TestNode) -> Result<Self> {
+        let yaml = serde_yaml::to_string(&node.config()).context("serialise config")?;
+        Self::spawn_with_config_text(node, &yaml)
+    }
+
+    /// Starts the agent with this exact config text (for tests of bad configs).
+    pub fn spawn_with_config_text(node: &TestNode, yaml: &str) -> Result<Self> {
+        let dir = node.dir().to_path_buf();
+        let config_path = dir.join("weft.yaml");
+        let mut agent = TestAgent {
+            process: None,
+            netns: node.netns_path(),
+            log_path: dir.join("agent.log"),
+            log_offset: 0,
+            show_log_on_drop: true,
+            config_path,
+            bin: weft_bin(),
+        };
+        agent.write_config_text(yaml)?;
+        agent.launch()?;
+        Ok(agent)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        if !self.bin.is_file() {
+            bail!(
+                "agent binary {} not found: build it with `cargo build -p weft` or set WEFT_BIN",
+                self.bin.display()
+            );
+        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("agent").arg("--config").arg(&self.config_path);
+        // The config file is the whole truth: no flag defaults from the caller's env.
+        for var in OVERRIDES {
+            cmd.env_remove(var);
+        }
+        // Plain text in the log file (tracing-subscriber honours NO_COLOR).
+        cmd.env("NO_COLOR", "1");
+        if std::env::var_os("WEFT_LOG").is_none() {
+            cmd.env("WEFT_LOG", "info");
+        }
+        self.log_offset = self.log().len();
+        let process = TestProcess::spawn(
+            cmd,
+            "agent",
+            self.log_path.clone(),
+            &Placement {
+                netns: &self.netns,
+                cgroup: None,
+            },
+        )?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// Polls `GET /healthz/ready` until 200; fails early if the agent exits.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let result = eventually(Duration::from_secs(30), || {
+            if let Some(status) = self.try_status() {
+                return Err(anyhow!("agent exited ({status}) before it was ready"));
+            }
+            match self.get("/healthz/ready") {
+                Ok(r) if r.status == 200 => Ok(()),
+                Ok(r) => Err(anyhow!("not ready ({}): {}", r.status, r.body.trim())),
+                Err(e) => Err(e),
+            }
+        });
+        result.map_err(|e| {
+            anyhow!(
+                "agent not ready: {e:#}\n--- agent log ---\n{}",
+                self.current_log()
+            )
+        })
+    }
+
+    /// Waits for the agent to exit by itself (a start-up failure) and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let process = self.process.as_mut().context("agent not running")?;
+        Ok(process.wait(scaled(timeout))?.status)
+    }
+
+    /// `GET path` on the admin API.
+    pub fn get(&self, path: &str) -> Result<HttpResponse> {
+        sys::http_get(&self.netns, admin_addr(), path)
+    }
+
+    /// `GET path` on the admin API, expecting 200 and JSON.
+    pub fn get_json(&self, path: &str) -> Result<Value> {
+        let r = self.get(path)?;
+        if r.status != 200 {
+            bail!("GET {path}: status {}: {}", r.status, r.body);
+        }
+        serde_json::from_str(&r.body).with_context(|| format!("GET {path}: not JSON: {}", r.body))
+    }
+
+    /// `GET /debug/connections`, parsed.
+    pub fn connections(&self) -> Result<Connections> {
+        let v = self.get_json("/debug/connections")?;
+        serde_json::from_value(v.clone())
+            .with_context(|| format!("unexpected /debug/connections shape: {v:#}"))
+    }
+
+    /// `GET /status`.
+    pub fn status(&self) -> Result<Value> {
+        self.get_json("/status")
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would. Pinned eBPF state stays.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.process.as_mut() {
+            p.kill();
+        }
+    }
+
+    /// Starts the agent again with the current config file and waits until ready.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.note("restarting agent");
+        self.launch()?;
+        self.wait_ready()
+    }
+
+    /// Writes `config` (serialised as YAML) to the config file.
+    pub fn rewrite_config(&self, config: &Value) -> Result<()> {
+        let yaml = serde_yaml::to_string(config).context("serialise config")?;
+        self.write_config_text(&yaml)
+    }
+
+    /// Writes raw YAML to the config file (for tests of bad configs). Written to a
+    /// temporary file and renamed, so the agent's poller never reads half a file.
+    pub fn write_config_text(&self, yaml: &str) -> Result<()> {
+        let tmp = self.config_path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.config_path)
+            .with_context(|| format!("rename to {}", self.config_path.display()))?;
+        self.note(&format!("config rewritten:\n{yaml}"));
+        Ok(())
+    }
+
+    /// Rewrites the config from the node's current state (e.g. after `set_enrolled`).
+    pub fn reload(&self, node: &TestNode) -> Result<()> {
+        self.rewrite_config(&node.config())
+    }
+
+    pub fn config_path(&self) -> &PathBuf {
+        &self.config_path
+    }
+
+    /// The agent's output so far (all starts).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Whether dropping the agent prints its log's tail (default: yes, for tests).
+    pub fn show_log_on_drop(&mut self, show: bool) {
+        self.show_log_on_drop = show;
+    }
+
+    /// The output of the current (or last) agent process only.
+    pub fn current_log(&self) -> String {
+        let log = self.log();
+        log.get(self.log_offset..).unwrap_or(&log).to_string()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(TestProcess::pid)
+    }
+
+    /// The exit status, if the agent has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.process.as_mut().and_then(TestProcess::try_status)
+    }
+
+    /// A marker line in the agent log, so a reader sees what the test did when.
+    fn note(&self, what: &str) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+        {
+            let _ = writeln!(f, "=== weft-tests: {what}");
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            // Graceful first, so a clean shutdown path gets exercised too.
+            p.signal_and_reap(libc::SIGTERM);
+        }
+        // Always printed: libtest captures a test's output and shows it only when the test
+        // fails, which includes a test that returns `Err` (its guards are dropped before
+        // libtest sees the error, so `thread::panicking()` cannot tell).
+        if self.show_log_on_drop {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- agent log ({}, last {} of {} lines) ---\n{}\n--- end of agent log ---",
+                self.log_path.display(),
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// The admin API address inside the node netns.
+pub fn admin_addr() -> SocketAddr {
+    ADMIN_ADDR
+        .parse()
+        .expect("ADMIN_ADDR is a valid socket address")
+}
+
+pub(crate) const ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub(crate) const READINESS_ADDR: &str = "127.0.0.1:15021";
+const LOG_TAIL_LINES: usize = 300;
+/// `WEFT_*` variables that would override the config file (docs/config.md).
+const OVERRIDES: &[&str] = &[
+    "WEFT_CONFIG",
+    "WEFT_PIN_ROOT",
+    "WEFT_CGROUP_ROOT",
+    "WEFT_ADMIN_ADDR",
+    "WEFT_READINESS_ADDR",
+];

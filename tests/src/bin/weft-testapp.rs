@@ -1,0 +1,391 @@
+//! A small TCP application for the end-to-end tests: the "app" inside a simulated pod.
+//!
+//! It is deliberately plain (std only, one thread per connection) so that whatever a test
+//! observes is the mesh's doing, not the app's. Every command prints machine-readable
+//! `key=value` lines on stdout, one line per event; the harness parses them.
+//!
+//! ```text
+//! weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
+//! weft-testapp send    --to IP:PORT (--bytes N [--seed S] | --text T) [--timeout-ms T]
+//! weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
+//! weft-testapp connect --to IP:PORT [--timeout-ms T]
+//! ```
+//!
+//! - `serve` prints `listening ...`, then per connection `accepted peer=.. local=..` and
+//!   `closed peer=.. received_bytes=N received_sha256=H sent_bytes=M`. In `echo` mode it
+//!   echoes until the client's FIN, then closes its side. In `hash` mode it reads until the
+//!   client's FIN, then answers one line `bytes=N sha256=H peer=IP:PORT` and closes: a reply
+//!   can only arrive if the half-close crossed the path intact.
+//! - `send` writes N pseudo-random bytes (seeded) or the given text, shuts down its write side, reads the reply
+//!   until EOF, and prints `local IP:PORT` and `peer IP:PORT` (its socket's own view),
+//!   `sent bytes=N sha256=H`, `received bytes=M sha256=H` and, for a short text reply,
+//!   `reply <text>`.
+//! - `conns` opens `count` connections at once, then sends a distinct payload on each and
+//!   checks each echo: `ok count=N` or `failed ...` (exit 1).
+//! - `connect` exits 0 (`connected ...`) once the TCP handshake completes, or 1 with
+//!   `error kind=<ErrorKind>`: fail-closed tests expect `ConnectionRefused` or `TimedOut`.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    str::FromStr,
+    thread,
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let flags = match Flags::parse(rest) {
+        Ok(flags) => flags,
+        Err(e) => {
+            eprintln!("weft-testapp: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command.as_str() {
+        "serve" => serve(&flags),
+        "send" => send(&flags),
+        "conns" => conns(&flags),
+        "connect" => connect(&flags),
+        other => Err(format!("unknown command {other:?}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weft-testapp {command}: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.required("port")?;
+    let bind: std::net::IpAddr = flags.optional("bind")?.unwrap_or([0, 0, 0, 0].into());
+    let mode: Mode = flags.optional("mode")?.unwrap_or(Mode::Echo);
+    let listener =
+        TcpListener::bind((bind, port)).map_err(|e| format!("bind {bind}:{port}: {e}"))?;
+    println!("listening addr={bind}:{port} mode={mode:?}");
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                println!("accept_error kind={:?} error={e}", e.kind());
+                continue;
+            }
+        };
+        thread::spawn(move || serve_one(stream, mode));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_one(mut stream: TcpStream, mode: Mode) {
+    let peer = addr_or_unknown(stream.peer_addr());
+    let local = addr_or_unknown(stream.local_addr());
+    println!("accepted peer={peer} local={local}");
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let outcome: io::Result<()> = (|| {
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            received += n as u64;
+            if mode == Mode::Echo {
+                stream.write_all(&buf[..n])?;
+                sent += n as u64;
+            }
+        }
+        if mode == Mode::Hash {
+            let line = format!(
+                "bytes={received} sha256={} peer={peer}\n",
+                hex(&hasher.clone().finalize())
+            );
+            stream.write_all(line.as_bytes())?;
+            sent += line.len() as u64;
+        }
+        stream.shutdown(Shutdown::Write)
+    })();
+    let status = match outcome {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    println!(
+        "closed peer={peer} received_bytes={received} received_sha256={} sent_bytes={sent} \
+         status={status}",
+        hex(&hasher.finalize())
+    );
+}
+
+fn send(flags: &Flags) -> Result<ExitCode, String> {
+    let to: SocketAddr = flags.required("to")?;
+    // A fixed text (something to look for in a capture), or N pseudo-random bytes.
+    let text: Option<String> = flags.optional("text")?;
+    let bytes: u64 = match &text {
+        Some(text) => text.len() as u64,
+        None => flags.required("bytes")?,
+    };
+    let seed: u64 = flags.optional("seed")?.unwrap_or(1);
+    let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(10_000));
+    let stream = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(stream) => stream,
+        Err(e) => return Ok(report_error("connect", &e)),
+    };
+    // What the application sees of its own connection (a mesh may have rewritten it).
+    println!("local {}", addr_or_unknown(stream.local_addr()));
+    println!("peer {}", addr_or_unknown(stream.peer_addr()));
+    // A stalled transfer must fail the test, not hang it.
+    let idle = Some(Duration::from_secs(60));
+    stream.set_read_timeout(idle).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(idle).map_err(|e| e.to_string())?;
+
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let text_given = text.is_some();
+    let sender = thread::spawn(move || -> io::Result<String> {
+        let mut rng = Rng::new(seed);
+        let mut hasher = Sha256::new();
+        if let Some(text) = text {
+            hasher.update(text.as_bytes());
+            writer.write_all(text.as_bytes())?;
+        }
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut left = if text_given { 0 } else { bytes };
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            rng.fill(&mut chunk[..n]);
+            hasher.update(&chunk[..n]);
+            writer.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        writer.shutdown(Shutdown::Write)?;
+        Ok(hex(&hasher.finalize()))
+    });
+
+    let mut reader = stream;
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_result: io::Result<()> = (|| {
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            hasher.update(&buf[..n]);
+            received += n as u64;
+            if head.len() < MAX_REPLY_TEXT {
+                let take = n.min(MAX_REPLY_TEXT - head.len());
+                head.extend_from_slice(&buf[..take]);
+            }
+        }
+    })();
+    let sent_hash = match sender.join() {
+        Ok(Ok(hash)) => hash,
+        Ok(Err(e)) => return Ok(report_error("write", &e)),
+        Err(_) => return Err("BUG: sender thread panicked".to_string()),
+    };
+    println!("sent bytes={bytes} sha256={sent_hash}");
+    println!(
+        "received bytes={received} sha256={}",
+        hex(&hasher.finalize())
+    );
+    if received as usize <= MAX_REPLY_TEXT
+        && let Ok(text) = std::str::from_utf8(&head)
+    {
+        println!("reply {}", text.trim_end());
+    }
+    if let Err(e) = read_result {
+        return Ok(report_error("read", &e));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn conns(flags: &Flags) -> Result<ExitCode, String> {
+    let to: SocketAddr = flags.required("to")?;
+    let count: usize = flags.optional("count")?.unwrap_or(200);
+    let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(10_000));
+    // Open every connection before any sends, so they are all in flight at once.
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        match TcpStream::connect_timeout(&to, timeout) {
+            Ok(stream) => streams.push(stream),
+            Err(e) => {
+                println!(
+                    "failed conn={i} stage=connect kind={:?} error={e}",
+                    e.kind()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    let workers: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| thread::spawn(move || echo_check(i, stream, timeout)))
+        .collect();
+    let mut failures = 0;
+    for worker in workers {
+        match worker.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failures += 1;
+                println!("failed {e}");
+            }
+            Err(_) => return Err("BUG: connection thread panicked".to_string()),
+        }
+    }
+    if failures > 0 {
+        println!("failed count={failures} of={count}");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("ok count={count}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn echo_check(i: usize, mut stream: TcpStream, timeout: Duration) -> Result<(), String> {
+    let mut payload = format!("conn-{i:04}:").into_bytes();
+    let mut random = vec![0u8; 1000 + i * 7];
+    Rng::new(i as u64 + 1).fill(&mut random);
+    payload.extend_from_slice(&random);
+    let io = (|| -> io::Result<Vec<u8>> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(&payload)?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed)?;
+        Ok(echoed)
+    })();
+    match io {
+        Ok(echoed) if echoed == payload => Ok(()),
+        Ok(echoed) => Err(format!(
+            "conn={i} stage=echo sent={} received={} (payload mismatch)",
+            payload.len(),
+            echoed.len()
+        )),
+        Err(e) => Err(format!("conn={i} stage=io kind={:?} error={e}", e.kind())),
+    }
+}
+
+fn connect(flags: &Flags) -> Result<ExitCode, String> {
+    let to: SocketAddr = flags.required("to")?;
+    let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(2_000));
+    match TcpStream::connect_timeout(&to, timeout) {
+        Ok(stream) => {
+            println!(
+                "connected local={} peer={}",
+                addr_or_unknown(stream.local_addr()),
+                addr_or_unknown(stream.peer_addr())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Ok(report_error("connect", &e)),
+    }
+}
+
+fn report_error(stage: &str, e: &io::Error) -> ExitCode {
+    println!("error stage={stage} kind={:?} error={e}", e.kind());
+    ExitCode::FAILURE
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Echo,
+    Hash,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "echo" => Ok(Mode::Echo),
+            "hash" => Ok(Mode::Hash),
+            other => Err(format!("unknown mode {other:?} (echo|hash)")),
+        }
+    }
+}
+
+/// `--name value` pairs.
+struct Flags(Vec<(String, String)>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let mut pairs = Vec::new();
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let name = arg
+                .strip_prefix("--")
+                .ok_or_else(|| format!("expected --flag, got {arg:?}"))?;
+            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+            pairs.push((name.to_string(), value.clone()));
+        }
+        Ok(Flags(pairs))
+    }
+
+    fn optional<T: FromStr>(&self, name: &str) -> Result<Option<T>, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.0.iter().rev().find(|(n, _)| n == name) {
+            None => Ok(None),
+            Some((_, v)) => v
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("--{name} {v:?}: {e}")),
+        }
+    }
+
+    fn required<T: FromStr>(&self, name: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.optional(name)?
+            .ok_or_else(|| format!("--{name} is required"))
+    }
+}
+
+/// xorshift64*: deterministic, fast enough, and no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        // Zero is the one state xorshift never leaves.
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let word = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn addr_or_unknown(addr: io::Result<SocketAddr>) -> String {
+    addr.map_or_else(|_| "unknown".to_string(), |a| a.to_string())
+}
+
+const MAX_REPLY_TEXT: usize = 4096;
+
+const USAGE: &str = "usage:
+  weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
+  weft-testapp send    --to IP:PORT (--bytes N [--seed S] | --text T) [--timeout-ms T]
+  weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
+  weft-testapp connect --to IP:PORT [--timeout-ms T]";

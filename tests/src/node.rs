@@ -1,0 +1,445 @@
+//! `TestNode`: one simulated Kubernetes node on this kernel.
+//!
+//! A node is a network namespace `weft-<test>-<pid>~<node>` holding a bridge `br0`
+//! (`10.<node>.0.1/16`); each pod is a network namespace `weft-<test>-<pid>~<node>~<pod>`
+//! whose `eth0` is a veth joined to that bridge, with IP `10.<node>.0.<pod>/16`. Nothing
+//! is created in the host netns, so parallel tests cannot collide on interface names.
+//!
+//! Alongside: a cgroup v2 subtree `<cgroup2>/weft-<test>-<pid>-<node>/pods/<pod>` (the
+//! agent's `cgroupRoot` is `.../pods`), a bpffs pin root
+//! `/sys/fs/bpf/weft-test-<test>-<pid>-<node>` (never under `/sys/fs/bpf/weft`, the real
+//! agent's), and a directory for the agent config and every process's output (kept when
+//! the test panics or `WEFT_TEST_KEEP` is set).
+//!
+//! `Drop` kills every process in the node's namespaces and cgroups, then deletes cgroups
+//! (leaf first), namespaces (which takes veths and the bridge along) and pins. It never
+//! panics: a cleanup failure is printed.
+//!
+//! Guards are `!Send` (an `Rc` inside): a node belongs to the test thread that built it.
+
+use std::{
+    cell::{Cell, RefCell},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    rc::Rc,
+    sync::Once,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{
+    agent::TestAgent,
+    pod::{PodBuilder, PodSpec},
+    process::{Placement, TestProcess, unique_path},
+    sys,
+};
+
+/// One simulated node. See the module docs for what it creates.
+pub struct TestNode {
+    pub(crate) inner: Rc<NodeInner>,
+}
+
+pub(crate) struct NodeInner {
+    pub test: String,
+    pub index: u8,
+    pub netns: String,
+    /// `<cgroup2>/weft-<test>-<pid>-<node>`.
+    pub cgroup_node: PathBuf,
+    pub pin_root: PathBuf,
+    pub dir: RefCell<Option<tempfile::TempDir>>,
+    pub dir_path: PathBuf,
+    pub pods: RefCell<Vec<PodSpec>>,
+    pub services: RefCell<Vec<Service>>,
+    pub mesh: RefCell<Value>,
+    netns_created: Cell<bool>,
+}
+
+/// A Kubernetes Service as the agent's config describes it.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<Ipv4Addr>,
+    /// (port, targetPort)
+    pub ports: Vec<(u16, u16)>,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+impl TestNode {
+    /// Builds node number `index` (1..=254) for the test `test`.
+    pub fn new(test: &str, index: u8) -> Result<Self> {
+        if index == 0 || index == 255 {
+            bail!("node index must be 1..=254, got {index}");
+        }
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale);
+
+        let test = sanitize(test);
+        let pid = std::process::id();
+        let prefix = format!("weft-{test}-{pid}");
+        let cgroup_node = sys::cgroup2_root()?.join(format!("{prefix}-{index}"));
+        let pin_root = sys::bpffs_root()?.join(format!("weft-test-{test}-{pid}-{index}"));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-{index}-"))
+            .tempdir()
+            .context("create node directory")?;
+        let node = TestNode {
+            inner: Rc::new(NodeInner {
+                netns: format!("{prefix}~{index}"),
+                test,
+                index,
+                cgroup_node,
+                pin_root,
+                dir_path: dir.path().to_path_buf(),
+                dir: RefCell::new(Some(dir)),
+                pods: RefCell::new(Vec::new()),
+                services: RefCell::new(Vec::new()),
+                mesh: RefCell::new(json!({ "excludedPorts": [22] })),
+                netns_created: Cell::new(false),
+            }),
+        };
+        // On error the half-built node is dropped here, which removes what was created.
+        node.create()?;
+        Ok(node)
+    }
+
+    fn create(&self) -> Result<()> {
+        let n = &self.inner;
+        sys::ip(&["netns", "add", &n.netns])?;
+        n.netns_created.set(true);
+        let bridge_ip = format!("{}/16", self.bridge_ip());
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", BRIDGE, "type", "bridge"],
+            vec!["addr", "add", &bridge_ip, "dev", BRIDGE],
+            vec!["link", "set", BRIDGE, "up"],
+        ] {
+            let mut full = vec!["-n", &n.netns];
+            full.extend(args);
+            sys::ip(&full)?;
+        }
+        std::fs::create_dir_all(self.cgroup_root())
+            .with_context(|| format!("mkdir {}", self.cgroup_root().display()))?;
+        std::fs::create_dir_all(&n.pin_root)
+            .with_context(|| format!("mkdir {}", n.pin_root.display()))?;
+        Ok(())
+    }
+
+    /// Starts describing a pod; `.create()` builds it.
+    pub fn pod(&self, name: &str) -> PodBuilder<'_> {
+        PodBuilder::new(self, name)
+    }
+
+    /// Adds a service to the node's config (written when the agent starts or reloads).
+    pub fn add_service(&self, service: Service) {
+        self.inner.services.borrow_mut().push(service);
+    }
+
+    /// Replaces the config's `mesh:` section (default `{excludedPorts: [22]}`).
+    pub fn set_mesh(&self, mesh: Value) {
+        *self.inner.mesh.borrow_mut() = mesh;
+    }
+
+    /// Starts the real agent in this node's netns and waits until it is ready.
+    pub fn start_agent(&self) -> Result<TestAgent> {
+        TestAgent::start(self)
+    }
+
+    /// The agent's YAML config for the node as it is now (see docs/config.md).
+    pub fn config(&self) -> Value {
+        let n = &self.inner;
+        let workloads: Vec<Value> = n
+            .pods
+            .borrow()
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "serviceAccount": p.service_account,
+                    "ips": [p.ip.to_string()],
+                    "netns": sys::netns_path(&p.netns).display().to_string(),
+                    "enrolled": p.enrolled.get(),
+                })
+            })
+            .collect();
+        let services: Vec<Value> = n
+            .services
+            .borrow()
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "vips": s.vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "ports": s.ports.iter().map(|(port, target)| json!({
+                        "port": port,
+                        "targetPort": target,
+                    })).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "agent": {
+                "node": format!("{}-node{}", n.test, n.index),
+                "pinRoot": n.pin_root.display().to_string(),
+                "cgroupRoot": self.cgroup_root().display().to_string(),
+                "adminAddr": crate::agent::ADMIN_ADDR,
+                "readinessAddr": crate::agent::READINESS_ADDR,
+            },
+            "mesh": n.mesh.borrow().clone(),
+            "workloads": workloads,
+            "services": services,
+        })
+    }
+
+    /// Runs a process in the node's netns (not in any pod cgroup): tcpdump, `weft status`.
+    pub fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess> {
+        TestProcess::spawn(
+            cmd,
+            name,
+            unique_path(self.dir(), name, "out"),
+            &Placement {
+                netns: &self.netns_path(),
+                cgroup: None,
+            },
+        )
+    }
+
+    pub fn index(&self) -> u8 {
+        self.inner.index
+    }
+
+    pub fn test_name(&self) -> &str {
+        &self.inner.test
+    }
+
+    pub fn netns_name(&self) -> &str {
+        &self.inner.netns
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        sys::netns_path(&self.inner.netns)
+    }
+
+    /// The agent's `cgroupRoot`: every pod's cgroup is a child of it.
+    pub fn cgroup_root(&self) -> PathBuf {
+        self.inner.cgroup_node.join("pods")
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.inner.pin_root
+    }
+
+    /// Directory holding the agent config, its log and every process's output.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir_path
+    }
+
+    pub fn bridge_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.inner.index, 0, 1)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let n = &self.inner;
+        let pods: Vec<String> = n.pods.borrow().iter().map(|p| p.netns.clone()).collect();
+        let mut namespaces = pods;
+        if n.netns_created.get() {
+            namespaces.push(n.netns.clone());
+        }
+        teardown(&namespaces, &n.cgroup_node, &n.pin_root);
+        let keep = thread::panicking() || std::env::var_os("WEFT_TEST_KEEP").is_some();
+        if keep && let Some(dir) = n.dir.borrow_mut().take() {
+            let kept = dir.keep();
+            eprintln!(
+                "weft-tests: node {} files kept in {}",
+                n.index,
+                kept.display()
+            );
+        }
+    }
+}
+
+/// Kills everything inside, then removes cgroups, namespaces and pins. Never panics.
+fn teardown(namespaces: &[String], cgroup_node: &Path, pin_root: &Path) {
+    // 1. Processes: everything in our cgroup subtree and in our namespaces.
+    if cgroup_node.exists() {
+        // cgroup.kill (Linux 5.14+) SIGKILLs the whole subtree at once.
+        let _ = std::fs::write(cgroup_node.join("cgroup.kill"), "1");
+    }
+    for ns in namespaces {
+        if let Ok(pids) = sys::ip(&["netns", "pids", ns]) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+                sys::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    // 2. cgroups, leaf first; a killed process may take a moment to leave.
+    if cgroup_node.exists() {
+        let mut dirs = Vec::new();
+        collect_dirs(cgroup_node, &mut dirs);
+        // Deepest first.
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() > deadline => {
+                        eprintln!("weft-tests: cleanup: rmdir {}: {e}", dir.display());
+                        break;
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+    // 3. Namespaces: deleting the last reference takes the veths and the bridge along.
+    for ns in namespaces {
+        if sys::netns_path(ns).exists()
+            && let Err(e) = sys::ip(&["netns", "delete", ns])
+        {
+            eprintln!("weft-tests: cleanup: {e:#}");
+        }
+    }
+    // 4. Pins: unpinning detaches the links nobody holds any more.
+    if pin_root.exists()
+        && let Err(e) = std::fs::remove_dir_all(pin_root)
+    {
+        eprintln!("weft-tests: cleanup: rm -r {}: {e}", pin_root.display());
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&entry.path(), out);
+            }
+        }
+    }
+    out.push(dir.to_path_buf());
+}
+
+/// Removes what earlier test processes left when they were killed before their `Drop` ran:
+/// namespaces, cgroups and pin roots whose name carries the pid of a process that is gone.
+pub fn sweep_stale() {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    // Names: netns `weft-<test>-<pid>~<node>[~<pod>]`, cgroup `weft-<test>-<pid>-<node>`,
+    // pin root `weft-test-<test>-<pid>-<node>`.
+    let netns_pid = |name: &str| -> Option<String> {
+        let head = name.strip_prefix("weft-")?.split('~').next()?;
+        Some(head.rsplit('-').next()?.to_string())
+    };
+    let dashed_pid = |name: &str| -> Option<String> {
+        let mut parts = name.rsplit('-');
+        parts.next()?;
+        Some(parts.next()?.to_string())
+    };
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+
+    let mut stale_ns = Vec::new();
+    if let Ok(list) = std::fs::read_dir("/run/netns") {
+        for entry in list.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.contains('~') {
+                continue;
+            }
+            if let Some(pid) = netns_pid(&name).filter(|p| numeric(p))
+                && !alive(&pid)
+            {
+                stale_ns.push(name);
+            }
+        }
+    }
+    let mut stale_cgroups = Vec::new();
+    if let Ok(root) = sys::cgroup2_root()
+        && let Ok(list) = std::fs::read_dir(&root)
+    {
+        for entry in list.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("weft-") {
+                continue;
+            }
+            if let Some(pid) = dashed_pid(&name).filter(|p| numeric(p))
+                && !alive(&pid)
+            {
+                stale_cgroups.push(entry.path());
+            }
+        }
+    }
+    let mut stale_pins = Vec::new();
+    if let Ok(root) = sys::bpffs_root()
+        && let Ok(list) = std::fs::read_dir(&root)
+    {
+        for entry in list.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("weft-test-") {
+                continue;
+            }
+            if let Some(pid) = dashed_pid(&name).filter(|p| numeric(p))
+                && !alive(&pid)
+            {
+                stale_pins.push(entry.path());
+            }
+        }
+    }
+    if stale_ns.is_empty() && stale_cgroups.is_empty() && stale_pins.is_empty() {
+        return;
+    }
+    eprintln!(
+        "weft-tests: removing leftovers of earlier runs: {} netns, {} cgroups, {} pin roots",
+        stale_ns.len(),
+        stale_cgroups.len(),
+        stale_pins.len()
+    );
+    teardown(
+        &stale_ns,
+        Path::new("/nonexistent"),
+        Path::new("/nonexistent"),
+    );
+    for cgroup in stale_cgroups {
+        teardown(&[], &cgroup, Path::new("/nonexistent"));
+    }
+    for pins in stale_pins {
+        teardown(&[], Path::new("/nonexistent"), &pins);
+    }
+}
+
+/// Test names become part of netns, cgroup and pin names: keep `[a-z0-9_]`.
+fn sanitize(test: &str) -> String {
+    // `module::test_name` → `test_name`.
+    let last = test.rsplit("::").next().unwrap_or(test);
+    let s: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    // Keep names well under NAME_MAX with room for pid and indices.
+    s.chars().take(64).collect()
+}
+
+const BRIDGE: &str = "br0";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitizes_test_names() {
+        assert_eq!(sanitize("datapath::Outbound-To Pod"), "outbound_to_pod");
+    }
+}

@@ -1,0 +1,187 @@
+//! What crosses the wire: a tcpdump capture inside a node's or pod's netns, and plain
+//! assertions on the pcap it writes ("this payload never appears in plaintext").
+//!
+//! The pcap is read here without a dissector (24-byte file header, 16-byte record headers):
+//! small, and enough to count packets and search payload bytes. tshark is installed by
+//! `cargo xtask setup` for deeper looks by hand (`tshark -r <file>`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{eventually::eventually, node::TestNode, pod::TestPod, process::TestProcess};
+
+/// A running `tcpdump -w`.
+pub struct Capture {
+    process: TestProcess,
+    file: PathBuf,
+}
+
+/// A finished capture.
+pub struct Pcap {
+    pub file: PathBuf,
+    packets: Vec<Vec<u8>>,
+}
+
+impl Capture {
+    /// Captures on `iface` of the node's netns (`br0` sees every pod's traffic).
+    pub fn on_node(node: &TestNode, iface: &str, filter: &str) -> Result<Self> {
+        let file = node.dir().join(format!("capture-{iface}.pcap"));
+        let process = node.spawn(tcpdump(iface, filter, &file), &format!("tcpdump-{iface}"))?;
+        Self::started(process, file)
+    }
+
+    /// Captures on `iface` of a pod's netns (`eth0`), from outside the pod's cgroup.
+    pub fn on_pod(node: &TestNode, pod: &TestPod, iface: &str, filter: &str) -> Result<Self> {
+        let file = node
+            .dir()
+            .join(format!("capture-{}-{iface}.pcap", pod.name()));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", pod.netns_path().display()));
+        cmd.arg("--").args(tcpdump_args(iface, filter, &file));
+        let process = node.spawn(cmd, &format!("tcpdump-{}-{iface}", pod.name()))?;
+        Self::started(process, file)
+    }
+
+    fn started(mut process: TestProcess, file: PathBuf) -> Result<Self> {
+        // tcpdump says "listening on <iface>" once the socket is bound: from then on
+        // nothing is missed.
+        eventually(Duration::from_secs(10), || {
+            if let Some(status) = process.try_status() {
+                bail!("tcpdump exited ({status}): {}", process.output());
+            }
+            if process.output().contains("listening on") {
+                Ok(())
+            } else {
+                bail!("tcpdump not listening yet: {}", process.output())
+            }
+        })?;
+        Ok(Capture { process, file })
+    }
+
+    /// Stops tcpdump (SIGINT flushes the file) and reads the capture.
+    pub fn stop(mut self) -> Result<Pcap> {
+        // Packets of the last exchange may still be on their way through the stack.
+        thread::sleep(Duration::from_millis(200));
+        self.process.signal_and_reap(libc::SIGINT);
+        Pcap::read(&self.file)
+    }
+}
+
+impl Pcap {
+    pub fn read(file: &Path) -> Result<Self> {
+        let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+        Ok(Pcap {
+            file: file.to_path_buf(),
+            packets: parse_pcap(&bytes).with_context(|| format!("parse {}", file.display()))?,
+        })
+    }
+
+    pub fn packet_count(&self) -> usize {
+        self.packets.len()
+    }
+
+    /// Whether any single captured packet contains `needle` (e.g. a plaintext marker).
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        !needle.is_empty()
+            && self
+                .packets
+                .iter()
+                .any(|p| p.windows(needle.len()).any(|w| w == needle))
+    }
+}
+
+fn tcpdump(iface: &str, filter: &str, file: &Path) -> Command {
+    let args = tcpdump_args(iface, filter, file);
+    let mut cmd = Command::new(&args[0]);
+    cmd.args(&args[1..]);
+    cmd
+}
+
+fn tcpdump_args(iface: &str, filter: &str, file: &Path) -> Vec<String> {
+    // --immediate-mode: hand each packet over at once (the default buffers packets in the
+    // kernel ring and a stop can lose them); -U: write each packet at once; -Z root: keep
+    // writing to a root-owned directory; -s 0: whole packets, for payload searches.
+    let mut args: Vec<String> = [
+        "tcpdump",
+        "--immediate-mode",
+        "-i",
+        iface,
+        "-U",
+        "-n",
+        "-s",
+        "0",
+        "-Z",
+        "root",
+        "-w",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    args.push(file.display().to_string());
+    args.extend(filter.split_whitespace().map(str::to_string));
+    args
+}
+
+/// Packet data of a classic pcap file (either byte order, µs or ns timestamps).
+fn parse_pcap(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    if bytes.len() < 24 {
+        bail!("{} bytes: too short for a pcap header", bytes.len());
+    }
+    let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
+    let little = match magic {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        other => bail!("not a pcap file (magic {other:02x?})"),
+    };
+    let u32_at = |at: usize| -> u32 {
+        let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
+        if little {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
+    let mut packets = Vec::new();
+    let mut at = 24;
+    // A record cut short (tcpdump killed mid-write) ends the capture.
+    while at + 16 <= bytes.len() {
+        let len = u32_at(at + 8) as usize;
+        let start = at + 16;
+        let Some(data) = bytes.get(start..start + len) else {
+            break;
+        };
+        packets.push(data.to_vec());
+        at = start + len;
+    }
+    Ok(packets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_packets_of_a_little_endian_pcap() {
+        let mut file = vec![0xd4, 0xc3, 0xb2, 0xa1];
+        file.extend_from_slice(&[0; 20]);
+        for payload in [&b"hello"[..], &b"secret-marker"[..]] {
+            file.extend_from_slice(&[0; 8]);
+            file.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            file.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            file.extend_from_slice(payload);
+        }
+        let pcap = Pcap {
+            file: PathBuf::new(),
+            packets: parse_pcap(&file).unwrap(),
+        };
+        assert_eq!(pcap.packet_count(), 2);
+        assert!(pcap.contains(b"marker"));
+        assert!(!pcap.contains(b"absent"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Running cargo (and other commands) from xtask: echo the command line, check the status,
+//! find the target directory and the agent binary.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is one level below the workspace root")
+        .to_path_buf()
+}
+
+/// `cargo` of the toolchain running xtask (the workspace's stable toolchain).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// `cargo +nightly …` through the rustup proxy (the `$CARGO` binary is not a proxy).
+pub fn cargo_nightly() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.arg("+nightly").current_dir(root());
+    // Set by the rustup proxy that started xtask; it would pin the stable toolchain.
+    cmd.env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+/// Prints and runs a command; fails unless it exits 0.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = show(cmd);
+    println!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command quietly and returns whether it succeeded (for "is it there?" checks).
+pub fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs a command quietly and returns its stdout, if it succeeded.
+pub fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Totals of the `test result:` lines of cargo test runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestCounts {
+    pub fn add(&mut self, other: TestCounts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+    }
+
+    /// Parses `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; …`.
+    fn parse_line(line: &str) -> Option<TestCounts> {
+        let rest = line.trim().strip_prefix("test result: ")?;
+        let mut counts = TestCounts::default();
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let (Some(n), Some(what)) = (words.len().checked_sub(2), words.last()) else {
+                continue;
+            };
+            let Ok(n) = words[n].parse::<u64>() else {
+                continue;
+            };
+            match *what {
+                "passed" => counts.passed = n,
+                "failed" => counts.failed = n,
+                "ignored" => counts.ignored = n,
+                _ => {}
+            }
+        }
+        Some(counts)
+    }
+}
+
+/// Runs `cargo test …`, echoing its output, and counts the results.
+pub fn run_tests(cmd: &mut Command) -> Result<(ExitStatus, TestCounts)> {
+    let shown = show(cmd);
+    println!("$ {shown}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start `{shown}`"))?;
+    let mut counts = TestCounts::default();
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("read cargo test output")?;
+        println!("{line}");
+        if let Some(c) = TestCounts::parse_line(&line) {
+            counts.add(c);
+        }
+    }
+    let status = child.wait().context("wait for cargo test")?;
+    Ok((status, counts))
+}
+
+/// cargo's target directory (`cargo metadata`), honouring `CARGO_TARGET_DIR` and config.
+pub fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parse cargo metadata")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
+
+/// Builds the agent (agent/build.rs builds the eBPF object) and returns the binary's path.
+pub fn build_agent() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "weft"]))?;
+    let bin = target_dir()?.join("debug").join("weft");
+    if !bin.is_file() {
+        bail!("cargo built weft but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Builds the end-to-end test crate: the test app and the test binaries.
+pub fn build_tests() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "weft-tests", "--bins"]))?;
+    run(cargo().args(["test", "-p", "weft-tests", "--no-run"]))?;
+    Ok(target_dir()?.join("debug").join("weft-testapp"))
+}
+
+/// `cargo xtask build`.
+pub fn build_all() -> Result<()> {
+    let agent = build_agent()?;
+    let testapp = build_tests()?;
+    println!(
+        "build: ok\n  agent:    {}\n  test app: {}",
+        agent.display(),
+        testapp.display()
+    );
+    Ok(())
+}
+
+pub fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cargo_test_result_lines() {
+        let c = TestCounts::parse_line(
+            "test result: FAILED. 12 passed; 2 failed; 3 ignored; 0 measured; 1 filtered out; \
+             finished in 0.51s",
+        )
+        .unwrap();
+        assert_eq!((c.passed, c.failed, c.ignored), (12, 2, 3));
+        assert!(TestCounts::parse_line("running 3 tests").is_none());
+    }
+}

@@ -1,0 +1,35 @@
+//! `cargo xtask lint`: what CI checks, in the order a developer wants to hear about it.
+
+use anyhow::Result;
+
+use crate::cargo::{self, cargo, cargo_nightly};
+
+pub fn run() -> Result<()> {
+    cargo::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // Two clippy runs (STYLE: feature unification): the host crates, then the eBPF
+    // programs for their own target on nightly.
+    cargo::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "weft-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    cargo::run(cargo_nightly().args([
+        "clippy",
+        "-p",
+        "weft-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    println!("lint: ok");
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask`: weft's front door.
+//!
+//! - `setup`: install what is missing (apt packages, nightly + rust-src, bpf-linker) and
+//!   mount bpffs and cgroup v2; idempotent, says what it does.
+//! - `build`: the agent (its build.rs builds the eBPF object) and the test binaries.
+//! - `test`: unit tests, then the privileged end-to-end tests against the real agent.
+//! - `lint`: rustfmt check and clippy in two runs (host workspace, then the eBPF crate).
+//! - `demo`: a simulated node with a few pods, the real agent, traffic, and a walk-through.
+//!
+//! `test` and `demo` run `setup` first when its fast check finds something missing.
+
+mod cargo;
+mod demo;
+mod lint;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "weft's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain and system packages weft needs, mount bpffs and cgroup v2.
+    Setup,
+    /// Build the agent (with its eBPF object) and the end-to-end test binaries.
+    Build,
+    /// Run unit tests, then the privileged end-to-end tests (needs root).
+    Test(test::Options),
+    /// rustfmt check, clippy on the workspace and clippy on the eBPF programs.
+    Lint,
+    /// Build a simulated node, run the agent, send traffic and explain what happened.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => cargo::build_all(),
+        Command::Test(options) => test::run(&options),
+        Command::Lint => lint::run(),
+        Command::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<test::Failed>() => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! `cargo xtask test`: unit tests of the workspace, then the privileged end-to-end tests
+//! of `tests/` against the freshly built agent. Ends with one summary line and fails if
+//! anything failed (or did not run to completion).
+
+use std::{ffi::OsString, process::ExitStatus};
+
+use anyhow::Result;
+
+use crate::{
+    cargo::{self, TestCounts, cargo, run_tests},
+    setup,
+};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only the unit tests.
+    #[arg(long, conflicts_with = "e2e_only")]
+    unit_only: bool,
+    /// Only the end-to-end tests.
+    #[arg(long)]
+    e2e_only: bool,
+    /// Arguments for the end-to-end test binary (a name filter, `--test-threads=1`, …).
+    #[arg(last = true)]
+    e2e_args: Vec<OsString>,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    setup::ensure()?;
+    let mut total = TestCounts::default();
+    let mut broken = Vec::new();
+    let mut record = |what: &str, (status, counts): (ExitStatus, TestCounts)| {
+        total.add(counts);
+        if !status.success() && counts.failed == 0 {
+            // A build error or a crashed test binary: no test said "failed", yet it failed.
+            total.failed += 1;
+            broken.push(format!("{what} did not run to completion ({status})"));
+        } else if !status.success() {
+            broken.push(format!("{what}: {} failed", counts.failed));
+        }
+    };
+
+    // The agent first: unit tests of the agent need its embedded eBPF object anyway, and a
+    // build error is better reported alone than inside test output.
+    let weft_bin = cargo::build_agent()?;
+
+    if !options.e2e_only {
+        println!("\n== unit tests ==");
+        record(
+            "unit tests",
+            run_tests(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "weft-ebpf",
+                "--exclude",
+                "weft-tests",
+            ]))?,
+        );
+    }
+
+    if !options.unit_only {
+        println!(
+            "\n== end-to-end tests (privileged; agent {}) ==",
+            weft_bin.display()
+        );
+        // Each test builds its own node (netns, cgroup, pin root, agent), so they run in
+        // parallel; the harness's own unit tests come along in the same run.
+        let mut cmd = cargo();
+        cmd.args(["test", "-p", "weft-tests"])
+            .env("WEFT_BIN", &weft_bin);
+        if !options.e2e_args.is_empty() {
+            cmd.arg("--").args(&options.e2e_args);
+        }
+        record("end-to-end tests", run_tests(&mut cmd)?);
+    }
+
+    for problem in &broken {
+        println!("xtask test: {problem}");
+    }
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.ignored
+    );
+    if !broken.is_empty() {
+        // Already said above; the summary stays the last line of the output.
+        return Err(Failed.into());
+    }
+    Ok(())
+}
+
+/// Tests failed and the summary said so: nothing more to print.
+#[derive(Debug)]
+pub struct Failed;
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("tests failed")
+    }
+}
+
+impl std::error::Error for Failed {}
