@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+pub mod identity;
 pub mod proxy;
 pub mod readiness;
 pub mod source;

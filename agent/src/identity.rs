@@ -1,0 +1,248 @@
+//! Workload identity: SPIFFE ids, the certificates that prove them, and the trust bundle
+//! that verifies them. `manager` keeps a current certificate per identity the node runs
+//! (renewed at half life); `ca` is the certificate authority (`weft ca`, or in-process).
+//!
+//! The types here are the shared vocabulary of identity: the proxy's HBONE TLS uses
+//! `WorkloadCert` and `TrustBundle`, policy and telemetry use `SpiffeId`.
+
+use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
+
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer},
+    sign::CertifiedKey,
+};
+use serde::Serialize;
+
+/// An identity error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid SPIFFE id {id:?}: {reason}")]
+    InvalidSpiffeId { id: String, reason: &'static str },
+    #[error("invalid certificate or key: {0}")]
+    InvalidCertificate(String),
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SpiffeId {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+/// A workload's certificate chain and private key, ready for rustls.
+#[derive(Debug)]
+pub struct WorkloadCert {
+    /// The identity the leaf certificate carries (its URI SAN).
+    pub identity: SpiffeId,
+    /// Leaf first, then intermediates; with the key, for rustls resolvers.
+    pub certified_key: Arc<CertifiedKey>,
+    /// Validity of the leaf.
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Leaf serial number (hex), for status and logs.
+    pub serial: String,
+}
+
+/// The roots that mesh certificates must chain to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustBundle {
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl SpiffeId {
+    /// Builds and checks an id from its parts.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, Error> {
+        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = Error;
+
+    fn from_str(id: &str) -> Result<Self, Error> {
+        let invalid = |reason| Error::InvalidSpiffeId {
+            id: id.to_owned(),
+            reason,
+        };
+        let rest = id
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| invalid("must start with spiffe://"))?;
+        let mut parts = rest.split('/');
+        let trust_domain = parts.next().unwrap_or_default();
+        let (Some("ns"), Some(namespace), Some("sa"), Some(service_account), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(invalid("path must be /ns/<namespace>/sa/<service-account>"));
+        };
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')
+                })
+        };
+        if !segment_ok(trust_domain) {
+            return Err(invalid(
+                "trust domain must be lowercase letters, digits, '-', '.', '_'",
+            ));
+        }
+        if !segment_ok(namespace) || !segment_ok(service_account) {
+            return Err(invalid(
+                "namespace and service account must be lowercase letters, digits, '-', '.', '_'",
+            ));
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl WorkloadCert {
+    /// Builds a certificate from a PEM chain (leaf first) and a PEM PKCS#8 private key,
+    /// reading the identity and validity from the leaf.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        let invalid = |e: &dyn fmt::Display| Error::InvalidCertificate(e.to_string());
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(&e))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| invalid(&"empty certificate chain"))?;
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+            .map_err(|e| invalid(&e))?
+            .ok_or_else(|| invalid(&"no private key in PEM"))?;
+        let signing_key =
+            rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(|e| invalid(&e))?;
+        let facts = leaf_facts(leaf)?;
+        Ok(Self {
+            identity: facts.identity,
+            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
+            not_before: facts.not_before,
+            not_after: facts.not_after,
+            serial: facts.serial,
+        })
+    }
+
+    /// Half of the lifetime has passed at this instant: time to renew.
+    pub fn renew_at(&self) -> SystemTime {
+        let lifetime = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + lifetime / 2
+    }
+}
+
+/// What a leaf certificate says about itself.
+pub struct LeafFacts {
+    pub identity: SpiffeId,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub serial: String,
+}
+
+/// Reads the SPIFFE id (the one URI SAN), validity and serial of a leaf certificate.
+pub fn leaf_facts(der: &CertificateDer<'_>) -> Result<LeafFacts, Error> {
+    use x509_parser::prelude::*;
+    let invalid = |e: &dyn fmt::Display| Error::InvalidCertificate(e.to_string());
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| invalid(&e))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| invalid(&e))?
+        .ok_or_else(|| invalid(&"certificate has no subject alternative name"))?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    // SPIFFE X.509-SVID: exactly one URI SAN, and it is the identity.
+    let [uri] = uris.as_slice() else {
+        return Err(invalid(&format!(
+            "expected exactly one URI SAN, found {}",
+            uris.len()
+        )));
+    };
+    let to_time = |t: ASN1Time| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Ok(LeafFacts {
+        identity: uri.parse()?,
+        not_before: to_time(cert.validity().not_before),
+        not_after: to_time(cert.validity().not_after),
+        serial: cert.raw_serial_as_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_round_trip() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/client"
+            .parse()
+            .unwrap();
+        assert_eq!(id.namespace(), "default");
+        assert_eq!(id.service_account(), "client");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/client"
+        );
+        assert_eq!(
+            SpiffeId::new("cluster.local", "default", "client").unwrap(),
+            id
+        );
+    }
+
+    #[test]
+    fn malformed_spiffe_ids_are_rejected() {
+        for bad in [
+            "http://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a",
+            "spiffe://cluster.local/ns/a/sa/b/extra",
+            "spiffe://cluster.local/sa/b/ns/a",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://cluster.local/ns/A/sa/b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} should be rejected");
+        }
+    }
+}
