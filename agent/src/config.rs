@@ -169,7 +169,8 @@ impl Config {
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name, the default node name.
+pub fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

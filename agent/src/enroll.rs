@@ -61,6 +61,8 @@ pub enum Error {
         #[source]
         source: ebpf::Error,
     },
+    #[error("BUG: pod {0} is not on this node but was asked to be enrolled here")]
+    BugNotLocal(WorkloadRef),
     #[error("cannot list the pods enrolled before this agent started: {0}")]
     ListEnrolled(#[source] ebpf::Error),
 }
@@ -135,7 +137,7 @@ impl Enroller {
     /// enrolled is.
     pub fn reconcile(&mut self, snapshot: &Snapshot) -> bool {
         let desired: BTreeMap<&WorkloadRef, &Workload> =
-            snapshot.enrolled().map(|w| (&w.name, w)).collect();
+            snapshot.local_enrolled().map(|w| (&w.name, w)).collect();
 
         // Pods gone, un-enrolled, or changed (IPs, netns): take them out first.
         let stale: Vec<WorkloadRef> = self
@@ -265,8 +267,11 @@ impl Enroller {
         previous: &mut HashMap<NetnsCookie, PodRecord>,
     ) -> Result<EnrolledPod, (Option<NetnsCookie>, Error)> {
         let pod = &workload.name;
-        let netns = PodNetns::open(&workload.netns).map_err(|source| {
-            let path = workload.netns.display().to_string();
+        let path = workload
+            .netns()
+            .ok_or_else(|| (None, Error::BugNotLocal(pod.clone())))?;
+        let netns = PodNetns::open(path).map_err(|source| {
+            let path = path.display().to_string();
             (
                 None,
                 Error::OpenNetns {
@@ -354,7 +359,7 @@ impl Enroller {
             },
             listeners,
         );
-        info!(component = "enroll", pod = %pod, pod_id, netns = %workload.netns.display(),
+        info!(component = "enroll", pod = %pod, pod_id, netns = %netns.path().display(),
             cookie = cookie.0, ips = ?workload.ips, "pod enrolled");
         Ok(EnrolledPod {
             workload: workload.clone(),

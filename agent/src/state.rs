@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use service::{Service, ServicePort};
-pub use workload::{Workload, WorkloadRef};
+pub use workload::{Location, Workload, WorkloadRef};
 
 /// Everything the data path needs to know, validated. Cheap to share (`Arc`), never mutated.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -35,6 +35,31 @@ pub struct MeshSettings {
     pub excluded_ports: Vec<u16>,
     /// Destination networks never steered to the proxy.
     pub excluded_cidrs: Vec<ipnet::IpNet>,
+    /// mTLS mode of workloads that set none themselves.
+    pub mtls: MtlsSettings,
+}
+
+/// mTLS modes by namespace, with a mesh-wide default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MtlsSettings {
+    /// Mode of namespaces not listed.
+    pub default_mode: MtlsMode,
+    /// Per-namespace modes.
+    pub namespaces: BTreeMap<String, MtlsMode>,
+}
+
+/// How a workload treats plaintext.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Inbound: HBONE only; plaintext is refused. Outbound to meshed pods: HBONE.
+    Strict,
+    /// Inbound: HBONE, and plaintext too (for clients outside the mesh). Outbound: HBONE.
+    /// The default, as in Istio, so enrolling a namespace breaks no existing client.
+    #[default]
+    Permissive,
+    /// No mTLS: plaintext both ways (traffic is still steered and observed).
+    Disabled,
 }
 
 /// Where the proxy should send a connection whose original destination it knows.
@@ -50,9 +75,21 @@ pub struct Resolved {
 pub type StateHandle = watch::Receiver<Arc<Snapshot>>;
 
 impl Snapshot {
-    /// Enrolled workloads only.
-    pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
-        self.workloads.values().filter(|w| w.enrolled)
+    /// Workloads on this node that are in the mesh: the ones to enroll.
+    pub fn local_enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && w.netns().is_some())
+    }
+
+    /// The effective mTLS mode of a workload: its own, else its namespace's, else the
+    /// mesh default.
+    pub fn mtls_mode(&self, workload: &Workload) -> MtlsMode {
+        let mtls = &self.mesh.mtls;
+        workload
+            .mtls_mode
+            .or_else(|| mtls.namespaces.get(&workload.name.namespace).copied())
+            .unwrap_or(mtls.default_mode)
     }
 
     /// The workload that owns `ip`, if it runs on this node.
@@ -125,6 +162,31 @@ mod tests {
         let dst: SocketAddr = "10.96.0.10:81".parse().unwrap();
         assert_eq!(snapshot.resolve(dst, 0).upstream, dst);
         assert_eq!(snapshot.resolve(dst, 0).service, None);
+    }
+
+    #[test]
+    fn mtls_mode_comes_from_the_workload_then_namespace_then_default() {
+        let mut snapshot = Snapshot::default();
+        snapshot.mesh.mtls.default_mode = MtlsMode::Permissive;
+        snapshot
+            .mesh
+            .mtls
+            .namespaces
+            .insert("prod".into(), MtlsMode::Strict);
+        let mut pod = Workload {
+            name: WorkloadRef::new("prod", "api"),
+            service_account: "api".into(),
+            ips: vec!["10.1.0.2".parse().unwrap()],
+            location: Location::Remote { node: "b".into() },
+            enrolled: true,
+            mtls_mode: None,
+        };
+        assert_eq!(snapshot.mtls_mode(&pod), MtlsMode::Strict);
+        pod.mtls_mode = Some(MtlsMode::Disabled);
+        assert_eq!(snapshot.mtls_mode(&pod), MtlsMode::Disabled);
+        pod.name.namespace = "dev".into();
+        pod.mtls_mode = None;
+        assert_eq!(snapshot.mtls_mode(&pod), MtlsMode::Permissive);
     }
 
     #[test]

@@ -17,7 +17,10 @@ use tracing::{error, info, warn};
 use crate::{
     config::{AgentSection, Error},
     source::SourceStatus,
-    state::{MeshSettings, Service, ServicePort, Snapshot, Workload, WorkloadRef},
+    state::{
+        Location, MeshSettings, MtlsMode, MtlsSettings, Service, ServicePort, Snapshot, Workload,
+        WorkloadRef,
+    },
 };
 
 /// A parsed and validated config file.
@@ -44,7 +47,12 @@ pub fn parse(path: &Path, text: &str) -> Result<FileDoc, Error> {
         path: path.to_owned(),
         source,
     })?;
-    Validator { path }.file(raw)
+    let node = raw
+        .agent
+        .node
+        .clone()
+        .unwrap_or_else(crate::config::hostname);
+    Validator { path, node: &node }.file(raw)
 }
 
 /// Polls `path` and publishes every valid change to `tx`; rejects invalid ones, keeping the
@@ -128,6 +136,16 @@ struct RawMesh {
     excluded_ports: Vec<u16>,
     #[serde(default)]
     excluded_cidrs: Vec<String>,
+    #[serde(default)]
+    mtls: RawMtls,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMtls {
+    mode: Option<MtlsMode>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, MtlsMode>,
 }
 
 #[derive(Deserialize)]
@@ -139,7 +157,9 @@ struct RawWorkload {
     #[serde(default)]
     ips: Vec<String>,
     netns: Option<PathBuf>,
+    node: Option<String>,
     enrolled: Option<bool>,
+    mtls_mode: Option<MtlsMode>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +184,8 @@ struct RawServicePort {
 
 struct Validator<'a> {
     path: &'a Path,
+    /// This node's name: workloads naming another node are remote.
+    node: &'a str,
 }
 
 impl Validator<'_> {
@@ -229,9 +251,19 @@ impl Validator<'_> {
                 })
             })
             .collect::<Result<_, _>>()?;
+        for namespace in raw.mtls.namespaces.keys() {
+            self.name(
+                &format!("mesh.mtls.namespaces.{namespace}"),
+                namespace.clone(),
+            )?;
+        }
         Ok(MeshSettings {
             excluded_ports: raw.excluded_ports,
             excluded_cidrs,
+            mtls: MtlsSettings {
+                default_mode: raw.mtls.mode.unwrap_or_default(),
+                namespaces: raw.mtls.namespaces,
+            },
         })
     }
 
@@ -250,29 +282,33 @@ impl Validator<'_> {
         }
         let ips = self.ips(&format!("{field}.ips"), &raw.ips)?;
         let enrolled = raw.enrolled.unwrap_or(true);
-        let netns = match raw.netns {
-            Some(netns) => netns,
-            None => {
+        let location = match (raw.node, raw.netns) {
+            (Some(node), _) if node != self.node => Location::Remote { node },
+            (_, Some(netns)) => {
+                // Only enrolled pods are entered; checking here turns a typo into a rejected
+                // file instead of a pod that silently stays out of the mesh.
+                if enrolled && !netns.exists() {
+                    return Err(self.invalid(
+                        format!("{field}.netns"),
+                        format!("{} does not exist", netns.display()),
+                    ));
+                }
+                Location::Local { netns }
+            }
+            (_, None) => {
                 return Err(self.invalid(
                     format!("{field}.netns"),
-                    "required: the pod's network namespace path".into(),
+                    "required for a pod on this node (or set `node` to the node it runs on)".into(),
                 ));
             }
         };
-        // Only enrolled pods are entered; checking here turns a typo into a rejected file
-        // instead of a pod that silently stays out of the mesh.
-        if enrolled && !netns.exists() {
-            return Err(self.invalid(
-                format!("{field}.netns"),
-                format!("{} does not exist", netns.display()),
-            ));
-        }
         Ok(Workload {
             name: WorkloadRef { namespace, name },
             service_account,
             ips,
-            netns,
+            location,
             enrolled,
+            mtls_mode: raw.mtls_mode,
         })
     }
 
@@ -366,6 +402,9 @@ agent:
 mesh:
   excludedPorts: [22]
   excludedCidrs: ["169.254.0.0/16"]
+  mtls:
+    mode: PERMISSIVE
+    namespaces: {prod: STRICT}
 workloads:
   - name: client
     namespace: default
@@ -376,6 +415,11 @@ workloads:
     ips: ["10.1.0.9"]
     netns: /does/not/matter
     enrolled: false
+  - name: api
+    namespace: prod
+    ips: ["10.2.0.5"]
+    node: node-b
+    mtlsMode: DISABLED
 services:
   - name: echo
     vips: ["10.96.0.10"]
@@ -392,6 +436,29 @@ services:
         let echo = &doc.snapshot.services[&WorkloadRef::new("default", "echo")];
         assert_eq!(echo.ports[1].target_port, 81);
         assert_eq!(doc.snapshot.mesh.excluded_ports, vec![22]);
+        let api = &doc.snapshot.workloads[&WorkloadRef::new("prod", "api")];
+        assert_eq!(
+            api.location,
+            Location::Remote {
+                node: "node-b".into()
+            }
+        );
+        assert_eq!(doc.snapshot.mtls_mode(api), MtlsMode::Disabled);
+        assert_eq!(doc.snapshot.mesh.mtls.namespaces["prod"], MtlsMode::Strict);
+        assert_eq!(doc.snapshot.local_enrolled().count(), 1);
+    }
+
+    #[test]
+    fn unknown_mtls_mode_is_named() {
+        let err = parse_str(&GOOD.replace("mode: PERMISSIVE", "mode: LAX")).unwrap_err();
+        assert!(err.contains("mesh.mtls.mode"), "{err}");
+        assert!(err.contains("STRICT"), "{err}");
+    }
+
+    #[test]
+    fn a_local_pod_needs_a_netns() {
+        let err = parse_str(&GOOD.replace("    node: node-b\n", "")).unwrap_err();
+        assert!(err.contains("workloads[2].netns"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! Workloads (pods) on this node.
+//! Workloads (pods): those on this node, which the agent enrolls, and those on other nodes,
+//! which the proxy only needs to know to reach them over HBONE with the right identity.
 
 use std::{fmt, net::IpAddr, path::PathBuf};
 
 use serde::Serialize;
+
+use super::MtlsMode;
+use crate::identity::{self, SpiffeId};
 
 /// `namespace/name` of a workload or service. Serialized as that string.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -13,7 +17,7 @@ pub struct WorkloadRef {
     pub name: String,
 }
 
-/// A pod on this node.
+/// A pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// Namespace and name.
@@ -22,10 +26,43 @@ pub struct Workload {
     pub service_account: String,
     /// Pod IPs (one per family at most in Kubernetes; any number here).
     pub ips: Vec<IpAddr>,
-    /// Path of the pod's network namespace (`/run/netns/x` or `/proc/<pid>/ns/net`).
-    pub netns: PathBuf,
-    /// Whether the pod is in the mesh.
+    /// Where the pod runs.
+    pub location: Location,
+    /// Whether the pod is in the mesh (captured by the agent of its node).
     pub enrolled: bool,
+    /// The pod's own mTLS mode, overriding its namespace's.
+    pub mtls_mode: Option<MtlsMode>,
+}
+
+/// Where a workload runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Location {
+    /// On this node; the agent enters the pod through its network namespace.
+    Local {
+        /// `/run/netns/x` or `/proc/<pid>/ns/net`.
+        netns: PathBuf,
+    },
+    /// On another node, whose agent enrolls it.
+    Remote {
+        /// The other node's name.
+        node: String,
+    },
+}
+
+impl Workload {
+    /// The pod's network namespace, if it runs on this node.
+    pub fn netns(&self) -> Option<&PathBuf> {
+        match &self.location {
+            Location::Local { netns } => Some(netns),
+            Location::Remote { .. } => None,
+        }
+    }
+
+    /// The pod's SPIFFE identity in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, identity::Error> {
+        SpiffeId::new(trust_domain, &self.name.namespace, &self.service_account)
+    }
 }
 
 impl WorkloadRef {
