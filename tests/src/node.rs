@@ -22,7 +22,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
-    rc::Rc,
+    rc::{Rc, Weak},
     sync::Once,
     thread,
     time::{Duration, Instant},
@@ -55,6 +55,9 @@ pub(crate) struct NodeInner {
     pub pods: RefCell<Vec<PodSpec>>,
     pub services: RefCell<Vec<Service>>,
     pub mesh: RefCell<Value>,
+    /// Nodes joined to this one by `connect`: their pods appear in this node's config as
+    /// remote workloads. Weak, so two joined nodes still drop (and clean up).
+    pub peers: RefCell<Vec<Weak<NodeInner>>>,
     netns_created: Cell<bool>,
 }
 
@@ -99,6 +102,7 @@ impl TestNode {
                 pods: RefCell::new(Vec::new()),
                 services: RefCell::new(Vec::new()),
                 mesh: RefCell::new(json!({ "excludedPorts": [22] })),
+                peers: RefCell::new(Vec::new()),
                 netns_created: Cell::new(false),
             }),
         };
@@ -127,6 +131,45 @@ impl TestNode {
         std::fs::create_dir_all(&n.pin_root)
             .with_context(|| format!("mkdir {}", n.pin_root.display()))?;
         Ok(())
+    }
+
+    /// Joins this node and `other` as two machines of one cluster: a veth link between the
+    /// node namespaces (`10.255.0.<node>/24` on each end), each node routing the other's
+    /// pod subnet over it, and each node's pods listed in the other's config as remote
+    /// workloads (`node: <name>`). The link goes away with either node's namespace.
+    pub fn connect(&self, other: &TestNode) -> Result<()> {
+        let (a, b) = (&self.inner, &other.inner);
+        let (a_end, b_end) = (format!("nd{}", b.index), format!("nd{}", a.index));
+        sys::ip(&[
+            "-n", &a.netns, "link", "add", &a_end, "type", "veth", "peer", "name", &b_end, "netns",
+            &b.netns,
+        ])?;
+        for (node, end, peer) in [(a, &a_end, b), (b, &b_end, a)] {
+            let addr = format!("10.255.0.{}/24", node.index);
+            let subnet = format!("10.{}.0.0/16", peer.index);
+            let via = format!("10.255.0.{}", peer.index);
+            sys::ip(&["-n", &node.netns, "addr", "add", &addr, "dev", end])?;
+            sys::ip(&["-n", &node.netns, "link", "set", end, "up"])?;
+            sys::ip(&["-n", &node.netns, "route", "add", &subnet, "via", &via])?;
+            // A node forwards between its bridge and the link, as a real node routes pods.
+            sys::in_netns(&sys::netns_path(&node.netns), || {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable ip_forward")
+            })?;
+        }
+        a.peers.borrow_mut().push(Rc::downgrade(b));
+        b.peers.borrow_mut().push(Rc::downgrade(a));
+        Ok(())
+    }
+
+    /// The node's name in its agent config (and in the other nodes' configs).
+    pub fn node_name(&self) -> String {
+        self.inner.node_name()
+    }
+
+    /// The name of the interface on this node that leads to `other` (after `connect`):
+    /// where a capture sees what crosses between the two nodes.
+    pub fn link_to(&self, other: &TestNode) -> String {
+        format!("nd{}", other.inner.index)
     }
 
     /// Starts describing a pod; `.create()` builds it.
@@ -163,9 +206,11 @@ impl TestNode {
                     "serviceAccount": p.service_account,
                     "ips": [p.ip.to_string()],
                     "netns": sys::netns_path(&p.netns).display().to_string(),
+                    "node": n.node_name(),
                     "enrolled": p.enrolled.get(),
                 })
             })
+            .chain(self.remote_workloads())
             .collect();
         let services: Vec<Value> = n
             .services
@@ -186,7 +231,7 @@ impl TestNode {
             .collect();
         json!({
             "agent": {
-                "node": format!("{}-node{}", n.test, n.index),
+                "node": n.node_name(),
                 "pinRoot": n.pin_root.display().to_string(),
                 "cgroupRoot": self.cgroup_root().display().to_string(),
                 "adminAddr": crate::agent::ADMIN_ADDR,
@@ -243,6 +288,44 @@ impl TestNode {
 
     pub fn bridge_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.inner.index, 0, 1)
+    }
+}
+
+impl TestNode {
+    /// The pods of joined nodes, as remote workloads of this node's config.
+    fn remote_workloads(&self) -> Vec<Value> {
+        let peers: Vec<Rc<NodeInner>> = self
+            .inner
+            .peers
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        peers
+            .iter()
+            .flat_map(|peer| {
+                peer.pods
+                    .borrow()
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "name": p.name,
+                            "namespace": p.namespace,
+                            "serviceAccount": p.service_account,
+                            "ips": [p.ip.to_string()],
+                            "node": peer.node_name(),
+                            "enrolled": p.enrolled.get(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl NodeInner {
+    fn node_name(&self) -> String {
+        format!("{}-node{}", self.test, self.index)
     }
 }
 
