@@ -1,4 +1,4 @@
-//! Command line: `weft agent`, `weft status`.
+//! Command line: `weft agent`, `weft status`, `weft ca`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -19,6 +19,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show what the agent on this node is doing (enrolled pods, listeners, eBPF maps).
     Status(StatusArgs),
+    /// Run the certificate authority (`--config ca.yaml`), or create its root (`init`).
+    Ca(CaArgs),
 }
 
 #[derive(Debug, Args)]
@@ -38,8 +40,42 @@ pub struct AgentArgs {
     /// Readiness address (overrides agent.readinessAddr).
     #[arg(long, env = "WEFT_READINESS_ADDR")]
     pub readiness_addr: Option<SocketAddr>,
+    /// Run the CA in-process from this root certificate (with --ca-key; overrides agent.ca).
+    #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The in-process CA's PKCS#8 key (with --ca-cert).
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    pub command: Option<CaCommand>,
+    /// CA config file (listen address, root, nodes and their tokens).
+    #[arg(long, env = "WEFT_CA_CONFIG", required = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a self-signed ECDSA P-256 root: DIR/ca.crt and DIR/ca.key (mode 0600).
+    Init(CaInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaInitArgs {
+    /// Directory to write ca.crt and ca.key into; existing files are never overwritten.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// SPIFFE trust domain of the root.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Args)]

@@ -12,7 +12,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, ebpf, proxy};
+use crate::{
+    admin, ebpf,
+    identity::{self, CaSource},
+    proxy,
+};
 
 /// A configuration error. `field` is the path of the offending field in the file
 /// (`workloads[1].ips[0]`), so the message tells the operator exactly what to fix.
@@ -51,6 +55,8 @@ pub struct Config {
     pub ebpf: ebpf::Config,
     pub admin: admin::Config,
     pub proxy: proxy::Config,
+    /// Trust domain, certificate lifetime and where certificates come from.
+    pub identity: identity::Config,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -60,6 +66,10 @@ pub struct Overrides {
     pub cgroup_root: Option<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
     pub readiness_addr: Option<SocketAddr>,
+    /// `--ca-cert`: with `ca_key`, run the CA in-process from this root (overrides agent.ca).
+    pub ca_cert: Option<PathBuf>,
+    /// `--ca-key`: the in-process CA's PKCS#8 key.
+    pub ca_key: Option<PathBuf>,
 }
 
 /// The `agent:` section as written in the file. Compared at reload: a change needs a restart.
@@ -74,6 +84,44 @@ pub struct AgentSection {
     pub proxy_mark: Option<u32>,
     #[serde(default)]
     pub ports: PortsSection,
+    /// SPIFFE trust domain (default `cluster.local`).
+    pub trust_domain: Option<String>,
+    /// Workload certificate lifetime, humantime (`24h`, `10m`); renewed at half life.
+    pub cert_lifetime: Option<String>,
+    /// Where certificates come from; without it the proxy runs without mTLS.
+    pub ca: Option<CaSection>,
+}
+
+/// The `agent.ca:` section: exactly one of `inProcess` and `remote`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaSection {
+    pub in_process: Option<InProcessCaSection>,
+    pub remote: Option<RemoteCaSection>,
+}
+
+/// `agent.ca.inProcess`: the agent signs its own certificates with a local root.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InProcessCaSection {
+    /// CA certificate, PEM (`weft ca init` writes `ca.crt`).
+    pub cert: PathBuf,
+    /// CA key, PKCS#8 PEM (`ca.key`).
+    pub key: PathBuf,
+}
+
+/// `agent.ca.remote`: `weft ca` over HTTPS.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RemoteCaSection {
+    /// `host:port` of the CA.
+    pub addr: String,
+    /// Name the CA's serving certificate carries (one of its `serverNames`).
+    pub server_name: String,
+    /// The CA root certificate, PEM.
+    pub root_cert: PathBuf,
+    /// File holding this node's bearer token; re-read on every request.
+    pub token_file: PathBuf,
 }
 
 /// The `agent.ports:` section.
@@ -149,6 +197,8 @@ impl Config {
                 READINESS_ADDR,
             )?,
         };
+        let identity = identity_config(agent, overrides.ca_cert, overrides.ca_key)
+            .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(Self {
             node: agent.node.clone().unwrap_or_else(hostname),
             config_path: config_path.to_owned(),
@@ -165,8 +215,93 @@ impl Config {
                 readiness_addr,
             },
             proxy: proxy::Config { ports, mark },
+            identity,
         })
     }
+}
+
+/// The identity part of the `agent:` section, with the `--ca-cert`/`--ca-key` overrides.
+/// Errors are (field, reason).
+fn identity_config(
+    agent: &AgentSection,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+) -> Result<identity::Config, (&'static str, String)> {
+    let trust_domain = agent
+        .trust_domain
+        .clone()
+        .unwrap_or_else(|| identity::DEFAULT_TRUST_DOMAIN.to_owned());
+    if identity::SpiffeId::new(&trust_domain, "ns", "sa").is_err() {
+        return Err((
+            "agent.trustDomain",
+            format!("{trust_domain:?}: lowercase letters, digits, '-', '.', '_'"),
+        ));
+    }
+    let cert_lifetime = match agent.cert_lifetime.as_deref() {
+        None => identity::DEFAULT_CERT_LIFETIME,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| ("agent.certLifetime", format!("{text:?}: {e}")))?,
+    };
+    if cert_lifetime < identity::MIN_CERT_LIFETIME {
+        return Err((
+            "agent.certLifetime",
+            format!(
+                "must be at least {}",
+                humantime::format_duration(identity::MIN_CERT_LIFETIME)
+            ),
+        ));
+    }
+    let ca = match (ca_cert, ca_key, &agent.ca) {
+        (Some(cert), Some(key), _) => CaSource::InProcess { cert, key },
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return Err((
+                "agent.ca",
+                "--ca-cert and --ca-key (WEFT_CA_CERT, WEFT_CA_KEY) go together".into(),
+            ));
+        }
+        (None, None, None) => CaSource::None,
+        (None, None, Some(section)) => match (&section.in_process, &section.remote) {
+            (Some(local), None) => CaSource::InProcess {
+                cert: local.cert.clone(),
+                key: local.key.clone(),
+            },
+            (None, Some(remote)) => {
+                if !remote
+                    .addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                {
+                    return Err((
+                        "agent.ca.remote.addr",
+                        format!("{:?} is not host:port", remote.addr),
+                    ));
+                }
+                if rustls::pki_types::ServerName::try_from(remote.server_name.as_str()).is_err() {
+                    return Err((
+                        "agent.ca.remote.serverName",
+                        format!("{:?} is not a DNS name or IP address", remote.server_name),
+                    ));
+                }
+                CaSource::Remote {
+                    addr: remote.addr.clone(),
+                    server_name: remote.server_name.clone(),
+                    root_cert: remote.root_cert.clone(),
+                    token_file: remote.token_file.clone(),
+                }
+            }
+            _ => {
+                return Err((
+                    "agent.ca",
+                    "exactly one of inProcess and remote is required".into(),
+                ));
+            }
+        },
+    };
+    Ok(identity::Config {
+        trust_domain,
+        cert_lifetime,
+        ca,
+    })
 }
 
 /// This machine's host name, the default node name.
@@ -249,6 +384,99 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("agent.adminAddr"), "{err}");
+    }
+
+    fn identity_error(yaml: &str, overrides: Overrides) -> String {
+        Config::new(Path::new("n.yaml"), &section(yaml), overrides)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn identity_defaults_to_cluster_local_and_no_ca() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.identity, identity::Config::default());
+        assert_eq!(cfg.identity.trust_domain, "cluster.local");
+    }
+
+    #[test]
+    fn remote_ca_section_is_parsed() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section(
+                "cgroupRoot: /a\ntrustDomain: example.org\ncertLifetime: 1h\nca:\n  remote:\n    \
+                 addr: ca.weft:15012\n    serverName: ca.weft\n    rootCert: /etc/weft/ca.crt\n    \
+                 tokenFile: /var/run/weft/token",
+            ),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.identity.trust_domain, "example.org");
+        assert_eq!(cfg.identity.cert_lifetime, Duration::from_secs(3600));
+        assert!(
+            matches!(cfg.identity.ca, CaSource::Remote { ref addr, .. } if addr == "ca.weft:15012")
+        );
+    }
+
+    #[test]
+    fn ca_flags_switch_to_the_in_process_ca() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nca: {inProcess: {cert: /x/ca.crt, key: /x/ca.key}}"),
+            Overrides {
+                ca_cert: Some("/y/ca.crt".into()),
+                ca_key: Some("/y/ca.key".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.identity.ca,
+            CaSource::InProcess {
+                cert: "/y/ca.crt".into(),
+                key: "/y/ca.key".into()
+            }
+        );
+    }
+
+    #[test]
+    fn identity_errors_name_the_field() {
+        for (yaml, field) in [
+            ("cgroupRoot: /a\nca: {}", "agent.ca"),
+            (
+                "cgroupRoot: /a\nca: {inProcess: {cert: a, key: b}, remote: {addr: 'h:1', serverName: h, rootCert: r, tokenFile: t}}",
+                "agent.ca",
+            ),
+            (
+                "cgroupRoot: /a\nca: {remote: {addr: nowhere, serverName: h, rootCert: r, tokenFile: t}}",
+                "agent.ca.remote.addr",
+            ),
+            ("cgroupRoot: /a\ncertLifetime: 1s", "agent.certLifetime"),
+            ("cgroupRoot: /a\ncertLifetime: soon", "agent.certLifetime"),
+            (
+                "cgroupRoot: /a\ntrustDomain: Bad/Domain",
+                "agent.trustDomain",
+            ),
+        ] {
+            let err = identity_error(yaml, Overrides::default());
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+        let err = identity_error(
+            "cgroupRoot: /a",
+            Overrides {
+                ca_cert: Some("/y/ca.crt".into()),
+                ..Overrides::default()
+            },
+        );
+        assert!(
+            err.contains("agent.ca") && err.contains("--ca-key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! The types here are the shared vocabulary of identity: the proxy's HBONE TLS uses
 //! `WorkloadCert` and `TrustBundle`, policy and telemetry use `SpiffeId`.
 
+pub mod ca;
+pub mod ca_client;
+pub mod csr;
+pub mod manager;
+
 use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
 
 use rustls::{
@@ -13,6 +18,8 @@ use rustls::{
 };
 use serde::Serialize;
 
+pub use manager::{CertManager, CertState, CertStatus, Issuer};
+
 /// An identity error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -20,6 +27,10 @@ pub enum Error {
     InvalidSpiffeId { id: String, reason: &'static str },
     #[error("invalid certificate or key: {0}")]
     InvalidCertificate(String),
+    #[error("in-process CA: {0}")]
+    Ca(#[from] ca::Error),
+    #[error("CA client: {0}")]
+    CaClient(#[from] ca_client::Error),
 }
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, parsed.
@@ -48,6 +59,17 @@ pub struct WorkloadCert {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustBundle {
     pub roots: Vec<CertificateDer<'static>>,
+}
+
+/// Where the proxy's TLS gets certificates and roots from, at handshake time: the
+/// certificate manager in the agent, a fixed set in tests. Asked on every handshake, so a
+/// rotated certificate or bundle is used by the next connection and established
+/// connections are untouched.
+pub trait CertSource: Send + Sync + 'static {
+    /// The current certificate for `id`, if one has been issued.
+    fn certificate(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>>;
+    /// The roots peers must chain to.
+    fn trust_bundle(&self) -> Arc<TrustBundle>;
 }
 
 impl SpiffeId {
@@ -210,6 +232,90 @@ pub fn leaf_facts(der: &CertificateDer<'_>) -> Result<LeafFacts, Error> {
         serial: cert.raw_serial_as_string(),
     })
 }
+
+/// Identity settings of the agent (`agent.trustDomain`, `agent.certLifetime`, `agent.ca`).
+/// Holds paths only, never key material, so it is safe to dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// The trust domain of every identity this node asks for.
+    pub trust_domain: String,
+    /// Lifetime asked for each workload certificate (renewed at half of it).
+    #[serde(serialize_with = "humantime_str")]
+    pub cert_lifetime: std::time::Duration,
+    pub ca: CaSource,
+}
+
+/// Where certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum CaSource {
+    /// The agent signs with a local CA key (standalone, demo, tests).
+    InProcess {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+    },
+    /// `weft ca` over HTTPS.
+    Remote {
+        /// `host:port`.
+        addr: String,
+        /// Name in the CA's serving certificate.
+        server_name: String,
+        /// The CA root (PEM) that the CA server's certificate chains to.
+        root_cert: std::path::PathBuf,
+        /// This node's bearer token, re-read on every request.
+        token_file: std::path::PathBuf,
+    },
+    /// No CA: the proxy runs without mTLS.
+    None,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+            ca: CaSource::None,
+        }
+    }
+}
+
+/// Builds the certificate manager `config` asks for: loads the in-process CA or sets up
+/// the CA client. `None` when no CA is configured (the proxy then runs without mTLS).
+pub fn start(config: &Config) -> Result<Option<CertManager>, Error> {
+    let issuer = match &config.ca {
+        CaSource::None => return Ok(None),
+        CaSource::InProcess { cert, key } => Issuer::InProcess(Arc::new(ca::Signer::load(
+            cert,
+            key,
+            &config.trust_domain,
+            config.cert_lifetime,
+        )?)),
+        CaSource::Remote {
+            addr,
+            server_name,
+            root_cert,
+            token_file,
+        } => Issuer::Remote(ca_client::CaClient::new(&ca_client::Config {
+            addr: addr.clone(),
+            server_name: server_name.clone(),
+            root_cert: root_cert.clone(),
+            token_file: token_file.clone(),
+        })?),
+    };
+    Ok(Some(CertManager::new(issuer, config.clone())))
+}
+
+fn humantime_str<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+/// The trust domain when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Workload certificate lifetime when none is configured.
+pub const DEFAULT_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Shortest lifetime accepted: renewal at half life needs a few seconds of room.
+pub const MIN_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use weft::{
     app,
-    cli::{AgentArgs, Cli, Command, StatusArgs},
+    cli::{AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, Command, StatusArgs},
     config::{self, Config, Overrides},
+    identity::ca,
     source, status, telemetry,
 };
 
@@ -16,6 +17,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => agent(args),
         Command::Status(args) => status_command(&args),
+        Command::Ca(args) => ca_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,6 +44,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             cgroup_root: args.cgroup_root,
             admin_addr: args.admin_addr,
             readiness_addr: args.readiness_addr,
+            ca_cert: args.ca_cert,
+            ca_key: args.ca_key,
         },
     )?;
     tracing::info!(component = "app", config = %serde_json::to_string(&config).unwrap_or_default(), "starting weft agent");
@@ -62,4 +66,57 @@ fn status_command(args: &StatusArgs) -> anyhow::Result<()> {
         print!("{}", status::render(&status));
     }
     Ok(())
+}
+
+fn ca_command(args: CaArgs) -> anyhow::Result<()> {
+    match (args.command, args.config) {
+        (Some(CaCommand::Init(init)), _) => ca_init(&init),
+        (None, Some(path)) => ca_serve(&path, args.log_format),
+        (None, None) => anyhow::bail!("`weft ca` needs --config <ca.yaml> (or `weft ca init`)"),
+    }
+}
+
+fn ca_init(args: &CaInitArgs) -> anyhow::Result<()> {
+    let paths = ca::init(&args.out, &args.trust_domain)?;
+    println!(
+        "created the root CA of trust domain {}:\n  certificate {}\n  key         {} (mode 0600: keep it on the CA host only)",
+        args.trust_domain,
+        paths.cert.display(),
+        paths.key.display()
+    );
+    Ok(())
+}
+
+fn ca_serve(path: &std::path::Path, log_format: telemetry::LogFormat) -> anyhow::Result<()> {
+    telemetry::init(log_format);
+    let config = ca::Config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-ca")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = ca::Server::bind(config).await?;
+        tracing::info!(component = "ca", listen = %server.local_addr()?, "CA server listening");
+        server.run(shutdown_signal()).await;
+        tracing::info!(component = "ca", "CA server stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(component = "ca", error = %e, "cannot watch SIGTERM; stopping on ctrl-c only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

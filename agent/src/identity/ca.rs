@@ -1,0 +1,319 @@
+//! The certificate authority: `weft ca`. Signs CSRs for workload identities, for the nodes
+//! that run those workloads, and never lets its key out.
+//!
+//! - `signer`: the root certificate and key; checks CSRs and issues leaves (also used
+//!   in-process by the agent's certificate manager for standalone use and the demo).
+//! - `authz`: which node may have which identity (static tokens now; Kubernetes later).
+//! - `server`: the HTTPS API, `POST /v1/certificates` (see `docs/ca.md`).
+//!
+//! Inputs: `ca.yaml` ([`Config::load`]). Output: signed chains and the trust bundle.
+
+pub mod authz;
+pub mod server;
+pub mod signer;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use authz::{Allow, Authorizer, Denied, StaticNode, StaticNodes};
+pub use server::Server;
+pub use signer::{InitPaths, Issued, ServingCert, SignError, Signer};
+
+use crate::{config, identity::SpiffeId};
+
+/// A CA error (loading the root, `weft ca init`, serving).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; refusing to overwrite a CA root (move it away first)")]
+    Exists { path: PathBuf },
+    #[error("invalid trust domain {0:?}: lowercase letters, digits, '-', '.', '_'")]
+    InvalidTrustDomain(String),
+    #[error("{path} is not a usable CA certificate: {reason}")]
+    InvalidRoot { path: PathBuf, reason: String },
+    #[error("{path} is not a usable CA key: {reason}")]
+    InvalidKey { path: PathBuf, reason: String },
+    #[error("the CA key does not belong to the CA certificate (check caCert/caKey)")]
+    KeyMismatch,
+    #[error(
+        "the CA certificate is for trust domain {root}, but the configured trust domain is {configured}"
+    )]
+    TrustDomainMismatch { root: String, configured: String },
+    #[error("cannot listen on {addr}: {source} (is another CA running?)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[source] rustls::Error),
+    #[error("BUG: {0}")]
+    Bug(String),
+}
+
+/// The validated `ca.yaml`.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// Longest lifetime the CA grants, whatever a request asks for.
+    pub max_cert_lifetime: Duration,
+    /// DNS names and IP addresses of the CA's own serving certificate.
+    pub server_names: Vec<String>,
+    pub authorizer: Authorizer,
+}
+
+/// `POST /v1/certificates` request body.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertificateRequest {
+    /// The SPIFFE id asked for.
+    pub identity: String,
+    /// PEM PKCS#10 CSR whose only SAN is `identity`'s URI.
+    pub csr: String,
+    /// Wanted lifetime; capped by the CA's `maxCertLifetime`, which is also the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_seconds: Option<u64>,
+}
+
+/// `POST /v1/certificates` 200 response body.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateResponse {
+    /// Leaf first, then the CA, PEM.
+    pub cert_chain: Vec<String>,
+    /// Roots, PEM.
+    pub trust_bundle: Vec<String>,
+}
+
+/// Body of every error response.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ErrorResponse {
+    /// Stable snake_case reason (`unknown_credential`, `identity_not_allowed`, …).
+    pub error: String,
+    pub message: String,
+}
+
+/// `weft ca init`: a new self-signed root in `dir` (`ca.crt`, `ca.key`).
+pub fn init(dir: &Path, trust_domain: &str) -> Result<InitPaths, Error> {
+    Signer::init(dir, trust_domain)
+}
+
+impl Config {
+    /// Reads and validates `ca.yaml`. Errors name the offending field.
+    pub fn load(path: &Path) -> Result<Self, config::Error> {
+        let text = fs::read_to_string(path).map_err(|source| config::Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(path, &text)
+    }
+
+    /// Validates `ca.yaml` text; `path` is for messages and relative `tokenFile`s are read
+    /// as given (relative to the working directory).
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Self, config::Error> {
+        let file: ConfigFile =
+            serde_yaml::from_str(text).map_err(|source| config::Error::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        let invalid = |field: &str, reason: String| config::Error::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            reason,
+        };
+        let required = |field: &str, what: &str| invalid(field, format!("required: {what}"));
+
+        let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", format!("invalid socket address {listen_text:?}")))?;
+        let trust_domain = file
+            .trust_domain
+            .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_owned());
+        if SpiffeId::new(&trust_domain, "ns", "sa").is_err() {
+            return Err(invalid(
+                "trustDomain",
+                "lowercase letters, digits, '-', '.', '_'".into(),
+            ));
+        }
+        let ca_cert = file
+            .ca_cert
+            .ok_or_else(|| required("caCert", "the CA certificate (PEM) from `weft ca init`"))?;
+        let ca_key = file
+            .ca_key
+            .ok_or_else(|| required("caKey", "the CA key (PKCS#8 PEM) from `weft ca init`"))?;
+        let max_cert_lifetime = match file.max_cert_lifetime.as_deref() {
+            None => crate::identity::DEFAULT_CERT_LIFETIME,
+            Some(text) => humantime::parse_duration(text)
+                .map_err(|e| invalid("maxCertLifetime", format!("{text:?}: {e}")))?,
+        };
+        if max_cert_lifetime < crate::identity::MIN_CERT_LIFETIME {
+            return Err(invalid(
+                "maxCertLifetime",
+                format!(
+                    "must be at least {}",
+                    humantime::format_duration(crate::identity::MIN_CERT_LIFETIME)
+                ),
+            ));
+        }
+        if file.server_names.is_empty() {
+            return Err(required(
+                "serverNames",
+                "DNS names or IPs clients use to reach the CA (its serving certificate's SANs)",
+            ));
+        }
+        for (i, name) in file.server_names.iter().enumerate() {
+            if name.is_empty() || rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(invalid(
+                    &format!("serverNames[{i}]"),
+                    format!("{name:?} is not a DNS name or IP address"),
+                ));
+            }
+        }
+
+        let mut names = BTreeSet::new();
+        let mut tokens = BTreeSet::new();
+        let mut nodes = Vec::with_capacity(file.nodes.len());
+        for (i, node) in file.nodes.into_iter().enumerate() {
+            let at = |field: &str| format!("nodes[{i}].{field}");
+            if node.name.is_empty() {
+                return Err(invalid(&at("name"), "must not be empty".into()));
+            }
+            if !names.insert(node.name.clone()) {
+                return Err(invalid(
+                    &at("name"),
+                    format!("duplicate node {:?}", node.name),
+                ));
+            }
+            let token = match (node.token, node.token_file) {
+                (Some(token), None) => token,
+                (None, Some(file)) => fs::read_to_string(&file)
+                    .map_err(|e| invalid(&at("tokenFile"), format!("{}: {e}", file.display())))?
+                    .trim()
+                    .to_owned(),
+                _ => {
+                    return Err(invalid(
+                        &format!("nodes[{i}]"),
+                        "exactly one of token and tokenFile is required".into(),
+                    ));
+                }
+            };
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    &at("token"),
+                    format!("must be at least {MIN_TOKEN_LEN} characters"),
+                ));
+            }
+            if !tokens.insert(token.clone()) {
+                return Err(invalid(
+                    &at("token"),
+                    "the same token is used by another node".into(),
+                ));
+            }
+            let mut allow = Vec::with_capacity(node.allow.len());
+            for (j, entry) in node.allow.into_iter().enumerate() {
+                let field = |f: &str| format!("nodes[{i}].allow[{j}].{f}");
+                if SpiffeId::new(&trust_domain, &entry.namespace, "sa").is_err() {
+                    return Err(invalid(
+                        &field("namespace"),
+                        format!("{:?} is not a valid namespace", entry.namespace),
+                    ));
+                }
+                let service_account = match entry.service_account.as_str() {
+                    "*" => None,
+                    sa if SpiffeId::new(&trust_domain, "ns", sa).is_ok() => Some(sa.to_owned()),
+                    sa => {
+                        return Err(invalid(
+                            &field("serviceAccount"),
+                            format!("{sa:?} is not a valid service account name or \"*\""),
+                        ));
+                    }
+                };
+                allow.push(Allow {
+                    namespace: entry.namespace,
+                    service_account,
+                });
+            }
+            nodes.push(StaticNode::new(node.name, &token, allow));
+        }
+        Ok(Self {
+            listen,
+            trust_domain,
+            ca_cert,
+            ca_key,
+            max_cert_lifetime,
+            server_names: file.server_names,
+            authorizer: Authorizer::Static(StaticNodes::new(nodes)),
+        })
+    }
+}
+
+/// Fills `buf` from the system's secure random generator (serials, backoff jitter).
+pub(crate) fn random_bytes(buf: &mut [u8]) {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(buf)
+        .expect("the system random number generator works");
+}
+
+/// `ca.yaml` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConfigFile {
+    listen: Option<String>,
+    trust_domain: Option<String>,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    max_cert_lifetime: Option<String>,
+    #[serde(default)]
+    server_names: Vec<String>,
+    #[serde(default)]
+    nodes: Vec<NodeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NodeFile {
+    name: String,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    allow: Vec<AllowFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AllowFile {
+    namespace: String,
+    service_account: String,
+}
+
+/// The API path, in one place for the server and the client.
+pub const CERTIFICATES_PATH: &str = "/v1/certificates";
+/// Istio's CA port (istiod 15012), so a firewall rule written for one fits the other.
+const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
+const MIN_TOKEN_LEN: usize = 16;
+
+#[cfg(test)]
+pub(crate) mod tests;

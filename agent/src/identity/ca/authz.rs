@@ -1,0 +1,243 @@
+//! Authorization of certificate requests: may the node presenting this credential have
+//! this identity? Today a static table from `ca.yaml` (node token → allowed namespaces and
+//! service accounts); the Kubernetes variant (TokenReview of the agent's service account
+//! token, then "is a pod with this service account scheduled on that node?") joins the
+//! enum later, behind the same `authorize`.
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+use crate::identity::SpiffeId;
+
+/// Decides which identities a requesting node may get.
+#[derive(Debug)]
+pub enum Authorizer {
+    /// Per-node bearer tokens and allow lists from the CA's config file.
+    Static(StaticNodes),
+}
+
+/// Why a request was refused. `reason()` is the API's `error` field.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    #[error("the bearer token is missing or belongs to no known node")]
+    UnknownCredential,
+    #[error(
+        "node {node} may not have identity {identity}: it is not among the node's allowed identities"
+    )]
+    IdentityNotAllowed { node: String, identity: SpiffeId },
+}
+
+/// The static table: nodes, their tokens (kept as SHA-256 digests) and allow lists.
+#[derive(Default)]
+pub struct StaticNodes {
+    nodes: Vec<StaticNode>,
+}
+
+/// One `nodes[]` entry of `ca.yaml`.
+pub struct StaticNode {
+    pub name: String,
+    token_digest: [u8; 32],
+    pub allow: Vec<Allow>,
+}
+
+/// One `allow[]` entry: a namespace and a service account in it (`None` = any, `*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allow {
+    pub namespace: String,
+    pub service_account: Option<String>,
+}
+
+impl Authorizer {
+    /// The name of the node `credential` authenticates, if that node may have `identity`.
+    pub async fn authorize(&self, credential: &str, identity: &SpiffeId) -> Result<String, Denied> {
+        match self {
+            Self::Static(nodes) => nodes.authorize(credential, identity),
+        }
+    }
+}
+
+impl StaticNodes {
+    pub fn new(nodes: Vec<StaticNode>) -> Self {
+        Self { nodes }
+    }
+
+    fn authorize(&self, credential: &str, identity: &SpiffeId) -> Result<String, Denied> {
+        let node = self
+            .authenticate(credential)
+            .ok_or(Denied::UnknownCredential)?;
+        if node.allow.iter().any(|a| a.allows(identity)) {
+            Ok(node.name.clone())
+        } else {
+            Err(Denied::IdentityNotAllowed {
+                node: node.name.clone(),
+                identity: identity.clone(),
+            })
+        }
+    }
+
+    fn authenticate(&self, credential: &str) -> Option<&StaticNode> {
+        if credential.is_empty() {
+            return None;
+        }
+        // Compare digests in constant time, and look at every node, so neither the token's
+        // length nor which node it matched shows in the response time.
+        let presented: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
+        let mut found = None;
+        for node in &self.nodes {
+            if bool::from(node.token_digest.ct_eq(&presented)) {
+                found = Some(node);
+            }
+        }
+        found
+    }
+}
+
+impl StaticNode {
+    pub fn new(name: String, token: &str, allow: Vec<Allow>) -> Self {
+        Self {
+            name,
+            token_digest: Sha256::digest(token.as_bytes()).into(),
+            allow,
+        }
+    }
+}
+
+impl fmt::Debug for StaticNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticNode")
+            .field("name", &self.name)
+            .field("allow", &self.allow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for StaticNodes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.nodes).finish()
+    }
+}
+
+impl Allow {
+    fn allows(&self, identity: &SpiffeId) -> bool {
+        self.namespace == identity.namespace()
+            && self
+                .service_account
+                .as_deref()
+                .is_none_or(|sa| sa == identity.service_account())
+    }
+}
+
+impl Denied {
+    /// Stable snake_case reason: the API's `error` field and the log's `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownCredential => "unknown_credential",
+            Self::IdentityNotAllowed { .. } => "identity_not_allowed",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::UnknownCredential => 401,
+            Self::IdentityNotAllowed { .. } => 403,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authorizer() -> Authorizer {
+        let allow = |ns: &str, sa: Option<&str>| Allow {
+            namespace: ns.into(),
+            service_account: sa.map(Into::into),
+        };
+        Authorizer::Static(StaticNodes::new(vec![
+            StaticNode::new(
+                "node-a".into(),
+                "token-a",
+                vec![allow("default", Some("client")), allow("shop", None)],
+            ),
+            StaticNode::new(
+                "node-b".into(),
+                "token-b",
+                vec![allow("default", Some("server"))],
+            ),
+        ]))
+    }
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", ns, sa).unwrap()
+    }
+
+    #[tokio::test]
+    async fn allowed_identity_names_the_node() {
+        let authz = authorizer();
+        assert_eq!(
+            authz
+                .authorize("token-a", &id("default", "client"))
+                .await
+                .unwrap(),
+            "node-a"
+        );
+        assert_eq!(
+            authz
+                .authorize("token-b", &id("default", "server"))
+                .await
+                .unwrap(),
+            "node-b"
+        );
+    }
+
+    #[tokio::test]
+    async fn wildcard_service_account_allows_the_whole_namespace() {
+        let authz = authorizer();
+        assert!(
+            authz
+                .authorize("token-a", &id("shop", "anything"))
+                .await
+                .is_ok()
+        );
+        assert!(
+            authz
+                .authorize("token-b", &id("shop", "anything"))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn identity_of_another_node_is_not_allowed() {
+        let err = authorizer()
+            .authorize("token-a", &id("default", "server"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "identity_not_allowed");
+        assert_eq!(err.http_status(), 403);
+        let message = err.to_string();
+        assert!(
+            message.contains("node-a") && message.contains("sa/server"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_or_empty_token_is_unknown_credential() {
+        for token in ["nope", "", "token-a "] {
+            let err = authorizer()
+                .authorize(token, &id("default", "client"))
+                .await
+                .unwrap_err();
+            assert_eq!(err.reason(), "unknown_credential");
+            assert_eq!(err.http_status(), 401);
+        }
+    }
+
+    #[test]
+    fn tokens_do_not_show_in_debug_output() {
+        assert!(!format!("{:?}", authorizer()).contains("token-a"));
+    }
+}

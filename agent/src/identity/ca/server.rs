@@ -1,0 +1,342 @@
+//! The CA's HTTPS API (HTTP/1.1 over TLS 1.3; the serving certificate is issued from the
+//! root itself and renewed at half life):
+//!
+//! - `POST /v1/certificates`, `Authorization: Bearer <node token>`, body
+//!   `{"identity", "csr", "lifetimeSeconds"}` → 200 `{"certChain", "trustBundle"}`.
+//! - Errors: `{"error": "<reason>", "message"}` with 400 (bad JSON, identity or CSR),
+//!   401 (`unknown_credential`), 403 (`identity_not_allowed`), 404, 405, 500.
+//!
+//! Every decision is logged with the node, identity and serial or reason.
+
+use std::{
+    convert::Infallible,
+    fmt,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, PoisonError, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::{
+    ServerConfig,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    Authorizer, CERTIFICATES_PATH, CertificateRequest, CertificateResponse, Config, Error,
+    ErrorResponse, Signer,
+};
+use crate::identity::SpiffeId;
+
+/// A bound CA server, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    signer: Arc<Signer>,
+    authorizer: Authorizer,
+}
+
+impl Server {
+    /// Loads the root, issues the serving certificate and binds `config.listen`.
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        let signer = Arc::new(Signer::load(
+            &config.ca_cert,
+            &config.ca_key,
+            &config.trust_domain,
+            config.max_cert_lifetime,
+        )?);
+        let resolver = ServingCertResolver::new(Arc::clone(&signer), config.server_names)?;
+        let mut tls = ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::Tls)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            shared: Arc::new(Shared {
+                signer,
+                authorizer: config.authorizer,
+            }),
+        })
+    }
+
+    /// The bound address (the real port when `listen` said port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.listener.local_addr().map_err(|source| Error::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })
+    }
+
+    /// Serves until `shutdown` completes. Connections in progress finish on their own.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(component = "ca", error = %e, "cannot accept a connection");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = self.acceptor.clone();
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        debug!(component = "ca", peer = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(component = "ca", peer = %peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let service = service_fn(move |req| {
+                    let shared = Arc::clone(&shared);
+                    async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+                });
+                // The header timeout needs a timer; it keeps idle or slow clients from
+                // holding connections open forever.
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                {
+                    debug!(component = "ca", peer = %peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != CERTIFICATES_PATH {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the only endpoint is POST /v1/certificates",
+        );
+    }
+    if req.method() != Method::POST {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return response;
+    }
+    let credential = bearer_token(req.headers()).unwrap_or_default();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return deny_bad_request(peer, "bad_request", &format!("cannot read the body: {e}"));
+        }
+    };
+    let request: CertificateRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return deny_bad_request(peer, "bad_request", &format!("invalid JSON: {e}"));
+        }
+    };
+    let identity: SpiffeId = match request.identity.parse() {
+        Ok(id) => id,
+        Err(e) => return deny_bad_request(peer, "invalid_identity", &e.to_string()),
+    };
+    let node = match shared.authorizer.authorize(&credential, &identity).await {
+        Ok(node) => node,
+        Err(denied) => {
+            let node = match &denied {
+                super::Denied::IdentityNotAllowed { node, .. } => node.as_str(),
+                super::Denied::UnknownCredential => "unknown",
+            };
+            warn!(component = "ca", peer = %peer, node, identity = %identity,
+                reason = denied.reason(), "certificate request denied");
+            return error(
+                status(denied.http_status()),
+                denied.reason(),
+                &denied.to_string(),
+            );
+        }
+    };
+    let lifetime = request
+        .lifetime_seconds
+        .map_or(shared.signer.max_lifetime(), Duration::from_secs);
+    match shared.signer.sign(&identity, &request.csr, lifetime) {
+        Ok(issued) => {
+            info!(component = "ca", peer = %peer, node = %node, identity = %identity,
+                serial = %issued.serial,
+                not_after = %humantime::format_rfc3339_seconds(issued.not_after),
+                "certificate issued");
+            json(
+                StatusCode::OK,
+                &CertificateResponse {
+                    cert_chain: issued.chain_pem,
+                    trust_bundle: issued.trust_bundle_pem,
+                },
+            )
+        }
+        Err(e) => {
+            warn!(component = "ca", peer = %peer, node = %node, identity = %identity,
+                reason = e.reason(), error = %e, "certificate request rejected");
+            error(status(e.http_status()), e.reason(), &e.to_string())
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme is case-insensitive, RFC 7235).
+fn bearer_token(headers: &header::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// A request rejected before it named a valid identity: bad JSON or SPIFFE id.
+fn deny_bad_request(
+    peer: SocketAddr,
+    reason: &'static str,
+    message: &str,
+) -> Response<Full<Bytes>> {
+    warn!(component = "ca", peer = %peer, reason, error = message, "certificate request rejected");
+    error(StatusCode::BAD_REQUEST, reason, message)
+}
+
+fn error(status: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &ErrorResponse {
+            error: reason.to_owned(),
+            message: message.to_owned(),
+        },
+    )
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// Hands rustls the CA's serving certificate, reissuing it from the root once half of
+/// its lifetime has passed (checked at each handshake: signing takes microseconds).
+struct ServingCertResolver {
+    signer: Arc<Signer>,
+    names: Vec<String>,
+    current: RwLock<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl ServingCertResolver {
+    fn new(signer: Arc<Signer>, names: Vec<String>) -> Result<Self, Error> {
+        let current = issue_serving(&signer, &names)?;
+        Ok(Self {
+            signer,
+            names,
+            current: RwLock::new(current),
+        })
+    }
+}
+
+impl ResolvesServerCert for ServingCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let (key, renew_at) = self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if SystemTime::now() < renew_at {
+            return Some(key);
+        }
+        match issue_serving(&self.signer, &self.names) {
+            Ok(fresh) => {
+                let key = Arc::clone(&fresh.0);
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                info!(component = "ca", "serving certificate renewed");
+                Some(key)
+            }
+            Err(e) => {
+                // Keep serving the old one: it is still valid for the other half.
+                warn!(component = "ca", error = %e, "cannot renew the serving certificate");
+                Some(key)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ServingCertResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingCertResolver")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+fn issue_serving(
+    signer: &Signer,
+    names: &[String],
+) -> Result<(Arc<CertifiedKey>, SystemTime), Error> {
+    let cert = signer.issue_serving(names, SERVING_CERT_LIFETIME)?;
+    let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&cert.key).map_err(Error::Tls)?;
+    let lifetime = cert
+        .not_after
+        .duration_since(cert.not_before)
+        .unwrap_or_default();
+    Ok((
+        Arc::new(CertifiedKey::new(cert.chain, key)),
+        cert.not_before + lifetime / 2,
+    ))
+}
+
+const MAX_BODY: usize = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
