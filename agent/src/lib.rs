@@ -9,6 +9,7 @@ pub mod config;
 pub mod ebpf;
 pub mod enroll;
 pub mod identity;
+pub mod policy;
 pub mod proxy;
 pub mod readiness;
 pub mod source;

@@ -1,7 +1,9 @@
-//! The mesh as the node proxy sees it: one immutable `Snapshot` of workloads, services and
-//! mesh-wide data-path settings, replaced whole on every accepted change. Sources produce
-//! snapshots; enrollment, the eBPF maps and the proxy read them through a `StateHandle`.
+//! The mesh as the node proxy sees it: one immutable `Snapshot` of workloads, services,
+//! access policies and mesh-wide data-path settings, replaced whole on every accepted
+//! change. Sources produce snapshots; enrollment, the eBPF maps, the proxy and policy
+//! evaluation read them through a `StateHandle`.
 
+pub mod policy;
 pub mod service;
 pub mod workload;
 
@@ -14,6 +16,10 @@ use std::{
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use policy::{
+    AccessPolicy, Action, IpBlock, L7Match, PortRange, Principal, Rule, ServiceAccount, Source,
+    WorkloadSelector,
+};
 pub use service::{Service, ServicePort};
 pub use workload::{Location, Workload, WorkloadRef};
 
@@ -26,6 +32,8 @@ pub struct Snapshot {
     pub workloads: BTreeMap<WorkloadRef, Workload>,
     /// Services, by namespace/name.
     pub services: BTreeMap<WorkloadRef, Service>,
+    /// Access policies, by namespace/name of the policy.
+    pub policies: BTreeMap<WorkloadRef, AccessPolicy>,
 }
 
 /// Mesh-wide settings of the data path.
@@ -37,6 +45,9 @@ pub struct MeshSettings {
     pub excluded_cidrs: Vec<ipnet::IpNet>,
     /// mTLS mode of workloads that set none themselves.
     pub mtls: MtlsSettings,
+    /// Zero trust by default: connections to a workload that no ALLOW policy selects are
+    /// denied (instead of allowed).
+    pub default_deny: bool,
 }
 
 /// mTLS modes by namespace, with a mesh-wide default.
@@ -180,6 +191,7 @@ mod tests {
             location: Location::Remote { node: "b".into() },
             enrolled: true,
             mtls_mode: None,
+            labels: BTreeMap::new(),
         };
         assert_eq!(snapshot.mtls_mode(&pod), MtlsMode::Strict);
         pod.mtls_mode = Some(MtlsMode::Disabled);

@@ -1,25 +1,29 @@
 //! The local YAML file source: parses and validates the whole file into the start-up
-//! `agent:` section and a `state::Snapshot`, then polls the file and publishes each valid
-//! change. Field paths in errors follow the YAML (`workloads[1].ips[0]`).
+//! `agent:` section and a `state::Snapshot` (workloads, services, access policies), then
+//! polls the file and publishes each valid change. Field paths in errors follow the YAML
+//! (`workloads[1].ips[0]`, `policies[2].rules[0].from[1].ipBlocks[0].cidr`).
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     config::{AgentSection, Error},
+    identity::SpiffeId,
     source::SourceStatus,
     state::{
-        Location, MeshSettings, MtlsMode, MtlsSettings, Service, ServicePort, Snapshot, Workload,
-        WorkloadRef,
+        AccessPolicy, Action, IpBlock, L7Match, Location, MeshSettings, MtlsMode, MtlsSettings,
+        PortRange, Principal, Rule, Service, ServiceAccount, ServicePort, Snapshot, Source,
+        Workload, WorkloadRef, WorkloadSelector,
     },
 };
 
@@ -104,7 +108,8 @@ pub async fn watch(
                 status.accepted();
                 info!(component = "config", path = %path.display(),
                     workloads = doc.snapshot.workloads.len(),
-                    services = doc.snapshot.services.len(), "config reloaded");
+                    services = doc.snapshot.services.len(),
+                    policies = doc.snapshot.policies.len(), "config reloaded");
                 tx.send_replace(Arc::new(doc.snapshot));
             }
             Err(e) => {
@@ -127,6 +132,8 @@ struct RawFile {
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    policies: Vec<RawPolicy>,
 }
 
 #[derive(Default, Deserialize)]
@@ -138,6 +145,8 @@ struct RawMesh {
     excluded_cidrs: Vec<String>,
     #[serde(default)]
     mtls: RawMtls,
+    #[serde(default)]
+    default_deny: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -160,6 +169,8 @@ struct RawWorkload {
     node: Option<String>,
     enrolled: Option<bool>,
     mtls_mode: Option<MtlsMode>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +191,90 @@ struct RawService {
 struct RawServicePort {
     port: u16,
     target_port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    selector: RawSelector,
+    action: Action,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRule {
+    #[serde(default)]
+    from: Vec<RawSource>,
+    #[serde(default)]
+    to_ports: Vec<RawPort>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    service_accounts: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    ip_blocks: Vec<RawIpBlock>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawIpBlock {
+    cidr: String,
+    #[serde(default)]
+    except: Vec<String>,
+}
+
+/// `8080` or `"8000-8100"` (or `"8080"`), checked by the validator so the error names the
+/// field and the value.
+enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawPort;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a port (8080) or a port range ("8000-8100")"#)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawPort, E> {
+                Ok(RawPort::Number(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawPort, E> {
+                Ok(RawPort::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawPort, E> {
+                Ok(RawPort::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 struct Validator<'a> {
@@ -224,12 +319,25 @@ impl Validator<'_> {
             }
             services.insert(service.name.clone(), service);
         }
+        let mut policies = BTreeMap::new();
+        for (i, raw) in raw.policies.into_iter().enumerate() {
+            let field = format!("policies[{i}]");
+            let policy = self.policy(&field, raw)?;
+            if policies.contains_key(&policy.name) {
+                return Err(self.invalid(
+                    format!("{field}.name"),
+                    format!("duplicate policy {}", policy.name),
+                ));
+            }
+            policies.insert(policy.name.clone(), policy);
+        }
         Ok(FileDoc {
             agent: raw.agent,
             snapshot: Snapshot {
                 mesh,
                 workloads,
                 services,
+                policies,
             },
         })
     }
@@ -264,6 +372,7 @@ impl Validator<'_> {
                 default_mode: raw.mtls.mode.unwrap_or_default(),
                 namespaces: raw.mtls.namespaces,
             },
+            default_deny: raw.default_deny,
         })
     }
 
@@ -309,7 +418,281 @@ impl Validator<'_> {
             location,
             enrolled,
             mtls_mode: raw.mtls_mode,
+            labels: self.labels(&format!("{field}.labels"), raw.labels)?,
         })
+    }
+
+    fn policy(&self, field: &str, raw: RawPolicy) -> Result<AccessPolicy, Error> {
+        let name = self.name(&format!("{field}.name"), raw.name)?;
+        let namespace = self.name(
+            &format!("{field}.namespace"),
+            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
+        )?;
+        let match_labels = self.labels(
+            &format!("{field}.selector.matchLabels"),
+            raw.selector.match_labels,
+        )?;
+        let rules = raw
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| self.rule(&format!("{field}.rules[{i}]"), rule))
+            .collect::<Result<_, _>>()?;
+        Ok(AccessPolicy {
+            // A policy selects workloads of its own namespace only, as the CRD will: a
+            // namespace's owner cannot open or close another namespace's workloads.
+            selector: WorkloadSelector {
+                namespace: namespace.clone(),
+                match_labels,
+            },
+            name: WorkloadRef { namespace, name },
+            action: raw.action,
+            rules,
+        })
+    }
+
+    fn rule(&self, field: &str, raw: RawRule) -> Result<Rule, Error> {
+        let from = raw
+            .from
+            .into_iter()
+            .enumerate()
+            .map(|(i, source)| self.source(&format!("{field}.from[{i}]"), source))
+            .collect::<Result<_, _>>()?;
+        let to_ports = raw
+            .to_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| self.port_range(&format!("{field}.toPorts[{i}]"), port))
+            .collect::<Result<_, _>>()?;
+        for (i, method) in raw.methods.iter().enumerate() {
+            if method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()) {
+                return Err(self.invalid(
+                    format!("{field}.methods[{i}]"),
+                    format!("{method:?} is not an HTTP method (uppercase, e.g. GET)"),
+                ));
+            }
+        }
+        for (i, path) in raw.paths.iter().enumerate() {
+            self.pattern(&format!("{field}.paths[{i}]"), path)?;
+            if !path.starts_with('/') && !path.starts_with('*') {
+                return Err(self.invalid(
+                    format!("{field}.paths[{i}]"),
+                    format!("{path:?} must start with '/' (or '*')"),
+                ));
+            }
+        }
+        for (name, values) in &raw.headers {
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !valid {
+                return Err(self.invalid(
+                    format!("{field}.headers.{name}"),
+                    format!("{name:?} is not a lowercase header name"),
+                ));
+            }
+            if values.is_empty() {
+                return Err(self.invalid(
+                    format!("{field}.headers.{name}"),
+                    "at least one value is required".into(),
+                ));
+            }
+        }
+        let l7 = (!raw.methods.is_empty() || !raw.paths.is_empty() || !raw.headers.is_empty())
+            .then_some(L7Match {
+                methods: raw.methods,
+                paths: raw.paths,
+                headers: raw.headers,
+            });
+        Ok(Rule { from, to_ports, l7 })
+    }
+
+    fn source(&self, field: &str, raw: RawSource) -> Result<Source, Error> {
+        if raw.principals.is_empty()
+            && raw.service_accounts.is_empty()
+            && raw.namespaces.is_empty()
+            && raw.ip_blocks.is_empty()
+        {
+            return Err(self.invalid(
+                field.into(),
+                "names no source (set principals, serviceAccounts, namespaces or ipBlocks; \
+                 leave `from` out to match every source)"
+                    .into(),
+            ));
+        }
+        let principals = raw
+            .principals
+            .iter()
+            .enumerate()
+            .map(|(i, text)| self.principal(&format!("{field}.principals[{i}]"), text))
+            .collect::<Result<_, _>>()?;
+        let service_accounts =
+            raw.service_accounts
+                .into_iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let field = format!("{field}.serviceAccounts[{i}]");
+                    let Some((namespace, name)) = text.split_once('/') else {
+                        return Err(self
+                            .invalid(field, format!("{text:?} is not namespace/service-account")));
+                    };
+                    Ok(ServiceAccount {
+                        namespace: self.name(&field, namespace.into())?,
+                        name: self.name(&field, name.into())?,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        let namespaces = raw
+            .namespaces
+            .into_iter()
+            .enumerate()
+            .map(|(i, ns)| self.name(&format!("{field}.namespaces[{i}]"), ns))
+            .collect::<Result<_, _>>()?;
+        let ip_blocks = raw
+            .ip_blocks
+            .iter()
+            .enumerate()
+            .map(|(i, block)| self.ip_block(&format!("{field}.ipBlocks[{i}]"), block))
+            .collect::<Result<_, _>>()?;
+        Ok(Source {
+            principals,
+            service_accounts,
+            namespaces,
+            ip_blocks,
+        })
+    }
+
+    fn principal(&self, field: &str, text: &str) -> Result<Principal, Error> {
+        if text == "*" {
+            return Ok(Principal::Any);
+        }
+        self.pattern(field, text)?;
+        if let Some(prefix) = text.strip_suffix('*') {
+            if !prefix.starts_with("spiffe://") {
+                return Err(self.invalid(
+                    field.into(),
+                    format!("{text:?}: a prefix must start with spiffe://"),
+                ));
+            }
+            return Ok(Principal::Prefix(prefix.into()));
+        }
+        if let Some(suffix) = text.strip_prefix('*') {
+            return Ok(Principal::Suffix(suffix.into()));
+        }
+        text.parse::<SpiffeId>()
+            .map(Principal::Exact)
+            .map_err(|e| self.invalid(field.into(), e.to_string()))
+    }
+
+    /// Exact text, or one `*` at the start or the end.
+    fn pattern(&self, field: &str, text: &str) -> Result<(), Error> {
+        let inner = text.strip_prefix('*').or_else(|| text.strip_suffix('*'));
+        if text.is_empty() || inner.unwrap_or(text).contains('*') {
+            return Err(self.invalid(
+                field.into(),
+                format!("{text:?}: '*' is allowed only once, at the start or the end"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn ip_block(&self, field: &str, raw: &RawIpBlock) -> Result<IpBlock, Error> {
+        let cidr = self.cidr(&format!("{field}.cidr"), &raw.cidr)?;
+        let except = raw
+            .except
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let field = format!("{field}.except[{i}]");
+                let except = self.cidr(&field, text)?;
+                if !cidr.contains(&except) {
+                    return Err(self.invalid(field, format!("{except} is not inside {cidr}")));
+                }
+                Ok(except)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(IpBlock { cidr, except })
+    }
+
+    /// A CIDR, or a bare address for a single host; host bits are cleared.
+    fn cidr(&self, field: &str, text: &str) -> Result<ipnet::IpNet, Error> {
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map(|net| net.trunc())
+            .map_err(|_| {
+                self.invalid(
+                    field.into(),
+                    format!("invalid CIDR {text:?} (expected e.g. 10.0.0.0/8)"),
+                )
+            })
+    }
+
+    fn port_range(&self, field: &str, raw: &RawPort) -> Result<PortRange, Error> {
+        let invalid = |text: String| {
+            self.invalid(
+                field.into(),
+                format!("invalid port {text} (expected a port 1-65535 or a range \"8000-8100\")"),
+            )
+        };
+        let port = |text: &str| text.trim().parse::<u16>().ok().filter(|p| *p != 0);
+        let (start, end) = match raw {
+            RawPort::Number(n) => {
+                let p = u16::try_from(*n)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| invalid(n.to_string()))?;
+                (p, p)
+            }
+            RawPort::Text(text) => {
+                let (start, end) = text.split_once('-').unwrap_or((text, text));
+                match (port(start), port(end)) {
+                    (Some(start), Some(end)) if start <= end => (start, end),
+                    _ => return Err(invalid(format!("{text:?}"))),
+                }
+            }
+        };
+        Ok(PortRange { start, end })
+    }
+
+    /// Kubernetes label keys (`[prefix/]name`) and values.
+    fn labels(
+        &self,
+        field: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        // Name part and value: at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends.
+        let segment_ok = |s: &str| {
+            s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && s.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+                && s.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
+        };
+        for (key, value) in &labels {
+            let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
+            let prefix_ok = prefix.len() <= 253
+                && prefix.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.')
+                });
+            let key_ok = !name.is_empty()
+                && segment_ok(name)
+                && prefix_ok
+                && (prefix.is_empty() != key.contains('/'));
+            if !key_ok {
+                return Err(self.invalid(
+                    format!("{field}.{key}"),
+                    format!("{key:?} is not a valid label key"),
+                ));
+            }
+            if !segment_ok(value) {
+                return Err(self.invalid(
+                    format!("{field}.{key}"),
+                    format!("{value:?} is not a valid label value"),
+                ));
+            }
+        }
+        Ok(labels)
     }
 
     fn service(&self, field: &str, raw: RawService) -> Result<Service, Error> {
@@ -495,6 +878,246 @@ services:
         assert!(err.contains("mesh.excludedCidrs[0]"), "{err}");
         let err = parse_str(&GOOD.replace("{port: 81}", "{port: 0}")).unwrap_err();
         assert!(err.contains("services[0].ports[1].port"), "{err}");
+    }
+
+    const POLICIES: &str = r#"
+policies:
+  - name: api-allow
+    namespace: prod
+    selector:
+      matchLabels: {app: api}
+    action: ALLOW
+    rules:
+      - from:
+          - principals:
+              - "spiffe://cluster.local/ns/web/sa/front"
+              - "spiffe://cluster.local/ns/ops/*"
+          - serviceAccounts: ["jobs/batch"]
+            ipBlocks: [{cidr: 10.0.0.0/8, except: ["10.9.0.0/16"]}]
+          - namespaces: [monitoring]
+        toPorts: [8080, "9000-9100"]
+  - name: deny-delete
+    namespace: prod
+    action: DENY
+    rules:
+      - methods: [DELETE]
+        paths: ["/admin/*"]
+        headers: {x-env: [canary]}
+"#;
+
+    fn with_policies(yaml: &str) -> Result<FileDoc, String> {
+        let file = GOOD
+            .replace(
+                "    mtlsMode: DISABLED\n",
+                "    mtlsMode: DISABLED\n    labels: {app: api, weft.dev/tier: back}\n",
+            )
+            .replace("  mtls:\n", "  defaultDeny: true\n  mtls:\n");
+        parse_str(&format!("{file}{yaml}"))
+    }
+
+    #[test]
+    fn policies_labels_and_default_deny_parse() {
+        let doc = with_policies(POLICIES).unwrap();
+        let snapshot = &doc.snapshot;
+        assert!(snapshot.mesh.default_deny);
+        let api = &snapshot.workloads[&WorkloadRef::new("prod", "api")];
+        assert_eq!(api.labels["weft.dev/tier"], "back");
+
+        let allow = &snapshot.policies[&WorkloadRef::new("prod", "api-allow")];
+        assert!(allow.selects(api));
+        assert_eq!(allow.action, Action::Allow);
+        let rule = &allow.rules[0];
+        assert_eq!(rule.from.len(), 3);
+        assert_eq!(
+            rule.from[0].principals[1],
+            Principal::Prefix("spiffe://cluster.local/ns/ops/".into())
+        );
+        assert_eq!(rule.from[1].service_accounts[0].to_string(), "jobs/batch");
+        assert!(!rule.from[1].ip_blocks[0].contains("10.9.1.1".parse().unwrap()));
+        assert_eq!(
+            rule.to_ports[1],
+            PortRange {
+                start: 9000,
+                end: 9100
+            }
+        );
+        assert_eq!(rule.l7, None);
+
+        let deny = &snapshot.policies[&WorkloadRef::new("prod", "deny-delete")];
+        assert!(deny.selector.match_labels.is_empty());
+        assert!(deny.selects(api));
+        let l7 = deny.rules[0].l7.as_ref().unwrap();
+        assert_eq!(l7.methods, vec!["DELETE"]);
+        assert_eq!(l7.headers["x-env"], vec!["canary"]);
+    }
+
+    #[test]
+    fn policy_errors_name_the_field() {
+        let cases = [
+            (
+                "10.0.0.0/8",
+                "10.0.0/8",
+                "policies[0].rules[0].from[1].ipBlocks[0].cidr",
+                "10.0.0/8",
+            ),
+            (
+                "\"10.9.0.0/16\"",
+                "\"11.0.0.0/16\"",
+                ".ipBlocks[0].except[0]",
+                "not inside",
+            ),
+            (
+                "\"spiffe://cluster.local/ns/web/sa/front\"",
+                "\"spiffe://cluster.local/web\"",
+                "policies[0].rules[0].from[0].principals[0]",
+                "/ns/",
+            ),
+            ("ns/ops/*", "ns/*/x", "from[0].principals[1]", "'*'"),
+            (
+                "jobs/batch",
+                "jobs",
+                "from[1].serviceAccounts[0]",
+                "namespace/service-account",
+            ),
+            (
+                "[monitoring]",
+                "[Monitoring]",
+                "from[2].namespaces[0]",
+                "Monitoring",
+            ),
+            (
+                "\"9000-9100\"",
+                "\"9100-9000\"",
+                "policies[0].rules[0].toPorts[1]",
+                "9100-9000",
+            ),
+            (
+                "[8080,",
+                "[0,",
+                "policies[0].rules[0].toPorts[0]",
+                "invalid port 0",
+            ),
+            (
+                "{app: api}",
+                "{app: -api}",
+                "policies[0].selector.matchLabels.app",
+                "label value",
+            ),
+            (
+                "action: DENY",
+                "action: REJECT",
+                "policies[1].action",
+                "ALLOW",
+            ),
+            (
+                "[DELETE]",
+                "[delete]",
+                "policies[1].rules[0].methods[0]",
+                "HTTP method",
+            ),
+            (
+                "[\"/admin/*\"]",
+                "[admin]",
+                "policies[1].rules[0].paths[0]",
+                "'/'",
+            ),
+            (
+                "- namespaces: [monitoring]",
+                "- {}",
+                "policies[0].rules[0].from[2]",
+                "no source",
+            ),
+            (
+                "toPorts:",
+                "ports:",
+                "policies[0].rules[0]",
+                "unknown field `ports`",
+            ),
+            (
+                "name: deny-delete",
+                "name: api-allow",
+                "policies[1].name",
+                "duplicate policy",
+            ),
+        ];
+        for (from, to, field, reason) in cases {
+            assert!(POLICIES.contains(from), "{from}");
+            let err = with_policies(&POLICIES.replacen(from, to, 1)).unwrap_err();
+            assert!(err.contains(field), "{from} -> {to}: {err}");
+            assert!(err.contains(reason), "{from} -> {to}: {err}");
+        }
+        let err =
+            parse_str(&GOOD.replace("mtlsMode: DISABLED", "labels: {\"a/b/c\": x}")).unwrap_err();
+        assert!(err.contains("workloads[2].labels.a/b/c"), "{err}");
+    }
+
+    #[test]
+    fn the_examples_of_the_policy_docs_parse() {
+        let docs = include_str!("../../../docs/policy.md");
+        let blocks: Vec<&str> = docs
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+            .collect();
+        assert!(blocks.len() >= 3);
+        for block in blocks {
+            let yaml = if block.starts_with("policies:") {
+                block.to_owned()
+            } else {
+                format!("policies:\n{block}")
+            };
+            if let Err(e) = parse_str(&yaml) {
+                panic!("{e}\n{yaml}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_policy_keeps_the_previous_policies_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        let good = format!("{GOOD}{POLICIES}");
+        std::fs::write(&path, &good).unwrap();
+        let doc = load(&path).unwrap();
+        let started = doc.snapshot.clone();
+        let (tx, mut rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+        let status = Arc::new(SourceStatus::default());
+        tokio::spawn(watch(
+            path.clone(),
+            Duration::from_millis(5),
+            doc,
+            tx,
+            Arc::clone(&status),
+        ));
+
+        // The first policy is fine and the second is not: neither is taken.
+        let bad = good
+            .replace("action: ALLOW", "action: DENY")
+            .replace("[DELETE]", "[delete]");
+        std::fs::write(&path, bad).unwrap();
+        let rejected = async {
+            while status.view().rejected_total == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), rejected)
+            .await
+            .unwrap();
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(**rx.borrow(), started);
+        let rejection = status.view().last_rejection.unwrap();
+        assert!(
+            rejection.contains("policies[1].rules[0].methods[0]"),
+            "{rejection}"
+        );
+
+        std::fs::write(&path, good.replace("action: ALLOW", "action: DENY")).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let policy = rx.borrow().policies[&WorkloadRef::new("prod", "api-allow")].clone();
+        assert_eq!(policy.action, Action::Deny);
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Workloads (pods): those on this node, which the agent enrolls, and those on other nodes,
 //! which the proxy only needs to know to reach them over HBONE with the right identity.
 
-use std::{fmt, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use serde::Serialize;
 
@@ -32,6 +32,8 @@ pub struct Workload {
     pub enrolled: bool,
     /// The pod's own mTLS mode, overriding its namespace's.
     pub mtls_mode: Option<MtlsMode>,
+    /// Pod labels, which access-policy selectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Where a workload runs.

@@ -1,0 +1,40 @@
+//! Access-policy evaluation at the destination proxy.
+//!
+//! Job: decide whether a new inbound connection (HBONE or plaintext) to a workload on this
+//! node is allowed by the snapshot's `AccessPolicy`s (`state::policy` holds the model).
+//!
+//! Inputs: a `state::Snapshot` (its `policies`, `workloads` and `mesh.default_deny`), turned
+//! into a [`PolicyIndex`] once per snapshot; then, per connection, [`ConnectionFacts`]: the
+//! destination workload and port, the peer's SPIFFE id (mTLS only) and the peer's IP.
+//!
+//! Output: a [`Decision`]; a denial carries a stable snake_case reason for metrics and
+//! logs. Resetting, counting and closing open connections a new snapshot denies is the
+//! proxy's part: it re-evaluates their facts against the new index.
+//!
+//! Semantics, in order:
+//! 1. a DENY policy selecting the destination with a matching rule denies
+//!    (`denied_by_policy`);
+//! 2. if any ALLOW policy selects the destination, the connection is allowed only when one
+//!    of them has a matching rule (`not_allowed` otherwise);
+//! 3. otherwise the mesh-wide default-deny switch decides (`default_deny` when on).
+//!
+//! A rule with HTTP conditions (methods, paths, headers) cannot be checked by a node proxy:
+//! in an ALLOW policy it matches nothing, in a DENY policy it matches on its L4 conditions
+//! alone, so the node proxy never allows more than the policy means. Such policies are
+//! logged once (`component = "policy"`) when the index first meets them.
+//!
+//! A plaintext connection has no identity: sources naming principals, service accounts or
+//! namespaces never match it, only IP blocks do. The source IP is not mapped to a pod's
+//! namespace: an address proves nothing, and identity-based rules exist to require proof.
+//!
+//! Cost: `evaluate` touches only the policies that select the destination (precomputed per
+//! workload by `PolicyIndex::build`), never the whole policy set.
+
+pub mod eval;
+pub mod index;
+
+pub use eval::{ConnectionFacts, Decision, DenyReason};
+pub use index::PolicyIndex;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,892 @@
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::{
+    identity::SpiffeId,
+    state::{
+        AccessPolicy, Action, IpBlock, L7Match, Location, PortRange, Principal, Rule,
+        ServiceAccount, Snapshot, Source, Workload, WorkloadRef, WorkloadSelector,
+    },
+};
+
+fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
+    Workload {
+        name: WorkloadRef::new(namespace, name),
+        service_account: name.into(),
+        ips: vec![],
+        location: Location::Local {
+            netns: PathBuf::from("/run/netns/x"),
+        },
+        enrolled: true,
+        mtls_mode: None,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn policy(
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    action: Action,
+    rules: Vec<Rule>,
+) -> AccessPolicy {
+    AccessPolicy {
+        name: WorkloadRef::new(namespace, name),
+        selector: WorkloadSelector {
+            namespace: namespace.into(),
+            match_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        },
+        action,
+        rules,
+    }
+}
+
+fn snapshot(workloads: &[&Workload], policies: Vec<AccessPolicy>) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for w in workloads {
+        snapshot.workloads.insert(w.name.clone(), (*w).clone());
+    }
+    for p in policies {
+        snapshot.policies.insert(p.name.clone(), p);
+    }
+    snapshot
+}
+
+fn id(namespace: &str, service_account: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", namespace, service_account).unwrap()
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn from_namespace(namespace: &str) -> Rule {
+    Rule {
+        from: vec![Source {
+            namespaces: vec![namespace.into()],
+            ..Source::default()
+        }],
+        ..Rule::default()
+    }
+}
+
+fn from_cidr(cidr: &str) -> Rule {
+    Rule {
+        from: vec![Source {
+            ip_blocks: vec![IpBlock {
+                cidr: cidr.parse().unwrap(),
+                except: vec![],
+            }],
+            ..Source::default()
+        }],
+        ..Rule::default()
+    }
+}
+
+/// An mTLS connection to `dst:port` from `peer` at 10.1.0.2.
+fn mtls<'a>(dst: &'a Workload, port: u16, peer: &'a SpiffeId) -> ConnectionFacts<'a> {
+    ConnectionFacts {
+        destination: dst,
+        dst_port: port,
+        source_identity: Some(peer),
+        source_ip: ip("10.1.0.2"),
+    }
+}
+
+fn plaintext<'a>(dst: &'a Workload, port: u16, src: &str) -> ConnectionFacts<'a> {
+    ConnectionFacts {
+        destination: dst,
+        dst_port: port,
+        source_identity: None,
+        source_ip: ip(src),
+    }
+}
+
+fn deny(policy: Option<(&str, &str)>, reason: DenyReason) -> Decision {
+    Decision::Deny {
+        policy: policy.map(|(ns, name)| WorkloadRef::new(ns, name)),
+        reason,
+    }
+}
+
+#[test]
+fn no_policies_allow_everything() {
+    let api = workload("prod", "api", &[]);
+    let index = PolicyIndex::build(&snapshot(&[&api], vec![]));
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &id("web", "front"))),
+        Decision::Allow
+    );
+    assert_eq!(
+        index.evaluate(&plaintext(&api, 80, "10.9.9.9")),
+        Decision::Allow
+    );
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let api = workload("prod", "api", &[("app", "api")]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![
+            policy(
+                "prod",
+                "allow-web",
+                &[],
+                Action::Allow,
+                vec![from_namespace("web")],
+            ),
+            policy(
+                "prod",
+                "deny-web",
+                &[("app", "api")],
+                Action::Deny,
+                vec![from_namespace("web")],
+            ),
+        ],
+    ));
+    let decision = index.evaluate(&mtls(&api, 80, &id("web", "front")));
+    assert_eq!(
+        decision,
+        deny(Some(("prod", "deny-web")), DenyReason::DeniedByPolicy)
+    );
+    assert_eq!(decision.reason(), Some("denied_by_policy"));
+}
+
+#[test]
+fn an_allow_policy_denies_what_it_does_not_allow() {
+    let api = workload("prod", "api", &[]);
+    let other = workload("prod", "other", &[("app", "other")]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api, &other],
+        vec![policy(
+            "prod",
+            "allow-web",
+            &[("app", "api")],
+            Action::Allow,
+            vec![from_namespace("web")],
+        )],
+    ));
+    // The selector does not match `api` (no labels): it stays open.
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &id("jobs", "batch"))),
+        Decision::Allow
+    );
+    let api = workload("prod", "api", &[("app", "api")]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api, &other],
+        vec![policy(
+            "prod",
+            "allow-web",
+            &[("app", "api")],
+            Action::Allow,
+            vec![from_namespace("web")],
+        )],
+    ));
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &id("web", "front"))),
+        Decision::Allow
+    );
+    let decision = index.evaluate(&mtls(&api, 80, &id("jobs", "batch")));
+    assert_eq!(decision, deny(None, DenyReason::NotAllowed));
+    assert_eq!(decision.reason(), Some("not_allowed"));
+    // Not selected, not affected.
+    assert_eq!(
+        index.evaluate(&mtls(&other, 80, &id("jobs", "batch"))),
+        Decision::Allow
+    );
+}
+
+#[test]
+fn default_deny_denies_unselected_workloads() {
+    let api = workload("prod", "api", &[("app", "api")]);
+    let db = workload("prod", "db", &[("app", "db")]);
+    let mut snapshot = snapshot(
+        &[&api, &db],
+        vec![policy(
+            "prod",
+            "allow-web",
+            &[("app", "api")],
+            Action::Allow,
+            vec![from_namespace("web")],
+        )],
+    );
+    snapshot.mesh.default_deny = true;
+    let index = PolicyIndex::build(&snapshot);
+    let web = id("web", "front");
+    assert_eq!(index.evaluate(&mtls(&api, 80, &web)), Decision::Allow);
+    let decision = index.evaluate(&mtls(&db, 80, &web));
+    assert_eq!(decision, deny(None, DenyReason::DefaultDeny));
+    assert_eq!(decision.reason(), Some("default_deny"));
+}
+
+#[test]
+fn port_rules_match_only_their_ports() {
+    let api = workload("prod", "api", &[]);
+    let rule = Rule {
+        to_ports: vec![
+            PortRange::single(80),
+            PortRange {
+                start: 8000,
+                end: 8100,
+            },
+        ],
+        ..from_namespace("web")
+    };
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy("prod", "web-http", &[], Action::Allow, vec![rule])],
+    ));
+    let web = id("web", "front");
+    for port in [80, 8000, 8050, 8100] {
+        assert!(
+            index.evaluate(&mtls(&api, port, &web)).is_allowed(),
+            "{port}"
+        );
+    }
+    for port in [81, 443, 7999, 8101] {
+        assert!(
+            !index.evaluate(&mtls(&api, port, &web)).is_allowed(),
+            "{port}"
+        );
+    }
+}
+
+#[test]
+fn plaintext_matches_only_ip_rules() {
+    let api = workload("prod", "api", &[]);
+    let identity_rules = Rule {
+        from: vec![
+            Source {
+                principals: vec![Principal::Any],
+                ..Source::default()
+            },
+            Source {
+                service_accounts: vec![ServiceAccount {
+                    namespace: "web".into(),
+                    name: "front".into(),
+                }],
+                ..Source::default()
+            },
+            Source {
+                namespaces: vec!["web".into()],
+                ..Source::default()
+            },
+        ],
+        ..Rule::default()
+    };
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![
+            policy(
+                "prod",
+                "by-identity",
+                &[],
+                Action::Allow,
+                vec![identity_rules.clone()],
+            ),
+            policy(
+                "prod",
+                "by-ip",
+                &[],
+                Action::Allow,
+                vec![from_cidr("192.168.0.0/16")],
+            ),
+        ],
+    ));
+    assert!(
+        !index
+            .evaluate(&plaintext(&api, 80, "10.1.0.2"))
+            .is_allowed()
+    );
+    assert!(
+        index
+            .evaluate(&plaintext(&api, 80, "192.168.3.4"))
+            .is_allowed()
+    );
+    assert!(
+        index
+            .evaluate(&mtls(&api, 80, &id("web", "front")))
+            .is_allowed()
+    );
+
+    // Nor does a plaintext peer meet the identity conditions of a DENY rule.
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "deny-identities",
+            &[],
+            Action::Deny,
+            vec![identity_rules],
+        )],
+    ));
+    assert!(
+        index
+            .evaluate(&plaintext(&api, 80, "10.1.0.2"))
+            .is_allowed()
+    );
+    assert!(
+        !index
+            .evaluate(&mtls(&api, 80, &id("web", "front")))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn l7_rules_are_conservative() {
+    let api = workload("prod", "api", &[]);
+    let get_only = L7Match {
+        methods: vec!["GET".into()],
+        ..L7Match::default()
+    };
+    // ALLOW GET from web: the node proxy cannot see methods, so it allows nothing.
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "allow-get",
+            &[],
+            Action::Allow,
+            vec![Rule {
+                l7: Some(get_only.clone()),
+                ..from_namespace("web")
+            }],
+        )],
+    ));
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &id("web", "front"))),
+        deny(None, DenyReason::NotAllowed)
+    );
+    // DENY DELETE from web: denies every connection from web, and only from web.
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "deny-delete",
+            &[],
+            Action::Deny,
+            vec![Rule {
+                l7: Some(L7Match {
+                    methods: vec!["DELETE".into()],
+                    ..L7Match::default()
+                }),
+                ..from_namespace("web")
+            }],
+        )],
+    ));
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &id("web", "front"))),
+        deny(Some(("prod", "deny-delete")), DenyReason::DeniedByPolicy)
+    );
+    assert!(
+        index
+            .evaluate(&mtls(&api, 80, &id("jobs", "batch")))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn selectors_stay_in_their_namespace_and_need_every_label() {
+    let api = workload("prod", "api", &[("app", "api"), ("tier", "back")]);
+    let dev_api = workload("dev", "api", &[("app", "api"), ("tier", "back")]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api, &dev_api],
+        vec![
+            policy(
+                "prod",
+                "all-labels",
+                &[("app", "api"), ("tier", "back")],
+                Action::Deny,
+                vec![Rule::default()],
+            ),
+            policy(
+                "dev",
+                "wrong-value",
+                &[("tier", "front")],
+                Action::Deny,
+                vec![Rule::default()],
+            ),
+        ],
+    ));
+    let peer = id("web", "front");
+    assert!(!index.evaluate(&mtls(&api, 80, &peer)).is_allowed());
+    assert!(index.evaluate(&mtls(&dev_api, 80, &peer)).is_allowed());
+    assert_eq!(
+        index.policies_for(&api),
+        vec![&WorkloadRef::new("prod", "all-labels")]
+    );
+    assert!(index.policies_for(&dev_api).is_empty());
+}
+
+#[test]
+fn sources_match_each_field_and_any_entry() {
+    let api = workload("prod", "api", &[]);
+    let sa = |ns: &str, name: &str| ServiceAccount {
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    let rule = Rule {
+        from: vec![
+            // From web, and from the front service account: both must hold.
+            Source {
+                namespaces: vec!["web".into()],
+                service_accounts: vec![sa("web", "front")],
+                ..Source::default()
+            },
+            Source {
+                principals: vec![Principal::Prefix("spiffe://cluster.local/ns/ops/".into())],
+                ..Source::default()
+            },
+            Source {
+                principals: vec![Principal::Suffix("/sa/auditor".into())],
+                ..Source::default()
+            },
+            Source {
+                principals: vec![Principal::Exact(id("jobs", "batch"))],
+                ip_blocks: vec![IpBlock {
+                    cidr: "10.0.0.0/8".parse().unwrap(),
+                    except: vec!["10.1.0.0/16".parse().unwrap()],
+                }],
+                ..Source::default()
+            },
+        ],
+        ..Rule::default()
+    };
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy("prod", "mixed", &[], Action::Allow, vec![rule])],
+    ));
+    let allowed = |peer: &SpiffeId, src: &str| {
+        let facts = ConnectionFacts {
+            source_ip: ip(src),
+            ..mtls(&api, 80, peer)
+        };
+        index.evaluate(&facts).is_allowed()
+    };
+    assert!(allowed(&id("web", "front"), "10.1.0.2"));
+    assert!(!allowed(&id("web", "back"), "10.1.0.2"));
+    // Service accounts match in any trust domain the mesh trusts.
+    let foreign: SpiffeId = "spiffe://other.td/ns/web/sa/front".parse().unwrap();
+    assert!(allowed(&foreign, "10.1.0.2"));
+    assert!(allowed(&id("ops", "anyone"), "10.1.0.2"));
+    assert!(allowed(&id("billing", "auditor"), "10.1.0.2"));
+    assert!(allowed(&id("jobs", "batch"), "10.2.0.2"));
+    // The right identity from an excepted range, and vice versa.
+    assert!(!allowed(&id("jobs", "batch"), "10.1.0.2"));
+    assert!(!allowed(&id("jobs", "other"), "10.2.0.2"));
+}
+
+#[test]
+fn rules_without_conditions_and_policies_without_rules() {
+    let api = workload("prod", "api", &[]);
+    let peer = id("web", "front");
+    // ALLOW with no rules: selects the workload and allows nothing.
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy("prod", "allow-nothing", &[], Action::Allow, vec![])],
+    ));
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &peer)),
+        deny(None, DenyReason::NotAllowed)
+    );
+    // DENY with no rules denies nothing; an empty rule matches everything.
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![
+            policy("prod", "deny-nothing", &[], Action::Deny, vec![]),
+            policy(
+                "prod",
+                "allow-all",
+                &[],
+                Action::Allow,
+                vec![Rule::default()],
+            ),
+        ],
+    ));
+    assert!(index.evaluate(&mtls(&api, 80, &peer)).is_allowed());
+    assert!(
+        index
+            .evaluate(&plaintext(&api, 80, "192.0.2.1"))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn the_first_matching_deny_policy_by_name_is_named() {
+    let api = workload("prod", "api", &[("app", "api")]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![
+            policy(
+                "prod",
+                "b-labelled",
+                &[("app", "api")],
+                Action::Deny,
+                vec![Rule::default()],
+            ),
+            policy("prod", "c-wide", &[], Action::Deny, vec![Rule::default()]),
+            policy(
+                "prod",
+                "a-other-port",
+                &[],
+                Action::Deny,
+                vec![Rule {
+                    to_ports: vec![PortRange::single(9)],
+                    ..Rule::default()
+                }],
+            ),
+        ],
+    ));
+    assert_eq!(
+        index.evaluate(&mtls(&api, 80, &id("web", "front"))),
+        deny(Some(("prod", "b-labelled")), DenyReason::DeniedByPolicy)
+    );
+}
+
+#[test]
+fn workloads_the_index_does_not_know_are_selected_on_the_spot() {
+    let api = workload("prod", "api", &[("app", "api")]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "deny-db",
+            &[("app", "db")],
+            Action::Deny,
+            vec![Rule::default()],
+        )],
+    ));
+    let peer = id("web", "front");
+    assert!(index.evaluate(&mtls(&api, 80, &peer)).is_allowed());
+    // Relabelled since the index was built.
+    let relabelled = workload("prod", "api", &[("app", "db")]);
+    assert!(!index.evaluate(&mtls(&relabelled, 80, &peer)).is_allowed());
+    // Not in the snapshot at all.
+    let unknown = workload("prod", "new", &[("app", "db")]);
+    assert!(!index.evaluate(&mtls(&unknown, 80, &peer)).is_allowed());
+}
+
+#[test]
+fn a_new_index_applies_a_new_policy_to_the_same_facts() {
+    // How the proxy re-checks open connections: the same facts against the next index.
+    let api = workload("prod", "api", &[]);
+    let peer = id("web", "front");
+    let before = PolicyIndex::build(&snapshot(&[&api], vec![]));
+    let facts = mtls(&api, 80, &peer);
+    assert!(before.evaluate(&facts).is_allowed());
+    let after = before.rebuild(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "deny-web",
+            &[],
+            Action::Deny,
+            vec![from_namespace("web")],
+        )],
+    ));
+    assert!(!after.evaluate(&facts).is_allowed());
+}
+
+// Properties, over a small universe so that selectors, sources and facts collide often.
+
+const NAMESPACES: [&str; 2] = ["a", "b"];
+const LABEL_KEYS: [&str; 2] = ["app", "tier"];
+const LABEL_VALUES: [&str; 2] = ["x", "y"];
+
+fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map(
+        prop::sample::select(&LABEL_KEYS[..]).prop_map(String::from),
+        prop::sample::select(&LABEL_VALUES[..]).prop_map(String::from),
+        0..=2,
+    )
+}
+
+fn ids() -> Vec<SpiffeId> {
+    vec![
+        id("a", "s1"),
+        id("b", "s2"),
+        "spiffe://other.td/ns/a/sa/s2".parse().unwrap(),
+    ]
+}
+
+fn source() -> impl Strategy<Value = Source> {
+    let principals = prop::collection::vec(
+        prop_oneof![
+            Just(Principal::Any),
+            prop::sample::select(ids()).prop_map(Principal::Exact),
+            Just(Principal::Prefix("spiffe://cluster.local/ns/a/".into())),
+            Just(Principal::Suffix("/sa/s2".into())),
+        ],
+        0..=2,
+    );
+    let service_accounts = prop::collection::vec(
+        prop::sample::select(vec![("a", "s1"), ("b", "s2"), ("a", "s2")]).prop_map(|(ns, sa)| {
+            ServiceAccount {
+                namespace: ns.into(),
+                name: sa.into(),
+            }
+        }),
+        0..=1,
+    );
+    let namespaces = prop::collection::vec(
+        prop::sample::select(&NAMESPACES[..]).prop_map(String::from),
+        0..=1,
+    );
+    let ip_blocks = prop::collection::vec(
+        prop::sample::select(vec![
+            ("10.0.0.0/8", Some("10.1.0.0/16")),
+            ("10.1.0.0/16", None),
+            ("192.168.0.0/16", None),
+        ])
+        .prop_map(|(cidr, except)| IpBlock {
+            cidr: cidr.parse().unwrap(),
+            except: except.into_iter().map(|e| e.parse().unwrap()).collect(),
+        }),
+        0..=1,
+    );
+    (principals, service_accounts, namespaces, ip_blocks).prop_map(
+        |(principals, service_accounts, namespaces, ip_blocks)| Source {
+            principals,
+            service_accounts,
+            namespaces,
+            ip_blocks,
+        },
+    )
+}
+
+fn rule() -> impl Strategy<Value = Rule> {
+    let ports = prop::collection::vec(
+        prop::sample::select(vec![(80, 80), (443, 443), (8000, 8100)])
+            .prop_map(|(start, end)| PortRange { start, end }),
+        0..=2,
+    );
+    let l7 = prop::option::weighted(
+        0.2,
+        Just(L7Match {
+            methods: vec!["GET".into()],
+            ..L7Match::default()
+        }),
+    );
+    (prop::collection::vec(source(), 0..=2), ports, l7).prop_map(|(from, to_ports, l7)| Rule {
+        from,
+        to_ports,
+        l7,
+    })
+}
+
+fn access_policy(name: String) -> impl Strategy<Value = AccessPolicy> {
+    (
+        prop::sample::select(&NAMESPACES[..]),
+        labels(),
+        prop_oneof![Just(Action::Allow), Just(Action::Deny)],
+        prop::collection::vec(rule(), 0..=2),
+    )
+        .prop_map(
+            move |(namespace, match_labels, action, rules)| AccessPolicy {
+                name: WorkloadRef::new(namespace, name.clone()),
+                selector: WorkloadSelector {
+                    namespace: namespace.into(),
+                    match_labels,
+                },
+                action,
+                rules,
+            },
+        )
+}
+
+fn policies() -> impl Strategy<Value = Vec<AccessPolicy>> {
+    prop::collection::vec(prop::sample::select((0..12).collect::<Vec<u32>>()), 0..8).prop_flat_map(
+        |names| {
+            names
+                .into_iter()
+                .map(|n| access_policy(format!("p{n}")))
+                .collect::<Vec<_>>()
+        },
+    )
+}
+
+fn workloads() -> impl Strategy<Value = Vec<Workload>> {
+    prop::collection::vec((prop::sample::select(&NAMESPACES[..]), labels()), 1..6).prop_map(
+        |specs| {
+            specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (namespace, labels))| Workload {
+                    labels,
+                    ..workload(namespace, &format!("w{i}"), &[])
+                })
+                .collect()
+        },
+    )
+}
+
+/// What the proxy would see: a destination (sometimes relabelled or unknown to the
+/// snapshot), a port, a peer.
+#[derive(Clone, Debug)]
+struct Case {
+    destination: Workload,
+    port: u16,
+    identity: Option<SpiffeId>,
+    source_ip: IpAddr,
+}
+
+fn case(workloads: &[Workload]) -> impl Strategy<Value = Case> + use<> {
+    let destination = prop_oneof![
+        4 => prop::sample::select(workloads.to_vec()),
+        1 => (prop::sample::select(workloads.to_vec()), labels())
+            .prop_map(|(w, labels)| Workload { labels, ..w }),
+    ];
+    (
+        destination,
+        prop::sample::select(vec![80u16, 443, 8050, 9000]),
+        prop::option::of(prop::sample::select(ids())),
+        prop::sample::select(vec![
+            ip("10.0.0.5"),
+            ip("10.1.0.5"),
+            ip("192.168.1.1"),
+            ip("172.16.0.1"),
+        ]),
+    )
+        .prop_map(|(destination, port, identity, source_ip)| Case {
+            destination,
+            port,
+            identity,
+            source_ip,
+        })
+}
+
+fn world() -> impl Strategy<Value = (Snapshot, Case)> {
+    (workloads(), policies(), any::<bool>()).prop_flat_map(|(workloads, policies, default_deny)| {
+        let mut snapshot = snapshot(&workloads.iter().collect::<Vec<_>>(), policies);
+        snapshot.mesh.default_deny = default_deny;
+        (Just(snapshot), case(&workloads))
+    })
+}
+
+impl Case {
+    fn facts(&self) -> ConnectionFacts<'_> {
+        ConnectionFacts {
+            destination: &self.destination,
+            dst_port: self.port,
+            source_identity: self.identity.as_ref(),
+            source_ip: self.source_ip,
+        }
+    }
+}
+
+/// The semantics written out over every policy of the snapshot, without the index.
+fn brute_force(snapshot: &Snapshot, facts: &ConnectionFacts<'_>) -> Decision {
+    let matches = |p: &AccessPolicy| {
+        // A lone policy in the deny position denies exactly when it matches.
+        !eval::decide([p], [], false, facts).is_allowed()
+    };
+    let selecting: Vec<&AccessPolicy> = snapshot
+        .policies
+        .values()
+        .filter(|p| p.selects(facts.destination))
+        .collect();
+    if let Some(p) = selecting
+        .iter()
+        .find(|p| p.action == Action::Deny && matches(p))
+    {
+        return Decision::Deny {
+            policy: Some(p.name.clone()),
+            reason: DenyReason::DeniedByPolicy,
+        };
+    }
+    let allows: Vec<_> = selecting
+        .iter()
+        .filter(|p| p.action == Action::Allow)
+        .collect();
+    if !allows.is_empty() {
+        if allows.iter().any(|p| matches(p)) {
+            return Decision::Allow;
+        }
+        return Decision::Deny {
+            policy: None,
+            reason: DenyReason::NotAllowed,
+        };
+    }
+    if snapshot.mesh.default_deny {
+        return Decision::Deny {
+            policy: None,
+            reason: DenyReason::DefaultDeny,
+        };
+    }
+    Decision::Allow
+}
+
+proptest! {
+    #[test]
+    fn the_index_decides_as_brute_force_over_every_policy((snapshot, case) in world()) {
+        let index = PolicyIndex::build(&snapshot);
+        prop_assert_eq!(index.evaluate(&case.facts()), brute_force(&snapshot, &case.facts()));
+    }
+
+    #[test]
+    fn adding_a_deny_policy_never_turns_a_deny_into_an_allow(
+        (snapshot, case, extra) in world().prop_flat_map(|(s, c)| {
+            (Just(s), Just(c), access_policy("extra".into()))
+        })
+    ) {
+        let before = PolicyIndex::build(&snapshot).evaluate(&case.facts());
+        let mut more = snapshot.clone();
+        more.policies.insert(extra.name.clone(), AccessPolicy { action: Action::Deny, ..extra });
+        let after = PolicyIndex::build(&more).evaluate(&case.facts());
+        prop_assert!(before.is_allowed() || !after.is_allowed(), "{before:?} became {after:?}");
+    }
+
+    #[test]
+    fn default_deny_only_changes_unselected_workloads((snapshot, case) in world()) {
+        let mut open = snapshot.clone();
+        open.mesh.default_deny = false;
+        let mut closed = snapshot;
+        closed.mesh.default_deny = true;
+        let open = PolicyIndex::build(&open).evaluate(&case.facts());
+        let closed = PolicyIndex::build(&closed).evaluate(&case.facts());
+        if closed.reason() == Some("default_deny") {
+            prop_assert_eq!(open, Decision::Allow);
+        } else {
+            prop_assert_eq!(open, closed);
+        }
+    }
+
+    #[test]
+    fn plaintext_decisions_ignore_sources_that_need_an_identity(
+        (snapshot, case) in world()
+    ) {
+        let facts = ConnectionFacts { source_identity: None, ..case.facts() };
+        let decision = PolicyIndex::build(&snapshot).evaluate(&facts);
+        // Dropping every source that needs an identity leaves the decision unchanged.
+        let mut ip_only = snapshot.clone();
+        for policy in ip_only.policies.values_mut() {
+            for rule in &mut policy.rules {
+                let had_sources = !rule.from.is_empty();
+                rule.from.retain(|s| {
+                    s.principals.is_empty() && s.service_accounts.is_empty()
+                        && s.namespaces.is_empty()
+                });
+                if had_sources && rule.from.is_empty() {
+                    // No source left that could match: the rule matches nothing.
+                    rule.from.push(Source {
+                        ip_blocks: vec![IpBlock {
+                            cidr: "0.0.0.0/32".parse().unwrap(),
+                            except: vec![],
+                        }],
+                        ..Source::default()
+                    });
+                }
+            }
+        }
+        prop_assert_eq!(decision, PolicyIndex::build(&ip_only).evaluate(&facts));
+    }
+}
