@@ -16,3 +16,6 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+
+#[cfg(test)]
+mod test_util;

@@ -1,44 +1,62 @@
-//! Byte copying between the application's connection and the upstream one: both ways at
-//! once, counting bytes as they go (so a failed connection still reports what moved), and
-//! forwarding half-close: EOF on one side becomes a FIN (shutdown(SHUT_WR)) on the other,
-//! while the other direction keeps flowing.
+//! Byte copying between the application's connection and the upstream one (TCP, or an
+//! HBONE stream): both ways at once, counting bytes as they go (so a failed connection
+//! still reports what moved), and forwarding half-close: EOF on one side becomes a FIN
+//! (shutdown(SHUT_WR), or END_STREAM) on the other, while the other direction keeps
+//! flowing. An error on either side aborts both (RST, or RST_STREAM).
 
 use std::{
+    io,
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
 };
 
 use super::Error;
 
-/// Copies until both directions have seen EOF. On error, both sockets are reset (RST), so
-/// neither peer is left half-open waiting for data that will never come.
-pub async fn bidirectional(
-    downstream: &mut TcpStream,
-    upstream: &mut TcpStream,
+/// One end of a proxied connection: a byte stream that can also be aborted, so that an
+/// error on either side resets the other instead of closing it cleanly.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin {
+    /// Makes the next close an abort: RST for TCP, RST_STREAM for an HBONE stream.
+    fn abort(&mut self);
+}
+
+impl Stream for TcpStream {
+    fn abort(&mut self) {
+        reset(self);
+    }
+}
+
+/// Copies until both directions have seen EOF. On error, both ends are aborted (RST, or
+/// RST_STREAM for HBONE), so neither peer is left half-open waiting for data that will
+/// never come.
+pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
+    downstream: &mut D,
+    upstream: &mut U,
     sent: &AtomicU64,
     received: &AtomicU64,
 ) -> Result<(), Error> {
-    let result = {
-        let (down_read, down_write) = downstream.split();
-        let (up_read, up_write) = upstream.split();
-        tokio::try_join!(
-            one_way(down_read, up_write, sent, Side::Downstream),
-            one_way(up_read, down_write, received, Side::Upstream),
-        )
-    };
+    let mut to_upstream = OneWay::new(Side::Downstream);
+    let mut to_downstream = OneWay::new(Side::Upstream);
+    let result = std::future::poll_fn(|cx| {
+        let up = to_upstream.poll(cx, &mut *downstream, &mut *upstream, sent)?;
+        let down = to_downstream.poll(cx, &mut *upstream, &mut *downstream, received)?;
+        match (up, down) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
     if result.is_err() {
-        reset(downstream);
-        reset(upstream);
+        downstream.abort();
+        upstream.abort();
     }
-    result.map(|_| ())
+    result
 }
 
 /// Aborts a connection with RST instead of FIN.
@@ -57,7 +75,7 @@ enum Side {
 }
 
 /// Builds an `Error` from an I/O error of one side.
-type ErrorFn = fn(std::io::Error) -> Error;
+type ErrorFn = fn(io::Error) -> Error;
 
 impl Side {
     /// Which side a read error and a write error belong to.
@@ -69,24 +87,98 @@ impl Side {
     }
 }
 
-async fn one_way(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-    counter: &AtomicU64,
+/// One direction of the copy, polled by hand so both directions share one task and
+/// borrow the two streams without splitting them.
+struct OneWay {
     side: Side,
-) -> Result<(), Error> {
-    let (read_err, write_err) = side.error_constructors();
     // One buffer per direction for the connection's lifetime; never per read.
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let n = from.read(&mut buf).await.map_err(read_err)?;
-        if n == 0 {
-            // Half-close: pass the FIN on and keep the other direction open.
-            to.shutdown().await.map_err(write_err)?;
-            return Ok(());
+    buf: Box<[u8]>,
+    /// `buf[start..end]` is read but not yet written.
+    start: usize,
+    end: usize,
+    read_eof: bool,
+    unflushed: bool,
+    done: bool,
+}
+
+impl OneWay {
+    fn new(side: Side) -> Self {
+        Self {
+            side,
+            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            read_eof: false,
+            unflushed: false,
+            done: false,
         }
-        to.write_all(&buf[..n]).await.map_err(write_err)?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+        counter: &AtomicU64,
+    ) -> Poll<Result<(), Error>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let (read_err, write_err) = self.side.error_constructors();
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.start == self.end && !self.read_eof {
+                let mut read = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        if n == 0 {
+                            self.read_eof = true;
+                        } else {
+                            self.start = 0;
+                            self.end = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(read_err(e))),
+                    Poll::Pending => {
+                        // Nothing more to read for now: push out what was written.
+                        if self.unflushed {
+                            match Pin::new(&mut *to).poll_flush(cx) {
+                                Poll::Ready(Ok(())) => self.unflushed = false,
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                                Poll::Pending => {}
+                            }
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.start < self.end {
+                let written =
+                    match Pin::new(&mut *to).poll_write(cx, &self.buf[self.start..self.end]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
+                        }
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                        Poll::Pending => return Poll::Pending,
+                    };
+                self.start += written;
+                self.unflushed = true;
+                counter.fetch_add(written as u64, Ordering::Relaxed);
+            }
+            if self.read_eof {
+                // Half-close: pass the FIN on and keep the other direction open.
+                match Pin::new(&mut *to).poll_shutdown(cx) {
+                    Poll::Ready(Ok(())) => self.done = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
     }
 }
 
@@ -96,7 +188,10 @@ const BUF_SIZE: usize = 64 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

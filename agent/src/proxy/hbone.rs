@@ -1,0 +1,242 @@
+//! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 between node proxies (Istio's wire format).
+//!
+//! A client proxy opens (or reuses, `pool`) one TLS connection per (source identity,
+//! destination identity, destination address) to the peer's port 15008, and sends one
+//! `CONNECT ip:port` stream per application connection. The server (`server`) checks the
+//! client's SPIFFE id, asks a `ConnectHandler` whether and where to connect, answers `200`
+//! only once the upstream is connected, then copies bytes. `tls` builds both rustls
+//! configurations and the SPIFFE verifiers. docs/hbone.md describes the wire format.
+//!
+//! Inputs: certificates and roots from a `CertSource` (at handshake time), sockets from the
+//! caller (created in the pod's namespace). Outputs: `HboneStream`s, served CONNECTs, and a
+//! `reason()` for every failure.
+
+mod client;
+mod pool;
+mod server;
+mod stream;
+pub mod tls;
+
+use std::io;
+
+use h2::Reason;
+use rustls::{AlertDescription, CertificateError};
+
+pub use client::{ConnectRequest, HboneStream};
+pub use pool::{Key, Pool, PoolConfig, PoolStats};
+pub use server::{Accepted, ConnectHandler, InboundConnect, Refusal, Transfer, serve};
+pub use tls::{client_config, server_config};
+
+use crate::identity::SpiffeId;
+
+/// An HBONE error, with a stable reason for logs and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no certificate for our own identity {0} yet; refusing to connect without one")]
+    NoCertificate(SpiffeId),
+    #[error("no certificate for this pod's identity yet; refusing HBONE until one is issued")]
+    NoOwnCertificate,
+    #[error("cannot connect to the HBONE port {addr}: {source}")]
+    Dial {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the HBONE socket failed before the handshake: {0}")]
+    Socket(#[source] io::Error),
+    #[error("{message} (a concurrent connect to the same peer failed; not retried)")]
+    ConcurrentConnectFailed {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("TLS handshake with {0} timed out")]
+    HandshakeTimeout(std::net::SocketAddr),
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(#[source] rustls::Error),
+    #[error("peer identity mismatch: expected {expected}, peer presented {actual}")]
+    IdentityMismatch { expected: String, actual: String },
+    #[error("peer certificate does not chain to the trust bundle (check the mesh CA): {0}")]
+    UntrustedCa(String),
+    #[error("peer certificate has expired (is its certificate manager renewing?): {0}")]
+    ExpiredCertificate(String),
+    #[error("peer certificate is not valid yet (clock skew?): {0}")]
+    NotYetValidCertificate(String),
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("peer certificate is not a SPIFFE certificate weft accepts: {0}")]
+    BadCertificate(String),
+    #[error("the {peer} refused the TLS handshake with alert {alert:?} (see its log for why)")]
+    PeerAlert { alert: AlertDescription, peer: Role },
+    #[error("HTTP/2 error: {0}")]
+    Http2(#[source] h2::Error),
+    #[error("HBONE stream reset by peer: {0:?}")]
+    StreamReset(Reason),
+    #[error("peer refused the CONNECT: not a workload it serves at that address (400)")]
+    BadRequest,
+    #[error("peer denied the CONNECT by policy (401)")]
+    PolicyDenied,
+    #[error("peer could not connect to the upstream (503)")]
+    UpstreamUnreachable,
+    #[error("peer answered the CONNECT with unexpected status {0}")]
+    UnexpectedStatus(u16),
+    #[error("no response to the CONNECT in time")]
+    ResponseTimeout,
+    #[error("invalid CONNECT target: {0}")]
+    InvalidRequest(String),
+    #[error("BUG: TLS configuration rejected: {0}")]
+    BugTlsConfig(#[source] rustls::Error),
+}
+
+impl Error {
+    /// Stable, snake_case reason: metric label and access-log `error` field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::NoCertificate(_) | Error::NoOwnCertificate => "no_certificate",
+            Error::Dial { .. } => "hbone_dial",
+            Error::Socket(_) => "socket",
+            Error::ConcurrentConnectFailed { reason, .. } => reason,
+            Error::HandshakeTimeout(_) => "tls_handshake_timeout",
+            Error::TlsHandshake(_) => "tls_handshake",
+            Error::IdentityMismatch { .. } => "identity_mismatch",
+            Error::UntrustedCa(_) => "untrusted_ca",
+            Error::ExpiredCertificate(_) => "expired_certificate",
+            Error::NotYetValidCertificate(_) => "not_yet_valid_certificate",
+            Error::NoPeerCertificate => "no_peer_certificate",
+            Error::BadCertificate(_) => "bad_certificate",
+            Error::PeerAlert { alert, peer } => alert_reason(*alert, *peer),
+            Error::Http2(_) => "http2",
+            Error::StreamReset(_) => "stream_reset",
+            Error::BadRequest => "bad_request",
+            Error::PolicyDenied => "policy_denied",
+            Error::UpstreamUnreachable => "upstream_unreachable",
+            Error::UnexpectedStatus(_) => "unexpected_status",
+            Error::ResponseTimeout => "response_timeout",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::BugTlsConfig(_) => "bug",
+        }
+    }
+
+    /// Classifies a rustls error: our verifiers' rejections keep their own variant,
+    /// certificate problems get theirs, an alert from the peer says what the peer refused.
+    /// `peer` is the other end of the connection (who sent an alert, if one came).
+    pub(crate) fn from_tls(e: rustls::Error, peer: Role) -> Error {
+        use rustls::Error as E;
+        match e {
+            E::InvalidCertificate(ref cert) => match cert {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Error::ExpiredCertificate(e.to_string())
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Error::NotYetValidCertificate(e.to_string())
+                }
+                #[allow(
+                    deprecated,
+                    reason = "rustls still returns BadSignature from some paths"
+                )]
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    Error::UntrustedCa(e.to_string())
+                }
+                CertificateError::Other(other) => match other.0.downcast_ref::<tls::Rejection>() {
+                    Some(rejection) => rejection.clone().into(),
+                    None => Error::BadCertificate(e.to_string()),
+                },
+                _ => Error::BadCertificate(e.to_string()),
+            },
+            E::NoCertificatesPresented => Error::NoPeerCertificate,
+            E::AlertReceived(alert) => Error::PeerAlert { alert, peer },
+            // rustls's error when our resolver had no certificate for the pod (server side;
+            // the client side checks before dialing).
+            E::General(ref message) if message == "no server certificate chain resolved" => {
+                Error::NoOwnCertificate
+            }
+            e => Error::TlsHandshake(e),
+        }
+    }
+
+    /// Classifies an I/O error of the TLS stream (tokio-rustls wraps rustls errors in it).
+    pub(crate) fn from_io(e: io::Error, peer: Role) -> Error {
+        match tls_error_of(&e) {
+            Some(tls) => Error::from_tls(tls.clone(), peer),
+            None => Error::TlsHandshake(rustls::Error::General(e.to_string())),
+        }
+    }
+
+    /// Classifies an h2 error: a stream reset, or a connection failure (whose TLS cause,
+    /// when there is one, the caller passes from the connection's record).
+    pub(crate) fn from_h2(e: h2::Error, tls_cause: Option<rustls::Error>, peer: Role) -> Error {
+        if let Some(tls) = tls_cause {
+            return Error::from_tls(tls, peer);
+        }
+        match e.reason() {
+            Some(reason) if e.is_reset() => Error::StreamReset(reason),
+            _ => Error::Http2(e),
+        }
+    }
+}
+
+impl From<tls::Rejection> for Error {
+    fn from(r: tls::Rejection) -> Self {
+        match r {
+            tls::Rejection::IdentityMismatch { expected, actual } => {
+                Error::IdentityMismatch { expected, actual }
+            }
+            tls::Rejection::NotSpiffe(why) => Error::BadCertificate(why),
+        }
+    }
+}
+
+/// The rustls error inside an I/O error, if any.
+pub(crate) fn tls_error_of(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// One end of an HBONE connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Client => "HBONE client",
+            Role::Server => "HBONE server",
+        })
+    }
+}
+
+/// The reason an alert stands for: what the peer found wrong (rustls sends these alerts
+/// for the matching certificate errors), so both ends log the same reason.
+fn alert_reason(alert: AlertDescription, peer: Role) -> &'static str {
+    match alert {
+        AlertDescription::UnknownCA | AlertDescription::DecryptError => "untrusted_ca",
+        AlertDescription::CertificateExpired => "expired_certificate",
+        AlertDescription::CertificateRequired => "no_peer_certificate",
+        AlertDescription::BadCertificate
+        | AlertDescription::CertificateUnknown
+        | AlertDescription::UnsupportedCertificate => "bad_certificate",
+        // A weft client refuses the wrong server identity with access_denied; a rustls
+        // server sends it when it has no certificate to present.
+        AlertDescription::AccessDenied => match peer {
+            Role::Client => "identity_mismatch",
+            Role::Server => "no_certificate",
+        },
+        _ => "tls_handshake",
+    }
+}
+
+/// HBONE's port on every meshed pod.
+pub const PORT: u16 = 15008;
+/// The only ALPN protocol offered and accepted.
+pub const ALPN: &[u8] = b"h2";
+/// W3C baggage (Istio puts workload metadata here).
+pub const BAGGAGE: &str = "baggage";
+/// RFC 7239 `for=` carrying the original client address.
+pub const FORWARDED: &str = "forwarded";
+/// W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+//! The server half: TLS accept on a pod's HBONE listener, the client's SPIFFE id from its
+//! certificate, HTTP/2, and per CONNECT stream a decision by the `ConnectHandler`: refuse
+//! with a status, or connect the upstream, answer `200` and copy bytes both ways.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::{Error, Role, stream::H2Stream, tls};
+use crate::{
+    identity::SpiffeId,
+    proxy::{self, copy},
+};
+
+/// A CONNECT the server received, for the handler to decide on.
+#[derive(Debug)]
+pub struct InboundConnect {
+    /// The client's SPIFFE id, proven by its certificate.
+    pub peer_identity: SpiffeId,
+    /// The client's address (the peer proxy's).
+    pub peer_addr: SocketAddr,
+    /// Where the HBONE connection arrived (the pod's address, port 15008).
+    pub local_addr: SocketAddr,
+    /// `:authority`, the original destination.
+    pub target: SocketAddr,
+    /// The request headers (`forwarded`, `baggage`, `traceparent`, …).
+    pub headers: HeaderMap,
+}
+
+/// Why a CONNECT is refused; each maps to a status the client understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The target is not a workload served at this address: 400.
+    NotServed,
+    /// Policy denies it: 401.
+    Denied,
+    /// The upstream could not be connected: 503.
+    Unreachable,
+}
+
+/// A CONNECT the handler accepted: the upstream, already connected, and the record that
+/// observes the transfer.
+pub struct Accepted<T> {
+    pub upstream: TcpStream,
+    pub transfer: T,
+}
+
+/// Observes one accepted CONNECT: byte counters updated while bytes move, and the outcome.
+pub trait Transfer: Send + 'static {
+    /// Bytes from the HBONE client to the upstream.
+    fn sent(&self) -> &AtomicU64;
+    /// Bytes from the upstream to the HBONE client.
+    fn received(&self) -> &AtomicU64;
+    /// Called once, when both directions are done or the transfer failed.
+    fn finish(self, result: Result<(), proxy::Error>);
+}
+
+/// Decides on each CONNECT (policy, which workload, connecting the upstream).
+pub trait ConnectHandler: Send + Sync + 'static {
+    type Transfer: Transfer;
+
+    /// Accepts with a connected upstream, or refuses. The server answers `200` only after
+    /// this returned `Ok`, so the client learns that the upstream is reachable.
+    fn open(
+        &self,
+        request: InboundConnect,
+    ) -> impl Future<Output = Result<Accepted<Self::Transfer>, Refusal>> + Send;
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::NotServed => StatusCode::BAD_REQUEST,
+            Refusal::Denied => StatusCode::UNAUTHORIZED,
+            Refusal::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Serves one HBONE connection until the client closes it. A refused handshake is logged
+/// with its reason and returned; streams run on their own tasks.
+pub async fn serve<H: ConnectHandler>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+) -> Result<(), Error> {
+    let peer_addr = tcp.peer_addr().map_err(Error::Socket)?;
+    let local_addr = tcp.local_addr().map_err(Error::Socket)?;
+    let handshake = async {
+        let accept = TlsAcceptor::from(tls).accept(tcp);
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+            .await
+            .map_err(|_| Error::HandshakeTimeout(peer_addr))?
+            .map_err(|e| Error::from_io(e, Role::Client))?;
+        let peer_identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or(Error::NoPeerCertificate)
+            .and_then(|leaf| tls::peer_identity(leaf).map_err(Error::from))?;
+        Ok::<_, Error>((stream, peer_identity))
+    };
+    let (stream, peer_identity) = match handshake.await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            warn!(component = "hbone", src = %peer_addr, reason = e.reason(), error = %e, "HBONE handshake refused");
+            return Err(e);
+        }
+    };
+    debug!(component = "hbone", src = %peer_addr, src.identity = %peer_identity, "HBONE connection accepted");
+    let h2_handshake = h2::server::Builder::new()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake::<_, Bytes>(stream);
+    // The client preface is bounded like the TLS handshake: a silent client must not hold
+    // the connection forever.
+    let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_handshake)
+        .await
+        .map_err(|_| Error::HandshakeTimeout(peer_addr))?
+        .map_err(|e| Error::from_h2(e, None, Role::Client))?;
+    let peer = Arc::new(Peer {
+        identity: peer_identity,
+        addr: peer_addr,
+        local_addr,
+    });
+    while let Some(next) = connection.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                tokio::spawn(stream_task(
+                    Arc::clone(&handler),
+                    Arc::clone(&peer),
+                    request,
+                    respond,
+                ));
+            }
+            Err(e) => {
+                let e = Error::from_h2(e, None, Role::Client);
+                debug!(component = "hbone", src = %peer_addr, reason = e.reason(), error = %e, "HBONE connection failed");
+                return Err(e);
+            }
+        }
+    }
+    // No more streams will be accepted (the client sent GOAWAY or closed); streams still
+    // open need the connection driven until they end.
+    std::future::poll_fn(|cx| connection.poll_closed(cx))
+        .await
+        .map_err(|e| Error::from_h2(e, None, Role::Client))
+}
+
+struct Peer {
+    identity: SpiffeId,
+    addr: SocketAddr,
+    local_addr: SocketAddr,
+}
+
+async fn stream_task<H: ConnectHandler>(
+    handler: Arc<H>,
+    peer: Arc<Peer>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    if request.method() != Method::CONNECT {
+        reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return;
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
+    else {
+        debug!(component = "hbone", src = %peer.addr, uri = %request.uri(), "CONNECT target is not ip:port");
+        reply(&mut respond, StatusCode::BAD_REQUEST);
+        return;
+    };
+    let (parts, body) = request.into_parts();
+    let inbound = InboundConnect {
+        peer_identity: peer.identity.clone(),
+        peer_addr: peer.addr,
+        local_addr: peer.local_addr,
+        target,
+        headers: parts.headers,
+    };
+    let Accepted {
+        mut upstream,
+        transfer,
+    } = match handler.open(inbound).await {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            debug!(component = "hbone", src = %peer.addr, dst = %target, refusal = ?refusal, "CONNECT refused");
+            reply(&mut respond, refusal.status());
+            return;
+        }
+    };
+    let send = match respond.send_response(response(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(e) => {
+            // The client went away while the upstream was being connected.
+            copy::reset(&upstream);
+            transfer.finish(Err(proxy::Error::Downstream(std::io::Error::other(e))));
+            return;
+        }
+    };
+    let mut stream = H2Stream::new(send, body);
+    let result = copy::bidirectional(
+        &mut stream,
+        &mut upstream,
+        transfer.sent(),
+        transfer.received(),
+    )
+    .await;
+    transfer.finish(result);
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    // The client may already be gone; nothing to do about it then.
+    let _ = respond.send_response(response(status), true);
+}
+
+fn response(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response
+}
+
+/// Our SETTINGS_MAX_CONCURRENT_STREAMS; the pool's default per-connection limit matches.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME: u32 = 256 * 1024;
