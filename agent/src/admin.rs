@@ -3,7 +3,8 @@
 //! Admin (`agent.adminAddr`, default 127.0.0.1:15000, keep it on localhost):
 //! - `GET /healthz/ready`      200 `ready`, or 503 with the pending conditions
 //! - `GET /status`             JSON for `weft status`: readiness, config generation and last
-//!   rejection, enrolled pods and their listeners, eBPF maps and counters, connection totals
+//!   rejection, enrolled pods and their listeners, certificates (identity, serial, expiry,
+//!   renewal, last error), eBPF maps and counters, connection totals
 //! - `GET /config_dump`        JSON: start-up config and the current state snapshot
 //! - `GET /debug/connections`  JSON: active and recently closed connections
 //! - `POST /quitquitquit`      graceful exit
@@ -26,8 +27,8 @@ use tokio::{net::TcpListener, sync::Notify};
 use tracing::{debug, warn};
 
 use crate::{
-    ebpf::Dataplane, enroll::EnrollStatus, proxy::Connections, readiness::Ready,
-    source::SourceStatus, state::StateHandle,
+    ebpf::Dataplane, enroll::EnrollStatus, identity::CertManager, proxy::Connections,
+    readiness::Ready, source::SourceStatus, state::StateHandle,
 };
 
 /// Admin addresses, fixed at start-up.
@@ -60,6 +61,8 @@ pub struct Context {
     pub enroll: Arc<Mutex<EnrollStatus>>,
     pub dataplane: Arc<Mutex<Dataplane>>,
     pub connections: Arc<Connections>,
+    /// The certificate manager, when the node has a CA.
+    pub certs: Option<CertManager>,
     pub shutdown: Arc<Notify>,
 }
 
@@ -189,6 +192,8 @@ fn status(context: &Context) -> serde_json::Value {
             "active": connections.active.len(),
             "closed_total": connections.closed_total,
         },
+        "mtls": context.certs.is_some(),
+        "certificates": context.certs.as_ref().map(CertManager::status).unwrap_or_default(),
     })
 }
 

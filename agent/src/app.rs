@@ -11,14 +11,15 @@ use std::{
 };
 
 use tokio::sync::{Notify, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     admin,
     config::Config,
     ebpf::{self, Dataplane},
     enroll::{self, Enroller},
-    proxy::{Connections, Proxy},
+    identity::{self, CertManager, CertSource},
+    proxy::{self, Connections, Proxy, hbone},
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
     state::{MeshSettings, Snapshot},
@@ -32,6 +33,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error("cannot open the agent's own network namespace: {0}")]
     HomeNetns(#[source] std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
 }
 
 /// Runs the agent until it is told to stop.
@@ -49,11 +52,37 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
     let orig_dst = dataplane.orig_dst_table();
     let dataplane = Arc::new(Mutex::new(dataplane));
 
+    let certs = identity::start(&config.identity)?;
+    let mtls = match &certs {
+        None => {
+            warn!(
+                component = "identity",
+                "no CA configured (agent.ca): pod-to-pod traffic is NOT encrypted or authenticated"
+            );
+            None
+        }
+        Some(certs) => {
+            track_certificate_readiness(certs.clone(), ready.clone());
+            let certs: Arc<dyn CertSource> = Arc::new(certs.clone());
+            Some(proxy::Mtls {
+                trust_domain: config.identity.trust_domain.clone(),
+                pool: hbone::Pool::new(Arc::clone(&certs), hbone::PoolConfig::default()),
+                certs,
+            })
+        }
+    };
+
     let source_status = Arc::new(SourceStatus::default());
     source_status.accepted();
     let (state_tx, mut state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
     let connections = Arc::new(Connections::default());
-    let proxy = Proxy::new(state_rx.clone(), orig_dst, Arc::clone(&connections));
+    let proxy = Proxy::new(
+        &config.proxy,
+        state_rx.clone(),
+        orig_dst,
+        Arc::clone(&connections),
+        mtls,
+    );
     let mut enroller = Enroller::new(Arc::clone(&dataplane), proxy, config.proxy);
     let enroll_status = Arc::new(Mutex::new(enroller.status()));
     let shutdown = Arc::new(Notify::new());
@@ -69,6 +98,7 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         enroll: Arc::clone(&enroll_status),
         dataplane: Arc::clone(&dataplane),
         connections,
+        certs: certs.clone(),
         shutdown: Arc::clone(&shutdown),
     }));
     info!(component = "admin", admin = ?admin_addr, readiness = ?readiness_addr, "admin servers listening");
@@ -85,6 +115,16 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
     let mut snapshot: Arc<Snapshot> = Arc::clone(&state_rx.borrow_and_update());
     loop {
+        // Certificates for every identity enrolled here (and only those: the CA would refuse
+        // others), asked for before the pods' listeners open.
+        if let Some(certs) = &certs {
+            certs.set_wanted(
+                snapshot
+                    .local_enrolled()
+                    .filter_map(|w| w.identity(&config.identity.trust_domain).ok())
+                    .collect(),
+            );
+        }
         // Settings first: exclusions must be right before new pods get steered.
         let settings = dataplane_settings(&config, &snapshot.mesh);
         if applied.as_ref() != Some(&settings) {
@@ -125,6 +165,28 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         "shutting down; eBPF state stays pinned (pods fail closed until the next agent)"
     );
     Ok(())
+}
+
+/// Keeps the `certificates` readiness condition in step with the certificate manager:
+/// not ready while any enrolled identity lacks a valid certificate.
+fn track_certificate_readiness(certs: CertManager, ready: Ready) {
+    ready.block("certificates", "no certificates yet");
+    tokio::spawn(async move {
+        let mut changes = certs.subscribe();
+        loop {
+            if certs.ready() {
+                ready.unblock("certificates");
+            } else {
+                ready.block(
+                    "certificates",
+                    "waiting for workload certificates (see /status)",
+                );
+            }
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    });
 }
 
 fn dataplane_settings(config: &Config, mesh: &MeshSettings) -> ebpf::Settings {

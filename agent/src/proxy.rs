@@ -1,17 +1,22 @@
 //! The node proxy: serves every enrolled pod's listeners. Outbound (15001) connections are
 //! matched to their original destination (from the eBPF `ORIG_DST` map), resolved (a
-//! service VIP becomes an endpoint) and connected from inside the pod; inbound (15006)
-//! connections are delivered to the application over the pod's loopback. Bytes are copied
-//! both ways with half-close preserved; errors reset both sides.
+//! service VIP becomes an endpoint) and sent from inside the pod: over HBONE (mutual TLS,
+//! `hbone`) to a destination in the mesh, in plaintext to anything else (`route` decides).
+//! HBONE (15008) and plaintext inbound (15006, refused for STRICT pods) connections are
+//! delivered to the application over the pod's loopback. Bytes are copied both ways with
+//! half-close preserved; errors reset both sides.
 //!
 //! Inputs: per-pod listeners and a socket factory for the pod (`PodContext`), the state
-//! snapshot, the original-destination table. Outputs: proxied connections, their records
-//! (`connections`) and one access-log line each.
+//! snapshot, the original-destination table, and — when the node has a CA — the
+//! certificates of the pods' identities (`Mtls`). Outputs: proxied connections, their
+//! records (`connections`) and one access-log line each.
 
 pub mod connections;
 pub mod copy;
+pub mod hbone;
 mod inbound;
 mod outbound;
+mod route;
 mod socket;
 
 use std::{
@@ -34,6 +39,7 @@ pub use socket::SocketFactory;
 
 use crate::{
     ebpf::OrigDstTable,
+    identity::{CertSource, SpiffeId},
     state::{StateHandle, WorkloadRef},
 };
 
@@ -74,8 +80,18 @@ pub enum Error {
     Downstream(#[source] io::Error),
     #[error("the upstream side failed: {0}")]
     Upstream(#[source] io::Error),
-    #[error("HBONE (mutual TLS) is not served by this agent version; connection reset")]
+    #[error("mutual TLS is off on this node (no CA configured); HBONE connection reset")]
     HboneUnsupported,
+    #[error(transparent)]
+    Hbone(#[from] hbone::Error),
+    #[error("the workload has no valid SPIFFE identity: {0}")]
+    Identity(#[source] crate::identity::Error),
+    #[error("the pod is no longer in the state snapshot")]
+    UnknownPod,
+    #[error("HBONE CONNECT to {0} refused: not a workload served at this address")]
+    NotServed(SocketAddr),
+    #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]
+    PlaintextRefusedStrict,
 }
 
 impl Error {
@@ -90,8 +106,37 @@ impl Error {
             Error::Downstream(_) => "downstream",
             Error::Upstream(_) => "upstream",
             Error::HboneUnsupported => "hbone_unsupported",
+            Error::Hbone(e) => e.reason(),
+            Error::Identity(_) => "invalid_identity",
+            Error::UnknownPod => "unknown_pod",
+            Error::NotServed(_) => "not_served",
+            Error::PlaintextRefusedStrict => "plaintext_refused_strict",
         }
     }
+}
+
+impl Error {
+    /// Back to an I/O error, for callers that speak `io::Result` (the HBONE pool's dialer).
+    fn into_io(self) -> io::Error {
+        match self {
+            Error::Socket(e) | Error::Connect { source: e, .. } => e,
+            Error::ConnectTimeout(addr) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            ),
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}
+
+/// Mutual TLS inputs: present when the node has a CA.
+pub struct Mtls {
+    /// SPIFFE trust domain of the mesh (`cluster.local`).
+    pub trust_domain: String,
+    /// The pods' certificates and the trust bundle, read at each handshake.
+    pub certs: Arc<dyn CertSource>,
+    /// Outbound HBONE connections, shared by every pod of the node.
+    pub pool: hbone::Pool,
 }
 
 /// The listeners of one pod, created inside its namespace by enrollment.
@@ -127,17 +172,27 @@ struct Inner {
     state: StateHandle,
     orig_dst: OrigDstTable,
     connections: Arc<Connections>,
+    mtls: Option<Mtls>,
+    hbone_port: u16,
     /// Round-robin position for service endpoints.
     next_endpoint: AtomicUsize,
 }
 
 impl Proxy {
-    pub fn new(state: StateHandle, orig_dst: OrigDstTable, connections: Arc<Connections>) -> Self {
+    pub fn new(
+        config: &Config,
+        state: StateHandle,
+        orig_dst: OrigDstTable,
+        connections: Arc<Connections>,
+        mtls: Option<Mtls>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state,
                 orig_dst,
                 connections,
+                mtls,
+                hbone_port: config.ports.hbone,
                 next_endpoint: AtomicUsize::new(0),
             }),
         }
@@ -147,8 +202,14 @@ impl Proxy {
         &self.inner.connections
     }
 
+    /// The outbound HBONE pool, when mutual TLS is on (for status).
+    pub fn hbone_stats(&self) -> Option<hbone::PoolStats> {
+        self.inner.mtls.as_ref().map(|m| m.pool.stats())
+    }
+
     /// Starts the accept loops of a pod.
     pub fn serve(&self, pod: PodContext, listeners: PodListeners) -> PodHandle {
+        let hbone = self.hbone_server(&pod.workload);
         let pod = Arc::new(pod);
         let mut tasks = JoinSet::new();
         let mut addresses = Vec::new();
@@ -165,12 +226,56 @@ impl Proxy {
                 let span =
                     info_span!("listener", pod = %pod.workload, direction = direction.as_str());
                 tasks.spawn(
-                    accept_loop(self.clone(), Arc::clone(&pod), direction, listener)
-                        .instrument(span),
+                    accept_loop(
+                        self.clone(),
+                        Arc::clone(&pod),
+                        direction,
+                        listener,
+                        hbone.clone(),
+                    )
+                    .instrument(span),
                 );
             }
         }
         PodHandle { tasks, addresses }
+    }
+
+    /// Whether this node runs mutual TLS (it has a CA to get certificates from).
+    fn mtls_on(&self) -> bool {
+        self.inner.mtls.is_some()
+    }
+
+    /// The trust domain, when mutual TLS is on.
+    fn trust_domain(&self) -> Option<&str> {
+        self.inner.mtls.as_ref().map(|m| m.trust_domain.as_str())
+    }
+
+    /// The SPIFFE id of a workload in the current snapshot.
+    fn identity_of(&self, workload: &WorkloadRef) -> Result<Option<SpiffeId>, Error> {
+        let Some(trust_domain) = self.trust_domain() else {
+            return Ok(None);
+        };
+        let snapshot = self.inner.state.borrow();
+        let w = snapshot.workloads.get(workload).ok_or(Error::UnknownPod)?;
+        w.identity(trust_domain).map(Some).map_err(Error::Identity)
+    }
+
+    /// The TLS server of a pod's HBONE listener: its own certificate (no SNI: the listener
+    /// is the pod's, so the certificate is chosen by the address it arrived at). None when
+    /// mutual TLS is off or the pod's identity is unusable (its HBONE port then refuses).
+    fn hbone_server(&self, workload: &WorkloadRef) -> Option<Arc<rustls::ServerConfig>> {
+        let mtls = self.inner.mtls.as_ref()?;
+        let built = self
+            .identity_of(workload)
+            .and_then(|id| id.ok_or(Error::HboneUnsupported))
+            .and_then(|id| hbone::server_config(Arc::clone(&mtls.certs), id).map_err(Error::Hbone));
+        match built {
+            Ok(config) => Some(config),
+            Err(e) => {
+                warn!(component = "proxy", pod = %workload, error = %e, "no HBONE server for this pod; its mTLS port refuses connections");
+                None
+            }
+        }
     }
 
     fn pick_endpoint(&self) -> usize {
@@ -195,7 +300,12 @@ async fn accept_loop(
     pod: Arc<PodContext>,
     direction: Direction,
     listener: TcpListener,
+    hbone_tls: Option<Arc<rustls::ServerConfig>>,
 ) {
+    let hbone_handler = Arc::new(inbound::HboneHandler {
+        proxy: proxy.clone(),
+        pod: Arc::clone(&pod),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -212,11 +322,19 @@ async fn accept_loop(
         }
         let proxy = proxy.clone();
         let pod = Arc::clone(&pod);
+        let hbone = hbone_tls
+            .clone()
+            .map(|tls| (tls, Arc::clone(&hbone_handler)));
         tokio::spawn(async move {
-            match direction {
-                Direction::Outbound => outbound::handle(&proxy, &pod, stream, peer).await,
-                Direction::Inbound => inbound::handle(&proxy, &pod, stream, peer).await,
-                Direction::Hbone => inbound::refuse_hbone(&proxy, &pod, stream, peer),
+            match (direction, hbone) {
+                (Direction::Outbound, _) => outbound::handle(&proxy, &pod, stream, peer).await,
+                (Direction::Inbound, _) => inbound::handle(&proxy, &pod, stream, peer).await,
+                (Direction::Hbone, Some((tls, handler))) => {
+                    // Failures are logged by the server with their reason; streams record
+                    // themselves through the handler.
+                    let _ = hbone::serve(stream, tls, handler).await;
+                }
+                (Direction::Hbone, None) => inbound::refuse_hbone(&proxy, &pod, stream, peer),
             }
         });
     }

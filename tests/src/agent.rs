@@ -52,7 +52,7 @@ pub struct Connections {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct ConnRecord {
     pub id: u64,
-    /// `outbound` or `inbound`.
+    /// `outbound`, `inbound` (plaintext, 15006) or `hbone` (mutual TLS, 15008).
     pub direction: String,
     /// `namespace/name`.
     pub pod: String,
@@ -63,6 +63,11 @@ pub struct ConnRecord {
     /// `namespace/name` of the service, when `dst` was a service VIP.
     #[serde(default)]
     pub service: Option<String>,
+    /// SPIFFE ids proven by mutual TLS (none on a plaintext hop).
+    #[serde(default, rename = "src.identity")]
+    pub src_identity: Option<String>,
+    #[serde(default, rename = "dst.identity")]
+    pub dst_identity: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub error: Option<String>,
@@ -86,6 +91,9 @@ impl TestAgent {
     /// Writes the node's config and starts the agent without waiting for readiness (for
     /// tests of start-up failures: see [`TestAgent::wait_exit`]).
     pub fn spawn_only(node: &TestNode) -> Result<Self> {
+        if node.inner.mtls.get() {
+            node.ensure_ca()?;
+        }
         let yaml = serde_yaml::to_string(&node.config()).context("serialise config")?;
         Self::spawn_with_config_text(node, &yaml)
     }

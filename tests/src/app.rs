@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use crate::{
     eventually::{assert_eventually, scaled},
     pod::TestPod,
-    process::TestProcess,
+    process::{Finished, TestProcess},
 };
 
 /// How a `serve` answers.
@@ -148,6 +148,45 @@ pub fn send(pod: &TestPod, to: SocketAddr, bytes: u64, seed: u64) -> Result<Send
     run_send(pod, to, cmd)
 }
 
+/// A `send` still running (see [`start_send_paced`]).
+pub struct RunningSend {
+    process: TestProcess,
+    to: SocketAddr,
+}
+
+/// `send --to --bytes --seed --duration-ms`, in the background: the bytes are spread
+/// evenly over `over`, keeping one connection busy that long while the test looks around.
+pub fn start_send_paced(
+    pod: &TestPod,
+    to: SocketAddr,
+    bytes: u64,
+    seed: u64,
+    over: Duration,
+) -> Result<RunningSend> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "send",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+    ]);
+    cmd.args(["--seed", &seed.to_string()]);
+    cmd.args(["--duration-ms", &over.as_millis().to_string()]);
+    Ok(RunningSend {
+        process: pod.spawn(cmd, "send")?,
+        to,
+    })
+}
+
+impl RunningSend {
+    /// Waits for the transfer to end and reads its report.
+    pub fn finish(mut self) -> Result<SendReport> {
+        let done = self.process.wait(scaled(Duration::from_secs(180)))?;
+        check_send(self.to, &done)
+    }
+}
+
 /// `send --to --text`: sends exactly `text` (a marker to look for on the wire).
 pub fn send_text(pod: &TestPod, to: SocketAddr, text: &str) -> Result<SendReport> {
     let mut cmd = Command::new(testapp_bin());
@@ -158,13 +197,12 @@ pub fn send_text(pod: &TestPod, to: SocketAddr, text: &str) -> Result<SendReport
 fn run_send(pod: &TestPod, to: SocketAddr, cmd: Command) -> Result<SendReport> {
     // 100 MiB through a debug-build proxy on a busy 2-core machine: be generous.
     let done = pod.run(cmd, "send", scaled(Duration::from_secs(180)))?;
+    check_send(to, &done)
+}
+
+fn check_send(to: SocketAddr, done: &Finished) -> Result<SendReport> {
     if !done.status.success() {
-        bail!(
-            "send to {to} from {} failed ({}):\n{}",
-            pod.name(),
-            done.status,
-            done.output
-        );
+        bail!("send to {to} failed ({}):\n{}", done.status, done.output);
     }
     parse_send(&done.output).with_context(|| format!("parse send output:\n{}", done.output))
 }
@@ -210,18 +248,33 @@ fn parse_send(output: &str) -> Result<SendReport> {
 
 /// `conns --to --count`: `count` concurrent echo connections, each payload checked.
 pub fn conns(pod: &TestPod, to: SocketAddr, count: usize) -> Result<()> {
+    run_echo_checks(pod, "conns", "concurrent", to, count)
+}
+
+/// `churn --to --count`: `count` short echo connections, one after another.
+pub fn churn(pod: &TestPod, to: SocketAddr, count: usize) -> Result<()> {
+    run_echo_checks(pod, "churn", "sequential", to, count)
+}
+
+fn run_echo_checks(
+    pod: &TestPod,
+    command: &str,
+    how: &str,
+    to: SocketAddr,
+    count: usize,
+) -> Result<()> {
     let mut cmd = Command::new(testapp_bin());
     cmd.args([
-        "conns",
+        command,
         "--to",
         &to.to_string(),
         "--count",
         &count.to_string(),
     ]);
-    let done = pod.run(cmd, "conns", scaled(Duration::from_secs(120)))?;
+    let done = pod.run(cmd, command, scaled(Duration::from_secs(120)))?;
     if !done.status.success() || !done.output.contains(&format!("ok count={count}")) {
         bail!(
-            "{count} concurrent connections to {to} failed ({}):\n{}",
+            "{count} {how} connections to {to} failed ({}):\n{}",
             done.status,
             done.output
         );

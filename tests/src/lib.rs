@@ -31,9 +31,30 @@ pub mod wire;
 
 pub use agent::{ConnRecord, Connections, TestAgent};
 pub use eventually::{assert_eventually, eventually, scaled};
-pub use node::{Service, TestNode};
+pub use node::{CaFiles, Service, TestNode};
 pub use pod::{PodBuilder, TestPod};
 pub use process::TestProcess;
+
+/// The name of the enclosing test function (names the test's namespaces and cgroups).
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        let name = name.strip_suffix("::f").unwrap_or(name);
+        name.rsplit("::").next().unwrap_or(name)
+    }};
+}
+
+/// Returns `Ok(())` early (skipping) when the test cannot run here; panics instead in CI.
+#[macro_export]
+macro_rules! privileged {
+    () => {
+        if !$crate::can_run_privileged($crate::test_name!()) {
+            return Ok(());
+        }
+    };
+}
 
 /// Whether this privileged end-to-end test can run here. Not root, or a missing tool or
 /// kernel feature: in CI (`CI` set) that is a failure (panic: a test never passes by

@@ -55,10 +55,23 @@ pub(crate) struct NodeInner {
     pub pods: RefCell<Vec<PodSpec>>,
     pub services: RefCell<Vec<Service>>,
     pub mesh: RefCell<Value>,
+    /// Extra keys of the config's `agent:` section (`certLifetime`, `ca`, …).
+    pub agent_settings: RefCell<serde_json::Map<String, Value>>,
+    /// Mutual TLS between pods: on by default, with an in-process CA (see `ensure_ca`).
+    pub mtls: Cell<bool>,
+    /// The CA root the agent signs with (in-process), shared by joined nodes.
+    pub ca: RefCell<Option<Rc<CaFiles>>>,
     /// Nodes joined to this one by `connect`: their pods appear in this node's config as
     /// remote workloads. Weak, so two joined nodes still drop (and clean up).
     pub peers: RefCell<Vec<Weak<NodeInner>>>,
     netns_created: Cell<bool>,
+}
+
+/// A CA root made by `weft ca init`.
+#[derive(Debug)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A Kubernetes Service as the agent's config describes it.
@@ -102,6 +115,9 @@ impl TestNode {
                 pods: RefCell::new(Vec::new()),
                 services: RefCell::new(Vec::new()),
                 mesh: RefCell::new(json!({ "excludedPorts": [22] })),
+                agent_settings: RefCell::default(),
+                mtls: Cell::new(true),
+                ca: RefCell::new(None),
                 peers: RefCell::new(Vec::new()),
                 netns_created: Cell::new(false),
             }),
@@ -158,7 +174,58 @@ impl TestNode {
         }
         a.peers.borrow_mut().push(Rc::downgrade(b));
         b.peers.borrow_mut().push(Rc::downgrade(a));
+        // One cluster, one trust root: both agents sign with the same CA key.
+        if a.mtls.get() && b.mtls.get() {
+            let ca = self.ensure_ca()?;
+            *b.ca.borrow_mut() = Some(ca);
+        }
         Ok(())
+    }
+
+    /// Turns mutual TLS off for this node: no CA, so its agent runs the plaintext hop.
+    pub fn without_mtls(&self) {
+        self.inner.mtls.set(false);
+        *self.inner.ca.borrow_mut() = None;
+    }
+
+    /// Sets a key of the config's `agent:` section (`certLifetime`, `ca`, …).
+    pub fn set_agent_setting(&self, key: &str, value: Value) {
+        self.inner
+            .agent_settings
+            .borrow_mut()
+            .insert(key.to_string(), value);
+    }
+
+    /// Gives this node a CA root of its own (after `connect` shared one): the agents of the
+    /// two nodes then do not trust each other.
+    pub fn use_own_ca(&self) -> Result<Rc<CaFiles>> {
+        *self.inner.ca.borrow_mut() = None;
+        self.ensure_ca()
+    }
+
+    /// The node's CA root, created with `weft ca init` the first time it is needed.
+    pub fn ensure_ca(&self) -> Result<Rc<CaFiles>> {
+        if let Some(ca) = self.inner.ca.borrow().as_ref() {
+            return Ok(Rc::clone(ca));
+        }
+        let dir = self.dir().join("ca");
+        let out = Command::new(crate::app::weft_bin())
+            .args(["ca", "init", "--out"])
+            .arg(&dir)
+            .output()
+            .context("run weft ca init")?;
+        if !out.status.success() {
+            bail!(
+                "weft ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let ca = Rc::new(CaFiles {
+            cert: dir.join("ca.crt"),
+            key: dir.join("ca.key"),
+        });
+        *self.inner.ca.borrow_mut() = Some(Rc::clone(&ca));
+        Ok(ca)
     }
 
     /// The node's name in its agent config (and in the other nodes' configs).
@@ -208,6 +275,7 @@ impl TestNode {
                     "netns": sys::netns_path(&p.netns).display().to_string(),
                     "node": n.node_name(),
                     "enrolled": p.enrolled.get(),
+                    "mtlsMode": p.mtls_mode,
                 })
             })
             .chain(self.remote_workloads())
@@ -229,14 +297,24 @@ impl TestNode {
                 })
             })
             .collect();
+        let mut agent = json!({
+            "node": n.node_name(),
+            "pinRoot": n.pin_root.display().to_string(),
+            "cgroupRoot": self.cgroup_root().display().to_string(),
+            "adminAddr": crate::agent::ADMIN_ADDR,
+            "readinessAddr": crate::agent::READINESS_ADDR,
+        });
+        if let Some(ca) = n.ca.borrow().as_ref() {
+            agent["ca"] = json!({ "inProcess": {
+                "cert": ca.cert.display().to_string(),
+                "key": ca.key.display().to_string(),
+            }});
+        }
+        for (key, value) in n.agent_settings.borrow().iter() {
+            agent[key] = value.clone();
+        }
         json!({
-            "agent": {
-                "node": n.node_name(),
-                "pinRoot": n.pin_root.display().to_string(),
-                "cgroupRoot": self.cgroup_root().display().to_string(),
-                "adminAddr": crate::agent::ADMIN_ADDR,
-                "readinessAddr": crate::agent::READINESS_ADDR,
-            },
+            "agent": agent,
             "mesh": n.mesh.borrow().clone(),
             "workloads": workloads,
             "services": services,
@@ -315,6 +393,7 @@ impl TestNode {
                             "ips": [p.ip.to_string()],
                             "node": peer.node_name(),
                             "enrolled": p.enrolled.get(),
+                            "mtlsMode": p.mtls_mode,
                         })
                     })
                     .collect::<Vec<_>>()

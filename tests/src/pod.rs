@@ -29,6 +29,7 @@ pub struct PodBuilder<'a> {
     namespace: String,
     service_account: String,
     enrolled: bool,
+    mtls_mode: Option<String>,
 }
 
 /// A pod of a node. Cheap handle; the node owns (and deletes) what the pod is made of.
@@ -43,6 +44,8 @@ pub(crate) struct PodSpec {
     pub namespace: String,
     pub service_account: String,
     pub enrolled: Cell<bool>,
+    /// The workload's own `mtlsMode` (`STRICT`, `PERMISSIVE`, `DISABLED`), if set.
+    pub mtls_mode: Option<String>,
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
@@ -56,6 +59,7 @@ impl<'a> PodBuilder<'a> {
             namespace: "default".to_string(),
             service_account: "default".to_string(),
             enrolled: true,
+            mtls_mode: None,
         }
     }
 
@@ -72,6 +76,13 @@ impl<'a> PodBuilder<'a> {
     /// In the mesh (the default) or not.
     pub fn enrolled(mut self, enrolled: bool) -> Self {
         self.enrolled = enrolled;
+        self
+    }
+
+    /// The pod's own mTLS mode (`STRICT`, `PERMISSIVE` or `DISABLED`), overriding the
+    /// namespace's.
+    pub fn mtls_mode(mut self, mode: &str) -> Self {
+        self.mtls_mode = Some(mode.to_string());
         self
     }
 
@@ -97,6 +108,7 @@ impl<'a> PodBuilder<'a> {
             namespace: self.namespace,
             service_account: self.service_account,
             enrolled: Cell::new(self.enrolled),
+            mtls_mode: self.mtls_mode,
             ip,
             netns: netns.clone(),
             cgroup: cgroup.clone(),

@@ -2,8 +2,9 @@
 //! assertions on the pcap it writes ("this payload never appears in plaintext").
 //!
 //! The pcap is read here without a dissector (24-byte file header, 16-byte record headers):
-//! small, and enough to count packets and search payload bytes. tshark is installed by
-//! `cargo xtask setup` for deeper looks by hand (`tshark -r <file>`).
+//! small, and enough to count packets and search payload bytes. Questions about protocols
+//! (which TLS version was negotiated, how many connections were opened) go to tshark
+//! (`Pcap::tshark`), installed by `cargo xtask setup`.
 
 use std::{
     path::{Path, PathBuf},
@@ -93,6 +94,99 @@ impl Pcap {
                 .packets
                 .iter()
                 .any(|p| p.windows(needle.len()).any(|w| w == needle))
+    }
+}
+
+impl Pcap {
+    /// Runs tshark on the capture with a display filter, decoding `tls_port` as TLS, and
+    /// returns the requested fields of each matching packet (tab-separated by tshark).
+    pub fn tshark(&self, tls_port: u16, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
+        let mut cmd = Command::new("tshark");
+        cmd.args(["-n", "-r"]).arg(&self.file);
+        cmd.args([
+            "-d",
+            &format!("tcp.port=={tls_port},tls"),
+            "-Y",
+            filter,
+            "-T",
+            "fields",
+        ]);
+        for field in fields {
+            cmd.args(["-e", field]);
+        }
+        let out = cmd
+            .output()
+            .context("run tshark (cargo xtask setup installs it)")?;
+        if !out.status.success() {
+            bail!(
+                "tshark -Y {filter:?} on {}: {}",
+                self.file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| line.split('\t').map(str::to_string).collect())
+            .collect())
+    }
+
+    /// What TLS did in this capture, decoding `port` as TLS.
+    pub fn tls_summary(&self, port: u16) -> Result<TlsSummary> {
+        let server_hellos = self.tshark(
+            port,
+            "tls.handshake.type == 2",
+            &[
+                "tls.handshake.extensions.supported_version",
+                "tls.handshake.extensions_key_share_group",
+            ],
+        )?;
+        let segments = self.tshark(port, "tcp.len > 0", &["tcp.srcport", "tcp.dstport"])?;
+        let syns = self.tshark(
+            port,
+            &format!("tcp.flags.syn == 1 && tcp.flags.ack == 0 && tcp.dstport == {port}"),
+            &["tcp.srcport"],
+        )?;
+        let field = |row: &Vec<String>, i: usize| row.get(i).cloned().unwrap_or_default();
+        let code = |row: &Vec<String>, i: usize| code_point(&field(row, i));
+        Ok(TlsSummary {
+            server_hello_versions: server_hellos.iter().map(|r| code(r, 0)).collect(),
+            server_hello_groups: server_hellos.iter().map(|r| code(r, 1)).collect(),
+            segments_off_port: segments
+                .iter()
+                .filter(|r| field(r, 0) != port.to_string() && field(r, 1) != port.to_string())
+                .count(),
+            segments: segments.len(),
+            connections: syns.len(),
+        })
+    }
+}
+
+/// TLS as tshark saw it in a capture.
+#[derive(Debug)]
+pub struct TlsSummary {
+    /// The `supported_versions` value each ServerHello chose ([`TLS13`]); None when
+    /// tshark showed none.
+    pub server_hello_versions: Vec<Option<u16>>,
+    /// The key-exchange group each ServerHello chose ([`X25519MLKEM768`]).
+    pub server_hello_groups: Vec<Option<u16>>,
+    /// TCP segments carrying data.
+    pub segments: usize,
+    /// Data segments on any other port than the TLS one.
+    pub segments_off_port: usize,
+    /// TCP connections opened toward the TLS port (SYNs).
+    pub connections: usize,
+}
+
+/// `supported_versions` of a TLS 1.3 ServerHello.
+pub const TLS13: u16 = 0x0304;
+/// IANA code point of the X25519MLKEM768 hybrid key-exchange group.
+pub const X25519MLKEM768: u16 = 0x11ec;
+
+/// A TLS code point as tshark prints it: hex (`0x0304`) for some fields, decimal for others.
+fn code_point(text: &str) -> Option<u16> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u16::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The node data path, end to end (issue "Node data path"): enrolled pods' connections go
-//! through the node proxy (outbound via connect4 → 15001, inbound via sk_lookup → 15006)
-//! with their bytes intact; unenrolled pods are left alone; the path fails closed when
+//! through the node proxy (outbound via connect4 → 15001; inbound as HBONE on 15008 from
+//! an enrolled pod, or in plaintext via sk_lookup → 15006 from any other) with their bytes
+//! intact; unenrolled pods are left alone; the path fails closed when
 //! the agent dies and comes back when it restarts; enrollment changes and bad configs are
 //! handled at reload.
 //!
@@ -21,28 +22,9 @@ use serde_json::Value;
 use weft_tests::{
     ConnRecord, Service, TestAgent, TestNode, TestPod,
     app::{self, Connect, Mode},
-    assert_eventually, bpf, can_run_privileged, scaled,
+    assert_eventually, bpf, privileged, scaled, test_name,
     wire::Capture,
 };
-
-/// The name of the enclosing test function.
-macro_rules! test_name {
-    () => {{
-        fn f() {}
-        let name = std::any::type_name_of_val(&f);
-        let name = name.strip_suffix("::f").unwrap_or(name);
-        name.rsplit("::").next().unwrap_or(name)
-    }};
-}
-
-/// Returns early (skipping) when the test cannot run here; panics instead in CI.
-macro_rules! privileged {
-    () => {
-        if !can_run_privileged(test_name!()) {
-            return Ok(());
-        }
-    };
-}
 
 #[test]
 fn enrolled_pod_to_pod_goes_through_proxy_with_payload_intact() -> Result<()> {
@@ -67,8 +49,9 @@ fn enrolled_pod_to_pod_goes_through_proxy_with_payload_intact() -> Result<()> {
         expect_record(&agent, "outbound echo", |r| {
             is(r, "outbound", &client, to) && r.bytes_sent == size && r.bytes_received == size
         });
-        expect_record(&agent, "inbound echo", |r| {
-            is(r, "inbound", &server, to) && r.bytes_sent == size && r.bytes_received == size
+        // Both pods are in the mesh, so the hop between the proxies is HBONE (mutual TLS).
+        expect_record(&agent, "HBONE inbound echo", |r| {
+            is(r, "hbone", &server, to) && r.bytes_sent == size && r.bytes_received == size
         });
 
         // Hash: the server answers only after the client's FIN crossed both proxies.
@@ -334,8 +317,8 @@ fn unenrolling_pods_restores_direct_traffic() -> Result<()> {
     expect_record(&agent, "outbound while enrolled", |r| {
         is(r, "outbound", &client, to)
     });
-    expect_record(&agent, "inbound while enrolled", |r| {
-        is(r, "inbound", &server, to)
+    expect_record(&agent, "HBONE inbound while enrolled", |r| {
+        is(r, "hbone", &server, to)
     });
 
     client.set_enrolled(false);

@@ -1,8 +1,9 @@
-//! `cargo xtask demo`: a guided tour for a newcomer. Builds one simulated node with the
-//! end-to-end harness (`weft-tests`), runs the real agent on it, sends traffic between
-//! pods and explains, from the applications' and the proxy's points of view, which
-//! connections went through the proxy and which did not. Cleans up and ends with
-//! `demo: ok` (or fails, saying what did not behave as described).
+//! `cargo xtask demo`: a guided tour for a newcomer. Builds two simulated nodes joined by a
+//! link with the end-to-end harness (`weft-tests`), runs the real agent on each, sends
+//! traffic between pods and explains, from the applications', the proxies' and the wire's
+//! points of view, which connections went through the mesh, which crossed the nodes as
+//! mutual TLS (HBONE) and with which identities. Cleans up and ends with `demo: ok` (or
+//! fails, saying what did not behave as described).
 
 use std::{
     collections::HashSet,
@@ -13,10 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use serde_json::Value;
 use weft_tests::{
     ConnRecord, Service, TestAgent, TestNode, TestPod,
     app::{self, Mode, SendReport, Server},
     bpf,
+    wire::{Capture, TLS13, X25519MLKEM768},
 };
 
 use crate::{cargo, setup};
@@ -30,8 +33,8 @@ pub fn run() -> Result<()> {
         bail!("the demo cannot run here: {missing}");
     }
     let problems = tour(&agent_bin.display().to_string())?;
-    // The node (and everything it created) is gone by now.
-    println!("\n== cleaned up: namespaces, cgroups and pins of the demo node are removed ==");
+    // The nodes (and everything they created) are gone by now.
+    println!("\n== cleaned up: namespaces, cgroups and pins of the demo nodes are removed ==");
     if !problems.is_empty() {
         for p in &problems {
             println!("PROBLEM: {p}");
@@ -48,37 +51,54 @@ pub fn run() -> Result<()> {
 /// The tour proper; returns what did not behave as expected.
 fn tour(agent_bin: &str) -> Result<Vec<String>> {
     let mut problems = Vec::new();
-    println!("\n== 1. a node with four pods ==");
-    let node = TestNode::new("demo", 1)?;
-    let client = node.pod("client").service_account("client").create()?;
-    let server = node.pod("server").service_account("server").create()?;
-    let legacy = node
-        .pod("legacy")
-        .service_account("legacy")
-        .enrolled(false)
-        .create()?;
-    let batch = node
+    println!("\n== 1. two nodes, four pods ==");
+    let node1 = TestNode::new("demo", 1)?;
+    let node2 = TestNode::new("demo", 2)?;
+    node1.connect(&node2)?;
+    let client = node1.pod("client").service_account("client").create()?;
+    let batch = node1
         .pod("batch")
         .service_account("batch")
         .enrolled(false)
         .create()?;
-    node.add_service(Service {
-        name: "echo".into(),
-        namespace: "default".into(),
-        vips: vec![VIP],
-        ports: vec![(VIP_PORT, APP_PORT)],
-        endpoints: vec![server.ip()],
-    });
+    let server = node2.pod("server").service_account("server").create()?;
+    let legacy = node2
+        .pod("legacy")
+        .service_account("legacy")
+        .enrolled(false)
+        .create()?;
+    for node in [&node1, &node2] {
+        node.add_service(Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            vips: vec![VIP],
+            ports: vec![(VIP_PORT, APP_PORT)],
+            endpoints: vec![server.ip()],
+        });
+    }
+    for node in [&node1, &node2] {
+        println!(
+            "{} is network namespace {} with a bridge at {}.",
+            node.node_name(),
+            node.netns_name(),
+            node.bridge_ip()
+        );
+    }
     println!(
-        "The node is network namespace {} with a bridge at {}.",
-        node.netns_name(),
-        node.bridge_ip()
+        "The nodes are joined by a veth link ({} on node 1), as two machines of a cluster.",
+        node1.link_to(&node2)
     );
     println!("Each pod is its own network namespace and cgroup, like a Kubernetes pod:");
-    for pod in [&client, &server, &legacy, &batch] {
+    for (node, pod) in [
+        (&node1, &client),
+        (&node1, &batch),
+        (&node2, &server),
+        (&node2, &legacy),
+    ] {
         println!(
-            "  {:<7} {:<10} {}",
+            "  {:<7} on {:<12} {:<10} {}",
             pod.name(),
+            node.node_name(),
             pod.ip(),
             if pod.enrolled() {
                 "in the mesh (enrolled)"
@@ -92,30 +112,51 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
          only the mesh can resolve it)"
     );
 
-    println!("\n== 2. the agent ==");
-    let mut agent = node.start_agent()?;
-    agent.show_log_on_drop(false);
+    println!("\n== 2. the agents ==");
+    let mut agent1 = node1.start_agent()?;
+    let mut agent2 = node2.start_agent()?;
+    for agent in [&mut agent1, &mut agent2] {
+        agent.show_log_on_drop(false);
+        println!(
+            "`{agent_bin} agent --config {}` is ready.",
+            agent.config_path().display()
+        );
+    }
     println!(
-        "`{agent_bin} agent --config {}` is ready.",
-        agent.config_path().display()
+        "Each attached connect4/connect6/sock_ops to its pods' cgroup root and an sk_lookup \
+         program to\nthe network namespace of each enrolled pod, and opened the listeners \
+         (15001 outbound, 15006\ninbound plaintext, 15008 HBONE) inside those pods."
     );
-    println!(
-        "It attached connect4/connect6/sock_ops to the pods' cgroup root\n  {}\nand an \
-         sk_lookup program to the network namespace of each enrolled pod, and opened its\n\
-         listeners (15001 outbound, 15006 inbound) inside those pods.",
-        node.cgroup_root().display()
-    );
-    let attached = bpf::cgroup_attachments(&node.cgroup_root())?;
+    let attached = bpf::cgroup_attachments(&node1.cgroup_root())?;
     let kinds: Vec<String> = attached
         .iter()
         .map(|a| format!("{} ({})", a.attach_type, a.name))
         .collect();
-    println!("bpftool cgroup show: {}", kinds.join(", "));
+    println!("bpftool cgroup show (node 1): {}", kinds.join(", "));
+    println!(
+        "Both agents sign with one cluster CA (in-process here; `weft ca` in a cluster). The \
+         certificates\nthey hold, one per identity of an enrolled pod:"
+    );
+    for (node, agent) in [(&node1, &agent1), (&node2, &agent2)] {
+        for cert in certificates(agent)? {
+            println!(
+                "  {:<12} {}  serial {}  expires {}",
+                node.node_name(),
+                cert["identity"].as_str().unwrap_or("?"),
+                short(cert["serial"].as_str().unwrap_or("?")),
+                cert["notAfter"].as_str().unwrap_or("?"),
+            );
+        }
+    }
 
     println!("\n== 3. traffic ==");
     let server_app = app::serve(&server, APP_PORT, Mode::Echo)?;
     let legacy_app = app::serve(&legacy, APP_PORT, Mode::Echo)?;
     println!("An echo application listens on port {APP_PORT} in `server` and in `legacy`.");
+    let agents = Agents {
+        source: &agent1,
+        destination: &agent2,
+    };
     let cases = [
         Case::new(
             "enrolled → enrolled",
@@ -124,7 +165,7 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
             APP_PORT,
             &server,
             &server_app,
-            Expect::BOTH,
+            Expect::MTLS,
         ),
         Case::new(
             "enrolled → service VIP",
@@ -133,7 +174,7 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
             VIP_PORT,
             &server,
             &server_app,
-            Expect::BOTH,
+            Expect::MTLS,
         ),
         Case::new(
             "enrolled → not enrolled",
@@ -165,58 +206,167 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
     ];
     let mut table = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        let seen = ids(&agent)?;
+        let seen = agents.ids()?;
+        let capture = Capture::on_node(&node1, &node1.link_to(&node2), "tcp")?;
         let sent = app::send(case.from, case.to, 64 * 1024, i as u64 + 1)?;
-        let records = new_records(&agent, &seen, case.expect.count())?;
+        let records = agents.new_records(&seen, case.expect.count())?;
+        let wire = capture.stop()?;
         let verdict = explain(i + 1, case, &sent, &records, &mut problems);
+        describe_wire(&wire, case, &mut problems)?;
         table.push((case, verdict));
     }
     println!("\nIn short:");
     println!(
-        "  {:<30} {:<25} {:<9} inbound",
-        "", "connection", "outbound"
+        "  {:<30} {:<25} {:<13} {:<13} identities",
+        "", "connection", "source node", "dest. node"
     );
-    for (case, (outbound, inbound)) in table {
-        let yes_no = |b: bool| if b { "proxied" } else { "direct" };
+    for (case, verdict) in table {
         println!(
-            "  {:<30} {:<25} {:<9} {}",
+            "  {:<30} {:<25} {:<13} {:<13} {}",
             case.what,
             format!("{} → {}", case.from.name(), case.to),
-            yes_no(outbound),
-            yes_no(inbound)
+            verdict.source,
+            verdict.destination,
+            verdict.identities
         );
     }
 
     println!("\n== 4. the eBPF maps, as the kernel holds them ==");
-    let pods_pin = node.pin_root().join("PODS");
+    let pods_pin = node1.pin_root().join("PODS");
     println!("$ bpftool map dump pinned {}", pods_pin.display());
     match bpf::map_dump_text(&pods_pin) {
         Ok(text) => print!("{text}"),
         Err(e) => problems.push(format!("bpftool map dump: {e:#}")),
     }
     println!(
-        "One entry per enrolled pod (client and server): the key is the pod's network \
-         namespace cookie, the value its record. legacy and batch are absent."
+        "One entry per enrolled pod of node 1 (client): the key is the pod's network namespace \
+         cookie,\nthe value its record. batch is absent."
     );
 
-    println!("\n== 5. weft status (the agent's own account) ==");
-    let mut status = node.spawn(
-        {
-            let mut cmd = Command::new(agent_bin);
-            cmd.arg("status");
-            cmd
-        },
-        "weft-status",
-    )?;
-    let done = status.wait(Duration::from_secs(20))?;
-    print!("{}", done.output);
-    if !done.status.success() {
-        problems.push(format!("`weft status` failed ({})", done.status));
+    println!("\n== 5. weft status (each agent's own account) ==");
+    for node in [&node1, &node2] {
+        println!("--- {} ---", node.node_name());
+        let mut status = node.spawn(
+            {
+                let mut cmd = Command::new(agent_bin);
+                cmd.arg("status");
+                cmd
+            },
+            "weft-status",
+        )?;
+        let done = status.wait(Duration::from_secs(20))?;
+        print!("{}", done.output);
+        if !done.status.success() {
+            problems.push(format!(
+                "`weft status` failed on {} ({})",
+                node.node_name(),
+                done.status
+            ));
+        }
     }
-    // The agent's own log helps only when something went wrong.
-    agent.show_log_on_drop(!problems.is_empty());
-    drop(agent);
+    // The agents' own logs help only when something went wrong.
+    let failed = !problems.is_empty();
+    agent1.show_log_on_drop(failed);
+    agent2.show_log_on_drop(failed);
+    drop((agent1, agent2));
     Ok(problems)
+}
+
+/// The agents of the source node (client, batch) and the destination node (server, legacy).
+struct Agents<'a> {
+    source: &'a TestAgent,
+    destination: &'a TestAgent,
+}
+
+impl Agents<'_> {
+    fn ids(&self) -> Result<HashSet<(bool, u64)>> {
+        let mut ids = HashSet::new();
+        for (is_source, agent) in [(true, self.source), (false, self.destination)] {
+            ids.extend(agent.connections()?.all().map(|r| (is_source, r.id)));
+        }
+        Ok(ids)
+    }
+
+    /// Records that appeared since `seen` on either agent; waits (briefly) until `expected`
+    /// of them are there.
+    fn new_records(&self, seen: &HashSet<(bool, u64)>, expected: usize) -> Result<Vec<ConnRecord>> {
+        let deadline = Instant::now() + Duration::from_secs(if expected == 0 { 1 } else { 5 });
+        loop {
+            let mut new = Vec::new();
+            for (is_source, agent) in [(true, self.source), (false, self.destination)] {
+                let all = agent.connections().context("GET /debug/connections")?;
+                new.extend(
+                    all.recent
+                        .into_iter()
+                        .filter(|r| !seen.contains(&(is_source, r.id))),
+                );
+            }
+            if new.len() >= expected.max(1) || Instant::now() > deadline {
+                return Ok(new);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The certificates an agent holds (`/status`).
+fn certificates(agent: &TestAgent) -> Result<Vec<Value>> {
+    Ok(agent.status()?["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// What the capture on the node link shows for one case.
+fn describe_wire(
+    wire: &weft_tests::wire::Pcap,
+    case: &Case<'_>,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let tls = wire.tls_summary(HBONE_PORT)?;
+    if case.expect.hbone {
+        let handshakes = if tls.server_hello_versions.is_empty() {
+            "no new handshake: the stream rode the pooled HBONE connection".to_string()
+        } else {
+            let tls13 = tls.server_hello_versions.iter().all(|v| *v == Some(TLS13));
+            let pq = tls
+                .server_hello_groups
+                .iter()
+                .all(|g| *g == Some(X25519MLKEM768));
+            format!(
+                "{} handshake(s), {}, key exchange {}",
+                tls.server_hello_versions.len(),
+                if tls13 { "TLS 1.3" } else { "NOT TLS 1.3" },
+                if pq {
+                    "X25519MLKEM768 (post-quantum hybrid)"
+                } else {
+                    "classical"
+                }
+            )
+        };
+        println!(
+            "   on the node link: {} data segments, all TLS to port {HBONE_PORT}; {handshakes}",
+            tls.segments
+        );
+        let all_tls13 = tls.server_hello_versions.iter().all(|v| *v == Some(TLS13));
+        if tls.segments_off_port > 0 || !all_tls13 {
+            problems.push(format!(
+                "{}: something other than TLS 1.3 crossed the link: {tls:?}",
+                case.what
+            ));
+        }
+    } else if case.to.ip() != VIP {
+        println!(
+            "   on the node link: {} data segments of plaintext TCP (the destination is outside \
+             the mesh or the source is)",
+            tls.segments
+        );
+    }
+    Ok(())
+}
+
+fn short(serial: &str) -> &str {
+    serial.get(..16).unwrap_or(serial)
 }
 
 /// One connection of the tour.
@@ -253,31 +403,46 @@ impl<'a> Case<'a> {
 /// Which proxy records a connection should produce.
 #[derive(Clone, Copy)]
 struct Expect {
+    /// The source node's proxy took it (outbound).
     outbound: bool,
+    /// The destination node's proxy took it in plaintext (15006).
     inbound: bool,
+    /// It crossed as HBONE (mutual TLS) into the destination's 15008.
+    hbone: bool,
 }
 
 impl Expect {
-    const BOTH: Expect = Expect {
+    const MTLS: Expect = Expect {
         outbound: true,
-        inbound: true,
+        inbound: false,
+        hbone: true,
     };
     const OUT: Expect = Expect {
         outbound: true,
         inbound: false,
+        hbone: false,
     };
     const IN: Expect = Expect {
         outbound: false,
         inbound: true,
+        hbone: false,
     };
     const NONE: Expect = Expect {
         outbound: false,
         inbound: false,
+        hbone: false,
     };
 
     fn count(self) -> usize {
-        usize::from(self.outbound) + usize::from(self.inbound)
+        usize::from(self.outbound) + usize::from(self.inbound) + usize::from(self.hbone)
     }
+}
+
+/// One line of the summary table.
+struct Verdict {
+    source: &'static str,
+    destination: &'static str,
+    identities: String,
 }
 
 /// Says what happened to one connection; returns (outbound proxied, inbound proxied).
@@ -287,7 +452,7 @@ fn explain(
     sent: &SendReport,
     records: &[ConnRecord],
     problems: &mut Vec<String>,
-) -> (bool, bool) {
+) -> Verdict {
     let (what, to) = (case.what, case.to);
     println!(
         "\n{n}. {what}: `{}` connects to {to} and sends 64 KiB",
@@ -341,13 +506,18 @@ fn explain(
     }
     let outbound = records.iter().find(|r| r.direction == "outbound");
     let inbound = records.iter().find(|r| r.direction == "inbound");
+    let hbone = records.iter().find(|r| r.direction == "hbone");
     match outbound {
         Some(r) => println!(
-            "   proxy, outbound for {}: original destination {}, connected to {}, {} bytes \
-             sent / {} received",
+            "   source proxy, outbound for {}: original destination {}, connected to {}{}, {} \
+             bytes sent / {} received",
             r.pod,
             r.dst,
             r.upstream.as_deref().unwrap_or("?"),
+            match &r.dst_identity {
+                Some(id) => format!(" over mutual TLS, the peer proved {id}"),
+                None => " in plaintext".to_string(),
+            },
             r.bytes_sent,
             r.bytes_received
         ),
@@ -356,54 +526,53 @@ fn explain(
             case.from.name()
         ),
     }
-    match inbound {
-        Some(r) => println!(
-            "   proxy, inbound for {}: sk_lookup steered the connection from {} to 15006; the \
-             proxy delivered it to the app over the pod's loopback, {} bytes each way",
+    match (inbound, hbone) {
+        (_, Some(r)) => println!(
+            "   destination proxy, HBONE for {}: a CONNECT stream from {} proven as {}, delivered \
+             to the app over the pod's loopback, {} bytes each way",
+            r.pod,
+            r.src,
+            r.src_identity.as_deref().unwrap_or("?"),
+            r.bytes_sent
+        ),
+        (Some(r), None) => println!(
+            "   destination proxy, inbound for {}: sk_lookup steered the plaintext connection \
+             from {} to 15006 (the pod is PERMISSIVE); delivered over the pod's loopback, {} \
+             bytes each way",
             r.pod, r.src, r.bytes_sent
         ),
-        None => println!(
+        (None, None) => println!(
             "   no inbound proxy: `{}` is not in the mesh, its app got the connection directly",
             case.dest.name()
         ),
     }
-    let (out, inb) = (outbound.is_some(), inbound.is_some());
-    if out || inb {
-        println!("   → went through the proxy");
-    } else {
-        println!("   → did NOT go through the proxy");
-    }
-    if out != case.expect.outbound || inb != case.expect.inbound {
+    let (out, inb, mtls) = (outbound.is_some(), inbound.is_some(), hbone.is_some());
+    if out != case.expect.outbound || inb != case.expect.inbound || mtls != case.expect.hbone {
         problems.push(format!(
-            "{what}: expected outbound={} inbound={}, the proxy recorded {records:?}",
-            case.expect.outbound, case.expect.inbound
+            "{what}: expected outbound={} inbound={} hbone={}, the proxies recorded {records:?}",
+            case.expect.outbound, case.expect.inbound, case.expect.hbone
         ));
     }
-    (out, inb)
-}
-
-fn ids(agent: &TestAgent) -> Result<HashSet<u64>> {
-    Ok(agent.connections()?.all().map(|r| r.id).collect())
-}
-
-/// Records that appeared since `seen`; waits (briefly) until `expected` of them are there.
-fn new_records(agent: &TestAgent, seen: &HashSet<u64>, expected: usize) -> Result<Vec<ConnRecord>> {
-    let deadline = Instant::now() + Duration::from_secs(if expected == 0 { 1 } else { 5 });
-    loop {
-        let all = agent.connections().context("GET /debug/connections")?;
-        let new: Vec<ConnRecord> = all
-            .recent
-            .iter()
-            .filter(|r| !seen.contains(&r.id))
-            .cloned()
-            .collect();
-        if new.len() >= expected.max(1) || Instant::now() > deadline {
-            return Ok(new);
-        }
-        thread::sleep(Duration::from_millis(100));
+    let identities = match hbone.or(outbound) {
+        Some(r) if r.src_identity.is_some() || r.dst_identity.is_some() => format!(
+            "{} → {}",
+            r.src_identity.as_deref().unwrap_or("?"),
+            r.dst_identity.as_deref().unwrap_or("?")
+        ),
+        _ => "- (plaintext)".to_string(),
+    };
+    Verdict {
+        source: if out { "proxied" } else { "direct" },
+        destination: match (inb, mtls) {
+            (_, true) => "HBONE (mTLS)",
+            (true, false) => "plaintext in",
+            (false, false) => "direct",
+        },
+        identities,
     }
 }
 
 const APP_PORT: u16 = 8080;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_PORT: u16 = 80;
+const HBONE_PORT: u16 = 15008;

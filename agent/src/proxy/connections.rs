@@ -45,6 +45,8 @@ pub struct Tracked {
     pub dst: SocketAddr,
     pub upstream: Mutex<Option<SocketAddr>>,
     pub service: Mutex<Option<String>>,
+    /// SPIFFE ids of both ends, once mutual TLS has proven them (None: plaintext hop).
+    identities: Mutex<Identities>,
     /// Application → upstream.
     pub sent: AtomicU64,
     /// Upstream → application.
@@ -63,6 +65,10 @@ pub struct ConnectionView {
     pub dst: SocketAddr,
     pub upstream: Option<SocketAddr>,
     pub service: Option<String>,
+    #[serde(rename = "src.identity")]
+    pub src_identity: Option<String>,
+    #[serde(rename = "dst.identity")]
+    pub dst_identity: Option<String>,
     pub start_unix_ms: u64,
     pub duration_ms: u64,
     pub bytes_sent: u64,
@@ -77,6 +83,13 @@ pub struct ConnectionsView {
     pub recent: Vec<ConnectionView>,
     /// Closed connections by outcome (`ok` or an error reason).
     pub closed_total: BTreeMap<&'static str, u64>,
+}
+
+/// Identities of the two ends of a connection.
+#[derive(Clone, Debug, Default)]
+struct Identities {
+    src: Option<String>,
+    dst: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +116,7 @@ impl Connections {
             dst,
             upstream: Mutex::new(None),
             service: Mutex::new(None),
+            identities: Mutex::default(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             start_unix_ms: SystemTime::now()
@@ -121,13 +135,15 @@ impl Connections {
             None => info!(target: "weft::access", component = "proxy",
                 id = view.id, direction = ?view.direction, pod = %view.pod,
                 src = %view.src, dst = %view.dst, upstream = ?view.upstream,
-                service = ?view.service, bytes_sent = view.bytes_sent,
+                service = ?view.service, src.identity = ?view.src_identity,
+                dst.identity = ?view.dst_identity, bytes_sent = view.bytes_sent,
                 bytes_received = view.bytes_received, duration_ms = view.duration_ms,
                 "connection closed"),
             Some(e) => info!(target: "weft::access", component = "proxy",
                 id = view.id, direction = ?view.direction, pod = %view.pod,
                 src = %view.src, dst = %view.dst, upstream = ?view.upstream,
-                service = ?view.service, bytes_sent = view.bytes_sent,
+                service = ?view.service, src.identity = ?view.src_identity,
+                dst.identity = ?view.dst_identity, bytes_sent = view.bytes_sent,
                 bytes_received = view.bytes_received, duration_ms = view.duration_ms,
                 error = e.reason(), detail = %e, "connection failed"),
         }
@@ -166,7 +182,21 @@ impl Tracked {
         *self.service.lock().unwrap_or_else(PoisonError::into_inner) = service;
     }
 
+    /// Records the identities mutual TLS proved (either may be unknown, e.g. a plaintext
+    /// client of a PERMISSIVE pod).
+    pub fn set_identities(&self, src: Option<String>, dst: Option<String>) {
+        *self
+            .identities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Identities { src, dst };
+    }
+
     fn view(&self, error: Option<&'static str>) -> ConnectionView {
+        let identities = self
+            .identities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         ConnectionView {
             id: self.id,
             direction: self.direction,
@@ -179,6 +209,8 @@ impl Tracked {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            src_identity: identities.src,
+            dst_identity: identities.dst,
             start_unix_ms: self.start_unix_ms,
             duration_ms: self.started.elapsed().as_millis() as u64,
             bytes_sent: self.sent.load(Ordering::Relaxed),

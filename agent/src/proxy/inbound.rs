@@ -1,18 +1,26 @@
-//! Inbound: sk_lookup steered a connection addressed to the pod onto the proxy's inbound
-//! listener. The accepted socket's local address is the original destination (sk_lookup
-//! keeps it), so the proxy connects to it from inside the pod over loopback — where
+//! Inbound: connections into the pod. Plaintext: sk_lookup steered a connection addressed
+//! to the pod onto the proxy's inbound listener (refused when the pod is STRICT); the
+//! accepted socket's local address is the original destination (sk_lookup keeps it).
+//! HBONE: a CONNECT stream on the pod's 15008 names the destination in `:authority`. Either
+//! way the proxy connects to the destination from inside the pod over loopback — where
 //! sk_lookup does not steer again — and copies.
 //!
 //! The application sees the proxy's loopback connection; the real client address is in
 //! the proxy's record and access log. (Spoofing it with IP_TRANSPARENT would need policy
 //! routing inside the pod for the replies, which weft does not install.)
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy, copy, socket};
+use super::{
+    CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy, connections::Tracked, copy, hbone, route,
+    socket,
+};
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
@@ -26,6 +34,17 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         .connections()
         .open(Direction::Inbound, pod.workload.to_string(), peer, dst);
     tracked.set_upstream(dst, None);
+    if !accepts_plaintext(proxy, pod) {
+        // STRICT: only HBONE gets in. Reset, so the client fails fast instead of hanging.
+        warn!(component = "proxy", pod = %pod.workload, src = %peer, dst = %dst,
+            reason = Error::PlaintextRefusedStrict.reason(),
+            "plaintext connection refused: the pod is STRICT (mutual TLS only)");
+        copy::reset(&client);
+        proxy
+            .connections()
+            .close(&tracked, Some(&Error::PlaintextRefusedStrict));
+        return;
+    }
     let result = async {
         let mut upstream = socket::connect(pod.sockets.as_ref(), dst, CONNECT_TIMEOUT).await?;
         copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received).await
@@ -37,14 +56,102 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     proxy.connections().close(&tracked, result.err().as_ref());
 }
 
-/// The HBONE listener exists (so the port is owned and steering is exact) but mutual TLS
-/// arrives with the next version: refuse loudly instead of accepting and hanging.
+/// Decides on the CONNECT streams of one pod's HBONE listener.
+pub struct HboneHandler {
+    pub proxy: Proxy,
+    pub pod: Arc<PodContext>,
+}
+
+/// The record of one HBONE stream: its counters move with the bytes, and it closes with
+/// the outcome.
+pub struct HboneTransfer {
+    proxy: Proxy,
+    tracked: Arc<Tracked>,
+}
+
+impl hbone::ConnectHandler for HboneHandler {
+    type Transfer = HboneTransfer;
+
+    async fn open(
+        &self,
+        request: hbone::InboundConnect,
+    ) -> Result<hbone::Accepted<HboneTransfer>, hbone::Refusal> {
+        let (proxy, pod) = (&self.proxy, &self.pod);
+        let tracked = proxy.connections().open(
+            Direction::Hbone,
+            pod.workload.to_string(),
+            request.peer_addr,
+            request.target,
+        );
+        tracked.set_upstream(request.target, None);
+        let own = proxy.identity_of(&pod.workload).ok().flatten();
+        tracked.set_identities(
+            Some(request.peer_identity.to_string()),
+            own.map(|id| id.to_string()),
+        );
+        // Only this pod, at the address the connection arrived at: never a relay to
+        // anywhere else, and never back into the HBONE port.
+        if request.target.ip() != request.local_addr.ip()
+            || request.target.port() == request.local_addr.port()
+        {
+            warn!(component = "proxy", pod = %pod.workload, src = %request.peer_addr,
+                src.identity = %request.peer_identity, target = %request.target,
+                "HBONE CONNECT refused: not a workload served at this address");
+            proxy
+                .connections()
+                .close(&tracked, Some(&Error::NotServed(request.target)));
+            return Err(hbone::Refusal::NotServed);
+        }
+        match socket::connect(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
+            Ok(upstream) => Ok(hbone::Accepted {
+                upstream,
+                transfer: HboneTransfer {
+                    proxy: proxy.clone(),
+                    tracked,
+                },
+            }),
+            Err(e) => {
+                proxy.connections().close(&tracked, Some(&e));
+                Err(hbone::Refusal::Unreachable)
+            }
+        }
+    }
+}
+
+impl hbone::Transfer for HboneTransfer {
+    fn sent(&self) -> &AtomicU64 {
+        &self.tracked.sent
+    }
+
+    fn received(&self) -> &AtomicU64 {
+        &self.tracked.received
+    }
+
+    fn finish(self, result: Result<(), Error>) {
+        self.proxy
+            .connections()
+            .close(&self.tracked, result.err().as_ref());
+    }
+}
+
+/// Whether the pod takes plaintext (it is not STRICT, or this node has no CA). A pod gone
+/// from the snapshot takes nothing.
+fn accepts_plaintext(proxy: &Proxy, pod: &PodContext) -> bool {
+    let snapshot = proxy.inner.state.borrow();
+    snapshot
+        .workloads
+        .get(&pod.workload)
+        .is_some_and(|w| route::accepts_plaintext(&snapshot, w, proxy.mtls_on()))
+}
+
+/// Mutual TLS is off on this node (no CA): the HBONE listener exists (so the port is owned
+/// and steering is exact) but refuses loudly instead of accepting and hanging.
 pub fn refuse_hbone(proxy: &Proxy, pod: &Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
     let dst = client.local_addr().unwrap_or(peer);
     let tracked = proxy
         .connections()
         .open(Direction::Hbone, pod.workload.to_string(), peer, dst);
-    warn!(component = "proxy", pod = %pod.workload, src = %peer, "HBONE connection refused: not supported by this agent");
+    warn!(component = "proxy", pod = %pod.workload, src = %peer, "HBONE connection refused: mutual TLS is off on this node (no CA)");
     copy::reset(&client);
     proxy
         .connections()

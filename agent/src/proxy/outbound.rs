@@ -1,6 +1,7 @@
 //! Outbound: a pod's application connected somewhere, connect4/6 sent it to the proxy's
-//! outbound listener. Find where it meant to go, pick the upstream, connect from inside
-//! the pod (so the source address is the pod's), copy.
+//! outbound listener. Find where it meant to go, pick the upstream, and reach it from
+//! inside the pod (so the source address is the pod's): over a pooled HBONE connection to
+//! the destination pod's 15008 when it is in the mesh, in plaintext otherwise; copy.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -11,7 +12,14 @@ use ebpf_common::orig_dst::{ConnKey, OrigDst};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy, copy, socket};
+use super::{
+    CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
+    connections::Tracked,
+    copy, hbone,
+    route::{self, Route},
+    socket,
+};
+use crate::identity::SpiffeId;
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
     let dst = match original_destination(proxy, pod, peer) {
@@ -33,23 +41,104 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         proxy
             .connections()
             .open(Direction::Outbound, pod.workload.to_string(), peer, dst);
-    let resolved = proxy
-        .inner
-        .state
-        .borrow()
-        .resolve(dst, proxy.pick_endpoint());
+    let (resolved, route, source_ip) = {
+        let snapshot = proxy.inner.state.borrow();
+        let resolved = snapshot.resolve(dst, proxy.pick_endpoint());
+        let source = snapshot.workloads.get(&pod.workload);
+        let route = route::outbound(
+            &snapshot,
+            source,
+            resolved.upstream,
+            proxy.inner.hbone_port,
+            proxy.trust_domain(),
+        );
+        // The pod's own address of the destination's family, for `forwarded: for=`.
+        let source_ip = source
+            .and_then(|w| {
+                w.ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == resolved.upstream.is_ipv4())
+            })
+            .copied()
+            .unwrap_or(peer.ip());
+        (resolved, route, source_ip)
+    };
     tracked.set_upstream(resolved.upstream, resolved.service.map(|s| s.to_string()));
-    debug!(component = "proxy", src = %peer, dst = %dst, upstream = %resolved.upstream, "outbound");
-    let result = async {
-        let mut upstream =
-            socket::connect(pod.sockets.as_ref(), resolved.upstream, CONNECT_TIMEOUT).await?;
-        copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received).await
-    }
-    .await;
+    debug!(component = "proxy", src = %peer, dst = %dst, upstream = %resolved.upstream, route = ?route, "outbound");
+    let result = match route.map_err(Error::Identity) {
+        Ok(Route::Passthrough) => {
+            async {
+                let mut upstream =
+                    socket::connect(pod.sockets.as_ref(), resolved.upstream, CONNECT_TIMEOUT)
+                        .await?;
+                copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received)
+                    .await
+            }
+            .await
+        }
+        Ok(Route::Hbone { identity, addr }) => {
+            let target = resolved.upstream;
+            let source = SocketAddr::new(source_ip, peer.port());
+            hbone_to(
+                proxy,
+                pod,
+                &tracked,
+                &mut client,
+                identity,
+                addr,
+                target,
+                source,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         copy::reset(&client);
     }
     proxy.connections().close(&tracked, result.err().as_ref());
+}
+
+/// Sends the application's connection as one CONNECT stream over a pooled HBONE connection
+/// opened from inside the pod, proving the pod's identity and requiring the destination's.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces are the connection's, not a bundle"
+)]
+async fn hbone_to(
+    proxy: &Proxy,
+    pod: &Arc<PodContext>,
+    tracked: &Tracked,
+    client: &mut TcpStream,
+    destination: SpiffeId,
+    addr: SocketAddr,
+    target: SocketAddr,
+    source: SocketAddr,
+) -> Result<(), Error> {
+    let mtls = proxy.inner.mtls.as_ref().ok_or(Error::HboneUnsupported)?;
+    let own = proxy
+        .identity_of(&pod.workload)?
+        .ok_or(Error::HboneUnsupported)?;
+    tracked.set_identities(Some(own.to_string()), Some(destination.to_string()));
+    let key = hbone::Key {
+        source: own,
+        destination,
+        address: addr,
+    };
+    let sockets = Arc::clone(&pod.sockets);
+    let dial = move || async move {
+        socket::connect(sockets.as_ref(), addr, CONNECT_TIMEOUT)
+            .await
+            .map_err(Error::into_io)
+    };
+    let request = hbone::ConnectRequest {
+        target,
+        source,
+        baggage: None,
+        traceparent: None,
+    };
+    let mut stream = mtls.pool.connect(key, dial, request).await?;
+    copy::bidirectional(client, &mut stream, &tracked.sent, &tracked.received).await
 }
 
 /// Takes the connection's original destination out of the eBPF table. The key's family is

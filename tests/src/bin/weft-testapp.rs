@@ -6,8 +6,9 @@
 //!
 //! ```text
 //! weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
-//! weft-testapp send    --to IP:PORT (--bytes N [--seed S] | --text T) [--timeout-ms T]
+//! weft-testapp send    --to IP:PORT (--bytes N [--seed S] [--duration-ms D] | --text T) [--timeout-ms T]
 //! weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
+//! weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
 //! weft-testapp connect --to IP:PORT [--timeout-ms T]
 //! ```
 //!
@@ -16,12 +17,15 @@
 //!   echoes until the client's FIN, then closes its side. In `hash` mode it reads until the
 //!   client's FIN, then answers one line `bytes=N sha256=H peer=IP:PORT` and closes: a reply
 //!   can only arrive if the half-close crossed the path intact.
-//! - `send` writes N pseudo-random bytes (seeded) or the given text, shuts down its write side, reads the reply
+//! - `send` writes N pseudo-random bytes (seeded; spread evenly over `--duration-ms` when
+//!   given, to keep one connection busy for that long) or the given text, shuts down its write side, reads the reply
 //!   until EOF, and prints `local IP:PORT` and `peer IP:PORT` (its socket's own view),
 //!   `sent bytes=N sha256=H`, `received bytes=M sha256=H` and, for a short text reply,
 //!   `reply <text>`.
 //! - `conns` opens `count` connections at once, then sends a distinct payload on each and
 //!   checks each echo: `ok count=N` or `failed ...` (exit 1).
+//! - `churn` does the same one connection after another: open, check the echo, close
+//!   (short-lived connections, as pooling tests want).
 //! - `connect` exits 0 (`connected ...`) once the TCP handshake completes, or 1 with
 //!   `error kind=<ErrorKind>`: fail-closed tests expect `ConnectionRefused` or `TimedOut`.
 
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         "serve" => serve(&flags),
         "send" => send(&flags),
         "conns" => conns(&flags),
+        "churn" => churn(&flags),
         "connect" => connect(&flags),
         other => Err(format!("unknown command {other:?}")),
     };
@@ -137,6 +142,9 @@ fn send(flags: &Flags) -> Result<ExitCode, String> {
     };
     let seed: u64 = flags.optional("seed")?.unwrap_or(1);
     let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(10_000));
+    let pace = flags
+        .optional::<u64>("duration-ms")?
+        .map(|ms| Pace::new(bytes, Duration::from_millis(ms)));
     let stream = match TcpStream::connect_timeout(&to, timeout) {
         Ok(stream) => stream,
         Err(e) => return Ok(report_error("connect", &e)),
@@ -166,6 +174,9 @@ fn send(flags: &Flags) -> Result<ExitCode, String> {
             hasher.update(&chunk[..n]);
             writer.write_all(&chunk[..n])?;
             left -= n as u64;
+            if let Some(pace) = &pace {
+                pace.wait(bytes - left);
+            }
         }
         writer.shutdown(Shutdown::Write)?;
         Ok(hex(&hasher.finalize()))
@@ -378,6 +389,48 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn churn(flags: &Flags) -> Result<ExitCode, String> {
+    let to: SocketAddr = flags.required("to")?;
+    let count: usize = flags.optional("count")?.unwrap_or(500);
+    let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(10_000));
+    for i in 0..count {
+        let result = TcpStream::connect_timeout(&to, timeout)
+            .map_err(|e| format!("conn={i} stage=connect kind={:?} error={e}", e.kind()))
+            .and_then(|stream| echo_check(i, stream, timeout));
+        if let Err(e) = result {
+            println!("failed {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    println!("ok count={count}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Spreads `total` bytes evenly over a duration: after each write, sleep until the time
+/// the bytes written so far are due.
+struct Pace {
+    start: std::time::Instant,
+    total: u64,
+    duration: Duration,
+}
+
+impl Pace {
+    fn new(total: u64, duration: Duration) -> Self {
+        Pace {
+            start: std::time::Instant::now(),
+            total: total.max(1),
+            duration,
+        }
+    }
+
+    fn wait(&self, written: u64) {
+        let due = self.duration.mul_f64(written as f64 / self.total as f64);
+        if let Some(ahead) = due.checked_sub(self.start.elapsed()) {
+            thread::sleep(ahead);
+        }
+    }
+}
+
 fn addr_or_unknown(addr: io::Result<SocketAddr>) -> String {
     addr.map_or_else(|_| "unknown".to_string(), |a| a.to_string())
 }
@@ -386,6 +439,7 @@ const MAX_REPLY_TEXT: usize = 4096;
 
 const USAGE: &str = "usage:
   weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
-  weft-testapp send    --to IP:PORT (--bytes N [--seed S] | --text T) [--timeout-ms T]
+  weft-testapp send    --to IP:PORT (--bytes N [--seed S] [--duration-ms D] | --text T) [--timeout-ms T]
   weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
+  weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
   weft-testapp connect --to IP:PORT [--timeout-ms T]";
