@@ -10,6 +10,13 @@
 //! - `POST /quitquitquit`      graceful exit
 //!
 //! Readiness (`agent.readinessAddr`, default 0.0.0.0:15021): `GET /healthz/ready` only.
+//!
+//! Metrics (`agent.metricsAddr`, default 0.0.0.0:15020):
+//! - `GET /metrics`            OpenMetrics text: the proxy's TCP metrics and the agent's
+//!   health, read at scrape time (docs/telemetry.md)
+//! - `GET /healthz/ready`      as above
+//!
+//! The three servers share one accept loop and router; each serves its own endpoint set.
 
 use std::{
     convert::Infallible,
@@ -27,8 +34,17 @@ use tokio::{net::TcpListener, sync::Notify};
 use tracing::{debug, warn};
 
 use crate::{
-    ebpf::Dataplane, enroll::EnrollStatus, identity::CertManager, proxy::Connections,
-    readiness::Ready, source::SourceStatus, state::StateHandle,
+    ebpf::{self, Dataplane},
+    enroll::EnrollStatus,
+    identity::CertManager,
+    proxy::Connections,
+    readiness::Ready,
+    source::SourceStatus,
+    state::StateHandle,
+    telemetry::{
+        Registry,
+        metrics::{self, AgentHealth, HealthCollector},
+    },
 };
 
 /// Admin addresses, fixed at start-up.
@@ -36,6 +52,7 @@ use crate::{
 pub struct Config {
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +81,15 @@ pub struct Context {
     /// The certificate manager, when the node has a CA.
     pub certs: Option<CertManager>,
     pub shutdown: Arc<Notify>,
+    /// Served on `/metrics`; `Servers::spawn` adds the agent's health to it.
+    pub metrics: Registry,
 }
 
 /// Bound servers; `spawn` starts serving.
 pub struct Servers {
     admin: TcpListener,
     readiness: TcpListener,
+    metrics: TcpListener,
 }
 
 impl Servers {
@@ -82,6 +102,7 @@ impl Servers {
         Ok(Self {
             admin: bind(config.admin_addr).await?,
             readiness: bind(config.readiness_addr).await?,
+            metrics: bind(config.metrics_addr).await?,
         })
     }
 
@@ -93,9 +114,22 @@ impl Servers {
         )
     }
 
-    pub fn spawn(self, context: Arc<Context>) {
+    /// The metrics address actually bound.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.local_addr().ok()
+    }
+
+    pub fn spawn(self, mut context: Context) {
+        let health = health_collector(&context);
+        context.metrics.register_collector(health);
+        let context = Arc::new(context);
         tokio::spawn(serve(self.admin, Arc::clone(&context), Endpoints::Admin));
-        tokio::spawn(serve(self.readiness, context, Endpoints::Readiness));
+        tokio::spawn(serve(
+            self.readiness,
+            Arc::clone(&context),
+            Endpoints::Readiness,
+        ));
+        tokio::spawn(serve(self.metrics, context, Endpoints::Metrics));
     }
 }
 
@@ -103,6 +137,7 @@ impl Servers {
 enum Endpoints {
     Admin,
     Readiness,
+    Metrics,
 }
 
 async fn serve(listener: TcpListener, context: Arc<Context>, endpoints: Endpoints) {
@@ -148,6 +183,13 @@ fn route(
         (Endpoints::Admin, &Method::GET, "/debug/connections") => {
             json_response(&context.connections.view())
         }
+        (Endpoints::Metrics, &Method::GET, "/metrics") => match context.metrics.encode() {
+            Ok(body) => response(StatusCode::OK, metrics::CONTENT_TYPE, body.into_bytes()),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode metrics: {e}\n"),
+            ),
+        },
         (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
             context.shutdown.notify_one();
             text(StatusCode::OK, "shutting down\n".into())
@@ -166,6 +208,50 @@ fn ready(context: &Context) -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE,
         format!("not ready\n{reasons}"),
     )
+}
+
+/// The agent's health for `/metrics`, read at each scrape from what `/status` shows.
+fn health_collector(context: &Context) -> HealthCollector {
+    let enroll = Arc::clone(&context.enroll);
+    let dataplane = Arc::clone(&context.dataplane);
+    let source = Arc::clone(&context.source);
+    let certs = context.certs.clone();
+    HealthCollector::new(move || {
+        let config = source.view();
+        let certificates = certs
+            .as_ref()
+            .map(CertManager::status)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                let expiry = c
+                    .not_after
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs_f64());
+                (c.identity.to_string(), expiry)
+            })
+            .collect();
+        let ebpf = dataplane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stats()
+            .map_err(|e| debug!(component = "admin", error = %e, "cannot read eBPF stats"))
+            .ok()
+            .map(|stats| ebpf::stat_fields(&stats).to_vec());
+        AgentHealth {
+            enrolled_pods: enroll
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .enrolled
+                .len() as u64,
+            certificates,
+            config_generation: config.generation,
+            // The file source carries policies in the same snapshot as everything else.
+            policy_generation: config.generation,
+            config_rejected: config.rejected_total,
+            ebpf,
+        }
+    })
 }
 
 fn status(context: &Context) -> serde_json::Value {

@@ -23,6 +23,7 @@ use crate::{
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
     state::{MeshSettings, Snapshot},
+    telemetry,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +76,11 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
     let source_status = Arc::new(SourceStatus::default());
     source_status.accepted();
     let (state_tx, mut state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
-    let connections = Arc::new(Connections::default());
+    let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
+    let connections = Arc::new(Connections::new(
+        state_rx.clone(),
+        telemetry::TcpMetrics::new(&mut metrics),
+    ));
     let proxy = Proxy::new(
         &config.proxy,
         state_rx.clone(),
@@ -89,7 +94,8 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
 
     let servers = admin::Servers::bind(&config.admin).await?;
     let (admin_addr, readiness_addr) = servers.addresses();
-    servers.spawn(Arc::new(admin::Context {
+    let metrics_addr = servers.metrics_address();
+    servers.spawn(admin::Context {
         node: config.node.clone(),
         config: serde_json::to_value(&config).unwrap_or_default(),
         ready: ready.clone(),
@@ -100,8 +106,9 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         connections,
         certs: certs.clone(),
         shutdown: Arc::clone(&shutdown),
-    }));
-    info!(component = "admin", admin = ?admin_addr, readiness = ?readiness_addr, "admin servers listening");
+        metrics,
+    });
+    info!(component = "admin", admin = ?admin_addr, readiness = ?readiness_addr, metrics = ?metrics_addr, "admin servers listening");
 
     tokio::spawn(source::file::watch(
         config.config_path.clone(),

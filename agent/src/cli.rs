@@ -40,6 +40,9 @@ pub struct AgentArgs {
     /// Readiness address (overrides agent.readinessAddr).
     #[arg(long, env = "WEFT_READINESS_ADDR")]
     pub readiness_addr: Option<SocketAddr>,
+    /// Metrics address, `GET /metrics` (overrides agent.metricsAddr).
+    #[arg(long, env = "WEFT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Run the CA in-process from this root certificate (with --ca-key; overrides agent.ca).
     #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,

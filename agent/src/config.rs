@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     admin, ebpf,
     identity::{self, CaSource},
-    proxy,
+    proxy, telemetry,
 };
 
 /// A configuration error. `field` is the path of the offending field in the file
@@ -57,6 +57,8 @@ pub struct Config {
     pub proxy: proxy::Config,
     /// Trust domain, certificate lifetime and where certificates come from.
     pub identity: identity::Config,
+    /// Metric name prefix.
+    pub telemetry: telemetry::Config,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -66,6 +68,7 @@ pub struct Overrides {
     pub cgroup_root: Option<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
     pub readiness_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     /// `--ca-cert`: with `ca_key`, run the CA in-process from this root (overrides agent.ca).
     pub ca_cert: Option<PathBuf>,
     /// `--ca-key`: the in-process CA's PKCS#8 key.
@@ -81,6 +84,11 @@ pub struct AgentSection {
     pub cgroup_root: Option<PathBuf>,
     pub admin_addr: Option<String>,
     pub readiness_addr: Option<String>,
+    /// `GET /metrics` (default `0.0.0.0:15020`).
+    pub metrics_addr: Option<String>,
+    /// First word of every metric name: `weft` (default), or `istio` so that Istio's
+    /// dashboards work unchanged.
+    pub metrics_prefix: Option<String>,
     pub proxy_mark: Option<u32>,
     #[serde(default)]
     pub ports: PortsSection,
@@ -197,6 +205,21 @@ impl Config {
                 READINESS_ADDR,
             )?,
         };
+        let metrics_addr = match overrides.metrics_addr {
+            Some(a) => a,
+            None => addr(
+                "agent.metricsAddr",
+                agent.metrics_addr.as_ref(),
+                METRICS_ADDR,
+            )?,
+        };
+        let metrics_prefix = telemetry::Prefix::new(
+            agent
+                .metrics_prefix
+                .as_deref()
+                .unwrap_or(telemetry::metrics::DEFAULT_PREFIX),
+        )
+        .map_err(|e| invalid("agent.metricsPrefix", e.to_string()))?;
         let identity = identity_config(agent, overrides.ca_cert, overrides.ca_key)
             .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(Self {
@@ -213,9 +236,11 @@ impl Config {
             admin: admin::Config {
                 admin_addr,
                 readiness_addr,
+                metrics_addr,
             },
             proxy: proxy::Config { ports, mark },
             identity,
+            telemetry: telemetry::Config { metrics_prefix },
         })
     }
 }
@@ -324,6 +349,7 @@ mod humantime_ms {
 const PIN_ROOT: &str = "/sys/fs/bpf/weft";
 const ADMIN_ADDR: &str = "127.0.0.1:15000";
 const READINESS_ADDR: &str = "0.0.0.0:15021";
+const METRICS_ADDR: &str = "0.0.0.0:15020";
 const OUTBOUND_PORT: u16 = ebpf_common::config::OUTBOUND_PORT;
 const INBOUND_PORT: u16 = ebpf_common::config::INBOUND_PORT;
 const HBONE_PORT: u16 = ebpf_common::config::HBONE_PORT;
@@ -477,6 +503,45 @@ mod tests {
             err.contains("agent.ca") && err.contains("--ca-key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_default_to_15020_and_the_weft_prefix() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.admin.metrics_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(cfg.telemetry.metrics_prefix.as_str(), "weft");
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nmetricsPrefix: istio\nmetricsAddr: 127.0.0.1:9090"),
+            Overrides {
+                metrics_addr: Some("127.0.0.1:9091".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.telemetry.metrics_prefix.as_str(), "istio");
+        assert_eq!(cfg.admin.metrics_addr, "127.0.0.1:9091".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_metrics_settings_name_the_field() {
+        for (yaml, field) in [
+            (
+                "cgroupRoot: /a\nmetricsPrefix: Weft-1",
+                "agent.metricsPrefix",
+            ),
+            ("cgroupRoot: /a\nmetricsAddr: nowhere", "agent.metricsAddr"),
+        ] {
+            let err = Config::new(Path::new("n.yaml"), &section(yaml), Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
     }
 
     #[test]

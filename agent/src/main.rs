@@ -44,6 +44,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             cgroup_root: args.cgroup_root,
             admin_addr: args.admin_addr,
             readiness_addr: args.readiness_addr,
+            metrics_addr: args.metrics_addr,
             ca_cert: args.ca_cert,
             ca_key: args.ca_key,
         },

@@ -48,6 +48,19 @@ pub struct MeshSettings {
     /// Zero trust by default: connections to a workload that no ALLOW policy selects are
     /// denied (instead of allowed).
     pub default_deny: bool,
+    /// Which namespaces' pods write access-log lines.
+    pub access_log: AccessLogSettings,
+}
+
+/// The access-log switch: on or off mesh-wide, with per-namespace exceptions. The
+/// namespace is the reporting pod's (the client's for outbound connections, the server's
+/// for inbound ones).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AccessLogSettings {
+    /// Mesh-wide default (on).
+    pub enabled: bool,
+    /// Namespaces that differ from the default.
+    pub namespaces: BTreeMap<String, bool>,
 }
 
 /// mTLS modes by namespace, with a mesh-wide default.
@@ -80,6 +93,25 @@ pub struct Resolved {
     pub upstream: SocketAddr,
     /// The service the original destination belonged to, if it was a service VIP.
     pub service: Option<WorkloadRef>,
+}
+
+impl AccessLogSettings {
+    /// Whether pods of `namespace` write access-log lines.
+    pub fn enabled_for(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.enabled)
+    }
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            namespaces: BTreeMap::new(),
+        }
+    }
 }
 
 /// Read side of the current snapshot.

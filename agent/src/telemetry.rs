@@ -1,10 +1,37 @@
-//! Logging set-up: tracing to stderr, as text for people or JSON for collectors, filtered
-//! by `WEFT_LOG` (EnvFilter syntax, default `info`). Access-log lines use the target
-//! `weft::access`, so they can be filtered or routed on their own.
+//! What the agent tells operators: logs, the access log and metrics.
+//!
+//! - Logging set-up (here): tracing to stderr, as text for people or JSON for collectors,
+//!   filtered by `WEFT_LOG` (EnvFilter syntax, default `info`).
+//! - `access_log`: one JSON line per connection on stdout, written by `proxy::Connections`
+//!   at close; switchable per namespace (`mesh.accessLog`).
+//! - `metrics`: the registry served on the metrics port, Istio-compatible TCP metrics and
+//!   the agent's health, with a configurable name prefix (`agent.metricsPrefix`).
+
+pub mod access_log;
+pub mod metrics;
 
 use std::io::IsTerminal;
 
+use serde::Serialize;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+pub use access_log::{AccessLog, AccessRecord};
+pub use metrics::{Prefix, Registry, TcpMetrics};
+
+/// Telemetry settings fixed at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// First word of every metric name (`weft`, or `istio` for Istio's dashboards).
+    pub metrics_prefix: Prefix,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "invalid metric prefix {0:?}: lowercase letters, digits and '_', not starting with a digit"
+    )]
+    InvalidPrefix(String),
+}
 
 /// Output format of the logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

@@ -1,20 +1,35 @@
 //! The proxy's own record of its connections: the active ones, the last closed ones (for
-//! `/debug/connections`), totals by outcome, and one access-log line per connection.
+//! `/debug/connections`), totals by outcome, and at close the connection's telemetry:
+//! Istio-style TCP metrics and one access-log line (`telemetry`).
+//!
+//! Labels come from the state snapshot when a connection's labels settle (`established`)
+//! or at close, never on the byte path: the reporting pod is the record's, the other end
+//! is the workload owning the upstream address (outbound) or the client address (inbound
+//! and HBONE, whose connections come from the source pod's own IP).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{debug, info};
 
 use super::Error;
+use crate::{
+    policy::Decision,
+    state::{Snapshot, StateHandle, Workload, WorkloadRef},
+    telemetry::{
+        AccessLog, AccessRecord, TcpMetrics,
+        metrics::{TcpLabels, Transfer},
+    },
+};
 
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -29,10 +44,25 @@ pub enum Direction {
 }
 
 /// Registry of connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connections {
     next_id: AtomicU64,
     inner: Mutex<Registry>,
+    state: StateHandle,
+    metrics: TcpMetrics,
+    access_log: AccessLog,
+}
+
+/// What access policy decided for a connection (destination side).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyOutcome {
+    Allow,
+    Deny {
+        /// `namespace/name` of the DENY policy that matched, if one did.
+        policy: Option<String>,
+        /// `denied_by_policy`, `not_allowed`, `default_deny`.
+        reason: &'static str,
+    },
 }
 
 /// One connection while it is open. Byte counters are updated by the copy loop.
@@ -51,6 +81,9 @@ pub struct Tracked {
     pub sent: AtomicU64,
     /// Upstream → application.
     pub received: AtomicU64,
+    policy: Mutex<Option<PolicyOutcome>>,
+    /// Labels fixed when the connection was counted as opened (all but response flags).
+    labels: OnceLock<TcpLabels>,
     start_unix_ms: u64,
     started: Instant,
 }
@@ -100,6 +133,24 @@ struct Registry {
 }
 
 impl Connections {
+    /// A registry that labels from `state` and counts into `metrics`; access-log lines go
+    /// to stdout.
+    pub fn new(state: StateHandle, metrics: TcpMetrics) -> Self {
+        Self {
+            next_id: AtomicU64::new(0),
+            inner: Mutex::default(),
+            state,
+            metrics,
+            access_log: AccessLog::stdout(),
+        }
+    }
+
+    /// Sends access-log lines to `access_log` instead of stdout.
+    pub fn with_access_log(mut self, access_log: AccessLog) -> Self {
+        self.access_log = access_log;
+        self
+    }
+
     /// Records a new connection.
     pub fn open(
         &self,
@@ -119,6 +170,8 @@ impl Connections {
             identities: Mutex::default(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            policy: Mutex::default(),
+            labels: OnceLock::new(),
             start_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -128,24 +181,50 @@ impl Connections {
         tracked
     }
 
-    /// Records the end of a connection and writes its access-log line.
+    /// Counts the connection as opened, with the labels it has now: call once the
+    /// upstream is connected, after `set_upstream`, `set_identities` and `set_policy`.
+    /// Idempotent; `close` does it for a connection that never got this far.
+    pub fn established(&self, tracked: &Tracked) {
+        self.labels(tracked);
+    }
+
+    /// Records the end of a connection: metrics, access-log line, error log line.
     pub fn close(&self, tracked: &Tracked, error: Option<&Error>) {
         let view = tracked.view(error.map(Error::reason));
+        let labels = self.labels(tracked);
+        // A policy error says more than the admission's outcome (a revoked connection was
+        // allowed first).
+        let policy = error.and_then(policy_of_error).or_else(|| tracked.policy());
+        let flags = response_flags(view.error, policy.as_ref());
+        let transfer = Transfer {
+            request_bytes: view.bytes_sent,
+            response_bytes: view.bytes_received,
+            duration_seconds: tracked.started.elapsed().as_secs_f64(),
+        };
+        self.metrics.closed(
+            &TcpLabels {
+                response_flags: flags,
+                ..labels.clone()
+            },
+            transfer,
+        );
+        if let Some(reason) = denial(view.error, policy.as_ref()) {
+            self.metrics.denied(reason);
+        }
+        self.write_access_log(&view, &labels, policy.as_ref(), flags, error);
         match error {
-            None => info!(target: "weft::access", component = "proxy",
+            None => debug!(component = "proxy", id = view.id, direction = ?view.direction,
+                pod = %view.pod, src = %view.src, dst = %view.dst, upstream = ?view.upstream,
+                bytes_sent = view.bytes_sent, bytes_received = view.bytes_received,
+                duration_ms = view.duration_ms, "connection closed"),
+            // The error log line: reason first, for grep and alerts.
+            Some(e) => info!(component = "proxy", error = e.reason(), detail = %e,
                 id = view.id, direction = ?view.direction, pod = %view.pod,
                 src = %view.src, dst = %view.dst, upstream = ?view.upstream,
                 service = ?view.service, src.identity = ?view.src_identity,
                 dst.identity = ?view.dst_identity, bytes_sent = view.bytes_sent,
                 bytes_received = view.bytes_received, duration_ms = view.duration_ms,
-                "connection closed"),
-            Some(e) => info!(target: "weft::access", component = "proxy",
-                id = view.id, direction = ?view.direction, pod = %view.pod,
-                src = %view.src, dst = %view.dst, upstream = ?view.upstream,
-                service = ?view.service, src.identity = ?view.src_identity,
-                dst.identity = ?view.dst_identity, bytes_sent = view.bytes_sent,
-                bytes_received = view.bytes_received, duration_ms = view.duration_ms,
-                error = e.reason(), detail = %e, "connection failed"),
+                response_flags = flags, "connection failed"),
         }
         let mut registry = self.lock();
         registry.active.remove(&tracked.id);
@@ -174,6 +253,90 @@ impl Connections {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The connection's labels, resolved (and counted as opened) the first time.
+    fn labels(&self, tracked: &Tracked) -> TcpLabels {
+        let mut first = false;
+        let labels = tracked.labels.get_or_init(|| {
+            first = true;
+            let view = tracked.view(None);
+            let snapshot = Arc::clone(&self.state.borrow());
+            Ends::resolve(&snapshot, &view).labels(&view)
+        });
+        if first {
+            self.metrics.opened(labels);
+        }
+        labels.clone()
+    }
+
+    fn write_access_log(
+        &self,
+        view: &ConnectionView,
+        labels: &TcpLabels,
+        policy: Option<&PolicyOutcome>,
+        response_flags: &'static str,
+        error: Option<&Error>,
+    ) {
+        let snapshot = Arc::clone(&self.state.borrow());
+        let namespace = pod_ref(&view.pod).map(|p| p.namespace);
+        if !snapshot
+            .mesh
+            .access_log
+            .enabled_for(namespace.as_deref().unwrap_or_default())
+        {
+            return;
+        }
+        let known = |value: &str| (value != UNKNOWN).then(|| value.to_owned());
+        let start = UNIX_EPOCH + Duration::from_millis(view.start_unix_ms);
+        self.access_log.write(&AccessRecord {
+            kind: "access",
+            start_time: humantime::format_rfc3339_millis(start).to_string(),
+            duration_ms: view.duration_ms,
+            direction: view.direction.as_str(),
+            reporter: labels.reporter,
+            pod: view.pod.clone(),
+            id: view.id,
+            src_addr: view.src,
+            src_identity: view.src_identity.clone(),
+            src_workload: known(&labels.source_workload),
+            src_namespace: known(&labels.source_workload_namespace),
+            dst_addr: view.dst,
+            dst_identity: view.dst_identity.clone(),
+            dst_workload: known(&labels.destination_workload),
+            dst_namespace: known(&labels.destination_workload_namespace),
+            dst_service: known(&labels.destination_service_name)
+                .map(|name| format!("{}/{name}", labels.destination_service_namespace)),
+            upstream: view.upstream,
+            bytes_sent: view.bytes_sent,
+            bytes_received: view.bytes_received,
+            connection_security_policy: labels.connection_security_policy,
+            policy: policy.map(|p| match p {
+                PolicyOutcome::Allow => "allow",
+                PolicyOutcome::Deny { .. } => "deny",
+            }),
+            policy_name: match policy {
+                Some(PolicyOutcome::Deny { policy, .. }) => policy.clone(),
+                _ => None,
+            },
+            policy_reason: match policy {
+                Some(PolicyOutcome::Deny { reason, .. }) => Some(reason),
+                _ => None,
+            },
+            response_flags,
+            error: view.error,
+            error_detail: error.map(ToString::to_string),
+        });
+    }
+}
+
+impl Default for Connections {
+    /// A registry with an empty snapshot, unregistered metrics and no access log (for
+    /// tests).
+    fn default() -> Self {
+        let (_, state) = watch::channel(Arc::new(Snapshot::default()));
+        Self::new(state, TcpMetrics::default())
+            .with_access_log(AccessLog::to_writer(std::io::sink()))
+    }
 }
 
 impl Tracked {
@@ -189,6 +352,19 @@ impl Tracked {
             .identities
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Identities { src, dst };
+    }
+
+    /// Records what access policy decided (the destination side calls this for every
+    /// connection it evaluates; a denial also closes with the matching error).
+    pub fn set_policy(&self, outcome: impl Into<PolicyOutcome>) {
+        *self.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome.into());
+    }
+
+    fn policy(&self) -> Option<PolicyOutcome> {
+        self.policy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn view(&self, error: Option<&'static str>) -> ConnectionView {
@@ -230,52 +406,222 @@ impl Direction {
     }
 }
 
+impl Direction {
+    /// Istio's `reporter`: the client's proxy reports as `source`, the server's as
+    /// `destination`.
+    pub fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound | Direction::Hbone => "destination",
+        }
+    }
+}
+
+impl From<&Decision> for PolicyOutcome {
+    fn from(decision: &Decision) -> Self {
+        match decision {
+            Decision::Allow => PolicyOutcome::Allow,
+            Decision::Deny { policy, reason } => PolicyOutcome::Deny {
+                policy: policy.as_ref().map(ToString::to_string),
+                reason: reason.as_str(),
+            },
+        }
+    }
+}
+
+impl From<Decision> for PolicyOutcome {
+    fn from(decision: Decision) -> Self {
+        PolicyOutcome::from(&decision)
+    }
+}
+
+/// Both ends of a connection as the snapshot knows them.
+struct Ends<'a> {
+    src: End<'a>,
+    dst: End<'a>,
+    service: Option<WorkloadRef>,
+}
+
+/// One end: the workload when the snapshot has it, else at least the reporting pod's name.
+struct End<'a> {
+    name: Option<WorkloadRef>,
+    workload: Option<&'a Workload>,
+}
+
+impl<'a> Ends<'a> {
+    fn resolve(snapshot: &'a Snapshot, view: &ConnectionView) -> Self {
+        let own = pod_ref(&view.pod).map(|name| End {
+            workload: snapshot.workloads.get(&name),
+            name: Some(name),
+        });
+        let peer = |ip: IpAddr| {
+            let workload = snapshot.workload_by_ip(ip);
+            End {
+                name: workload.map(|w| w.name.clone()),
+                workload,
+            }
+        };
+        let own = own.unwrap_or(End {
+            name: None,
+            workload: None,
+        });
+        match view.direction {
+            Direction::Outbound => {
+                let target = view.upstream.unwrap_or(view.dst);
+                let service = view
+                    .service
+                    .as_deref()
+                    .and_then(pod_ref)
+                    .or_else(|| service_of(snapshot, target.ip()));
+                Ends {
+                    src: own,
+                    dst: peer(target.ip()),
+                    service,
+                }
+            }
+            Direction::Inbound | Direction::Hbone => Ends {
+                src: peer(view.src.ip()),
+                dst: own,
+                service: service_of(snapshot, view.dst.ip()),
+            },
+        }
+    }
+
+    fn labels(&self, view: &ConnectionView) -> TcpLabels {
+        // Identities are recorded only once mutual TLS is in play (HBONE either way).
+        let mutual_tls = view.src_identity.is_some() || view.dst_identity.is_some();
+        let or_unknown = |v: Option<&String>| v.cloned().unwrap_or_else(|| UNKNOWN.to_owned());
+        TcpLabels {
+            reporter: view.direction.reporter(),
+            source_workload: self.src.workload_name(),
+            source_workload_namespace: self.src.namespace(),
+            source_principal: or_unknown(view.src_identity.as_ref()),
+            source_app: self.src.label(APP_LABELS),
+            source_version: self.src.label(VERSION_LABELS),
+            destination_workload: self.dst.workload_name(),
+            destination_workload_namespace: self.dst.namespace(),
+            destination_principal: or_unknown(view.dst_identity.as_ref()),
+            destination_app: self.dst.label(APP_LABELS),
+            destination_version: self.dst.label(VERSION_LABELS),
+            destination_service: self.service.as_ref().map_or_else(
+                || UNKNOWN.to_owned(),
+                |s| format!("{}.{}.svc.{CLUSTER_DOMAIN}", s.name, s.namespace),
+            ),
+            destination_service_name: or_unknown(self.service.as_ref().map(|s| &s.name)),
+            destination_service_namespace: or_unknown(self.service.as_ref().map(|s| &s.namespace)),
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
+            response_flags: NO_FLAGS,
+        }
+    }
+}
+
+impl End<'_> {
+    // The workload name is the pod's: the file source has no owner (Deployment) names.
+    fn workload_name(&self) -> String {
+        self.name
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |n| n.name.clone())
+    }
+
+    fn namespace(&self) -> String {
+        self.name
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |n| n.namespace.clone())
+    }
+
+    /// The first of `keys` the workload has as a label.
+    fn label(&self, keys: &[&str]) -> String {
+        self.workload
+            .and_then(|w| keys.iter().find_map(|k| w.labels.get(*k)))
+            .cloned()
+            .unwrap_or_else(|| UNKNOWN.to_owned())
+    }
+}
+
+/// `namespace/name` back into its parts.
+fn pod_ref(text: &str) -> Option<WorkloadRef> {
+    let (namespace, name) = text.split_once('/')?;
+    Some(WorkloadRef::new(namespace, name))
+}
+
+/// The first service (by name) with `ip` among its endpoints.
+fn service_of(snapshot: &Snapshot, ip: IpAddr) -> Option<WorkloadRef> {
+    snapshot
+        .services
+        .iter()
+        .find(|(_, s)| s.endpoints.contains(&ip))
+        .map(|(name, _)| name.clone())
+}
+
+/// The policy outcome an error carries, for a caller that closed without `set_policy`.
+fn policy_of_error(error: &Error) -> Option<PolicyOutcome> {
+    match error {
+        Error::PolicyDenied { reason, policy } | Error::PolicyRevoked { reason, policy } => {
+            Some(PolicyOutcome::Deny {
+                policy: policy.as_ref().map(ToString::to_string),
+                reason: reason.as_str(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The reason this node refused the connection, if it did (for the denied counter).
+fn denial(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -> Option<&'static str> {
+    match (policy, error) {
+        (Some(PolicyOutcome::Deny { reason, .. }), _) => Some(reason),
+        (_, Some(reason)) if DENIAL_REASONS.contains(&reason) => Some(reason),
+        _ => None,
+    }
+}
+
+/// Envoy-style response flags (docs/telemetry.md): what went wrong, in the codes Istio's
+/// dashboards know.
+fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -> &'static str {
+    if matches!(policy, Some(PolicyOutcome::Deny { .. })) {
+        return "RBAC";
+    }
+    let Some(reason) = error else {
+        return NO_FLAGS;
+    };
+    if DENIAL_REASONS.contains(&reason) || reason == "policy_denied" {
+        return "RBAC";
+    }
+    match reason {
+        "downstream" => "DC",
+        "upstream" | "stream_reset" | "http2" => "UC",
+        "response_timeout" => "UT",
+        "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported" => {
+            "NR"
+        }
+        "bad_request" | "invalid_request" => "DPE",
+        "unexpected_status" => "UPE",
+        // Connect, TLS and identity failures, and anything newer: the upstream connection
+        // could not be made.
+        _ => "UF",
+    }
+}
+
 /// Closed connections kept for `/debug/connections`.
 const RECENT: usize = 1024;
 
+/// Reasons that mean this node's proxy refused the connection.
+const DENIAL_REASONS: [&str; 5] = [
+    "denied_by_policy",
+    "not_allowed",
+    "default_deny",
+    "policy_revoked",
+    "plaintext_refused_strict",
+];
+
+/// Istio's value for a label the proxy cannot know.
+const UNKNOWN: &str = "unknown";
+const NO_FLAGS: &str = "-";
+/// Kubernetes' default cluster domain, for `destination_service`.
+const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Workload labels Istio reads `app` and `version` from, in order.
+const APP_LABELS: &[&str] = &["app", "app.kubernetes.io/name"];
+const VERSION_LABELS: &[&str] = &["version", "app.kubernetes.io/version"];
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn closed_connections_move_to_recent_with_their_outcome() {
-        let registry = Connections::default();
-        let a = registry.open(
-            Direction::Outbound,
-            "default/client".into(),
-            "127.0.0.1:40000".parse().unwrap(),
-            "10.1.0.3:80".parse().unwrap(),
-        );
-        let b = registry.open(
-            Direction::Inbound,
-            "default/server".into(),
-            "10.1.0.2:40001".parse().unwrap(),
-            "10.1.0.3:80".parse().unwrap(),
-        );
-        a.sent.store(5, Ordering::Relaxed);
-        registry.close(&a, None);
-        registry.close(&b, Some(&Error::NoOrigDst));
-        let view = registry.view();
-        assert!(view.active.is_empty());
-        assert_eq!(view.recent.len(), 2);
-        assert_eq!(view.recent[0].bytes_sent, 5);
-        assert_eq!(view.recent[1].error, Some("no_orig_dst"));
-        assert_eq!(view.closed_total["ok"], 1);
-        assert_eq!(view.closed_total["no_orig_dst"], 1);
-    }
-
-    #[test]
-    fn recent_is_bounded() {
-        let registry = Connections::default();
-        for _ in 0..RECENT + 10 {
-            let c = registry.open(
-                Direction::Outbound,
-                "p".into(),
-                "127.0.0.1:1".parse().unwrap(),
-                "10.0.0.1:1".parse().unwrap(),
-            );
-            registry.close(&c, None);
-        }
-        assert_eq!(registry.view().recent.len(), RECENT);
-    }
-}
+mod tests;

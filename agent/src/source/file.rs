@@ -21,9 +21,9 @@ use crate::{
     identity::SpiffeId,
     source::SourceStatus,
     state::{
-        AccessPolicy, Action, IpBlock, L7Match, Location, MeshSettings, MtlsMode, MtlsSettings,
-        PortRange, Principal, Rule, Service, ServiceAccount, ServicePort, Snapshot, Source,
-        Workload, WorkloadRef, WorkloadSelector,
+        AccessLogSettings, AccessPolicy, Action, IpBlock, L7Match, Location, MeshSettings,
+        MtlsMode, MtlsSettings, PortRange, Principal, Rule, Service, ServiceAccount, ServicePort,
+        Snapshot, Source, Workload, WorkloadRef, WorkloadSelector,
     },
 };
 
@@ -105,12 +105,13 @@ pub async fn watch(
                     warn!(component = "config", path = %path.display(),
                         "the agent: section changed; it takes effect after a restart");
                 }
-                status.accepted();
                 info!(component = "config", path = %path.display(),
                     workloads = doc.snapshot.workloads.len(),
                     services = doc.snapshot.services.len(),
                     policies = doc.snapshot.policies.len(), "config reloaded");
                 tx.send_replace(Arc::new(doc.snapshot));
+                // After the new state is visible: whoever sees the new generation sees it.
+                status.accepted();
             }
             Err(e) => {
                 status.rejected(&e);
@@ -147,6 +148,30 @@ struct RawMesh {
     mtls: RawMtls,
     #[serde(default)]
     default_deny: bool,
+    #[serde(default)]
+    access_log: RawAccessLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAccessLog {
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+    #[serde(default)]
+    namespaces: BTreeMap<String, bool>,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+fn enabled_by_default() -> bool {
+    true
 }
 
 #[derive(Default, Deserialize)]
@@ -359,6 +384,12 @@ impl Validator<'_> {
                 })
             })
             .collect::<Result<_, _>>()?;
+        for namespace in raw.access_log.namespaces.keys() {
+            self.name(
+                &format!("mesh.accessLog.namespaces.{namespace}"),
+                namespace.clone(),
+            )?;
+        }
         for namespace in raw.mtls.namespaces.keys() {
             self.name(
                 &format!("mesh.mtls.namespaces.{namespace}"),
@@ -373,6 +404,10 @@ impl Validator<'_> {
                 namespaces: raw.mtls.namespaces,
             },
             default_deny: raw.default_deny,
+            access_log: AccessLogSettings {
+                enabled: raw.access_log.enabled,
+                namespaces: raw.access_log.namespaces,
+            },
         })
     }
 
@@ -829,6 +864,26 @@ services:
         assert_eq!(doc.snapshot.mtls_mode(api), MtlsMode::Disabled);
         assert_eq!(doc.snapshot.mesh.mtls.namespaces["prod"], MtlsMode::Strict);
         assert_eq!(doc.snapshot.local_enrolled().count(), 1);
+    }
+
+    #[test]
+    fn access_log_is_on_by_default_and_switchable_per_namespace() {
+        let doc = parse_str(GOOD).unwrap();
+        assert!(doc.snapshot.mesh.access_log.enabled_for("default"));
+        let doc = parse_str(&GOOD.replace(
+            "  mtls:\n",
+            "  accessLog: {enabled: false, namespaces: {prod: true}}\n  mtls:\n",
+        ))
+        .unwrap();
+        let access_log = &doc.snapshot.mesh.access_log;
+        assert!(!access_log.enabled_for("default"));
+        assert!(access_log.enabled_for("prod"));
+        let err = parse_str(&GOOD.replace(
+            "  mtls:\n",
+            "  accessLog: {namespaces: {Bad_NS: false}}\n  mtls:\n",
+        ))
+        .unwrap_err();
+        assert!(err.contains("mesh.accessLog.namespaces.Bad_NS"), "{err}");
     }
 
     #[test]
