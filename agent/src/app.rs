@@ -88,6 +88,7 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         Arc::clone(&connections),
         mtls,
     );
+    let proxy_handle = proxy.clone();
     let mut enroller = Enroller::new(Arc::clone(&dataplane), proxy, config.proxy);
     let enroll_status = Arc::new(Mutex::new(enroller.status()));
     let shutdown = Arc::new(Notify::new());
@@ -143,6 +144,8 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
                 }
             }
         }
+        // Policy before enrollment: a pod that starts serving must already be guarded.
+        proxy_handle.apply_policies(&snapshot);
         let all_enrolled = enroller.reconcile(&snapshot);
         *lock(&enroll_status) = enroller.status();
         ready.set(

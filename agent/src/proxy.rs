@@ -11,6 +11,7 @@
 //! certificates of the pods' identities (`Mtls`). Outputs: proxied connections, their
 //! records (`connections`) and one access-log line each.
 
+mod admission;
 pub mod connections;
 pub mod copy;
 pub mod hbone;
@@ -40,6 +41,7 @@ pub use socket::SocketFactory;
 use crate::{
     ebpf::OrigDstTable,
     identity::{CertSource, SpiffeId},
+    policy::DenyReason,
     state::{StateHandle, WorkloadRef},
 };
 
@@ -90,6 +92,16 @@ pub enum Error {
     UnknownPod,
     #[error("HBONE CONNECT to {0} refused: not a workload served at this address")]
     NotServed(SocketAddr),
+    #[error("denied by access policy ({}{})", reason.as_str(), policy.as_ref().map(|p| format!(", policy {p}")).unwrap_or_default())]
+    PolicyDenied {
+        reason: DenyReason,
+        policy: Option<WorkloadRef>,
+    },
+    #[error("closed: a policy change denies this connection ({}{})", reason.as_str(), policy.as_ref().map(|p| format!(", policy {p}")).unwrap_or_default())]
+    PolicyRevoked {
+        reason: DenyReason,
+        policy: Option<WorkloadRef>,
+    },
     #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]
     PlaintextRefusedStrict,
 }
@@ -110,6 +122,8 @@ impl Error {
             Error::Identity(_) => "invalid_identity",
             Error::UnknownPod => "unknown_pod",
             Error::NotServed(_) => "not_served",
+            Error::PolicyDenied { reason, .. } => reason.as_str(),
+            Error::PolicyRevoked { .. } => "policy_revoked",
             Error::PlaintextRefusedStrict => "plaintext_refused_strict",
         }
     }
@@ -174,6 +188,7 @@ struct Inner {
     connections: Arc<Connections>,
     mtls: Option<Mtls>,
     hbone_port: u16,
+    admissions: Arc<admission::Admissions>,
     /// Round-robin position for service endpoints.
     next_endpoint: AtomicUsize,
 }
@@ -193,6 +208,7 @@ impl Proxy {
                 connections,
                 mtls,
                 hbone_port: config.ports.hbone,
+                admissions: Arc::default(),
                 next_endpoint: AtomicUsize::new(0),
             }),
         }
@@ -200,6 +216,12 @@ impl Proxy {
 
     pub fn connections(&self) -> &Arc<Connections> {
         &self.inner.connections
+    }
+
+    /// Applies a new snapshot's access policies: to new connections at once, and to open
+    /// ones, which are closed when the new policy denies them.
+    pub fn apply_policies(&self, snapshot: &Arc<crate::state::Snapshot>) {
+        self.inner.admissions.update(snapshot);
     }
 
     /// The outbound HBONE pool, when mutual TLS is on (for status).

@@ -128,6 +128,38 @@ pub fn render(status: &Value) -> String {
         }
     }
 
+    if status["mtls"].as_bool() == Some(true) {
+        let _ = writeln!(out, "\ncertificates (mutual TLS on):");
+        let certs = status["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if certs.is_empty() {
+            let _ = writeln!(out, "  (none wanted yet)");
+        }
+        for cert in &certs {
+            let text = |key: &str| cert[key].as_str().unwrap_or("-").to_string();
+            let _ = writeln!(
+                out,
+                "  {}  {}  serial {}  expires {}  renews {}{}",
+                text("identity"),
+                text("state"),
+                text("serial"),
+                text("notAfter"),
+                text("renewAt"),
+                cert["lastError"]
+                    .as_str()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "\nmutual TLS OFF (no CA configured): pod-to-pod traffic is plaintext"
+        );
+    }
+
     let _ = writeln!(
         out,
         "\nconnections: {} active; closed by outcome: {}",

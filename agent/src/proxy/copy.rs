@@ -59,6 +59,24 @@ pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
     result
 }
 
+/// `bidirectional`, cut short when `stop` resolves first (a policy change revoked the
+/// connection): both ends are aborted and `stop`'s error returned.
+pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized>(
+    downstream: &mut D,
+    upstream: &mut U,
+    sent: &AtomicU64,
+    received: &AtomicU64,
+    stop: impl Future<Output = Error>,
+) -> Result<(), Error> {
+    let stopped = tokio::select! {
+        result = bidirectional(&mut *downstream, &mut *upstream, sent, received) => return result,
+        e = stop => e,
+    };
+    downstream.abort();
+    upstream.abort();
+    Err(stopped)
+}
+
 /// Aborts a connection with RST instead of FIN.
 pub fn reset(stream: &TcpStream) {
     // SO_LINGER 0 turns the close into a RST (without blocking: there is nothing to wait

@@ -2,8 +2,10 @@
 //! to the pod onto the proxy's inbound listener (refused when the pod is STRICT); the
 //! accepted socket's local address is the original destination (sk_lookup keeps it).
 //! HBONE: a CONNECT stream on the pod's 15008 names the destination in `:authority`. Either
-//! way the proxy connects to the destination from inside the pod over loopback — where
-//! sk_lookup does not steer again — and copies.
+//! way access policy is checked first (`admission`: a denial resets the connection or
+//! answers 401), then the proxy connects to the destination from inside the pod over
+//! loopback — where sk_lookup does not steer again — and copies until done or until a
+//! policy change revokes the connection.
 //!
 //! The application sees the proxy's loopback connection; the real client address is in
 //! the proxy's record and access log. (Spoofing it with IP_TRANSPARENT would need policy
@@ -18,9 +20,12 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy, connections::Tracked, copy, hbone, route,
-    socket,
+    CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
+    admission::{Admission, Facts},
+    connections::{PolicyOutcome, Tracked},
+    copy, hbone, route, socket,
 };
+use crate::identity::SpiffeId;
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
@@ -45,15 +50,59 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             .close(&tracked, Some(&Error::PlaintextRefusedStrict));
         return;
     }
+    // A plaintext peer proves no identity: only IP and port rules can allow it.
+    let admission = match admit(proxy, pod, dst, None, peer) {
+        Ok(admission) => admission,
+        Err(e) => {
+            copy::reset(&client);
+            proxy.connections().close(&tracked, Some(&e));
+            return;
+        }
+    };
+    tracked.set_policy(PolicyOutcome::Allow);
     let result = async {
         let mut upstream = socket::connect(pod.sockets.as_ref(), dst, CONNECT_TIMEOUT).await?;
-        copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received).await
+        proxy.connections().established(&tracked);
+        copy::bidirectional_until(
+            &mut client,
+            &mut upstream,
+            &tracked.sent,
+            &tracked.received,
+            admission.revoked(),
+        )
+        .await
     }
     .await;
     if result.is_err() {
         copy::reset(&client);
     }
     proxy.connections().close(&tracked, result.err().as_ref());
+}
+
+/// Access policy for a new connection into the pod; a denial is logged with its reason.
+fn admit(
+    proxy: &Proxy,
+    pod: &PodContext,
+    dst: SocketAddr,
+    source_identity: Option<&SpiffeId>,
+    peer: SocketAddr,
+) -> Result<Admission, Error> {
+    let facts = Facts {
+        destination: pod.workload.clone(),
+        dst_port: dst.port(),
+        source_identity: source_identity.cloned(),
+        source_ip: peer.ip(),
+    };
+    let snapshot = Arc::clone(&proxy.inner.state.borrow());
+    proxy
+        .inner
+        .admissions
+        .admit(&snapshot, facts)
+        .inspect_err(|e| {
+            warn!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
+                src.identity = ?source_identity.map(ToString::to_string),
+                reason = e.reason(), error = %e, "connection denied by access policy");
+        })
 }
 
 /// Decides on the CONNECT streams of one pod's HBONE listener.
@@ -67,6 +116,8 @@ pub struct HboneHandler {
 pub struct HboneTransfer {
     proxy: Proxy,
     tracked: Arc<Tracked>,
+    /// Held while the stream is open: a later policy may revoke it.
+    admission: Admission,
 }
 
 impl hbone::ConnectHandler for HboneHandler {
@@ -102,14 +153,32 @@ impl hbone::ConnectHandler for HboneHandler {
                 .close(&tracked, Some(&Error::NotServed(request.target)));
             return Err(hbone::Refusal::NotServed);
         }
+        let admission = match admit(
+            proxy,
+            pod,
+            request.target,
+            Some(&request.peer_identity),
+            request.peer_addr,
+        ) {
+            Ok(admission) => admission,
+            Err(e) => {
+                proxy.connections().close(&tracked, Some(&e));
+                return Err(hbone::Refusal::Denied);
+            }
+        };
+        tracked.set_policy(PolicyOutcome::Allow);
         match socket::connect(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
-            Ok(upstream) => Ok(hbone::Accepted {
-                upstream,
-                transfer: HboneTransfer {
-                    proxy: proxy.clone(),
-                    tracked,
-                },
-            }),
+            Ok(upstream) => {
+                proxy.connections().established(&tracked);
+                Ok(hbone::Accepted {
+                    upstream,
+                    transfer: HboneTransfer {
+                        proxy: proxy.clone(),
+                        tracked,
+                        admission,
+                    },
+                })
+            }
             Err(e) => {
                 proxy.connections().close(&tracked, Some(&e));
                 Err(hbone::Refusal::Unreachable)
@@ -131,6 +200,10 @@ impl hbone::Transfer for HboneTransfer {
         self.proxy
             .connections()
             .close(&self.tracked, result.err().as_ref());
+    }
+
+    fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
+        self.admission.revoked()
     }
 }
 

@@ -71,6 +71,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                 let mut upstream =
                     socket::connect(pod.sockets.as_ref(), resolved.upstream, CONNECT_TIMEOUT)
                         .await?;
+                proxy.connections().established(&tracked);
                 copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received)
                     .await
             }
@@ -138,6 +139,7 @@ async fn hbone_to(
         traceparent: None,
     };
     let mut stream = mtls.pool.connect(key, dial, request).await?;
+    proxy.connections().established(tracked);
     copy::bidirectional(client, &mut stream, &tracked.sent, &tracked.received).await
 }
 

@@ -63,6 +63,11 @@ pub trait Transfer: Send + 'static {
     fn received(&self) -> &AtomicU64;
     /// Called once, when both directions are done or the transfer failed.
     fn finish(self, result: Result<(), proxy::Error>);
+    /// Resolves when the transfer must stop early (policy revoked it): both ends are then
+    /// reset and `finish` gets the error. Never, by default.
+    fn stopped(&self) -> impl Future<Output = proxy::Error> + Send + 'static {
+        std::future::pending()
+    }
 }
 
 /// Decides on each CONNECT (policy, which workload, connecting the upstream).
@@ -214,11 +219,12 @@ async fn stream_task<H: ConnectHandler>(
         }
     };
     let mut stream = H2Stream::new(send, body);
-    let result = copy::bidirectional(
+    let result = copy::bidirectional_until(
         &mut stream,
         &mut upstream,
         transfer.sent(),
         transfer.received(),
+        transfer.stopped(),
     )
     .await;
     transfer.finish(result);
