@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::{
     app::weft_bin,
-    eventually::{eventually, scaled},
+    eventually::{assert_eventually, eventually, scaled},
     node::TestNode,
     process::{Placement, TestProcess},
     sys::{self, HttpResponse},
@@ -195,6 +195,41 @@ impl TestAgent {
             .with_context(|| format!("unexpected /debug/connections shape: {v:#}"))
     }
 
+    /// Waits (up to 10 s) for a connection record matching `pred` and returns it (a record
+    /// lands in `recent` on close); panics naming `what` and listing the records otherwise.
+    #[track_caller]
+    pub fn expect_record(&self, what: &str, pred: impl Fn(&ConnRecord) -> bool) -> ConnRecord {
+        assert_eventually(Duration::from_secs(10), || {
+            let records = self.connections().map_err(|e| format!("{e:#}"))?;
+            records.all().find(|r| pred(r)).cloned().ok_or_else(|| {
+                format!(
+                    "no {what} record in /debug/connections; have: {:#?}",
+                    records.all().collect::<Vec<_>>()
+                )
+            })
+        })
+    }
+
+    /// `GET /metrics` on the metrics port (OpenMetrics text).
+    pub fn metrics(&self) -> Result<String> {
+        let addr: SocketAddr = METRICS_ADDR.parse().context("METRICS_ADDR")?;
+        let r = sys::http_get(&self.netns, addr, "/metrics")?;
+        if r.status != 200 {
+            bail!("GET /metrics: status {}: {}", r.status, r.body);
+        }
+        Ok(r.body)
+    }
+
+    /// The access-log records written so far: the agent's stdout lines that are JSON
+    /// objects of `"kind":"access"` (docs/telemetry.md).
+    pub fn access_log(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter(|l| l.starts_with(r#"{"kind":"access""#))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// `GET /status`.
     pub fn status(&self) -> Result<Value> {
         self.get_json("/status")
@@ -311,6 +346,7 @@ pub fn admin_addr() -> SocketAddr {
 
 pub(crate) const ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub(crate) const READINESS_ADDR: &str = "127.0.0.1:15021";
+pub(crate) const METRICS_ADDR: &str = "127.0.0.1:15020";
 const LOG_TAIL_LINES: usize = 300;
 /// `WEFT_*` variables that would override the config file (docs/config.md).
 const OVERRIDES: &[&str] = &[
@@ -319,4 +355,7 @@ const OVERRIDES: &[&str] = &[
     "WEFT_CGROUP_ROOT",
     "WEFT_ADMIN_ADDR",
     "WEFT_READINESS_ADDR",
+    "WEFT_METRICS_ADDR",
+    "WEFT_CA_CERT",
+    "WEFT_CA_KEY",
 ];

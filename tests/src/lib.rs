@@ -23,6 +23,7 @@ pub mod agent;
 pub mod app;
 pub mod bpf;
 pub mod eventually;
+pub mod metrics;
 pub mod node;
 pub mod pod;
 pub mod process;

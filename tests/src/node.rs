@@ -55,6 +55,8 @@ pub(crate) struct NodeInner {
     pub pods: RefCell<Vec<PodSpec>>,
     pub services: RefCell<Vec<Service>>,
     pub mesh: RefCell<Value>,
+    /// The config's `policies:` list.
+    pub policies: RefCell<Value>,
     /// Extra keys of the config's `agent:` section (`certLifetime`, `ca`, …).
     pub agent_settings: RefCell<serde_json::Map<String, Value>>,
     /// Mutual TLS between pods: on by default, with an in-process CA (see `ensure_ca`).
@@ -115,6 +117,7 @@ impl TestNode {
                 pods: RefCell::new(Vec::new()),
                 services: RefCell::new(Vec::new()),
                 mesh: RefCell::new(json!({ "excludedPorts": [22] })),
+                policies: RefCell::new(json!([])),
                 agent_settings: RefCell::default(),
                 mtls: Cell::new(true),
                 ca: RefCell::new(None),
@@ -249,6 +252,12 @@ impl TestNode {
         self.inner.services.borrow_mut().push(service);
     }
 
+    /// Replaces the config's `policies:` list (AccessPolicy, see docs/policy.md); written when
+    /// the agent starts or reloads.
+    pub fn set_policies(&self, policies: Value) {
+        *self.inner.policies.borrow_mut() = policies;
+    }
+
     /// Replaces the config's `mesh:` section (default `{excludedPorts: [22]}`).
     pub fn set_mesh(&self, mesh: Value) {
         *self.inner.mesh.borrow_mut() = mesh;
@@ -276,6 +285,7 @@ impl TestNode {
                     "node": n.node_name(),
                     "enrolled": p.enrolled.get(),
                     "mtlsMode": p.mtls_mode,
+                    "labels": p.labels,
                 })
             })
             .chain(self.remote_workloads())
@@ -303,6 +313,7 @@ impl TestNode {
             "cgroupRoot": self.cgroup_root().display().to_string(),
             "adminAddr": crate::agent::ADMIN_ADDR,
             "readinessAddr": crate::agent::READINESS_ADDR,
+            "metricsAddr": crate::agent::METRICS_ADDR,
         });
         if let Some(ca) = n.ca.borrow().as_ref() {
             agent["ca"] = json!({ "inProcess": {
@@ -318,6 +329,7 @@ impl TestNode {
             "mesh": n.mesh.borrow().clone(),
             "workloads": workloads,
             "services": services,
+            "policies": n.policies.borrow().clone(),
         })
     }
 
@@ -394,6 +406,7 @@ impl TestNode {
                             "node": peer.node_name(),
                             "enrolled": p.enrolled.get(),
                             "mtlsMode": p.mtls_mode,
+                            "labels": p.labels,
                         })
                     })
                     .collect::<Vec<_>>()

@@ -7,6 +7,7 @@
 
 use std::{
     cell::Cell,
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     process::Command,
@@ -30,6 +31,7 @@ pub struct PodBuilder<'a> {
     service_account: String,
     enrolled: bool,
     mtls_mode: Option<String>,
+    labels: BTreeMap<String, String>,
 }
 
 /// A pod of a node. Cheap handle; the node owns (and deletes) what the pod is made of.
@@ -46,6 +48,8 @@ pub(crate) struct PodSpec {
     pub enrolled: Cell<bool>,
     /// The workload's own `mtlsMode` (`STRICT`, `PERMISSIVE`, `DISABLED`), if set.
     pub mtls_mode: Option<String>,
+    /// Kubernetes labels (policies select workloads by them).
+    pub labels: BTreeMap<String, String>,
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
@@ -60,6 +64,7 @@ impl<'a> PodBuilder<'a> {
             service_account: "default".to_string(),
             enrolled: true,
             mtls_mode: None,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -86,6 +91,12 @@ impl<'a> PodBuilder<'a> {
         self
     }
 
+    /// Adds a Kubernetes label.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_string(), value.to_string());
+        self
+    }
+
     /// Creates the pod's netns, veth, addresses and cgroup.
     pub fn create(self) -> Result<TestPod> {
         let node = &self.node.inner;
@@ -109,6 +120,7 @@ impl<'a> PodBuilder<'a> {
             service_account: self.service_account,
             enrolled: Cell::new(self.enrolled),
             mtls_mode: self.mtls_mode,
+            labels: self.labels,
             ip,
             netns: netns.clone(),
             cgroup: cgroup.clone(),

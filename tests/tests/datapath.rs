@@ -46,11 +46,11 @@ fn enrolled_pod_to_pod_goes_through_proxy_with_payload_intact() -> Result<()> {
             got.received_bytes, size,
             "server app received the whole payload"
         );
-        expect_record(&agent, "outbound echo", |r| {
+        agent.expect_record("outbound echo", |r| {
             is(r, "outbound", &client, to) && r.bytes_sent == size && r.bytes_received == size
         });
         // Both pods are in the mesh, so the hop between the proxies is HBONE (mutual TLS).
-        expect_record(&agent, "HBONE inbound echo", |r| {
+        agent.expect_record("HBONE inbound echo", |r| {
             is(r, "hbone", &server, to) && r.bytes_sent == size && r.bytes_received == size
         });
 
@@ -65,7 +65,7 @@ fn enrolled_pod_to_pod_goes_through_proxy_with_payload_intact() -> Result<()> {
              reply {reply:?}, expected it to start with {expected:?}"
         );
         hash.wait_closed_where(|c| c.received_sha256 == sent.sent_sha256);
-        expect_record(&agent, "outbound hash", |r| {
+        agent.expect_record("outbound hash", |r| {
             is(r, "outbound", &client, to)
                 && r.bytes_sent == size
                 && r.bytes_received == sent.received_bytes
@@ -94,7 +94,7 @@ fn enrolled_pod_to_service_vip_goes_through_proxy() -> Result<()> {
     let sent = app::send(&client, vip, 64 * KIB, 7)?;
     assert_echoed(&sent, 64 * KIB);
     echo.wait_closed_where(|c| c.received_sha256 == sent.sent_sha256);
-    let record = expect_record(&agent, "outbound to the VIP", |r| {
+    let record = agent.expect_record("outbound to the VIP", |r| {
         is(r, "outbound", &client, vip) && r.bytes_sent == 64 * KIB
     });
     assert_eq!(
@@ -181,7 +181,7 @@ fn unenrolled_pod_traffic_does_not_touch_proxy() -> Result<()> {
     // proxied outbound (passthrough), with no inbound side.
     let sent_enrolled = app::send(&client, to, KIB, 4)?;
     assert_echoed(&sent_enrolled, KIB);
-    expect_record(&agent, "enrolled client's outbound", |r| {
+    agent.expect_record("enrolled client's outbound", |r| {
         is(r, "outbound", &client, to)
     });
 
@@ -219,7 +219,7 @@ fn unenrolled_pod_to_enrolled_pod_arrives_through_inbound_proxy() -> Result<()> 
     assert_echoed(&sent, 64 * KIB);
     let got = echo.wait_closed_where(|c| c.received_sha256 == sent.sent_sha256);
     assert_eq!(got.received_bytes, 64 * KIB);
-    let record = expect_record(&agent, "inbound via 15006", |r| {
+    let record = agent.expect_record("inbound via 15006", |r| {
         is(r, "inbound", &server, to) && r.bytes_sent == 64 * KIB && r.bytes_received == 64 * KIB
     });
     assert_eq!(record.error, None);
@@ -293,10 +293,10 @@ fn agent_killed_fails_closed_and_restart_recovers() -> Result<()> {
     assert_echoed(&sent, KIB);
     let sent = app::send(&legacy, to_server, KIB, 4)?;
     assert_echoed(&sent, KIB);
-    expect_record(&agent, "outbound after restart", |r| {
+    agent.expect_record("outbound after restart", |r| {
         is(r, "outbound", &client, to_server)
     });
-    expect_record(&agent, "inbound after restart", |r| {
+    agent.expect_record("inbound after restart", |r| {
         is(r, "inbound", &server, to_server) && r.bytes_sent == KIB
     });
     // Re-adopting pinned state must not stack a second copy of any program.
@@ -314,10 +314,10 @@ fn unenrolling_pods_restores_direct_traffic() -> Result<()> {
     let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
     let to = sock(server.addr(ECHO_PORT));
     assert_echoed(&app::send(&client, to, KIB, 1)?, KIB);
-    expect_record(&agent, "outbound while enrolled", |r| {
+    agent.expect_record("outbound while enrolled", |r| {
         is(r, "outbound", &client, to)
     });
-    expect_record(&agent, "HBONE inbound while enrolled", |r| {
+    agent.expect_record("HBONE inbound while enrolled", |r| {
         is(r, "hbone", &server, to)
     });
 
@@ -407,7 +407,7 @@ fn bad_config_at_reload_is_rejected_and_previous_config_stays() -> Result<()> {
     let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
     let to = sock(server.addr(ECHO_PORT));
     assert_echoed(&app::send(&client, to, KIB, 1)?, KIB);
-    expect_record(&agent, "outbound before reloads", |r| {
+    agent.expect_record("outbound before reloads", |r| {
         is(r, "outbound", &client, to)
     });
 
@@ -444,7 +444,7 @@ fn bad_config_at_reload_is_rejected_and_previous_config_stays() -> Result<()> {
         let before = record_ids(&agent)?;
         let sent = app::send(&client, to, KIB, 10 + i as u64)?;
         assert_echoed(&sent, KIB);
-        expect_record(&agent, "outbound after a rejected reload", |r| {
+        agent.expect_record("outbound after a rejected reload", |r| {
             is(r, "outbound", &client, to) && !before.contains(&r.id)
         });
     }
@@ -517,20 +517,6 @@ fn assert_attachments(node: &TestNode, enrolled: &[&TestPod], not: &[&TestPod]) 
         );
     }
     Ok(())
-}
-
-/// Waits for a record the predicate accepts (a record lands in `recent` on close).
-#[track_caller]
-fn expect_record(agent: &TestAgent, what: &str, pred: impl Fn(&ConnRecord) -> bool) -> ConnRecord {
-    assert_eventually(Duration::from_secs(10), || {
-        let records = agent.connections().map_err(|e| format!("{e:#}"))?;
-        records.all().find(|r| pred(r)).cloned().ok_or_else(|| {
-            format!(
-                "no {what} record in /debug/connections; have: {:#?}",
-                records.all().collect::<Vec<_>>()
-            )
-        })
-    })
 }
 
 fn is(r: &ConnRecord, direction: &str, pod: &TestPod, dst: SocketAddr) -> bool {

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
-    ConnRecord, TestAgent, TestNode,
+    TestAgent, TestNode,
     app::{self, Mode},
     assert_eventually, eventually, privileged, scaled, test_name,
     wire::{Capture, TLS13, X25519MLKEM768},
@@ -80,12 +80,12 @@ fn cross_node_traffic_is_tls13_only_with_both_identities_and_no_plaintext() -> R
 
     let client_id = spiffe("default", "client");
     let server_id = spiffe("default", "server");
-    let out = expect_record(&agent1, "client's outbound", |r| {
+    let out = agent1.expect_record("client's outbound", |r| {
         r.direction == "outbound" && r.dst == to.to_string() && r.error.is_none()
     });
     assert_eq!(out.src_identity.as_deref(), Some(client_id.as_str()));
     assert_eq!(out.dst_identity.as_deref(), Some(server_id.as_str()));
-    let inbound = expect_record(&agent2, "server's HBONE inbound", |r| {
+    let inbound = agent2.expect_record("server's HBONE inbound", |r| {
         r.direction == "hbone" && r.dst == to.to_string() && r.error.is_none()
     });
     assert_eq!(inbound.src_identity.as_deref(), Some(client_id.as_str()));
@@ -129,7 +129,7 @@ fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Resul
         refused.as_ref().map_or(true, |r| r.reply.is_none()),
         "a STRICT pod answered plaintext: {refused:?}"
     );
-    expect_record(&agent, "STRICT refusal", |r| {
+    agent.expect_record("STRICT refusal", |r| {
         r.pod == strict.pod_ref()
             && r.direction == "inbound"
             && r.error.as_deref() == Some("plaintext_refused_strict")
@@ -152,7 +152,7 @@ fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Resul
         app::send_text(&meshed, to, "hi")?.reply.as_deref(),
         Some("hi")
     );
-    let hbone = expect_record(&agent, "HBONE into STRICT", |r| {
+    let hbone = agent.expect_record("HBONE into STRICT", |r| {
         r.direction == "hbone" && r.dst == to.to_string() && r.error.is_none()
     });
     assert_eq!(
@@ -167,7 +167,7 @@ fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Resul
             app::send_text(from, to, "plain")?.reply.as_deref(),
             Some("plain")
         );
-        let plain = expect_record(&agent, "plaintext into the destination", |r| {
+        let plain = agent.expect_record("plaintext into the destination", |r| {
             r.direction == "inbound" && r.dst == to.to_string() && r.error.is_none()
         });
         assert_eq!(plain.src_identity, None);
@@ -179,7 +179,7 @@ fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Resul
         app::send_text(&meshed, to, "out")?.reply.as_deref(),
         Some("out")
     );
-    let passthrough = expect_record(&agent, "passthrough", |r| {
+    let passthrough = agent.expect_record("passthrough", |r| {
         r.direction == "outbound" && r.dst == to.to_string() && r.error.is_none()
     });
     assert_eq!(passthrough.dst_identity, None);
@@ -212,7 +212,7 @@ fn a_peer_with_another_identity_is_refused_and_logged() -> Result<()> {
         result.as_ref().map_or(true, |r| r.reply.is_none()),
         "an impostor was trusted: {result:?}"
     );
-    expect_record(&agent1, "identity mismatch", |r| {
+    agent1.expect_record("identity mismatch", |r| {
         r.dst == to.to_string() && r.error.as_deref() == Some("identity_mismatch")
     });
     expect_log(
@@ -241,7 +241,7 @@ fn a_peer_from_an_untrusted_ca_is_refused_on_both_sides() -> Result<()> {
         "a peer from another CA was trusted: {result:?}"
     );
     ensure!(echo.accepted().is_empty(), "the server app was reached");
-    expect_record(&agent1, "client refuses the server", |r| {
+    agent1.expect_record("client refuses the server", |r| {
         r.dst == to.to_string() && r.error.as_deref() == Some("untrusted_ca")
     });
     expect_log(&agent1, &["untrusted_ca"])?;
@@ -325,7 +325,7 @@ fn a_busy_connection_survives_three_certificate_rotations() -> Result<()> {
              serials {seen:?}"
         );
     }
-    let record = expect_record(&agent, "the busy connection", |r| {
+    let record = agent.expect_record("the busy connection", |r| {
         r.direction == "hbone" && r.bytes_sent == bytes && r.error.is_none()
     });
     assert_eq!(record.src_identity.as_deref(), Some(client_id.as_str()));
@@ -417,7 +417,7 @@ fn the_ca_refuses_an_identity_the_node_does_not_run() -> Result<()> {
         result.as_ref().map_or(true, |r| r.reply.is_none()),
         "a pod without a certificate reached the server: {result:?}"
     );
-    expect_record(&agent, "no certificate", |r| {
+    agent.expect_record("no certificate", |r| {
         r.dst == to.to_string() && r.error.as_deref() == Some("no_certificate")
     });
     Ok(())
@@ -535,17 +535,6 @@ fn expect_log(agent: &TestAgent, needles: &[&str]) -> Result<()> {
         ensure!(found, "no log line with all of {needles:?}");
         Ok(())
     })
-}
-
-fn expect_record(agent: &TestAgent, what: &str, pred: impl Fn(&ConnRecord) -> bool) -> ConnRecord {
-    let mut found = None;
-    assert_eventually(Duration::from_secs(10), || {
-        let records = agent.connections()?;
-        found = records.all().find(|r| pred(r)).cloned();
-        ensure!(found.is_some(), "no {what} record in {:#?}", records.recent);
-        Ok(())
-    });
-    found.expect("assert_eventually returned, so a record was found")
 }
 
 fn spiffe(namespace: &str, service_account: &str) -> String {
