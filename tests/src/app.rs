@@ -136,16 +136,14 @@ impl Server {
 
 /// `send --to --bytes --seed`: sends `bytes` pseudo-random bytes, half-closes, reads the reply.
 pub fn send(pod: &TestPod, to: SocketAddr, bytes: u64, seed: u64) -> Result<SendReport> {
+    run_send(pod, to, send_command(to, bytes, seed))
+}
+
+fn send_command(to: SocketAddr, bytes: u64, seed: u64) -> Command {
     let mut cmd = Command::new(testapp_bin());
-    cmd.args([
-        "send",
-        "--to",
-        &to.to_string(),
-        "--bytes",
-        &bytes.to_string(),
-    ]);
-    cmd.args(["--seed", &seed.to_string()]);
-    run_send(pod, to, cmd)
+    cmd.args(["send", "--to", &to.to_string()]);
+    cmd.args(["--bytes", &bytes.to_string(), "--seed", &seed.to_string()]);
+    cmd
 }
 
 /// A `send` still running (see [`start_send_paced`]).
@@ -163,15 +161,7 @@ pub fn start_send_paced(
     seed: u64,
     over: Duration,
 ) -> Result<RunningSend> {
-    let mut cmd = Command::new(testapp_bin());
-    cmd.args([
-        "send",
-        "--to",
-        &to.to_string(),
-        "--bytes",
-        &bytes.to_string(),
-    ]);
-    cmd.args(["--seed", &seed.to_string()]);
+    let mut cmd = send_command(to, bytes, seed);
     cmd.args(["--duration-ms", &over.as_millis().to_string()]);
     Ok(RunningSend {
         process: pod.spawn(cmd, "send")?,

@@ -309,6 +309,29 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Validates each item of the list `key` (fields `key[i]`) into a map by name; a
+    /// second item of the same name is an error naming it.
+    fn named_list<R, T>(
+        &self,
+        key: &str,
+        what: &str,
+        raws: Vec<R>,
+        validate: impl Fn(&str, R) -> Result<(WorkloadRef, T), Error>,
+    ) -> Result<BTreeMap<WorkloadRef, T>, Error> {
+        let mut items = BTreeMap::new();
+        for (i, raw) in raws.into_iter().enumerate() {
+            let field = format!("{key}[{i}]");
+            let (name, item) = validate(&field, raw)?;
+            if items.contains_key(&name) {
+                return Err(
+                    self.invalid(format!("{field}.name"), format!("duplicate {what} {name}"))
+                );
+            }
+            items.insert(name, item);
+        }
+        Ok(items)
+    }
+
     fn file(&self, raw: RawFile) -> Result<FileDoc, Error> {
         let mesh = self.mesh(raw.mesh)?;
         let mut workloads = BTreeMap::new();
@@ -332,30 +355,12 @@ impl Validator<'_> {
             }
             workloads.insert(workload.name.clone(), workload);
         }
-        let mut services = BTreeMap::new();
-        for (i, raw) in raw.services.into_iter().enumerate() {
-            let field = format!("services[{i}]");
-            let service = self.service(&field, raw)?;
-            if services.contains_key(&service.name) {
-                return Err(self.invalid(
-                    format!("{field}.name"),
-                    format!("duplicate service {}", service.name),
-                ));
-            }
-            services.insert(service.name.clone(), service);
-        }
-        let mut policies = BTreeMap::new();
-        for (i, raw) in raw.policies.into_iter().enumerate() {
-            let field = format!("policies[{i}]");
-            let policy = self.policy(&field, raw)?;
-            if policies.contains_key(&policy.name) {
-                return Err(self.invalid(
-                    format!("{field}.name"),
-                    format!("duplicate policy {}", policy.name),
-                ));
-            }
-            policies.insert(policy.name.clone(), policy);
-        }
+        let services = self.named_list("services", "service", raw.services, |field, raw| {
+            self.service(field, raw).map(|s| (s.name.clone(), s))
+        })?;
+        let policies = self.named_list("policies", "policy", raw.policies, |field, raw| {
+            self.policy(field, raw).map(|p| (p.name.clone(), p))
+        })?;
         Ok(FileDoc {
             agent: raw.agent,
             snapshot: Snapshot {
