@@ -8,7 +8,7 @@ pub mod service;
 pub mod workload;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -34,6 +34,23 @@ pub struct Snapshot {
     pub services: BTreeMap<WorkloadRef, Service>,
     /// Access policies, by namespace/name of the policy.
     pub policies: BTreeMap<WorkloadRef, AccessPolicy>,
+    /// Lookups by address, built on first use: the proxy asks them on every connection,
+    /// so they must not scan thousands of workloads and services.
+    #[serde(skip)]
+    pub index: AddressIndex,
+}
+
+/// Workloads by IP and services by VIP (see `Snapshot::index`). Derived data: never part
+/// of equality or of the config dump.
+#[derive(Clone, Default)]
+pub struct AddressIndex(std::sync::OnceLock<Addresses>);
+
+#[derive(Clone, Default)]
+struct Addresses {
+    workloads: HashMap<IpAddr, WorkloadRef>,
+    services: HashMap<IpAddr, Vec<WorkloadRef>>,
+    /// The first service (by name) with each endpoint IP.
+    endpoints: HashMap<IpAddr, WorkloadRef>,
 }
 
 /// Mesh-wide settings of the data path.
@@ -114,6 +131,19 @@ impl Default for AccessLogSettings {
     }
 }
 
+impl PartialEq for AddressIndex {
+    fn eq(&self, _: &Self) -> bool {
+        // Derived from the rest of the snapshot, which is compared instead.
+        true
+    }
+}
+
+impl std::fmt::Debug for AddressIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AddressIndex")
+    }
+}
+
 /// Read side of the current snapshot.
 pub type StateHandle = watch::Receiver<Arc<Snapshot>>;
 
@@ -135,19 +165,63 @@ impl Snapshot {
             .unwrap_or(mtls.default_mode)
     }
 
-    /// The workload that owns `ip`, if it runs on this node.
+    /// The workload that owns `ip` (on this node or another).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.values().find(|w| w.ips.contains(&ip))
+        let name = self.addresses().workloads.get(&ip)?;
+        self.workloads.get(name)
+    }
+
+    /// The service that has `ip` among its endpoints (the first by name, if several do).
+    pub fn service_with_endpoint(&self, ip: IpAddr) -> Option<&WorkloadRef> {
+        self.addresses().endpoints.get(&ip)
+    }
+
+    /// Services that have `ip` as a VIP.
+    fn services_by_vip(&self, ip: IpAddr) -> impl Iterator<Item = (&WorkloadRef, &Service)> {
+        self.addresses()
+            .services
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.services.get_key_value(name))
+    }
+
+    fn addresses(&self) -> &Addresses {
+        self.index.0.get_or_init(|| {
+            let mut addresses = Addresses::default();
+            for (name, workload) in &self.workloads {
+                for ip in &workload.ips {
+                    // The file source rejects an IP owned twice; first one wins otherwise.
+                    addresses
+                        .workloads
+                        .entry(*ip)
+                        .or_insert_with(|| name.clone());
+                }
+            }
+            for (name, service) in &self.services {
+                for vip in &service.vips {
+                    addresses
+                        .services
+                        .entry(*vip)
+                        .or_default()
+                        .push(name.clone());
+                }
+                for ip in &service.endpoints {
+                    addresses
+                        .endpoints
+                        .entry(*ip)
+                        .or_insert_with(|| name.clone());
+                }
+            }
+            addresses
+        })
     }
 
     /// Resolves an original destination: a service VIP:port becomes one of the service's
     /// endpoints at the target port (picked with `pick`, a caller-supplied index so the
     /// caller owns the balancing state); anything else is connected to as it is.
     pub fn resolve(&self, dst: SocketAddr, pick: usize) -> Resolved {
-        for (name, service) in &self.services {
-            if !service.vips.contains(&dst.ip()) {
-                continue;
-            }
+        for (name, service) in self.services_by_vip(dst.ip()) {
             let Some(port) = service.ports.iter().find(|p| p.port == dst.port()) else {
                 continue;
             };
@@ -238,5 +312,21 @@ mod tests {
         let snapshot = snapshot_with_service();
         let dst: SocketAddr = "10.1.0.3:8080".parse().unwrap();
         assert_eq!(snapshot.resolve(dst, 7).upstream, dst);
+    }
+
+    #[test]
+    fn lookups_by_address_use_the_index() {
+        let s = snapshot_with_service();
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        let endpoint: IpAddr = "10.1.0.4".parse().unwrap();
+        assert_eq!(s.services_by_vip(vip).count(), 1);
+        assert_eq!(
+            s.service_with_endpoint(endpoint),
+            Some(&WorkloadRef::new("default", "echo"))
+        );
+        assert!(s.service_with_endpoint(vip).is_none());
+        // Derived data never makes two equal snapshots differ.
+        let fresh = snapshot_with_service();
+        assert_eq!(s, fresh);
     }
 }

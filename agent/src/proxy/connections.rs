@@ -546,11 +546,7 @@ fn pod_ref(text: &str) -> Option<WorkloadRef> {
 
 /// The first service (by name) with `ip` among its endpoints.
 fn service_of(snapshot: &Snapshot, ip: IpAddr) -> Option<WorkloadRef> {
-    snapshot
-        .services
-        .iter()
-        .find(|(_, s)| s.endpoints.contains(&ip))
-        .map(|(name, _)| name.clone())
+    snapshot.service_with_endpoint(ip).cloned()
 }
 
 /// The policy outcome an error carries, for a caller that closed without `set_policy`.

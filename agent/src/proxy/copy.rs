@@ -107,13 +107,19 @@ impl Side {
 
 /// One direction of the copy, polled by hand so both directions share one task and
 /// borrow the two streams without splitting them.
+///
+/// The buffer costs nothing while the connection is idle: it is freed whenever everything
+/// read has been written and the source has nothing more for now, and comes back on the
+/// next read — small for request/response traffic, `BUF_SIZE` once reads fill it (bulk).
+/// A node holding thousands of quiet connections then holds no copy buffers for them.
 struct OneWay {
     side: Side,
-    // One buffer per direction for the connection's lifetime; never per read.
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     /// `buf[start..end]` is read but not yet written.
     start: usize,
     end: usize,
+    /// The last read filled the buffer: the next buffer is a large one.
+    bulk: bool,
     read_eof: bool,
     unflushed: bool,
     done: bool,
@@ -123,12 +129,36 @@ impl OneWay {
     fn new(side: Side) -> Self {
         Self {
             side,
-            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
+            buf: Vec::new(),
             start: 0,
             end: 0,
+            bulk: false,
             read_eof: false,
             unflushed: false,
             done: false,
+        }
+    }
+
+    /// The buffer for the next read: allocated on demand, sized by recent traffic.
+    fn read_buffer(&mut self) -> &mut [u8] {
+        let wanted = if self.bulk { BUF_SIZE } else { SMALL_BUF_SIZE };
+        if self.buf.len() != wanted {
+            self.buf = vec![0u8; wanted];
+        }
+        &mut self.buf
+    }
+
+    /// Records how much a read brought, and whether the traffic looks like bulk.
+    fn filled(&mut self, n: usize) {
+        self.bulk = n == self.buf.len();
+        self.start = 0;
+        self.end = n;
+    }
+
+    /// Nothing to write and nothing to read for now: let the buffer go.
+    fn idle(&mut self) {
+        if self.start == self.end {
+            self.buf = Vec::new();
         }
     }
 
@@ -149,19 +179,20 @@ impl OneWay {
                 return Poll::Ready(Ok(()));
             }
             if self.start == self.end && !self.read_eof {
-                let mut read = ReadBuf::new(&mut self.buf);
+                let mut read = ReadBuf::new(self.read_buffer());
                 match Pin::new(&mut *from).poll_read(cx, &mut read) {
                     Poll::Ready(Ok(())) => {
                         let n = read.filled().len();
                         if n == 0 {
                             self.read_eof = true;
+                            self.idle();
                         } else {
-                            self.start = 0;
-                            self.end = n;
+                            self.filled(n);
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(read_err(e))),
                     Poll::Pending => {
+                        self.idle();
                         // Nothing more to read for now: push out what was written.
                         if self.unflushed {
                             match Pin::new(&mut *to).poll_flush(cx) {
@@ -202,6 +233,8 @@ impl OneWay {
 
 /// Large enough that a bulk transfer moves in few syscalls on loopback.
 const BUF_SIZE: usize = 64 * 1024;
+/// Enough for most requests and responses of request/response protocols.
+const SMALL_BUF_SIZE: usize = 4 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -216,6 +249,43 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Polls one direction until it has nothing to do.
+    async fn settle(way: &mut OneWay, from: &mut TcpStream, to: &mut TcpStream) {
+        let counter = AtomicU64::new(0);
+        // Let the bytes written by the test cross loopback first.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        std::future::poll_fn(|cx| {
+            assert!(way.poll(cx, &mut *from, &mut *to, &counter).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_hold_no_copy_buffer() {
+        let (mut app, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let mut way = OneWay::new(Side::Downstream);
+
+        app.write_all(b"ping").await.unwrap();
+        settle(&mut way, &mut down, &mut up).await;
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        assert_eq!(way.buf.capacity(), 0, "buffer freed once idle");
+        assert!(!way.bulk);
+
+        // A read that fills the small buffer marks the traffic as bulk.
+        app.write_all(&[1u8; 3 * SMALL_BUF_SIZE]).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 3 * SMALL_BUF_SIZE];
+            server.read_exact(&mut got).await.unwrap();
+        });
+        settle(&mut way, &mut down, &mut up).await;
+        reader.await.unwrap();
+        assert_eq!(way.buf.capacity(), 0, "freed again after the burst");
     }
 
     #[tokio::test]

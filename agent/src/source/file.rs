@@ -368,6 +368,7 @@ impl Validator<'_> {
                 workloads,
                 services,
                 policies,
+                index: Default::default(),
             },
         })
     }
