@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod bench;
 pub mod bpf;
 pub mod eventually;
 pub mod metrics;

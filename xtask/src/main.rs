@@ -5,10 +5,13 @@
 //! - `build`: the agent (its build.rs builds the eBPF object) and the test binaries.
 //! - `test`: unit tests, then the privileged end-to-end tests against the real agent.
 //! - `lint`: rustfmt check and clippy in two runs (host workspace, then the eBPF crate).
-//! - `demo`: a simulated node with a few pods, the real agent, traffic, and a walk-through.
+//! - `demo`: two simulated nodes with a few pods, the real agents, mTLS traffic, explained.
+//! - `bench`: weft against direct traffic and a stunnel mTLS tunnel, in one run
+//!   (`target/bench/`: results.json, results.md, charts).
 //!
-//! `test` and `demo` run `setup` first when its fast check finds something missing.
+//! `test`, `demo` and `bench` run `setup` first when its fast check finds something missing.
 
+mod bench;
 mod cargo;
 mod demo;
 mod lint;
@@ -36,8 +39,10 @@ enum Command {
     Test(test::Options),
     /// rustfmt check, clippy on the workspace and clippy on the eBPF programs.
     Lint,
-    /// Build a simulated node, run the agent, send traffic and explain what happened.
+    /// Build two simulated nodes, run the agents, send traffic and explain what happened.
     Demo,
+    /// Measure weft against direct traffic and a stunnel mTLS tunnel (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
         Command::Test(options) => test::run(&options),
         Command::Lint => lint::run(),
         Command::Demo => demo::run(),
+        Command::Bench(options) => bench::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -272,7 +272,8 @@ fn mounts() -> Vec<(PathBuf, String)> {
 
 /// System packages: LLVM 22 (bpf-linker links against it), bpftool (inspect maps and
 /// links), iproute2 (netns, veth), tcpdump and tshark (captures), iperf3 (benchmarks),
-/// stunnel4 (a TLS peer for the mTLS tests).
+/// stunnel4 (a TLS peer for the mTLS tests, the reference tunnel of the benchmarks), openssl
+/// (the benchmark's throwaway certificate), fonts-dejavu-core (text in the benchmark charts).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -283,6 +284,8 @@ const APT_PACKAGES: &[&str] = &[
     "tshark",
     "iperf3",
     "stunnel4",
+    "openssl",
+    "fonts-dejavu-core",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPFFS: &str = "/sys/fs/bpf";

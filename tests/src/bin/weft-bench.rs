@@ -1,0 +1,488 @@
+//! The load tool of `cargo xtask bench`: a server and the clients that measure through it,
+//! run inside simulated pods by the harness (`weft_tests::bench`).
+//!
+//! Plain std threads and blocking sockets: one thread per connection on both sides, so what
+//! is measured is the path between the pods (direct, weft, stunnel), not a runtime's
+//! scheduling. Each client prints one line `result {json}` on stdout.
+//!
+//! ```text
+//! weft-bench serve --port P [--bind IP]
+//! weft-bench tput  --to IP:PORT [--streams 1] [--secs 10]
+//! weft-bench rr    --to IP:PORT [--size 1] [--count 50000] [--warmup 1000]
+//! weft-bench crr   --to IP:PORT [--secs 5] [--max N]
+//! weft-bench hold  --to IP:PORT [--count 1000]
+//! weft-bench http-serve --port P
+//! weft-bench http-load  --to IP:PORT [--rate 1000] [--secs 5] [--conns 8]
+//! weft-bench spin
+//! ```
+//!
+//! The first byte a client sends on a `serve` connection chooses what the server does:
+//! - `S` (sink): read until EOF, then answer the byte count (u64, big endian) and close:
+//!   throughput is measured on bytes the server actually received;
+//! - `E` (echo): echo every byte until EOF (request/response on one connection);
+//! - `C` (connect): read one byte, answer it and close first, so TIME_WAIT stays on the
+//!   server side and a client can open connections at full rate without running out of ports.
+//!
+//! `spin` keeps every CPU busy at nice 19 until killed: an idle vCPU is slow to wake, and
+//! the spinner shows how much of a latency figure is that wake-up.
+//!
+//! `http-serve`/`http-load` are an HTTP/1.1 open-loop pair (requests sent on a fixed
+//! schedule whatever the answers do, latency measured from the scheduled send time, so a
+//! stalled server cannot hide its queueing): the L7 workload of the waypoint benchmarks.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    sync::{
+        Arc, Barrier, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let flags = match Flags::parse(rest) {
+        Ok(flags) => flags,
+        Err(e) => {
+            eprintln!("weft-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    raise_nofile_limit();
+    let result = match command.as_str() {
+        "serve" => serve(&flags),
+        "tput" => tput(&flags),
+        "rr" => rr(&flags),
+        "crr" => crr(&flags),
+        "hold" => hold(&flags),
+        "http-serve" => http_serve(&flags),
+        "http-load" => http_load(&flags),
+        "spin" => spin(),
+        other => Err(format!("unknown command {other:?}")),
+    };
+    match result {
+        Ok(Some(value)) => {
+            println!("result {value}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-bench {command}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Outcome = Result<Option<Value>, String>;
+
+fn serve(flags: &Flags) -> Outcome {
+    let port: u16 = flags.required("port")?;
+    let bind: std::net::IpAddr = flags.optional("bind")?.unwrap_or([0, 0, 0, 0].into());
+    let listener =
+        TcpListener::bind((bind, port)).map_err(|e| format!("bind {bind}:{port}: {e}"))?;
+    println!("listening addr={bind}:{port}");
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        // Small stacks: `hold` opens a thousand connections at once.
+        let _ = thread::Builder::new()
+            .stack_size(SERVER_STACK)
+            .spawn(move || {
+                let _ = serve_one(stream);
+            });
+    }
+    Ok(None)
+}
+
+fn serve_one(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    stream.read_exact(&mut mode)?;
+    let mut buf = vec![0u8; BUF];
+    match mode[0] {
+        b'S' => {
+            let mut total: u64 = 0;
+            loop {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            stream.write_all(&total.to_be_bytes())?;
+        }
+        b'E' => loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            stream.write_all(&buf[..n])?;
+        },
+        b'C' => {
+            stream.read_exact(&mut buf[..1])?;
+            stream.write_all(&buf[..1])?;
+        }
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown mode byte {other}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `streams` connections send as fast as they can for `secs`; the rate is what the server
+/// received, timed until the last count came back.
+fn tput(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let streams: usize = flags.optional("streams")?.unwrap_or(1);
+    let secs: f64 = flags.optional("secs")?.unwrap_or(10.0);
+    let barrier = Arc::new(Barrier::new(streams + 1));
+    let start = Arc::new(Mutex::new(None::<Instant>));
+    let mut handles = Vec::new();
+    for _ in 0..streams {
+        let barrier = Arc::clone(&barrier);
+        let start = Arc::clone(&start);
+        handles.push(thread::spawn(move || -> Result<u64, String> {
+            let mut stream = TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
+            stream.write_all(b"S").map_err(|e| e.to_string())?;
+            let buf = vec![0x5au8; BUF];
+            barrier.wait();
+            let begin = start
+                .lock()
+                .map_err(|_| "poisoned")?
+                .ok_or("no start time")?;
+            let end = begin + Duration::from_secs_f64(secs);
+            while Instant::now() < end {
+                stream.write_all(&buf).map_err(|e| format!("write: {e}"))?;
+            }
+            stream
+                .shutdown(Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            let mut count = [0u8; 8];
+            stream
+                .read_exact(&mut count)
+                .map_err(|e| format!("read count: {e}"))?;
+            Ok(u64::from_be_bytes(count))
+        }));
+    }
+    *start.lock().map_err(|_| "poisoned")? = Some(Instant::now());
+    let begin = Instant::now();
+    barrier.wait();
+    let mut bytes = 0;
+    for h in handles {
+        bytes += h.join().map_err(|_| "stream thread panicked")??;
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    Ok(Some(json!({
+        "bytes": bytes,
+        "secs": elapsed,
+        "gbit_per_s": bytes as f64 * 8.0 / elapsed / 1e9,
+    })))
+}
+
+/// Request/response on one connection: `count` round trips of `size` bytes each way.
+fn rr(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let size: usize = flags.optional("size")?.unwrap_or(1);
+    let count: usize = flags.optional("count")?.unwrap_or(50_000);
+    let warmup: usize = flags.optional("warmup")?.unwrap_or(1_000);
+    let mut stream = TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.write_all(b"E").map_err(|e| e.to_string())?;
+    let out = vec![0xa5u8; size.max(1)];
+    let mut back = vec![0u8; size.max(1)];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t = Instant::now();
+        stream.write_all(&out).map_err(|e| format!("write: {e}"))?;
+        stream
+            .read_exact(&mut back)
+            .map_err(|e| format!("read: {e}"))?;
+        if i >= warmup {
+            samples.push(t.elapsed());
+        }
+    }
+    Ok(Some(latency_json(&mut samples, None)))
+}
+
+/// New connections one after the other: connect, one 1-byte round trip, close.
+fn crr(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let secs: f64 = flags.optional("secs")?.unwrap_or(5.0);
+    let max: usize = flags.optional("max")?.unwrap_or(usize::MAX);
+    let begin = Instant::now();
+    let end = begin + Duration::from_secs_f64(secs);
+    let mut samples = Vec::new();
+    let mut errors = 0u64;
+    let mut byte = [0u8; 2];
+    while Instant::now() < end && samples.len() < max {
+        let t = Instant::now();
+        let one = (|| -> io::Result<()> {
+            let mut stream = TcpStream::connect(to)?;
+            stream.set_nodelay(true)?;
+            stream.write_all(b"C\x01")?;
+            stream.read_exact(&mut byte[..1])?;
+            // The server closes first; wait for its FIN so TIME_WAIT is on its side.
+            let _ = stream.read(&mut byte)?;
+            Ok(())
+        })();
+        match one {
+            Ok(()) => samples.push(t.elapsed()),
+            Err(e) => {
+                errors += 1;
+                if errors > 100 {
+                    return Err(format!("too many failed connections, last: {e}"));
+                }
+            }
+        }
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    let rate = samples.len() as f64 / elapsed;
+    let mut value = latency_json(&mut samples, Some(rate));
+    value["errors"] = json!(errors);
+    Ok(Some(value))
+}
+
+/// Opens `count` connections (each proven end to end by a 1-byte round trip), prints `held
+/// N` and keeps them open until killed.
+fn hold(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let count: usize = flags.optional("count")?.unwrap_or(1_000);
+    let mut held = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for i in 0..count {
+        let mut stream = TcpStream::connect(to).map_err(|e| format!("connect {to} (#{i}): {e}"))?;
+        stream.write_all(b"E\x01").map_err(|e| e.to_string())?;
+        stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+        held.push(stream);
+    }
+    println!("held {}", held.len());
+    io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A tiny HTTP/1.1 server: every request gets `200` with a 2-byte body, keep-alive.
+fn http_serve(flags: &Flags) -> Outcome {
+    let port: u16 = flags.required("port")?;
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind port {port}: {e}"))?;
+    println!("listening addr=0.0.0.0:{port}");
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let _ = thread::Builder::new()
+            .stack_size(SERVER_STACK)
+            .spawn(move || {
+                let _ = http_serve_one(stream);
+            });
+    }
+    Ok(None)
+}
+
+fn http_serve_one(stream: TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        // Request line and headers; the load generator sends no body.
+        let mut blank = false;
+        let mut any = false;
+        while !blank {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            any = true;
+            blank = line == "\r\n";
+        }
+        if any {
+            writer.write_all(HTTP_RESPONSE)?;
+        }
+    }
+}
+
+/// Open-loop HTTP/1.1 load: `rate` requests/s spread over `conns` keep-alive connections,
+/// each sent at its scheduled time; latency counts from that time to the end of the answer.
+fn http_load(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let rate: f64 = flags.optional("rate")?.unwrap_or(1_000.0);
+    let secs: f64 = flags.optional("secs")?.unwrap_or(5.0);
+    let conns: usize = flags.optional("conns")?.unwrap_or(8);
+    let per_conn = rate / conns as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_conn);
+    let total = (per_conn * secs) as usize;
+    let begin = Instant::now() + Duration::from_millis(50);
+    let mut handles = Vec::new();
+    for c in 0..conns {
+        handles.push(thread::spawn(move || -> Result<Vec<Duration>, String> {
+            let stream = TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(stream);
+            // Connections start staggered so the aggregate schedule is even.
+            let offset = interval.mul_f64(c as f64 / conns as f64);
+            let mut samples = Vec::with_capacity(total);
+            let mut line = String::new();
+            for i in 0..total {
+                let scheduled = begin + offset + interval.mul_f64(i as f64);
+                if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                    thread::sleep(wait);
+                }
+                writer
+                    .write_all(HTTP_REQUEST)
+                    .map_err(|e| format!("write: {e}"))?;
+                let mut length = 0usize;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                        return Err("server closed".into());
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().map_err(|_| "bad content-length")?;
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+                samples.push(scheduled.elapsed());
+            }
+            Ok(samples)
+        }));
+    }
+    let mut samples = Vec::new();
+    for h in handles {
+        samples.extend(h.join().map_err(|_| "load thread panicked")??);
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    let achieved = samples.len() as f64 / elapsed;
+    let mut value = latency_json(&mut samples, Some(achieved));
+    value["offered_per_s"] = json!(rate);
+    Ok(Some(value))
+}
+
+/// One busy thread per CPU at nice 19, until killed.
+fn spin() -> Outcome {
+    // SAFETY: setpriority(2) on this process (who = 0) has no memory-safety preconditions.
+    // Threads spawned afterwards inherit the nice value.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpus = thread::available_parallelism().map_or(1, usize::from);
+    let handles: Vec<_> = (0..cpus)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    println!("spinning cpus={cpus}");
+    let _ = io::stdout().flush();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(None)
+}
+
+/// Percentiles in microseconds (and a rate, when there is one).
+fn latency_json(samples: &mut [Duration], rate: Option<f64>) -> Value {
+    samples.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let pick = |q: f64| -> f64 {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        us(samples[i])
+    };
+    let mean = if samples.is_empty() {
+        0.0
+    } else {
+        samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64
+    };
+    let mut value = json!({
+        "count": samples.len(),
+        "p50_us": pick(0.50),
+        "p90_us": pick(0.90),
+        "p99_us": pick(0.99),
+        "p999_us": pick(0.999),
+        "mean_us": mean,
+        "min_us": samples.first().map_or(0.0, |d| us(*d)),
+        "max_us": samples.last().map_or(0.0, |d| us(*d)),
+    });
+    if let Some(rate) = rate {
+        value["rate_per_s"] = json!(rate);
+    }
+    value
+}
+
+/// `hold` and the servers need more than the usual 1024 descriptors.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// `--key value` pairs.
+struct Flags(Vec<(String, String)>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let mut pairs = Vec::new();
+        let mut it = args.iter();
+        while let Some(key) = it.next() {
+            let key = key
+                .strip_prefix("--")
+                .ok_or_else(|| format!("expected --flag, got {key:?}"))?;
+            let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+            pairs.push((key.to_string(), value.clone()));
+        }
+        Ok(Flags(pairs))
+    }
+
+    fn optional<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, String> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.parse().map_err(|_| format!("bad --{key} {v:?}")))
+            .transpose()
+    }
+
+    fn required<T: std::str::FromStr>(&self, key: &str) -> Result<T, String> {
+        self.optional(key)?
+            .ok_or_else(|| format!("--{key} is required"))
+    }
+}
+
+const BUF: usize = 128 * 1024;
+const SERVER_STACK: usize = 256 * 1024;
+const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
+const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+const USAGE: &str =
+    "usage: weft-bench serve|tput|rr|crr|hold|http-serve|http-load|spin [--flag value]...";

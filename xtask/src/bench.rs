@@ -1,0 +1,903 @@
+//! `cargo xtask bench [--quick] [--profile]`: weft against direct traffic and against a
+//! plain mTLS tunnel (stunnel), measured in one run, side by side.
+//!
+//! Builds the agent and the load tool (`weft-bench`, tests/src/bin) in release, then runs
+//! itself again with `WEFT_BIN`/`WEFT_BENCH` pointing at them (the harness finds its
+//! binaries through those variables) to build simulated nodes with the end-to-end harness:
+//!
+//! - node 1: `direct-c`/`direct-s` (not enrolled), `weft-c`/`weft-s` (enrolled);
+//! - node 2, joined to node 1: `xdirect-s` (not enrolled), `xweft-s` (enrolled);
+//! - node 3: the scale node, `scale_pods` enrolled pods (enrolment time, memory under
+//!   load, the control plane).
+//!
+//! Scenarios are interleaved within each repetition, so slow drift of the machine (other
+//! builds) spreads over all of them instead of biasing one. Every figure is a
+//! [`report::Series`] of samples, one per repetition; `target/bench/` gets `results.json`,
+//! `results.md` and PNG charts. A timing never fails the run; a path that does not carry
+//! traffic does (that is a broken harness or agent, not a slow one).
+
+mod chart;
+mod report;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use weft_tests::{
+    TestAgent, TestNode, TestPod,
+    bench::{self as harness, BenchServer, Stunnel},
+};
+
+use crate::{cargo, setup};
+use report::Report;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// A short run (fewer round trips, shorter durations, fewer pods) that CI uses to keep
+    /// the harness working; its figures are rough.
+    #[arg(long)]
+    quick: bool,
+    /// Also record a CPU profile of the agent (`perf record -g`) during single-stream
+    /// throughput through weft, into target/bench/profile.txt.
+    #[arg(long)]
+    profile: bool,
+    /// Only render results.md and the charts again from target/bench/results.json.
+    #[arg(long)]
+    render: bool,
+    /// Internal: measure with the binaries the outer run built (set by `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    measure: bool,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    if options.measure {
+        return measure(options);
+    }
+    if options.render {
+        let out = cargo::target_dir()?.join("bench");
+        let report = Report::read(&out)?;
+        report.write(&out)?;
+        chart::draw_all(&report, &out)?;
+        println!("{}", report.markdown());
+        return Ok(());
+    }
+    setup::ensure()?;
+    println!("== building the agent and the load tool (release) ==");
+    let release = cargo::target_dir()?.join("release");
+    // `WEFT_BIN` measures a given agent binary instead (another build, another commit).
+    let agent = match std::env::var_os("WEFT_BIN") {
+        Some(bin) => {
+            println!(
+                "bench: agent {} (from WEFT_BIN)",
+                PathBuf::from(&bin).display()
+            );
+            PathBuf::from(bin)
+        }
+        None => {
+            cargo::run(cargo::cargo().args(["build", "--release", "-p", "weft"]))?;
+            release.join("weft")
+        }
+    };
+    cargo::run(cargo::cargo().args(["build", "--release", "-p", "weft-tests", "--bins"]))?;
+    if let Some(missing) = weft_tests::missing_requirement() {
+        bail!("the benchmarks cannot run here: {missing}");
+    }
+    let out = cargo::target_dir()?.join("bench");
+    let exe = std::env::current_exe().context("find the xtask executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench").arg("--measure");
+    if options.quick {
+        cmd.arg("--quick");
+    }
+    if options.profile {
+        cmd.arg("--profile");
+    }
+    cmd.env("WEFT_BIN", &agent)
+        .env("WEFT_TESTAPP", release.join("weft-testapp"))
+        .env("WEFT_BENCH", release.join("weft-bench"))
+        .env("WEFT_BENCH_OUT", &out)
+        .current_dir(cargo::root());
+    cargo::run(&mut cmd)
+}
+
+/// How much of everything: the full run, or `--quick`.
+struct Plan {
+    reps: usize,
+    tput_secs: f64,
+    streams: &'static [usize],
+    rr_count: usize,
+    rr_warmup: usize,
+    rr_sizes: &'static [usize],
+    crr_secs: f64,
+    scale_pods: usize,
+    hold_conns: usize,
+    cp_workloads: usize,
+    cp_services: usize,
+    http_rate: f64,
+    http_secs: f64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                reps: 3,
+                tput_secs: 1.0,
+                streams: &[1, 8, 64],
+                rr_count: 3_000,
+                rr_warmup: 300,
+                rr_sizes: &[1, 1024],
+                crr_secs: 1.0,
+                scale_pods: 10,
+                hold_conns: 100,
+                cp_workloads: 1_000,
+                cp_services: 200,
+                http_rate: 500.0,
+                http_secs: 1.0,
+            }
+        } else {
+            Plan {
+                reps: 3,
+                tput_secs: 10.0,
+                streams: &[1, 8, 64],
+                rr_count: 50_000,
+                rr_warmup: 2_000,
+                rr_sizes: &[1, 1024],
+                crr_secs: 5.0,
+                scale_pods: 100,
+                hold_conns: 1_000,
+                cp_workloads: 10_000,
+                cp_services: 2_000,
+                http_rate: 2_000.0,
+                http_secs: 5.0,
+            }
+        }
+    }
+}
+
+/// One way for the client's bytes to reach the server.
+struct Scenario<'a> {
+    /// Stable key in results.json.
+    key: &'static str,
+    /// Shown in tables and charts.
+    label: String,
+    client: &'a TestPod,
+    to: SocketAddr,
+    /// Where the HTTP server listens, for the open-loop workload.
+    http_to: SocketAddr,
+    /// The scenario this one is compared with (`direct` for the same topology).
+    baseline: Option<&'static str>,
+    /// Processes whose CPU time is the cost of this path (agents, stunnels).
+    cost_pids: Vec<u32>,
+}
+
+fn measure(options: &Options) -> Result<()> {
+    let plan = Plan::new(options.quick);
+    let out = std::env::var_os("WEFT_BENCH_OUT")
+        .map(PathBuf::from)
+        .context("WEFT_BENCH_OUT is not set (run `cargo xtask bench`)")?;
+    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
+    let started = Instant::now();
+    let mut report = Report::new(options.quick, conditions());
+
+    // Nodes are dropped (and everything in them killed and removed) when this scope ends,
+    // whatever happens inside it.
+    let result = paths(&plan, options, &out, &mut report)
+        .and_then(|()| scale(&plan, &mut report))
+        .context("benchmark harness failed");
+    report.not_available();
+    report.elapsed = started.elapsed();
+    report.write(&out)?;
+    if let Err(e) = chart::draw_all(&report, &out) {
+        println!("bench: charts not drawn: {e:#}");
+    }
+    result?;
+    println!("{}", report.markdown());
+    println!(
+        "bench: results in {} ({:.0} s)",
+        out.display(),
+        report.elapsed.as_secs_f64()
+    );
+    if !report.failures.is_empty() {
+        for f in &report.failures {
+            println!("bench: FAILED: {f}");
+        }
+        bail!(
+            "{} measurement(s) failed: a path did not carry traffic",
+            report.failures.len()
+        );
+    }
+    Ok(())
+}
+
+/// Throughput, latency and connection rate over every path.
+fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Result<()> {
+    println!("== nodes ==");
+    let node1 = TestNode::new("bench", 1)?;
+    let node2 = TestNode::new("bench", 2)?;
+    let direct_c = node1.pod("direct-c").enrolled(false).create()?;
+    let direct_s = node1.pod("direct-s").enrolled(false).create()?;
+    let weft_c = node1.pod("weft-c").service_account("client").create()?;
+    let weft_s = node1.pod("weft-s").service_account("server").create()?;
+    let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
+    let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
+    let mtls = plain_if_no_ca(&[&node1, &node2]);
+    node1.connect(&node2)?;
+    let mut agent1 = node1.start_agent()?;
+    let mut agent2 = node2.start_agent()?;
+    agent1.show_log_on_drop(false);
+    agent2.show_log_on_drop(false);
+    let transport = transport(&agent1, mtls);
+    report.transport = transport.clone();
+    println!("agents ready; the proxy hop is {transport}");
+
+    let mut servers: Vec<BenchServer> = Vec::new();
+    for pod in [&direct_s, &weft_s, &xdirect_s, &xweft_s] {
+        servers.push(harness::serve(pod, PORT)?);
+        servers.push(harness::http_serve(pod, HTTP_PORT)?);
+    }
+    let tunnel = Stunnel::start(node1.dir(), &direct_c, &direct_s, STUNNEL_PORT, PORT)?;
+    let tunnel_http = Stunnel::start(
+        node1.dir(),
+        &direct_c,
+        &direct_s,
+        STUNNEL_HTTP_PORT,
+        HTTP_PORT,
+    )?;
+    let pid = |a: &TestAgent| a.pid().context("agent is not running");
+    let (pid1, pid2) = (pid(&agent1)?, pid(&agent2)?);
+    let stunnel_pids: Vec<u32> = [&tunnel.client, &tunnel.server]
+        .iter()
+        .filter_map(|p| p.pid())
+        .collect();
+    let weft = |topology: &str| format!("weft L4 {topology} ({transport})");
+    let scenarios = [
+        Scenario {
+            key: "direct",
+            label: "direct, same node".into(),
+            client: &direct_c,
+            to: direct_s.addr(PORT).into(),
+            http_to: direct_s.addr(HTTP_PORT).into(),
+            baseline: None,
+            cost_pids: vec![],
+        },
+        Scenario {
+            key: "weft-l4",
+            label: weft("same node"),
+            client: &weft_c,
+            to: weft_s.addr(PORT).into(),
+            http_to: weft_s.addr(HTTP_PORT).into(),
+            baseline: Some("direct"),
+            cost_pids: vec![pid1],
+        },
+        Scenario {
+            key: "stunnel",
+            label: "stunnel mTLS, same node".into(),
+            client: &direct_c,
+            to: tunnel.entry(),
+            http_to: tunnel_http.entry(),
+            baseline: Some("direct"),
+            cost_pids: stunnel_pids,
+        },
+        Scenario {
+            key: "direct-x",
+            label: "direct, cross node".into(),
+            client: &direct_c,
+            to: xdirect_s.addr(PORT).into(),
+            http_to: xdirect_s.addr(HTTP_PORT).into(),
+            baseline: None,
+            cost_pids: vec![],
+        },
+        Scenario {
+            key: "weft-l4-x",
+            label: weft("cross node"),
+            client: &weft_c,
+            to: xweft_s.addr(PORT).into(),
+            http_to: xweft_s.addr(HTTP_PORT).into(),
+            baseline: Some("direct-x"),
+            cost_pids: vec![pid1, pid2],
+        },
+    ];
+    for s in &scenarios {
+        report.scenario(s.key, &s.label, s.baseline);
+    }
+
+    // Each path carries traffic before anything is timed: a broken path fails here, fast.
+    for s in &scenarios {
+        harness::client(
+            s.client,
+            &args(&[
+                "rr",
+                "--to",
+                &s.to.to_string(),
+                "--count",
+                "10",
+                "--warmup",
+                "0",
+            ]),
+            Duration::from_secs(30),
+        )
+        .with_context(|| format!("{}: no traffic through this path", s.label))?;
+    }
+
+    for rep in 0..plan.reps {
+        println!("== repetition {}/{} ==", rep + 1, plan.reps);
+        report.sample_load();
+        for s in &scenarios {
+            one_rep(plan, &node1, s, report);
+        }
+        for s in &scenarios {
+            let spin = harness::spinner(&node1)?;
+            for &size in plan.rr_sizes {
+                rr(plan, s, size, true, report);
+            }
+            drop(spin);
+        }
+    }
+
+    if options.profile {
+        profile(plan, &scenarios[1], pid1, out)?;
+    }
+    agent1.kill();
+    agent2.kill();
+    drop((tunnel, tunnel_http, servers));
+    Ok(())
+}
+
+/// One repetition of every workload over one path (the spinner-less part).
+fn one_rep(plan: &Plan, _node: &TestNode, s: &Scenario<'_>, report: &mut Report) {
+    for &streams in plan.streams {
+        let cpu_before = cpu(&s.cost_pids);
+        let result = harness::client(
+            s.client,
+            &args(&[
+                "tput",
+                "--to",
+                &s.to.to_string(),
+                "--streams",
+                &streams.to_string(),
+                "--secs",
+                &plan.tput_secs.to_string(),
+            ]),
+            Duration::from_secs_f64(plan.tput_secs) + CLIENT_SLACK,
+        );
+        let cpu_used = cpu(&s.cost_pids) - cpu_before;
+        match result {
+            Ok(v) => {
+                let gbit = v["gbit_per_s"].as_f64().unwrap_or(0.0);
+                println!(
+                    "  {:<40} tput {streams:>2} streams: {gbit:.2} Gbit/s",
+                    s.label
+                );
+                report.add(
+                    s.key,
+                    &format!("throughput, {streams} stream{}", plural(streams)),
+                    "Gbit/s",
+                    gbit,
+                );
+                let gb = v["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+                if !s.cost_pids.is_empty() && streams == 1 && gb > 0.0 {
+                    report.add(
+                        s.key,
+                        "path CPU per GB (1 stream)",
+                        "CPU s/GB",
+                        cpu_used / gb,
+                    );
+                }
+            }
+            Err(e) => report.fail(s.key, &format!("throughput {streams}"), &e),
+        }
+    }
+    for &size in plan.rr_sizes {
+        rr(plan, s, size, false, report);
+    }
+    let cpu_before = cpu(&s.cost_pids);
+    let result = harness::client(
+        s.client,
+        &args(&[
+            "crr",
+            "--to",
+            &s.to.to_string(),
+            "--secs",
+            &plan.crr_secs.to_string(),
+        ]),
+        Duration::from_secs_f64(plan.crr_secs) + CLIENT_SLACK,
+    );
+    let cpu_used = cpu(&s.cost_pids) - cpu_before;
+    match result {
+        Ok(v) => {
+            let rate = v["rate_per_s"].as_f64().unwrap_or(0.0);
+            let count = v["count"].as_f64().unwrap_or(0.0);
+            println!("  {:<40} new connections: {rate:.0}/s", s.label);
+            report.add(s.key, "new connections", "conn/s", rate);
+            report.add(s.key, "new connection p50", "µs", f(&v, "p50_us"));
+            report.add(s.key, "new connection p99", "µs", f(&v, "p99_us"));
+            if !s.cost_pids.is_empty() && count > 0.0 {
+                report.add(
+                    s.key,
+                    "path CPU per 10k connections",
+                    "CPU s",
+                    cpu_used / count * 10_000.0,
+                );
+            }
+        }
+        Err(e) => report.fail(s.key, "new connections", &e),
+    }
+    let result = harness::client(
+        s.client,
+        &args(&[
+            "http-load",
+            "--to",
+            &s.http_to.to_string(),
+            "--rate",
+            &plan.http_rate.to_string(),
+            "--secs",
+            &plan.http_secs.to_string(),
+        ]),
+        Duration::from_secs_f64(plan.http_secs) + CLIENT_SLACK,
+    );
+    let rate = plan.http_rate;
+    match result {
+        Ok(v) => {
+            report.add(
+                s.key,
+                &format!("HTTP/1.1 at {rate} req/s: p50"),
+                "µs",
+                f(&v, "p50_us"),
+            );
+            report.add(
+                s.key,
+                &format!("HTTP/1.1 at {rate} req/s: p99"),
+                "µs",
+                f(&v, "p99_us"),
+            );
+        }
+        Err(e) => report.fail(s.key, "http", &e),
+    }
+}
+
+fn rr(plan: &Plan, s: &Scenario<'_>, size: usize, spin: bool, report: &mut Report) {
+    let result = harness::client(
+        s.client,
+        &args(&[
+            "rr",
+            "--to",
+            &s.to.to_string(),
+            "--size",
+            &size.to_string(),
+            "--count",
+            &plan.rr_count.to_string(),
+            "--warmup",
+            &plan.rr_warmup.to_string(),
+        ]),
+        RR_TIMEOUT,
+    );
+    let what = format!(
+        "{} round trip{}",
+        if size == 1 { "1 B" } else { "1 KiB" },
+        if spin { ", CPUs kept awake" } else { "" }
+    );
+    match result {
+        Ok(v) => {
+            println!(
+                "  {:<40} {what}: p50 {:.1} µs, p99 {:.1} µs",
+                s.label,
+                f(&v, "p50_us"),
+                f(&v, "p99_us")
+            );
+            for (q, key) in [
+                ("p50", "p50_us"),
+                ("p90", "p90_us"),
+                ("p99", "p99_us"),
+                ("p99.9", "p999_us"),
+            ] {
+                report.add(s.key, &format!("{what} {q}"), "µs", f(&v, key));
+            }
+        }
+        Err(e) => report.fail(s.key, &what, &e),
+    }
+}
+
+/// Enrolment time, agent memory with many pods and connections, and the control plane.
+fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
+    println!("== scale node: {} pods ==", plan.scale_pods);
+    let key = "weft-l4";
+    let node = TestNode::new("bench", 3)?;
+    plain_if_no_ca(&[&node]);
+    let mut pods = Vec::new();
+    for i in 0..plan.scale_pods.max(2) {
+        pods.push(
+            node.pod(&format!("p{i}"))
+                .service_account(&format!("sa{}", i % 10))
+                .enrolled(false)
+                .create()?,
+        );
+    }
+    let mut agent = node.start_agent()?;
+    agent.show_log_on_drop(false);
+    let server = harness::serve(&pods[1], PORT)?;
+    let n = pods.len();
+    let conns = plan.hold_conns;
+    for rep in 0..plan.reps {
+        report.sample_load();
+        // Enrol every pod at once: time from the config write to `/status` listing them.
+        for p in &pods {
+            p.set_enrolled(true);
+        }
+        let log_offset = agent.log().len();
+        let begin = Instant::now();
+        agent.reload(&node)?;
+        wait_enrolled(&agent, n)?;
+        let took = begin.elapsed();
+        println!("  enrolled {n} pods in {took:?}");
+        report.add(
+            key,
+            &format!("enroll {n} pods: config write → /status lists them"),
+            "ms",
+            ms(took),
+        );
+        // The figure above includes the agent's file poll (every 500 ms); its own log says
+        // how long the work took once it saw the change.
+        let log = agent.log();
+        if let Some(work) = log_span(
+            log.get(log_offset..).unwrap_or_default(),
+            "config reloaded",
+            "pod enrolled",
+        ) {
+            report.add(
+                key,
+                &format!("enroll {n} pods: agent log, reload → last pod enrolled"),
+                "ms",
+                work * 1e3,
+            );
+        }
+
+        let pid = agent.pid().context("agent is not running")?;
+        report.add(
+            key,
+            &format!("agent RSS (VmRSS) with {n} pods, no connections"),
+            "MB",
+            mb(harness::status_bytes(pid, "VmRSS")?),
+        );
+        let hold = harness::hold(&pods[0], pods[1].addr(PORT).into(), conns, HOLD_TIMEOUT)?;
+        thread::sleep(Duration::from_secs(1));
+        let hwm = harness::status_bytes(pid, "VmHWM")?;
+        let rss = harness::status_bytes(pid, "VmRSS")?;
+        println!(
+            "  agent with {n} pods and {conns} connections: peak RSS {:.1} MB, RSS {:.1} MB",
+            mb(hwm),
+            mb(rss)
+        );
+        report.add(
+            key,
+            &format!("agent peak RSS (VmHWM), {n} pods + {conns} connections"),
+            "MB",
+            mb(hwm),
+        );
+        report.add(
+            key,
+            &format!("agent RSS (VmRSS) with {n} pods + {conns} connections open"),
+            "MB",
+            mb(rss),
+        );
+        drop(hold);
+
+        // The control plane: a state of many workloads and services, applied by reload.
+        let (took, cpu_used, rss) = apply_big_state(plan, &node, &agent, pid)?;
+        println!(
+            "  applied {} workloads + {} services in {took:?} ({cpu_used:.2} CPU s), RSS after {:.1} MB",
+            plan.cp_workloads,
+            plan.cp_services,
+            mb(rss)
+        );
+        let state = format!(
+            "{} workloads + {} services",
+            plan.cp_workloads, plan.cp_services
+        );
+        report.add(key, &format!("apply {state}: time"), "ms", ms(took));
+        report.add(key, &format!("apply {state}: agent CPU"), "CPU s", cpu_used);
+        report.add(
+            key,
+            &format!("apply {state}: agent RSS after"),
+            "MB",
+            mb(rss),
+        );
+
+        // Back to small, unenrolled, and a fresh agent process: its peak RSS starts over.
+        for p in &pods {
+            p.set_enrolled(false);
+        }
+        agent.reload(&node)?;
+        wait_enrolled(&agent, 0)?;
+        if rep + 1 < plan.reps {
+            agent.restart()?;
+        }
+    }
+    drop(server);
+    agent.kill();
+    Ok(())
+}
+
+/// Writes the node's config plus `cp_workloads` remote workloads and `cp_services` services;
+/// returns the time until the agent's config generation moved, its CPU time for it and its
+/// RSS after.
+fn apply_big_state(
+    plan: &Plan,
+    node: &TestNode,
+    agent: &TestAgent,
+    pid: u32,
+) -> Result<(Duration, f64, u64)> {
+    let mut config = node.config();
+    let workloads = config["workloads"]
+        .as_array_mut()
+        .context("config has workloads")?;
+    for i in 0..plan.cp_workloads {
+        workloads.push(json!({
+            "name": format!("w{i}"),
+            "namespace": format!("ns{}", i % 50),
+            "serviceAccount": format!("sa{}", i % 200),
+            "ips": [format!("10.{}.{}.{}", 100 + i / 65_000, (i / 250) % 256, i % 250 + 2)],
+            "node": format!("remote-{}", i % 100),
+            "enrolled": true,
+        }));
+    }
+    let services = config["services"]
+        .as_array_mut()
+        .context("config has services")?;
+    for i in 0..plan.cp_services {
+        let endpoints: Vec<String> = (0..5)
+            .map(|k| {
+                let w = (i * 5 + k) % plan.cp_workloads.max(1);
+                format!(
+                    "10.{}.{}.{}",
+                    100 + w / 65_000,
+                    (w / 250) % 256,
+                    w % 250 + 2
+                )
+            })
+            .collect();
+        services.push(json!({
+            "name": format!("svc{i}"),
+            "namespace": format!("ns{}", i % 50),
+            "vips": [format!("10.96.{}.{}", i / 250, i % 250 + 1)],
+            "ports": [{ "port": 80, "targetPort": 8080 }],
+            "endpoints": endpoints,
+        }));
+    }
+    let generation = generation(agent)?;
+    let cpu_before = harness::cpu_seconds(pid)?;
+    let begin = Instant::now();
+    agent.rewrite_config(&config)?;
+    wait_for(
+        || Ok(self::generation(agent)? > generation),
+        "the big state",
+    )?;
+    let took = begin.elapsed();
+    let cpu_used = harness::cpu_seconds(pid)? - cpu_before;
+    let rss = harness::status_bytes(pid, "VmRSS")?;
+    Ok((took, cpu_used, rss))
+}
+
+/// Seconds between the first log line containing `first` and the last containing `last`
+/// (tracing's RFC 3339 timestamps, UTC, at the start of each line).
+fn log_span(log: &str, first: &str, last: &str) -> Option<f64> {
+    let stamp = |line: &str| -> Option<f64> {
+        // `2026-11-22T01:20:06.401511Z …`: seconds of the day are enough for a short span.
+        let time = line.split_whitespace().next()?.split_once('T')?.1;
+        let time = time.trim_end_matches('Z');
+        let mut parts = time.split(':');
+        let h: f64 = parts.next()?.parse().ok()?;
+        let m: f64 = parts.next()?.parse().ok()?;
+        let s: f64 = parts.next()?.parse().ok()?;
+        Some(h * 3600.0 + m * 60.0 + s)
+    };
+    let start = log.lines().find(|l| l.contains(first)).and_then(stamp)?;
+    let end = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(last))
+        .and_then(stamp)?;
+    (end >= start).then_some(end - start)
+}
+
+fn generation(agent: &TestAgent) -> Result<u64> {
+    let status = agent.status()?;
+    if let Some(rejection) = status["config"]["last_rejection"].as_str() {
+        bail!("the agent rejected the benchmark's config: {rejection}");
+    }
+    status["config"]["generation"]
+        .as_u64()
+        .context("no config.generation in /status")
+}
+
+fn wait_enrolled(agent: &TestAgent, n: usize) -> Result<()> {
+    wait_for(
+        || {
+            let status = agent.status()?;
+            let enrolled = status["pods"]["enrolled"].as_array().map_or(0, Vec::len);
+            Ok(enrolled == n)
+        },
+        &format!("{n} enrolled pods"),
+    )
+}
+
+/// Polls `done` every few milliseconds for up to a minute.
+fn wait_for(mut done: impl FnMut() -> Result<bool>, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not reach {what} within a minute");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `perf record -g` on the agent during single-stream throughput through it.
+fn profile(plan: &Plan, s: &Scenario<'_>, pid: u32, out: &Path) -> Result<()> {
+    println!("== profile: perf record -g on the agent (pid {pid}) ==");
+    let data = out.join("perf.data");
+    let secs = plan.tput_secs.max(5.0);
+    let mut perf = Command::new("perf")
+        .args(["record", "-g", "-F", "999", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string(), "--", "sleep"])
+        .arg((secs + 1.0).to_string())
+        .spawn()
+        .context("start perf (apt-get install linux-perf)")?;
+    let result = harness::client(
+        s.client,
+        &args(&[
+            "tput",
+            "--to",
+            &s.to.to_string(),
+            "--secs",
+            &secs.to_string(),
+        ]),
+        Duration::from_secs_f64(secs) + CLIENT_SLACK,
+    );
+    let status = perf.wait()?;
+    result?;
+    if !status.success() {
+        bail!("perf record failed ({status})");
+    }
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.5",
+            "-i",
+        ])
+        .arg(&data)
+        .output()
+        .context("perf report")?;
+    let flat = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--percent-limit",
+            "0.3",
+            "-i",
+        ])
+        .arg(&data)
+        .output()
+        .context("perf report")?;
+    std::fs::write(out.join("profile.txt"), &report.stdout)?;
+    std::fs::write(out.join("profile-flat.txt"), &flat.stdout)?;
+    println!("profile: {}", out.join("profile-flat.txt").display());
+    Ok(())
+}
+
+/// The harness turns mutual TLS on by default, with a CA made by `weft ca init`; an agent
+/// built before HBONE has no `ca` command, and is measured with its plaintext hop.
+fn plain_if_no_ca(nodes: &[&TestNode]) -> bool {
+    let has_ca = Command::new(weft_tests::app::weft_bin())
+        .args(["ca", "--help"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_ca {
+        println!("bench: this agent has no `weft ca`: measuring its plaintext proxy hop");
+        for node in nodes {
+            node.without_mtls();
+        }
+    }
+    has_ca
+}
+
+/// What the agent says its proxy hop is: mutual TLS once HBONE is on (its effective config
+/// names a CA and it reports certificates), plaintext before.
+fn transport(agent: &TestAgent, mtls_configured: bool) -> String {
+    let dump = agent.get_json("/config_dump").unwrap_or_default();
+    let status = agent.status().unwrap_or_default();
+    let text = format!("{dump}{status}").to_ascii_lowercase();
+    let reported = text.contains("\"ca\"") || text.contains("certificate");
+    match (mtls_configured, reported) {
+        (true, true) => "HBONE/mTLS".into(),
+        (true, false) => "mTLS configured, not reported by the agent".into(),
+        (false, _) => "plaintext".into(),
+    }
+}
+
+/// Load and CPU of the machine, for the report.
+fn conditions() -> Value {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = thread::available_parallelism().map_or(0, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    // Other compilers at work make every figure noisier: say so.
+    let busy = Command::new("pgrep")
+        .args(["-c", "-x", "rustc|cc1|cc1plus|ld|clang"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u32>()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    json!({
+        "cpus": cpus,
+        "cpu_model": model,
+        "kernel": kernel.trim(),
+        "loadavg_at_start": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "compilers_running_at_start": busy,
+    })
+}
+
+fn cpu(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| harness::cpu_seconds(*p).ok())
+        .sum()
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(ToString::to_string).collect()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(0.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+const PORT: u16 = 7000;
+const HTTP_PORT: u16 = 7080;
+const STUNNEL_PORT: u16 = 7443;
+const STUNNEL_HTTP_PORT: u16 = 7444;
+/// A client gets its run time plus this much before the harness kills it.
+const CLIENT_SLACK: Duration = Duration::from_secs(60);
+const RR_TIMEOUT: Duration = Duration::from_secs(600);
+const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
