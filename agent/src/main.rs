@@ -35,6 +35,7 @@ fn main() -> ExitCode {
 
 fn agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
+    raise_open_file_limit();
     let doc = source::file::load(&args.config)?;
     let config = Config::new(
         &args.config,
@@ -57,6 +58,28 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(app::run(config, doc))?;
     Ok(())
+}
+
+/// Every proxied connection holds two or three sockets, and the soft limit is often 1024:
+/// take the hard limit, as proxies do, so a busy node runs out of memory before it runs
+/// out of descriptors.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(
+                component = "app",
+                from = soft,
+                to = hard,
+                "raised the open-file limit"
+            ),
+            Err(e) => {
+                tracing::warn!(component = "app", limit = soft, error = %e, "cannot raise the open-file limit")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(component = "app", error = %e, "cannot read the open-file limit"),
+    }
 }
 
 fn status_command(args: &StatusArgs) -> anyhow::Result<()> {
