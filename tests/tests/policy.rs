@@ -295,9 +295,14 @@ fn a_malformed_policy_is_rejected_naming_the_field_and_the_old_one_stays() -> Re
 /// answered the SYN. (A clean close or a hang would be none of these.)
 fn is_reset(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}");
-    ["ConnectionReset", "BrokenPipe", "NotConnected", "ConnectionRefused"]
-        .iter()
-        .any(|kind| text.contains(&format!("kind={kind}")))
+    [
+        "ConnectionReset",
+        "BrokenPipe",
+        "NotConnected",
+        "ConnectionRefused",
+    ]
+    .iter()
+    .any(|kind| text.contains(&format!("kind={kind}")))
 }
 
 fn generation(agent: &TestAgent) -> Result<u64> {
