@@ -37,7 +37,7 @@ use crate::{
     ebpf::{self, Dataplane},
     enroll::EnrollStatus,
     identity::CertManager,
-    proxy::Connections,
+    proxy::{Connections, hbone},
     readiness::Ready,
     source::SourceStatus,
     state::StateHandle,
@@ -80,6 +80,8 @@ pub struct Context {
     pub connections: Arc<Connections>,
     /// The certificate manager, when the node has a CA.
     pub certs: Option<CertManager>,
+    /// Outbound HBONE connections, when mutual TLS is on.
+    pub hbone_pool: Option<hbone::Pool>,
     pub shutdown: Arc<Notify>,
     /// Served on `/metrics`; `Servers::spawn` adds the agent's health to it.
     pub metrics: Registry,
@@ -280,6 +282,7 @@ fn status(context: &Context) -> serde_json::Value {
         },
         "mtls": context.certs.is_some(),
         "certificates": context.certs.as_ref().map(CertManager::status).unwrap_or_default(),
+        "hbone_pool": context.hbone_pool.as_ref().map(hbone::Pool::stats),
     })
 }
 

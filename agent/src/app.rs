@@ -89,6 +89,7 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         mtls,
     );
     let proxy_handle = proxy.clone();
+    let hbone_pool = proxy.hbone_pool();
     let mut enroller = Enroller::new(Arc::clone(&dataplane), proxy, config.proxy);
     let enroll_status = Arc::new(Mutex::new(enroller.status()));
     let shutdown = Arc::new(Notify::new());
@@ -106,6 +107,7 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         dataplane: Arc::clone(&dataplane),
         connections,
         certs: certs.clone(),
+        hbone_pool,
         shutdown: Arc::clone(&shutdown),
         metrics,
     });

@@ -225,8 +225,8 @@ impl Proxy {
     }
 
     /// The outbound HBONE pool, when mutual TLS is on (for status).
-    pub fn hbone_stats(&self) -> Option<hbone::PoolStats> {
-        self.inner.mtls.as_ref().map(|m| m.pool.stats())
+    pub fn hbone_pool(&self) -> Option<hbone::Pool> {
+        self.inner.mtls.as_ref().map(|m| m.pool.clone())
     }
 
     /// Starts the accept loops of a pod.

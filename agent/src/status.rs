@@ -153,6 +153,12 @@ pub fn render(status: &Value) -> String {
                     .unwrap_or_default()
             );
         }
+        let pool = &status["hbone_pool"];
+        let _ = writeln!(
+            out,
+            "HBONE pool: {} connections, {} streams open; {} handshakes, {} failed",
+            pool["connections"], pool["streams"], pool["handshakes"], pool["handshake_failures"]
+        );
     } else {
         let _ = writeln!(
             out,

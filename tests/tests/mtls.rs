@@ -429,13 +429,22 @@ fn short_connections_share_a_handful_of_pooled_hbone_connections() -> Result<()>
     let (node1, node2) = two_nodes(test_name!())?;
     let client = node1.pod("client").service_account("client").create()?;
     let server = node2.pod("server").service_account("server").create()?;
-    let _agent1 = node1.start_agent()?;
+    let agent1 = node1.start_agent()?;
     let agent2 = node2.start_agent()?;
     let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
     let capture = Capture::on_node(&node1, &node1.link_to(&node2), "tcp")?;
 
     let to = sock(server.addr(ECHO_PORT));
     app::churn(&client, to, CHURN)?;
+    // The client's agent agrees: a handful of handshakes for all those connections.
+    let pool = &agent1.status()?["hbone_pool"];
+    let handshakes = pool["handshakes"]
+        .as_u64()
+        .context("hbone_pool.handshakes")?;
+    ensure!(
+        (1..=3).contains(&handshakes),
+        "{CHURN} connections took {handshakes} TLS handshakes: {pool}"
+    );
     let pcap = capture.stop()?;
     let tls = pcap.tls_summary(HBONE_PORT)?;
     ensure!(
