@@ -125,6 +125,7 @@ async fn hbone_to(
         source: own,
         destination,
         address: addr,
+        local: source.ip(),
     };
     let sockets = Arc::clone(&pod.sockets);
     let dial = move || async move {

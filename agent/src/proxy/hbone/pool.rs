@@ -12,6 +12,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io,
+    net::IpAddr,
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
@@ -40,6 +41,10 @@ pub struct Key {
     pub destination: SpiffeId,
     /// The peer's HBONE address (`<pod ip>:15008`).
     pub address: SocketAddr,
+    /// The source pod's address. Connections are dialled from inside one pod, so two pods
+    /// with the same identity never share one: the peer sees (and its policy judges) the
+    /// real source address of every stream.
+    pub local: IpAddr,
 }
 
 /// Pool settings.

@@ -193,6 +193,7 @@ impl Harness {
             source: self.client_id.clone(),
             destination: self.server_id.clone(),
             address: self.server_addr,
+            local: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 
