@@ -94,6 +94,18 @@ fn cross_node_traffic_is_tls13_only_with_both_identities_and_no_plaintext() -> R
         inbound.src.starts_with(&format!("{}:", client.ip())),
         "HBONE comes from the client pod's own address: {inbound:?}"
     );
+
+    // Nothing listens on the server's port 9: its proxy answers 503 and the client app
+    // sees its connection reset, not a hang.
+    let closed_port = sock(server.addr(9));
+    let refused = app::send_text(&client, closed_port, "anyone?");
+    ensure!(
+        refused.is_err(),
+        "a connection to a closed port succeeded: {refused:?}"
+    );
+    agent1.expect_record("503 from the peer", |r| {
+        r.dst == closed_port.to_string() && r.error.as_deref() == Some("upstream_unreachable")
+    });
     Ok(())
 }
 
