@@ -252,8 +252,7 @@ impl TestAgent {
 
     /// Writes `config` (serialised as YAML) to the config file.
     pub fn rewrite_config(&self, config: &Value) -> Result<()> {
-        let yaml = serde_yaml::to_string(config).context("serialise config")?;
-        self.write_config_text(&yaml)
+        self.write_config_text(&config_yaml(config)?)
     }
 
     /// Writes raw YAML to the config file (for tests of bad configs). Written to a
@@ -335,6 +334,11 @@ impl Drop for TestAgent {
             );
         }
     }
+}
+
+/// `config` as the YAML text [`TestAgent::rewrite_config`] writes (to time the write alone).
+pub fn config_yaml(config: &Value) -> Result<String> {
+    serde_yaml::to_string(config).context("serialise config")
 }
 
 /// The admin API address inside the node netns.

@@ -49,21 +49,8 @@ pub fn client(pod: &TestPod, args: &[String], timeout: Duration) -> Result<Value
     cmd.args(args);
     let name = format!("bench-{}", args.first().map_or("client", String::as_str));
     let done = pod.run(cmd, &name, timeout)?;
-    if !done.status.success() {
-        bail!(
-            "`weft-bench {}` in {} failed ({}):\n{}",
-            args.join(" "),
-            pod.name(),
-            done.status,
-            done.output
-        );
-    }
-    let line = done
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix("result "))
-        .with_context(|| format!("no result line in:\n{}", done.output))?;
-    serde_json::from_str(line).with_context(|| format!("bad result line {line:?}"))
+    let what = format!("`weft-bench {}` in {}", args.join(" "), pod.name());
+    parse_result(&what, &done.status, &done.output)
 }
 
 /// `weft-bench hold --to A --count N` in `pod`: returns once all `count` connections are up
@@ -80,6 +67,40 @@ pub fn hold(pod: &TestPod, to: SocketAddr, count: usize, timeout: Duration) -> R
     let process = pod.spawn(cmd, "bench-hold")?;
     wait_for_output(&process, &format!("held {count}"), timeout)?;
     Ok(process)
+}
+
+/// `weft-bench until-denied --to A` in `pod`: returns once its connection loop runs (the
+/// first connection went through); [`result_of`] then waits for the first failure.
+pub fn until_denied(pod: &TestPod, to: SocketAddr, secs: f64) -> Result<TestProcess> {
+    let mut cmd = Command::new(bench_bin());
+    cmd.args([
+        "until-denied",
+        "--to",
+        &to.to_string(),
+        "--secs",
+        &secs.to_string(),
+    ]);
+    let process = pod.spawn(cmd, "bench-until-denied")?;
+    wait_for_output(&process, "connecting ", Duration::from_secs(10))?;
+    Ok(process)
+}
+
+/// Waits for a `weft-bench` client started with `spawn` to finish and returns its `result`.
+pub fn result_of(mut process: TestProcess, timeout: Duration) -> Result<Value> {
+    let done = process.wait(timeout)?;
+    parse_result(process.name(), &done.status, &done.output)
+}
+
+/// The JSON of a finished client's `result ` line; its output when it failed.
+fn parse_result(what: &str, status: &std::process::ExitStatus, output: &str) -> Result<Value> {
+    if !status.success() {
+        bail!("{what} failed ({status}):\n{output}");
+    }
+    let line = output
+        .lines()
+        .find_map(|l| l.strip_prefix("result "))
+        .with_context(|| format!("no result line in:\n{output}"))?;
+    serde_json::from_str(line).with_context(|| format!("bad result line {line:?}"))
 }
 
 /// Busy threads, one per CPU, at nice 19, for as long as the handle lives.
@@ -227,12 +248,22 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// A `Vm*` line of `/proc/<pid>/status` (`VmHWM`, `VmRSS`), in bytes.
 pub fn status_bytes(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    let line = status
+    proc_kib_field(pid, "status", field)
+}
+
+/// A line of `/proc/<pid>/smaps_rollup` (`Rss`, `Anonymous`, `Private_Dirty`…), in bytes.
+pub fn smaps_bytes(pid: u32, field: &str) -> Result<u64> {
+    proc_kib_field(pid, "smaps_rollup", field)
+}
+
+/// `field:   N kB` of `/proc/<pid>/<file>`, in bytes.
+fn proc_kib_field(pid: u32, file: &str, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/{file}");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    let line = text
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+        .with_context(|| format!("no {field} in {path}"))?;
     let kib: u64 = line
         .trim()
         .trim_end_matches("kB")

@@ -1,11 +1,13 @@
-//! `cargo xtask bench [--quick] [--profile]`: weft against direct traffic and against a
+//! `cargo xtask bench [--quick] [--profile] [--only paths|policies|scale]`: weft against direct traffic and against a
 //! plain mTLS tunnel (stunnel), measured in one run, side by side.
 //!
 //! Builds the agent and the load tool (`weft-bench`, tests/src/bin) in release, then runs
 //! itself again with `WEFT_BIN`/`WEFT_BENCH` pointing at them (the harness finds its
 //! binaries through those variables) to build simulated nodes with the end-to-end harness:
 //!
-//! - node 1: `direct-c`/`direct-s` (not enrolled), `weft-c`/`weft-s` (enrolled);
+//! - node 1: `direct-c`/`direct-s` (not enrolled), `weft-c`/`weft-s` (enrolled); after the
+//!   data path, the policy rows on `weft-c` → `weft-s` (new connections with no policy and
+//!   with many, the time for a DENY to reach the data path);
 //! - node 2, joined to node 1: `xdirect-s` (not enrolled), `xweft-s` (enrolled);
 //! - node 3: the scale node, `scale_pods` enrolled pods (enrolment time, memory under
 //!   load, the control plane).
@@ -50,9 +52,20 @@ pub struct Options {
     /// Only render results.md and the charts again from target/bench/results.json.
     #[arg(long)]
     render: bool,
+    /// Measure one part only: `paths` (the data path, then policies on it), `policies`
+    /// (the policy rows alone) or `scale` (enrolment, memory, the control plane).
+    #[arg(long, value_enum)]
+    only: Option<Part>,
     /// Internal: measure with the binaries the outer run built (set by `cargo xtask bench`).
     #[arg(long, hide = true)]
     measure: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Paths,
+    Policies,
+    Scale,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -98,6 +111,13 @@ pub fn run(options: &Options) -> Result<()> {
     if options.profile {
         cmd.arg("--profile");
     }
+    if let Some(part) = options.only {
+        cmd.arg("--only").arg(match part {
+            Part::Paths => "paths",
+            Part::Policies => "policies",
+            Part::Scale => "scale",
+        });
+    }
     cmd.env("WEFT_BIN", &agent)
         .env("WEFT_TESTAPP", release.join("weft-testapp"))
         .env("WEFT_BENCH", release.join("weft-bench"))
@@ -119,6 +139,7 @@ struct Plan {
     hold_conns: usize,
     cp_workloads: usize,
     cp_services: usize,
+    cp_policies: usize,
     http_rate: f64,
     http_secs: f64,
 }
@@ -138,6 +159,7 @@ impl Plan {
                 hold_conns: 100,
                 cp_workloads: 1_000,
                 cp_services: 200,
+                cp_policies: 100,
                 http_rate: 500.0,
                 http_secs: 1.0,
             }
@@ -154,6 +176,7 @@ impl Plan {
                 hold_conns: 1_000,
                 cp_workloads: 10_000,
                 cp_services: 2_000,
+                cp_policies: 1_000,
                 http_rate: 2_000.0,
                 http_secs: 5.0,
             }
@@ -188,9 +211,17 @@ fn measure(options: &Options) -> Result<()> {
 
     // Nodes are dropped (and everything in them killed and removed) when this scope ends,
     // whatever happens inside it.
-    let result = paths(&plan, options, &out, &mut report)
-        .and_then(|()| scale(&plan, &mut report))
-        .context("benchmark harness failed");
+    let part = |p: Part| options.only.is_none_or(|only| only == p);
+    let result = (|| -> Result<()> {
+        if part(Part::Paths) || part(Part::Policies) {
+            paths(&plan, options, &out, &mut report)?;
+        }
+        if part(Part::Scale) {
+            scale(&plan, &mut report)?;
+        }
+        Ok(())
+    })()
+    .context("benchmark harness failed");
     report.not_available();
     report.elapsed = started.elapsed();
     report.write(&out)?;
@@ -224,7 +255,11 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
     let direct_c = node1.pod("direct-c").enrolled(false).create()?;
     let direct_s = node1.pod("direct-s").enrolled(false).create()?;
     let weft_c = node1.pod("weft-c").service_account("client").create()?;
-    let weft_s = node1.pod("weft-s").service_account("server").create()?;
+    let weft_s = node1
+        .pod("weft-s")
+        .service_account("server")
+        .label("app", SERVER_APP)
+        .create()?;
     let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
     let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
     let mtls = plain_if_no_ca(&[&node1, &node2]);
@@ -326,7 +361,8 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
         .with_context(|| format!("{}: no traffic through this path", s.label))?;
     }
 
-    for rep in 0..plan.reps {
+    let data_path = options.only != Some(Part::Policies);
+    for rep in (0..plan.reps).filter(|_| data_path) {
         println!("== repetition {}/{} ==", rep + 1, plan.reps);
         report.sample_load();
         for s in &scenarios {
@@ -341,9 +377,10 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
         }
     }
 
-    if options.profile {
+    if options.profile && data_path {
         profile(plan, &scenarios[1], pid1, out)?;
     }
+    policies(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
     agent1.kill();
     agent2.kill();
     drop((tunnel, tunnel_http, servers));
@@ -524,6 +561,13 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
     let server = harness::serve(&pods[1], PORT)?;
     let n = pods.len();
     let conns = plan.hold_conns;
+    let mut big = node.config();
+    add_big_state(plan, &mut big)?;
+    policy_list(&mut big)?.extend(background_policies(plan.cp_policies));
+    let state = format!(
+        "{} workloads + {} services + {} policies",
+        plan.cp_workloads, plan.cp_services, plan.cp_policies
+    );
     for rep in 0..plan.reps {
         report.sample_load();
         // Enrol every pod at once: time from the config write to `/status` listing them.
@@ -570,9 +614,10 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
         let hwm = harness::status_bytes(pid, "VmHWM")?;
         let rss = harness::status_bytes(pid, "VmRSS")?;
         println!(
-            "  agent with {n} pods and {conns} connections: peak RSS {:.1} MB, RSS {:.1} MB",
+            "  agent with {n} pods and {conns} connections: peak RSS {:.1} MB, RSS {:.1} MB ({})",
             mb(hwm),
-            mb(rss)
+            mb(rss),
+            smaps(pid)
         );
         report.add(
             key,
@@ -587,18 +632,40 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
             mb(rss),
         );
         drop(hold);
-
-        // The control plane: a state of many workloads and services, applied by reload.
-        let (took, cpu_used, rss) = apply_big_state(plan, &node, &agent, pid)?;
+        // What the allocator gives back once the connections are gone.
+        thread::sleep(Duration::from_secs(1));
+        let after = harness::status_bytes(pid, "VmRSS")?;
         println!(
-            "  applied {} workloads + {} services in {took:?} ({cpu_used:.2} CPU s), RSS after {:.1} MB",
-            plan.cp_workloads,
-            plan.cp_services,
-            mb(rss)
+            "  agent after the {conns} connections closed: RSS {:.1} MB ({})",
+            mb(after),
+            smaps(pid)
         );
-        let state = format!(
-            "{} workloads + {} services",
-            plan.cp_workloads, plan.cp_services
+        report.add(
+            key,
+            &format!("agent RSS (VmRSS) after the {conns} connections closed"),
+            "MB",
+            mb(after),
+        );
+
+        // The control plane, on a fresh agent process (unenrolled pods), so that its RSS is
+        // the state's and not what the connections above left in the allocator.
+        for p in &pods {
+            p.set_enrolled(false);
+        }
+        agent.reload(&node)?;
+        wait_enrolled(&agent, 0)?;
+        agent.restart()?;
+        let pid = agent.pid().context("agent is not running")?;
+        let rss_before = harness::status_bytes(pid, "VmRSS")?;
+        let (took, cpu_used, rss) = apply_big_state(&big, &agent, pid)?;
+        let hwm = harness::status_bytes(pid, "VmHWM")?;
+        println!(
+            "  applied {state} in {took:?} ({cpu_used:.2} CPU s), RSS {:.1} → {:.1} MB, \
+             peak {:.1} MB ({})",
+            mb(rss_before),
+            mb(rss),
+            mb(hwm),
+            smaps(pid)
         );
         report.add(key, &format!("apply {state}: time"), "ms", ms(took));
         report.add(key, &format!("apply {state}: agent CPU"), "CPU s", cpu_used);
@@ -608,13 +675,21 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
             "MB",
             mb(rss),
         );
+        report.add(
+            key,
+            &format!("apply {state}: agent RSS growth"),
+            "MB",
+            mb(rss.saturating_sub(rss_before)),
+        );
+        report.add(
+            key,
+            &format!("apply {state}: agent peak RSS (VmHWM)"),
+            "MB",
+            mb(hwm),
+        );
 
-        // Back to small, unenrolled, and a fresh agent process: its peak RSS starts over.
-        for p in &pods {
-            p.set_enrolled(false);
-        }
-        agent.reload(&node)?;
-        wait_enrolled(&agent, 0)?;
+        // Back to small, and a fresh agent process: its peak RSS starts over.
+        apply(&agent, &node.config())?;
         if rep + 1 < plan.reps {
             agent.restart()?;
         }
@@ -624,16 +699,30 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Writes the node's config plus `cp_workloads` remote workloads and `cp_services` services;
-/// returns the time until the agent's config generation moved, its CPU time for it and its
-/// RSS after.
-fn apply_big_state(
-    plan: &Plan,
-    node: &TestNode,
-    agent: &TestAgent,
-    pid: u32,
-) -> Result<(Duration, f64, u64)> {
-    let mut config = node.config();
+/// Writes `config` (the big state) and returns the time until the agent's config generation
+/// moved, and its CPU time for it and its RSS [`SETTLE`] later.
+fn apply_big_state(config: &Value, agent: &TestAgent, pid: u32) -> Result<(Duration, f64, u64)> {
+    let yaml = weft_tests::agent::config_yaml(config)?;
+    let generation = generation(agent)?;
+    let cpu_before = harness::cpu_seconds(pid)?;
+    let begin = Instant::now();
+    agent.write_config_text(&yaml)?;
+    wait_for(
+        || Ok(self::generation(agent)? > generation),
+        "the big state",
+    )?;
+    let took = begin.elapsed();
+    // The new generation shows once the snapshot is published; the policy index and the
+    // reconcile follow. CPU and memory are read once they are done.
+    thread::sleep(SETTLE);
+    let cpu_used = harness::cpu_seconds(pid)? - cpu_before;
+    let rss = harness::status_bytes(pid, "VmRSS")?;
+    Ok((took, cpu_used, rss))
+}
+
+/// Adds `cp_workloads` remote workloads (labelled `app`, `tier`; 50 namespaces, 200
+/// service accounts) and `cp_services` services of 5 endpoints each to `config`.
+fn add_big_state(plan: &Plan, config: &mut Value) -> Result<()> {
     let workloads = config["workloads"]
         .as_array_mut()
         .context("config has workloads")?;
@@ -642,9 +731,10 @@ fn apply_big_state(
             "name": format!("w{i}"),
             "namespace": format!("ns{}", i % 50),
             "serviceAccount": format!("sa{}", i % 200),
-            "ips": [format!("10.{}.{}.{}", 100 + i / 65_000, (i / 250) % 256, i % 250 + 2)],
+            "ips": [big_ip(i)],
             "node": format!("remote-{}", i % 100),
             "enrolled": true,
+            "labels": { "app": format!("app{}", (i / 50) % 20), "tier": TIERS[i % 3] },
         }));
     }
     let services = config["services"]
@@ -652,15 +742,7 @@ fn apply_big_state(
         .context("config has services")?;
     for i in 0..plan.cp_services {
         let endpoints: Vec<String> = (0..5)
-            .map(|k| {
-                let w = (i * 5 + k) % plan.cp_workloads.max(1);
-                format!(
-                    "10.{}.{}.{}",
-                    100 + w / 65_000,
-                    (w / 250) % 256,
-                    w % 250 + 2
-                )
-            })
+            .map(|k| big_ip((i * 5 + k) % plan.cp_workloads.max(1)))
             .collect();
         services.push(json!({
             "name": format!("svc{i}"),
@@ -670,18 +752,285 @@ fn apply_big_state(
             "endpoints": endpoints,
         }));
     }
-    let generation = generation(agent)?;
-    let cpu_before = harness::cpu_seconds(pid)?;
-    let begin = Instant::now();
-    agent.rewrite_config(&config)?;
-    wait_for(
-        || Ok(self::generation(agent)? > generation),
-        "the big state",
-    )?;
-    let took = begin.elapsed();
-    let cpu_used = harness::cpu_seconds(pid)? - cpu_before;
-    let rss = harness::status_bytes(pid, "VmRSS")?;
-    Ok((took, cpu_used, rss))
+    Ok(())
+}
+
+fn big_ip(i: usize) -> String {
+    format!(
+        "10.{}.{}.{}",
+        100 + i / 65_000,
+        (i / 250) % 256,
+        i % 250 + 2
+    )
+}
+
+fn policy_list(config: &mut Value) -> Result<&mut Vec<Value>> {
+    if config["policies"].is_null() {
+        config["policies"] = json!([]);
+    }
+    config["policies"]
+        .as_array_mut()
+        .context("config has a policies list")
+}
+
+/// `n` AccessPolicies as a mesh of many teams would have them: in 50 namespaces, each
+/// selecting one `app` of its namespace (one in ten the whole namespace); mostly ALLOW
+/// (one in ten DENY); sources by principal, service account, namespace and IP block; port
+/// lists and ranges. Policy `i` selects `app{(i / 50) % 20}` in `ns{i % 50}`, the workloads
+/// of [`add_big_state`], ten of them each.
+fn background_policies(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let ns = format!("ns{}", i % 50);
+            let mut rules = vec![json!({
+                "from": [
+                    { "principals": [format!(
+                        "spiffe://cluster.local/ns/ns{}/sa/sa{}", (i + 1) % 50, i % 200)] },
+                    { "namespaces": [format!("ns{}", (i + 7) % 50), "monitoring"] },
+                ],
+                "toPorts": [8080, "9000-9100"],
+            })];
+            if i % 4 == 0 {
+                rules.push(json!({
+                    "from": [{ "ipBlocks": [{
+                        "cidr": format!("10.{}.0.0/16", 100 + i % 50),
+                        "except": [format!("10.{}.9.0/24", 100 + i % 50)],
+                    }] }],
+                    "toPorts": [443],
+                }));
+            }
+            if i % 5 == 1 {
+                rules.push(json!({
+                    "from": [{ "serviceAccounts": [format!("ns{}/sa{}", (i + 3) % 50, i % 200)] }],
+                }));
+            }
+            let mut policy = json!({
+                "name": format!("policy-{i}"),
+                "namespace": ns,
+                "action": if i % 10 == 3 { "DENY" } else { "ALLOW" },
+                "rules": rules,
+            });
+            if i % 10 != 9 {
+                policy["selector"] =
+                    json!({ "matchLabels": { "app": format!("app{}", (i / 50) % 20) } });
+            }
+            policy
+        })
+        .collect()
+}
+
+/// `SERVER_POLICIES` ALLOW policies selecting the server pod (label `app`), each admitting
+/// other sources first and the client last, so every one is evaluated to its end.
+fn server_policies(port: u16) -> Vec<Value> {
+    (0..SERVER_POLICIES)
+        .map(|i| {
+            json!({
+                "name": format!("server-allow-{i}"),
+                "namespace": "default",
+                "selector": { "matchLabels": { "app": SERVER_APP } },
+                "action": "ALLOW",
+                "rules": [
+                    { "from": [{ "namespaces": [format!("ns{i}")] }], "toPorts": [9090] },
+                    {
+                        "from": [
+                            { "principals": [format!("spiffe://cluster.local/ns/ns{i}/sa/sa{i}")] },
+                            { "serviceAccounts": [format!("ns{}/sa{i}", i + 1)] },
+                            { "principals": [CLIENT_ID] },
+                        ],
+                        "toPorts": [port, "9000-9100"],
+                    },
+                ],
+            })
+        })
+        .collect()
+}
+
+/// Policies on the data path, on node 1: the new-connection rate through weft with no
+/// policy and with `cp_policies` of them in the state (a few select the server and allow
+/// the client), over the same workloads and services; then the time from a config write
+/// that denies the client until its first connection is refused.
+fn policies(
+    plan: &Plan,
+    node: &TestNode,
+    agent: &TestAgent,
+    client: &TestPod,
+    server: &TestPod,
+    report: &mut Report,
+) -> Result<()> {
+    println!("== policies on the data path ==");
+    let key = "weft-l4";
+    let to: SocketAddr = server.addr(PORT).into();
+    let p = plan.cp_policies;
+    let mut none = node.config();
+    add_big_state(plan, &mut none)?;
+    let mut many = none.clone();
+    let list = policy_list(&mut many)?;
+    list.extend(background_policies(p.saturating_sub(SERVER_POLICIES)));
+    list.extend(server_policies(PORT));
+    let mut deny = many.clone();
+    policy_list(&mut deny)?.push(json!({
+        "name": "deny-bench-client",
+        "namespace": "default",
+        "selector": { "matchLabels": { "app": SERVER_APP } },
+        "action": "DENY",
+        "rules": [{ "from": [{ "principals": [CLIENT_ID] }] }],
+    }));
+    let with = format!("{p} policies, {SERVER_POLICIES} select the server");
+    for rep in 0..plan.reps {
+        println!("== policies: repetition {}/{} ==", rep + 1, plan.reps);
+        report.sample_load();
+        // Alternate which goes first, so a drift of the machine favours neither.
+        let mut order = [(&none, "no policies"), (&many, with.as_str())];
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        let rate = |state: &Value, what: &str, report: &mut Report| -> Result<f64> {
+            apply(agent, state)?;
+            let v = harness::client(
+                client,
+                &args(&[
+                    "crr",
+                    "--to",
+                    &to.to_string(),
+                    "--secs",
+                    &plan.crr_secs.to_string(),
+                ]),
+                Duration::from_secs_f64(plan.crr_secs) + CLIENT_SLACK,
+            )?;
+            if f(&v, "errors") > 0.0 {
+                bail!("{} connections failed with {what}", v["errors"]);
+            }
+            let rate = f(&v, "rate_per_s");
+            println!("  new connections with {what}: {rate:.0}/s");
+            report.add(key, &format!("new connections, {what}"), "conn/s", rate);
+            Ok(rate)
+        };
+        let mut rates = (0.0, 0.0);
+        for (state, what) in order {
+            match rate(state, what, report) {
+                Ok(r) if std::ptr::eq(state, &none) => rates.0 = r,
+                Ok(r) => rates.1 = r,
+                Err(e) => report.fail(key, &format!("new connections, {what}"), &e),
+            }
+        }
+        if rates.0 > 0.0 && rates.1 > 0.0 {
+            report.add(
+                key,
+                &format!("new connections, {p} policies ÷ no policies"),
+                "×",
+                rates.1 / rates.0,
+            );
+        }
+
+        // One policy change: the client connects in a loop (allowed by `many`), a config
+        // that also denies it is written, and the loop stops at the first refusal.
+        apply(agent, &many)?;
+        let log_offset = agent.log().len();
+        let looping = harness::until_denied(client, to, 60.0)?;
+        let yaml = weft_tests::agent::config_yaml(&deny)?;
+        let written = unix_now();
+        agent.write_config_text(&yaml)?;
+        match harness::result_of(looping, Duration::from_secs(90)) {
+            Ok(v) => {
+                let denied = f(&v, "denied_unix_s");
+                let log = agent.log();
+                let reloaded = log
+                    .get(log_offset..)
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|l| l.contains("config reloaded"))
+                    .and_then(log_unix);
+                println!(
+                    "  policy change: denied {:.1} ms after the write ({}), agent reload at {}",
+                    (denied - written) * 1e3,
+                    v["error"],
+                    reloaded.map_or("?".into(), |r| format!("+{:.1} ms", (r - written) * 1e3))
+                );
+                if denied < written {
+                    report.fail(
+                        key,
+                        "one policy change",
+                        &anyhow::anyhow!("the client was refused before the policy change: {v}"),
+                    );
+                } else {
+                    let change = "one policy change to the data path";
+                    report.add(
+                        key,
+                        &format!("{change}: config write → first denied connection"),
+                        "ms",
+                        (denied - written) * 1e3,
+                    );
+                    if let Some(r) = reloaded.filter(|r| *r >= written - 0.01) {
+                        report.add(
+                            key,
+                            &format!("{change}: config write → agent log \"config reloaded\""),
+                            "ms",
+                            (r - written) * 1e3,
+                        );
+                        report.add(
+                            key,
+                            &format!("{change}: agent log, reload → first denied connection"),
+                            "ms",
+                            (denied - r) * 1e3,
+                        );
+                    }
+                }
+            }
+            Err(e) => report.fail(key, "one policy change", &e),
+        }
+        apply(agent, &deny)?;
+    }
+    // Back to the node's own state.
+    apply(agent, &node.config())
+}
+
+/// Writes `config` and waits until the agent's config generation moved (unless it holds
+/// that state already).
+fn apply(agent: &TestAgent, config: &Value) -> Result<()> {
+    let yaml = weft_tests::agent::config_yaml(config)?;
+    if std::fs::read_to_string(agent.config_path()).is_ok_and(|text| text == yaml) {
+        return Ok(());
+    }
+    let before = generation(agent)?;
+    agent.write_config_text(&yaml)?;
+    wait_for(|| Ok(generation(agent)? > before), "the new config")
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The Unix time of a log line's RFC 3339 UTC timestamp (`2026-11-22T01:20:06.401511Z …`).
+fn log_unix(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?.trim_end_matches('Z');
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.split('-').map(str::parse::<i64>);
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let h: f64 = t.next()?.parse().ok()?;
+    let min: f64 = t.next()?.parse().ok()?;
+    let s: f64 = t.next()?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+/// `Rss` and `Anonymous` of smaps_rollup, for the console.
+fn smaps(pid: u32) -> String {
+    let get = |field| harness::smaps_bytes(pid, field).map_or(0.0, mb);
+    format!(
+        "smaps Rss {:.1} MB, Anonymous {:.1} MB",
+        get("Rss"),
+        get("Anonymous")
+    )
 }
 
 /// Seconds between the first log line containing `first` and the last containing `last`
@@ -894,6 +1243,11 @@ fn plural(n: usize) -> &'static str {
 }
 
 const PORT: u16 = 7000;
+/// The `app` label of the weft server pod, which the policies of the policy rows select.
+const SERVER_APP: &str = "bench-server";
+const SERVER_POLICIES: usize = 10;
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const TIERS: [&str; 3] = ["web", "api", "db"];
 const HTTP_PORT: u16 = 7080;
 const STUNNEL_PORT: u16 = 7443;
 const STUNNEL_HTTP_PORT: u16 = 7444;
@@ -901,3 +1255,38 @@ const STUNNEL_HTTP_PORT: u16 = 7444;
 const CLIENT_SLACK: Duration = Duration::from_secs(60);
 const RR_TIMEOUT: Duration = Duration::from_secs(600);
 const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long after applying a state the agent's CPU time and memory are read.
+const SETTLE: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_timestamps_are_unix_seconds() {
+        let line = "2026-11-22T01:20:06.500000Z  INFO weft::source::file: config reloaded";
+        assert_eq!(log_unix(line), Some(1_795_310_406.5));
+        assert_eq!(log_unix("2024-02-29T23:59:59Z x"), Some(1_709_251_199.0));
+        assert_eq!(log_unix("=== weft-tests: config rewritten"), None);
+    }
+
+    #[test]
+    fn the_background_policies_select_the_big_state() {
+        let policies = background_policies(1_000);
+        assert_eq!(policies.len(), 1_000);
+        let deny = policies.iter().filter(|p| p["action"] == "DENY").count();
+        assert_eq!(deny, 100);
+        // Policy i selects app{(i / 50) % 20} of ns{i % 50}: every pair once.
+        let mut pairs: Vec<(String, String)> = policies
+            .iter()
+            .filter_map(|p| {
+                let app = p["selector"]["matchLabels"]["app"].as_str()?;
+                Some((p["namespace"].as_str()?.to_string(), app.to_string()))
+            })
+            .collect();
+        let selecting = pairs.len();
+        pairs.sort();
+        pairs.dedup();
+        assert_eq!((selecting, pairs.len()), (900, 900));
+    }
+}

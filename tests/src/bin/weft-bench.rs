@@ -11,6 +11,7 @@
 //! weft-bench rr    --to IP:PORT [--size 1] [--count 50000] [--warmup 1000]
 //! weft-bench crr   --to IP:PORT [--secs 5] [--max N]
 //! weft-bench hold  --to IP:PORT [--count 1000]
+//! weft-bench until-denied --to IP:PORT [--secs 30]
 //! weft-bench http-serve --port P
 //! weft-bench http-load  --to IP:PORT [--rate 1000] [--secs 5] [--conns 8]
 //! weft-bench spin
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         "rr" => rr(&flags),
         "crr" => crr(&flags),
         "hold" => hold(&flags),
+        "until-denied" => until_denied(&flags),
         "http-serve" => http_serve(&flags),
         "http-load" => http_load(&flags),
         "spin" => spin(),
@@ -227,16 +229,7 @@ fn crr(flags: &Flags) -> Outcome {
     let mut byte = [0u8; 2];
     while Instant::now() < end && samples.len() < max {
         let t = Instant::now();
-        let one = (|| -> io::Result<()> {
-            let mut stream = TcpStream::connect(to)?;
-            stream.set_nodelay(true)?;
-            stream.write_all(b"C\x01")?;
-            stream.read_exact(&mut byte[..1])?;
-            // The server closes first; wait for its FIN so TIME_WAIT is on its side.
-            let _ = stream.read(&mut byte)?;
-            Ok(())
-        })();
-        match one {
+        match one_connection(to, &mut byte) {
             Ok(()) => samples.push(t.elapsed()),
             Err(e) => {
                 errors += 1;
@@ -251,6 +244,54 @@ fn crr(flags: &Flags) -> Outcome {
     let mut value = latency_json(&mut samples, Some(rate));
     value["errors"] = json!(errors);
     Ok(Some(value))
+}
+
+/// New connections one after the other, as `crr`, until one fails: prints `connecting`
+/// after the first success (the loop runs), and as its result the wall-clock time (Unix
+/// seconds) when the first failure was seen, how many connections succeeded before, and the
+/// error. A policy change that denies the client is timed against that clock.
+fn until_denied(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let secs: f64 = flags.optional("secs")?.unwrap_or(30.0);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut allowed = 0u64;
+    let mut byte = [0u8; 2];
+    while Instant::now() < end {
+        match one_connection(to, &mut byte) {
+            Ok(()) => {
+                allowed += 1;
+                if allowed == 1 {
+                    println!("connecting to={to}");
+                    io::stdout().flush().map_err(|e| e.to_string())?;
+                }
+            }
+            Err(e) if allowed > 0 => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|e| e.to_string())?;
+                return Ok(Some(json!({
+                    "denied_unix_s": now.as_secs_f64(),
+                    "allowed_before": allowed,
+                    "error": format!("{:?}: {e}", e.kind()),
+                })));
+            }
+            Err(e) => return Err(format!("the first connection failed already: {e}")),
+        }
+    }
+    Err(format!(
+        "no connection failed within {secs} s ({allowed} succeeded)"
+    ))
+}
+
+/// Connect, one 1-byte round trip, close: the unit of `crr` and `until-denied`.
+fn one_connection(to: SocketAddr, byte: &mut [u8; 2]) -> io::Result<()> {
+    let mut stream = TcpStream::connect(to)?;
+    stream.set_nodelay(true)?;
+    stream.write_all(b"C\x01")?;
+    stream.read_exact(&mut byte[..1])?;
+    // The server closes first; wait for its FIN so TIME_WAIT is on its side.
+    let _ = stream.read(byte)?;
+    Ok(())
 }
 
 /// Opens `count` connections (each proven end to end by a 1-byte round trip), prints `held
@@ -484,5 +525,5 @@ const BUF: usize = 128 * 1024;
 const SERVER_STACK: usize = 256 * 1024;
 const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-const USAGE: &str =
-    "usage: weft-bench serve|tput|rr|crr|hold|http-serve|http-load|spin [--flag value]...";
+const USAGE: &str = "usage: weft-bench serve|tput|rr|crr|hold|until-denied|http-serve|http-load|spin \
+     [--flag value]...";

@@ -194,18 +194,6 @@ impl Report {
         for (metric, unit) in data_path {
             self.na(L7, &metric, &unit, "n/a (no waypoint yet)");
         }
-        self.na(
-            "weft-l4",
-            "apply 1000 policies",
-            "ms",
-            "n/a (no policies yet)",
-        );
-        self.na(
-            "weft-l4",
-            "one policy change to the data path",
-            "ms",
-            "n/a (no policies yet)",
-        );
     }
 
     fn na(&mut self, scenario: &str, metric: &str, unit: &str, note: &str) {
