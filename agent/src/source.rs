@@ -4,6 +4,7 @@
 //! leaves the last good one in force and is recorded in `SourceStatus`.
 
 pub mod file;
+pub mod node_pods;
 
 use std::sync::{
     Mutex,
