@@ -60,7 +60,11 @@ fn every_rendered_object_is_a_valid_kubernetes_object() -> Result<()> {
         for object in &objects {
             let scoped = object.namespace();
             if object.is_cluster_scoped() {
-                ensure!(scoped.is_none(), "{}: cluster-scoped, has a namespace", object.id());
+                ensure!(
+                    scoped.is_none(),
+                    "{}: cluster-scoped, has a namespace",
+                    object.id()
+                );
             } else {
                 ensure!(
                     scoped.as_deref() == Some(namespace),
@@ -82,7 +86,11 @@ fn agent_runs_with_least_privilege_by_default() -> Result<()> {
     for (owner, pod) in pods(&objects) {
         for c in containers(pod) {
             let sc = c.security_context.clone().unwrap_or_default();
-            ensure!(sc.privileged != Some(true), "{owner}/{}: privileged", c.name);
+            ensure!(
+                sc.privileged != Some(true),
+                "{owner}/{}: privileged",
+                c.name
+            );
         }
     }
     let agent = agent_pod(&objects)?;
@@ -92,7 +100,13 @@ fn agent_runs_with_least_privilege_by_default() -> Result<()> {
     assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
     assert_eq!(
         set(caps.add.iter().flatten()),
-        set(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]),
+        set([
+            "BPF",
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "SYS_PTRACE",
+            "SYS_RESOURCE"
+        ]),
         "the agent's capabilities"
     );
     assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -100,7 +114,10 @@ fn agent_runs_with_least_privilege_by_default() -> Result<()> {
     let isc = installer.security_context.clone().unwrap_or_default();
     let icaps = isc.capabilities.unwrap_or_default();
     assert_eq!(icaps.drop, Some(vec!["ALL".to_string()]));
-    assert!(icaps.add.unwrap_or_default().is_empty(), "the installer needs no capability");
+    assert!(
+        icaps.add.unwrap_or_default().is_empty(),
+        "the installer needs no capability"
+    );
     assert_eq!(isc.allow_privilege_escalation, Some(false));
 
     let ca = deployment(&objects, "weft-ca")?;
@@ -113,7 +130,10 @@ fn agent_runs_with_least_privilege_by_default() -> Result<()> {
     assert_eq!(ca_sc.allow_privilege_escalation, Some(false));
     assert_eq!(ca_sc.read_only_root_filesystem, Some(true));
     let ca_caps = ca_sc.capabilities.unwrap_or_default();
-    assert!(ca_caps.add.unwrap_or_default().is_empty(), "the CA needs no capability");
+    assert!(
+        ca_caps.add.unwrap_or_default().is_empty(),
+        "the CA needs no capability"
+    );
     assert!(ca_pod.host_network != Some(true) && ca_pod.host_pid != Some(true));
     Ok(())
 }
@@ -124,7 +144,11 @@ fn agent_pod_has_its_host_mounts_tolerations_probe_and_rollout() -> Result<()> {
     let objects = render(DEFAULT_NS, &[])?;
     let ds = daemonset(&objects, "weft-agent")?;
     let pod = agent_pod(&objects)?;
-    assert_eq!(pod.host_network, Some(true), "hostNetwork: no CNI needed by the agent");
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "hostNetwork: no CNI needed by the agent"
+    );
     assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
     assert_eq!(pod.host_pid, Some(true), "cgroup.procs pids are host pids");
     assert_eq!(pod.service_account_name.as_deref(), Some("weft-agent"));
@@ -162,34 +186,61 @@ fn agent_pod_has_its_host_mounts_tolerations_probe_and_rollout() -> Result<()> {
         Some("HostToContainer")
     );
     for read_only in ["/sys/fs/cgroup", "/host/proc", "/var/run/netns"] {
-        assert_eq!(mount(read_only)?.read_only, Some(true), "{read_only} read-only");
+        assert_eq!(
+            mount(read_only)?.read_only,
+            Some(true),
+            "{read_only} read-only"
+        );
     }
-    assert_ne!(mount("/sys/fs/bpf")?.read_only, Some(true), "the agent pins");
+    assert_ne!(
+        mount("/sys/fs/bpf")?.read_only,
+        Some(true),
+        "the agent pins"
+    );
 
     // Every node, whatever its taints.
     let tolerations = pod.tolerations.clone().unwrap_or_default();
     assert!(
-        tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists")
-            && t.key.is_none()
-            && t.effect.is_none()),
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
         "tolerates every taint: {tolerations:?}"
     );
     // But not virtual nodes, which cannot run it.
     let affinity = serde_json::to_value(&pod.affinity)?;
-    assert!(affinity.to_string().contains("virtual-kubelet"), "{affinity}");
+    assert!(
+        affinity.to_string().contains("virtual-kubelet"),
+        "{affinity}"
+    );
 
-    let probe = main.readiness_probe.clone().context("agent readiness probe")?;
+    let probe = main
+        .readiness_probe
+        .clone()
+        .context("agent readiness probe")?;
     let get = probe.http_get.context("readiness probe is an HTTP GET")?;
     assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
     assert_eq!(get.port, IntOrString::Int(15021));
-    assert!(main.liveness_probe.is_none(), "a liveness kill fails the node closed");
+    assert!(
+        main.liveness_probe.is_none(),
+        "a liveness kill fails the node closed"
+    );
 
     let spec = ds.spec.as_ref().context("DaemonSet spec")?;
     let strategy = spec.update_strategy.clone().context("update strategy")?;
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     let rolling = strategy.rolling_update.context("rollingUpdate")?;
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)), "one node at a time");
-    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)), "never two agents per node");
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(IntOrString::Int(1)),
+        "one node at a time"
+    );
+    assert_eq!(
+        rolling.max_surge,
+        Some(IntOrString::Int(0)),
+        "never two agents per node"
+    );
     assert!(spec.min_ready_seconds.unwrap_or(0) > 0);
 
     // The command line other engineers implement.
@@ -215,7 +266,10 @@ fn agent_pod_has_its_host_mounts_tolerations_probe_and_rollout() -> Result<()> {
         .map(|f| f.field_path.clone());
     assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
     assert_eq!(
-        container(pod, "cni-installer")?.args.clone().unwrap_or_default(),
+        container(pod, "cni-installer")?
+            .args
+            .clone()
+            .unwrap_or_default(),
         ["cni", "install"]
     );
     Ok(())
@@ -236,7 +290,10 @@ fn agent_config_matches_the_pod_it_runs_in() -> Result<()> {
     // The agent's settings only: workloads, services and policies come from the API.
     assert_eq!(keys, BTreeSet::from(["agent", "mesh"]));
     let agent = &config["agent"];
-    assert_eq!(agent["adminAddr"], "127.0.0.1:15000", "admin stays on the node");
+    assert_eq!(
+        agent["adminAddr"], "127.0.0.1:15000",
+        "admin stays on the node"
+    );
     assert_eq!(agent["readinessAddr"], "0.0.0.0:15021");
     assert_eq!(agent["metricsAddr"], "0.0.0.0:15020");
     assert_eq!(agent["pinRoot"], "/sys/fs/bpf/weft");
@@ -256,7 +313,11 @@ fn agent_config_matches_the_pod_it_runs_in() -> Result<()> {
         .and_then(|s| s.iter().find_map(|s| s.service_account_token.as_ref()))
         .context("the token volume is a projected service-account token")?;
     assert_eq!(token.path, file);
-    assert_eq!(token.audience.as_deref(), Some("weft-ca"), "bound to the CA's audience");
+    assert_eq!(
+        token.audience.as_deref(),
+        Some("weft-ca"),
+        "bound to the CA's audience"
+    );
     let root_cert = str_at(remote, "rootCert")?;
     let (dir, _) = root_cert.rsplit_once('/').context("rootCert path")?;
     let bundle = mounted_volume(pod, main, dir)?;
@@ -333,14 +394,22 @@ fn uninstall_hook_cleans_every_node_after_its_agent_is_gone() -> Result<()> {
     assert_eq!(pod.affinity, agent.affinity);
     assert_eq!(pod.node_selector, agent.node_selector);
     assert_eq!(pod.host_network, Some(true));
-    assert_eq!(pod.automount_service_account_token, Some(false), "needs no API access");
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "needs no API access"
+    );
     let init: Vec<&str> = pod
         .init_containers
         .iter()
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(init, ["remove-pins", "remove-cni"], "pins first, once the agent is gone");
+    assert_eq!(
+        init,
+        ["remove-pins", "remove-cni"],
+        "pins first, once the agent is gone"
+    );
 
     let config = config_file(&objects, "weft-agent", "agent.yaml")?;
     let pins = container(pod, "remove-pins")?;
@@ -371,7 +440,11 @@ fn uninstall_hook_cleans_every_node_after_its_agent_is_gone() -> Result<()> {
     assert_eq!(cni.args.clone().unwrap_or_default(), ["cni", "uninstall"]);
     let mut installer = host_mounts(agent, "cni-installer")?;
     installer.remove("/var/run/weft");
-    assert_eq!(host_mounts(pod, "remove-cni")?, installer, "what the installer wrote");
+    assert_eq!(
+        host_mounts(pod, "remove-cni")?,
+        installer,
+        "what the installer wrote"
+    );
 
     let without = render(DEFAULT_NS, &["uninstall.enabled=false"])?;
     assert!(daemonset(&without, "weft-node-cleanup").is_err());
@@ -390,10 +463,9 @@ fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
     weft_plurals.sort();
     let read = ["get", "list", "watch"];
 
-    for (namespace, values, gateway) in [
-        (DEFAULT_NS, &[][..], false),
-        (OTHER_NS, NON_DEFAULT, true),
-    ] {
+    for (namespace, values, gateway) in
+        [(DEFAULT_NS, &[][..], false), (OTHER_NS, NON_DEFAULT, true)]
+    {
         let objects = render(namespace, values)?;
         let mut agent = vec![
             rule("", &["namespaces", "pods", "services"], &read, &[]),
@@ -404,7 +476,12 @@ fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
             agent.push(rule("weft.dev", &plurals, &read, &[]));
         }
         if gateway {
-            agent.push(rule("gateway.networking.k8s.io", &["httproutes"], &read, &[]));
+            agent.push(rule(
+                "gateway.networking.k8s.io",
+                &["httproutes"],
+                &read,
+                &[],
+            ));
         }
         assert_eq!(
             rules(&cluster_role(&objects, "weft-agent")?.rules),
@@ -421,7 +498,12 @@ fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
             rules(&role(&objects, "weft-ca")?.rules),
             BTreeSet::from([
                 rule("", &["configmaps"], &["create"], &[]),
-                rule("", &["configmaps"], &["get", "update"], &["weft-trust-bundle"]),
+                rule(
+                    "",
+                    &["configmaps"],
+                    &["get", "update"],
+                    &["weft-trust-bundle"]
+                ),
             ])
         );
 
@@ -451,7 +533,10 @@ fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
             for field in [&r.resources, &r.verbs, &r.api_groups] {
                 assert!(!field.contains("*"), "a wildcard: {r:?}");
             }
-            assert!(!r.resources.contains("secrets"), "nobody reads Secrets: {r:?}");
+            assert!(
+                !r.resources.contains("secrets"),
+                "nobody reads Secrets: {r:?}"
+            );
         }
     }
     Ok(())
@@ -467,10 +552,15 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
         .clone()
         .unwrap_or_default();
     assert_eq!(sc.privileged, Some(true), "agent.privileged=true");
-    assert!(sc.capabilities.is_none(), "privileged has every capability already");
+    assert!(
+        sc.capabilities.is_none(),
+        "privileged has every capability already"
+    );
     // The CNI directories move on the host, not inside the installer.
     assert_eq!(
-        host_mounts(pod, "cni-installer")?.get("/opt/cni/bin").map(String::as_str),
+        host_mounts(pod, "cni-installer")?
+            .get("/opt/cni/bin")
+            .map(String::as_str),
         Some("/home/kubernetes/bin")
     );
     let image = &container(pod, "agent")?.image;
@@ -500,7 +590,10 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
         .context("podDisruptionBudget.enabled renders a PDB")?;
     let pdb_spec = pdb.spec.as_ref().context("PDB spec")?;
     assert_eq!(pdb_spec.min_available, Some(IntOrString::Int(1)));
-    assert!(selects(pdb_spec.selector.as_ref(), &ca_labels), "the PDB covers the CA");
+    assert!(
+        selects(pdb_spec.selector.as_ref(), &ca_labels),
+        "the PDB covers the CA"
+    );
 
     let monitor = objects
         .iter()
@@ -510,7 +603,11 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
         })
         .context("serviceMonitor.enabled renders a ServiceMonitor")?;
     assert_eq!(
-        monitor.metadata.labels.as_ref().and_then(|l| l.get("release")),
+        monitor
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("release")),
         Some(&"prometheus".to_string())
     );
     let metrics = service(&objects, "weft-agent-metrics")?;
@@ -521,7 +618,10 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
         .spec
         .as_ref()
         .and_then(|s| s.ports.as_ref())
-        .and_then(|p| p.iter().find(|p| p.name.as_deref() == Some(endpoint.port.as_str())))
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p.name.as_deref() == Some(endpoint.port.as_str()))
+        })
         .context("the monitor's port is the Service's")?;
     assert_eq!(port.port, 15020);
     let agent_labels = daemonset(&objects, "weft-agent")?
@@ -561,7 +661,11 @@ fn crd_files_are_valid_apiextensions_v1_and_installed_by_the_chart() -> Result<(
         );
         for version in &crd.spec.versions {
             ensure!(
-                version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).is_some(),
+                version
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.open_api_v3_schema.as_ref())
+                    .is_some(),
                 "{name}/{}: apiextensions/v1 requires a structural schema",
                 version.name
             );
@@ -574,7 +678,10 @@ fn crd_files_are_valid_apiextensions_v1_and_installed_by_the_chart() -> Result<(
             _ => None,
         })
         .collect();
-    let shipped: BTreeSet<String> = files.iter().filter_map(|c| c.metadata.name.clone()).collect();
+    let shipped: BTreeSet<String> = files
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
     assert_eq!(rendered, shipped);
     Ok(())
 }
@@ -605,7 +712,10 @@ fn validation_rejects_unknown_fields_unknown_kinds_and_wrong_types() {
         "automountServiceAcountToken": false,
     });
     let err = Object::from_rendered(&typo).expect_err("a misspelt field");
-    assert!(format!("{err:#}").contains("automountServiceAcountToken"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("automountServiceAcountToken"),
+        "{err:#}"
+    );
     let nested = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "x", "namespace": "y", "labelz": {}},
@@ -614,12 +724,18 @@ fn validation_rejects_unknown_fields_unknown_kinds_and_wrong_types() {
     assert!(format!("{err:#}").contains("metadata.labelz"), "{err:#}");
     let kind = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {}});
     let err = Object::from_rendered(&kind).expect_err("an unknown kind");
-    assert!(format!("{err:#}").contains("example.com/v1 Widget"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("example.com/v1 Widget"),
+        "{err:#}"
+    );
     let wrong_type = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "x", "namespace": "y"}, "data": {"port": 15020},
     });
-    assert!(Object::from_rendered(&wrong_type).is_err(), "data values are strings");
+    assert!(
+        Object::from_rendered(&wrong_type).is_err(),
+        "data values are strings"
+    );
     let escalation = json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": "x", "namespace": "y"},
@@ -632,7 +748,10 @@ fn validation_rejects_unknown_fields_unknown_kinds_and_wrong_types() {
         }]}}},
     });
     let err = Object::from_rendered(&escalation).expect_err("API validation rule");
-    assert!(format!("{err:#}").contains("allowPrivilegeEscalation"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("allowPrivilegeEscalation"),
+        "{err:#}"
+    );
     let ok = json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": "x", "namespace": "y", "labels": {"a": "b"}},
@@ -689,10 +808,9 @@ impl Object {
         for (owner, pod) in pods(std::slice::from_ref(&object)) {
             for c in containers(pod) {
                 let sc = c.security_context.clone().unwrap_or_default();
-                let sys_admin = sc
-                    .capabilities
-                    .and_then(|c| c.add)
-                    .is_some_and(|add| add.iter().any(|c| c == "SYS_ADMIN" || c == "CAP_SYS_ADMIN"));
+                let sys_admin = sc.capabilities.and_then(|c| c.add).is_some_and(|add| {
+                    add.iter().any(|c| c == "SYS_ADMIN" || c == "CAP_SYS_ADMIN")
+                });
                 // The API server's rule (ValidateSecurityContext): such a pod is refused.
                 ensure!(
                     !(sc.allow_privilege_escalation == Some(false)
@@ -864,7 +982,13 @@ fn without_nulls(value: &Value) -> Value {
 /// `helm template` of the chart into `namespace` (CRDs included), every object typed.
 fn render(namespace: &str, values: &[&str]) -> Result<Vec<Object>> {
     let out = helm(
-        &["template", "weft", "--namespace", namespace, "--include-crds"],
+        &[
+            "template",
+            "weft",
+            "--namespace",
+            namespace,
+            "--include-crds",
+        ],
         values,
     )?;
     let mut objects = Vec::new();
@@ -875,7 +999,10 @@ fn render(namespace: &str, values: &[&str]) -> Result<Vec<Object>> {
         }
         objects.push(Object::from_rendered(&value)?);
     }
-    ensure!(!objects.is_empty(), "helm template rendered nothing:\n{out}");
+    ensure!(
+        !objects.is_empty(),
+        "helm template rendered nothing:\n{out}"
+    );
     Ok(objects)
 }
 
@@ -886,7 +1013,9 @@ fn helm(args: &[&str], values: &[&str]) -> Result<String> {
     for value in values {
         cmd.arg("--set").arg(value);
     }
-    let out = cmd.output().context("run helm (is it installed? `cargo xtask setup`)")?;
+    let out = cmd
+        .output()
+        .context("run helm (is it installed? `cargo xtask setup`)")?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -966,12 +1095,15 @@ fn daemonset<'a>(objects: &'a [Object], name: &str) -> Result<&'a DaemonSet> {
 }
 
 fn agent_pod(objects: &[Object]) -> Result<&PodSpec> {
-    pod_spec_of(daemonset(objects, "weft-agent")?.spec.as_ref().map(|s| &s.template))
+    pod_spec_of(
+        daemonset(objects, "weft-agent")?
+            .spec
+            .as_ref()
+            .map(|s| &s.template),
+    )
 }
 
-fn pod_spec_of(
-    template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>,
-) -> Result<&PodSpec> {
+fn pod_spec_of(template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> Result<&PodSpec> {
     template
         .and_then(|t| t.spec.as_ref())
         .context("no pod template")
@@ -1097,7 +1229,9 @@ fn host_mounts(pod: &PodSpec, container_name: &str) -> Result<BTreeMap<String, S
             .iter()
             .flatten()
             .find(|v| v.name == m.name)
-            .with_context(|| format!("{container_name} mounts a volume {} nobody defines", m.name))?;
+            .with_context(|| {
+                format!("{container_name} mounts a volume {} nobody defines", m.name)
+            })?;
         if let Some(host) = &volume.host_path {
             mounts.insert(m.mount_path.clone(), host.path.clone());
         }
@@ -1156,7 +1290,6 @@ fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) 
                 .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
     })
 }
-
 
 const DEFAULT_NS: &str = "weft-system";
 const OTHER_NS: &str = "mesh-prod";
