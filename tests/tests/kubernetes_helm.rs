@@ -581,13 +581,11 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
     assert_eq!(ca.spec.as_ref().and_then(|s| s.replicas), Some(2));
-    let pdb = objects
-        .iter()
-        .find_map(|o| match o {
-            Object::PodDisruptionBudget(p) => Some(p),
-            _ => None,
-        })
-        .context("podDisruptionBudget.enabled renders a PDB")?;
+    // podDisruptionBudget.enabled and serviceMonitor.enabled render these.
+    let pdb = named(&objects, "PodDisruptionBudget", "weft-ca", |o| match o {
+        Object::PodDisruptionBudget(p) => Some(p),
+        _ => None,
+    })?;
     let pdb_spec = pdb.spec.as_ref().context("PDB spec")?;
     assert_eq!(pdb_spec.min_available, Some(IntOrString::Int(1)));
     assert!(
@@ -595,13 +593,10 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
         "the PDB covers the CA"
     );
 
-    let monitor = objects
-        .iter()
-        .find_map(|o| match o {
-            Object::ServiceMonitor(m) => Some(m),
-            _ => None,
-        })
-        .context("serviceMonitor.enabled renders a ServiceMonitor")?;
+    let monitor = named(&objects, "ServiceMonitor", "weft-agent", |o| match o {
+        Object::ServiceMonitor(m) => Some(m),
+        _ => None,
+    })?;
     assert_eq!(
         monitor
             .metadata
@@ -1084,14 +1079,26 @@ fn container<'a>(pod: &'a PodSpec, name: &str) -> Result<&'a Container> {
         .with_context(|| format!("no container {name}"))
 }
 
-fn daemonset<'a>(objects: &'a [Object], name: &str) -> Result<&'a DaemonSet> {
+/// The object of `kind` named `name`; `pick` gives its typed value.
+fn named<'a, T: ?Sized>(
+    objects: &'a [Object],
+    kind: &str,
+    name: &str,
+    pick: impl Fn(&'a Object) -> Option<&'a T>,
+) -> Result<&'a T> {
+    let id = format!("{kind}/{name}");
     objects
         .iter()
-        .find_map(|o| match o {
-            Object::DaemonSet(d) if d.metadata.name.as_deref() == Some(name) => Some(&**d),
-            _ => None,
-        })
-        .with_context(|| format!("no DaemonSet {name}"))
+        .filter(|o| o.id() == id)
+        .find_map(pick)
+        .with_context(|| format!("no {id}"))
+}
+
+fn daemonset<'a>(objects: &'a [Object], name: &str) -> Result<&'a DaemonSet> {
+    named(objects, "DaemonSet", name, |o| match o {
+        Object::DaemonSet(x) => Some(&**x),
+        _ => None,
+    })
 }
 
 fn agent_pod(objects: &[Object]) -> Result<&PodSpec> {
@@ -1110,43 +1117,31 @@ fn pod_spec_of(template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -
 }
 
 fn deployment<'a>(objects: &'a [Object], name: &str) -> Result<&'a Deployment> {
-    objects
-        .iter()
-        .find_map(|o| match o {
-            Object::Deployment(d) if d.metadata.name.as_deref() == Some(name) => Some(&**d),
-            _ => None,
-        })
-        .with_context(|| format!("no Deployment {name}"))
+    named(objects, "Deployment", name, |o| match o {
+        Object::Deployment(x) => Some(&**x),
+        _ => None,
+    })
 }
 
 fn service<'a>(objects: &'a [Object], name: &str) -> Result<&'a Service> {
-    objects
-        .iter()
-        .find_map(|o| match o {
-            Object::Service(s) if s.metadata.name.as_deref() == Some(name) => Some(s),
-            _ => None,
-        })
-        .with_context(|| format!("no Service {name}"))
+    named(objects, "Service", name, |o| match o {
+        Object::Service(x) => Some(x),
+        _ => None,
+    })
 }
 
 fn cluster_role<'a>(objects: &'a [Object], name: &str) -> Result<&'a ClusterRole> {
-    objects
-        .iter()
-        .find_map(|o| match o {
-            Object::ClusterRole(r) if r.metadata.name.as_deref() == Some(name) => Some(r),
-            _ => None,
-        })
-        .with_context(|| format!("no ClusterRole {name}"))
+    named(objects, "ClusterRole", name, |o| match o {
+        Object::ClusterRole(x) => Some(x),
+        _ => None,
+    })
 }
 
 fn role<'a>(objects: &'a [Object], name: &str) -> Result<&'a Role> {
-    objects
-        .iter()
-        .find_map(|o| match o {
-            Object::Role(r) if r.metadata.name.as_deref() == Some(name) => Some(r),
-            _ => None,
-        })
-        .with_context(|| format!("no Role {name}"))
+    named(objects, "Role", name, |o| match o {
+        Object::Role(x) => Some(x),
+        _ => None,
+    })
 }
 
 /// Bindings as ((role name, cluster-wide), roleRef kind, subjects); the role name must be
@@ -1260,13 +1255,10 @@ fn mounted_volume<'a>(
 
 /// A YAML file held in a rendered ConfigMap, parsed.
 fn config_file(objects: &[Object], configmap: &str, key: &str) -> Result<Value> {
-    let cm = objects
-        .iter()
-        .find_map(|o| match o {
-            Object::ConfigMap(c) if c.metadata.name.as_deref() == Some(configmap) => Some(c),
-            _ => None,
-        })
-        .with_context(|| format!("no ConfigMap {configmap}"))?;
+    let cm = named(objects, "ConfigMap", configmap, |o| match o {
+        Object::ConfigMap(c) => Some(c),
+        _ => None,
+    })?;
     let text = cm
         .data
         .as_ref()
