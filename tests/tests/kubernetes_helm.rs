@@ -5,7 +5,8 @@
 //! JSON exactly, so a misspelt or misplaced field fails (serde alone would drop it); a kind
 //! the test does not know fails too. Then what matters is asserted: least privilege (no
 //! `privileged`, the exact capability set), the host mounts, tolerations, the readiness
-//! probe, the rollout, the agent's configuration against the pod it runs in, and RBAC verbs.
+//! probe, the rollout, the agent's configuration against the pod it runs in (and against the
+//! real agent's parser), the uninstall hook, RBAC verbs, and values.schema.json.
 //!
 //! `helm` comes from `cargo xtask setup`. Without it these tests fail in CI and are skipped
 //! elsewhere, with a message.
@@ -448,6 +449,52 @@ fn uninstall_hook_cleans_every_node_after_its_agent_is_gone() -> Result<()> {
 
     let without = render(DEFAULT_NS, &["uninstall.enabled=false"])?;
     assert!(daemonset(&without, "weft-node-cleanup").is_err());
+    Ok(())
+}
+
+#[test]
+fn the_real_agent_accepts_the_rendered_agent_yaml() -> Result<()> {
+    helm_or_skip!();
+    // The agent parses and validates its whole config file before it touches the kernel, and
+    // exits 2 on a config error (docs/config.md). With a pin root that is not on bpffs it then
+    // stops at the first kernel step, exit 1: so exit 1 naming bpffs means the file was valid.
+    let bin = weft_tests::app::weft_bin();
+    ensure!(
+        bin.is_file(),
+        "agent binary {} not found: `cargo build -p weft` (or set WEFT_BIN)",
+        bin.display()
+    );
+    for (namespace, values) in [(DEFAULT_NS, &[][..]), (OTHER_NS, NON_DEFAULT)] {
+        let objects = render(namespace, values)?;
+        let cm = named(&objects, "ConfigMap", "weft-agent", |o| match o {
+            Object::ConfigMap(c) => Some(c),
+            _ => None,
+        })?;
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("agent.yaml"))
+            .context("agent.yaml")?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, text)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&path)
+            .arg("--pin-root")
+            .arg(dir.path().join("pins"))
+            .arg("--cgroup-root")
+            .arg(dir.path());
+        // The file is the whole truth: no flag defaults from the caller's environment.
+        for var in AGENT_ENV_OVERRIDES {
+            cmd.env_remove(var);
+        }
+        let out = cmd.output().context("run the agent")?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{namespace}: {stderr}");
+        assert!(stderr.contains("bpffs"), "{namespace}: {stderr}");
+    }
     Ok(())
 }
 
@@ -1284,6 +1331,16 @@ fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) 
 }
 
 const DEFAULT_NS: &str = "weft-system";
+/// `WEFT_*` variables that would override agent.yaml (docs/config.md).
+const AGENT_ENV_OVERRIDES: &[&str] = &[
+    "WEFT_PIN_ROOT",
+    "WEFT_CGROUP_ROOT",
+    "WEFT_ADMIN_ADDR",
+    "WEFT_READINESS_ADDR",
+    "WEFT_METRICS_ADDR",
+    "WEFT_CA_CERT",
+    "WEFT_CA_KEY",
+];
 const OTHER_NS: &str = "mesh-prod";
 /// Every optional part on, and values that move things around.
 const NON_DEFAULT: &[&str] = &[
