@@ -487,7 +487,7 @@ fn the_real_agent_accepts_the_rendered_agent_yaml() -> Result<()> {
             .arg("--cgroup-root")
             .arg(dir.path());
         // The file is the whole truth: no flag defaults from the caller's environment.
-        for var in AGENT_ENV_OVERRIDES {
+        for var in weft_tests::agent::OVERRIDES {
             cmd.env_remove(var);
         }
         let out = cmd.output().context("run the agent")?;
@@ -1331,16 +1331,6 @@ fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) 
 }
 
 const DEFAULT_NS: &str = "weft-system";
-/// `WEFT_*` variables that would override agent.yaml (docs/config.md).
-const AGENT_ENV_OVERRIDES: &[&str] = &[
-    "WEFT_PIN_ROOT",
-    "WEFT_CGROUP_ROOT",
-    "WEFT_ADMIN_ADDR",
-    "WEFT_READINESS_ADDR",
-    "WEFT_METRICS_ADDR",
-    "WEFT_CA_CERT",
-    "WEFT_CA_KEY",
-];
 const OTHER_NS: &str = "mesh-prod";
 /// Every optional part on, and values that move things around.
 const NON_DEFAULT: &[&str] = &[
