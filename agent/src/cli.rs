@@ -21,6 +21,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Run the certificate authority (`--config ca.yaml`), or create its root (`init`).
     Ca(CaArgs),
+    /// Remove every eBPF pin and attachment weft left on this node (leaving the mesh).
+    Uninstall(UninstallArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,4 +91,17 @@ pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// bpffs directory holding weft's pinned maps and links.
+    #[arg(long, env = "WEFT_PIN_ROOT", default_value = "/sys/fs/bpf/weft")]
+    pub pin_root: PathBuf,
+    /// First wait until no agent answers on this address (its readiness port).
+    #[arg(long)]
+    pub wait_for_agent: Option<SocketAddr>,
+    /// How long to wait for the agent to go away.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }

@@ -213,6 +213,13 @@ pub struct Settings {
     pub excluded_cidrs: Vec<ipnet::IpNet>,
 }
 
+/// Detaches and unpins every link and unpins every map under `pin_root`, without loading
+/// anything (`weft uninstall`, once no agent runs). Idempotent.
+pub fn remove_pinned(pin_root: &std::path::Path) -> Result<(), Error> {
+    links::remove_all(pin_root)?;
+    loader::remove_map_pins(pin_root)
+}
+
 /// Loaded, pinned and attached programs plus typed map handles.
 pub struct Dataplane {
     config: Config,

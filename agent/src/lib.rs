@@ -16,6 +16,7 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod uninstall;
 
 #[cfg(test)]
 mod test_util;

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use weft::{
     app,
-    cli::{AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, Command, StatusArgs},
+    cli::{AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, Command, StatusArgs, UninstallArgs},
     config::{self, Config, Overrides},
     identity::ca,
-    source, status, telemetry,
+    source, status, telemetry, uninstall,
 };
 
 fn main() -> ExitCode {
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent(args),
         Command::Status(args) => status_command(&args),
         Command::Ca(args) => ca_command(args),
+        Command::Uninstall(args) => uninstall_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,6 +127,23 @@ fn ca_serve(path: &std::path::Path, log_format: telemetry::LogFormat) -> anyhow:
         tracing::info!(component = "ca", "CA server stopped");
         anyhow::Ok(())
     })
+}
+
+fn uninstall_command(args: &UninstallArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.wait_for_agent {
+        println!("waiting until no agent answers on {addr}");
+        uninstall::wait_for_agent_gone(addr, args.timeout, std::time::Duration::from_secs(1))?;
+    }
+    match uninstall::remove_pins(&args.pin_root)? {
+        uninstall::Removed::PinRoot(root) => println!(
+            "removed every weft link and map pinned under {} (programs detached)",
+            root.display()
+        ),
+        uninstall::Removed::Nothing(root) => {
+            println!("nothing to remove: {} does not exist", root.display())
+        }
+    }
+    Ok(())
 }
 
 /// SIGTERM or ctrl-c.

@@ -353,7 +353,7 @@ pub(crate) const READINESS_ADDR: &str = "127.0.0.1:15021";
 pub(crate) const METRICS_ADDR: &str = "127.0.0.1:15020";
 const LOG_TAIL_LINES: usize = 300;
 /// `WEFT_*` variables that would override the config file (docs/config.md).
-const OVERRIDES: &[&str] = &[
+pub const OVERRIDES: &[&str] = &[
     "WEFT_CONFIG",
     "WEFT_PIN_ROOT",
     "WEFT_CGROUP_ROOT",

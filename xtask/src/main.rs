@@ -1,6 +1,6 @@
 //! `cargo xtask`: weft's front door.
 //!
-//! - `setup`: install what is missing (apt packages, nightly + rust-src, bpf-linker) and
+//! - `setup`: install what is missing (apt packages, nightly + rust-src, bpf-linker, helm) and
 //!   mount bpffs and cgroup v2; idempotent, says what it does.
 //! - `build`: the agent (its build.rs builds the eBPF object) and the test binaries.
 //! - `test`: unit tests, then the privileged end-to-end tests against the real agent.

