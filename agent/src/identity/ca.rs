@@ -72,9 +72,10 @@ pub enum Error {
     },
     #[error("cannot set up TLS: {0}")]
     Tls(#[source] rustls::Error),
+    // The cause is kube's own chain, printed after this by `{:#}`.
     #[error(
         "cannot connect to the Kubernetes API (in a pod: its service account; elsewhere: \
-         KUBECONFIG): {0}"
+         KUBECONFIG)"
     )]
     KubeClient(#[source] Box<kube::Error>),
     #[error("cannot {what} in the Kubernetes API (does the CA's RBAC allow it?): {source}")]

@@ -36,6 +36,8 @@ pub(crate) struct FakeState {
     pub hanging: bool,
     /// Authenticate without `status.audiences`, as an audience-unaware authenticator does.
     pub audience_unaware: bool,
+    /// List pods as if no field selector had been given (a broken or foreign API).
+    pub ignore_field_selectors: bool,
     /// `METHOD path?query` of every call, in order.
     pub calls: Vec<String>,
     resource_version: u64,
@@ -245,8 +247,10 @@ impl FakeState {
 
     fn list_pods(&self, namespace: &str, query: &HashMap<String, String>) -> (u16, Value) {
         let mut terms = Vec::new();
-        for term in query
+        let selector = query
             .get("fieldSelector")
+            .filter(|_| !self.ignore_field_selectors);
+        for term in selector
             .map(String::as_str)
             .unwrap_or("")
             .split(',')
@@ -580,6 +584,25 @@ async fn unauthenticated_token_is_refused_with_the_api_reason() {
     let denied = refusal(&authz, "", &id("default", "client")).await;
     assert_eq!(denied.reason(), "unknown_credential");
     assert_eq!(api.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn pods_an_api_returns_despite_the_selector_do_not_count() {
+    let mut state = cluster();
+    state.ignore_field_selectors = true;
+    state
+        .pods
+        .insert(0, pod("default", "batch", "node-a", "Failed"));
+    let token = state.token(AGENT, &["weft-ca"], &[(NODE_NAME, "node-a")]);
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    // The first pod listed is a finished default/batch on node-a: not a running batch.
+    let denied = refusal(&authz, &token, &id("default", "batch")).await;
+    assert_eq!(denied.reason(), "identity_not_on_node");
+    // The next is default/client on node-a: not default/server.
+    api.state().pods.remove(0);
+    let denied = refusal(&authz, &token, &id("default", "server")).await;
+    assert_eq!(denied.reason(), "identity_not_on_node");
 }
 
 #[tokio::test]
