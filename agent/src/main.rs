@@ -123,6 +123,9 @@ fn ca_serve(path: &std::path::Path, log_format: telemetry::LogFormat) -> anyhow:
     runtime.block_on(async {
         let server = ca::Server::bind(config).await?;
         tracing::info!(component = "ca", listen = %server.local_addr()?, "CA server listening");
+        if let Some(metrics) = server.metrics_addr() {
+            tracing::info!(component = "ca", listen = %metrics, "CA metrics listening");
+        }
         server.run(shutdown_signal()).await;
         tracing::info!(component = "ca", "CA server stopped");
         anyhow::Ok(())

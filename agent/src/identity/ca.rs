@@ -3,14 +3,20 @@
 //!
 //! - `signer`: the root certificate and key; checks CSRs and issues leaves (also used
 //!   in-process by the agent's certificate manager for standalone use and the demo).
-//! - `authz`: which node may have which identity (static tokens now; Kubernetes later).
+//! - `authz`: which node may have which identity (static tokens, or Kubernetes).
+//! - `kubernetes`: the Kubernetes authorizer (TokenReview, then the pods of the node).
+//! - `trust_bundle`: publishes the roots in a ConfigMap (Kubernetes mode).
+//! - `metrics`: refusal and issuance counters, served on `metricsListen`.
 //! - `server`: the HTTPS API, `POST /v1/certificates` (see `docs/ca.md`).
 //!
 //! Inputs: `ca.yaml` ([`Config::load`]). Output: signed chains and the trust bundle.
 
 pub mod authz;
+pub mod kubernetes;
+pub mod metrics;
 pub mod server;
 pub mod signer;
+pub mod trust_bundle;
 
 use std::{
     collections::BTreeSet,
@@ -23,6 +29,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use authz::{Allow, Authorizer, Denied, StaticNode, StaticNodes};
+pub use kubernetes::KubernetesAuthorizer;
 pub use server::Server;
 pub use signer::{InitPaths, Issued, ServingCert, SignError, Signer};
 
@@ -65,6 +72,18 @@ pub enum Error {
     },
     #[error("cannot set up TLS: {0}")]
     Tls(#[source] rustls::Error),
+    // The cause is kube's own chain, printed after this by `{:#}`.
+    #[error(
+        "cannot connect to the Kubernetes API (in a pod: its service account; elsewhere: \
+         KUBECONFIG)"
+    )]
+    KubeClient(#[source] Box<kube::Error>),
+    #[error("cannot {what} in the Kubernetes API (does the CA's RBAC allow it?): {source}")]
+    Kubernetes {
+        what: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
     #[error("BUG: {0}")]
     Bug(String),
 }
@@ -80,7 +99,16 @@ pub struct Config {
     pub max_cert_lifetime: Duration,
     /// DNS names and IP addresses of the CA's own serving certificate.
     pub server_names: Vec<String>,
-    pub authorizer: Authorizer,
+    /// Where `/metrics` is served over plain HTTP; none: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    pub authorization: Authorization,
+}
+
+/// Which authorizer `ca.yaml` selects: `nodes` (static) or `kubernetes`.
+#[derive(Debug)]
+pub enum Authorization {
+    Static(StaticNodes),
+    Kubernetes(kubernetes::Config),
 }
 
 /// `POST /v1/certificates` request body.
@@ -192,71 +220,22 @@ impl Config {
             }
         }
 
-        let mut names = BTreeSet::new();
-        let mut tokens = BTreeSet::new();
-        let mut nodes = Vec::with_capacity(file.nodes.len());
-        for (i, node) in file.nodes.into_iter().enumerate() {
-            let at = |field: &str| format!("nodes[{i}].{field}");
-            if node.name.is_empty() {
-                return Err(invalid(&at("name"), "must not be empty".into()));
-            }
-            if !names.insert(node.name.clone()) {
+        let metrics_listen = match file.metrics_listen.as_deref() {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                invalid("metricsListen", format!("invalid socket address {text:?}"))
+            })?),
+        };
+        let authorization = match file.kubernetes {
+            Some(_) if !file.nodes.is_empty() => {
                 return Err(invalid(
-                    &at("name"),
-                    format!("duplicate node {:?}", node.name),
+                    "kubernetes",
+                    "give either nodes (static tokens) or kubernetes, not both".into(),
                 ));
             }
-            let token = match (node.token, node.token_file) {
-                (Some(token), None) => token,
-                (None, Some(file)) => fs::read_to_string(&file)
-                    .map_err(|e| invalid(&at("tokenFile"), format!("{}: {e}", file.display())))?
-                    .trim()
-                    .to_owned(),
-                _ => {
-                    return Err(invalid(
-                        &format!("nodes[{i}]"),
-                        "exactly one of token and tokenFile is required".into(),
-                    ));
-                }
-            };
-            if token.len() < MIN_TOKEN_LEN {
-                return Err(invalid(
-                    &at("token"),
-                    format!("must be at least {MIN_TOKEN_LEN} characters"),
-                ));
-            }
-            if !tokens.insert(token.clone()) {
-                return Err(invalid(
-                    &at("token"),
-                    "the same token is used by another node".into(),
-                ));
-            }
-            let mut allow = Vec::with_capacity(node.allow.len());
-            for (j, entry) in node.allow.into_iter().enumerate() {
-                let field = |f: &str| format!("nodes[{i}].allow[{j}].{f}");
-                if SpiffeId::new(&trust_domain, &entry.namespace, "sa").is_err() {
-                    return Err(invalid(
-                        &field("namespace"),
-                        format!("{:?} is not a valid namespace", entry.namespace),
-                    ));
-                }
-                let service_account = match entry.service_account.as_str() {
-                    "*" => None,
-                    sa if SpiffeId::new(&trust_domain, "ns", sa).is_ok() => Some(sa.to_owned()),
-                    sa => {
-                        return Err(invalid(
-                            &field("serviceAccount"),
-                            format!("{sa:?} is not a valid service account name or \"*\""),
-                        ));
-                    }
-                };
-                allow.push(Allow {
-                    namespace: entry.namespace,
-                    service_account,
-                });
-            }
-            nodes.push(StaticNode::new(node.name, &token, allow));
-        }
+            Some(section) => Authorization::Kubernetes(kubernetes_config(section, &invalid)?),
+            None => Authorization::Static(static_nodes(file.nodes, &trust_domain, &invalid)?),
+        };
         Ok(Self {
             listen,
             trust_domain,
@@ -264,9 +243,150 @@ impl Config {
             ca_key,
             max_cert_lifetime,
             server_names: file.server_names,
-            authorizer: Authorizer::Static(StaticNodes::new(nodes)),
+            metrics_listen,
+            authorization,
         })
     }
+}
+
+/// Validates the static `nodes[]`.
+fn static_nodes(
+    nodes_file: Vec<NodeFile>,
+    trust_domain: &str,
+    invalid: &dyn Fn(&str, String) -> config::Error,
+) -> Result<StaticNodes, config::Error> {
+    let mut names = BTreeSet::new();
+    let mut tokens = BTreeSet::new();
+    let mut nodes = Vec::with_capacity(nodes_file.len());
+    for (i, node) in nodes_file.into_iter().enumerate() {
+        let at = |field: &str| format!("nodes[{i}].{field}");
+        if node.name.is_empty() {
+            return Err(invalid(&at("name"), "must not be empty".into()));
+        }
+        if !names.insert(node.name.clone()) {
+            return Err(invalid(
+                &at("name"),
+                format!("duplicate node {:?}", node.name),
+            ));
+        }
+        let token = match (node.token, node.token_file) {
+            (Some(token), None) => token,
+            (None, Some(file)) => fs::read_to_string(&file)
+                .map_err(|e| invalid(&at("tokenFile"), format!("{}: {e}", file.display())))?
+                .trim()
+                .to_owned(),
+            _ => {
+                return Err(invalid(
+                    &format!("nodes[{i}]"),
+                    "exactly one of token and tokenFile is required".into(),
+                ));
+            }
+        };
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(invalid(
+                &at("token"),
+                format!("must be at least {MIN_TOKEN_LEN} characters"),
+            ));
+        }
+        if !tokens.insert(token.clone()) {
+            return Err(invalid(
+                &at("token"),
+                "the same token is used by another node".into(),
+            ));
+        }
+        let mut allow = Vec::with_capacity(node.allow.len());
+        for (j, entry) in node.allow.into_iter().enumerate() {
+            let field = |f: &str| format!("nodes[{i}].allow[{j}].{f}");
+            if SpiffeId::new(trust_domain, &entry.namespace, "sa").is_err() {
+                return Err(invalid(
+                    &field("namespace"),
+                    format!("{:?} is not a valid namespace", entry.namespace),
+                ));
+            }
+            let service_account = match entry.service_account.as_str() {
+                "*" => None,
+                sa if SpiffeId::new(trust_domain, "ns", sa).is_ok() => Some(sa.to_owned()),
+                sa => {
+                    return Err(invalid(
+                        &field("serviceAccount"),
+                        format!("{sa:?} is not a valid service account name or \"*\""),
+                    ));
+                }
+            };
+            allow.push(Allow {
+                namespace: entry.namespace,
+                service_account,
+            });
+        }
+        nodes.push(StaticNode::new(node.name, &token, allow));
+    }
+    Ok(StaticNodes::new(nodes))
+}
+
+/// Validates the `kubernetes:` section.
+fn kubernetes_config(
+    section: KubernetesFile,
+    invalid: &dyn Fn(&str, String) -> config::Error,
+) -> Result<kubernetes::Config, config::Error> {
+    let audience = section
+        .audience
+        .unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned());
+    if audience.is_empty() || audience.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            "kubernetes.audience",
+            format!("{audience:?} must be non-empty, without spaces"),
+        ));
+    }
+    let text = section.agent_service_account.ok_or_else(|| {
+        invalid(
+            "kubernetes.agentServiceAccount",
+            "required: the weft agent's service account, namespace/name".into(),
+        )
+    })?;
+    let agent_service_account = match text.split_once('/') {
+        Some((namespace, name)) if is_dns_label(namespace) && is_dns_subdomain(name) => {
+            kubernetes::ServiceAccountRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "kubernetes.agentServiceAccount",
+                format!("{text:?} is not namespace/name (for example weft/weft-agent)"),
+            ));
+        }
+    };
+    let trust_bundle_config_map = section
+        .trust_bundle_config_map
+        .unwrap_or_else(|| DEFAULT_TRUST_BUNDLE_CONFIG_MAP.to_owned());
+    if !is_dns_subdomain(&trust_bundle_config_map) {
+        return Err(invalid(
+            "kubernetes.trustBundleConfigMap",
+            format!("{trust_bundle_config_map:?} is not a valid ConfigMap name"),
+        ));
+    }
+    Ok(kubernetes::Config {
+        audience,
+        agent_service_account,
+        trust_bundle_config_map,
+    })
+}
+
+/// RFC 1123 label (namespaces): lowercase alphanumerics and '-', at most 63.
+fn is_dns_label(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+/// RFC 1123 subdomain (service account and ConfigMap names): labels joined by '.', at most 253.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(is_dns_label)
 }
 
 /// Fills `buf` from the system's secure random generator (serials, backoff jitter).
@@ -288,8 +408,18 @@ struct ConfigFile {
     max_cert_lifetime: Option<String>,
     #[serde(default)]
     server_names: Vec<String>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     nodes: Vec<NodeFile>,
+    kubernetes: Option<KubernetesFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KubernetesFile {
+    audience: Option<String>,
+    agent_service_account: Option<String>,
+    trust_bundle_config_map: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -314,6 +444,9 @@ pub const CERTIFICATES_PATH: &str = "/v1/certificates";
 /// Istio's CA port (istiod 15012), so a firewall rule written for one fits the other.
 const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 const MIN_TOKEN_LEN: usize = 16;
+/// The audience of the agent's projected token in Kubernetes mode.
+pub const DEFAULT_AUDIENCE: &str = "weft-ca";
+const DEFAULT_TRUST_BUNDLE_CONFIG_MAP: &str = "weft-trust-bundle";
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -1,14 +1,18 @@
 //! Authorization of certificate requests: may the node presenting this credential have
-//! this identity? Today a static table from `ca.yaml` (node token → allowed namespaces and
-//! service accounts); the Kubernetes variant (TokenReview of the agent's service account
-//! token, then "is a pod with this service account scheduled on that node?") joins the
-//! enum later, behind the same `authorize`.
+//! this identity? Two variants behind one `authorize`: a static table from `ca.yaml` (node
+//! token → allowed namespaces and service accounts), and Kubernetes (`super::kubernetes`:
+//! TokenReview of the agent's service account token, then "is a pod with this service
+//! account scheduled on that node?").
+//!
+//! Input: the bearer token and the identity asked for. Output: the node's name, or a
+//! [`Denied`] whose `reason()` is the API's `error` field and the refusal metric's label.
 
 use std::fmt;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
+use super::kubernetes::KubernetesAuthorizer;
 use crate::identity::SpiffeId;
 
 /// Decides which identities a requesting node may get.
@@ -16,6 +20,8 @@ use crate::identity::SpiffeId;
 pub enum Authorizer {
     /// Per-node bearer tokens and allow lists from the CA's config file.
     Static(StaticNodes),
+    /// The agent's projected service account token, checked by the Kubernetes API.
+    Kubernetes(Box<KubernetesAuthorizer>),
 }
 
 /// Why a request was refused. `reason()` is the API's `error` field.
@@ -27,6 +33,50 @@ pub enum Denied {
         "node {node} may not have identity {identity}: it is not among the node's allowed identities"
     )]
     IdentityNotAllowed { node: String, identity: SpiffeId },
+    #[error(
+        "the Kubernetes API did not authenticate the token ({error}): present the agent's \
+         projected service account token, unexpired, of a pod that still exists"
+    )]
+    Unauthenticated { error: String },
+    #[error(
+        "the token is for audiences {found:?}, not {expected:?}: give the agent's projected \
+         token the audience {expected:?} (ca.yaml kubernetes.audience)"
+    )]
+    WrongAudience {
+        expected: String,
+        found: Vec<String>,
+    },
+    #[error(
+        "the token belongs to {username}, not to the weft agent's service account {expected} \
+         (ca.yaml kubernetes.agentServiceAccount)"
+    )]
+    NotAgent { username: String, expected: String },
+    #[error(
+        "the token of {username} is bound to no pod, so its node is unknown: the agent must \
+         present a projected service account token, not a legacy Secret token"
+    )]
+    NotPodBound { username: String },
+    #[error(
+        "the token is bound to agent pod {pod} (uid {uid}), which {problem}: is the agent pod \
+         being replaced?"
+    )]
+    AgentPodUnknown {
+        pod: String,
+        uid: String,
+        problem: &'static str,
+    },
+    #[error(
+        "node {node} may not have identity {identity}: no pending or running pod with service \
+         account {} in namespace {} is scheduled on it",
+        .identity.service_account(),
+        .identity.namespace()
+    )]
+    NotOnNode { node: String, identity: SpiffeId },
+    #[error(
+        "cannot {what} in the Kubernetes API: {error} (is the API server reachable, and does the \
+         CA's RBAC allow it?); refused, never passed"
+    )]
+    ApiUnavailable { what: String, error: String },
 }
 
 /// The static table: nodes, their tokens (kept as SHA-256 digests) and allow lists.
@@ -54,6 +104,7 @@ impl Authorizer {
     pub async fn authorize(&self, credential: &str, identity: &SpiffeId) -> Result<String, Denied> {
         match self {
             Self::Static(nodes) => nodes.authorize(credential, identity),
+            Self::Kubernetes(kubernetes) => kubernetes.authorize(credential, identity).await,
         }
     }
 }
@@ -135,13 +186,36 @@ impl Denied {
         match self {
             Self::UnknownCredential => "unknown_credential",
             Self::IdentityNotAllowed { .. } => "identity_not_allowed",
+            Self::Unauthenticated { .. } => "unauthenticated",
+            Self::WrongAudience { .. } => "wrong_audience",
+            Self::NotAgent { .. } => "not_agent_service_account",
+            Self::NotPodBound { .. } => "token_not_pod_bound",
+            Self::AgentPodUnknown { .. } => "agent_pod_unknown",
+            Self::NotOnNode { .. } => "identity_not_on_node",
+            Self::ApiUnavailable { .. } => "api_unavailable",
         }
     }
 
+    /// 401: who are you?; 403: known, but not this identity; 503: ask again later.
     pub fn http_status(&self) -> u16 {
         match self {
-            Self::UnknownCredential => 401,
-            Self::IdentityNotAllowed { .. } => 403,
+            Self::UnknownCredential | Self::Unauthenticated { .. } | Self::WrongAudience { .. } => {
+                401
+            }
+            Self::IdentityNotAllowed { .. }
+            | Self::NotAgent { .. }
+            | Self::NotPodBound { .. }
+            | Self::AgentPodUnknown { .. }
+            | Self::NotOnNode { .. } => 403,
+            Self::ApiUnavailable { .. } => 503,
+        }
+    }
+
+    /// The requesting node, where the refusal got far enough to know it (for logs).
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Self::IdentityNotAllowed { node, .. } | Self::NotOnNode { node, .. } => Some(node),
+            _ => None,
         }
     }
 }

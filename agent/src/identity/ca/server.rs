@@ -1,12 +1,17 @@
 //! The CA's HTTPS API (HTTP/1.1 over TLS 1.3; the serving certificate is issued from the
 //! root itself and renewed at half life):
 //!
-//! - `POST /v1/certificates`, `Authorization: Bearer <node token>`, body
+//! - `POST /v1/certificates`, `Authorization: Bearer <node token>` (static mode) or
+//!   `<the agent's projected service account token>` (Kubernetes mode), body
 //!   `{"identity", "csr", "lifetimeSeconds"}` → 200 `{"certChain", "trustBundle"}`.
 //! - Errors: `{"error": "<reason>", "message"}` with 400 (bad JSON, identity or CSR),
-//!   401 (`unknown_credential`), 403 (`identity_not_allowed`), 404, 405, 500.
+//!   401 (`unknown_credential`, `unauthenticated`, `wrong_audience`), 403
+//!   (`identity_not_allowed`, `identity_not_on_node`, …), 404, 405, 500, 503
+//!   (`api_unavailable`).
 //!
-//! Every decision is logged with the node, identity and serial or reason.
+//! Every decision is logged with the node, identity and serial or reason, and every refusal
+//! is counted by reason (`metrics`). In Kubernetes mode the server also runs the trust
+//! bundle publisher; with `metricsListen`, the metrics server.
 
 use std::{
     convert::Infallible,
@@ -32,8 +37,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    Authorizer, CERTIFICATES_PATH, CertificateRequest, CertificateResponse, Config, Error,
-    ErrorResponse, Signer,
+    Authorization, Authorizer, CERTIFICATES_PATH, CertificateRequest, CertificateResponse, Config,
+    Error, ErrorResponse, KubernetesAuthorizer, Signer, metrics, metrics::Metrics,
+    trust_bundle::Publisher,
 };
 use crate::identity::SpiffeId;
 
@@ -42,16 +48,38 @@ pub struct Server {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
+    metrics_listener: Option<TcpListener>,
+    publisher: Option<Publisher>,
 }
 
 struct Shared {
     signer: Arc<Signer>,
     authorizer: Authorizer,
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
-    /// Loads the root, issues the serving certificate and binds `config.listen`.
+    /// Loads the root, issues the serving certificate and binds `config.listen` (and
+    /// `metricsListen`). Kubernetes mode connects to the API as the environment says (the
+    /// pod's service account in a cluster, else KUBECONFIG).
     pub async fn bind(config: Config) -> Result<Self, Error> {
+        let client = match config.authorization {
+            Authorization::Static(_) => None,
+            Authorization::Kubernetes(_) => Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(|e| Error::KubeClient(Box::new(e)))?,
+            ),
+        };
+        Self::bind_with_client(config, client).await
+    }
+
+    /// Like [`Server::bind`], with this Kubernetes API client (used in Kubernetes mode only;
+    /// tests hand in a fake API).
+    pub async fn bind_with_client(
+        config: Config,
+        client: Option<kube::Client>,
+    ) -> Result<Self, Error> {
         let signer = Arc::new(Signer::load(
             &config.ca_cert,
             &config.ca_key,
@@ -73,14 +101,50 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (authorizer, publisher) = match (config.authorization, client) {
+            (Authorization::Static(nodes), _) => (Authorizer::Static(nodes), None),
+            (Authorization::Kubernetes(kubernetes), Some(client)) => {
+                let publisher = Publisher::new(
+                    client.clone(),
+                    &kubernetes.trust_bundle_config_map,
+                    &signer.trust_bundle_pem(),
+                    Arc::clone(&metrics),
+                );
+                let authorizer = KubernetesAuthorizer::new(client, &kubernetes);
+                (
+                    Authorizer::Kubernetes(Box::new(authorizer)),
+                    Some(publisher),
+                )
+            }
+            (Authorization::Kubernetes(_), None) => {
+                return Err(Error::Bug(
+                    "Kubernetes mode without a Kubernetes client".into(),
+                ));
+            }
+        };
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             shared: Arc::new(Shared {
                 signer,
-                authorizer: config.authorizer,
+                authorizer,
+                metrics,
             }),
+            metrics_listener,
+            publisher,
         })
+    }
+
+    /// The bound metrics address, when `metricsListen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The bound address (the real port when `listen` said port 0).
@@ -93,6 +157,14 @@ impl Server {
 
     /// Serves until `shutdown` completes. Connections in progress finish on their own.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        // Both helpers end with the server: aborted when these guards drop.
+        let _publisher = self.publisher.map(|p| AbortOnDrop(tokio::spawn(p.run())));
+        let _metrics = self.metrics_listener.map(|l| {
+            AbortOnDrop(tokio::spawn(metrics::serve(
+                l,
+                Arc::clone(&self.shared.metrics),
+            )))
+        });
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -141,6 +213,15 @@ impl Server {
     }
 }
 
+/// Aborts a helper task when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn handle(
     shared: &Shared,
     peer: SocketAddr,
@@ -168,28 +249,31 @@ async fn handle(
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) => {
-            return deny_bad_request(peer, "bad_request", &format!("cannot read the body: {e}"));
+            return deny_bad_request(
+                shared,
+                peer,
+                "bad_request",
+                &format!("cannot read the body: {e}"),
+            );
         }
     };
     let request: CertificateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return deny_bad_request(peer, "bad_request", &format!("invalid JSON: {e}"));
+            return deny_bad_request(shared, peer, "bad_request", &format!("invalid JSON: {e}"));
         }
     };
     let identity: SpiffeId = match request.identity.parse() {
         Ok(id) => id,
-        Err(e) => return deny_bad_request(peer, "invalid_identity", &e.to_string()),
+        Err(e) => return deny_bad_request(shared, peer, "invalid_identity", &e.to_string()),
     };
     let node = match shared.authorizer.authorize(&credential, &identity).await {
         Ok(node) => node,
         Err(denied) => {
-            let node = match &denied {
-                super::Denied::IdentityNotAllowed { node, .. } => node.as_str(),
-                super::Denied::UnknownCredential => "unknown",
-            };
-            warn!(component = "ca", peer = %peer, node, identity = %identity,
-                reason = denied.reason(), "certificate request denied");
+            shared.metrics.refused(denied.reason());
+            warn!(component = "ca", peer = %peer, node = denied.node().unwrap_or("unknown"),
+                identity = %identity, reason = denied.reason(), error = %denied,
+                "certificate request denied");
             return error(
                 status(denied.http_status()),
                 denied.reason(),
@@ -202,6 +286,7 @@ async fn handle(
         .map_or(shared.signer.max_lifetime(), Duration::from_secs);
     match shared.signer.sign(&identity, &request.csr, lifetime) {
         Ok(issued) => {
+            shared.metrics.issued();
             info!(component = "ca", peer = %peer, node = %node, identity = %identity,
                 serial = %issued.serial,
                 not_after = %humantime::format_rfc3339_seconds(issued.not_after),
@@ -215,6 +300,7 @@ async fn handle(
             )
         }
         Err(e) => {
+            shared.metrics.refused(e.reason());
             warn!(component = "ca", peer = %peer, node = %node, identity = %identity,
                 reason = e.reason(), error = %e, "certificate request rejected");
             error(status(e.http_status()), e.reason(), &e.to_string())
@@ -233,10 +319,12 @@ fn bearer_token(headers: &header::HeaderMap) -> Option<String> {
 
 /// A request rejected before it named a valid identity: bad JSON or SPIFFE id.
 fn deny_bad_request(
+    shared: &Shared,
     peer: SocketAddr,
     reason: &'static str,
     message: &str,
 ) -> Response<Full<Bytes>> {
+    shared.metrics.refused(reason);
     warn!(component = "ca", peer = %peer, reason, error = message, "certificate request rejected");
     error(StatusCode::BAD_REQUEST, reason, message)
 }

@@ -399,6 +399,70 @@ fn ca_config_errors_name_the_field() {
     assert!(err.contains("nodez"), "{err}");
 }
 
+const KUBE: &str = "kubernetes:\n  agentServiceAccount: weft/weft-agent\n";
+
+#[test]
+fn kubernetes_section_selects_the_kubernetes_authorizer_with_defaults() {
+    let config = Config::from_yaml(
+        Path::new("ca.yaml"),
+        &format!("{BASE}metricsListen: 127.0.0.1:15014\n{KUBE}"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.metrics_listen,
+        Some("127.0.0.1:15014".parse().unwrap())
+    );
+    let Authorization::Kubernetes(kubernetes) = &config.authorization else {
+        panic!(
+            "expected the Kubernetes authorizer: {:?}",
+            config.authorization
+        );
+    };
+    assert_eq!(kubernetes.audience, "weft-ca");
+    assert_eq!(
+        kubernetes.agent_service_account.username(),
+        "system:serviceaccount:weft:weft-agent"
+    );
+    assert_eq!(kubernetes.trust_bundle_config_map, "weft-trust-bundle");
+
+    // Without the section: static mode, as before, and no metrics listener.
+    let config = Config::from_yaml(Path::new("ca.yaml"), BASE).unwrap();
+    assert!(matches!(config.authorization, Authorization::Static(_)));
+    assert_eq!(config.metrics_listen, None);
+}
+
+#[test]
+fn kubernetes_section_errors_name_the_field() {
+    for (yaml, field) in [
+        (
+            format!("{BASE}{KUBE}nodes: [{{name: n1, token: abcdefghijklmnop}}]"),
+            "kubernetes",
+        ),
+        (
+            format!("{BASE}kubernetes: {{}}"),
+            "kubernetes.agentServiceAccount",
+        ),
+        (
+            format!("{BASE}kubernetes: {{agentServiceAccount: weft-agent}}"),
+            "kubernetes.agentServiceAccount",
+        ),
+        (
+            format!("{BASE}kubernetes: {{agentServiceAccount: Weft/agent}}"),
+            "kubernetes.agentServiceAccount",
+        ),
+        (format!("{BASE}{KUBE}  audience: ''"), "kubernetes.audience"),
+        (
+            format!("{BASE}{KUBE}  trustBundleConfigMap: Not_A_Name"),
+            "kubernetes.trustBundleConfigMap",
+        ),
+        (format!("{BASE}{KUBE}  audiences: [x]"), "audiences"),
+        (format!("{BASE}metricsListen: nowhere"), "metricsListen"),
+    ] {
+        let err = config_error(&yaml);
+        assert!(err.contains(field), "{yaml}\n=> {err}");
+    }
+}
+
 #[tokio::test]
 async fn server_issues_to_allowed_nodes_and_refuses_the_rest() {
     let ca = TestCa::start().await;
