@@ -250,20 +250,14 @@ pub async fn run(
     // The weft resources are read as untyped objects and converted one by one, so one
     // that does not fit the Rust type is rejected alone instead of failing the whole list.
     spawn.watch(
-        Api::<DynamicObject>::all_with(
-            client.clone(),
-            &ApiResource::erase::<crd::AccessPolicy>(&()),
-        ),
+        untyped::<crd::AccessPolicy>(&client),
         Kind::AccessPolicy,
         None,
         project::access_policy,
         |c| &mut c.policies,
     );
     spawn.watch(
-        Api::<DynamicObject>::all_with(
-            client.clone(),
-            &ApiResource::erase::<crd::PeerAuthentication>(&()),
-        ),
+        untyped::<crd::PeerAuthentication>(&client),
         Kind::PeerAuthentication,
         None,
         project::peer_authentication,
@@ -505,6 +499,11 @@ impl Collector for Metrics {
         }
         Ok(())
     }
+}
+
+/// The cluster-wide API of `K`'s objects, read as untyped objects.
+fn untyped<K: kube::Resource<DynamicType = ()>>(client: &kube::Client) -> Api<DynamicObject> {
+    Api::all_with(client.clone(), &ApiResource::erase::<K>(&()))
 }
 
 /// The readiness condition of this source.
