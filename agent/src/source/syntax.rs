@@ -54,6 +54,7 @@ pub struct RuleSpec {
     pub methods: Vec<String>,
     /// HTTP paths, exact or with one `*` at either end; enforced by waypoints only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[/*]")))]
     pub paths: Vec<String>,
     /// HTTP headers by lowercase name, each of which must have one of the values; enforced
     /// by waypoints only.
@@ -65,6 +66,8 @@ pub struct RuleSpec {
 /// any of its entries does. At least one field must be set.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+// `from: [{}]` would read as "every source": the API server refuses it, as the validator does.
+#[schemars(extend("minProperties" = 1))]
 pub struct SourceSpec {
     /// SPIFFE ids, `*`, or one `*` at the start or end (`spiffe://cluster.local/ns/web/*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -150,6 +150,7 @@ mod tests {
         let rule = &spec["properties"]["rules"]["items"]["properties"];
         assert_eq!(rule["toPorts"]["items"]["x-kubernetes-int-or-string"], true);
         assert_eq!(rule["methods"]["items"]["pattern"], "^[A-Z]+$");
+        assert_eq!(rule["from"]["items"]["minProperties"], 1);
         let columns: Vec<_> = version["additionalPrinterColumns"]
             .as_array()
             .unwrap()
