@@ -21,7 +21,7 @@ use crate::{
     identity::{self, CertManager, CertSource},
     proxy::{self, Connections, Proxy, hbone},
     readiness::Ready,
-    source::{self, SourceStatus, file::FileDoc},
+    source::{self, SourceStatus, file::FileDoc, node_pods::NodePods},
     state::{MeshSettings, Snapshot},
     telemetry,
 };
@@ -36,10 +36,21 @@ pub enum Error {
     HomeNetns(#[source] std::io::Error),
     #[error(transparent)]
     Identity(#[from] identity::Error),
+    #[error(transparent)]
+    Kube(#[from] source::kube::Error),
+}
+
+/// Where the agent's state comes from after start-up.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The config file, polled for changes (`FileDoc` is its first reading).
+    File,
+    /// The Kubernetes API; the config file gave the agent and mesh settings only.
+    Kubernetes(source::kube::Config),
 }
 
 /// Runs the agent until it is told to stop.
-pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
+pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Error> {
     // Before any thread enters a pod: remember where home is.
     enroll::netns::remember_home().map_err(Error::HomeNetns)?;
     let ready = Ready::default();
@@ -73,10 +84,22 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         }
     };
 
-    let source_status = Arc::new(SourceStatus::default());
-    source_status.accepted();
+    let source_status = Arc::new(SourceStatus::new(match source {
+        Source::File => source::Kind::File,
+        Source::Kubernetes(_) => source::Kind::Kubernetes,
+    }));
+    if matches!(source, Source::File) {
+        // The file read at start-up is the first accepted snapshot.
+        source_status.accepted();
+    }
+    // Pod UID -> netns, for the Kubernetes source to find this node's pods.
+    let node_pods = Arc::new(NodePods::new());
+    let kube_health = Arc::new(source::kube::Health::default());
     let (state_tx, mut state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
     let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
+    if matches!(source, Source::Kubernetes(_)) {
+        metrics.register_collector(source::kube::Metrics::new(Arc::clone(&kube_health)));
+    }
     let connections = Arc::new(Connections::new(
         state_rx.clone(),
         telemetry::TcpMetrics::new(&mut metrics),
@@ -113,13 +136,47 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
     });
     info!(component = "admin", admin = ?admin_addr, readiness = ?readiness_addr, metrics = ?metrics_addr, "admin servers listening");
 
-    tokio::spawn(source::file::watch(
-        config.config_path.clone(),
-        config.reload_interval,
-        doc,
-        state_tx,
-        source_status,
-    ));
+    let from_cluster = matches!(source, Source::Kubernetes(_));
+    match source {
+        Source::File => {
+            tokio::spawn(source::file::watch(
+                config.config_path.clone(),
+                config.reload_interval,
+                doc,
+                state_tx,
+                source_status,
+            ));
+        }
+        Source::Kubernetes(kube_config) => {
+            let client = source::kube::client().await?;
+            info!(component = "kubernetes", node = %kube_config.node, "watching the Kubernetes API");
+            tokio::spawn(source::kube::run(
+                client,
+                kube_config,
+                doc.snapshot.mesh.clone(),
+                Arc::clone(&node_pods),
+                state_tx,
+                source::kube::Report {
+                    status: source_status,
+                    health: kube_health,
+                    ready: ready.clone(),
+                },
+            ));
+        }
+    }
+    if from_cluster {
+        // Reconciling the empty start-up snapshot would un-enroll the pods a previous agent
+        // left enrolled (pinned): wait for the first snapshot of the fully synced caches.
+        tokio::select! {
+            changed = state_rx.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            () = shutdown.notified() => return Ok(()),
+            () = terminate() => return Ok(()),
+        }
+    }
 
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);

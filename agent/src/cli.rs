@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::telemetry::LogFormat;
+use crate::{source, telemetry::LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "weft: sidecarless service mesh")]
@@ -27,9 +27,17 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Local config file (workloads, services, settings); reloaded on change.
+    /// Local config file (workloads, services, settings); reloaded on change. With
+    /// `--source kubernetes`: the agent's own settings only (`agent:`, `mesh:`).
     #[arg(long, env = "WEFT_CONFIG")]
     pub config: PathBuf,
+    /// Where workloads, services and policies come from.
+    #[arg(long, env = "WEFT_SOURCE", value_enum, default_value_t)]
+    pub source: source::Kind,
+    /// This node's name in Kubernetes (`spec.nodeName` of its pods); required with
+    /// `--source kubernetes` (the Downward API's `spec.nodeName`).
+    #[arg(long, env = "WEFT_NODE_NAME", required_if_eq("source", "kubernetes"))]
+    pub node_name: Option<String>,
     /// bpffs directory for pinned maps and links (overrides agent.pinRoot).
     #[arg(long, env = "WEFT_PIN_ROOT")]
     pub pin_root: Option<PathBuf>,
@@ -104,4 +112,35 @@ pub struct UninstallArgs {
     /// How long to wait for the agent to go away.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        let argv = ["weft", "agent", "--config", "/etc/weft/agent.yaml"];
+        let cli = Cli::try_parse_from(argv.iter().chain(args))?;
+        match cli.command {
+            Command::Agent(args) => Ok(args),
+            _ => unreachable!("parsed the agent subcommand"),
+        }
+    }
+
+    #[test]
+    fn the_file_source_is_the_default() {
+        let args = agent(&[]).unwrap();
+        assert_eq!(args.source, source::Kind::File);
+        assert_eq!(args.node_name, None);
+    }
+
+    #[test]
+    fn the_kubernetes_source_needs_the_node_name() {
+        let err = agent(&["--source", "kubernetes"]).unwrap_err();
+        assert!(err.to_string().contains("--node-name"), "{err}");
+        let args = agent(&["--source", "kubernetes", "--node-name", "node-a"]).unwrap();
+        assert_eq!(args.source, source::Kind::Kubernetes);
+        assert_eq!(args.node_name.as_deref(), Some("node-a"));
+        assert!(agent(&["--source", "etcd"]).is_err());
+    }
 }

@@ -37,8 +37,11 @@ fn main() -> ExitCode {
 fn agent(args: AgentArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     raise_open_file_limit();
-    let doc = source::file::load(&args.config)?;
-    let config = Config::new(
+    let doc = match args.source {
+        source::Kind::File => source::file::load(&args.config)?,
+        source::Kind::Kubernetes => source::file::load_settings(&args.config)?,
+    };
+    let mut config = Config::new(
         &args.config,
         &doc.agent,
         Overrides {
@@ -51,13 +54,23 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             ca_key: args.ca_key,
         },
     )?;
+    let source = match (args.source, args.node_name) {
+        (source::Kind::File, _) => app::Source::File,
+        (source::Kind::Kubernetes, Some(node)) => {
+            config.node.clone_from(&node);
+            app::Source::Kubernetes(source::kube::Config::new(node))
+        }
+        (source::Kind::Kubernetes, None) => {
+            anyhow::bail!("--node-name (WEFT_NODE_NAME) is required with --source kubernetes")
+        }
+    };
     tracing::info!(component = "app", config = %serde_json::to_string(&config).unwrap_or_default(), "starting weft agent");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("weft")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(app::run(config, doc))?;
+    runtime.block_on(app::run(config, doc, source))?;
     Ok(())
 }
 

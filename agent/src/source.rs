@@ -1,10 +1,14 @@
-//! Where state comes from. Today: the local YAML file (`source::file`), used by standalone
-//! nodes, the demo and the end-to-end tests; the Kubernetes source will produce the same
-//! `state::Snapshot`. A source publishes only whole, validated snapshots: a rejected change
-//! leaves the last good one in force and is recorded in `SourceStatus`.
+//! Where state comes from: the local YAML file (`source::file`), used by standalone nodes,
+//! the demo and the end-to-end tests, or the Kubernetes API (`source::kube`); both produce
+//! the same `state::Snapshot` and share the policy syntax and its validation
+//! (`source::syntax`). A source publishes only whole, validated snapshots: a rejected change
+//! is recorded in `SourceStatus` (the file source keeps the last good file, the Kubernetes
+//! source the last good version of the rejected object).
 
 pub mod file;
+pub mod kube;
 pub mod node_pods;
+pub mod syntax;
 
 use std::sync::{
     Mutex,
@@ -13,9 +17,21 @@ use std::sync::{
 
 use serde::Serialize;
 
+/// Which source the agent runs with (`--source`, `WEFT_SOURCE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The local config file (`--config`), polled for changes.
+    #[default]
+    File,
+    /// The Kubernetes API (in-cluster service account or KUBECONFIG).
+    Kubernetes,
+}
+
 /// What a source reports about itself, for `weft status` and metrics.
 #[derive(Debug, Default)]
 pub struct SourceStatus {
+    kind: Kind,
     generation: AtomicU64,
     rejected_total: AtomicU64,
     last_rejection: Mutex<Option<String>>,
@@ -24,6 +40,8 @@ pub struct SourceStatus {
 /// A copy of `SourceStatus` for serialization.
 #[derive(Clone, Debug, Serialize)]
 pub struct SourceStatusView {
+    /// Which source this is.
+    pub source: Kind,
     /// Number of snapshots accepted so far (1 after start-up).
     pub generation: u64,
     /// Number of changes rejected since start-up.
@@ -33,6 +51,14 @@ pub struct SourceStatusView {
 }
 
 impl SourceStatus {
+    /// The status of a source of `kind`, before its first snapshot.
+    pub fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            ..Self::default()
+        }
+    }
+
     pub fn accepted(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
         *self.lock() = None;
@@ -43,6 +69,7 @@ impl SourceStatus {
         *self.lock() = None;
     }
 
+    /// A change (a file, or one object) was rejected.
     pub fn rejected(&self, error: &impl std::fmt::Display) {
         self.rejected_total.fetch_add(1, Ordering::Relaxed);
         *self.lock() = Some(error.to_string());
@@ -50,6 +77,7 @@ impl SourceStatus {
 
     pub fn view(&self) -> SourceStatusView {
         SourceStatusView {
+            source: self.kind,
             generation: self.generation.load(Ordering::Relaxed),
             rejected_total: self.rejected_total.load(Ordering::Relaxed),
             last_rejection: self.lock().clone(),
@@ -61,5 +89,15 @@ impl SourceStatus {
         self.last_rejection
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Kind {
+    /// The `source` label of `config_rejected_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Kubernetes => "kubernetes",
+        }
     }
 }

@@ -90,7 +90,9 @@ pub struct MtlsSettings {
 }
 
 /// How a workload treats plaintext.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     /// Inbound: HBONE only; plaintext is refused. Outbound to meshed pods: HBONE.

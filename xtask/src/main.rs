@@ -5,6 +5,7 @@
 //! - `build`: the agent (its build.rs builds the eBPF object) and the test binaries.
 //! - `test`: unit tests, then the privileged end-to-end tests against the real agent.
 //! - `lint`: rustfmt check and clippy in two runs (host workspace, then the eBPF crate).
+//! - `gen`: regenerate files derived from Rust types (the Helm chart's CRDs).
 //! - `demo`: two simulated nodes with a few pods, the real agents, mTLS traffic, explained.
 //! - `bench`: weft against direct traffic and a stunnel mTLS tunnel, in one run
 //!   (`target/bench/`: results.json, results.md, charts).
@@ -14,6 +15,7 @@
 mod bench;
 mod cargo;
 mod demo;
+mod generate;
 mod lint;
 mod setup;
 mod test;
@@ -39,6 +41,8 @@ enum Command {
     Test(test::Options),
     /// rustfmt check, clippy on the workspace and clippy on the eBPF programs.
     Lint,
+    /// Regenerate files derived from Rust types: the Helm chart's CRDs.
+    Gen,
     /// Build two simulated nodes, run the agents, send traffic and explain what happened.
     Demo,
     /// Measure weft against direct traffic and a stunnel mTLS tunnel (needs root).
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Build => cargo::build_all(),
         Command::Test(options) => test::run(&options),
         Command::Lint => lint::run(),
+        Command::Gen => generate::run(),
         Command::Demo => demo::run(),
         Command::Bench(options) => bench::run(&options),
     };

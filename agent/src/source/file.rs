@@ -5,25 +5,25 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     config::{AgentSection, Error},
-    identity::SpiffeId,
-    source::SourceStatus,
+    source::{
+        SourceStatus,
+        syntax::{self, Invalid, RuleSpec, SelectorSpec},
+    },
     state::{
-        AccessLogSettings, AccessPolicy, Action, IpBlock, L7Match, Location, MeshSettings,
-        MtlsMode, MtlsSettings, PortRange, Principal, Rule, Service, ServiceAccount, ServicePort,
-        Snapshot, Source, Workload, WorkloadRef, WorkloadSelector,
+        AccessLogSettings, AccessPolicy, Action, Location, MeshSettings, MtlsMode, MtlsSettings,
+        Service, ServicePort, Snapshot, Workload, WorkloadRef,
     },
 };
 
@@ -51,6 +51,55 @@ pub fn parse(path: &Path, text: &str) -> Result<FileDoc, Error> {
         path: path.to_owned(),
         source,
     })?;
+    validate(path, raw)
+}
+
+/// Reads and validates the file of an agent whose state comes from the Kubernetes API: it
+/// may hold the `agent:` and `mesh:` sections only (`workloads`, `services` and `policies`
+/// are an error naming the section). The snapshot it returns has the mesh settings only.
+pub fn load_settings(path: &Path) -> Result<FileDoc, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_settings(path, &text)
+}
+
+/// `load_settings` of `text` as the contents of `path`.
+pub fn parse_settings(path: &Path, text: &str) -> Result<FileDoc, Error> {
+    let raw: RawFile = serde_yaml::from_str(text).map_err(|source| Error::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    let sections = [
+        ("workloads", raw.workloads.is_empty(), "pods"),
+        (
+            "services",
+            raw.services.is_empty(),
+            "Services and EndpointSlices",
+        ),
+        (
+            "policies",
+            raw.policies.is_empty(),
+            "AccessPolicy resources",
+        ),
+    ];
+    for (field, empty, from) in sections {
+        if !empty {
+            return Err(Error::Invalid {
+                path: path.to_owned(),
+                field: field.into(),
+                reason: format!(
+                    "not allowed with --source kubernetes: {from} come from the Kubernetes \
+                     API (remove this section)"
+                ),
+            });
+        }
+    }
+    validate(path, raw)
+}
+
+fn validate(path: &Path, raw: RawFile) -> Result<FileDoc, Error> {
     let node = raw
         .agent
         .node
@@ -224,82 +273,10 @@ struct RawPolicy {
     name: String,
     namespace: Option<String>,
     #[serde(default)]
-    selector: RawSelector,
+    selector: SelectorSpec,
     action: Action,
     #[serde(default)]
-    rules: Vec<RawRule>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSelector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawRule {
-    #[serde(default)]
-    from: Vec<RawSource>,
-    #[serde(default)]
-    to_ports: Vec<RawPort>,
-    #[serde(default)]
-    methods: Vec<String>,
-    #[serde(default)]
-    paths: Vec<String>,
-    #[serde(default)]
-    headers: BTreeMap<String, Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSource {
-    #[serde(default)]
-    principals: Vec<String>,
-    #[serde(default)]
-    service_accounts: Vec<String>,
-    #[serde(default)]
-    namespaces: Vec<String>,
-    #[serde(default)]
-    ip_blocks: Vec<RawIpBlock>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawIpBlock {
-    cidr: String,
-    #[serde(default)]
-    except: Vec<String>,
-}
-
-/// `8080` or `"8000-8100"` (or `"8080"`), checked by the validator so the error names the
-/// field and the value.
-enum RawPort {
-    Number(i64),
-    Text(String),
-}
-
-impl<'de> Deserialize<'de> for RawPort {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = RawPort;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a port (8080) or a port range ("8000-8100")"#)
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawPort, E> {
-                Ok(RawPort::Number(v))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawPort, E> {
-                Ok(RawPort::Number(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawPort, E> {
-                Ok(RawPort::Text(v.to_owned()))
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
+    rules: Vec<RuleSpec>,
 }
 
 struct Validator<'a> {
@@ -469,271 +446,22 @@ impl Validator<'_> {
             &format!("{field}.namespace"),
             raw.namespace.unwrap_or_else(|| DEFAULT.into()),
         )?;
-        let match_labels = self.labels(
-            &format!("{field}.selector.matchLabels"),
-            raw.selector.match_labels,
-        )?;
-        let rules = raw
-            .rules
-            .into_iter()
-            .enumerate()
-            .map(|(i, rule)| self.rule(&format!("{field}.rules[{i}]"), rule))
-            .collect::<Result<_, _>>()?;
-        Ok(AccessPolicy {
-            // A policy selects workloads of its own namespace only, as the CRD will: a
-            // namespace's owner cannot open or close another namespace's workloads.
-            selector: WorkloadSelector {
-                namespace: namespace.clone(),
-                match_labels,
-            },
-            name: WorkloadRef { namespace, name },
-            action: raw.action,
-            rules,
-        })
+        syntax::access_policy(
+            field,
+            WorkloadRef { namespace, name },
+            raw.selector,
+            raw.action,
+            raw.rules,
+        )
+        .map_err(|e| self.error(e))
     }
 
-    fn rule(&self, field: &str, raw: RawRule) -> Result<Rule, Error> {
-        let from = raw
-            .from
-            .into_iter()
-            .enumerate()
-            .map(|(i, source)| self.source(&format!("{field}.from[{i}]"), source))
-            .collect::<Result<_, _>>()?;
-        let to_ports = raw
-            .to_ports
-            .iter()
-            .enumerate()
-            .map(|(i, port)| self.port_range(&format!("{field}.toPorts[{i}]"), port))
-            .collect::<Result<_, _>>()?;
-        for (i, method) in raw.methods.iter().enumerate() {
-            if method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()) {
-                return Err(self.invalid(
-                    format!("{field}.methods[{i}]"),
-                    format!("{method:?} is not an HTTP method (uppercase, e.g. GET)"),
-                ));
-            }
-        }
-        for (i, path) in raw.paths.iter().enumerate() {
-            self.pattern(&format!("{field}.paths[{i}]"), path)?;
-            if !path.starts_with('/') && !path.starts_with('*') {
-                return Err(self.invalid(
-                    format!("{field}.paths[{i}]"),
-                    format!("{path:?} must start with '/' (or '*')"),
-                ));
-            }
-        }
-        for (name, values) in &raw.headers {
-            let valid = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-            if !valid {
-                return Err(self.invalid(
-                    format!("{field}.headers.{name}"),
-                    format!("{name:?} is not a lowercase header name"),
-                ));
-            }
-            if values.is_empty() {
-                return Err(self.invalid(
-                    format!("{field}.headers.{name}"),
-                    "at least one value is required".into(),
-                ));
-            }
-        }
-        let l7 = (!raw.methods.is_empty() || !raw.paths.is_empty() || !raw.headers.is_empty())
-            .then_some(L7Match {
-                methods: raw.methods,
-                paths: raw.paths,
-                headers: raw.headers,
-            });
-        Ok(Rule { from, to_ports, l7 })
-    }
-
-    fn source(&self, field: &str, raw: RawSource) -> Result<Source, Error> {
-        if raw.principals.is_empty()
-            && raw.service_accounts.is_empty()
-            && raw.namespaces.is_empty()
-            && raw.ip_blocks.is_empty()
-        {
-            return Err(self.invalid(
-                field.into(),
-                "names no source (set principals, serviceAccounts, namespaces or ipBlocks; \
-                 leave `from` out to match every source)"
-                    .into(),
-            ));
-        }
-        let principals = raw
-            .principals
-            .iter()
-            .enumerate()
-            .map(|(i, text)| self.principal(&format!("{field}.principals[{i}]"), text))
-            .collect::<Result<_, _>>()?;
-        let service_accounts =
-            raw.service_accounts
-                .into_iter()
-                .enumerate()
-                .map(|(i, text)| {
-                    let field = format!("{field}.serviceAccounts[{i}]");
-                    let Some((namespace, name)) = text.split_once('/') else {
-                        return Err(self
-                            .invalid(field, format!("{text:?} is not namespace/service-account")));
-                    };
-                    Ok(ServiceAccount {
-                        namespace: self.name(&field, namespace.into())?,
-                        name: self.name(&field, name.into())?,
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-        let namespaces = raw
-            .namespaces
-            .into_iter()
-            .enumerate()
-            .map(|(i, ns)| self.name(&format!("{field}.namespaces[{i}]"), ns))
-            .collect::<Result<_, _>>()?;
-        let ip_blocks = raw
-            .ip_blocks
-            .iter()
-            .enumerate()
-            .map(|(i, block)| self.ip_block(&format!("{field}.ipBlocks[{i}]"), block))
-            .collect::<Result<_, _>>()?;
-        Ok(Source {
-            principals,
-            service_accounts,
-            namespaces,
-            ip_blocks,
-        })
-    }
-
-    fn principal(&self, field: &str, text: &str) -> Result<Principal, Error> {
-        if text == "*" {
-            return Ok(Principal::Any);
-        }
-        self.pattern(field, text)?;
-        if let Some(prefix) = text.strip_suffix('*') {
-            if !prefix.starts_with("spiffe://") {
-                return Err(self.invalid(
-                    field.into(),
-                    format!("{text:?}: a prefix must start with spiffe://"),
-                ));
-            }
-            return Ok(Principal::Prefix(prefix.into()));
-        }
-        if let Some(suffix) = text.strip_prefix('*') {
-            return Ok(Principal::Suffix(suffix.into()));
-        }
-        text.parse::<SpiffeId>()
-            .map(Principal::Exact)
-            .map_err(|e| self.invalid(field.into(), e.to_string()))
-    }
-
-    /// Exact text, or one `*` at the start or the end.
-    fn pattern(&self, field: &str, text: &str) -> Result<(), Error> {
-        let inner = text.strip_prefix('*').or_else(|| text.strip_suffix('*'));
-        if text.is_empty() || inner.unwrap_or(text).contains('*') {
-            return Err(self.invalid(
-                field.into(),
-                format!("{text:?}: '*' is allowed only once, at the start or the end"),
-            ));
-        }
-        Ok(())
-    }
-
-    fn ip_block(&self, field: &str, raw: &RawIpBlock) -> Result<IpBlock, Error> {
-        let cidr = self.cidr(&format!("{field}.cidr"), &raw.cidr)?;
-        let except = raw
-            .except
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                let field = format!("{field}.except[{i}]");
-                let except = self.cidr(&field, text)?;
-                if !cidr.contains(&except) {
-                    return Err(self.invalid(field, format!("{except} is not inside {cidr}")));
-                }
-                Ok(except)
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(IpBlock { cidr, except })
-    }
-
-    /// A CIDR, or a bare address for a single host; host bits are cleared.
-    fn cidr(&self, field: &str, text: &str) -> Result<ipnet::IpNet, Error> {
-        text.parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
-            .map(|net| net.trunc())
-            .map_err(|_| {
-                self.invalid(
-                    field.into(),
-                    format!("invalid CIDR {text:?} (expected e.g. 10.0.0.0/8)"),
-                )
-            })
-    }
-
-    fn port_range(&self, field: &str, raw: &RawPort) -> Result<PortRange, Error> {
-        let invalid = |text: String| {
-            self.invalid(
-                field.into(),
-                format!("invalid port {text} (expected a port 1-65535 or a range \"8000-8100\")"),
-            )
-        };
-        let port = |text: &str| text.trim().parse::<u16>().ok().filter(|p| *p != 0);
-        let (start, end) = match raw {
-            RawPort::Number(n) => {
-                let p = u16::try_from(*n)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| invalid(n.to_string()))?;
-                (p, p)
-            }
-            RawPort::Text(text) => {
-                let (start, end) = text.split_once('-').unwrap_or((text, text));
-                match (port(start), port(end)) {
-                    (Some(start), Some(end)) if start <= end => (start, end),
-                    _ => return Err(invalid(format!("{text:?}"))),
-                }
-            }
-        };
-        Ok(PortRange { start, end })
-    }
-
-    /// Kubernetes label keys (`[prefix/]name`) and values.
     fn labels(
         &self,
         field: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, String>, Error> {
-        // Name part and value: at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends.
-        let segment_ok = |s: &str| {
-            s.len() <= 63
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                && s.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
-                && s.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
-        };
-        for (key, value) in &labels {
-            let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
-            let prefix_ok = prefix.len() <= 253
-                && prefix.chars().all(|c| {
-                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.')
-                });
-            let key_ok = !name.is_empty()
-                && segment_ok(name)
-                && prefix_ok
-                && (prefix.is_empty() != key.contains('/'));
-            if !key_ok {
-                return Err(self.invalid(
-                    format!("{field}.{key}"),
-                    format!("{key:?} is not a valid label key"),
-                ));
-            }
-            if !segment_ok(value) {
-                return Err(self.invalid(
-                    format!("{field}.{key}"),
-                    format!("{value:?} is not a valid label value"),
-                ));
-            }
-        }
-        Ok(labels)
+        syntax::labels(field, labels).map_err(|e| self.error(e))
     }
 
     fn service(&self, field: &str, raw: RawService) -> Result<Service, Error> {
@@ -767,38 +495,20 @@ impl Validator<'_> {
         texts
             .iter()
             .enumerate()
-            .map(|(i, text)| {
-                text.parse().map_err(|_| {
-                    self.invalid(
-                        format!("{field}[{i}]"),
-                        format!("invalid IP address {text:?}"),
-                    )
-                })
-            })
+            .map(|(i, text)| syntax::ip(&format!("{field}[{i}]"), text).map_err(|e| self.error(e)))
             .collect()
     }
 
     fn name(&self, field: &str, name: String) -> Result<String, Error> {
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if valid {
-            Ok(name)
-        } else {
-            Err(self.invalid(
-                field.into(),
-                format!("{name:?} is not a valid name (lowercase letters, digits, '-', '.')"),
-            ))
-        }
+        syntax::name(field, name).map_err(|e| self.error(e))
     }
 
     fn port(&self, field: &str, port: u16) -> Result<u16, Error> {
-        if port == 0 {
-            return Err(self.invalid(field.into(), "port must be between 1 and 65535".into()));
-        }
-        Ok(port)
+        syntax::port(field, port).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: Invalid) -> Error {
+        self.invalid(e.field, e.reason)
     }
 
     fn invalid(&self, field: String, reason: String) -> Error {
@@ -815,6 +525,7 @@ const DEFAULT: &str = "default";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{PortRange, Principal};
 
     fn parse_str(yaml: &str) -> Result<FileDoc, String> {
         parse(Path::new("node.yaml"), yaml).map_err(|e| e.to_string())
@@ -890,6 +601,26 @@ services:
         ))
         .unwrap_err();
         assert!(err.contains("mesh.accessLog.namespaces.Bad_NS"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_mode_takes_settings_only_and_names_the_section_it_refuses() {
+        let settings = "agent:\n  cgroupRoot: /sys/fs/cgroup\nmesh:\n  defaultDeny: true\n";
+        let doc = parse_settings(Path::new("agent.yaml"), settings).unwrap();
+        assert!(doc.snapshot.mesh.default_deny);
+        assert!(doc.snapshot.workloads.is_empty());
+        let err = parse_settings(Path::new("agent.yaml"), GOOD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agent.yaml: workloads: not allowed with --source kubernetes"),
+            "{err}"
+        );
+        let policies_only = format!("{settings}{POLICIES}");
+        let err = parse_settings(Path::new("agent.yaml"), &policies_only)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policies: not allowed"), "{err}");
     }
 
     #[test]

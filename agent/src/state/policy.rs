@@ -40,7 +40,9 @@ pub struct WorkloadSelector {
 }
 
 /// What a policy does with the connections it matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     /// Matching connections are allowed; once any ALLOW policy selects a workload,

@@ -95,6 +95,8 @@ pub struct AgentHealth {
     pub policy_generation: u64,
     /// Config changes rejected (the last good config stays in force).
     pub config_rejected: u64,
+    /// The `source` label of `config_rejected` (`file` when empty).
+    pub config_source: &'static str,
     /// eBPF verdict and error counters summed over CPUs, by `Stats` field name; None when
     /// the map cannot be read.
     pub ebpf: Option<Vec<(&'static str, u64)>>,
@@ -294,7 +296,11 @@ impl Collector for HealthCollector {
                 None,
                 counter.metric_type(),
             )?;
-            counter.encode(metric.encode_family(&[("source", "file")])?)?;
+            let source = match health.config_source {
+                "" => "file",
+                source => source,
+            };
+            counter.encode(metric.encode_family(&[("source", source)])?)?;
         }
         let expiring: Vec<_> = health
             .certificates

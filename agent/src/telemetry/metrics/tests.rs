@@ -108,6 +108,7 @@ fn health_is_read_at_scrape_time() {
         config_generation: 2,
         policy_generation: 2,
         config_rejected: 1,
+        config_source: "",
         ebpf: Some(vec![
             ("connect_redirected", 7),
             ("sklookup_error_dropped", 0),

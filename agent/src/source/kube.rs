@@ -1,0 +1,510 @@
+//! The Kubernetes source: list+watch caches (reflectors) of the cluster objects the node
+//! proxy needs, joined into the same `state::Snapshot` the file source produces.
+//!
+//! Inputs, each its own watch with its own cache (`reflector`):
+//! - Namespaces: `weft.dev/mesh=enabled` puts a namespace's pods in the mesh.
+//! - Pods of this node (`spec.nodeName=NODE`): become local workloads once `NodePods` (fed by
+//!   the CNI plugin and discovery) knows their netns; `weft.dev/mesh=disabled` opts one out.
+//! - Pods of other nodes (`spec.nodeName!=NODE`): their identity, IPs and labels, so the
+//!   proxy reaches them over HBONE as the right peer. Both pod caches keep a small
+//!   projection (`project::PodItem`), never the API object, so memory grows with what the
+//!   proxy uses (about 1 KiB a pod with a few labels), not with pod specs.
+//! - Services and EndpointSlices, cluster-wide: VIPs, ports, ready endpoints.
+//! - `AccessPolicy` and `PeerAuthentication` (`crd`).
+//!
+//! Gateway API routes belong to the waypoint and are not watched here.
+//!
+//! Output: a snapshot on `tx`, rebuilt at most once per `Config::debounce` after any change
+//! (and after `NodePods` changes), published only once every watch has listed in full, and
+//! only when it differs from the one in force.
+//!
+//! Bad objects: an object that fails validation (a malformed AccessPolicy, a service port
+//! out of range) is rejected alone, named with the field, logged and counted
+//! (`weft_config_rejected_total{source="kubernetes"}`); if an earlier version of that same
+//! object was valid, that version stays in force, otherwise the object is left out. The rest
+//! of the cluster's state keeps flowing: freezing the whole snapshot on one user's typo would
+//! stop every new pod on the node from being enrolled or protected by its policies.
+//!
+//! Health (`Health`): per kind, whether the first list is done and whether the watch is up.
+//! Readiness waits for the first full sync and reports a stale (down) watch by kind; the
+//! metrics `weft_kubernetes_watch_stale{kind}`, `weft_kubernetes_objects{kind}` and
+//! `weft_kubernetes_watch_errors_total{kind}` say the same to Prometheus.
+
+mod build;
+pub mod crd;
+mod project;
+mod reflector;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api,
+    core::{ApiResource, DynamicObject},
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+use serde::Serialize;
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinSet,
+};
+use tracing::{debug, info};
+
+use crate::{
+    readiness::Ready,
+    source::{SourceStatus, node_pods::NodePods, syntax::Invalid},
+    state::{MeshSettings, Snapshot},
+};
+
+pub use reflector::Backoff;
+
+/// Errors of setting the source up. Watch errors are not errors of the source: they are
+/// retried with backoff and reported through `Health`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot find Kubernetes API credentials (the pod's service account, or KUBECONFIG \
+         outside a cluster): {0}"
+    )]
+    Credentials(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes API client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// An object the source could not use, named with the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{} {object} rejected: {invalid}", .kind.api_kind())]
+pub struct Rejected {
+    pub kind: Kind,
+    /// `namespace/name` (or `name` for cluster-scoped objects).
+    pub object: String,
+    pub invalid: Invalid,
+}
+
+/// The source's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's name as the API knows it (`spec.nodeName` of its pods).
+    pub node: String,
+    /// Changes within this long of each other make one snapshot.
+    pub debounce: Duration,
+    /// Retry delays after API errors.
+    pub backoff: Backoff,
+    /// Objects per page of a list (bounds the memory a first sync needs at once).
+    pub page_size: u32,
+    /// How long the API server keeps one watch open before the source re-opens it.
+    pub watch_timeout_secs: u32,
+}
+
+/// The kinds of object the source watches, one watch each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Namespace,
+    /// Pods of this node.
+    LocalPod,
+    /// Pods of other nodes.
+    RemotePod,
+    Service,
+    EndpointSlice,
+    AccessPolicy,
+    PeerAuthentication,
+}
+
+/// What each watch is doing, for readiness, metrics and status.
+#[derive(Debug, Default)]
+pub struct Health {
+    kinds: Mutex<BTreeMap<Kind, WatchHealth>>,
+    notify: Notify,
+}
+
+/// The state of one watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WatchHealth {
+    /// The first full list is done (the cache has been complete at least once).
+    pub synced: bool,
+    /// The watch is open (false while retrying after an error).
+    pub up: bool,
+    /// Objects in the cache.
+    pub objects: u64,
+    /// Objects currently rejected (left out, or held at their last good version).
+    pub rejected: u64,
+    /// API errors since start-up.
+    pub errors_total: u64,
+    /// The most recent API error, cleared when the watch is up again.
+    pub last_error: Option<String>,
+    /// The most recent rejection of an object of this kind, while any is rejected.
+    pub last_rejection: Option<String>,
+}
+
+/// Where the source reports how it is doing.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Snapshots accepted and objects rejected (`weft status`, `config_rejected_total`).
+    pub status: Arc<SourceStatus>,
+    /// Per-kind watch state (metrics).
+    pub health: Arc<Health>,
+    /// Its condition `kubernetes` is pending until every watch has synced and while any
+    /// watch is down.
+    pub ready: Ready,
+}
+
+/// Metrics of the source, read from `Health` at every scrape.
+#[derive(Debug)]
+pub struct Metrics(Arc<Health>);
+
+/// Builds the API client: in-cluster service account, else KUBECONFIG / ~/.kube/config.
+pub async fn client() -> Result<kube::Client, Error> {
+    client_from(kube::Config::infer().await.map_err(Error::Credentials)?)
+}
+
+/// Builds the API client from `config`.
+pub fn client_from(mut config: kube::Config) -> Result<kube::Client, Error> {
+    // The watches retry with their own backoff and report a stale cache while they do;
+    // kube's built-in retry of 429/503/504 (up to 15 times, minutes in all) would hide an
+    // API server outage from readiness and metrics.
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(Error::Client)
+}
+
+/// Runs the source until `tx` has no receivers: watches every kind, rebuilds the snapshot
+/// (debounced) on changes of the caches or of `node_pods`, and publishes it. `mesh` holds
+/// the mesh-wide settings of the config file (`PeerAuthentication`s add to its mTLS modes).
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    mesh: MeshSettings,
+    node_pods: Arc<NodePods>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    report: Report,
+) {
+    let Report {
+        status,
+        health,
+        ready,
+    } = report;
+    ready.block(
+        READY_CONDITION,
+        "first sync of the Kubernetes watches pending",
+    );
+    let caches = Arc::new(reflector::Caches::new(
+        Arc::clone(&health),
+        Arc::clone(&status),
+    ));
+    let mut watches = JoinSet::new();
+    let node = &config.node;
+    let mut spawn = reflector::Spawner {
+        config: &config,
+        caches: &caches,
+        watches: &mut watches,
+    };
+    spawn.watch(
+        Api::<Namespace>::all(client.clone()),
+        Kind::Namespace,
+        None,
+        project::namespace,
+        |c| &mut c.namespaces,
+    );
+    spawn.watch(
+        Api::<Pod>::all(client.clone()),
+        Kind::LocalPod,
+        Some(format!("spec.nodeName={node}")),
+        project::pod,
+        |c| &mut c.local_pods,
+    );
+    spawn.watch(
+        Api::<Pod>::all(client.clone()),
+        Kind::RemotePod,
+        Some(format!("spec.nodeName!={node}")),
+        project::pod,
+        |c| &mut c.remote_pods,
+    );
+    spawn.watch(
+        Api::<Service>::all(client.clone()),
+        Kind::Service,
+        None,
+        project::service,
+        |c| &mut c.services,
+    );
+    spawn.watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        Kind::EndpointSlice,
+        None,
+        project::endpoint_slice,
+        |c| &mut c.slices,
+    );
+    // The weft resources are read as untyped objects and converted one by one, so one
+    // that does not fit the Rust type is rejected alone instead of failing the whole list.
+    spawn.watch(
+        untyped::<crd::AccessPolicy>(&client),
+        Kind::AccessPolicy,
+        None,
+        project::access_policy,
+        |c| &mut c.policies,
+    );
+    spawn.watch(
+        untyped::<crd::PeerAuthentication>(&client),
+        Kind::PeerAuthentication,
+        None,
+        project::peer_authentication,
+        |c| &mut c.peer_authentications,
+    );
+
+    let mut pods_changed = node_pods.changes();
+    loop {
+        tokio::select! {
+            () = caches.changed() => {}
+            changed = pods_changed.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            () = tx.closed() => break,
+            // Readiness follows the watches even when no object changes.
+            () = health.changed() => {}
+        }
+        // Debounce: a burst of events (a deployment rolling, a first sync) makes one
+        // snapshot. Changes that arrive meanwhile are in the caches when we build.
+        tokio::time::sleep(config.debounce).await;
+        pods_changed.mark_unchanged();
+        let readiness = health.readiness();
+        if !health.all_synced() {
+            ready.set(READY_CONDITION, readiness);
+            continue;
+        }
+        let snapshot = build::snapshot(&caches.lock(), &mesh, &node_pods);
+        if *tx.borrow().as_ref() != snapshot || status.view().generation == 0 {
+            info!(
+                component = "kubernetes",
+                workloads = snapshot.workloads.len(),
+                services = snapshot.services.len(),
+                policies = snapshot.policies.len(),
+                "snapshot built from the cluster"
+            );
+            tx.send_replace(Arc::new(snapshot));
+            // After the new state is visible: whoever sees the new generation sees it.
+            status.accepted();
+        } else {
+            debug!(
+                component = "kubernetes",
+                "cluster changes leave the snapshot as it was"
+            );
+        }
+        // Ready only once a snapshot of the fully synced caches is published.
+        ready.set(READY_CONDITION, readiness);
+    }
+    watches.shutdown().await;
+}
+
+impl Config {
+    /// Production settings for node `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            debounce: Duration::from_millis(100),
+            backoff: Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            },
+            page_size: 500,
+            // The API server's own default is 30-60 minutes; shorter re-watches spread the
+            // load and notice a silently dead connection sooner.
+            watch_timeout_secs: 290,
+        }
+    }
+}
+
+impl Health {
+    /// A copy of every watch's state.
+    pub fn view(&self) -> BTreeMap<Kind, WatchHealth> {
+        self.lock().clone()
+    }
+
+    /// Whether every watch has completed its first full list.
+    pub fn all_synced(&self) -> bool {
+        let kinds = self.lock();
+        Kind::ALL
+            .iter()
+            .all(|kind| kinds.get(kind).is_some_and(|h| h.synced))
+    }
+
+    /// Ok once every watch has synced and is up; else which ones are not, and why.
+    pub fn readiness(&self) -> Result<(), String> {
+        let kinds = self.lock();
+        let mut not_synced = Vec::new();
+        let mut stale = Vec::new();
+        for kind in Kind::ALL {
+            match kinds.get(&kind) {
+                Some(h) if !h.synced => not_synced.push(kind.to_string()),
+                Some(h) if !h.up => stale.push(match &h.last_error {
+                    Some(e) => format!("{kind} ({e})"),
+                    None => kind.to_string(),
+                }),
+                Some(_) => {}
+                None => not_synced.push(kind.to_string()),
+            }
+        }
+        let mut problems = Vec::new();
+        if !not_synced.is_empty() {
+            problems.push(format!("not synced yet: {}", not_synced.join(", ")));
+        }
+        if !stale.is_empty() {
+            problems.push(format!(
+                "watch down, cache stale (check the API server and the agent's RBAC): {}",
+                stale.join(", ")
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("Kubernetes watches: {}", problems.join("; ")))
+        }
+    }
+
+    /// Resolves on the next change of any watch's state (sync, up/down, last error).
+    async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    fn update(&self, kind: Kind, f: impl FnOnce(&mut WatchHealth)) {
+        let mut kinds = self.lock();
+        let created = !kinds.contains_key(&kind);
+        let health = kinds.entry(kind).or_default();
+        let before = (health.synced, health.up, health.last_error.clone());
+        f(health);
+        // What readiness says changed (a reason names the last error).
+        if created || before != (health.synced, health.up, health.last_error.clone()) {
+            self.notify.notify_one();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Kind, WatchHealth>> {
+        // A poisoned lock only means a panic elsewhere while holding plain data: still valid.
+        self.kinds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Kind {
+    /// Every kind, in the order of `Ord`.
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::LocalPod,
+        Kind::RemotePod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::AccessPolicy,
+        Kind::PeerAuthentication,
+    ];
+
+    /// The metric label and the name in readiness reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespace",
+            Kind::LocalPod => "local_pod",
+            Kind::RemotePod => "remote_pod",
+            Kind::Service => "service",
+            Kind::EndpointSlice => "endpoint_slice",
+            Kind::AccessPolicy => "access_policy",
+            Kind::PeerAuthentication => "peer_authentication",
+        }
+    }
+
+    /// The API kind, for messages naming an object (`AccessPolicy prod/api`).
+    fn api_kind(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::LocalPod | Kind::RemotePod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::AccessPolicy => "AccessPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Metrics {
+    pub fn new(health: Arc<Health>) -> Self {
+        Self(health)
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let kinds = self.0.view();
+        let gauge = |encoder: &mut DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     value: &dyn Fn(&WatchHealth) -> i64|
+         -> Result<(), fmt::Error> {
+            let mut metric = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for kind in Kind::ALL {
+                let health = kinds.get(&kind).cloned().unwrap_or_default();
+                ConstGauge::new(value(&health))
+                    .encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
+            }
+            Ok(())
+        };
+        gauge(
+            &mut encoder,
+            "kubernetes_watch_stale",
+            "1 while the cache of this kind is stale (not synced yet, or its watch is down)",
+            &|h| i64::from(!h.synced || !h.up),
+        )?;
+        gauge(
+            &mut encoder,
+            "kubernetes_objects",
+            "Objects of this kind in the agent's cache",
+            &|h| i64::try_from(h.objects).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut encoder,
+            "kubernetes_rejected_objects",
+            "Objects of this kind rejected by validation (left out or held at their last good version)",
+            &|h| i64::try_from(h.rejected).unwrap_or(i64::MAX),
+        )?;
+        let mut metric = encoder.encode_descriptor(
+            "kubernetes_watch_errors",
+            "Kubernetes API errors of this kind's list and watch (each retried with backoff)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for kind in Kind::ALL {
+            let errors = kinds.get(&kind).map_or(0, |h| h.errors_total);
+            ConstCounter::new(errors).encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The cluster-wide API of `K`'s objects, read as untyped objects.
+fn untyped<K: kube::Resource<DynamicType = ()>>(client: &kube::Client) -> Api<DynamicObject> {
+    Api::all_with(client.clone(), &ApiResource::erase::<K>(&()))
+}
+
+/// The readiness condition of this source.
+pub const READY_CONDITION: &str = "kubernetes";

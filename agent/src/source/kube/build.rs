@@ -1,0 +1,153 @@
+//! Caches → `state::Snapshot`: the join of namespaces (enrollment), pods (this node's with
+//! their netns from `NodePods`, other nodes' as remote), services with the endpoints and
+//! target ports of their slices, access policies and PeerAuthentication modes.
+//!
+//! Where the cluster holds conflicting data, the first by name wins, so the same caches
+//! always give the same snapshot: two namespace-wide PeerAuthentications in one namespace,
+//! two selecting one pod, one named port that slices map to different numbers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{
+    project::{DISABLED, MESH_LABEL, PeerAuthItem, PodItem, ServiceItem, SliceItem, TargetPort},
+    reflector::Stores,
+};
+use crate::{
+    source::node_pods::NodePods,
+    state::{
+        Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Workload, WorkloadRef,
+    },
+};
+
+pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings, node_pods: &NodePods) -> Snapshot {
+    let mut mesh = mesh.clone();
+    let mut namespace_modes = BTreeSet::new();
+    let mut workload_modes: Vec<&PeerAuthItem> = Vec::new();
+    for item in stores.peer_authentications.items.values() {
+        match item.selector {
+            // The resource wins over the config file's `mesh.mtls.namespaces`.
+            None if namespace_modes.insert(item.namespace.as_str()) => {
+                mesh.mtls
+                    .namespaces
+                    .insert(item.namespace.clone(), item.mode);
+            }
+            None => {}
+            Some(_) => workload_modes.push(item),
+        }
+    }
+    let enabled = |namespace: &str| {
+        stores
+            .namespaces
+            .items
+            .get(namespace)
+            .is_some_and(|n| n.enabled)
+    };
+    let workload = |pod: &PodItem, location: Location| Workload {
+        name: pod.name.clone(),
+        service_account: pod.service_account.clone(),
+        ips: pod.ips.clone(),
+        location,
+        enrolled: enabled(&pod.name.namespace)
+            && pod.labels.get(MESH_LABEL).map(String::as_str) != Some(DISABLED),
+        mtls_mode: mode_of(pod, &workload_modes),
+        labels: pod.labels.clone(),
+    };
+
+    let mut workloads = BTreeMap::new();
+    for pod in stores.local_pods.items.values() {
+        // Until the CNI plugin or discovery has told us where its netns is, a pod of this
+        // node cannot be entered: it joins the snapshot when `NodePods` learns it.
+        let Some(netns) = node_pods.netns(&pod.uid) else {
+            continue;
+        };
+        workloads.insert(pod.name.clone(), workload(pod, Location::Local { netns }));
+    }
+    for pod in stores.remote_pods.items.values() {
+        if !workloads.contains_key(&pod.name) {
+            let location = Location::Remote {
+                node: pod.node.clone(),
+            };
+            workloads.insert(pod.name.clone(), workload(pod, location));
+        }
+    }
+
+    let mut slices: HashMap<&WorkloadRef, Vec<&SliceItem>> = HashMap::new();
+    for slice in stores.slices.items.values() {
+        slices.entry(&slice.service).or_default().push(slice);
+    }
+    let services = stores
+        .services
+        .items
+        .values()
+        .map(|item| {
+            let service = service(item, slices.get(&item.name).map_or(&[][..], Vec::as_slice));
+            (item.name.clone(), service)
+        })
+        .collect();
+
+    let policies = stores
+        .policies
+        .items
+        .values()
+        .map(|policy| (policy.name.clone(), policy.clone()))
+        .collect();
+
+    Snapshot {
+        mesh,
+        workloads,
+        services,
+        policies,
+        index: Default::default(),
+    }
+}
+
+fn service(item: &ServiceItem, slices: &[&SliceItem]) -> Service {
+    let ports = item
+        .ports
+        .iter()
+        .filter_map(|port| {
+            // The slices carry the resolved number of each service port, by port name.
+            let from_slices = slices
+                .iter()
+                .flat_map(|s| &s.ports)
+                .find(|(name, _)| *name == port.name)
+                .map(|(_, number)| *number);
+            let target_port = match (&port.target, from_slices) {
+                (_, Some(number)) => number,
+                (TargetPort::Number(number), None) => *number,
+                // A named port no slice resolves has no endpoint to go to either.
+                (TargetPort::Named(_), None) => return None,
+            };
+            Some(ServicePort {
+                port: port.port,
+                target_port,
+            })
+        })
+        .collect();
+    let mut endpoints: Vec<_> = slices
+        .iter()
+        .flat_map(|s| s.addresses.iter().copied())
+        .collect();
+    // An endpoint in two slices (while one is being replaced) is one endpoint.
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    Service {
+        name: item.name.clone(),
+        vips: item.vips.clone(),
+        ports,
+        endpoints,
+    }
+}
+
+fn mode_of(pod: &PodItem, workload_modes: &[&PeerAuthItem]) -> Option<MtlsMode> {
+    workload_modes
+        .iter()
+        .find(|item| {
+            item.namespace == pod.name.namespace
+                && item
+                    .selector
+                    .as_ref()
+                    .is_some_and(|labels| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+        })
+        .map(|item| item.mode)
+}

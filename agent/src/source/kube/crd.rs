@@ -1,0 +1,189 @@
+//! weft's custom resources, `weft.dev/v1alpha1`, as Rust types: the Kubernetes source
+//! watches them and `cargo xtask gen` writes their CustomResourceDefinitions (schema,
+//! printer columns, status subresource) into the Helm chart from `files()`.
+//!
+//! - `AccessPolicy`: the file source's `policies:` item as a namespaced resource (the spec is
+//!   `source::syntax`'s, so both are the same model and validated by the same code).
+//! - `PeerAuthentication`: the mTLS mode (STRICT, PERMISSIVE, DISABLED) of a namespace, or of
+//!   the workloads its selector picks. Named and shaped like Istio's resource of the same
+//!   job (`spec.selector.matchLabels`, `spec.mtls.mode`), which is where Istio users look.
+//!
+//! Both carry `status.conditions` (type `Accepted`) for a controller to report rejections;
+//! node agents only read, since one status written by every node would flap.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    source::syntax::{RuleSpec, SelectorSpec},
+    state::{Action, MtlsMode},
+};
+
+/// Allows or denies connections to the workloads it selects (docs/policy.md).
+#[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "AccessPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "ap",
+    category = "weft",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "Allows or denies connections to the workloads of its namespace that it selects"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicySpec {
+    /// The destination workloads, in the policy's namespace; absent: all of them.
+    #[serde(default)]
+    pub selector: SelectorSpec,
+    /// ALLOW or DENY the connections the rules match. DENY wins; once an ALLOW policy
+    /// selects a workload, connections no ALLOW policy matches are denied.
+    pub action: Action,
+    /// Matched when any rule matches; no rules match nothing.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// The mTLS mode of a namespace, or of the workloads its selector picks.
+#[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "pa",
+    category = "weft",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Selector","type":"string","jsonPath":".spec.selector.matchLabels","priority":1}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "How workloads of its namespace treat plaintext: STRICT, PERMISSIVE or DISABLED"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// The workloads of this namespace the mode applies to; absent: the whole namespace.
+    /// A workload's own mode wins over its namespace's, which wins over the mesh default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<SelectorSpec>,
+    /// The mode.
+    pub mtls: MtlsSpec,
+}
+
+/// `spec.mtls` of a `PeerAuthentication`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsSpec {
+    /// STRICT: HBONE only; PERMISSIVE: plaintext accepted too; DISABLED: no mTLS.
+    pub mode: MtlsMode,
+}
+
+/// Status of a weft policy resource.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `Accepted`: True once the policy is in force, False with the validation error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CRD manifests of the chart, as (file name, YAML), in a stable order.
+pub fn files() -> Vec<(String, String)> {
+    [AccessPolicy::crd(), PeerAuthentication::crd()]
+        .into_iter()
+        .map(|crd| {
+            let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"));
+            // Serializing generated API types into YAML cannot fail (no maps with non-string
+            // keys, no non-finite floats).
+            let yaml = serde_yaml::to_string(&crd).expect("BUG: CRD serializes to YAML");
+            (name, format!("{HEADER}{yaml}"))
+        })
+        .collect()
+}
+
+/// Where the chart's CRDs live, relative to the workspace root.
+pub const CHART_CRD_DIR: &str = "deploy/helm/weft/crds";
+
+const HEADER: &str =
+    "# Generated by `cargo xtask gen` from agent/src/source/kube/crd.rs: do not edit.\n";
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn generated_crds_in_the_chart_are_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(CHART_CRD_DIR);
+        for (name, yaml) in files() {
+            let path = dir.join(&name);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == yaml,
+                "{} is stale or missing: run `cargo xtask gen` and commit the result",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn schemas_validate_what_the_api_server_can_check() {
+        let crd = serde_json::to_value(AccessPolicy::crd()).unwrap();
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1");
+        assert!(version["subresources"]["status"].is_object());
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["action"]));
+        assert_eq!(
+            spec["properties"]["action"]["enum"],
+            serde_json::json!(["ALLOW", "DENY"])
+        );
+        let rule = &spec["properties"]["rules"]["items"]["properties"];
+        assert_eq!(rule["toPorts"]["items"]["x-kubernetes-int-or-string"], true);
+        assert_eq!(rule["methods"]["items"]["pattern"], "^[A-Z]+$");
+        assert_eq!(rule["from"]["items"]["minProperties"], 1);
+        let columns: Vec<_> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(columns, ["Action", "Accepted", "Age"]);
+
+        let crd = serde_json::to_value(PeerAuthentication::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(
+            spec["properties"]["mtls"]["properties"]["mode"]["enum"],
+            serde_json::json!(["STRICT", "PERMISSIVE", "DISABLED"])
+        );
+    }
+
+    #[test]
+    fn a_policy_resource_reads_the_file_syntax() {
+        let policy: AccessPolicy = serde_yaml::from_str(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: api-allow, namespace: prod}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+    - from: [{serviceAccounts: ["web/front"]}]
+      toPorts: [8080, "9000-9100"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(policy.spec.action, Action::Allow);
+        assert_eq!(policy.spec.rules[0].to_ports.len(), 2);
+    }
+}

@@ -1,0 +1,275 @@
+//! API objects → the small items the caches keep: only the fields the snapshot uses, parsed
+//! and validated once, when the object arrives. `Ok(None)` is an object the proxy has no use
+//! for (a pod without an IP yet, a host-network pod, an FQDN slice); `Err` names the field.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{ResourceExt, core::DynamicObject};
+use serde::de::DeserializeOwned;
+
+use super::crd::{AccessPolicySpec, PeerAuthenticationSpec};
+use crate::{
+    source::syntax::{self, Invalid},
+    state::{AccessPolicy, MtlsMode, WorkloadRef},
+};
+
+/// A namespace: whether its pods are in the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct NamespaceItem {
+    pub enabled: bool,
+}
+
+/// A pod, on this node or another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PodItem {
+    /// The key of `NodePods`.
+    pub uid: String,
+    pub name: WorkloadRef,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    /// All labels: policy and PeerAuthentication selectors match them, and the opt-out
+    /// label is one of them.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A service with a virtual IP (or a headless one, which has none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ServiceItem {
+    pub name: WorkloadRef,
+    pub vips: Vec<IpAddr>,
+    /// TCP ports only: the proxy carries TCP.
+    pub ports: Vec<ServicePortItem>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ServicePortItem {
+    /// Matches the endpoint slices' port names (None for a service's single unnamed port).
+    pub name: Option<String>,
+    pub port: u16,
+    pub target: TargetPort,
+}
+
+/// `spec.ports[].targetPort`: a number, or a container port name the slices resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum TargetPort {
+    Number(u16),
+    Named(String),
+}
+
+/// An endpoint slice: ready endpoint addresses of one service, and their port numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SliceItem {
+    pub service: WorkloadRef,
+    pub ports: Vec<(Option<String>, u16)>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A PeerAuthentication: the mode of its namespace, or of the workloads it selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PeerAuthItem {
+    pub namespace: String,
+    /// None: the whole namespace.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+}
+
+pub(super) fn namespace(namespace: Namespace) -> Result<Option<NamespaceItem>, Invalid> {
+    let enabled = namespace.labels().get(MESH_LABEL).map(String::as_str) == Some(ENABLED);
+    Ok(Some(NamespaceItem { enabled }))
+}
+
+pub(super) fn pod(pod: Pod) -> Result<Option<PodItem>, Invalid> {
+    let name = WorkloadRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+    let uid = pod.uid().unwrap_or_default();
+    let labels = pod.metadata.labels.unwrap_or_default();
+    let spec = pod.spec.unwrap_or_default();
+    let status = pod.status.unwrap_or_default();
+    // A host-network pod shares the node's IP and network namespace: never meshed, and its
+    // IP must not be mistaken for a pod's.
+    if spec.host_network == Some(true) {
+        return Ok(None);
+    }
+    // A finished pod's IP may already belong to a new pod.
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Ok(None);
+    }
+    let ips = match status.pod_ips.filter(|ips| !ips.is_empty()) {
+        Some(ips) => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| syntax::ip(&format!("status.podIPs[{i}].ip"), &ip.ip))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => match status.pod_ip.filter(|ip| !ip.is_empty()) {
+            Some(ip) => vec![syntax::ip("status.podIP", &ip)?],
+            None => Vec::new(),
+        },
+    };
+    let node = spec.node_name.unwrap_or_default();
+    // Not scheduled or no sandbox yet: nothing to reach, nothing to enroll.
+    if ips.is_empty() || node.is_empty() || uid.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(PodItem {
+        uid,
+        name,
+        service_account: spec
+            .service_account_name
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        ips,
+        node,
+        labels,
+    }))
+}
+
+pub(super) fn service(service: Service) -> Result<Option<ServiceItem>, Invalid> {
+    let name = WorkloadRef::new(service.namespace().unwrap_or_default(), service.name_any());
+    let spec = service.spec.unwrap_or_default();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let cluster_ips = match spec.cluster_ips.filter(|ips| !ips.is_empty()) {
+        Some(ips) => ips,
+        None => spec.cluster_ip.into_iter().collect(),
+    };
+    let vips = cluster_ips
+        .iter()
+        .enumerate()
+        .filter(|(_, ip)| !ip.is_empty() && ip.as_str() != "None")
+        .map(|(i, ip)| syntax::ip(&format!("spec.clusterIPs[{i}]"), ip))
+        .collect::<Result<_, _>>()?;
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        let number = port_number(&format!("spec.ports[{i}].port"), port.port)?;
+        let target = match port.target_port {
+            None => TargetPort::Number(number),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(port_number(&format!("spec.ports[{i}].targetPort"), n)?)
+            }
+            Some(IntOrString::String(name)) => TargetPort::Named(name),
+        };
+        ports.push(ServicePortItem {
+            name: port.name.filter(|n| !n.is_empty()),
+            port: number,
+            target,
+        });
+    }
+    Ok(Some(ServiceItem { name, vips, ports }))
+}
+
+pub(super) fn endpoint_slice(slice: EndpointSlice) -> Result<Option<SliceItem>, Invalid> {
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        return Ok(None);
+    }
+    let Some(service) = slice.labels().get(SERVICE_NAME_LABEL).cloned() else {
+        return Ok(None);
+    };
+    let service = WorkloadRef::new(slice.namespace().unwrap_or_default(), service);
+    let mut ports = Vec::new();
+    for (i, port) in slice.ports.unwrap_or_default().into_iter().enumerate() {
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        // No port number means "all ports", which only headless selectorless slices use.
+        let Some(number) = port.port else { continue };
+        let number = port_number(&format!("ports[{i}].port"), number)?;
+        ports.push((port.name.filter(|n| !n.is_empty()), number));
+    }
+    let mut addresses = Vec::new();
+    for (i, endpoint) in slice.endpoints.iter().enumerate() {
+        // Unset readiness means ready (the EndpointSlice API's rule).
+        let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+        if !ready {
+            continue;
+        }
+        for (j, address) in endpoint.addresses.iter().enumerate() {
+            addresses.push(syntax::ip(
+                &format!("endpoints[{i}].addresses[{j}]"),
+                address,
+            )?);
+        }
+    }
+    Ok(Some(SliceItem {
+        service,
+        ports,
+        addresses,
+    }))
+}
+
+pub(super) fn access_policy(object: DynamicObject) -> Result<Option<AccessPolicy>, Invalid> {
+    let name = WorkloadRef::new(object.namespace().unwrap_or_default(), object.name_any());
+    let spec: AccessPolicySpec = spec_of(&object)?;
+    syntax::access_policy("spec", name, spec.selector, spec.action, spec.rules).map(Some)
+}
+
+pub(super) fn peer_authentication(object: DynamicObject) -> Result<Option<PeerAuthItem>, Invalid> {
+    let spec: PeerAuthenticationSpec = spec_of(&object)?;
+    let selector = spec
+        .selector
+        .map(|s| syntax::labels("spec.selector.matchLabels", s.match_labels))
+        .transpose()?
+        // An empty selector selects the whole namespace, as no selector does.
+        .filter(|labels| !labels.is_empty());
+    Ok(Some(PeerAuthItem {
+        namespace: object.namespace().unwrap_or_default(),
+        selector,
+        mode: spec.mtls.mode,
+    }))
+}
+
+/// The `spec` of a weft resource as `S`. Read through serde_yaml (JSON is YAML) because its
+/// errors carry the path of the field at fault (`rules[0].toPorts[1]`) and serde_json's do not.
+fn spec_of<S: DeserializeOwned>(object: &DynamicObject) -> Result<S, Invalid> {
+    let Some(spec) = object.data.get("spec") else {
+        return Err(Invalid {
+            field: "spec".into(),
+            reason: "missing".into(),
+        });
+    };
+    let text = spec.to_string();
+    serde_yaml::from_str(&text).map_err(|e| {
+        let message = e.to_string();
+        // "at line 1 column 80" points into our re-encoding, not into the user's object.
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m);
+        match message.split_once(": ") {
+            Some((path, reason)) if !path.contains(' ') => Invalid {
+                field: format!("spec.{path}"),
+                reason: reason.into(),
+            },
+            _ => Invalid {
+                field: "spec".into(),
+                reason: message.into(),
+            },
+        }
+    })
+}
+
+fn port_number(field: &str, port: i32) -> Result<u16, Invalid> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Invalid {
+            field: field.into(),
+            reason: format!("{port} is not a port (1-65535)"),
+        })
+}
+
+/// The enrollment label of namespaces (`enabled`) and pods (`disabled` opts out).
+pub(super) const MESH_LABEL: &str = "weft.dev/mesh";
+pub(super) const ENABLED: &str = "enabled";
+pub(super) const DISABLED: &str = "disabled";
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -1,0 +1,459 @@
+//! One list+watch per kind into a cache of projected items (a reflector that stores only
+//! what `project` keeps). Lists page by page, then watches from the list's resourceVersion
+//! (with bookmarks, so a quiet kind's version stays fresh); a `410 Gone` re-lists, any other
+//! error is retried with exponential backoff and marks the kind's watch down in `Health`
+//! until the next list or watch opens.
+//!
+//! A re-list replaces the cache whole (objects deleted while the watch was down disappear),
+//! except that an object whose new version is rejected keeps its last good version.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Debug,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use http_body_util::BodyExt;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{ListParams, WatchEvent, WatchParams},
+    core::Status,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{sync::Notify, task::JoinSet};
+use tracing::{debug, info, warn};
+
+use super::{
+    Config, Health, Kind, Rejected,
+    project::{NamespaceItem, PeerAuthItem, PodItem, ServiceItem, SliceItem},
+};
+use crate::{
+    source::{SourceStatus, syntax::Invalid},
+    state::AccessPolicy,
+};
+
+/// Retry delays after an API error: doubling from `initial` up to `max`, reset by success.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// Every kind's cache, behind one lock so a snapshot is built from one consistent view.
+pub(super) struct Caches {
+    stores: Mutex<Stores>,
+    changed: Notify,
+    health: Arc<Health>,
+    status: Arc<SourceStatus>,
+}
+
+#[derive(Default)]
+pub(super) struct Stores {
+    pub namespaces: Store<NamespaceItem>,
+    pub local_pods: Store<PodItem>,
+    pub remote_pods: Store<PodItem>,
+    pub services: Store<ServiceItem>,
+    pub slices: Store<SliceItem>,
+    pub policies: Store<AccessPolicy>,
+    pub peer_authentications: Store<PeerAuthItem>,
+}
+
+/// Items of one kind by `namespace/name`, and the objects currently rejected.
+pub(super) struct Store<T> {
+    pub items: BTreeMap<String, T>,
+    rejected: HashMap<String, Rejected>,
+}
+
+/// Converts an API object into what the cache keeps; `Ok(None)`: nothing the proxy needs
+/// (a pod without an IP yet, a slice of no service).
+pub(super) type Project<K, T> = fn(K) -> Result<Option<T>, Invalid>;
+
+/// Picks a kind's store out of `Stores`.
+pub(super) type StoreOf<T> = fn(&mut Stores) -> &mut Store<T>;
+
+/// Starts watches into `caches`.
+pub(super) struct Spawner<'a> {
+    pub config: &'a Config,
+    pub caches: &'a Arc<Caches>,
+    pub watches: &'a mut JoinSet<()>,
+}
+
+impl Caches {
+    pub fn new(health: Arc<Health>, status: Arc<SourceStatus>) -> Self {
+        Self {
+            stores: Mutex::default(),
+            changed: Notify::new(),
+            health,
+            status,
+        }
+    }
+
+    /// Resolves after the next change of any cache (at once if one happened since the
+    /// last call: changes are never lost, and a burst of them wakes the builder once).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Stores> {
+        // A poisoned lock only means a panic elsewhere while holding plain data: still valid.
+        self.stores.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies an added or modified object.
+    fn apply<T>(
+        &self,
+        kind: Kind,
+        store: StoreOf<T>,
+        key: String,
+        item: Result<Option<T>, Invalid>,
+    ) {
+        let mut stores = self.lock();
+        let store = store(&mut stores);
+        match item {
+            Ok(Some(item)) => {
+                store.items.insert(key.clone(), item);
+                store.rejected.remove(&key);
+            }
+            Ok(None) => {
+                store.items.remove(&key);
+                store.rejected.remove(&key);
+            }
+            Err(invalid) => self.reject(kind, store, key, invalid),
+        }
+        let counts = store.counts();
+        drop(stores);
+        self.health.update(kind, |h| set_counts(h, counts));
+        self.changed.notify_one();
+    }
+
+    fn delete<T>(&self, kind: Kind, store: StoreOf<T>, key: &str) {
+        let mut stores = self.lock();
+        let store = store(&mut stores);
+        store.items.remove(key);
+        store.rejected.remove(key);
+        let counts = store.counts();
+        drop(stores);
+        self.health.update(kind, |h| set_counts(h, counts));
+        self.changed.notify_one();
+    }
+
+    /// Replaces a kind's cache with a full list.
+    fn replace<T>(
+        &self,
+        kind: Kind,
+        store: StoreOf<T>,
+        listed: Vec<(String, Result<Option<T>, Invalid>)>,
+    ) {
+        let mut stores = self.lock();
+        let store = store(&mut stores);
+        let mut old = std::mem::take(&mut store.items);
+        let old_rejected = std::mem::take(&mut store.rejected);
+        for (key, item) in listed {
+            match item {
+                Ok(Some(item)) => {
+                    store.items.insert(key, item);
+                }
+                Ok(None) => {}
+                Err(invalid) => {
+                    if let Some(last_good) = old.remove(&key) {
+                        store.items.insert(key.clone(), last_good);
+                    }
+                    // Counted once per new reason, not again at every re-list.
+                    match old_rejected.get(&key) {
+                        Some(seen) if seen.invalid == invalid => {
+                            store.rejected.insert(key, seen.clone());
+                        }
+                        _ => self.reject(kind, store, key, invalid),
+                    }
+                }
+            }
+        }
+        let counts = store.counts();
+        drop(stores);
+        self.health.update(kind, |h| {
+            set_counts(h, counts);
+            h.synced = true;
+            h.up = true;
+            h.last_error = None;
+        });
+        self.changed.notify_one();
+    }
+
+    fn reject<T>(&self, kind: Kind, store: &mut Store<T>, key: String, invalid: Invalid) {
+        let rejected = Rejected {
+            kind,
+            object: key.clone(),
+            invalid,
+        };
+        let kept = if store.items.contains_key(&key) {
+            "its last good version stays in force"
+        } else {
+            "it is left out"
+        };
+        warn!(component = "kubernetes", kind = kind.api_kind(), object = %key,
+            error = %rejected.invalid, "object rejected; {kept}");
+        self.status.rejected(&rejected);
+        let message = rejected.to_string();
+        self.health
+            .update(kind, |h| h.last_rejection = Some(message));
+        store.rejected.insert(key, rejected);
+    }
+}
+
+impl<T> Store<T> {
+    /// (items, rejected objects).
+    fn counts(&self) -> (u64, u64) {
+        (self.items.len() as u64, self.rejected.len() as u64)
+    }
+}
+
+/// Records a kind's counts; a kind with no rejected object has no last rejection.
+fn set_counts(health: &mut super::WatchHealth, (objects, rejected): (u64, u64)) {
+    health.objects = objects;
+    health.rejected = rejected;
+    if rejected == 0 {
+        health.last_rejection = None;
+    }
+}
+
+impl<T> Default for Store<T> {
+    fn default() -> Self {
+        Self {
+            items: BTreeMap::new(),
+            rejected: HashMap::new(),
+        }
+    }
+}
+
+impl Spawner<'_> {
+    /// Starts the list+watch of `kind` through `api` (restricted by `field_selector`),
+    /// projecting objects with `project` into the store `store` picks.
+    pub fn watch<K, T>(
+        &mut self,
+        api: Api<K>,
+        kind: Kind,
+        field_selector: Option<String>,
+        project: Project<K, T>,
+        store: StoreOf<T>,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let reflector = Reflector {
+            client: api.clone().into_client(),
+            api,
+            kind,
+            field_selector,
+            project,
+            store,
+            caches: Arc::clone(self.caches),
+            page_size: self.config.page_size,
+            watch_timeout_secs: self.config.watch_timeout_secs,
+            backoff: self.config.backoff,
+        };
+        self.watches.spawn(reflector.run());
+    }
+}
+
+struct Reflector<K, T> {
+    api: Api<K>,
+    client: kube::Client,
+    kind: Kind,
+    field_selector: Option<String>,
+    project: Project<K, T>,
+    store: StoreOf<T>,
+    caches: Arc<Caches>,
+    page_size: u32,
+    watch_timeout_secs: u32,
+    backoff: Backoff,
+}
+
+/// How one list or watch ended, when it did not fail.
+enum Ended {
+    /// Listed in full at this resourceVersion.
+    Listed(String),
+    /// The server closed the watch (its timeout): re-open from the version we have.
+    Closed,
+    /// The version we have is too old (410 Gone): list again.
+    Expired,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error("{0}")]
+    Api(#[from] kube::Error),
+    #[error("API server error {}: {}", .0.code, .0.message)]
+    Status(Box<Status>),
+    #[error("cannot decode a watch event: {0}")]
+    Decode(#[source] serde_json::Error),
+}
+
+impl<K, T> Reflector<K, T>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    T: Send + 'static,
+{
+    async fn run(self) {
+        let mut version: Option<String> = None;
+        let mut delay = self.backoff.initial;
+        loop {
+            let ended = match &version {
+                None => self.list().await,
+                Some(v) => self.watch(v.clone(), &mut version).await,
+            };
+            match ended {
+                Ok(Ended::Listed(v)) => {
+                    debug!(component = "kubernetes", kind = %self.kind, version = %v, "listed");
+                    version = Some(v);
+                    delay = self.backoff.initial;
+                }
+                Ok(Ended::Closed) => delay = self.backoff.initial,
+                Ok(Ended::Expired) => {
+                    info!(component = "kubernetes", kind = %self.kind,
+                        "watch version expired (410 Gone); listing again");
+                    version = None;
+                }
+                Err(e) => {
+                    if is_gone(&e) {
+                        version = None;
+                    }
+                    warn!(component = "kubernetes", kind = %self.kind, error = %e,
+                        retry_in = ?delay, "Kubernetes API request failed; the cache of this kind is stale until it recovers");
+                    let message = e.to_string();
+                    self.caches.health.update(self.kind, |h| {
+                        h.up = false;
+                        h.errors_total += 1;
+                        h.last_error = Some(message);
+                    });
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.backoff.max);
+                }
+            }
+        }
+    }
+
+    /// Lists every object, page by page, projecting each page as it arrives.
+    async fn list(&self) -> Result<Ended, WatchError> {
+        let mut listed = Vec::new();
+        let mut params = ListParams {
+            field_selector: self.field_selector.clone(),
+            limit: Some(self.page_size),
+            ..ListParams::default()
+        };
+        loop {
+            let page = self.api.list(&params).await?;
+            for object in page.items {
+                listed.push((key(&object), (self.project)(object)));
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params.continue_token = Some(token),
+                None => {
+                    let version = page.metadata.resource_version.unwrap_or_default();
+                    self.caches.replace(self.kind, self.store, listed);
+                    return Ok(Ended::Listed(version));
+                }
+            }
+        }
+    }
+
+    /// Watches from `from` until the server closes the watch; keeps `version` current.
+    async fn watch(&self, from: String, version: &mut Option<String>) -> Result<Ended, WatchError> {
+        let mut body = self.open_watch(&from).await?;
+        self.caches.health.update(self.kind, |h| {
+            h.up = true;
+            h.last_error = None;
+        });
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let event: WatchEvent<K> =
+                    serde_json::from_slice(&line).map_err(WatchError::Decode)?;
+                if let Some(ended) = self.event(event, version)? {
+                    return Ok(ended);
+                }
+            }
+        }
+        Ok(Ended::Closed)
+    }
+
+    /// Opens a watch from `from`. Done here rather than with `Api::watch`, which reads an
+    /// error response (a 503 of an API server in trouble) as a watch without events and so
+    /// would hide the outage.
+    async fn open_watch(&self, from: &str) -> Result<kube::client::Body, WatchError> {
+        let params = WatchParams {
+            field_selector: self.field_selector.clone(),
+            timeout: Some(self.watch_timeout_secs),
+            bookmarks: true,
+            ..WatchParams::default()
+        };
+        let request = kube::core::Request::new(self.api.resource_url())
+            .watch(&params, from)
+            .map_err(|e| WatchError::Api(kube::Error::BuildRequest(e)))?;
+        let response = self
+            .client
+            .send(request.map(kube::client::Body::from))
+            .await?;
+        let code = response.status();
+        if code.is_success() {
+            return Ok(response.into_body());
+        }
+        let text = response.into_body().collect().await?.to_bytes();
+        let status = serde_json::from_slice::<Status>(&text).unwrap_or_else(|_| {
+            Status::failure(&String::from_utf8_lossy(&text), "").with_code(code.as_u16())
+        });
+        Err(WatchError::Status(Box::new(status)))
+    }
+
+    /// Applies one watch event; `Some` when it ends the watch.
+    fn event(
+        &self,
+        event: WatchEvent<K>,
+        version: &mut Option<String>,
+    ) -> Result<Option<Ended>, WatchError> {
+        match event {
+            WatchEvent::Added(object) | WatchEvent::Modified(object) => {
+                *version = object.resource_version();
+                let key = key(&object);
+                self.caches
+                    .apply(self.kind, self.store, key, (self.project)(object));
+            }
+            WatchEvent::Deleted(object) => {
+                *version = object.resource_version();
+                self.caches.delete(self.kind, self.store, &key(&object));
+            }
+            WatchEvent::Bookmark(bookmark) => {
+                *version = Some(bookmark.metadata.resource_version);
+            }
+            WatchEvent::Error(status) if status.code == GONE => return Ok(Some(Ended::Expired)),
+            WatchEvent::Error(status) => return Err(WatchError::Status(status)),
+        }
+        Ok(None)
+    }
+}
+
+fn key<K: Resource>(object: &K) -> String {
+    match object.namespace() {
+        Some(namespace) => format!("{namespace}/{}", object.name_any()),
+        None => object.name_any(),
+    }
+}
+
+fn is_gone(e: &WatchError) -> bool {
+    match e {
+        WatchError::Api(kube::Error::Api(status)) | WatchError::Status(status) => {
+            status.code == GONE
+        }
+        WatchError::Api(_) | WatchError::Decode(_) => false,
+    }
+}
+
+const GONE: u16 = 410;

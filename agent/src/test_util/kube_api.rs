@@ -1,0 +1,471 @@
+//! A fake Kubernetes API server on loopback, for tests of anything that lists and watches
+//! (there is no kube-apiserver on the test machines, and a real one would not let a test
+//! break it on cue).
+//!
+//! It serves any collection path (`/api/v1/pods`, `/apis/weft.dev/v1alpha1/accesspolicies`)
+//! cluster-wide: `GET` lists (with `limit`/`continue` paging and `fieldSelector` `=`/`!=`
+//! on dotted paths such as `spec.nodeName`), and `?watch=true` streams the changes after
+//! `resourceVersion` as newline-delimited watch events. Every write bumps one global
+//! resourceVersion, as etcd does. A test adds, updates and deletes objects (`apply`,
+//! `delete`), and breaks the server: `fail_next` (HTTP 500s), `set_down` (503 and every watch
+//! closed), `close_watches`, `fail_watches` (an ERROR event on each watch), `expire` (watches
+//! from older versions get `410 Gone`, so clients must re-list) and `bookmark`.
+//! Not modelled: namespaced paths, label selectors, watch timeouts, writes through the API.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use kube::Resource;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+
+/// The server; stops when dropped.
+pub struct FakeApi {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    /// Watches from a version below this one are answered `410 Gone`.
+    oldest_watchable: u64,
+    collections: HashMap<String, Collection>,
+    fail_next: u32,
+    down: bool,
+    watchers: Vec<Watcher>,
+    requests: Vec<String>,
+}
+
+#[derive(Default)]
+struct Collection {
+    api_version: String,
+    kind: String,
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change: (version, event type, object).
+    log: Vec<(u64, &'static str, Value)>,
+}
+
+struct Watcher {
+    path: String,
+    selector: Vec<FieldRequirement>,
+    bookmarks: bool,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Clone, Debug)]
+struct FieldRequirement {
+    path: String,
+    value: String,
+    equal: bool,
+}
+
+/// A response body: all at once, or a watch stream.
+enum FakeBody {
+    Full(Option<Bytes>),
+    Stream(mpsc::UnboundedReceiver<Bytes>),
+}
+
+impl FakeApi {
+    /// Starts a server on 127.0.0.1 with no objects.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake API server");
+        let addr = listener.local_addr().expect("fake API server address");
+        let state = Arc::new(Mutex::new(State {
+            version: 1,
+            ..State::default()
+        }));
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// Client settings for this server (build the client as the code under test does,
+    /// e.g. with `source::kube::client_from`).
+    pub fn config(&self) -> kube::Config {
+        let url = format!("http://{}", self.addr)
+            .parse()
+            .expect("loopback URL");
+        kube::Config::new(url)
+    }
+
+    /// Adds or replaces `object` (ADDED or MODIFIED to watchers).
+    pub fn apply<K: Resource<DynamicType = ()> + Serialize>(&self, object: &K) {
+        self.apply_value::<K>(serde_json::to_value(object).expect("serialize a test object"));
+    }
+
+    /// Adds or replaces an object given as JSON, in `K`'s collection: for objects that
+    /// `K` itself cannot represent (a malformed custom resource).
+    pub fn apply_value<K: Resource<DynamicType = ()>>(&self, mut object: Value) {
+        let path = K::url_path(&(), None);
+        object["apiVersion"] = K::api_version(&()).into_owned().into();
+        object["kind"] = K::kind(&()).into_owned().into();
+        let key = key_of(&object);
+        let mut state = self.lock();
+        state.version += 1;
+        let version = state.version;
+        object["metadata"]["resourceVersion"] = version.to_string().into();
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = format!("uid-{}-{}", key.0, key.1).into();
+        }
+        let collection = state.collection::<K>(&path);
+        let event = if collection.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        collection.objects.insert(key, object.clone());
+        collection.log.push((version, event, object.clone()));
+        state.notify(&path, event, &object);
+    }
+
+    /// Deletes an object of `K` (DELETED to watchers); a no-op if there is none.
+    pub fn delete<K: Resource<DynamicType = ()>>(&self, namespace: Option<&str>, name: &str) {
+        let path = K::url_path(&(), None);
+        let key = (namespace.unwrap_or_default().to_owned(), name.to_owned());
+        let mut state = self.lock();
+        state.version += 1;
+        let version = state.version;
+        let collection = state.collection::<K>(&path);
+        let Some(mut object) = collection.objects.remove(&key) else {
+            return;
+        };
+        object["metadata"]["resourceVersion"] = version.to_string().into();
+        collection.log.push((version, "DELETED", object.clone()));
+        state.notify(&path, "DELETED", &object);
+    }
+
+    /// Answers the next `n` requests with `500 Internal Server Error`.
+    pub fn fail_next(&self, n: u32) {
+        self.lock().fail_next = n;
+    }
+
+    /// While down, every request gets `503 Service Unavailable`; going down closes every
+    /// open watch.
+    pub fn set_down(&self, down: bool) {
+        let mut state = self.lock();
+        state.down = down;
+        if down {
+            state.watchers.clear();
+        }
+    }
+
+    /// Ends every open watch, as a restarting API server or a dropped connection does.
+    pub fn close_watches(&self) {
+        self.lock().watchers.clear();
+    }
+
+    /// Sends an ERROR event with `code` on every open watch and ends it.
+    pub fn fail_watches(&self, code: u16) {
+        let mut state = self.lock();
+        for watcher in state.watchers.drain(..) {
+            let _ = watcher.tx.send(line(&error_event(code)));
+        }
+    }
+
+    /// Compacts history: watches from a version before now get `410 Gone`. Open watches
+    /// are closed, so their clients come back and find out.
+    pub fn expire(&self) {
+        let mut state = self.lock();
+        state.oldest_watchable = state.version + 1;
+        state.watchers.clear();
+    }
+
+    /// Sends a BOOKMARK at the current version on every watch that asked for bookmarks.
+    pub fn bookmark(&self) {
+        let mut state = self.lock();
+        let version = state.version.to_string();
+        state.watchers.retain(|w| {
+            if !w.bookmarks {
+                return true;
+            }
+            let object = json!({"kind": "Bookmark", "apiVersion": "v1",
+                "metadata": {"resourceVersion": version}});
+            w.tx.send(line(&json!({"type": "BOOKMARK", "object": object})))
+                .is_ok()
+        });
+    }
+
+    /// Every request so far, as `path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+
+    /// Number of open watch streams.
+    pub fn open_watches(&self) -> usize {
+        let mut state = self.lock();
+        state.watchers.retain(|w| !w.tx.is_closed());
+        state.watchers.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl State {
+    fn collection<K: Resource<DynamicType = ()>>(&mut self, path: &str) -> &mut Collection {
+        let collection = self.collections.entry(path.to_owned()).or_default();
+        collection.api_version = K::api_version(&()).into_owned();
+        collection.kind = K::kind(&()).into_owned();
+        collection
+    }
+
+    fn notify(&mut self, path: &str, event: &str, object: &Value) {
+        let line = line(&json!({"type": event, "object": object}));
+        self.watchers.retain(|w| {
+            if w.path != path || !matches(&w.selector, object) {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(line.clone()).is_ok()
+        });
+    }
+}
+
+fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
+    let path = req.uri().path().to_owned();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect();
+    let mut state = lock(state);
+    state
+        .requests
+        .push(format!("{path}?{}", req.uri().query().unwrap_or_default()));
+    if state.down {
+        return status_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the fake API server is down",
+        );
+    }
+    if state.fail_next > 0 {
+        state.fail_next -= 1;
+        return status_response(StatusCode::INTERNAL_SERVER_ERROR, "injected failure");
+    }
+    let selector = parse_selector(query.get("fieldSelector").map_or("", String::as_str));
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    if watch {
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (tx, rx) = mpsc::unbounded_channel();
+        if from < state.oldest_watchable {
+            let _ = tx.send(line(&error_event(410)));
+            drop(tx);
+        } else {
+            if let Some(collection) = state.collections.get(&path) {
+                for (version, event, object) in &collection.log {
+                    if *version > from && matches(&selector, object) {
+                        let _ = tx.send(line(&json!({"type": event, "object": object})));
+                    }
+                }
+            }
+            let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+            state.watchers.push(Watcher {
+                path,
+                selector,
+                bookmarks,
+                tx,
+            });
+        }
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(FakeBody::Stream(rx))
+            .expect("valid response");
+    }
+
+    let version = state.version;
+    let (api_version, kind, items): (String, String, Vec<&Value>) =
+        match state.collections.get(&path) {
+            Some(c) => (
+                c.api_version.clone(),
+                format!("{}List", c.kind),
+                c.objects
+                    .values()
+                    .filter(|o| matches(&selector, o))
+                    .collect(),
+            ),
+            None => ("v1".into(), "List".into(), Vec::new()),
+        };
+    // continue = "<version of the first page>:<offset>", so every page reports the version
+    // the client must watch from.
+    let (list_version, offset) = query
+        .get("continue")
+        .and_then(|c| c.split_once(':'))
+        .and_then(|(v, o)| Some((v.parse().ok()?, o.parse().ok()?)))
+        .unwrap_or((version, 0usize));
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let page: Vec<&Value> = items.iter().skip(offset).take(limit).copied().collect();
+    let next = offset.saturating_add(limit);
+    let mut metadata = json!({"resourceVersion": list_version.to_string()});
+    if next < items.len() {
+        metadata["continue"] = format!("{list_version}:{next}").into();
+    }
+    let body =
+        json!({"apiVersion": api_version, "kind": kind, "metadata": metadata, "items": page});
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(FakeBody::Full(Some(Bytes::from(body.to_string()))))
+        .expect("valid response")
+}
+
+impl Body for FakeBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            FakeBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            FakeBody::Stream(rx) => rx.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d)))),
+        }
+    }
+}
+
+fn status_response(code: StatusCode, message: &str) -> Response<FakeBody> {
+    let body = status(code.as_u16(), message);
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(FakeBody::Full(Some(Bytes::from(body.to_string()))))
+        .expect("valid response")
+}
+
+fn status(code: u16, message: &str) -> Value {
+    let reason = match code {
+        410 => "Expired",
+        503 => "ServiceUnavailable",
+        _ => "InternalError",
+    };
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code})
+}
+
+fn error_event(code: u16) -> Value {
+    let message = if code == 410 {
+        "too old resource version"
+    } else {
+        "injected watch error"
+    };
+    json!({"type": "ERROR", "object": status(code, message)})
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = value.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    (
+        text(&object["metadata"]["namespace"]),
+        text(&object["metadata"]["name"]),
+    )
+}
+
+fn parse_selector(text: &str) -> Vec<FieldRequirement> {
+    text.split(',')
+        .filter(|t| !t.is_empty())
+        .filter_map(|t| {
+            if let Some((path, value)) = t.split_once("!=") {
+                Some((path, value, false))
+            } else {
+                let (path, value) = t.split_once('=')?;
+                Some((path, value.strip_prefix('=').unwrap_or(value), true))
+            }
+        })
+        .map(|(path, value, equal)| FieldRequirement {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            equal,
+        })
+        .collect()
+}
+
+fn matches(selector: &[FieldRequirement], object: &Value) -> bool {
+    selector.iter().all(|r| {
+        let value = r
+            .path
+            .split('.')
+            .fold(object, |v, part| &v[part])
+            .as_str()
+            .unwrap_or_default();
+        (value == r.value) == r.equal
+    })
+}
+
+/// Percent-decoding of a query component (`+` is a space).
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A poisoned lock only means a panicking test thread: the data is still usable.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
