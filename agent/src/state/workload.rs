@@ -45,6 +45,15 @@ pub enum Location {
         /// `/run/netns/x` or `/proc/<pid>/ns/net`.
         netns: PathBuf,
     },
+    /// On this node, known by its Kubernetes pod UID (the Kubernetes source, or `podUid:` in
+    /// the local file). `netns` is filled in by `source::node_pods::join` once the node has
+    /// seen the pod (CNI ADD or cgroup discovery); until then the pod cannot be entered.
+    Pod {
+        /// `metadata.uid` of the pod.
+        uid: String,
+        /// The pod's network namespace, once the node knows it.
+        netns: Option<PathBuf>,
+    },
     /// On another node, whose agent enrolls it.
     Remote {
         /// The other node's name.
@@ -56,8 +65,19 @@ impl Workload {
     /// The pod's network namespace, if it runs on this node.
     pub fn netns(&self) -> Option<&PathBuf> {
         match &self.location {
-            Location::Local { netns } => Some(netns),
-            Location::Remote { .. } => None,
+            Location::Local { netns }
+            | Location::Pod {
+                netns: Some(netns), ..
+            } => Some(netns),
+            Location::Pod { netns: None, .. } | Location::Remote { .. } => None,
+        }
+    }
+
+    /// The Kubernetes pod UID, for a pod of this node known by it.
+    pub fn pod_uid(&self) -> Option<&str> {
+        match &self.location {
+            Location::Pod { uid, .. } => Some(uid),
+            Location::Local { .. } | Location::Remote { .. } => None,
         }
     }
 
