@@ -14,14 +14,18 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin,
+    admin, cni,
     config::Config,
     ebpf::{self, Dataplane},
-    enroll::{self, Enroller},
+    enroll::{self, Enroller, discover},
     identity::{self, CertManager, CertSource},
     proxy::{self, Connections, Proxy, hbone},
     readiness::Ready,
-    source::{self, SourceStatus, file::FileDoc},
+    source::{
+        self, SourceStatus,
+        file::FileDoc,
+        node_pods::{self, NodePods},
+    },
     state::{MeshSettings, Snapshot},
     telemetry,
 };
@@ -36,6 +40,12 @@ pub enum Error {
     HomeNetns(#[source] std::io::Error),
     #[error(transparent)]
     Identity(#[from] identity::Error),
+    #[error(transparent)]
+    Cni(#[from] cni::server::Error),
+    // Fatal at start-up: the first enrollment pass would otherwise drop pods a previous
+    // agent enrolled (they look gone), and they would run unmeshed.
+    #[error("pod discovery at start-up failed: {0}")]
+    Discovery(#[from] discover::Error),
 }
 
 /// Runs the agent until it is told to stop.
@@ -73,9 +83,26 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         }
     };
 
+    // The node's own view of its pods, complete before the first enrollment pass: pods
+    // enrolled by a previous agent must be found again, not dropped as gone.
+    let node_pods = Arc::new(NodePods::new());
+    if let Some(discovery) = &config.discovery {
+        let applied = discover::reconcile(discovery, &node_pods)?;
+        info!(
+            component = "discovery",
+            pods = applied.recorded.len(),
+            "pods discovered at start-up"
+        );
+        tokio::spawn(discover::watch(discovery.clone(), Arc::clone(&node_pods)));
+    }
+
     let source_status = Arc::new(SourceStatus::default());
     source_status.accepted();
-    let (state_tx, mut state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    // The file's snapshot, then joined with the node's pods (workloads known by pod UID).
+    let (raw_tx, raw_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    let (state_tx, mut state_rx) =
+        watch::channel(Arc::new(node_pods::join(&doc.snapshot, &node_pods)));
+    let (enrolled_tx, enrolled_rx) = watch::channel(None);
     let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
     let connections = Arc::new(Connections::new(
         state_rx.clone(),
@@ -117,9 +144,22 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         config.config_path.clone(),
         config.reload_interval,
         doc,
-        state_tx,
+        raw_tx,
         source_status,
     ));
+    tokio::spawn(node_pods::follow(raw_rx, Arc::clone(&node_pods), state_tx));
+    if let Some(cni) = &config.cni {
+        let server = cni::server::Server::bind(cni.clone())?;
+        tokio::spawn(server.run(cni::server::Inputs {
+            pods: Arc::clone(&node_pods),
+            state: state_rx.clone(),
+            enrolled: enrolled_rx,
+            identity: certs.clone().map(|certs| cni::server::Identity {
+                certs,
+                trust_domain: config.identity.trust_domain.clone(),
+            }),
+        }));
+    }
 
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
@@ -150,6 +190,8 @@ pub async fn run(config: Config, doc: FileDoc) -> Result<(), Error> {
         proxy_handle.apply_policies(&snapshot);
         let all_enrolled = enroller.reconcile(&snapshot);
         *lock(&enroll_status) = enroller.status();
+        // After the pass: the CNI server vouches for a pod only once it sees it here.
+        enrolled_tx.send_replace(Some(Arc::new(enroller.status())));
         ready.set(
             "enroll",
             if all_enrolled {
