@@ -44,7 +44,7 @@ pub enum Error {
     Cni(#[from] cni::server::Error),
     // Fatal at start-up: the first enrollment pass would otherwise drop pods a previous
     // agent enrolled (they look gone), and they would run unmeshed.
-    #[error("pod discovery at start-up failed: {0}")]
+    #[error(transparent)]
     Discovery(#[from] discover::Error),
 }
 

@@ -89,8 +89,14 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
-        "cannot read the host's network namespace {path}: {source} (is the host's /proc mounted there? agent.discovery.procRoot)"
+        "{path} is not a /proc: {source} (is the host's /proc mounted there? agent.discovery.procRoot)"
     )]
+    ProcRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the agent's own network namespace {path}: {source}")]
     HostNetns {
         path: PathBuf,
         #[source]
@@ -100,11 +106,22 @@ pub enum Error {
 
 /// Walks the tree under `config.cgroup_root` (both drivers; a missing root is no pods).
 pub fn scan(config: &Config) -> Result<Scan, Error> {
-    let host_netns = config.proc_root.join("1/ns/net");
-    let host = netns_id(&host_netns).map_err(|source| Error::HostNetns {
-        path: host_netns.clone(),
+    let uptime = config.proc_root.join("uptime");
+    fs::metadata(&uptime).map_err(|source| Error::ProcRoot {
+        path: config.proc_root.clone(),
         source,
     })?;
+    // The agent runs in the node's netns (hostNetwork): pods sharing it are hostNetwork pods.
+    let own = Path::new("/proc/self/ns/net");
+    let host = netns_id(own).map_err(|source| Error::HostNetns {
+        path: own.to_owned(),
+        source,
+    })?;
+    scan_against(config, host)
+}
+
+/// [`scan`], with the node's netns given (device, inode).
+fn scan_against(config: &Config, host: (u64, u64)) -> Result<Scan, Error> {
     let mut scan = Scan::default();
     for driver in [Driver::Systemd, Driver::Cgroupfs] {
         let root = config.cgroup_root.join(driver.root());

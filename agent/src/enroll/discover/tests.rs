@@ -61,6 +61,11 @@ impl FakeHost {
         fs::write(dir.join("cgroup.procs"), procs).unwrap();
     }
 
+    /// The (device, inode) of `pid`'s netns.
+    fn id(&self, pid: u32) -> (u64, u64) {
+        netns_id(&self.netns(pid)).unwrap()
+    }
+
     fn netns(&self, pid: u32) -> PathBuf {
         self.dir.path().join(format!("proc/{pid}/ns/net"))
     }
@@ -115,7 +120,7 @@ fn systemd_driver_pods_of_every_qos_class_are_found_at_their_sandbox_netns() {
     )
     .unwrap();
 
-    let scan = scan(&host.config()).unwrap();
+    let scan = scan_against(&host.config(), host.id(1)).unwrap();
     assert!(scan.unreachable.is_empty(), "{:?}", scan.unreachable);
     let found: Vec<(&str, PathBuf)> = scan
         .pods
@@ -156,7 +161,7 @@ fn cgroupfs_driver_pods_are_found_for_containerd_and_cri_o() {
     host.process(300, 700, None);
     host.container(&format!("kubepods/pod{UID_C}/{SANDBOX}"), &[300]);
 
-    let scan = scan(&host.config()).unwrap();
+    let scan = scan_against(&host.config(), host.id(1)).unwrap();
     assert!(scan.unreachable.is_empty(), "{:?}", scan.unreachable);
     assert_eq!(scan.pods[UID_A].netns, host.netns(101));
     assert_eq!(scan.pods[UID_B].netns, host.netns(201));
@@ -174,7 +179,7 @@ fn pods_without_a_usable_netns_are_reported_with_the_reason() {
     // The agent outside the host PID namespace sees pids as 0.
     host.container(&format!("kubepods/burstable/pod{UID_C}/{SANDBOX}"), &[0]);
 
-    let scan = scan(&host.config()).unwrap();
+    let scan = scan_against(&host.config(), host.id(1)).unwrap();
     assert!(scan.pods.is_empty(), "{:?}", scan.pods);
     assert_eq!(scan.host_network, [UID_A.to_string()].into());
     assert!(!scan.unreachable.contains_key(UID_A));
@@ -193,8 +198,13 @@ fn pods_without_a_usable_netns_are_reported_with_the_reason() {
 #[test]
 fn a_host_without_kubepods_has_no_pods_but_a_wrong_proc_root_is_an_error() {
     let host = FakeHost::new();
-    assert_eq!(scan(&host.config()).unwrap(), Scan::default());
+    assert_eq!(
+        scan_against(&host.config(), host.id(1)).unwrap(),
+        Scan::default()
+    );
     let mut config = host.config();
+    config.proc_root = "/proc".into();
+    assert_eq!(scan(&config).unwrap(), Scan::default());
     config.proc_root = host.dir.path().join("nope");
     let err = scan(&config).unwrap_err().to_string();
     assert!(err.contains("agent.discovery.procRoot"), "{err}");
@@ -244,7 +254,7 @@ fn apply_records_new_pods_keeps_valid_ones_and_forgets_the_gone() {
         },
     );
 
-    let applied = apply(&scan(&host.config()).unwrap(), &pods);
+    let applied = apply(&scan_against(&host.config(), host.id(1)).unwrap(), &pods);
     assert_eq!(applied.recorded, vec![UID_B.to_string()]);
     let mut forgotten = applied.forgotten.clone();
     forgotten.sort();
@@ -254,7 +264,7 @@ fn apply_records_new_pods_keeps_valid_ones_and_forgets_the_gone() {
     assert_eq!(pods.netns(early), Some(host.netns(1)));
     // Nothing changed: nothing to do.
     assert_eq!(
-        apply(&scan(&host.config()).unwrap(), &pods),
+        apply(&scan_against(&host.config(), host.id(1)).unwrap(), &pods),
         Applied::default()
     );
 }
