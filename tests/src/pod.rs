@@ -32,6 +32,7 @@ pub struct PodBuilder<'a> {
     enrolled: bool,
     mtls_mode: Option<String>,
     labels: BTreeMap<String, String>,
+    pod_uid: Option<String>,
 }
 
 /// A pod of a node. Cheap handle; the node owns (and deletes) what the pod is made of.
@@ -50,6 +51,9 @@ pub(crate) struct PodSpec {
     pub mtls_mode: Option<String>,
     /// Kubernetes labels (policies select workloads by them).
     pub labels: BTreeMap<String, String>,
+    /// Known to the agent by pod UID (`podUid:`) instead of by netns path: the agent
+    /// learns the netns from the CNI plugin or from discovery.
+    pub pod_uid: Option<String>,
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
@@ -65,6 +69,7 @@ impl<'a> PodBuilder<'a> {
             enrolled: true,
             mtls_mode: None,
             labels: BTreeMap::new(),
+            pod_uid: None,
         }
     }
 
@@ -97,6 +102,12 @@ impl<'a> PodBuilder<'a> {
         self
     }
 
+    /// Names the pod by Kubernetes UID in the agent config instead of by netns path.
+    pub fn pod_uid(mut self, uid: &str) -> Self {
+        self.pod_uid = Some(uid.to_string());
+        self
+    }
+
     /// Creates the pod's netns, veth, addresses and cgroup.
     pub fn create(self) -> Result<TestPod> {
         let node = &self.node.inner;
@@ -121,6 +132,7 @@ impl<'a> PodBuilder<'a> {
             enrolled: Cell::new(self.enrolled),
             mtls_mode: self.mtls_mode,
             labels: self.labels,
+            pod_uid: self.pod_uid,
             ip,
             netns: netns.clone(),
             cgroup: cgroup.clone(),
@@ -222,6 +234,27 @@ impl TestPod {
             &Placement {
                 netns: &netns,
                 cgroup: Some(&cgroup),
+            },
+        )
+    }
+
+    /// Starts a process in the pod's netns but in `cgroup` (a directory the caller made
+    /// under the node's cgroup root, e.g. laid out as the kubelet lays out pods).
+    pub fn spawn_in_cgroup(
+        &self,
+        cmd: Command,
+        name: &str,
+        cgroup: &std::path::Path,
+    ) -> Result<TestProcess> {
+        let netns = self.netns_path();
+        let name = format!("{}-{name}", self.name());
+        TestProcess::spawn(
+            cmd,
+            &name,
+            unique_path(&self.node.dir_path, &name, "out"),
+            &Placement {
+                netns: &netns,
+                cgroup: Some(cgroup),
             },
         )
     }
