@@ -289,6 +289,9 @@ impl TestNode {
                 });
                 if let Some(uid) = &p.pod_uid {
                     workload["podUid"] = json!(uid);
+                    if !p.probe_ports.is_empty() {
+                        workload["probePorts"] = json!(p.probe_ports);
+                    }
                     if let Some(w) = workload.as_object_mut() {
                         w.remove("netns");
                     }

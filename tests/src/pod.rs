@@ -33,6 +33,7 @@ pub struct PodBuilder<'a> {
     mtls_mode: Option<String>,
     labels: BTreeMap<String, String>,
     pod_uid: Option<String>,
+    probe_ports: Vec<u16>,
 }
 
 /// A pod of a node. Cheap handle; the node owns (and deletes) what the pod is made of.
@@ -54,6 +55,8 @@ pub(crate) struct PodSpec {
     /// Known to the agent by pod UID (`podUid:`) instead of by netns path: the agent
     /// learns the netns from the CNI plugin or from discovery.
     pub pod_uid: Option<String>,
+    /// With `pod_uid`: the ports the kubelet's probes use (`probePorts:`).
+    pub probe_ports: Vec<u16>,
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
@@ -70,6 +73,7 @@ impl<'a> PodBuilder<'a> {
             mtls_mode: None,
             labels: BTreeMap::new(),
             pod_uid: None,
+            probe_ports: Vec::new(),
         }
     }
 
@@ -108,6 +112,12 @@ impl<'a> PodBuilder<'a> {
         self
     }
 
+    /// The ports the kubelet would probe (with [`PodBuilder::pod_uid`]).
+    pub fn probe_ports(mut self, ports: &[u16]) -> Self {
+        self.probe_ports = ports.to_vec();
+        self
+    }
+
     /// Creates the pod's netns, veth, addresses and cgroup.
     pub fn create(self) -> Result<TestPod> {
         let node = &self.node.inner;
@@ -133,6 +143,7 @@ impl<'a> PodBuilder<'a> {
             mtls_mode: self.mtls_mode,
             labels: self.labels,
             pod_uid: self.pod_uid,
+            probe_ports: self.probe_ports,
             ip,
             netns: netns.clone(),
             cgroup: cgroup.clone(),

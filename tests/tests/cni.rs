@@ -7,6 +7,9 @@
 //!   with real processes in real network namespaces, and keeps them enrolled across an
 //!   agent restart.
 //!
+//! - kubelet probes (plaintext from the node) reach a STRICT pod on its probe ports, and
+//!   nothing else in plaintext does.
+//!
 //! Pods here are known to the agent by pod UID (`podUid:` in the local config), as the
 //! Kubernetes source knows them: they become local only when the node learns their netns.
 
@@ -28,6 +31,7 @@ use weft_tests::{
 const CLIENT_UID: &str = "0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11";
 const OTHER_UID: &str = "6f0e5b2c-1a2b-4c3d-8e9f-0a1b2c3d4e5f";
 const ECHO_PORT: u16 = 8080;
+const PROBE_PORT: u16 = 8081;
 
 #[test]
 fn cni_add_enrolls_the_pod_before_its_first_connection_and_del_releases_it() -> Result<()> {
@@ -297,6 +301,71 @@ fn discovery_enrolls_pods_of_a_kubelet_cgroup_tree_of_either_driver() -> Result<
         "the other pod must stay"
     );
     Ok(())
+}
+
+#[test]
+fn kubelet_probes_reach_a_strict_pod_from_the_node_and_nothing_else_does() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let server = node
+        .pod("server")
+        .service_account("server")
+        .pod_uid(CLIENT_UID)
+        .mtls_mode("STRICT")
+        .probe_ports(&[PROBE_PORT])
+        .create()?;
+    let outsider = node.pod("outsider").enrolled(false).create()?;
+    let runtime = Runtime::install(&node)?;
+    let agent = node.start_agent()?;
+    let _probe = app::serve(&server, PROBE_PORT, Mode::Echo)?;
+    let _app = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    let add = runtime.call("ADD", &server, "default", CLIENT_UID)?;
+    ensure!(add.status.success(), "ADD failed: {}", show(&add));
+
+    // The kubelet, from the node's netns, on the probe port: in.
+    let probe = send_from_node(&node, server.addr(PROBE_PORT).into())?;
+    ensure!(probe.is_ok(), "probe from the node refused: {probe:?}");
+    agent.expect_record("the probe, inbound in plaintext", |r| {
+        r.direction == "inbound"
+            && r.pod == server.pod_ref()
+            && r.dst == server.addr(PROBE_PORT).to_string()
+            && r.error.is_none()
+    });
+    // From the node to another port, and from a pod to the probe port: refused (STRICT).
+    let other_port = send_from_node(&node, server.addr(ECHO_PORT).into())?;
+    ensure!(
+        other_port.is_err(),
+        "plaintext from the node to a non-probe port got in"
+    );
+    let from_pod = app::send(&outsider, server.addr(PROBE_PORT).into(), 100, 5);
+    ensure!(
+        from_pod.as_ref().map_or(true, |r| r.received_bytes == 0),
+        "plaintext from a pod to the probe port got in: {from_pod:?}"
+    );
+    Ok(())
+}
+
+/// `weft-testapp send` of 100 bytes from the node's netns (where the kubelet runs): `Ok`
+/// with the output when the echo came back whole.
+fn send_from_node(node: &TestNode, to: std::net::SocketAddr) -> Result<Result<String, String>> {
+    let mut cmd = Command::new(app::testapp_bin());
+    cmd.args([
+        "send",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        "100",
+        "--seed",
+        "9",
+    ]);
+    let done = node.spawn(cmd, "probe")?.wait(Duration::from_secs(20))?;
+    Ok(
+        if done.status.success() && done.output.contains("received bytes=100 ") {
+            Ok(done.output)
+        } else {
+            Err(done.output)
+        },
+    )
 }
 
 /// A CNI setup as a container runtime has it: a bin dir and a conf dir with a primary

@@ -368,6 +368,7 @@ mod tests {
                 Some(uid) => Location::Pod {
                     uid: uid.into(),
                     netns: Some("/run/netns/cni-1".into()),
+                    probe_ports: vec![],
                 },
                 None => Location::Remote { node: "b".into() },
             },

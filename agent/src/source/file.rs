@@ -194,6 +194,9 @@ struct RawWorkload {
     /// Instead of `netns`: the Kubernetes pod UID; the pod becomes local once the node
     /// learns its netns (CNI ADD or discovery).
     pod_uid: Option<String>,
+    /// With `pod_uid`: the ports the kubelet's probes use.
+    #[serde(default)]
+    probe_ports: Vec<u16>,
     node: Option<String>,
     enrolled: Option<bool>,
     mtls_mode: Option<MtlsMode>,
@@ -444,6 +447,15 @@ impl Validator<'_> {
         }
         let ips = self.ips(&format!("{field}.ips"), &raw.ips)?;
         let enrolled = raw.enrolled.unwrap_or(true);
+        if !raw.probe_ports.is_empty() && raw.pod_uid.is_none() {
+            return Err(self.invalid(
+                format!("{field}.probePorts"),
+                "only for a pod known by podUid (kubelet probes come with Kubernetes pods)".into(),
+            ));
+        }
+        for (i, port) in raw.probe_ports.iter().enumerate() {
+            self.port(&format!("{field}.probePorts[{i}]"), *port)?;
+        }
         let location = match (raw.node, raw.netns, raw.pod_uid) {
             (Some(node), _, _) if node != self.node => Location::Remote { node },
             (_, Some(_), Some(_)) => {
@@ -455,6 +467,7 @@ impl Validator<'_> {
             (_, None, Some(uid)) => Location::Pod {
                 uid: self.pod_uid(&format!("{field}.podUid"), uid)?,
                 netns: None,
+                probe_ports: raw.probe_ports,
             },
             (_, Some(netns), None) => {
                 // Only enrolled pods are entered; checking here turns a typo into a rejected
@@ -957,6 +970,25 @@ services:
         .unwrap_err();
         assert!(err.contains("workloads[0].podUid"), "{err}");
         assert!(err.contains("not both"), "{err}");
+        let probed = parse_str(&text.replace(
+            &format!("podUid: {uid}"),
+            &format!("podUid: {uid}\n    probePorts: [8080, 9090]"),
+        ))
+        .unwrap();
+        let client = &probed.snapshot.workloads[&WorkloadRef::new("default", "client")];
+        assert_eq!(client.probe_ports(), [8080, 9090]);
+        let err = parse_str(&GOOD.replace(
+            "netns: /proc/self/ns/net",
+            "netns: /proc/self/ns/net\n    probePorts: [8080]",
+        ))
+        .unwrap_err();
+        assert!(err.contains("workloads[0].probePorts"), "{err}");
+        let err = parse_str(&text.replace(
+            &format!("podUid: {uid}"),
+            &format!("podUid: {uid}\n    probePorts: [0]"),
+        ))
+        .unwrap_err();
+        assert!(err.contains("workloads[0].probePorts[0]"), "{err}");
         let err =
             parse_str(&GOOD.replace("netns: /proc/self/ns/net", "podUid: Pod_1")).unwrap_err();
         assert!(err.contains("workloads[0].podUid"), "{err}");

@@ -118,7 +118,7 @@ pub fn join(snapshot: &Snapshot, pods: &NodePods) -> Snapshot {
     // Derived lookups are rebuilt on first use (they may hold the unjoined workloads).
     joined.index = Default::default();
     for workload in joined.workloads.values_mut() {
-        if let Location::Pod { uid, netns } = &mut workload.location {
+        if let Location::Pod { uid, netns, .. } = &mut workload.location {
             *netns = known.get(uid.as_str()).map(|p| p.netns.clone());
         }
     }
@@ -164,6 +164,7 @@ mod tests {
             location: Location::Pod {
                 uid: uid.into(),
                 netns: None,
+                probe_ports: vec![],
             },
             enrolled: true,
             mtls_mode: None,
