@@ -235,18 +235,7 @@ impl TestPod {
 
     /// Starts a process inside the pod (its cgroup and its netns).
     pub fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess> {
-        let netns = self.netns_path();
-        let cgroup = self.cgroup();
-        let name = format!("{}-{name}", self.name());
-        TestProcess::spawn(
-            cmd,
-            &name,
-            unique_path(&self.node.dir_path, &name, "out"),
-            &Placement {
-                netns: &netns,
-                cgroup: Some(&cgroup),
-            },
-        )
+        self.spawn_in_cgroup(cmd, name, &self.cgroup())
     }
 
     /// Starts a process in the pod's netns but in `cgroup` (a directory the caller made

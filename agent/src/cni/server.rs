@@ -460,24 +460,47 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn add_waits_for_enrollment_and_del_forgets() {
-        let pods = Arc::new(NodePods::new());
-        let (_state_tx, state_rx) = watch::channel(Arc::new(state(true, Some(UID))));
-        let (enrolled_tx, enrolled_rx) = watch::channel(None);
-        let inputs = Inputs {
-            pods: Arc::clone(&pods),
-            state: state_rx,
-            enrolled: enrolled_rx,
-            identity: None,
-        };
-        let request = Request {
+    fn add(netns: &str) -> Request {
+        Request {
             command: Command::Add,
             pod: pod("shop"),
             container_id: "c1".into(),
-            netns: Some("/run/netns/cni-1".into()),
+            netns: Some(netns.into()),
             ips: vec![],
-        };
+        }
+    }
+
+    /// Inputs over `state` and `enrolled`, with the senders that keep them open.
+    struct Fixture {
+        inputs: Inputs,
+        _state: watch::Sender<Arc<Snapshot>>,
+        enrolled: watch::Sender<Option<Arc<EnrollStatus>>>,
+    }
+
+    fn fixture(pods: &Arc<NodePods>, state: Snapshot, enrolled: Option<EnrollStatus>) -> Fixture {
+        let (state_tx, state_rx) = watch::channel(Arc::new(state));
+        let (enrolled_tx, enrolled_rx) = watch::channel(enrolled.map(Arc::new));
+        Fixture {
+            inputs: Inputs {
+                pods: Arc::clone(pods),
+                state: state_rx,
+                enrolled: enrolled_rx,
+                identity: None,
+            },
+            _state: state_tx,
+            enrolled: enrolled_tx,
+        }
+    }
+
+    #[tokio::test]
+    async fn add_waits_for_enrollment_and_del_forgets() {
+        let pods = Arc::new(NodePods::new());
+        let Fixture {
+            inputs,
+            _state,
+            enrolled: enrolled_tx,
+        } = fixture(&pods, state(true, Some(UID)), None);
+        let request = add("/run/netns/cni-1");
         // Before the first enrollment pass: not ready, and nothing recorded.
         assert!(matches!(
             handle(request.clone(), inputs.clone(), Duration::from_secs(5)).await,
@@ -514,25 +537,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn add_fails_when_enrollment_does_not_finish_in_time() {
-        let (_state_tx, state_rx) = watch::channel(Arc::new(state(true, Some(UID))));
-        let (_enrolled_tx, enrolled_rx) = watch::channel(Some(Arc::new(EnrollStatus {
+        let none = EnrollStatus {
             enrolled: vec![],
             failed: Default::default(),
-        })));
-        let inputs = Inputs {
-            pods: Arc::new(NodePods::new()),
-            state: state_rx,
-            enrolled: enrolled_rx,
-            identity: None,
         };
-        let request = Request {
-            command: Command::Add,
-            pod: pod("shop"),
-            container_id: "c1".into(),
-            netns: Some("/run/netns/cni-1".into()),
-            ips: vec![],
-        };
-        let reply = handle(request, inputs, Duration::from_secs(3)).await;
+        let pods = Arc::new(NodePods::new());
+        let f = fixture(&pods, state(true, Some(UID)), Some(none));
+        let reply = handle(
+            add("/run/netns/cni-1"),
+            f.inputs.clone(),
+            Duration::from_secs(3),
+        )
+        .await;
         assert!(
             matches!(&reply, Reply::Failed { reason } if reason.contains("not enrolled yet")),
             "{reply:?}"
