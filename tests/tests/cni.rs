@@ -17,7 +17,7 @@ use std::{
     io::Write,
     path::PathBuf,
     process::{Command, Output, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
@@ -56,7 +56,13 @@ fn cni_add_enrolls_the_pod_before_its_first_connection_and_del_releases_it() -> 
         "the client was proxied before CNI ADD"
     );
 
+    let started = Instant::now();
     let add = runtime.call("ADD", &client, "default", CLIENT_UID)?;
+    // Measured, never asserted (DESIGN: no timing pass/fail in tests).
+    eprintln!(
+        "CNI ADD until enrolled (exec, enrollment, certificate): {:?}",
+        started.elapsed()
+    );
     ensure!(add.status.success(), "ADD failed: {}", show(&add));
     let result: Value = serde_json::from_slice(&add.stdout).context("ADD printed no result")?;
     ensure!(
