@@ -303,6 +303,15 @@ impl Config {
                 )?,
             }),
         };
+        if cni.is_some() && discovery.is_none() {
+            // Fail closed: the pods the plugin told a previous agent about are known to a
+            // restarted one only through discovery; without it they would be dropped from
+            // the pinned state and run unmeshed.
+            return Err(invalid(
+                "agent.discovery",
+                "required with agent.cni: a restarted agent finds the pods enrolled through CNI by discovery".into(),
+            ));
+        }
         Ok(Self {
             node: agent.node.clone().unwrap_or_else(hostname),
             config_path: config_path.to_owned(),
@@ -497,6 +506,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("agent.cni.enrollTimeout"), "{err}");
+        let err = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\ncni: {}"),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("agent.discovery: required with agent.cni"),
+            "{err}"
+        );
     }
 
     #[test]

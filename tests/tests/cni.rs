@@ -405,6 +405,12 @@ impl Runtime {
         let conflist: Value =
             serde_json::from_slice(&std::fs::read(conf.join("10-bridge.conflist"))?)?;
         node.set_agent_setting("cni", json!({ "socket": socket.display().to_string() }));
+        // Required with `cni`; the node's cgroup tree has no kubelet layout here (the
+        // discovery test builds one).
+        node.set_agent_setting(
+            "discovery",
+            json!({ "cgroupRoot": node.cgroup_root().display().to_string() }),
+        );
         Ok(Self {
             _dir: dir,
             bin,
