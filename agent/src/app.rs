@@ -14,14 +14,18 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin,
+    admin, cni,
     config::Config,
     ebpf::{self, Dataplane},
-    enroll::{self, Enroller},
+    enroll::{self, Enroller, discover},
     identity::{self, CertManager, CertSource},
     proxy::{self, Connections, Proxy, hbone},
     readiness::Ready,
-    source::{self, SourceStatus, file::FileDoc, node_pods::NodePods},
+    source::{
+        self, SourceStatus,
+        file::FileDoc,
+        node_pods::{self, NodePods},
+    },
     state::{MeshSettings, Snapshot},
     telemetry,
 };
@@ -38,6 +42,12 @@ pub enum Error {
     Identity(#[from] identity::Error),
     #[error(transparent)]
     Kube(#[from] source::kube::Error),
+    #[error(transparent)]
+    Cni(#[from] cni::server::Error),
+    // Fatal at start-up: the first enrollment pass would otherwise drop pods a previous
+    // agent enrolled (they look gone), and they would run unmeshed.
+    #[error(transparent)]
+    Discovery(#[from] discover::Error),
 }
 
 /// Where the agent's state comes from after start-up.
@@ -92,10 +102,25 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         // The file read at start-up is the first accepted snapshot.
         source_status.accepted();
     }
-    // Pod UID -> netns, for the Kubernetes source to find this node's pods.
+    // The node's own view of its pods, complete before the first enrollment pass: pods
+    // enrolled by a previous agent must be found again, not dropped as gone.
     let node_pods = Arc::new(NodePods::new());
+    if let Some(discovery) = &config.discovery {
+        let applied = discover::reconcile(discovery, &node_pods)?;
+        info!(
+            component = "discovery",
+            pods = applied.recorded.len(),
+            "pods discovered at start-up"
+        );
+        tokio::spawn(discover::watch(discovery.clone(), Arc::clone(&node_pods)));
+    }
     let kube_health = Arc::new(source::kube::Health::default());
-    let (state_tx, mut state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    // The source's snapshot, then joined with the node's pods (workloads known by pod UID):
+    // one join for both sources.
+    let (raw_tx, raw_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    let (state_tx, mut state_rx) =
+        watch::channel(Arc::new(node_pods::join(&doc.snapshot, &node_pods)));
+    let (enrolled_tx, enrolled_rx) = watch::channel(None);
     let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
     if matches!(source, Source::Kubernetes(_)) {
         metrics.register_collector(source::kube::Metrics::new(Arc::clone(&kube_health)));
@@ -143,7 +168,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 config.config_path.clone(),
                 config.reload_interval,
                 doc,
-                state_tx,
+                raw_tx,
                 source_status,
             ));
         }
@@ -154,8 +179,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 client,
                 kube_config,
                 doc.snapshot.mesh.clone(),
-                Arc::clone(&node_pods),
-                state_tx,
+                raw_tx,
                 source::kube::Report {
                     status: source_status,
                     health: kube_health,
@@ -163,6 +187,19 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 },
             ));
         }
+    }
+    tokio::spawn(node_pods::follow(raw_rx, Arc::clone(&node_pods), state_tx));
+    if let Some(cni) = &config.cni {
+        let server = cni::server::Server::bind(cni.clone())?;
+        tokio::spawn(server.run(cni::server::Inputs {
+            pods: Arc::clone(&node_pods),
+            state: state_rx.clone(),
+            enrolled: enrolled_rx,
+            identity: certs.clone().map(|certs| cni::server::Identity {
+                certs,
+                trust_domain: config.identity.trust_domain.clone(),
+            }),
+        }));
     }
     if from_cluster {
         // Reconciling the empty start-up snapshot would un-enroll the pods a previous agent
@@ -207,6 +244,8 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         proxy_handle.apply_policies(&snapshot);
         let all_enrolled = enroller.reconcile(&snapshot);
         *lock(&enroll_status) = enroller.status();
+        // After the pass: the CNI server vouches for a pod only once it sees it here.
+        enrolled_tx.send_replace(Some(Arc::new(enroller.status())));
         ready.set(
             "enroll",
             if all_enrolled {

@@ -1,6 +1,6 @@
-//! Command line: `weft agent`, `weft status`, `weft ca`.
+//! Command line: `weft agent`, `weft status`, `weft ca`, `weft cni`.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -23,6 +23,55 @@ pub enum Command {
     Ca(CaArgs),
     /// Remove every eBPF pin and attachment weft left on this node (leaving the mesh).
     Uninstall(UninstallArgs),
+    /// The chained CNI plugin (what the runtime runs as `weft-cni`), or its installer.
+    Cni(CniArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CniArgs {
+    /// Without a subcommand: act as the CNI plugin (CNI_* env, config on stdin).
+    #[command(subcommand)]
+    pub command: Option<CniCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy this binary to the host's CNI bin dir as `weft-cni` and append the plugin to
+    /// the primary CNI's conflist (the DaemonSet's installer container runs this).
+    Install(CniInstallArgs),
+    /// Remove the plugin from every CNI config and `weft-cni` from the bin dir.
+    Uninstall(CniDirs),
+}
+
+#[derive(Debug, Args)]
+pub struct CniDirs {
+    /// The host's CNI bin dir, as mounted here.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR", default_value = "/host/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// The host's CNI conf dir, as mounted here.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/host/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CniInstallArgs {
+    #[command(flatten)]
+    pub dirs: CniDirs,
+    /// The agent's socket as the runtime on the host sees it.
+    #[arg(long, env = "WEFT_CNI_SOCKET", default_value = crate::cni::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The mesh-namespaces file on the host (default: next to the socket).
+    #[arg(long, env = "WEFT_CNI_MESH_NAMESPACES_FILE")]
+    pub mesh_namespaces_file: Option<PathBuf>,
+    /// Keep running: re-insert the plugin whenever the primary CNI rewrites its config,
+    /// and wait for a primary config to appear.
+    #[arg(long)]
+    pub watch: bool,
+    /// How often `--watch` checks the config, humantime.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Args)]

@@ -13,7 +13,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admin, ebpf,
+    admin, cni, ebpf,
+    enroll::discover,
     identity::{self, CaSource},
     proxy, telemetry,
 };
@@ -59,6 +60,10 @@ pub struct Config {
     pub identity: identity::Config,
     /// Metric name prefix.
     pub telemetry: telemetry::Config,
+    /// The CNI plugin's socket (`agent.cni`); off without the section.
+    pub cni: Option<cni::server::Config>,
+    /// Pod discovery from the kubelet's cgroup tree (`agent.discovery`); off without it.
+    pub discovery: Option<discover::Config>,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -98,6 +103,35 @@ pub struct AgentSection {
     pub cert_lifetime: Option<String>,
     /// Where certificates come from; without it the proxy runs without mTLS.
     pub ca: Option<CaSection>,
+    /// The CNI plugin's agent side; without it no socket is served.
+    pub cni: Option<CniSection>,
+    /// Pod discovery from the node's cgroup tree; without it none runs.
+    pub discovery: Option<DiscoverySection>,
+}
+
+/// The `agent.cni:` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CniSection {
+    /// The unix socket the plugin connects to (default `/var/run/weft/cni.sock`).
+    pub socket: Option<PathBuf>,
+    /// Where the agent lists the mesh namespaces for the plugin to read while the agent
+    /// is down (default `mesh-namespaces.json` next to the socket).
+    pub mesh_namespaces_file: Option<PathBuf>,
+    /// How long a CNI ADD waits for the pod's enrollment, humantime (default `20s`).
+    pub enroll_timeout: Option<String>,
+}
+
+/// The `agent.discovery:` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DiscoverySection {
+    /// The host's cgroup2 mount as the agent sees it (default `/sys/fs/cgroup`).
+    pub cgroup_root: Option<PathBuf>,
+    /// The host's /proc as the agent sees it (default `/proc`, with `hostPID`).
+    pub proc_root: Option<PathBuf>,
+    /// How often the tree is scanned again, humantime (default `30s`).
+    pub interval: Option<String>,
 }
 
 /// The `agent.ca:` section: exactly one of `inProcess` and `remote`.
@@ -222,6 +256,62 @@ impl Config {
         .map_err(|e| invalid("agent.metricsPrefix", e.to_string()))?;
         let identity = identity_config(agent, overrides.ca_cert, overrides.ca_key)
             .map_err(|(field, reason)| invalid(field, reason))?;
+        let duration = |field: &str, value: Option<&str>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => match humantime::parse_duration(text) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(invalid(field, "must be more than 0".into())),
+                Err(e) => Err(invalid(field, format!("{text:?}: {e}"))),
+            },
+        };
+        let cni = match &agent.cni {
+            None => None,
+            Some(section) => {
+                let socket = section
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(cni::DEFAULT_SOCKET));
+                Some(cni::server::Config {
+                    mesh_namespaces_file: section
+                        .mesh_namespaces_file
+                        .clone()
+                        .unwrap_or_else(|| cni::plugin::default_mesh_namespaces_file(&socket)),
+                    socket,
+                    enroll_timeout: duration(
+                        "agent.cni.enrollTimeout",
+                        section.enroll_timeout.as_deref(),
+                        CNI_ENROLL_TIMEOUT,
+                    )?,
+                })
+            }
+        };
+        let discovery = match &agent.discovery {
+            None => None,
+            Some(section) => Some(discover::Config {
+                cgroup_root: section
+                    .cgroup_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
+                proc_root: section
+                    .proc_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/proc")),
+                interval: duration(
+                    "agent.discovery.interval",
+                    section.interval.as_deref(),
+                    DISCOVERY_INTERVAL,
+                )?,
+            }),
+        };
+        if cni.is_some() && discovery.is_none() {
+            // Fail closed: the pods the plugin told a previous agent about are known to a
+            // restarted one only through discovery; without it they would be dropped from
+            // the pinned state and run unmeshed.
+            return Err(invalid(
+                "agent.discovery",
+                "required with agent.cni: a restarted agent finds the pods enrolled through CNI by discovery".into(),
+            ));
+        }
         Ok(Self {
             node: agent.node.clone().unwrap_or_else(hostname),
             config_path: config_path.to_owned(),
@@ -241,6 +331,8 @@ impl Config {
             proxy: proxy::Config { ports, mark },
             identity,
             telemetry: telemetry::Config { metrics_prefix },
+            cni,
+            discovery,
         })
     }
 }
@@ -338,7 +430,7 @@ pub fn hostname() -> String {
 }
 
 /// Serializes a `Duration` as milliseconds in `/config_dump`.
-mod humantime_ms {
+pub(crate) mod humantime_ms {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -356,6 +448,8 @@ const HBONE_PORT: u16 = ebpf_common::config::HBONE_PORT;
 /// "we" in ASCII: distinctive in `ss -e` and packet marks, unlikely to collide with a CNI's.
 const PROXY_MARK: u32 = 0x7765;
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
+const CNI_ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
@@ -376,6 +470,53 @@ mod tests {
         assert_eq!(cfg.ebpf.pin_root, PathBuf::from("/sys/fs/bpf/weft"));
         assert_eq!(cfg.proxy.ports.outbound, 15_001);
         assert_eq!(cfg.admin.admin_addr, "127.0.0.1:15000".parse().unwrap());
+    }
+
+    #[test]
+    fn cni_and_discovery_are_off_unless_configured_and_get_defaults() {
+        let off = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert!(off.cni.is_none() && off.discovery.is_none());
+        let on = Config::new(
+            Path::new("n.yaml"),
+            &section(
+                "cgroupRoot: /a\ncni: {socket: /run/w/cni.sock}\ndiscovery: {procRoot: /host/proc}",
+            ),
+            Overrides::default(),
+        )
+        .unwrap();
+        let cni = on.cni.unwrap();
+        assert_eq!(
+            cni.mesh_namespaces_file,
+            PathBuf::from("/run/w/mesh-namespaces.json")
+        );
+        assert_eq!(cni.enroll_timeout, Duration::from_secs(20));
+        let discovery = on.discovery.unwrap();
+        assert_eq!(discovery.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(discovery.proc_root, PathBuf::from("/host/proc"));
+        let err = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\ncni: {enrollTimeout: soon}"),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("agent.cni.enrollTimeout"), "{err}");
+        let err = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\ncni: {}"),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("agent.discovery: required with agent.cni"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! A pod whose enrollment fails half-way is left steered-but-unserved (fail closed, never
 //! open) and retried at the next reconcile.
 
+pub mod discover;
 mod listeners;
 pub mod netns;
 

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;

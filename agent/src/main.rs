@@ -6,19 +6,33 @@ use anyhow::Context as _;
 use clap::Parser;
 use weft::{
     app,
-    cli::{AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, Command, StatusArgs, UninstallArgs},
+    cli::{
+        AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, CniCommand, CniDirs, CniInstallArgs,
+        Command, StatusArgs, UninstallArgs,
+    },
+    cni,
     config::{self, Config, Overrides},
     identity::ca,
     source, status, telemetry, uninstall,
 };
 
 fn main() -> ExitCode {
+    // Runtimes exec `/opt/cni/bin/<type>` with no arguments: under that name, be the plugin.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new(cni::PLUGIN_TYPE)) {
+        return cni_plugin();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => agent(args),
         Command::Status(args) => status_command(&args),
         Command::Ca(args) => ca_command(args),
         Command::Uninstall(args) => uninstall_command(&args),
+        Command::Cni(args) => match args.command {
+            None => return cni_plugin(),
+            Some(CniCommand::Install(args)) => cni_install(&args),
+            Some(CniCommand::Uninstall(dirs)) => cni_uninstall(&dirs),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +108,61 @@ fn raise_open_file_limit() {
         Ok(_) => {}
         Err(e) => tracing::warn!(component = "app", error = %e, "cannot read the open-file limit"),
     }
+}
+
+/// The CNI plugin: stdout is the runtime's (result or CNI error JSON), stderr its log.
+fn cni_plugin() -> ExitCode {
+    let outcome = cni::plugin::run(
+        std::io::stdin().lock(),
+        &cni::plugin::ProcessEnv,
+        &mut std::io::stderr(),
+    );
+    print!("{}", outcome.stdout);
+    if outcome.code == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn cni_install(args: &CniInstallArgs) -> anyhow::Result<()> {
+    use cni::install::{self, Change};
+    telemetry::init(args.log_format);
+    let exe = std::env::current_exe().context("cannot find this binary to install it")?;
+    let binary = install::install_binary(&exe, &args.dirs.bin_dir)?;
+    tracing::info!(component = "cni", binary = %binary.display(), "installed the CNI plugin binary");
+    let plugin = install::Plugin {
+        socket: args.socket.clone(),
+        mesh_namespaces_file: args.mesh_namespaces_file.clone(),
+    };
+    loop {
+        match install::ensure(&args.dirs.conf_dir, &plugin) {
+            Ok(Change::Unchanged(_)) => {}
+            Ok(Change::Inserted(path)) => {
+                tracing::info!(component = "cni", config = %path.display(), "weft-cni appended to the primary CNI config")
+            }
+            Ok(Change::Converted { from, to }) => {
+                tracing::info!(component = "cni", from = %from.display(), to = %to.display(), "primary CNI config converted to a conflist ending with weft-cni")
+            }
+            Err(e) if args.watch => {
+                tracing::warn!(component = "cni", error = %e, "cannot insert weft-cni yet; retrying")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        std::thread::sleep(args.interval);
+    }
+}
+
+fn cni_uninstall(dirs: &CniDirs) -> anyhow::Result<()> {
+    let changed = cni::install::uninstall(&dirs.conf_dir, &dirs.bin_dir)?;
+    for path in changed {
+        println!("removed weft-cni from {}", path.display());
+    }
+    println!("removed {}", dirs.bin_dir.join(cni::PLUGIN_TYPE).display());
+    Ok(())
 }
 
 fn status_command(args: &StatusArgs) -> anyhow::Result<()> {

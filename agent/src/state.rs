@@ -8,7 +8,7 @@ pub mod service;
 pub mod workload;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -34,6 +34,11 @@ pub struct Snapshot {
     pub services: BTreeMap<WorkloadRef, Service>,
     /// Access policies, by namespace/name of the policy.
     pub policies: BTreeMap<WorkloadRef, AccessPolicy>,
+    /// Namespaces labelled into the mesh, where the source knows namespace labels (the
+    /// Kubernetes source). `None` for the local file, whose workloads say it one by one.
+    /// The CNI plugin refuses an unknown pod of such a namespace rather than let it run
+    /// unmeshed.
+    pub mesh_namespaces: Option<BTreeSet<String>>,
     /// Lookups by address, built on first use: the proxy asks them on every connection,
     /// so they must not scan thousands of workloads and services.
     #[serde(skip)]

@@ -276,7 +276,7 @@ impl TestNode {
             .borrow()
             .iter()
             .map(|p| {
-                json!({
+                let mut workload = json!({
                     "name": p.name,
                     "namespace": p.namespace,
                     "serviceAccount": p.service_account,
@@ -286,7 +286,17 @@ impl TestNode {
                     "enrolled": p.enrolled.get(),
                     "mtlsMode": p.mtls_mode,
                     "labels": p.labels,
-                })
+                });
+                if let Some(uid) = &p.pod_uid {
+                    workload["podUid"] = json!(uid);
+                    if !p.probe_ports.is_empty() {
+                        workload["probePorts"] = json!(p.probe_ports);
+                    }
+                    if let Some(w) = workload.as_object_mut() {
+                        w.remove("netns");
+                    }
+                }
+                workload
             })
             .chain(self.remote_workloads())
             .collect();

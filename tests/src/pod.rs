@@ -32,6 +32,8 @@ pub struct PodBuilder<'a> {
     enrolled: bool,
     mtls_mode: Option<String>,
     labels: BTreeMap<String, String>,
+    pod_uid: Option<String>,
+    probe_ports: Vec<u16>,
 }
 
 /// A pod of a node. Cheap handle; the node owns (and deletes) what the pod is made of.
@@ -50,6 +52,11 @@ pub(crate) struct PodSpec {
     pub mtls_mode: Option<String>,
     /// Kubernetes labels (policies select workloads by them).
     pub labels: BTreeMap<String, String>,
+    /// Known to the agent by pod UID (`podUid:`) instead of by netns path: the agent
+    /// learns the netns from the CNI plugin or from discovery.
+    pub pod_uid: Option<String>,
+    /// With `pod_uid`: the ports the kubelet's probes use (`probePorts:`).
+    pub probe_ports: Vec<u16>,
     pub ip: Ipv4Addr,
     pub netns: String,
     pub cgroup: PathBuf,
@@ -65,6 +72,8 @@ impl<'a> PodBuilder<'a> {
             enrolled: true,
             mtls_mode: None,
             labels: BTreeMap::new(),
+            pod_uid: None,
+            probe_ports: Vec::new(),
         }
     }
 
@@ -97,6 +106,18 @@ impl<'a> PodBuilder<'a> {
         self
     }
 
+    /// Names the pod by Kubernetes UID in the agent config instead of by netns path.
+    pub fn pod_uid(mut self, uid: &str) -> Self {
+        self.pod_uid = Some(uid.to_string());
+        self
+    }
+
+    /// The ports the kubelet would probe (with [`PodBuilder::pod_uid`]).
+    pub fn probe_ports(mut self, ports: &[u16]) -> Self {
+        self.probe_ports = ports.to_vec();
+        self
+    }
+
     /// Creates the pod's netns, veth, addresses and cgroup.
     pub fn create(self) -> Result<TestPod> {
         let node = &self.node.inner;
@@ -121,6 +142,8 @@ impl<'a> PodBuilder<'a> {
             enrolled: Cell::new(self.enrolled),
             mtls_mode: self.mtls_mode,
             labels: self.labels,
+            pod_uid: self.pod_uid,
+            probe_ports: self.probe_ports,
             ip,
             netns: netns.clone(),
             cgroup: cgroup.clone(),
@@ -212,8 +235,18 @@ impl TestPod {
 
     /// Starts a process inside the pod (its cgroup and its netns).
     pub fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess> {
+        self.spawn_in_cgroup(cmd, name, &self.cgroup())
+    }
+
+    /// Starts a process in the pod's netns but in `cgroup` (a directory the caller made
+    /// under the node's cgroup root, e.g. laid out as the kubelet lays out pods).
+    pub fn spawn_in_cgroup(
+        &self,
+        cmd: Command,
+        name: &str,
+        cgroup: &std::path::Path,
+    ) -> Result<TestProcess> {
         let netns = self.netns_path();
-        let cgroup = self.cgroup();
         let name = format!("{}-{name}", self.name());
         TestProcess::spawn(
             cmd,
@@ -221,7 +254,7 @@ impl TestPod {
             unique_path(&self.node.dir_path, &name, "out"),
             &Placement {
                 netns: &netns,
-                cgroup: Some(&cgroup),
+                cgroup: Some(cgroup),
             },
         )
     }

@@ -271,7 +271,17 @@ fn agent_pod_has_its_host_mounts_tolerations_probe_and_rollout() -> Result<()> {
             .args
             .clone()
             .unwrap_or_default(),
-        ["cni", "install"]
+        [
+            "cni",
+            "install",
+            "--watch",
+            "--bin-dir",
+            "/opt/cni/bin",
+            "--conf-dir",
+            "/etc/cni/net.d",
+            "--socket",
+            "/var/run/weft/cni.sock"
+        ]
     );
     Ok(())
 }
@@ -438,7 +448,17 @@ fn uninstall_hook_cleans_every_node_after_its_agent_is_gone() -> Result<()> {
         BTreeMap::from([("/sys/fs/bpf".to_string(), "/sys/fs/bpf".to_string())])
     );
     let cni = container(pod, "remove-cni")?;
-    assert_eq!(cni.args.clone().unwrap_or_default(), ["cni", "uninstall"]);
+    assert_eq!(
+        cni.args.clone().unwrap_or_default(),
+        [
+            "cni",
+            "uninstall",
+            "--bin-dir",
+            "/opt/cni/bin",
+            "--conf-dir",
+            "/etc/cni/net.d"
+        ]
+    );
     let mut installer = host_mounts(agent, "cni-installer")?;
     installer.remove("/var/run/weft");
     assert_eq!(
@@ -458,44 +478,73 @@ fn the_real_agent_accepts_the_rendered_agent_yaml() -> Result<()> {
     // The agent parses and validates its whole config file before it touches the kernel, and
     // exits 2 on a config error (docs/config.md). With a pin root that is not on bpffs it then
     // stops at the first kernel step, exit 1: so exit 1 naming bpffs means the file was valid.
+    for (namespace, values) in [(DEFAULT_NS, &[][..]), (OTHER_NS, NON_DEFAULT)] {
+        let objects = render(namespace, values)?;
+        let stderr = run_with_rendered_config(&objects, "weft-agent", "agent.yaml", |cmd, dir| {
+            cmd.arg("agent")
+                .arg("--pin-root")
+                .arg(dir.join("pins"))
+                .arg("--cgroup-root")
+                .arg(dir);
+        })?;
+        assert!(stderr.contains("bpffs"), "{namespace}: {stderr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_real_ca_accepts_the_rendered_ca_yaml() -> Result<()> {
+    helm_or_skip!();
+    // `weft ca` validates ca.yaml whole first (exit 2 naming the field); a valid file in
+    // Kubernetes mode then needs the API, which this machine has not: exit 1 saying so.
+    for (namespace, values) in [(DEFAULT_NS, &[][..]), (OTHER_NS, NON_DEFAULT)] {
+        let objects = render(namespace, values)?;
+        let stderr = run_with_rendered_config(&objects, "weft-ca", "ca.yaml", |cmd, _| {
+            cmd.arg("ca");
+        })?;
+        assert!(
+            stderr.contains("cannot connect to the Kubernetes API"),
+            "{namespace}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the real `weft` with the rendered `configmap/key` as `--config` (after the
+/// arguments `args` adds, given a scratch directory) and returns its stderr; fails unless
+/// it exited 1, i.e. got past its config.
+fn run_with_rendered_config(
+    objects: &[Object],
+    configmap: &str,
+    key: &str,
+    args: impl FnOnce(&mut Command, &std::path::Path),
+) -> Result<String> {
     let bin = weft_tests::app::weft_bin();
     ensure!(
         bin.is_file(),
         "agent binary {} not found: `cargo build -p weft` (or set WEFT_BIN)",
         bin.display()
     );
-    for (namespace, values) in [(DEFAULT_NS, &[][..]), (OTHER_NS, NON_DEFAULT)] {
-        let objects = render(namespace, values)?;
-        let cm = named(&objects, "ConfigMap", "weft-agent", |o| match o {
-            Object::ConfigMap(c) => Some(c),
-            _ => None,
-        })?;
-        let text = cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get("agent.yaml"))
-            .context("agent.yaml")?;
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("agent.yaml");
-        std::fs::write(&path, text)?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(&path)
-            .arg("--pin-root")
-            .arg(dir.path().join("pins"))
-            .arg("--cgroup-root")
-            .arg(dir.path());
-        // The file is the whole truth: no flag defaults from the caller's environment.
-        for var in weft_tests::agent::OVERRIDES {
-            cmd.env_remove(var);
-        }
-        let out = cmd.output().context("run the agent")?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{namespace}: {stderr}");
-        assert!(stderr.contains("bpffs"), "{namespace}: {stderr}");
+    let text = serde_yaml::to_string(&config_file(objects, configmap, key)?)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(key);
+    std::fs::write(&path, text)?;
+    let mut cmd = Command::new(&bin);
+    args(&mut cmd, dir.path());
+    cmd.arg("--config").arg(&path);
+    // The file is the whole truth: no flag defaults from the caller's environment.
+    for var in weft_tests::agent::OVERRIDES {
+        cmd.env_remove(var);
     }
-    Ok(())
+    cmd.env_remove("KUBECONFIG");
+    let out = cmd.output().context("run weft")?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        out.status.code() == Some(1),
+        "{configmap}/{key}: exit {:?}: {stderr}",
+        out.status.code()
+    );
+    Ok(stderr)
 }
 
 #[test]

@@ -39,7 +39,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         .connections()
         .open(Direction::Inbound, pod.workload.to_string(), peer, dst);
     tracked.set_upstream(dst, None);
-    if !accepts_plaintext(proxy, pod) {
+    if !accepts_plaintext(proxy, pod) && !is_kubelet_probe(proxy, pod, peer, dst) {
         // STRICT: only HBONE gets in. Reset, so the client fails fast instead of hanging.
         warn!(component = "proxy", pod = %pod.workload, src = %peer, dst = %dst,
             reason = Error::PlaintextRefusedStrict.reason(),
@@ -215,6 +215,45 @@ fn accepts_plaintext(proxy: &Proxy, pod: &PodContext) -> bool {
         .workloads
         .get(&pod.workload)
         .is_some_and(|w| route::accepts_plaintext(&snapshot, w, proxy.mtls_on()))
+}
+
+/// Kubelet probes come in plaintext from the node itself, so a STRICT pod would fail them:
+/// let exactly those in — from one of the node's own addresses (the agent runs in the
+/// node's netns) and to a port the pod's probes use. Anything else from the node, and the
+/// node's other ports, stay refused. Policy still applies to what is let in.
+fn is_kubelet_probe(proxy: &Proxy, pod: &PodContext, peer: SocketAddr, dst: SocketAddr) -> bool {
+    let probed = proxy
+        .inner
+        .state
+        .borrow()
+        .workloads
+        .get(&pod.workload)
+        .is_some_and(|w| w.probe_ports().contains(&dst.port()));
+    if !probed || peer.ip().is_loopback() {
+        return false;
+    }
+    match node_addresses() {
+        Ok(addresses) => addresses.contains(&peer.ip()),
+        Err(e) => {
+            // Fail closed: without the node's addresses no plaintext gets in.
+            warn!(component = "proxy", error = %e, "cannot list the node's addresses; refusing a possible kubelet probe");
+            false
+        }
+    }
+}
+
+/// The addresses of the agent's (the node's) network namespace. Asked per probe
+/// connection (a few per pod every few seconds), so a changed node address never goes
+/// stale.
+fn node_addresses() -> nix::Result<Vec<std::net::IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            addr.as_sockaddr_in()
+                .map(|a| std::net::IpAddr::V4(a.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|a| std::net::IpAddr::V6(a.ip())))
+        })
+        .collect())
 }
 
 /// Mutual TLS is off on this node (no CA): the HBONE listener exists (so the port is owned

@@ -240,6 +240,12 @@ struct RawWorkload {
     #[serde(default)]
     ips: Vec<String>,
     netns: Option<PathBuf>,
+    /// Instead of `netns`: the Kubernetes pod UID; the pod becomes local once the node
+    /// learns its netns (CNI ADD or discovery).
+    pod_uid: Option<String>,
+    /// With `pod_uid`: the ports the kubelet's probes use.
+    #[serde(default)]
+    probe_ports: Vec<u16>,
     node: Option<String>,
     enrolled: Option<bool>,
     mtls_mode: Option<MtlsMode>,
@@ -313,9 +319,18 @@ impl Validator<'_> {
         let mesh = self.mesh(raw.mesh)?;
         let mut workloads = BTreeMap::new();
         let mut owner_of_ip: HashMap<IpAddr, WorkloadRef> = HashMap::new();
+        let mut owner_of_uid: HashMap<String, WorkloadRef> = HashMap::new();
         for (i, raw) in raw.workloads.into_iter().enumerate() {
             let field = format!("workloads[{i}]");
             let workload = self.workload(&field, raw)?;
+            if let Some(uid) = workload.pod_uid()
+                && let Some(other) = owner_of_uid.insert(uid.to_owned(), workload.name.clone())
+            {
+                return Err(self.invalid(
+                    format!("{field}.podUid"),
+                    format!("{uid} is already the UID of workload {other}"),
+                ));
+            }
             for (j, ip) in workload.ips.iter().enumerate() {
                 if let Some(other) = owner_of_ip.insert(*ip, workload.name.clone()) {
                     return Err(self.invalid(
@@ -345,6 +360,7 @@ impl Validator<'_> {
                 workloads,
                 services,
                 policies,
+                mesh_namespaces: None,
                 index: Default::default(),
             },
         })
@@ -409,9 +425,29 @@ impl Validator<'_> {
         }
         let ips = self.ips(&format!("{field}.ips"), &raw.ips)?;
         let enrolled = raw.enrolled.unwrap_or(true);
-        let location = match (raw.node, raw.netns) {
-            (Some(node), _) if node != self.node => Location::Remote { node },
-            (_, Some(netns)) => {
+        if !raw.probe_ports.is_empty() && raw.pod_uid.is_none() {
+            return Err(self.invalid(
+                format!("{field}.probePorts"),
+                "only for a pod known by podUid (kubelet probes come with Kubernetes pods)".into(),
+            ));
+        }
+        for (i, port) in raw.probe_ports.iter().enumerate() {
+            self.port(&format!("{field}.probePorts[{i}]"), *port)?;
+        }
+        let location = match (raw.node, raw.netns, raw.pod_uid) {
+            (Some(node), _, _) if node != self.node => Location::Remote { node },
+            (_, Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    format!("{field}.podUid"),
+                    "set either netns or podUid, not both".into(),
+                ));
+            }
+            (_, None, Some(uid)) => Location::Pod {
+                uid: self.pod_uid(&format!("{field}.podUid"), uid)?,
+                netns: None,
+                probe_ports: raw.probe_ports,
+            },
+            (_, Some(netns), None) => {
                 // Only enrolled pods are entered; checking here turns a typo into a rejected
                 // file instead of a pod that silently stays out of the mesh.
                 if enrolled && !netns.exists() {
@@ -422,10 +458,10 @@ impl Validator<'_> {
                 }
                 Location::Local { netns }
             }
-            (_, None) => {
+            (_, None, None) => {
                 return Err(self.invalid(
                     format!("{field}.netns"),
-                    "required for a pod on this node (or set `node` to the node it runs on)".into(),
+                    "required for a pod on this node (or set `podUid`, or `node` to the node it runs on)".into(),
                 ));
             }
         };
@@ -501,6 +537,18 @@ impl Validator<'_> {
 
     fn name(&self, field: &str, name: String) -> Result<String, Error> {
         syntax::name(field, name).map_err(|e| self.error(e))
+    }
+
+    /// A pod UID as Kubernetes writes them; the CNI plugin and the cgroup tree spell it
+    /// the same way.
+    fn pod_uid(&self, field: &str, uid: String) -> Result<String, Error> {
+        if !crate::source::node_pods::is_pod_uid(&uid) {
+            return Err(self.invalid(
+                field.to_owned(),
+                format!("{uid:?} is not a pod UID (lowercase hex and '-', e.g. 0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11)"),
+            ));
+        }
+        Ok(uid)
     }
 
     fn port(&self, field: &str, port: u16) -> Result<u16, Error> {
@@ -634,6 +682,56 @@ services:
     fn a_local_pod_needs_a_netns() {
         let err = parse_str(&GOOD.replace("    node: node-b\n", "")).unwrap_err();
         assert!(err.contains("workloads[2].netns"), "{err}");
+    }
+
+    #[test]
+    fn a_local_pod_may_be_known_by_uid_until_the_node_learns_its_netns() {
+        let uid = "0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11";
+        let text = GOOD.replace("netns: /proc/self/ns/net", &format!("podUid: {uid}"));
+        let doc = parse_str(&text).unwrap();
+        let client = &doc.snapshot.workloads[&WorkloadRef::new("default", "client")];
+        assert_eq!(client.pod_uid(), Some(uid));
+        assert_eq!(client.netns(), None);
+        // Not enrollable until `node_pods::join` fills in the netns.
+        assert_eq!(doc.snapshot.local_enrolled().count(), 0);
+
+        let err = parse_str(&GOOD.replace(
+            "netns: /proc/self/ns/net",
+            "netns: /proc/self/ns/net\n    podUid: 0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11",
+        ))
+        .unwrap_err();
+        assert!(err.contains("workloads[0].podUid"), "{err}");
+        assert!(err.contains("not both"), "{err}");
+        let probed = parse_str(&text.replace(
+            &format!("podUid: {uid}"),
+            &format!("podUid: {uid}\n    probePorts: [8080, 9090]"),
+        ))
+        .unwrap();
+        let client = &probed.snapshot.workloads[&WorkloadRef::new("default", "client")];
+        assert_eq!(client.probe_ports(), [8080, 9090]);
+        let err = parse_str(&GOOD.replace(
+            "netns: /proc/self/ns/net",
+            "netns: /proc/self/ns/net\n    probePorts: [8080]",
+        ))
+        .unwrap_err();
+        assert!(err.contains("workloads[0].probePorts"), "{err}");
+        let err = parse_str(&text.replace(
+            &format!("podUid: {uid}"),
+            &format!("podUid: {uid}\n    probePorts: [0]"),
+        ))
+        .unwrap_err();
+        assert!(err.contains("workloads[0].probePorts[0]"), "{err}");
+        let err =
+            parse_str(&GOOD.replace("netns: /proc/self/ns/net", "podUid: Pod_1")).unwrap_err();
+        assert!(err.contains("workloads[0].podUid"), "{err}");
+        assert!(err.contains("\"Pod_1\" is not a pod UID"), "{err}");
+        let twice = text.replace("netns: /does/not/matter", &format!("podUid: {uid}"));
+        let err = parse_str(&twice).unwrap_err();
+        assert!(err.contains("workloads[1].podUid"), "{err}");
+        assert!(
+            err.contains("already the UID of workload default/client"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ use tracing::{debug, info};
 
 use crate::{
     readiness::Ready,
-    source::{SourceStatus, node_pods::NodePods, syntax::Invalid},
+    source::{SourceStatus, syntax::Invalid},
     state::{MeshSettings, Snapshot},
 };
 
@@ -182,13 +182,13 @@ pub fn client_from(mut config: kube::Config) -> Result<kube::Client, Error> {
 }
 
 /// Runs the source until `tx` has no receivers: watches every kind, rebuilds the snapshot
-/// (debounced) on changes of the caches or of `node_pods`, and publishes it. `mesh` holds
+/// (debounced) on changes of the caches, and publishes it. This node's pods are in it by
+/// pod UID (`Location::Pod`); `source::node_pods::follow` joins in their netns. `mesh` holds
 /// the mesh-wide settings of the config file (`PeerAuthentication`s add to its mTLS modes).
 pub async fn run(
     client: kube::Client,
     config: Config,
     mesh: MeshSettings,
-    node_pods: Arc<NodePods>,
     tx: watch::Sender<Arc<Snapshot>>,
     report: Report,
 ) {
@@ -264,15 +264,9 @@ pub async fn run(
         |c| &mut c.peer_authentications,
     );
 
-    let mut pods_changed = node_pods.changes();
     loop {
         tokio::select! {
             () = caches.changed() => {}
-            changed = pods_changed.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
             () = tx.closed() => break,
             // Readiness follows the watches even when no object changes.
             () = health.changed() => {}
@@ -280,13 +274,12 @@ pub async fn run(
         // Debounce: a burst of events (a deployment rolling, a first sync) makes one
         // snapshot. Changes that arrive meanwhile are in the caches when we build.
         tokio::time::sleep(config.debounce).await;
-        pods_changed.mark_unchanged();
         let readiness = health.readiness();
         if !health.all_synced() {
             ready.set(READY_CONDITION, readiness);
             continue;
         }
-        let snapshot = build::snapshot(&caches.lock(), &mesh, &node_pods);
+        let snapshot = build::snapshot(&caches.lock(), &mesh);
         if *tx.borrow().as_ref() != snapshot || status.view().generation == 0 {
             info!(
                 component = "kubernetes",

@@ -5,15 +5,20 @@
 //! joins the two: an API pod on this node becomes a local workload once its netns is here.
 //!
 //! Input: `record` / `forget` from the CNI server and from discovery. Output: `netns(uid)`
-//! and a change counter that the Kubernetes source watches to rebuild its snapshot.
+//! and a change counter that the Kubernetes source watches to rebuild its snapshot;
+//! [`join`] is that rebuild (one function, used by every source whose workloads are known by
+//! pod UID), and [`follow`] runs it for a source that publishes raw snapshots.
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     path::PathBuf,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use tokio::sync::watch;
+
+use crate::state::{Location, Snapshot};
 
 /// Pod UID → network namespace path, shared by whoever learns and whoever reads.
 #[derive(Debug)]
@@ -27,6 +32,10 @@ pub struct NodePods {
 pub struct NodePod {
     /// `/var/run/netns/cni-…` (from the CNI plugin) or `/proc/<pid>/ns/net` (discovery).
     pub netns: PathBuf,
+    /// The pod's IPs as the CNI plugin saw them (`prevResult`): the kubelet reports them
+    /// to the API only after ADD returns, and ADD waits for the enrollment. Empty from
+    /// discovery, whose pods the API already knows with their IPs.
+    pub ips: Vec<IpAddr>,
     /// Who told us: shown in `weft status` and logs.
     pub learned_from: LearnedFrom,
 }
@@ -96,13 +105,125 @@ impl Default for NodePods {
     }
 }
 
+/// Whether `uid` is spelled as Kubernetes spells pod UIDs: a lowercase UUID (or, for
+/// static pods, a 32-digit hash). The kubelet's cgroup names and `K8S_POD_UID` use the same.
+pub fn is_pod_uid(uid: &str) -> bool {
+    (1..=36).contains(&uid.len())
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-')
+}
+
+/// `snapshot` with the netns of every pod known by UID (`Location::Pod`) filled in from
+/// what the node knows now, and cleared for pods the node does not (or no longer) know: a
+/// pod becomes local, and can be enrolled, exactly when its netns is here.
+pub fn join(snapshot: &Snapshot, pods: &NodePods) -> Snapshot {
+    let known = pods.lock();
+    let mut joined = snapshot.clone();
+    // Derived lookups are rebuilt on first use (they may hold the unjoined workloads).
+    joined.index = Default::default();
+    for workload in joined.workloads.values_mut() {
+        if let Location::Pod { uid, netns, .. } = &mut workload.location {
+            let pod = known.get(uid.as_str());
+            *netns = pod.map(|p| p.netns.clone());
+            // Until the API has the pod's IPs, those its CNI ADD reported.
+            if workload.ips.is_empty() {
+                workload.ips = pod.map(|p| p.ips.clone()).unwrap_or_default();
+            }
+        }
+    }
+    joined
+}
+
+/// Publishes `join(raw, pods)` to `tx` whenever the raw snapshot or the node's pods change.
+/// Runs until `raw` is closed or `tx` has no receivers.
+pub async fn follow(
+    mut raw: watch::Receiver<Arc<Snapshot>>,
+    pods: Arc<NodePods>,
+    tx: watch::Sender<Arc<Snapshot>>,
+) {
+    let mut changes = pods.changes();
+    loop {
+        let joined = join(&raw.borrow_and_update(), &pods);
+        changes.borrow_and_update();
+        tx.send_if_modified(|current| {
+            if **current == joined {
+                return false;
+            }
+            *current = Arc::new(joined);
+            true
+        });
+        tokio::select! {
+            changed = raw.changed() => if changed.is_err() { return },
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{Workload, WorkloadRef};
+
+    fn by_uid(name: &str, uid: &str) -> Workload {
+        Workload {
+            name: WorkloadRef::new("default", name),
+            service_account: "default".into(),
+            ips: vec!["10.1.0.2".parse().unwrap()],
+            location: Location::Pod {
+                uid: uid.into(),
+                netns: None,
+                probe_ports: vec![],
+            },
+            enrolled: true,
+            mtls_mode: None,
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_pod_known_by_uid_is_local_exactly_while_the_node_knows_its_netns() {
+        let pods = NodePods::new();
+        let mut raw = Snapshot::default();
+        let w = by_uid("web", "uid-1");
+        raw.workloads.insert(w.name.clone(), w);
+        assert_eq!(join(&raw, &pods).local_enrolled().count(), 0);
+
+        pods.record("uid-1", pod("/var/run/netns/cni-1"));
+        let joined = join(&raw, &pods);
+        let local: Vec<_> = joined.local_enrolled().collect();
+        assert_eq!(local.len(), 1);
+        assert_eq!(
+            local[0].netns(),
+            Some(&PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(local[0].pod_uid(), Some("uid-1"));
+
+        pods.forget("uid-1");
+        assert_eq!(join(&raw, &pods).local_enrolled().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn follow_republishes_when_the_node_learns_a_pod() {
+        let pods = Arc::new(NodePods::new());
+        let mut raw = Snapshot::default();
+        let w = by_uid("web", "uid-1");
+        raw.workloads.insert(w.name.clone(), w);
+        let (_raw_tx, raw_rx) = watch::channel(Arc::new(raw));
+        let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
+        tokio::spawn(follow(raw_rx, Arc::clone(&pods), tx));
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().local_enrolled().count(), 0);
+        pods.record("uid-1", pod("/proc/7/ns/net"));
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().local_enrolled().count(), 1);
+    }
 
     fn pod(netns: &str) -> NodePod {
         NodePod {
             netns: netns.into(),
+            ips: Vec::new(),
             learned_from: LearnedFrom::Cni,
         }
     }

@@ -45,6 +45,20 @@ pub enum Location {
         /// `/run/netns/x` or `/proc/<pid>/ns/net`.
         netns: PathBuf,
     },
+    /// A Kubernetes pod of this node, run by the kubelet, known by its pod UID (the
+    /// Kubernetes source, or `podUid:` in the local file). `netns` is filled in by
+    /// `source::node_pods::join` once the node has seen the pod (CNI ADD or cgroup
+    /// discovery); until then the pod cannot be entered.
+    Pod {
+        /// `metadata.uid` of the pod.
+        uid: String,
+        /// The pod's network namespace, once the node knows it.
+        netns: Option<PathBuf>,
+        /// The ports the kubelet's probes of the pod connect to (liveness, readiness and
+        /// startup; `httpGet`, `tcpSocket`, `grpc`): plaintext from the node itself to these
+        /// is let into a STRICT pod.
+        probe_ports: Vec<u16>,
+    },
     /// On another node, whose agent enrolls it.
     Remote {
         /// The other node's name.
@@ -56,8 +70,27 @@ impl Workload {
     /// The pod's network namespace, if it runs on this node.
     pub fn netns(&self) -> Option<&PathBuf> {
         match &self.location {
-            Location::Local { netns } => Some(netns),
-            Location::Remote { .. } => None,
+            Location::Local { netns }
+            | Location::Pod {
+                netns: Some(netns), ..
+            } => Some(netns),
+            Location::Pod { netns: None, .. } | Location::Remote { .. } => None,
+        }
+    }
+
+    /// The ports the kubelet probes the pod on (none for pods not run by a kubelet).
+    pub fn probe_ports(&self) -> &[u16] {
+        match &self.location {
+            Location::Pod { probe_ports, .. } => probe_ports,
+            Location::Local { .. } | Location::Remote { .. } => &[],
+        }
+    }
+
+    /// The Kubernetes pod UID, for a pod of this node known by it.
+    pub fn pod_uid(&self) -> Option<&str> {
+        match &self.location {
+            Location::Pod { uid, .. } => Some(uid),
+            Location::Local { .. } | Location::Remote { .. } => None,
         }
     }
 

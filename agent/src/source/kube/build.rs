@@ -1,5 +1,5 @@
-//! Caches → `state::Snapshot`: the join of namespaces (enrollment), pods (this node's with
-//! their netns from `NodePods`, other nodes' as remote), services with the endpoints and
+//! Caches → `state::Snapshot`: the join of namespaces (enrollment), pods (this node's by pod
+//! UID, whose netns `source::node_pods::join` fills in; other nodes' as remote), services with the endpoints and
 //! target ports of their slices, access policies and PeerAuthentication modes.
 //!
 //! Where the cluster holds conflicting data, the first by name wins, so the same caches
@@ -12,14 +12,11 @@ use super::{
     project::{DISABLED, MESH_LABEL, PeerAuthItem, PodItem, ServiceItem, SliceItem, TargetPort},
     reflector::Stores,
 };
-use crate::{
-    source::node_pods::NodePods,
-    state::{
-        Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Workload, WorkloadRef,
-    },
+use crate::state::{
+    Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Workload, WorkloadRef,
 };
 
-pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings, node_pods: &NodePods) -> Snapshot {
+pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings) -> Snapshot {
     let mut mesh = mesh.clone();
     let mut namespace_modes = BTreeSet::new();
     let mut workload_modes: Vec<&PeerAuthItem> = Vec::new();
@@ -55,15 +52,20 @@ pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings, node_pods: &NodePod
 
     let mut workloads = BTreeMap::new();
     for pod in stores.local_pods.items.values() {
-        // Until the CNI plugin or discovery has told us where its netns is, a pod of this
-        // node cannot be entered: it joins the snapshot when `NodePods` learns it.
-        let Some(netns) = node_pods.netns(&pod.uid) else {
-            continue;
+        // In the state from the moment it is scheduled here, even before it has an IP: the
+        // CNI plugin's ADD (which comes before the kubelet reports the IP) waits for it.
+        // Until the CNI plugin or discovery has said where its netns is, it cannot be
+        // entered; `node_pods::join` fills that in.
+        let location = Location::Pod {
+            uid: pod.uid.clone(),
+            netns: None,
+            probe_ports: pod.probe_ports.clone(),
         };
-        workloads.insert(pod.name.clone(), workload(pod, Location::Local { netns }));
+        workloads.insert(pod.name.clone(), workload(pod, location));
     }
     for pod in stores.remote_pods.items.values() {
-        if !workloads.contains_key(&pod.name) {
+        // A pod of another node without an IP yet is nothing to reach.
+        if !pod.ips.is_empty() && !workloads.contains_key(&pod.name) {
             let location = Location::Remote {
                 node: pod.node.clone(),
             };
@@ -92,11 +94,19 @@ pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings, node_pods: &NodePod
         .map(|policy| (policy.name.clone(), policy.clone()))
         .collect();
 
+    let mesh_namespaces = stores
+        .namespaces
+        .items
+        .iter()
+        .filter(|(_, n)| n.enabled)
+        .map(|(name, _)| name.clone())
+        .collect();
     Snapshot {
         mesh,
         workloads,
         services,
         policies,
+        mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }
 }

@@ -1,6 +1,6 @@
 //! API objects → the small items the caches keep: only the fields the snapshot uses, parsed
 //! and validated once, when the object arrives. `Ok(None)` is an object the proxy has no use
-//! for (a pod without an IP yet, a host-network pod, an FQDN slice); `Err` names the field.
+//! for (an unscheduled or host-network pod, an FQDN slice); `Err` names the field.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -38,6 +38,9 @@ pub(super) struct PodItem {
     /// All labels: policy and PeerAuthentication selectors match them, and the opt-out
     /// label is one of them.
     pub labels: BTreeMap<String, String>,
+    /// The ports of the pod's kubelet probes: plaintext from the node is let into a STRICT
+    /// pod on these only.
+    pub probe_ports: Vec<u16>,
 }
 
 /// A service with a virtual IP (or a headless one, which has none).
@@ -112,11 +115,13 @@ pub(super) fn pod(pod: Pod) -> Result<Option<PodItem>, Invalid> {
             None => Vec::new(),
         },
     };
-    let node = spec.node_name.unwrap_or_default();
-    // Not scheduled or no sandbox yet: nothing to reach, nothing to enroll.
-    if ips.is_empty() || node.is_empty() || uid.is_empty() {
+    let node = spec.node_name.clone().unwrap_or_default();
+    // Not scheduled yet: nothing to reach, nothing to enroll. A scheduled pod without an IP
+    // is kept: on this node, the CNI plugin's ADD is waiting for it.
+    if node.is_empty() || uid.is_empty() {
         return Ok(None);
     }
+    let probe_ports = probe_ports(&spec);
     Ok(Some(PodItem {
         uid,
         name,
@@ -127,7 +132,45 @@ pub(super) fn pod(pod: Pod) -> Result<Option<PodItem>, Invalid> {
         ips,
         node,
         labels,
+        probe_ports,
     }))
+}
+
+/// The ports the kubelet's liveness, readiness and startup probes connect to (`httpGet`,
+/// `tcpSocket`, `grpc`), a named port resolved among the container's ports; sorted, once.
+fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for container in &spec.containers {
+        let named = |name: &str| {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => named(name),
+        };
+        let probes = [
+            &container.liveness_probe,
+            &container.readiness_probe,
+            &container.startup_probe,
+        ];
+        for probe in probes.into_iter().flatten() {
+            let port = probe
+                .http_get
+                .as_ref()
+                .and_then(|h| resolve(&h.port))
+                .or_else(|| probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)))
+                .or_else(|| probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()));
+            ports.extend(port.filter(|p| *p != 0));
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 pub(super) fn service(service: Service) -> Result<Option<ServiceItem>, Invalid> {

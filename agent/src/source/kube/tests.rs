@@ -21,7 +21,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::*;
 use crate::{
-    source::node_pods::{LearnedFrom, NodePod},
+    source::node_pods::{self, LearnedFrom, NodePod, NodePods},
     state::{Action, Location, MtlsMode, WorkloadRef},
     test_util::kube_api::FakeApi,
 };
@@ -48,17 +48,19 @@ impl Harness {
             page_size: 2,
             ..Config::new(NODE)
         };
+        // As the agent wires it: the source's snapshot, joined with the node's pods.
+        let (raw_tx, raw_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let status = Arc::new(SourceStatus::new(crate::source::Kind::Kubernetes));
         let health = Arc::new(Health::default());
         let ready = Ready::default();
         let node_pods = Arc::new(NodePods::new());
+        tokio::spawn(node_pods::follow(raw_rx, Arc::clone(&node_pods), tx));
         let task = tokio::spawn(run(
             client_from(api.config()).unwrap(),
             config,
             MeshSettings::default(),
-            Arc::clone(&node_pods),
-            tx,
+            raw_tx,
             Report {
                 status: Arc::clone(&status),
                 health: Arc::clone(&health),
@@ -117,6 +119,7 @@ impl Harness {
             format!("uid-{pod}"),
             NodePod {
                 netns: netns(pod),
+                ips: Vec::new(),
                 learned_from: LearnedFrom::Cni,
             },
         );
@@ -139,8 +142,23 @@ async fn pods_join_the_mesh_by_namespace_label_and_leave_by_pod_label() {
     api.apply(&pod("dev", "tool", NODE, "10.1.0.9", &[]));
     let mut h = Harness::start(api).await;
 
-    // Synced, but this node's pods are not enterable until their netns is known.
-    let s = h.until("the remote pod", |s| s.workloads.len() == 1).await;
+    // Synced: this node's pods are there by UID, but not enterable until their netns is
+    // known (and the namespace label, not a netns, says which pods are in the mesh).
+    let s = h.until("the pods", |s| s.workloads.len() == 3).await;
+    assert_eq!(s.local_enrolled().count(), 0);
+    assert_eq!(
+        s.mesh_namespaces,
+        Some(std::collections::BTreeSet::from(["prod".to_string()]))
+    );
+    let api = &s.workloads[&WorkloadRef::new("prod", "api")];
+    assert_eq!(
+        api.location,
+        Location::Pod {
+            uid: "uid-api".into(),
+            netns: None,
+            probe_ports: vec![],
+        }
+    );
     let web = &s.workloads[&WorkloadRef::new("prod", "web")];
     assert_eq!(
         web.location,
@@ -154,7 +172,11 @@ async fn pods_join_the_mesh_by_namespace_label_and_leave_by_pod_label() {
 
     h.learn("api");
     h.learn("tool");
-    let s = h.until("the local pods", |s| s.workloads.len() == 3).await;
+    let s = h
+        .until("the local pods", |s| {
+            s.workloads.values().filter(|w| w.netns().is_some()).count() == 2
+        })
+        .await;
     let api = &s.workloads[&WorkloadRef::new("prod", "api")];
     assert_eq!(api.netns(), Some(&netns("api")));
     assert!(api.enrolled);
@@ -188,7 +210,14 @@ async fn pods_join_the_mesh_by_namespace_label_and_leave_by_pod_label() {
     // Deleted pods and forgotten netns leave the snapshot.
     h.api.delete::<Pod>(Some("prod"), "web");
     h.node_pods.forget("uid-tool");
-    let s = h.until("pods gone", |s| s.workloads.len() == 1).await;
+    let s = h
+        .until("pods gone", |s| {
+            s.workloads.len() == 2
+                && s.workloads[&WorkloadRef::new("dev", "tool")]
+                    .netns()
+                    .is_none()
+        })
+        .await;
     assert!(s.workloads.contains_key(&WorkloadRef::new("prod", "api")));
 }
 
@@ -658,12 +687,10 @@ async fn big_cluster_memory() {
     let config = Config::new(NODE);
     let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
     let status = Arc::new(SourceStatus::new(crate::source::Kind::Kubernetes));
-    let node_pods = Arc::new(NodePods::new());
     let task = tokio::spawn(run(
         client_from(api.config()).unwrap(),
         config,
         MeshSettings::default(),
-        node_pods,
         tx,
         Report {
             status: Arc::clone(&status),
@@ -678,8 +705,8 @@ async fn big_cluster_memory() {
     let snapshot = Arc::clone(&rx.borrow());
     assert_eq!(
         snapshot.workloads.len(),
-        9_900,
-        "remote pods (local ones lack a netns)"
+        10_000,
+        "every pod, this node's by pod UID"
     );
     assert_eq!(snapshot.services.len(), 2_000);
     let after = rss_bytes();
@@ -852,3 +879,78 @@ fn ip(text: &str) -> IpAddr {
 
 const NODE: &str = "node-a";
 const PATIENCE: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_local_pod_without_an_ip_waits_in_the_state_with_its_probe_ports() {
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, GRPCAction, HTTPGetAction, Probe, TCPSocketAction,
+    };
+    let api = FakeApi::start().await;
+    api.apply(&namespace("prod", true));
+    // As at CNI ADD: scheduled here, no IP reported yet. Probes on a named port, a number
+    // and gRPC.
+    let mut starting = pod("prod", "api", NODE, "10.1.0.2", &[]);
+    starting.status = None;
+    starting.spec.as_mut().unwrap().containers = vec![Container {
+        name: "app".into(),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: 8080,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                port: IntOrString::String("http".into()),
+                ..HTTPGetAction::default()
+            }),
+            ..Probe::default()
+        }),
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(9090),
+                ..TCPSocketAction::default()
+            }),
+            ..Probe::default()
+        }),
+        startup_probe: Some(Probe {
+            grpc: Some(GRPCAction {
+                port: 8080,
+                ..GRPCAction::default()
+            }),
+            ..Probe::default()
+        }),
+        ..Container::default()
+    }];
+    api.apply(&starting);
+    let mut h = Harness::start(api).await;
+    let s = h
+        .until("the starting pod", |s| s.workloads.len() == 1)
+        .await;
+    let api = &s.workloads[&WorkloadRef::new("prod", "api")];
+    assert!(api.enrolled && api.ips.is_empty());
+    assert_eq!(api.probe_ports(), [8080, 9090]);
+
+    // CNI ADD: the netns and the IPs of prevResult, before the kubelet reports them.
+    h.node_pods.record(
+        "uid-api",
+        NodePod {
+            netns: netns("api"),
+            ips: vec![ip("10.1.0.2")],
+            learned_from: LearnedFrom::Cni,
+        },
+    );
+    let s = h
+        .until("the pod enterable", |s| s.local_enrolled().count() == 1)
+        .await;
+    let joined = &s.workloads[&WorkloadRef::new("prod", "api")];
+    assert_eq!(joined.ips, vec![ip("10.1.0.2")]);
+    // When the API catches up with the same IP, nothing changes (no re-enrollment).
+    let before = Arc::clone(&s);
+    h.api.apply(&{
+        let mut running = starting.clone();
+        running.status = pod("prod", "api", NODE, "10.1.0.2", &[]).status;
+        running
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*h.rx.borrow().as_ref(), *before);
+}

@@ -1,0 +1,573 @@
+//! The agent's side of the CNI plugin: a unix socket served on the agent's runtime.
+//!
+//! ADD records the pod's netns in `NodePods` (`LearnedFrom::Cni`), which makes a pod known
+//! by UID local; the enroller then enrolls it, and the reply waits (bounded by
+//! `enrollTimeout`) until the enroller reports the pod enrolled *at that netns* and, with
+//! mutual TLS on, the pod's certificate is there (else its first connections would fail
+//! closed), or until the state says the pod is not in the mesh. DEL forgets the netns. CHECK answers from what is
+//! enrolled now. Until the first enrollment pass has run, every ADD and CHECK is refused as
+//! not ready: a restarted agent must re-adopt the pods it had before it vouches for new ones.
+//!
+//! The server also keeps the mesh-namespaces file next to its socket (see `cni`'s docs).
+
+use std::{
+    collections::BTreeSet,
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
+use tracing::{info, warn};
+
+use super::{Command, MAX_MESSAGE, Reply, Request};
+use crate::{
+    enroll::EnrollStatus,
+    identity::CertManager,
+    source::node_pods::{LearnedFrom, NodePod, NodePods},
+    state::{Snapshot, Workload},
+};
+
+/// `agent.cni`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// The unix socket the plugin connects to.
+    pub socket: PathBuf,
+    /// The mesh-namespaces file the plugin reads when the agent is unreachable.
+    pub mesh_namespaces_file: PathBuf,
+    /// How long an ADD waits for the pod to be enrolled before the sandbox fails.
+    #[serde(with = "crate::config::humantime_ms")]
+    pub enroll_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot listen on the CNI socket {path}: {source} (is agent.cni.socket on a writable host mount?)"
+    )]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the server reads: the node's pods, the state and the enroller's reports.
+#[derive(Clone)]
+pub struct Inputs {
+    pub pods: Arc<NodePods>,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    /// `None` until the first enrollment pass, then the enroller's report after each pass.
+    pub enrolled: watch::Receiver<Option<Arc<EnrollStatus>>>,
+    /// With mutual TLS on: a pod is ready only with its certificate.
+    pub identity: Option<Identity>,
+}
+
+/// The certificates of the node's identities, and their trust domain.
+#[derive(Clone)]
+pub struct Identity {
+    pub certs: CertManager,
+    pub trust_domain: String,
+}
+
+/// A bound CNI server.
+pub struct Server {
+    listener: UnixListener,
+    config: Config,
+}
+
+/// The mesh-namespaces file's contents.
+#[derive(Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNamespaces {
+    pub namespaces: BTreeSet<String>,
+}
+
+/// What the state and the enroller say of a pod right now.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Enrolled,
+    NotInMesh,
+    /// Not enrolled (yet), with what is missing.
+    Pending(String),
+}
+
+impl Server {
+    /// Binds the socket (replacing a stale one), mode 0600: only root may enroll pods.
+    pub fn bind(config: Config) -> Result<Self, Error> {
+        let bind_err = |source| Error::Bind {
+            path: config.socket.clone(),
+            source,
+        };
+        if let Some(dir) = config.socket.parent() {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+        }
+        match std::fs::remove_file(&config.socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(&config.socket).map_err(bind_err)?;
+        std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_err)?;
+        Ok(Self { listener, config })
+    }
+
+    /// Serves until the runtime stops; keeps the mesh-namespaces file up to date.
+    pub async fn run(self, inputs: Inputs) {
+        tokio::spawn(keep_mesh_namespaces(
+            self.config.mesh_namespaces_file.clone(),
+            inputs.state.clone(),
+        ));
+        let timeout = self.config.enroll_timeout;
+        info!(component = "cni", socket = %self.config.socket.display(), "CNI server listening");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let inputs = inputs.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream, inputs, timeout).await {
+                            warn!(component = "cni", error = %e, "CNI request failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(component = "cni", error = %e, "cannot accept a CNI connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, inputs: Inputs, timeout: Duration) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_MESSAGE as u64);
+    // A client that connects and says nothing must not hold a task forever.
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request within 10s"))??;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => handle(request, inputs, timeout).await,
+        Err(e) => Reply::Failed {
+            reason: format!(
+                "bad request from the CNI plugin: {e} (plugin and agent versions differ?)"
+            ),
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+async fn handle(request: Request, mut inputs: Inputs, timeout: Duration) -> Reply {
+    let pod = &request.pod;
+    if request.command == Command::Del {
+        inputs.pods.forget(&pod.uid);
+        info!(component = "cni", pod = %pod, container = %request.container_id, "CNI DEL: pod forgotten");
+        return Reply::Forgotten;
+    }
+    if inputs.enrolled.borrow().is_none() {
+        return Reply::NotReady {
+            reason: "the agent is starting: its first enrollment pass has not run".into(),
+        };
+    }
+    let Some(netns) = request.netns.clone() else {
+        return Reply::Failed {
+            reason: "CNI_NETNS is required for ADD and CHECK".into(),
+        };
+    };
+    if request.command == Command::Add {
+        inputs.pods.record(
+            pod.uid.clone(),
+            NodePod {
+                netns: netns.clone(),
+                ips: request.ips.clone(),
+                learned_from: LearnedFrom::Cni,
+            },
+        );
+    }
+    let deadline = tokio::time::Instant::now()
+        + match request.command {
+            Command::Add => timeout,
+            Command::Check | Command::Del => Duration::ZERO,
+        };
+    let mut cert_changes = inputs.identity.as_ref().map(|i| i.certs.subscribe());
+    let has_cert = |w: &Workload| match &inputs.identity {
+        None => true,
+        Some(identity) => w
+            .identity(&identity.trust_domain)
+            .is_ok_and(|id| identity.certs.certificate(&id).is_some()),
+    };
+    loop {
+        let verdict = {
+            let state = inputs.state.borrow_and_update();
+            let enrolled = inputs.enrolled.borrow_and_update();
+            judge(&state, enrolled.as_deref(), &request.pod, &netns, has_cert)
+        };
+        let reason = match verdict {
+            Verdict::Enrolled => {
+                info!(component = "cni", pod = %pod, netns = %netns.display(), ips = ?request.ips, command = ?request.command, "CNI: pod enrolled");
+                return Reply::Enrolled;
+            }
+            Verdict::NotInMesh => {
+                info!(component = "cni", pod = %pod, command = ?request.command, "CNI: pod not in the mesh");
+                return Reply::NotInMesh;
+            }
+            Verdict::Pending(reason) => reason,
+        };
+        tokio::select! {
+            changed = inputs.state.changed() => if changed.is_err() { return shutting_down() },
+            changed = inputs.enrolled.changed() => if changed.is_err() { return shutting_down() },
+            changed = async {
+                match cert_changes.as_mut() {
+                    Some(changes) => changes.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if changed.is_err() { return shutting_down() },
+            () = tokio::time::sleep_until(deadline) => {
+                warn!(component = "cni", pod = %pod, reason = %reason, command = ?request.command, "CNI: refusing the pod's sandbox");
+                return Reply::Failed { reason };
+            }
+        }
+    }
+}
+
+fn shutting_down() -> Reply {
+    Reply::NotReady {
+        reason: "the agent is shutting down".into(),
+    }
+}
+
+/// Decides from the state and the enroller's latest report.
+fn judge(
+    state: &Snapshot,
+    enrolled: Option<&EnrollStatus>,
+    pod: &super::PodInfo,
+    netns: &Path,
+    has_cert: impl Fn(&Workload) -> bool,
+) -> Verdict {
+    let Some(workload) = workload_by_uid(state, &pod.uid) else {
+        return if mesh_namespaces(state).contains(&pod.namespace) {
+            Verdict::Pending(format!(
+                "pod {pod} is not in the agent's state yet, and namespace {} is in the mesh",
+                pod.namespace
+            ))
+        } else {
+            Verdict::NotInMesh
+        };
+    };
+    if !workload.enrolled {
+        return Verdict::NotInMesh;
+    }
+    let name = workload.name.to_string();
+    let Some(report) = enrolled else {
+        return Verdict::Pending("the first enrollment pass has not run".into());
+    };
+    let netns = netns.display().to_string();
+    if report
+        .enrolled
+        .iter()
+        .any(|p| p.pod == name && p.netns == netns)
+    {
+        return if has_cert(workload) {
+            Verdict::Enrolled
+        } else {
+            Verdict::Pending(format!(
+                "pod {name} is enrolled but its certificate is not issued yet"
+            ))
+        };
+    }
+    match report.failed.get(&name) {
+        Some(error) => Verdict::Pending(format!("enrolling pod {name} failed: {error}")),
+        None => Verdict::Pending(format!("pod {name} is not enrolled yet")),
+    }
+}
+
+fn workload_by_uid<'a>(state: &'a Snapshot, uid: &str) -> Option<&'a Workload> {
+    state.workloads.values().find(|w| w.pod_uid() == Some(uid))
+}
+
+/// Namespaces in the mesh: those labelled in, where the source knows namespace labels (the
+/// Kubernetes source); else, as far as the local file shows, those with an enrolled
+/// workload (on any node).
+pub fn mesh_namespaces(state: &Snapshot) -> BTreeSet<String> {
+    if let Some(labelled) = &state.mesh_namespaces {
+        return labelled.clone();
+    }
+    state
+        .workloads
+        .values()
+        .filter(|w| w.enrolled)
+        .map(|w| w.name.namespace.clone())
+        .collect()
+}
+
+/// Rewrites `path` (atomically, by rename) whenever the set of mesh namespaces changes.
+async fn keep_mesh_namespaces(path: PathBuf, mut state: watch::Receiver<Arc<Snapshot>>) {
+    let mut written: Option<BTreeSet<String>> = None;
+    loop {
+        let namespaces = mesh_namespaces(&state.borrow_and_update());
+        if written.as_ref() != Some(&namespaces) {
+            match write_mesh_namespaces(&path, &namespaces) {
+                Ok(()) => written = Some(namespaces),
+                Err(e) => {
+                    warn!(component = "cni", path = %path.display(), error = %e,
+                        "cannot write the mesh-namespaces file; while the agent is down the plugin refuses every pod")
+                }
+            }
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes the file by rename, so the plugin never reads half of it.
+pub fn write_mesh_namespaces(path: &Path, namespaces: &BTreeSet<String>) -> io::Result<()> {
+    let doc = MeshNamespaces {
+        namespaces: namespaces.clone(),
+    };
+    let text = serde_json::to_vec_pretty(&doc).map_err(io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cni::PodInfo,
+        enroll::PodStatus,
+        state::{Location, WorkloadRef},
+    };
+
+    const UID: &str = "0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11";
+
+    fn pod(namespace: &str) -> PodInfo {
+        PodInfo {
+            namespace: namespace.into(),
+            name: "web".into(),
+            uid: UID.into(),
+        }
+    }
+
+    fn state(enrolled: bool, uid: Option<&str>) -> Snapshot {
+        let mut state = Snapshot::default();
+        let w = Workload {
+            name: WorkloadRef::new("shop", "web"),
+            service_account: "web".into(),
+            ips: vec!["10.1.0.2".parse().unwrap()],
+            location: match uid {
+                Some(uid) => Location::Pod {
+                    uid: uid.into(),
+                    netns: Some("/run/netns/cni-1".into()),
+                    probe_ports: vec![],
+                },
+                None => Location::Remote { node: "b".into() },
+            },
+            enrolled,
+            mtls_mode: None,
+            labels: Default::default(),
+        };
+        state.workloads.insert(w.name.clone(), w);
+        state
+    }
+
+    fn report(netns: &str) -> EnrollStatus {
+        EnrollStatus {
+            enrolled: vec![PodStatus {
+                pod: "shop/web".into(),
+                service_account: "web".into(),
+                ips: vec![],
+                netns: netns.into(),
+                netns_cookie: 1,
+                pod_id: 1,
+                listeners: vec![],
+            }],
+            failed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_pod_is_enrolled_only_when_the_enroller_reports_it_at_that_netns() {
+        let netns = Path::new("/run/netns/cni-1");
+        let s = state(true, Some(UID));
+        assert_eq!(
+            judge(
+                &s,
+                Some(&report("/run/netns/cni-1")),
+                &pod("shop"),
+                netns,
+                |_| true
+            ),
+            Verdict::Enrolled
+        );
+        // The same pod name enrolled at an older sandbox's netns proves nothing.
+        assert!(matches!(
+            judge(&s, Some(&report("/run/netns/cni-0")), &pod("shop"), netns, |_| true),
+            Verdict::Pending(r) if r.contains("not enrolled yet")
+        ));
+        let mut failed = report("/run/netns/cni-0");
+        failed
+            .failed
+            .insert("shop/web".into(), "listeners: port taken".into());
+        assert!(matches!(
+            judge(&s, Some(&failed), &pod("shop"), netns, |_| true),
+            Verdict::Pending(r) if r.contains("port taken")
+        ));
+        // Enrolled, but its first connections would fail closed without a certificate.
+        assert!(matches!(
+            judge(&s, Some(&report("/run/netns/cni-1")), &pod("shop"), netns, |_| false),
+            Verdict::Pending(r) if r.contains("certificate")
+        ));
+    }
+
+    #[test]
+    fn pods_out_of_the_mesh_pass_and_unknown_pods_of_mesh_namespaces_wait() {
+        let netns = Path::new("/run/netns/cni-1");
+        let none = EnrollStatus {
+            enrolled: vec![],
+            failed: Default::default(),
+        };
+        assert_eq!(
+            judge(
+                &state(false, Some(UID)),
+                Some(&none),
+                &pod("shop"),
+                netns,
+                |_| true
+            ),
+            Verdict::NotInMesh
+        );
+        // Unknown UID: the namespace decides. `shop` has an enrolled workload (elsewhere).
+        let other_uid = state(true, None);
+        assert!(matches!(
+            judge(&other_uid, Some(&none), &pod("shop"), netns, |_| true),
+            Verdict::Pending(r) if r.contains("namespace shop is in the mesh")
+        ));
+        assert_eq!(
+            judge(&other_uid, Some(&none), &pod("kube-system"), netns, |_| {
+                true
+            }),
+            Verdict::NotInMesh
+        );
+    }
+
+    fn add(netns: &str) -> Request {
+        Request {
+            command: Command::Add,
+            pod: pod("shop"),
+            container_id: "c1".into(),
+            netns: Some(netns.into()),
+            ips: vec![],
+        }
+    }
+
+    /// Inputs over `state` and `enrolled`, with the senders that keep them open.
+    struct Fixture {
+        inputs: Inputs,
+        _state: watch::Sender<Arc<Snapshot>>,
+        enrolled: watch::Sender<Option<Arc<EnrollStatus>>>,
+    }
+
+    fn fixture(pods: &Arc<NodePods>, state: Snapshot, enrolled: Option<EnrollStatus>) -> Fixture {
+        let (state_tx, state_rx) = watch::channel(Arc::new(state));
+        let (enrolled_tx, enrolled_rx) = watch::channel(enrolled.map(Arc::new));
+        Fixture {
+            inputs: Inputs {
+                pods: Arc::clone(pods),
+                state: state_rx,
+                enrolled: enrolled_rx,
+                identity: None,
+            },
+            _state: state_tx,
+            enrolled: enrolled_tx,
+        }
+    }
+
+    #[tokio::test]
+    async fn add_waits_for_enrollment_and_del_forgets() {
+        let pods = Arc::new(NodePods::new());
+        let Fixture {
+            inputs,
+            _state,
+            enrolled: enrolled_tx,
+        } = fixture(&pods, state(true, Some(UID)), None);
+        let request = add("/run/netns/cni-1");
+        // Before the first enrollment pass: not ready, and nothing recorded.
+        assert!(matches!(
+            handle(request.clone(), inputs.clone(), Duration::from_secs(5)).await,
+            Reply::NotReady { .. }
+        ));
+        assert_eq!(pods.netns(UID), None);
+        enrolled_tx.send_replace(Some(Arc::new(EnrollStatus {
+            enrolled: vec![],
+            failed: Default::default(),
+        })));
+        let add = tokio::spawn(handle(
+            request.clone(),
+            inputs.clone(),
+            Duration::from_secs(5),
+        ));
+        // The enroller reports the pod after the ADD recorded it.
+        let mut changes = pods.changes();
+        changes.wait_for(|n| *n > 0).await.unwrap();
+        assert_eq!(pods.netns(UID), Some("/run/netns/cni-1".into()));
+        enrolled_tx.send_replace(Some(Arc::new(report("/run/netns/cni-1"))));
+        assert_eq!(add.await.unwrap(), Reply::Enrolled);
+
+        let del = Request {
+            command: Command::Del,
+            netns: None,
+            ..request
+        };
+        assert_eq!(
+            handle(del, inputs, Duration::from_secs(5)).await,
+            Reply::Forgotten
+        );
+        assert_eq!(pods.netns(UID), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn add_fails_when_enrollment_does_not_finish_in_time() {
+        let none = EnrollStatus {
+            enrolled: vec![],
+            failed: Default::default(),
+        };
+        let pods = Arc::new(NodePods::new());
+        let f = fixture(&pods, state(true, Some(UID)), Some(none));
+        let reply = handle(
+            add("/run/netns/cni-1"),
+            f.inputs.clone(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            matches!(&reply, Reply::Failed { reason } if reason.contains("not enrolled yet")),
+            "{reply:?}"
+        );
+    }
+
+    #[test]
+    fn the_mesh_namespaces_file_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh-namespaces.json");
+        let set: BTreeSet<String> = ["shop".to_string()].into();
+        write_mesh_namespaces(&path, &set).unwrap();
+        let doc: MeshNamespaces = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(doc.namespaces, set);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
