@@ -140,13 +140,26 @@ impl Enroller {
         let desired: BTreeMap<&WorkloadRef, &Workload> =
             snapshot.local_enrolled().map(|w| (&w.name, w)).collect();
 
-        // Pods gone, un-enrolled, or changed (IPs, netns): take them out first.
+        // Pods gone, un-enrolled, or changed in what their enrollment is made of (netns,
+        // IPs, identity): take them out first. Anything else (labels, mTLS mode, probe
+        // ports) the proxy reads from the snapshot on each connection. Taking a pod out and
+        // back in for a `kubectl label` would leave it out of the steering maps for a moment,
+        // when its new connections would bypass the proxy.
         let stale: Vec<WorkloadRef> = self
             .pods
             .iter()
-            .filter(|(name, pod)| desired.get(name).is_none_or(|w| **w != pod.workload))
+            .filter(|(name, pod)| {
+                desired
+                    .get(name)
+                    .is_none_or(|w| enrollment_changed(&pod.workload, w))
+            })
             .map(|(name, _)| name.clone())
             .collect();
+        for (name, pod) in &mut self.pods {
+            if let Some(workload) = desired.get(name) {
+                pod.workload = (*workload).clone();
+            }
+        }
         for name in stale {
             if let Some(pod) = self.pods.remove(&name) {
                 self.unenroll(pod);
@@ -411,4 +424,11 @@ impl SocketFactory for InPodSockets {
         socket.set_nonblocking(true)?;
         Ok(socket)
     }
+}
+
+/// Whether `new` differs from the enrolled `old` in what enrollment built from it: the
+/// netns entered, the IPs the listeners and SOCKMAP slots are for, the identity the pod's
+/// HBONE server presents.
+fn enrollment_changed(old: &Workload, new: &Workload) -> bool {
+    old.netns() != new.netns() || old.ips != new.ips || old.service_account != new.service_account
 }

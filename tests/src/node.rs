@@ -285,7 +285,7 @@ impl TestNode {
                     "node": n.node_name(),
                     "enrolled": p.enrolled.get(),
                     "mtlsMode": p.mtls_mode,
-                    "labels": p.labels,
+                    "labels": *p.labels.borrow(),
                 });
                 if let Some(uid) = &p.pod_uid {
                     workload["podUid"] = json!(uid);
@@ -416,7 +416,7 @@ impl TestNode {
                             "node": peer.node_name(),
                             "enrolled": p.enrolled.get(),
                             "mtlsMode": p.mtls_mode,
-                            "labels": p.labels,
+                            "labels": *p.labels.borrow(),
                         })
                     })
                     .collect::<Vec<_>>()

@@ -6,7 +6,7 @@
 //! the pods' cgroup subtree, so a client app must be its own process spawned this way.
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
@@ -51,7 +51,7 @@ pub(crate) struct PodSpec {
     /// The workload's own `mtlsMode` (`STRICT`, `PERMISSIVE`, `DISABLED`), if set.
     pub mtls_mode: Option<String>,
     /// Kubernetes labels (policies select workloads by them).
-    pub labels: BTreeMap<String, String>,
+    pub labels: RefCell<BTreeMap<String, String>>,
     /// Known to the agent by pod UID (`podUid:`) instead of by netns path: the agent
     /// learns the netns from the CNI plugin or from discovery.
     pub pod_uid: Option<String>,
@@ -141,7 +141,7 @@ impl<'a> PodBuilder<'a> {
             service_account: self.service_account,
             enrolled: Cell::new(self.enrolled),
             mtls_mode: self.mtls_mode,
-            labels: self.labels,
+            labels: RefCell::new(self.labels),
             pod_uid: self.pod_uid,
             probe_ports: self.probe_ports,
             ip,
@@ -231,6 +231,18 @@ impl TestPod {
     /// `TestAgent::reload()`.
     pub fn set_enrolled(&self, enrolled: bool) {
         self.with(|p| p.enrolled.set(enrolled));
+    }
+
+    /// Sets (or with `None` removes) a label in the node's config; the agent sees it at the
+    /// next `TestAgent::reload()`.
+    pub fn set_label(&self, key: &str, value: Option<&str>) {
+        self.with(|p| {
+            let mut labels = p.labels.borrow_mut();
+            match value {
+                Some(v) => labels.insert(key.to_string(), v.to_string()),
+                None => labels.remove(key),
+            };
+        });
     }
 
     /// Starts a process inside the pod (its cgroup and its netns).

@@ -371,6 +371,50 @@ fn unenrolling_pods_restores_direct_traffic() -> Result<()> {
 }
 
 #[test]
+fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let client = node.pod("client").service_account("client").create()?;
+    let server = node
+        .pod("server")
+        .service_account("server")
+        .label("app", "echo")
+        .create()?;
+    let agent = node.start_agent()?;
+    let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    let to = sock(server.addr(ECHO_PORT));
+    let enrolled_before = enrolled_pods(&agent)?;
+
+    // One connection kept busy through both pods' listeners while both are relabelled.
+    let bytes = 2 * KIB * KIB;
+    let running = app::start_send_paced(&client, to, bytes, 7, Duration::from_secs(6))?;
+    thread::sleep(Duration::from_secs(1));
+    client.set_label("tier", Some("web"));
+    server.set_label("app", Some("echo-v2"));
+    agent.reload(&node)?;
+    assert_eventually(scaled(Duration::from_secs(15)), || -> Result<()> {
+        let dump = agent.get("/config_dump")?.body;
+        ensure!(
+            dump.contains("echo-v2"),
+            "the new labels are not applied yet"
+        );
+        Ok(())
+    });
+
+    let report = running.finish()?;
+    assert_eq!(report.received_bytes, bytes, "no byte lost");
+    assert_eq!(report.received_sha256, report.sent_sha256);
+    echo.wait_closed_where(|c| c.received_sha256 == report.sent_sha256);
+    // Neither pod was taken out and enrolled again (which would leave it unsteered for a
+    // moment): same pod ids, same listeners.
+    assert_eq!(enrolled_pods(&agent)?, enrolled_before);
+    agent.expect_record("the busy connection, unbroken", |r| {
+        r.direction == "hbone" && r.bytes_sent == bytes && r.error.is_none()
+    });
+    Ok(())
+}
+
+#[test]
 fn bad_config_at_startup_stops_the_agent_naming_the_field() -> Result<()> {
     privileged!();
     let node = TestNode::new(test_name!(), 1)?;
@@ -521,6 +565,21 @@ fn assert_attachments(node: &TestNode, enrolled: &[&TestPod], not: &[&TestPod]) 
 
 fn is(r: &ConnRecord, direction: &str, pod: &TestPod, dst: SocketAddr) -> bool {
     r.direction == direction && r.pod == pod.pod_ref() && r.dst == dst.to_string()
+}
+
+/// `(pod, pod_id, listeners)` of every enrolled pod, from `/status`.
+fn enrolled_pods(agent: &TestAgent) -> Result<Vec<(String, u64, String)>> {
+    let status = agent.status()?;
+    let pods = status["pods"]["enrolled"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no pods.enrolled in /status: {status}"))?;
+    Ok(pods
+        .iter()
+        .map(|p| {
+            let id = p["pod_id"].as_u64().unwrap_or_default();
+            (p["pod"].to_string(), id, p["listeners"].to_string())
+        })
+        .collect())
 }
 
 fn record_ids(agent: &TestAgent) -> Result<HashSet<u64>> {
