@@ -1,5 +1,6 @@
-//! weft: a sidecarless service mesh. This crate is the one binary a node needs (agent,
-//! status, and later waypoint and CA); the library target exists so the end-to-end test
+//! weft: a sidecarless service mesh. This crate is the one binary a cluster needs (agent,
+//! CA, CNI plugin and installer, status, uninstall; later the waypoint); the library target
+//! exists so the end-to-end test
 //! crate and benchmarks can reuse its types.
 
 pub mod admin;
