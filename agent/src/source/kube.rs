@@ -345,8 +345,7 @@ impl Config {
             // The API server's own default is 30-60 minutes; shorter re-watches spread the
             // load and notice a silently dead connection sooner.
             watch_timeout_secs: 290,
-            agent_selector: "app.kubernetes.io/name=weft,app.kubernetes.io/component=agent"
-                .into(),
+            agent_selector: "app.kubernetes.io/name=weft,app.kubernetes.io/component=agent".into(),
             unmeshed_grace: Duration::from_secs(60),
         }
     }

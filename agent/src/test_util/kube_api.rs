@@ -305,10 +305,7 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         state.fail_next -= 1;
         return status_response(StatusCode::INTERNAL_SERVER_ERROR, "injected failure");
     }
-    let mut selector = parse_selector(
-        query.get("fieldSelector").map_or("", String::as_str),
-        false,
-    );
+    let mut selector = parse_selector(query.get("fieldSelector").map_or("", String::as_str), false);
     selector.extend(parse_selector(
         query.get("labelSelector").map_or("", String::as_str),
         true,

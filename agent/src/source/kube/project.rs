@@ -148,10 +148,7 @@ pub(super) fn pod(pod: Pod) -> Result<Option<PodItem>, Invalid> {
 
 /// An agent pod; `None` while unscheduled or once finished (it hosts nothing any more).
 pub(super) fn agent(pod: Pod) -> Result<Option<AgentItem>, Invalid> {
-    let node = pod
-        .spec
-        .and_then(|s| s.node_name)
-        .filter(|n| !n.is_empty());
+    let node = pod.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty());
     let status = pod.status.unwrap_or_default();
     let phase = status.phase.as_deref();
     let Some(node) = node.filter(|_| !matches!(phase, Some("Succeeded" | "Failed"))) else {

@@ -708,7 +708,12 @@ async fn pods_on_nodes_without_an_agent_are_counted_and_get_one_event_from_the_e
             h.unmeshed().get("prod") == Some(&0) && other.health.unmeshed().get("prod") == Some(&0)
         })
         .await;
-    assert_eq!(harness.api.create_requests(), 2, "{:#?}", harness.api.created());
+    assert_eq!(
+        harness.api.create_requests(),
+        2,
+        "{:#?}",
+        harness.api.created()
+    );
 }
 
 #[tokio::test]
@@ -744,7 +749,10 @@ async fn until_events(api: &FakeApi, n: usize) -> Vec<(String, serde_json::Value
         if created.len() >= n {
             return created;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {n} events: {created:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} events: {created:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -88,10 +88,7 @@ pub(super) fn find(stores: &Stores, node: &str) -> Found {
         .map(|a| a.node.as_str())
         .collect();
     let sees_itself = hosting.contains(node);
-    let reporter = agents
-        .filter(|a| a.ready)
-        .map(|a| a.node.as_str())
-        .min();
+    let reporter = agents.filter(|a| a.ready).map(|a| a.node.as_str()).min();
     let namespaces: Vec<String> = stores
         .namespaces
         .items
