@@ -229,35 +229,35 @@ pub async fn run(
     spawn.watch(
         Api::<Namespace>::all(client.clone()),
         Kind::Namespace,
-        None,
+        (None, None),
         project::namespace,
         |c| &mut c.namespaces,
     );
     spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::LocalPod,
-        Some(format!("spec.nodeName={node}")),
+        (Some(format!("spec.nodeName={node}")), None),
         project::pod,
         |c| &mut c.local_pods,
     );
     spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::RemotePod,
-        Some(format!("spec.nodeName!={node}")),
+        (Some(format!("spec.nodeName!={node}")), None),
         project::pod,
         |c| &mut c.remote_pods,
     );
     spawn.watch(
         Api::<Service>::all(client.clone()),
         Kind::Service,
-        None,
+        (None, None),
         project::service,
         |c| &mut c.services,
     );
     spawn.watch(
         Api::<EndpointSlice>::all(client.clone()),
         Kind::EndpointSlice,
-        None,
+        (None, None),
         project::endpoint_slice,
         |c| &mut c.slices,
     );
@@ -266,22 +266,21 @@ pub async fn run(
     spawn.watch(
         untyped::<crd::AccessPolicy>(&client),
         Kind::AccessPolicy,
-        None,
+        (None, None),
         project::access_policy,
         |c| &mut c.policies,
     );
     spawn.watch(
         untyped::<crd::PeerAuthentication>(&client),
         Kind::PeerAuthentication,
-        None,
+        (None, None),
         project::peer_authentication,
         |c| &mut c.peer_authentications,
     );
-    spawn.watch_labelled(
+    spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::AgentPod,
-        None,
-        Some(config.agent_selector.clone()),
+        (None, Some(config.agent_selector.clone())),
         project::agent,
         |c| &mut c.agents,
     );

@@ -216,6 +216,17 @@ impl Caches {
     }
 }
 
+impl Stores {
+    /// The names of the namespaces in the mesh (`weft.dev/mesh=enabled`).
+    pub fn mesh_namespaces(&self) -> impl Iterator<Item = &String> {
+        self.namespaces
+            .items
+            .iter()
+            .filter(|(_, n)| n.enabled)
+            .map(|(name, _)| name)
+    }
+}
+
 impl<T> Store<T> {
     /// (items, rejected objects).
     fn counts(&self) -> (u64, u64) {
@@ -242,29 +253,13 @@ impl<T> Default for Store<T> {
 }
 
 impl Spawner<'_> {
-    /// Starts the list+watch of `kind` through `api` (restricted by `field_selector`),
-    /// projecting objects with `project` into the store `store` picks.
+    /// Starts the list+watch of `kind` through `api` (restricted by `field_selector` and
+    /// `label_selector`), projecting objects with `project` into the store `store` picks.
     pub fn watch<K, T>(
         &mut self,
         api: Api<K>,
         kind: Kind,
-        field_selector: Option<String>,
-        project: Project<K, T>,
-        store: StoreOf<T>,
-    ) where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        T: Send + 'static,
-    {
-        self.watch_labelled(api, kind, field_selector, None, project, store);
-    }
-
-    /// As `watch`, restricted by `label_selector` too.
-    pub fn watch_labelled<K, T>(
-        &mut self,
-        api: Api<K>,
-        kind: Kind,
-        field_selector: Option<String>,
-        label_selector: Option<String>,
+        (field_selector, label_selector): (Option<String>, Option<String>),
         project: Project<K, T>,
         store: StoreOf<T>,
     ) where

@@ -89,13 +89,7 @@ pub(super) fn find(stores: &Stores, node: &str) -> Found {
         .collect();
     let sees_itself = hosting.contains(node);
     let reporter = agents.filter(|a| a.ready).map(|a| a.node.as_str()).min();
-    let namespaces: Vec<String> = stores
-        .namespaces
-        .items
-        .iter()
-        .filter(|(_, ns)| ns.enabled)
-        .map(|(name, _)| name.clone())
-        .collect();
+    let namespaces: Vec<String> = stores.mesh_namespaces().cloned().collect();
     let mut pods = BTreeMap::new();
     if sees_itself {
         // This node's pods are enrolled here (or refused by the CNI plugin): only other
