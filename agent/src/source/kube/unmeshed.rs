@@ -146,7 +146,7 @@ impl Tracker {
         pass
     }
 
-    /// `uid` has its Event (or needs none: this agent does not report).
+    /// `uid` has its Event: it is not due again while it stays unmeshed.
     pub fn reported(&mut self, uid: &str) {
         self.reported.insert(uid.to_owned());
     }
