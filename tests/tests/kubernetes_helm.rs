@@ -566,6 +566,7 @@ fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
         let mut agent = vec![
             rule("", &["namespaces", "pods", "services"], &read, &[]),
             rule("discovery.k8s.io", &["endpointslices"], &read, &[]),
+            rule("events.k8s.io", &["events"], &["create"], &[]),
         ];
         if !weft_plurals.is_empty() {
             let plurals: Vec<&str> = weft_plurals.iter().map(String::as_str).collect();

@@ -11,6 +11,10 @@
 //!   proxy uses (about 1 KiB a pod with a few labels), not with pod specs.
 //! - Services and EndpointSlices, cluster-wide: VIPs, ports, ready endpoints.
 //! - `AccessPolicy` and `PeerAuthentication` (`crd`).
+//! - weft's own agent pods (by the chart's labels, `Config::agent_selector`): which nodes
+//!   host an agent. Pods of mesh namespaces on other nodes (virtual or serverless nodes that
+//!   run no DaemonSet) run outside the mesh; `unmeshed` counts them and reports each one with
+//!   an Event on the pod.
 //!
 //! Gateway API routes belong to the waypoint and are not watched here.
 //!
@@ -36,6 +40,7 @@ mod project;
 mod reflector;
 #[cfg(test)]
 mod tests;
+mod unmeshed;
 
 use std::{
     collections::BTreeMap,
@@ -108,6 +113,11 @@ pub struct Config {
     pub page_size: u32,
     /// How long the API server keeps one watch open before the source re-opens it.
     pub watch_timeout_secs: u32,
+    /// Label selector of weft's agent pods (the chart's component labels).
+    pub agent_selector: String,
+    /// How long a mesh pod must be on a node without a running agent before it is reported
+    /// as unmeshed (a new node's agent, or a restarting one, is not there at once).
+    pub unmeshed_grace: Duration,
 }
 
 /// The kinds of object the source watches, one watch each.
@@ -123,6 +133,8 @@ pub enum Kind {
     EndpointSlice,
     AccessPolicy,
     PeerAuthentication,
+    /// weft's agent pods.
+    AgentPod,
 }
 
 /// What each watch is doing, for readiness, metrics and status.
@@ -130,6 +142,8 @@ pub enum Kind {
 pub struct Health {
     kinds: Mutex<BTreeMap<Kind, WatchHealth>>,
     notify: Notify,
+    /// Pods outside the mesh, by mesh namespace (every mesh namespace, 0 if none).
+    unmeshed: Mutex<BTreeMap<String, u64>>,
 }
 
 /// The state of one watch.
@@ -215,35 +229,35 @@ pub async fn run(
     spawn.watch(
         Api::<Namespace>::all(client.clone()),
         Kind::Namespace,
-        None,
+        (None, None),
         project::namespace,
         |c| &mut c.namespaces,
     );
     spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::LocalPod,
-        Some(format!("spec.nodeName={node}")),
+        (Some(format!("spec.nodeName={node}")), None),
         project::pod,
         |c| &mut c.local_pods,
     );
     spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::RemotePod,
-        Some(format!("spec.nodeName!={node}")),
+        (Some(format!("spec.nodeName!={node}")), None),
         project::pod,
         |c| &mut c.remote_pods,
     );
     spawn.watch(
         Api::<Service>::all(client.clone()),
         Kind::Service,
-        None,
+        (None, None),
         project::service,
         |c| &mut c.services,
     );
     spawn.watch(
         Api::<EndpointSlice>::all(client.clone()),
         Kind::EndpointSlice,
-        None,
+        (None, None),
         project::endpoint_slice,
         |c| &mut c.slices,
     );
@@ -252,17 +266,30 @@ pub async fn run(
     spawn.watch(
         untyped::<crd::AccessPolicy>(&client),
         Kind::AccessPolicy,
-        None,
+        (None, None),
         project::access_policy,
         |c| &mut c.policies,
     );
     spawn.watch(
         untyped::<crd::PeerAuthentication>(&client),
         Kind::PeerAuthentication,
-        None,
+        (None, None),
         project::peer_authentication,
         |c| &mut c.peer_authentications,
     );
+    spawn.watch(
+        Api::<Pod>::all(client.clone()),
+        Kind::AgentPod,
+        (None, Some(config.agent_selector.clone())),
+        project::agent,
+        |c| &mut c.agents,
+    );
+    watches.spawn(unmeshed::run(
+        client.clone(),
+        config.clone(),
+        Arc::clone(&caches),
+        Arc::clone(&health),
+    ));
 
     loop {
         tokio::select! {
@@ -317,6 +344,8 @@ impl Config {
             // The API server's own default is 30-60 minutes; shorter re-watches spread the
             // load and notice a silently dead connection sooner.
             watch_timeout_secs: 290,
+            agent_selector: "app.kubernetes.io/name=weft,app.kubernetes.io/component=agent".into(),
+            unmeshed_grace: Duration::from_secs(60),
         }
     }
 }
@@ -368,6 +397,18 @@ impl Health {
         }
     }
 
+    /// Pods outside the mesh, by mesh namespace.
+    pub fn unmeshed(&self) -> BTreeMap<String, u64> {
+        self.unmeshed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_unmeshed(&self, counts: BTreeMap<String, u64>) {
+        *self.unmeshed.lock().unwrap_or_else(PoisonError::into_inner) = counts;
+    }
+
     /// Resolves on the next change of any watch's state (sync, up/down, last error).
     async fn changed(&self) {
         self.notify.notified().await;
@@ -393,7 +434,7 @@ impl Health {
 
 impl Kind {
     /// Every kind, in the order of `Ord`.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::LocalPod,
         Kind::RemotePod,
@@ -401,6 +442,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::AccessPolicy,
         Kind::PeerAuthentication,
+        Kind::AgentPod,
     ];
 
     /// The metric label and the name in readiness reasons.
@@ -413,6 +455,7 @@ impl Kind {
             Kind::EndpointSlice => "endpoint_slice",
             Kind::AccessPolicy => "access_policy",
             Kind::PeerAuthentication => "peer_authentication",
+            Kind::AgentPod => "agent_pod",
         }
     }
 
@@ -420,7 +463,7 @@ impl Kind {
     fn api_kind(self) -> &'static str {
         match self {
             Kind::Namespace => "Namespace",
-            Kind::LocalPod | Kind::RemotePod => "Pod",
+            Kind::LocalPod | Kind::RemotePod | Kind::AgentPod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::AccessPolicy => "AccessPolicy",
@@ -489,6 +532,17 @@ impl Collector for Metrics {
         for kind in Kind::ALL {
             let errors = kinds.get(&kind).map_or(0, |h| h.errors_total);
             ConstCounter::new(errors).encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "kubernetes_unmeshed_pods",
+            "Pods of this mesh namespace on nodes that run no weft agent (virtual or serverless \
+             nodes): outside the mesh. Every agent reports the cluster-wide count",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (namespace, count) in self.0.unmeshed() {
+            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                .encode(metric.encode_family(&[("namespace", namespace.as_str())])?)?;
         }
         Ok(())
     }

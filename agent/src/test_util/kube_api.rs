@@ -5,12 +5,15 @@
 //! It serves any collection path (`/api/v1/pods`, `/apis/weft.dev/v1alpha1/accesspolicies`)
 //! cluster-wide: `GET` lists (with `limit`/`continue` paging and `fieldSelector` `=`/`!=`
 //! on dotted paths such as `spec.nodeName`), and `?watch=true` streams the changes after
-//! `resourceVersion` as newline-delimited watch events. Every write bumps one global
+//! `resourceVersion` as newline-delimited watch events; `labelSelector` `key=value` lists
+//! filter both. `POST` to any path creates an object there (`409` if its name is taken),
+//! which `created` returns: writes through the API, such as Events, are only recorded. Every write bumps one global
 //! resourceVersion, as etcd does. A test adds, updates and deletes objects (`apply`,
 //! `delete`), and breaks the server: `fail_next` (HTTP 500s), `set_down` (503 and every watch
 //! closed), `close_watches`, `fail_watches` (an ERROR event on each watch), `expire` (watches
 //! from older versions get `410 Gone`, so clients must re-list) and `bookmark`.
-//! Not modelled: namespaced paths, label selectors, watch timeouts, writes through the API.
+//! Not modelled: namespaced reads, set-based label selectors, watch timeouts, updates
+//! through the API.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,6 +26,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use kube::Resource;
@@ -47,6 +51,9 @@ struct State {
     down: bool,
     watchers: Vec<Watcher>,
     requests: Vec<String>,
+    /// Objects created through the API, as (collection path, object), in order.
+    created: Vec<(String, Value)>,
+    create_requests: usize,
 }
 
 #[derive(Default)]
@@ -67,9 +74,11 @@ struct Watcher {
 
 #[derive(Clone, Debug)]
 struct FieldRequirement {
+    /// A dotted path, or a label's key.
     path: String,
     value: String,
     equal: bool,
+    label: bool,
 }
 
 /// A response body: all at once, or a watch stream.
@@ -94,9 +103,16 @@ impl FakeApi {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = Arc::clone(&shared);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                        async move {
+                            if req.method() != http::Method::POST {
+                                return Ok::<_, Infallible>(handle(&state, &req));
+                            }
+                            let path = req.uri().path().to_owned();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            Ok(create(&state, path, &body.unwrap_or_default()))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -218,6 +234,16 @@ impl FakeApi {
         self.lock().requests.clone()
     }
 
+    /// Objects created through the API so far, as (collection path, object).
+    pub fn created(&self) -> Vec<(String, Value)> {
+        self.lock().created.clone()
+    }
+
+    /// Create requests so far, refused ones included.
+    pub fn create_requests(&self) -> usize {
+        self.lock().create_requests
+    }
+
     /// Number of open watch streams.
     pub fn open_watches(&self) -> usize {
         let mut state = self.lock();
@@ -279,7 +305,11 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         state.fail_next -= 1;
         return status_response(StatusCode::INTERNAL_SERVER_ERROR, "injected failure");
     }
-    let selector = parse_selector(query.get("fieldSelector").map_or("", String::as_str));
+    let mut selector = parse_selector(query.get("fieldSelector").map_or("", String::as_str), false);
+    selector.extend(parse_selector(
+        query.get("labelSelector").map_or("", String::as_str),
+        true,
+    ));
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if watch {
         let from: u64 = query
@@ -351,6 +381,36 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         .expect("valid response")
 }
 
+/// A `POST` of `body` to `path`: recorded, `409 AlreadyExists` if the name is taken there.
+fn create(state: &Mutex<State>, path: String, body: &[u8]) -> Response<FakeBody> {
+    let mut state = lock(state);
+    state.create_requests += 1;
+    if state.down {
+        return status_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the fake API server is down",
+        );
+    }
+    let Ok(object) = serde_json::from_slice::<Value>(body) else {
+        return status_response(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let name = &object["metadata"]["name"];
+    if state
+        .created
+        .iter()
+        .any(|(p, o)| *p == path && o["metadata"]["name"] == *name)
+    {
+        return status_response(StatusCode::CONFLICT, "already exists");
+    }
+    let text = object.to_string();
+    state.created.push((path, object));
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .body(FakeBody::Full(Some(Bytes::from(text))))
+        .expect("valid response")
+}
+
 impl Body for FakeBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -377,6 +437,8 @@ fn status_response(code: StatusCode, message: &str) -> Response<FakeBody> {
 
 fn status(code: u16, message: &str) -> Value {
     let reason = match code {
+        400 => "BadRequest",
+        409 => "AlreadyExists",
         410 => "Expired",
         503 => "ServiceUnavailable",
         _ => "InternalError",
@@ -408,7 +470,7 @@ fn key_of(object: &Value) -> (String, String) {
     )
 }
 
-fn parse_selector(text: &str) -> Vec<FieldRequirement> {
+fn parse_selector(text: &str, label: bool) -> Vec<FieldRequirement> {
     text.split(',')
         .filter(|t| !t.is_empty())
         .filter_map(|t| {
@@ -423,18 +485,19 @@ fn parse_selector(text: &str) -> Vec<FieldRequirement> {
             path: path.to_owned(),
             value: value.to_owned(),
             equal,
+            label,
         })
         .collect()
 }
 
 fn matches(selector: &[FieldRequirement], object: &Value) -> bool {
     selector.iter().all(|r| {
-        let value = r
-            .path
-            .split('.')
-            .fold(object, |v, part| &v[part])
-            .as_str()
-            .unwrap_or_default();
+        let value = if r.label {
+            &object["metadata"]["labels"][r.path.as_str()]
+        } else {
+            r.path.split('.').fold(object, |v, part| &v[part])
+        };
+        let value = value.as_str().unwrap_or_default();
         (value == r.value) == r.equal
     })
 }

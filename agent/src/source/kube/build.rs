@@ -94,13 +94,7 @@ pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings) -> Snapshot {
         .map(|policy| (policy.name.clone(), policy.clone()))
         .collect();
 
-    let mesh_namespaces = stores
-        .namespaces
-        .items
-        .iter()
-        .filter(|(_, n)| n.enabled)
-        .map(|(name, _)| name.clone())
-        .collect();
+    let mesh_namespaces = stores.mesh_namespaces().cloned().collect();
     Snapshot {
         mesh,
         workloads,

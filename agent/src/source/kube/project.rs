@@ -43,6 +43,16 @@ pub(super) struct PodItem {
     pub probe_ports: Vec<u16>,
 }
 
+/// One of weft's agent pods: the node it is on, and whether it runs there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct AgentItem {
+    pub node: String,
+    /// Phase `Running`: the node hosts an agent (one restarting keeps its pods enrolled).
+    pub running: bool,
+    /// Condition `Ready`: the agent may be elected to report unmeshed pods.
+    pub ready: bool,
+}
+
 /// A service with a virtual IP (or a headless one, which has none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceItem {
@@ -133,6 +143,26 @@ pub(super) fn pod(pod: Pod) -> Result<Option<PodItem>, Invalid> {
         node,
         labels,
         probe_ports,
+    }))
+}
+
+/// An agent pod; `None` while unscheduled or once finished (it hosts nothing any more).
+pub(super) fn agent(pod: Pod) -> Result<Option<AgentItem>, Invalid> {
+    let node = pod.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty());
+    let status = pod.status.unwrap_or_default();
+    let phase = status.phase.as_deref();
+    let Some(node) = node.filter(|_| !matches!(phase, Some("Succeeded" | "Failed"))) else {
+        return Ok(None);
+    };
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    Ok(Some(AgentItem {
+        node,
+        running: phase == Some("Running"),
+        ready,
     }))
 }
 

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Config, Health, Kind, Rejected,
-    project::{NamespaceItem, PeerAuthItem, PodItem, ServiceItem, SliceItem},
+    project::{AgentItem, NamespaceItem, PeerAuthItem, PodItem, ServiceItem, SliceItem},
 };
 use crate::{
     source::{SourceStatus, syntax::Invalid},
@@ -44,6 +44,8 @@ pub struct Backoff {
 pub(super) struct Caches {
     stores: Mutex<Stores>,
     changed: Notify,
+    /// The same changes, for the unmeshed-pod reporter (a `Notify` wakes one waiter).
+    changed_for_report: Notify,
     health: Arc<Health>,
     status: Arc<SourceStatus>,
 }
@@ -57,6 +59,8 @@ pub(super) struct Stores {
     pub slices: Store<SliceItem>,
     pub policies: Store<AccessPolicy>,
     pub peer_authentications: Store<PeerAuthItem>,
+    /// weft's agent pods, by the chart's labels: which nodes host an agent.
+    pub agents: Store<AgentItem>,
 }
 
 /// Items of one kind by `namespace/name`, and the objects currently rejected.
@@ -84,6 +88,7 @@ impl Caches {
         Self {
             stores: Mutex::default(),
             changed: Notify::new(),
+            changed_for_report: Notify::new(),
             health,
             status,
         }
@@ -93,6 +98,16 @@ impl Caches {
     /// last call: changes are never lost, and a burst of them wakes the builder once).
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// As `changed`, for the unmeshed-pod reporter.
+    pub async fn changed_for_report(&self) {
+        self.changed_for_report.notified().await;
+    }
+
+    fn notify(&self) {
+        self.changed.notify_one();
+        self.changed_for_report.notify_one();
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Stores> {
@@ -124,7 +139,7 @@ impl Caches {
         let counts = store.counts();
         drop(stores);
         self.health.update(kind, |h| set_counts(h, counts));
-        self.changed.notify_one();
+        self.notify();
     }
 
     fn delete<T>(&self, kind: Kind, store: StoreOf<T>, key: &str) {
@@ -135,7 +150,7 @@ impl Caches {
         let counts = store.counts();
         drop(stores);
         self.health.update(kind, |h| set_counts(h, counts));
-        self.changed.notify_one();
+        self.notify();
     }
 
     /// Replaces a kind's cache with a full list.
@@ -177,7 +192,7 @@ impl Caches {
             h.up = true;
             h.last_error = None;
         });
-        self.changed.notify_one();
+        self.notify();
     }
 
     fn reject<T>(&self, kind: Kind, store: &mut Store<T>, key: String, invalid: Invalid) {
@@ -198,6 +213,17 @@ impl Caches {
         self.health
             .update(kind, |h| h.last_rejection = Some(message));
         store.rejected.insert(key, rejected);
+    }
+}
+
+impl Stores {
+    /// The names of the namespaces in the mesh (`weft.dev/mesh=enabled`).
+    pub fn mesh_namespaces(&self) -> impl Iterator<Item = &String> {
+        self.namespaces
+            .items
+            .iter()
+            .filter(|(_, n)| n.enabled)
+            .map(|(name, _)| name)
     }
 }
 
@@ -227,13 +253,13 @@ impl<T> Default for Store<T> {
 }
 
 impl Spawner<'_> {
-    /// Starts the list+watch of `kind` through `api` (restricted by `field_selector`),
-    /// projecting objects with `project` into the store `store` picks.
+    /// Starts the list+watch of `kind` through `api` (restricted by `field_selector` and
+    /// `label_selector`), projecting objects with `project` into the store `store` picks.
     pub fn watch<K, T>(
         &mut self,
         api: Api<K>,
         kind: Kind,
-        field_selector: Option<String>,
+        (field_selector, label_selector): (Option<String>, Option<String>),
         project: Project<K, T>,
         store: StoreOf<T>,
     ) where
@@ -245,6 +271,7 @@ impl Spawner<'_> {
             api,
             kind,
             field_selector,
+            label_selector,
             project,
             store,
             caches: Arc::clone(self.caches),
@@ -261,6 +288,7 @@ struct Reflector<K, T> {
     client: kube::Client,
     kind: Kind,
     field_selector: Option<String>,
+    label_selector: Option<String>,
     project: Project<K, T>,
     store: StoreOf<T>,
     caches: Arc<Caches>,
@@ -338,6 +366,7 @@ where
         let mut listed = Vec::new();
         let mut params = ListParams {
             field_selector: self.field_selector.clone(),
+            label_selector: self.label_selector.clone(),
             limit: Some(self.page_size),
             ..ListParams::default()
         };
@@ -391,6 +420,7 @@ where
     async fn open_watch(&self, from: &str) -> Result<kube::client::Body, WatchError> {
         let params = WatchParams {
             field_selector: self.field_selector.clone(),
+            label_selector: self.label_selector.clone(),
             timeout: Some(self.watch_timeout_secs),
             bookmarks: true,
             ..WatchParams::default()

@@ -11,7 +11,10 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+        core::v1::{
+            Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort,
+            ServiceSpec,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -38,16 +41,7 @@ struct Harness {
 
 impl Harness {
     async fn start(api: FakeApi) -> Self {
-        let config = Config {
-            debounce: Duration::from_millis(10),
-            backoff: Backoff {
-                initial: Duration::from_millis(20),
-                max: Duration::from_millis(200),
-            },
-            // Small pages, so every first sync of more than two objects pages.
-            page_size: 2,
-            ..Config::new(NODE)
-        };
+        let config = test_config(NODE);
         // As the agent wires it: the source's snapshot, joined with the node's pods.
         let (raw_tx, raw_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -123,6 +117,57 @@ impl Harness {
                 learned_from: LearnedFrom::Cni,
             },
         );
+    }
+}
+
+/// The source's settings in tests, for the agent of `node`.
+fn test_config(node: &str) -> Config {
+    Config {
+        debounce: Duration::from_millis(10),
+        backoff: Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        // Small pages, so every first sync of more than two objects pages.
+        page_size: 2,
+        unmeshed_grace: Duration::ZERO,
+        ..Config::new(node)
+    }
+}
+
+/// Another agent's source against the same API server, for what agents do together.
+struct OtherAgent {
+    health: Arc<Health>,
+    _rx: watch::Receiver<Arc<Snapshot>>,
+    task: JoinHandle<()>,
+}
+
+impl OtherAgent {
+    fn start(api: &FakeApi, node: &str) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let health = Arc::new(Health::default());
+        let task = tokio::spawn(run(
+            client_from(api.config()).unwrap(),
+            test_config(node),
+            MeshSettings::default(),
+            tx,
+            Report {
+                status: Arc::new(SourceStatus::new(crate::source::Kind::Kubernetes)),
+                health: Arc::clone(&health),
+                ready: Ready::default(),
+            },
+        ));
+        Self {
+            health,
+            _rx: rx,
+            task,
+        }
+    }
+}
+
+impl Drop for OtherAgent {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -597,6 +642,121 @@ fn metrics_name_every_kind() {
     );
 }
 
+#[tokio::test]
+async fn pods_on_nodes_without_an_agent_are_counted_and_get_one_event_from_the_elected_agent() {
+    let api = FakeApi::start().await;
+    api.apply(&namespace("prod", true));
+    api.apply(&namespace("dev", false));
+    // Agents on node-a (this harness) and node-b; vn-1 is a virtual node without one.
+    api.apply(&agent_pod(NODE, true));
+    api.apply(&agent_pod("node-b", true));
+    // Not an agent: the selector leaves it out, so node-c hosts no agent.
+    api.apply(&pod("weft-system", "impostor", "node-c", "10.3.0.9", &[]));
+    api.apply(&pod("prod", "on-b", "node-b", "10.2.0.2", &[]));
+    api.apply(&pod("prod", "on-a", NODE, "10.1.0.2", &[]));
+    api.apply(&pod("prod", "virtual", "vn-1", "10.9.0.2", &[]));
+    api.apply(&pod("prod", "on-c", "node-c", "10.3.0.2", &[]));
+    api.apply(&pod(
+        "prod",
+        "opted-out",
+        "vn-1",
+        "10.9.0.3",
+        &[("weft.dev/mesh", "disabled")],
+    ));
+    api.apply(&pod("dev", "not-mesh", "vn-1", "10.9.0.4", &[]));
+    let other = OtherAgent::start(&api, "node-b");
+    let harness = Harness::start(api).await;
+
+    harness
+        .until_health("two unmeshed pods counted by both agents", |h, _| {
+            h.unmeshed().get("prod") == Some(&2) && other.health.unmeshed().get("prod") == Some(&2)
+        })
+        .await;
+    let events = until_events(&harness.api, 2).await;
+    let mut regarding: Vec<&str> = events
+        .iter()
+        .map(|(path, e)| {
+            assert_eq!(path, "/apis/events.k8s.io/v1/namespaces/prod/events");
+            assert_eq!(e["reason"], "NotMeshed");
+            // node-a's name is the smallest among ready agents: it reports, node-b does not.
+            assert_eq!(e["reportingInstance"], "weft-agent-node-a");
+            e["regarding"]["name"].as_str().unwrap()
+        })
+        .collect();
+    regarding.sort_unstable();
+    assert_eq!(regarding, ["on-c", "virtual"]);
+    let text = encode(&harness.health);
+    assert!(
+        text.contains("weft_kubernetes_unmeshed_pods{namespace=\"prod\"} 2"),
+        "{text}"
+    );
+    assert!(!text.contains("namespace=\"dev\""), "{text}");
+
+    // More changes, no more events: one per pod, and the other agent writes none.
+    harness
+        .api
+        .apply(&pod("prod", "on-b-2", "node-b", "10.2.0.3", &[]));
+    harness.api.delete::<Pod>(Some("prod"), "on-c");
+    harness
+        .until_health("the pod that left no longer counted", |h, _| {
+            h.unmeshed().get("prod") == Some(&1) && other.health.unmeshed().get("prod") == Some(&1)
+        })
+        .await;
+    harness.api.delete::<Pod>(Some("prod"), "virtual");
+    harness
+        .until_health("no unmeshed pod left", |h, _| {
+            h.unmeshed().get("prod") == Some(&0) && other.health.unmeshed().get("prod") == Some(&0)
+        })
+        .await;
+    assert_eq!(
+        harness.api.create_requests(),
+        2,
+        "{:#?}",
+        harness.api.created()
+    );
+}
+
+#[tokio::test]
+async fn a_new_reporter_does_not_repeat_the_events_of_the_old_one() {
+    let api = FakeApi::start().await;
+    api.apply(&namespace("prod", true));
+    api.apply(&agent_pod(NODE, true));
+    api.apply(&agent_pod("node-b", true));
+    api.apply(&pod("prod", "virtual", "vn-1", "10.9.0.2", &[]));
+    let other = OtherAgent::start(&api, "node-b");
+    let harness = Harness::start(api).await;
+    until_events(&harness.api, 1).await;
+
+    // node-a's agent stops being ready: node-b's is elected, finds the Event there (409),
+    // and writes no second one.
+    harness.api.apply(&agent_pod(NODE, false));
+    harness
+        .until_health("node-b's agent tried the event", |_, _| {
+            harness.api.create_requests() >= 2
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(harness.api.created().len(), 1);
+    assert_eq!(harness.api.create_requests(), 2, "node-b tried once");
+    assert_eq!(other.health.unmeshed().get("prod"), Some(&1));
+}
+
+/// Waits until `n` objects have been created through the API, and returns them.
+async fn until_events(api: &FakeApi, n: usize) -> Vec<(String, serde_json::Value)> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let created = api.created();
+        if created.len() >= n {
+            return created;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} events: {created:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Runs `big_cluster_memory` alone in a child process (RSS is per process) and checks
 /// that the source's memory after syncing a big cluster stays bounded.
 #[test]
@@ -775,6 +935,27 @@ fn pod(namespace: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)
             ..PodStatus::default()
         }),
     }
+}
+
+/// weft's agent pod on `node`, labelled as the chart labels it, running and `ready` or not.
+fn agent_pod(node: &str, ready: bool) -> Pod {
+    let mut pod = pod(
+        "weft-system",
+        &format!("weft-agent-{node}"),
+        node,
+        "192.0.2.1",
+        &[
+            ("app.kubernetes.io/name", "weft"),
+            ("app.kubernetes.io/component", "agent"),
+        ],
+    );
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    pod.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+        type_: "Ready".into(),
+        status: if ready { "True" } else { "False" }.into(),
+        ..PodCondition::default()
+    }]);
+    pod
 }
 
 fn service(
