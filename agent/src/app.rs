@@ -117,9 +117,9 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let kube_health = Arc::new(source::kube::Health::default());
     // The source's snapshot, then joined with the node's pods (workloads known by pod UID):
     // one join for both sources.
-    let (raw_tx, raw_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
-    let (state_tx, mut state_rx) =
-        watch::channel(Arc::new(node_pods::join(&doc.snapshot, &node_pods)));
+    let first = Arc::new(doc.snapshot.clone());
+    let (state_tx, mut state_rx) = watch::channel(node_pods::join_shared(&first, &node_pods));
+    let (raw_tx, raw_rx) = watch::channel(first);
     let (enrolled_tx, enrolled_rx) = watch::channel(None);
     let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
     if matches!(source, Source::Kubernetes(_)) {

@@ -135,6 +135,21 @@ pub fn join(snapshot: &Snapshot, pods: &NodePods) -> Snapshot {
     joined
 }
 
+/// [`join`], without copying a snapshot that has no pod known by UID (a local file that
+/// names every netns): a state of thousands of workloads is then passed on as it is, with
+/// its address index, instead of cloned and compared on every change.
+pub fn join_shared(snapshot: &Arc<Snapshot>, pods: &NodePods) -> Arc<Snapshot> {
+    let by_uid = snapshot
+        .workloads
+        .values()
+        .any(|w| matches!(w.location, Location::Pod { .. }));
+    if by_uid {
+        Arc::new(join(snapshot, pods))
+    } else {
+        Arc::clone(snapshot)
+    }
+}
+
 /// Publishes `join(raw, pods)` to `tx` whenever the raw snapshot or the node's pods change.
 /// Runs until `raw` is closed or `tx` has no receivers.
 pub async fn follow(
@@ -144,13 +159,13 @@ pub async fn follow(
 ) {
     let mut changes = pods.changes();
     loop {
-        let joined = join(&raw.borrow_and_update(), &pods);
+        let joined = join_shared(&raw.borrow_and_update(), &pods);
         changes.borrow_and_update();
         tx.send_if_modified(|current| {
-            if **current == joined {
+            if Arc::ptr_eq(current, &joined) || **current == *joined {
                 return false;
             }
-            *current = Arc::new(joined);
+            *current = joined;
             true
         });
         tokio::select! {
@@ -226,6 +241,28 @@ mod tests {
             ips: Vec::new(),
             learned_from: LearnedFrom::Cni,
         }
+    }
+
+    #[test]
+    fn a_snapshot_without_pods_known_by_uid_is_passed_on_uncopied() {
+        let pods = NodePods::new();
+        let mut by_netns = by_uid("web", "uid-1");
+        by_netns.location = Location::Local {
+            netns: "/run/netns/web".into(),
+        };
+        let mut raw = Snapshot::default();
+        raw.workloads.insert(by_netns.name.clone(), by_netns);
+        let raw = Arc::new(raw);
+        assert!(Arc::ptr_eq(&join_shared(&raw, &pods), &raw));
+
+        let mut with_uid = (*raw).clone();
+        let w = by_uid("api", "uid-2");
+        with_uid.workloads.insert(w.name.clone(), w);
+        let with_uid = Arc::new(with_uid);
+        pods.record("uid-2", pod("/var/run/netns/cni-2"));
+        let joined = join_shared(&with_uid, &pods);
+        assert!(!Arc::ptr_eq(&joined, &with_uid));
+        assert_eq!(joined.local_enrolled().count(), 2);
     }
 
     #[test]
