@@ -19,23 +19,22 @@
 //! The three servers share one accept loop and router; each serves its own endpoint set.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
 };
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::Notify};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     ebpf::{self, Dataplane},
     enroll::EnrollStatus,
+    http,
     identity::CertManager,
     proxy::{Connections, hbone},
     readiness::Ready,
@@ -143,29 +142,10 @@ enum Endpoints {
 }
 
 async fn serve(listener: TcpListener, context: Arc<Context>, endpoints: Endpoints) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(component = "admin", error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let context = Arc::clone(&context);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let context = Arc::clone(&context);
-                async move { Ok::<_, Infallible>(route(&context, endpoints, &req)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(component = "admin", error = %e, "admin connection ended with an error");
-            }
-        });
-    }
+    http::serve(listener, "admin", move |req| {
+        route(&context, endpoints, req)
+    })
+    .await;
 }
 
 fn route(

@@ -8,19 +8,17 @@
 //!   - `weft_ca_trust_bundle_publish_total{result}`: `created`, `updated`, `failed`
 //! - `GET /healthz/ready`: 200 once the CA serves (its listener is bound before this one).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::debug;
 
 /// The CA's counters and their registry.
 #[derive(Debug)]
@@ -99,25 +97,7 @@ impl Default for Metrics {
 
 /// Serves `/metrics` and `/healthz/ready` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let metrics = Arc::clone(&metrics);
-                async move { Ok::<_, Infallible>(answer(&metrics, &req)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await
-            {
-                debug!(component = "ca", peer = %peer, error = %e, "metrics connection ended with an error");
-            }
-        });
-    }
+    crate::http::serve(listener, "ca", move |req| answer(&metrics, req)).await;
 }
 
 /// Binds the metrics listener (before serving, so a bad address fails start-up).
