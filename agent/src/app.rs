@@ -228,6 +228,9 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                     .filter_map(|w| w.identity(&config.identity.trust_domain).ok())
                     .collect(),
             );
+            // Now, not when the tracker task next runs: the enroll condition below may
+            // clear first, and readiness must not flash on before the new pods' certificates.
+            certificate_readiness(certs, &ready);
         }
         // Settings first: exclusions must be right before new pods get steered.
         let settings = dataplane_settings(&config, &snapshot.mesh);
@@ -282,19 +285,24 @@ fn track_certificate_readiness(certs: CertManager, ready: Ready) {
     tokio::spawn(async move {
         let mut changes = certs.subscribe();
         loop {
-            if certs.ready() {
-                ready.unblock("certificates");
-            } else {
-                ready.block(
-                    "certificates",
-                    "waiting for workload certificates (see /status)",
-                );
-            }
+            certificate_readiness(&certs, &ready);
             if changes.changed().await.is_err() {
                 break;
             }
         }
     });
+}
+
+/// Sets the `certificates` condition from the manager as it is now.
+fn certificate_readiness(certs: &CertManager, ready: &Ready) {
+    if certs.ready() {
+        ready.unblock("certificates");
+    } else {
+        ready.block(
+            "certificates",
+            "waiting for workload certificates (see /status)",
+        );
+    }
 }
 
 fn dataplane_settings(config: &Config, mesh: &MeshSettings) -> ebpf::Settings {
