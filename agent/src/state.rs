@@ -4,7 +4,9 @@
 //! evaluation read them through a `StateHandle`.
 
 pub mod policy;
+pub mod route;
 pub mod service;
+pub mod waypoint;
 pub mod workload;
 
 use std::{
@@ -20,7 +22,9 @@ pub use policy::{
     AccessPolicy, Action, IpBlock, L7Match, PortRange, Principal, Rule, ServiceAccount, Source,
     WorkloadSelector,
 };
+pub use route::{HttpRoute, RouteKind};
 pub use service::{Service, ServicePort};
+pub use waypoint::Waypoint;
 pub use workload::{Location, Workload, WorkloadRef};
 
 /// Everything the data path needs to know, validated. Cheap to share (`Arc`), never mutated.
@@ -34,6 +38,10 @@ pub struct Snapshot {
     pub services: BTreeMap<WorkloadRef, Service>,
     /// Access policies, by namespace/name of the policy.
     pub policies: BTreeMap<WorkloadRef, AccessPolicy>,
+    /// Waypoints, by namespace/name.
+    pub waypoints: BTreeMap<WorkloadRef, Waypoint>,
+    /// L7 routes (for waypoints), ordered by kind, then namespace/name.
+    pub routes: Vec<HttpRoute>,
     /// Namespaces labelled into the mesh, where the source knows namespace labels (the
     /// Kubernetes source). `None` for the local file, whose workloads say it one by one.
     /// The CNI plugin refuses an unknown pod of such a namespace rather than let it run
@@ -183,8 +191,15 @@ impl Snapshot {
         self.addresses().endpoints.get(&ip)
     }
 
+    /// The waypoint `service` is bound to: `None` when it is not bound, `Some(Err(name))`
+    /// when the waypoint it names is unknown (its traffic must then fail, not bypass it).
+    pub fn waypoint_of(&self, service: &Service) -> Option<Result<&Waypoint, WorkloadRef>> {
+        let name = WorkloadRef::new(service.name.namespace.clone(), service.waypoint.clone()?);
+        Some(self.waypoints.get(&name).ok_or(name))
+    }
+
     /// Services that have `ip` as a VIP.
-    fn services_by_vip(&self, ip: IpAddr) -> impl Iterator<Item = (&WorkloadRef, &Service)> {
+    pub fn services_by_vip(&self, ip: IpAddr) -> impl Iterator<Item = (&WorkloadRef, &Service)> {
         self.addresses()
             .services
             .get(&ip)
@@ -262,6 +277,7 @@ mod tests {
                 target_port: 8080,
             }],
             endpoints: vec!["10.1.0.3".parse().unwrap(), "10.1.0.4".parse().unwrap()],
+            waypoint: None,
         };
         Snapshot {
             services: BTreeMap::from([(name, service)]),

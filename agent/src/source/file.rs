@@ -360,6 +360,8 @@ impl Validator<'_> {
                 workloads,
                 services,
                 policies,
+                waypoints: Default::default(),
+                routes: Vec::new(),
                 mesh_namespaces: None,
                 index: Default::default(),
             },
@@ -524,6 +526,7 @@ impl Validator<'_> {
             vips: self.ips(&format!("{field}.vips"), &raw.vips)?,
             ports,
             endpoints: self.ips(&format!("{field}.endpoints"), &raw.endpoints)?,
+            waypoint: None,
         })
     }
 

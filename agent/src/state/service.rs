@@ -17,6 +17,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Endpoint (pod) IPs.
     pub endpoints: Vec<IpAddr>,
+    /// The waypoint (in the service's namespace) its traffic goes through: the
+    /// service's `weft.dev/use-waypoint` label, else its namespace's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
 }
 
 /// One port of a service and where it lands on the endpoints.

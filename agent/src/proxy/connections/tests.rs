@@ -107,6 +107,7 @@ fn mesh() -> Snapshot {
             target_port: 8080,
         }],
         endpoints: vec!["10.1.0.3".parse().unwrap()],
+        waypoint: None,
     };
     Snapshot {
         workloads: BTreeMap::from([(client.name.clone(), client), (echo.name.clone(), echo)]),

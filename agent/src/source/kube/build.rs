@@ -100,6 +100,8 @@ pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings) -> Snapshot {
         workloads,
         services,
         policies,
+        waypoints: Default::default(),
+        routes: Vec::new(),
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }
@@ -140,6 +142,7 @@ fn service(item: &ServiceItem, slices: &[&SliceItem]) -> Service {
         vips: item.vips.clone(),
         ports,
         endpoints,
+        waypoint: None,
     }
 }
 
