@@ -33,7 +33,7 @@
 pub mod eval;
 pub mod index;
 
-pub use eval::{ConnectionFacts, Decision, DenyReason};
+pub use eval::{ConnectionFacts, Decision, DenyReason, RequestFacts};
 pub use index::PolicyIndex;
 
 #[cfg(test)]

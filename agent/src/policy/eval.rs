@@ -2,9 +2,11 @@
 
 use std::{cell::OnceCell, net::IpAddr};
 
+use http::HeaderMap;
+
 use crate::{
     identity::SpiffeId,
-    state::{AccessPolicy, Action, Rule, Source, Workload, WorkloadRef},
+    state::{AccessPolicy, Action, L7Match, Rule, Source, Workload, WorkloadRef},
 };
 
 /// What the destination proxy knows about a new connection.
@@ -18,6 +20,20 @@ pub struct ConnectionFacts<'a> {
     pub source_identity: Option<&'a SpiffeId>,
     /// The peer's IP address.
     pub source_ip: IpAddr,
+    /// The HTTP request, when a waypoint judges one; `None` at a node proxy, which judges
+    /// connections and treats HTTP conditions conservatively (see `Rule::l7`).
+    pub request: Option<&'a RequestFacts<'a>>,
+}
+
+/// What a waypoint knows about one HTTP request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    /// The method, as sent (`GET`).
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
 }
 
 /// Whether a connection may proceed.
@@ -130,10 +146,12 @@ impl<'f, 'a> Peer<'f, 'a> {
     }
 
     fn rule(&self, rule: &Rule, action: Action) -> bool {
-        // HTTP conditions are the waypoint's; the node proxy errs on the closed side: an
-        // ALLOW rule it cannot check grants nothing, a DENY rule denies on its L4 part.
-        if rule.l7.is_some() && action == Action::Allow {
-            return false;
+        match (&rule.l7, self.facts.request) {
+            (Some(l7), Some(request)) if !l7_matches(l7, request) => return false,
+            // HTTP conditions are the waypoint's; the node proxy errs on the closed side: an
+            // ALLOW rule it cannot check grants nothing, a DENY rule denies on its L4 part.
+            (Some(_), None) if action == Action::Allow => return false,
+            _ => {}
         }
         (rule.to_ports.is_empty()
             || rule
@@ -164,5 +182,31 @@ impl<'f, 'a> Peer<'f, 'a> {
                 || source.service_accounts.iter().any(|sa| sa.matches(id)))
             && (source.namespaces.is_empty()
                 || source.namespaces.iter().any(|ns| ns == id.namespace()))
+    }
+}
+
+/// Whether a request meets a rule's HTTP conditions: each field it sets must match, by
+/// any of its entries. Methods compare exactly (HTTP methods are case-sensitive), paths
+/// exactly or with one `*` at either end, header values exactly.
+fn l7_matches(l7: &L7Match, request: &RequestFacts<'_>) -> bool {
+    (l7.methods.is_empty() || l7.methods.iter().any(|m| m == request.method))
+        && (l7.paths.is_empty() || l7.paths.iter().any(|p| path_matches(p, request.path)))
+        && l7.headers.iter().all(|(name, values)| {
+            request.headers.get_all(name.as_str()).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| values.iter().any(|want| want == v))
+            })
+        })
+}
+
+fn path_matches(pattern: &str, path: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        path.starts_with(prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        path.ends_with(suffix)
+    } else {
+        pattern == path
     }
 }

@@ -98,6 +98,7 @@ fn mtls<'a>(dst: &'a Workload, port: u16, peer: &'a SpiffeId) -> ConnectionFacts
         dst_port: port,
         source_identity: Some(peer),
         source_ip: ip("10.1.0.2"),
+        request: None,
     }
 }
 
@@ -107,6 +108,7 @@ fn plaintext<'a>(dst: &'a Workload, port: u16, src: &str) -> ConnectionFacts<'a>
         dst_port: port,
         source_identity: None,
         source_ip: ip(src),
+        request: None,
     }
 }
 
@@ -391,6 +393,58 @@ fn l7_rules_are_conservative() {
         index
             .evaluate(&mtls(&api, 80, &id("jobs", "batch")))
             .is_allowed()
+    );
+}
+
+#[test]
+fn a_waypoint_judges_http_conditions_exactly() {
+    let api = workload("prod", "api", &[]);
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "no-admin-writes",
+            &[],
+            Action::Deny,
+            vec![Rule {
+                l7: Some(L7Match {
+                    methods: vec!["POST".into()],
+                    paths: vec!["/admin".into(), "/admin/*".into()],
+                    headers: [("x-env".to_string(), vec!["prod".to_string()])].into(),
+                }),
+                ..Rule::default()
+            }],
+        )],
+    ));
+    let peer = id("web", "front");
+    let mut prod = http::HeaderMap::new();
+    prod.insert("x-env", http::HeaderValue::from_static("prod"));
+    let judge = |method: &str, path: &str, headers: &http::HeaderMap| {
+        let request = RequestFacts {
+            method,
+            path,
+            headers,
+        };
+        index.evaluate(&ConnectionFacts {
+            request: Some(&request),
+            ..mtls(&api, 80, &peer)
+        })
+    };
+    assert_eq!(
+        judge("POST", "/admin/users", &prod),
+        deny(
+            Some(("prod", "no-admin-writes")),
+            DenyReason::DeniedByPolicy
+        )
+    );
+    assert!(judge("POST", "/admin", &prod).reason().is_some());
+    assert!(judge("GET", "/admin", &prod).is_allowed());
+    assert!(judge("POST", "/", &prod).is_allowed());
+    assert!(judge("POST", "/adminx", &prod).is_allowed());
+    assert!(judge("POST", "/admin", &http::HeaderMap::new()).is_allowed());
+    assert!(
+        judge("post", "/admin", &prod).is_allowed(),
+        "methods are case-sensitive"
     );
 }
 
@@ -779,6 +833,7 @@ impl Case {
             dst_port: self.port,
             source_identity: self.identity.as_ref(),
             source_ip: self.source_ip,
+            request: None,
         }
     }
 }

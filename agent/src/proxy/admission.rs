@@ -167,6 +167,7 @@ fn judge(index: &PolicyIndex, snapshot: &Snapshot, facts: &Facts) -> Option<Resu
         dst_port: facts.dst_port,
         source_identity: facts.source_identity.as_ref(),
         source_ip: facts.source_ip,
+        request: None,
     });
     Some(match decision {
         Decision::Allow => Ok(()),

@@ -23,7 +23,7 @@ use crate::{
     },
     state::{
         AccessLogSettings, AccessPolicy, Action, Location, MeshSettings, MtlsMode, MtlsSettings,
-        Service, ServicePort, Snapshot, Workload, WorkloadRef,
+        Service, ServicePort, Snapshot, Waypoint, Workload, WorkloadRef,
     },
 };
 
@@ -184,6 +184,8 @@ struct RawFile {
     services: Vec<RawService>,
     #[serde(default)]
     policies: Vec<RawPolicy>,
+    #[serde(default)]
+    waypoints: Vec<RawWaypoint>,
 }
 
 #[derive(Default, Deserialize)]
@@ -264,6 +266,20 @@ struct RawService {
     ports: Vec<RawServicePort>,
     #[serde(default)]
     endpoints: Vec<String>,
+    /// The waypoint (in the service's namespace) its traffic goes through.
+    waypoint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWaypoint {
+    name: String,
+    namespace: Option<String>,
+    /// Default: the waypoint's name.
+    service_account: Option<String>,
+    /// Ready waypoint pods (HBONE on 15008); empty means not ready.
+    #[serde(default)]
+    ips: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +369,9 @@ impl Validator<'_> {
         let policies = self.named_list("policies", "policy", raw.policies, |field, raw| {
             self.policy(field, raw).map(|p| (p.name.clone(), p))
         })?;
+        let waypoints = self.named_list("waypoints", "waypoint", raw.waypoints, |field, raw| {
+            self.waypoint(field, raw).map(|w| (w.name.clone(), w))
+        })?;
         Ok(FileDoc {
             agent: raw.agent,
             snapshot: Snapshot {
@@ -360,7 +379,7 @@ impl Validator<'_> {
                 workloads,
                 services,
                 policies,
-                waypoints: Default::default(),
+                waypoints,
                 routes: Vec::new(),
                 mesh_namespaces: None,
                 index: Default::default(),
@@ -526,7 +545,27 @@ impl Validator<'_> {
             vips: self.ips(&format!("{field}.vips"), &raw.vips)?,
             ports,
             endpoints: self.ips(&format!("{field}.endpoints"), &raw.endpoints)?,
-            waypoint: None,
+            waypoint: raw
+                .waypoint
+                .map(|w| self.name(&format!("{field}.waypoint"), w))
+                .transpose()?,
+        })
+    }
+
+    fn waypoint(&self, field: &str, raw: RawWaypoint) -> Result<Waypoint, Error> {
+        let name = self.name(&format!("{field}.name"), raw.name)?;
+        let namespace = self.name(
+            &format!("{field}.namespace"),
+            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
+        )?;
+        let service_account = self.name(
+            &format!("{field}.serviceAccount"),
+            raw.service_account.unwrap_or_else(|| name.clone()),
+        )?;
+        Ok(Waypoint {
+            name: WorkloadRef { namespace, name },
+            service_account,
+            addresses: self.ips(&format!("{field}.ips"), &raw.ips)?,
         })
     }
 
@@ -632,6 +671,38 @@ services:
         assert_eq!(doc.snapshot.mtls_mode(api), MtlsMode::Disabled);
         assert_eq!(doc.snapshot.mesh.mtls.namespaces["prod"], MtlsMode::Strict);
         assert_eq!(doc.snapshot.local_enrolled().count(), 1);
+    }
+
+    #[test]
+    fn services_bind_to_waypoints_by_name() {
+        let doc = parse_str(
+            "agent: {node: n1}\n\
+             services:\n\
+             - {name: echo, vips: [10.96.0.10], ports: [{port: 80}], waypoint: wp}\n\
+             - {name: plain, vips: [10.96.0.11], ports: [{port: 80}]}\n\
+             waypoints:\n\
+             - {name: wp, ips: [10.1.0.9]}\n",
+        )
+        .unwrap();
+        let s = &doc.snapshot;
+        let echo = &s.services[&WorkloadRef::new("default", "echo")];
+        let wp = s.waypoint_of(echo).unwrap().unwrap();
+        assert_eq!(wp.service_account, "wp", "the name by default");
+        assert_eq!(wp.addresses, vec!["10.1.0.9".parse::<IpAddr>().unwrap()]);
+        let plain = &s.services[&WorkloadRef::new("default", "plain")];
+        assert!(s.waypoint_of(plain).is_none());
+
+        let unknown = parse_str(
+            "services: [{name: echo, vips: [10.96.0.10], ports: [{port: 80}], waypoint: gone}]",
+        )
+        .unwrap();
+        let echo = &unknown.snapshot.services[&WorkloadRef::new("default", "echo")];
+        assert_eq!(
+            unknown.snapshot.waypoint_of(echo),
+            Some(Err(WorkloadRef::new("default", "gone")))
+        );
+        let bad = parse_str("waypoints: [{name: wp, ips: [nope]}]").unwrap_err();
+        assert!(bad.contains("waypoints[0].ips"), "{bad}");
     }
 
     #[test]

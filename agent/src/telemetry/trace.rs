@@ -3,8 +3,8 @@
 //! becomes the parent of what it sends on, and the same formats the client used are written
 //! to the request to the backend. A request without any trace context starts a new trace.
 //!
-//! Finished spans go to the `Tracer`, which exports them when a collector is configured
-//! and drops them otherwise.
+//! Finished spans go to a `SpanExporter` when a collector is configured (OTLP), and
+//! nowhere otherwise.
 
 use std::time::SystemTime;
 
@@ -54,6 +54,12 @@ pub struct Span {
     pub attributes: Vec<(&'static str, String)>,
     /// Whether the request failed (5xx or no response).
     pub error: bool,
+}
+
+/// Where finished spans go. `export` must not block: a slow collector costs spans, never
+/// request latency.
+pub trait SpanExporter: Send + Sync + 'static {
+    fn export(&self, span: Span);
 }
 
 impl TraceContext {
