@@ -322,18 +322,23 @@ impl Drop for TestAgent {
         // fails, which includes a test that returns `Err` (its guards are dropped before
         // libtest sees the error, so `thread::panicking()` cannot tell).
         if self.show_log_on_drop {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-            eprintln!(
-                "--- agent log ({}, last {} of {} lines) ---\n{}\n--- end of agent log ---",
-                self.log_path.display(),
-                tail.len(),
-                lines.len(),
-                tail.join("\n")
-            );
+            print_log_tail(&self.log_path, "agent log");
         }
     }
+}
+
+/// Prints the end of a process's log to stderr, which libtest shows for a failed test.
+pub(crate) fn print_log_tail(path: &std::path::Path, what: &str) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    eprintln!(
+        "--- {what} ({}, last {} of {} lines) ---\n{}\n--- end of {what} ---",
+        path.display(),
+        tail.len(),
+        lines.len(),
+        tail.join("\n")
+    );
 }
 
 /// `config` as the YAML text [`TestAgent::rewrite_config`] writes (to time the write alone).

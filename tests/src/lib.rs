@@ -29,6 +29,7 @@ pub mod node;
 pub mod pod;
 pub mod process;
 pub mod sys;
+pub mod waypoint;
 pub mod wire;
 
 pub use agent::{ConnRecord, Connections, TestAgent};
@@ -36,6 +37,7 @@ pub use eventually::{assert_eventually, eventually, scaled};
 pub use node::{CaFiles, Service, TestNode};
 pub use pod::{PodBuilder, TestPod};
 pub use process::TestProcess;
+pub use waypoint::TestWaypoint;
 
 /// The name of the enclosing test function (names the test's namespaces and cgroups).
 #[macro_export]

@@ -198,6 +198,10 @@ impl TestPod {
         self.with(|p| p.name.clone())
     }
 
+    pub fn namespace(&self) -> String {
+        self.with(|p| p.namespace.clone())
+    }
+
     /// `namespace/name`, as the agent's records name pods.
     pub fn pod_ref(&self) -> String {
         self.with(|p| format!("{}/{}", p.namespace, p.name))

@@ -1,0 +1,156 @@
+//! `TestWaypoint`: the real `weft waypoint` running inside a pod of a [`TestNode`], as a
+//! Kubernetes waypoint Deployment's pod would: its own netns and cgroup, outside the mesh
+//! (the pod is not enrolled: the waypoint owns the pod's 15008), its identity from the
+//! node's CA root (in-process, like the test agents').
+//!
+//! Its state file is the node's agent config (workloads, services, policies, waypoints)
+//! plus the routes the test gives, written to `<node dir>/<pod>-waypoint.yaml`; stdout
+//! (the JSON access log) and stderr go to `<node dir>/<pod>-waypoint.log`.
+
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::{
+    agent::print_log_tail,
+    app::weft_bin,
+    eventually::eventually,
+    node::TestNode,
+    pod::TestPod,
+    process::{Placement, TestProcess},
+    sys::{self, HttpResponse},
+};
+
+/// A waypoint process in a pod.
+pub struct TestWaypoint {
+    process: Option<TestProcess>,
+    netns: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl TestWaypoint {
+    /// Starts `weft waypoint` in `pod` as `name` (its service account too), with the
+    /// node's config plus `routes` (Gateway API objects), and waits until it is ready.
+    pub fn start(node: &TestNode, pod: &TestPod, name: &str, routes: Value) -> Result<Self> {
+        let ca = node.ensure_ca()?;
+        let dir = node.dir();
+        let mut waypoint = TestWaypoint {
+            process: None,
+            netns: pod.netns_path(),
+            config_path: dir.join(format!("{}-waypoint.yaml", pod.name())),
+            log_path: dir.join(format!("{}-waypoint.log", pod.name())),
+        };
+        waypoint.write_config(node, routes)?;
+        let mut cmd = Command::new(weft_bin());
+        cmd.arg("waypoint")
+            .arg("--config")
+            .arg(&waypoint.config_path)
+            .args(["--name", name, "--service-account", name])
+            .args(["--namespace", &pod.namespace()])
+            .arg("--ca-cert")
+            .arg(&ca.cert)
+            .arg("--ca-key")
+            .arg(&ca.key);
+        for var in crate::agent::OVERRIDES {
+            cmd.env_remove(var);
+        }
+        cmd.env("NO_COLOR", "1");
+        if std::env::var_os("WEFT_LOG").is_none() {
+            cmd.env("WEFT_LOG", "info");
+        }
+        let process = TestProcess::spawn(
+            cmd,
+            "waypoint",
+            waypoint.log_path.clone(),
+            &Placement {
+                netns: &waypoint.netns,
+                cgroup: Some(&pod.cgroup()),
+            },
+        )?;
+        waypoint.process = Some(process);
+        waypoint.wait_ready()?;
+        Ok(waypoint)
+    }
+
+    /// Rewrites the state file from the node's config and `routes`; the waypoint picks the
+    /// change up on its next poll.
+    pub fn write_config(&self, node: &TestNode, routes: Value) -> Result<()> {
+        let mut config = node.config();
+        config["routes"] = routes;
+        // The agent's own section means nothing to a waypoint.
+        if let Some(c) = config.as_object_mut() {
+            c.remove("agent");
+        }
+        let yaml = serde_yaml::to_string(&config).context("serialise waypoint config")?;
+        // Written whole then renamed, so the waypoint never reads half a file.
+        let tmp = self.config_path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.config_path)
+            .with_context(|| format!("rename to {}", self.config_path.display()))
+    }
+
+    /// `GET /healthz/ready` until 200; fails early if the waypoint exits.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let result = eventually(Duration::from_secs(30), || {
+            if let Some(status) = self.process.as_mut().and_then(TestProcess::try_status) {
+                return Err(anyhow!("waypoint exited ({status}) before it was ready"));
+            }
+            let r = sys::http_get(&self.netns, READINESS, "/healthz/ready")?;
+            match r.status {
+                200 => Ok(()),
+                s => Err(anyhow!("not ready ({s}): {}", r.body.trim())),
+            }
+        });
+        result.map_err(|e| anyhow!("waypoint not ready: {e:#}\n--- log ---\n{}", self.log()))
+    }
+
+    /// The waypoint's `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        let r = self.get(METRICS, "/metrics")?;
+        if r.status != 200 {
+            bail!("GET /metrics: {}: {}", r.status, r.body);
+        }
+        Ok(r.body)
+    }
+
+    /// `GET /config_dump` on the admin port, as JSON.
+    pub fn config_dump(&self) -> Result<Value> {
+        let r = self.get(ADMIN, "/config_dump")?;
+        serde_json::from_str(&r.body).with_context(|| format!("config dump not JSON: {}", r.body))
+    }
+
+    /// Every JSON access-log line written so far (one per request).
+    pub fn access_log(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("method").is_some())
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn get(&self, addr: SocketAddr, path: &str) -> Result<HttpResponse> {
+        sys::http_get(&self.netns, addr, path)
+    }
+}
+
+impl Drop for TestWaypoint {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.signal_and_reap(libc::SIGTERM);
+        }
+        print_log_tail(&self.log_path, "waypoint log");
+    }
+}
+
+const READINESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15021);
+const METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
+const ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
