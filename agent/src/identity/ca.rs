@@ -366,10 +366,23 @@ fn kubernetes_config(
             format!("{trust_bundle_config_map:?} is not a valid ConfigMap name"),
         ));
     }
+    let mut trust_bundle_namespaces: Vec<String> = Vec::new();
+    for (i, namespace) in section.trust_bundle_namespaces.into_iter().enumerate() {
+        if !is_dns_label(&namespace) {
+            return Err(invalid(
+                &format!("kubernetes.trustBundleNamespaces[{i}]"),
+                format!("{namespace:?} is not a namespace name"),
+            ));
+        }
+        if !trust_bundle_namespaces.contains(&namespace) {
+            trust_bundle_namespaces.push(namespace);
+        }
+    }
     Ok(kubernetes::Config {
         audience,
         agent_service_account,
         trust_bundle_config_map,
+        trust_bundle_namespaces,
     })
 }
 
@@ -420,6 +433,8 @@ struct KubernetesFile {
     audience: Option<String>,
     agent_service_account: Option<String>,
     trust_bundle_config_map: Option<String>,
+    #[serde(default)]
+    trust_bundle_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
