@@ -1320,16 +1320,20 @@ fn waypoint_rbac_grants_exactly_the_snapshot_reads_and_route_status() -> Result<
 }
 
 #[test]
-fn waypoint_in_the_release_namespace_shares_its_account_and_adds_no_ca_role() -> Result<()> {
+fn waypoints_in_the_release_namespace_share_an_account_and_add_no_ca_role() -> Result<()> {
     helm_or_skip!();
     let values = "waypoints:\n\
-                  - {name: a, namespace: weft-system, serviceAccount: edge}\n\
+                  - {name: a, namespace: weft-system, serviceAccount: edge,\n\
+                     podDisruptionBudget: {enabled: false}}\n\
                   - {name: b, namespace: weft-system, serviceAccount: edge, replicas: 3}\n";
     let objects = render_with_file(DEFAULT_NS, Some(values), &[])?;
     let ids: Vec<String> = objects.iter().map(Object::namespaced_id).collect();
     let count = |id: &str| ids.iter().filter(|i| *i == id).count();
     assert_eq!(count("weft-system/ServiceAccount/edge"), 1, "{ids:?}");
     assert_eq!(count("weft-system/Role/weft-ca"), 1, "{ids:?}");
+    // A false in an entry wins over waypointDefaults' true.
+    assert_eq!(count("weft-system/PodDisruptionBudget/a"), 0, "{ids:?}");
+    assert_eq!(count("weft-system/PodDisruptionBudget/b"), 1, "{ids:?}");
     let ca = config_file(&objects, "weft-ca", "ca.yaml")?;
     assert_eq!(ca["kubernetes"].get("trustBundleNamespaces"), None);
     // No ServiceMonitor unless asked for; no metrics port on the Service then.
