@@ -7,19 +7,18 @@
 //!    authenticated, an answer without our audience in `status.audiences` (an authenticator
 //!    that ignores audiences), or no answer at all are refusals, never passes.
 //! 2. **Agent?** `status.user.username` must be `system:serviceaccount:<ns>:<name>` of the
-//!    configured agent service account.
+//!    configured agent service account for steps 3 and 4. A token of any other service
+//!    account takes step 5 instead; any other user (a node, a person) is refused.
 //! 3. **Node.** Pod-bound tokens carry `authentication.kubernetes.io/node-name` in
 //!    `status.user.extra` (Kubernetes ≥ 1.32, ServiceAccountTokenPodNodeInfo): the API
 //!    server vouches for it, so it is used as is. Older servers give only the bound pod's
 //!    `pod-name` and `pod-uid`: then the CA reads that pod (in the agent's namespace), checks
 //!    the UID (a pod recreated under the same name is another pod) and takes `spec.nodeName`.
 //!    A token bound to no pod (a legacy Secret token) names no node and is refused.
-//!    A token of any other service account takes the workload path (5) instead.
 //! 4. **Scheduled?** One `list pods` in the identity's namespace with the field selector
 //!    `spec.nodeName=<node>,spec.serviceAccountName=<sa>,status.phase!=Succeeded,
 //!    status.phase!=Failed` and `limit=1`, re-checked here (fail closed should a selector be
 //!    ignored). Pending counts: the agent asks at CNI ADD, before the pod runs.
-//!
 //! 5. **A workload's own identity** (waypoints). A pod that is not the agent (a waypoint: it
 //!    is never enrolled, so no agent asks for it) presents its own projected token, with the
 //!    same audience, and may get exactly the identity of that token:
