@@ -4,8 +4,10 @@
 //! - `signer`: the root certificate and key; checks CSRs and issues leaves (also used
 //!   in-process by the agent's certificate manager for standalone use and the demo).
 //! - `authz`: which node may have which identity (static tokens, or Kubernetes).
-//! - `kubernetes`: the Kubernetes authorizer (TokenReview, then the pods of the node).
-//! - `trust_bundle`: publishes the roots in a ConfigMap (Kubernetes mode).
+//! - `kubernetes`: the Kubernetes authorizer (TokenReview, then the pods of the node; a
+//!   waypoint's own token for its own identity).
+//! - `trust_bundle`: publishes the roots in a ConfigMap (Kubernetes mode), in the CA's
+//!   namespace and the waypoints'.
 //! - `metrics`: refusal and issuance counters, served on `metricsListen`.
 //! - `server`: the HTTPS API, `POST /v1/certificates` (see `docs/ca.md`).
 //!
