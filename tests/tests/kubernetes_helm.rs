@@ -1389,6 +1389,10 @@ fn bad_waypoint_values_are_refused_naming_the_field() -> Result<()> {
             "waypoints: [{name: weft-ca, namespace: weft-system}]",
             &["waypoints[0].name", "weft-ca"],
         ),
+        (
+            "waypoints: [{name: wp, namespace: shop, podDisruptionBudget: {minAvailable: 2}}]",
+            &["waypoints[0].podDisruptionBudget.minAvailable", "2 of 2"],
+        ),
     ] {
         let err = render_with_file(DEFAULT_NS, Some(values), &[]).expect_err(values);
         let message = format!("{err:#}");

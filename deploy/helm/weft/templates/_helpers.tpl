@@ -121,7 +121,8 @@ audience only, rotated by the kubelet; weft re-reads it on every request.
 {{/*
 The waypoints of values.yaml, each merged over waypointDefaults with its defaults filled
 in (serviceAccount = name), as a JSON list; fails on two waypoints with one name in one
-namespace, and on a name the chart already uses in its own namespace.
+namespace, on a name the chart already uses in its own namespace, and on a PDB that would
+never let a pod go.
 */}}
 {{- define "weft.waypoints" -}}
 {{- $seen := dict -}}
@@ -134,6 +135,10 @@ namespace, and on a name the chart already uses in its own namespace.
 {{- end -}}
 {{- if and (eq $w.namespace $.Release.Namespace) (has $w.name (list "weft-agent" "weft-agent-metrics" "weft-ca" "weft-node-cleanup")) -}}
 {{- fail (printf "waypoints[%d].name: %s is the name of one of the chart's own objects in %s" $i $w.name $w.namespace) -}}
+{{- end -}}
+{{- $pdb := $w.podDisruptionBudget -}}
+{{- if and $pdb.enabled (gt (int $w.replicas) 1) (ge (int $pdb.minAvailable) (int $w.replicas)) -}}
+{{- fail (printf "waypoints[%d].podDisruptionBudget.minAvailable: %d of %d replicas would block every drain of their nodes; give fewer than replicas" $i (int $pdb.minAvailable) (int $w.replicas)) -}}
 {{- end -}}
 {{- $_ := set $seen $key true -}}
 {{- $_ := set $w "serviceAccount" ($w.serviceAccount | default $w.name) -}}
