@@ -4,8 +4,10 @@
 //! - `signer`: the root certificate and key; checks CSRs and issues leaves (also used
 //!   in-process by the agent's certificate manager for standalone use and the demo).
 //! - `authz`: which node may have which identity (static tokens, or Kubernetes).
-//! - `kubernetes`: the Kubernetes authorizer (TokenReview, then the pods of the node).
-//! - `trust_bundle`: publishes the roots in a ConfigMap (Kubernetes mode).
+//! - `kubernetes`: the Kubernetes authorizer (TokenReview, then the pods of the node; a
+//!   waypoint's own token for its own identity).
+//! - `trust_bundle`: publishes the roots in a ConfigMap (Kubernetes mode), in the CA's
+//!   namespace and the waypoints'.
 //! - `metrics`: refusal and issuance counters, served on `metricsListen`.
 //! - `server`: the HTTPS API, `POST /v1/certificates` (see `docs/ca.md`).
 //!
@@ -366,10 +368,23 @@ fn kubernetes_config(
             format!("{trust_bundle_config_map:?} is not a valid ConfigMap name"),
         ));
     }
+    let mut trust_bundle_namespaces: Vec<String> = Vec::new();
+    for (i, namespace) in section.trust_bundle_namespaces.into_iter().enumerate() {
+        if !is_dns_label(&namespace) {
+            return Err(invalid(
+                &format!("kubernetes.trustBundleNamespaces[{i}]"),
+                format!("{namespace:?} is not a namespace name"),
+            ));
+        }
+        if !trust_bundle_namespaces.contains(&namespace) {
+            trust_bundle_namespaces.push(namespace);
+        }
+    }
     Ok(kubernetes::Config {
         audience,
         agent_service_account,
         trust_bundle_config_map,
+        trust_bundle_namespaces,
     })
 }
 
@@ -420,6 +435,8 @@ struct KubernetesFile {
     audience: Option<String>,
     agent_service_account: Option<String>,
     trust_bundle_config_map: Option<String>,
+    #[serde(default)]
+    trust_bundle_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,7 +2,7 @@
 //! this identity? Two variants behind one `authorize`: a static table from `ca.yaml` (node
 //! token → allowed namespaces and service accounts), and Kubernetes (`super::kubernetes`:
 //! TokenReview of the agent's service account token, then "is a pod with this service
-//! account scheduled on that node?").
+//! account scheduled on that node?"; or a waypoint's own token, for its own identity only).
 //!
 //! Input: the bearer token and the identity asked for. Output: the node's name, or a
 //! [`Denied`] whose `reason()` is the API's `error` field and the refusal metric's label.
@@ -47,8 +47,8 @@ pub enum Denied {
         found: Vec<String>,
     },
     #[error(
-        "the token belongs to {username}, not to the weft agent's service account {expected} \
-         (ca.yaml kubernetes.agentServiceAccount)"
+        "the token belongs to {username}, which is neither the weft agent's service account \
+         {expected} (ca.yaml kubernetes.agentServiceAccount) nor any service account"
     )]
     NotAgent { username: String, expected: String },
     #[error(
@@ -72,6 +72,21 @@ pub enum Denied {
         .identity.namespace()
     )]
     NotOnNode { node: String, identity: SpiffeId },
+    #[error(
+        "service account {account} may have only its own identity, not {identity}: a waypoint \
+         asks for ns/<its namespace>/sa/<its service account> (is --service-account / \
+         waypoints[].serviceAccount the pod's service account?)"
+    )]
+    NotOwnIdentity { account: String, identity: SpiffeId },
+    #[error(
+        "the token is bound to pod {pod} (uid {uid}), which {problem}: only a running pod gets \
+         its own identity"
+    )]
+    WorkloadPodUnknown {
+        pod: String,
+        uid: String,
+        problem: &'static str,
+    },
     #[error(
         "cannot {what} in the Kubernetes API: {error} (is the API server reachable, and does the \
          CA's RBAC allow it?); refused, never passed"
@@ -192,6 +207,8 @@ impl Denied {
             Self::NotPodBound { .. } => "token_not_pod_bound",
             Self::AgentPodUnknown { .. } => "agent_pod_unknown",
             Self::NotOnNode { .. } => "identity_not_on_node",
+            Self::NotOwnIdentity { .. } => "not_own_identity",
+            Self::WorkloadPodUnknown { .. } => "workload_pod_unknown",
             Self::ApiUnavailable { .. } => "api_unavailable",
         }
     }
@@ -206,7 +223,9 @@ impl Denied {
             | Self::NotAgent { .. }
             | Self::NotPodBound { .. }
             | Self::AgentPodUnknown { .. }
-            | Self::NotOnNode { .. } => 403,
+            | Self::NotOnNode { .. }
+            | Self::NotOwnIdentity { .. }
+            | Self::WorkloadPodUnknown { .. } => 403,
             Self::ApiUnavailable { .. } => 503,
         }
     }

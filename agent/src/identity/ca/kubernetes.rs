@@ -1,12 +1,14 @@
 //! The Kubernetes authorizer: the agent presents its projected service account token, and
-//! the CA signs only identities of pods scheduled on that agent's node.
+//! the CA signs only identities of pods scheduled on that agent's node; a waypoint presents
+//! its own token and gets only its own identity.
 //!
 //! Per request:
 //! 1. **Authenticate** with a TokenReview (`spec.audiences: [<audience>]`). Not
 //!    authenticated, an answer without our audience in `status.audiences` (an authenticator
 //!    that ignores audiences), or no answer at all are refusals, never passes.
 //! 2. **Agent?** `status.user.username` must be `system:serviceaccount:<ns>:<name>` of the
-//!    configured agent service account.
+//!    configured agent service account for steps 3 and 4. A token of any other service
+//!    account takes step 5 instead; any other user (a node, a person) is refused.
 //! 3. **Node.** Pod-bound tokens carry `authentication.kubernetes.io/node-name` in
 //!    `status.user.extra` (Kubernetes ≥ 1.32, ServiceAccountTokenPodNodeInfo): the API
 //!    server vouches for it, so it is used as is. Older servers give only the bound pod's
@@ -17,6 +19,27 @@
 //!    `spec.nodeName=<node>,spec.serviceAccountName=<sa>,status.phase!=Succeeded,
 //!    status.phase!=Failed` and `limit=1`, re-checked here (fail closed should a selector be
 //!    ignored). Pending counts: the agent asks at CNI ADD, before the pod runs.
+//! 5. **A workload's own identity** (waypoints). A pod that is not the agent (a waypoint: it
+//!    is never enrolled, so no agent asks for it) presents its own projected token, with the
+//!    same audience, and may get exactly the identity of that token:
+//!    `ns/<token's namespace>/sa/<token's service account>`, nothing else
+//!    ([`Denied::NotOwnIdentity`]). The token must be bound to a pod (`pod-name` and
+//!    `pod-uid` extras), and that pod must exist with that UID, run as that service account
+//!    and be `Running` ([`Denied::WorkloadPodUnknown`] otherwise): a token that outlived its
+//!    pod, or a legacy Secret token copied out of the cluster, gets nothing.
+//!
+//! What a compromised workload gains from step 5: a certificate for the identity it already
+//! has. That is what SPIFFE workload attestation grants any pod (SPIRE's Kubernetes
+//! attestor does the same), and no more than the mesh already lets it use: its node proxy
+//! speaks for it with that identity anyway. It cannot get another service account's
+//! identity (the API server signs its token's subject, and the CA compares it), nor the
+//! identity of a waypoint it is not (a waypoint's identity is its own service account, so
+//! only pods running as that service account get it: whoever may create pods with a
+//! service account may already act as it). With the certificate it can dial other pods'
+//! 15008 directly, as itself: their proxies still judge every connection by that identity,
+//! and a service bound to a waypoint still admits only the waypoint's identity, so nothing
+//! is bypassed. Step 5 never involves a node, so the node rule (steps 3 and 4) is unchanged:
+//! the agent's token still gets only what runs on its node.
 //!
 //! Why a query per request and not a pod reflector: certificate requests are rare (one per
 //! identity per node per half lifetime, plus pod starts), while a reflector holds every pod of
@@ -59,6 +82,10 @@ pub struct Config {
     pub agent_service_account: ServiceAccountRef,
     /// The ConfigMap, in the CA's own namespace, the trust bundle is published in.
     pub trust_bundle_config_map: String,
+    /// Further namespaces the same ConfigMap is published in: those of the waypoints, which
+    /// mount it to verify the CA and their peers (a pod mounts ConfigMaps of its own
+    /// namespace only).
+    pub trust_bundle_namespaces: Vec<String>,
 }
 
 /// A service account, `namespace/name`.
@@ -115,12 +142,26 @@ impl KubernetesAuthorizer {
             return Err(Denied::UnknownCredential);
         }
         let status = self.review(credential).await?;
-        let node = self.node_of(status).await?;
-        self.check_scheduled(&node, identity).await?;
-        Ok(node)
+        let username = status
+            .user
+            .as_ref()
+            .and_then(|u| u.username.clone())
+            .unwrap_or_default();
+        if username == self.agent_username {
+            let node = self.node_of(status).await?;
+            self.check_scheduled(&node, identity).await?;
+            return Ok(node);
+        }
+        match service_account_of(&username) {
+            Some(account) => self.check_own_identity(status, account, identity).await,
+            None => Err(Denied::NotAgent {
+                username,
+                expected: self.agent.to_string(),
+            }),
+        }
     }
 
-    /// Steps 1 and 2: the TokenReview, and whose token it is.
+    /// Step 1: the TokenReview (whose token it is is the caller's question).
     async fn review(&self, credential: &str) -> Result<TokenReviewStatus, Denied> {
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -166,18 +207,83 @@ impl KubernetesAuthorizer {
                 found: audiences,
             });
         }
-        let username = status
-            .user
-            .as_ref()
-            .and_then(|u| u.username.clone())
-            .unwrap_or_default();
-        if username != self.agent_username {
-            return Err(Denied::NotAgent {
-                username,
-                expected: self.agent.to_string(),
+        Ok(status)
+    }
+
+    /// Step 5: a workload (a waypoint) asking for the identity of its own token, bound to a
+    /// running pod of that service account. Returns the pod's node, for the log.
+    async fn check_own_identity(
+        &self,
+        status: TokenReviewStatus,
+        account: ServiceAccountRef,
+        identity: &SpiffeId,
+    ) -> Result<String, Denied> {
+        // Compared before any pod lookup: a request for someone else costs one TokenReview.
+        if identity.namespace() != account.namespace || identity.service_account() != account.name {
+            return Err(Denied::NotOwnIdentity {
+                account: account.to_string(),
+                identity: identity.clone(),
             });
         }
-        Ok(status)
+        let extra = status.user.and_then(|u| u.extra).unwrap_or_default();
+        let unknown = |pod, uid, problem| Denied::WorkloadPodUnknown { pod, uid, problem };
+        let found = self.bound_pod(&extra, &account, unknown).await?;
+        // Running: it asks from its own container, so it has started; a finished or
+        // never-started pod has no business holding a certificate.
+        if found.status.and_then(|s| s.phase).as_deref() != Some("Running") {
+            let (pod, uid) = (found.metadata.name, found.metadata.uid);
+            return Err(unknown(
+                format!("{}/{}", account.namespace, pod.unwrap_or_default()),
+                uid.unwrap_or_default(),
+                "is not running",
+            ));
+        }
+        Ok(found
+            .spec
+            .and_then(|s| s.node_name)
+            .or_else(|| single(&extra, EXTRA_NODE_NAME).map(str::to_owned))
+            .unwrap_or_default())
+    }
+
+    /// The pod a token is bound to (its `pod-name` and `pod-uid` extras), read in the
+    /// account's namespace: it must still be that pod (a pod recreated under the same name is
+    /// another pod) and run as that account. `unknown(pod, uid, problem)` builds the refusal.
+    async fn bound_pod(
+        &self,
+        extra: &BTreeMap<String, Vec<String>>,
+        account: &ServiceAccountRef,
+        unknown: fn(String, String, &'static str) -> Denied,
+    ) -> Result<Pod, Denied> {
+        let (Some(pod), Some(uid)) = (single(extra, EXTRA_POD_NAME), single(extra, EXTRA_POD_UID))
+        else {
+            return Err(Denied::NotPodBound {
+                username: account.username(),
+            });
+        };
+        let what = format!("get pod {}/{pod}", account.namespace);
+        let refuse = |problem| {
+            unknown(
+                format!("{}/{pod}", account.namespace),
+                uid.to_owned(),
+                problem,
+            )
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &account.namespace);
+        let found = ask(&what, api.get_opt(pod))
+            .await?
+            .ok_or_else(|| refuse("does not exist"))?;
+        if found.metadata.uid.as_deref() != Some(uid) {
+            return Err(refuse("was replaced by another pod of that name"));
+        }
+        // The API binds tokens only to pods of their own service account; checked anyway.
+        let service_account = found
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref());
+        if service_account != Some(account.name.as_str()) {
+            return Err(refuse("runs as another service account"));
+        }
+        Ok(found)
     }
 
     /// Step 3: the node the token's pod runs on.
@@ -187,35 +293,20 @@ impl KubernetesAuthorizer {
         if let Some(node) = single(&extra, EXTRA_NODE_NAME) {
             return Ok(node.to_owned());
         }
-        let (Some(pod), Some(uid)) = (
-            single(&extra, EXTRA_POD_NAME),
-            single(&extra, EXTRA_POD_UID),
-        ) else {
-            return Err(Denied::NotPodBound {
-                username: user.username.unwrap_or_default(),
-            });
-        };
-        let what = format!("get pod {}/{pod}", self.agent.namespace);
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.agent.namespace);
-        let unknown = |problem| Denied::AgentPodUnknown {
-            pod: format!("{}/{pod}", self.agent.namespace),
-            uid: uid.to_owned(),
-            problem,
-        };
-        let found = ask(&what, api.get_opt(pod))
-            .await?
-            .ok_or_else(|| unknown("does not exist"))?;
-        if found.metadata.uid.as_deref() != Some(uid) {
-            return Err(unknown("was replaced by another pod of that name"));
-        }
-        let spec = found.spec.unwrap_or_default();
-        // The API binds tokens only to pods of their own service account; checked anyway.
-        if spec.service_account_name.as_deref() != Some(self.agent.name.as_str()) {
-            return Err(unknown("runs as another service account"));
-        }
-        spec.node_name
+        let unknown = |pod, uid, problem| Denied::AgentPodUnknown { pod, uid, problem };
+        let found = self.bound_pod(&extra, &self.agent, unknown).await?;
+        let (pod, uid) = (found.metadata.name, found.metadata.uid);
+        found
+            .spec
+            .and_then(|s| s.node_name)
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| unknown("is not scheduled on a node"))
+            .ok_or_else(|| {
+                unknown(
+                    format!("{}/{}", self.agent.namespace, pod.unwrap_or_default()),
+                    uid.unwrap_or_default(),
+                    "is not scheduled on a node",
+                )
+            })
     }
 
     /// Step 4: a pending or running pod of `identity` on `node`.
@@ -301,6 +392,24 @@ fn runs(pod: &Pod, key: &Scheduled) -> bool {
         && spec.and_then(|s| s.service_account_name.as_deref())
             == Some(key.service_account.as_str())
         && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// The service account of a service account token's username
+/// (`system:serviceaccount:<namespace>:<name>`); none for users, nodes and malformed names.
+fn service_account_of(username: &str) -> Option<ServiceAccountRef> {
+    let (namespace, name) = username
+        .strip_prefix("system:serviceaccount:")?
+        .split_once(':')?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    (label(namespace) && label(name)).then(|| ServiceAccountRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 /// The only value of `extra[key]`; none when absent or ambiguous.

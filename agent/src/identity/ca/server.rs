@@ -49,7 +49,7 @@ pub struct Server {
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     metrics_listener: Option<TcpListener>,
-    publisher: Option<Publisher>,
+    publishers: Vec<Publisher>,
 }
 
 struct Shared {
@@ -106,20 +106,30 @@ impl Server {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let (authorizer, publisher) = match (config.authorization, client) {
-            (Authorization::Static(nodes), _) => (Authorizer::Static(nodes), None),
+        let (authorizer, publishers) = match (config.authorization, client) {
+            (Authorization::Static(nodes), _) => (Authorizer::Static(nodes), Vec::new()),
             (Authorization::Kubernetes(kubernetes), Some(client)) => {
-                let publisher = Publisher::new(
+                let roots = signer.trust_bundle_pem();
+                let name = &kubernetes.trust_bundle_config_map;
+                let mut publishers = vec![Publisher::new(
                     client.clone(),
-                    &kubernetes.trust_bundle_config_map,
-                    &signer.trust_bundle_pem(),
+                    name,
+                    &roots,
                     Arc::clone(&metrics),
-                );
+                )];
+                for namespace in &kubernetes.trust_bundle_namespaces {
+                    if namespace != client.default_namespace() {
+                        publishers.push(Publisher::in_namespace(
+                            client.clone(),
+                            namespace,
+                            name,
+                            &roots,
+                            Arc::clone(&metrics),
+                        ));
+                    }
+                }
                 let authorizer = KubernetesAuthorizer::new(client, &kubernetes);
-                (
-                    Authorizer::Kubernetes(Box::new(authorizer)),
-                    Some(publisher),
-                )
+                (Authorizer::Kubernetes(Box::new(authorizer)), publishers)
             }
             (Authorization::Kubernetes(_), None) => {
                 return Err(Error::Bug(
@@ -136,7 +146,7 @@ impl Server {
                 metrics,
             }),
             metrics_listener,
-            publisher,
+            publishers,
         })
     }
 
@@ -158,7 +168,11 @@ impl Server {
     /// Serves until `shutdown` completes. Connections in progress finish on their own.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         // Both helpers end with the server: aborted when these guards drop.
-        let _publisher = self.publisher.map(|p| AbortOnDrop(tokio::spawn(p.run())));
+        let _publishers: Vec<_> = self
+            .publishers
+            .into_iter()
+            .map(|p| AbortOnDrop(tokio::spawn(p.run())))
+            .collect();
         let _metrics = self.metrics_listener.map(|l| {
             AbortOnDrop(tokio::spawn(metrics::serve(
                 l,

@@ -424,6 +424,7 @@ fn kubernetes_section_selects_the_kubernetes_authorizer_with_defaults() {
         "system:serviceaccount:weft:weft-agent"
     );
     assert_eq!(kubernetes.trust_bundle_config_map, "weft-trust-bundle");
+    assert!(kubernetes.trust_bundle_namespaces.is_empty());
 
     // Without the section: static mode, as before, and no metrics listener.
     let config = Config::from_yaml(Path::new("ca.yaml"), BASE).unwrap();
@@ -454,6 +455,10 @@ fn kubernetes_section_errors_name_the_field() {
         (
             format!("{BASE}{KUBE}  trustBundleConfigMap: Not_A_Name"),
             "kubernetes.trustBundleConfigMap",
+        ),
+        (
+            format!("{BASE}{KUBE}  trustBundleNamespaces: [shop, Not_A_Namespace]"),
+            "kubernetes.trustBundleNamespaces[1]",
         ),
         (format!("{BASE}{KUBE}  audiences: [x]"), "audiences"),
         (format!("{BASE}metricsListen: nowhere"), "metricsListen"),

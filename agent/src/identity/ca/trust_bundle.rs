@@ -1,7 +1,8 @@
 //! Publishes the CA's trust bundle in a ConfigMap (Kubernetes mode), so agents and anything
 //! else that verifies mesh certificates can mount it: key `ca.crt`, the roots as PEM.
 //!
-//! Input: the roots and the ConfigMap's name in the CA's namespace. Output: the ConfigMap,
+//! Input: the roots and the ConfigMap's name in the CA's namespace (and, for waypoints, in
+//! the further namespaces `kubernetes.trustBundleNamespaces` names: one publisher each). Output: the ConfigMap,
 //! created if missing and updated when its `ca.crt` differs from the CA's roots (a new root
 //! after a restart, or a hand edit). Other keys and labels are left alone. Reconciled at
 //! start, then every [`RESYNC`]; a failure is logged, counted and retried with backoff.
@@ -37,9 +38,20 @@ impl Publisher {
     /// `name` lives in the client's default namespace (in a pod: the pod's own).
     pub fn new(client: Client, name: &str, roots_pem: &[String], metrics: Arc<Metrics>) -> Self {
         let namespace = client.default_namespace().to_owned();
+        Self::in_namespace(client, &namespace, name, roots_pem, metrics)
+    }
+
+    /// `name` in `namespace` (a waypoint's namespace).
+    pub fn in_namespace(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        roots_pem: &[String],
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
-            api: Api::default_namespaced(client),
-            namespace,
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
             name: name.to_owned(),
             bundle: bundle_text(roots_pem),
             metrics,

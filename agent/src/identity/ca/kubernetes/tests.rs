@@ -377,6 +377,7 @@ pub(crate) fn config() -> Config {
             name: "weft-agent".into(),
         },
         trust_bundle_config_map: "weft-trust-bundle".into(),
+        trust_bundle_namespaces: Vec::new(),
     }
 }
 
@@ -514,25 +515,210 @@ async fn node_comes_from_the_bound_pod_when_the_token_does_not_name_it() {
 }
 
 #[tokio::test]
-async fn token_of_another_service_account_is_refused_before_any_pod_lookup() {
+async fn workload_asking_for_another_identity_is_refused_before_any_pod_lookup() {
     let mut state = cluster();
     let token = state.token(
         "system:serviceaccount:default:client",
         &["weft-ca"],
-        &[(NODE_NAME, "node-a")],
+        &[
+            (NODE_NAME, "node-a"),
+            (POD_NAME, "client"),
+            (POD_UID, "0000"),
+        ],
     );
     let api = FakeApi::start(state);
     let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
-    let denied = refusal(&authz, &token, &id("default", "client")).await;
-    assert_eq!(denied.reason(), "not_agent_service_account");
-    assert_eq!(denied.http_status(), 403);
-    let message = denied.to_string();
+    // Another service account of its namespace, its own name in another namespace: both
+    // run on its node, and neither is its own.
+    for identity in [id("default", "server"), id("other", "client")] {
+        let denied = refusal(&authz, &token, &identity).await;
+        assert_eq!(denied.reason(), "not_own_identity", "{denied}");
+        assert_eq!(denied.http_status(), 403);
+        let message = denied.to_string();
+        assert!(
+            message.contains("default/client") && message.contains(&identity.to_string()),
+            "{message}"
+        );
+    }
     assert!(
-        message.contains("system:serviceaccount:default:client")
-            && message.contains("weft/weft-agent"),
-        "{message}"
+        api.calls().iter().all(|c| c.contains("tokenreviews")),
+        "{:?}",
+        api.calls()
     );
-    assert_eq!(api.calls().len(), 1, "{:?}", api.calls());
+}
+
+#[tokio::test]
+async fn token_of_a_user_or_node_is_refused_as_not_agent() {
+    let mut state = cluster();
+    let node = state.token("system:node:node-a", &["weft-ca"], &[]);
+    let user = state.token("alice", &["weft-ca"], &[]);
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    for (token, username) in [(node, "system:node:node-a"), (user, "alice")] {
+        let denied = refusal(&authz, &token, &id("default", "client")).await;
+        assert_eq!(denied.reason(), "not_agent_service_account");
+        assert_eq!(denied.http_status(), 403);
+        let message = denied.to_string();
+        assert!(
+            message.contains(username) && message.contains("weft/weft-agent"),
+            "{message}"
+        );
+    }
+    assert_eq!(api.calls().len(), 2, "{:?}", api.calls());
+}
+
+/// shop/cart-waypoint runs on node-b as service account shop/cart-waypoint.
+fn waypoint_cluster() -> FakeState {
+    let mut state = cluster();
+    state.pods.push(FakePod {
+        namespace: "shop",
+        name: "cart-waypoint-5d9c",
+        uid: "wp-uid",
+        node: "node-b",
+        service_account: "cart-waypoint",
+        phase: "Running",
+    });
+    state
+}
+
+const WAYPOINT: &str = "system:serviceaccount:shop:cart-waypoint";
+
+/// The waypoint's projected token, bound to its running pod.
+fn waypoint_token(state: &mut FakeState) -> String {
+    state.token(
+        WAYPOINT,
+        &["weft-ca"],
+        &[(POD_NAME, "cart-waypoint-5d9c"), (POD_UID, "wp-uid")],
+    )
+}
+
+#[tokio::test]
+async fn waypoint_gets_its_own_identity_with_its_own_token() {
+    let mut state = waypoint_cluster();
+    let token = waypoint_token(&mut state);
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    assert_eq!(
+        authz
+            .authorize(&token, &id("shop", "cart-waypoint"))
+            .await
+            .unwrap(),
+        "node-b"
+    );
+    // One review and one read of the bound pod, in the token's namespace; no node query.
+    let calls = api.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        calls[1],
+        "GET /api/v1/namespaces/shop/pods/cart-waypoint-5d9c"
+    );
+}
+
+#[tokio::test]
+async fn waypoint_asking_for_another_identity_is_refused_as_not_own_identity() {
+    let mut state = waypoint_cluster();
+    let token = waypoint_token(&mut state);
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    // A workload of its namespace, a workload of its node, the agent's own identity.
+    for identity in [
+        id("shop", "cart"),
+        id("default", "server"),
+        id("weft", "weft-agent"),
+    ] {
+        let denied = refusal(&authz, &token, &identity).await;
+        assert_eq!(denied.reason(), "not_own_identity", "{denied}");
+        assert_eq!(denied.http_status(), 403);
+        assert!(
+            denied.to_string().contains("shop/cart-waypoint"),
+            "{denied}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn waypoint_token_must_be_bound_to_its_running_pod() {
+    let mut state = waypoint_cluster();
+    state.pods.push(FakePod {
+        namespace: "shop",
+        name: "cart-waypoint-done",
+        uid: "done-uid",
+        node: "node-b",
+        service_account: "cart-waypoint",
+        phase: "Succeeded",
+    });
+    state.pods.push(FakePod {
+        namespace: "shop",
+        name: "cart-waypoint-other",
+        uid: "other-uid",
+        node: "node-b",
+        service_account: "cart",
+        phase: "Running",
+    });
+    let mut bound = |pod: &str, uid: &str| {
+        state.token(WAYPOINT, &["weft-ca"], &[(POD_NAME, pod), (POD_UID, uid)])
+    };
+    let cases = [
+        (bound("cart-waypoint-5d9c", "older-uid"), "replaced"),
+        (bound("cart-waypoint-gone", "x"), "does not exist"),
+        (bound("cart-waypoint-done", "done-uid"), "is not running"),
+        (
+            bound("cart-waypoint-other", "other-uid"),
+            "another service account",
+        ),
+    ];
+    // A legacy Secret token: authenticated, bound to no pod.
+    let unbound = state.token(WAYPOINT, &["weft-ca"], &[]);
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    let own = id("shop", "cart-waypoint");
+    for (token, problem) in cases {
+        let denied = refusal(&authz, &token, &own).await;
+        assert_eq!(denied.reason(), "workload_pod_unknown", "{denied}");
+        assert_eq!(denied.http_status(), 403);
+        assert!(denied.to_string().contains(problem), "{denied}");
+    }
+    let denied = refusal(&authz, &unbound, &own).await;
+    assert_eq!(denied.reason(), "token_not_pod_bound", "{denied}");
+}
+
+#[tokio::test]
+async fn waypoint_token_for_another_audience_is_refused() {
+    let mut state = waypoint_cluster();
+    let token = state.token(
+        WAYPOINT,
+        &["https://kubernetes.default.svc"],
+        &[(POD_NAME, "cart-waypoint-5d9c"), (POD_UID, "wp-uid")],
+    );
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    let denied = refusal(&authz, &token, &id("shop", "cart-waypoint")).await;
+    assert_eq!(denied.reason(), "wrong_audience", "{denied}");
+}
+
+#[tokio::test]
+async fn agent_token_still_gets_only_what_runs_on_its_node() {
+    // The waypoint runs on node-b: the agent of node-a may not have its identity, the
+    // agent of node-b may (it would be the one asking for an enrolled pod of that account).
+    let mut state = waypoint_cluster();
+    let agent_a = state.token(AGENT, &["weft-ca"], &[(NODE_NAME, "node-a")]);
+    let agent_b = state.token(AGENT, &["weft-ca"], &[(NODE_NAME, "node-b")]);
+    let api = FakeApi::start(state);
+    let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    let waypoint = id("shop", "cart-waypoint");
+    let denied = refusal(&authz, &agent_a, &waypoint).await;
+    assert_eq!(denied.reason(), "identity_not_on_node", "{denied}");
+    assert_eq!(
+        authz.authorize(&agent_b, &waypoint).await.unwrap(),
+        "node-b"
+    );
+    assert_eq!(
+        authz
+            .authorize(&agent_a, &id("default", "client"))
+            .await
+            .unwrap(),
+        "node-a"
+    );
 }
 
 #[tokio::test]
@@ -710,12 +896,14 @@ fn unverified_audience_claim_is_read_from_string_or_list() {
 #[tokio::test]
 async fn ca_in_kubernetes_mode_signs_for_the_node_publishes_the_bundle_and_counts_refusals() {
     let root = TestRoot::new();
-    let mut state = cluster();
+    let mut state = waypoint_cluster();
     let token = state.token(AGENT, &["weft-ca"], &[(NODE_NAME, "node-a")]);
+    let waypoint_token = waypoint_token(&mut state);
     let api = FakeApi::start(state);
     let yaml = format!(
         "listen: 127.0.0.1:0\nmetricsListen: 127.0.0.1:0\ncaCert: {}\ncaKey: {}\n\
-         serverNames: [localhost]\nkubernetes:\n  agentServiceAccount: weft/weft-agent\n",
+         serverNames: [localhost]\nkubernetes:\n  agentServiceAccount: weft/weft-agent\n  \
+         trustBundleNamespaces: [shop, weft]\n",
         root.cert.display(),
         root.key.display(),
     );
@@ -756,32 +944,53 @@ async fn ca_in_kubernetes_mode_signs_for_the_node_publishes_the_bundle_and_count
         "{err}"
     );
 
+    // A waypoint, with its own token: its own identity, and nothing else.
+    fs::write(&token_file, &waypoint_token).unwrap();
+    let own = id("shop", "cart-waypoint");
+    let request = csr::generate(&own).unwrap();
+    client
+        .sign(&own, &request.csr_pem, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let err = client
+        .sign(
+            &wanted,
+            &csr::generate(&wanted).unwrap().csr_pem,
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.status(), err.ca_reason()),
+        (Some(403), "not_own_identity"),
+        "{err}"
+    );
+
     // The bundle is published at start, in the CA's namespace, with the root.
     let root_pem = fs::read_to_string(&root.cert).unwrap();
-    let mut published = None;
-    for _ in 0..200 {
-        published = api
-            .state()
-            .config_maps
-            .get("weft/weft-trust-bundle")
-            .cloned();
-        if published.is_some() {
-            break;
+    // Also in the waypoints' namespace; the CA's own is listed again and published once.
+    for key in ["weft/weft-trust-bundle", "shop/weft-trust-bundle"] {
+        let mut published = None;
+        for _ in 0..200 {
+            published = api.state().config_maps.get(key).cloned();
+            if published.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let published = published.expect("the trust bundle ConfigMap is created at start");
+        assert_eq!(
+            published["data"][super::super::trust_bundle::KEY]
+                .as_str()
+                .unwrap()
+                .trim(),
+            root_pem.trim()
+        );
     }
-    let published = published.expect("the trust bundle ConfigMap is created at start");
-    assert_eq!(
-        published["data"][super::super::trust_bundle::KEY]
-            .as_str()
-            .unwrap()
-            .trim(),
-        root_pem.trim()
-    );
 
     let text = scrape(metrics_addr).await;
     assert!(
-        text.contains("weft_ca_certificates_issued_total 1"),
+        text.contains("weft_ca_certificates_issued_total 2"),
         "{text}"
     );
     assert!(
@@ -789,7 +998,7 @@ async fn ca_in_kubernetes_mode_signs_for_the_node_publishes_the_bundle_and_count
         "{text}"
     );
     assert!(
-        text.contains(r#"weft_ca_trust_bundle_publish_total{result="created"} 1"#),
+        text.contains(r#"weft_ca_trust_bundle_publish_total{result="created"} 2"#),
         "{text}"
     );
     stop.send(()).unwrap();
