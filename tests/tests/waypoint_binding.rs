@@ -107,6 +107,55 @@ fn a_bound_service_whose_waypoint_cannot_take_it_fails_closed() -> Result<()> {
     Ok(())
 }
 
+/// With a ready waypoint, the node proxy dials the waypoint's address at 15008 (as the
+/// client pod), never the bound endpoint. No waypoint runs here: what answers at the
+/// waypoint's address is a plain echo server, so the TLS handshake fails, and the client
+/// is reset; the point is where the proxy went.
+#[test]
+fn a_bound_service_is_dialled_at_its_waypoint_address() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let client = node.pod("client").service_account("client").create()?;
+    let server = node.pod("server").service_account("server").create()?;
+    let wp = node.pod("wp").enrolled(false).create()?;
+    add_bound_services(&node, &server);
+    node.set_waypoints(json!([{ "name": "wp", "ips": [wp.ip().to_string()] }]));
+    let agent = node.start_agent()?;
+    let bound = app::serve(&server, PORT, Mode::Echo)?;
+    let not_a_waypoint = app::serve(&wp, HBONE_PORT, Mode::Echo)?;
+
+    let at_waypoint = sock(wp.addr(HBONE_PORT)).to_string();
+    for (n, dst) in [SocketAddr::from((VIP, VIP_PORT)), sock(server.addr(PORT))]
+        .into_iter()
+        .enumerate()
+    {
+        let seen = agent.connections()?.all().map(|r| r.id).max();
+        let result = app::send_text(&client, dst, "should not pass");
+        let Err(e) = result else {
+            bail!("{dst}: nothing but a waypoint can answer: {result:?}");
+        };
+        ensure!(app::is_reset(&e), "{dst}: the client is reset: {e:#}");
+        let record = agent.expect_record("the connection to the waypoint", |r| {
+            Some(r.id) > seen && r.dst == dst.to_string() && r.error.is_some()
+        });
+        ensure!(
+            record.upstream.as_deref() == Some(at_waypoint.as_str())
+                && record.waypoint.as_deref() == Some("default/wp")
+                && record.service.as_deref() == Some("default/api")
+                && record.dst_identity.as_deref()
+                    == Some("spiffe://cluster.local/ns/default/sa/wp"),
+            "{dst}: dialled the waypoint, requiring its identity: {record:?}"
+        );
+        let accepted = not_a_waypoint.accepted();
+        ensure!(
+            accepted.len() == n + 1 && accepted.iter().all(|a| a.peer.ip() == client.ip()),
+            "{dst}: the waypoint's address got the connection from the client pod: {accepted:?}"
+        );
+    }
+    ensure!(bound.accepted().is_empty(), "{:?}", bound.accepted());
+    Ok(())
+}
+
 /// A node without a CA cannot prove anything to a waypoint: its bound traffic fails too,
 /// and the reason says so.
 #[test]
@@ -375,5 +424,7 @@ const VIP_PORT: u16 = 80;
 const PORT: u16 = 8080;
 /// The orphan's target port.
 const ORPHAN_PORT: u16 = 7070;
+/// Where waypoints take HBONE.
+const HBONE_PORT: u16 = 15008;
 /// A port of the server that no bound service targets.
 const OTHER_PORT: u16 = 9090;

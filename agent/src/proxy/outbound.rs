@@ -53,9 +53,12 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             proxy.inner.hbone_port,
             proxy.trust_domain(),
         );
-        // The pod's own address of the destination's family, for `forwarded: for=`.
+        // The pod's own address of the upstream's family, for `forwarded: for=`.
+        let v4 = outbound
+            .as_ref()
+            .map_or(dst.is_ipv4(), |o| o.upstream.is_ipv4());
         let source_ip = source
-            .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()))
+            .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == v4))
             .copied()
             .unwrap_or(peer.ip());
         (outbound, source_ip)
@@ -89,7 +92,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                 && proxy.inner.waypoint_warnings.recovered(service)
             {
                 info!(component = "proxy", service = %service, waypoint = %waypoint,
-                    "waypoint available again: the service's traffic flows through it");
+                    "waypoint ready again: the service's traffic goes to it");
             }
             Some((identity, addr, authority))
         }
