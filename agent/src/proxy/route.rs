@@ -215,6 +215,8 @@ fn via_waypoint(
     if waypoint.addresses.is_empty() {
         return Err(unavailable(WaypointProblem::NotReady));
     }
+    // mTLS modes do not enter into it: a waypoint speaks HBONE only, and the bound
+    // endpoints admit nothing but the waypoint, so there is no plaintext way to them.
     let ip = waypoint.addresses[pick % waypoint.addresses.len()];
     let addr = SocketAddr::new(ip, WAYPOINT_PORT);
     Ok(Some(Outbound {
@@ -472,6 +474,16 @@ mod tests {
             None,
         );
         assert_eq!(plain.unwrap().route, Route::Passthrough);
+    }
+
+    #[test]
+    fn a_source_with_mtls_disabled_still_goes_to_the_waypoint() {
+        let mut s = bound(Some("wp"), &["10.1.0.9"]);
+        let legacy = pod("legacy", "10.1.0.5", true, Some(MtlsMode::Disabled));
+        s.workloads.insert(legacy.name.clone(), legacy);
+        let src = s.workload_by_ip("10.1.0.5".parse().unwrap());
+        let out = outbound(&s, src, "10.96.0.10:80".parse().unwrap(), 0, 15008, TD).unwrap();
+        assert_eq!(out.route, waypoint_route("10.1.0.9", "10.96.0.10:80"));
     }
 
     #[test]
