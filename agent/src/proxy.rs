@@ -34,7 +34,7 @@ use std::{
 use ebpf_common::netns::NetnsCookie;
 use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinSet};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use connections::{Connections, Direction};
 pub use socket::SocketFactory;
@@ -265,8 +265,14 @@ impl Proxy {
 
     /// Applies a new snapshot's access policies: to new connections at once, and to open
     /// ones, which are closed when the new policy denies them.
+    /// Also forgets the waypoint failures the snapshot fixed, saying which waypoints are
+    /// ready again.
     pub fn apply_policies(&self, snapshot: &Arc<crate::state::Snapshot>) {
         self.inner.admissions.update(snapshot);
+        for (service, waypoint) in self.inner.waypoint_warnings.update(snapshot) {
+            info!(component = "proxy", service = %service, waypoint = %waypoint,
+                "waypoint ready again: the bound service's traffic goes to it");
+        }
     }
 
     /// The outbound HBONE pool, when mutual TLS is on (for status).

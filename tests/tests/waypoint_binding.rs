@@ -104,6 +104,28 @@ fn a_bound_service_whose_waypoint_cannot_take_it_fails_closed() -> Result<()> {
             ),
         "expected one warning for api and one for orphan, got {warnings:#?}"
     );
+    // The waypoint gets a ready address: the agent says so, once.
+    node.set_waypoints(
+        json!([{ "name": "wp", "serviceAccount": "waypoint", "ips": ["10.1.0.250"] }]),
+    );
+    agent.reload_and_wait(&node)?;
+    assert_eventually(Duration::from_secs(10), || {
+        let log = agent.log();
+        let ready: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("waypoint ready again"))
+            .collect();
+        match ready[..] {
+            [line]
+                if line.contains("service=default/api") && line.contains("waypoint=default/wp") =>
+            {
+                Ok(())
+            }
+            _ => Err(format!(
+                "expected one ready-again line for api, got {ready:#?}"
+            )),
+        }
+    });
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use std::{
 
 use ebpf_common::orig_dst::{ConnKey, OrigDst};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
@@ -88,12 +88,6 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             authority,
         } => {
             tracked.set_waypoint(Some(waypoint.to_string()));
-            if let Some(service) = &outbound.service
-                && proxy.inner.waypoint_warnings.recovered(service)
-            {
-                info!(component = "proxy", service = %service, waypoint = %waypoint,
-                    "waypoint ready again: the service's traffic goes to it");
-            }
             Some((identity, addr, authority))
         }
     };

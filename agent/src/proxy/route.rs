@@ -154,14 +154,43 @@ impl WaypointWarnings {
         true
     }
 
-    /// Records that `service`'s waypoint took a connection; true when it had failed
-    /// before (worth saying it recovered).
-    pub fn recovered(&self, service: &WorkloadRef) -> bool {
+    /// Forgets the failures that `snapshot` no longer has (the service is gone or bound
+    /// elsewhere, or its waypoint is known and ready now), so that the next failure is
+    /// news again. Returns the (service, waypoint) pairs whose waypoint is ready again.
+    pub fn update(&self, snapshot: &Snapshot) -> Vec<(WorkloadRef, WorkloadRef)> {
         let mut unavailable = self
             .unavailable
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        !unavailable.is_empty() && unavailable.remove(service).is_some()
+        let mut ready = Vec::new();
+        unavailable.retain(|service, (waypoint, problem)| {
+            let now = snapshot
+                .services
+                .get(service)
+                .and_then(|s| snapshot.waypoint_of(s));
+            let same = match &now {
+                Some(Ok(w)) => w.name == *waypoint,
+                Some(Err(name)) => name == waypoint,
+                None => false,
+            };
+            if !same {
+                // Unbound, gone, or bound to another waypoint: a new story.
+                return false;
+            }
+            let fixed = match (*problem, now) {
+                (WaypointProblem::Unknown | WaypointProblem::NotReady, Some(Ok(w))) => {
+                    !w.addresses.is_empty()
+                }
+                // Still unknown; or a failure that does not depend on the waypoint's
+                // addresses. (A different failure is news to `failed` anyway.)
+                _ => false,
+            };
+            if fixed {
+                ready.push((service.clone(), waypoint.clone()));
+            }
+            !fixed
+        });
+        ready
     }
 }
 
@@ -500,18 +529,36 @@ mod tests {
     #[test]
     fn waypoint_warnings_are_news_once_per_change() {
         let warnings = WaypointWarnings::default();
-        let (api, wp, other) = (
+        let (api, wp, gone) = (
             WorkloadRef::new("default", "api"),
             WorkloadRef::new("default", "wp"),
-            WorkloadRef::new("default", "wp2"),
+            WorkloadRef::new("default", "gone"),
         );
-        assert!(!warnings.recovered(&api), "nothing failed yet");
         assert!(warnings.failed(&api, &wp, WaypointProblem::NotReady));
         assert!(!warnings.failed(&api, &wp, WaypointProblem::NotReady));
         assert!(warnings.failed(&api, &wp, WaypointProblem::Unknown));
-        assert!(warnings.failed(&api, &other, WaypointProblem::Unknown));
-        assert!(warnings.recovered(&api));
-        assert!(!warnings.recovered(&api));
-        assert!(warnings.failed(&api, &other, WaypointProblem::Unknown));
+        assert!(warnings.failed(&api, &gone, WaypointProblem::Unknown));
+
+        // Still unknown: remembered, nothing ready.
+        assert!(warnings.update(&bound(Some("gone"), &[])).is_empty());
+        assert!(!warnings.failed(&api, &gone, WaypointProblem::Unknown));
+        // Bound elsewhere: forgotten, the next failure is news.
+        assert!(warnings.update(&bound(Some("wp"), &[])).is_empty());
+        assert!(warnings.failed(&api, &wp, WaypointProblem::NotReady));
+        // Not ready yet: remembered.
+        assert!(warnings.update(&bound(Some("wp"), &[])).is_empty());
+        assert!(!warnings.failed(&api, &wp, WaypointProblem::NotReady));
+        // Ready: said once, then forgotten.
+        let ready = bound(Some("wp"), &["10.1.0.9"]);
+        assert_eq!(warnings.update(&ready), [(api.clone(), wp.clone())]);
+        assert!(warnings.update(&ready).is_empty());
+        assert!(warnings.failed(&api, &wp, WaypointProblem::NotReady));
+        // Unbound: forgotten without a word.
+        assert!(warnings.update(&bound(None, &[])).is_empty());
+        assert!(warnings.failed(&api, &wp, WaypointProblem::NotReady));
+        // No CA on this node: remembered whatever the waypoint does.
+        assert!(warnings.failed(&api, &gone, WaypointProblem::NoMtls));
+        assert!(warnings.update(&bound(Some("gone"), &[])).is_empty());
+        assert!(!warnings.failed(&api, &gone, WaypointProblem::NoMtls));
     }
 }
