@@ -171,7 +171,8 @@ impl std::fmt::Display for WaypointProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             WaypointProblem::Unknown => {
-                "is not known (is it deployed, as a Service labelled weft.dev/role: waypoint?)"
+                "is not known (is it deployed? a Service labelled weft.dev/role: waypoint, or an \
+                 entry of `waypoints` in the local file)"
             }
             WaypointProblem::NotReady => "has no ready address",
             WaypointProblem::InvalidIdentity => {
@@ -264,9 +265,9 @@ impl Proxy {
     }
 
     /// Applies a new snapshot's access policies: to new connections at once, and to open
-    /// ones, which are closed when the new policy denies them.
-    /// Also forgets the waypoint failures the snapshot fixed, saying which waypoints are
-    /// ready again.
+    /// ones, which are closed when the new policy denies them (a new waypoint binding
+    /// included). Also forgets the waypoint failures the snapshot fixed, saying which
+    /// waypoints are ready again.
     pub fn apply_policies(&self, snapshot: &Arc<crate::state::Snapshot>) {
         self.inner.admissions.update(snapshot);
         for (service, waypoint) in self.inner.waypoint_warnings.update(snapshot) {
