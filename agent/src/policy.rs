@@ -23,6 +23,14 @@
 //! alone, so the node proxy never allows more than the policy means. Such policies are
 //! logged once (`component = "policy"`) when the index first meets them.
 //!
+//! Waypoint gates, before all of that at a node proxy (`PolicyIndex::admit`): a port that
+//! a service bound to a waypoint targets (the workload is one of the service's endpoints)
+//! admits the waypoint's identity only, without the access policies (the waypoint judged
+//! each request against them with the original client's identity), and denies everything
+//! else with `waypoint_bypassed`, plaintext included. A binding to a waypoint the snapshot
+//! does not know denies everything on those ports: no identity could come through it.
+//! `PolicyIndex::evaluate` (a waypoint's own check of a request) ignores gates.
+//!
 //! A plaintext connection has no identity: sources naming principals, service accounts or
 //! namespaces never match it, only IP blocks do. The source IP is not mapped to a pod's
 //! namespace: an address proves nothing, and identity-based rules exist to require proof.
@@ -34,7 +42,7 @@ pub mod eval;
 pub mod index;
 
 pub use eval::{ConnectionFacts, Decision, DenyReason, RequestFacts};
-pub use index::PolicyIndex;
+pub use index::{PolicyIndex, WaypointGate};
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,8 @@
 //! The node proxy: serves every enrolled pod's listeners. Outbound (15001) connections are
 //! matched to their original destination (from the eBPF `ORIG_DST` map), resolved (a
 //! service VIP becomes an endpoint) and sent from inside the pod: over HBONE (mutual TLS,
-//! `hbone`) to a destination in the mesh, in plaintext to anything else (`route` decides).
+//! `hbone`) to a destination in the mesh, over HBONE to the waypoint of a service bound to
+//! one, in plaintext to anything else (`route` decides).
 //! HBONE (15008) and plaintext inbound (15006, refused for STRICT pods) connections are
 //! delivered to the application over the pod's loopback. Bytes are copied both ways with
 //! half-close preserved; errors reset both sides.
@@ -33,7 +34,7 @@ use std::{
 use ebpf_common::netns::NetnsCookie;
 use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinSet};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use connections::{Connections, Direction};
 pub use socket::SocketFactory;
@@ -104,6 +105,28 @@ pub enum Error {
     },
     #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]
     PlaintextRefusedStrict,
+    #[error(
+        "service {service} is bound to waypoint {waypoint}, which {problem}; connection reset (a bound service's traffic never goes around its waypoint)"
+    )]
+    WaypointUnavailable {
+        service: WorkloadRef,
+        waypoint: WorkloadRef,
+        problem: WaypointProblem,
+    },
+}
+
+/// Why a bound service's waypoint cannot take a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WaypointProblem {
+    /// The snapshot has no waypoint of that name (not deployed, or not labelled
+    /// `weft.dev/role: waypoint`).
+    Unknown,
+    /// The waypoint has no ready address.
+    NotReady,
+    /// Its identity cannot be written as a SPIFFE id.
+    InvalidIdentity,
+    /// This node has no CA: a waypoint is reached over mutual TLS only.
+    NoMtls,
 }
 
 impl Error {
@@ -125,6 +148,7 @@ impl Error {
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::PolicyRevoked { .. } => "policy_revoked",
             Error::PlaintextRefusedStrict => "plaintext_refused_strict",
+            Error::WaypointUnavailable { .. } => "waypoint_unavailable",
         }
     }
 }
@@ -140,6 +164,24 @@ impl Error {
             ),
             other => io::Error::other(other.to_string()),
         }
+    }
+}
+
+impl std::fmt::Display for WaypointProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WaypointProblem::Unknown => {
+                "is not known (is it deployed? a Service labelled weft.dev/role: waypoint, or an \
+                 entry of `waypoints` in the local file)"
+            }
+            WaypointProblem::NotReady => "has no ready address",
+            WaypointProblem::InvalidIdentity => {
+                "has no valid SPIFFE identity (check its service account)"
+            }
+            WaypointProblem::NoMtls => {
+                "cannot be used: a waypoint needs mutual TLS and this node has no CA"
+            }
+        })
     }
 }
 
@@ -189,7 +231,9 @@ struct Inner {
     mtls: Option<Mtls>,
     hbone_port: u16,
     admissions: Arc<admission::Admissions>,
-    /// Round-robin position for service endpoints.
+    /// Bound services whose waypoint was last seen unavailable (to warn once per change).
+    waypoint_warnings: route::WaypointWarnings,
+    /// Round-robin position for service endpoints and waypoint addresses.
     next_endpoint: AtomicUsize,
 }
 
@@ -201,6 +245,7 @@ impl Proxy {
         connections: Arc<Connections>,
         mtls: Option<Mtls>,
     ) -> Self {
+        let trust_domain = mtls.as_ref().map(|m| m.trust_domain.clone());
         Self {
             inner: Arc::new(Inner {
                 state,
@@ -208,7 +253,8 @@ impl Proxy {
                 connections,
                 mtls,
                 hbone_port: config.ports.hbone,
-                admissions: Arc::default(),
+                admissions: Arc::new(admission::Admissions::new(trust_domain)),
+                waypoint_warnings: route::WaypointWarnings::default(),
                 next_endpoint: AtomicUsize::new(0),
             }),
         }
@@ -219,9 +265,15 @@ impl Proxy {
     }
 
     /// Applies a new snapshot's access policies: to new connections at once, and to open
-    /// ones, which are closed when the new policy denies them.
+    /// ones, which are closed when the new policy denies them (a new waypoint binding
+    /// included). Also forgets the waypoint failures the snapshot fixed, saying which
+    /// waypoints are ready again.
     pub fn apply_policies(&self, snapshot: &Arc<crate::state::Snapshot>) {
         self.inner.admissions.update(snapshot);
+        for (service, waypoint) in self.inner.waypoint_warnings.update(snapshot) {
+            info!(component = "proxy", service = %service, waypoint = %waypoint,
+                "waypoint ready again: the bound service's traffic goes to it");
+        }
     }
 
     /// The outbound HBONE pool, when mutual TLS is on (for status).

@@ -62,8 +62,8 @@ pub struct AddressIndex(std::sync::OnceLock<Addresses>);
 struct Addresses {
     workloads: HashMap<IpAddr, WorkloadRef>,
     services: HashMap<IpAddr, Vec<WorkloadRef>>,
-    /// The first service (by name) with each endpoint IP.
-    endpoints: HashMap<IpAddr, WorkloadRef>,
+    /// The services with each endpoint IP, in name order.
+    endpoints: HashMap<IpAddr, Vec<WorkloadRef>>,
 }
 
 /// Mesh-wide settings of the data path.
@@ -188,7 +188,20 @@ impl Snapshot {
 
     /// The service that has `ip` among its endpoints (the first by name, if several do).
     pub fn service_with_endpoint(&self, ip: IpAddr) -> Option<&WorkloadRef> {
-        self.addresses().endpoints.get(&ip)
+        self.addresses().endpoints.get(&ip)?.first()
+    }
+
+    /// Services that have `ip` among their endpoints, in name order.
+    pub fn services_with_endpoint(
+        &self,
+        ip: IpAddr,
+    ) -> impl Iterator<Item = (&WorkloadRef, &Service)> {
+        self.addresses()
+            .endpoints
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.services.get_key_value(name))
     }
 
     /// The waypoint `service` is bound to: `None` when it is not bound, `Some(Err(name))`
@@ -229,10 +242,11 @@ impl Snapshot {
                         .push(name.clone());
                 }
                 for ip in &service.endpoints {
-                    addresses
-                        .endpoints
-                        .entry(*ip)
-                        .or_insert_with(|| name.clone());
+                    let services = addresses.endpoints.entry(*ip).or_default();
+                    // An endpoint listed twice by one service counts once.
+                    if services.last() != Some(name) {
+                        services.push(name.clone());
+                    }
                 }
             }
             addresses
@@ -348,6 +362,8 @@ mod tests {
             Some(&WorkloadRef::new("default", "echo"))
         );
         assert!(s.service_with_endpoint(vip).is_none());
+        let with_endpoint: Vec<_> = s.services_with_endpoint(endpoint).map(|(n, _)| n).collect();
+        assert_eq!(with_endpoint, [&WorkloadRef::new("default", "echo")]);
         // Derived data never makes two equal snapshots differ.
         let fresh = snapshot_with_service();
         assert_eq!(s, fresh);

@@ -63,6 +63,10 @@ pub struct ConnRecord {
     /// `namespace/name` of the service, when `dst` was a service VIP.
     #[serde(default)]
     pub service: Option<String>,
+    /// `namespace/name` of the waypoint a bound service's traffic goes through (then
+    /// `upstream` is the waypoint's address).
+    #[serde(default)]
+    pub waypoint: Option<String>,
     /// SPIFFE ids proven by mutual TLS (none on a plaintext hop).
     #[serde(default, rename = "src.identity")]
     pub src_identity: Option<String>,
@@ -233,6 +237,29 @@ impl TestAgent {
     /// `GET /status`.
     pub fn status(&self) -> Result<Value> {
         self.get_json("/status")
+    }
+
+    /// The number of config snapshots the agent has accepted (`/status`
+    /// `config.generation`): it grows when a reload is applied.
+    pub fn generation(&self) -> Result<u64> {
+        self.status()?["config"]["generation"]
+            .as_u64()
+            .context("no config.generation in /status")
+    }
+
+    /// Rewrites the config from `node` and waits until the agent applied it (its
+    /// generation grew).
+    pub fn reload_and_wait(&self, node: &TestNode) -> Result<()> {
+        let before = self.generation()?;
+        self.reload(node)?;
+        eventually(Duration::from_secs(10), || {
+            let now = self.generation()?;
+            if now > before {
+                Ok(())
+            } else {
+                Err(anyhow!("config generation still {now}"))
+            }
+        })
     }
 
     /// SIGKILL, as a crash or an OOM kill would. Pinned eBPF state stays.

@@ -293,6 +293,22 @@ pub fn connect(pod: &TestPod, to: SocketAddr, timeout: Duration) -> Result<Conne
     Ok(Connect::Failed(kind))
 }
 
+/// The client app saw its connection reset: ECONNRESET on a read, EPIPE on a write after
+/// the RST arrived, ENOTCONN on the shutdown(SHUT_WR) after it, or ECONNREFUSED when the
+/// RST answered the SYN. (A clean close or a hang would be none of these.) `e` is the
+/// error of [`send`], [`send_text`] or [`RunningSend::finish`].
+pub fn is_reset(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    [
+        "ConnectionReset",
+        "BrokenPipe",
+        "NotConnected",
+        "ConnectionRefused",
+    ]
+    .iter()
+    .any(|kind| text.contains(&format!("kind={kind}")))
+}
+
 /// The `weft-testapp` binary: `$WEFT_TESTAPP`, else next to the running executable (cargo
 /// puts it in `target/<profile>/`, integration tests run from `target/<profile>/deps/`).
 pub fn testapp_bin() -> PathBuf {

@@ -57,6 +57,8 @@ pub(crate) struct NodeInner {
     pub mesh: RefCell<Value>,
     /// The config's `policies:` list.
     pub policies: RefCell<Value>,
+    /// The config's `waypoints:` list.
+    pub waypoints: RefCell<Value>,
     /// Extra keys of the config's `agent:` section (`certLifetime`, `ca`, …).
     pub agent_settings: RefCell<serde_json::Map<String, Value>>,
     /// Mutual TLS between pods: on by default, with an in-process CA (see `ensure_ca`).
@@ -85,6 +87,8 @@ pub struct Service {
     /// (port, targetPort)
     pub ports: Vec<(u16, u16)>,
     pub endpoints: Vec<Ipv4Addr>,
+    /// The waypoint (in the service's namespace) the service is bound to.
+    pub waypoint: Option<String>,
 }
 
 impl TestNode {
@@ -118,6 +122,7 @@ impl TestNode {
                 services: RefCell::new(Vec::new()),
                 mesh: RefCell::new(json!({ "excludedPorts": [22] })),
                 policies: RefCell::new(json!([])),
+                waypoints: RefCell::new(json!([])),
                 agent_settings: RefCell::default(),
                 mtls: Cell::new(true),
                 ca: RefCell::new(None),
@@ -258,6 +263,22 @@ impl TestNode {
         *self.inner.policies.borrow_mut() = policies;
     }
 
+    /// Replaces the config's `waypoints:` list (`[{name, namespace, serviceAccount, ips}]`);
+    /// written when the agent starts or reloads.
+    pub fn set_waypoints(&self, waypoints: Value) {
+        *self.inner.waypoints.borrow_mut() = waypoints;
+    }
+
+    /// Binds the node's service `namespace/name` to `waypoint` (None: unbinds it); written
+    /// when the agent starts or reloads.
+    pub fn set_service_waypoint(&self, namespace: &str, name: &str, waypoint: Option<&str>) {
+        for s in self.inner.services.borrow_mut().iter_mut() {
+            if s.namespace == namespace && s.name == name {
+                s.waypoint = waypoint.map(str::to_owned);
+            }
+        }
+    }
+
     /// Replaces the config's `mesh:` section (default `{excludedPorts: [22]}`).
     pub fn set_mesh(&self, mesh: Value) {
         *self.inner.mesh.borrow_mut() = mesh;
@@ -305,7 +326,7 @@ impl TestNode {
             .borrow()
             .iter()
             .map(|s| {
-                json!({
+                let mut service = json!({
                     "name": s.name,
                     "namespace": s.namespace,
                     "vips": s.vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -314,7 +335,11 @@ impl TestNode {
                         "targetPort": target,
                     })).collect::<Vec<_>>(),
                     "endpoints": s.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                })
+                });
+                if let Some(waypoint) = &s.waypoint {
+                    service["waypoint"] = json!(waypoint);
+                }
+                service
             })
             .collect();
         let mut agent = json!({
@@ -340,6 +365,7 @@ impl TestNode {
             "workloads": workloads,
             "services": services,
             "policies": n.policies.borrow().clone(),
+            "waypoints": n.waypoints.borrow().clone(),
         })
     }
 

@@ -86,6 +86,7 @@ fn enrolled_pod_to_service_vip_goes_through_proxy() -> Result<()> {
         vips: vec![VIP],
         ports: vec![(VIP_PORT, ECHO_PORT)],
         endpoints: vec![server.ip()],
+        waypoint: None,
     });
     let agent = node.start_agent()?;
     let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;

@@ -75,13 +75,7 @@ impl Cluster {
         self.node2.set_policies(policies);
         self.node2
             .set_mesh(json!({ "excludedPorts": [22], "defaultDeny": default_deny }));
-        let before = generation(&self.agent2)?;
-        self.agent2.reload(&self.node2)?;
-        eventually(Duration::from_secs(10), || {
-            let now = generation(&self.agent2)?;
-            ensure!(now > before, "config generation still {now}");
-            Ok(())
-        })
+        self.agent2.reload_and_wait(&self.node2)
     }
 
     fn to(&self, port: u16) -> SocketAddr {
@@ -114,7 +108,7 @@ impl Cluster {
             ),
             Err(e) => {
                 ensure!(
-                    is_reset(&e),
+                    app::is_reset(&e),
                     "{} → :{port}: a denial must reset the connection: {e:#}",
                     from.name()
                 );
@@ -233,7 +227,7 @@ fn a_new_policy_closes_the_open_connections_it_denies() -> Result<()> {
     let Err(e) = result else {
         bail!("the transfer should have been cut by the new policy: {result:?}");
     };
-    ensure!(is_reset(&e), "a revoked connection is reset: {e:#}");
+    ensure!(app::is_reset(&e), "a revoked connection is reset: {e:#}");
     c.agent2.expect_record("the revoked connection", |r| {
         r.dst == c.to(PORT).to_string() && r.error.as_deref() == Some("policy_revoked")
     });
@@ -288,27 +282,6 @@ fn a_malformed_policy_is_rejected_naming_the_field_and_the_old_one_stays() -> Re
     c.expect_denied(&c.stranger, PORT, "denied_by_policy")?;
     c.expect_allowed(&c.client, PORT)?;
     Ok(())
-}
-
-/// The client app saw its connection reset: ECONNRESET on a read, EPIPE on a write after
-/// the RST arrived, ENOTCONN on the shutdown(SHUT_WR) after it, or ECONNREFUSED when the RST
-/// answered the SYN. (A clean close or a hang would be none of these.)
-fn is_reset(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
-    [
-        "ConnectionReset",
-        "BrokenPipe",
-        "NotConnected",
-        "ConnectionRefused",
-    ]
-    .iter()
-    .any(|kind| text.contains(&format!("kind={kind}")))
-}
-
-fn generation(agent: &TestAgent) -> Result<u64> {
-    agent.status()?["config"]["generation"]
-        .as_u64()
-        .context("no config.generation in /status")
 }
 
 const PORT: u16 = 8080;

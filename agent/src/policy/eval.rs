@@ -59,6 +59,9 @@ pub enum DenyReason {
     NotAllowed,
     /// No ALLOW policy selects the destination, and the mesh denies by default.
     DefaultDeny,
+    /// The destination port is a bound service's target port, and the peer is not that
+    /// service's waypoint (see `WaypointGate`).
+    WaypointBypassed,
 }
 
 impl Decision {
@@ -77,12 +80,14 @@ impl Decision {
 }
 
 impl DenyReason {
-    /// Stable snake_case name: `denied_by_policy`, `not_allowed`, `default_deny`.
+    /// Stable snake_case name: `denied_by_policy`, `not_allowed`, `default_deny`,
+    /// `waypoint_bypassed`.
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::DeniedByPolicy => "denied_by_policy",
             DenyReason::NotAllowed => "not_allowed",
             DenyReason::DefaultDeny => "default_deny",
+            DenyReason::WaypointBypassed => "waypoint_bypassed",
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Admission of connections into this node's pods: access policy, evaluated at the
 //! destination proxy for every new connection (HBONE and plaintext), and kept track of
-//! afterwards, so that a policy change closes the open connections it now denies.
+//! afterwards, so that a policy change closes the open connections it now denies. A port
+//! that a service bound to a waypoint targets admits only the waypoint
+//! (`PolicyIndex::admit`), so a binding that appears also closes the connections that
+//! went around the waypoint.
 //!
 //! Inputs: each new snapshot (`update`), and per connection the facts policy looks at.
 //! Outputs: an `Admission` (a live ticket whose `revoked()` resolves when a later policy
@@ -26,7 +29,6 @@ use crate::{
 };
 
 /// Policy for the connections into this node's pods.
-#[derive(Default)]
 pub struct Admissions {
     /// The index and the snapshot it was built from: a connection is always judged by the
     /// policies of the snapshot it was routed with, even before `update` ran.
@@ -43,6 +45,10 @@ pub struct Facts {
     /// The peer's proven identity; None for plaintext.
     pub source_identity: Option<SpiffeId>,
     pub source_ip: IpAddr,
+    /// A kubelet probe (plaintext from the node to a port the pod's probes use): the
+    /// access policies judge it, but a waypoint gate does not stop it, or a bound
+    /// service's pods could never become ready.
+    pub kubelet_probe: bool,
 }
 
 /// An admitted connection. Dropping it (when the connection ends) forgets the connection.
@@ -65,6 +71,31 @@ struct Admitted {
 }
 
 impl Admissions {
+    /// Admissions for a node whose mesh is `trust_domain` (the identities waypoints
+    /// prove); None when the node has no CA, where waypoint-gated ports admit nothing.
+    pub fn new(trust_domain: Option<String>) -> Self {
+        let index = PolicyIndex::for_trust_domain(trust_domain.as_deref());
+        Self {
+            index: Mutex::new((None, Arc::new(index))),
+            admitted: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// The bound services (and their waypoints) whose gate is on `port` of `workload`,
+    /// to name them when a connection is refused.
+    pub fn waypoints_for(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        workload: &WorkloadRef,
+        port: u16,
+    ) -> Vec<(WorkloadRef, WorkloadRef)> {
+        self.index_for(snapshot)
+            .waypoint_gate(workload, port)
+            .map(|gate| gate.bindings.clone())
+            .unwrap_or_default()
+    }
+
     /// Takes a new snapshot's policies: new connections are judged by them at once, and
     /// every open connection they deny is revoked (its copy loop resets both ends).
     pub fn update(&self, snapshot: &Arc<Snapshot>) {
@@ -162,13 +193,18 @@ impl Drop for Admission {
 /// The decision for `facts` under `index`; None when the destination pod is unknown.
 fn judge(index: &PolicyIndex, snapshot: &Snapshot, facts: &Facts) -> Option<Result<(), Denial>> {
     let destination = snapshot.workloads.get(&facts.destination)?;
-    let decision = index.evaluate(&ConnectionFacts {
+    let connection = ConnectionFacts {
         destination,
         dst_port: facts.dst_port,
         source_identity: facts.source_identity.as_ref(),
         source_ip: facts.source_ip,
         request: None,
-    });
+    };
+    let decision = if facts.kubelet_probe {
+        index.evaluate(&connection)
+    } else {
+        index.admit(&connection)
+    };
     Some(match decision {
         Decision::Allow => Ok(()),
         Decision::Deny { policy, reason } => Err(Denial { reason, policy }),
@@ -189,11 +225,18 @@ mod tests {
 
     /// A node with pod `default/server` (remote, so no netns is needed) and `policies`.
     fn snapshot(policies: &str) -> Arc<Snapshot> {
+        snapshot_with(policies, "[]", "[]")
+    }
+
+    /// The same, with `services` and `waypoints` too.
+    fn snapshot_with(policies: &str, services: &str, waypoints: &str) -> Arc<Snapshot> {
         let yaml = format!(
             "agent: {{node: n1}}\n\
              workloads:\n\
              - {{name: server, serviceAccount: server, ips: [10.1.0.3], node: n2}}\n\
-             policies: {policies}\n"
+             policies: {policies}\n\
+             services: {services}\n\
+             waypoints: {waypoints}\n"
         );
         Arc::new(
             file::parse(Path::new("node.yaml"), &yaml)
@@ -202,21 +245,56 @@ mod tests {
         )
     }
 
+    fn admissions() -> Arc<Admissions> {
+        Arc::new(Admissions::new(Some("cluster.local".into())))
+    }
+
     fn facts(sa: &str) -> Facts {
         Facts {
             destination: WorkloadRef::new("default", "server"),
             dst_port: 8080,
             source_identity: Some(SpiffeId::new("cluster.local", "default", sa).unwrap()),
             source_ip: "10.1.0.2".parse().unwrap(),
+            kubelet_probe: false,
+        }
+    }
+
+    fn at(port: u16, facts: Facts) -> Facts {
+        Facts {
+            dst_port: port,
+            ..facts
+        }
+    }
+
+    fn plaintext() -> Facts {
+        Facts {
+            source_identity: None,
+            ..facts("client")
+        }
+    }
+
+    fn reason(result: Result<Admission, Error>) -> &'static str {
+        match result {
+            Ok(_) => "admitted",
+            Err(e) => e.reason(),
         }
     }
 
     const DENY_CLIENT: &str = "[{name: no-client, action: DENY, rules: [{from: \
         [{principals: [spiffe://cluster.local/ns/default/sa/client]}]}]}]";
+    /// Only the client may connect: the waypoint is not allowed by it.
+    const ALLOW_CLIENT: &str = "[{name: only-client, action: ALLOW, rules: [{from: \
+        [{principals: [spiffe://cluster.local/ns/default/sa/client]}]}]}]";
+    /// `api` targets the server's 8080 (not 9090), bound to `wp`.
+    const BOUND_API: &str = "[{name: api, vips: [10.96.0.10], ports: [{port: 80, targetPort: \
+        8080}], endpoints: [10.1.0.3], waypoint: wp}]";
+    const UNBOUND_API: &str = "[{name: api, vips: [10.96.0.10], ports: [{port: 80, targetPort: \
+        8080}], endpoints: [10.1.0.3]}]";
+    const WAYPOINT: &str = "[{name: wp, serviceAccount: wp-sa, ips: [10.1.0.9]}]";
 
     #[test]
     fn a_denied_connection_is_refused_with_the_policy_reason() {
-        let admissions = Arc::new(Admissions::default());
+        let admissions = admissions();
         let snapshot = snapshot(DENY_CLIENT);
         admissions.update(&snapshot);
         let Err(e) = admissions.admit(&snapshot, facts("client")) else {
@@ -226,9 +304,118 @@ mod tests {
         assert!(admissions.admit(&snapshot, facts("other")).is_ok());
     }
 
+    #[test]
+    fn a_bound_port_admits_only_the_waypoint_whatever_the_policies_say() {
+        let admissions = admissions();
+        let snapshot = snapshot_with(ALLOW_CLIENT, BOUND_API, WAYPOINT);
+        // The waypoint judged the request against the policies already.
+        assert_eq!(
+            reason(admissions.admit(&snapshot, facts("wp-sa"))),
+            "admitted"
+        );
+        // Everyone else went around it: even the client the policy allows.
+        assert_eq!(
+            reason(admissions.admit(&snapshot, facts("client"))),
+            "waypoint_bypassed"
+        );
+        assert_eq!(
+            reason(admissions.admit(&snapshot, facts("other"))),
+            "waypoint_bypassed"
+        );
+        assert_eq!(
+            reason(admissions.admit(&snapshot, plaintext())),
+            "waypoint_bypassed"
+        );
+        // Another port of the same pod is the policies' business, as before.
+        assert_eq!(
+            reason(admissions.admit(&snapshot, at(9090, facts("client")))),
+            "admitted"
+        );
+        assert_eq!(
+            reason(admissions.admit(&snapshot, at(9090, facts("wp-sa")))),
+            "not_allowed"
+        );
+    }
+
+    #[test]
+    fn an_unbound_service_leaves_its_ports_to_the_policies() {
+        let admissions = admissions();
+        let snapshot = snapshot_with(ALLOW_CLIENT, UNBOUND_API, WAYPOINT);
+        assert_eq!(
+            reason(admissions.admit(&snapshot, facts("client"))),
+            "admitted"
+        );
+        assert_eq!(
+            reason(admissions.admit(&snapshot, facts("wp-sa"))),
+            "not_allowed"
+        );
+        let open = snapshot_with("[]", UNBOUND_API, WAYPOINT);
+        assert_eq!(reason(admissions.admit(&open, plaintext())), "admitted");
+    }
+
+    #[test]
+    fn a_bound_port_with_no_known_waypoint_identity_admits_nothing() {
+        // The waypoint is unknown: nothing can come through it.
+        let unknown = snapshot_with("[]", BOUND_API, "[]");
+        let admissions = admissions();
+        for facts in [facts("wp-sa"), facts("client"), plaintext()] {
+            assert_eq!(
+                reason(admissions.admit(&unknown, facts)),
+                "waypoint_bypassed"
+            );
+        }
+        assert_eq!(
+            reason(admissions.admit(&unknown, at(9090, facts("client")))),
+            "admitted"
+        );
+        // No CA on this node: no identity can be proven at all.
+        let no_ca = Arc::new(Admissions::new(None));
+        let known = snapshot_with("[]", BOUND_API, WAYPOINT);
+        assert_eq!(
+            reason(no_ca.admit(&known, plaintext())),
+            "waypoint_bypassed"
+        );
+        assert_eq!(
+            reason(no_ca.admit(&known, at(9090, plaintext()))),
+            "admitted"
+        );
+    }
+
+    #[test]
+    fn a_kubelet_probe_passes_the_waypoint_gate_but_not_the_policies() {
+        let admissions = admissions();
+        let probe = Facts {
+            kubelet_probe: true,
+            ..plaintext()
+        };
+        let open = snapshot_with("[]", BOUND_API, WAYPOINT);
+        assert_eq!(reason(admissions.admit(&open, probe.clone())), "admitted");
+        let closed = snapshot_with(ALLOW_CLIENT, BOUND_API, WAYPOINT);
+        assert_eq!(reason(admissions.admit(&closed, probe)), "not_allowed");
+    }
+
+    #[test]
+    fn refusals_name_the_bound_services_and_their_waypoints() {
+        let admissions = admissions();
+        let snapshot = snapshot_with("[]", BOUND_API, WAYPOINT);
+        let server = WorkloadRef::new("default", "server");
+        assert_eq!(
+            admissions.waypoints_for(&snapshot, &server, 8080),
+            [(
+                WorkloadRef::new("default", "api"),
+                WorkloadRef::new("default", "wp")
+            )]
+        );
+        assert!(
+            admissions
+                .waypoints_for(&snapshot, &server, 9090)
+                .is_empty()
+        );
+    }
+
     #[tokio::test]
     async fn a_policy_change_revokes_open_connections_it_denies() {
-        let admissions = Arc::new(Admissions::default());
+        let admissions = admissions();
         let before = snapshot("[]");
         admissions.update(&before);
         let client = admissions.admit(&before, facts("client")).unwrap();
@@ -247,9 +434,38 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_new_binding_revokes_the_connections_that_went_around_the_waypoint() {
+        let admissions = admissions();
+        let before = snapshot_with("[]", UNBOUND_API, WAYPOINT);
+        admissions.update(&before);
+        let direct = admissions.admit(&before, facts("client")).unwrap();
+        let other_port = admissions
+            .admit(&before, at(9090, facts("client")))
+            .unwrap();
+        let via_waypoint = admissions.admit(&before, facts("wp-sa")).unwrap();
+
+        admissions.update(&snapshot_with("[]", BOUND_API, WAYPOINT));
+        let revoked = tokio::time::timeout(Duration::from_secs(1), direct.revoked())
+            .await
+            .expect("the direct connection is revoked");
+        assert_eq!(revoked.reason(), "policy_revoked");
+        assert!(
+            revoked.to_string().contains("waypoint_bypassed"),
+            "{revoked}"
+        );
+        // `update` revokes synchronously: what it left alone stays open.
+        for (what, kept) in [("other port", other_port), ("waypoint", via_waypoint)] {
+            assert!(
+                kept.revoked.borrow().is_none(),
+                "the {what}'s connection stays open"
+            );
+        }
+    }
+
     #[test]
     fn ended_connections_are_forgotten() {
-        let admissions = Arc::new(Admissions::default());
+        let admissions = admissions();
         let snapshot = snapshot("[]");
         drop(admissions.admit(&snapshot, facts("client")).unwrap());
         assert!(lock(&admissions.admitted).is_empty());

@@ -75,6 +75,9 @@ pub struct Tracked {
     pub dst: SocketAddr,
     pub upstream: Mutex<Option<SocketAddr>>,
     pub service: Mutex<Option<String>>,
+    /// `namespace/name` of the waypoint the connection goes through (outbound to a bound
+    /// service).
+    waypoint: Mutex<Option<String>>,
     /// SPIFFE ids of both ends, once mutual TLS has proven them (None: plaintext hop).
     identities: Mutex<Identities>,
     /// Application → upstream.
@@ -98,6 +101,10 @@ pub struct ConnectionView {
     pub dst: SocketAddr,
     pub upstream: Option<SocketAddr>,
     pub service: Option<String>,
+    /// The waypoint a bound service's traffic goes through (then `upstream` is the
+    /// waypoint's address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
     #[serde(rename = "src.identity")]
     pub src_identity: Option<String>,
     #[serde(rename = "dst.identity")]
@@ -167,6 +174,7 @@ impl Connections {
             dst,
             upstream: Mutex::new(None),
             service: Mutex::new(None),
+            waypoint: Mutex::new(None),
             identities: Mutex::default(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -345,6 +353,16 @@ impl Tracked {
         *self.service.lock().unwrap_or_else(PoisonError::into_inner) = service;
     }
 
+    /// Records the service alone (a connection that failed before it had an upstream).
+    pub fn set_service(&self, service: Option<String>) {
+        *self.service.lock().unwrap_or_else(PoisonError::into_inner) = service;
+    }
+
+    /// Records the waypoint the connection goes through.
+    pub fn set_waypoint(&self, waypoint: Option<String>) {
+        *self.waypoint.lock().unwrap_or_else(PoisonError::into_inner) = waypoint;
+    }
+
     /// Records the identities mutual TLS proved (either may be unknown, e.g. a plaintext
     /// client of a PERMISSIVE pod).
     pub fn set_identities(&self, src: Option<String>, dst: Option<String>) {
@@ -382,6 +400,11 @@ impl Tracked {
             upstream: *self.upstream.lock().unwrap_or_else(PoisonError::into_inner),
             service: self
                 .service
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            waypoint: self
+                .waypoint
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
@@ -587,6 +610,8 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
         "downstream" => "DC",
         "upstream" | "stream_reset" | "http2" => "UC",
         "response_timeout" => "UT",
+        // Envoy's "no healthy upstream": the bound service's waypoint is not there.
+        "waypoint_unavailable" => "UH",
         "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported" => {
             "NR"
         }
@@ -602,12 +627,13 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
 const RECENT: usize = 1024;
 
 /// Reasons that mean this node's proxy refused the connection.
-const DENIAL_REASONS: [&str; 5] = [
+const DENIAL_REASONS: [&str; 6] = [
     "denied_by_policy",
     "not_allowed",
     "default_deny",
     "policy_revoked",
     "plaintext_refused_strict",
+    "waypoint_bypassed",
 ];
 
 /// Istio's value for a label the proxy cannot know.

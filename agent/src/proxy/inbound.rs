@@ -25,7 +25,7 @@ use super::{
     connections::{PolicyOutcome, Tracked},
     copy, hbone, route, socket,
 };
-use crate::identity::SpiffeId;
+use crate::{identity::SpiffeId, policy::DenyReason};
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
@@ -39,7 +39,8 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         .connections()
         .open(Direction::Inbound, pod.workload.to_string(), peer, dst);
     tracked.set_upstream(dst, None);
-    if !accepts_plaintext(proxy, pod) && !is_kubelet_probe(proxy, pod, peer, dst) {
+    let kubelet_probe = is_kubelet_probe(proxy, pod, peer, dst);
+    if !accepts_plaintext(proxy, pod) && !kubelet_probe {
         // STRICT: only HBONE gets in. Reset, so the client fails fast instead of hanging.
         warn!(component = "proxy", pod = %pod.workload, src = %peer, dst = %dst,
             reason = Error::PlaintextRefusedStrict.reason(),
@@ -50,8 +51,9 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             .close(&tracked, Some(&Error::PlaintextRefusedStrict));
         return;
     }
-    // A plaintext peer proves no identity: only IP and port rules can allow it.
-    let admission = match admit(proxy, pod, dst, None, peer) {
+    // A plaintext peer proves no identity: only IP and port rules can allow it, and never
+    // onto a port only a waypoint may reach.
+    let admission = match admit(proxy, pod, dst, None, peer, kubelet_probe) {
         Ok(admission) => admission,
         Err(e) => {
             copy::reset(&client);
@@ -86,23 +88,33 @@ fn admit(
     dst: SocketAddr,
     source_identity: Option<&SpiffeId>,
     peer: SocketAddr,
+    kubelet_probe: bool,
 ) -> Result<Admission, Error> {
     let facts = Facts {
         destination: pod.workload.clone(),
         dst_port: dst.port(),
         source_identity: source_identity.cloned(),
         source_ip: peer.ip(),
+        kubelet_probe,
     };
     let snapshot = Arc::clone(&proxy.inner.state.borrow());
-    proxy
-        .inner
-        .admissions
-        .admit(&snapshot, facts)
-        .inspect_err(|e| {
+    let admissions = &proxy.inner.admissions;
+    admissions.admit(&snapshot, facts).inspect_err(|e| {
+        let src_identity = source_identity.map(ToString::to_string);
+        if e.reason() == DenyReason::WaypointBypassed.as_str() {
+            let bindings = admissions.waypoints_for(&snapshot, &pod.workload, dst.port());
+            let services: Vec<String> = bindings.iter().map(|(s, _)| s.to_string()).collect();
+            let waypoints: Vec<String> = bindings.iter().map(|(_, w)| w.to_string()).collect();
             warn!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
-                src.identity = ?source_identity.map(ToString::to_string),
-                reason = e.reason(), error = %e, "connection denied by access policy");
-        })
+                src.identity = ?src_identity, reason = e.reason(), ?services, ?waypoints,
+                "connection refused: this port is a target of services bound to a waypoint, \
+                 and only the waypoint may connect (does the client's node know the binding?)");
+        } else {
+            warn!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
+                src.identity = ?src_identity, reason = e.reason(), error = %e,
+                "connection denied by access policy");
+        }
+    })
 }
 
 /// Decides on the CONNECT streams of one pod's HBONE listener.
@@ -159,6 +171,7 @@ impl hbone::ConnectHandler for HboneHandler {
             request.target,
             Some(&request.peer_identity),
             request.peer_addr,
+            false,
         ) {
             Ok(admission) => admission,
             Err(e) => {

@@ -1,7 +1,8 @@
 //! Outbound: a pod's application connected somewhere, connect4/6 sent it to the proxy's
-//! outbound listener. Find where it meant to go, pick the upstream, and reach it from
-//! inside the pod (so the source address is the pod's): over a pooled HBONE connection to
-//! the destination pod's 15008 when it is in the mesh, in plaintext otherwise; copy.
+//! outbound listener. Find where it meant to go, pick the upstream (`route`), and reach it
+//! from inside the pod (so the source address is the pod's): over a pooled HBONE
+//! connection to the destination pod's 15008 when it is in the mesh, to a waypoint's 15008
+//! when the destination is a service bound to one, in plaintext otherwise; copy.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -10,7 +11,7 @@ use std::{
 
 use ebpf_common::orig_dst::{ConnKey, OrigDst};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
@@ -41,35 +42,60 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         proxy
             .connections()
             .open(Direction::Outbound, pod.workload.to_string(), peer, dst);
-    let (resolved, route, source_ip) = {
+    let (outbound, source_ip) = {
         let snapshot = proxy.inner.state.borrow();
-        let resolved = snapshot.resolve(dst, proxy.pick_endpoint());
         let source = snapshot.workloads.get(&pod.workload);
-        let route = route::outbound(
+        let outbound = route::outbound(
             &snapshot,
             source,
-            resolved.upstream,
+            dst,
+            proxy.pick_endpoint(),
             proxy.inner.hbone_port,
             proxy.trust_domain(),
         );
-        // The pod's own address of the destination's family, for `forwarded: for=`.
+        // The pod's own address of the upstream's family, for `forwarded: for=`.
+        let v4 = outbound
+            .as_ref()
+            .map_or(dst.is_ipv4(), |o| o.upstream.is_ipv4());
         let source_ip = source
-            .and_then(|w| {
-                w.ips
-                    .iter()
-                    .find(|ip| ip.is_ipv4() == resolved.upstream.is_ipv4())
-            })
+            .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == v4))
             .copied()
             .unwrap_or(peer.ip());
-        (resolved, route, source_ip)
+        (outbound, source_ip)
     };
-    tracked.set_upstream(resolved.upstream, resolved.service.map(|s| s.to_string()));
-    debug!(component = "proxy", src = %peer, dst = %dst, upstream = %resolved.upstream, route = ?route, "outbound");
-    let result = match route.map_err(Error::Identity) {
-        Ok(Route::Passthrough) => {
+    let outbound = match outbound {
+        Ok(outbound) => outbound,
+        Err(e) => {
+            unroutable(proxy, &tracked, &e);
+            copy::reset(&client);
+            proxy.connections().close(&tracked, Some(&e));
+            return;
+        }
+    };
+    tracked.set_upstream(
+        outbound.upstream,
+        outbound.service.as_ref().map(ToString::to_string),
+    );
+    debug!(component = "proxy", src = %peer, dst = %dst, upstream = %outbound.upstream, route = ?outbound.route, "outbound");
+    // Over HBONE: to whom (the identity to require), where, and the CONNECT authority.
+    let hbone = match outbound.route {
+        Route::Passthrough => None,
+        Route::Hbone { identity, addr } => Some((identity, addr, outbound.upstream)),
+        Route::Waypoint {
+            waypoint,
+            identity,
+            addr,
+            authority,
+        } => {
+            tracked.set_waypoint(Some(waypoint.to_string()));
+            Some((identity, addr, authority))
+        }
+    };
+    let result = match hbone {
+        None => {
             async {
                 let mut upstream =
-                    socket::connect(pod.sockets.as_ref(), resolved.upstream, CONNECT_TIMEOUT)
+                    socket::connect(pod.sockets.as_ref(), outbound.upstream, CONNECT_TIMEOUT)
                         .await?;
                 proxy.connections().established(&tracked);
                 copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received)
@@ -77,8 +103,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             }
             .await
         }
-        Ok(Route::Hbone { identity, addr }) => {
-            let target = resolved.upstream;
+        Some((identity, addr, target)) => {
             let source = SocketAddr::new(source_ip, peer.port());
             hbone_to(
                 proxy,
@@ -92,12 +117,33 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             )
             .await
         }
-        Err(e) => Err(e),
     };
     if result.is_err() {
         copy::reset(&client);
     }
     proxy.connections().close(&tracked, result.err().as_ref());
+}
+
+/// Says why a connection cannot be routed, once per change for a service whose waypoint
+/// is unavailable (every failure is counted and in the access log anyway).
+fn unroutable(proxy: &Proxy, tracked: &Tracked, e: &Error) {
+    if let Error::WaypointUnavailable {
+        service,
+        waypoint,
+        problem,
+    } = e
+    {
+        tracked.set_service(Some(service.to_string()));
+        tracked.set_waypoint(Some(waypoint.to_string()));
+        if proxy
+            .inner
+            .waypoint_warnings
+            .failed(service, waypoint, *problem)
+        {
+            warn!(component = "proxy", service = %service, waypoint = %waypoint,
+                reason = e.reason(), error = %e, "bound service unreachable: its waypoint is unavailable");
+        }
+    }
 }
 
 /// Sends the application's connection as one CONNECT stream over a pooled HBONE connection

@@ -458,3 +458,72 @@ fn recent_is_bounded() {
     }
     assert_eq!(registry.view().recent.len(), RECENT);
 }
+
+#[test]
+fn an_unavailable_waypoint_is_flagged_no_healthy_upstream_and_named_in_the_record() {
+    let h = Harness::new(mesh());
+    let t = h.connections.open(
+        Direction::Outbound,
+        "default/client".into(),
+        "10.1.0.2:40002".parse().unwrap(),
+        "10.96.0.10:80".parse().unwrap(),
+    );
+    t.set_service(Some("default/echo".into()));
+    t.set_waypoint(Some("default/wp".into()));
+    h.connections.close(
+        &t,
+        Some(&Error::WaypointUnavailable {
+            service: WorkloadRef::new("default", "echo"),
+            waypoint: WorkloadRef::new("default", "wp"),
+            problem: crate::proxy::WaypointProblem::NotReady,
+        }),
+    );
+    let labels = [
+        "response_flags=\"UH\"",
+        "destination_service_name=\"echo\"",
+        "source_workload=\"client\"",
+    ];
+    assert_eq!(h.sample("weft_tcp_connections_closed_total", &labels), 1);
+    let line = &h.access_lines()[0];
+    assert_eq!(line["error"], "waypoint_unavailable");
+    assert_eq!(line["response_flags"], "UH");
+    let detail = line["error_detail"].as_str().unwrap();
+    assert!(
+        detail.contains("default/wp") && detail.contains("no ready address"),
+        "{detail}"
+    );
+    let recent = &h.connections.view().recent[0];
+    assert_eq!(recent.waypoint.as_deref(), Some("default/wp"));
+    assert_eq!(recent.service.as_deref(), Some("default/echo"));
+    assert_eq!(recent.error, Some("waypoint_unavailable"));
+}
+
+#[test]
+fn a_connection_around_the_waypoint_counts_as_denied() {
+    let h = Harness::new(mesh());
+    let t = hbone(&h);
+    h.connections.close(
+        &t,
+        Some(&Error::PolicyDenied {
+            reason: DenyReason::WaypointBypassed,
+            policy: None,
+        }),
+    );
+    assert_eq!(
+        h.sample(
+            "weft_agent_denied_connections_total",
+            &["reason=\"waypoint_bypassed\""]
+        ),
+        1
+    );
+    assert_eq!(
+        h.sample(
+            "weft_tcp_connections_closed_total",
+            &["response_flags=\"RBAC\""]
+        ),
+        1
+    );
+    let line = &h.access_lines()[0];
+    assert_eq!(line["error"], "waypoint_bypassed");
+    assert_eq!(line["policy.reason"], "waypoint_bypassed");
+}
