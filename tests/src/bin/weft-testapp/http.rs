@@ -296,16 +296,10 @@ async fn exchange_h1(
         Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
         None => None,
     };
+    let reused = kept.is_some();
     let mut sender = match kept {
         Some(sender) => sender,
-        None => {
-            let stream = connect(options.to).await?;
-            let (sender, connection) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| Failure::http(&e))?;
-            tokio::spawn(connection);
-            sender
-        }
+        None => connect_h1(options.to).await?,
     };
     let mut request = build_request(options, options.path.clone())?;
     if !request.headers().contains_key(header::HOST) {
@@ -313,13 +307,33 @@ async fn exchange_h1(
             .map_err(|e| Failure::new("http", e.to_string()))?;
         request.headers_mut().insert(header::HOST, host);
     }
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| Failure::http(&e))?;
+    let response = match sender.try_send_request(request).await {
+        Ok(response) => response,
+        Err(mut e) => match e.take_message() {
+            // The peer closed the kept-alive connection before the request went out (any
+            // browser retries then): once more on a new connection, not a failure.
+            Some(request) if reused => {
+                sender = connect_h1(options.to).await?;
+                sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| Failure::http(&e))?
+            }
+            _ => return Err(Failure::http(e.error())),
+        },
+    };
     let sample = read_response(response).await?;
     *conn = Some(sender);
     Ok(sample)
+}
+
+async fn connect_h1(to: SocketAddr) -> Result<http1::SendRequest<ReqBody>, Failure> {
+    let stream = connect(to).await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| Failure::http(&e))?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 /// The one h2c connection every worker shares, (re)opened when it is missing or closed.
