@@ -1,8 +1,8 @@
 //! A small TCP application for the end-to-end tests: the "app" inside a simulated pod.
 //!
-//! It is deliberately plain (std only, one thread per connection) so that whatever a test
-//! observes is the mesh's doing, not the app's. Every command prints machine-readable
-//! `key=value` lines on stdout, one line per event; the harness parses them.
+//! The TCP commands are deliberately plain (std only, one thread per connection) so that
+//! whatever a test observes is the mesh's doing, not the app's. Every command prints
+//! machine-readable lines on stdout, one line per event; the harness parses them.
 //!
 //! ```text
 //! weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
@@ -34,6 +34,24 @@
 //!   (short-lived connections, as pooling tests want).
 //! - `connect` exits 0 (`connected ...`) once the TCP handshake completes, or 1 with
 //!   `error kind=<ErrorKind>`: fail-closed tests expect `ConnectionRefused` or `TimedOut`.
+//!
+//! Those print `key=value` lines. The L7 commands (for the waypoint tests) run on tokio and print `<word> <json>` lines
+//! whose JSON is a `weft_tests::l7` type (the harness parses them with the same structs):
+//!
+//! - `http-serve` (`http` module): HTTP/1.1 and h2c on one port. Every response carries
+//!   `x-backend: NAME` and a JSON body echoing the request (`ServedRequest`); the same is
+//!   printed as `request {..}` before answering. `--fail-every N` answers 503 to every Nth
+//!   request; `--delay` holds answers (only under `--delay-path`, if given). A request
+//!   can ask for its own answer with headers `x-testapp-status: 502`,
+//!   `x-testapp-delay-ms: 800`, `x-testapp-response-bytes: 4096` (a body of that many
+//!   bytes instead of the echo).
+//! - `http-load`: N requests, C at a time (HTTP/1.1 keep-alive connections, or one h2c
+//!   connection with `--http2`), then `report {..}` (`HttpLoadReport`): counts by
+//!   `x-backend` and status, latency, errors by reason. Exit 1 if any request got no
+//!   response.
+//! - `grpc-serve` / `grpc-call` (`grpc` module): gRPC over h2c, no gRPC library; the server
+//!   prints `call {..}` (`ServedCall`), the client `report {..}` (`GrpcCallReport`) and
+//!   exits 1 unless grpc-status was 0.
 
 use std::{
     io::{self, Read, Write},

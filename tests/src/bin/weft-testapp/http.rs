@@ -137,22 +137,31 @@ impl Backend {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
+        // Per-request asks (header `x-testapp-*`) win over the server's options.
+        let asked = |name: &str| -> Option<u64> {
+            parts.headers.get(name)?.to_str().ok()?.trim().parse().ok()
+        };
         let delayed = self
             .options
             .delay_path
             .as_ref()
             .is_none_or(|prefix| path.starts_with(prefix.as_str()));
-        if let Some(delay) = self.options.delay.filter(|_| delayed) {
+        let delay = asked(ASK_DELAY_MS)
+            .map(Duration::from_millis)
+            .or(self.options.delay.filter(|_| delayed));
+        if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
         let fail = self
             .options
             .fail_every
             .is_some_and(|n| n > 0 && seq.is_multiple_of(n));
-        let status = if fail {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
+        let status = match asked(ASK_STATUS)
+            .and_then(|code| StatusCode::from_u16(u16::try_from(code).ok()?).ok())
+        {
+            Some(code) => code,
+            None if fail => StatusCode::SERVICE_UNAVAILABLE,
+            None => StatusCode::OK,
         };
         let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
             parts
@@ -174,13 +183,17 @@ impl Backend {
         };
         // Logged before answering: once a client has its response, the line is there.
         (self.log)(&served);
-        let mut response = Response::new(Full::new(Bytes::from(crate::json_line(&served))));
+        let (body, content_type) = match asked(ASK_RESPONSE_BYTES) {
+            Some(n) => (
+                Bytes::from(vec![b'x'; usize::try_from(n).unwrap_or(0)]),
+                "application/octet-stream",
+            ),
+            None => (Bytes::from(crate::json_line(&served)), "application/json"),
+        };
+        let mut response = Response::new(Full::new(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         if let Ok(name) = HeaderValue::try_from(self.options.name.as_str()) {
             headers.insert(X_BACKEND, name);
         }
@@ -585,5 +598,10 @@ pub fn headers_of(map: &HeaderMap) -> Headers {
 }
 
 pub const X_BACKEND: &str = "x-backend";
+/// Request headers that ask `http-serve` for one answer: this status, after this delay,
+/// with a body of this many bytes instead of the echo.
+const ASK_STATUS: &str = "x-testapp-status";
+const ASK_DELAY_MS: &str = "x-testapp-delay-ms";
+const ASK_RESPONSE_BYTES: &str = "x-testapp-response-bytes";
 const SLOW_BODY_PIECES: u64 = 10;
 const MAX_ERROR_MESSAGES: usize = 10;

@@ -158,6 +158,31 @@ async fn only_the_delay_path_is_slow_and_slow_bodies_arrive_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_can_ask_for_its_status_delay_and_body_size() {
+    let (addr, log) = http_backend(named("asked")).await;
+    let mut options = load(addr, 2);
+    options.headers = vec![
+        (
+            HeaderName::from_static("x-testapp-status"),
+            HeaderValue::from_static("502"),
+        ),
+        (
+            HeaderName::from_static("x-testapp-delay-ms"),
+            HeaderValue::from_static("250"),
+        ),
+        (
+            HeaderName::from_static("x-testapp-response-bytes"),
+            HeaderValue::from_static("4096"),
+        ),
+    ];
+    let report = http::run_load(options).await;
+    assert_eq!(report.status(502), 2, "{report:?}");
+    assert!(report.latency_ms.p50 >= 250.0, "{report:?}");
+    assert_eq!(report.first.unwrap().body.len(), 4096);
+    assert!(log.lock().unwrap().iter().all(|r| r.status == 502));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_errors_and_timeouts_are_counted_with_reasons() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = closed.local_addr().unwrap();
