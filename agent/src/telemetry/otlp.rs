@@ -11,8 +11,9 @@
 //! Output, besides the collector's copy: `Metrics`
 //! - `<prefix>_otlp_spans_exported_total`: spans the collector accepted (2xx);
 //! - `<prefix>_otlp_spans_dropped_total{reason}`: `queue_full`, `export_failed` (the batch
-//!   of a failed POST), `not_sampled` (the trace context said not to record it),
-//!   `shutdown` (exported after the worker ended);
+//!   of a failed POST), `rejected` (the collector's answer said so: OTLP partial success),
+//!   `not_sampled` (the trace context said not to record it), `shutdown` (exported after
+//!   the worker ended);
 //! - `<prefix>_otlp_export_errors_total{reason}`: failed POSTs, by `Error::reason`.
 //!
 //! Failures are logged at warn at most once a minute (with the count since the last line).
@@ -402,18 +403,26 @@ impl Worker {
             }
         };
         match outcome {
-            Ok(()) => {
+            Ok(Rejected { spans: 0, .. }) => {
                 self.metrics.exported.inc_by(count);
+            }
+            Ok(Rejected { spans, message }) => {
+                let spans = spans.min(count);
+                self.metrics.exported.inc_by(count - spans);
+                self.metrics.dropped_by("rejected", spans);
+                let detail = format!("the collector rejected {spans} of {count} spans: {message}");
+                self.complaints.complain("rejected", &detail, spans);
             }
             Err(e) => {
                 self.metrics.error(e.reason());
                 self.metrics.dropped_by("export_failed", count);
-                self.complaints.complain(&e, count);
+                self.complaints.complain(e.reason(), &e, count);
             }
         }
     }
 
-    async fn post(&mut self, body: Vec<u8>) -> Result<(), Error> {
+    /// One POST; a 2xx may still reject some spans (OTLP "partial success").
+    async fn post(&mut self, body: Vec<u8>) -> Result<Rejected, Error> {
         let authority = &self.target.authority;
         // A kept-alive connection the collector has not closed, else a new one.
         let kept = match self.sender.take() {
@@ -449,7 +458,32 @@ impl Worker {
             });
         }
         self.sender = Some(sender);
-        Ok(())
+        Ok(Rejected::of(&answer.to_bytes()))
+    }
+}
+
+/// What a 2xx answer says was not accepted (`ExportTraceServiceResponse.partialSuccess`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Rejected {
+    spans: u64,
+    message: String,
+}
+
+impl Rejected {
+    /// An empty or unreadable answer means all were accepted (the spec: a response without
+    /// `partialSuccess` is a full success).
+    fn of(answer: &[u8]) -> Self {
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(answer) else {
+            return Self::default();
+        };
+        let partial = &answer["partialSuccess"];
+        // int64 is a decimal string in OTLP/JSON; accept a bare number too.
+        let spans = match &partial["rejectedSpans"] {
+            serde_json::Value::String(text) => text.parse().unwrap_or(0),
+            value => value.as_u64().unwrap_or(0),
+        };
+        let message = partial["errorMessage"].as_str().unwrap_or("").to_owned();
+        Self { spans, message }
     }
 }
 
@@ -483,7 +517,7 @@ struct Complaints {
 }
 
 impl Complaints {
-    fn complain(&mut self, error: &Error, spans: u64) {
+    fn complain(&mut self, reason: &'static str, error: &dyn fmt::Display, spans: u64) {
         let due = self
             .last
             .is_none_or(|at| at.elapsed() >= COMPLAINT_INTERVAL);
@@ -494,7 +528,7 @@ impl Complaints {
         warn!(
             component = "otlp",
             error = %error,
-            reason = error.reason(),
+            reason,
             spans_dropped = spans,
             failures_since_last_warning = self.suppressed,
             "OTLP span export failed; spans are dropped until the collector answers"

@@ -25,6 +25,13 @@ struct Received {
 
 /// A real HTTP/1.1 collector on 127.0.0.1:0 answering `status` to every POST.
 async fn collector(status: StatusCode) -> (SocketAddr, mpsc::UnboundedReceiver<Received>) {
+    collector_answering(status, "{}").await
+}
+
+async fn collector_answering(
+    status: StatusCode,
+    answer: &'static str,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -48,7 +55,8 @@ async fn collector(status: StatusCode) -> (SocketAddr, mpsc::UnboundedReceiver<R
                             content_type,
                             body,
                         });
-                        let mut answer = Response::new(Full::new(Bytes::from_static(b"{}")));
+                        let mut answer =
+                            Response::new(Full::new(Bytes::from_static(answer.as_bytes())));
                         *answer.status_mut() = status;
                         Ok::<_, Infallible>(answer)
                     }
@@ -218,6 +226,36 @@ async fn a_collector_refusing_the_batch_counts_an_error() {
     next(&mut rx).await;
     assert_eq!(metrics.errors_for("status"), 1);
     assert_eq!(metrics.exported(), 0);
+}
+
+#[tokio::test]
+async fn spans_the_collector_rejects_are_dropped_not_exported() {
+    let (addr, mut rx) = collector_answering(
+        StatusCode::OK,
+        r#"{"partialSuccess":{"rejectedSpans":"2","errorMessage":"too old"}}"#,
+    )
+    .await;
+    let metrics = Metrics::default();
+    let exporter = OtlpExporter::new(config(addr), metrics.clone()).unwrap();
+    for n in 0..3 {
+        exporter.export(span(n, None, false));
+    }
+    exporter.flush().await;
+    next(&mut rx).await;
+    assert_eq!(metrics.exported(), 1);
+    assert_eq!(metrics.dropped_for("rejected"), 2);
+    assert_eq!(metrics.errors_for("status"), 0);
+}
+
+#[test]
+fn an_answer_without_partial_success_accepts_everything() {
+    assert_eq!(Rejected::of(b""), Rejected::default());
+    assert_eq!(Rejected::of(b"{}"), Rejected::default());
+    assert_eq!(Rejected::of(br#"{"partialSuccess":{}}"#).spans, 0);
+    assert_eq!(
+        Rejected::of(br#"{"partialSuccess":{"rejectedSpans":5}}"#).spans,
+        5
+    );
 }
 
 #[tokio::test]
