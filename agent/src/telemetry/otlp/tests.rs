@@ -18,6 +18,8 @@ use crate::telemetry::{
 /// What the fake collector saw of one POST.
 #[derive(Debug)]
 struct Received {
+    /// 0 for the collector's first TCP connection, 1 for the next, …
+    connection: usize,
     path: String,
     content_type: Option<String>,
     body: Value,
@@ -36,7 +38,7 @@ async fn collector_answering(
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        loop {
+        for connection in 0.. {
             let (stream, _) = listener.accept().await.unwrap();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -51,6 +53,7 @@ async fn collector_answering(
                         let bytes = req.into_body().collect().await.unwrap().to_bytes();
                         let body = serde_json::from_slice(&bytes).unwrap();
                         let _ = tx.send(Received {
+                            connection,
                             path,
                             content_type,
                             body,
@@ -318,23 +321,7 @@ async fn shutdown_sends_the_last_batch() {
 
 #[tokio::test]
 async fn one_connection_carries_every_batch() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, mut accepted) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let _ = tx.send(());
-            tokio::spawn(async move {
-                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (addr, mut rx) = collector(StatusCode::OK).await;
     let metrics = Metrics::default();
     let exporter = OtlpExporter::new(config(addr), metrics.clone()).unwrap();
     for n in 0..3 {
@@ -342,8 +329,13 @@ async fn one_connection_carries_every_batch() {
         exporter.flush().await;
     }
     assert_eq!(metrics.exported(), 3);
-    accepted.recv().await.unwrap();
-    assert!(accepted.try_recv().is_err(), "kept alive: one connection");
+    for _ in 0..3 {
+        assert_eq!(
+            next(&mut rx).await.connection,
+            0,
+            "kept alive: one connection"
+        );
+    }
 }
 
 #[test]
