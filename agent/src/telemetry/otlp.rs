@@ -114,6 +114,8 @@ pub enum Error {
     },
     #[error("BUG: cannot build the OTLP request: {0}")]
     BugRequest(#[source] http::Error),
+    #[error("BUG: the OTLP exporter was built outside a tokio runtime")]
+    BugNoRuntime,
 }
 
 /// The exporter's counters (see the module docs for the names). Cheap to clone.
@@ -164,7 +166,8 @@ impl OtlpExporter {
             sender: None,
             complaints: Complaints::default(),
         };
-        let worker = tokio::spawn(worker.run(rx));
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::BugNoRuntime)?;
+        let worker = runtime.spawn(worker.run(rx));
         Ok(Self {
             queue,
             metrics,
@@ -232,7 +235,7 @@ impl Error {
             Error::Http { .. } => "http",
             Error::Status { .. } => "status",
             Error::Timeout { .. } => "timeout",
-            Error::BugRequest(_) => "bug",
+            Error::BugRequest(_) | Error::BugNoRuntime => "bug",
         }
     }
 }

@@ -339,6 +339,16 @@ async fn one_connection_carries_every_batch() {
 }
 
 #[test]
+fn outside_a_runtime_the_exporter_is_refused_not_a_panic() {
+    let err = OtlpExporter::new(
+        Config::new("http://127.0.0.1:4318", "wp"),
+        Metrics::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("BUG:"), "{err}");
+}
+
+#[test]
 fn endpoints_must_be_plain_http_with_a_host() {
     for bad in [
         "https://collector:4318",
