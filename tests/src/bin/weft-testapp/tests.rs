@@ -253,6 +253,62 @@ async fn grpc_fail_answers_13_in_trailers_and_other_services_12() {
     assert_eq!(other.grpc_status.as_deref(), Some("12"), "{other:?}");
 }
 
+/// A minimal h2c reverse proxy built on hyper (as the waypoint is): each downstream
+/// connection gets an upstream connection, requests and responses stream through frame by
+/// frame, trailers included.
+async fn hyper_h2_proxy(to: SocketAddr) -> SocketAddr {
+    use hyper::{body::Incoming, service::service_fn};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let upstream = tokio::net::TcpStream::connect(to).await.unwrap();
+                let (sender, connection) = hyper::client::conn::http2::handshake::<_, _, Incoming>(
+                    TokioExecutor::new(),
+                    TokioIo::new(upstream),
+                )
+                .await
+                .unwrap();
+                tokio::spawn(connection);
+                let service = service_fn(move |req| {
+                    let mut sender = sender.clone();
+                    async move { sender.send_request(req).await }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_and_trailers_pass_a_hyper_proxy() {
+    let (backend, log) = grpc_backend().await;
+    let proxy = hyper_h2_proxy(backend).await;
+
+    let bidi = grpc::run_call(call(proxy, grpc::Mode::Bidi, 6)).await;
+    assert_eq!(bidi.error, None, "{bidi:?}");
+    assert_eq!(bidi.messages_received, 6);
+    assert_eq!(bidi.trailer("x-trailer"), Some("received=6"));
+    assert_eq!(bidi.grpc_status.as_deref(), Some("0"));
+
+    let stream = grpc::run_call(call(proxy, grpc::Mode::ServerStream, 10)).await;
+    assert_eq!(stream.messages_received, 10, "{stream:?}");
+
+    let mut options = call(proxy, grpc::Mode::Unary, 1);
+    options.method = Some("Fail".to_owned());
+    let fail = grpc::run_call(options).await;
+    assert_eq!(fail.trailer("grpc-status"), Some("13"), "{fail:?}");
+    assert_eq!(fail.header("x-backend"), Some("g1"));
+    assert_eq!(log.lock().unwrap().len(), 3);
+}
+
 #[tokio::test]
 async fn a_grpc_call_to_nothing_reports_the_connect_error() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
