@@ -432,6 +432,7 @@ impl Worker {
             Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
             None => None,
         };
+        let reused = kept.is_some();
         let mut sender = match kept {
             Some(sender) => sender,
             None => connect(authority).await?,
@@ -448,7 +449,18 @@ impl Worker {
             authority: authority.clone(),
             source,
         };
-        let response = sender.send_request(request).await.map_err(http)?;
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => match e.take_message() {
+                // The collector closed the idle connection before the request went out
+                // (hyper hands it back unsent): once more on a new connection.
+                Some(request) if reused => {
+                    sender = connect(authority).await?;
+                    sender.send_request(request).await.map_err(http)?
+                }
+                _ => return Err(http(e.into_error())),
+            },
+        };
         let status = response.status();
         // Read the answer to the end so the connection can carry the next batch.
         let answer = response.into_body().collect().await.map_err(http)?;

@@ -338,6 +338,48 @@ async fn one_connection_carries_every_batch() {
     }
 }
 
+#[tokio::test]
+async fn a_collector_that_closes_each_connection_costs_no_spans() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers one request per connection, then closes it without saying so (as an idle
+    // timeout does): the exporter must notice and reconnect, not lose the next batch.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&seen);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    if body.len() >= length {
+                        break;
+                    }
+                }
+            }
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+            stream.write_all(answer).await.unwrap();
+        }
+    });
+    let metrics = Metrics::default();
+    let exporter = OtlpExporter::new(config(addr), metrics.clone()).unwrap();
+    for n in 0..3 {
+        exporter.export(span(n, None, false));
+        exporter.flush().await;
+    }
+    assert_eq!(metrics.exported(), 3);
+    assert_eq!(metrics.dropped_for("export_failed"), 0);
+}
+
 #[test]
 fn outside_a_runtime_the_exporter_is_refused_not_a_panic() {
     let err = OtlpExporter::new(
