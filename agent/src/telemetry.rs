@@ -7,9 +7,11 @@
 //! - `metrics`: the registry served on the metrics port, Istio-compatible TCP metrics and
 //!   the agent's health, with a configurable name prefix (`agent.metricsPrefix`).
 //! - `trace`: trace context (W3C and B3) of the waypoint's L7 requests and their spans.
+//! - `otlp`: exports those spans to an OpenTelemetry collector (OTLP/HTTP, JSON).
 
 pub mod access_log;
 pub mod metrics;
+pub mod otlp;
 pub mod trace;
 
 use std::io::IsTerminal;

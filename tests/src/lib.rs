@@ -24,6 +24,7 @@ pub mod app;
 pub mod bench;
 pub mod bpf;
 pub mod eventually;
+pub mod l7;
 pub mod metrics;
 pub mod node;
 pub mod pod;

@@ -1,8 +1,8 @@
 //! A small TCP application for the end-to-end tests: the "app" inside a simulated pod.
 //!
-//! It is deliberately plain (std only, one thread per connection) so that whatever a test
-//! observes is the mesh's doing, not the app's. Every command prints machine-readable
-//! `key=value` lines on stdout, one line per event; the harness parses them.
+//! The TCP commands are deliberately plain (std only, one thread per connection) so that
+//! whatever a test observes is the mesh's doing, not the app's. Every command prints
+//! machine-readable lines on stdout, one line per event; the harness parses them.
 //!
 //! ```text
 //! weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
@@ -10,6 +10,12 @@
 //! weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
 //! weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
 //! weft-testapp connect --to IP:PORT [--timeout-ms T]
+//! weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
+//! weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
+//!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
+//! weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
+//! weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
+//!                         [--header name:value]... [--timeout-ms T]
 //! ```
 //!
 //! - `serve` prints `listening ...`, then per connection `accepted peer=.. local=..` and
@@ -28,6 +34,24 @@
 //!   (short-lived connections, as pooling tests want).
 //! - `connect` exits 0 (`connected ...`) once the TCP handshake completes, or 1 with
 //!   `error kind=<ErrorKind>`: fail-closed tests expect `ConnectionRefused` or `TimedOut`.
+//!
+//! Those print `key=value` lines. The L7 commands (for the waypoint tests) run on tokio and print `<word> <json>` lines
+//! whose JSON is a `weft_tests::l7` type (the harness parses them with the same structs):
+//!
+//! - `http-serve` (`http` module): HTTP/1.1 and h2c on one port. Every response carries
+//!   `x-backend: NAME` and a JSON body echoing the request (`ServedRequest`); the same is
+//!   printed as `request {..}` before answering. `--fail-every N` answers 503 to every Nth
+//!   request; `--delay` holds answers (only under `--delay-path`, if given). A request
+//!   can ask for its own answer with headers `x-testapp-status: 502`,
+//!   `x-testapp-delay-ms: 800`, `x-testapp-response-bytes: 4096` (a body of that many
+//!   bytes instead of the echo).
+//! - `http-load`: N requests, C at a time (HTTP/1.1 keep-alive connections, or one h2c
+//!   connection with `--http2`), then `report {..}` (`HttpLoadReport`): counts by
+//!   `x-backend` and status, latency, errors by reason. Exit 1 if any request got no
+//!   response.
+//! - `grpc-serve` / `grpc-call` (`grpc` module): gRPC over h2c, no gRPC library; the server
+//!   prints `call {..}` (`ServedCall`), the client `report {..}` (`GrpcCallReport`) and
+//!   exits 1 unless grpc-status was 0.
 
 use std::{
     io::{self, Read, Write},
@@ -39,6 +63,15 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
+
+// Under weft-testapp/ so cargo does not take them for binaries of their own.
+#[path = "weft-testapp/grpc.rs"]
+mod grpc;
+#[path = "weft-testapp/http.rs"]
+mod http;
+#[cfg(test)]
+#[path = "weft-testapp/tests.rs"]
+mod tests;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,6 +92,10 @@ fn main() -> ExitCode {
         "conns" => conns(&flags),
         "churn" => churn(&flags),
         "connect" => connect(&flags),
+        "http-serve" => http::serve(&flags),
+        "http-load" => http::load(&flags),
+        "grpc-serve" => grpc::serve(&flags),
+        "grpc-call" => grpc::call(&flags),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
@@ -326,7 +363,7 @@ impl FromStr for Mode {
     }
 }
 
-/// `--name value` pairs.
+/// `--name value` pairs, and the value-less `SWITCHES`.
 struct Flags(Vec<(String, String)>);
 
 impl Flags {
@@ -337,10 +374,27 @@ impl Flags {
             let name = arg
                 .strip_prefix("--")
                 .ok_or_else(|| format!("expected --flag, got {arg:?}"))?;
+            if SWITCHES.contains(&name) {
+                pairs.push((name.to_string(), "true".to_string()));
+                continue;
+            }
             let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
             pairs.push((name.to_string(), value.clone()));
         }
         Ok(Flags(pairs))
+    }
+
+    /// Every value of a repeatable flag, in order.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn switch(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| n == name)
     }
 
     fn optional<T: FromStr>(&self, name: &str) -> Result<Option<T>, String>
@@ -431,15 +485,99 @@ impl Pace {
     }
 }
 
+/// `--header name:value`, repeatable.
+fn header_flags(flags: &Flags) -> Result<Vec<(::http::HeaderName, ::http::HeaderValue)>, String> {
+    flags
+        .all("header")
+        .into_iter()
+        .map(|pair| {
+            let (name, value) = pair
+                .split_once(':')
+                .ok_or_else(|| format!("--header {pair:?}: expected name:value"))?;
+            let name = ::http::HeaderName::try_from(name.trim())
+                .map_err(|e| format!("--header {pair:?}: {e}"))?;
+            let value = ::http::HeaderValue::try_from(value.trim_start())
+                .map_err(|e| format!("--header {pair:?}: {e}"))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+/// Binds `--bind` (default 0.0.0.0) : `--port` on the L7 runtime, prints `listening ...`
+/// and serves the listener until killed.
+fn run_server<F>(
+    flags: &Flags,
+    protocol: &str,
+    name: &str,
+    serve: impl FnOnce(tokio::net::TcpListener) -> F,
+) -> Result<ExitCode, String>
+where
+    F: std::future::Future<Output = ()>,
+{
+    let port: u16 = flags.required("port")?;
+    let bind: std::net::IpAddr = flags.optional("bind")?.unwrap_or([0, 0, 0, 0].into());
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind((bind, port))
+            .await
+            .map_err(|e| format!("bind {bind}:{port}: {e}"))?;
+        println!("listening addr={bind}:{port} name={name} protocol={protocol}");
+        serve(listener).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Accepts forever, each connection on a task of its own. An accept error (out of file
+/// descriptors) is printed and retried after a pause.
+async fn accept_loop<F>(
+    listener: tokio::net::TcpListener,
+    handle: impl Fn(tokio::net::TcpStream, SocketAddr) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                println!("accept_error kind={:?} error={e}", e.kind());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The L7 commands' runtime: two workers are plenty for a test app.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("start tokio: {e}"))
+}
+
+/// One JSON line (the report types serialize without fail: strings, numbers and maps).
+fn json_line(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"bug\":\"serialize: {e}\"}}"))
+}
+
 fn addr_or_unknown(addr: io::Result<SocketAddr>) -> String {
     addr.map_or_else(|_| "unknown".to_string(), |a| a.to_string())
 }
 
 const MAX_REPLY_TEXT: usize = 4096;
+/// Flags without a value.
+const SWITCHES: [&str; 1] = ["http2"];
 
 const USAGE: &str = "usage:
   weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
   weft-testapp send    --to IP:PORT (--bytes N [--seed S] [--duration-ms D] | --text T) [--timeout-ms T]
   weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
   weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
-  weft-testapp connect --to IP:PORT [--timeout-ms T]";
+  weft-testapp connect --to IP:PORT [--timeout-ms T]
+  weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
+  weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
+                          [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
+  weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
+  weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
+                          [--header name:value]... [--timeout-ms T]";
