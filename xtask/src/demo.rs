@@ -74,6 +74,7 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
             vips: vec![VIP],
             ports: vec![(VIP_PORT, APP_PORT)],
             endpoints: vec![server.ip()],
+            waypoint: None,
         });
     }
     for node in [&node1, &node2] {
