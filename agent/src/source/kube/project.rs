@@ -301,8 +301,7 @@ pub(super) fn peer_authentication(object: DynamicObject) -> Result<Option<PeerAu
     }))
 }
 
-/// The `spec` of a weft resource as `S`. Read through serde_yaml (JSON is YAML) because its
-/// errors carry the path of the field at fault (`rules[0].toPorts[1]`) and serde_json's do not.
+/// The `spec` of a weft resource as `S`, errors naming the field (`spec.rules[0]`).
 fn spec_of<S: DeserializeOwned>(object: &DynamicObject) -> Result<S, Invalid> {
     let Some(spec) = object.data.get("spec") else {
         return Err(Invalid {
@@ -310,24 +309,7 @@ fn spec_of<S: DeserializeOwned>(object: &DynamicObject) -> Result<S, Invalid> {
             reason: "missing".into(),
         });
     };
-    let text = spec.to_string();
-    serde_yaml::from_str(&text).map_err(|e| {
-        let message = e.to_string();
-        // "at line 1 column 80" points into our re-encoding, not into the user's object.
-        let message = message
-            .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m);
-        match message.split_once(": ") {
-            Some((path, reason)) if !path.contains(' ') => Invalid {
-                field: format!("spec.{path}"),
-                reason: reason.into(),
-            },
-            _ => Invalid {
-                field: "spec".into(),
-                reason: message.into(),
-            },
-        }
-    })
+    syntax::decode("spec", spec)
 }
 
 fn port_number(field: &str, port: i32) -> Result<u16, Invalid> {
