@@ -302,25 +302,28 @@ fn hostnames(spec: &str, hostnames: Option<Vec<String>>) -> Result<Vec<String>, 
         .unwrap_or_default()
         .into_iter()
         .enumerate()
-        .map(|(i, host)| {
-            let rest = host.strip_prefix("*.").unwrap_or(&host);
-            let valid = !rest.is_empty()
-                && rest.len() <= 253
-                && rest.split('.').all(|label| {
-                    !label.is_empty()
-                        && label.len() <= 63
-                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                });
-            if valid {
-                Ok(host.to_ascii_lowercase())
-            } else {
-                Err(invalid(
-                    format!("{spec}.hostnames[{i}]"),
-                    format!("{host:?} is not a host name (or *.domain)"),
-                ))
-            }
-        })
+        .map(|(i, host)| hostname(&format!("{spec}.hostnames[{i}]"), host))
         .collect()
+}
+
+/// A host name, or `*.` and one (lowercased).
+fn hostname(field: &str, host: String) -> Result<String, Invalid> {
+    let rest = host.strip_prefix("*.").unwrap_or(&host);
+    let valid = !rest.is_empty()
+        && rest.len() <= 253
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if valid {
+        Ok(host.to_ascii_lowercase())
+    } else {
+        Err(invalid(
+            field.into(),
+            format!("{host:?} is not a host name (or *.domain)"),
+        ))
+    }
 }
 
 fn rule(field: &str, namespace: &str, parts: RuleParts) -> Result<RouteRule, Invalid> {
@@ -633,26 +636,9 @@ fn filter(
         Type::UrlRewrite => {
             let r = raw.url_rewrite.ok_or_else(|| missing("urlRewrite"))?;
             let field = format!("{field}.urlRewrite");
-            let hostname = r
-                .hostname
-                .map(|h| {
-                    hostnames(&field, Some(vec![h]))
-                        .map_err(|e| invalid(format!("{field}.hostname"), e.reason))
-                        .map(|mut v| v.remove(0))
-                })
-                .transpose()?;
-            let path = r
-                .path
-                .map(|p| {
-                    use http::HttpRouteRulesFiltersUrlRewritePathType as T;
-                    let prefix = matches!(p.r#type, T::ReplacePrefixMatch);
-                    path_rewrite(
-                        &format!("{field}.path"),
-                        (prefix, p.replace_full_path, p.replace_prefix_match),
-                        all_prefix,
-                    )
-                })
-                .transpose()?;
+            // The path has the redirect's shape: one validation.
+            let path = reshape(&field, r.path)?;
+            let (hostname, path) = host_and_path(&field, r.hostname, path, all_prefix)?;
             Ok(Filter::UrlRewrite(UrlRewrite { hostname, path }))
         }
         Type::ExtensionRef => Err(unsupported_filter(field, "ExtensionRef")),
@@ -760,10 +746,7 @@ fn redirect(
     raw: http::HttpRouteRulesFiltersRequestRedirect,
     all_prefix: bool,
 ) -> Result<Redirect, Invalid> {
-    use http::{
-        HttpRouteRulesFiltersRequestRedirectPathType as PathType,
-        HttpRouteRulesFiltersRequestRedirectScheme as Scheme,
-    };
+    use http::HttpRouteRulesFiltersRequestRedirectScheme as Scheme;
     let status = match raw.status_code {
         None => 301,
         Some(code @ (301 | 302 | 303 | 307 | 308)) => {
@@ -776,25 +759,7 @@ fn redirect(
             ));
         }
     };
-    let hostname = raw
-        .hostname
-        .map(|h| {
-            hostnames(field, Some(vec![h]))
-                .map_err(|e| invalid(format!("{field}.hostname"), e.reason))
-                .map(|mut v| v.remove(0))
-        })
-        .transpose()?;
-    let path = raw
-        .path
-        .map(|p| {
-            let prefix = matches!(p.r#type, PathType::ReplacePrefixMatch);
-            path_rewrite(
-                &format!("{field}.path"),
-                (prefix, p.replace_full_path, p.replace_prefix_match),
-                all_prefix,
-            )
-        })
-        .transpose()?;
+    let (hostname, path) = host_and_path(field, raw.hostname, raw.path, all_prefix)?;
     Ok(Redirect {
         scheme: raw.scheme.map(|s| {
             match s {
@@ -811,6 +776,30 @@ fn redirect(
             .transpose()?,
         status,
     })
+}
+
+/// The `hostname` and `path` of a redirect or a URL rewrite.
+fn host_and_path(
+    field: &str,
+    hostname: Option<String>,
+    path: Option<http::HttpRouteRulesFiltersRequestRedirectPath>,
+    all_prefix: bool,
+) -> Result<(Option<String>, Option<PathRewrite>), Invalid> {
+    use http::HttpRouteRulesFiltersRequestRedirectPathType as PathType;
+    let hostname = hostname
+        .map(|h| self::hostname(&format!("{field}.hostname"), h))
+        .transpose()?;
+    let path = path
+        .map(|p| {
+            let prefix = matches!(p.r#type, PathType::ReplacePrefixMatch);
+            path_rewrite(
+                &format!("{field}.path"),
+                (prefix, p.replace_full_path, p.replace_prefix_match),
+                all_prefix,
+            )
+        })
+        .transpose()?;
+    Ok((hostname, path))
 }
 
 fn path_rewrite(
