@@ -909,6 +909,21 @@ routes:
     }
 
     #[test]
+    fn the_waypoint_and_route_example_of_the_config_docs_parses() {
+        let docs = include_str!("../../../docs/config.md");
+        let block = docs.split("```yaml\n").nth(1).unwrap();
+        let block = block.split_once("```").unwrap().0;
+        let from = block.find("\nwaypoints:").unwrap();
+        let to = block.find("\n# Access policies").unwrap();
+        let doc = parse_str(&block[from..to]).unwrap();
+        assert_eq!(doc.snapshot.routes.len(), 1);
+        let route = &doc.snapshot.routes[0];
+        assert_eq!(route.rules[0].backends.len(), 2);
+        assert_eq!(route.rules[0].retry.as_ref().unwrap().attempts, 2);
+        assert_eq!(doc.snapshot.waypoints.len(), 1);
+    }
+
+    #[test]
     fn kubernetes_mode_refuses_routes_waypoints_and_namespaces() {
         for section in [
             ROUTES.to_owned(),
