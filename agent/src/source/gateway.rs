@@ -209,7 +209,7 @@ fn decode<T: DeserializeOwned + Serialize>(field: &str, object: &Value) -> Resul
     let decoded: T = syntax::decode(field, object)?;
     // The generated types accept unknown fields: find them by what does not come back.
     let again = serde_json::to_value(&decoded).map_err(|e| bug(field, &e))?;
-    if let Some(path) = unknown_field(object, &again, field) {
+    if let Some(path) = unknown_field(object, &again, field, true) {
         return Err(invalid(
             path,
             "unknown field (check its spelling and the Gateway API version)".into(),
@@ -218,20 +218,21 @@ fn decode<T: DeserializeOwned + Serialize>(field: &str, object: &Value) -> Resul
     Ok(decoded)
 }
 
-/// The first field of `input` that `output` (the decoded input, re-encoded) lacks.
-fn unknown_field(input: &Value, output: &Value, field: &str) -> Option<String> {
+/// The first field of `input` that `output` (the decoded input, re-encoded) lacks; `root`:
+/// `input` is the whole object.
+fn unknown_field(input: &Value, output: &Value, field: &str, root: bool) -> Option<String> {
     match (input, output) {
         (Value::Object(input), Value::Object(output)) => {
             input.iter().find_map(|(key, value)| {
                 // Kubernetes' own metadata and status are not the route's to validate.
-                if field.is_empty() && matches!(key.as_str(), "metadata" | "status") {
+                if root && matches!(key.as_str(), "metadata" | "status") {
                     return None;
                 }
                 let path = at(field, key);
                 match output.get(key) {
                     None if value.is_null() => None,
                     None => Some(path),
-                    Some(out) => unknown_field(value, out, &path),
+                    Some(out) => unknown_field(value, out, &path, false),
                 }
             })
         }
@@ -239,7 +240,7 @@ fn unknown_field(input: &Value, output: &Value, field: &str) -> Option<String> {
             .iter()
             .zip(output)
             .enumerate()
-            .find_map(|(i, (a, b))| unknown_field(a, b, &format!("{field}[{i}]"))),
+            .find_map(|(i, (a, b))| unknown_field(a, b, &format!("{field}[{i}]"), false)),
         _ => None,
     }
 }

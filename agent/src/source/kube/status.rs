@@ -14,7 +14,11 @@
 //! with field manager `weft-waypoint`. A rejected route is read with a GET (its last good
 //! version is what the cache holds).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use kube::{
     Api,
@@ -55,6 +59,9 @@ pub(super) async fn run(
     (debounce, backoff): (Duration, Backoff),
 ) {
     let mut retry: Option<Instant> = None;
+    // Rejected routes as last read (their current version is not in the cache), with the
+    // rejection they were read for: read again only when that changes or a write fails.
+    let mut fetched: HashMap<(Kind, String, String), (String, Value)> = HashMap::new();
     loop {
         let timer = async {
             match retry {
@@ -76,28 +83,53 @@ pub(super) async fn run(
             let stores = caches.lock();
             (plan(&stores, &waypoint, &now), rejected(&stores))
         };
-        // A rejected route's current version is not in the cache: read it.
-        for (kind, namespace, name, reason) in rejected {
-            match api(&client, kind, &namespace).get(&name).await {
-                Ok(object) => {
-                    let object = serde_json::to_value(&object).unwrap_or_default();
-                    let stores = caches.lock();
-                    let invalid = Some(reason.as_str());
-                    writes.extend(write_for(&stores, &waypoint, kind, &object, invalid, &now));
+        fetched.retain(|key, _| rejected.iter().any(|(k, _)| k == key));
+        for (key, reason) in rejected {
+            let (kind, namespace, name) = &key;
+            if fetched.get(&key).is_none_or(|(seen, _)| *seen != reason) {
+                match api(&client, *kind, namespace).get(name).await {
+                    Ok(object) => {
+                        let object = serde_json::to_value(&object).unwrap_or_default();
+                        fetched.insert(key.clone(), (reason.clone(), object));
+                    }
+                    Err(e) => {
+                        debug!(component = "kubernetes", kind = %kind, route = %format!("{namespace}/{name}"),
+                            error = %e, "cannot read a rejected route for its status");
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    debug!(component = "kubernetes", kind = %kind, route = %format!("{namespace}/{name}"),
-                        error = %e, "cannot read a rejected route for its status");
-                }
+            }
+            if let Some((_, object)) = fetched.get(&key) {
+                let stores = caches.lock();
+                let invalid = Some(reason.as_str());
+                writes.extend(write_for(&stores, &waypoint, *kind, object, invalid, &now));
             }
         }
         for write in writes {
-            if let Err(e) = patch(&client, &write).await {
-                let route = format!("{}/{}", write.namespace, write.name);
-                warn!(component = "kubernetes", kind = %write.kind, route = %route, error = %e,
-                    retry_in = ?backoff.max,
-                    "cannot write the route's status (check the waypoint's RBAC: patch httproutes/status and grpcroutes/status)");
-                retry = Some(Instant::now() + backoff.max);
+            let key = (write.kind, write.namespace.clone(), write.name.clone());
+            match patch(&client, &write).await {
+                Ok(object) => {
+                    // What the next pass compares with, if the route is a rejected one.
+                    if let Some((_, cached)) = fetched.get_mut(&key) {
+                        *cached = serde_json::to_value(&object).unwrap_or_default();
+                    }
+                }
+                // The route changed meanwhile: its watch event brings the next pass.
+                Err(kube::Error::Api(status)) if status.code == CONFLICT => {
+                    fetched.remove(&key);
+                    debug!(component = "kubernetes", kind = %write.kind,
+                        route = %format!("{}/{}", write.namespace, write.name),
+                        "route changed while its status was written; trying again");
+                    retry = Some(Instant::now() + debounce);
+                }
+                Err(e) => {
+                    fetched.remove(&key);
+                    let route = format!("{}/{}", write.namespace, write.name);
+                    warn!(component = "kubernetes", kind = %write.kind, route = %route, error = %e,
+                        retry_in = ?backoff.max,
+                        "cannot write the route's status (check the waypoint's RBAC: patch httproutes/status and grpcroutes/status)");
+                    retry = Some(Instant::now() + backoff.max);
+                }
             }
         }
     }
@@ -122,8 +154,8 @@ pub(super) fn plan(stores: &Stores, waypoint: &WorkloadRef, now: &str) -> Vec<Wr
     writes
 }
 
-/// (kind, namespace, name, validation error) of the rejected routes.
-fn rejected(stores: &Stores) -> Vec<(Kind, String, String, String)> {
+/// ((kind, namespace, name), validation error) of the rejected routes.
+fn rejected(stores: &Stores) -> Vec<((Kind, String, String), String)> {
     let kinds = [
         (Kind::HttpRoute, &stores.http_routes),
         (Kind::GrpcRoute, &stores.grpc_routes),
@@ -133,9 +165,7 @@ fn rejected(stores: &Stores) -> Vec<(Kind, String, String, String)> {
         for (key, rejected) in store.rejected() {
             if let Some((namespace, name)) = key.split_once('/') {
                 out.push((
-                    kind,
-                    namespace.to_owned(),
-                    name.to_owned(),
+                    (kind, namespace.to_owned(), name.to_owned()),
                     rejected.invalid.to_string(),
                 ));
             }
@@ -265,7 +295,7 @@ pub(super) fn write_for(
     })
 }
 
-async fn patch(client: &kube::Client, write: &Write) -> Result<(), kube::Error> {
+async fn patch(client: &kube::Client, write: &Write) -> Result<DynamicObject, kube::Error> {
     let body = json!({
         "metadata": {"resourceVersion": write.resource_version},
         "status": {"parents": write.parents},
@@ -274,12 +304,12 @@ async fn patch(client: &kube::Client, write: &Write) -> Result<(), kube::Error> 
         field_manager: Some(FIELD_MANAGER.into()),
         ..PatchParams::default()
     };
-    api(client, write.kind, &write.namespace)
+    let object = api(client, write.kind, &write.namespace)
         .patch_status(&write.name, &params, &Patch::Merge(&body))
         .await?;
     debug!(component = "kubernetes", kind = %write.kind,
         route = %format!("{}/{}", write.namespace, write.name), "route status written");
-    Ok(())
+    Ok(object)
 }
 
 fn api(client: &kube::Client, kind: Kind, namespace: &str) -> Api<DynamicObject> {
@@ -376,3 +406,5 @@ fn resolved_refs(
     }
     ("True", "ResolvedRefs", "All references resolved".into())
 }
+
+const CONFLICT: u16 = 409;

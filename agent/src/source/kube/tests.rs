@@ -1557,6 +1557,30 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // The rejected route is read again only when its rejection changes.
+    let reads = |api: &FakeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| {
+                r.starts_with("/apis/gateway.networking.k8s.io/v1/namespaces/prod/httproutes/web?")
+            })
+            .count()
+    };
+    let before = reads(&h.api);
+    assert!(before >= 1);
+    let writes = h.api.patches().len();
+    h.api.apply(&service(
+        "prod",
+        "unrelated-2",
+        "10.96.0.16",
+        &[("", 80, None)],
+    ));
+    h.until("the second unrelated service", |s| s.services.len() == 6)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reads(&h.api), before);
+    assert_eq!(h.api.patches().len(), writes, "{:?}", h.api.patches());
+
     // The service leaves the waypoint: its parent entry says NoMatchingParent.
     h.api.apply(&with_labels(
         service("prod", "web", "10.96.0.10", &[("", 80, None)]),
