@@ -708,3 +708,86 @@ proptest! {
         prop_assert_eq!(m.parts_per_million == 1_000_000, num == den);
     }
 }
+
+#[test]
+fn redirects_and_rewrites_take_every_documented_form() {
+    let route = |filter: &str, path: &str| {
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\n\
+             spec:\n  rules:\n    - matches: [{{path: {path}}}]\n      filters: [{filter}]\n"
+        );
+        parse(&yaml).map(|r| r.rules[0].filters[0].clone())
+    };
+    assert_eq!(
+        route(
+            "{type: RequestRedirect, requestRedirect: {statusCode: 302, path: {type: ReplaceFullPath, replaceFullPath: /b}}}",
+            "{type: Exact, value: /a}",
+        )
+        .unwrap(),
+        Filter::Redirect(Redirect {
+            scheme: None,
+            hostname: None,
+            path: Some(PathRewrite::ReplaceFullPath("/b".into())),
+            port: None,
+            status: 302,
+        })
+    );
+    assert_eq!(
+        route(
+            "{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}",
+            "{value: /v1}",
+        )
+        .unwrap(),
+        Filter::UrlRewrite(UrlRewrite {
+            hostname: None,
+            path: Some(PathRewrite::ReplacePrefixMatch("/v2".into())),
+        })
+    );
+    let err = route(
+        "{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}",
+        "{type: RegularExpression, value: /v1.*}",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.field,
+        "routes[0].spec.rules[0].filters[0].urlRewrite.path.type"
+    );
+    let err = route(
+        "{type: URLRewrite, urlRewrite: {hostname: \"bad host\"}}",
+        "{value: /}",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.field,
+        "routes[0].spec.rules[0].filters[0].urlRewrite.hostname"
+    );
+    let err = route(
+        "{type: RequestRedirect, requestRedirect: {scheme: ftp}}",
+        "{value: /}",
+    )
+    .unwrap_err();
+    assert!(err.field.ends_with("requestRedirect.scheme"), "{err}");
+}
+
+#[test]
+fn a_backend_cannot_redirect_and_a_mirror_needs_a_service() {
+    let base = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n\
+                spec:\n  rules:\n    - backendRefs:\n        - name: a\n          port: 80\n";
+    let err = parse(&format!(
+        "{base}          filters: [{{type: RequestRedirect, requestRedirect: {{}}}}]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.field,
+        "routes[0].spec.rules[0].backendRefs[0].filters[0]"
+    );
+    assert!(err.reason.contains("put it on the rule"), "{err}");
+    let err = parse(&format!(
+        "{base}      filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{group: x.io, kind: Svc, name: m, port: 1}}}}}}]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.field,
+        "routes[0].spec.rules[0].filters[0].requestMirror.backendRef.group"
+    );
+}
