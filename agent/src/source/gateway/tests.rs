@@ -1,3 +1,5 @@
+//! The route conversion: every field of both kinds, the defaults, and the errors by field.
+
 use std::time::Duration;
 
 use proptest::prelude::*;

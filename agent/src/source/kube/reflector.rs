@@ -423,7 +423,8 @@ where
                     tokio::time::sleep(self.backoff.max).await;
                 }
                 Err(e) => {
-                    if is_gone(&e) {
+                    // An optional API removed while watched: list again, which finds it gone.
+                    if is_gone(&e) || (self.install.is_some() && is_not_found(&e)) {
                         version = None;
                     }
                     warn!(component = "kubernetes", kind = %self.kind, error = %e,

@@ -1409,6 +1409,14 @@ async fn missing_gateway_api_crds_are_no_routes_and_do_not_block_readiness() {
         })
         .count();
     assert!(lists >= 2, "retried: {:?}", h.api.requests());
+
+    // Uninstalled while watched: empty again, and still ready.
+    h.api.set_missing::<HttpRouteKind>(true);
+    h.api.close_watches();
+    h.until("no routes once the CRD is gone", |s| s.routes.is_empty())
+        .await;
+    h.until_health("still ready", |_, ready| ready.is_ready())
+        .await;
 }
 
 #[tokio::test]
