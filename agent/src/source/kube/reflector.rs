@@ -151,6 +151,13 @@ impl Caches {
                 store.items.remove(&key);
                 store.rejected.remove(&key);
             }
+            // A new version with the same fault (a status or label change) is the same
+            // rejection, counted once.
+            Err(invalid)
+                if store
+                    .rejected
+                    .get(&key)
+                    .is_some_and(|r| r.invalid == invalid) => {}
             Err(invalid) => self.reject(kind, store, key, invalid),
         }
         let counts = store.counts();
