@@ -6,6 +6,7 @@
 //! source the last good version of the rejected object).
 
 pub mod file;
+pub mod gateway;
 pub mod kube;
 pub mod node_pods;
 pub mod syntax;

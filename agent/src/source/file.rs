@@ -1,7 +1,14 @@
 //! The local YAML file source: parses and validates the whole file into the start-up
-//! `agent:` section and a `state::Snapshot` (workloads, services, access policies), then
-//! polls the file and publishes each valid change. Field paths in errors follow the YAML
-//! (`workloads[1].ips[0]`, `policies[2].rules[0].from[1].ipBlocks[0].cidr`).
+//! `agent:` section and a `state::Snapshot` (workloads, services, access policies,
+//! waypoints and their bindings, Gateway API routes), then polls the file and publishes
+//! each valid change. Field paths in errors follow the YAML (`workloads[1].ips[0]`,
+//! `policies[2].rules[0].from[1].ipBlocks[0].cidr`, `routes[0].spec.rules[1].matches[0]`).
+//!
+//! `routes:` items are `HTTPRoute` and `GRPCRoute` objects as their Kubernetes manifests
+//! write them, read by `source::gateway` as the Kubernetes source reads them.
+//! `namespaces: [{name, waypoint}]` binds every service of a namespace to a waypoint, as
+//! the Namespace label does in Kubernetes; a service's own `waypoint` wins, and
+//! `waypoint: none` opts it out.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,12 +25,12 @@ use tracing::{error, info, warn};
 use crate::{
     config::{AgentSection, Error},
     source::{
-        SourceStatus,
+        SourceStatus, gateway,
         syntax::{self, Invalid, RuleSpec, SelectorSpec},
     },
     state::{
-        AccessLogSettings, AccessPolicy, Action, Location, MeshSettings, MtlsMode, MtlsSettings,
-        Service, ServicePort, Snapshot, Waypoint, Workload, WorkloadRef,
+        AccessLogSettings, AccessPolicy, Action, HttpRoute, Location, MeshSettings, MtlsMode,
+        MtlsSettings, RouteKind, Service, ServicePort, Snapshot, Waypoint, Workload, WorkloadRef,
     },
 };
 
@@ -83,6 +90,17 @@ pub fn parse_settings(path: &Path, text: &str) -> Result<FileDoc, Error> {
             raw.policies.is_empty(),
             "AccessPolicy resources",
         ),
+        (
+            "waypoints",
+            raw.waypoints.is_empty(),
+            "Services labelled weft.dev/role=waypoint",
+        ),
+        (
+            "namespaces",
+            raw.namespaces.is_empty(),
+            "Namespace labels (weft.dev/use-waypoint)",
+        ),
+        ("routes", raw.routes.is_empty(), "Gateway API routes"),
     ];
     for (field, empty, from) in sections {
         if !empty {
@@ -157,7 +175,8 @@ pub async fn watch(
                 info!(component = "config", path = %path.display(),
                     workloads = doc.snapshot.workloads.len(),
                     services = doc.snapshot.services.len(),
-                    policies = doc.snapshot.policies.len(), "config reloaded");
+                    policies = doc.snapshot.policies.len(),
+                    routes = doc.snapshot.routes.len(), "config reloaded");
                 tx.send_replace(Arc::new(doc.snapshot));
                 // After the new state is visible: whoever sees the new generation sees it.
                 status.accepted();
@@ -186,6 +205,21 @@ struct RawFile {
     policies: Vec<RawPolicy>,
     #[serde(default)]
     waypoints: Vec<RawWaypoint>,
+    /// Namespace-wide settings (the waypoint binding).
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
+    /// `HTTPRoute` and `GRPCRoute` objects, as their manifests.
+    #[serde(default)]
+    routes: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNamespace {
+    name: String,
+    /// The waypoint every service of the namespace goes through, unless the service says
+    /// otherwise.
+    waypoint: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -266,7 +300,8 @@ struct RawService {
     ports: Vec<RawServicePort>,
     #[serde(default)]
     endpoints: Vec<String>,
-    /// The waypoint (in the service's namespace) its traffic goes through.
+    /// The waypoint (in the service's namespace) its traffic goes through; `none`: not
+    /// its namespace's either.
     waypoint: Option<String>,
 }
 
@@ -363,9 +398,36 @@ impl Validator<'_> {
             }
             workloads.insert(workload.name.clone(), workload);
         }
-        let services = self.named_list("services", "service", raw.services, |field, raw| {
+        let mut namespace_waypoints = BTreeMap::new();
+        for (i, ns) in raw.namespaces.into_iter().enumerate() {
+            let field = format!("namespaces[{i}]");
+            let name = self.name(&format!("{field}.name"), ns.name)?;
+            let waypoint = ns
+                .waypoint
+                .map(|w| self.name(&format!("{field}.waypoint"), w))
+                .transpose()?;
+            if namespace_waypoints.insert(name.clone(), waypoint).is_some() {
+                return Err(self.invalid(
+                    format!("{field}.name"),
+                    format!("duplicate namespace {name}"),
+                ));
+            }
+        }
+        let mut services = self.named_list("services", "service", raw.services, |field, raw| {
             self.service(field, raw).map(|s| (s.name.clone(), s))
         })?;
+        for service in services.values_mut() {
+            // The service's own binding wins; `none` opts out of its namespace's.
+            service.waypoint = match service.waypoint.take() {
+                Some(w) if w == NO_WAYPOINT => None,
+                Some(w) => Some(w),
+                None => namespace_waypoints
+                    .get(&service.name.namespace)
+                    .cloned()
+                    .flatten(),
+            };
+        }
+        let routes = self.routes(raw.routes)?;
         let policies = self.named_list("policies", "policy", raw.policies, |field, raw| {
             self.policy(field, raw).map(|p| (p.name.clone(), p))
         })?;
@@ -380,7 +442,7 @@ impl Validator<'_> {
                 services,
                 policies,
                 waypoints,
-                routes: Vec::new(),
+                routes,
                 mesh_namespaces: None,
                 index: Default::default(),
             },
@@ -569,6 +631,24 @@ impl Validator<'_> {
         })
     }
 
+    /// The routes, sorted by kind, namespace and name (the snapshot's order).
+    fn routes(&self, raws: Vec<serde_json::Value>) -> Result<Vec<HttpRoute>, Error> {
+        let mut routes: BTreeMap<(RouteKind, WorkloadRef), HttpRoute> = BTreeMap::new();
+        for (i, raw) in raws.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            let route = gateway::route(&field, raw, DEFAULT).map_err(|e| self.error(e))?;
+            let key = (route.kind, route.name.clone());
+            if routes.contains_key(&key) {
+                return Err(self.invalid(
+                    format!("{field}.metadata.name"),
+                    format!("duplicate {} {}", route.kind, route.name),
+                ));
+            }
+            routes.insert(key, route);
+        }
+        Ok(routes.into_values().collect())
+    }
+
     fn ips(&self, field: &str, texts: &[String]) -> Result<Vec<IpAddr>, Error> {
         texts
             .iter()
@@ -611,6 +691,8 @@ impl Validator<'_> {
 }
 
 const DEFAULT: &str = "default";
+/// The `waypoint` of a service that opts out of its namespace's (the label's value too).
+const NO_WAYPOINT: &str = "none";
 
 #[cfg(test)]
 mod tests {
@@ -703,6 +785,180 @@ services:
         );
         let bad = parse_str("waypoints: [{name: wp, ips: [nope]}]").unwrap_err();
         assert!(bad.contains("waypoints[0].ips"), "{bad}");
+    }
+
+    #[test]
+    fn namespaces_bind_their_services_unless_a_service_says_otherwise() {
+        let doc = parse_str(
+            "namespaces:\n\
+             - {name: prod, waypoint: wp}\n\
+             - {name: dev}\n\
+             services:\n\
+             - {name: a, namespace: prod, vips: [10.96.0.10]}\n\
+             - {name: b, namespace: prod, vips: [10.96.0.11], waypoint: other}\n\
+             - {name: c, namespace: prod, vips: [10.96.0.12], waypoint: none}\n\
+             - {name: d, namespace: dev, vips: [10.96.0.13]}\n\
+             - {name: e, vips: [10.96.0.14], waypoint: none}\n",
+        )
+        .unwrap();
+        let waypoint = |ns: &str, name: &str| {
+            doc.snapshot.services[&WorkloadRef::new(ns, name)]
+                .waypoint
+                .clone()
+        };
+        assert_eq!(waypoint("prod", "a").as_deref(), Some("wp"));
+        assert_eq!(waypoint("prod", "b").as_deref(), Some("other"));
+        assert_eq!(waypoint("prod", "c"), None, "opted out");
+        assert_eq!(waypoint("dev", "d"), None);
+        assert_eq!(waypoint("default", "e"), None);
+
+        let err = parse_str("namespaces: [{name: prod}, {name: prod}]").unwrap_err();
+        assert!(
+            err.contains("namespaces[1].name: duplicate namespace prod"),
+            "{err}"
+        );
+        let err = parse_str("namespaces: [{name: prod, waypoint: W}]").unwrap_err();
+        assert!(err.contains("namespaces[0].waypoint"), "{err}");
+        let err = parse_str("namespaces: [{name: prod, useWaypoint: w}]").unwrap_err();
+        assert!(err.contains("unknown field `useWaypoint`"), "{err}");
+    }
+
+    const ROUTES: &str = r#"
+routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: web, namespace: prod}
+    spec:
+      parentRefs: [{kind: Service, group: "", name: web, port: 80}]
+      rules:
+        - matches: [{path: {type: PathPrefix, value: /api}}]
+          backendRefs:
+            - {name: web-v1, port: 8080, weight: 90}
+            - {name: web-v2, port: 8080, weight: 10}
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: GRPCRoute
+    metadata: {name: echo, namespace: prod}
+    spec:
+      parentRefs: [{kind: Service, name: echo}]
+      rules:
+        - matches: [{method: {service: echo.Echo, method: Say}}]
+          backendRefs: [{name: echo, port: 9090}]
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: api}
+    spec:
+      parentRefs: [{kind: Service, name: api}]
+      rules: [{backendRefs: [{name: api, port: 80}]}]
+"#;
+
+    #[test]
+    fn routes_are_read_as_manifests_and_sorted_by_kind_and_name() {
+        let doc = parse_str(ROUTES).unwrap();
+        let names: Vec<_> = doc
+            .snapshot
+            .routes
+            .iter()
+            .map(|r| format!("{} {}", r.kind, r.name))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "HTTPRoute default/api",
+                "HTTPRoute prod/web",
+                "GRPCRoute prod/echo"
+            ]
+        );
+        let web = &doc.snapshot.routes[1];
+        assert_eq!(web.parents[0].service, WorkloadRef::new("prod", "web"));
+        assert_eq!(web.rules[0].backends[1].weight, 10);
+        let echo = &doc.snapshot.routes[2];
+        assert_eq!(
+            echo.rules[0].matches[0].path,
+            Some(crate::state::route::PathMatch::Exact(
+                "/echo.Echo/Say".into()
+            ))
+        );
+
+        let err = parse_str(&ROUTES.replace("value: /api", "value: api")).unwrap_err();
+        assert!(
+            err.contains("routes[0].spec.rules[0].matches[0].path.value"),
+            "{err}"
+        );
+        let err =
+            parse_str(&ROUTES.replace("{name: web-v2, port: 8080, weight: 10}", "{name: web-v2}"))
+                .unwrap_err();
+        assert!(
+            err.contains("routes[0].spec.rules[0].backendRefs[1].port: required"),
+            "{err}"
+        );
+        let twice = ROUTES.replace(
+            "metadata: {name: api}",
+            "metadata: {name: web, namespace: prod}",
+        );
+        let err = parse_str(&twice).unwrap_err();
+        assert!(
+            err.contains("routes[2].metadata.name: duplicate HTTPRoute prod/web"),
+            "{err}"
+        );
+        // Same name, another kind: two routes.
+        let both = ROUTES.replace(
+            "metadata: {name: echo, namespace: prod}",
+            "metadata: {name: web, namespace: prod}",
+        );
+        assert_eq!(parse_str(&both).unwrap().snapshot.routes.len(), 3);
+    }
+
+    #[test]
+    fn the_waypoint_and_route_example_of_the_config_docs_parses() {
+        let docs = include_str!("../../../docs/config.md");
+        let block = docs.split("```yaml\n").nth(1).unwrap();
+        let block = block.split_once("```").unwrap().0;
+        let from = block.find("\nwaypoints:").unwrap();
+        let to = block.find("\n# Access policies").unwrap();
+        let doc = parse_str(&block[from..to]).unwrap();
+        assert_eq!(doc.snapshot.routes.len(), 1);
+        let route = &doc.snapshot.routes[0];
+        assert_eq!(route.rules[0].backends.len(), 2);
+        assert_eq!(route.rules[0].retry.as_ref().unwrap().attempts, 2);
+        assert_eq!(doc.snapshot.waypoints.len(), 1);
+    }
+
+    #[test]
+    fn kubernetes_mode_refuses_routes_waypoints_and_namespaces() {
+        for section in [
+            ROUTES.to_owned(),
+            "waypoints: [{name: wp}]\n".into(),
+            "namespaces: [{name: prod, waypoint: wp}]\n".into(),
+        ] {
+            let key = section.trim_start().split(':').next().unwrap().to_owned();
+            let err = parse_settings(Path::new("agent.yaml"), &section)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "agent.yaml: {key}: not allowed with --source kubernetes"
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_route_rejects_the_reload_and_keeps_the_last_good_routes() {
+        // A good weight change and a bad regex in the same file: neither is taken.
+        let bad = ROUTES.replace("weight: 90", "weight: 50").replace(
+            "{type: PathPrefix, value: /api}",
+            "{type: RegularExpression, value: \"(\"}",
+        );
+        let (rejection, fixed) =
+            reload_bad_then_good(ROUTES, &bad, &ROUTES.replace("weight: 90", "weight: 50")).await;
+        assert!(
+            rejection.contains(
+                "routes[0].spec.rules[0].matches[0].path.value: invalid regular expression"
+            ),
+            "{rejection}"
+        );
+        assert_eq!(fixed.routes[1].rules[0].backends[0].weight, 50);
     }
 
     #[test]
@@ -1038,10 +1294,27 @@ policies:
 
     #[tokio::test]
     async fn a_bad_policy_keeps_the_previous_policies_in_force() {
+        let good = format!("{GOOD}{POLICIES}");
+        // The first policy is fine and the second is not: neither is taken.
+        let bad = good
+            .replace("action: ALLOW", "action: DENY")
+            .replace("[DELETE]", "[delete]");
+        let (rejection, fixed) =
+            reload_bad_then_good(&good, &bad, &good.replace("action: ALLOW", "action: DENY")).await;
+        assert!(
+            rejection.contains("policies[1].rules[0].methods[0]"),
+            "{rejection}"
+        );
+        let policy = &fixed.policies[&WorkloadRef::new("prod", "api-allow")];
+        assert_eq!(policy.action, Action::Deny);
+    }
+
+    /// Starts watching a file of `good`, writes `bad` (which must be rejected while the
+    /// snapshot stays), then `fixed`: (the rejection, the snapshot of `fixed`).
+    async fn reload_bad_then_good(good: &str, bad: &str, fixed: &str) -> (String, Snapshot) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.yaml");
-        let good = format!("{GOOD}{POLICIES}");
-        std::fs::write(&path, &good).unwrap();
+        std::fs::write(&path, good).unwrap();
         let doc = load(&path).unwrap();
         let started = doc.snapshot.clone();
         let (tx, mut rx) = watch::channel(Arc::new(doc.snapshot.clone()));
@@ -1053,11 +1326,6 @@ policies:
             tx,
             Arc::clone(&status),
         ));
-
-        // The first policy is fine and the second is not: neither is taken.
-        let bad = good
-            .replace("action: ALLOW", "action: DENY")
-            .replace("[DELETE]", "[delete]");
         std::fs::write(&path, bad).unwrap();
         let rejected = async {
             while status.view().rejected_total == 0 {
@@ -1070,18 +1338,14 @@ policies:
         assert!(!rx.has_changed().unwrap());
         assert_eq!(**rx.borrow(), started);
         let rejection = status.view().last_rejection.unwrap();
-        assert!(
-            rejection.contains("policies[1].rules[0].methods[0]"),
-            "{rejection}"
-        );
 
-        std::fs::write(&path, good.replace("action: ALLOW", "action: DENY")).unwrap();
+        std::fs::write(&path, fixed).unwrap();
         tokio::time::timeout(Duration::from_secs(10), rx.changed())
             .await
             .unwrap()
             .unwrap();
-        let policy = rx.borrow().policies[&WorkloadRef::new("prod", "api-allow")].clone();
-        assert_eq!(policy.action, Action::Deny);
+        let snapshot = rx.borrow().as_ref().clone();
+        (rejection, snapshot)
     }
 
     #[tokio::test]

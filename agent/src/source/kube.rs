@@ -16,7 +16,15 @@
 //!   run no DaemonSet) run outside the mesh; `unmeshed` counts them and reports each one with
 //!   an Event on the pod.
 //!
-//! Gateway API routes belong to the waypoint and are not watched here.
+//! - Waypoints: Services labelled `weft.dev/role: waypoint` (service account: annotation
+//!   `weft.dev/service-account`, else the name; addresses: the ready endpoints), and the
+//!   bindings: a Service's `weft.dev/use-waypoint` label, else its Namespace's (`none` on
+//!   the Service opts out).
+//! - Gateway API `HTTPRoute` and `GRPCRoute`, only for a waypoint (`Config::routes_for`);
+//!   node agents never watch them. The snapshot carries the routes with a parent Service
+//!   bound to that waypoint, converted by `source::gateway`. Without the Gateway API CRDs
+//!   (404), routes are empty and synced, logged once at warn, and looked for again every
+//!   `backoff.max`; readiness does not wait for them. `status` writes the routes' status.
 //!
 //! Output: a snapshot on `tx`, rebuilt at most once per `Config::debounce` after any change
 //! (and after `NodePods` changes), published only once every watch has listed in full, and
@@ -38,6 +46,7 @@ mod build;
 pub mod crd;
 mod project;
 mod reflector;
+mod status;
 #[cfg(test)]
 mod tests;
 mod unmeshed;
@@ -72,7 +81,7 @@ use tracing::{debug, info};
 use crate::{
     readiness::Ready,
     source::{SourceStatus, syntax::Invalid},
-    state::{MeshSettings, Snapshot},
+    state::{MeshSettings, Snapshot, WorkloadRef},
 };
 
 pub use reflector::Backoff;
@@ -118,6 +127,9 @@ pub struct Config {
     /// How long a mesh pod must be on a node without a running agent before it is reported
     /// as unmeshed (a new node's agent, or a restarting one, is not there at once).
     pub unmeshed_grace: Duration,
+    /// The waypoint (namespace/name) this source serves: its routes are watched, carried
+    /// in the snapshot and given status. `None` (node agents): routes are not watched.
+    pub routes_for: Option<WorkloadRef>,
 }
 
 /// The kinds of object the source watches, one watch each.
@@ -135,6 +147,10 @@ pub enum Kind {
     PeerAuthentication,
     /// weft's agent pods.
     AgentPod,
+    /// Gateway API `HTTPRoute`s (waypoints only).
+    HttpRoute,
+    /// Gateway API `GRPCRoute`s (waypoints only).
+    GrpcRoute,
 }
 
 /// What each watch is doing, for readiness, metrics and status.
@@ -284,6 +300,28 @@ pub async fn run(
         project::agent,
         |c| &mut c.agents,
     );
+    if let Some(waypoint) = &config.routes_for {
+        spawn.watch_optional(
+            untyped::<gateway_api::experimental::httproutes::HttpRoute>(&client),
+            Kind::HttpRoute,
+            project::http_route,
+            |c| &mut c.http_routes,
+            GATEWAY_API_INSTALL,
+        );
+        spawn.watch_optional(
+            untyped::<gateway_api::experimental::grpcroutes::GrpcRoute>(&client),
+            Kind::GrpcRoute,
+            project::grpc_route,
+            |c| &mut c.grpc_routes,
+            GATEWAY_API_INSTALL,
+        );
+        watches.spawn(status::run(
+            client.clone(),
+            waypoint.clone(),
+            Arc::clone(&caches),
+            (config.debounce, config.backoff),
+        ));
+    }
     watches.spawn(unmeshed::run(
         client.clone(),
         config.clone(),
@@ -306,7 +344,7 @@ pub async fn run(
             ready.set(READY_CONDITION, readiness);
             continue;
         }
-        let snapshot = build::snapshot(&caches.lock(), &mesh);
+        let snapshot = build::snapshot(&caches.lock(), &mesh, config.routes_for.as_ref());
         if *tx.borrow().as_ref() != snapshot || status.view().generation == 0 {
             info!(
                 component = "kubernetes",
@@ -346,6 +384,7 @@ impl Config {
             watch_timeout_secs: 290,
             agent_selector: "app.kubernetes.io/name=weft,app.kubernetes.io/component=agent".into(),
             unmeshed_grace: Duration::from_secs(60),
+            routes_for: None,
         }
     }
 }
@@ -359,9 +398,7 @@ impl Health {
     /// Whether every watch has completed its first full list.
     pub fn all_synced(&self) -> bool {
         let kinds = self.lock();
-        Kind::ALL
-            .iter()
-            .all(|kind| kinds.get(kind).is_some_and(|h| h.synced))
+        watched(&kinds).all(|kind| kinds.get(&kind).is_some_and(|h| h.synced))
     }
 
     /// Ok once every watch has synced and is up; else which ones are not, and why.
@@ -369,7 +406,7 @@ impl Health {
         let kinds = self.lock();
         let mut not_synced = Vec::new();
         let mut stale = Vec::new();
-        for kind in Kind::ALL {
+        for kind in watched(&kinds) {
             match kinds.get(&kind) {
                 Some(h) if !h.synced => not_synced.push(kind.to_string()),
                 Some(h) if !h.up => stale.push(match &h.last_error {
@@ -433,7 +470,8 @@ impl Health {
 }
 
 impl Kind {
-    /// Every kind, in the order of `Ord`.
+    /// Every kind every source watches, in the order of `Ord` (a waypoint's also watches
+    /// the route kinds).
     pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::LocalPod,
@@ -456,6 +494,8 @@ impl Kind {
             Kind::AccessPolicy => "access_policy",
             Kind::PeerAuthentication => "peer_authentication",
             Kind::AgentPod => "agent_pod",
+            Kind::HttpRoute => "http_route",
+            Kind::GrpcRoute => "grpc_route",
         }
     }
 
@@ -468,6 +508,8 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::AccessPolicy => "AccessPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -498,7 +540,7 @@ impl Collector for Metrics {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for kind in Kind::ALL {
+            for kind in watched(&kinds) {
                 let health = kinds.get(&kind).cloned().unwrap_or_default();
                 ConstGauge::new(value(&health))
                     .encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
@@ -529,7 +571,7 @@ impl Collector for Metrics {
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
-        for kind in Kind::ALL {
+        for kind in watched(&kinds) {
             let errors = kinds.get(&kind).map_or(0, |h| h.errors_total);
             ConstCounter::new(errors).encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
         }
@@ -547,6 +589,18 @@ impl Collector for Metrics {
         Ok(())
     }
 }
+
+/// The kinds of `kinds` (the watches started) and those every source watches, in order.
+fn watched(kinds: &BTreeMap<Kind, WatchHealth>) -> impl Iterator<Item = Kind> + '_ {
+    let mut all: Vec<Kind> = Kind::ALL.into_iter().chain(kinds.keys().copied()).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.into_iter()
+}
+
+/// What a cluster without the Gateway API CRDs needs, for the warning.
+const GATEWAY_API_INSTALL: &str = "the Gateway API CRDs, experimental channel \
+    (kubectl apply --server-side -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.3.0/experimental-install.yaml)";
 
 /// The cluster-wide API of `K`'s objects, read as untyped objects.
 fn untyped<K: kube::Resource<DynamicType = ()>>(client: &kube::Client) -> Api<DynamicObject> {

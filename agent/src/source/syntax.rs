@@ -435,6 +435,32 @@ pub fn labels(
     Ok(labels)
 }
 
+/// Decodes `value` (found at `field`) as `T`, an error naming the field at fault
+/// (`field.rules[0].toPorts[1]`). Read through serde_yaml (JSON is YAML) because its errors
+/// carry the path of the field and serde_json's do not.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    field: &str,
+    value: &serde_json::Value,
+) -> Result<T, Invalid> {
+    let text = value.to_string();
+    serde_yaml::from_str(&text).map_err(|e| {
+        let message = e.to_string();
+        // "at line 1 column 80" points into our re-encoding, not into the user's object.
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m);
+        let join = |path: &str| match (field.is_empty(), path == ".") {
+            (true, _) => path.to_owned(),
+            (false, true) => field.to_owned(),
+            (false, false) => format!("{field}.{path}"),
+        };
+        match message.split_once(": ") {
+            Some((path, reason)) if !path.contains(' ') => invalid(join(path), reason.into()),
+            _ => invalid(field.into(), message.into()),
+        }
+    })
+}
+
 pub fn name(field: &str, name: String) -> Result<String, Invalid> {
     let valid = !name.is_empty()
         && name.len() <= 253

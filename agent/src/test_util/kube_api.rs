@@ -12,8 +12,12 @@
 //! `delete`), and breaks the server: `fail_next` (HTTP 500s), `set_down` (503 and every watch
 //! closed), `close_watches`, `fail_watches` (an ERROR event on each watch), `expire` (watches
 //! from older versions get `410 Gone`, so clients must re-list) and `bookmark`.
-//! Not modelled: namespaced reads, set-based label selectors, watch timeouts, updates
-//! through the API.
+//! `GET` of one namespaced object (`/apis/G/V/namespaces/NS/PLURAL/NAME`) reads it, and
+//! `PATCH` of its `/status` (a JSON merge patch) changes its status, refused with `409` if
+//! the patch's `metadata.resourceVersion` is not the object's; `patches` returns them.
+//! `set_missing` makes a collection answer `404`, as an API whose CRD is not installed.
+//! Not modelled: namespaced lists, set-based label selectors, watch timeouts, other
+//! updates through the API.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -54,6 +58,10 @@ struct State {
     /// Objects created through the API, as (collection path, object), in order.
     created: Vec<(String, Value)>,
     create_requests: usize,
+    /// Status patches accepted so far, as (object path, patch).
+    patches: Vec<(String, Value)>,
+    /// Collections whose API is not installed (404).
+    missing: std::collections::HashSet<String>,
 }
 
 #[derive(Default)]
@@ -106,12 +114,17 @@ impl FakeApi {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let state = Arc::clone(&state);
                         async move {
-                            if req.method() != http::Method::POST {
+                            let method = req.method().clone();
+                            if method != http::Method::POST && method != http::Method::PATCH {
                                 return Ok::<_, Infallible>(handle(&state, &req));
                             }
                             let path = req.uri().path().to_owned();
                             let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                            Ok(create(&state, path, &body.unwrap_or_default()))
+                            let body = body.unwrap_or_default();
+                            if method == http::Method::PATCH {
+                                return Ok(patch(&state, &path, &body));
+                            }
+                            Ok(create(&state, path, &body))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -229,6 +242,38 @@ impl FakeApi {
         });
     }
 
+    /// While `missing`, `K`'s collection answers `404 Not Found` (its CRD is not installed).
+    pub fn set_missing<K: Resource<DynamicType = ()>>(&self, missing: bool) {
+        let path = K::url_path(&(), None);
+        let mut state = self.lock();
+        if missing {
+            state.missing.insert(path);
+        } else {
+            state.missing.remove(&path);
+        }
+    }
+
+    /// The object of `K` named `namespace/name`, as the server has it.
+    pub fn object<K: Resource<DynamicType = ()>>(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
+        let path = K::url_path(&(), None);
+        let key = (namespace.to_owned(), name.to_owned());
+        self.lock()
+            .collections
+            .get(&path)?
+            .objects
+            .get(&key)
+            .cloned()
+    }
+
+    /// Status patches accepted so far, as (object path, patch).
+    pub fn patches(&self) -> Vec<(String, Value)> {
+        self.lock().patches.clone()
+    }
+
     /// Every request so far, as `path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
@@ -310,6 +355,25 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         query.get("labelSelector").map_or("", String::as_str),
         true,
     ));
+    if state.missing.contains(&path) {
+        return status_response(
+            StatusCode::NOT_FOUND,
+            "the server could not find the requested resource",
+        );
+    }
+    if let Some((collection, key, false)) = object_path(&path) {
+        let object = state
+            .collections
+            .get(&collection)
+            .and_then(|c| c.objects.get(&key));
+        return match object {
+            Some(object) => Response::builder()
+                .header("content-type", "application/json")
+                .body(FakeBody::Full(Some(Bytes::from(object.to_string()))))
+                .expect("valid response"),
+            None => status_response(StatusCode::NOT_FOUND, "not found"),
+        };
+    }
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if watch {
         let from: u64 = query
@@ -381,6 +445,82 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         .expect("valid response")
 }
 
+/// A `PATCH` of `body` (a JSON merge patch) to an object's `/status`.
+fn patch(state: &Mutex<State>, path: &str, body: &[u8]) -> Response<FakeBody> {
+    let mut state = lock(state);
+    state.requests.push(format!("PATCH {path}"));
+    if state.down {
+        return status_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the fake API server is down",
+        );
+    }
+    let Some((collection_path, key, true)) = object_path(path) else {
+        return status_response(StatusCode::BAD_REQUEST, "only status patches are modelled");
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return status_response(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    state.version += 1;
+    let version = state.version;
+    let Some(collection) = state.collections.get_mut(&collection_path) else {
+        return status_response(StatusCode::NOT_FOUND, "not found");
+    };
+    let Some(object) = collection.objects.get_mut(&key) else {
+        return status_response(StatusCode::NOT_FOUND, "not found");
+    };
+    let wanted = &patch["metadata"]["resourceVersion"];
+    if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {
+        return status_response(StatusCode::CONFLICT, "the object has been modified");
+    }
+    merge(&mut object["status"], &patch["status"]);
+    object["metadata"]["resourceVersion"] = version.to_string().into();
+    let object = object.clone();
+    collection.log.push((version, "MODIFIED", object.clone()));
+    state.patches.push((path.to_owned(), patch));
+    state.notify(&collection_path, "MODIFIED", &object);
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(FakeBody::Full(Some(Bytes::from(object.to_string()))))
+        .expect("valid response")
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in patch {
+        if value.is_null() {
+            if let Value::Object(map) = target {
+                map.remove(key);
+            }
+        } else {
+            merge(&mut target[key.as_str()], value);
+        }
+    }
+}
+
+/// A namespaced object's path (`/apis/G/V/namespaces/NS/PLURAL/NAME[/status]`) as (its
+/// collection's path, its key, whether it is the status).
+fn object_path(path: &str) -> Option<(String, (String, String), bool)> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let at = parts.iter().position(|p| *p == "namespaces")?;
+    let (prefix, rest) = parts.split_at(at);
+    match rest {
+        ["namespaces", ns, plural, name] | ["namespaces", ns, plural, name, "status"] => {
+            let status = rest.len() == 5;
+            let collection = format!("/{}/{plural}", prefix.join("/"));
+            Some((collection, ((*ns).to_owned(), (*name).to_owned()), status))
+        }
+        _ => None,
+    }
+}
+
 /// A `POST` of `body` to `path`: recorded, `409 AlreadyExists` if the name is taken there.
 fn create(state: &Mutex<State>, path: String, body: &[u8]) -> Response<FakeBody> {
     let mut state = lock(state);
@@ -438,6 +578,7 @@ fn status_response(code: StatusCode, message: &str) -> Response<FakeBody> {
 fn status(code: u16, message: &str) -> Value {
     let reason = match code {
         400 => "BadRequest",
+        404 => "NotFound",
         409 => "AlreadyExists",
         410 => "Expired",
         503 => "ServiceUnavailable",

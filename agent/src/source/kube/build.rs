@@ -1,6 +1,9 @@
 //! Caches → `state::Snapshot`: the join of namespaces (enrollment), pods (this node's by pod
 //! UID, whose netns `source::node_pods::join` fills in; other nodes' as remote), services with the endpoints and
-//! target ports of their slices, access policies and PeerAuthentication modes.
+//! target ports of their slices, access policies and PeerAuthentication modes; waypoint
+//! bindings (the Service's `weft.dev/use-waypoint` label, else its Namespace's) and the
+//! waypoints (Services labelled `weft.dev/role: waypoint`, addressed by their ready
+//! endpoints); for a waypoint, the routes attached to the Services bound to it.
 //!
 //! Where the cluster holds conflicting data, the first by name wins, so the same caches
 //! always give the same snapshot: two namespace-wide PeerAuthentications in one namespace,
@@ -9,14 +12,24 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    project::{DISABLED, MESH_LABEL, PeerAuthItem, PodItem, ServiceItem, SliceItem, TargetPort},
+    project::{
+        DISABLED, MESH_LABEL, NO_WAYPOINT, PeerAuthItem, PodItem, ServiceItem, SliceItem,
+        TargetPort,
+    },
     reflector::Stores,
 };
 use crate::state::{
-    Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Workload, WorkloadRef,
+    HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Waypoint,
+    Workload, WorkloadRef,
 };
 
-pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings) -> Snapshot {
+/// The snapshot of `stores`; `routes_for` is the waypoint whose routes it carries (the
+/// routes with a parent Service bound to it), `None` for a node agent (no routes).
+pub(super) fn snapshot(
+    stores: &Stores,
+    mesh: &MeshSettings,
+    routes_for: Option<&WorkloadRef>,
+) -> Snapshot {
     let mut mesh = mesh.clone();
     let mut namespace_modes = BTreeSet::new();
     let mut workload_modes: Vec<&PeerAuthItem> = Vec::new();
@@ -77,15 +90,35 @@ pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings) -> Snapshot {
     for slice in stores.slices.items.values() {
         slices.entry(&slice.service).or_default().push(slice);
     }
-    let services = stores
+    let services: BTreeMap<WorkloadRef, Service> = stores
         .services
         .items
         .values()
         .map(|item| {
-            let service = service(item, slices.get(&item.name).map_or(&[][..], Vec::as_slice));
+            let mut service = service(item, slices.get(&item.name).map_or(&[][..], Vec::as_slice));
+            service.waypoint = binding(stores, item);
             (item.name.clone(), service)
         })
         .collect();
+    let waypoints = stores
+        .services
+        .items
+        .values()
+        .filter_map(|item| {
+            let service_account = item.waypoint_account.clone()?;
+            let waypoint = Waypoint {
+                name: item.name.clone(),
+                service_account,
+                // Ready endpoints only: an empty list is a waypoint not ready.
+                addresses: services
+                    .get(&item.name)
+                    .map(|s| s.endpoints.clone())
+                    .unwrap_or_default(),
+            };
+            Some((item.name.clone(), waypoint))
+        })
+        .collect();
+    let routes = routes_for.map_or_else(Vec::new, |waypoint| routes(stores, &services, waypoint));
 
     let policies = stores
         .policies
@@ -100,11 +133,55 @@ pub(super) fn snapshot(stores: &Stores, mesh: &MeshSettings) -> Snapshot {
         workloads,
         services,
         policies,
-        waypoints: Default::default(),
-        routes: Vec::new(),
+        waypoints,
+        routes,
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }
+}
+
+/// The routes with a parent Service bound to `waypoint`, by kind, namespace and name.
+fn routes(
+    stores: &Stores,
+    services: &BTreeMap<WorkloadRef, Service>,
+    waypoint: &WorkloadRef,
+) -> Vec<HttpRoute> {
+    let mut routes: Vec<HttpRoute> = stores
+        .http_routes
+        .items
+        .values()
+        .chain(stores.grpc_routes.items.values())
+        .map(|item| &item.route)
+        .filter(|route| {
+            route
+                .parents
+                .iter()
+                .any(|p| bound_to(services.get(&p.service), waypoint))
+        })
+        .cloned()
+        .collect();
+    routes.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    routes
+}
+
+/// The waypoint `item` is bound to: its label wins, `none` opts out of its namespace's.
+pub(super) fn binding(stores: &Stores, item: &ServiceItem) -> Option<String> {
+    match item.waypoint.as_deref() {
+        Some(NO_WAYPOINT) => None,
+        Some(name) => Some(name.to_owned()),
+        None => stores
+            .namespaces
+            .items
+            .get(&item.name.namespace)
+            .and_then(|n| n.waypoint.clone()),
+    }
+}
+
+/// Whether `service` exists and is bound to `waypoint`.
+pub(super) fn bound_to(service: Option<&Service>, waypoint: &WorkloadRef) -> bool {
+    service.is_some_and(|s| {
+        s.name.namespace == waypoint.namespace && s.waypoint.as_deref() == Some(&waypoint.name)
+    })
 }
 
 fn service(item: &ServiceItem, slices: &[&SliceItem]) -> Service {

@@ -14,16 +14,23 @@ use k8s_openapi::{
 use kube::{ResourceExt, core::DynamicObject};
 use serde::de::DeserializeOwned;
 
+use serde_json::Value;
+
 use super::crd::{AccessPolicySpec, PeerAuthenticationSpec};
 use crate::{
-    source::syntax::{self, Invalid},
-    state::{AccessPolicy, MtlsMode, WorkloadRef},
+    source::{
+        gateway,
+        syntax::{self, Invalid},
+    },
+    state::{AccessPolicy, HttpRoute, MtlsMode, WorkloadRef, waypoint::USE_WAYPOINT_LABEL},
 };
 
-/// A namespace: whether its pods are in the mesh.
+/// A namespace: whether its pods are in the mesh, and the waypoint its services use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct NamespaceItem {
     pub enabled: bool,
+    /// Its `weft.dev/use-waypoint` label.
+    pub waypoint: Option<String>,
 }
 
 /// A pod, on this node or another.
@@ -60,6 +67,19 @@ pub(super) struct ServiceItem {
     pub vips: Vec<IpAddr>,
     /// TCP ports only: the proxy carries TCP.
     pub ports: Vec<ServicePortItem>,
+    /// Its `weft.dev/use-waypoint` label, as written (`none` opts out of the namespace's).
+    pub waypoint: Option<String>,
+    /// Labelled `weft.dev/role: waypoint`: the service account of the waypoint it fronts.
+    pub waypoint_account: Option<String>,
+}
+
+/// A route (`HTTPRoute` or `GRPCRoute`), valid, with what its status is written from.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct RouteItem {
+    pub route: HttpRoute,
+    /// The object as the API has it (its status echoes `spec.parentRefs`, keeps other
+    /// controllers' `status.parents` and carries `metadata.generation`).
+    pub object: Value,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,8 +115,10 @@ pub(super) struct PeerAuthItem {
 }
 
 pub(super) fn namespace(namespace: Namespace) -> Result<Option<NamespaceItem>, Invalid> {
-    let enabled = namespace.labels().get(MESH_LABEL).map(String::as_str) == Some(ENABLED);
-    Ok(Some(NamespaceItem { enabled }))
+    let labels = namespace.labels();
+    let enabled = labels.get(MESH_LABEL).map(String::as_str) == Some(ENABLED);
+    let waypoint = waypoint_label(labels)?.filter(|w| w != NO_WAYPOINT);
+    Ok(Some(NamespaceItem { enabled, waypoint }))
 }
 
 pub(super) fn pod(pod: Pod) -> Result<Option<PodItem>, Invalid> {
@@ -238,7 +260,63 @@ pub(super) fn service(service: Service) -> Result<Option<ServiceItem>, Invalid> 
             target,
         });
     }
-    Ok(Some(ServiceItem { name, vips, ports }))
+    let labels = service.metadata.labels.clone().unwrap_or_default();
+    let waypoint = waypoint_label(&labels)?;
+    let waypoint_account = match labels.get(ROLE_LABEL).map(String::as_str) {
+        Some(ROLE_WAYPOINT) => {
+            let annotation = service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SERVICE_ACCOUNT_ANNOTATION))
+                .cloned();
+            let field = format!("metadata.annotations.{SERVICE_ACCOUNT_ANNOTATION}");
+            Some(match annotation {
+                Some(account) => syntax::name(&field, account)?,
+                None => name.name.clone(),
+            })
+        }
+        _ => None,
+    };
+    Ok(Some(ServiceItem {
+        name,
+        vips,
+        ports,
+        waypoint,
+        waypoint_account,
+    }))
+}
+
+/// An `HTTPRoute`, validated by `source::gateway`.
+pub(super) fn http_route(object: DynamicObject) -> Result<Option<RouteItem>, Invalid> {
+    route(object, gateway::http_route)
+}
+
+/// A `GRPCRoute`, validated by `source::gateway`.
+pub(super) fn grpc_route(object: DynamicObject) -> Result<Option<RouteItem>, Invalid> {
+    route(object, gateway::grpc_route)
+}
+
+// The kind comes from the watch, not the object: list items may leave `kind` out.
+fn route(
+    object: DynamicObject,
+    convert: fn(&str, &Value, &str) -> Result<HttpRoute, Invalid>,
+) -> Result<Option<RouteItem>, Invalid> {
+    let object = serde_json::to_value(&object).map_err(|e| Invalid {
+        field: "metadata".into(),
+        reason: format!("BUG: cannot re-encode the object: {e}"),
+    })?;
+    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    let route = convert("", &object, namespace)?;
+    Ok(Some(RouteItem { route, object }))
+}
+
+/// The `weft.dev/use-waypoint` label of an object, a valid name if set.
+fn waypoint_label(labels: &BTreeMap<String, String>) -> Result<Option<String>, Invalid> {
+    labels
+        .get(USE_WAYPOINT_LABEL)
+        .map(|w| syntax::name(&format!("metadata.labels.{USE_WAYPOINT_LABEL}"), w.clone()))
+        .transpose()
 }
 
 pub(super) fn endpoint_slice(slice: EndpointSlice) -> Result<Option<SliceItem>, Invalid> {
@@ -301,8 +379,7 @@ pub(super) fn peer_authentication(object: DynamicObject) -> Result<Option<PeerAu
     }))
 }
 
-/// The `spec` of a weft resource as `S`. Read through serde_yaml (JSON is YAML) because its
-/// errors carry the path of the field at fault (`rules[0].toPorts[1]`) and serde_json's do not.
+/// The `spec` of a weft resource as `S`, errors naming the field (`spec.rules[0]`).
 fn spec_of<S: DeserializeOwned>(object: &DynamicObject) -> Result<S, Invalid> {
     let Some(spec) = object.data.get("spec") else {
         return Err(Invalid {
@@ -310,24 +387,7 @@ fn spec_of<S: DeserializeOwned>(object: &DynamicObject) -> Result<S, Invalid> {
             reason: "missing".into(),
         });
     };
-    let text = spec.to_string();
-    serde_yaml::from_str(&text).map_err(|e| {
-        let message = e.to_string();
-        // "at line 1 column 80" points into our re-encoding, not into the user's object.
-        let message = message
-            .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m);
-        match message.split_once(": ") {
-            Some((path, reason)) if !path.contains(' ') => Invalid {
-                field: format!("spec.{path}"),
-                reason: reason.into(),
-            },
-            _ => Invalid {
-                field: "spec".into(),
-                reason: message.into(),
-            },
-        }
-    })
+    syntax::decode("spec", spec)
 }
 
 fn port_number(field: &str, port: i32) -> Result<u16, Invalid> {
@@ -344,5 +404,12 @@ fn port_number(field: &str, port: i32) -> Result<u16, Invalid> {
 pub(super) const MESH_LABEL: &str = "weft.dev/mesh";
 pub(super) const ENABLED: &str = "enabled";
 pub(super) const DISABLED: &str = "disabled";
+/// The `weft.dev/use-waypoint` value of a Service that opts out of its namespace's.
+pub(super) const NO_WAYPOINT: &str = "none";
+/// The label that makes a Service the front of a waypoint.
+pub(super) const ROLE_LABEL: &str = "weft.dev/role";
+const ROLE_WAYPOINT: &str = "waypoint";
+/// The annotation naming a waypoint's service account (default: the Service's name).
+pub(super) const SERVICE_ACCOUNT_ANNOTATION: &str = "weft.dev/service-account";
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

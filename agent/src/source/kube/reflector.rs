@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Config, Health, Kind, Rejected,
-    project::{AgentItem, NamespaceItem, PeerAuthItem, PodItem, ServiceItem, SliceItem},
+    project::{AgentItem, NamespaceItem, PeerAuthItem, PodItem, RouteItem, ServiceItem, SliceItem},
 };
 use crate::{
     source::{SourceStatus, syntax::Invalid},
@@ -46,6 +46,8 @@ pub(super) struct Caches {
     changed: Notify,
     /// The same changes, for the unmeshed-pod reporter (a `Notify` wakes one waiter).
     changed_for_report: Notify,
+    /// The same changes, for the route status writer.
+    changed_for_status: Notify,
     health: Arc<Health>,
     status: Arc<SourceStatus>,
 }
@@ -61,6 +63,9 @@ pub(super) struct Stores {
     pub peer_authentications: Store<PeerAuthItem>,
     /// weft's agent pods, by the chart's labels: which nodes host an agent.
     pub agents: Store<AgentItem>,
+    /// Gateway API routes (a waypoint's source only).
+    pub http_routes: Store<RouteItem>,
+    pub grpc_routes: Store<RouteItem>,
 }
 
 /// Items of one kind by `namespace/name`, and the objects currently rejected.
@@ -89,6 +94,7 @@ impl Caches {
             stores: Mutex::default(),
             changed: Notify::new(),
             changed_for_report: Notify::new(),
+            changed_for_status: Notify::new(),
             health,
             status,
         }
@@ -105,9 +111,20 @@ impl Caches {
         self.changed_for_report.notified().await;
     }
 
+    /// As `changed`, for the route status writer.
+    pub async fn changed_for_status(&self) {
+        self.changed_for_status.notified().await;
+    }
+
+    /// The watches' health.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
     fn notify(&self) {
         self.changed.notify_one();
         self.changed_for_report.notify_one();
+        self.changed_for_status.notify_one();
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Stores> {
@@ -134,6 +151,13 @@ impl Caches {
                 store.items.remove(&key);
                 store.rejected.remove(&key);
             }
+            // A new version with the same fault (a status or label change) is the same
+            // rejection, counted once.
+            Err(invalid)
+                if store
+                    .rejected
+                    .get(&key)
+                    .is_some_and(|r| r.invalid == invalid) => {}
             Err(invalid) => self.reject(kind, store, key, invalid),
         }
         let counts = store.counts();
@@ -228,6 +252,11 @@ impl Stores {
 }
 
 impl<T> Store<T> {
+    /// The objects currently rejected, by key.
+    pub fn rejected(&self) -> &HashMap<String, Rejected> {
+        &self.rejected
+    }
+
     /// (items, rejected objects).
     fn counts(&self) -> (u64, u64) {
         (self.items.len() as u64, self.rejected.len() as u64)
@@ -266,10 +295,52 @@ impl Spawner<'_> {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         T: Send + 'static,
     {
+        self.spawn(
+            api,
+            kind,
+            (field_selector, label_selector),
+            project,
+            store,
+            None,
+        );
+    }
+
+    /// As `watch`, for a kind whose API may not be installed (a CRD of another project):
+    /// while its list answers 404, the kind is synced and empty, which is logged once at
+    /// warn with `install` (what to install), and the list is retried every `backoff.max`.
+    pub fn watch_optional<K, T>(
+        &mut self,
+        api: Api<K>,
+        kind: Kind,
+        project: Project<K, T>,
+        store: StoreOf<T>,
+        install: &'static str,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        self.spawn(api, kind, (None, None), project, store, Some(install));
+    }
+
+    fn spawn<K, T>(
+        &mut self,
+        api: Api<K>,
+        kind: Kind,
+        (field_selector, label_selector): (Option<String>, Option<String>),
+        project: Project<K, T>,
+        store: StoreOf<T>,
+        install: Option<&'static str>,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        // Known from the start, so readiness waits for its first list.
+        self.caches.health.update(kind, |_| {});
         let reflector = Reflector {
             client: api.clone().into_client(),
             api,
             kind,
+            install,
             field_selector,
             label_selector,
             project,
@@ -287,6 +358,8 @@ struct Reflector<K, T> {
     api: Api<K>,
     client: kube::Client,
     kind: Kind,
+    /// Set for an optional kind: what to install when its API is missing (404).
+    install: Option<&'static str>,
     field_selector: Option<String>,
     label_selector: Option<String>,
     project: Project<K, T>,
@@ -325,6 +398,7 @@ where
     async fn run(self) {
         let mut version: Option<String> = None;
         let mut delay = self.backoff.initial;
+        let mut missing_reported = false;
         loop {
             let ended = match &version {
                 None => self.list().await,
@@ -335,6 +409,7 @@ where
                     debug!(component = "kubernetes", kind = %self.kind, version = %v, "listed");
                     version = Some(v);
                     delay = self.backoff.initial;
+                    missing_reported = false;
                 }
                 Ok(Ended::Closed) => delay = self.backoff.initial,
                 Ok(Ended::Expired) => {
@@ -342,8 +417,21 @@ where
                         "watch version expired (410 Gone); listing again");
                     version = None;
                 }
+                Err(e) if version.is_none() && self.install.is_some() && is_not_found(&e) => {
+                    // Not installed: nothing of this kind exists, which is a full sync; it
+                    // must not hold readiness forever. Looked for again, slowly.
+                    if !missing_reported {
+                        missing_reported = true;
+                        warn!(component = "kubernetes", kind = %self.kind, error = %e,
+                            install = self.install.unwrap_or_default(),
+                            "API not installed; treating it as empty until it is");
+                    }
+                    self.caches.replace(self.kind, self.store, Vec::new());
+                    tokio::time::sleep(self.backoff.max).await;
+                }
                 Err(e) => {
-                    if is_gone(&e) {
+                    // An optional API removed while watched: list again, which finds it gone.
+                    if is_gone(&e) || (self.install.is_some() && is_not_found(&e)) {
                         version = None;
                     }
                     warn!(component = "kubernetes", kind = %self.kind, error = %e,
@@ -486,4 +574,14 @@ fn is_gone(e: &WatchError) -> bool {
     }
 }
 
+fn is_not_found(e: &WatchError) -> bool {
+    match e {
+        WatchError::Api(kube::Error::Api(status)) | WatchError::Status(status) => {
+            status.code == NOT_FOUND
+        }
+        WatchError::Api(_) | WatchError::Decode(_) => false,
+    }
+}
+
 const GONE: u16 = 410;
+const NOT_FOUND: u16 = 404;

@@ -41,7 +41,11 @@ struct Harness {
 
 impl Harness {
     async fn start(api: FakeApi) -> Self {
-        let config = test_config(NODE);
+        Self::start_with(api, test_config(NODE)).await
+    }
+
+    /// As `start`, with `config`.
+    async fn start_with(api: FakeApi, config: Config) -> Self {
         // As the agent wires it: the source's snapshot, joined with the node's pods.
         let (raw_tx, raw_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -1134,4 +1138,472 @@ async fn a_local_pod_without_an_ip_waits_in_the_state_with_its_probe_ports() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(*h.rx.borrow().as_ref(), *before);
+}
+
+/// The source of waypoint `prod/wp`.
+fn waypoint_config() -> Config {
+    Config {
+        routes_for: Some(WorkloadRef::new("prod", "wp")),
+        ..test_config(NODE)
+    }
+}
+
+fn with_labels<K: kube::Resource>(mut object: K, labels: &[(&str, &str)]) -> K {
+    let meta = object.meta_mut();
+    let map = meta.labels.get_or_insert_with(BTreeMap::new);
+    for (k, v) in labels {
+        map.insert((*k).into(), (*v).into());
+    }
+    object
+}
+
+fn waypoint_service(name: &str, account: Option<&str>) -> Service {
+    let mut s = with_labels(
+        service("prod", name, "10.96.0.50", &[("", 15008, None)]),
+        &[("weft.dev/role", "waypoint")],
+    );
+    if let Some(account) = account {
+        s.metadata.annotations = Some(BTreeMap::from([(
+            "weft.dev/service-account".into(),
+            account.into(),
+        )]));
+    }
+    s
+}
+
+fn http_route(name: &str, parent: &str, backend: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "namespace": "prod", "generation": 2},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": parent, "port": 80},
+                {"name": "public-gateway"},
+            ],
+            "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                "backendRefs": [{"name": backend, "port": 8080, "weight": 9}],
+            }],
+        },
+    })
+}
+
+type HttpRouteKind = gateway_api::experimental::httproutes::HttpRoute;
+type GrpcRouteKind = gateway_api::experimental::grpcroutes::GrpcRoute;
+
+#[tokio::test]
+async fn services_bind_to_waypoints_by_their_label_or_their_namespace() {
+    let api = FakeApi::start().await;
+    api.apply(&with_labels(
+        namespace("prod", true),
+        &[("weft.dev/use-waypoint", "wp")],
+    ));
+    api.apply(&namespace("dev", true));
+    api.apply(&service("prod", "web", "10.96.0.10", &[("", 80, None)]));
+    api.apply(&with_labels(
+        service("prod", "api", "10.96.0.11", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "other")],
+    ));
+    api.apply(&with_labels(
+        service("prod", "db", "10.96.0.12", &[("", 5432, None)]),
+        &[("weft.dev/use-waypoint", "none")],
+    ));
+    api.apply(&with_labels(
+        service("dev", "tool", "10.96.0.13", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "wp")],
+    ));
+    api.apply(&service("dev", "plain", "10.96.0.14", &[("", 80, None)]));
+    let mut h = Harness::start(api).await;
+    let s = h.until("the services", |s| s.services.len() == 5).await;
+    let waypoint = |s: &Snapshot, ns: &str, name: &str| {
+        s.services[&WorkloadRef::new(ns, name)].waypoint.clone()
+    };
+    assert_eq!(
+        waypoint(&s, "prod", "web").as_deref(),
+        Some("wp"),
+        "the namespace's"
+    );
+    assert_eq!(
+        waypoint(&s, "prod", "api").as_deref(),
+        Some("other"),
+        "its own wins"
+    );
+    assert_eq!(waypoint(&s, "prod", "db"), None, "opted out");
+    assert_eq!(waypoint(&s, "dev", "tool").as_deref(), Some("wp"));
+    assert_eq!(waypoint(&s, "dev", "plain"), None);
+
+    // The namespace label goes: so does the binding of the services that had none.
+    h.api.apply(&namespace("prod", true));
+    let s = h
+        .until("prod unbound", |s| {
+            s.services[&WorkloadRef::new("prod", "web")]
+                .waypoint
+                .is_none()
+        })
+        .await;
+    assert_eq!(waypoint(&s, "prod", "api").as_deref(), Some("other"));
+    // A label that is no name is rejected, naming the label.
+    h.api.apply(&with_labels(
+        service("dev", "bad", "10.96.0.15", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "Bad_Name")],
+    ));
+    h.until_health("the bad label rejected", |health, _| {
+        health.view()[&Kind::Service]
+            .last_rejection
+            .as_deref()
+            .is_some_and(|r| {
+                r.contains("dev/bad") && r.contains("metadata.labels.weft.dev/use-waypoint")
+            })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn waypoints_are_labelled_services_addressed_by_their_ready_endpoints() {
+    let api = FakeApi::start().await;
+    api.apply(&waypoint_service("wp", None));
+    api.apply(&waypoint_service("wp-2", Some("proxy")));
+    api.apply(&service("prod", "web", "10.96.0.10", &[("", 80, None)]));
+    api.apply(&slice(
+        "prod",
+        "wp-1",
+        "wp",
+        &[("", 15008)],
+        &[("10.1.0.7", true), ("10.1.0.8", false)],
+    ));
+    let mut h = Harness::start(api).await;
+    let s = h.until("the waypoints", |s| s.waypoints.len() == 2).await;
+    let wp = &s.waypoints[&WorkloadRef::new("prod", "wp")];
+    assert_eq!(wp.service_account, "wp", "the name by default");
+    assert_eq!(wp.addresses, vec![ip("10.1.0.7")], "ready endpoints only");
+    let wp2 = &s.waypoints[&WorkloadRef::new("prod", "wp-2")];
+    assert_eq!(wp2.service_account, "proxy", "the annotation");
+    assert!(wp2.addresses.is_empty(), "no ready pod: not ready");
+    assert!(!s.waypoints.contains_key(&WorkloadRef::new("prod", "web")));
+
+    h.api.apply(&slice(
+        "prod",
+        "wp-1",
+        "wp",
+        &[("", 15008)],
+        &[("10.1.0.7", true), ("10.1.0.8", true)],
+    ));
+    h.until("the second pod ready", |s| {
+        s.waypoints[&WorkloadRef::new("prod", "wp")].addresses.len() == 2
+    })
+    .await;
+    h.api.delete::<Service>(Some("prod"), "wp-2");
+    h.until("wp-2 gone", |s| s.waypoints.len() == 1).await;
+    // A node agent never watches routes.
+    assert!(
+        !h.api.requests().iter().any(|r| r.contains("routes")),
+        "{:?}",
+        h.api.requests()
+    );
+}
+
+#[tokio::test]
+async fn a_waypoint_gets_the_routes_of_its_services_and_a_bad_route_is_rejected_alone() {
+    let api = FakeApi::start().await;
+    api.apply(&namespace("prod", true));
+    api.apply(&with_labels(
+        service("prod", "web", "10.96.0.10", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "wp")],
+    ));
+    api.apply(&with_labels(
+        service("prod", "api", "10.96.0.11", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "other")],
+    ));
+    api.apply_value::<HttpRouteKind>(http_route("web", "web", "web-v1"));
+    api.apply_value::<HttpRouteKind>(http_route("api", "api", "api-v1"));
+    api.apply_value::<GrpcRouteKind>(json!({
+        "metadata": {"name": "echo", "namespace": "prod"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [{
+                "matches": [{"method": {"service": "echo.Echo", "method": "Say"}}],
+                "backendRefs": [{"name": "echo", "port": 9090}],
+            }],
+        },
+    }));
+    let mut h = Harness::start_with(api, waypoint_config()).await;
+    let s = h.until("the routes", |s| s.routes.len() == 2).await;
+    // Only the routes of services bound to prod/wp, by kind then name.
+    let names: Vec<_> = s
+        .routes
+        .iter()
+        .map(|r| format!("{} {}", r.kind, r.name))
+        .collect();
+    assert_eq!(names, ["HTTPRoute prod/web", "GRPCRoute prod/echo"]);
+    let web = &s.routes[0];
+    assert_eq!(web.parents.len(), 1, "the Gateway parent is not the mesh's");
+    assert_eq!(web.rules[0].backends[0].weight, 9);
+    assert_eq!(
+        web.rules[0].backends[0].service.name,
+        WorkloadRef::new("prod", "web-v1")
+    );
+
+    // A broken update: the last good version stays, the rest keeps flowing.
+    let mut broken = http_route("web", "web", "web-v2");
+    broken["spec"]["rules"][0]["matches"][0]["path"] =
+        json!({"type": "RegularExpression", "value": "/v[0-9"});
+    h.api.apply_value::<HttpRouteKind>(broken);
+    let mut new_bad = http_route("other-web", "web", "web-v1");
+    new_bad["spec"]["rules"][0]["backendRefs"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("port");
+    h.api.apply_value::<HttpRouteKind>(new_bad);
+    h.api
+        .apply_value::<HttpRouteKind>(http_route("web-2", "web", "web-v3"));
+    let s = h.until("the new good route", |s| s.routes.len() == 3).await;
+    let web = s.routes.iter().find(|r| r.name.name == "web").unwrap();
+    assert_eq!(
+        web.rules[0].backends[0].service.name.name, "web-v1",
+        "last good"
+    );
+    assert!(!s.routes.iter().any(|r| r.name.name == "other-web"));
+    let health = h.health.view();
+    let routes = &health[&Kind::HttpRoute];
+    assert_eq!(routes.rejected, 2, "{routes:?}");
+    let last = routes.last_rejection.clone().unwrap();
+    assert!(last.contains("HTTPRoute prod/other-web rejected"), "{last}");
+    assert!(
+        last.contains("spec.rules[0].backendRefs[0].port: required"),
+        "{last}"
+    );
+    assert_eq!(h.status.view().rejected_total, 2);
+
+    // Unbinding the service takes its routes out.
+    h.api
+        .apply(&service("prod", "web", "10.96.0.10", &[("", 80, None)]));
+    h.until("no routes", |s| s.routes.is_empty()).await;
+}
+
+#[tokio::test]
+async fn missing_gateway_api_crds_are_no_routes_and_do_not_block_readiness() {
+    let api = FakeApi::start().await;
+    api.set_missing::<HttpRouteKind>(true);
+    api.set_missing::<GrpcRouteKind>(true);
+    api.apply(&with_labels(
+        service("prod", "web", "10.96.0.10", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "wp")],
+    ));
+    let mut h = Harness::start_with(api, waypoint_config()).await;
+    h.until("the service", |s| s.services.len() == 1).await;
+    h.until_health("ready without the CRDs", |_, ready| ready.is_ready())
+        .await;
+    assert!(h.health.view()[&Kind::HttpRoute].synced);
+
+    // Installed later: found on the next slow retry (backoff.max).
+    h.api
+        .apply_value::<HttpRouteKind>(http_route("web", "web", "web-v1"));
+    h.api.set_missing::<HttpRouteKind>(false);
+    h.until("the route once the CRD is there", |s| s.routes.len() == 1)
+        .await;
+    let lists = h
+        .api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("/apis/gateway.networking.k8s.io/v1/grpcroutes?") && !r.contains("watch")
+        })
+        .count();
+    assert!(lists >= 2, "retried: {:?}", h.api.requests());
+
+    // Uninstalled while watched: empty again, and still ready.
+    h.api.set_missing::<HttpRouteKind>(true);
+    h.api.close_watches();
+    h.until("no routes once the CRD is gone", |s| s.routes.is_empty())
+        .await;
+    h.until_health("still ready", |_, ready| ready.is_ready())
+        .await;
+}
+
+#[tokio::test]
+async fn a_node_agent_waits_for_its_own_kinds_only() {
+    let api = FakeApi::start().await;
+    let h = Harness::start(api).await;
+    h.until_health("ready", |_, ready| ready.is_ready()).await;
+    assert!(!h.health.view().contains_key(&Kind::HttpRoute));
+}
+
+fn conditions(object: &serde_json::Value, parent: usize) -> Vec<(String, String, String)> {
+    object["status"]["parents"][parent]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().to_owned(),
+                c["status"].as_str().unwrap().to_owned(),
+                c["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() {
+    let api = FakeApi::start().await;
+    api.apply(&with_labels(
+        namespace("prod", true),
+        &[("weft.dev/use-waypoint", "wp")],
+    ));
+    api.apply(&service("prod", "web", "10.96.0.10", &[("", 80, None)]));
+    api.apply(&service(
+        "prod",
+        "web-v1",
+        "10.96.0.11",
+        &[("", 8080, None)],
+    ));
+    // Another controller's entry must survive.
+    let mut web = http_route("web", "web", "web-v1");
+    web["status"] = json!({"parents": [{
+        "parentRef": {"name": "public-gateway"},
+        "controllerName": "example.com/gateway",
+        "conditions": [],
+    }]});
+    api.apply_value::<HttpRouteKind>(web);
+    api.apply_value::<HttpRouteKind>(http_route("missing-backend", "web", "nope"));
+    let mut other = http_route("elsewhere", "api", "web-v1");
+    other["spec"]["parentRefs"][0]["name"] = "api".into();
+    api.apply(&with_labels(
+        service("prod", "api", "10.96.0.12", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "other")],
+    ));
+    api.apply_value::<HttpRouteKind>(other);
+    let mut h = Harness::start_with(api, waypoint_config()).await;
+    h.until("the routes", |s| s.routes.len() == 2).await;
+
+    let deadline = Instant::now() + PATIENCE;
+    let status_of = |api: &FakeApi, name: &str| api.object::<HttpRouteKind>("prod", name).unwrap();
+    while status_of(&h.api, "missing-backend")["status"].is_null()
+        || status_of(&h.api, "web")["status"]["parents"]
+            .as_array()
+            .unwrap()
+            .len()
+            < 2
+    {
+        assert!(Instant::now() < deadline, "{:?}", h.api.patches());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let web = status_of(&h.api, "web");
+    let parents = web["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents[0]["controllerName"], "example.com/gateway", "kept");
+    assert_eq!(parents[1]["controllerName"], "weft.dev/waypoint");
+    assert_eq!(
+        parents[1]["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "web", "port": 80})
+    );
+    assert_eq!(
+        conditions(&web, 1),
+        [
+            ("Accepted".into(), "True".into(), "Accepted".into()),
+            ("ResolvedRefs".into(), "True".into(), "ResolvedRefs".into())
+        ]
+    );
+    assert_eq!(parents[1]["conditions"][0]["observedGeneration"], 2);
+    assert!(parents[1]["conditions"][0]["lastTransitionTime"].is_string());
+    let missing = status_of(&h.api, "missing-backend");
+    assert_eq!(
+        conditions(&missing, 0)[1],
+        (
+            "ResolvedRefs".into(),
+            "False".into(),
+            "BackendNotFound".into()
+        )
+    );
+    // The route of another waypoint's service is not ours to write.
+    assert!(status_of(&h.api, "elsewhere")["status"].is_null());
+
+    // Unchanged: not written again, whatever else changes.
+    let writes = h.api.patches().len();
+    assert_eq!(writes, 2, "{:?}", h.api.patches());
+    h.api.apply(&service(
+        "prod",
+        "unrelated",
+        "10.96.0.13",
+        &[("", 80, None)],
+    ));
+    h.until("the unrelated service", |s| s.services.len() == 4)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.api.patches().len(), writes, "{:?}", h.api.patches());
+
+    // The backend appears: ResolvedRefs turns True. An invalid version: UnsupportedValue.
+    h.api
+        .apply(&service("prod", "nope", "10.96.0.14", &[("", 8080, None)]));
+    let mut broken = status_of(&h.api, "web");
+    broken["spec"]["rules"][0]["backendRefs"][0]["kind"] = "Pod".into();
+    broken["metadata"]["generation"] = 3.into();
+    h.api.apply_value::<HttpRouteKind>(broken);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let missing = status_of(&h.api, "missing-backend");
+        let web = status_of(&h.api, "web");
+        let resolved = conditions(&missing, 0)[1].1 == "True";
+        let rejected = web["status"]["parents"][1]["conditions"][0]["reason"] == "UnsupportedValue";
+        if resolved && rejected {
+            let accepted = &web["status"]["parents"][1]["conditions"][0];
+            assert_eq!(accepted["status"], "False");
+            assert!(
+                accepted["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("spec.rules[0].backendRefs[0].kind"),
+                "{accepted}"
+            );
+            assert_eq!(accepted["observedGeneration"], 3);
+            assert_eq!(conditions(&web, 1)[1].2, "InvalidKind");
+            assert_eq!(
+                web["status"]["parents"][0]["controllerName"],
+                "example.com/gateway"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", h.api.patches());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The rejected route is read again only when its rejection changes.
+    let reads = |api: &FakeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| {
+                r.starts_with("/apis/gateway.networking.k8s.io/v1/namespaces/prod/httproutes/web?")
+            })
+            .count()
+    };
+    let before = reads(&h.api);
+    assert!(before >= 1);
+    let writes = h.api.patches().len();
+    h.api.apply(&service(
+        "prod",
+        "unrelated-2",
+        "10.96.0.16",
+        &[("", 80, None)],
+    ));
+    h.until("the second unrelated service", |s| s.services.len() == 6)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reads(&h.api), before);
+    assert_eq!(h.api.patches().len(), writes, "{:?}", h.api.patches());
+
+    // The service leaves the waypoint: its parent entry says NoMatchingParent.
+    h.api.apply(&with_labels(
+        service("prod", "web", "10.96.0.10", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "none")],
+    ));
+    let deadline = Instant::now() + PATIENCE;
+    while conditions(&status_of(&h.api, "missing-backend"), 0)[0].2 != "NoMatchingParent" {
+        assert!(Instant::now() < deadline, "{:?}", h.api.patches());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The writes said who wrote them.
+    assert!(
+        h.api
+            .requests()
+            .iter()
+            .any(|r| r.contains("PATCH") && r.ends_with("/status"))
+    );
 }

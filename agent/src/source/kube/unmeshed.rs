@@ -272,10 +272,13 @@ mod tests {
     fn stores(agents: &[(&str, bool, bool)], pods: &[(&str, &str, &str, bool)]) -> Stores {
         let mut stores = Stores::default();
         for (ns, enabled) in [("prod", true), ("dev", false)] {
-            stores
-                .namespaces
-                .items
-                .insert(ns.into(), NamespaceItem { enabled });
+            stores.namespaces.items.insert(
+                ns.into(),
+                NamespaceItem {
+                    enabled,
+                    waypoint: None,
+                },
+            );
         }
         for (node, running, ready) in agents {
             stores.agents.items.insert(
