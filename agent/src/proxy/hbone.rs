@@ -24,7 +24,10 @@ use rustls::{AlertDescription, CertificateError};
 
 pub use client::{ConnectRequest, HboneStream};
 pub use pool::{Key, Pool, PoolConfig, PoolStats};
-pub use server::{Accepted, ConnectHandler, InboundConnect, Refusal, Transfer, serve};
+pub use server::{
+    Accepted, ConnectHandler, InboundConnect, Refusal, ServerStream, StreamHandler, Transfer,
+    Tunnel, serve,
+};
 pub use tls::{client_config, server_config};
 
 use crate::identity::SpiffeId;
