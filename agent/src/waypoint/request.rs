@@ -1,0 +1,634 @@
+//! One request through the waypoint: route, filters, backend, policy, tries, response.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+    uri::PathAndQuery,
+};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use tracing::{debug, info};
+
+use super::{
+    Error,
+    access_log::RequestRecord,
+    backend::{self, Endpoint},
+    filters::{self, Plan},
+    metrics::HttpLabels,
+    observe::{Counted, Exchange, Observed},
+    retry::{self, RequestBody},
+    route::{RequestView, Routing},
+    server::{Target, Tunnel, View},
+    upstream::{BoxBody, Protocol},
+};
+use crate::{
+    policy::{ConnectionFacts, Decision, RequestFacts},
+    state::{
+        WorkloadRef,
+        route::{Retry, RouteRule, ServiceRef, Timeouts},
+    },
+    telemetry::trace::TraceContext,
+};
+
+/// Serves one request of a tunnel; never fails (errors become responses).
+pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response<Observed> {
+    let inner = &tunnel.inner;
+    let view = inner.view();
+    let mut exchange = start(&tunnel, &view, &request);
+    let result = forward(&tunnel, &view, request, &mut exchange).await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(e) => {
+            exchange.labels.response_flags = e.response_flags();
+            exchange.record.error = Some(e.reason());
+            exchange.record.error_detail = Some(e.to_string());
+            if let Error::PolicyDenied { reason, policy } = &e {
+                let policy = policy.as_ref().map(ToString::to_string);
+                info!(component = "waypoint", src.identity = %tunnel.peer_identity, src.addr = %tunnel.source,
+                    method = %exchange.record.method, path = %exchange.record.path, reason,
+                    policy = ?policy, "request denied by access policy");
+                inner.metrics.denied(reason, policy.clone().unwrap_or_default());
+                exchange.record.policy_name = policy;
+            } else {
+                debug!(component = "waypoint", src.identity = %tunnel.peer_identity,
+                    reason = e.reason(), error = %e, "request failed");
+            }
+            error_response(&e, exchange.grpc)
+        }
+    };
+    strip_hop_by_hop(response.headers_mut());
+    let status = response.status().as_u16();
+    exchange.labels.response_code = status;
+    exchange.record.response_code = status;
+    let (parts, body) = response.into_parts();
+    let body = Observed::new(body, exchange, &parts.headers);
+    Response::from_parts(parts, body)
+}
+
+/// The exchange's record as far as the request itself tells.
+fn start(tunnel: &Tunnel, view: &View, request: &Request<Incoming>) -> Exchange {
+    let inner = &tunnel.inner;
+    let trace = TraceContext::from_request(request.headers());
+    let grpc = is_grpc(request.headers());
+    let peer = &tunnel.peer_identity;
+    let source_workload = view
+        .snapshot
+        .workload_by_ip(tunnel.source.ip())
+        .filter(|w| w.identity(&inner.trust_domain).is_ok_and(|id| &id == peer))
+        .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.name.clone());
+    let (service, dst_workload) = match &tunnel.target {
+        Target::Service { service, .. } => (service.clone(), None),
+        Target::Pod { addr, service } => (
+            service.clone(),
+            view.snapshot.workload_by_ip(addr.ip()).map(|w| w.name.clone()),
+        ),
+    };
+    let record = RequestRecord {
+        kind: "access",
+        reporter: REPORTER,
+        start_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        authority: authority(request).unwrap_or_default(),
+        protocol: match request.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        response_flags: "-",
+        src_identity: peer.to_string(),
+        src_addr: tunnel.source.to_string(),
+        dst_service: Some(service.to_string()),
+        dst_workload: dst_workload.as_ref().map(ToString::to_string),
+        trace_id: trace.trace_id.to_string(),
+        traceparent: format!("00-{}-{}-01", trace.trace_id, trace.span_id),
+        user_agent: request
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        ..RequestRecord::default()
+    };
+    let labels = HttpLabels {
+        reporter: REPORTER,
+        source_workload,
+        source_workload_namespace: peer.namespace().to_owned(),
+        source_principal: peer.to_string(),
+        destination_workload: dst_workload
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.clone()),
+        destination_workload_namespace: dst_workload
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |w| w.namespace.clone()),
+        destination_principal: UNKNOWN.to_owned(),
+        destination_service: format!("{}.{}.svc.{CLUSTER_DOMAIN}", service.name, service.namespace),
+        destination_service_name: service.name.clone(),
+        destination_service_namespace: service.namespace.clone(),
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: 0,
+        grpc_response_status: "-".to_owned(),
+        response_flags: "-",
+        connection_security_policy: "mutual_tls",
+        route_name: String::new(),
+    };
+    Exchange {
+        inner: Arc::clone(inner),
+        start: Instant::now(),
+        start_time: SystemTime::now(),
+        record,
+        labels,
+        trace,
+        request_bytes: Arc::new(AtomicU64::new(0)),
+        grpc,
+    }
+}
+
+/// Where the request goes before any try: the endpoint is picked per try.
+enum Destination {
+    /// A backend Service port.
+    Service(ServiceRef),
+    /// A pod the client dialled directly.
+    Pod(SocketAddr, WorkloadRef),
+}
+
+async fn forward(
+    tunnel: &Tunnel,
+    view: &View,
+    request: Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<Response<BoxBody>, Error> {
+    let inner = &tunnel.inner;
+    let (parts, body) = request.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let authority = authority_of(&parts.uri, &parts.headers);
+    let host = authority.as_deref().map(host_without_port);
+    let mut plan = Plan::default();
+    let mut rule: Option<&RouteRule> = None;
+    let mut matched = None;
+    let destination = match &tunnel.target {
+        Target::Pod { addr, service } => Destination::Pod(*addr, service.clone()),
+        Target::Service { service, port } => {
+            let lowered = host.as_deref().map(str::to_ascii_lowercase);
+            let view_of_request = RequestView {
+                method: parts.method.as_str(),
+                path: path_and_query.path(),
+                query: path_and_query.query(),
+                headers: &parts.headers,
+                host: lowered.as_deref(),
+            };
+            match view
+                .routes
+                .select(&view.snapshot, service, *port, &view_of_request)
+            {
+                Routing::Unrouted => Destination::Service(ServiceRef {
+                    name: service.clone(),
+                    port: *port,
+                }),
+                Routing::NoMatch => return Err(Error::NoRoute),
+                Routing::Rule(selected) => {
+                    let route = selected.route.name.to_string();
+                    exchange.labels.route_name.clone_from(&route);
+                    exchange.record.route = Some(route);
+                    rule = Some(selected.rule);
+                    matched = selected.matched;
+                    plan.extend(&selected.rule.filters);
+                    if plan.redirect.is_none() {
+                        let backend = backend::pick_weighted(&selected.rule.backends)
+                            .ok_or(Error::NoBackend)?;
+                        plan.extend(&backend.filters);
+                        Destination::Service(backend.service.clone())
+                    } else {
+                        Destination::Service(ServiceRef {
+                            name: service.clone(),
+                            port: *port,
+                        })
+                    }
+                }
+            }
+        }
+    };
+    if let Some(redirect) = plan.redirect {
+        let scheme = parts.uri.scheme_str().unwrap_or("http");
+        let port = authority
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok());
+        let location = filters::location(
+            redirect,
+            scheme,
+            host.as_deref().unwrap_or_default(),
+            port,
+            &path_and_query,
+            matched,
+        );
+        let mut response = Response::new(empty());
+        *response.status_mut() =
+            StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        if let Ok(location) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        for modifier in &plan.response_headers {
+            filters::modify_headers(response.headers_mut(), modifier);
+        }
+        return Ok(response);
+    }
+
+    // The request to the backend: headers filtered, rewritten, trace context injected.
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for modifier in &plan.request_headers {
+        filters::modify_headers(&mut headers, modifier);
+    }
+    let mut upstream_authority = authority.clone();
+    let mut upstream_pq = path_and_query.as_str().to_owned();
+    if let Some(rewrite) = plan.rewrite {
+        if let Some(hostname) = &rewrite.hostname {
+            upstream_authority = Some(hostname.clone());
+        }
+        if let Some(path) = &rewrite.path {
+            upstream_pq = filters::rewrite_path_and_query(&path_and_query, path, matched);
+        }
+    }
+    exchange.trace.inject(&mut headers);
+    let protocol = if exchange.grpc || parts.version == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let template = Template {
+        method: parts.method.clone(),
+        authority: upstream_authority,
+        path_and_query: upstream_pq,
+        headers,
+        protocol,
+    };
+
+    let retry_policy = rule.and_then(|r| r.retry.as_ref());
+    let timeouts = rule.map(|r| r.timeouts).unwrap_or_default();
+    let counted = Counted {
+        body,
+        count: Arc::clone(&exchange.request_bytes),
+    }
+    .map_err(Into::into)
+    .boxed_unsync();
+    let mut body = if retry_policy.is_some() || !plan.mirrors.is_empty() {
+        RequestBody::read(counted, inner.config.replay_buffer).await?
+    } else {
+        RequestBody::Streaming(counted)
+    };
+    for mirror in &plan.mirrors {
+        if fastrand::u32(0..1_000_000) < mirror.parts_per_million {
+            send_mirror(tunnel, view, &template, &mirror.backend, &body);
+        }
+    }
+    let facts_request = RequestFacts {
+        method: parts.method.as_str(),
+        path: path_and_query.path(),
+        headers: &parts.headers,
+    };
+    let tries = Tries {
+        tunnel,
+        view,
+        destination: &destination,
+        template: &template,
+        retry: retry_policy,
+        timeouts,
+        request: &facts_request,
+    };
+    let mut response = match timeouts.request {
+        Some(limit) => tokio::time::timeout(limit, tries.run(&mut body, exchange))
+            .await
+            .unwrap_or(Err(Error::RequestTimeout)),
+        None => tries.run(&mut body, exchange).await,
+    }?;
+    for modifier in &plan.response_headers {
+        filters::modify_headers(response.headers_mut(), modifier);
+    }
+    Ok(response)
+}
+
+/// The request to the backend, without its body (each try gets one).
+struct Template {
+    method: Method,
+    authority: Option<String>,
+    path_and_query: String,
+    headers: HeaderMap,
+    protocol: Protocol,
+}
+
+impl Template {
+    fn build(&self, endpoint: &Endpoint, body: BoxBody) -> Result<Request<BoxBody>, Error> {
+        let authority = self
+            .authority
+            .clone()
+            .unwrap_or_else(|| endpoint.addr.to_string());
+        let uri = match self.protocol {
+            Protocol::Http2 => format!("http://{authority}{}", self.path_and_query),
+            Protocol::Http1 => self.path_and_query.clone(),
+        };
+        let uri: Uri = uri.parse().map_err(|e: http::uri::InvalidUri| Error::BadRequest(e.to_string()))?;
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers.clone();
+        match self.protocol {
+            Protocol::Http2 => {
+                *request.version_mut() = Version::HTTP_2;
+                request.headers_mut().remove(header::HOST);
+            }
+            Protocol::Http1 => {
+                let host = HeaderValue::from_str(&authority)
+                    .map_err(|e| Error::BadRequest(e.to_string()))?;
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// The tries of one request.
+struct Tries<'a> {
+    tunnel: &'a Tunnel,
+    view: &'a View,
+    destination: &'a Destination,
+    template: &'a Template,
+    retry: Option<&'a Retry>,
+    timeouts: Timeouts,
+    request: &'a RequestFacts<'a>,
+}
+
+impl Tries<'_> {
+    async fn run(
+        &self,
+        body: &mut RequestBody,
+        exchange: &mut Exchange,
+    ) -> Result<Response<BoxBody>, Error> {
+        let inner = &self.tunnel.inner;
+        let mut attempt = 0u32;
+        loop {
+            let endpoint = self.endpoint()?;
+            self.admit(&endpoint)?;
+            exchange.record.upstream_host = Some(endpoint.addr.to_string());
+            exchange.record.dst_workload = Some(endpoint.workload.to_string());
+            exchange.labels.destination_workload.clone_from(&endpoint.workload.name);
+            exchange
+                .labels
+                .destination_workload_namespace
+                .clone_from(&endpoint.workload.namespace);
+            exchange.labels.destination_principal = endpoint.identity.to_string();
+            let (try_body, replayable) = body.take();
+            let request = self.template.build(&endpoint, try_body)?;
+            let send = inner
+                .upstreams
+                .send(&endpoint, self.template.protocol, request);
+            let result = match self.timeouts.backend_request {
+                Some(limit) => tokio::time::timeout(limit, send)
+                    .await
+                    .unwrap_or(Err(Error::TryTimeout)),
+                None => send.await,
+            };
+            let retry = self.retry.filter(|r| replayable && attempt < r.attempts);
+            match (result, retry) {
+                (Ok(response), Some(r)) if retry::retries_status(r, response.status().as_u16()) => {
+                    debug!(component = "waypoint", upstream = %endpoint.addr, status = response.status().as_u16(), attempt, "retrying");
+                }
+                (Ok(response), _) => return Ok(response),
+                (Err(e), Some(_)) if e.retriable() => {
+                    debug!(component = "waypoint", upstream = %endpoint.addr, reason = e.reason(), attempt, "retrying");
+                }
+                (Err(e), _) => return Err(e),
+            }
+            let Some(r) = retry else {
+                return Err(Error::NoBackend);
+            };
+            tokio::time::sleep(retry::backoff(r.backoff, attempt)).await;
+            attempt += 1;
+            exchange.record.retries = attempt;
+        }
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, Error> {
+        let snapshot = &self.view.snapshot;
+        let td = &self.tunnel.inner.trust_domain;
+        match self.destination {
+            Destination::Service(service) => backend::resolve(snapshot, service, td),
+            Destination::Pod(addr, service) => backend::pod(snapshot, *addr, service, td),
+        }
+    }
+
+    /// L7 access policy of the endpoint's workload, for the original client.
+    fn admit(&self, endpoint: &Endpoint) -> Result<(), Error> {
+        let Some(workload) = self.view.snapshot.workloads.get(&endpoint.workload) else {
+            return Err(Error::UnknownEndpoint(endpoint.addr.ip()));
+        };
+        let decision = self.view.policy.evaluate(&ConnectionFacts {
+            destination: workload,
+            dst_port: endpoint.addr.port(),
+            source_identity: Some(&self.tunnel.peer_identity),
+            source_ip: self.tunnel.source.ip(),
+            request: Some(self.request),
+        });
+        match decision {
+            Decision::Allow => Ok(()),
+            Decision::Deny { policy, reason } => Err(Error::PolicyDenied {
+                reason: reason.as_str(),
+                policy,
+            }),
+        }
+    }
+}
+
+/// Sends a copy to a mirror backend, fire and forget: its response is read and dropped.
+fn send_mirror(
+    tunnel: &Tunnel,
+    view: &View,
+    template: &Template,
+    backend: &ServiceRef,
+    body: &RequestBody,
+) {
+    let inner = Arc::clone(&tunnel.inner);
+    let Some(body) = body.copy() else {
+        debug!(component = "waypoint", mirror = %backend.name, "request body too big to mirror");
+        return;
+    };
+    let endpoint = match backend::resolve(&view.snapshot, backend, &inner.trust_domain) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            debug!(component = "waypoint", mirror = %backend.name, reason = e.reason(), "mirror not sent");
+            return;
+        }
+    };
+    let request = match template.build(&endpoint, body) {
+        Ok(request) => request,
+        Err(_) => return,
+    };
+    let protocol = template.protocol;
+    tokio::spawn(async move {
+        match inner.upstreams.send(&endpoint, protocol, request).await {
+            Ok(response) => {
+                // Read to the end so the connection can be reused.
+                let _ = response.into_body().collect().await;
+            }
+            Err(e) => {
+                debug!(component = "waypoint", mirror = %endpoint.addr, reason = e.reason(), "mirror failed");
+            }
+        }
+    });
+}
+
+/// The local answer for a failed request. gRPC clients get a gRPC status instead of an
+/// HTTP error where gRPC defines one (denials as PERMISSION_DENIED, trailers-only).
+fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
+    let status = match e {
+        Error::NoRoute => StatusCode::NOT_FOUND,
+        Error::NoBackend | Error::UnknownService(_) | Error::UnknownPort { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        Error::PolicyDenied { .. } => StatusCode::FORBIDDEN,
+        Error::RequestTimeout | Error::TryTimeout => StatusCode::GATEWAY_TIMEOUT,
+        Error::NoEndpoints(_)
+        | Error::UnknownEndpoint(_)
+        | Error::Hbone(_)
+        | Error::Handshake(_)
+        | Error::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::BadRequest(_) | Error::Downstream(_) => StatusCode::BAD_REQUEST,
+    };
+    if grpc {
+        let code = match e {
+            Error::PolicyDenied { .. } => "7",
+            Error::RequestTimeout | Error::TryTimeout => "4",
+            Error::NoRoute => "12",
+            _ => "14",
+        };
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(message) = HeaderValue::from_str(&e.to_string()) {
+            headers.insert("grpc-message", message);
+        }
+        return response;
+    }
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{}\n", e.reason())))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn empty() -> BoxBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn authority(request: &Request<Incoming>) -> Option<String> {
+    authority_of(request.uri(), request.headers())
+}
+
+/// `:authority` (HTTP/2) or `Host` (HTTP/1.1).
+fn authority_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    uri.authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+fn host_without_port(authority: &str) -> String {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default().to_owned();
+    }
+    authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(host, _)| host)
+        .to_owned()
+}
+
+/// Connection-specific headers (RFC 9110 §7.6.1) never cross the proxy; `te: trailers`
+/// does (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+const REPORTER: &str = "waypoint";
+const UNKNOWN: &str = "unknown";
+const CLUSTER_DOMAIN: &str = "cluster.local";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_lose_their_port() {
+        assert_eq!(host_without_port("shop:8080"), "shop");
+        assert_eq!(host_without_port("shop"), "shop");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_but_te_trailers_stays() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", HeaderValue::from_static("x-private, close"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key("x-private"));
+        assert!(!headers.contains_key("connection"));
+        assert_eq!(headers["te"], "trailers");
+        assert_eq!(headers["x-keep"], "1");
+    }
+}
