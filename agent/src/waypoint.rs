@@ -165,3 +165,5 @@ mod humantime_serde {
     }
 }
 
+#[cfg(test)]
+mod tests;

@@ -140,7 +140,10 @@ mod tests {
     fn prefix_rewrites_replace_only_the_matched_segments() {
         let m = prefix_match("/v1");
         let rewrite = PathRewrite::ReplacePrefixMatch("/api/v2".into());
-        assert_eq!(rewrite_path(&rewrite, "/v1/users", Some(&m)), "/api/v2/users");
+        assert_eq!(
+            rewrite_path(&rewrite, "/v1/users", Some(&m)),
+            "/api/v2/users"
+        );
         assert_eq!(rewrite_path(&rewrite, "/v1", Some(&m)), "/api/v2");
         let to_root = PathRewrite::ReplacePrefixMatch("/".into());
         assert_eq!(rewrite_path(&to_root, "/v1/users", Some(&m)), "/users");

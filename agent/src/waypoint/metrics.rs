@@ -46,6 +46,13 @@ pub struct DeniedLabels {
     pub policy: String,
 }
 
+/// Labels of the retries counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route_name: String,
+    pub destination_service: String,
+}
+
 /// The waypoint's metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -54,6 +61,7 @@ pub struct Metrics {
     request_bytes: Family<HttpLabels, Histogram>,
     response_bytes: Family<HttpLabels, Histogram>,
     denied: Family<DeniedLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
 }
 
 /// One finished request as the metrics see it.
@@ -85,6 +93,7 @@ impl Metrics {
                 Histogram::new(SIZE_BUCKETS.iter().copied())
             }),
             denied: Family::default(),
+            retries: Family::default(),
         }
     }
 
@@ -99,6 +108,18 @@ impl Metrics {
         self.response_bytes
             .get_or_create(labels)
             .observe(seen.response_bytes as f64);
+    }
+
+    /// Tries after the first of one request.
+    pub fn retried(&self, labels: &HttpLabels, retries: u32) {
+        if retries > 0 {
+            self.retries
+                .get_or_create(&RouteLabels {
+                    route_name: labels.route_name.clone(),
+                    destination_service: labels.destination_service.clone(),
+                })
+                .inc_by(u64::from(retries));
+        }
     }
 
     pub fn denied(&self, reason: &'static str, policy: String) {
@@ -144,6 +165,12 @@ impl Collector for Exposition {
             "Requests the waypoint's L7 access policy denied, by reason and policy",
             None,
             m.denied.metric_type(),
+        )?)?;
+        m.retries.encode(encoder.encode_descriptor(
+            "waypoint_request_retries",
+            "Tries after the first, by route",
+            None,
+            m.retries.metric_type(),
         )?)?;
         Ok(())
     }

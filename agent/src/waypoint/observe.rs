@@ -53,6 +53,9 @@ impl Exchange {
                 response_bytes,
             },
         );
+        self.inner
+            .metrics
+            .retried(&self.labels, self.record.retries);
         let record = &mut self.record;
         record.grpc_status = grpc_status.filter(|_| self.grpc);
         record.bytes_received = request_bytes;
@@ -65,7 +68,10 @@ impl Exchange {
             let mut attributes = vec![
                 ("http.request.method", record.method.clone()),
                 ("url.path", record.path.clone()),
-                ("http.response.status_code", record.response_code.to_string()),
+                (
+                    "http.response.status_code",
+                    record.response_code.to_string(),
+                ),
                 ("server.address", record.authority.clone()),
                 ("network.protocol.name", "http".to_owned()),
             ];

@@ -53,7 +53,9 @@ pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response
                 info!(component = "waypoint", src.identity = %tunnel.peer_identity, src.addr = %tunnel.source,
                     method = %exchange.record.method, path = %exchange.record.path, reason,
                     policy = ?policy, "request denied by access policy");
-                inner.metrics.denied(reason, policy.clone().unwrap_or_default());
+                inner
+                    .metrics
+                    .denied(reason, policy.clone().unwrap_or_default());
                 exchange.record.policy_name = policy;
             } else {
                 debug!(component = "waypoint", src.identity = %tunnel.peer_identity,
@@ -86,7 +88,9 @@ fn start(tunnel: &Tunnel, view: &View, request: &Request<Incoming>) -> Exchange 
         Target::Service { service, .. } => (service.clone(), None),
         Target::Pod { addr, service } => (
             service.clone(),
-            view.snapshot.workload_by_ip(addr.ip()).map(|w| w.name.clone()),
+            view.snapshot
+                .workload_by_ip(addr.ip())
+                .map(|w| w.name.clone()),
         ),
     };
     let record = RequestRecord {
@@ -127,7 +131,10 @@ fn start(tunnel: &Tunnel, view: &View, request: &Request<Incoming>) -> Exchange 
             .as_ref()
             .map_or_else(|| UNKNOWN.to_owned(), |w| w.namespace.clone()),
         destination_principal: UNKNOWN.to_owned(),
-        destination_service: format!("{}.{}.svc.{CLUSTER_DOMAIN}", service.name, service.namespace),
+        destination_service: format!(
+            "{}.{}.svc.{CLUSTER_DOMAIN}",
+            service.name, service.namespace
+        ),
         destination_service_name: service.name.clone(),
         destination_service_namespace: service.namespace.clone(),
         request_protocol: if grpc { "grpc" } else { "http" },
@@ -336,7 +343,9 @@ impl Template {
             Protocol::Http2 => format!("http://{authority}{}", self.path_and_query),
             Protocol::Http1 => self.path_and_query.clone(),
         };
-        let uri: Uri = uri.parse().map_err(|e: http::uri::InvalidUri| Error::BadRequest(e.to_string()))?;
+        let uri: Uri = uri
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| Error::BadRequest(e.to_string()))?;
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
@@ -380,7 +389,10 @@ impl Tries<'_> {
             self.admit(&endpoint)?;
             exchange.record.upstream_host = Some(endpoint.addr.to_string());
             exchange.record.dst_workload = Some(endpoint.workload.to_string());
-            exchange.labels.destination_workload.clone_from(&endpoint.workload.name);
+            exchange
+                .labels
+                .destination_workload
+                .clone_from(&endpoint.workload.name);
             exchange
                 .labels
                 .destination_workload_namespace
@@ -552,14 +564,12 @@ fn authority(request: &Request<Incoming>) -> Option<String> {
 
 /// `:authority` (HTTP/2) or `Host` (HTTP/1.1).
 fn authority_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    uri.authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
+    uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 fn host_without_port(authority: &str) -> String {

@@ -159,7 +159,10 @@ fn matches(m: &RequestMatch, request: &RequestView<'_>) -> bool {
     {
         return false;
     }
-    if m.method.as_deref().is_some_and(|want| want != request.method) {
+    if m.method
+        .as_deref()
+        .is_some_and(|want| want != request.method)
+    {
         return false;
     }
     let headers_hold = m.headers.iter().all(|h| {
@@ -272,7 +275,10 @@ mod tests {
             query_param(Some("a=1&b=x%20y&a=2"), "a").as_deref(),
             Some("1")
         );
-        assert_eq!(query_param(Some("a=1&b=x%20y"), "b").as_deref(), Some("x y"));
+        assert_eq!(
+            query_param(Some("a=1&b=x%20y"), "b").as_deref(),
+            Some("x y")
+        );
         assert_eq!(query_param(Some("a=1"), "c"), None);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }

@@ -13,6 +13,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
+use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use super::{Config, Metrics, RouteTable, request, upstream::Upstreams};
@@ -107,7 +108,25 @@ impl Waypoint {
         }
     }
 
-    /// The routes in force, for `/config_dump`.
+    /// Serves HBONE on `listener` until the task is dropped: each connection on its own
+    /// task, an accept error logged and retried after a pause.
+    pub async fn serve(self, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let handler = Arc::new(self);
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    warn!(component = "waypoint", error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            };
+            // Handshake failures are logged (with their reason) by `hbone::serve`.
+            tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
+        }
+    }
+
+    /// The snapshot in force (with its routes), for `/config_dump`.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.inner.view().snapshot)
     }
@@ -168,8 +187,8 @@ impl hbone::StreamHandler for Waypoint {
                 target = %request.target, "CONNECT refused: not a service (or pod) bound to this waypoint");
             return Err(hbone::Refusal::NotServed);
         };
-        let source = forwarded_for(&request.headers)
-            .map_or(request.peer_addr, |ip| SocketAddr::new(ip, 0));
+        let source =
+            forwarded_for(&request.headers).map_or(request.peer_addr, |ip| SocketAddr::new(ip, 0));
         Ok(Tunnel {
             inner: Arc::clone(&self.inner),
             target,
@@ -224,6 +243,8 @@ fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
         })
 }
 
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +260,10 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(forwarded_for(&headers), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            forwarded_for(&headers),
+            Some("2001:db8::1".parse().unwrap())
+        );
         headers.insert("forwarded", "by=x".parse().unwrap());
         assert_eq!(forwarded_for(&headers), None);
     }

@@ -55,11 +55,14 @@ struct Inner {
     source: SpiffeId,
     hbone_port: u16,
     idle_timeout: Duration,
-    http1: Mutex<HashMap<Key, Vec<(http1::SendRequest<BoxBody>, Instant)>>>,
+    http1: Mutex<HashMap<Key, Vec<IdleHttp1>>>,
     /// One multiplexed connection per key; the async lock makes concurrent first requests
     /// share one handshake.
     http2: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Option<H2Entry>>>>>,
 }
+
+/// An HTTP/1.1 connection waiting for its next request, and since when.
+type IdleHttp1 = (http1::SendRequest<BoxBody>, Instant);
 
 struct H2Entry {
     sender: http2::SendRequest<BoxBody>,

@@ -151,8 +151,7 @@ impl<T: Transfer> Tunnel for Accepted<T> {
 
     fn abandon(self, error: std::io::Error) {
         copy::reset(&self.upstream);
-        self.transfer
-            .finish(Err(proxy::Error::Downstream(error)));
+        self.transfer.finish(Err(proxy::Error::Downstream(error)));
     }
 }
 
@@ -179,10 +178,7 @@ impl AsyncWrite for ServerStream {
         Pin::new(&mut self.0).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
