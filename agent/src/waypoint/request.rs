@@ -410,18 +410,16 @@ impl Tries<'_> {
                 None => send.await,
             };
             let retry = self.retry.filter(|r| replayable && attempt < r.attempts);
-            match (result, retry) {
+            let r = match (result, retry) {
                 (Ok(response), Some(r)) if retry::retries_status(r, response.status().as_u16()) => {
                     debug!(component = "waypoint", upstream = %endpoint.addr, status = response.status().as_u16(), attempt, "retrying");
+                    r
                 }
-                (Ok(response), _) => return Ok(response),
-                (Err(e), Some(_)) if e.retriable() => {
+                (Err(e), Some(r)) if e.retriable() => {
                     debug!(component = "waypoint", upstream = %endpoint.addr, reason = e.reason(), attempt, "retrying");
+                    r
                 }
-                (Err(e), _) => return Err(e),
-            }
-            let Some(r) = retry else {
-                return Err(Error::NoBackend);
+                (result, _) => return result,
             };
             tokio::time::sleep(retry::backoff(r.backoff, attempt)).await;
             attempt += 1;

@@ -102,6 +102,8 @@ struct Harness {
     state: watch::Sender<Arc<Snapshot>>,
     backends: BTreeMap<String, Arc<BackendState>>,
     client_pool: Pool,
+    /// The waypoint's own HBONE client pool (towards the backends).
+    waypoint_pool: Pool,
     waypoint_id: SpiffeId,
     registry: Registry,
     log: Captured,
@@ -120,6 +122,11 @@ impl Harness {
     /// Backends named `names`, each with its own Service `<name>` (port 80 → 8080); the
     /// bound service `echo` (VIP 10.96.0.10:80) has the first backend as its endpoint.
     async fn new(names: &[&str]) -> Self {
+        Self::with(names, |_| {}).await
+    }
+
+    /// `new`, with the waypoint's config changed by `configure`.
+    async fn with(names: &[&str], configure: impl FnOnce(&mut Config)) -> Self {
         static NEXT_NET: AtomicU8 = AtomicU8::new(1);
         let net = NEXT_NET.fetch_add(1, Ordering::Relaxed);
         let ca = TestCa::new("weft waypoint test CA");
@@ -204,18 +211,20 @@ impl Harness {
         let mut config = Config::new(svc("waypoint"), waypoint_id.clone());
         config.listen_addr = "127.0.0.1:0".parse().unwrap();
         config.upstream_port = hbone_port;
+        configure(&mut config);
         let mut registry = Registry::new(&Prefix::new("weft").unwrap());
         let metrics = Metrics::new(&mut registry);
         let log = Captured::default();
         let spans = Arc::new(Mutex::new(Vec::new()));
         let exporter: Arc<dyn SpanExporter> = Arc::new(Spans(Arc::clone(&spans)));
+        let waypoint_pool = Pool::new(
+            Arc::<TestCerts>::clone(&waypoint_certs),
+            PoolConfig::default(),
+        );
         let waypoint = Waypoint::new(
             config,
             state_rx,
-            Pool::new(
-                Arc::<TestCerts>::clone(&waypoint_certs),
-                PoolConfig::default(),
-            ),
+            waypoint_pool.clone(),
             metrics,
             AccessLog::to_writer(log.clone()),
             Some(exporter),
@@ -232,6 +241,7 @@ impl Harness {
             state,
             backends,
             client_pool: Pool::new(client_certs, PoolConfig::default()),
+            waypoint_pool,
             waypoint_id,
             registry,
             log,
@@ -1128,6 +1138,43 @@ async fn connects_to_targets_the_waypoint_does_not_serve_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_closed_once_idle() {
+    let idle = Duration::from_millis(300);
+    let h = Harness::with(&["pooled"], |config| config.upstream_idle_timeout = idle).await;
+    let tunnels = || h.backend("pooled").peers.lock().unwrap().len();
+    // HTTP/1.1: sequential requests share one keep-alive connection (one CONNECT).
+    let h1 = h.h1().await;
+    for _ in 0..5 {
+        assert_eq!(h1.get("/keep-alive").await.status, StatusCode::OK);
+    }
+    assert_eq!(tunnels(), 1);
+    // HTTP/2: concurrent requests share one multiplexed connection.
+    let h2 = h.h2().await;
+    let mut tasks = JoinSet::new();
+    for _ in 0..20 {
+        let h2 = h2.clone();
+        tasks.spawn(async move { h2.call("GET", "/mux", &[("x-delay-ms", "50")]).await });
+    }
+    while let Some(reply) = tasks.join_next().await {
+        assert_eq!(reply.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(tunnels(), 2);
+    assert_eq!(h.waypoint_pool.stats().streams, 2);
+    // Unused past the idle timeout, both close (their HBONE streams end).
+    let deadline = Instant::now() + PATIENCE;
+    while h.waypoint_pool.stats().streams > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle upstream connections stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the next request opens a new one.
+    assert_eq!(h1.get("/again").await.status, StatusCode::OK);
+    assert_eq!(tunnels(), 3);
 }
 
 const PATIENCE: Duration = Duration::from_secs(10);
