@@ -29,6 +29,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
     task::JoinSet,
@@ -394,11 +395,16 @@ async fn backend_service(
         path_and_query: path_and_query.clone(),
         headers: parts.headers.clone(),
     });
-    let delay = parts
-        .headers
-        .get("x-delay-ms")
-        .and_then(|v| v.to_str().ok()?.parse().ok())
-        .map(Duration::from_millis);
+    let header_ms = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(Duration::from_millis)
+    };
+    // `x-delay-first-ms`: only even-numbered requests (the first try of each pair) wait.
+    let delay = header_ms("x-delay-ms")
+        .or_else(|| header_ms("x-delay-first-ms").filter(|_| n.is_multiple_of(2)));
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
@@ -535,6 +541,17 @@ impl Client {
     }
 
     async fn call(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.call_with_body(method, path, headers, Bytes::new())
+            .await
+    }
+
+    async fn call_with_body(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
         let started = Instant::now();
         let mut builder = Request::builder()
             .method(method)
@@ -543,7 +560,14 @@ impl Client {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let response = self.send(builder.body(empty()).unwrap()).await;
+        let body = if body.is_empty() {
+            empty()
+        } else {
+            Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        };
+        let response = self.send(builder.body(body).unwrap()).await;
         let (parts, body) = response.into_parts();
         let body = timeout(PATIENCE, body.collect())
             .await
@@ -798,9 +822,14 @@ async fn retry_on_503_succeeds_against_a_backend_failing_every_other_request() {
         ..rule(vec![], &[("flaky", 1)])
     }])]);
     let client = h.h1().await;
-    for _ in 0..10 {
-        let reply = client.get("/retry").await;
+    for i in 0..10 {
+        // Small bodies are kept for the retry: the second try gets the whole body too.
+        let body = Bytes::from(vec![b'x'; 1000 * i]);
+        let reply = client
+            .call_with_body("POST", "/retry", &[], body.clone())
+            .await;
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.body, format!("flaky POST /retry {}", body.len()));
     }
     assert_eq!(h.backend("flaky").count.load(Ordering::SeqCst), 20);
     let log = h.access_log();
@@ -815,6 +844,13 @@ async fn retry_on_503_succeeds_against_a_backend_failing_every_other_request() {
         .find(|l| l.starts_with("weft_waypoint_request_retries_total{"))
         .unwrap();
     assert!(retries.ends_with(" 10"), "{retries}");
+    // A body too big to keep is streamed once and never retried.
+    let big = Bytes::from(vec![b'y'; 100 * 1024]);
+    let reply = client.call_with_body("POST", "/big", &[], big).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.access_log().last().unwrap()["retries"], 0);
+    assert_eq!(h.backend("flaky").count.load(Ordering::SeqCst), 21);
+    assert_eq!(client.get("/even").await.status, StatusCode::OK);
     // Without a retry policy the client sees the 503.
     h.set_routes(vec![route(vec![rule(vec![], &[("flaky", 1)])])]);
     let statuses: Vec<u16> = [client.get("/a").await, client.get("/b").await]
@@ -1175,6 +1211,103 @@ async fn upstream_connections_are_reused_and_closed_once_idle() {
     // And the next request opens a new one.
     assert_eq!(h1.get("/again").await.status, StatusCode::OK);
     assert_eq!(tunnels(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_is_retried_within_the_request_timeout() {
+    let h = Harness::new(&["sluggish"]).await;
+    h.set_routes(vec![route(vec![RouteRule {
+        timeouts: Timeouts {
+            request: Some(Duration::from_secs(5)),
+            backend_request: Some(Duration::from_millis(200)),
+        },
+        retry: Some(Retry {
+            attempts: 1,
+            codes: Vec::new(),
+            backoff: Duration::from_millis(1),
+        }),
+        ..rule(vec![], &[("sluggish", 1)])
+    }])]);
+    let client = h.h2().await;
+    // The first try sleeps past its timeout, the retry answers at once.
+    let reply = client
+        .call("GET", "/slow-first", &[("x-delay-first-ms", "2000")])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(
+        reply.elapsed >= Duration::from_millis(200),
+        "{:?}",
+        reply.elapsed
+    );
+    assert!(
+        reply.elapsed < Duration::from_secs(2),
+        "{:?}",
+        reply.elapsed
+    );
+    assert_eq!(h.access_log().last().unwrap()["retries"], 1);
+    // Both tries too slow: 504 once the retries are used up.
+    let reply = client.call("GET", "/slow", &[("x-delay-ms", "2000")]).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    let line = h.access_log().pop().unwrap();
+    assert_eq!(
+        (line["retries"].as_u64(), line["error"].as_str()),
+        (Some(1), Some("try_timeout"))
+    );
+    assert_eq!(line["response_flags"], "UT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_backends_and_garbage_clients_fail_cleanly() {
+    let h = Harness::new(&["alive"]).await;
+    // An endpoint nobody listens on: 503, with the HBONE reason in the log.
+    let dead: IpAddr = "127.77.250.1".parse().unwrap();
+    h.update(|s| {
+        s.workloads.insert(
+            svc("dead"),
+            Workload {
+                name: svc("dead"),
+                service_account: "dead".into(),
+                ips: vec![dead],
+                location: Location::Remote { node: "n".into() },
+                enrolled: true,
+                mtls_mode: None,
+                labels: BTreeMap::new(),
+            },
+        );
+        if let Some(echo) = s.services.get_mut(&svc(SERVICE)) {
+            echo.endpoints = vec![dead];
+        }
+    });
+    let client = h.h1().await;
+    let reply = client.get("/").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let line = h.access_log().pop().unwrap();
+    assert_eq!(line["response_flags"], "UF");
+    assert_eq!(line["error"], "hbone_dial");
+    // No endpoints at all: 503 too.
+    h.update(|s| {
+        if let Some(echo) = s.services.get_mut(&svc(SERVICE)) {
+            echo.endpoints.clear();
+        }
+    });
+    assert_eq!(
+        client.get("/").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(h.access_log().pop().unwrap()["error"], "no_endpoints");
+    // A client that speaks no HTTP gets its stream closed; the waypoint carries on.
+    let mut stream = h.connect(Harness::vip()).await.unwrap();
+    stream.write_all(b"\x16\x03garbage\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    h.update(|s| {
+        if let Some(echo) = s.services.get_mut(&svc(SERVICE)) {
+            echo.endpoints = vec![h.backends["alive"].ip];
+        }
+    });
+    assert_eq!(h.h2().await.get("/").await.status, StatusCode::OK);
 }
 
 const PATIENCE: Duration = Duration::from_secs(10);
