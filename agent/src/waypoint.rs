@@ -31,6 +31,7 @@ mod retry;
 mod route;
 mod server;
 mod upstream;
+mod wire;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -16,11 +16,15 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 
+use http::{Request, Version, header};
+use hyper::body::Incoming;
+
 use super::{
     access_log::RequestRecord,
     metrics::{HttpLabels, Observation},
-    server::Inner,
+    server::{Inner, Target, Tunnel, View},
     upstream::{BoxBody, BoxError},
+    wire::{authority, is_grpc},
 };
 use crate::telemetry::trace::{Span, TraceContext};
 
@@ -37,6 +41,94 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// The exchange's record as far as the request itself tells.
+    pub fn start(tunnel: &Tunnel, view: &View, request: &Request<Incoming>) -> Self {
+        let inner = &tunnel.inner;
+        let trace = TraceContext::from_request(request.headers());
+        let grpc = is_grpc(request.headers());
+        let peer = &tunnel.peer_identity;
+        let source_workload = view
+            .snapshot
+            .workload_by_ip(tunnel.source.ip())
+            .filter(|w| w.identity(&inner.trust_domain).is_ok_and(|id| &id == peer))
+            .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.name.clone());
+        let (service, dst_workload) = match &tunnel.target {
+            Target::Service { service, .. } => (service.clone(), None),
+            Target::Pod { addr, service } => (
+                service.clone(),
+                view.snapshot
+                    .workload_by_ip(addr.ip())
+                    .map(|w| w.name.clone()),
+            ),
+        };
+        let record = RequestRecord {
+            kind: "access",
+            reporter: REPORTER,
+            start_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            method: request.method().to_string(),
+            path: request.uri().path().to_owned(),
+            authority: authority(request).unwrap_or_default(),
+            protocol: match request.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            response_flags: "-",
+            src_identity: peer.to_string(),
+            src_addr: tunnel.source.to_string(),
+            dst_service: Some(service.to_string()),
+            dst_workload: dst_workload.as_ref().map(ToString::to_string),
+            trace_id: trace.trace_id.to_string(),
+            traceparent: format!(
+                "00-{}-{}-{}",
+                trace.trace_id,
+                trace.span_id,
+                if trace.sampled { "01" } else { "00" }
+            ),
+            user_agent: request
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            ..RequestRecord::default()
+        };
+        let labels = HttpLabels {
+            reporter: REPORTER,
+            source_workload,
+            source_workload_namespace: peer.namespace().to_owned(),
+            source_principal: peer.to_string(),
+            destination_workload: dst_workload
+                .as_ref()
+                .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.clone()),
+            destination_workload_namespace: dst_workload
+                .as_ref()
+                .map_or_else(|| UNKNOWN.to_owned(), |w| w.namespace.clone()),
+            destination_principal: UNKNOWN.to_owned(),
+            destination_service: format!(
+                "{}.{}.svc.{CLUSTER_DOMAIN}",
+                service.name, service.namespace
+            ),
+            destination_service_name: service.name.clone(),
+            destination_service_namespace: service.namespace.clone(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: 0,
+            grpc_response_status: "-".to_owned(),
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+            route_name: String::new(),
+        };
+        Exchange {
+            inner: Arc::clone(inner),
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            record,
+            labels,
+            trace,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            grpc,
+        }
+    }
+
     /// Records the finished request: metrics, the access-log line, the span.
     fn finish(mut self, grpc_status: Option<String>, response_bytes: u64) {
         let duration = self.start.elapsed();
@@ -209,6 +301,10 @@ where
         self.body.size_hint()
     }
 }
+
+const REPORTER: &str = "waypoint";
+const UNKNOWN: &str = "unknown";
+const CLUSTER_DOMAIN: &str = "cluster.local";
 
 fn grpc_status(headers: &HeaderMap) -> Option<String> {
     headers

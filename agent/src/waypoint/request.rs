@@ -1,31 +1,25 @@
 //! One request through the waypoint: route, filters, backend, policy, tries, response.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::AtomicU64},
-    time::{Instant, SystemTime},
-};
+use std::{net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
     uri::PathAndQuery,
 };
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{debug, info};
 
 use super::{
     Error,
-    access_log::RequestRecord,
     backend::{self, Endpoint},
     filters::{self, Plan},
-    metrics::HttpLabels,
     observe::{Counted, Exchange, Observed},
     retry::{self, RequestBody},
     route::{RequestView, Routing},
     server::{Target, Tunnel, View},
     upstream::{BoxBody, Protocol},
+    wire::{authority_of, empty, error_response, host_without_port, strip_hop_by_hop},
 };
 use crate::{
     policy::{ConnectionFacts, Decision, RequestFacts},
@@ -33,14 +27,13 @@ use crate::{
         WorkloadRef,
         route::{Retry, RouteRule, ServiceRef, Timeouts},
     },
-    telemetry::trace::TraceContext,
 };
 
 /// Serves one request of a tunnel; never fails (errors become responses).
 pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response<Observed> {
     let inner = &tunnel.inner;
     let view = inner.view();
-    let mut exchange = start(&tunnel, &view, &request);
+    let mut exchange = Exchange::start(&tunnel, &view, &request);
     let result = forward(&tunnel, &view, request, &mut exchange).await;
     let mut response = match result {
         Ok(response) => response,
@@ -71,89 +64,6 @@ pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response
     let (parts, body) = response.into_parts();
     let body = Observed::new(body, exchange, &parts.headers);
     Response::from_parts(parts, body)
-}
-
-/// The exchange's record as far as the request itself tells.
-fn start(tunnel: &Tunnel, view: &View, request: &Request<Incoming>) -> Exchange {
-    let inner = &tunnel.inner;
-    let trace = TraceContext::from_request(request.headers());
-    let grpc = is_grpc(request.headers());
-    let peer = &tunnel.peer_identity;
-    let source_workload = view
-        .snapshot
-        .workload_by_ip(tunnel.source.ip())
-        .filter(|w| w.identity(&inner.trust_domain).is_ok_and(|id| &id == peer))
-        .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.name.clone());
-    let (service, dst_workload) = match &tunnel.target {
-        Target::Service { service, .. } => (service.clone(), None),
-        Target::Pod { addr, service } => (
-            service.clone(),
-            view.snapshot
-                .workload_by_ip(addr.ip())
-                .map(|w| w.name.clone()),
-        ),
-    };
-    let record = RequestRecord {
-        kind: "access",
-        reporter: REPORTER,
-        start_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        method: request.method().to_string(),
-        path: request.uri().path().to_owned(),
-        authority: authority(request).unwrap_or_default(),
-        protocol: match request.version() {
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        },
-        response_flags: "-",
-        src_identity: peer.to_string(),
-        src_addr: tunnel.source.to_string(),
-        dst_service: Some(service.to_string()),
-        dst_workload: dst_workload.as_ref().map(ToString::to_string),
-        trace_id: trace.trace_id.to_string(),
-        traceparent: format!("00-{}-{}-01", trace.trace_id, trace.span_id),
-        user_agent: request
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        ..RequestRecord::default()
-    };
-    let labels = HttpLabels {
-        reporter: REPORTER,
-        source_workload,
-        source_workload_namespace: peer.namespace().to_owned(),
-        source_principal: peer.to_string(),
-        destination_workload: dst_workload
-            .as_ref()
-            .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.clone()),
-        destination_workload_namespace: dst_workload
-            .as_ref()
-            .map_or_else(|| UNKNOWN.to_owned(), |w| w.namespace.clone()),
-        destination_principal: UNKNOWN.to_owned(),
-        destination_service: format!(
-            "{}.{}.svc.{CLUSTER_DOMAIN}",
-            service.name, service.namespace
-        ),
-        destination_service_name: service.name.clone(),
-        destination_service_namespace: service.namespace.clone(),
-        request_protocol: if grpc { "grpc" } else { "http" },
-        response_code: 0,
-        grpc_response_status: "-".to_owned(),
-        response_flags: "-",
-        connection_security_policy: "mutual_tls",
-        route_name: String::new(),
-    };
-    Exchange {
-        inner: Arc::clone(inner),
-        start: Instant::now(),
-        start_time: SystemTime::now(),
-        record,
-        labels,
-        trace,
-        request_bytes: Arc::new(AtomicU64::new(0)),
-        grpc,
-    }
 }
 
 /// Where the request goes before any try: the endpoint is picked per try.
@@ -494,149 +404,4 @@ fn send_mirror(
             }
         }
     });
-}
-
-/// The local answer for a failed request. gRPC clients get a gRPC status instead of an
-/// HTTP error where gRPC defines one (denials as PERMISSION_DENIED, trailers-only).
-fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
-    let status = match e {
-        Error::NoRoute => StatusCode::NOT_FOUND,
-        Error::NoBackend | Error::UnknownService(_) | Error::UnknownPort { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        Error::PolicyDenied { .. } => StatusCode::FORBIDDEN,
-        Error::RequestTimeout | Error::TryTimeout => StatusCode::GATEWAY_TIMEOUT,
-        Error::NoEndpoints(_)
-        | Error::UnknownEndpoint(_)
-        | Error::Hbone(_)
-        | Error::Handshake(_)
-        | Error::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::BadRequest(_) | Error::Downstream(_) => StatusCode::BAD_REQUEST,
-    };
-    if grpc {
-        let code = match e {
-            Error::PolicyDenied { .. } => "7",
-            Error::RequestTimeout | Error::TryTimeout => "4",
-            Error::NoRoute => "12",
-            _ => "14",
-        };
-        let mut response = Response::new(empty());
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from_static(code));
-        if let Ok(message) = HeaderValue::from_str(&e.to_string()) {
-            headers.insert("grpc-message", message);
-        }
-        return response;
-    }
-    let mut response = Response::new(
-        Full::new(Bytes::from(format!("{}\n", e.reason())))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-fn empty() -> BoxBody {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-fn authority(request: &Request<Incoming>) -> Option<String> {
-    authority_of(request.uri(), request.headers())
-}
-
-/// `:authority` (HTTP/2) or `Host` (HTTP/1.1).
-fn authority_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
-        headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    })
-}
-
-fn host_without_port(authority: &str) -> String {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or_default().to_owned();
-    }
-    authority
-        .rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(authority, |(host, _)| host)
-        .to_owned()
-}
-
-/// Connection-specific headers (RFC 9110 §7.6.1) never cross the proxy; `te: trailers`
-/// does (gRPC needs it).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .collect();
-    for name in named {
-        headers.remove(name.as_str());
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
-        headers.remove(header::TE);
-    }
-}
-
-const REPORTER: &str = "waypoint";
-const UNKNOWN: &str = "unknown";
-const CLUSTER_DOMAIN: &str = "cluster.local";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hosts_lose_their_port() {
-        assert_eq!(host_without_port("shop:8080"), "shop");
-        assert_eq!(host_without_port("shop"), "shop");
-        assert_eq!(host_without_port("[::1]:80"), "::1");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped_but_te_trailers_stays() {
-        let mut headers = HeaderMap::new();
-        headers.insert("connection", HeaderValue::from_static("x-private, close"));
-        headers.insert("x-private", HeaderValue::from_static("1"));
-        headers.insert("te", HeaderValue::from_static("trailers"));
-        headers.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
-        assert!(!headers.contains_key("x-private"));
-        assert!(!headers.contains_key("connection"));
-        assert_eq!(headers["te"], "trailers");
-        assert_eq!(headers["x-keep"], "1");
-    }
 }
