@@ -259,6 +259,161 @@ fn host_matches(hostnames: &[String], host: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{
+        RouteKind,
+        route::{Backend, HeaderMatch, ParentRef, ServiceRef},
+    };
+
+    fn rule(name: &str, matches: Vec<RequestMatch>) -> RouteRule {
+        RouteRule {
+            name: Some(name.to_owned()),
+            matches,
+            backends: vec![Backend {
+                service: ServiceRef {
+                    name: WorkloadRef::new("default", name),
+                    port: 80,
+                },
+                weight: 1,
+                filters: Vec::new(),
+            }],
+            ..RouteRule::default()
+        }
+    }
+
+    fn http_route(
+        name: &str,
+        port: Option<u16>,
+        hostnames: &[&str],
+        rules: Vec<RouteRule>,
+    ) -> HttpRoute {
+        HttpRoute {
+            name: WorkloadRef::new("default", name),
+            kind: RouteKind::Http,
+            parents: vec![ParentRef {
+                service: WorkloadRef::new("default", "echo"),
+                port,
+            }],
+            hostnames: hostnames.iter().map(|h| (*h).to_owned()).collect(),
+            rules,
+        }
+    }
+
+    fn pick(
+        snapshot: &Snapshot,
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &HeaderMap,
+        host: Option<&str>,
+    ) -> Option<String> {
+        let table = RouteTable::build(snapshot);
+        let request = RequestView {
+            method,
+            path,
+            query: None,
+            headers,
+            host,
+        };
+        match table.select(
+            snapshot,
+            &WorkloadRef::new("default", "echo"),
+            port,
+            &request,
+        ) {
+            Routing::Rule(selected) => selected.rule.name.clone(),
+            Routing::NoMatch => Some("404".into()),
+            Routing::Unrouted => None,
+        }
+    }
+
+    #[test]
+    fn parent_ports_and_hostnames_limit_a_route() {
+        let snapshot = Snapshot {
+            routes: vec![
+                http_route("on-81", Some(81), &[], vec![rule("port-81", vec![])]),
+                http_route(
+                    "shop",
+                    None,
+                    &["shop.example", "*.shop.example"],
+                    vec![rule("shop", vec![])],
+                ),
+            ],
+            ..Snapshot::default()
+        };
+        let none = HeaderMap::new();
+        assert_eq!(
+            pick(&snapshot, 81, "GET", "/", &none, None).as_deref(),
+            Some("port-81")
+        );
+        assert_eq!(
+            pick(&snapshot, 80, "GET", "/", &none, Some("api.shop.example")).as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            pick(&snapshot, 80, "GET", "/", &none, Some("other")).as_deref(),
+            Some("404")
+        );
+        let unrouted = Snapshot {
+            routes: vec![http_route(
+                "on-81",
+                Some(81),
+                &[],
+                vec![rule("port-81", vec![])],
+            )],
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            pick(&unrouted, 80, "GET", "/", &none, None),
+            None,
+            "no route for port 80"
+        );
+    }
+
+    #[test]
+    fn method_then_headers_then_order_break_path_ties() {
+        let header = |name: &str| HeaderMatch {
+            name: name.into(),
+            value: ValueMatch::Exact("1".into()),
+        };
+        let at = |method: Option<&str>, headers: Vec<HeaderMatch>| RequestMatch {
+            path: Some(PathMatch::Prefix("/a".into())),
+            method: method.map(str::to_owned),
+            headers,
+            ..RequestMatch::default()
+        };
+        let snapshot = Snapshot {
+            routes: vec![http_route(
+                "r",
+                None,
+                &[],
+                vec![
+                    rule("first", vec![at(None, vec![])]),
+                    rule("second", vec![at(None, vec![])]),
+                    rule(
+                        "two-headers",
+                        vec![at(None, vec![header("x"), header("y")])],
+                    ),
+                    rule("method", vec![at(Some("PUT"), vec![header("x")])]),
+                ],
+            )],
+            ..Snapshot::default()
+        };
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            pick(&snapshot, 80, "GET", "/a", &headers, None).as_deref(),
+            Some("first")
+        );
+        headers.insert("x", "1".parse().unwrap());
+        headers.insert("y", "1".parse().unwrap());
+        assert_eq!(
+            pick(&snapshot, 80, "GET", "/a", &headers, None).as_deref(),
+            Some("two-headers")
+        );
+        assert_eq!(
+            pick(&snapshot, 80, "PUT", "/a", &headers, None).as_deref(),
+            Some("method")
+        );
+    }
 
     #[test]
     fn prefixes_match_whole_segments() {
