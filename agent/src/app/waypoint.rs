@@ -189,7 +189,7 @@ pub async fn run(
     let hbone_addr = listener
         .local_addr()
         .unwrap_or(settings.waypoint.listen_addr);
-    tokio::spawn(waypoint.clone().serve(listener, tls));
+    let serving = tokio::spawn(waypoint.clone().serve(listener, tls));
     ready.unblock("listening");
 
     let admin = bind(settings.admin.admin_addr).await?;
@@ -235,7 +235,15 @@ pub async fn run(
         () = shutdown.notified() => {}
         () = terminate() => {}
     }
-    info!(component = "waypoint", "shutting down");
+    // New connections stop; requests already in flight get a grace period to finish.
+    serving.abort();
+    let drained = context.waypoint.drained(DRAIN_TIMEOUT).await;
+    info!(
+        component = "waypoint",
+        drained,
+        in_flight = context.waypoint.in_flight(),
+        "shutting down"
+    );
     Ok(())
 }
 
@@ -315,6 +323,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, admin::Error> {
         .map_err(|source| admin::Error::Bind { addr, source })
 }
 
+/// How long in-flight requests may take to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the state file is checked for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Instant, SystemTime},
@@ -38,6 +38,25 @@ pub struct Exchange {
     pub trace: TraceContext,
     pub request_bytes: Arc<AtomicU64>,
     pub grpc: bool,
+    /// Counts the request in flight while it lives.
+    _in_flight: InFlight,
+}
+
+/// One request in `Inner::in_flight`, from its start until its exchange is finished or
+/// dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Exchange {
@@ -126,6 +145,7 @@ impl Exchange {
             trace,
             request_bytes: Arc::new(AtomicU64::new(0)),
             grpc,
+            _in_flight: InFlight::new(&inner.in_flight),
         }
     }
 

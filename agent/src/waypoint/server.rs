@@ -5,7 +5,10 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use hyper::service::service_fn;
@@ -40,6 +43,8 @@ pub(super) struct Inner {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub exporter: Option<Arc<dyn SpanExporter>>,
+    /// Requests whose response has not ended yet (drain waits for them).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 /// What one snapshot means for routing: the snapshot, its routes by service, its
@@ -104,6 +109,7 @@ impl Waypoint {
                 metrics,
                 access_log,
                 exporter,
+                in_flight: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -124,6 +130,23 @@ impl Waypoint {
             // Handshake failures are logged (with their reason) by `hbone::serve`.
             tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
         }
+    }
+
+    /// Requests being served now (until their response body ends).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no request is in flight, or `limit` passed; true when drained.
+    pub async fn drained(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.in_flight() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        true
     }
 
     /// The snapshot in force (with its routes), for `/config_dump`.
@@ -244,6 +267,7 @@ fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
 }
 
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {

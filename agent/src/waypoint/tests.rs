@@ -105,6 +105,7 @@ struct Harness {
     client_pool: Pool,
     /// The waypoint's own HBONE client pool (towards the backends).
     waypoint_pool: Pool,
+    waypoint: Waypoint,
     waypoint_id: SpiffeId,
     registry: Registry,
     log: Captured,
@@ -233,7 +234,7 @@ impl Harness {
         let tls = hbone::server_config(waypoint_certs, waypoint_id.clone()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let waypoint_addr = listener.local_addr().unwrap();
-        tokio::spawn(waypoint.serve(listener, tls));
+        tokio::spawn(waypoint.clone().serve(listener, tls));
 
         let client_certs = TestCerts::new(ca.bundle());
         client_certs.insert(ca.issue(&id("client")));
@@ -243,6 +244,7 @@ impl Harness {
             backends,
             client_pool: Pool::new(client_certs, PoolConfig::default()),
             waypoint_pool,
+            waypoint,
             waypoint_id,
             registry,
             log,

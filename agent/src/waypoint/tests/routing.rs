@@ -69,6 +69,12 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.backend(), "v2", "new requests take the new weights");
     }
+    assert_eq!(
+        h.waypoint.in_flight(),
+        20,
+        "the slow requests are in flight"
+    );
+    assert!(!h.waypoint.drained(Duration::from_millis(50)).await);
     let mut completed = 0;
     while let Some(reply) = slow.join_next().await {
         let reply = reply.unwrap();
@@ -77,6 +83,7 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
         completed += 1;
     }
     assert_eq!(completed, 20);
+    assert!(h.waypoint.drained(PATIENCE).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
