@@ -174,7 +174,18 @@ impl Exchange {
         record.bytes_sent = response_bytes;
         record.duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         record.response_flags = self.labels.response_flags;
-        self.inner.access_log.write_json(&self.record);
+        // `mesh.accessLog`, for the waypoint's own namespace (it is the reporter).
+        let namespace = &self.inner.config.name.namespace;
+        if self
+            .inner
+            .view()
+            .snapshot
+            .mesh
+            .access_log
+            .enabled_for(namespace)
+        {
+            self.inner.access_log.write_json(&self.record);
+        }
         if let Some(exporter) = &self.inner.exporter {
             let record = &self.record;
             let mut attributes = vec![

@@ -157,6 +157,11 @@ async fn request_metrics_equal_the_requests_sent() {
     }
     assert_eq!(h.requests_by_code(), BTreeMap::from([(200, 30), (404, 7)]));
     assert_eq!(h.access_log().len(), 37);
+    // The mesh's access-log switch holds for the waypoint's namespace too.
+    h.update(|s| s.mesh.access_log.enabled = false);
+    assert_eq!(h1.get("/ok").await.status, StatusCode::OK);
+    assert_eq!(h.access_log().len(), 37);
+    assert_eq!(h.requests_by_code()[&200], 31);
     let text = h.registry.encode().unwrap();
     let line = text
         .lines()
