@@ -28,7 +28,7 @@ use crate::{
     proxy::hbone,
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
-    state::WorkloadRef,
+    state::{StateHandle, WorkloadRef},
     telemetry::{self, AccessLog, Registry, metrics::CONTENT_TYPE, trace::SpanExporter},
     waypoint::{self, Waypoint},
 };
@@ -145,21 +145,14 @@ struct Context {
     shutdown: Arc<Notify>,
 }
 
-/// Runs the waypoint until a signal or `/quitquitquit`. `bound` learns the addresses once
-/// everything listens.
+/// Runs the waypoint on the state file (reloaded on change) until a signal or
+/// `/quitquitquit`. `bound` learns the addresses once everything listens.
 pub async fn run(
     settings: Settings,
     doc: FileDoc,
     exporter: Option<Arc<dyn SpanExporter>>,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), Error> {
-    let ready = Ready::default();
-    ready.block("listening", "HBONE listener not bound yet");
-    let certs = identity::start(&settings.identity)?.ok_or(Error::NoCa)?;
-    let own = settings.waypoint.identity.clone();
-    certs.set_wanted(BTreeSet::from([own.clone()]));
-    track_certificate_readiness(certs.clone(), ready.clone());
-
     // The first snapshot is the file read at start-up.
     let source_status = Arc::new(SourceStatus::new(source::Kind::File));
     source_status.accepted();
@@ -171,6 +164,34 @@ pub async fn run(
         state_tx,
         Arc::clone(&source_status),
     ));
+    serve(settings, state_rx, source_status, exporter, bound).await
+}
+
+/// Runs the waypoint on snapshots from any source (`state` holds the first one; the
+/// source keeps `source_status`), until a signal or `/quitquitquit`.
+pub async fn serve(
+    settings: Settings,
+    state_rx: StateHandle,
+    source_status: Arc<SourceStatus>,
+    exporter: Option<Arc<dyn SpanExporter>>,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), Error> {
+    let ready = Ready::default();
+    ready.block("listening", "HBONE listener not bound yet");
+    let certs = identity::start(&settings.identity)?.ok_or(Error::NoCa)?;
+    let own = settings.waypoint.identity.clone();
+    certs.set_wanted(BTreeSet::from([own.clone()]));
+    track_certificate_readiness(certs.clone(), ready.clone());
+    if source_status.view().generation == 0 {
+        // A source that has not delivered yet (Kubernetes before its caches synced).
+        ready.block("snapshot", "waiting for the first snapshot from the source");
+        let (mut first, ready) = (state_rx.clone(), ready.clone());
+        tokio::spawn(async move {
+            if first.changed().await.is_ok() {
+                ready.unblock("snapshot");
+            }
+        });
+    }
 
     let cert_source: Arc<dyn CertSource> = Arc::new(certs.clone());
     let pool = hbone::Pool::new(Arc::clone(&cert_source), hbone::PoolConfig::default());
