@@ -198,11 +198,15 @@ async fn forward(
     }
     .map_err(Into::into)
     .boxed_unsync();
-    let mut body = if retry_policy.is_some() || !plan.mirrors.is_empty() {
-        RequestBody::read(counted, inner.config.replay_buffer).await?
+    let limit = inner.config.replay_buffer;
+    let mut body = if plan.mirrors.is_empty() {
+        RequestBody::Streaming(Some(counted))
     } else {
-        RequestBody::Streaming(counted)
+        RequestBody::read(counted, limit).await?
     };
+    if retry_policy.is_some() {
+        body = body.recorded(limit);
+    }
     for mirror in &plan.mirrors {
         if fastrand::u32(0..1_000_000) < mirror.parts_per_million {
             send_mirror(tunnel, view, &template, &mirror.backend, &body);
@@ -308,8 +312,7 @@ impl Tries<'_> {
                 .destination_workload_namespace
                 .clone_from(&endpoint.workload.namespace);
             exchange.labels.destination_principal = endpoint.identity.to_string();
-            let (try_body, replayable) = body.take();
-            let request = self.template.build(&endpoint, try_body)?;
+            let request = self.template.build(&endpoint, body.take())?;
             let send = inner
                 .upstreams
                 .send(&endpoint, self.template.protocol, request);
@@ -319,7 +322,10 @@ impl Tries<'_> {
                     .unwrap_or(Err(Error::TryTimeout)),
                 None => send.await,
             };
-            let retry = self.retry.filter(|r| replayable && attempt < r.attempts);
+            // Known only now: a recorded body may have outgrown the replay limit.
+            let retry = self
+                .retry
+                .filter(|r| attempt < r.attempts && body.replayable());
             let r = match (result, retry) {
                 (Ok(response), Some(r)) if retry::retries_status(r, response.status().as_u16()) => {
                     debug!(component = "waypoint", upstream = %endpoint.addr, status = response.status().as_u16(), attempt, "retrying");

@@ -73,12 +73,40 @@ async fn retry_on_503_succeeds_against_a_backend_failing_every_other_request() {
         .find(|l| l.starts_with("weft_waypoint_request_retries_total{"))
         .unwrap();
     assert!(retries.ends_with(" 10"), "{retries}");
+    // A streamed body of unknown length (gRPC-style, HTTP/2) is retried too: the copy
+    // kept while the first try streamed is replayed.
+    let Client::H2(mut sender) = h.h2().await else {
+        unreachable!("h2 client")
+    };
+    for _ in 0..2 {
+        let (tx, rx) = mpsc::channel(4);
+        let request = Request::builder()
+            .method("POST")
+            .uri("http://echo.default/stream")
+            .body(ChannelBody(rx).boxed_unsync())
+            .unwrap();
+        let sent = tokio::spawn(async move {
+            for chunk in [&b"abc"[..], b"defg", b"hi"] {
+                tx.send(Frame::data(Bytes::from_static(chunk)))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, Bytes::from_static(b"flaky POST /stream 9"));
+        sent.await.unwrap();
+    }
+    assert_eq!(h.backend("flaky").count.load(Ordering::SeqCst), 24);
+    assert_eq!(h.access_log().last().unwrap()["retries"], 1);
     // A body too big to keep is streamed once and never retried.
     let big = Bytes::from(vec![b'y'; 100 * 1024]);
     let reply = client.call_with_body("POST", "/big", &[], big).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h.access_log().last().unwrap()["retries"], 0);
-    assert_eq!(h.backend("flaky").count.load(Ordering::SeqCst), 21);
+    assert_eq!(h.backend("flaky").count.load(Ordering::SeqCst), 25);
     assert_eq!(client.get("/even").await.status, StatusCode::OK);
     // Without a retry policy the client sees the 503.
     h.set_routes(vec![route(vec![rule(vec![], &[("flaky", 1)])])]);
