@@ -46,6 +46,12 @@ pub struct DeniedLabels {
     pub policy: String,
 }
 
+/// Labels of the failed-connections counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: &'static str,
+}
+
 /// Labels of the retries counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -62,6 +68,7 @@ pub struct Metrics {
     response_bytes: Family<HttpLabels, Histogram>,
     denied: Family<DeniedLabels, Counter>,
     retries: Family<RouteLabels, Counter>,
+    connection_errors: Family<ErrorLabels, Counter>,
 }
 
 /// One finished request as the metrics see it.
@@ -94,6 +101,7 @@ impl Metrics {
             }),
             denied: Family::default(),
             retries: Family::default(),
+            connection_errors: Family::default(),
         }
     }
 
@@ -120,6 +128,13 @@ impl Metrics {
                 })
                 .inc_by(u64::from(retries));
         }
+    }
+
+    /// A client's HTTP connection (inside a CONNECT) failed: it was reset.
+    pub fn connection_error(&self, reason: &'static str) {
+        self.connection_errors
+            .get_or_create(&ErrorLabels { reason })
+            .inc();
     }
 
     pub fn denied(&self, reason: &'static str, policy: String) {
@@ -171,6 +186,12 @@ impl Collector for Exposition {
             "Tries after the first, by route",
             None,
             m.retries.metric_type(),
+        )?)?;
+        m.connection_errors.encode(encoder.encode_descriptor(
+            "waypoint_connection_errors",
+            "Client HTTP connections that failed (protocol errors, resets), by reason",
+            None,
+            m.connection_errors.metric_type(),
         )?)?;
         Ok(())
     }

@@ -237,8 +237,9 @@ impl hbone::Tunnel for Tunnel {
             .serve_connection(TokioIo::new(stream), service)
             .await
         {
+            tunnel.inner.metrics.connection_error("downstream_http");
             debug!(component = "waypoint", src = %tunnel.source, src.identity = %tunnel.peer_identity,
-                error = %e, "client HTTP connection ended with an error");
+                reason = "downstream_http", error = %e, "client HTTP connection ended with an error");
         }
     }
 

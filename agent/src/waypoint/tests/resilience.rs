@@ -206,6 +206,16 @@ async fn unreachable_backends_and_garbage_clients_fail_cleanly() {
     let _ = timeout(PATIENCE, stream.read_to_end(&mut rest))
         .await
         .expect("closed");
+    // Counted as the connection ends (just after the stream closes).
+    let counted = "weft_waypoint_connection_errors_total{reason=\"downstream_http\"} 1";
+    let deadline = Instant::now() + PATIENCE;
+    while !h.registry.encode().unwrap().contains(counted) {
+        assert!(
+            Instant::now() < deadline,
+            "the failed connection was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     h.update(|s| {
         if let Some(echo) = s.services.get_mut(&svc(SERVICE)) {
             echo.endpoints = vec![h.backends["alive"].ip];
