@@ -89,6 +89,16 @@ struct BackendState {
     fail_every_other: AtomicBool,
     seen: Mutex<Vec<Seen>>,
     peers: Mutex<Vec<SpiffeId>>,
+    /// The HBONE connections it serves, to break them (a restart, as clients see it).
+    connections: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl BackendState {
+    fn drop_connections(&self) {
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -155,11 +165,19 @@ impl Harness {
                 fail_every_other: AtomicBool::new(false),
                 seen: Mutex::new(Vec::new()),
                 peers: Mutex::new(Vec::new()),
+                connections: Mutex::new(Vec::new()),
             });
             let handler = Arc::new(BackendHandler(Arc::clone(&state)));
+            let accepting = Arc::clone(&state);
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = listener.accept().await {
-                    tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
+                    let task =
+                        tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
+                    accepting
+                        .connections
+                        .lock()
+                        .unwrap()
+                        .push(task.abort_handle());
                 }
             });
             backends.insert((*name).to_owned(), state);

@@ -103,22 +103,51 @@ impl Upstreams {
         };
         match protocol {
             Protocol::Http2 => {
-                let mut sender = self.http2_sender(&key).await?;
-                let response = sender
-                    .send_request(request)
-                    .await
-                    .map_err(Error::Upstream)?;
+                let (mut sender, reused) = self.http2_sender(&key).await?;
+                let response = match sender.try_send_request(request).await {
+                    Ok(response) => response,
+                    Err(mut e) => match e.take_message() {
+                        // A pooled connection that closed before the request went out
+                        // (the backend went away while idle): once more on a new one.
+                        Some(request) if reused => {
+                            self.forget_http2(&key).await;
+                            let (mut sender, _) = self.http2_sender(&key).await?;
+                            sender
+                                .send_request(request)
+                                .await
+                                .map_err(Error::Upstream)?
+                        }
+                        _ => return Err(Error::Upstream(e.into_error())),
+                    },
+                };
                 Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
             }
             Protocol::Http1 => {
-                let mut sender = match self.idle_http1(&key) {
-                    Some(sender) => sender,
-                    None => self.dial_http1(&key).await?,
+                let (sender, response) = match self.idle_http1(&key) {
+                    Some(mut sender) => match sender.try_send_request(request).await {
+                        Ok(response) => (sender, response),
+                        Err(mut e) => match e.take_message() {
+                            // As above: an idle keep-alive connection the backend closed.
+                            Some(request) => {
+                                let mut sender = self.dial_http1(&key).await?;
+                                let response = sender
+                                    .send_request(request)
+                                    .await
+                                    .map_err(Error::Upstream)?;
+                                (sender, response)
+                            }
+                            None => return Err(Error::Upstream(e.into_error())),
+                        },
+                    },
+                    None => {
+                        let mut sender = self.dial_http1(&key).await?;
+                        let response = sender
+                            .send_request(request)
+                            .await
+                            .map_err(Error::Upstream)?;
+                        (sender, response)
+                    }
                 };
-                let response = sender
-                    .send_request(request)
-                    .await
-                    .map_err(Error::Upstream)?;
                 let pool = Arc::downgrade(&self.inner);
                 Ok(response.map(|body| {
                     KeepAlive {
@@ -159,12 +188,13 @@ impl Upstreams {
         Ok(sender)
     }
 
-    async fn http2_sender(&self, key: &Key) -> Result<http2::SendRequest<BoxBody>, Error> {
+    /// The multiplexed connection for `key`, and whether it was pooled already.
+    async fn http2_sender(&self, key: &Key) -> Result<(http2::SendRequest<BoxBody>, bool), Error> {
         let slot = Arc::clone(lock(&self.inner.http2).entry(key.clone()).or_default());
         let mut slot = slot.lock().await;
         if let Some(entry) = slot.as_mut().filter(|e| !e.sender.is_closed()) {
             entry.last_used = Instant::now();
-            return Ok(entry.sender.clone());
+            return Ok((entry.sender.clone(), true));
         }
         let stream = self.connect(key).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -182,7 +212,15 @@ impl Upstreams {
             sender: sender.clone(),
             last_used: Instant::now(),
         });
-        Ok(sender)
+        Ok((sender, false))
+    }
+
+    /// Drops the pooled connection of `key` (it failed).
+    async fn forget_http2(&self, key: &Key) {
+        let slot = lock(&self.inner.http2).get(key).map(Arc::clone);
+        if let Some(slot) = slot {
+            *slot.lock().await = None;
+        }
     }
 
     /// One HBONE stream to the endpoint's pod, as the waypoint's identity.

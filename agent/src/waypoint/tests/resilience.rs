@@ -260,3 +260,19 @@ async fn upstream_connections_are_reused_and_closed_once_idle() {
     assert_eq!(h1.get("/again").await.status, StatusCode::OK);
     assert_eq!(tunnels(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dropping_its_idle_connections_costs_no_request() {
+    let h = Harness::new(&["restarts"]).await;
+    for client in [h.h1().await, h.h2().await] {
+        for _ in 0..3 {
+            assert_eq!(client.get("/before").await.status, StatusCode::OK);
+            h.backend("restarts").drop_connections();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let reply = client.get("/after").await;
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        }
+    }
+    // Every request after a drop came over a new CONNECT (and a new TLS connection).
+    assert_eq!(h.backend("restarts").peers.lock().unwrap().len(), 8);
+}
