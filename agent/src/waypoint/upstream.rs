@@ -128,25 +128,11 @@ impl Upstreams {
                         Ok(response) => (sender, response),
                         Err(mut e) => match e.take_message() {
                             // As above: an idle keep-alive connection the backend closed.
-                            Some(request) => {
-                                let mut sender = self.dial_http1(&key).await?;
-                                let response = sender
-                                    .send_request(request)
-                                    .await
-                                    .map_err(Error::Upstream)?;
-                                (sender, response)
-                            }
+                            Some(request) => self.send_http1_fresh(&key, request).await?,
                             None => return Err(Error::Upstream(e.into_error())),
                         },
                     },
-                    None => {
-                        let mut sender = self.dial_http1(&key).await?;
-                        let response = sender
-                            .send_request(request)
-                            .await
-                            .map_err(Error::Upstream)?;
-                        (sender, response)
-                    }
+                    None => self.send_http1_fresh(&key, request).await?,
                 };
                 let pool = Arc::downgrade(&self.inner);
                 Ok(response.map(|body| {
@@ -160,6 +146,20 @@ impl Upstreams {
                 }))
             }
         }
+    }
+
+    /// Sends on a new HTTP/1.1 connection; the sender goes back to the pool with the body.
+    async fn send_http1_fresh(
+        &self,
+        key: &Key,
+        request: Request<BoxBody>,
+    ) -> Result<(http1::SendRequest<BoxBody>, Response<Incoming>), Error> {
+        let mut sender = self.dial_http1(key).await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(Error::Upstream)?;
+        Ok((sender, response))
     }
 
     fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<BoxBody>> {

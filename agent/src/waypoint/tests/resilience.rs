@@ -226,7 +226,7 @@ async fn unreachable_backends_and_garbage_clients_fail_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_and_closed_once_idle() {
-    let idle = Duration::from_millis(300);
+    let idle = Duration::from_secs(1);
     let h = Harness::with(&["pooled"], |config| config.upstream_idle_timeout = idle).await;
     let tunnels = || h.backend("pooled").peers.lock().unwrap().len();
     // HTTP/1.1: sequential requests share one keep-alive connection (one CONNECT).

@@ -55,7 +55,7 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
     let mut slow = JoinSet::new();
     for _ in 0..20 {
         let client = client.clone();
-        slow.spawn(async move { client.call("GET", "/slow", &[("x-delay-ms", "600")]).await });
+        slow.spawn(async move { client.call("GET", "/slow", &[("x-delay-ms", "1500")]).await });
     }
     // Every slow request has reached v1 before the weights change.
     let deadline = Instant::now() + PATIENCE;
@@ -64,17 +64,17 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     h.set_routes(vec![route(vec![rule(vec![], &[("v1", 0), ("v2", 100)])])]);
-    for _ in 0..50 {
-        let reply = client.get("/fast").await;
-        assert_eq!(reply.status, StatusCode::OK);
-        assert_eq!(reply.backend(), "v2", "new requests take the new weights");
-    }
     assert_eq!(
         h.waypoint.in_flight(),
         20,
         "the slow requests are in flight"
     );
     assert!(!h.waypoint.drained(Duration::from_millis(50)).await);
+    for _ in 0..50 {
+        let reply = client.get("/fast").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.backend(), "v2", "new requests take the new weights");
+    }
     let mut completed = 0;
     while let Some(reply) = slow.join_next().await {
         let reply = reply.unwrap();
