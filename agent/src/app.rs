@@ -5,6 +5,8 @@
 //! Shutting down detaches nothing: pinned maps and links keep enrolled pods steered to
 //! listeners that are gone, so they fail closed until the next agent re-adopts them.
 
+pub mod waypoint;
+
 use std::{
     sync::{Arc, Mutex, PoisonError},
     time::Duration,

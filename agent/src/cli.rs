@@ -1,4 +1,4 @@
-//! Command line: `weft agent`, `weft status`, `weft ca`, `weft cni`.
+//! Command line: `weft agent`, `weft waypoint`, `weft status`, `weft ca`, `weft cni`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -17,6 +17,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: eBPF data path, pod enrollment and the node proxy.
     Agent(AgentArgs),
+    /// Run a waypoint: the L7 proxy (HTTP routes, retries, L7 policy) of the services
+    /// bound to it with `weft.dev/use-waypoint`.
+    Waypoint(WaypointArgs),
     /// Show what the agent on this node is doing (enrolled pods, listeners, eBPF maps).
     Status(StatusArgs),
     /// Run the certificate authority (`--config ca.yaml`), or create its root (`init`).
@@ -113,6 +116,71 @@ pub struct AgentArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct WaypointArgs {
+    /// Local state file (services, workloads, policies, waypoints, routes; the agent's
+    /// format), reloaded on change.
+    #[arg(long, env = "WEFT_CONFIG", required_unless_present = "source")]
+    pub config: Option<PathBuf>,
+    /// Where services, workloads, policies and routes come from.
+    #[arg(long, env = "WEFT_SOURCE", value_enum)]
+    pub source: Option<source::Kind>,
+    /// The waypoint's name: services labelled `weft.dev/use-waypoint: <name>` in its
+    /// namespace are the ones it serves.
+    #[arg(long, env = "WEFT_WAYPOINT_NAME")]
+    pub name: String,
+    /// The waypoint's namespace.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The service account it runs as (its identity); default: the name.
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// HBONE listener.
+    #[arg(long, env = "WEFT_LISTEN_ADDR", default_value = "0.0.0.0:15008")]
+    pub listen_addr: SocketAddr,
+    /// Admin API (`/config_dump`, `/quitquitquit`); keep it on localhost.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// `GET /metrics`.
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// `GET /healthz/ready`.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// `weft ca` at `host:port` (with --ca-token-file and --ca-root-cert).
+    #[arg(long, env = "WEFT_CA_ADDR", requires_all = ["ca_token_file", "ca_root_cert"], conflicts_with = "ca_cert")]
+    pub ca_addr: Option<String>,
+    /// Bearer token for the CA, re-read on every request.
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE", requires = "ca_addr")]
+    pub ca_token_file: Option<PathBuf>,
+    /// The CA root (PEM) the CA server's certificate chains to.
+    #[arg(long, env = "WEFT_CA_ROOT_CERT", requires = "ca_addr")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// Name in the CA server's certificate; default: the host of --ca-addr.
+    #[arg(long, env = "WEFT_CA_SERVER_NAME", requires = "ca_addr")]
+    pub ca_server_name: Option<String>,
+    /// Run the CA in-process from this root certificate (with --ca-key).
+    #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The in-process CA's PKCS#8 key (with --ca-cert).
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// OTLP/HTTP collector (`http://host:port`) for request spans; no export without it.
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// First word of every metric name (`weft`, or `istio` for Istio's dashboards).
+    #[arg(long, env = "WEFT_METRICS_PREFIX", default_value = "weft", value_parser = parse_prefix)]
+    pub metrics_prefix: crate::telemetry::Prefix,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+fn parse_prefix(text: &str) -> Result<crate::telemetry::Prefix, String> {
+    crate::telemetry::Prefix::new(text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct CaArgs {
     #[command(subcommand)]
@@ -181,6 +249,30 @@ mod tests {
         let args = agent(&[]).unwrap();
         assert_eq!(args.source, source::Kind::File);
         assert_eq!(args.node_name, None);
+    }
+
+    fn waypoint(args: &[&str]) -> Result<WaypointArgs, clap::Error> {
+        let argv = ["weft", "waypoint", "--name", "wp"];
+        let cli = Cli::try_parse_from(argv.iter().chain(args))?;
+        match cli.command {
+            Command::Waypoint(args) => Ok(args),
+            _ => unreachable!("parsed the waypoint subcommand"),
+        }
+    }
+
+    #[test]
+    fn waypoint_flags_default_to_the_fixed_ports() {
+        let args = waypoint(&["--config", "/etc/weft/state.yaml"]).unwrap();
+        assert_eq!(args.listen_addr, "0.0.0.0:15008".parse().unwrap());
+        assert_eq!(args.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(args.metrics_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(args.readiness_addr, "0.0.0.0:15021".parse().unwrap());
+        assert_eq!(args.trust_domain, "cluster.local");
+        assert_eq!(args.metrics_prefix.as_str(), "weft");
+        assert!(waypoint(&[]).is_err(), "a state source is required");
+        assert!(waypoint(&["--source", "kubernetes"]).is_ok());
+        assert!(waypoint(&["--config", "x", "--ca-addr", "ca:15012"]).is_err());
+        assert!(waypoint(&["--config", "x", "--metrics-prefix", "Bad"]).is_err());
     }
 
     #[test]

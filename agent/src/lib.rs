@@ -20,6 +20,7 @@ pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod uninstall;
+pub mod waypoint;
 
 #[cfg(test)]
 mod test_util;

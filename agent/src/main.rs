@@ -8,7 +8,7 @@ use weft::{
     app,
     cli::{
         AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, CniCommand, CniDirs, CniInstallArgs,
-        Command, StatusArgs, UninstallArgs,
+        Command, StatusArgs, UninstallArgs, WaypointArgs,
     },
     cni,
     config::{self, Config, Overrides},
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => agent(args),
+        Command::Waypoint(args) => waypoint_command(&args),
         Command::Status(args) => status_command(&args),
         Command::Ca(args) => ca_command(args),
         Command::Uninstall(args) => uninstall_command(&args),
@@ -85,6 +86,26 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(app::run(config, doc, source))?;
+    Ok(())
+}
+
+fn waypoint_command(args: &WaypointArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    raise_open_file_limit();
+    let settings = app::waypoint::Settings::from_args(args)?;
+    let doc = source::file::load(&settings.config_path)?;
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        // The OTLP exporter is wired by the integrator (telemetry::otlp); until then the
+        // endpoint is parsed and spans are not exported.
+        tracing::warn!(component = "waypoint", endpoint = %endpoint, "span export is not wired in this build");
+    }
+    tracing::info!(component = "app", config = %serde_json::to_string(&settings).unwrap_or_default(), "starting weft waypoint");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-waypoint")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(app::waypoint::run(settings, doc, None, None))?;
     Ok(())
 }
 

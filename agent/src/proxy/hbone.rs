@@ -3,9 +3,10 @@
 //! A client proxy opens (or reuses, `pool`) one TLS connection per (source identity,
 //! destination identity, destination address) to the peer's port 15008, and sends one
 //! `CONNECT ip:port` stream per application connection. The server (`server`) checks the
-//! client's SPIFFE id, asks a `ConnectHandler` whether and where to connect, answers `200`
-//! only once the upstream is connected, then copies bytes. `tls` builds both rustls
-//! configurations and the SPIFFE verifiers. docs/hbone.md describes the wire format.
+//! client's SPIFFE id and asks a `StreamHandler` whether to accept: the node proxy's
+//! `ConnectHandler` connects the upstream, so `200` means it is reachable, then bytes are
+//! copied; the waypoint takes the stream itself and speaks HTTP on it. `tls` builds both
+//! rustls configurations and the SPIFFE verifiers. docs/hbone.md describes the wire format.
 //!
 //! Inputs: certificates and roots from a `CertSource` (at handshake time), sockets from the
 //! caller (created in the pod's namespace). Outputs: `HboneStream`s, served CONNECTs, and a
@@ -24,7 +25,10 @@ use rustls::{AlertDescription, CertificateError};
 
 pub use client::{ConnectRequest, HboneStream};
 pub use pool::{Key, Pool, PoolConfig, PoolStats};
-pub use server::{Accepted, ConnectHandler, InboundConnect, Refusal, Transfer, serve};
+pub use server::{
+    Accepted, ConnectHandler, InboundConnect, Refusal, ServerStream, StreamHandler, Transfer,
+    Tunnel, serve,
+};
 pub use tls::{client_config, server_config};
 
 use crate::identity::SpiffeId;

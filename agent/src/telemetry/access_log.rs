@@ -92,6 +92,12 @@ impl AccessLog {
     /// Writes one line. A failed write is dropped: the access log never holds up or fails
     /// a connection.
     pub fn write(&self, record: &AccessRecord) {
+        self.write_json(record);
+    }
+
+    /// Writes any record as one line (the waypoint's per-request records use this); it
+    /// should serialize `kind` first, like `AccessRecord`.
+    pub fn write_json<T: Serialize>(&self, record: &T) {
         let Ok(mut line) = serde_json::to_vec(record) else {
             return;
         };

@@ -1,18 +1,27 @@
 //! The server half: TLS accept on a pod's HBONE listener, the client's SPIFFE id from its
-//! certificate, HTTP/2, and per CONNECT stream a decision by the `ConnectHandler`: refuse
-//! with a status, or connect the upstream, answer `200` and copy bytes both ways.
+//! certificate, HTTP/2, and per CONNECT stream a decision by a `StreamHandler`: refuse with
+//! a status, or accept, answer `200` and hand the stream to the accepted `Tunnel`.
+//!
+//! The node proxy's `ConnectHandler` is one kind of `StreamHandler`: it connects a TCP
+//! upstream before the `200` and the tunnel copies bytes both ways. The waypoint's handler
+//! takes the stream itself (it speaks HTTP on it).
 
 use std::{
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, atomic::AtomicU64},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -70,6 +79,36 @@ pub trait Transfer: Send + 'static {
     }
 }
 
+/// Decides on each CONNECT; an accepted one becomes a `Tunnel` that gets the stream once
+/// the `200` is sent.
+pub trait StreamHandler: Send + Sync + 'static {
+    type Tunnel: Tunnel;
+
+    /// Accepts or refuses. The server answers `200` only after this returned `Ok`.
+    fn accept(
+        &self,
+        request: InboundConnect,
+    ) -> impl Future<Output = Result<Self::Tunnel, Refusal>> + Send;
+}
+
+/// An accepted CONNECT stream's work.
+pub trait Tunnel: Send + 'static {
+    /// Runs on the stream after the `200`, until the stream is done.
+    fn run(self, stream: ServerStream) -> impl Future<Output = ()> + Send;
+    /// The client went away before the `200` could be sent.
+    fn abandon(self, error: std::io::Error);
+}
+
+/// One accepted CONNECT stream on the server side, as bytes (`AsyncRead + AsyncWrite`).
+/// `shutdown()` half-closes; `abort()` resets the stream with CONNECT_ERROR.
+pub struct ServerStream(H2Stream);
+
+impl ServerStream {
+    pub fn abort(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Decides on each CONNECT (policy, which workload, connecting the upstream).
 pub trait ConnectHandler: Send + Sync + 'static {
     type Transfer: Transfer;
@@ -80,6 +119,68 @@ pub trait ConnectHandler: Send + Sync + 'static {
         &self,
         request: InboundConnect,
     ) -> impl Future<Output = Result<Accepted<Self::Transfer>, Refusal>> + Send;
+}
+
+impl<H: ConnectHandler> StreamHandler for H {
+    type Tunnel = Accepted<H::Transfer>;
+
+    fn accept(
+        &self,
+        request: InboundConnect,
+    ) -> impl Future<Output = Result<Self::Tunnel, Refusal>> + Send {
+        self.open(request)
+    }
+}
+
+impl<T: Transfer> Tunnel for Accepted<T> {
+    async fn run(self, mut stream: ServerStream) {
+        let Accepted {
+            mut upstream,
+            transfer,
+        } = self;
+        let result = copy::bidirectional_until(
+            &mut stream.0,
+            &mut upstream,
+            transfer.sent(),
+            transfer.received(),
+            transfer.stopped(),
+        )
+        .await;
+        transfer.finish(result);
+    }
+
+    fn abandon(self, error: std::io::Error) {
+        copy::reset(&self.upstream);
+        self.transfer.finish(Err(proxy::Error::Downstream(error)));
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 impl Refusal {
@@ -94,7 +195,7 @@ impl Refusal {
 
 /// Serves one HBONE connection until the client closes it. A refused handshake is logged
 /// with its reason and returned; streams run on their own tasks.
-pub async fn serve<H: ConnectHandler>(
+pub async fn serve<H: StreamHandler>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
@@ -171,7 +272,7 @@ struct Peer {
     local_addr: SocketAddr,
 }
 
-async fn stream_task<H: ConnectHandler>(
+async fn stream_task<H: StreamHandler>(
     handler: Arc<H>,
     peer: Arc<Peer>,
     request: Request<RecvStream>,
@@ -198,11 +299,8 @@ async fn stream_task<H: ConnectHandler>(
         target,
         headers: parts.headers,
     };
-    let Accepted {
-        mut upstream,
-        transfer,
-    } = match handler.open(inbound).await {
-        Ok(accepted) => accepted,
+    let tunnel = match handler.accept(inbound).await {
+        Ok(tunnel) => tunnel,
         Err(refusal) => {
             debug!(component = "hbone", src = %peer.addr, dst = %target, refusal = ?refusal, "CONNECT refused");
             reply(&mut respond, refusal.status());
@@ -213,21 +311,11 @@ async fn stream_task<H: ConnectHandler>(
         Ok(send) => send,
         Err(e) => {
             // The client went away while the upstream was being connected.
-            copy::reset(&upstream);
-            transfer.finish(Err(proxy::Error::Downstream(std::io::Error::other(e))));
+            tunnel.abandon(std::io::Error::other(e));
             return;
         }
     };
-    let mut stream = H2Stream::new(send, body);
-    let result = copy::bidirectional_until(
-        &mut stream,
-        &mut upstream,
-        transfer.sent(),
-        transfer.received(),
-        transfer.stopped(),
-    )
-    .await;
-    transfer.finish(result);
+    tunnel.run(ServerStream(H2Stream::new(send, body))).await;
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {

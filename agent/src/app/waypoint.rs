@@ -1,0 +1,488 @@
+//! Wiring of `weft waypoint`: the waypoint's certificate (the agent's certificate manager,
+//! with the in-process or remote CA), the state file and its reloads, the HBONE listener,
+//! and the admin (15000: `/config_dump`, `/healthz/ready`, `POST /quitquitquit`),
+//! metrics (15020: `/metrics`, `/healthz/ready`) and readiness (15021: `/healthz/ready`)
+//! servers on `http::serve`.
+//!
+//! Ready when the waypoint has its certificate, its first snapshot and its listener.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use serde::Serialize;
+use serde_json::json;
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+};
+use tracing::info;
+
+use super::{terminate, track_certificate_readiness};
+use crate::{
+    admin,
+    cli::WaypointArgs,
+    http,
+    identity::{self, CaSource, CertManager, CertSource, SpiffeId},
+    proxy::hbone,
+    readiness::Ready,
+    source::{self, SourceStatus, file::FileDoc},
+    state::{StateHandle, WorkloadRef},
+    telemetry::{self, AccessLog, Registry, metrics::CONTENT_TYPE, trace::SpanExporter},
+    waypoint::{self, Waypoint},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(
+        "a waypoint needs a CA: --ca-cert and --ca-key (in-process), or --ca-addr, --ca-token-file and --ca-root-cert"
+    )]
+    NoCa,
+    #[error(
+        "--source kubernetes is not wired into the waypoint yet; run it with --config <state file>"
+    )]
+    KubernetesUnsupported,
+    #[error("--config <state file> is required with the file source")]
+    NoConfig,
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    #[error(transparent)]
+    Hbone(#[from] hbone::Error),
+    #[error(transparent)]
+    Bind(#[from] admin::Error),
+}
+
+/// Everything `weft waypoint` runs with, from its flags.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    pub waypoint: waypoint::Config,
+    pub identity: identity::Config,
+    pub admin: admin::Config,
+    pub telemetry: telemetry::Config,
+    pub config_path: PathBuf,
+    #[serde(skip)]
+    pub reload_interval: Duration,
+    /// The OTLP collector; the caller builds the exporter from it.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Addresses actually bound (port 0 resolved).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub hbone: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+impl Settings {
+    pub fn from_args(args: &WaypointArgs) -> Result<Self, Error> {
+        if args.source == Some(source::Kind::Kubernetes) {
+            return Err(Error::KubernetesUnsupported);
+        }
+        let config_path = args.config.clone().ok_or(Error::NoConfig)?;
+        let service_account = args.service_account.as_deref().unwrap_or(&args.name);
+        let identity = SpiffeId::new(&args.trust_domain, &args.namespace, service_account)
+            .map_err(|e| Error::Invalid {
+                field: "--service-account",
+                reason: e.to_string(),
+            })?;
+        let ca = match (&args.ca_cert, &args.ca_key, &args.ca_addr) {
+            (Some(cert), Some(key), _) => CaSource::InProcess {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (_, _, Some(addr)) => CaSource::Remote {
+                addr: addr.clone(),
+                server_name: args.ca_server_name.clone().unwrap_or_else(|| {
+                    addr.rsplit_once(':')
+                        .map_or(addr.as_str(), |(host, _)| host)
+                        .to_owned()
+                }),
+                root_cert: args.ca_root_cert.clone().ok_or(Error::NoCa)?,
+                token_file: args.ca_token_file.clone().ok_or(Error::NoCa)?,
+            },
+            _ => return Err(Error::NoCa),
+        };
+        let mut waypoint =
+            waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
+        waypoint.listen_addr = args.listen_addr;
+        Ok(Self {
+            waypoint,
+            identity: identity::Config {
+                trust_domain: args.trust_domain.clone(),
+                cert_lifetime: identity::DEFAULT_CERT_LIFETIME,
+                ca,
+            },
+            admin: admin::Config {
+                admin_addr: args.admin_addr,
+                readiness_addr: args.readiness_addr,
+                metrics_addr: args.metrics_addr,
+            },
+            telemetry: telemetry::Config {
+                metrics_prefix: args.metrics_prefix.clone(),
+            },
+            config_path,
+            reload_interval: RELOAD_INTERVAL,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+        })
+    }
+}
+
+/// Everything the admin endpoints read.
+struct Context {
+    config: serde_json::Value,
+    ready: Ready,
+    waypoint: Waypoint,
+    source: Arc<SourceStatus>,
+    certs: CertManager,
+    pool: hbone::Pool,
+    registry: Registry,
+    shutdown: Arc<Notify>,
+}
+
+/// Runs the waypoint on the state file (reloaded on change) until a signal or
+/// `/quitquitquit`. `bound` learns the addresses once everything listens.
+pub async fn run(
+    settings: Settings,
+    doc: FileDoc,
+    exporter: Option<Arc<dyn SpanExporter>>,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), Error> {
+    // The first snapshot is the file read at start-up.
+    let source_status = Arc::new(SourceStatus::new(source::Kind::File));
+    source_status.accepted();
+    let (state_tx, state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    tokio::spawn(source::file::watch(
+        settings.config_path.clone(),
+        settings.reload_interval,
+        doc,
+        state_tx,
+        Arc::clone(&source_status),
+    ));
+    serve(settings, state_rx, source_status, exporter, bound).await
+}
+
+/// Runs the waypoint on snapshots from any source (`state` holds the first one; the
+/// source keeps `source_status`), until a signal or `/quitquitquit`.
+pub async fn serve(
+    settings: Settings,
+    state_rx: StateHandle,
+    source_status: Arc<SourceStatus>,
+    exporter: Option<Arc<dyn SpanExporter>>,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), Error> {
+    let ready = Ready::default();
+    ready.block("listening", "HBONE listener not bound yet");
+    let certs = identity::start(&settings.identity)?.ok_or(Error::NoCa)?;
+    let own = settings.waypoint.identity.clone();
+    certs.set_wanted(BTreeSet::from([own.clone()]));
+    track_certificate_readiness(certs.clone(), ready.clone());
+    if source_status.view().generation == 0 {
+        // A source that has not delivered yet (Kubernetes before its caches synced).
+        ready.block("snapshot", "waiting for the first snapshot from the source");
+        let (mut first, ready) = (state_rx.clone(), ready.clone());
+        tokio::spawn(async move {
+            if first.changed().await.is_ok() {
+                ready.unblock("snapshot");
+            }
+        });
+    }
+
+    let cert_source: Arc<dyn CertSource> = Arc::new(certs.clone());
+    let pool = hbone::Pool::new(Arc::clone(&cert_source), hbone::PoolConfig::default());
+    let mut registry = Registry::new(&settings.telemetry.metrics_prefix);
+    let metrics = waypoint::Metrics::new(&mut registry);
+    let waypoint = Waypoint::new(
+        settings.waypoint.clone(),
+        state_rx,
+        pool.clone(),
+        metrics,
+        AccessLog::stdout(),
+        exporter,
+    );
+    let tls = hbone::server_config(cert_source, own.clone())?;
+    let listener = bind(settings.waypoint.listen_addr).await?;
+    let hbone_addr = listener
+        .local_addr()
+        .unwrap_or(settings.waypoint.listen_addr);
+    let serving = tokio::spawn(waypoint.clone().serve(listener, tls));
+    ready.unblock("listening");
+
+    let admin = bind(settings.admin.admin_addr).await?;
+    let metrics_listener = bind(settings.admin.metrics_addr).await?;
+    let readiness = bind(settings.admin.readiness_addr).await?;
+    let addresses = Bound {
+        hbone: hbone_addr,
+        admin: admin.local_addr().unwrap_or(settings.admin.admin_addr),
+        metrics: metrics_listener
+            .local_addr()
+            .unwrap_or(settings.admin.metrics_addr),
+        readiness: readiness
+            .local_addr()
+            .unwrap_or(settings.admin.readiness_addr),
+    };
+    let shutdown = Arc::new(Notify::new());
+    let context = Arc::new(Context {
+        config: serde_json::to_value(&settings).unwrap_or_default(),
+        ready,
+        waypoint,
+        source: source_status,
+        certs,
+        pool,
+        registry,
+        shutdown: Arc::clone(&shutdown),
+    });
+    for (listener, endpoints) in [
+        (admin, Endpoints::Admin),
+        (metrics_listener, Endpoints::Metrics),
+        (readiness, Endpoints::Readiness),
+    ] {
+        let context = Arc::clone(&context);
+        tokio::spawn(http::serve(listener, "admin", move |req| {
+            route(&context, endpoints, req)
+        }));
+    }
+    info!(component = "waypoint", identity = %own, hbone = %addresses.hbone, admin = %addresses.admin,
+        metrics = %addresses.metrics, readiness = %addresses.readiness, "waypoint listening");
+    if let Some(bound) = bound {
+        let _ = bound.send(addresses);
+    }
+    tokio::select! {
+        () = shutdown.notified() => {}
+        () = terminate() => {}
+    }
+    // New connections stop; requests already in flight get a grace period to finish.
+    serving.abort();
+    let drained = context.waypoint.drained(DRAIN_TIMEOUT).await;
+    info!(
+        component = "waypoint",
+        drained,
+        in_flight = context.waypoint.in_flight(),
+        "shutting down"
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Endpoints {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+fn route(
+    context: &Context,
+    endpoints: Endpoints,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    match (endpoints, req.method(), req.uri().path()) {
+        (_, &Method::GET, "/healthz/ready") => {
+            if context.ready.is_ready() {
+                text(StatusCode::OK, "ready\n".to_owned())
+            } else {
+                let pending = serde_json::to_string(&context.ready.pending()).unwrap_or_default();
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {pending}\n"),
+                )
+            }
+        }
+        (Endpoints::Metrics, &Method::GET, "/metrics") => match context.registry.encode() {
+            Ok(body) => {
+                let mut response = text(StatusCode::OK, body);
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+                );
+                response
+            }
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding failed\n".into(),
+            ),
+        },
+        (Endpoints::Admin, &Method::GET, "/config_dump") => {
+            let dump = json!({
+                "config": context.config,
+                "source": context.source.view(),
+                "snapshot": &*context.waypoint.snapshot(),
+                "certificates": context.certs.status(),
+                "hbonePool": context.pool.stats(),
+            });
+            let mut response = text(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            );
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
+            context.shutdown.notify_one();
+            text(StatusCode::OK, "bye\n".into())
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, admin::Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| admin::Error::Bind { addr, source })
+}
+
+/// How long in-flight requests may take to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the state file is checked for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    async fn get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waypoint_gets_its_certificate_becomes_ready_and_dumps_its_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = identity::ca::init(dir.path(), "cluster.local").unwrap();
+        let state = dir.path().join("state.yaml");
+        std::fs::write(
+            &state,
+            "services:\n\
+             - {name: echo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], endpoints: [10.1.0.3], waypoint: wp}\n\
+             workloads:\n\
+             - {name: echo-1, ips: [10.1.0.3], node: node-b}\n\
+             waypoints:\n\
+             - {name: wp, ips: [127.0.0.1]}\n",
+        )
+        .unwrap();
+        let (cert, key, state) = (
+            ca.cert.display().to_string(),
+            ca.key.display().to_string(),
+            state.display().to_string(),
+        );
+        let argv = [
+            "weft",
+            "waypoint",
+            "--name",
+            "wp",
+            "--config",
+            &state,
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--readiness-addr",
+            "127.0.0.1:0",
+            "--ca-cert",
+            &cert,
+            "--ca-key",
+            &key,
+        ];
+        let Command::Waypoint(args) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!("parsed the waypoint subcommand")
+        };
+        let settings = Settings::from_args(&args).unwrap();
+        assert_eq!(
+            settings.waypoint.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/wp"
+        );
+        let doc = source::file::load(&settings.config_path).unwrap();
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(settings, doc, None, Some(bound_tx)));
+        let bound = bound_rx.await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = get(bound.readiness, "GET", "/healthz/ready").await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, dump) = get(bound.admin, "GET", "/config_dump").await;
+        assert_eq!(status, 200);
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        assert!(dump["snapshot"]["routes"].is_array(), "{dump}");
+        assert_eq!(dump["certificates"][0]["state"], "valid", "{dump}");
+        let (status, metrics) = get(bound.metrics, "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+        assert_eq!(get(bound.readiness, "GET", "/metrics").await.0, 404);
+        assert_eq!(get(bound.admin, "POST", "/quitquitquit").await.0, 200);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("run returns after /quitquitquit")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn kubernetes_source_and_missing_ca_are_refused_with_a_reason() {
+        let parse = |extra: &[&str]| {
+            let argv = ["weft", "waypoint", "--name", "wp"];
+            let Command::Waypoint(args) = Cli::try_parse_from(argv.iter().chain(extra))
+                .unwrap()
+                .command
+            else {
+                unreachable!("parsed the waypoint subcommand")
+            };
+            Settings::from_args(&args)
+        };
+        assert!(matches!(
+            parse(&["--source", "kubernetes"]),
+            Err(Error::KubernetesUnsupported)
+        ));
+        assert!(matches!(parse(&["--config", "s.yaml"]), Err(Error::NoCa)));
+        let remote = parse(&[
+            "--config",
+            "s.yaml",
+            "--ca-addr",
+            "weft-ca.weft:15012",
+            "--ca-token-file",
+            "/t",
+            "--ca-root-cert",
+            "/r",
+        ])
+        .unwrap();
+        match remote.identity.ca {
+            CaSource::Remote { server_name, .. } => assert_eq!(server_name, "weft-ca.weft"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

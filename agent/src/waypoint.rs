@@ -1,0 +1,170 @@
+//! The waypoint: an L7 proxy for the services bound to it (`weft.dev/use-waypoint`).
+//!
+//! It terminates HBONE (`proxy::hbone`'s server, presenting the waypoint's own identity),
+//! takes the CONNECT `:authority` as the original destination (a bound service's VIP:port,
+//! or the pod IP:port of one of its endpoints), and serves HTTP/1.1, HTTP/2 and gRPC on the
+//! tunnelled stream (`server`). Per request:
+//!
+//! 1. `route`: the Gateway API rule of the service's routes that the request matches
+//!    (precedence as the Gateway API orders it); no route at all: the service itself;
+//! 2. `filters`: redirect, header modifiers, URL rewrite, mirror;
+//! 3. `backend`: a weighted backend, then one of its endpoints at the target port;
+//! 4. L7 access policy (`policy::PolicyIndex`) for that endpoint, with the client's
+//!    identity and the request's method, path and headers;
+//! 5. `retry`: tries with per-try and request timeouts, retries with jittered backoff for
+//!    replayable requests;
+//! 6. `upstream`: pooled HTTP/1.1 or HTTP/2 client connections over HBONE to the endpoint's
+//!    port 15008, as the waypoint's identity;
+//! 7. `metrics` and `access_log`: Istio's HTTP metrics, one JSON line per request, a span
+//!    when an exporter is configured.
+//!
+//! Inputs: the snapshot (`state::StateHandle`), certificates (`identity::CertSource`).
+//! Outputs: served requests, metrics, access-log lines, spans.
+
+mod access_log;
+mod backend;
+mod filters;
+mod metrics;
+mod observe;
+mod request;
+mod retry;
+mod route;
+mod server;
+mod upstream;
+mod wire;
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Serialize;
+
+pub use metrics::Metrics;
+pub use route::RouteTable;
+pub use server::{Tunnel, Waypoint};
+
+use crate::{identity::SpiffeId, proxy::hbone, state::WorkloadRef};
+
+/// A request the waypoint could not forward, with a stable reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no route rule matches the request")]
+    NoRoute,
+    #[error("the route rule has no backend with a weight above 0")]
+    NoBackend,
+    #[error("service {0} is not in the snapshot")]
+    UnknownService(WorkloadRef),
+    #[error("service {service} has no port {port}")]
+    UnknownPort { service: WorkloadRef, port: u16 },
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(WorkloadRef),
+    #[error("endpoint {0} is not a known workload (its identity is unknown)")]
+    UnknownEndpoint(std::net::IpAddr),
+    #[error("denied by access policy ({reason})")]
+    PolicyDenied {
+        reason: &'static str,
+        policy: Option<WorkloadRef>,
+    },
+    #[error("cannot open an HBONE stream to the backend: {0}")]
+    Hbone(#[from] hbone::Error),
+    #[error("HTTP handshake with the backend failed: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("the backend failed the request: {0}")]
+    Upstream(#[source] hyper::Error),
+    #[error("the backend did not answer within the per-try timeout")]
+    TryTimeout,
+    #[error("the request did not complete within the route's request timeout")]
+    RequestTimeout,
+    #[error("cannot build the request to the backend: {0}")]
+    BadRequest(String),
+    #[error("reading the request body failed: {0}")]
+    Downstream(String),
+}
+
+impl Error {
+    /// Stable, snake_case reason: access-log `error`, metric-free detail.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::NoRoute => "no_route",
+            Error::NoBackend => "no_backend",
+            Error::UnknownService(_) => "unknown_service",
+            Error::UnknownPort { .. } => "unknown_port",
+            Error::NoEndpoints(_) => "no_endpoints",
+            Error::UnknownEndpoint(_) => "unknown_endpoint",
+            Error::PolicyDenied { .. } => "policy_denied",
+            Error::Hbone(e) => e.reason(),
+            Error::Handshake(_) => "upstream_handshake",
+            Error::Upstream(_) => "upstream_failed",
+            Error::TryTimeout => "try_timeout",
+            Error::RequestTimeout => "request_timeout",
+            Error::BadRequest(_) => "bad_request",
+            Error::Downstream(_) => "downstream",
+        }
+    }
+
+    /// Envoy-style `response_flags` of a request that failed with this error.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            Error::NoRoute => "NR",
+            Error::NoBackend | Error::UnknownService(_) | Error::UnknownPort { .. } => "NR",
+            Error::NoEndpoints(_) | Error::UnknownEndpoint(_) => "UH",
+            Error::PolicyDenied { .. } => "RBAC",
+            Error::Hbone(_) | Error::Handshake(_) => "UF",
+            Error::Upstream(_) => "UC",
+            Error::TryTimeout | Error::RequestTimeout => "UT",
+            Error::BadRequest(_) | Error::Downstream(_) => "DPE",
+        }
+    }
+
+    /// Whether another try may succeed (connection failures and per-try timeouts).
+    pub fn retriable(&self) -> bool {
+        matches!(
+            self,
+            Error::Hbone(_) | Error::Handshake(_) | Error::Upstream(_) | Error::TryTimeout
+        )
+    }
+}
+
+/// The waypoint's settings, fixed at start-up.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Namespace and name: services bound with `weft.dev/use-waypoint: <name>` in that
+    /// namespace are the ones served.
+    pub name: WorkloadRef,
+    /// The identity the waypoint proves, both ways.
+    pub identity: SpiffeId,
+    /// HBONE listener.
+    pub listen_addr: SocketAddr,
+    /// The backends' HBONE port (15008; tests use another).
+    pub upstream_port: u16,
+    /// Pooled HTTP connections to a backend idle this long are closed.
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+    /// Largest request body kept for retries and mirrors; bigger ones are streamed once.
+    pub replay_buffer: usize,
+}
+
+impl Config {
+    /// Defaults for everything but who the waypoint is.
+    pub fn new(name: WorkloadRef, identity: SpiffeId) -> Self {
+        Self {
+            name,
+            identity,
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], hbone::PORT)),
+            upstream_port: hbone::PORT,
+            upstream_idle_timeout: Duration::from_secs(90),
+            replay_buffer: 64 * 1024,
+        }
+    }
+}
+
+/// Serializes `Duration` as humantime text.
+mod humantime_serde {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,214 @@
+//! The waypoint's request metrics, named and labelled as Istio's standard HTTP metrics
+//! (`<prefix>_requests_total`, `<prefix>_request_duration_milliseconds`,
+//! `<prefix>_request_bytes`, `<prefix>_response_bytes`, reporter `waypoint`) plus
+//! `route_name`, and the requests L7 policy denied.
+
+use std::fmt;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+};
+
+use crate::telemetry::Registry;
+
+/// Istio's HTTP metric labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    /// The gRPC status (`-` for non-gRPC requests or when none came).
+    pub grpc_response_status: String,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+    /// `namespace/name` of the route, or empty.
+    pub route_name: String,
+}
+
+/// Labels of the denied-requests counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    pub reason: &'static str,
+    /// `namespace/name` of the DENY policy, or empty.
+    pub policy: String,
+}
+
+/// Labels of the failed-connections counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: &'static str,
+}
+
+/// Labels of the retries counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route_name: String,
+    pub destination_service: String,
+}
+
+/// The waypoint's metrics. Cheap to clone (the families are shared).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    requests: Family<HttpLabels, Counter>,
+    duration_ms: Family<HttpLabels, Histogram>,
+    request_bytes: Family<HttpLabels, Histogram>,
+    response_bytes: Family<HttpLabels, Histogram>,
+    denied: Family<DeniedLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    connection_errors: Family<ErrorLabels, Counter>,
+}
+
+/// One finished request as the metrics see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Observation {
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Metrics {
+    /// Metrics served by `registry` (under its prefix).
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self::unregistered();
+        registry.register_collector(Exposition(metrics.clone()));
+        metrics
+    }
+
+    fn unregistered() -> Self {
+        Self {
+            requests: Family::default(),
+            duration_ms: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS_MS.iter().copied())
+            }),
+            request_bytes: Family::new_with_constructor(|| {
+                Histogram::new(SIZE_BUCKETS.iter().copied())
+            }),
+            response_bytes: Family::new_with_constructor(|| {
+                Histogram::new(SIZE_BUCKETS.iter().copied())
+            }),
+            denied: Family::default(),
+            retries: Family::default(),
+            connection_errors: Family::default(),
+        }
+    }
+
+    pub fn request(&self, labels: &HttpLabels, seen: Observation) {
+        self.requests.get_or_create(labels).inc();
+        self.duration_ms
+            .get_or_create(labels)
+            .observe(seen.duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(seen.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(seen.response_bytes as f64);
+    }
+
+    /// Tries after the first of one request.
+    pub fn retried(&self, labels: &HttpLabels, retries: u32) {
+        if retries > 0 {
+            self.retries
+                .get_or_create(&RouteLabels {
+                    route_name: labels.route_name.clone(),
+                    destination_service: labels.destination_service.clone(),
+                })
+                .inc_by(u64::from(retries));
+        }
+    }
+
+    /// A client's HTTP connection (inside a CONNECT) failed: it was reset.
+    pub fn connection_error(&self, reason: &'static str) {
+        self.connection_errors
+            .get_or_create(&ErrorLabels { reason })
+            .inc();
+    }
+
+    pub fn denied(&self, reason: &'static str, policy: String) {
+        self.denied
+            .get_or_create(&DeniedLabels { reason, policy })
+            .inc();
+    }
+}
+
+/// Encodes the families at scrape time (the registry adds the prefix).
+#[derive(Debug)]
+struct Exposition(Metrics);
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let m = &self.0;
+        m.requests.encode(encoder.encode_descriptor(
+            "requests",
+            "Requests the waypoint answered",
+            None,
+            m.requests.metric_type(),
+        )?)?;
+        m.duration_ms.encode(encoder.encode_descriptor(
+            "request_duration_milliseconds",
+            "Request duration, arrival to the end of the response, milliseconds",
+            None,
+            m.duration_ms.metric_type(),
+        )?)?;
+        m.request_bytes.encode(encoder.encode_descriptor(
+            "request_bytes",
+            "Request body sizes, bytes",
+            None,
+            m.request_bytes.metric_type(),
+        )?)?;
+        m.response_bytes.encode(encoder.encode_descriptor(
+            "response_bytes",
+            "Response body sizes, bytes",
+            None,
+            m.response_bytes.metric_type(),
+        )?)?;
+        m.denied.encode(encoder.encode_descriptor(
+            "waypoint_denied_requests",
+            "Requests the waypoint's L7 access policy denied, by reason and policy",
+            None,
+            m.denied.metric_type(),
+        )?)?;
+        m.retries.encode(encoder.encode_descriptor(
+            "waypoint_request_retries",
+            "Tries after the first, by route",
+            None,
+            m.retries.metric_type(),
+        )?)?;
+        m.connection_errors.encode(encoder.encode_descriptor(
+            "waypoint_connection_errors",
+            "Client HTTP connections that failed (protocol errors, resets), by reason",
+            None,
+            m.connection_errors.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+impl Default for Metrics {
+    /// Metrics registered nowhere.
+    fn default() -> Self {
+        Self::unregistered()
+    }
+}
+
+/// Istio's duration buckets, milliseconds.
+const DURATION_BUCKETS_MS: [f64; 14] = [
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0,
+];
+
+/// Istio's size buckets, bytes (1 to 10^8 by powers of ten).
+const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];

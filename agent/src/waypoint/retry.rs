@@ -1,0 +1,259 @@
+//! Retries: which outcomes are retried, the backoff between tries (exponential from the
+//! rule's base, full jitter), and request bodies that can be sent more than once.
+//!
+//! A body of known small length is read whole first (a mirror needs a copy of it too).
+//! Any other body of a rule with retries streams to the first try while a copy is kept
+//! (`Tape`) up to the replay limit: a retry replays the copy and continues from the
+//! client, so nothing waits for the whole body (gRPC streams stay streams). A body that
+//! outgrew the limit is never retried.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::{
+    Error,
+    upstream::{BoxBody, BoxError},
+};
+use crate::state::route::Retry;
+
+/// A request body as the tries see it.
+pub enum RequestBody {
+    /// Read whole: every try (and a mirror) gets a copy.
+    Buffered(Replay),
+    /// Streamed to the tries, with a copy kept for the next one while it fits.
+    Recorded(Arc<Mutex<Tape>>),
+    /// Streamed through once (taken by the first try).
+    Streaming(Option<BoxBody>),
+}
+
+/// A buffered body with its trailers, cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+/// The client's body and what of it has been read so far.
+pub struct Tape {
+    source: BoxBody,
+    frames: Vec<Frame<Bytes>>,
+    bytes: usize,
+    limit: usize,
+    overflowed: bool,
+    ended: bool,
+    /// Bumped by every new reader; older readers (of abandoned tries) stop.
+    generation: u64,
+}
+
+/// One try's view of a `Tape`.
+struct TapeReader {
+    tape: Arc<Mutex<Tape>>,
+    generation: u64,
+    position: usize,
+}
+
+impl RequestBody {
+    /// Buffers `body` when it is known to end within `limit` bytes; streams it otherwise.
+    pub async fn read(body: BoxBody, limit: usize) -> Result<Self, Error> {
+        let hint = body.size_hint();
+        let small = body.is_end_stream()
+            || hint
+                .exact()
+                .is_some_and(|n| usize::try_from(n).is_ok_and(|n| n <= limit));
+        if !small {
+            return Ok(Self::Streaming(Some(body)));
+        }
+        let collected = body
+            .collect()
+            .await
+            .map_err(|e| Error::Downstream(e.to_string()))?;
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes();
+        Ok(Self::Buffered(Replay {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+        }))
+    }
+
+    /// A streamed body becomes one that keeps a copy of up to `limit` bytes for retries.
+    pub fn recorded(self, limit: usize) -> Self {
+        match self {
+            Self::Streaming(Some(source)) => Self::Recorded(Arc::new(Mutex::new(Tape {
+                source,
+                frames: Vec::new(),
+                bytes: 0,
+                limit,
+                overflowed: false,
+                ended: false,
+                generation: 0,
+            }))),
+            other => other,
+        }
+    }
+
+    /// The body of the next try.
+    pub fn take(&mut self) -> BoxBody {
+        match self {
+            Self::Buffered(replay) => replay.clone().boxed_unsync(),
+            Self::Recorded(tape) => {
+                let generation = {
+                    let mut tape = lock(tape);
+                    tape.generation += 1;
+                    tape.generation
+                };
+                TapeReader {
+                    tape: Arc::clone(tape),
+                    generation,
+                    position: 0,
+                }
+                .boxed_unsync()
+            }
+            // Only ever taken once: `replayable` is false after that.
+            Self::Streaming(body) => body
+                .take()
+                .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed_unsync()),
+        }
+    }
+
+    /// Whether another try can send the whole body again.
+    pub fn replayable(&self) -> bool {
+        match self {
+            Self::Buffered(_) => true,
+            Self::Recorded(tape) => !lock(tape).overflowed,
+            Self::Streaming(body) => body.is_some(),
+        }
+    }
+
+    /// A copy for a mirror, if the body was read whole.
+    pub fn copy(&self) -> Option<BoxBody> {
+        match self {
+            Self::Buffered(replay) => Some(replay.clone().boxed_unsync()),
+            Self::Recorded(_) | Self::Streaming(_) => None,
+        }
+    }
+}
+
+impl Body for TapeReader {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut tape = lock(&this.tape);
+        if tape.generation != this.generation {
+            return Poll::Ready(Some(Err("request body taken by a later try".into())));
+        }
+        if let Some(frame) = tape.frames.get(this.position) {
+            let copy = copy_frame(frame);
+            this.position += 1;
+            return Poll::Ready(Some(Ok(copy)));
+        }
+        if tape.ended {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut tape.source).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let size = frame.data_ref().map_or(0, Bytes::len);
+                if !tape.overflowed && tape.bytes + size <= tape.limit {
+                    tape.bytes += size;
+                    tape.frames.push(copy_frame(frame));
+                    this.position = tape.frames.len();
+                } else if !tape.overflowed {
+                    // Too big to keep: this try is the last one.
+                    tape.overflowed = true;
+                    tape.frames = Vec::new();
+                }
+            }
+            Poll::Ready(None) => tape.ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let tape = lock(&self.tape);
+        tape.ended && self.position >= tape.frames.len()
+    }
+}
+
+fn copy_frame(frame: &Frame<Bytes>) -> Frame<Bytes> {
+    match (frame.data_ref(), frame.trailers_ref()) {
+        (Some(data), _) => Frame::data(data.clone()),
+        (None, Some(trailers)) => Frame::trailers(trailers.clone()),
+        (None, None) => Frame::data(Bytes::new()),
+    }
+}
+
+fn lock(tape: &Mutex<Tape>) -> MutexGuard<'_, Tape> {
+    tape.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// Whether a response status is one the rule retries.
+pub fn retries_status(retry: &Retry, status: u16) -> bool {
+    retry.codes.contains(&status)
+}
+
+/// The pause before try `attempt + 1` (`attempt` counts from 0): uniformly random in
+/// `[0, base * 2^attempt]` (full jitter), capped at `MAX_BACKOFF`.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(MAX_BACKOFF);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+/// No pause between tries is longer than this.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_under_an_exponential_ceiling() {
+        let base = Duration::from_millis(10);
+        for attempt in 0..5 {
+            for _ in 0..100 {
+                assert!(backoff(base, attempt) <= base * 2u32.pow(attempt));
+            }
+        }
+        assert!(backoff(Duration::from_secs(5), 30) <= MAX_BACKOFF);
+    }
+}

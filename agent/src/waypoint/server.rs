@@ -1,0 +1,295 @@
+//! The HBONE side: which CONNECT targets the waypoint serves (a bound service's VIP:port,
+//! or the pod IP:port of one of its endpoints), and HTTP/1.1 or HTTP/2 (by preface) on
+//! each accepted stream, every request handed to `request::handle`.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use super::{Config, Metrics, RouteTable, request, upstream::Upstreams};
+use crate::{
+    identity::SpiffeId,
+    policy::PolicyIndex,
+    proxy::hbone,
+    state::{Snapshot, StateHandle, WorkloadRef},
+    telemetry::{AccessLog, trace::SpanExporter},
+};
+
+/// The waypoint: decides on CONNECTs and serves their requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Waypoint {
+    pub(super) inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub config: Config,
+    pub trust_domain: String,
+    state: StateHandle,
+    view: Mutex<Arc<View>>,
+    pub upstreams: Upstreams,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    pub exporter: Option<Arc<dyn SpanExporter>>,
+    /// Requests whose response has not ended yet (drain waits for them).
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// What one snapshot means for routing: the snapshot, its routes by service, its
+/// policies by workload.
+pub(super) struct View {
+    pub snapshot: Arc<Snapshot>,
+    pub routes: RouteTable,
+    pub policy: PolicyIndex,
+}
+
+/// The original destination of a CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    /// A bound service's VIP and port: routed.
+    Service { service: WorkloadRef, port: u16 },
+    /// One pod of a bound service, at a target port: that pod only, no routes.
+    Pod {
+        addr: SocketAddr,
+        service: WorkloadRef,
+    },
+}
+
+/// One accepted CONNECT stream: who sent it and where it was going.
+pub struct Tunnel {
+    pub(super) inner: Arc<Inner>,
+    pub(super) target: Target,
+    pub(super) peer_identity: SpiffeId,
+    /// The original client: `forwarded: for=`, else the peer proxy's address.
+    pub(super) source: SocketAddr,
+}
+
+impl Waypoint {
+    /// A waypoint following `state`; `pool` carries its requests to the backends (it must
+    /// hold the waypoint's certificate).
+    pub fn new(
+        config: Config,
+        state: StateHandle,
+        pool: hbone::Pool,
+        metrics: Metrics,
+        access_log: AccessLog,
+        exporter: Option<Arc<dyn SpanExporter>>,
+    ) -> Self {
+        let snapshot = Arc::clone(&state.borrow());
+        let view = View {
+            routes: RouteTable::build(&snapshot),
+            policy: PolicyIndex::build(&snapshot),
+            snapshot,
+        };
+        let upstreams = Upstreams::new(
+            pool,
+            config.identity.clone(),
+            config.upstream_port,
+            config.upstream_idle_timeout,
+        );
+        Self {
+            inner: Arc::new(Inner {
+                trust_domain: config.identity.trust_domain().to_owned(),
+                config,
+                state,
+                view: Mutex::new(Arc::new(view)),
+                upstreams,
+                metrics,
+                access_log,
+                exporter,
+                in_flight: Arc::new(AtomicUsize::new(0)),
+            }),
+        }
+    }
+
+    /// Serves HBONE on `listener` until the task is dropped: each connection on its own
+    /// task, an accept error logged and retried after a pause.
+    pub async fn serve(self, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let handler = Arc::new(self);
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    warn!(component = "waypoint", error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            };
+            // Handshake failures are logged (with their reason) by `hbone::serve`.
+            tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
+        }
+    }
+
+    /// Requests being served now (until their response body ends).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no request is in flight, or `limit` passed; true when drained.
+    pub async fn drained(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.in_flight() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        true
+    }
+
+    /// The snapshot in force (with its routes), for `/config_dump`.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.inner.view().snapshot)
+    }
+}
+
+impl Inner {
+    /// The view of the current snapshot, rebuilt when the snapshot changed: a new
+    /// snapshot applies to the next request.
+    pub fn view(&self) -> Arc<View> {
+        let snapshot = Arc::clone(&self.state.borrow());
+        let mut view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&view.snapshot, &snapshot) {
+            *view = Arc::new(View {
+                routes: RouteTable::build(&snapshot),
+                policy: view.policy.rebuild(&snapshot),
+                snapshot,
+            });
+        }
+        Arc::clone(&view)
+    }
+
+    /// The target a CONNECT names, if this waypoint serves it.
+    pub fn target(&self, snapshot: &Snapshot, addr: SocketAddr) -> Option<Target> {
+        let bound = |service: &crate::state::Service| {
+            service.name.namespace == self.config.name.namespace
+                && service.waypoint.as_deref() == Some(self.config.name.name.as_str())
+        };
+        if let Some((name, _)) = snapshot.services_by_vip(addr.ip()).find(|(_, service)| {
+            bound(service) && service.ports.iter().any(|p| p.port == addr.port())
+        }) {
+            return Some(Target::Service {
+                service: name.clone(),
+                port: addr.port(),
+            });
+        }
+        snapshot
+            .services
+            .values()
+            .find(|service| {
+                bound(service)
+                    && service.endpoints.contains(&addr.ip())
+                    && service.ports.iter().any(|p| p.target_port == addr.port())
+            })
+            .map(|service| Target::Pod {
+                addr,
+                service: service.name.clone(),
+            })
+    }
+}
+
+impl hbone::StreamHandler for Waypoint {
+    type Tunnel = Tunnel;
+
+    async fn accept(&self, request: hbone::InboundConnect) -> Result<Tunnel, hbone::Refusal> {
+        let view = self.inner.view();
+        let Some(target) = self.inner.target(&view.snapshot, request.target) else {
+            warn!(component = "waypoint", src = %request.peer_addr, src.identity = %request.peer_identity,
+                target = %request.target, "CONNECT refused: not a service (or pod) bound to this waypoint");
+            return Err(hbone::Refusal::NotServed);
+        };
+        let source =
+            forwarded_for(&request.headers).map_or(request.peer_addr, |ip| SocketAddr::new(ip, 0));
+        Ok(Tunnel {
+            inner: Arc::clone(&self.inner),
+            target,
+            peer_identity: request.peer_identity,
+            source,
+        })
+    }
+}
+
+impl hbone::Tunnel for Tunnel {
+    async fn run(self, stream: hbone::ServerStream) {
+        let tunnel = Arc::new(self);
+        let service = {
+            let tunnel = Arc::clone(&tunnel);
+            service_fn(move |req| {
+                let tunnel = Arc::clone(&tunnel);
+                async move { Ok::<_, Infallible>(request::handle(tunnel, req).await) }
+            })
+        };
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http2().adaptive_window(true);
+        if let Err(e) = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
+            tunnel.inner.metrics.connection_error("downstream_http");
+            debug!(component = "waypoint", src = %tunnel.source, src.identity = %tunnel.peer_identity,
+                reason = "downstream_http", error = %e, "client HTTP connection ended with an error");
+        }
+    }
+
+    fn abandon(self, error: std::io::Error) {
+        debug!(component = "waypoint", src = %self.source, error = %error, "client left before the CONNECT was answered");
+    }
+}
+
+/// The IP of `forwarded: for=<ip>` (RFC 7239; quoted, bracketed or with a port too).
+fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+    let value = headers.get(hbone::FORWARDED)?.to_str().ok()?;
+    let element = value.split(',').next()?;
+    let node = element.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        key.eq_ignore_ascii_case("for").then_some(value)
+    })?;
+    let node = node.trim_matches('"');
+    node.parse::<IpAddr>()
+        .ok()
+        .or_else(|| node.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            node.strip_prefix('[')
+                .and_then(|rest| rest.split(']').next())
+                .and_then(|ip| ip.parse().ok())
+        })
+}
+
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_takes_the_first_client_address() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("forwarded", "for=10.1.0.7".parse().unwrap());
+        assert_eq!(forwarded_for(&headers), Some("10.1.0.7".parse().unwrap()));
+        headers.insert(
+            "forwarded",
+            "for=\"[2001:db8::1]:4711\";proto=http, for=10.0.0.1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            forwarded_for(&headers),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        headers.insert("forwarded", "by=x".parse().unwrap());
+        assert_eq!(forwarded_for(&headers), None);
+    }
+}
