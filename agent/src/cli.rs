@@ -19,7 +19,7 @@ pub enum Command {
     Agent(AgentArgs),
     /// Run a waypoint: the L7 proxy (HTTP routes, retries, L7 policy) of the services
     /// bound to it with `weft.dev/use-waypoint`.
-    Waypoint(WaypointArgs),
+    Waypoint(Box<WaypointArgs>),
     /// Show what the agent on this node is doing (enrolled pods, listeners, eBPF maps).
     Status(StatusArgs),
     /// Run the certificate authority (`--config ca.yaml`), or create its root (`init`).
@@ -134,6 +134,10 @@ pub struct WaypointArgs {
     /// The service account it runs as (its identity); default: the name.
     #[arg(long, env = "WEFT_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
+    /// The node the waypoint pod runs on (the Downward API's `spec.nodeName`); with
+    /// `--source kubernetes` only.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
     /// HBONE listener.
     #[arg(long, env = "WEFT_LISTEN_ADDR", default_value = "0.0.0.0:15008")]
     pub listen_addr: SocketAddr,
@@ -255,7 +259,7 @@ mod tests {
         let argv = ["weft", "waypoint", "--name", "wp"];
         let cli = Cli::try_parse_from(argv.iter().chain(args))?;
         match cli.command {
-            Command::Waypoint(args) => Ok(args),
+            Command::Waypoint(args) => Ok(*args),
             _ => unreachable!("parsed the waypoint subcommand"),
         }
     }

@@ -93,19 +93,27 @@ fn waypoint_command(args: &WaypointArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     raise_open_file_limit();
     let settings = app::waypoint::Settings::from_args(args)?;
-    let doc = source::file::load(&settings.config_path)?;
-    if let Some(endpoint) = &settings.otlp_endpoint {
-        // The OTLP exporter is wired by the integrator (telemetry::otlp); until then the
-        // endpoint is parsed and spans are not exported.
-        tracing::warn!(component = "waypoint", endpoint = %endpoint, "span export is not wired in this build");
-    }
     tracing::info!(component = "app", config = %serde_json::to_string(&settings).unwrap_or_default(), "starting weft waypoint");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("weft-waypoint")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(app::waypoint::run(settings, doc, None, None))?;
+    match (settings.source, settings.config_path.clone()) {
+        (source::Kind::Kubernetes, settings_file) => {
+            // In the cluster an optional file carries the mesh settings only.
+            let mesh = match settings_file {
+                Some(path) => source::file::load_settings(&path)?.snapshot.mesh,
+                None => Default::default(),
+            };
+            runtime.block_on(app::waypoint::run_kubernetes(settings, mesh))?;
+        }
+        (source::Kind::File, Some(path)) => {
+            let doc = source::file::load(&path)?;
+            runtime.block_on(app::waypoint::run(settings, doc, None, None))?;
+        }
+        (source::Kind::File, None) => anyhow::bail!("--config <state file> is required"),
+    }
     Ok(())
 }
 

@@ -1146,6 +1146,10 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
                 json!({"fieldRef": {"fieldPath": "metadata.namespace"}}),
             ),
             (
+                "WEFT_NODE_NAME".to_string(),
+                json!({"fieldRef": {"fieldPath": "spec.nodeName"}}),
+            ),
+            (
                 "WEFT_TRUST_DOMAIN".to_string(),
                 agent["agent"]["trustDomain"].clone(),
             ),

@@ -28,8 +28,9 @@ use crate::{
     proxy::hbone,
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
+    state::{MeshSettings, Snapshot},
     state::{StateHandle, WorkloadRef},
-    telemetry::{self, AccessLog, Registry, metrics::CONTENT_TYPE, trace::SpanExporter},
+    telemetry::{self, AccessLog, Registry, metrics::CONTENT_TYPE, otlp, trace::SpanExporter},
     waypoint::{self, Waypoint},
 };
 
@@ -41,10 +42,10 @@ pub enum Error {
         "a waypoint needs a CA: --ca-cert and --ca-key (in-process), or --ca-addr, --ca-token-file and --ca-root-cert"
     )]
     NoCa,
-    #[error(
-        "--source kubernetes is not wired into the waypoint yet; run it with --config <state file>"
-    )]
-    KubernetesUnsupported,
+    #[error(transparent)]
+    Kubernetes(#[from] source::kube::Error),
+    #[error("invalid --otlp-endpoint: {0}")]
+    Otlp(#[from] telemetry::otlp::Error),
     #[error("--config <state file> is required with the file source")]
     NoConfig,
     #[error(transparent)]
@@ -63,7 +64,12 @@ pub struct Settings {
     pub identity: identity::Config,
     pub admin: admin::Config,
     pub telemetry: telemetry::Config,
-    pub config_path: PathBuf,
+    /// Where the snapshot comes from: the state file, or the Kubernetes API.
+    pub source: source::Kind,
+    /// The state file (file source).
+    pub config_path: Option<PathBuf>,
+    /// This pod's node (the Kubernetes source's "local pods"; a waypoint enrolls none).
+    pub node_name: String,
     #[serde(skip)]
     pub reload_interval: Duration,
     /// The OTLP collector; the caller builds the exporter from it.
@@ -81,10 +87,10 @@ pub struct Bound {
 
 impl Settings {
     pub fn from_args(args: &WaypointArgs) -> Result<Self, Error> {
-        if args.source == Some(source::Kind::Kubernetes) {
-            return Err(Error::KubernetesUnsupported);
+        let source = args.source.unwrap_or_default();
+        if source == source::Kind::File && args.config.is_none() {
+            return Err(Error::NoConfig);
         }
-        let config_path = args.config.clone().ok_or(Error::NoConfig)?;
         let service_account = args.service_account.as_deref().unwrap_or(&args.name);
         let identity = SpiffeId::new(&args.trust_domain, &args.namespace, service_account)
             .map_err(|e| Error::Invalid {
@@ -126,7 +132,9 @@ impl Settings {
             telemetry: telemetry::Config {
                 metrics_prefix: args.metrics_prefix.clone(),
             },
-            config_path,
+            source,
+            config_path: args.config.clone(),
+            node_name: args.node_name.clone().unwrap_or_default(),
             reload_interval: RELOAD_INTERVAL,
             otlp_endpoint: args.otlp_endpoint.clone(),
         })
@@ -157,26 +165,74 @@ pub async fn run(
     let source_status = Arc::new(SourceStatus::new(source::Kind::File));
     source_status.accepted();
     let (state_tx, state_rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    let path = settings.config_path.clone().ok_or(Error::NoConfig)?;
     tokio::spawn(source::file::watch(
-        settings.config_path.clone(),
+        path,
         settings.reload_interval,
         doc,
         state_tx,
         Arc::clone(&source_status),
     ));
-    serve(settings, state_rx, source_status, exporter, bound).await
+    serve(
+        settings,
+        state_rx,
+        source_status,
+        Ready::default(),
+        exporter,
+        bound,
+    )
+    .await
+}
+
+/// Runs the waypoint on the Kubernetes API (in-cluster credentials): the cluster's
+/// workloads, services, policies and waypoints, and the routes of the services bound to
+/// this waypoint, whose status it writes.
+pub async fn run_kubernetes(settings: Settings, mesh: MeshSettings) -> Result<(), Error> {
+    let client = source::kube::client().await?;
+    run_on_cluster(settings, client, mesh, None).await
+}
+
+/// `run_kubernetes` with a given API client (tests: a fake API server).
+pub async fn run_on_cluster(
+    settings: Settings,
+    client: kube::Client,
+    mesh: MeshSettings,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), Error> {
+    let source_status = Arc::new(SourceStatus::new(source::Kind::Kubernetes));
+    let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let ready = Ready::default();
+    let config = source::kube::Config {
+        routes_for: Some(settings.waypoint.name.clone()),
+        ..source::kube::Config::new(settings.node_name.clone())
+    };
+    info!(component = "kubernetes", waypoint = %settings.waypoint.name, "watching the Kubernetes API");
+    tokio::spawn(source::kube::run(
+        client,
+        config,
+        mesh,
+        state_tx,
+        source::kube::Report {
+            status: Arc::clone(&source_status),
+            health: Arc::new(source::kube::Health::default()),
+            ready: ready.clone(),
+        },
+    ));
+    serve(settings, state_rx, source_status, ready, None, bound).await
 }
 
 /// Runs the waypoint on snapshots from any source (`state` holds the first one; the
-/// source keeps `source_status`), until a signal or `/quitquitquit`.
+/// source keeps `source_status` and may hold conditions of `ready`), until a signal or
+/// `/quitquitquit`. Spans go to `exporter` if given, else to the OTLP collector of the
+/// settings, if any.
 pub async fn serve(
     settings: Settings,
     state_rx: StateHandle,
     source_status: Arc<SourceStatus>,
+    ready: Ready,
     exporter: Option<Arc<dyn SpanExporter>>,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), Error> {
-    let ready = Ready::default();
     ready.block("listening", "HBONE listener not bound yet");
     let certs = identity::start(&settings.identity)?.ok_or(Error::NoCa)?;
     let own = settings.waypoint.identity.clone();
@@ -197,6 +253,18 @@ pub async fn serve(
     let pool = hbone::Pool::new(Arc::clone(&cert_source), hbone::PoolConfig::default());
     let mut registry = Registry::new(&settings.telemetry.metrics_prefix);
     let metrics = waypoint::Metrics::new(&mut registry);
+    let exporter = match (exporter, &settings.otlp_endpoint) {
+        (Some(exporter), _) => Some(exporter),
+        (None, Some(endpoint)) => {
+            let mut config =
+                otlp::Config::new(endpoint.clone(), settings.waypoint.name.name.clone());
+            config.namespace = Some(settings.waypoint.name.namespace.clone());
+            let exporter = otlp::OtlpExporter::new(config, otlp::Metrics::new(&mut registry))?;
+            info!(component = "waypoint", endpoint = %endpoint, "exporting spans to the OTLP collector");
+            Some(Arc::new(exporter) as Arc<dyn SpanExporter>)
+        }
+        (None, None) => None,
+    };
     let waypoint = Waypoint::new(
         settings.waypoint.clone(),
         state_rx,
@@ -419,7 +487,7 @@ mod tests {
             settings.waypoint.identity.to_string(),
             "spiffe://cluster.local/ns/default/sa/wp"
         );
-        let doc = source::file::load(&settings.config_path).unwrap();
+        let doc = source::file::load(settings.config_path.as_ref().unwrap()).unwrap();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run(settings, doc, None, Some(bound_tx)));
         let bound = bound_rx.await.unwrap();
@@ -453,7 +521,7 @@ mod tests {
     }
 
     #[test]
-    fn kubernetes_source_and_missing_ca_are_refused_with_a_reason() {
+    fn the_sources_and_the_ca_are_checked_with_a_reason() {
         let parse = |extra: &[&str]| {
             let argv = ["weft", "waypoint", "--name", "wp"];
             let Command::Waypoint(args) = Cli::try_parse_from(argv.iter().chain(extra))
@@ -464,10 +532,24 @@ mod tests {
             };
             Settings::from_args(&args)
         };
+        assert!(matches!(parse(&[]), Err(Error::NoConfig)));
         assert!(matches!(
             parse(&["--source", "kubernetes"]),
-            Err(Error::KubernetesUnsupported)
+            Err(Error::NoCa)
         ));
+        let cluster = parse(&[
+            "--source",
+            "kubernetes",
+            "--ca-cert",
+            "/c",
+            "--ca-key",
+            "/k",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cluster.source, cluster.config_path),
+            (source::Kind::Kubernetes, None)
+        );
         assert!(matches!(parse(&["--config", "s.yaml"]), Err(Error::NoCa)));
         let remote = parse(&[
             "--config",
