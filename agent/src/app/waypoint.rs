@@ -532,7 +532,8 @@ mod tests {
             };
             Settings::from_args(&args)
         };
-        assert!(matches!(parse(&[]), Err(Error::NoConfig)));
+        let no_state = Cli::try_parse_from(["weft", "waypoint", "--name", "wp"]).unwrap_err();
+        assert!(no_state.to_string().contains("--config"), "{no_state}");
         assert!(matches!(
             parse(&["--source", "kubernetes"]),
             Err(Error::NoCa)
