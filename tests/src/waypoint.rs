@@ -130,6 +130,10 @@ impl TestWaypoint {
             .collect()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(TestProcess::pid)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

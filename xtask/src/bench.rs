@@ -8,6 +8,8 @@
 //! - node 1: `direct-c`/`direct-s` (not enrolled), `weft-c`/`weft-s` (enrolled); after the
 //!   data path, the policy rows on `weft-c` → `weft-s` (new connections with no policy and
 //!   with many, the time for a DENY to reach the data path);
+//!   A waypoint pod (`weft waypoint`) on node 1 carries the L7 scenario: `weft-c` calls a
+//!   service bound to it, routed by an HTTPRoute to `weft-s` (HTTP only);
 //! - node 2, joined to node 1: `xdirect-s` (not enrolled), `xweft-s` (enrolled);
 //! - node 3: the scale node, `scale_pods` enrolled pods (enrolment time, memory under
 //!   load, the control plane).
@@ -32,7 +34,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use weft_tests::{
-    TestAgent, TestNode, TestPod,
+    Service, TestAgent, TestNode, TestPod, TestWaypoint,
     bench::{self as harness, BenchServer, Stunnel},
 };
 
@@ -198,6 +200,9 @@ struct Scenario<'a> {
     baseline: Option<&'static str>,
     /// Processes whose CPU time is the cost of this path (agents, stunnels).
     cost_pids: Vec<u32>,
+    /// Through a waypoint: HTTP only (it parses requests), so the raw TCP workloads of
+    /// `to` do not apply.
+    http_only: bool,
 }
 
 fn measure(options: &Options) -> Result<()> {
@@ -262,6 +267,13 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
         .create()?;
     let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
     let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
+    let wp = node1
+        .pod("waypoint")
+        .service_account(WAYPOINT)
+        .enrolled(false)
+        .create()?;
+    let l7_vip = SocketAddr::from((L7_VIP, HTTP_PORT));
+    add_l7_services(&node1, &weft_s, &wp);
     let mtls = plain_if_no_ca(&[&node1, &node2]);
     node1.connect(&node2)?;
     let mut agent1 = node1.start_agent()?;
@@ -285,6 +297,7 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
         STUNNEL_HTTP_PORT,
         HTTP_PORT,
     )?;
+    let waypoint = TestWaypoint::start(&node1, &wp, WAYPOINT, json!([l7_route()]))?;
     let pid = |a: &TestAgent| a.pid().context("agent is not running");
     let (pid1, pid2) = (pid(&agent1)?, pid(&agent2)?);
     let stunnel_pids: Vec<u32> = [&tunnel.client, &tunnel.server]
@@ -301,6 +314,7 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
             http_to: direct_s.addr(HTTP_PORT).into(),
             baseline: None,
             cost_pids: vec![],
+            http_only: false,
         },
         Scenario {
             key: "weft-l4",
@@ -310,6 +324,7 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
             http_to: weft_s.addr(HTTP_PORT).into(),
             baseline: Some("direct"),
             cost_pids: vec![pid1],
+            http_only: false,
         },
         Scenario {
             key: "stunnel",
@@ -319,6 +334,7 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
             http_to: tunnel_http.entry(),
             baseline: Some("direct"),
             cost_pids: stunnel_pids,
+            http_only: false,
         },
         Scenario {
             key: "direct-x",
@@ -328,6 +344,7 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
             http_to: xdirect_s.addr(HTTP_PORT).into(),
             baseline: None,
             cost_pids: vec![],
+            http_only: false,
         },
         Scenario {
             key: "weft-l4-x",
@@ -337,6 +354,17 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
             http_to: xweft_s.addr(HTTP_PORT).into(),
             baseline: Some("direct-x"),
             cost_pids: vec![pid1, pid2],
+            http_only: false,
+        },
+        Scenario {
+            key: "weft-l7",
+            label: format!("weft L7 via a waypoint, same node ({transport})"),
+            client: &weft_c,
+            to: l7_vip,
+            http_to: l7_vip,
+            baseline: Some("weft-l4"),
+            cost_pids: vec![pid1, waypoint.pid().context("waypoint is not running")?],
+            http_only: true,
         },
     ];
     for s in &scenarios {
@@ -345,6 +373,17 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
 
     // Each path carries traffic before anything is timed: a broken path fails here, fast.
     for s in &scenarios {
+        if s.http_only {
+            http_rep(
+                &Plan {
+                    http_secs: 0.2,
+                    ..Plan::new(true)
+                },
+                s,
+                report,
+            );
+            continue;
+        }
         harness::client(
             s.client,
             &args(&[
@@ -368,7 +407,7 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
         for s in &scenarios {
             one_rep(plan, &node1, s, report);
         }
-        for s in &scenarios {
+        for s in scenarios.iter().filter(|s| !s.http_only) {
             let spin = harness::spinner(&node1)?;
             for &size in plan.rr_sizes {
                 rr(plan, s, size, true, report);
@@ -383,12 +422,49 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
     policies(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
     agent1.kill();
     agent2.kill();
-    drop((tunnel, tunnel_http, servers));
+    drop((waypoint, tunnel, tunnel_http, servers));
     Ok(())
+}
+
+/// The service the L7 scenario calls: `bench-l7`, bound to the waypoint, routed by an
+/// HTTPRoute to `bench-l7-backend`, whose endpoint is the weft server pod.
+fn add_l7_services(node: &TestNode, server: &TestPod, waypoint: &TestPod) {
+    for (name, vip, bound) in [
+        ("bench-l7", L7_VIP, Some(WAYPOINT.to_string())),
+        ("bench-l7-backend", L7_BACKEND_VIP, None),
+    ] {
+        node.add_service(Service {
+            name: name.into(),
+            namespace: "default".into(),
+            vips: vec![vip.into()],
+            ports: vec![(HTTP_PORT, HTTP_PORT)],
+            endpoints: vec![server.ip()],
+            waypoint: bound,
+        });
+    }
+    node.set_waypoints(json!([{
+        "name": WAYPOINT, "serviceAccount": WAYPOINT, "ips": [waypoint.ip().to_string()],
+    }]));
+}
+
+fn l7_route() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": { "name": "bench-l7", "namespace": "default" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "bench-l7", "port": HTTP_PORT }],
+            "rules": [{ "backendRefs": [{ "name": "bench-l7-backend", "port": HTTP_PORT }] }],
+        },
+    })
 }
 
 /// One repetition of every workload over one path (the spinner-less part).
 fn one_rep(plan: &Plan, _node: &TestNode, s: &Scenario<'_>, report: &mut Report) {
+    if s.http_only {
+        http_rep(plan, s, report);
+        return;
+    }
     for &streams in plan.streams {
         let cpu_before = cpu(&s.cost_pids);
         let result = harness::client(
@@ -466,6 +542,11 @@ fn one_rep(plan: &Plan, _node: &TestNode, s: &Scenario<'_>, report: &mut Report)
         }
         Err(e) => report.fail(s.key, "new connections", &e),
     }
+    http_rep(plan, s, report);
+}
+
+/// The open-loop HTTP/1.1 workload: latency at a fixed request rate.
+fn http_rep(plan: &Plan, s: &Scenario<'_>, report: &mut Report) {
     let result = harness::client(
         s.client,
         &args(&[
@@ -1249,6 +1330,9 @@ const SERVER_POLICIES: usize = 10;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const TIERS: [&str; 3] = ["web", "api", "db"];
 const HTTP_PORT: u16 = 7080;
+const WAYPOINT: &str = "waypoint";
+const L7_VIP: [u8; 4] = [10, 96, 0, 80];
+const L7_BACKEND_VIP: [u8; 4] = [10, 96, 0, 81];
 const STUNNEL_PORT: u16 = 7443;
 const STUNNEL_HTTP_PORT: u16 = 7444;
 /// A client gets its run time plus this much before the harness kills it.
