@@ -14,11 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 use weft_tests::{
-    ConnRecord, Service, TestAgent, TestNode, TestPod,
+    ConnRecord, Service, TestAgent, TestNode, TestPod, TestWaypoint,
     app::{self, Mode, SendReport, Server},
     bpf,
+    l7::{self, HttpLoad, HttpServe},
     wire::{Capture, TLS13, X25519MLKEM768},
 };
 
@@ -265,12 +266,140 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
             ));
         }
     }
+    println!("\n== 6. a 90/10 canary through a waypoint ==");
+    canary(&node1, &node2, &client, [&agent1, &agent2], &mut problems)?;
+
     // The agents' own logs help only when something went wrong.
     let failed = !problems.is_empty();
     agent1.show_log_on_drop(failed);
     agent2.show_log_on_drop(failed);
     drop((agent1, agent2));
     Ok(problems)
+}
+
+/// Section 6: `reviews` is bound to a waypoint (`weft waypoint`, in a pod of node 1 outside
+/// the mesh) whose HTTPRoute sends 90 % of requests to `reviews-v1` and 10 % to
+/// `reviews-v2`, both on node 2.
+fn canary(
+    node1: &TestNode,
+    node2: &TestNode,
+    client: &TestPod,
+    agents: [&TestAgent; 2],
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let wp = node1
+        .pod("waypoint")
+        .service_account("waypoint")
+        .enrolled(false)
+        .create()?;
+    let backend = |version: &str| {
+        node2
+            .pod(&format!("reviews-{version}"))
+            .service_account("reviews")
+            .label("app", "reviews")
+            .label("version", version)
+            .create()
+    };
+    let (v1, v2) = (backend("v1")?, backend("v2")?);
+    for node in [node1, node2] {
+        for (name, vip, endpoints, waypoint) in [
+            (
+                "reviews",
+                REVIEWS_VIP,
+                vec![v1.ip(), v2.ip()],
+                Some("waypoint"),
+            ),
+            (
+                "reviews-v1",
+                Ipv4Addr::new(10, 96, 0, 21),
+                vec![v1.ip()],
+                None,
+            ),
+            (
+                "reviews-v2",
+                Ipv4Addr::new(10, 96, 0, 22),
+                vec![v2.ip()],
+                None,
+            ),
+        ] {
+            node.add_service(Service {
+                name: name.into(),
+                namespace: "default".into(),
+                vips: vec![vip],
+                ports: vec![(VIP_PORT, APP_PORT)],
+                endpoints,
+                waypoint: waypoint.map(str::to_owned),
+            });
+        }
+        node.set_waypoints(json!([{
+            "name": "waypoint", "serviceAccount": "waypoint", "ips": [wp.ip().to_string()],
+        }]));
+    }
+    for (node, agent) in [node1, node2].into_iter().zip(agents) {
+        agent.reload_and_wait(node)?;
+    }
+    let _servers = [
+        l7::http_serve(&v1, &HttpServe::new(APP_PORT, "reviews-v1"))?,
+        l7::http_serve(&v2, &HttpServe::new(APP_PORT, "reviews-v2"))?,
+    ];
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": { "name": "reviews-canary", "namespace": "default" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "reviews", "port": VIP_PORT }],
+            "rules": [{ "backendRefs": [
+                { "name": "reviews-v1", "port": VIP_PORT, "weight": 90 },
+                { "name": "reviews-v2", "port": VIP_PORT, "weight": 10 },
+            ] }],
+        },
+    });
+    println!(
+        "Service default/reviews ({REVIEWS_VIP}:{VIP_PORT}) carries the label \
+         weft.dev/use-waypoint=waypoint.\nThe waypoint runs in pod `waypoint` ({}) on {}, \
+         outside the mesh, as spiffe://cluster.local/ns/default/sa/waypoint,\nwith this \
+         HTTPRoute (GAMMA: its parent is the Service):\n{}",
+        wp.ip(),
+        node1.node_name(),
+        serde_json::to_string_pretty(&route).unwrap_or_default()
+    );
+    let waypoint = TestWaypoint::start(node1, &wp, "waypoint", json!([route]))?;
+    let to = SocketAddr::from((REVIEWS_VIP, VIP_PORT));
+    let report = HttpLoad::new(to, CANARY_REQUESTS)
+        .concurrency(4)
+        .run(client)?;
+    let share = |name: &str| report.backend(name) as f64 * 100.0 / CANARY_REQUESTS as f64;
+    println!(
+        "`client` sent {CANARY_REQUESTS} HTTP requests to {to}: node 1's agent sent each \
+         connection over HBONE to the\nwaypoint, which split the requests: reviews-v1 {:.1} %, \
+         reviews-v2 {:.1} % ({} answered 200).",
+        share("reviews-v1"),
+        share("reviews-v2"),
+        report.status(200)
+    );
+    if report.status(200) != CANARY_REQUESTS || !(85.0..=95.0).contains(&share("reviews-v1")) {
+        problems.push(format!("the canary split is off: {report:?}"));
+    }
+    let counted = weft_tests::metrics::Scrape::parse(&waypoint.metrics()?).sum(
+        "weft_requests_total",
+        &[("destination_service_name", "reviews")],
+    );
+    println!(
+        "The waypoint counted {counted} requests in weft_requests_total (Istio's labels: \
+         source_principal, destination_workload, response_code, …),\nand wrote one JSON \
+         access-log line per request; the first:\n  {}",
+        waypoint
+            .access_log()
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    if counted != CANARY_REQUESTS as f64 {
+        problems.push(format!(
+            "the waypoint counted {counted} of {CANARY_REQUESTS} requests"
+        ));
+    }
+    Ok(())
 }
 
 /// The agents of the source node (client, batch) and the destination node (server, legacy).
@@ -576,4 +705,6 @@ fn explain(
 const APP_PORT: u16 = 8080;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_PORT: u16 = 80;
+const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const CANARY_REQUESTS: u64 = 1_000;
 const HBONE_PORT: u16 = 15008;
