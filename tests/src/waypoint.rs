@@ -28,6 +28,7 @@ pub struct TestWaypoint {
     netns: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
+    show_log_on_drop: bool,
 }
 
 impl TestWaypoint {
@@ -41,6 +42,7 @@ impl TestWaypoint {
             netns: pod.netns_path(),
             config_path: dir.join(format!("{}-waypoint.yaml", pod.name())),
             log_path: dir.join(format!("{}-waypoint.log", pod.name())),
+            show_log_on_drop: true,
         };
         waypoint.write_config(node, routes)?;
         let mut cmd = Command::new(weft_bin());
@@ -130,6 +132,12 @@ impl TestWaypoint {
             .collect()
     }
 
+    /// Whether the log's tail is printed when the waypoint is dropped (default: yes, as
+    /// libtest shows it for a failed test only; the demo and the bench print their own).
+    pub fn show_log_on_drop(&mut self, show: bool) {
+        self.show_log_on_drop = show;
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(TestProcess::pid)
     }
@@ -148,7 +156,9 @@ impl Drop for TestWaypoint {
         if let Some(mut p) = self.process.take() {
             p.signal_and_reap(libc::SIGTERM);
         }
-        print_log_tail(&self.log_path, "waypoint log");
+        if self.show_log_on_drop {
+            print_log_tail(&self.log_path, "waypoint log");
+        }
     }
 }
 

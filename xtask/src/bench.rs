@@ -297,7 +297,8 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
         STUNNEL_HTTP_PORT,
         HTTP_PORT,
     )?;
-    let waypoint = TestWaypoint::start(&node1, &wp, WAYPOINT, json!([l7_route()]))?;
+    let mut waypoint = TestWaypoint::start(&node1, &wp, WAYPOINT, json!([l7_route()]))?;
+    waypoint.show_log_on_drop(false);
     let pid = |a: &TestAgent| a.pid().context("agent is not running");
     let (pid1, pid2) = (pid(&agent1)?, pid(&agent2)?);
     let stunnel_pids: Vec<u32> = [&tunnel.client, &tunnel.server]

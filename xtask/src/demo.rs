@@ -363,7 +363,8 @@ fn canary(
         node1.node_name(),
         serde_json::to_string_pretty(&route).unwrap_or_default()
     );
-    let waypoint = TestWaypoint::start(node1, &wp, "waypoint", json!([route]))?;
+    let mut waypoint = TestWaypoint::start(node1, &wp, "waypoint", json!([route]))?;
+    let problems_before = problems.len();
     let to = SocketAddr::from((REVIEWS_VIP, VIP_PORT));
     let report = HttpLoad::new(to, CANARY_REQUESTS)
         .concurrency(4)
@@ -399,6 +400,8 @@ fn canary(
             "the waypoint counted {counted} of {CANARY_REQUESTS} requests"
         ));
     }
+    // Its log (one line per request) helps only when something went wrong.
+    waypoint.show_log_on_drop(problems.len() > problems_before);
     Ok(())
 }
 
