@@ -275,6 +275,26 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
     );
     let stored = api.object::<HttpRouteKind>("shop", "reviews").unwrap();
     assert_eq!(stored["status"]["parents"], patch["status"]["parents"]);
+    // Nothing the chart's waypoint ClusterRole does not allow: reads of these, and route
+    // status patches.
+    let readable = [
+        "/api/v1/namespaces",
+        "/api/v1/pods",
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/apis/weft.dev/v1alpha1/accesspolicies",
+        "/apis/weft.dev/v1alpha1/peerauthentications",
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+    ];
+    for request in api.requests() {
+        let allowed = match request.strip_prefix("PATCH ") {
+            Some(path) => path.ends_with("/status") && path.contains("routes/"),
+            None => readable.contains(&request.split('?').next().unwrap_or_default()),
+        };
+        assert!(allowed, "{request} is not in the waypoint's RBAC");
+    }
+    assert_eq!(api.create_requests(), 0, "{:#?}", api.created());
 
     quit(bound.admin, task).await;
 }
