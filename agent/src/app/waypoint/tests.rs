@@ -188,22 +188,26 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
     let bound = bound_rx.await.unwrap();
 
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while config_dump(bound.admin).await["certificates"][0]["state"] != "valid" {
-        assert!(tokio::time::Instant::now() < deadline, "no certificate");
+    let (status, pending) = loop {
+        let (status, pending) = get(bound.readiness, "GET", "/healthz/ready").await;
+        if !pending.contains("certificates") {
+            break (status, pending);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{pending}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (status, pending) = get(bound.readiness, "GET", "/healthz/ready").await;
+    };
     assert_eq!(status, 503, "{pending}");
     assert!(
         pending.contains("snapshot") && pending.contains("kubernetes"),
         "{pending}"
     );
-    assert!(!pending.contains("certificates"), "{pending}");
     assert_eq!(config_dump(bound.admin).await["source"]["generation"], 0);
 
     api.set_down(false);
     until_ready(bound.readiness).await;
     let dump = config_dump(bound.admin).await;
+    assert_eq!(dump["certificates"][0]["state"], "valid", "{dump:#}");
+    assert_ne!(dump["source"]["generation"], 0, "{dump:#}");
     let snapshot = &dump["snapshot"];
     let routes = snapshot["routes"].as_array().unwrap();
     assert_eq!(routes.len(), 1, "{snapshot:#}");
