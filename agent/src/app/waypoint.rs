@@ -176,7 +176,7 @@ pub async fn run(
     serve(
         settings,
         state_rx,
-        source_status,
+        (source_status, None),
         Ready::default(),
         exporter,
         bound,
@@ -202,6 +202,7 @@ pub async fn run_on_cluster(
     let source_status = Arc::new(SourceStatus::new(source::Kind::Kubernetes));
     let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
     let ready = Ready::default();
+    let health = Arc::new(source::kube::Health::default());
     let config = source::kube::Config {
         routes_for: Some(settings.waypoint.name.clone()),
         ..source::kube::Config::new(settings.node_name.clone())
@@ -214,21 +215,31 @@ pub async fn run_on_cluster(
         state_tx,
         source::kube::Report {
             status: Arc::clone(&source_status),
-            health: Arc::new(source::kube::Health::default()),
+            health: Arc::clone(&health),
             ready: ready.clone(),
         },
     ));
-    serve(settings, state_rx, source_status, ready, None, bound).await
+    // The watches' health on /metrics, as the agent has it.
+    let metrics = source::kube::Metrics::new(health);
+    serve(
+        settings,
+        state_rx,
+        (source_status, Some(metrics)),
+        ready,
+        None,
+        bound,
+    )
+    .await
 }
 
 /// Runs the waypoint on snapshots from any source (`state` holds the first one; the
-/// source keeps `source_status` and may hold conditions of `ready`), until a signal or
-/// `/quitquitquit`. Spans go to `exporter` if given, else to the OTLP collector of the
+/// source keeps `source_status`, may export its own metrics and may hold conditions of
+/// `ready`), until a signal or `/quitquitquit`. Spans go to `exporter` if given, else to the OTLP collector of the
 /// settings, if any.
 pub async fn serve(
     settings: Settings,
     state_rx: StateHandle,
-    source_status: Arc<SourceStatus>,
+    (source_status, source_metrics): (Arc<SourceStatus>, Option<source::kube::Metrics>),
     ready: Ready,
     exporter: Option<Arc<dyn SpanExporter>>,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
@@ -252,6 +263,9 @@ pub async fn serve(
     let cert_source: Arc<dyn CertSource> = Arc::new(certs.clone());
     let pool = hbone::Pool::new(Arc::clone(&cert_source), hbone::PoolConfig::default());
     let mut registry = Registry::new(&settings.telemetry.metrics_prefix);
+    if let Some(source_metrics) = source_metrics {
+        registry.register_collector(source_metrics);
+    }
     let metrics = waypoint::Metrics::new(&mut registry);
     let exporter = match (exporter, &settings.otlp_endpoint) {
         (Some(exporter), _) => Some(exporter),

@@ -238,6 +238,15 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
         json!({"name": "shop/waypoint", "serviceAccount": "waypoint", "addresses": ["10.1.0.5"]})
     );
     assert_eq!(snapshot["services"]["shop/reviews"]["waypoint"], "waypoint");
+    let (_, metrics) = get(bound.metrics, "GET", "/metrics").await;
+    assert!(
+        metrics.contains("weft_kubernetes_objects{kind=\"http_route\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weft_kubernetes_watch_stale{kind=\"service\"} 0"),
+        "{metrics}"
+    );
     // The backends' pods, on other nodes, with the identities the waypoint will require.
     let v2 = &snapshot["workloads"]["shop/reviews-v2-0"];
     assert_eq!(v2["service_account"], "reviews-v2", "{snapshot:#}");
