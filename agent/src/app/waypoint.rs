@@ -176,7 +176,7 @@ pub async fn run(
     serve(
         settings,
         state_rx,
-        source_status,
+        (source_status, None),
         Ready::default(),
         exporter,
         bound,
@@ -202,6 +202,7 @@ pub async fn run_on_cluster(
     let source_status = Arc::new(SourceStatus::new(source::Kind::Kubernetes));
     let (state_tx, state_rx) = watch::channel(Arc::new(Snapshot::default()));
     let ready = Ready::default();
+    let health = Arc::new(source::kube::Health::default());
     let config = source::kube::Config {
         routes_for: Some(settings.waypoint.name.clone()),
         ..source::kube::Config::new(settings.node_name.clone())
@@ -214,21 +215,31 @@ pub async fn run_on_cluster(
         state_tx,
         source::kube::Report {
             status: Arc::clone(&source_status),
-            health: Arc::new(source::kube::Health::default()),
+            health: Arc::clone(&health),
             ready: ready.clone(),
         },
     ));
-    serve(settings, state_rx, source_status, ready, None, bound).await
+    // The watches' health on /metrics, as the agent has it.
+    let metrics = source::kube::Metrics::new(health);
+    serve(
+        settings,
+        state_rx,
+        (source_status, Some(metrics)),
+        ready,
+        None,
+        bound,
+    )
+    .await
 }
 
 /// Runs the waypoint on snapshots from any source (`state` holds the first one; the
-/// source keeps `source_status` and may hold conditions of `ready`), until a signal or
-/// `/quitquitquit`. Spans go to `exporter` if given, else to the OTLP collector of the
+/// source keeps `source_status`, may export its own metrics and may hold conditions of
+/// `ready`), until a signal or `/quitquitquit`. Spans go to `exporter` if given, else to the OTLP collector of the
 /// settings, if any.
 pub async fn serve(
     settings: Settings,
     state_rx: StateHandle,
-    source_status: Arc<SourceStatus>,
+    (source_status, source_metrics): (Arc<SourceStatus>, Option<source::kube::Metrics>),
     ready: Ready,
     exporter: Option<Arc<dyn SpanExporter>>,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
@@ -252,6 +263,9 @@ pub async fn serve(
     let cert_source: Arc<dyn CertSource> = Arc::new(certs.clone());
     let pool = hbone::Pool::new(Arc::clone(&cert_source), hbone::PoolConfig::default());
     let mut registry = Registry::new(&settings.telemetry.metrics_prefix);
+    if let Some(source_metrics) = source_metrics {
+        registry.register_collector(source_metrics);
+    }
     let metrics = waypoint::Metrics::new(&mut registry);
     let exporter = match (exporter, &settings.otlp_endpoint) {
         (Some(exporter), _) => Some(exporter),
@@ -418,154 +432,4 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use super::*;
-    use crate::cli::{Cli, Command};
-
-    async fn get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        let status = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn waypoint_gets_its_certificate_becomes_ready_and_dumps_its_routes() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = identity::ca::init(dir.path(), "cluster.local").unwrap();
-        let state = dir.path().join("state.yaml");
-        std::fs::write(
-            &state,
-            "services:\n\
-             - {name: echo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], endpoints: [10.1.0.3], waypoint: wp}\n\
-             workloads:\n\
-             - {name: echo-1, ips: [10.1.0.3], node: node-b}\n\
-             waypoints:\n\
-             - {name: wp, ips: [127.0.0.1]}\n",
-        )
-        .unwrap();
-        let (cert, key, state) = (
-            ca.cert.display().to_string(),
-            ca.key.display().to_string(),
-            state.display().to_string(),
-        );
-        let argv = [
-            "weft",
-            "waypoint",
-            "--name",
-            "wp",
-            "--config",
-            &state,
-            "--listen-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--readiness-addr",
-            "127.0.0.1:0",
-            "--ca-cert",
-            &cert,
-            "--ca-key",
-            &key,
-        ];
-        let Command::Waypoint(args) = Cli::try_parse_from(argv).unwrap().command else {
-            unreachable!("parsed the waypoint subcommand")
-        };
-        let settings = Settings::from_args(&args).unwrap();
-        assert_eq!(
-            settings.waypoint.identity.to_string(),
-            "spiffe://cluster.local/ns/default/sa/wp"
-        );
-        let doc = source::file::load(settings.config_path.as_ref().unwrap()).unwrap();
-        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run(settings, doc, None, Some(bound_tx)));
-        let bound = bound_rx.await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, body) = get(bound.readiness, "GET", "/healthz/ready").await;
-            if status == 200 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never ready: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let (status, dump) = get(bound.admin, "GET", "/config_dump").await;
-        assert_eq!(status, 200);
-        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
-        assert!(dump["snapshot"]["routes"].is_array(), "{dump}");
-        assert_eq!(dump["certificates"][0]["state"], "valid", "{dump}");
-        let (status, metrics) = get(bound.metrics, "GET", "/metrics").await;
-        assert_eq!(status, 200);
-        assert!(metrics.ends_with("# EOF\n"), "{metrics}");
-        assert_eq!(get(bound.readiness, "GET", "/metrics").await.0, 404);
-        assert_eq!(get(bound.admin, "POST", "/quitquitquit").await.0, 200);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("run returns after /quitquitquit")
-            .unwrap()
-            .unwrap();
-    }
-
-    #[test]
-    fn the_sources_and_the_ca_are_checked_with_a_reason() {
-        let parse = |extra: &[&str]| {
-            let argv = ["weft", "waypoint", "--name", "wp"];
-            let Command::Waypoint(args) = Cli::try_parse_from(argv.iter().chain(extra))
-                .unwrap()
-                .command
-            else {
-                unreachable!("parsed the waypoint subcommand")
-            };
-            Settings::from_args(&args)
-        };
-        let no_state = Cli::try_parse_from(["weft", "waypoint", "--name", "wp"]).unwrap_err();
-        assert!(no_state.to_string().contains("--config"), "{no_state}");
-        assert!(matches!(
-            parse(&["--source", "kubernetes"]),
-            Err(Error::NoCa)
-        ));
-        let cluster = parse(&[
-            "--source",
-            "kubernetes",
-            "--ca-cert",
-            "/c",
-            "--ca-key",
-            "/k",
-        ])
-        .unwrap();
-        assert_eq!(
-            (cluster.source, cluster.config_path),
-            (source::Kind::Kubernetes, None)
-        );
-        assert!(matches!(parse(&["--config", "s.yaml"]), Err(Error::NoCa)));
-        let remote = parse(&[
-            "--config",
-            "s.yaml",
-            "--ca-addr",
-            "weft-ca.weft:15012",
-            "--ca-token-file",
-            "/t",
-            "--ca-root-cert",
-            "/r",
-        ])
-        .unwrap();
-        match remote.identity.ca {
-            CaSource::Remote { server_name, .. } => assert_eq!(server_name, "weft-ca.weft"),
-            other => panic!("{other:?}"),
-        }
-    }
-}
+mod tests;

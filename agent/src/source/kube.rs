@@ -14,7 +14,7 @@
 //! - weft's own agent pods (by the chart's labels, `Config::agent_selector`): which nodes
 //!   host an agent. Pods of mesh namespaces on other nodes (virtual or serverless nodes that
 //!   run no DaemonSet) run outside the mesh; `unmeshed` counts them and reports each one with
-//!   an Event on the pod.
+//!   an Event on the pod (node agents only, not a waypoint).
 //!
 //! - Waypoints: Services labelled `weft.dev/role: waypoint` (service account: annotation
 //!   `weft.dev/service-account`, else the name; addresses: the ready endpoints), and the
@@ -322,12 +322,16 @@ pub async fn run(
             (config.debounce, config.backoff),
         ));
     }
-    watches.spawn(unmeshed::run(
-        client.clone(),
-        config.clone(),
-        Arc::clone(&caches),
-        Arc::clone(&health),
-    ));
+    // Reporting unmeshed pods is the node agents' job: a waypoint on the reporting agent's
+    // node would be elected too, and it may not write Events.
+    if config.routes_for.is_none() {
+        watches.spawn(unmeshed::run(
+            client.clone(),
+            config.clone(),
+            Arc::clone(&caches),
+            Arc::clone(&health),
+        ));
+    }
 
     loop {
         tokio::select! {

@@ -745,6 +745,20 @@ async fn a_new_reporter_does_not_repeat_the_events_of_the_old_one() {
     assert_eq!(other.health.unmeshed().get("prod"), Some(&1));
 }
 
+#[tokio::test]
+async fn a_waypoint_reports_no_unmeshed_pods_even_on_the_reporting_agents_node() {
+    let api = FakeApi::start().await;
+    api.apply(&namespace("prod", true));
+    // The waypoint runs on NODE, whose agent is the elected reporter.
+    api.apply(&agent_pod(NODE, true));
+    api.apply(&pod("prod", "virtual", "vn-1", "10.9.0.2", &[]));
+    let h = Harness::start_with(api, waypoint_config()).await;
+    h.until_health("ready", |_, ready| ready.is_ready()).await;
+    // Reporting is the agent's job (and the waypoint may not write Events).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.api.create_requests(), 0, "{:#?}", h.api.created());
+}
+
 /// Waits until `n` objects have been created through the API, and returns them.
 async fn until_events(api: &FakeApi, n: usize) -> Vec<(String, serde_json::Value)> {
     let deadline = Instant::now() + PATIENCE;
