@@ -127,6 +127,8 @@ impl Waypoint {
                     continue;
                 }
             };
+            // Small HTTP/2 frames must not wait for the peer's delayed ACK (Nagle).
+            let _ = tcp.set_nodelay(true);
             // Handshake failures are logged (with their reason) by `hbone::serve`.
             tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
         }

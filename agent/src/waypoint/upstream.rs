@@ -242,9 +242,17 @@ impl Upstreams {
         };
         Ok(inner
             .hbone
-            .connect(pool_key, move || TcpStream::connect(address), request)
+            .connect(pool_key, move || dial(address), request)
             .await?)
     }
+}
+
+/// A TCP connection to a backend's HBONE port, with small writes sent at once: every
+/// request and response crosses it as a few small HTTP/2 frames.
+async fn dial(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// A backend's HTTP/1.1 response body; once it has been read to its end, the connection
