@@ -116,10 +116,12 @@ impl Error {
 
     /// Whether another try may succeed (connection failures and per-try timeouts).
     pub fn retriable(&self) -> bool {
-        matches!(
-            self,
-            Error::Hbone(_) | Error::Handshake(_) | Error::Upstream(_) | Error::TryTimeout
-        )
+        match self {
+            // The backend's proxy refused the waypoint by policy: another try gets the same.
+            Error::Hbone(e) => !matches!(e, hbone::Error::PolicyDenied),
+            Error::Handshake(_) | Error::Upstream(_) | Error::TryTimeout => true,
+            _ => false,
+        }
     }
 }
 

@@ -402,8 +402,10 @@ impl Validator<'_> {
         for (i, ns) in raw.namespaces.into_iter().enumerate() {
             let field = format!("namespaces[{i}]");
             let name = self.name(&format!("{field}.name"), ns.name)?;
+            // `none` binds nothing, as the Namespace label's value does in Kubernetes.
             let waypoint = ns
                 .waypoint
+                .filter(|w| w != NO_WAYPOINT)
                 .map(|w| self.name(&format!("{field}.waypoint"), w))
                 .transpose()?;
             if namespace_waypoints.insert(name.clone(), waypoint).is_some() {
@@ -793,12 +795,14 @@ services:
             "namespaces:\n\
              - {name: prod, waypoint: wp}\n\
              - {name: dev}\n\
+             - {name: off, waypoint: none}\n\
              services:\n\
              - {name: a, namespace: prod, vips: [10.96.0.10]}\n\
              - {name: b, namespace: prod, vips: [10.96.0.11], waypoint: other}\n\
              - {name: c, namespace: prod, vips: [10.96.0.12], waypoint: none}\n\
              - {name: d, namespace: dev, vips: [10.96.0.13]}\n\
-             - {name: e, vips: [10.96.0.14], waypoint: none}\n",
+             - {name: e, vips: [10.96.0.14], waypoint: none}\n\
+             - {name: f, namespace: off, vips: [10.96.0.15]}\n",
         )
         .unwrap();
         let waypoint = |ns: &str, name: &str| {
@@ -811,6 +815,11 @@ services:
         assert_eq!(waypoint("prod", "c"), None, "opted out");
         assert_eq!(waypoint("dev", "d"), None);
         assert_eq!(waypoint("default", "e"), None);
+        assert_eq!(
+            waypoint("off", "f"),
+            None,
+            "a namespace's none binds nothing"
+        );
 
         let err = parse_str("namespaces: [{name: prod}, {name: prod}]").unwrap_err();
         assert!(

@@ -81,7 +81,8 @@ impl TraceContext {
             trace_id: TraceId(random_nonzero()),
             span_id: SpanId(random_nonzero()),
             parent: None,
-            sampled: true,
+            // `b3: 0` is B3's "do not sample", carried without ids.
+            sampled: headers.get(B3).is_none_or(|v| v != "0"),
             tracestate,
             b3: None,
         }
@@ -331,5 +332,7 @@ mod tests {
         }
         let fresh = TraceContext::from_request(&HeaderMap::new());
         assert_ne!(fresh.trace_id, TraceId([0; 16]));
+        let unsampled = TraceContext::from_request(&headers(&[(B3, "0")]));
+        assert!(!unsampled.sampled, "b3: 0 asks for no sampling");
     }
 }
