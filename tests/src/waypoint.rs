@@ -35,6 +35,17 @@ impl TestWaypoint {
     /// Starts `weft waypoint` in `pod` as `name` (its service account too), with the
     /// node's config plus `routes` (Gateway API objects), and waits until it is ready.
     pub fn start(node: &TestNode, pod: &TestPod, name: &str, routes: Value) -> Result<Self> {
+        Self::start_with_args(node, pod, name, routes, &[])
+    }
+
+    /// [`TestWaypoint::start`] with more `weft waypoint` flags (`--otlp-endpoint …`).
+    pub fn start_with_args(
+        node: &TestNode,
+        pod: &TestPod,
+        name: &str,
+        routes: Value,
+        args: &[&str],
+    ) -> Result<Self> {
         let ca = node.ensure_ca()?;
         let dir = node.dir();
         let mut waypoint = TestWaypoint {
@@ -54,7 +65,8 @@ impl TestWaypoint {
             .arg("--ca-cert")
             .arg(&ca.cert)
             .arg("--ca-key")
-            .arg(&ca.key);
+            .arg(&ca.key)
+            .args(args);
         for var in crate::agent::OVERRIDES {
             cmd.env_remove(var);
         }

@@ -32,6 +32,7 @@ struct Mesh {
     _flaky: TestPod,
     _shadow: TestPod,
     _wp_pod: TestPod,
+    _collector: TestPod,
     node1: TestNode,
     _node2: TestNode,
 }
@@ -47,6 +48,8 @@ impl Mesh {
             .service_account(WAYPOINT)
             .enrolled(false)
             .create()?;
+        // An OTLP/HTTP collector outside the mesh: the test app records each POST.
+        let collector = node1.pod("collector").enrolled(false).create()?;
         let backend = |name: &str| {
             node2
                 .pod(name)
@@ -91,9 +94,17 @@ impl Mesh {
             )?,
             l7::http_serve(&flaky, &HttpServe::new(APP_PORT, "flaky").fail_every(2))?,
             l7::http_serve(&shadow, &HttpServe::new(APP_PORT, "shadow"))?,
+            l7::http_serve(&collector, &HttpServe::new(OTLP_PORT, "collector"))?,
         ];
         let grpc = l7::grpc_serve(&v1, GRPC_APP_PORT, "grpc-v1")?;
-        let waypoint = TestWaypoint::start(&node1, &wp_pod, WAYPOINT, routes)?;
+        let otlp = format!("http://{}", collector.addr(OTLP_PORT));
+        let waypoint = TestWaypoint::start_with_args(
+            &node1,
+            &wp_pod,
+            WAYPOINT,
+            routes,
+            &["--otlp-endpoint", &otlp],
+        )?;
         Ok(Mesh {
             waypoint,
             servers,
@@ -106,6 +117,7 @@ impl Mesh {
             _flaky: flaky,
             _shadow: shadow,
             _wp_pod: wp_pod,
+            _collector: collector,
             node1,
             _node2: node2,
         })
@@ -394,6 +406,21 @@ fn trace_context_is_propagated_to_the_backend() -> Result<()> {
             .any(|l| l.to_string().contains("4bf92f3577b34da6a3ce929d0e0e4736")),
         "the access log carries the trace id"
     );
+    // The spans went to the collector as OTLP/HTTP JSON (batched within a second).
+    let posts = mesh.server("collector").wait_requests(1);
+    ensure!(
+        posts.iter().all(|p| p.method == "POST"
+            && p.path == "/v1/traces"
+            && p.header("content-type") == Some("application/json")
+            && p.body_bytes > 0),
+        "OTLP export requests: {posts:?}"
+    );
+    let exported =
+        Scrape::parse(&mesh.waypoint.metrics()?).sum("weft_otlp_spans_exported_total", &[]);
+    ensure!(
+        exported >= 2.0,
+        "the waypoint counted its exported spans: {exported}"
+    );
     Ok(())
 }
 
@@ -495,3 +522,5 @@ const PORT: u16 = 80;
 const APP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
 const GRPC_APP_PORT: u16 = 50051;
+/// OTLP/HTTP's port.
+const OTLP_PORT: u16 = 4318;
