@@ -375,14 +375,9 @@ fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Res
     // Each path carries traffic before anything is timed: a broken path fails here, fast.
     for s in &scenarios {
         if s.http_only {
-            http_rep(
-                &Plan {
-                    http_secs: 0.2,
-                    ..Plan::new(true)
-                },
-                s,
-                report,
-            );
+            // Not recorded: a warm-up figure is not a sample.
+            http_load(s, 100.0, 0.5)
+                .with_context(|| format!("{}: no traffic through this path", s.label))?;
             continue;
         }
         harness::client(
@@ -548,21 +543,8 @@ fn one_rep(plan: &Plan, _node: &TestNode, s: &Scenario<'_>, report: &mut Report)
 
 /// The open-loop HTTP/1.1 workload: latency at a fixed request rate.
 fn http_rep(plan: &Plan, s: &Scenario<'_>, report: &mut Report) {
-    let result = harness::client(
-        s.client,
-        &args(&[
-            "http-load",
-            "--to",
-            &s.http_to.to_string(),
-            "--rate",
-            &plan.http_rate.to_string(),
-            "--secs",
-            &plan.http_secs.to_string(),
-        ]),
-        Duration::from_secs_f64(plan.http_secs) + CLIENT_SLACK,
-    );
     let rate = plan.http_rate;
-    match result {
+    match http_load(s, rate, plan.http_secs) {
         Ok(v) => {
             report.add(
                 s.key,
@@ -579,6 +561,23 @@ fn http_rep(plan: &Plan, s: &Scenario<'_>, report: &mut Report) {
         }
         Err(e) => report.fail(s.key, "http", &e),
     }
+}
+
+/// `rate` HTTP/1.1 requests a second for `secs` to the scenario's HTTP server.
+fn http_load(s: &Scenario<'_>, rate: f64, secs: f64) -> Result<Value> {
+    harness::client(
+        s.client,
+        &args(&[
+            "http-load",
+            "--to",
+            &s.http_to.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--secs",
+            &secs.to_string(),
+        ]),
+        Duration::from_secs_f64(secs) + CLIENT_SLACK,
+    )
 }
 
 fn rr(plan: &Plan, s: &Scenario<'_>, size: usize, spin: bool, report: &mut Report) {
