@@ -496,11 +496,7 @@ impl Validator<'_> {
     }
 
     fn workload(&self, field: &str, raw: RawWorkload) -> Result<Workload, Error> {
-        let name = self.name(&format!("{field}.name"), raw.name)?;
-        let namespace = self.name(
-            &format!("{field}.namespace"),
-            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
-        )?;
+        let name = self.object_ref(field, raw.name, raw.namespace)?;
         let service_account = self.name(
             &format!("{field}.serviceAccount"),
             raw.service_account.unwrap_or_else(|| DEFAULT.into()),
@@ -551,7 +547,7 @@ impl Validator<'_> {
             }
         };
         Ok(Workload {
-            name: WorkloadRef { namespace, name },
+            name,
             service_account,
             ips,
             location,
@@ -562,19 +558,9 @@ impl Validator<'_> {
     }
 
     fn policy(&self, field: &str, raw: RawPolicy) -> Result<AccessPolicy, Error> {
-        let name = self.name(&format!("{field}.name"), raw.name)?;
-        let namespace = self.name(
-            &format!("{field}.namespace"),
-            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
-        )?;
-        syntax::access_policy(
-            field,
-            WorkloadRef { namespace, name },
-            raw.selector,
-            raw.action,
-            raw.rules,
-        )
-        .map_err(|e| self.error(e))
+        let name = self.object_ref(field, raw.name, raw.namespace)?;
+        syntax::access_policy(field, name, raw.selector, raw.action, raw.rules)
+            .map_err(|e| self.error(e))
     }
 
     fn labels(
@@ -586,11 +572,7 @@ impl Validator<'_> {
     }
 
     fn service(&self, field: &str, raw: RawService) -> Result<Service, Error> {
-        let name = self.name(&format!("{field}.name"), raw.name)?;
-        let namespace = self.name(
-            &format!("{field}.namespace"),
-            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
-        )?;
+        let name = self.object_ref(field, raw.name, raw.namespace)?;
         let ports = raw
             .ports
             .iter()
@@ -605,7 +587,7 @@ impl Validator<'_> {
             })
             .collect::<Result<_, Error>>()?;
         Ok(Service {
-            name: WorkloadRef { namespace, name },
+            name,
             vips: self.ips(&format!("{field}.vips"), &raw.vips)?,
             ports,
             endpoints: self.ips(&format!("{field}.endpoints"), &raw.endpoints)?,
@@ -617,17 +599,13 @@ impl Validator<'_> {
     }
 
     fn waypoint(&self, field: &str, raw: RawWaypoint) -> Result<Waypoint, Error> {
-        let name = self.name(&format!("{field}.name"), raw.name)?;
-        let namespace = self.name(
-            &format!("{field}.namespace"),
-            raw.namespace.unwrap_or_else(|| DEFAULT.into()),
-        )?;
+        let name = self.object_ref(field, raw.name, raw.namespace)?;
         let service_account = self.name(
             &format!("{field}.serviceAccount"),
-            raw.service_account.unwrap_or_else(|| name.clone()),
+            raw.service_account.unwrap_or_else(|| name.name.clone()),
         )?;
         Ok(Waypoint {
-            name: WorkloadRef { namespace, name },
+            name,
             service_account,
             addresses: self.ips(&format!("{field}.ips"), &raw.ips)?,
         })
@@ -649,6 +627,22 @@ impl Validator<'_> {
             routes.insert(key, route);
         }
         Ok(routes.into_values().collect())
+    }
+
+    /// `field.name` and `field.namespace` (default `default`) of a named object.
+    fn object_ref(
+        &self,
+        field: &str,
+        name: String,
+        namespace: Option<String>,
+    ) -> Result<WorkloadRef, Error> {
+        Ok(WorkloadRef {
+            name: self.name(&format!("{field}.name"), name)?,
+            namespace: self.name(
+                &format!("{field}.namespace"),
+                namespace.unwrap_or_else(|| DEFAULT.into()),
+            )?,
+        })
     }
 
     fn ips(&self, field: &str, texts: &[String]) -> Result<Vec<IpAddr>, Error> {
