@@ -179,12 +179,7 @@ impl Upstreams {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(Error::Handshake)?;
-        let endpoint = key.endpoint;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(component = "waypoint", upstream = %endpoint, error = %e, "backend HTTP/1.1 connection failed");
-            }
-        });
+        drive(connection, key.endpoint, "HTTP/1.1");
         Ok(sender)
     }
 
@@ -202,12 +197,7 @@ impl Upstreams {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(Error::Handshake)?;
-        let endpoint = key.endpoint;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(component = "waypoint", upstream = %endpoint, error = %e, "backend HTTP/2 connection failed");
-            }
-        });
+        drive(connection, key.endpoint, "HTTP/2");
         *slot = Some(H2Entry {
             sender: sender.clone(),
             last_used: Instant::now(),
@@ -245,6 +235,20 @@ impl Upstreams {
             .connect(pool_key, move || dial(address), request)
             .await?)
     }
+}
+
+/// Runs a backend HTTP connection until it ends; its failure concerns only the requests
+/// on it, which see it themselves.
+fn drive(
+    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    endpoint: SocketAddr,
+    protocol: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(component = "waypoint", upstream = %endpoint, protocol, error = %e, "backend connection failed");
+        }
+    });
 }
 
 /// A TCP connection to a backend's HBONE port, with small writes sent at once: every
