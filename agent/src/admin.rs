@@ -95,11 +95,6 @@ pub struct Servers {
 
 impl Servers {
     pub async fn bind(config: &Config) -> Result<Self, Error> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Bind { addr, source })
-        };
         Ok(Self {
             admin: bind(config.admin_addr).await?,
             readiness: bind(config.readiness_addr).await?,
@@ -155,41 +150,54 @@ fn route(
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (endpoints, req.method(), path) {
-        (_, &Method::GET, "/healthz/ready") => ready(context),
-        (Endpoints::Admin, &Method::GET, "/status") => json_response(&status(context)),
-        (Endpoints::Admin, &Method::GET, "/config_dump") => json_response(&json!({
+        (_, &Method::GET, "/healthz/ready") => ready(&context.ready),
+        (Endpoints::Admin, &Method::GET, "/status") => http::json(&status(context)),
+        (Endpoints::Admin, &Method::GET, "/config_dump") => http::json(&json!({
             "node": context.node,
             "config": context.config,
             "state": &**context.state.borrow(),
         })),
         (Endpoints::Admin, &Method::GET, "/debug/connections") => {
-            json_response(&context.connections.view())
+            http::json(&context.connections.view())
         }
-        (Endpoints::Metrics, &Method::GET, "/metrics") => match context.metrics.encode() {
-            Ok(body) => response(StatusCode::OK, metrics::CONTENT_TYPE, body.into_bytes()),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot encode metrics: {e}\n"),
-            ),
-        },
+        (Endpoints::Metrics, &Method::GET, "/metrics") => metrics_response(&context.metrics),
         (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
             context.shutdown.notify_one();
-            text(StatusCode::OK, "shutting down\n".into())
+            http::text(StatusCode::OK, "shutting down\n".into())
         }
-        _ => text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
+        _ => http::text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
     }
 }
 
-fn ready(context: &Context) -> Response<Full<Bytes>> {
-    let pending = context.ready.pending();
+/// Binds one of the admin listeners (before serving, so a bad address fails start-up).
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// `/healthz/ready`: 200, or 503 with each pending condition and why.
+pub(crate) fn ready(ready: &Ready) -> Response<Full<Bytes>> {
+    let pending = ready.pending();
     if pending.is_empty() {
-        return text(StatusCode::OK, "ready\n".into());
+        return http::text(StatusCode::OK, "ready\n".into());
     }
     let reasons: String = pending.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-    text(
+    http::text(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("not ready\n{reasons}"),
     )
+}
+
+/// `/metrics` in the OpenMetrics text format.
+pub(crate) fn metrics_response(registry: &Registry) -> Response<Full<Bytes>> {
+    match registry.encode() {
+        Ok(body) => http::response(StatusCode::OK, metrics::CONTENT_TYPE, body),
+        Err(e) => http::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
 }
 
 /// The agent's health for `/metrics`, read at each scrape from what `/status` shows.
@@ -265,32 +273,4 @@ fn status(context: &Context) -> serde_json::Value {
         "certificates": context.certs.as_ref().map(CertManager::status).unwrap_or_default(),
         "hbone_pool": context.hbone_pool.as_ref().map(hbone::Pool::stats),
     })
-}
-
-fn json_response(value: &impl Serialize) -> Response<Full<Bytes>> {
-    match serde_json::to_vec_pretty(value) {
-        Ok(body) => response(StatusCode::OK, "application/json", body),
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode: {e}\n"),
-        ),
-    }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    response(status, "text/plain; charset=utf-8", body.into_bytes())
-}
-
-fn response(
-    status: StatusCode,
-    content_type: &'static str,
-    body: Vec<u8>,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    response
 }

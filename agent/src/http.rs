@@ -1,13 +1,20 @@
-//! The one small HTTP/1.1 server the agent's admin, readiness and metrics ports and the CA's
-//! metrics port share: accept on a bound listener, answer each request with a synchronous
-//! handler, log what goes wrong under the caller's component name.
+//! The one small HTTP/1.1 server the agent's admin, readiness and metrics ports, the
+//! waypoint's and the CA's metrics port share: accept on a bound listener, answer each
+//! request with a synchronous handler, log what goes wrong under the caller's component
+//! name; and the responses those handlers build.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{CONTENT_TYPE, HeaderValue},
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -43,4 +50,36 @@ where
     }
 }
 
+/// A response of `status` with `body` as `content_type`.
+pub fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    response(status, TEXT, body)
+}
+
+/// `value` as pretty JSON, or a 500 saying why it could not be encoded.
+pub fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => response(StatusCode::OK, "application/json", body),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode: {e}\n"),
+        ),
+    }
+}
+
+/// `text/plain` in UTF-8.
+pub const TEXT: &str = "text/plain; charset=utf-8";
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);

@@ -13,10 +13,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::Serialize;
 use serde_json::json;
-use tokio::{
-    net::TcpListener,
-    sync::{Notify, watch},
-};
+use tokio::sync::{Notify, watch};
 use tracing::info;
 
 use super::{terminate, track_certificate_readiness};
@@ -30,7 +27,7 @@ use crate::{
     source::{self, SourceStatus, file::FileDoc},
     state::{MeshSettings, Snapshot},
     state::{StateHandle, WorkloadRef},
-    telemetry::{self, AccessLog, Registry, metrics::CONTENT_TYPE, otlp, trace::SpanExporter},
+    telemetry::{self, AccessLog, Registry, otlp, trace::SpanExporter},
     waypoint::{self, Waypoint},
 };
 
@@ -288,16 +285,16 @@ pub async fn serve(
         exporter,
     );
     let tls = hbone::server_config(cert_source, own.clone())?;
-    let listener = bind(settings.waypoint.listen_addr).await?;
+    let listener = admin::bind(settings.waypoint.listen_addr).await?;
     let hbone_addr = listener
         .local_addr()
         .unwrap_or(settings.waypoint.listen_addr);
     let serving = tokio::spawn(waypoint.clone().serve(listener, tls));
     ready.unblock("listening");
 
-    let admin = bind(settings.admin.admin_addr).await?;
-    let metrics_listener = bind(settings.admin.metrics_addr).await?;
-    let readiness = bind(settings.admin.readiness_addr).await?;
+    let admin = admin::bind(settings.admin.admin_addr).await?;
+    let metrics_listener = admin::bind(settings.admin.metrics_addr).await?;
+    let readiness = admin::bind(settings.admin.readiness_addr).await?;
     let addresses = Bound {
         hbone: hbone_addr,
         admin: admin.local_addr().unwrap_or(settings.admin.admin_addr),
@@ -363,67 +360,23 @@ fn route(
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     match (endpoints, req.method(), req.uri().path()) {
-        (_, &Method::GET, "/healthz/ready") => {
-            if context.ready.is_ready() {
-                text(StatusCode::OK, "ready\n".to_owned())
-            } else {
-                let pending = serde_json::to_string(&context.ready.pending()).unwrap_or_default();
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {pending}\n"),
-                )
-            }
+        (_, &Method::GET, "/healthz/ready") => admin::ready(&context.ready),
+        (Endpoints::Metrics, &Method::GET, "/metrics") => {
+            admin::metrics_response(&context.registry)
         }
-        (Endpoints::Metrics, &Method::GET, "/metrics") => match context.registry.encode() {
-            Ok(body) => {
-                let mut response = text(StatusCode::OK, body);
-                response.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static(CONTENT_TYPE),
-                );
-                response
-            }
-            Err(_) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "encoding failed\n".into(),
-            ),
-        },
-        (Endpoints::Admin, &Method::GET, "/config_dump") => {
-            let dump = json!({
-                "config": context.config,
-                "source": context.source.view(),
-                "snapshot": &*context.waypoint.snapshot(),
-                "certificates": context.certs.status(),
-                "hbonePool": context.pool.stats(),
-            });
-            let mut response = text(
-                StatusCode::OK,
-                serde_json::to_string_pretty(&dump).unwrap_or_default(),
-            );
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
+        (Endpoints::Admin, &Method::GET, "/config_dump") => http::json(&json!({
+            "config": context.config,
+            "source": context.source.view(),
+            "snapshot": &*context.waypoint.snapshot(),
+            "certificates": context.certs.status(),
+            "hbonePool": context.pool.stats(),
+        })),
         (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
             context.shutdown.notify_one();
-            text(StatusCode::OK, "bye\n".into())
+            http::text(StatusCode::OK, "bye\n".into())
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        _ => http::text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-}
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, admin::Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| admin::Error::Bind { addr, source })
 }
 
 /// How long in-flight requests may take to finish at shutdown.

@@ -12,13 +12,15 @@ use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
 use tokio::net::TcpListener;
+
+use crate::http;
 
 /// The CA's counters and their registry.
 #[derive(Debug)]
@@ -110,22 +112,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, super::Error> {
 fn answer(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, OPENMETRICS, metrics.encode()),
-        (&Method::GET, "/healthz/ready") => (StatusCode::OK, TEXT, "ready\n".to_owned()),
+        (&Method::GET, "/healthz/ready") => (StatusCode::OK, http::TEXT, "ready\n".to_owned()),
         _ => (
             StatusCode::NOT_FOUND,
-            TEXT,
+            http::TEXT,
             "GET /metrics or /healthz/ready\n".to_owned(),
         ),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    response
+    http::response(status, content_type, body)
 }
 
 const PREFIX: &str = "weft";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const TEXT: &str = "text/plain; charset=utf-8";
