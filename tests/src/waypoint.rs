@@ -163,6 +163,21 @@ impl TestWaypoint {
     }
 }
 
+/// A Gateway API route of `kind` (`HTTPRoute`, `GRPCRoute`) named `name` in `default`,
+/// attached to port `port` of the Service `service` there (GAMMA), with these `rules`:
+/// what a waypoint's state file lists under `routes:`.
+pub fn route(kind: &str, name: &str, service: &str, port: u16, rules: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": kind,
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": service, "port": port }],
+            "rules": rules,
+        },
+    })
+}
+
 impl Drop for TestWaypoint {
     fn drop(&mut self) {
         if let Some(mut p) = self.process.take() {

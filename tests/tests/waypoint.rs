@@ -14,7 +14,7 @@ use weft_tests::{
     Service, TestAgent, TestNode, TestPod, TestWaypoint, eventually,
     l7::{self, GrpcCall, GrpcMode, HttpLoad, HttpServe, HttpServer},
     metrics::Scrape,
-    privileged, test_name,
+    privileged, test_name, waypoint,
 };
 
 /// Node 1: the client and the waypoint. Node 2: the backends v1, v2, a flaky one, a
@@ -455,15 +455,7 @@ fn backend(name: &str, weight: u32) -> Value {
 }
 
 fn http_route(rules: Value) -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": { "name": "reviews", "namespace": "default" },
-        "spec": {
-            "parentRefs": [{ "group": "", "kind": "Service", "name": "reviews", "port": PORT }],
-            "rules": rules,
-        },
-    })
+    waypoint::route("HTTPRoute", "reviews", "reviews", PORT, rules)
 }
 
 fn split_route(v1: u32, v2: u32) -> Value {
@@ -502,16 +494,9 @@ fn rules_route() -> Value {
 }
 
 fn grpc_route() -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "GRPCRoute",
-        "metadata": { "name": "grpc", "namespace": "default" },
-        "spec": {
-            "parentRefs": [{ "group": "", "kind": "Service", "name": "grpc", "port": GRPC_PORT }],
-            "rules": [{ "matches": [{ "method": { "service": "weft.test.Echo" } }],
-                        "backendRefs": [{ "name": "grpc-v1", "port": GRPC_PORT }] }],
-        },
-    })
+    let rules = json!([{ "matches": [{ "method": { "service": "weft.test.Echo" } }],
+                         "backendRefs": [{ "name": "grpc-v1", "port": GRPC_PORT }] }]);
+    waypoint::route("GRPCRoute", "grpc", "grpc", GRPC_PORT, rules)
 }
 
 const WAYPOINT: &str = "waypoint";

@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use weft_tests::{
     Service, TestAgent, TestNode, TestPod, TestWaypoint,
     bench::{self as harness, BenchServer, Stunnel},
+    waypoint,
 };
 
 use crate::{cargo, setup};
@@ -444,15 +445,8 @@ fn add_l7_services(node: &TestNode, server: &TestPod, waypoint: &TestPod) {
 }
 
 fn l7_route() -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": { "name": "bench-l7", "namespace": "default" },
-        "spec": {
-            "parentRefs": [{ "group": "", "kind": "Service", "name": "bench-l7", "port": HTTP_PORT }],
-            "rules": [{ "backendRefs": [{ "name": "bench-l7-backend", "port": HTTP_PORT }] }],
-        },
-    })
+    let rules = json!([{ "backendRefs": [{ "name": "bench-l7-backend", "port": HTTP_PORT }] }]);
+    waypoint::route("HTTPRoute", "bench-l7", "bench-l7", HTTP_PORT, rules)
 }
 
 /// One repetition of every workload over one path (the spinner-less part).

@@ -20,6 +20,7 @@ use weft_tests::{
     app::{self, Mode, SendReport, Server},
     bpf,
     l7::{self, HttpLoad, HttpServe},
+    waypoint,
     wire::{Capture, TLS13, X25519MLKEM768},
 };
 
@@ -342,18 +343,11 @@ fn canary(
         l7::http_serve(&v1, &HttpServe::new(APP_PORT, "reviews-v1"))?,
         l7::http_serve(&v2, &HttpServe::new(APP_PORT, "reviews-v2"))?,
     ];
-    let route = json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": { "name": "reviews-canary", "namespace": "default" },
-        "spec": {
-            "parentRefs": [{ "group": "", "kind": "Service", "name": "reviews", "port": VIP_PORT }],
-            "rules": [{ "backendRefs": [
-                { "name": "reviews-v1", "port": VIP_PORT, "weight": 90 },
-                { "name": "reviews-v2", "port": VIP_PORT, "weight": 10 },
-            ] }],
-        },
-    });
+    let rules = json!([{ "backendRefs": [
+        { "name": "reviews-v1", "port": VIP_PORT, "weight": 90 },
+        { "name": "reviews-v2", "port": VIP_PORT, "weight": 10 },
+    ] }]);
+    let route = waypoint::route("HTTPRoute", "reviews-canary", "reviews", VIP_PORT, rules);
     println!(
         "Service default/reviews ({REVIEWS_VIP}:{VIP_PORT}) carries the label \
          weft.dev/use-waypoint=waypoint.\nThe waypoint runs in pod `waypoint` ({}) on {}, \
