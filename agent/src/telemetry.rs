@@ -6,10 +6,13 @@
 //!   at close; switchable per namespace (`mesh.accessLog`).
 //! - `metrics`: the registry served on the metrics port, Istio-compatible TCP metrics and
 //!   the agent's health, with a configurable name prefix (`agent.metricsPrefix`).
+//! - `log_limit`: per-call-site rate limits for warnings a peer can cause at will
+//!   (`warn_limited!`).
 //! - `trace`: trace context (W3C and B3) of the waypoint's L7 requests and their spans.
 //! - `otlp`: exports those spans to an OpenTelemetry collector (OTLP/HTTP, JSON).
 
 pub mod access_log;
+pub mod log_limit;
 pub mod metrics;
 pub mod otlp;
 pub mod trace;
