@@ -20,6 +20,7 @@ use weft_tests::{
     app::{self, Mode, SendReport, Server},
     bpf,
     l7::{self, HttpLoad, HttpServe},
+    metrics::Scrape,
     waypoint,
     wire::{Capture, TLS13, X25519MLKEM768},
 };
@@ -63,7 +64,11 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
         .service_account("batch")
         .enrolled(false)
         .create()?;
-    let server = node2.pod("server").service_account("server").create()?;
+    let server = node2
+        .pod("server")
+        .service_account("server")
+        .label("app", "echo")
+        .create()?;
     let legacy = node2
         .pod("legacy")
         .service_account("legacy")
@@ -270,6 +275,15 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
     println!("\n== 6. a 90/10 canary through a waypoint ==");
     canary(&node1, &node2, &client, [&agent1, &agent2], &mut problems)?;
 
+    println!("\n== 7. an access policy: one client in, another refused ==");
+    access_policy(
+        [&node1, &node2],
+        &client,
+        &server,
+        [&agent1, &agent2],
+        &mut problems,
+    )?;
+
     // The agents' own logs help only when something went wrong.
     let failed = !problems.is_empty();
     agent1.show_log_on_drop(failed);
@@ -396,6 +410,105 @@ fn canary(
     }
     // Its log (one line per request) helps only when something went wrong.
     waypoint.show_log_on_drop(problems.len() > problems_before);
+    Ok(())
+}
+
+/// Section 7: an AccessPolicy on node 2 lets `client` reach `server` and refuses a second
+/// enrolled pod of node 1 with another identity. The refusal is a reset, judged by node 2's
+/// proxy on the client's proven SPIFFE id; its record names the reason, and both
+/// connections show in node 2's Istio-style TCP metrics.
+fn access_policy(
+    nodes: [&TestNode; 2],
+    client: &TestPod,
+    server: &TestPod,
+    agents: [&TestAgent; 2],
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let intruder = nodes[0]
+        .pod("intruder")
+        .service_account("intruder")
+        .create()?;
+    let client_id = "spiffe://cluster.local/ns/default/sa/client";
+    let intruder_id = "spiffe://cluster.local/ns/default/sa/intruder";
+    nodes[1].set_policies(json!([{
+        "name": "echo-clients",
+        "selector": { "matchLabels": { "app": "echo" } },
+        "action": "ALLOW",
+        "rules": [{ "from": [{ "principals": [client_id] }] }],
+    }]));
+    for (node, agent) in nodes.iter().zip(agents) {
+        agent.reload_and_wait(node)?;
+    }
+    println!(
+        "A new pod `intruder` (service account intruder) joins node 1, in the mesh. Node 2 gets \
+         one\nAccessPolicy, default/echo-clients: ALLOW to pods labelled app=echo (server) only \
+         from\n{client_id}. Once a policy allows anything, everything else is denied."
+    );
+    let to = SocketAddr::from((server.ip(), APP_PORT));
+    let seen = agents[1].connections()?.all().map(|r| r.id).max();
+    for (pod, allowed) in [(client, true), (&intruder, false)] {
+        let text = format!("hello from {}", pod.name());
+        match (app::send_text(pod, to, &text), allowed) {
+            (Ok(report), true) if report.reply.as_deref() == Some(text.as_str()) => {
+                println!("  {} → {to}: echoed: allowed", pod.name())
+            }
+            (Err(e), false) if app::is_reset(&e) => {
+                println!("  {} → {to}: connection reset: refused", pod.name())
+            }
+            (outcome, _) => problems.push(format!(
+                "{} → {to} should have been {}: {outcome:?}",
+                pod.name(),
+                if allowed { "allowed" } else { "refused" }
+            )),
+        }
+    }
+    let denial = agents[1]
+        .connections()?
+        .recent
+        .into_iter()
+        .find(|r| Some(r.id) > seen && r.src_identity.as_deref() == Some(intruder_id));
+    match denial {
+        Some(r) if r.error.as_deref() == Some("not_allowed") => println!(
+            "Node 2's record of the refusal: {} from {} ({}), error {}.",
+            r.direction,
+            r.src,
+            intruder_id,
+            r.error.as_deref().unwrap_or("-")
+        ),
+        other => problems.push(format!(
+            "node 2 should have recorded the intruder's refusal as not_allowed: {other:?}"
+        )),
+    }
+    let scrape = Scrape::parse(&agents[1].metrics()?);
+    println!("Node 2's metrics (reporter=destination), per source principal:");
+    for (principal, flags) in [(client_id, "-"), (intruder_id, "RBAC")] {
+        let labels = [
+            ("reporter", "destination"),
+            ("source_principal", principal),
+            ("response_flags", flags),
+        ];
+        let opened = scrape.sum("weft_tcp_connections_opened_total", &labels[..2]);
+        let sent = scrape.sum("weft_tcp_sent_bytes_total", &labels);
+        let received = scrape.sum("weft_tcp_received_bytes_total", &labels);
+        let closed = scrape.sum("weft_tcp_connections_closed_total", &labels);
+        println!(
+            "  {principal:<46} opened {opened}  closed {closed} (response_flags {flags})  \
+             received {received} B  sent {sent} B"
+        );
+        if opened < 1.0 || closed < 1.0 {
+            problems.push(format!(
+                "node 2's metrics should count {principal}'s connection (flags {flags})"
+            ));
+        }
+    }
+    let refused = scrape.sum(
+        "weft_agent_denied_connections_total",
+        &[("reason", "not_allowed")],
+    );
+    println!("  weft_agent_denied_connections_total{{reason=\"not_allowed\"}} {refused}");
+    if refused < 1.0 {
+        problems.push("node 2 should count the refusal as not_allowed".into());
+    }
     Ok(())
 }
 
