@@ -49,6 +49,7 @@ pub fn run(options: &Options) -> Result<()> {
             "unit tests",
             run_tests(cargo().args([
                 "test",
+                "--no-fail-fast",
                 "--workspace",
                 "--exclude",
                 "weft-ebpf",
@@ -66,7 +67,8 @@ pub fn run(options: &Options) -> Result<()> {
         // Each test builds its own node (netns, cgroup, pin root, agent), so they run in
         // parallel; the harness's own unit tests come along in the same run.
         let mut cmd = cargo();
-        cmd.args(["test", "-p", "weft-tests"])
+        // --no-fail-fast: a failing test file must not hide the results of the others.
+        cmd.args(["test", "--no-fail-fast", "-p", "weft-tests"])
             .env("WEFT_BIN", &weft_bin);
         if !options.e2e_args.is_empty() {
             cmd.arg("--").args(&options.e2e_args);
