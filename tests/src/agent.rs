@@ -33,6 +33,8 @@ use crate::{
 pub struct TestAgent {
     process: Option<TestProcess>,
     netns: PathBuf,
+    /// The cgroup the agent joins; None: the test's own (outside the pods' subtree).
+    cgroup: Option<PathBuf>,
     config_path: PathBuf,
     log_path: PathBuf,
     /// Length of the log when the current process started.
@@ -106,9 +108,14 @@ impl TestAgent {
     pub fn spawn_with_config_text(node: &TestNode, yaml: &str) -> Result<Self> {
         let dir = node.dir().to_path_buf();
         let config_path = dir.join("weft.yaml");
+        let cgroup = node.agent_cgroup();
+        if let Some(dir) = &cgroup {
+            std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        }
         let mut agent = TestAgent {
             process: None,
             netns: node.netns_path(),
+            cgroup,
             log_path: dir.join("agent.log"),
             log_offset: 0,
             show_log_on_drop: true,
@@ -145,7 +152,7 @@ impl TestAgent {
             self.log_path.clone(),
             &Placement {
                 netns: &self.netns,
-                cgroup: None,
+                cgroup: self.cgroup.as_deref(),
             },
         )?;
         self.process = Some(process);

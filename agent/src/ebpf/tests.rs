@@ -157,7 +157,7 @@ fn steers_enrolled_tcp_connects_to_the_outbound_listener() {
 }
 
 #[test]
-fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
+fn leaves_udp_unenrolled_and_excluded_sockets_alone_but_steers_marked_ones() {
     let Some(env) = TestEnv::new() else { return };
     let mut settings = settings();
     settings.excluded_ports = vec![8443];
@@ -184,6 +184,7 @@ fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
     env.connect_from(&other, "tcp", "10.9.9.9", 80, 0);
     env.connect_from(&pod, "tcp", "10.9.9.9", 8443, 0);
     env.connect_from(&pod, "tcp", "10.8.1.2", 80, 0);
+    // The proxy's mark exempts nothing: any pod with CAP_NET_RAW could set it.
     env.connect_from(&pod, "tcp", "10.9.9.9", 80, PROXY_MARK);
     let after = dataplane.stats().expect("stats");
 
@@ -199,14 +200,22 @@ fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
     );
     assert_eq!(
         after.connect_excluded - before.connect_excluded,
-        3,
+        2,
         "{after:?}"
     );
-    assert_eq!(after.connect_redirected, 0, "{after:?}");
-    for l in [&listener, &other_listener] {
-        l.set_nonblocking(true).expect("nonblocking");
-        assert!(l.accept().is_err(), "nothing reaches an outbound listener");
-    }
+    assert_eq!(after.connect_redirected, 1, "the marked socket: {after:?}");
+    assert_eq!(after.connect_proxy_socket, 0, "{after:?}");
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        listener.accept().is_ok(),
+        "the marked connect reached the pod's outbound listener"
+    );
+    assert!(listener.accept().is_err(), "only the marked connect did");
+    other_listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        other_listener.accept().is_err(),
+        "nothing reaches the other netns's listener"
+    );
     udp.set_nonblocking(true).expect("nonblocking");
     assert!(udp.recv(&mut [0; 16]).is_err(), "UDP is not steered");
 
@@ -494,6 +503,7 @@ impl TestEnv {
         let config = Config {
             pin_root: self.pins.path.clone(),
             cgroup_root: self.cgroup.path.clone(),
+            host_cgroup: self.cgroup.path.clone(),
         };
         Dataplane::load(&config, settings).unwrap_or_else(|e| panic!("load: {e}"))
     }
