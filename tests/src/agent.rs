@@ -6,7 +6,8 @@
 //! dropped (libtest shows it only for a failed test).
 //!
 //! The agent process joins the node's netns only (between fork and exec), like a
-//! DaemonSet pod with hostNetwork: it is *not* in the pods' cgroup subtree, and it keeps
+//! DaemonSet pod with hostNetwork: it is *not* in the pods' cgroup subtree (unless the node
+//! says `run_agent_under_hooks`, where a Kubernetes DaemonSet pod is), and it keeps
 //! the host's mounts. (`ip netns exec` would not do: it remounts `/sys`, hiding bpffs and
 //! the cgroup2 mount from the agent.)
 
