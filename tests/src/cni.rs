@@ -20,7 +20,8 @@ pub struct CniRuntime {
     _dir: tempfile::TempDir,
     bin: PathBuf,
     conflist: Value,
-    socket: PathBuf,
+    /// The agent's CNI socket (the mesh-namespaces file lives beside it).
+    pub socket: PathBuf,
 }
 
 impl CniRuntime {

@@ -14,9 +14,7 @@
 //! Kubernetes source knows them: they become local only when the node learns their netns.
 
 use std::{
-    io::Write,
-    path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -24,7 +22,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
     ConnRecord, TestAgent, TestNode, TestPod,
-    app::{self, Mode, send_from_node, weft_bin},
+    app::{self, Mode, send_from_node},
     assert_eventually,
     cni::{CniRuntime, show},
     eventually, privileged, test_name,

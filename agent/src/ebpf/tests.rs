@@ -329,6 +329,17 @@ fn restart_leaves_exactly_one_attachment_of_each_program() {
             .expect("query cgroup");
         assert_eq!(attached, vec![id], "{name} attached once, by the new agent");
     }
+    let attached = query::prog_ids(
+        env.host.fd(),
+        query::BPF_CGROUP_SOCK_OPS,
+        QueryScope::Attached,
+    )
+    .expect("query host cgroup");
+    assert_eq!(
+        attached,
+        vec![ids.host_sock_ops],
+        "host_sock_ops attached once, by the new agent"
+    );
     let attached =
         query::prog_ids(pod.fd(), query::BPF_SK_LOOKUP, QueryScope::Attached).expect("query netns");
     assert_eq!(attached, vec![ids.sk_lookup], "sk_lookup attached once");
@@ -479,6 +490,8 @@ struct TestEnv {
     // Field order is drop order: pins (links detached) before the cgroup goes.
     pins: PinRoot,
     cgroup: Cgroup,
+    /// `host_cgroup`: host_sock_ops attaches here (a sibling of the pods' cgroup).
+    host: Cgroup,
 }
 
 impl TestEnv {
@@ -495,7 +508,8 @@ impl TestEnv {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         Some(Self {
             pins: PinRoot::new(n),
-            cgroup: Cgroup::new(n),
+            cgroup: Cgroup::new(n, ""),
+            host: Cgroup::new(n, "-host"),
         })
     }
 
@@ -503,7 +517,7 @@ impl TestEnv {
         let config = Config {
             pin_root: self.pins.path.clone(),
             cgroup_root: self.cgroup.path.clone(),
-            host_cgroup: self.cgroup.path.clone(),
+            host_cgroup: self.host.path.clone(),
         };
         Dataplane::load(&config, settings).unwrap_or_else(|e| panic!("load: {e}"))
     }
@@ -624,9 +638,9 @@ struct Cgroup {
 }
 
 impl Cgroup {
-    fn new(n: u32) -> Self {
+    fn new(n: u32, suffix: &str) -> Self {
         let root = cgroup2_mount().expect("a cgroup2 mount in /proc/self/mountinfo");
-        let path = root.join(format!("weft-ebpftest-{}-{n}", std::process::id()));
+        let path = root.join(format!("weft-ebpftest-{}-{n}{suffix}", std::process::id()));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         let dir = File::open(&path).expect("open cgroup");
         Self { path, root, dir }
