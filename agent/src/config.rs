@@ -477,8 +477,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.ebpf.pin_root, PathBuf::from("/sys/fs/bpf/weft"));
+        assert_eq!(cfg.ebpf.host_cgroup, PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(cfg.proxy.ports.outbound, 15_001);
         assert_eq!(cfg.admin.admin_addr, "127.0.0.1:15000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_host_cgroup_is_where_the_config_says() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nhostCgroup: /sys/fs/cgroup/system.slice/kubelet.service"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.ebpf.host_cgroup,
+            PathBuf::from("/sys/fs/cgroup/system.slice/kubelet.service")
+        );
     }
 
     #[test]

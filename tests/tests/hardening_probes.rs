@@ -129,6 +129,11 @@ fn a_masqueraded_client_is_no_kubelet_probe_but_the_nodes_own_probe_is() -> Resu
         "the node got into a non-probe port: {other:?}"
     );
 
+    let recorded = ebpf_events(&agent, "host_conn_recorded")?;
+    ensure!(
+        recorded >= 2.0,
+        "the node's probes were recorded: {recorded}"
+    );
     let scrape = Scrape::parse(&agent.metrics()?);
     for (reason, expected) in [
         ("plaintext_refused_strict", 2.0),
@@ -167,13 +172,7 @@ fn a_pod_that_sets_the_proxys_mark_is_still_steered() -> Result<()> {
         "an unmarked connection through the proxy: {report:?}"
     );
 
-    let redirected = |agent: &TestAgent| -> Result<f64> {
-        let scrape = Scrape::parse(&agent.metrics()?);
-        Ok(scrape.sum(
-            "weft_agent_ebpf_events_total",
-            &[("event", "connect_redirected")],
-        ))
-    };
+    let redirected = |agent: &TestAgent| ebpf_events(agent, "connect_redirected");
     let before = redirected(&agent)?;
     let local = send_marked(&client, to, "marked")?;
     let record = agent.expect_record("the marked connection, outbound", |r| {
@@ -194,6 +193,9 @@ fn a_pod_that_sets_the_proxys_mark_is_still_steered() -> Result<()> {
         after > before,
         "connect_redirected did not move for the marked connect ({before} → {after})"
     );
+    // The hooks saw the agent's own upstream sockets, and recognised them by their cookies.
+    let own = ebpf_events(&agent, "connect_proxy_socket")?;
+    ensure!(own > 0.0, "no proxy socket recognised under the hooks");
     Ok(())
 }
 
@@ -243,6 +245,12 @@ fn send_marked(pod: &TestPod, to: SocketAddr, text: &str) -> Result<SocketAddr> 
         .context("no `local` line")?
         .parse()
         .context("local address")
+}
+
+/// The agent's `agent_ebpf_events` counter for `event` (a `Stats` field).
+fn ebpf_events(agent: &TestAgent, event: &str) -> Result<f64> {
+    let scrape = Scrape::parse(&agent.metrics()?);
+    Ok(scrape.sum("weft_agent_ebpf_events_total", &[("event", event)]))
 }
 
 /// The id of the newest record, if any.
