@@ -74,6 +74,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     info!(component = "ebpf", pin_root = %config.ebpf.pin_root.display(),
         cgroup_root = %config.ebpf.cgroup_root.display(), "eBPF programs loaded and attached");
     let orig_dst = dataplane.orig_dst_table();
+    let host_conns = dataplane.host_conn_table();
     let dataplane = Arc::new(Mutex::new(dataplane));
 
     let certs = identity::start(&config.identity)?;
@@ -135,6 +136,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         &config.proxy,
         state_rx.clone(),
         orig_dst,
+        host_conns,
         Arc::clone(&connections),
         mtls,
     );

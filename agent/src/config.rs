@@ -87,6 +87,9 @@ pub struct AgentSection {
     pub node: Option<String>,
     pub pin_root: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
+    /// The cgroup v2 directory holding the kubelet (default `/sys/fs/cgroup`, the host's
+    /// root): the node's own connections (kubelet probes) are recognised there.
+    pub host_cgroup: Option<PathBuf>,
     pub admin_addr: Option<String>,
     pub readiness_addr: Option<String>,
     /// `GET /metrics` (default `0.0.0.0:15020`).
@@ -322,6 +325,10 @@ impl Config {
                     .or_else(|| agent.pin_root.clone())
                     .unwrap_or_else(|| PathBuf::from(PIN_ROOT)),
                 cgroup_root,
+                host_cgroup: agent
+                    .host_cgroup
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(HOST_CGROUP)),
             },
             admin: admin::Config {
                 admin_addr,
@@ -447,6 +454,8 @@ const INBOUND_PORT: u16 = ebpf_common::config::INBOUND_PORT;
 const HBONE_PORT: u16 = ebpf_common::config::HBONE_PORT;
 /// "we" in ASCII: distinctive in `ss -e` and packet marks, unlikely to collide with a CNI's.
 const PROXY_MARK: u32 = 0x7765;
+/// `agent.hostCgroup`: the host's cgroup2 mount, which holds the kubelet on every layout.
+const HOST_CGROUP: &str = "/sys/fs/cgroup";
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 const CNI_ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
@@ -468,8 +477,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.ebpf.pin_root, PathBuf::from("/sys/fs/bpf/weft"));
+        assert_eq!(cfg.ebpf.host_cgroup, PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(cfg.proxy.ports.outbound, 15_001);
         assert_eq!(cfg.admin.admin_addr, "127.0.0.1:15000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_host_cgroup_is_where_the_config_says() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nhostCgroup: /sys/fs/cgroup/system.slice/kubelet.service"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.ebpf.host_cgroup,
+            PathBuf::from("/sys/fs/cgroup/system.slice/kubelet.service")
+        );
     }
 
     #[test]

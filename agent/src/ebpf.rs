@@ -22,13 +22,14 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd},
     path::PathBuf,
     sync::Arc,
 };
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 use ebpf_common::{
+    host::HostConnKey,
     netns::{NetnsCookie, PodRecord},
     orig_dst::{ConnKey, OrigDst},
     stats::Stats,
@@ -200,6 +201,9 @@ pub struct Config {
     pub pin_root: PathBuf,
     /// cgroup v2 directory whose subtree holds the pods; connect4/6 and sock_ops attach here.
     pub cgroup_root: PathBuf,
+    /// cgroup v2 directory holding the kubelet (default: the host's cgroup2 root);
+    /// host_sock_ops attaches here to recognise the node's own connections (probes).
+    pub host_cgroup: PathBuf,
 }
 
 /// Reloadable data-plane settings written into the config/exclusion maps.
@@ -229,6 +233,7 @@ pub struct Dataplane {
     /// Kernel ids of this agent's programs, for `verify_attached` and `dump`.
     program_ids: links::ProgramIds,
     cgroup: File,
+    host_cgroup: File,
     /// Aborts the aya-log reader task when the data plane is dropped.
     _log: Option<log::Bridge>,
 }
@@ -238,6 +243,21 @@ pub struct Dataplane {
 #[derive(Clone)]
 pub struct OrigDstTable {
     map: Arc<aya::maps::HashMap<aya::maps::MapData, ConnKey, OrigDst>>,
+}
+
+/// Handle on `HOST_CONNS` for the proxy's inbound path: was a plaintext connection made by a
+/// socket of the node itself (a kubelet probe), or does it only carry a node address (a
+/// masqueraded client)? Cheap to clone; each `take` is one `bpf(2)` call.
+#[derive(Clone)]
+pub struct HostConnTable {
+    map: Arc<aya::maps::HashMap<aya::maps::MapData, HostConnKey, u8>>,
+}
+
+/// Handle on `PROXY_SOCKETS`: the proxy registers each of its upstream sockets before it
+/// connects it, so connect4/6 leaves it alone. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxySocketTable {
+    map: Arc<aya::maps::HashMap<aya::maps::MapData, ebpf_common::orig_dst::SocketCookie, u8>>,
 }
 
 /// Everything `weft status` shows of the maps.
@@ -299,18 +319,26 @@ impl Dataplane {
     pub fn load(config: &Config, settings: &Settings) -> Result<Self, Error> {
         loader::prepare_pin_root(&config.pin_root)?;
         let cgroup = loader::open_cgroup(&config.cgroup_root)?;
+        let host_cgroup = loader::open_cgroup(&config.host_cgroup)?;
+        let node_netns = own_netns_cookie().map_err(|source| Error::MapSyscall {
+            map: ebpf_common::maps::HOST_CONFIG,
+            op: "read the node's netns cookie for",
+            source,
+        })?;
         let mut ebpf = loader::load(&config.pin_root)?;
         let log = log::Bridge::start(&mut ebpf);
         let mut maps = maps::Maps::take(&mut ebpf)?;
         // Settings before attaching: a program must never run with an empty config.
         maps.apply_settings(settings)?;
-        let program_ids = links::attach_cgroup_programs(&mut ebpf, &cgroup, config)?;
+        maps.set_host_config(node_netns)?;
+        let program_ids = links::attach_cgroup_programs(&mut ebpf, &cgroup, &host_cgroup, config)?;
         Ok(Self {
             config: config.clone(),
             ebpf,
             maps,
             program_ids,
             cgroup,
+            host_cgroup,
             _log: log,
         })
     }
@@ -320,11 +348,17 @@ impl Dataplane {
         self.maps.apply_settings(settings)
     }
 
-    /// Checks that connect4, connect6 and sock_ops are in the cgroup's effective set.
+    /// Checks that connect4, connect6 and sock_ops are in the cgroup's effective set, and
+    /// host_sock_ops in the host cgroup's.
     pub fn verify_attached(&self) -> Result<(), Error> {
         links::verify_attached(
             self.cgroup.as_fd(),
             &self.config.cgroup_root,
+            &self.program_ids,
+        )?;
+        links::verify_host_attached(
+            self.host_cgroup.as_fd(),
+            &self.config.host_cgroup,
             &self.program_ids,
         )
     }
@@ -380,6 +414,18 @@ impl Dataplane {
         }
     }
 
+    pub fn host_conn_table(&self) -> HostConnTable {
+        HostConnTable {
+            map: Arc::clone(&self.maps.host_conns),
+        }
+    }
+
+    pub fn proxy_socket_table(&self) -> ProxySocketTable {
+        ProxySocketTable {
+            map: Arc::clone(&self.maps.proxy_sockets),
+        }
+    }
+
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats, Error> {
         self.maps.stats()
@@ -417,6 +463,78 @@ impl OrigDstTable {
             source,
         })
     }
+}
+
+impl HostConnTable {
+    /// Whether the connection from `peer` to `local` (as a pod's listener accepted it) was
+    /// originated by a socket of the node's own netns; forgets it either way.
+    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<bool, Error> {
+        use aya::maps::IterableMap as _;
+
+        let key = HostConnKey {
+            local_addr: addr_bytes(peer.ip().to_canonical()),
+            remote_addr: addr_bytes(local.ip().to_canonical()),
+            local_port: peer.port(),
+            remote_port: local.port(),
+            _pad: [0; 4],
+        };
+        query::map_take::<HostConnKey, u8>(self.map.map().fd().as_fd(), &key)
+            .map(|found| found.is_some())
+            .map_err(|source| Error::MapSyscall {
+                map: ebpf_common::maps::HOST_CONNS,
+                op: "take from",
+                source,
+            })
+    }
+}
+
+impl ProxySocketTable {
+    /// Registers a socket of the proxy before it is connected: connect4/6 then never steers
+    /// it, whatever its mark.
+    pub fn register(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        use aya::maps::IterableMap as _;
+
+        let cookie = socket_cookie(socket)?;
+        let value: u8 = 1;
+        query::map_update(self.map.map().fd().as_fd(), &cookie, &value)
+    }
+}
+
+/// The cookie of the network namespace the calling thread is in (`SO_NETNS_COOKIE`, Linux
+/// 5.14), as `bpf_get_netns_cookie` reports it to the programs.
+pub fn own_netns_cookie() -> io::Result<NetnsCookie> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    netns_cookie_of(&socket)
+}
+
+/// The netns cookie of the namespace `socket` was created in.
+pub fn netns_cookie_of(socket: &impl AsRawFd) -> io::Result<NetnsCookie> {
+    getsockopt_u64(socket.as_raw_fd(), SO_NETNS_COOKIE).map(NetnsCookie)
+}
+
+/// The socket's cookie (`SO_COOKIE`), as `bpf_get_socket_cookie` reports it.
+fn socket_cookie(socket: BorrowedFd<'_>) -> io::Result<ebpf_common::orig_dst::SocketCookie> {
+    getsockopt_u64(socket.as_raw_fd(), libc::SO_COOKIE).map(ebpf_common::orig_dst::SocketCookie)
+}
+
+fn getsockopt_u64(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes passed; the fd is open
+    // for the duration of the call (borrowed from a live socket).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
 }
 
 /// The `ORIG_DST` key of a connection the proxy accepted on its outbound listener in the pod
@@ -470,6 +588,8 @@ pub(crate) fn addr_from_bytes(addr: [u8; 16]) -> IpAddr {
     }
 }
 
+/// `SO_NETNS_COOKIE` (Linux 5.14), not yet in every libc crate release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
 /// `dump` lists at most this many `ORIG_DST` entries (it counts them all).

@@ -27,7 +27,7 @@ use std::os::fd::AsFd;
 use tracing::{error, info, warn};
 
 use crate::{
-    ebpf::{self, Dataplane},
+    ebpf::{self, Dataplane, ProxySocketTable},
     proxy::{self, Direction, PodContext, PodHandle, Proxy, SocketFactory},
     state::{Snapshot, Workload, WorkloadRef},
 };
@@ -71,6 +71,8 @@ pub enum Error {
 /// Keeps enrolled pods in line with the snapshot.
 pub struct Enroller {
     dataplane: Arc<Mutex<Dataplane>>,
+    /// Where the proxy's upstream sockets are registered as its own (never steered).
+    proxy_sockets: ProxySocketTable,
     proxy: Proxy,
     config: proxy::Config,
     pods: BTreeMap<WorkloadRef, EnrolledPod>,
@@ -123,8 +125,13 @@ struct EnrolledPod {
 
 impl Enroller {
     pub fn new(dataplane: Arc<Mutex<Dataplane>>, proxy: Proxy, config: proxy::Config) -> Self {
+        let proxy_sockets = dataplane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .proxy_socket_table();
         Self {
             dataplane,
+            proxy_sockets,
             proxy,
             config,
             pods: BTreeMap::new(),
@@ -363,6 +370,7 @@ impl Enroller {
         let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets {
             netns: Arc::clone(&netns),
             mark: self.config.mark,
+            registry: self.proxy_sockets.clone(),
         });
         let handle = self.proxy.serve(
             PodContext {
@@ -409,10 +417,12 @@ impl Enroller {
     }
 }
 
-/// Creates the proxy's upstream sockets inside a pod, marked so they are never steered.
+/// Creates the proxy's upstream sockets inside a pod, registered (by socket cookie) so
+/// connect4/6 never steers them back to the proxy, and marked for operators' rules.
 struct InPodSockets {
     netns: Arc<PodNetns>,
     mark: u32,
+    registry: ProxySocketTable,
 }
 
 impl SocketFactory for InPodSockets {
@@ -421,6 +431,8 @@ impl SocketFactory for InPodSockets {
             .netns
             .run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))??;
         socket.set_mark(self.mark)?;
+        // Before any connect: an unregistered proxy socket would be steered to the proxy.
+        self.registry.register(socket.as_fd())?;
         socket.set_nonblocking(true)?;
         Ok(socket)
     }

@@ -40,7 +40,7 @@ pub use connections::{Connections, Direction};
 pub use socket::SocketFactory;
 
 use crate::{
-    ebpf::OrigDstTable,
+    ebpf::{HostConnTable, OrigDstTable},
     identity::{CertSource, SpiffeId},
     policy::DenyReason,
     state::{StateHandle, WorkloadRef},
@@ -50,7 +50,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Config {
     pub ports: Ports,
-    /// `SO_MARK` on every proxy socket, so the eBPF programs never steer the proxy itself.
+    /// `SO_MARK` on every proxy socket (for operators' routing and firewall rules). It does
+    /// not keep the proxy's sockets from being steered: their registered cookies do.
     pub mark: u32,
 }
 
@@ -227,6 +228,8 @@ pub struct Proxy {
 struct Inner {
     state: StateHandle,
     orig_dst: OrigDstTable,
+    /// Connections the node's own sockets made: kubelet probes are recognised here.
+    host_conns: HostConnTable,
     connections: Arc<Connections>,
     mtls: Option<Mtls>,
     hbone_port: u16,
@@ -242,6 +245,7 @@ impl Proxy {
         config: &Config,
         state: StateHandle,
         orig_dst: OrigDstTable,
+        host_conns: HostConnTable,
         connections: Arc<Connections>,
         mtls: Option<Mtls>,
     ) -> Self {
@@ -250,6 +254,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 state,
                 orig_dst,
+                host_conns,
                 connections,
                 mtls,
                 hbone_port: config.ports.hbone,

@@ -6,7 +6,8 @@
 //! dropped (libtest shows it only for a failed test).
 //!
 //! The agent process joins the node's netns only (between fork and exec), like a
-//! DaemonSet pod with hostNetwork: it is *not* in the pods' cgroup subtree, and it keeps
+//! DaemonSet pod with hostNetwork: it is *not* in the pods' cgroup subtree (unless the node
+//! says `run_agent_under_hooks`, where a Kubernetes DaemonSet pod is), and it keeps
 //! the host's mounts. (`ip netns exec` would not do: it remounts `/sys`, hiding bpffs and
 //! the cgroup2 mount from the agent.)
 
@@ -33,6 +34,8 @@ use crate::{
 pub struct TestAgent {
     process: Option<TestProcess>,
     netns: PathBuf,
+    /// The cgroup the agent joins; None: the test's own (outside the pods' subtree).
+    cgroup: Option<PathBuf>,
     config_path: PathBuf,
     log_path: PathBuf,
     /// Length of the log when the current process started.
@@ -106,9 +109,14 @@ impl TestAgent {
     pub fn spawn_with_config_text(node: &TestNode, yaml: &str) -> Result<Self> {
         let dir = node.dir().to_path_buf();
         let config_path = dir.join("weft.yaml");
+        let cgroup = node.agent_cgroup();
+        if let Some(dir) = &cgroup {
+            std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        }
         let mut agent = TestAgent {
             process: None,
             netns: node.netns_path(),
+            cgroup,
             log_path: dir.join("agent.log"),
             log_offset: 0,
             show_log_on_drop: true,
@@ -145,7 +153,7 @@ impl TestAgent {
             self.log_path.clone(),
             &Placement {
                 netns: &self.netns,
-                cgroup: None,
+                cgroup: self.cgroup.as_deref(),
             },
         )?;
         self.process = Some(process);

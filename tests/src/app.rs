@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     eventually::{assert_eventually, scaled},
+    node::TestNode,
     pod::TestPod,
     process::{Finished, TestProcess},
 };
@@ -270,6 +271,32 @@ fn run_echo_checks(
         );
     }
     Ok(())
+}
+
+/// `weft-testapp send` of 100 bytes from the node's netns, as the kubelet (a process of
+/// the node, in its host cgroup): `Ok` with the output when the echo came back whole,
+/// `Err` with it otherwise.
+pub fn send_from_node(node: &TestNode, to: SocketAddr) -> Result<Result<String, String>> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "send",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        "100",
+        "--seed",
+        "9",
+    ]);
+    let done = node
+        .spawn(cmd, "send")?
+        .wait(scaled(Duration::from_secs(20)))?;
+    Ok(
+        if done.status.success() && done.output.contains("received bytes=100 ") {
+            Ok(done.output)
+        } else {
+            Err(done.output)
+        },
+    )
 }
 
 /// `connect --to --timeout-ms`: does a TCP handshake complete?

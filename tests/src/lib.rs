@@ -23,6 +23,7 @@ pub mod agent;
 pub mod app;
 pub mod bench;
 pub mod bpf;
+pub mod cni;
 pub mod eventually;
 pub mod l7;
 pub mod metrics;

@@ -6,7 +6,8 @@
 //! is created in the host netns, so parallel tests cannot collide on interface names.
 //!
 //! Alongside: a cgroup v2 subtree `<cgroup2>/weft-<test>-<pid>-<node>/pods/<pod>` (the
-//! agent's `cgroupRoot` is `.../pods`), a bpffs pin root
+//! agent's `cgroupRoot` is `.../pods`; its `hostCgroup` is the node's cgroup itself, and the
+//! node's own processes, the "kubelet" among them, run in `.../host`), a bpffs pin root
 //! `/sys/fs/bpf/weft-test-<test>-<pid>-<node>` (never under `/sys/fs/bpf/weft`, the real
 //! agent's), and a directory for the agent config and every process's output (kept when
 //! the test panics or `WEFT_TEST_KEEP` is set).
@@ -68,6 +69,9 @@ pub(crate) struct NodeInner {
     /// Nodes joined to this one by `connect`: their pods appear in this node's config as
     /// remote workloads. Weak, so two joined nodes still drop (and clean up).
     pub peers: RefCell<Vec<Weak<NodeInner>>>,
+    /// Run the agent inside the pods' cgroup subtree, as a Kubernetes DaemonSet pod is
+    /// (under the same kubepods root the hooks attach to), instead of outside it.
+    pub agent_under_hooks: Cell<bool>,
     netns_created: Cell<bool>,
 }
 
@@ -127,6 +131,7 @@ impl TestNode {
                 mtls: Cell::new(true),
                 ca: RefCell::new(None),
                 peers: RefCell::new(Vec::new()),
+                agent_under_hooks: Cell::new(false),
                 netns_created: Cell::new(false),
             }),
         };
@@ -150,8 +155,9 @@ impl TestNode {
             full.extend(args);
             sys::ip(&full)?;
         }
-        std::fs::create_dir_all(self.cgroup_root())
-            .with_context(|| format!("mkdir {}", self.cgroup_root().display()))?;
+        for dir in [self.cgroup_root(), self.host_cgroup()] {
+            std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        }
         std::fs::create_dir_all(&n.pin_root)
             .with_context(|| format!("mkdir {}", n.pin_root.display()))?;
         Ok(())
@@ -346,6 +352,7 @@ impl TestNode {
             "node": n.node_name(),
             "pinRoot": n.pin_root.display().to_string(),
             "cgroupRoot": self.cgroup_root().display().to_string(),
+            "hostCgroup": n.cgroup_node.display().to_string(),
             "adminAddr": crate::agent::ADMIN_ADDR,
             "readinessAddr": crate::agent::READINESS_ADDR,
             "metricsAddr": crate::agent::METRICS_ADDR,
@@ -369,7 +376,8 @@ impl TestNode {
         })
     }
 
-    /// Runs a process in the node's netns (not in any pod cgroup): tcpdump, `weft status`.
+    /// Runs a process of the node itself (tcpdump, `weft status`, the kubelet): in the
+    /// node's netns and its host cgroup, outside every pod's cgroup.
     pub fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess> {
         TestProcess::spawn(
             cmd,
@@ -377,9 +385,23 @@ impl TestNode {
             unique_path(self.dir(), name, "out"),
             &Placement {
                 netns: &self.netns_path(),
-                cgroup: None,
+                cgroup: Some(&self.host_cgroup()),
             },
         )
+    }
+
+    /// Runs the agent inside the pods' cgroup subtree (`<cgroupRoot>/weft-agent`), where a
+    /// Kubernetes DaemonSet pod is: the cgroup hooks then see the agent's own sockets too.
+    pub fn run_agent_under_hooks(&self) {
+        self.inner.agent_under_hooks.set(true);
+    }
+
+    /// The cgroup the agent joins, if not the test's own (see `run_agent_under_hooks`).
+    pub fn agent_cgroup(&self) -> Option<PathBuf> {
+        self.inner
+            .agent_under_hooks
+            .get()
+            .then(|| self.cgroup_root().join("weft-agent"))
     }
 
     pub fn index(&self) -> u8 {
@@ -401,6 +423,11 @@ impl TestNode {
     /// The agent's `cgroupRoot`: every pod's cgroup is a child of it.
     pub fn cgroup_root(&self) -> PathBuf {
         self.inner.cgroup_node.join("pods")
+    }
+
+    /// The node's own processes' cgroup (the kubelet's, in a real node): `<node>/host`.
+    pub fn host_cgroup(&self) -> PathBuf {
+        self.inner.cgroup_node.join("host")
     }
 
     pub fn pin_root(&self) -> &Path {

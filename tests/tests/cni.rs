@@ -14,9 +14,7 @@
 //! Kubernetes source knows them: they become local only when the node learns their netns.
 
 use std::{
-    io::Write,
-    path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -24,8 +22,10 @@ use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
     ConnRecord, TestAgent, TestNode, TestPod,
-    app::{self, Mode, weft_bin},
-    assert_eventually, eventually, privileged, test_name,
+    app::{self, Mode, send_from_node},
+    assert_eventually,
+    cni::{CniRuntime, show},
+    eventually, privileged, test_name,
 };
 
 const CLIENT_UID: &str = "0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11";
@@ -43,7 +43,7 @@ fn cni_add_enrolls_the_pod_before_its_first_connection_and_del_releases_it() -> 
         .service_account("client")
         .pod_uid(CLIENT_UID)
         .create()?;
-    let runtime = Runtime::install(&node)?;
+    let runtime = CniRuntime::install(&node)?;
     let agent = node.start_agent()?;
     let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
     let to = server.addr(ECHO_PORT).into();
@@ -120,7 +120,7 @@ fn cni_add_fails_closed_while_the_agent_is_down() -> Result<()> {
         .namespace("kube-system")
         .enrolled(false)
         .create()?;
-    let runtime = Runtime::install(&node)?;
+    let runtime = CniRuntime::install(&node)?;
     let mut agent = node.start_agent()?;
     let namespaces_file = runtime.socket.with_file_name("mesh-namespaces.json");
     assert_eventually(Duration::from_secs(10), || {
@@ -321,7 +321,7 @@ fn kubelet_probes_reach_a_strict_pod_from_the_node_and_nothing_else_does() -> Re
         .probe_ports(&[PROBE_PORT])
         .create()?;
     let outsider = node.pod("outsider").enrolled(false).create()?;
-    let runtime = Runtime::install(&node)?;
+    let runtime = CniRuntime::install(&node)?;
     let agent = node.start_agent()?;
     let _probe = app::serve(&server, PROBE_PORT, Mode::Echo)?;
     let _app = app::serve(&server, ECHO_PORT, Mode::Echo)?;
@@ -351,124 +351,6 @@ fn kubelet_probes_reach_a_strict_pod_from_the_node_and_nothing_else_does() -> Re
     Ok(())
 }
 
-/// `weft-testapp send` of 100 bytes from the node's netns (where the kubelet runs): `Ok`
-/// with the output when the echo came back whole.
-fn send_from_node(node: &TestNode, to: std::net::SocketAddr) -> Result<Result<String, String>> {
-    let mut cmd = Command::new(app::testapp_bin());
-    cmd.args([
-        "send",
-        "--to",
-        &to.to_string(),
-        "--bytes",
-        "100",
-        "--seed",
-        "9",
-    ]);
-    let done = node.spawn(cmd, "probe")?.wait(Duration::from_secs(20))?;
-    Ok(
-        if done.status.success() && done.output.contains("received bytes=100 ") {
-            Ok(done.output)
-        } else {
-            Err(done.output)
-        },
-    )
-}
-
-/// A CNI setup as a container runtime has it: a bin dir and a conf dir with a primary
-/// conflist, into which `weft cni install` put the plugin.
-struct Runtime {
-    _dir: tempfile::TempDir,
-    bin: PathBuf,
-    conflist: Value,
-    socket: PathBuf,
-}
-
-impl Runtime {
-    /// Installs the plugin with the real installer and points the node's agent at the
-    /// same socket.
-    fn install(node: &TestNode) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
-        std::fs::create_dir_all(&conf)?;
-        std::fs::write(conf.join("10-bridge.conflist"), PRIMARY)?;
-        // Short: a unix socket path holds at most 107 bytes, and node dirs are long.
-        let socket = dir.path().join("run/cni.sock");
-        let out = Command::new(weft_bin())
-            .args(["cni", "install", "--bin-dir"])
-            .arg(&bin)
-            .arg("--conf-dir")
-            .arg(&conf)
-            .arg("--socket")
-            .arg(&socket)
-            .output()?;
-        ensure!(out.status.success(), "weft cni install: {}", show(&out));
-        let conflist: Value =
-            serde_json::from_slice(&std::fs::read(conf.join("10-bridge.conflist"))?)?;
-        node.set_agent_setting("cni", json!({ "socket": socket.display().to_string() }));
-        // Required with `cni`; the node's cgroup tree has no kubelet layout here (the
-        // discovery test builds one).
-        node.set_agent_setting(
-            "discovery",
-            json!({ "cgroupRoot": node.cgroup_root().display().to_string() }),
-        );
-        Ok(Self {
-            _dir: dir,
-            bin,
-            conflist,
-            socket,
-        })
-    }
-
-    /// What the primary plugin (bridge + host-local) would have returned for `pod`.
-    fn prev_result(&self, pod: &TestPod) -> Value {
-        json!({
-            "cniVersion": "1.0.0",
-            "interfaces": [{"name": "eth0", "sandbox": pod.netns_path()}],
-            "ips": [{"address": format!("{}/16", pod.ip()), "interface": 0}],
-            "routes": [{"dst": "0.0.0.0/0"}],
-            "dns": {}
-        })
-    }
-
-    /// Runs the last plugin of the conflist as libcni does: `<bin>/<type>`, no arguments,
-    /// the plugin's entry plus the list's `cniVersion` and `name` and `prevResult` on stdin.
-    fn call(&self, command: &str, pod: &TestPod, namespace: &str, uid: &str) -> Result<Output> {
-        let plugins = self.conflist["plugins"].as_array().context("plugins")?;
-        let mut conf = plugins.last().context("no plugins")?.clone();
-        conf["cniVersion"] = self.conflist["cniVersion"].clone();
-        conf["name"] = self.conflist["name"].clone();
-        if command != "DEL" {
-            conf["prevResult"] = self.prev_result(pod);
-        }
-        let plugin_type = conf["type"].as_str().context("type")?;
-        let mut child = Command::new(self.bin.join(plugin_type))
-            .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", format!("sandbox-{}", pod.name()))
-            .env("CNI_NETNS", pod.netns_path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &self.bin)
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=sandbox;K8S_POD_UID={uid}",
-                    pod.name()
-                ),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("exec the plugin")?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(conf.to_string().as_bytes())?;
-        Ok(child.wait_with_output()?)
-    }
-}
-
 fn outbound_of(agent: &TestAgent, pod: &TestPod) -> Result<Vec<ConnRecord>> {
     Ok(agent
         .connections()?
@@ -490,23 +372,3 @@ fn enrolled_netns(agent: &TestAgent, pod: &TestPod) -> Result<Option<String>> {
         .and_then(|p| p["netns"].as_str())
         .map(str::to_owned))
 }
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}; stdout {}; stderr {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A primary conflist as the reference bridge plugin setup writes it.
-const PRIMARY: &str = r#"{
-  "cniVersion": "1.0.0",
-  "name": "weft-test-bridge",
-  "plugins": [
-    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
-     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.0.0/16"}]]}},
-    {"type": "portmap", "capabilities": {"portMappings": true}}
-  ]
-}"#;

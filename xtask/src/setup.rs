@@ -385,7 +385,8 @@ fn mounts() -> Vec<(PathBuf, String)> {
 
 /// System packages: LLVM 22 (bpf-linker links against it), bpftool (inspect maps and
 /// links), iproute2 (netns, veth), tcpdump and tshark (captures), iperf3 (benchmarks),
-/// stunnel4 (a TLS peer for the mTLS tests, the reference tunnel of the benchmarks), openssl
+/// stunnel4 (a TLS peer for the mTLS tests, the reference tunnel of the benchmarks), nftables
+/// (a test masquerades like kube-proxy, inside its own netns), openssl
 /// (the benchmark's throwaway certificate), fonts-dejavu-core (text in the benchmark charts).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -397,6 +398,7 @@ const APT_PACKAGES: &[&str] = &[
     "tshark",
     "iperf3",
     "stunnel4",
+    "nftables",
     "openssl",
     "fonts-dejavu-core",
 ];

@@ -1,5 +1,5 @@
 //! Attachments, all as pinned bpf links: `<pin_root>/links/{connect4,connect6,sock_ops}` on
-//! the cgroup root and `<pin_root>/links/sk_lookup/<netns cookie>` per enrolled netns.
+//! the cgroup root, `<pin_root>/links/host_sock_ops` on the host's cgroup, and `<pin_root>/links/sk_lookup/<netns cookie>` per enrolled netns.
 //!
 //! Replacing a link left by a previous agent is crash-safe and leaves no duplicate: the new
 //! link is attached (multi-attach, so both briefly run; the programs are idempotent), pinned
@@ -31,6 +31,7 @@ use super::{
 pub(crate) const CONNECT4: &str = "connect4";
 pub(crate) const CONNECT6: &str = "connect6";
 pub(crate) const SOCK_OPS: &str = "sock_ops";
+pub(crate) const HOST_SOCK_OPS: &str = "host_sock_ops";
 pub(crate) const SK_LOOKUP: &str = "steer_inbound";
 
 /// Kernel ids of this agent's programs.
@@ -40,15 +41,17 @@ pub(crate) struct ProgramIds {
     pub(crate) connect6: u32,
     pub(crate) sock_ops: u32,
     pub(crate) sk_lookup: u32,
+    pub(crate) host_sock_ops: u32,
 }
 
 impl ProgramIds {
-    pub(crate) fn by_name(&self) -> [(&'static str, u32); 4] {
+    pub(crate) fn by_name(&self) -> [(&'static str, u32); 5] {
         [
             (CONNECT4, self.connect4),
             (CONNECT6, self.connect6),
             (SOCK_OPS, self.sock_ops),
             (SK_LOOKUP, self.sk_lookup),
+            (HOST_SOCK_OPS, self.host_sock_ops),
         ]
     }
 
@@ -70,12 +73,13 @@ pub(crate) fn sk_lookup_dir(pin_root: &Path) -> PathBuf {
     links_dir(pin_root).join("sk_lookup")
 }
 
-/// Attaches connect4, connect6 and sock_ops to the cgroup root as bpf links, which always
-/// multi-attach (a CNI's programs there keep running), each replacing the link a previous
-/// agent pinned.
+/// Attaches connect4, connect6 and sock_ops to the cgroup root, and host_sock_ops to the
+/// host's cgroup, as bpf links, which always multi-attach (a CNI's programs there keep
+/// running), each replacing the link a previous agent pinned.
 pub(crate) fn attach_cgroup_programs(
     ebpf: &mut Ebpf,
     cgroup: &File,
+    host_cgroup: &File,
     config: &Config,
 ) -> Result<ProgramIds, Error> {
     let target = config.cgroup_root.display().to_string();
@@ -101,14 +105,9 @@ pub(crate) fn attach_cgroup_programs(
         replace_pinned(name, link, &dir.join(name))?;
     }
 
-    let program = loader::program::<SockOps>(ebpf, SOCK_OPS)?;
-    let sock_ops = program_id(SOCK_OPS, program.info())?;
-    let link_id = program
-        .attach(cgroup, LINK_ATTACH_MODE)
-        .map_err(attach_error(SOCK_OPS))?;
-    let link = program.take_link(link_id).map_err(attach_error(SOCK_OPS))?;
-    let link = FdLink::try_from(link).map_err(|_| Error::NoBpfLink { program: SOCK_OPS })?;
-    replace_pinned(SOCK_OPS, link, &dir.join(SOCK_OPS))?;
+    let sock_ops = attach_sock_ops(ebpf, SOCK_OPS, cgroup, &config.cgroup_root, &dir)?;
+    let host_sock_ops =
+        attach_sock_ops(ebpf, HOST_SOCK_OPS, host_cgroup, &config.host_cgroup, &dir)?;
 
     let sk_lookup = program_id(
         SK_LOOKUP,
@@ -119,7 +118,33 @@ pub(crate) fn attach_cgroup_programs(
         connect6: ids[1],
         sock_ops,
         sk_lookup,
+        host_sock_ops,
     })
+}
+
+/// Attaches the sock_ops program `name` to `cgroup` as a pinned link (replacing a previous
+/// agent's); returns the program's id.
+fn attach_sock_ops(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    path: &Path,
+    dir: &Path,
+) -> Result<u32, Error> {
+    let attach_error = |source| Error::Attach {
+        program: name,
+        target: path.display().to_string(),
+        source: Box::new(source),
+    };
+    let program = loader::program::<SockOps>(ebpf, name)?;
+    let id = program_id(name, program.info())?;
+    let link_id = program
+        .attach(cgroup, LINK_ATTACH_MODE)
+        .map_err(attach_error)?;
+    let link = program.take_link(link_id).map_err(attach_error)?;
+    let link = FdLink::try_from(link).map_err(|_| Error::NoBpfLink { program: name })?;
+    replace_pinned(name, link, &dir.join(name))?;
+    Ok(id)
 }
 
 /// Attaches sk_lookup to a pod's netns, replacing the link pinned for that netns cookie.
@@ -185,6 +210,27 @@ pub(crate) fn verify_attached(
                 cgroup: cgroup_path.to_path_buf(),
             });
         }
+    }
+    Ok(())
+}
+
+/// Checks that host_sock_ops is in the host cgroup's effective set.
+pub(crate) fn verify_host_attached(
+    cgroup: BorrowedFd<'_>,
+    cgroup_path: &Path,
+    ids: &ProgramIds,
+) -> Result<(), Error> {
+    let effective = query::prog_ids(cgroup, query::BPF_CGROUP_SOCK_OPS, QueryScope::Effective)
+        .map_err(|source| Error::QueryCgroup {
+            cgroup: cgroup_path.to_path_buf(),
+            source,
+        })?;
+    if !effective.contains(&ids.host_sock_ops) {
+        return Err(Error::NotAttached {
+            program: HOST_SOCK_OPS,
+            id: ids.host_sock_ops,
+            cgroup: cgroup_path.to_path_buf(),
+        });
     }
     Ok(())
 }

@@ -128,9 +128,11 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
             .load()
             .map_err(load_error(name))?;
     }
-    program::<SockOps>(ebpf, links::SOCK_OPS)?
-        .load()
-        .map_err(load_error(links::SOCK_OPS))?;
+    for name in [links::SOCK_OPS, links::HOST_SOCK_OPS] {
+        program::<SockOps>(ebpf, name)?
+            .load()
+            .map_err(load_error(name))?;
+    }
     program::<SkLookup>(ebpf, links::SK_LOOKUP)?
         .load()
         .map_err(load_error(links::SK_LOOKUP))?;

@@ -19,8 +19,11 @@ use aya::{
     },
 };
 use ebpf_common::{
-    config::{AddrKey, ListenerKey, PortKey, ProxyConfig, V4_MAPPED_PREFIX},
-    maps::{self, MAX_CONNS, MAX_EXCLUSIONS, MAX_LISTENERS, MAX_PODS},
+    config::{AddrKey, HostConfig, ListenerKey, PortKey, ProxyConfig, V4_MAPPED_PREFIX},
+    host::HostConnKey,
+    maps::{
+        self, MAX_CONNS, MAX_EXCLUSIONS, MAX_HOST_CONNS, MAX_LISTENERS, MAX_PODS, MAX_PROXY_SOCKETS,
+    },
     netns::{NetnsCookie, PodRecord},
     orig_dst::{ConnKey, OrigDst, SocketCookie},
     stats::Stats,
@@ -42,6 +45,9 @@ pub(crate) struct Maps {
     excluded_ports: HashMap<MapData, PortKey, u8>,
     excluded_cidrs: LpmTrie<MapData, AddrKey, u8>,
     stats: PerCpuArray<MapData, Stats>,
+    pub(crate) proxy_sockets: Arc<HashMap<MapData, SocketCookie, u8>>,
+    host_config: Array<MapData, HostConfig>,
+    pub(crate) host_conns: Arc<HashMap<MapData, HostConnKey, u8>>,
 }
 
 /// What a map must look like; `bpf_map_info` of a pinned map is compared with it.
@@ -66,6 +72,9 @@ pub(crate) const LAYOUTS: &[Layout] = &[
     // The LPM trie key is the prefix length (u32) followed by the data.
     layout::<Key<AddrKey>, u8>(maps::EXCLUDED_CIDRS, MapType::LpmTrie, MAX_EXCLUSIONS),
     layout::<u32, Stats>(maps::STATS, MapType::PerCpuArray, 1),
+    layout::<SocketCookie, u8>(maps::PROXY_SOCKETS, MapType::LruHash, MAX_PROXY_SOCKETS),
+    layout::<u32, HostConfig>(maps::HOST_CONFIG, MapType::Array, 1),
+    layout::<HostConnKey, u8>(maps::HOST_CONNS, MapType::LruHash, MAX_HOST_CONNS),
 ];
 
 impl Maps {
@@ -80,7 +89,20 @@ impl Maps {
             excluded_ports: typed(ebpf, maps::EXCLUDED_PORTS)?,
             excluded_cidrs: typed(ebpf, maps::EXCLUDED_CIDRS)?,
             stats: typed(ebpf, maps::STATS)?,
+            proxy_sockets: Arc::new(typed(ebpf, maps::PROXY_SOCKETS)?),
+            host_config: typed(ebpf, maps::HOST_CONFIG)?,
+            host_conns: Arc::new(typed(ebpf, maps::HOST_CONNS)?),
         })
+    }
+
+    /// Tells `host_sock_ops` which network namespace is the node's own.
+    pub(crate) fn set_host_config(&mut self, node_netns: NetnsCookie) -> Result<(), Error> {
+        let config = HostConfig {
+            node_netns_cookie: node_netns.0,
+        };
+        self.host_config
+            .set(0, config, 0)
+            .map_err(map_error(maps::HOST_CONFIG, "write"))
     }
 
     /// Writes the proxy config and replaces the exclusion maps' contents. New exclusions
@@ -277,7 +299,7 @@ impl Maps {
 }
 
 /// Every counter with its name (the `Stats` field name, used as the metric label value).
-pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 10] {
+pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 13] {
     let Stats {
         connect_redirected,
         connect_not_enrolled,
@@ -289,6 +311,9 @@ pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 10] {
         sklookup_steered,
         sklookup_passed,
         sklookup_error_dropped,
+        connect_proxy_socket,
+        host_conn_recorded,
+        host_conn_error_unrecorded,
     } = *stats;
     [
         ("connect_redirected", connect_redirected),
@@ -301,6 +326,9 @@ pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 10] {
         ("sklookup_steered", sklookup_steered),
         ("sklookup_passed", sklookup_passed),
         ("sklookup_error_dropped", sklookup_error_dropped),
+        ("connect_proxy_socket", connect_proxy_socket),
+        ("host_conn_recorded", host_conn_recorded),
+        ("host_conn_error_unrecorded", host_conn_error_unrecorded),
     ]
 }
 
@@ -316,6 +344,9 @@ fn add(a: &Stats, b: &Stats) -> Stats {
         sklookup_steered: a.sklookup_steered + b.sklookup_steered,
         sklookup_passed: a.sklookup_passed + b.sklookup_passed,
         sklookup_error_dropped: a.sklookup_error_dropped + b.sklookup_error_dropped,
+        connect_proxy_socket: a.connect_proxy_socket + b.connect_proxy_socket,
+        host_conn_recorded: a.host_conn_recorded + b.host_conn_recorded,
+        host_conn_error_unrecorded: a.host_conn_error_unrecorded + b.host_conn_error_unrecorded,
     }
 }
 

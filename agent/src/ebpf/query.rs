@@ -1,7 +1,8 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose: effective-program queries
 //! (`BPF_PROG_QUERY` + `BPF_F_QUERY_EFFECTIVE`), forced link detach (`BPF_LINK_DETACH`),
 //! opening a pinned object as a plain fd (`BPF_OBJ_GET`) and the atomic read-and-delete the
-//! proxy's accept path needs (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`). Each is one small
+//! proxy's accept path needs (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), and an update through a
+//! shared map fd (`BPF_MAP_UPDATE_ELEM`). Each is one small
 //! `#[repr(C)]` attribute struct, laid out as the matching member of `union bpf_attr`
 //! (https://github.com/torvalds/linux/blob/v6.18/include/uapi/linux/bpf.h); the kernel
 //! accepts an attribute shorter than its own union as long as it is a prefix.
@@ -25,6 +26,7 @@ pub(crate) const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub(crate) const BPF_SK_LOOKUP: u32 = 36;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
 const BPF_OBJ_GET: libc::c_int = 7;
 const BPF_PROG_QUERY: libc::c_int = 16;
@@ -139,6 +141,25 @@ pub(crate) fn map_take<K: aya::Pod, V: aya::Pod>(
         Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(error) => Err(error),
     }
+}
+
+/// Writes `key` → `value` (`BPF_ANY`) through a shared map fd: aya's typed `insert` needs
+/// the map handle exclusively, and the proxy's upstream path shares it across tasks.
+pub(crate) fn map_update<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags: 0,
+    };
+    // SAFETY: `key` and `value` point at a key and a value of the map's sizes (the callers'
+    // types are the map's key/value types), both outliving the call; UPDATE only reads them.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
 /// The kernel-internal "operation not supported" errno some bpf commands leak.

@@ -157,7 +157,7 @@ fn steers_enrolled_tcp_connects_to_the_outbound_listener() {
 }
 
 #[test]
-fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
+fn leaves_udp_unenrolled_and_excluded_sockets_alone_but_steers_marked_ones() {
     let Some(env) = TestEnv::new() else { return };
     let mut settings = settings();
     settings.excluded_ports = vec![8443];
@@ -184,6 +184,7 @@ fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
     env.connect_from(&other, "tcp", "10.9.9.9", 80, 0);
     env.connect_from(&pod, "tcp", "10.9.9.9", 8443, 0);
     env.connect_from(&pod, "tcp", "10.8.1.2", 80, 0);
+    // The proxy's mark exempts nothing: any pod with CAP_NET_RAW could set it.
     env.connect_from(&pod, "tcp", "10.9.9.9", 80, PROXY_MARK);
     let after = dataplane.stats().expect("stats");
 
@@ -199,14 +200,22 @@ fn leaves_udp_unenrolled_excluded_and_marked_sockets_alone() {
     );
     assert_eq!(
         after.connect_excluded - before.connect_excluded,
-        3,
+        2,
         "{after:?}"
     );
-    assert_eq!(after.connect_redirected, 0, "{after:?}");
-    for l in [&listener, &other_listener] {
-        l.set_nonblocking(true).expect("nonblocking");
-        assert!(l.accept().is_err(), "nothing reaches an outbound listener");
-    }
+    assert_eq!(after.connect_redirected, 1, "the marked socket: {after:?}");
+    assert_eq!(after.connect_proxy_socket, 0, "{after:?}");
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        listener.accept().is_ok(),
+        "the marked connect reached the pod's outbound listener"
+    );
+    assert!(listener.accept().is_err(), "only the marked connect did");
+    other_listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        other_listener.accept().is_err(),
+        "nothing reaches the other netns's listener"
+    );
     udp.set_nonblocking(true).expect("nonblocking");
     assert!(udp.recv(&mut [0; 16]).is_err(), "UDP is not steered");
 
@@ -320,6 +329,17 @@ fn restart_leaves_exactly_one_attachment_of_each_program() {
             .expect("query cgroup");
         assert_eq!(attached, vec![id], "{name} attached once, by the new agent");
     }
+    let attached = query::prog_ids(
+        env.host.fd(),
+        query::BPF_CGROUP_SOCK_OPS,
+        QueryScope::Attached,
+    )
+    .expect("query host cgroup");
+    assert_eq!(
+        attached,
+        vec![ids.host_sock_ops],
+        "host_sock_ops attached once, by the new agent"
+    );
     let attached =
         query::prog_ids(pod.fd(), query::BPF_SK_LOOKUP, QueryScope::Attached).expect("query netns");
     assert_eq!(attached, vec![ids.sk_lookup], "sk_lookup attached once");
@@ -470,6 +490,8 @@ struct TestEnv {
     // Field order is drop order: pins (links detached) before the cgroup goes.
     pins: PinRoot,
     cgroup: Cgroup,
+    /// `host_cgroup`: host_sock_ops attaches here (a sibling of the pods' cgroup).
+    host: Cgroup,
 }
 
 impl TestEnv {
@@ -486,7 +508,8 @@ impl TestEnv {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         Some(Self {
             pins: PinRoot::new(n),
-            cgroup: Cgroup::new(n),
+            cgroup: Cgroup::new(n, ""),
+            host: Cgroup::new(n, "-host"),
         })
     }
 
@@ -494,6 +517,7 @@ impl TestEnv {
         let config = Config {
             pin_root: self.pins.path.clone(),
             cgroup_root: self.cgroup.path.clone(),
+            host_cgroup: self.host.path.clone(),
         };
         Dataplane::load(&config, settings).unwrap_or_else(|e| panic!("load: {e}"))
     }
@@ -614,9 +638,9 @@ struct Cgroup {
 }
 
 impl Cgroup {
-    fn new(n: u32) -> Self {
+    fn new(n: u32, suffix: &str) -> Self {
         let root = cgroup2_mount().expect("a cgroup2 mount in /proc/self/mountinfo");
-        let path = root.join(format!("weft-ebpftest-{}-{n}", std::process::id()));
+        let path = root.join(format!("weft-ebpftest-{}-{n}{suffix}", std::process::id()));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         let dir = File::open(&path).expect("open cgroup");
         Self { path, root, dir }

@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::OnceLock,
 };
@@ -52,7 +52,7 @@ impl PodNetns {
     pub fn cookie(&self) -> io::Result<NetnsCookie> {
         let socket =
             self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
-        netns_cookie_of(&socket)
+        crate::ebpf::netns_cookie_of(&socket)
     }
 }
 
@@ -71,29 +71,6 @@ fn home_netns() -> io::Result<&'static File> {
 pub fn remember_home() -> io::Result<()> {
     home_netns().map(|_| ())
 }
-
-fn netns_cookie_of(socket: &impl AsRawFd) -> io::Result<NetnsCookie> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed; the fd is open
-    // for the duration of the call (borrowed from a live socket).
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(NetnsCookie(cookie))
-}
-
-/// `SO_NETNS_COOKIE` (Linux 5.14), not yet in every libc crate release.
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[cfg(test)]
 mod tests {

@@ -231,9 +231,10 @@ fn accepts_plaintext(proxy: &Proxy, pod: &PodContext) -> bool {
 }
 
 /// Kubelet probes come in plaintext from the node itself, so a STRICT pod would fail them:
-/// let exactly those in — from one of the node's own addresses (the agent runs in the
-/// node's netns) and to a port the pod's probes use. Anything else from the node, and the
-/// node's other ports, stay refused. Policy still applies to what is let in.
+/// let exactly those in — connections that a socket of the node's own network namespace
+/// made (recorded by the host-side `host_sock_ops` program) to a port the pod's probes use.
+/// A node *address* proves nothing: kube-proxy masquerades NodePort and LoadBalancer
+/// clients to one (docs/cni.md). Policy still applies to what is let in.
 fn is_kubelet_probe(proxy: &Proxy, pod: &PodContext, peer: SocketAddr, dst: SocketAddr) -> bool {
     let probed = proxy
         .inner
@@ -242,31 +243,18 @@ fn is_kubelet_probe(proxy: &Proxy, pod: &PodContext, peer: SocketAddr, dst: Sock
         .workloads
         .get(&pod.workload)
         .is_some_and(|w| w.probe_ports().contains(&dst.port()));
-    if !probed || peer.ip().is_loopback() {
+    if !probed {
         return false;
     }
-    match node_addresses() {
-        Ok(addresses) => addresses.contains(&peer.ip()),
+    match proxy.inner.host_conns.take(peer, dst) {
+        Ok(from_node) => from_node,
         Err(e) => {
-            // Fail closed: without the node's addresses no plaintext gets in.
-            warn!(component = "proxy", error = %e, "cannot list the node's addresses; refusing a possible kubelet probe");
+            // Fail closed: unable to tell a probe from a masqueraded client, let neither in.
+            crate::warn_limited!(component = "proxy", error = %e,
+                "cannot look up the node's own connections; refusing a possible kubelet probe");
             false
         }
     }
-}
-
-/// The addresses of the agent's (the node's) network namespace. Asked per probe
-/// connection (a few per pod every few seconds), so a changed node address never goes
-/// stale.
-fn node_addresses() -> nix::Result<Vec<std::net::IpAddr>> {
-    Ok(nix::ifaddrs::getifaddrs()?
-        .filter_map(|ifa| {
-            let addr = ifa.address?;
-            addr.as_sockaddr_in()
-                .map(|a| std::net::IpAddr::V4(a.ip()))
-                .or_else(|| addr.as_sockaddr_in6().map(|a| std::net::IpAddr::V6(a.ip())))
-        })
-        .collect())
 }
 
 /// Mutual TLS is off on this node (no CA): the HBONE listener exists (so the port is owned

@@ -1,6 +1,7 @@
-//! Where the proxy's upstream sockets come from: a factory per pod that creates marked
-//! sockets inside the pod's network namespace (ztunnel's in-pod socket seam), so upstream
-//! connections carry the pod's own source address.
+//! Where the proxy's upstream sockets come from: a factory per pod that creates sockets
+//! inside the pod's network namespace (ztunnel's in-pod socket seam), so upstream
+//! connections carry the pod's own source address, each registered as the proxy's own so
+//! it is never steered back to the proxy.
 
 use std::{io, net::SocketAddr, time::Duration};
 
@@ -11,7 +12,8 @@ use super::Error;
 
 /// Creates TCP sockets for a pod.
 pub trait SocketFactory: Send + Sync + 'static {
-    /// A new, non-blocking, marked TCP socket of `domain`, in the pod's namespace.
+    /// A new, non-blocking TCP socket of `domain`, in the pod's namespace, registered as the
+    /// proxy's own (connect4/6 leaves it alone) and marked.
     fn tcp(&self, domain: Domain) -> io::Result<Socket>;
 }
 

@@ -6,8 +6,9 @@ use crate::impl_pod;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProxyConfig {
-    /// `SO_MARK` carried by every socket of the proxy; such sockets are never steered.
-    /// Host byte order. Zero means "not configured yet": programs then steer nothing.
+    /// `SO_MARK` carried by every socket of the proxy. It no longer exempts a socket from
+    /// steering (any pod with CAP_NET_RAW can set it): `PROXY_SOCKETS` does. Host byte order.
+    /// Zero means "not configured yet": programs then steer nothing.
     pub proxy_mark: u32,
     /// Outbound listener port in each pod netns (15001). Host byte order.
     pub outbound_port: u16,
@@ -17,6 +18,16 @@ pub struct ProxyConfig {
     pub hbone_port: u16,
     /// Explicit padding, always zero.
     pub _pad: [u8; 6],
+}
+
+/// The single entry of the host config map: what `host_sock_ops` needs to tell the node's
+/// own sockets from the pods'.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Netns cookie of the node's (the agent's) network namespace. Host byte order. Zero
+    /// means "not configured yet": nothing is recorded, so no plaintext passes as a probe.
+    pub node_netns_cookie: u64,
 }
 
 /// Key of the excluded-ports map.
@@ -61,7 +72,8 @@ pub const INBOUND_PORT: u16 = 15_006;
 pub const HBONE_PORT: u16 = 15_008;
 
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<HostConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
-impl_pod!(ProxyConfig, PortKey, AddrKey, ListenerKey);
+impl_pod!(ProxyConfig, HostConfig, PortKey, AddrKey, ListenerKey);

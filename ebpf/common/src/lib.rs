@@ -11,6 +11,7 @@
 #![no_std]
 
 pub mod config;
+pub mod host;
 pub mod maps;
 pub mod netns;
 pub mod orig_dst;

@@ -19,6 +19,16 @@ pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
 pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
 /// `PerCpuArray<Stats, 1>`: one counter per verdict and error arm of every program.
 pub const STATS: &str = "STATS";
+/// `LruHashMap<SocketCookie, u8>`: the proxy's own sockets, registered by the agent before
+/// it connects them; connect4/6 never steers them. (A mark could be set by any pod with
+/// CAP_NET_RAW; a registered cookie cannot be forged from a pod.)
+pub const PROXY_SOCKETS: &str = "PROXY_SOCKETS";
+/// `Array<HostConfig, 1>`: what the host-side program needs (the node's netns cookie).
+pub const HOST_CONFIG: &str = "HOST_CONFIG";
+/// `LruHashMap<HostConnKey, u8>`: live TCP connections originated by a socket of the node's
+/// own network namespace (the kubelet's probes among them), recorded by `host_sock_ops`
+/// and taken by the proxy when it accepts them in a pod.
+pub const HOST_CONNS: &str = "HOST_CONNS";
 
 /// Every map the agent expects in the object, for the load-time check.
 pub const ALL: &[&str] = &[
@@ -30,6 +40,9 @@ pub const ALL: &[&str] = &[
     EXCLUDED_PORTS,
     EXCLUDED_CIDRS,
     STATS,
+    PROXY_SOCKETS,
+    HOST_CONFIG,
+    HOST_CONNS,
 ];
 
 /// Capacity of the pod map: pods on one node.
@@ -40,3 +53,8 @@ pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_LISTENERS: u32 = 8192;
 /// Capacity of each exclusion map.
 pub const MAX_EXCLUSIONS: u32 = 256;
+/// Capacity of the proxy's own-socket map. An entry is needed only between the agent's
+/// registration and its `connect()` right after; LRU, so older ones age out.
+pub const MAX_PROXY_SOCKETS: u32 = 16_384;
+/// Capacity of the host-originated connection map (live host connections of the node).
+pub const MAX_HOST_CONNS: u32 = 65_536;

@@ -11,7 +11,7 @@ pub struct Stats {
     pub connect_redirected: u64,
     /// connect4/6: socket of a pod that is not enrolled (left alone).
     pub connect_not_enrolled: u64,
-    /// connect4/6: excluded (loopback, marked proxy socket, port or CIDR).
+    /// connect4/6: excluded (loopback, port or CIDR).
     pub connect_excluded: u64,
     /// connect4/6: not TCP (UDP, DNS included): left alone.
     pub connect_not_tcp: u64,
@@ -30,7 +30,16 @@ pub struct Stats {
     /// sk_lookup error arm: no live inbound listener for the pod IP; dropped (fail closed:
     /// never reach the application around the proxy).
     pub sklookup_error_dropped: u64,
+    /// connect4/6: one of the proxy's own sockets (its cookie is in `PROXY_SOCKETS`): left
+    /// alone.
+    pub connect_proxy_socket: u64,
+    /// host_sock_ops: a connection originated by a node socket, recorded in `HOST_CONNS`.
+    pub host_conn_recorded: u64,
+    /// host_sock_ops error arm: a node connection could not be recorded (map full or the
+    /// close callback could not be requested). It is then not recognised as the node's, so
+    /// a probe on it is refused like any other plaintext (fail closed).
+    pub host_conn_error_unrecorded: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Stats>() == 80);
+const _: () = assert!(core::mem::size_of::<Stats>() == 104);
 impl_pod!(Stats);

@@ -4,8 +4,13 @@
 //!
 //! Left alone, in this order: not TCP (UDP and so DNS included), a netns that is not enrolled
 //! (or whose pod does not redirect outbound), proxy not configured, the proxy's own sockets
-//! (`SO_MARK`), destinations that stay in the netns (loopback, unspecified), excluded ports,
-//! excluded CIDRs.
+//! (socket cookie registered in `PROXY_SOCKETS` by the agent), destinations that stay in the
+//! netns (loopback, unspecified), excluded ports, excluded CIDRs.
+//!
+//! The proxy's sockets still carry `SO_MARK`, but the mark exempts nothing: any container
+//! with CAP_NET_RAW can set it. Only the agent can write `PROXY_SOCKETS`, and a socket
+//! cookie is unique for the kernel's lifetime, so a pod cannot make its socket look like one
+//! of the proxy's.
 
 use core::ptr;
 
@@ -24,7 +29,7 @@ use ebpf_common::{
 };
 
 use crate::{
-    EXCLUDED_CIDRS, EXCLUDED_PORTS, ORIG_DST_BY_SOCKET, PODS, PROXY_CONFIG,
+    EXCLUDED_CIDRS, EXCLUDED_PORTS, ORIG_DST_BY_SOCKET, PODS, PROXY_CONFIG, PROXY_SOCKETS,
     net::{self, AF_INET, AF_INET6},
     stats::count,
 };
@@ -56,7 +61,7 @@ pub(crate) fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Error> {
     };
     let addr = net::mapped_v4(ip4);
     let port = net::port_from_be16_in_u32(port);
-    if excluded(ctx, &config, &addr, port) {
+    if excluded(ctx, &addr, port) {
         return Ok(ALLOW);
     }
     save_orig_dst(ctx, addr, port, AF_INET as u16)?;
@@ -93,7 +98,7 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Error> {
     };
     let addr = net::v6_bytes(ip6);
     let port = net::port_from_be16_in_u32(port);
-    if excluded(ctx, &config, &addr, port) {
+    if excluded(ctx, &addr, port) {
         return Ok(ALLOW);
     }
     save_orig_dst(ctx, addr, port, AF_INET6 as u16)?;
@@ -161,10 +166,10 @@ fn steerable(ctx: &SockAddrContext) -> Option<ProxyConfig> {
             return None;
         }
     };
-    // Proxy config is written before any pod is enrolled; zero means "not configured yet", and
-    // with no mark to recognise the proxy's own sockets nothing may be steered.
+    // Proxy config is written before any pod is enrolled; zero means "not configured yet":
+    // nothing may be steered to a port that is not known.
     let config = match PROXY_CONFIG.get(0) {
-        Some(config) if config.proxy_mark != 0 && config.outbound_port != 0 => *config,
+        Some(config) if config.outbound_port != 0 => *config,
         _ => {
             count!(connect_excluded);
             trace!(ctx, "connect: proxy not configured, left alone");
@@ -176,17 +181,24 @@ fn steerable(ctx: &SockAddrContext) -> Option<ProxyConfig> {
         count!(connect_excluded);
         return None;
     }
+    // SAFETY: bpf_get_socket_cookie takes the program's context; sock_addr programs may call it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if PROXY_SOCKETS.get_ptr(cookie).is_some() {
+        // The proxy's own upstream socket (the agent registered it just before connecting):
+        // steering it would send the proxy to itself. The entry is left for LRU eviction,
+        // not deleted here: while an agent replaces its links, two copies of this program
+        // run for one connect, and the second must see it too.
+        count!(connect_proxy_socket);
+        trace!(ctx, "connect: proxy socket, left alone");
+        return None;
+    }
     Some(config)
 }
 
 /// Whether a connect to `addr:port` is left alone because of an exclusion. Counts it.
 #[inline(always)]
-fn excluded(ctx: &SockAddrContext, config: &ProxyConfig, addr: &[u8; 16], port: u16) -> bool {
-    // SAFETY: `sk` is always set (PTR_TO_SOCKET) in sock_addr contexts and `mark` (SO_MARK)
-    // is a readable field of `struct bpf_sock`.
-    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
-    let excluded = mark == config.proxy_mark
-        || net::is_local(addr)
+fn excluded(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> bool {
+    let excluded = net::is_local(addr)
         || EXCLUDED_PORTS
             .get_ptr(PortKey { port, _pad: [0; 2] })
             .is_some()

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod connect;
+mod host;
 mod net;
 mod sklookup;
 mod sockops;
@@ -19,8 +20,9 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use ebpf_common::{
-    config::{AddrKey, ListenerKey, PortKey, ProxyConfig},
-    maps::{MAX_CONNS, MAX_EXCLUSIONS, MAX_LISTENERS, MAX_PODS},
+    config::{AddrKey, HostConfig, ListenerKey, PortKey, ProxyConfig},
+    host::HostConnKey,
+    maps::{MAX_CONNS, MAX_EXCLUSIONS, MAX_HOST_CONNS, MAX_LISTENERS, MAX_PODS, MAX_PROXY_SOCKETS},
     netns::{NetnsCookie, PodRecord},
     orig_dst::{ConnKey, OrigDst, SocketCookie},
     stats::Stats,
@@ -59,6 +61,15 @@ static EXCLUDED_CIDRS: LpmTrie<AddrKey, u8, { MAX_EXCLUSIONS as usize }> = LpmTr
 #[btf_map]
 static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
+#[btf_map]
+static PROXY_SOCKETS: LruHashMap<u64, u8, { MAX_PROXY_SOCKETS as usize }> = LruHashMap::new();
+
+#[btf_map]
+static HOST_CONFIG: Array<HostConfig, 1> = Array::new();
+
+#[btf_map]
+static HOST_CONNS: LruHashMap<HostConnKey, u8, { MAX_HOST_CONNS as usize }> = LruHashMap::new();
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     match connect::try_connect4(&ctx) {
@@ -82,6 +93,19 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
         // The connection is already established; sock_ops cannot stop it. Count it: the proxy
         // finds no original destination for it and resets it (fail closed, in user space).
         Err(error) => sockops::missing(&ctx, error),
+    }
+}
+
+/// Attached to the host's cgroup (`agent.hostCgroup`), not the pods': records the TCP
+/// connections that sockets of the node's own netns originate, so the proxy can tell a
+/// kubelet probe from masqueraded traffic (`host.rs`).
+#[sock_ops]
+pub fn host_sock_ops(ctx: SockOpsContext) -> u32 {
+    match host::try_host_sock_ops(&ctx) {
+        Ok(verdict) => verdict,
+        // sock_ops cannot stop the connection; an unrecorded one is simply not the node's
+        // to the proxy, which then refuses it as plaintext (fail closed).
+        Err(error) => host::unrecorded(&ctx, error),
     }
 }
 

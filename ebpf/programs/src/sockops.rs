@@ -85,20 +85,21 @@ pub(crate) fn missing(ctx: &SockOpsContext, error: Error) -> u32 {
 }
 
 /// The context fields sock_ops needs, copied out.
-struct Conn {
-    family: u32,
-    remote_ip4: u32,
-    remote_ip6: [u32; 4],
-    local_ip6: [u32; 4],
+pub(crate) struct Conn {
+    pub(crate) family: u32,
+    pub(crate) remote_ip4: u32,
+    pub(crate) local_ip4: u32,
+    pub(crate) remote_ip6: [u32; 4],
+    pub(crate) local_ip6: [u32; 4],
     /// Host order.
-    remote_port: u16,
+    pub(crate) remote_port: u16,
     /// Host order.
-    local_port: u16,
+    pub(crate) local_port: u16,
 }
 
 impl Conn {
     #[inline(always)]
-    fn read(ctx: &SockOpsContext) -> Self {
+    pub(crate) fn read(ctx: &SockOpsContext) -> Self {
         let ops = ctx.ops;
         // SAFETY: `ops` is the kernel's context for this run and every field read here is
         // readable in sock_ops; each read is a separate 4-byte load at a constant offset.
@@ -107,6 +108,7 @@ impl Conn {
             Self {
                 family: word(&raw const (*ops).family),
                 remote_ip4: word(&raw const (*ops).remote_ip4),
+                local_ip4: word(&raw const (*ops).local_ip4),
                 remote_ip6: [
                     word(&raw const (*ops).remote_ip6[0]),
                     word(&raw const (*ops).remote_ip6[1]),
