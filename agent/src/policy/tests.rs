@@ -46,6 +46,7 @@ fn policy(
         },
         action,
         rules,
+        invalid: None,
     }
 }
 
@@ -753,6 +754,7 @@ fn access_policy(name: String) -> impl Strategy<Value = AccessPolicy> {
                 },
                 action,
                 rules,
+                invalid: None,
             },
         )
 }
