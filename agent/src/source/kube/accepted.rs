@@ -152,28 +152,32 @@ pub(super) fn plan(stores: &Stores, now: &str) -> Vec<Write> {
     policies
         .into_iter()
         .chain(modes)
-        .filter_map(|(kind, key, status, said)| write_for(kind, key, status, said, now))
+        .filter_map(|said| write_for(said, now))
         .collect()
 }
 
-/// (kind, key, status, (status, reason, message) of `Accepted`) of each object of `store`;
-/// `fail_closed` says what an item does when it stands in for a rejected object.
+/// What `Accepted` must say of one object.
+struct Said<'s> {
+    kind: Kind,
+    key: &'s str,
+    status: &'s StatusOf,
+    /// (status, reason, message).
+    condition: (&'static str, &'static str, String),
+}
+
+/// What `Accepted` must say of each object of `store`; `fail_closed` gives an item's status
+/// and what it does when it stands in for a rejected object.
 fn said<'s, T>(
     kind: Kind,
     store: &'s Store<T>,
     fail_closed: impl Fn(&'s T) -> (&'s StatusOf, String),
-) -> Vec<(
-    Kind,
-    &'s str,
-    &'s StatusOf,
-    (&'static str, &'static str, String),
-)> {
+) -> Vec<Said<'s>> {
     store
         .items
         .iter()
         .map(|(key, item)| {
             let (status, effect) = fail_closed(item);
-            let said = match store.rejected().get(key) {
+            let condition = match store.rejected().get(key) {
                 Some(Rejected { invalid, .. }) => (
                     "False",
                     INVALID,
@@ -181,19 +185,24 @@ fn said<'s, T>(
                 ),
                 None => ("True", ACCEPTED, "In force on every weft agent".into()),
             };
-            (kind, key.as_str(), status, said)
+            Said {
+                kind,
+                key,
+                status,
+                condition,
+            }
         })
         .collect()
 }
 
-/// The write `key` needs for `Accepted` to say `said`, if it does not already.
-fn write_for(
-    kind: Kind,
-    key: &str,
-    status: &StatusOf,
-    said: (&str, &str, String),
-    now: &str,
-) -> Option<Write> {
+/// The write an object needs for `Accepted` to say what it must, if it does not already.
+fn write_for(said: Said<'_>, now: &str) -> Option<Write> {
+    let Said {
+        kind,
+        key,
+        status,
+        condition: said,
+    } = said;
     let (namespace, name) = key.split_once('/')?;
     let generation = json!(status.generation);
     let ours = condition(ACCEPTED, said, &generation, &status.conditions, now);

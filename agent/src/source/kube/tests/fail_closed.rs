@@ -9,9 +9,11 @@ use crate::{
     policy::{ConnectionFacts, PolicyIndex},
 };
 
-/// The malformed inputs of the issue, each as (what, how it breaks the rule of
-/// `policy_object`, the field the error must name).
-fn malformed() -> Vec<(&'static str, fn(&mut Value), &'static str)> {
+/// (what, how it breaks the rule of `policy_object`, the field the error must name).
+type Malformed = (&'static str, fn(&mut Value), &'static str);
+
+/// The malformed inputs of the issue.
+fn malformed() -> Vec<Malformed> {
     vec![
         (
             "a principal without its spiffe:// scheme",
@@ -91,8 +93,7 @@ async fn fresh_agent_snapshot(api: &FakeApi, node: &str) -> Arc<Snapshot> {
             .unwrap();
     }
     task.abort();
-    let snapshot = Arc::clone(&rx.borrow());
-    snapshot
+    Arc::clone(&rx.borrow())
 }
 
 #[tokio::test]
