@@ -13,7 +13,8 @@
 //!
 //! Semantics, in order:
 //! 1. a DENY policy selecting the destination with a matching rule denies
-//!    (`denied_by_policy`);
+//!    (`denied_by_policy`); a policy that cannot be understood is indexed as a DENY of
+//!    everything it selects (`invalid_policy`), so a typo never opens a workload;
 //! 2. if any ALLOW policy selects the destination, the connection is allowed only when one
 //!    of them has a matching rule (`not_allowed` otherwise);
 //! 3. otherwise the mesh-wide default-deny switch decides (`default_deny` when on).

@@ -577,6 +577,10 @@ fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
         if !weft_plurals.is_empty() {
             let plurals: Vec<&str> = weft_plurals.iter().map(String::as_str).collect();
             agent.push(rule("weft.dev", &plurals, &read, &[]));
+            // The Accepted condition of policies that fail closed (issue 13, finding 2).
+            let status: Vec<String> = plurals.iter().map(|p| format!("{p}/status")).collect();
+            let status: Vec<&str> = status.iter().map(String::as_str).collect();
+            agent.push(rule("weft.dev", &status, &["patch"], &[]));
         }
         if gateway {
             agent.push(rule(

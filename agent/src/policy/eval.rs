@@ -43,7 +43,7 @@ pub enum Decision {
     Allow,
     /// The connection must be reset.
     Deny {
-        /// The DENY policy that matched, for `DenyReason::DeniedByPolicy`.
+        /// The DENY policy that matched, for `DeniedByPolicy` and `InvalidPolicy`.
         policy: Option<WorkloadRef>,
         /// Why.
         reason: DenyReason,
@@ -55,6 +55,9 @@ pub enum Decision {
 pub enum DenyReason {
     /// A DENY policy matched.
     DeniedByPolicy,
+    /// A policy that cannot be understood selects the destination: it denies everything
+    /// (`AccessPolicy::fail_closed`).
+    InvalidPolicy,
     /// ALLOW policies select the destination, and none matched.
     NotAllowed,
     /// No ALLOW policy selects the destination, and the mesh denies by default.
@@ -80,11 +83,12 @@ impl Decision {
 }
 
 impl DenyReason {
-    /// Stable snake_case name: `denied_by_policy`, `not_allowed`, `default_deny`,
-    /// `waypoint_bypassed`.
+    /// Stable snake_case name: `denied_by_policy`, `invalid_policy`, `not_allowed`,
+    /// `default_deny`, `waypoint_bypassed`.
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::DeniedByPolicy => "denied_by_policy",
+            DenyReason::InvalidPolicy => "invalid_policy",
             DenyReason::NotAllowed => "not_allowed",
             DenyReason::DefaultDeny => "default_deny",
             DenyReason::WaypointBypassed => "waypoint_bypassed",
@@ -108,9 +112,13 @@ pub(crate) fn decide<'p>(
 ) -> Decision {
     let peer = Peer::new(facts);
     if let Some(policy) = deny.into_iter().find(|p| peer.matches(p)) {
+        let reason = match policy.invalid {
+            Some(_) => DenyReason::InvalidPolicy,
+            None => DenyReason::DeniedByPolicy,
+        };
         return Decision::Deny {
             policy: Some(policy.name.clone()),
-            reason: DenyReason::DeniedByPolicy,
+            reason,
         };
     }
     let mut allow = allow.into_iter().peekable();

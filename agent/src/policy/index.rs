@@ -361,6 +361,7 @@ mod tests {
                     }),
                     ..Rule::default()
                 }],
+                invalid: None,
             };
             snapshot.policies.insert(policy.name.clone(), policy);
         }

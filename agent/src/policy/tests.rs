@@ -46,6 +46,7 @@ fn policy(
         },
         action,
         rules,
+        invalid: None,
     }
 }
 
@@ -753,6 +754,7 @@ fn access_policy(name: String) -> impl Strategy<Value = AccessPolicy> {
                 },
                 action,
                 rules,
+                invalid: None,
             },
         )
 }
@@ -944,4 +946,50 @@ proptest! {
         }
         prop_assert_eq!(decision, PolicyIndex::build(&ip_only).evaluate(&facts));
     }
+}
+
+#[test]
+fn a_policy_that_cannot_be_understood_denies_everything_it_selects_whatever_allows() {
+    let api = workload("prod", "api", &[("app", "api")]);
+    let web = workload("prod", "web", &[("app", "web")]);
+    let selector = WorkloadSelector {
+        namespace: "prod".into(),
+        match_labels: [("app".to_string(), "api".to_string())].into(),
+    };
+    let index = PolicyIndex::build(&snapshot(
+        &[&api, &web],
+        vec![
+            policy(
+                "prod",
+                "allow-all",
+                &[],
+                Action::Allow,
+                vec![Rule::default()],
+            ),
+            AccessPolicy::fail_closed(
+                WorkloadRef::new("prod", "typo"),
+                selector,
+                "spec.rules[0].toPorts[0]: invalid port \"8080-80\"".into(),
+            ),
+        ],
+    ));
+    let invalid = deny(Some(("prod", "typo")), DenyReason::InvalidPolicy);
+    let peer = id("web", "front");
+    assert_eq!(index.evaluate(&mtls(&api, 8080, &peer)), invalid);
+    assert_eq!(index.evaluate(&plaintext(&api, 80, "10.1.0.9")), invalid);
+    assert_eq!(invalid.reason(), Some("invalid_policy"));
+    // At a waypoint, every request too.
+    let headers = http::HeaderMap::new();
+    let request = RequestFacts {
+        method: "GET",
+        path: "/",
+        headers: &headers,
+    };
+    let facts = ConnectionFacts {
+        request: Some(&request),
+        ..mtls(&api, 8080, &peer)
+    };
+    assert_eq!(index.evaluate(&facts), invalid);
+    // What it does not select is untouched.
+    assert!(index.evaluate(&mtls(&web, 8080, &peer)).is_allowed());
 }

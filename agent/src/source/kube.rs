@@ -37,11 +37,19 @@
 //! of the cluster's state keeps flowing: freezing the whole snapshot on one user's typo would
 //! stop every new pod on the node from being enrolled or protected by its policies.
 //!
+//! Except for the resources that guard workloads, which fail closed (`accepted`): an
+//! `AccessPolicy` that cannot be understood denies everything for the workloads it selects
+//! (its whole namespace if its selector cannot be read either), a `PeerAuthentication` is
+//! STRICT for what it selects. The stand-in is built from the object alone, never from an
+//! earlier version, so every agent enforces the same, restarted or not. Counted by
+//! `weft_policies_invalid{kind}`; one agent writes each object's `Accepted` condition.
+//!
 //! Health (`Health`): per kind, whether the first list is done and whether the watch is up.
 //! Readiness waits for the first full sync and reports a stale (down) watch by kind; the
 //! metrics `weft_kubernetes_watch_stale{kind}`, `weft_kubernetes_objects{kind}` and
 //! `weft_kubernetes_watch_errors_total{kind}` say the same to Prometheus.
 
+mod accepted;
 mod build;
 pub mod crd;
 mod project;
@@ -279,18 +287,17 @@ pub async fn run(
     );
     // The weft resources are read as untyped objects and converted one by one, so one
     // that does not fit the Rust type is rejected alone instead of failing the whole list.
-    spawn.watch(
+    // Both guard workloads: one that cannot be understood fails closed (`accepted`).
+    spawn.watch_fail_closed(
         untyped::<crd::AccessPolicy>(&client),
         Kind::AccessPolicy,
-        (None, None),
-        project::access_policy,
+        (project::access_policy, accepted::POLICY_FAILS_CLOSED),
         |c| &mut c.policies,
     );
-    spawn.watch(
+    spawn.watch_fail_closed(
         untyped::<crd::PeerAuthentication>(&client),
         Kind::PeerAuthentication,
-        (None, None),
-        project::peer_authentication,
+        (project::peer_authentication, accepted::MODE_FAILS_CLOSED),
         |c| &mut c.peer_authentications,
     );
     spawn.watch(
@@ -330,6 +337,12 @@ pub async fn run(
             config.clone(),
             Arc::clone(&caches),
             Arc::clone(&health),
+        ));
+        // Elected as the unmeshed-pod reporter is: one writer per cluster.
+        watches.spawn(accepted::run(
+            client.clone(),
+            config.clone(),
+            Arc::clone(&caches),
         ));
     }
 
@@ -578,6 +591,19 @@ impl Collector for Metrics {
         for kind in watched(&kinds) {
             let errors = kinds.get(&kind).map_or(0, |h| h.errors_total);
             ConstCounter::new(errors).encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
+        }
+        // Every rejected object of these kinds is in force as its fail-closed stand-in.
+        let mut metric = encoder.encode_descriptor(
+            "policies_invalid",
+            "Policy resources that cannot be understood, in force as fail closed: an \
+             AccessPolicy denies everything it selects, a PeerAuthentication makes it STRICT",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for kind in [Kind::AccessPolicy, Kind::PeerAuthentication] {
+            let invalid = kinds.get(&kind).map_or(0, |h| h.rejected);
+            ConstGauge::new(i64::try_from(invalid).unwrap_or(i64::MAX))
+                .encode(metric.encode_family(&[("kind", kind.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "kubernetes_unmeshed_pods",

@@ -133,6 +133,7 @@ pub fn access_policy(
         name,
         action,
         rules,
+        invalid: None,
     })
 }
 

@@ -25,6 +25,11 @@ pub struct AccessPolicy {
     pub action: Action,
     /// Matched when any rule matches (OR); a policy without rules matches nothing.
     pub rules: Vec<Rule>,
+    /// Set when the policy's resource cannot be understood (the field at fault and why):
+    /// the policy then stands in as a DENY of every connection to what it selects,
+    /// whatever it says (`AccessPolicy::fail_closed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }
 
 /// Selects workloads of one namespace by their labels.
@@ -148,6 +153,21 @@ pub struct L7Match {
 }
 
 impl AccessPolicy {
+    /// The stand-in for policy `name` that cannot be understood (`invalid` says why): it
+    /// denies every connection to what `selector` selects, so a typo never opens a
+    /// workload, and it is built from the object alone, so every agent, restarted or not,
+    /// enforces the same.
+    pub fn fail_closed(name: WorkloadRef, selector: WorkloadSelector, invalid: String) -> Self {
+        Self {
+            name,
+            selector,
+            action: Action::Deny,
+            // An empty rule matches every connection.
+            rules: vec![Rule::default()],
+            invalid: Some(invalid),
+        }
+    }
+
     /// Whether the policy applies to connections to `workload`.
     pub fn selects(&self, workload: &Workload) -> bool {
         self.selector.selects(workload)
@@ -300,6 +320,7 @@ mod tests {
                     ..L7Match::default()
                 }),
             }],
+            invalid: None,
         };
         let json = serde_json::to_value(&policy).unwrap();
         assert_eq!(

@@ -124,7 +124,7 @@ pub(super) fn snapshot(
         .policies
         .items
         .values()
-        .map(|policy| (policy.name.clone(), policy.clone()))
+        .map(|item| (item.policy.name.clone(), item.policy.clone()))
         .collect();
 
     let mesh_namespaces = stores.mesh_namespaces().cloned().collect();

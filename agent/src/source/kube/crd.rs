@@ -8,8 +8,9 @@
 //!   the workloads its selector picks. Named and shaped like Istio's resource of the same
 //!   job (`spec.selector.matchLabels`, `spec.mtls.mode`), which is where Istio users look.
 //!
-//! Both carry `status.conditions` (type `Accepted`) for a controller to report rejections;
-//! node agents only read, since one status written by every node would flap.
+//! Both carry `status.conditions` (type `Accepted`): True when in force as written, False
+//! naming the field at fault when the resource fails closed. One elected agent writes it
+//! (`accepted`), since one status written by every node would flap.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt};

@@ -20,9 +20,12 @@ use super::crd::{AccessPolicySpec, PeerAuthenticationSpec};
 use crate::{
     source::{
         gateway,
-        syntax::{self, Invalid},
+        syntax::{self, Invalid, SelectorSpec},
     },
-    state::{AccessPolicy, HttpRoute, MtlsMode, WorkloadRef, waypoint::USE_WAYPOINT_LABEL},
+    state::{
+        AccessPolicy, HttpRoute, MtlsMode, WorkloadRef, WorkloadSelector,
+        waypoint::USE_WAYPOINT_LABEL,
+    },
 };
 
 /// A namespace: whether its pods are in the mesh, and the waypoint its services use.
@@ -106,12 +109,30 @@ pub(super) struct SliceItem {
 }
 
 /// A PeerAuthentication: the mode of its namespace, or of the workloads it selects.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(super) struct PeerAuthItem {
     pub namespace: String,
     /// None: the whole namespace.
     pub selector: Option<BTreeMap<String, String>>,
     pub mode: MtlsMode,
+    pub status: StatusOf,
+}
+
+/// An AccessPolicy in force: the policy, or the fail-closed stand-in of one that cannot be
+/// understood (`AccessPolicy::invalid` set).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct PolicyItem {
+    pub policy: AccessPolicy,
+    pub status: StatusOf,
+}
+
+/// What a weft resource's status says now, for the writer of its `Accepted` condition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct StatusOf {
+    pub generation: Option<i64>,
+    pub resource_version: Option<String>,
+    /// `status.conditions`, as the API has them.
+    pub conditions: Vec<Value>,
 }
 
 pub(super) fn namespace(namespace: Namespace) -> Result<Option<NamespaceItem>, Invalid> {
@@ -358,10 +379,31 @@ pub(super) fn endpoint_slice(slice: EndpointSlice) -> Result<Option<SliceItem>, 
     }))
 }
 
-pub(super) fn access_policy(object: DynamicObject) -> Result<Option<AccessPolicy>, Invalid> {
+pub(super) fn access_policy(object: DynamicObject) -> Result<Option<PolicyItem>, Invalid> {
     let name = WorkloadRef::new(object.namespace().unwrap_or_default(), object.name_any());
     let spec: AccessPolicySpec = spec_of(&object)?;
-    syntax::access_policy("spec", name, spec.selector, spec.action, spec.rules).map(Some)
+    let policy = syntax::access_policy("spec", name, spec.selector, spec.action, spec.rules)?;
+    Ok(Some(PolicyItem {
+        policy,
+        status: StatusOf::of(&object),
+    }))
+}
+
+/// The stand-in of an AccessPolicy that cannot be understood: a DENY of everything for the
+/// workloads its selector picks, or for its whole namespace when the selector cannot be
+/// read either. Whatever its action: an unreadable ALLOW must not open what it guarded,
+/// and an unreadable DENY must not open what it closed.
+pub(super) fn access_policy_stand_in(object: &DynamicObject, invalid: &Invalid) -> PolicyItem {
+    let namespace = object.namespace().unwrap_or_default();
+    let selector = WorkloadSelector {
+        namespace: namespace.clone(),
+        match_labels: readable_selector(object).unwrap_or_default(),
+    };
+    let name = WorkloadRef::new(namespace, object.name_any());
+    PolicyItem {
+        policy: AccessPolicy::fail_closed(name, selector, invalid.to_string()),
+        status: StatusOf::of(object),
+    }
 }
 
 pub(super) fn peer_authentication(object: DynamicObject) -> Result<Option<PeerAuthItem>, Invalid> {
@@ -376,7 +418,49 @@ pub(super) fn peer_authentication(object: DynamicObject) -> Result<Option<PeerAu
         namespace: object.namespace().unwrap_or_default(),
         selector,
         mode: spec.mtls.mode,
+        status: StatusOf::of(&object),
     }))
+}
+
+/// The stand-in of a PeerAuthentication that cannot be understood: STRICT, the strictest
+/// mode, for the workloads its selector picks, or for its whole namespace when the selector
+/// cannot be read either. Plaintext never reaches a workload because of a typo.
+pub(super) fn peer_authentication_stand_in(object: &DynamicObject, _: &Invalid) -> PeerAuthItem {
+    PeerAuthItem {
+        namespace: object.namespace().unwrap_or_default(),
+        selector: readable_selector(object).filter(|labels| !labels.is_empty()),
+        mode: MtlsMode::Strict,
+        status: StatusOf::of(object),
+    }
+}
+
+impl StatusOf {
+    fn of(object: &DynamicObject) -> Self {
+        Self {
+            generation: object.metadata.generation,
+            resource_version: object.metadata.resource_version.clone(),
+            conditions: object
+                .data
+                .get("status")
+                .and_then(|s| s.get("conditions"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The labels of a weft resource's `spec.selector` (empty when it has none: the whole
+/// namespace); `None` when they cannot be read.
+fn readable_selector(object: &DynamicObject) -> Option<BTreeMap<String, String>> {
+    let field = "spec.selector";
+    match object.data.get("spec").and_then(|s| s.get("selector")) {
+        None | Some(Value::Null) => Some(BTreeMap::new()),
+        Some(raw) => {
+            let selector: SelectorSpec = syntax::decode(field, raw).ok()?;
+            syntax::labels("spec.selector.matchLabels", selector.match_labels).ok()
+        }
+    }
 }
 
 /// The `spec` of a weft resource as `S`, errors naming the field (`spec.rules[0]`).

@@ -5,7 +5,8 @@
 //! until the next list or watch opens.
 //!
 //! A re-list replaces the cache whole (objects deleted while the watch was down disappear),
-//! except that an object whose new version is rejected keeps its last good version.
+//! except that an object whose new version is rejected keeps its last good version, or, for
+//! a kind that fails closed (`FailClosed`: policies), is replaced by its stand-in.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -26,12 +27,12 @@ use tracing::{debug, info, warn};
 
 use super::{
     Config, Health, Kind, Rejected,
-    project::{AgentItem, NamespaceItem, PeerAuthItem, PodItem, RouteItem, ServiceItem, SliceItem},
+    project::{
+        AgentItem, NamespaceItem, PeerAuthItem, PodItem, PolicyItem, RouteItem, ServiceItem,
+        SliceItem,
+    },
 };
-use crate::{
-    source::{SourceStatus, syntax::Invalid},
-    state::AccessPolicy,
-};
+use crate::source::{SourceStatus, syntax::Invalid};
 
 /// Retry delays after an API error: doubling from `initial` up to `max`, reset by success.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -59,7 +60,7 @@ pub(super) struct Stores {
     pub remote_pods: Store<PodItem>,
     pub services: Store<ServiceItem>,
     pub slices: Store<SliceItem>,
-    pub policies: Store<AccessPolicy>,
+    pub policies: Store<PolicyItem>,
     pub peer_authentications: Store<PeerAuthItem>,
     /// weft's agent pods, by the chart's labels: which nodes host an agent.
     pub agents: Store<AgentItem>,
@@ -77,6 +78,26 @@ pub(super) struct Store<T> {
 /// Converts an API object into what the cache keeps; `Ok(None)`: nothing the proxy needs
 /// (a pod without an IP yet, a slice of no service).
 pub(super) type Project<K, T> = fn(K) -> Result<Option<T>, Invalid>;
+
+/// How a kind whose objects guard something fails closed: a rejected object is not left out
+/// and does not keep its last good version (which only the agents that saw it would have),
+/// it is replaced by a stand-in built from the object alone, so that every agent, restarted
+/// or not, enforces the same.
+pub(super) struct FailClosed<K, T> {
+    /// The item that stands in for a rejected object.
+    pub stand_in: fn(&K, &Invalid) -> T,
+    /// What the stand-in does, for the log line.
+    pub effect: &'static str,
+}
+
+/// An object as the cache takes it: an item, nothing, or a rejection.
+type Projected<T> = Result<Option<T>, Rejection<T>>;
+
+/// A rejected object, and its stand-in with what that does (kinds that fail closed only).
+struct Rejection<T> {
+    invalid: Invalid,
+    stand_in: Option<(T, &'static str)>,
+}
 
 /// Picks a kind's store out of `Stores`.
 pub(super) type StoreOf<T> = fn(&mut Stores) -> &mut Store<T>;
@@ -133,13 +154,7 @@ impl Caches {
     }
 
     /// Applies an added or modified object.
-    fn apply<T>(
-        &self,
-        kind: Kind,
-        store: StoreOf<T>,
-        key: String,
-        item: Result<Option<T>, Invalid>,
-    ) {
+    fn apply<T>(&self, kind: Kind, store: StoreOf<T>, key: String, item: Projected<T>) {
         let mut stores = self.lock();
         let store = store(&mut stores);
         match item {
@@ -151,14 +166,21 @@ impl Caches {
                 store.items.remove(&key);
                 store.rejected.remove(&key);
             }
-            // A new version with the same fault (a status or label change) is the same
-            // rejection, counted once.
-            Err(invalid)
-                if store
+            Err(Rejection { invalid, stand_in }) => {
+                // A new version with the same fault (a status or label change) is the same
+                // rejection, counted once; its stand-in follows the new version.
+                let seen = store
                     .rejected
                     .get(&key)
-                    .is_some_and(|r| r.invalid == invalid) => {}
-            Err(invalid) => self.reject(kind, store, key, invalid),
+                    .is_some_and(|r| r.invalid == invalid);
+                let effect = stand_in.map(|(item, effect)| {
+                    store.items.insert(key.clone(), item);
+                    effect
+                });
+                if !seen {
+                    self.reject(kind, store, key, invalid, effect);
+                }
+            }
         }
         let counts = store.counts();
         drop(stores);
@@ -178,12 +200,7 @@ impl Caches {
     }
 
     /// Replaces a kind's cache with a full list.
-    fn replace<T>(
-        &self,
-        kind: Kind,
-        store: StoreOf<T>,
-        listed: Vec<(String, Result<Option<T>, Invalid>)>,
-    ) {
+    fn replace<T>(&self, kind: Kind, store: StoreOf<T>, listed: Vec<(String, Projected<T>)>) {
         let mut stores = self.lock();
         let store = store(&mut stores);
         let mut old = std::mem::take(&mut store.items);
@@ -194,16 +211,25 @@ impl Caches {
                     store.items.insert(key, item);
                 }
                 Ok(None) => {}
-                Err(invalid) => {
-                    if let Some(last_good) = old.remove(&key) {
-                        store.items.insert(key.clone(), last_good);
-                    }
+                Err(Rejection { invalid, stand_in }) => {
+                    let effect = match stand_in {
+                        Some((item, effect)) => {
+                            store.items.insert(key.clone(), item);
+                            Some(effect)
+                        }
+                        None => {
+                            if let Some(last_good) = old.remove(&key) {
+                                store.items.insert(key.clone(), last_good);
+                            }
+                            None
+                        }
+                    };
                     // Counted once per new reason, not again at every re-list.
                     match old_rejected.get(&key) {
                         Some(seen) if seen.invalid == invalid => {
                             store.rejected.insert(key, seen.clone());
                         }
-                        _ => self.reject(kind, store, key, invalid),
+                        _ => self.reject(kind, store, key, invalid, effect),
                     }
                 }
             }
@@ -219,16 +245,24 @@ impl Caches {
         self.notify();
     }
 
-    fn reject<T>(&self, kind: Kind, store: &mut Store<T>, key: String, invalid: Invalid) {
+    /// Records and logs a rejection; `fail_closed`: what the stand-in in force does.
+    fn reject<T>(
+        &self,
+        kind: Kind,
+        store: &mut Store<T>,
+        key: String,
+        invalid: Invalid,
+        fail_closed: Option<&'static str>,
+    ) {
         let rejected = Rejected {
             kind,
             object: key.clone(),
             invalid,
         };
-        let kept = if store.items.contains_key(&key) {
-            "its last good version stays in force"
-        } else {
-            "it is left out"
+        let kept = match fail_closed {
+            Some(effect) => effect,
+            None if store.items.contains_key(&key) => "its last good version stays in force",
+            None => "it is left out",
         };
         warn!(component = "kubernetes", kind = kind.api_kind(), object = %key,
             error = %rejected.invalid, "object rejected; {kept}");
@@ -238,6 +272,27 @@ impl Caches {
             .update(kind, |h| h.last_rejection = Some(message));
         store.rejected.insert(key, rejected);
     }
+}
+
+/// Waits for the next pass of a task that follows the caches (a status writer, the
+/// unmeshed-pod reporter): `changed` (its change notification) or the instant `at` (a retry
+/// or a deadline), then `debounce`, so that a burst of changes makes one pass.
+pub(super) async fn next_pass(
+    changed: impl Future<Output = ()>,
+    at: Option<tokio::time::Instant>,
+    debounce: Duration,
+) {
+    let timer = async {
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = changed => {}
+        () = timer => {}
+    }
+    tokio::time::sleep(debounce).await;
 }
 
 impl Stores {
@@ -299,7 +354,29 @@ impl Spawner<'_> {
             api,
             kind,
             (field_selector, label_selector),
-            project,
+            (project, None),
+            store,
+            None,
+        );
+    }
+
+    /// As `watch`, for a kind that fails closed: a rejected object is replaced by the
+    /// stand-in of `fail_closed`.
+    pub fn watch_fail_closed<K, T>(
+        &mut self,
+        api: Api<K>,
+        kind: Kind,
+        (project, fail_closed): (Project<K, T>, FailClosed<K, T>),
+        store: StoreOf<T>,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        self.spawn(
+            api,
+            kind,
+            (None, None),
+            (project, Some(fail_closed)),
             store,
             None,
         );
@@ -319,7 +396,14 @@ impl Spawner<'_> {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         T: Send + 'static,
     {
-        self.spawn(api, kind, (None, None), project, store, Some(install));
+        self.spawn(
+            api,
+            kind,
+            (None, None),
+            (project, None),
+            store,
+            Some(install),
+        );
     }
 
     fn spawn<K, T>(
@@ -327,7 +411,7 @@ impl Spawner<'_> {
         api: Api<K>,
         kind: Kind,
         (field_selector, label_selector): (Option<String>, Option<String>),
-        project: Project<K, T>,
+        (project, fail_closed): (Project<K, T>, Option<FailClosed<K, T>>),
         store: StoreOf<T>,
         install: Option<&'static str>,
     ) where
@@ -344,6 +428,7 @@ impl Spawner<'_> {
             field_selector,
             label_selector,
             project,
+            fail_closed,
             store,
             caches: Arc::clone(self.caches),
             page_size: self.config.page_size,
@@ -363,6 +448,7 @@ struct Reflector<K, T> {
     field_selector: Option<String>,
     label_selector: Option<String>,
     project: Project<K, T>,
+    fail_closed: Option<FailClosed<K, T>>,
     store: StoreOf<T>,
     caches: Arc<Caches>,
     page_size: u32,
@@ -461,7 +547,7 @@ where
         loop {
             let page = self.api.list(&params).await?;
             for object in page.items {
-                listed.push((key(&object), (self.project)(object)));
+                listed.push((key(&object), self.projected(object)));
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params.continue_token = Some(token),
@@ -500,6 +586,25 @@ where
             }
         }
         Ok(Ended::Closed)
+    }
+
+    /// `object` as the cache takes it, with its stand-in if it is rejected and the kind
+    /// fails closed.
+    fn projected(&self, object: K) -> Projected<T> {
+        let Some(fail_closed) = &self.fail_closed else {
+            return (self.project)(object).map_err(|invalid| Rejection {
+                invalid,
+                stand_in: None,
+            });
+        };
+        // The projection consumes the object; the stand-in is built from it too.
+        (self.project)(object.clone()).map_err(|invalid| Rejection {
+            stand_in: Some((
+                (fail_closed.stand_in)(&object, &invalid),
+                fail_closed.effect,
+            )),
+            invalid,
+        })
     }
 
     /// Opens a watch from `from`. Done here rather than with `Api::watch`, which reads an
@@ -542,7 +647,7 @@ where
                 *version = object.resource_version();
                 let key = key(&object);
                 self.caches
-                    .apply(self.kind, self.store, key, (self.project)(object));
+                    .apply(self.kind, self.store, key, self.projected(object));
             }
             WatchEvent::Deleted(object) => {
                 *version = object.resource_version();

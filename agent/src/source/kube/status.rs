@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 use super::{
     Backoff, Kind,
     build::binding,
-    reflector::{Caches, Stores},
+    reflector::{Caches, Stores, next_pass},
 };
 use crate::state::WorkloadRef;
 
@@ -63,17 +63,7 @@ pub(super) async fn run(
     // rejection they were read for: read again only when that changes or a write fails.
     let mut fetched: HashMap<(Kind, String, String), (String, Value)> = HashMap::new();
     loop {
-        let timer = async {
-            match retry {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = caches.changed_for_status() => {}
-            () = timer => {}
-        }
-        tokio::time::sleep(debounce).await;
+        next_pass(caches.changed_for_status(), retry, debounce).await;
         retry = None;
         if !caches.health().all_synced() {
             continue;
@@ -258,25 +248,12 @@ pub(super) fn write_for(
         };
         let previous = current
             .iter()
-            .find(|e| is_ours(e) && entry_service(e, &namespace).as_ref() == Some(service));
+            .find(|e| is_ours(e) && entry_service(e, &namespace).as_ref() == Some(service))
+            .and_then(|p| p["conditions"].as_array())
+            .map_or(&[][..], Vec::as_slice);
         let conditions = [("Accepted", accepted), ("ResolvedRefs", resolved.clone())]
             .into_iter()
-            .map(|(kind, (status, reason, message))| {
-                let since = previous
-                    .and_then(|p| p["conditions"].as_array())
-                    .into_iter()
-                    .flatten()
-                    .find(|c| c["type"] == kind && c["status"] == status)
-                    .map_or_else(|| now.into(), |c| c["lastTransitionTime"].clone());
-                json!({
-                    "type": kind,
-                    "status": status,
-                    "reason": reason,
-                    "message": message,
-                    "observedGeneration": generation,
-                    "lastTransitionTime": since,
-                })
-            })
+            .map(|(kind, said)| condition(kind, said, &generation, previous, now))
             .collect::<Vec<_>>();
         parents.push(json!({
             "parentRef": parent_ref(raw),
@@ -295,18 +272,60 @@ pub(super) fn write_for(
     })
 }
 
-async fn patch(client: &kube::Client, write: &Write) -> Result<DynamicObject, kube::Error> {
+/// A status condition `type_` saying `(status, reason, message)` of `generation`. It keeps
+/// the `lastTransitionTime` of the same type in `previous` (the conditions the object has)
+/// while its status stays, so an unchanged object compares equal and is not written again.
+pub(super) fn condition(
+    type_: &str,
+    (status, reason, message): (&str, &str, String),
+    generation: &Value,
+    previous: &[Value],
+    now: &str,
+) -> Value {
+    let since = previous
+        .iter()
+        .find(|c| c["type"] == type_ && c["status"] == status)
+        .map_or_else(|| now.into(), |c| c["lastTransitionTime"].clone());
+    json!({
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    })
+}
+
+/// Writes `status` into the status subresource of `name` through `api`: a JSON merge patch
+/// that carries `resource_version`, so that a concurrent change is a `409` (retried with the
+/// next pass), with the field manager `manager`.
+pub(super) async fn patch_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    resource_version: Option<&str>,
+    status: Value,
+    manager: &str,
+) -> Result<DynamicObject, kube::Error> {
     let body = json!({
-        "metadata": {"resourceVersion": write.resource_version},
-        "status": {"parents": write.parents},
+        "metadata": {"resourceVersion": resource_version},
+        "status": status,
     });
     let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
+        field_manager: Some(manager.into()),
         ..PatchParams::default()
     };
-    let object = api(client, write.kind, &write.namespace)
-        .patch_status(&write.name, &params, &Patch::Merge(&body))
-        .await?;
+    api.patch_status(name, &params, &Patch::Merge(&body)).await
+}
+
+async fn patch(client: &kube::Client, write: &Write) -> Result<DynamicObject, kube::Error> {
+    let object = patch_status(
+        &api(client, write.kind, &write.namespace),
+        &write.name,
+        write.resource_version.as_deref(),
+        json!({"parents": write.parents}),
+        FIELD_MANAGER,
+    )
+    .await?;
     debug!(component = "kubernetes", kind = %write.kind,
         route = %format!("{}/{}", write.namespace, write.name), "route status written");
     Ok(object)
@@ -407,4 +426,4 @@ fn resolved_refs(
     ("True", "ResolvedRefs", "All references resolved".into())
 }
 
-const CONFLICT: u16 = 409;
+pub(super) const CONFLICT: u16 = 409;

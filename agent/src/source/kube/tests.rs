@@ -29,6 +29,8 @@ use crate::{
     test_util::kube_api::FakeApi,
 };
 
+mod fail_closed;
+
 struct Harness {
     api: FakeApi,
     rx: watch::Receiver<Arc<Snapshot>>,
@@ -426,7 +428,7 @@ async fn access_policies_and_peer_authentications_become_policies_and_mtls_modes
 }
 
 #[tokio::test]
-async fn a_bad_policy_is_rejected_alone_and_its_last_good_version_stays() {
+async fn a_bad_policy_is_rejected_alone_and_fails_closed_until_fixed() {
     let api = FakeApi::start().await;
     api.apply_value::<crd::AccessPolicy>(policy_object("prod", "api-allow", "ALLOW", "web/front"));
     let mut h = Harness::start(api).await;
@@ -434,19 +436,25 @@ async fn a_bad_policy_is_rejected_alone_and_its_last_good_version_stays() {
     h.until("the policy", |s| s.policies.contains_key(&name))
         .await;
 
-    // A broken update: the previous version stays in force.
+    // A broken update: not the previous version (which a restarted agent would not have),
+    // but a stand-in that denies everything the policy selects (`tests::fail_closed`).
     let mut broken = policy_object("prod", "api-allow", "DENY", "web/front");
     broken["spec"]["rules"][0]["from"][0] = json!({"principals": ["spiffe://cluster.local/web"]});
     h.api.apply_value::<crd::AccessPolicy>(broken);
-    // A new object that does not even fit the type: left out.
+    // A new object that does not even fit the type: the same.
     h.api
         .apply_value::<crd::AccessPolicy>(policy_object("prod", "other", "REJECT", "web/front"));
     // ...while the rest of the cluster keeps flowing.
     h.api
         .apply(&service("prod", "api", "10.96.0.10", &[("", 80, None)]));
     let s = h.until("the new service", |s| s.services.len() == 1).await;
-    assert_eq!(s.policies.len(), 1);
-    assert_eq!(s.policies[&name].action, Action::Allow);
+    assert_eq!(s.policies.len(), 2);
+    for policy in s.policies.values() {
+        assert_eq!(policy.action, Action::Deny, "{policy:?}");
+        assert_eq!(policy.rules, [crate::state::Rule::default()], "{policy:?}");
+        assert_eq!(policy.selector.match_labels["app"], "api", "{policy:?}");
+        assert!(policy.invalid.is_some(), "{policy:?}");
+    }
 
     let status = h.status.view();
     assert_eq!(status.rejected_total, 2, "{status:?}");
@@ -459,7 +467,7 @@ async fn a_bad_policy_is_rejected_alone_and_its_last_good_version_stays() {
     assert!(last.contains("REJECT"), "{last}");
     assert_eq!(h.health.view()[&Kind::AccessPolicy].rejected, 2);
 
-    // A re-list sees the same bad objects: held, not counted again.
+    // A re-list sees the same bad objects: still standing in, not counted again.
     h.api.expire();
     h.until_health("a re-list", |health, _| {
         health.view()[&Kind::AccessPolicy].up
@@ -473,7 +481,7 @@ async fn a_bad_policy_is_rejected_alone_and_its_last_good_version_stays() {
     h.until("the fixed policy", |s| {
         s.policies
             .get(&name)
-            .is_some_and(|p| p.action == Action::Deny)
+            .is_some_and(|p| p.action == Action::Deny && p.invalid.is_none())
     })
     .await;
     assert_eq!(h.health.view()[&Kind::AccessPolicy].rejected, 1);

@@ -36,7 +36,8 @@ use tracing::{info, warn};
 use super::{
     Config, Health,
     project::{DISABLED, MESH_LABEL},
-    reflector::{Caches, Stores},
+    reflector::{Caches, Stores, next_pass},
+    status::CONFLICT,
 };
 
 /// A pod outside the mesh.
@@ -88,7 +89,6 @@ pub(super) fn find(stores: &Stores, node: &str) -> Found {
         .map(|a| a.node.as_str())
         .collect();
     let sees_itself = hosting.contains(node);
-    let reporter = agents.filter(|a| a.ready).map(|a| a.node.as_str()).min();
     let namespaces: Vec<String> = stores.mesh_namespaces().cloned().collect();
     let mut pods = BTreeMap::new();
     if sees_itself {
@@ -117,9 +117,18 @@ pub(super) fn find(stores: &Stores, node: &str) -> Found {
     Found {
         pods,
         namespaces,
-        elected: reporter == Some(node),
+        elected: elected(stores, node),
         sees_itself,
     }
+}
+
+/// Whether the agent of `node` is the one that writes what one agent per cluster writes
+/// (these Events, the `Accepted` conditions of `accepted`): the ready agent whose node name
+/// is the smallest. No lease: every agent computes the same from the same cache, and a
+/// second writer during a change of reporter is harmless (409s, or the same write).
+pub(super) fn elected(stores: &Stores, node: &str) -> bool {
+    let agents = stores.agents.items.values();
+    agents.filter(|a| a.ready).map(|a| a.node.as_str()).min() == Some(node)
 }
 
 impl Tracker {
@@ -164,17 +173,7 @@ pub(super) async fn run(
     let mut wake: Option<Instant> = None;
     let mut told_blind = false;
     loop {
-        let timer = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = caches.changed_for_report() => {}
-            () = timer => {}
-        }
-        tokio::time::sleep(config.debounce).await;
+        next_pass(caches.changed_for_report(), wake, config.debounce).await;
         wake = None;
         if !health.all_synced() {
             continue;
@@ -259,7 +258,6 @@ pub(super) fn event(node: &str, pod: &UnmeshedPod) -> Event {
 
 /// The reason of the Event.
 pub(super) const REASON: &str = "NotMeshed";
-const CONFLICT: u16 = 409;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,246 @@
+//! weft's policy resources (`AccessPolicy`, `PeerAuthentication`) fail closed when they
+//! cannot be understood, and say so in their `Accepted` status condition.
+//!
+//! Fail closed (`POLICY_FAILS_CLOSED`, `MODE_FAILS_CLOSED`, used by the reflector): an object
+//! that the API server took but weft cannot read (a principal without `spiffe://`, a CIDR
+//! `/33`, a port range `"8080-80"`, a field the schema would refuse) is replaced by a
+//! stand-in built from the object alone: an AccessPolicy denies every connection to the
+//! workloads it selects, a PeerAuthentication makes them STRICT; either applies to its whole
+//! namespace when its selector cannot be read either. Never the last good version: only the
+//! agents that saw it would have it, and a restarted one would open what it guarded.
+//!
+//! Status: `Accepted` is True (reason `Accepted`) while the object is in force as written,
+//! False (reason `Invalid`) with the field at fault, the problem and what is in force
+//! instead. One agent per cluster writes it, the one elected to report unmeshed pods
+//! (`unmeshed::elected`), and only when it differs from what the object has (status,
+//! reason, message, `observedGeneration`): a JSON merge patch of the status subresource
+//! carrying the object's `resourceVersion` (`status::patch_status`), with field manager
+//! `weft-agent`; other controllers' conditions are kept. A write whose own watch event has
+//! not arrived yet is not repeated.
+
+use std::{collections::HashMap, sync::Arc};
+
+use kube::{
+    Api,
+    core::{ApiResource, DynamicObject},
+};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{
+    Config, Kind, Rejected, crd,
+    project::{self, PeerAuthItem, PolicyItem, StatusOf},
+    reflector::{Caches, FailClosed, Store, Stores, next_pass},
+    status::{CONFLICT, condition, patch_status},
+    unmeshed::elected,
+};
+
+/// How an AccessPolicy fails closed.
+pub(super) const POLICY_FAILS_CLOSED: FailClosed<DynamicObject, PolicyItem> = FailClosed {
+    stand_in: project::access_policy_stand_in,
+    effect: "it fails closed: until it is fixed it denies every connection to the workloads \
+             it selects (to its whole namespace if its selector cannot be read)",
+};
+
+/// How a PeerAuthentication fails closed.
+pub(super) const MODE_FAILS_CLOSED: FailClosed<DynamicObject, PeerAuthItem> = FailClosed {
+    stand_in: project::peer_authentication_stand_in,
+    effect: "it fails closed: until it is fixed the workloads it selects are STRICT (its \
+             whole namespace if its selector cannot be read)",
+};
+
+/// The field manager of the writes.
+pub const FIELD_MANAGER: &str = "weft-agent";
+
+/// One object's conditions to write.
+#[derive(Debug, PartialEq)]
+pub(super) struct Write {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: Option<String>,
+    pub conditions: Vec<Value>,
+}
+
+/// Keeps the `Accepted` conditions current while this agent is elected, until its task is
+/// aborted.
+pub(super) async fn run(client: kube::Client, config: Config, caches: Arc<Caches>) {
+    let mut retry: Option<Instant> = None;
+    // Written, by (kind, key): the resourceVersion the write was made on. While the cache
+    // still has that version, the write's own watch event has not come back yet.
+    let mut written: HashMap<(Kind, String), Option<String>> = HashMap::new();
+    loop {
+        next_pass(caches.changed_for_status(), retry, config.debounce).await;
+        retry = None;
+        if !caches.health().all_synced() {
+            continue;
+        }
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let writes = {
+            let stores = caches.lock();
+            if !elected(&stores, &config.node) {
+                written.clear();
+                continue;
+            }
+            plan(&stores, &now)
+        };
+        written.retain(|key, _| writes.iter().any(|w| w.key() == *key));
+        for write in writes {
+            let key = write.key();
+            if written.get(&key) == Some(&write.resource_version) {
+                continue;
+            }
+            let api = api(&client, write.kind, &write.namespace);
+            let status = json!({"conditions": write.conditions});
+            let object = format!("{}/{}", write.namespace, write.name);
+            match patch_status(
+                &api,
+                &write.name,
+                write.resource_version.as_deref(),
+                status,
+                FIELD_MANAGER,
+            )
+            .await
+            {
+                Ok(_) => {
+                    info!(component = "kubernetes", kind = %write.kind, object = %object,
+                        "Accepted condition written");
+                    written.insert(key, write.resource_version);
+                }
+                // The object changed meanwhile: its watch event brings the next pass.
+                Err(kube::Error::Api(status)) if status.code == CONFLICT => {
+                    debug!(component = "kubernetes", kind = %write.kind, object = %object,
+                        "object changed while its Accepted condition was written; trying again");
+                    retry = Some(Instant::now() + config.debounce);
+                }
+                Err(e) => {
+                    warn!(component = "kubernetes", kind = %write.kind, object = %object,
+                        error = %e, retry_in = ?config.backoff.max,
+                        "cannot write the Accepted condition (check the agent's RBAC: patch \
+                         accesspolicies/status and peerauthentications/status)");
+                    retry = Some(Instant::now() + config.backoff.max);
+                }
+            }
+        }
+    }
+}
+
+/// The writes the policy resources of `stores` need now.
+pub(super) fn plan(stores: &Stores, now: &str) -> Vec<Write> {
+    let policies = said(Kind::AccessPolicy, &stores.policies, |item| {
+        let scope = match item.policy.selector.match_labels.is_empty() {
+            true => format!(
+                "every workload of namespace {}",
+                item.policy.selector.namespace
+            ),
+            false => "the workloads it selects".into(),
+        };
+        (&item.status, format!("denies every connection to {scope}"))
+    });
+    let modes = said(
+        Kind::PeerAuthentication,
+        &stores.peer_authentications,
+        |item| {
+            let scope = match item.selector {
+                None => format!("every workload of namespace {}", item.namespace),
+                Some(_) => "the workloads it selects".into(),
+            };
+            (&item.status, format!("makes {scope} STRICT"))
+        },
+    );
+    policies
+        .into_iter()
+        .chain(modes)
+        .filter_map(|said| write_for(said, now))
+        .collect()
+}
+
+/// What `Accepted` must say of one object.
+struct Said<'s> {
+    kind: Kind,
+    key: &'s str,
+    status: &'s StatusOf,
+    /// (status, reason, message).
+    condition: (&'static str, &'static str, String),
+}
+
+/// What `Accepted` must say of each object of `store`; `fail_closed` gives an item's status
+/// and what it does when it stands in for a rejected object.
+fn said<'s, T>(
+    kind: Kind,
+    store: &'s Store<T>,
+    fail_closed: impl Fn(&'s T) -> (&'s StatusOf, String),
+) -> Vec<Said<'s>> {
+    store
+        .items
+        .iter()
+        .map(|(key, item)| {
+            let (status, effect) = fail_closed(item);
+            let condition = match store.rejected().get(key) {
+                Some(Rejected { invalid, .. }) => (
+                    "False",
+                    INVALID,
+                    format!("{invalid}. Until this is fixed, weft fails closed: it {effect}"),
+                ),
+                None => ("True", ACCEPTED, "In force on every weft agent".into()),
+            };
+            Said {
+                kind,
+                key,
+                status,
+                condition,
+            }
+        })
+        .collect()
+}
+
+/// The write an object needs for `Accepted` to say what it must, if it does not already.
+fn write_for(said: Said<'_>, now: &str) -> Option<Write> {
+    let Said {
+        kind,
+        key,
+        status,
+        condition: said,
+    } = said;
+    let (namespace, name) = key.split_once('/')?;
+    let generation = json!(status.generation);
+    let ours = condition(ACCEPTED, said, &generation, &status.conditions, now);
+    let current = status.conditions.iter().find(|c| c["type"] == ACCEPTED);
+    if current == Some(&ours) {
+        return None;
+    }
+    let mut conditions: Vec<Value> = status
+        .conditions
+        .iter()
+        .filter(|c| c["type"] != ACCEPTED)
+        .cloned()
+        .collect();
+    conditions.push(ours);
+    Some(Write {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        resource_version: status.resource_version.clone(),
+        conditions,
+    })
+}
+
+impl Write {
+    fn key(&self) -> (Kind, String) {
+        (self.kind, format!("{}/{}", self.namespace, self.name))
+    }
+}
+
+fn api(client: &kube::Client, kind: Kind, namespace: &str) -> Api<DynamicObject> {
+    let resource = match kind {
+        Kind::PeerAuthentication => ApiResource::erase::<crd::PeerAuthentication>(&()),
+        _ => ApiResource::erase::<crd::AccessPolicy>(&()),
+    };
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+/// The condition type, and its reason when True.
+const ACCEPTED: &str = "Accepted";
+/// The reason when False.
+const INVALID: &str = "Invalid";
