@@ -69,6 +69,34 @@ pub fn hold(pod: &TestPod, to: SocketAddr, count: usize, timeout: Duration) -> R
     Ok(process)
 }
 
+/// `weft-bench idle --to A --count N` in `pod`: returns, with its `result` (`opened`,
+/// `refused`, `open`), once it has tried every connection; they stay open until the handle
+/// is dropped.
+pub fn idle(
+    pod: &TestPod,
+    to: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> Result<(TestProcess, Value)> {
+    let mut cmd = Command::new(bench_bin());
+    cmd.args([
+        "idle",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let process = pod.spawn(cmd, "bench-idle")?;
+    wait_for_output(&process, "result ", timeout)?;
+    let output = process.output();
+    let line = output
+        .lines()
+        .find_map(|l| l.strip_prefix("result "))
+        .context("no result line")?;
+    let result = serde_json::from_str(line).with_context(|| format!("bad result line {line:?}"))?;
+    Ok((process, result))
+}
+
 /// `weft-bench until-denied --to A` in `pod`: returns once its connection loop runs (the
 /// first connection went through); [`result_of`] then waits for the first failure.
 pub fn until_denied(pod: &TestPod, to: SocketAddr, secs: f64) -> Result<TestProcess> {
@@ -224,6 +252,14 @@ fn throwaway_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     )
     .context("generate the stunnel certificate (is openssl installed?)")?;
     Ok((cert, key))
+}
+
+/// How many file descriptors `pid` holds (`/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> Result<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&dir)
+        .with_context(|| format!("read {dir}"))?
+        .count())
 }
 
 /// CPU time (user + system) a process has used so far, in seconds.

@@ -56,7 +56,8 @@ pub struct Options {
     #[arg(long)]
     render: bool,
     /// Measure one part only: `paths` (the data path, then policies on it), `policies`
-    /// (the policy rows alone) or `scale` (enrolment, memory, the control plane).
+    /// (the policy rows alone), `scale` (enrolment, memory, the control plane) or `hostile`
+    /// (a pod hoarding idle connections beside a neighbour).
     #[arg(long, value_enum)]
     only: Option<Part>,
     /// Internal: measure with the binaries the outer run built (set by `cargo xtask bench`).
@@ -69,6 +70,7 @@ enum Part {
     Paths,
     Policies,
     Scale,
+    Hostile,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -119,6 +121,7 @@ pub fn run(options: &Options) -> Result<()> {
             Part::Paths => "paths",
             Part::Policies => "policies",
             Part::Scale => "scale",
+            Part::Hostile => "hostile",
         });
     }
     cmd.env("WEFT_BIN", &agent)
@@ -140,6 +143,7 @@ struct Plan {
     crr_secs: f64,
     scale_pods: usize,
     hold_conns: usize,
+    hostile_conns: usize,
     cp_workloads: usize,
     cp_services: usize,
     cp_policies: usize,
@@ -160,6 +164,7 @@ impl Plan {
                 crr_secs: 1.0,
                 scale_pods: 10,
                 hold_conns: 100,
+                hostile_conns: 1_000,
                 cp_workloads: 1_000,
                 cp_services: 200,
                 cp_policies: 100,
@@ -177,6 +182,7 @@ impl Plan {
                 crr_secs: 5.0,
                 scale_pods: 100,
                 hold_conns: 1_000,
+                hostile_conns: 10_000,
                 cp_workloads: 10_000,
                 cp_services: 2_000,
                 cp_policies: 1_000,
@@ -224,6 +230,9 @@ fn measure(options: &Options) -> Result<()> {
         }
         if part(Part::Scale) {
             scale(&plan, &mut report)?;
+        }
+        if part(Part::Hostile) {
+            hostile(&plan, &mut report)?;
         }
         Ok(())
     })()
@@ -770,6 +779,104 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
         }
     }
     drop(server);
+    agent.kill();
+    Ok(())
+}
+
+/// A hostile pod hoards idle connections through its node's proxy while a neighbour pod of
+/// the same node measures round trips: the agent's file descriptors and RSS, how many of the
+/// hoarder's connections the proxy let it keep, and the neighbour's latency before, during
+/// and after.
+fn hostile(plan: &Plan, report: &mut Report) -> Result<()> {
+    let n = plan.hostile_conns;
+    println!("== a hostile pod holding {n} idle connections ==");
+    let key = "weft-l4";
+    let node = TestNode::new("bench", 4)?;
+    plain_if_no_ca(&[&node]);
+    let hoarder = node.pod("hoarder").service_account("hoarder").create()?;
+    let neighbour = node.pod("neighbour").service_account("client").create()?;
+    let server = node.pod("server").service_account("server").create()?;
+    let mut agent = node.start_agent()?;
+    agent.show_log_on_drop(false);
+    let _server = harness::serve(&server, PORT)?;
+    let pid = agent.pid().context("agent is not running")?;
+    let to: SocketAddr = server.addr(PORT).into();
+    let neighbour_rr = |when: &str, report: &mut Report| {
+        let result = harness::client(
+            &neighbour,
+            &args(&[
+                "rr",
+                "--to",
+                &to.to_string(),
+                "--count",
+                &plan.rr_count.to_string(),
+                "--warmup",
+                &plan.rr_warmup.to_string(),
+            ]),
+            RR_TIMEOUT,
+        );
+        match result {
+            Ok(v) => {
+                println!(
+                    "  neighbour 1 B round trip {when}: p50 {:.1} µs, p99 {:.1} µs",
+                    f(&v, "p50_us"),
+                    f(&v, "p99_us")
+                );
+                for (q, k) in [("p50", "p50_us"), ("p99", "p99_us")] {
+                    report.add(
+                        key,
+                        &format!("neighbour 1 B round trip {q}, {when}"),
+                        "µs",
+                        f(&v, k),
+                    );
+                }
+            }
+            Err(e) => report.fail(key, &format!("neighbour round trip {when}"), &e),
+        }
+    };
+    let during = format!("while a pod holds {n} idle connections");
+    for _ in 0..plan.reps {
+        report.sample_load();
+        let fds_before = harness::fd_count(pid)?;
+        neighbour_rr("alone", report);
+        let (hoard, result) = harness::idle(&hoarder, to, n, HOLD_TIMEOUT)?;
+        let fds = harness::fd_count(pid)?;
+        let rss = harness::status_bytes(pid, "VmRSS")?;
+        println!(
+            "  hoarder: {} opened, {} refused, {} still open; agent fds {fds_before} → {fds}, \
+             RSS {:.1} MB",
+            result["opened"],
+            result["refused"],
+            result["open"],
+            mb(rss)
+        );
+        report.add(key, &format!("agent fds {during}"), "fds", fds as f64);
+        report.add(key, &format!("agent RSS (VmRSS) {during}"), "MB", mb(rss));
+        report.add(
+            key,
+            &format!("hoarder's connections still open of {n}"),
+            "conns",
+            f(&result, "open"),
+        );
+        neighbour_rr(&during, report);
+        drop(hoard);
+        // The proxy frees what the hoarder held once it is gone.
+        let settled = wait_for(
+            || Ok(harness::fd_count(pid)? <= fds_before + FD_SLACK),
+            "as few file descriptors as before the hoard",
+        );
+        let fds_after = harness::fd_count(pid)?;
+        println!("  after the hoarder left: agent fds {fds_after}");
+        report.add(
+            key,
+            "agent fds after the hoarder left",
+            "fds",
+            fds_after as f64,
+        );
+        if let Err(e) = settled {
+            report.fail(key, "hoarder's sockets freed", &e);
+        }
+    }
     agent.kill();
     Ok(())
 }
@@ -1334,6 +1441,8 @@ const CLIENT_SLACK: Duration = Duration::from_secs(60);
 const RR_TIMEOUT: Duration = Duration::from_secs(600);
 const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long after applying a state the agent's CPU time and memory are read.
+/// File descriptors an agent may open or close on its own meanwhile (certificates, logs).
+const FD_SLACK: usize = 16;
 const SETTLE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! weft-bench rr    --to IP:PORT [--size 1] [--count 50000] [--warmup 1000]
 //! weft-bench crr   --to IP:PORT [--secs 5] [--max N]
 //! weft-bench hold  --to IP:PORT [--count 1000]
+//! weft-bench idle  --to IP:PORT [--count 10000]
 //! weft-bench until-denied --to IP:PORT [--secs 30]
 //! weft-bench http-serve --port P
 //! weft-bench http-load  --to IP:PORT [--rate 1000] [--secs 5] [--conns 8]
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
         "rr" => rr(&flags),
         "crr" => crr(&flags),
         "hold" => hold(&flags),
+        "idle" => idle(&flags),
         "until-denied" => until_denied(&flags),
         "http-serve" => http_serve(&flags),
         "http-load" => http_load(&flags),
@@ -314,6 +316,38 @@ fn hold(flags: &Flags) -> Outcome {
     }
 }
 
+/// A hostile pod hoarding sockets: opens `count` connections and sends nothing. After a
+/// settle time it prints `result {opened, refused, open}` (`open`: those the other side
+/// has not closed or reset) and keeps them until killed.
+fn idle(flags: &Flags) -> Outcome {
+    let to: SocketAddr = flags.required("to")?;
+    let count: usize = flags.optional("count")?.unwrap_or(10_000);
+    let mut held = Vec::with_capacity(count);
+    let mut refused = 0usize;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, IDLE_CONNECT_TIMEOUT) {
+            Ok(stream) => held.push(stream),
+            Err(_) => refused += 1,
+        }
+    }
+    thread::sleep(IDLE_SETTLE);
+    let mut byte = [0u8; 1];
+    let open = held
+        .iter()
+        .filter(|s| {
+            // Nothing to read, no EOF, no reset: the connection is still held open.
+            s.set_nonblocking(true).is_ok()
+                && matches!(s.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        })
+        .count();
+    let result = json!({ "opened": held.len(), "refused": refused, "open": open });
+    println!("result {result}");
+    io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 /// A tiny HTTP/1.1 server: every request gets `200` with a 2-byte body, keep-alive.
 fn http_serve(flags: &Flags) -> Outcome {
     let port: u16 = flags.required("port")?;
@@ -525,5 +559,8 @@ const BUF: usize = 128 * 1024;
 const SERVER_STACK: usize = 256 * 1024;
 const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-const USAGE: &str = "usage: weft-bench serve|tput|rr|crr|hold|until-denied|http-serve|http-load|spin \
+const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long enough for a proxy to refuse what is over its caps.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+const USAGE: &str = "usage: weft-bench serve|tput|rr|crr|hold|idle|until-denied|http-serve|http-load|spin \
      [--flag value]...";
