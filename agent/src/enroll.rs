@@ -363,6 +363,7 @@ impl Enroller {
         let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets {
             netns: Arc::clone(&netns),
             mark: self.config.mark,
+            keepalive: self.config.limits.keepalive(),
         });
         let handle = self.proxy.serve(
             PodContext {
@@ -413,6 +414,8 @@ impl Enroller {
 struct InPodSockets {
     netns: Arc<PodNetns>,
     mark: u32,
+    /// Every upstream socket (plaintext and HBONE) notices a vanished peer.
+    keepalive: socket2::TcpKeepalive,
 }
 
 impl SocketFactory for InPodSockets {
@@ -421,6 +424,7 @@ impl SocketFactory for InPodSockets {
             .netns
             .run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))??;
         socket.set_mark(self.mark)?;
+        socket.set_tcp_keepalive(&self.keepalive)?;
         socket.set_nonblocking(true)?;
         Ok(socket)
     }
