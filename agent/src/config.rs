@@ -377,10 +377,13 @@ impl Config {
     }
 }
 
+/// Parses a humantime field (field path, text, default).
+type DurationField<'a> = dyn Fn(&str, Option<&str>, Duration) -> Result<Duration, Error> + 'a;
+
 /// The `agent.limits` section, over the defaults of `proxy::limits::Config`.
 fn limits_config(
     section: &LimitsSection,
-    duration: &dyn Fn(&str, Option<&str>, Duration) -> Result<Duration, Error>,
+    duration: &DurationField<'_>,
     invalid: &dyn Fn(&str, String) -> Error,
 ) -> Result<proxy::limits::Config, Error> {
     let defaults = proxy::limits::Config::default();

@@ -56,8 +56,6 @@ fn ten_thousand_idle_connections_to_each_listener_are_capped_and_neighbours_keep
     let server = node.pod("server").service_account("server").create()?;
     let agent = node.start_agent()?;
     let pid = agent.pid().context("agent pid")?;
-    let _outside_sink = sink(&outsider)?;
-    let _target_sink = sink(&target)?;
     let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
     app::churn(&client, sock(server.addr(ECHO_PORT)), 20)?;
     let base = fds(pid)?;
@@ -70,15 +68,19 @@ fn ten_thousand_idle_connections_to_each_listener_are_capped_and_neighbours_keep
     // in the agent (its own socket and the upstream), and only `POD_CONNECTIONS` of them
     // are let in; the neighbours' few connections and the agent's timers come on top.
     let bound = base + 2 * POD_CONNECTIONS + 200;
+    // (listener, from, to, the pod whose sink answers)
     let floods = [
         // 15001: the hostile pod's own outbound listener, to a sink outside the mesh.
-        ("15001", &hostile, sock(outsider.addr(SINK_PORT))),
+        ("15001", &hostile, sock(outsider.addr(SINK_PORT)), &outsider),
         // 15006: plaintext into a PERMISSIVE pod, from a pod outside the mesh.
-        ("15006", &outsider, sock(target.addr(SINK_PORT))),
+        ("15006", &outsider, sock(target.addr(SINK_PORT)), &target),
         // 15008: raw TCP at the target's HBONE port (no TLS ever comes).
-        ("15008", &outsider, sock(target.addr(HBONE_PORT))),
+        ("15008", &outsider, sock(target.addr(HBONE_PORT)), &target),
     ];
-    for (listener, from, to) in floods {
+    for (listener, from, to, sink_pod) in floods {
+        // A sink holds what it accepts and never closes: it goes with its flood, so that
+        // the proxy's half-closed connections end too (else only the idle timeout would).
+        let mut sink = sink(sink_pod)?;
         let denied_before = denied(&agent, "pod_connection_limit")?;
         let started = Instant::now();
         let mut flood = hold(from, to, FLOOD, Duration::from_secs(3))?;
@@ -109,6 +111,7 @@ fn ten_thousand_idle_connections_to_each_listener_are_capped_and_neighbours_keep
              pod_connection_limit"
         );
         flood.kill();
+        sink.kill();
         // The hostile pod's connections are gone: its budget comes back.
         assert_eventually(Duration::from_secs(30), || {
             let now = fds(pid).map_err(|e| format!("{e:#}"))?;
@@ -201,8 +204,13 @@ fn a_hostile_hbone_peer_with_a_valid_certificate_stays_within_bounds() -> Result
     eprintln!("agent after the hostile peer: {now_fds} fds (base {base}), {rss} KiB RSS");
 
     ensure!(
-        findings.huge_header_status == Some(431),
-        "a CONNECT with a 1 MiB header list is answered 431: got {:?}",
+        findings.oversized_header_status == Some(431),
+        "a CONNECT with a 32 KiB header list is answered 431: got {:?}",
+        findings.oversized_header_status
+    );
+    ensure!(
+        matches!(findings.huge_header_status, None | Some(431)),
+        "a CONNECT with a 1 MiB header list is refused (431 or the connection ends): got {:?}",
         findings.huge_header_status
     );
     ensure!(
@@ -233,6 +241,9 @@ fn a_hostile_hbone_peer_with_a_valid_certificate_stays_within_bounds() -> Result
 /// What the hostile HBONE peer saw.
 #[derive(Debug, Default)]
 struct Findings {
+    /// A CONNECT with 32 KiB of headers: the status, None if the connection failed.
+    oversized_header_status: Option<u16>,
+    /// The same with 1 MiB.
     huge_header_status: Option<u16>,
     continuation_bytes_accepted: usize,
     rapid_resets_sent: usize,
@@ -252,30 +263,13 @@ async fn hostile_peer(
     agent_pid: u32,
 ) -> Result<Findings> {
     let tls = tls_connector(&identity)?;
-    let mut findings = Findings::default();
-
-    // 1. A CONNECT whose header list is 1 MiB (h2 sends it in CONTINUATION frames).
-    {
-        let mut h2 = h2_connect(&tls, hbone, h2::client::Builder::new()).await?;
-        let mut request = connect_request(&target);
-        let big = "x".repeat(8 * 1024);
-        for i in 0..128 {
-            request.headers_mut().insert(
-                format!("x-pad-{i}").parse::<http::HeaderName>()?,
-                big.parse()?,
-            );
-        }
-        let (response, _send) = h2.send_request(request, false)?;
-        findings.huge_header_status =
-            match tokio::time::timeout(scaled(Duration::from_secs(10)), response).await {
-                Ok(Ok(r)) => Some(r.status().as_u16()),
-                Ok(Err(e)) => {
-                    eprintln!("huge header list: {e}");
-                    None
-                }
-                Err(_) => None,
-            };
-    }
+    // 1. CONNECTs whose header lists are over the limit: 32 KiB (a few frames: h2 lets the
+    // server answer) and 1 MiB (dozens of CONTINUATION frames: h2 ends the connection).
+    let mut findings = Findings {
+        oversized_header_status: oversized_connect(&tls, hbone, &target, 4).await?,
+        huge_header_status: oversized_connect(&tls, hbone, &target, 128).await?,
+        ..Findings::default()
+    };
 
     // 2. A CONTINUATION flood: HEADERS without END_HEADERS, then CONTINUATION frames that
     // never end the block, in raw frames (h2 would not send these).
@@ -340,7 +334,25 @@ async fn hostile_peer(
         findings.rapid_reset_outcome = format!("{outcome} after {:?}", started.elapsed());
     }
 
-    // 4. Thousands of streams: 30 connections of up to 100 CONNECTs each, all kept open.
+    // 4. Zero windows: a connection that never grants the server any window, with a
+    // stream whose upstream would answer.
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(0);
+    findings.zero_window_outcome = match h2_connect(&tls, hbone, builder).await {
+        Ok(mut h2) => match h2.send_request(connect_request(&target), false) {
+            Ok((response, mut send)) => {
+                let _ = send.send_data(Bytes::from(vec![0u8; 64 * 1024]), false);
+                match tokio::time::timeout(scaled(Duration::from_secs(5)), response).await {
+                    Ok(Ok(r)) => format!("status {}", r.status()),
+                    Ok(Err(e)) => format!("error {e}"),
+                    Err(_) => "no answer".into(),
+                }
+            }
+            Err(e) => format!("refused {e}"),
+        },
+        Err(e) => format!("connect failed {e:#}"),
+    };
+    // 5. Thousands of streams: 30 connections of up to 100 CONNECTs each, all kept open.
     {
         let mut kept = Vec::new();
         for _ in 0..30 {
@@ -370,27 +382,37 @@ async fn hostile_peer(
             drop(h2);
         }
         findings.fds_while_streams_held = fds(agent_pid)?;
-        // 5. Zero windows: a connection that never grants the server any window, with a
-        // stream whose upstream would answer.
-        let mut builder = h2::client::Builder::new();
-        builder.initial_window_size(0);
-        findings.zero_window_outcome = match h2_connect(&tls, hbone, builder).await {
-            Ok(mut h2) => match h2.send_request(connect_request(&target), false) {
-                Ok((response, mut send)) => {
-                    let _ = send.send_data(Bytes::from(vec![0u8; 64 * 1024]), false);
-                    match tokio::time::timeout(scaled(Duration::from_secs(5)), response).await {
-                        Ok(Ok(r)) => format!("status {}", r.status()),
-                        Ok(Err(e)) => format!("error {e}"),
-                        Err(_) => "no answer".into(),
-                    }
-                }
-                Err(e) => format!("refused {e}"),
-            },
-            Err(e) => format!("connect failed {e:#}"),
-        };
         drop(kept);
     }
     Ok(findings)
+}
+
+/// Sends a CONNECT with `pads` headers of 8 KiB each; the response status, or None when
+/// the connection ended first.
+async fn oversized_connect(
+    tls: &tokio_rustls::TlsConnector,
+    hbone: SocketAddr,
+    target: &str,
+    pads: usize,
+) -> Result<Option<u16>> {
+    let mut h2 = h2_connect(tls, hbone, h2::client::Builder::new()).await?;
+    let mut request = connect_request(target);
+    let pad = "x".repeat(8 * 1024);
+    for i in 0..pads {
+        let name = format!("x-pad-{i}").parse::<http::HeaderName>()?;
+        request.headers_mut().insert(name, pad.parse()?);
+    }
+    let (response, _send) = h2.send_request(request, false)?;
+    Ok(
+        match tokio::time::timeout(scaled(Duration::from_secs(10)), response).await {
+            Ok(Ok(r)) => Some(r.status().as_u16()),
+            Ok(Err(e)) => {
+                eprintln!("CONNECT with {pads} x 8 KiB of headers: {e}");
+                None
+            }
+            Err(_) => None,
+        },
+    )
 }
 
 async fn h2_connect(

@@ -55,7 +55,8 @@ pub fn hold(flags: &Flags) -> Result<ExitCode, String> {
     let streams = Arc::new(Mutex::new(Vec::with_capacity(count)));
     let workers: Vec<_> = (0..threads.max(1))
         .map(|_| {
-            let (next, failed, streams) = (next.clone(), failed.clone(), streams.clone());
+            let (next, failed, streams) =
+                (Arc::clone(&next), Arc::clone(&failed), Arc::clone(&streams));
             thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < count {
                     match TcpStream::connect_timeout(&to, timeout) {
@@ -78,7 +79,7 @@ pub fn hold(flags: &Flags) -> Result<ExitCode, String> {
         failed.load(Ordering::Relaxed)
     );
     thread::sleep(settle);
-    streams.retain(|s| is_open(s));
+    streams.retain(is_open);
     println!(
         "held open={} closed={}",
         streams.len(),
