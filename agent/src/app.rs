@@ -91,7 +91,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             let certs: Arc<dyn CertSource> = Arc::new(certs.clone());
             Some(proxy::Mtls {
                 trust_domain: config.identity.trust_domain.clone(),
-                pool: hbone::Pool::new(Arc::clone(&certs), hbone::PoolConfig::default()),
+                pool: hbone::Pool::new(Arc::clone(&certs), pool_config(&config.proxy.limits)),
                 certs,
             })
         }
@@ -317,6 +317,17 @@ fn dataplane_settings(config: &Config, mesh: &MeshSettings) -> ebpf::Settings {
         hbone_port: config.proxy.ports.hbone,
         excluded_ports: mesh.excluded_ports.clone(),
         excluded_cidrs: mesh.excluded_cidrs.clone(),
+    }
+}
+
+/// The node's HBONE pool within `agent.limits`: as many streams per connection as a peer
+/// proxy accepts, its handshake timeout, and the HTTP/2 limits and PINGs.
+fn pool_config(limits: &proxy::limits::Config) -> hbone::PoolConfig {
+    hbone::PoolConfig {
+        max_streams_per_connection: limits.hbone.max_concurrent_streams as usize,
+        handshake_timeout: limits.hbone.handshake_timeout,
+        http2: limits.hbone,
+        ..hbone::PoolConfig::default()
     }
 }
 

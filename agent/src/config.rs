@@ -110,6 +110,41 @@ pub struct AgentSection {
     pub cni: Option<CniSection>,
     /// Pod discovery from the node's cgroup tree; without it none runs.
     pub discovery: Option<DiscoverySection>,
+    /// Connection caps, idle timeouts, keepalives and HTTP/2 limits of the proxy.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// The `agent.limits:` section: every field optional, each default in docs/config.md.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsSection {
+    /// Proxied connections per pod and direction (default 4096).
+    pub pod_connections: Option<usize>,
+    /// Proxied connections of the whole node (default 16384, lowered to fit RLIMIT_NOFILE).
+    pub node_connections: Option<usize>,
+    /// No bytes either way for this long closes a connection, humantime (default `1h`).
+    pub idle_timeout: Option<String>,
+    /// TCP keepalive: silence before the first probe (default `60s`)…
+    pub keepalive_time: Option<String>,
+    /// …between probes (default `15s`)…
+    pub keepalive_interval: Option<String>,
+    /// …and unanswered probes before the connection is dropped (default 4).
+    pub keepalive_retries: Option<u32>,
+    /// HBONE SETTINGS_MAX_HEADER_LIST_SIZE in bytes (default 16384); larger: 431.
+    pub max_header_list_size: Option<u32>,
+    /// HBONE SETTINGS_MAX_CONCURRENT_STREAMS (default 100).
+    pub max_concurrent_streams: Option<u32>,
+    /// Client resets of not-yet-accepted HBONE streams before GOAWAY (default 20).
+    pub max_pending_accept_reset_streams: Option<usize>,
+    /// HBONE streams reset for a peer's protocol errors before GOAWAY (default 1024).
+    pub max_local_error_reset_streams: Option<usize>,
+    /// TLS handshake and HTTP/2 preface of an HBONE connection (default `10s`).
+    pub handshake_timeout: Option<String>,
+    /// HTTP/2 PING on idle HBONE connections, both sides (default `30s`)…
+    pub ping_interval: Option<String>,
+    /// …unanswered for this long closes the connection (default `10s`).
+    pub ping_timeout: Option<String>,
 }
 
 /// The `agent.cni:` section.
@@ -306,6 +341,7 @@ impl Config {
                 )?,
             }),
         };
+        let limits = limits_config(&agent.limits, &duration, &invalid)?;
         if cni.is_some() && discovery.is_none() {
             // Fail closed: the pods the plugin told a previous agent about are known to a
             // restarted one only through discovery; without it they would be dropped from
@@ -335,13 +371,124 @@ impl Config {
                 readiness_addr,
                 metrics_addr,
             },
-            proxy: proxy::Config { ports, mark },
+            proxy: proxy::Config {
+                ports,
+                mark,
+                limits,
+            },
             identity,
             telemetry: telemetry::Config { metrics_prefix },
             cni,
             discovery,
         })
     }
+}
+
+/// Parses a humantime field (field path, text, default).
+type DurationField<'a> = dyn Fn(&str, Option<&str>, Duration) -> Result<Duration, Error> + 'a;
+
+/// The `agent.limits` section, over the defaults of `proxy::limits::Config`.
+fn limits_config(
+    section: &LimitsSection,
+    duration: &DurationField<'_>,
+    invalid: &dyn Fn(&str, String) -> Error,
+) -> Result<proxy::limits::Config, Error> {
+    let defaults = proxy::limits::Config::default();
+    let at_least = |field: &str, value: Option<usize>, default: usize, min: usize| {
+        let value = value.unwrap_or(default);
+        if value < min {
+            return Err(invalid(field, format!("must be at least {min}")));
+        }
+        Ok(value)
+    };
+    let (s, h) = (section, defaults.hbone);
+    let limits = proxy::limits::Config {
+        pod_connections: at_least(
+            "agent.limits.podConnections",
+            s.pod_connections,
+            defaults.pod_connections,
+            1,
+        )?,
+        node_connections: at_least(
+            "agent.limits.nodeConnections",
+            s.node_connections,
+            defaults.node_connections,
+            1,
+        )?,
+        idle_timeout: duration(
+            "agent.limits.idleTimeout",
+            s.idle_timeout.as_deref(),
+            defaults.idle_timeout,
+        )?,
+        keepalive_time: duration(
+            "agent.limits.keepaliveTime",
+            s.keepalive_time.as_deref(),
+            defaults.keepalive_time,
+        )?,
+        keepalive_interval: duration(
+            "agent.limits.keepaliveInterval",
+            s.keepalive_interval.as_deref(),
+            defaults.keepalive_interval,
+        )?,
+        keepalive_retries: at_least(
+            "agent.limits.keepaliveRetries",
+            s.keepalive_retries.map(|n| n as usize),
+            defaults.keepalive_retries as usize,
+            1,
+        )? as u32,
+        hbone: proxy::limits::Hbone {
+            // CONNECT carries `forwarded`, `baggage` and `traceparent`: leave them room.
+            max_header_list_size: at_least(
+                "agent.limits.maxHeaderListSize",
+                s.max_header_list_size.map(|n| n as usize),
+                h.max_header_list_size as usize,
+                1_024,
+            )? as u32,
+            max_concurrent_streams: at_least(
+                "agent.limits.maxConcurrentStreams",
+                s.max_concurrent_streams.map(|n| n as usize),
+                h.max_concurrent_streams as usize,
+                1,
+            )? as u32,
+            max_pending_accept_reset_streams: at_least(
+                "agent.limits.maxPendingAcceptResetStreams",
+                s.max_pending_accept_reset_streams,
+                h.max_pending_accept_reset_streams,
+                1,
+            )?,
+            max_local_error_reset_streams: at_least(
+                "agent.limits.maxLocalErrorResetStreams",
+                s.max_local_error_reset_streams,
+                h.max_local_error_reset_streams,
+                1,
+            )?,
+            handshake_timeout: duration(
+                "agent.limits.handshakeTimeout",
+                s.handshake_timeout.as_deref(),
+                h.handshake_timeout,
+            )?,
+            ping_interval: duration(
+                "agent.limits.pingInterval",
+                s.ping_interval.as_deref(),
+                h.ping_interval,
+            )?,
+            ping_timeout: duration(
+                "agent.limits.pingTimeout",
+                s.ping_timeout.as_deref(),
+                h.ping_timeout,
+            )?,
+        },
+    };
+    if limits.pod_connections > limits.node_connections {
+        return Err(invalid(
+            "agent.limits.podConnections",
+            format!(
+                "{} is more than agent.limits.nodeConnections ({}): one pod could take the whole node",
+                limits.pod_connections, limits.node_connections
+            ),
+        ));
+    }
+    Ok(limits)
 }
 
 /// The identity part of the `agent:` section, with the `--ca-cert`/`--ca-key` overrides.
@@ -705,6 +852,45 @@ mod tests {
             let err = Config::new(Path::new("n.yaml"), &section(yaml), Overrides::default())
                 .unwrap_err()
                 .to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn limits_default_and_bad_ones_name_the_field() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nlimits: {podConnections: 10, idleTimeout: 2s}"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy.limits.pod_connections, 10);
+        assert_eq!(cfg.proxy.limits.idle_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.proxy.limits.hbone.max_header_list_size, 16 * 1024);
+        for (yaml, field) in [
+            ("limits: {podConnections: 0}", "agent.limits.podConnections"),
+            (
+                "limits: {podConnections: 20000}",
+                "agent.limits.podConnections",
+            ),
+            ("limits: {idleTimeout: never}", "agent.limits.idleTimeout"),
+            ("limits: {pingTimeout: 0s}", "agent.limits.pingTimeout"),
+            (
+                "limits: {maxHeaderListSize: 10}",
+                "agent.limits.maxHeaderListSize",
+            ),
+            (
+                "limits: {keepaliveRetries: 0}",
+                "agent.limits.keepaliveRetries",
+            ),
+        ] {
+            let err = Config::new(
+                Path::new("n.yaml"),
+                &section(&format!("cgroupRoot: /a\n{yaml}")),
+                Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
             assert!(err.contains(field), "{yaml}: {err}");
         }
     }

@@ -371,6 +371,7 @@ impl Enroller {
             netns: Arc::clone(&netns),
             mark: self.config.mark,
             registry: self.proxy_sockets.clone(),
+            keepalive: self.config.limits.keepalive(),
         });
         let handle = self.proxy.serve(
             PodContext {
@@ -423,6 +424,8 @@ struct InPodSockets {
     netns: Arc<PodNetns>,
     mark: u32,
     registry: ProxySocketTable,
+    /// Every upstream socket (plaintext and HBONE) notices a vanished peer.
+    keepalive: socket2::TcpKeepalive,
 }
 
 impl SocketFactory for InPodSockets {
@@ -433,6 +436,7 @@ impl SocketFactory for InPodSockets {
         socket.set_mark(self.mark)?;
         // Before any connect: an unregistered proxy socket would be steered to the proxy.
         self.registry.register(socket.as_fd())?;
+        socket.set_tcp_keepalive(&self.keepalive)?;
         socket.set_nonblocking(true)?;
         Ok(socket)
     }

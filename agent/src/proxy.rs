@@ -5,7 +5,8 @@
 //! one, in plaintext to anything else (`route` decides).
 //! HBONE (15008) and plaintext inbound (15006, refused for STRICT pods) connections are
 //! delivered to the application over the pod's loopback. Bytes are copied both ways with
-//! half-close preserved; errors reset both sides.
+//! half-close preserved; errors reset both sides. Every listener is bounded (`limits`):
+//! per-pod and per-node connection caps, idle timeouts and keepalives.
 //!
 //! Inputs: per-pod listeners and a socket factory for the pod (`PodContext`), the state
 //! snapshot, the original-destination table, and — when the node has a CA — the
@@ -17,6 +18,7 @@ pub mod connections;
 pub mod copy;
 pub mod hbone;
 mod inbound;
+pub mod limits;
 mod outbound;
 mod route;
 mod socket;
@@ -53,6 +55,8 @@ pub struct Config {
     /// `SO_MARK` on every proxy socket (for operators' routing and firewall rules). It does
     /// not keep the proxy's sockets from being steered: their registered cookies do.
     pub mark: u32,
+    /// Connection caps, idle timeouts, keepalives, HTTP/2 limits (`agent.limits`).
+    pub limits: limits::Config,
 }
 
 /// Listener ports inside each pod.
@@ -84,6 +88,8 @@ pub enum Error {
     Downstream(#[source] io::Error),
     #[error("the upstream side failed: {0}")]
     Upstream(#[source] io::Error),
+    #[error("closed: no bytes either way for {} (agent.limits.idleTimeout)", humantime::format_duration(*.0))]
+    IdleTimeout(Duration),
     #[error("mutual TLS is off on this node (no CA configured); HBONE connection reset")]
     HboneUnsupported,
     #[error(transparent)]
@@ -141,6 +147,7 @@ impl Error {
             Error::ConnectTimeout(_) => "upstream_connect_timeout",
             Error::Downstream(_) => "downstream",
             Error::Upstream(_) => "upstream",
+            Error::IdleTimeout(_) => "idle_timeout",
             Error::HboneUnsupported => "hbone_unsupported",
             Error::Hbone(e) => e.reason(),
             Error::Identity(_) => "invalid_identity",
@@ -238,6 +245,9 @@ struct Inner {
     waypoint_warnings: route::WaypointWarnings,
     /// Round-robin position for service endpoints and waypoint addresses.
     next_endpoint: AtomicUsize,
+    limits: limits::Config,
+    /// Every pod's budgets draw on this one.
+    node_budget: Arc<limits::NodeBudget>,
 }
 
 impl Proxy {
@@ -261,6 +271,11 @@ impl Proxy {
                 admissions: Arc::new(admission::Admissions::new(trust_domain)),
                 waypoint_warnings: route::WaypointWarnings::default(),
                 next_endpoint: AtomicUsize::new(0),
+                limits: config.limits,
+                node_budget: limits::NodeBudget::new(
+                    config.limits.node_connections,
+                    limits::raise_nofile_limit(),
+                ),
             }),
         }
     }
@@ -290,6 +305,11 @@ impl Proxy {
     pub fn serve(&self, pod: PodContext, listeners: PodListeners) -> PodHandle {
         let hbone = self.hbone_server(&pod.workload);
         let pod = Arc::new(pod);
+        // What the pod opens and what comes into it are budgeted apart: a flood aimed at
+        // the pod never stops it from calling out, and the reverse.
+        let pod_limit = self.inner.limits.pod_connections;
+        let outbound_budget = limits::PodBudget::new(&self.inner.node_budget, pod_limit);
+        let inbound_budget = limits::PodBudget::new(&self.inner.node_budget, pod_limit);
         let mut tasks = JoinSet::new();
         let mut addresses = Vec::new();
         let all = [
@@ -304,6 +324,10 @@ impl Proxy {
                 }
                 let span =
                     info_span!("listener", pod = %pod.workload, direction = direction.as_str());
+                let budget = match direction {
+                    Direction::Outbound => &outbound_budget,
+                    Direction::Inbound | Direction::Hbone => &inbound_budget,
+                };
                 tasks.spawn(
                     accept_loop(
                         self.clone(),
@@ -311,6 +335,7 @@ impl Proxy {
                         direction,
                         listener,
                         hbone.clone(),
+                        Arc::clone(budget),
                     )
                     .instrument(span),
                 );
@@ -360,6 +385,33 @@ impl Proxy {
     fn pick_endpoint(&self) -> usize {
         self.inner.next_endpoint.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// No bytes either way for this long closes a proxied connection.
+    fn idle_timeout(&self) -> Duration {
+        self.inner.limits.idle_timeout
+    }
+
+    /// Takes a place in `budget` for a new connection, or counts and logs the refusal.
+    fn admit_connection(
+        &self,
+        budget: &Arc<limits::PodBudget>,
+        pod: &WorkloadRef,
+        direction: Direction,
+        peer: SocketAddr,
+    ) -> Option<limits::Permit> {
+        match budget.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(exceeded) => {
+                self.connections().refused(exceeded.reason());
+                crate::warn_limited!(component = "proxy", pod = %pod,
+                    direction = direction.as_str(), src = %peer, reason = exceeded.reason(),
+                    pod_limit = self.inner.limits.pod_connections,
+                    node_limit = self.inner.node_budget.limit(),
+                    "connection refused: connection limit reached (agent.limits)");
+                None
+            }
+        }
+    }
 }
 
 impl PodHandle {
@@ -380,11 +432,20 @@ async fn accept_loop(
     direction: Direction,
     listener: TcpListener,
     hbone_tls: Option<Arc<rustls::ServerConfig>>,
+    budget: Arc<limits::PodBudget>,
 ) {
-    let hbone_handler = Arc::new(inbound::HboneHandler {
+    // Every CONNECT stream opens an upstream socket: it takes a place in the pod's inbound
+    // budget like a plaintext connection does.
+    let hbone_handler = Arc::new(limits::Limited {
+        inner: inbound::HboneHandler {
+            proxy: proxy.clone(),
+            pod: Arc::clone(&pod),
+        },
+        budget: Arc::clone(&budget),
         proxy: proxy.clone(),
-        pod: Arc::clone(&pod),
+        pod: pod.workload.clone(),
     });
+    let keepalive = proxy.inner.limits.keepalive();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -396,22 +457,33 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Over the cap: closed at once with a RST, before any work or record.
+        let Some(permit) = proxy.admit_connection(&budget, &pod.workload, direction, peer) else {
+            copy::reset(&stream);
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             debug!(component = "proxy", error = %e, "cannot set TCP_NODELAY");
+        }
+        // A peer that vanished without FIN or RST is found by keepalive probes.
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            debug!(component = "proxy", error = %e, "cannot set TCP keepalive");
         }
         let proxy = proxy.clone();
         let pod = Arc::clone(&pod);
         let hbone = hbone_tls
             .clone()
             .map(|tls| (tls, Arc::clone(&hbone_handler)));
+        let http2 = proxy.inner.limits.hbone;
         tokio::spawn(async move {
+            let _permit = permit;
             match (direction, hbone) {
                 (Direction::Outbound, _) => outbound::handle(&proxy, &pod, stream, peer).await,
                 (Direction::Inbound, _) => inbound::handle(&proxy, &pod, stream, peer).await,
                 (Direction::Hbone, Some((tls, handler))) => {
                     // Failures are logged by the server with their reason; streams record
                     // themselves through the handler.
-                    let _ = hbone::serve(stream, tls, handler).await;
+                    let _ = hbone::serve_with(stream, tls, handler, &http2).await;
                 }
                 (Direction::Hbone, None) => inbound::refuse_hbone(&proxy, &pod, stream, peer),
             }

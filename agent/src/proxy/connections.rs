@@ -246,6 +246,12 @@ impl Connections {
         registry.recent.push_back(view);
     }
 
+    /// Counts a connection refused before it was recorded (at a connection cap): kept out
+    /// of the records so that a flood of them costs nothing but the counter.
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics.denied(reason);
+    }
+
     pub fn view(&self) -> ConnectionsView {
         let registry = self.lock();
         let mut active: Vec<_> = registry.active.values().map(|t| t.view(None)).collect();
@@ -610,6 +616,8 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
         "downstream" => "DC",
         "upstream" | "stream_reset" | "http2" => "UC",
         "response_timeout" => "UT",
+        // Envoy's stream idle timeout.
+        "idle_timeout" => "SI",
         // Envoy's "no healthy upstream": the bound service's waypoint is not there.
         "waypoint_unavailable" => "UH",
         "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported" => {

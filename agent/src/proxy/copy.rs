@@ -2,7 +2,8 @@
 //! HBONE stream): both ways at once, counting bytes as they go (so a failed connection
 //! still reports what moved), and forwarding half-close: EOF on one side becomes a FIN
 //! (shutdown(SHUT_WR), or END_STREAM) on the other, while the other direction keeps
-//! flowing. An error on either side aborts both (RST, or RST_STREAM).
+//! flowing. An error on either side aborts both (RST, or RST_STREAM), and so does a
+//! connection on which no byte moved either way for the idle timeout.
 
 use std::{
     io,
@@ -32,23 +33,38 @@ impl Stream for TcpStream {
     }
 }
 
-/// Copies until both directions have seen EOF. On error, both ends are aborted (RST, or
-/// RST_STREAM for HBONE), so neither peer is left half-open waiting for data that will
-/// never come.
+/// Copies until both directions have seen EOF. On error, or when no byte moved either way
+/// for `idle` (`Error::IdleTimeout`), both ends are aborted (RST, or RST_STREAM for
+/// HBONE), so neither peer is left half-open waiting for data that will never come.
 pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
     downstream: &mut D,
     upstream: &mut U,
     sent: &AtomicU64,
     received: &AtomicU64,
+    idle: Duration,
 ) -> Result<(), Error> {
     let mut to_upstream = OneWay::new(Side::Downstream);
     let mut to_downstream = OneWay::new(Side::Upstream);
+    let moved = || sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
+    let mut last_moved = moved();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     let result = std::future::poll_fn(|cx| {
         let up = to_upstream.poll(cx, &mut *downstream, &mut *upstream, sent)?;
         let down = to_downstream.poll(cx, &mut *upstream, &mut *downstream, received)?;
-        match (up, down) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+        if let (Poll::Ready(()), Poll::Ready(())) = (up, down) {
+            return Poll::Ready(Ok(()));
+        }
+        let now_moved = moved();
+        if now_moved != last_moved {
+            last_moved = now_moved;
+            if let Some(deadline) = tokio::time::Instant::now().checked_add(idle) {
+                idle_timer.as_mut().reset(deadline);
+            }
+        }
+        match idle_timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::IdleTimeout(idle))),
+            Poll::Pending => Poll::Pending,
         }
     })
     .await;
@@ -66,10 +82,11 @@ pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized>(
     upstream: &mut U,
     sent: &AtomicU64,
     received: &AtomicU64,
+    idle: Duration,
     stop: impl Future<Output = Error>,
 ) -> Result<(), Error> {
     let stopped = tokio::select! {
-        result = bidirectional(&mut *downstream, &mut *upstream, sent, received) => return result,
+        result = bidirectional(&mut *downstream, &mut *upstream, sent, received, idle) => return result,
         e = stop => e,
     };
     downstream.abort();
@@ -295,7 +312,7 @@ mod tests {
         let (mut up, mut server) = pair().await;
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
-        let proxy = async { bidirectional(&mut down, &mut up, &sent, &received).await };
+        let proxy = async { bidirectional(&mut down, &mut up, &sent, &received, IDLE).await };
         let peers = async {
             let payload = vec![7u8; 1_000_000];
             app.write_all(&payload).await.unwrap();
@@ -325,7 +342,7 @@ mod tests {
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
         app.write_all(b"x").await.unwrap();
-        let result = bidirectional(&mut down, &mut up, &sent, &received).await;
+        let result = bidirectional(&mut down, &mut up, &sent, &received, IDLE).await;
         assert!(
             matches!(result, Err(Error::Upstream(_)) | Err(Error::Downstream(_))),
             "{result:?}"
@@ -335,4 +352,41 @@ mod tests {
         let err = app.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_reset_after_the_idle_timeout_and_a_busy_one_is_not() {
+        let (mut app, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let sent = AtomicU64::new(0);
+        let received = AtomicU64::new(0);
+        let idle = std::time::Duration::from_millis(400);
+        let peers = async {
+            // A byte every 250 ms for a second keeps it open past the 400 ms timeout…
+            for _ in 0..4 {
+                app.write_all(b"x").await.unwrap();
+                let mut got = [0u8; 1];
+                server.read_exact(&mut got).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let (result, ()) = tokio::join!(
+            bidirectional(&mut down, &mut up, &sent, &received, idle),
+            peers
+        );
+        // …then silence ends it, 400 ms after the last byte.
+        assert!(matches!(result, Err(Error::IdleTimeout(_))), "{result:?}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= std::time::Duration::from_millis(1_150),
+            "{elapsed:?}"
+        );
+        assert_eq!(sent.load(Ordering::Relaxed), 4);
+        drop(down);
+        let mut buf = [0u8; 1];
+        let err = app.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(3_600);
 }

@@ -27,7 +27,7 @@ pub use client::{ConnectRequest, HboneStream};
 pub use pool::{Key, Pool, PoolConfig, PoolStats};
 pub use server::{
     Accepted, ConnectHandler, InboundConnect, Refusal, ServerStream, StreamHandler, Transfer,
-    Tunnel, serve,
+    Tunnel, serve, serve_with,
 };
 pub use tls::{client_config, server_config};
 
@@ -85,6 +85,8 @@ pub enum Error {
     UnexpectedStatus(u16),
     #[error("no response to the CONNECT in time")]
     ResponseTimeout,
+    #[error("the peer did not answer an HTTP/2 PING in time: it is gone or stalled")]
+    KeepaliveTimeout,
     #[error("invalid CONNECT target: {0}")]
     InvalidRequest(String),
     #[error("BUG: TLS configuration rejected: {0}")]
@@ -115,6 +117,7 @@ impl Error {
             Error::UpstreamUnreachable => "upstream_unreachable",
             Error::UnexpectedStatus(_) => "unexpected_status",
             Error::ResponseTimeout => "response_timeout",
+            Error::KeepaliveTimeout => "keepalive_timeout",
             Error::InvalidRequest(_) => "invalid_request",
             Error::BugTlsConfig(_) => "bug",
         }
@@ -228,6 +231,28 @@ fn alert_reason(alert: AlertDescription, peer: Role) -> &'static str {
             Role::Server => "no_certificate",
         },
         _ => "tls_handshake",
+    }
+}
+
+/// Pings the peer every `interval` for as long as the connection is driven beside it;
+/// resolves when a PING went unanswered for `timeout` (the peer vanished: its sockets must
+/// be freed) or the connection failed.
+pub(crate) async fn keepalive(
+    mut pings: Option<h2::PingPong>,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) -> Error {
+    let Some(pings) = pings.as_mut() else {
+        // Taken already: nothing to do but never resolve.
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Error::Http2(e),
+            Err(_) => return Error::KeepaliveTimeout,
+        }
     }
 }
 

@@ -70,6 +70,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             &mut upstream,
             &tracked.sent,
             &tracked.received,
+            proxy.idle_timeout(),
             admission.revoked(),
         )
         .await
@@ -217,6 +218,10 @@ impl hbone::Transfer for HboneTransfer {
 
     fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
         self.admission.revoked()
+    }
+
+    fn idle_timeout(&self) -> std::time::Duration {
+        self.proxy.idle_timeout()
     }
 }
 

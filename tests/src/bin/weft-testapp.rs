@@ -10,6 +10,8 @@
 //! weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
 //! weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
 //! weft-testapp connect --to IP:PORT [--timeout-ms T]
+//! weft-testapp sink    --port P
+//! weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
 //! weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
 //! weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
 //!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
@@ -34,6 +36,7 @@
 //!   (short-lived connections, as pooling tests want).
 //! - `connect` exits 0 (`connected ...`) once the TCP handshake completes, or 1 with
 //!   `error kind=<ErrorKind>`: fail-closed tests expect `ConnectionRefused` or `TimedOut`.
+//! - `sink` and `hold` (`flood` module): many idle connections (hostile-input tests).
 //!
 //! Those print `key=value` lines. The L7 commands (for the waypoint tests) run on tokio and print `<word> <json>` lines
 //! whose JSON is a `weft_tests::l7` type (the harness parses them with the same structs):
@@ -65,6 +68,8 @@ use std::{
 use sha2::{Digest, Sha256};
 
 // Under weft-testapp/ so cargo does not take them for binaries of their own.
+#[path = "weft-testapp/flood.rs"]
+mod flood;
 #[path = "weft-testapp/grpc.rs"]
 mod grpc;
 #[path = "weft-testapp/http.rs"]
@@ -92,6 +97,8 @@ fn main() -> ExitCode {
         "conns" => conns(&flags),
         "churn" => churn(&flags),
         "connect" => connect(&flags),
+        "sink" => flood::sink(&flags),
+        "hold" => flood::hold(&flags),
         "http-serve" => http::serve(&flags),
         "http-load" => http::load(&flags),
         "grpc-serve" => grpc::serve(&flags),
@@ -575,6 +582,8 @@ const USAGE: &str = "usage:
   weft-testapp conns   --to IP:PORT [--count 200] [--timeout-ms T]
   weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
   weft-testapp connect --to IP:PORT [--timeout-ms T]
+  weft-testapp sink    --port P
+  weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
   weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
   weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
                           [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]

@@ -25,7 +25,10 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::{BAGGAGE, Error, FORWARDED, Key, Role, TRACEPARENT, stream::H2Stream, tls};
-use crate::identity::{CertSource, SpiffeId};
+use crate::{
+    identity::{CertSource, SpiffeId},
+    proxy::limits::Hbone,
+};
 
 /// What one CONNECT asks for.
 #[derive(Clone, Debug)]
@@ -146,6 +149,7 @@ pub(super) async fn handshake(
     serial: String,
     id: u64,
     timeout: Duration,
+    limits: &Hbone,
 ) -> Result<Established, Error> {
     let address = key.address;
     let (config, verifier) =
@@ -174,6 +178,9 @@ pub(super) async fn handshake(
         tls_error: Arc::clone(&tls_error),
     };
     let (send, driver) = h2::client::Builder::new()
+        .max_header_list_size(limits.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)

@@ -30,7 +30,10 @@ use super::{
     Error, Role,
     client::{self, ConnectRequest, Connection, HboneStream, Lease, TlsIo},
 };
-use crate::identity::{CertSource, SpiffeId};
+use crate::{
+    identity::{CertSource, SpiffeId},
+    proxy::limits::Hbone,
+};
 
 /// Which connections a stream may share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -62,6 +65,8 @@ pub struct PoolConfig {
     /// CONNECT sent → response; the peer answers once it reached the upstream.
     #[serde(with = "as_humantime")]
     pub response_timeout: Duration,
+    /// HTTP/2 limits and PING keepalive of the pooled connections.
+    pub http2: Hbone,
 }
 
 /// What the pool holds, for status and tests.
@@ -116,6 +121,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: 100,
             handshake_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),
+            http2: Hbone::default(),
         }
     }
 }
@@ -220,7 +226,17 @@ impl Pool {
                     addr: key.address,
                     source,
                 })?;
-            client::handshake(Arc::clone(&shared.certs), key, tcp, serial, id, timeout).await
+            let http2 = &shared.config.http2;
+            client::handshake(
+                Arc::clone(&shared.certs),
+                key,
+                tcp,
+                serial,
+                id,
+                timeout,
+                http2,
+            )
+            .await
         };
         let established = match attempt.await {
             Ok(established) => established,
@@ -257,6 +273,7 @@ impl Pool {
             connection,
             established.driver,
             shared.config.idle_timeout,
+            shared.config.http2,
         ));
         Ok(lease)
     }
@@ -322,15 +339,21 @@ async fn drive(
     pool: Weak<Shared>,
     key: Key,
     connection: Arc<Connection>,
-    driver: h2::client::Connection<TlsIo, Bytes>,
+    mut driver: h2::client::Connection<TlsIo, Bytes>,
     idle_timeout: Duration,
+    http2: Hbone,
 ) {
+    // A peer that vanished without a FIN or RST is found by PING, not only by TCP
+    // keepalive, which takes minutes.
+    let keepalive = super::keepalive(driver.ping_pong(), http2.ping_interval, http2.ping_timeout);
     tokio::pin!(driver);
+    tokio::pin!(keepalive);
     let outcome = loop {
         let deadline = connection.idle_deadline(idle_timeout);
         let idle = connection.streams() == 0;
         tokio::select! {
             result = &mut driver => break result.map_err(|e| Error::from_h2(e, connection.tls_error(), Role::Server)),
+            e = &mut keepalive => break Err(e),
             () = tokio::time::sleep_until(deadline), if idle => {}
             () = connection.wake.notified() => {}
         }

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 use super::{Error, Role, stream::H2Stream, tls};
 use crate::{
     identity::SpiffeId,
-    proxy::{self, copy},
+    proxy::{self, copy, limits::Hbone},
 };
 
 /// A CONNECT the server received, for the handler to decide on.
@@ -55,6 +55,8 @@ pub enum Refusal {
     Denied,
     /// The upstream could not be connected: 503.
     Unreachable,
+    /// The destination pod or the node is at its connection limit: 503.
+    Overloaded,
 }
 
 /// A CONNECT the handler accepted: the upstream, already connected, and the record that
@@ -76,6 +78,10 @@ pub trait Transfer: Send + 'static {
     /// reset and `finish` gets the error. Never, by default.
     fn stopped(&self) -> impl Future<Output = proxy::Error> + Send + 'static {
         std::future::pending()
+    }
+    /// No bytes either way for this long ends the transfer (`idle_timeout`).
+    fn idle_timeout(&self) -> Duration {
+        proxy::limits::Config::default().idle_timeout
     }
 }
 
@@ -143,6 +149,7 @@ impl<T: Transfer> Tunnel for Accepted<T> {
             &mut upstream,
             transfer.sent(),
             transfer.received(),
+            transfer.idle_timeout(),
             transfer.stopped(),
         )
         .await;
@@ -188,23 +195,35 @@ impl Refusal {
         match self {
             Refusal::NotServed => StatusCode::BAD_REQUEST,
             Refusal::Denied => StatusCode::UNAUTHORIZED,
-            Refusal::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unreachable | Refusal::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
 
-/// Serves one HBONE connection until the client closes it. A refused handshake is logged
-/// with its reason and returned; streams run on their own tasks.
+/// `serve_with` the default limits.
 pub async fn serve<H: StreamHandler>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
 ) -> Result<(), Error> {
+    serve_with(tcp, tls, handler, &Hbone::default()).await
+}
+
+/// Serves one HBONE connection until the client closes it, within `limits`: a silent
+/// client is cut at the handshake timeout, a vanished one by PING, header lists, streams
+/// and resets are bounded. A refused handshake is logged with its reason and returned;
+/// streams run on their own tasks.
+pub async fn serve_with<H: StreamHandler>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    limits: &Hbone,
+) -> Result<(), Error> {
     let peer_addr = tcp.peer_addr().map_err(Error::Socket)?;
     let local_addr = tcp.local_addr().map_err(Error::Socket)?;
     let handshake = async {
         let accept = TlsAcceptor::from(tls).accept(tcp);
-        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+        let stream = tokio::time::timeout(limits.handshake_timeout, accept)
             .await
             .map_err(|_| Error::HandshakeTimeout(peer_addr))?
             .map_err(|e| Error::from_io(e, Role::Client))?;
@@ -225,15 +244,20 @@ pub async fn serve<H: StreamHandler>(
         }
     };
     debug!(component = "hbone", src = %peer_addr, src.identity = %peer_identity, "HBONE connection accepted");
+    // h2 answers a header list over the limit with 431 itself, and bounds CONTINUATION
+    // frames by it; the reset limits end rapid-reset floods with GOAWAY.
     let h2_handshake = h2::server::Builder::new()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .handshake::<_, Bytes>(stream);
     // The client preface is bounded like the TLS handshake: a silent client must not hold
     // the connection forever.
-    let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_handshake)
+    let mut connection = tokio::time::timeout(limits.handshake_timeout, h2_handshake)
         .await
         .map_err(|_| Error::HandshakeTimeout(peer_addr))?
         .map_err(|e| Error::from_h2(e, None, Role::Client))?;
@@ -242,7 +266,21 @@ pub async fn serve<H: StreamHandler>(
         addr: peer_addr,
         local_addr,
     });
-    while let Some(next) = connection.accept().await {
+    let keepalive = super::keepalive(
+        connection.ping_pong(),
+        limits.ping_interval,
+        limits.ping_timeout,
+    );
+    tokio::pin!(keepalive);
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            e = &mut keepalive => {
+                debug!(component = "hbone", src = %peer_addr, reason = e.reason(), error = %e, "HBONE connection closed");
+                return Err(e);
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((request, respond)) => {
                 tokio::spawn(stream_task(
@@ -329,9 +367,6 @@ fn response(status: StatusCode) -> Response<()> {
     response
 }
 
-/// Our SETTINGS_MAX_CONCURRENT_STREAMS; the pool's default per-connection limit matches.
-const MAX_CONCURRENT_STREAMS: u32 = 100;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 256 * 1024;

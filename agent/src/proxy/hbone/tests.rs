@@ -600,7 +600,13 @@ async fn stream_reset_becomes_an_application_reset_through_copy() {
     app.write_all(b"x").await.unwrap();
     let result = timeout(
         PATIENCE,
-        proxy::copy::bidirectional(&mut down, &mut hbone, &sent, &received),
+        proxy::copy::bidirectional(
+            &mut down,
+            &mut hbone,
+            &sent,
+            &received,
+            std::time::Duration::from_secs(3_600),
+        ),
     )
     .await
     .expect("no hang");
