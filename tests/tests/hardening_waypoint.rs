@@ -68,7 +68,9 @@ impl Mesh {
         // Not selected by the reviews policies: its own node proxy lets the waypoint in.
         let shadow = backend("shadow", "shadow")?;
         for node in [&node1, &node2] {
-            node.add_service(service("reviews", 20, &[&v1], Some(WAYPOINT)));
+            // Both versions are its endpoints: their node proxies admit only the waypoint
+            // (and leave L7 policy to it).
+            node.add_service(service("reviews", 20, &[&v1, &v2], Some(WAYPOINT)));
             node.add_service(service("reviews-v1", 21, &[&v1], None));
             node.add_service(service("reviews-v2", 22, &[&v2], None));
             node.add_service(service("shadow", 24, &[&shadow], None));
@@ -120,7 +122,10 @@ fn a_request_denied_by_l7_policy_is_never_mirrored() -> Result<()> {
     let denied = HttpLoad::new(vip(20), 5)
         .path("/admin/secret")
         .run(&mesh.client)?;
-    ensure!(denied.status(403) == 5, "/admin/secret is denied: {denied:?}");
+    ensure!(
+        denied.status(403) == 5,
+        "/admin/secret is denied: {denied:?}"
+    );
     let allowed = HttpLoad::new(vip(20), 5)
         .path("/public")
         .run(&mesh.client)?;
@@ -169,7 +174,10 @@ fn a_forwarded_for_naming_another_identitys_workload_is_ignored() -> Result<()> 
     mesh.waypoint.write_config(&mesh.node1, json!([route()]))?;
     weft_tests::eventually(Duration::from_secs(10), || {
         let dump = mesh.waypoint.config_dump()?.to_string();
-        ensure!(dump.contains("only-from-client-ip"), "policy not applied yet");
+        ensure!(
+            dump.contains("only-from-client-ip"),
+            "policy not applied yet"
+        );
         Ok(())
     })?;
     let client = HttpLoad::new(vip(20), 3).run(&mesh.client)?;
@@ -202,7 +210,7 @@ fn a_forwarded_for_naming_another_identitys_workload_is_ignored() -> Result<()> 
     ensure!(
         mesh.waypoint
             .log()
-            .contains("forwarded: for= names a workload of another identity"),
+            .contains("forwarded: for= names no workload of the peer's identity"),
         "the forged header was logged"
     );
     Ok(())
@@ -447,9 +455,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
