@@ -285,6 +285,13 @@ mod tests {
         assert!(waypoint(&["--source", "kubernetes"]).is_ok());
         assert!(waypoint(&["--config", "x", "--ca-addr", "ca:15012"]).is_err());
         assert!(waypoint(&["--config", "x", "--metrics-prefix", "Bad"]).is_err());
+        let decode = waypoint(&["--config", "x", "--path-escaped-slashes", "decode"]).unwrap();
+        assert_eq!(
+            decode.path_escaped_slashes,
+            crate::waypoint::path::EscapedSlashes::Decode
+        );
+        let bad = waypoint(&["--config", "x", "--path-escaped-slashes", "maybe"]).unwrap_err();
+        assert!(bad.to_string().contains("--path-escaped-slashes"), "{bad}");
     }
 
     #[test]

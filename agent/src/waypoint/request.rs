@@ -429,7 +429,7 @@ fn send_mirror(
     };
     let request = match template.build(&endpoint, body) {
         Ok(request) => request,
-        Err(_) => return,
+        Err(e) => return skipped(e.reason()),
     };
     let protocol = template.protocol;
     tokio::spawn(async move {
