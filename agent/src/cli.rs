@@ -176,6 +176,10 @@ pub struct WaypointArgs {
     /// First word of every metric name (`weft`, or `istio` for Istio's dashboards).
     #[arg(long, env = "WEFT_METRICS_PREFIX", default_value = "weft", value_parser = parse_prefix)]
     pub metrics_prefix: crate::telemetry::Prefix,
+    /// What `%2F`, `%5C` and `\` in a request path mean: `reject` (400), `keep` (not
+    /// separators) or `decode` (separators).
+    #[arg(long, env = "WEFT_PATH_ESCAPED_SLASHES", value_enum, default_value_t)]
+    pub path_escaped_slashes: crate::waypoint::path::EscapedSlashes,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -267,6 +271,10 @@ mod tests {
     #[test]
     fn waypoint_flags_default_to_the_fixed_ports() {
         let args = waypoint(&["--config", "/etc/weft/state.yaml"]).unwrap();
+        assert_eq!(
+            args.path_escaped_slashes,
+            crate::waypoint::path::EscapedSlashes::Reject
+        );
         assert_eq!(args.listen_addr, "0.0.0.0:15008".parse().unwrap());
         assert_eq!(args.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(args.metrics_addr, "0.0.0.0:15020".parse().unwrap());
@@ -277,6 +285,13 @@ mod tests {
         assert!(waypoint(&["--source", "kubernetes"]).is_ok());
         assert!(waypoint(&["--config", "x", "--ca-addr", "ca:15012"]).is_err());
         assert!(waypoint(&["--config", "x", "--metrics-prefix", "Bad"]).is_err());
+        let decode = waypoint(&["--config", "x", "--path-escaped-slashes", "decode"]).unwrap();
+        assert_eq!(
+            decode.path_escaped_slashes,
+            crate::waypoint::path::EscapedSlashes::Decode
+        );
+        let bad = waypoint(&["--config", "x", "--path-escaped-slashes", "maybe"]).unwrap_err();
+        assert!(bad.to_string().contains("--path-escaped-slashes"), "{bad}");
     }
 
     #[test]

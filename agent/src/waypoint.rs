@@ -10,7 +10,8 @@
 //! 2. `filters`: redirect, header modifiers, URL rewrite, mirror;
 //! 3. `backend`: a weighted backend, then one of its endpoints at the target port;
 //! 4. L7 access policy (`policy::PolicyIndex`) for that endpoint, with the client's
-//!    identity and the request's method, path and headers;
+//!    identity and the request's method, path and headers; a mirror's copy is sent only
+//!    once the primary passed, and only if the mirror endpoint's policy admits it too;
 //! 5. `retry`: tries with per-try and request timeouts, retries with jittered backoff for
 //!    replayable requests;
 //! 6. `upstream`: pooled HTTP/1.1 or HTTP/2 client connections over HBONE to the endpoint's
@@ -26,6 +27,7 @@ mod backend;
 mod filters;
 mod metrics;
 mod observe;
+pub mod path;
 mod request;
 mod retry;
 mod route;
@@ -77,6 +79,8 @@ pub enum Error {
     BadRequest(String),
     #[error("reading the request body failed: {0}")]
     Downstream(String),
+    #[error("refused the request's path: {0}")]
+    Path(#[from] path::Error),
 }
 
 impl Error {
@@ -97,6 +101,7 @@ impl Error {
             Error::RequestTimeout => "request_timeout",
             Error::BadRequest(_) => "bad_request",
             Error::Downstream(_) => "downstream",
+            Error::Path(e) => e.reason(),
         }
     }
 
@@ -110,7 +115,7 @@ impl Error {
             Error::Hbone(_) | Error::Handshake(_) => "UF",
             Error::Upstream(_) => "UC",
             Error::TryTimeout | Error::RequestTimeout => "UT",
-            Error::BadRequest(_) | Error::Downstream(_) => "DPE",
+            Error::BadRequest(_) | Error::Downstream(_) | Error::Path(_) => "DPE",
         }
     }
 
@@ -143,6 +148,8 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// Largest request body kept for retries and mirrors; bigger ones are streamed once.
     pub replay_buffer: usize,
+    /// What a path's `%2F`, `%5C` and `\` mean (`path`): refused by default.
+    pub path_escaped_slashes: path::EscapedSlashes,
 }
 
 impl Config {
@@ -155,6 +162,7 @@ impl Config {
             upstream_port: hbone::PORT,
             upstream_idle_timeout: Duration::from_secs(90),
             replay_buffer: 64 * 1024,
+            path_escaped_slashes: path::EscapedSlashes::default(),
         }
     }
 }

@@ -114,6 +114,7 @@ impl Settings {
         let mut waypoint =
             waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
         waypoint.listen_addr = args.listen_addr;
+        waypoint.path_escaped_slashes = args.path_escaped_slashes;
         Ok(Self {
             waypoint,
             identity: identity::Config {

@@ -1,7 +1,8 @@
 //! The waypoint's request metrics, named and labelled as Istio's standard HTTP metrics
 //! (`<prefix>_requests_total`, `<prefix>_request_duration_milliseconds`,
 //! `<prefix>_request_bytes`, `<prefix>_response_bytes`, reporter `waypoint`) plus
-//! `route_name`, and the requests L7 policy denied.
+//! `route_name`, and the requests L7 policy denied; requests refused before routing (an
+//! ambiguous path), mirror copies not sent, and `forwarded: for=` headers not believed.
 
 use std::fmt;
 
@@ -69,6 +70,9 @@ pub struct Metrics {
     denied: Family<DeniedLabels, Counter>,
     retries: Family<RouteLabels, Counter>,
     connection_errors: Family<ErrorLabels, Counter>,
+    rejected: Family<ErrorLabels, Counter>,
+    mirrors_skipped: Family<ErrorLabels, Counter>,
+    forwarded_ignored: Family<ErrorLabels, Counter>,
 }
 
 /// One finished request as the metrics see it.
@@ -102,6 +106,9 @@ impl Metrics {
             denied: Family::default(),
             retries: Family::default(),
             connection_errors: Family::default(),
+            rejected: Family::default(),
+            mirrors_skipped: Family::default(),
+            forwarded_ignored: Family::default(),
         }
     }
 
@@ -133,6 +140,25 @@ impl Metrics {
     /// A client's HTTP connection (inside a CONNECT) failed: it was reset.
     pub fn connection_error(&self, reason: &'static str) {
         self.connection_errors
+            .get_or_create(&ErrorLabels { reason })
+            .inc();
+    }
+
+    /// A request refused before routing (its path), answered 400.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ErrorLabels { reason }).inc();
+    }
+
+    /// A mirror copy that was not sent (its endpoint's policy, its size, no endpoint).
+    pub fn mirror_skipped(&self, reason: &'static str) {
+        self.mirrors_skipped
+            .get_or_create(&ErrorLabels { reason })
+            .inc();
+    }
+
+    /// A CONNECT's `forwarded: for=` that was not believed: its peer's address is used.
+    pub fn forwarded_ignored(&self, reason: &'static str) {
+        self.forwarded_ignored
             .get_or_create(&ErrorLabels { reason })
             .inc();
     }
@@ -192,6 +218,24 @@ impl Collector for Exposition {
             "Client HTTP connections that failed (protocol errors, resets), by reason",
             None,
             m.connection_errors.metric_type(),
+        )?)?;
+        m.rejected.encode(encoder.encode_descriptor(
+            "waypoint_rejected_requests",
+            "Requests refused with 400 before routing (an ambiguous or malformed path), by reason",
+            None,
+            m.rejected.metric_type(),
+        )?)?;
+        m.mirrors_skipped.encode(encoder.encode_descriptor(
+            "waypoint_mirrors_skipped",
+            "Mirror copies not sent (the mirror endpoint's policy, body size, no endpoint), by reason",
+            None,
+            m.mirrors_skipped.metric_type(),
+        )?)?;
+        m.forwarded_ignored.encode(encoder.encode_descriptor(
+            "waypoint_forwarded_for_ignored",
+            "CONNECTs whose forwarded: for= did not name a workload of the peer's identity, by reason",
+            None,
+            m.forwarded_ignored.metric_type(),
         )?)?;
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! One request through the waypoint: route, filters, backend, policy, tries, response.
+//! One request through the waypoint: path, route, filters, backend, policy, mirrors, tries,
+//! response.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,6 +16,7 @@ use super::{
     backend::{self, Endpoint},
     filters::{self, Plan},
     observe::{Counted, Exchange, Observed},
+    path,
     retry::{self, RequestBody},
     route::{RequestView, Routing},
     server::{Target, Tunnel, View},
@@ -50,6 +52,10 @@ pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response
                     .metrics
                     .denied(reason, policy.clone().unwrap_or_default());
                 exchange.record.policy_name = policy;
+            } else if let Error::Path(e) = &e {
+                inner.metrics.rejected(e.reason());
+                debug!(component = "waypoint", src.identity = %tunnel.peer_identity,
+                    path = %exchange.record.path, reason = e.reason(), "request path refused");
             } else {
                 debug!(component = "waypoint", src.identity = %tunnel.peer_identity,
                     reason = e.reason(), error = %e, "request failed");
@@ -82,11 +88,11 @@ async fn forward(
 ) -> Result<Response<BoxBody>, Error> {
     let inner = &tunnel.inner;
     let (parts, body) = request.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Routes, policy, mirrors and the backend all see the one normal form of the path.
+    let raw = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let normal = path::normalize_path_and_query(raw, inner.config.path_escaped_slashes)?;
+    let path_and_query =
+        PathAndQuery::try_from(normal).map_err(|e| Error::BadRequest(e.to_string()))?;
     let authority = authority_of(&parts.uri, &parts.headers);
     let host = authority.as_deref().map(host_without_port);
     let mut plan = Plan::default();
@@ -207,11 +213,12 @@ async fn forward(
     if retry_policy.is_some() {
         body = body.recorded(limit);
     }
-    for mirror in &plan.mirrors {
-        if fastrand::u32(0..1_000_000) < mirror.parts_per_million {
-            send_mirror(tunnel, view, &template, &mirror.backend, &body);
-        }
-    }
+    let mirrors: Vec<&ServiceRef> = plan
+        .mirrors
+        .iter()
+        .filter(|m| fastrand::u32(0..1_000_000) < m.parts_per_million)
+        .map(|m| &m.backend)
+        .collect();
     let facts_request = RequestFacts {
         method: parts.method.as_str(),
         path: path_and_query.path(),
@@ -225,6 +232,7 @@ async fn forward(
         retry: retry_policy,
         timeouts,
         request: &facts_request,
+        mirrors: &mirrors,
     };
     let mut response = match timeouts.request {
         Some(limit) => tokio::time::timeout(limit, tries.run(&mut body, exchange))
@@ -288,6 +296,8 @@ struct Tries<'a> {
     retry: Option<&'a Retry>,
     timeouts: Timeouts,
     request: &'a RequestFacts<'a>,
+    /// Mirror backends sampled for this request: sent once the first try passed policy.
+    mirrors: &'a [&'a ServiceRef],
 }
 
 impl Tries<'_> {
@@ -300,7 +310,20 @@ impl Tries<'_> {
         let mut attempt = 0u32;
         loop {
             let endpoint = self.endpoint()?;
-            self.admit(&endpoint)?;
+            admit(self.tunnel, self.view, &endpoint, self.request)?;
+            if attempt == 0 {
+                // Only a request its policy admitted is copied: a denied one goes nowhere.
+                for backend in self.mirrors {
+                    send_mirror(
+                        self.tunnel,
+                        self.view,
+                        self.template,
+                        backend,
+                        body,
+                        self.request,
+                    );
+                }
+            }
             exchange.record.upstream_host = Some(endpoint.addr.to_string());
             exchange.record.dst_workload = Some(endpoint.workload.to_string());
             exchange
@@ -351,52 +374,62 @@ impl Tries<'_> {
             Destination::Pod(addr, service) => backend::pod(snapshot, *addr, service, td),
         }
     }
+}
 
-    /// L7 access policy of the endpoint's workload, for the original client.
-    fn admit(&self, endpoint: &Endpoint) -> Result<(), Error> {
-        let Some(workload) = self.view.snapshot.workloads.get(&endpoint.workload) else {
-            return Err(Error::UnknownEndpoint(endpoint.addr.ip()));
-        };
-        let decision = self.view.policy.evaluate(&ConnectionFacts {
-            destination: workload,
-            dst_port: endpoint.addr.port(),
-            source_identity: Some(&self.tunnel.peer_identity),
-            source_ip: self.tunnel.source.ip(),
-            request: Some(self.request),
-        });
-        match decision {
-            Decision::Allow => Ok(()),
-            Decision::Deny { policy, reason } => Err(Error::PolicyDenied {
-                reason: reason.as_str(),
-                policy,
-            }),
-        }
+/// L7 access policy of the endpoint's workload, for the original client.
+fn admit(
+    tunnel: &Tunnel,
+    view: &View,
+    endpoint: &Endpoint,
+    request: &RequestFacts<'_>,
+) -> Result<(), Error> {
+    let Some(workload) = view.snapshot.workloads.get(&endpoint.workload) else {
+        return Err(Error::UnknownEndpoint(endpoint.addr.ip()));
+    };
+    let decision = view.policy.evaluate(&ConnectionFacts {
+        destination: workload,
+        dst_port: endpoint.addr.port(),
+        source_identity: Some(&tunnel.peer_identity),
+        source_ip: tunnel.source.ip(),
+        request: Some(request),
+    });
+    match decision {
+        Decision::Allow => Ok(()),
+        Decision::Deny { policy, reason } => Err(Error::PolicyDenied {
+            reason: reason.as_str(),
+            policy,
+        }),
     }
 }
 
 /// Sends a copy to a mirror backend, fire and forget: its response is read and dropped.
+/// The copy is a request to the mirror's endpoint like any other: that endpoint's policy
+/// must admit it, for the original client, or it is not sent.
 fn send_mirror(
     tunnel: &Tunnel,
     view: &View,
     template: &Template,
     backend: &ServiceRef,
     body: &RequestBody,
+    request: &RequestFacts<'_>,
 ) {
     let inner = Arc::clone(&tunnel.inner);
-    let Some(body) = body.copy() else {
-        debug!(component = "waypoint", mirror = %backend.name, "request body too big to mirror");
-        return;
+    let skipped = |reason: &'static str| {
+        inner.metrics.mirror_skipped(reason);
+        debug!(component = "waypoint", mirror = %backend.name, reason, "mirror not sent");
     };
-    let endpoint = match backend::resolve(&view.snapshot, backend, &inner.trust_domain) {
+    let Some(body) = body.copy() else {
+        return skipped("body_too_big");
+    };
+    let endpoint = match backend::resolve(&view.snapshot, backend, &inner.trust_domain)
+        .and_then(|endpoint| admit(tunnel, view, &endpoint, request).map(|()| endpoint))
+    {
         Ok(endpoint) => endpoint,
-        Err(e) => {
-            debug!(component = "waypoint", mirror = %backend.name, reason = e.reason(), "mirror not sent");
-            return;
-        }
+        Err(e) => return skipped(e.reason()),
     };
     let request = match template.build(&endpoint, body) {
         Ok(request) => request,
-        Err(_) => return,
+        Err(e) => return skipped(e.reason()),
     };
     let protocol = template.protocol;
     tokio::spawn(async move {

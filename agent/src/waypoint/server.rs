@@ -1,6 +1,12 @@
 //! The HBONE side: which CONNECT targets the waypoint serves (a bound service's VIP:port,
-//! or the pod IP:port of one of its endpoints), and HTTP/1.1 or HTTP/2 (by preface) on
-//! each accepted stream, every request handed to `request::handle`.
+//! or the pod IP:port of one of its endpoints), who the client is, and HTTP/1.1 or HTTP/2
+//! (by preface) on each accepted stream, every request handed to `request::handle`.
+//!
+//! The client's address (policy's `ipBlocks`, telemetry) is the CONNECT's `forwarded: for=`
+//! only when that names an address of a workload with the peer's own identity: a node proxy
+//! forwards for the pods whose identity it proves. Any other claim is not believed (the
+//! peer's own address is used), counted and logged: a certificate proves who the peer is,
+//! not where it speaks for.
 
 use std::{
     convert::Infallible,
@@ -72,7 +78,8 @@ pub struct Tunnel {
     pub(super) inner: Arc<Inner>,
     pub(super) target: Target,
     pub(super) peer_identity: SpiffeId,
-    /// The original client: `forwarded: for=`, else the peer proxy's address.
+    /// The original client: `forwarded: for=` when it names a workload of the peer's
+    /// identity, else the peer's own address.
     pub(super) source: SocketAddr,
 }
 
@@ -173,6 +180,24 @@ impl Inner {
         Arc::clone(&view)
     }
 
+    /// The original client of a CONNECT (see the module's doc).
+    fn client_address(&self, snapshot: &Snapshot, request: &hbone::InboundConnect) -> SocketAddr {
+        let Some(ip) = forwarded_for(&request.headers) else {
+            return request.peer_addr;
+        };
+        match vouched_for(snapshot, &self.trust_domain, &request.peer_identity, ip) {
+            Ok(()) if ip == request.peer_addr.ip() => request.peer_addr,
+            Ok(()) => SocketAddr::new(ip, 0),
+            Err(reason) => {
+                self.metrics.forwarded_ignored(reason);
+                crate::warn_limited!(component = "waypoint", src = %request.peer_addr,
+                    src.identity = %request.peer_identity, forwarded_for = %ip, reason,
+                    "forwarded: for= names no workload of the peer's identity; judged on the peer's address");
+                request.peer_addr
+            }
+        }
+    }
+
     /// The target a CONNECT names, if this waypoint serves it.
     pub fn target(&self, snapshot: &Snapshot, addr: SocketAddr) -> Option<Target> {
         let bound = |service: &crate::state::Service| {
@@ -212,8 +237,7 @@ impl hbone::StreamHandler for Waypoint {
                 target = %request.target, "CONNECT refused: not a service (or pod) bound to this waypoint");
             return Err(hbone::Refusal::NotServed);
         };
-        let source =
-            forwarded_for(&request.headers).map_or(request.peer_addr, |ip| SocketAddr::new(ip, 0));
+        let source = self.inner.client_address(&view.snapshot, &request);
         Ok(Tunnel {
             inner: Arc::clone(&self.inner),
             target,
@@ -247,6 +271,22 @@ impl hbone::Tunnel for Tunnel {
 
     fn abandon(self, error: std::io::Error) {
         debug!(component = "waypoint", src = %self.source, error = %error, "client left before the CONNECT was answered");
+    }
+}
+
+/// Whether a peer of identity `peer` may speak for `ip`: a workload with that identity has
+/// it. Otherwise the reason, for the metric: `unknown_address` (no workload has it) or
+/// `identity_mismatch` (a workload of another identity has it).
+fn vouched_for(
+    snapshot: &Snapshot,
+    trust_domain: &str,
+    peer: &SpiffeId,
+    ip: IpAddr,
+) -> Result<(), &'static str> {
+    let workload = snapshot.workload_by_ip(ip).ok_or("unknown_address")?;
+    match workload.identity(trust_domain) {
+        Ok(identity) if identity == *peer => Ok(()),
+        _ => Err("identity_mismatch"),
     }
 }
 
@@ -293,5 +333,49 @@ mod tests {
         );
         headers.insert("forwarded", "by=x".parse().unwrap());
         assert_eq!(forwarded_for(&headers), None);
+    }
+
+    fn snapshot_with(name: &str, service_account: &str, ip: &str) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let workload = crate::state::Workload {
+            name: WorkloadRef::new("default", name),
+            service_account: service_account.to_owned(),
+            ips: vec![ip.parse().unwrap()],
+            location: crate::state::Location::Remote { node: "b".into() },
+            enrolled: true,
+            mtls_mode: None,
+            labels: Default::default(),
+        };
+        snapshot.workloads.insert(workload.name.clone(), workload);
+        snapshot
+    }
+
+    #[test]
+    fn only_a_workload_of_the_peers_identity_is_vouched_for() {
+        let snapshot = snapshot_with("client-1", "client", "10.1.0.7");
+        let id = |sa| SpiffeId::new("cluster.local", "default", sa).unwrap();
+        let ip = "10.1.0.7".parse().unwrap();
+        assert_eq!(
+            vouched_for(&snapshot, "cluster.local", &id("client"), ip),
+            Ok(())
+        );
+        assert_eq!(
+            vouched_for(&snapshot, "cluster.local", &id("intruder"), ip),
+            Err("identity_mismatch")
+        );
+        // Same namespace and service account in another trust domain is another identity.
+        assert_eq!(
+            vouched_for(&snapshot, "example.org", &id("client"), ip),
+            Err("identity_mismatch")
+        );
+        assert_eq!(
+            vouched_for(
+                &snapshot,
+                "cluster.local",
+                &id("client"),
+                "10.9.9.9".parse().unwrap()
+            ),
+            Err("unknown_address")
+        );
     }
 }

@@ -651,6 +651,7 @@ fn path(p: PathMatch) -> RequestMatch {
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
+mod hardening;
 mod observability;
 mod resilience;
 mod routing;

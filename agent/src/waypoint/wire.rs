@@ -23,13 +23,14 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
         | Error::Hbone(_)
         | Error::Handshake(_)
         | Error::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::BadRequest(_) | Error::Downstream(_) => StatusCode::BAD_REQUEST,
+        Error::BadRequest(_) | Error::Downstream(_) | Error::Path(_) => StatusCode::BAD_REQUEST,
     };
     if grpc {
         let code = match e {
             Error::PolicyDenied { .. } => "7",
             Error::RequestTimeout | Error::TryTimeout => "4",
             Error::NoRoute => "12",
+            Error::Path(_) => "3",
             _ => "14",
         };
         let mut response = Response::new(empty());
