@@ -46,7 +46,8 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     let (outbound, source_ip) = {
         let snapshot = proxy.inner.state.borrow();
         let source = snapshot.workloads.get(&pod.workload);
-        // Neither what the pod asked for nor what it resolved to may be the proxy itself.
+        // Neither what the pod asked for nor what it resolved to (a VIP's endpoint) may be
+        // the proxy itself.
         let not_a_loop = |target| {
             loop_guard::check(
                 &snapshot,
@@ -68,7 +69,12 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                     proxy.trust_domain(),
                 )
             })
-            .and_then(|o| not_a_loop(o.upstream).map(|()| o));
+            .and_then(|o| match o.route {
+                // The waypoint's HBONE port is where this route must go; the authority it
+                // carries is `dst`, checked above.
+                Route::Waypoint { .. } => Ok(o),
+                Route::Hbone { .. } | Route::Passthrough => not_a_loop(o.upstream).map(|()| o),
+            });
         // The pod's own address of the upstream's family, for `forwarded: for=`.
         let v4 = outbound
             .as_ref()
