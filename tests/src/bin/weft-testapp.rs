@@ -375,7 +375,7 @@ fn hammer(flags: &Flags) -> Result<ExitCode, String> {
 }
 
 fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(format!("--payload-hex {hex:?}: odd length"));
     }
     (0..hex.len())
