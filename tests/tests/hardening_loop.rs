@@ -188,6 +188,7 @@ fn a_flood_of_refused_connections_logs_a_handful_of_lines_and_counts_them_all() 
         .collect();
     for needle in ["plaintext", "HBONE handshake refused"] {
         let lines = log.iter().filter(|l| l.contains(needle)).count();
+        println!("{FLOOD} events: {lines} lines {needle:?}");
         ensure!(
             (1..=MAX_WARNINGS).contains(&lines),
             "{FLOOD} events logged {lines} lines {needle:?}: expected 1 to {MAX_WARNINGS}"
