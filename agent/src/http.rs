@@ -16,7 +16,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Serves `listener` with `handler` until the task is dropped. An accept error (out of file
 /// descriptors, say) is logged and retried after a pause, never the end of the server.
@@ -29,7 +29,7 @@ where
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                warn!(component, error = %e, "accept failed");
+                crate::warn_limited!(component, error = %e, "accept failed");
                 tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }

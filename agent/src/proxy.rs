@@ -19,6 +19,7 @@ pub mod copy;
 pub mod hbone;
 mod inbound;
 pub mod limits;
+mod loop_guard;
 mod outbound;
 mod route;
 mod socket;
@@ -113,6 +114,10 @@ pub enum Error {
     #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]
     PlaintextRefusedStrict,
     #[error(
+        "refused: {0} is one of the proxy's own listeners, and dialling it would loop (a pod connected to a proxy port)"
+    )]
+    ProxyLoop(SocketAddr),
+    #[error(
         "service {service} is bound to waypoint {waypoint}, which {problem}; connection reset (a bound service's traffic never goes around its waypoint)"
     )]
     WaypointUnavailable {
@@ -156,6 +161,7 @@ impl Error {
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::PolicyRevoked { .. } => "policy_revoked",
             Error::PlaintextRefusedStrict => "plaintext_refused_strict",
+            Error::ProxyLoop(_) => "proxy_loop",
             Error::WaypointUnavailable { .. } => "waypoint_unavailable",
         }
     }
@@ -240,6 +246,8 @@ struct Inner {
     connections: Arc<Connections>,
     mtls: Option<Mtls>,
     hbone_port: u16,
+    /// The pods' listener ports, which the proxy must never dial (`loop_guard`).
+    ports: Ports,
     admissions: Arc<admission::Admissions>,
     /// Bound services whose waypoint was last seen unavailable (to warn once per change).
     waypoint_warnings: route::WaypointWarnings,
@@ -268,6 +276,7 @@ impl Proxy {
                 connections,
                 mtls,
                 hbone_port: config.ports.hbone,
+                ports: config.ports,
                 admissions: Arc::new(admission::Admissions::new(trust_domain)),
                 waypoint_warnings: route::WaypointWarnings::default(),
                 next_endpoint: AtomicUsize::new(0),
@@ -452,7 +461,7 @@ async fn accept_loop(
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the kernel keeps
                 // the backlog meanwhile.
-                warn!(component = "proxy", error = %e, "accept failed");
+                crate::warn_limited!(component = "proxy", error = %e, "accept failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }

@@ -320,6 +320,89 @@ pub fn connect(pod: &TestPod, to: SocketAddr, timeout: Duration) -> Result<Conne
     Ok(Connect::Failed(kind))
 }
 
+/// What `weft-testapp hammer` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hammered {
+    pub attempts: u64,
+    pub connected: u64,
+    pub failed: u64,
+}
+
+/// `hammer --to --count --duration-ms [--payload-hex]`: a hostile pod's tight loop of
+/// connect, write `payload`, close, for `count` attempts or `duration`, whichever ends first.
+pub fn hammer(
+    pod: &TestPod,
+    to: SocketAddr,
+    count: u64,
+    duration: Duration,
+    payload: &[u8],
+) -> Result<Hammered> {
+    start_hammer(pod, to, count, duration, payload)?.finish()
+}
+
+/// A `hammer` still running (see [`start_hammer`]).
+pub struct RunningHammer {
+    process: TestProcess,
+    duration: Duration,
+}
+
+/// [`hammer`], in the background, while the test looks at the neighbours.
+pub fn start_hammer(
+    pod: &TestPod,
+    to: SocketAddr,
+    count: u64,
+    duration: Duration,
+    payload: &[u8],
+) -> Result<RunningHammer> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "hammer",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    cmd.args(["--duration-ms", &duration.as_millis().to_string()]);
+    if !payload.is_empty() {
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        cmd.args(["--payload-hex", &hex]);
+    }
+    Ok(RunningHammer {
+        process: pod.spawn(cmd, "hammer")?,
+        duration,
+    })
+}
+
+impl RunningHammer {
+    /// Waits for the loop to end and reads its counts.
+    pub fn finish(mut self) -> Result<Hammered> {
+        let done = self
+            .process
+            .wait(self.duration + scaled(Duration::from_secs(60)))?;
+        let line = done
+            .output
+            .lines()
+            .find(|l| l.starts_with("hammered "))
+            .with_context(|| {
+                format!(
+                    "hammer printed no result ({}):\n{}",
+                    done.status, done.output
+                )
+            })?;
+        let kv = KeyValues::parse(line);
+        let field = |name: &str| -> Result<u64> {
+            kv.get(name)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("hammer result without {name}: {line:?}"))
+        };
+        Ok(Hammered {
+            attempts: field("attempts")?,
+            connected: field("connected")?,
+            failed: field("failed")?,
+        })
+    }
+}
+
 /// The client app saw its connection reset: ECONNRESET on a read, EPIPE on a write after
 /// the RST arrived, ENOTCONN on the shutdown(SHUT_WR) after it, or ECONNREFUSED when the
 /// RST answered the SYN. (A clean close or a hang would be none of these.) `e` is the

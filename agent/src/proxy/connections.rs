@@ -19,7 +19,7 @@ use std::{
 
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::Error;
 use crate::{
@@ -196,6 +196,13 @@ impl Connections {
         self.labels(tracked);
     }
 
+    /// Counts a connection this node refused before it became one (a failed HBONE
+    /// handshake, a connection cap reached): the denied counter only, no record and no
+    /// access-log line, so that a flood of them costs a counter increment each.
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics.denied(reason);
+    }
+
     /// Records the end of a connection: metrics, access-log line, error log line.
     pub fn close(&self, tracked: &Tracked, error: Option<&Error>) {
         let view = tracked.view(error.map(Error::reason));
@@ -225,8 +232,9 @@ impl Connections {
                 pod = %view.pod, src = %view.src, dst = %view.dst, upstream = ?view.upstream,
                 bytes_sent = view.bytes_sent, bytes_received = view.bytes_received,
                 duration_ms = view.duration_ms, "connection closed"),
-            // The error log line: reason first, for grep and alerts.
-            Some(e) => info!(component = "proxy", error = e.reason(), detail = %e,
+            // The error log line: reason first, for grep and alerts. Rate-limited: a client
+            // can fail connections at will, and the access log and metrics have every one.
+            Some(e) => crate::info_limited!(component = "proxy", error = e.reason(), detail = %e,
                 id = view.id, direction = ?view.direction, pod = %view.pod,
                 src = %view.src, dst = %view.dst, upstream = ?view.upstream,
                 service = ?view.service, src.identity = ?view.src_identity,
@@ -244,12 +252,6 @@ impl Connections {
             registry.recent.pop_front();
         }
         registry.recent.push_back(view);
-    }
-
-    /// Counts a connection refused before it was recorded (at a connection cap): kept out
-    /// of the records so that a flood of them costs nothing but the counter.
-    pub fn refused(&self, reason: &'static str) {
-        self.metrics.denied(reason);
     }
 
     pub fn view(&self) -> ConnectionsView {
@@ -595,7 +597,9 @@ fn policy_of_error(error: &Error) -> Option<PolicyOutcome> {
 fn denial(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -> Option<&'static str> {
     match (policy, error) {
         (Some(PolicyOutcome::Deny { reason, .. }), _) => Some(reason),
-        (_, Some(reason)) if DENIAL_REASONS.contains(&reason) => Some(reason),
+        (_, Some(reason)) if DENIAL_REASONS.contains(&reason) || reason == PROXY_LOOP => {
+            Some(reason)
+        }
         _ => None,
     }
 }
@@ -620,9 +624,8 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
         "idle_timeout" => "SI",
         // Envoy's "no healthy upstream": the bound service's waypoint is not there.
         "waypoint_unavailable" => "UH",
-        "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported" => {
-            "NR"
-        }
+        "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported"
+        | PROXY_LOOP => "NR",
         "bad_request" | "invalid_request" => "DPE",
         "unexpected_status" => "UPE",
         // Connect, TLS and identity failures, and anything newer: the upstream connection
@@ -643,6 +646,10 @@ const DENIAL_REASONS: [&str; 6] = [
     "plaintext_refused_strict",
     "waypoint_bypassed",
 ];
+
+/// Refused (and counted as denied) without being a matter of policy: the destination is
+/// the proxy itself (`loop_guard`).
+const PROXY_LOOP: &str = "proxy_loop";
 
 /// Istio's value for a label the proxy cannot know.
 const UNKNOWN: &str = "unknown";

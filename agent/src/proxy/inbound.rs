@@ -17,13 +17,15 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
     admission::{Admission, Facts},
     connections::{PolicyOutcome, Tracked},
-    copy, hbone, route, socket,
+    copy, hbone,
+    loop_guard::Hop,
+    route, socket,
 };
 use crate::{identity::SpiffeId, policy::DenyReason};
 
@@ -38,11 +40,17 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     let tracked = proxy
         .connections()
         .open(Direction::Inbound, pod.workload.to_string(), peer, dst);
+    // First, before STRICT or policy: a loop is refused as such whatever the pod's mode.
+    if let Err(e) = proxy.refuse_loop(Hop::Delivery, &pod.workload, peer, dst) {
+        copy::reset(&client);
+        proxy.connections().close(&tracked, Some(&e));
+        return;
+    }
     tracked.set_upstream(dst, None);
     let kubelet_probe = is_kubelet_probe(proxy, pod, peer, dst);
     if !accepts_plaintext(proxy, pod) && !kubelet_probe {
         // STRICT: only HBONE gets in. Reset, so the client fails fast instead of hanging.
-        warn!(component = "proxy", pod = %pod.workload, src = %peer, dst = %dst,
+        crate::warn_limited!(component = "proxy", pod = %pod.workload, src = %peer, dst = %dst,
             reason = Error::PlaintextRefusedStrict.reason(),
             "plaintext connection refused: the pod is STRICT (mutual TLS only)");
         copy::reset(&client);
@@ -106,12 +114,12 @@ fn admit(
             let bindings = admissions.waypoints_for(&snapshot, &pod.workload, dst.port());
             let services: Vec<String> = bindings.iter().map(|(s, _)| s.to_string()).collect();
             let waypoints: Vec<String> = bindings.iter().map(|(_, w)| w.to_string()).collect();
-            warn!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
+            crate::warn_limited!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
                 src.identity = ?src_identity, reason = e.reason(), ?services, ?waypoints,
                 "connection refused: this port is a target of services bound to a waypoint, \
                  and only the waypoint may connect (does the client's node know the binding?)");
         } else {
-            warn!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
+            crate::warn_limited!(component = "policy", pod = %pod.workload, src = %peer, dst = %dst,
                 src.identity = ?src_identity, reason = e.reason(), error = %e,
                 "connection denied by access policy");
         }
@@ -147,18 +155,26 @@ impl hbone::ConnectHandler for HboneHandler {
             request.peer_addr,
             request.target,
         );
-        tracked.set_upstream(request.target, None);
         let own = proxy.identity_of(&pod.workload).ok().flatten();
         tracked.set_identities(
             Some(request.peer_identity.to_string()),
             own.map(|id| id.to_string()),
         );
+        // Never into one of the proxy's ports (the HBONE port included), whatever else.
+        if let Err(e) = proxy.refuse_loop(
+            Hop::Delivery,
+            &pod.workload,
+            request.peer_addr,
+            request.target,
+        ) {
+            proxy.connections().close(&tracked, Some(&e));
+            return Err(hbone::Refusal::NotServed);
+        }
+        tracked.set_upstream(request.target, None);
         // Only this pod, at the address the connection arrived at: never a relay to
-        // anywhere else, and never back into the HBONE port.
-        if request.target.ip() != request.local_addr.ip()
-            || request.target.port() == request.local_addr.port()
-        {
-            warn!(component = "proxy", pod = %pod.workload, src = %request.peer_addr,
+        // anywhere else.
+        if request.target.ip() != request.local_addr.ip() {
+            crate::warn_limited!(component = "proxy", pod = %pod.workload, src = %request.peer_addr,
                 src.identity = %request.peer_identity, target = %request.target,
                 "HBONE CONNECT refused: not a workload served at this address");
             proxy
@@ -198,6 +214,10 @@ impl hbone::ConnectHandler for HboneHandler {
                 Err(hbone::Refusal::Unreachable)
             }
         }
+    }
+
+    fn handshake_refused(&self, error: &hbone::Error) {
+        self.proxy.connections().refused(error.reason());
     }
 }
 
@@ -269,7 +289,7 @@ pub fn refuse_hbone(proxy: &Proxy, pod: &Arc<PodContext>, client: TcpStream, pee
     let tracked = proxy
         .connections()
         .open(Direction::Hbone, pod.workload.to_string(), peer, dst);
-    warn!(component = "proxy", pod = %pod.workload, src = %peer, "HBONE connection refused: mutual TLS is off on this node (no CA)");
+    crate::warn_limited!(component = "proxy", pod = %pod.workload, src = %peer, "HBONE connection refused: mutual TLS is off on this node (no CA)");
     copy::reset(&client);
     proxy
         .connections()

@@ -17,6 +17,7 @@ use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
     connections::Tracked,
     copy, hbone,
+    loop_guard::{self, Hop},
     route::{self, Route},
     socket,
 };
@@ -45,14 +46,35 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     let (outbound, source_ip) = {
         let snapshot = proxy.inner.state.borrow();
         let source = snapshot.workloads.get(&pod.workload);
-        let outbound = route::outbound(
-            &snapshot,
-            source,
-            dst,
-            proxy.pick_endpoint(),
-            proxy.inner.hbone_port,
-            proxy.trust_domain(),
-        );
+        // Neither what the pod asked for nor what it resolved to (a VIP's endpoint) may be
+        // the proxy itself.
+        let not_a_loop = |target| {
+            loop_guard::check(
+                &snapshot,
+                &proxy.inner.ports,
+                Hop::Outbound,
+                &pod.workload,
+                peer,
+                target,
+            )
+        };
+        let outbound = not_a_loop(dst)
+            .and_then(|()| {
+                route::outbound(
+                    &snapshot,
+                    source,
+                    dst,
+                    proxy.pick_endpoint(),
+                    proxy.inner.hbone_port,
+                    proxy.trust_domain(),
+                )
+            })
+            .and_then(|o| match o.route {
+                // The waypoint's HBONE port is where this route must go; the authority it
+                // carries is `dst`, checked above.
+                Route::Waypoint { .. } => Ok(o),
+                Route::Hbone { .. } | Route::Passthrough => not_a_loop(o.upstream).map(|()| o),
+            });
         // The pod's own address of the upstream's family, for `forwarded: for=`.
         let v4 = outbound
             .as_ref()

@@ -72,11 +72,30 @@ impl Default for Limiter {
 /// carries `suppressed`, the number of events left out since the previous one.
 #[macro_export]
 macro_rules! warn_limited {
-    ($($arg:tt)+) => {{
+    ($($arg:tt)+) => {
+        $crate::log_limited!(warn, $($arg)+)
+    };
+}
+
+/// `tracing::info!` with the same budget as [`warn_limited!`]: for per-event lines that are
+/// only informative (the access log and the metrics carry every event).
+#[macro_export]
+macro_rules! info_limited {
+    ($($arg:tt)+) => {
+        $crate::log_limited!(info, $($arg)+)
+    };
+}
+
+/// The budgeted form of a `tracing` level macro (`warn`, `info`): one static budget per
+/// call site.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! log_limited {
+    ($level:ident, $($arg:tt)+) => {{
         static LIMIT: $crate::telemetry::log_limit::Limiter =
             $crate::telemetry::log_limit::Limiter::new();
         if let Some(suppressed) = LIMIT.check() {
-            ::tracing::warn!(suppressed, $($arg)+);
+            ::tracing::$level!(suppressed, $($arg)+);
         }
     }};
 }

@@ -23,7 +23,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Config, Metrics, RouteTable, request, upstream::Upstreams};
 use crate::{
@@ -129,7 +129,7 @@ impl Waypoint {
             let tcp = match listener.accept().await {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
-                    warn!(component = "waypoint", error = %e, "accept failed");
+                    crate::warn_limited!(component = "waypoint", error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
@@ -233,7 +233,7 @@ impl hbone::StreamHandler for Waypoint {
     async fn accept(&self, request: hbone::InboundConnect) -> Result<Tunnel, hbone::Refusal> {
         let view = self.inner.view();
         let Some(target) = self.inner.target(&view.snapshot, request.target) else {
-            warn!(component = "waypoint", src = %request.peer_addr, src.identity = %request.peer_identity,
+            crate::warn_limited!(component = "waypoint", src = %request.peer_addr, src.identity = %request.peer_identity,
                 target = %request.target, "CONNECT refused: not a service (or pod) bound to this waypoint");
             return Err(hbone::Refusal::NotServed);
         };

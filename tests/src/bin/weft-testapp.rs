@@ -12,6 +12,7 @@
 //! weft-testapp connect --to IP:PORT [--timeout-ms T]
 //! weft-testapp sink    --port P
 //! weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
+//! weft-testapp hammer  --to IP:PORT [--count 1000] [--duration-ms D] [--payload-hex H] [--timeout-ms T]
 //! weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
 //! weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
 //!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
@@ -37,6 +38,9 @@
 //! - `connect` exits 0 (`connected ...`) once the TCP handshake completes, or 1 with
 //!   `error kind=<ErrorKind>`: fail-closed tests expect `ConnectionRefused` or `TimedOut`.
 //! - `sink` and `hold` (`flood` module): many idle connections (hostile-input tests).
+//! - `hammer` is a hostile pod's tight loop: connect, write the payload (if any), close at
+//!   once, again, until `count` attempts or `duration-ms` have passed; then
+//!   `hammered attempts=N connected=M failed=F`. Always exits 0: failures are the point.
 //!
 //! Those print `key=value` lines. The L7 commands (for the waypoint tests) run on tokio and print `<word> <json>` lines
 //! whose JSON is a `weft_tests::l7` type (the harness parses them with the same structs):
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         "connect" => connect(&flags),
         "sink" => flood::sink(&flags),
         "hold" => flood::hold(&flags),
+        "hammer" => hammer(&flags),
         "http-serve" => http::serve(&flags),
         "http-load" => http::load(&flags),
         "grpc-serve" => grpc::serve(&flags),
@@ -348,6 +353,47 @@ fn connect(flags: &Flags) -> Result<ExitCode, String> {
     }
 }
 
+fn hammer(flags: &Flags) -> Result<ExitCode, String> {
+    let to: SocketAddr = flags.required("to")?;
+    let count: u64 = flags.optional("count")?.unwrap_or(1_000);
+    let duration = flags
+        .optional::<u64>("duration-ms")?
+        .map(Duration::from_millis);
+    let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(1_000));
+    let payload = match flags.optional::<String>("payload-hex")? {
+        Some(hex) => decode_hex(&hex)?,
+        None => Vec::new(),
+    };
+    let started = std::time::Instant::now();
+    let (mut attempts, mut connected, mut failed) = (0u64, 0u64, 0u64);
+    while attempts < count && duration.is_none_or(|d| started.elapsed() < d) {
+        attempts += 1;
+        match TcpStream::connect_timeout(&to, timeout) {
+            Ok(mut stream) => {
+                connected += 1;
+                // The far side may reset first; that is what a hostile client expects.
+                let _ = stream.write_all(&payload);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    println!("hammered attempts={attempts} connected={connected} failed={failed}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
+    if !hex.len().is_multiple_of(2) {
+        return Err(format!("--payload-hex {hex:?}: odd length"));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&hex[i..i + 2], 16)
+                .map_err(|e| format!("--payload-hex {hex:?}: {e}"))
+        })
+        .collect()
+}
+
 fn report_error(stage: &str, e: &io::Error) -> ExitCode {
     println!("error stage={stage} kind={:?} error={e}", e.kind());
     ExitCode::FAILURE
@@ -584,6 +630,7 @@ const USAGE: &str = "usage:
   weft-testapp connect --to IP:PORT [--timeout-ms T]
   weft-testapp sink    --port P
   weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
+  weft-testapp hammer  --to IP:PORT [--count 1000] [--duration-ms D] [--payload-hex H] [--timeout-ms T]
   weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
   weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
                           [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]

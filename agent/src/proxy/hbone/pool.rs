@@ -24,7 +24,7 @@ use std::{
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::{net::TcpStream, time::Instant};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     Error, Role,
@@ -242,7 +242,7 @@ impl Pool {
             Ok(established) => established,
             Err(e) => {
                 shared.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(
+                crate::warn_limited!(
                     component = "hbone",
                     dst = %key.address,
                     src.identity = %key.source,
@@ -377,7 +377,7 @@ async fn drive(
         // A TLS failure after the handshake is the server refusing our certificate (TLS
         // 1.3 clients finish first): as loud as a refused handshake.
         Err(e) if connection.tls_error().is_some() => {
-            warn!(component = "hbone", dst = %key.address, src.identity = %key.source, dst.identity = %key.destination, reason = e.reason(), error = %e, "HBONE connection refused by the peer");
+            crate::warn_limited!(component = "hbone", dst = %key.address, src.identity = %key.source, dst.identity = %key.destination, reason = e.reason(), error = %e, "HBONE connection refused by the peer");
         }
         Err(e) => {
             debug!(component = "hbone", dst = %key.address, connection = connection.id, reason = e.reason(), error = %e, "HBONE connection failed");

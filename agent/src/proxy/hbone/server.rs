@@ -23,7 +23,7 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Error, Role, stream::H2Stream, tls};
 use crate::{
@@ -95,6 +95,10 @@ pub trait StreamHandler: Send + Sync + 'static {
         &self,
         request: InboundConnect,
     ) -> impl Future<Output = Result<Self::Tunnel, Refusal>> + Send;
+
+    /// A client's TLS handshake failed (the server logged it, rate-limited): count it.
+    /// Nothing, by default.
+    fn handshake_refused(&self, _error: &Error) {}
 }
 
 /// An accepted CONNECT stream's work.
@@ -125,6 +129,9 @@ pub trait ConnectHandler: Send + Sync + 'static {
         &self,
         request: InboundConnect,
     ) -> impl Future<Output = Result<Accepted<Self::Transfer>, Refusal>> + Send;
+
+    /// As [`StreamHandler::handshake_refused`].
+    fn handshake_refused(&self, _error: &Error) {}
 }
 
 impl<H: ConnectHandler> StreamHandler for H {
@@ -135,6 +142,10 @@ impl<H: ConnectHandler> StreamHandler for H {
         request: InboundConnect,
     ) -> impl Future<Output = Result<Self::Tunnel, Refusal>> + Send {
         self.open(request)
+    }
+
+    fn handshake_refused(&self, error: &Error) {
+        ConnectHandler::handshake_refused(self, error);
     }
 }
 
@@ -239,7 +250,8 @@ pub async fn serve_with<H: StreamHandler>(
     let (stream, peer_identity) = match handshake.await {
         Ok(accepted) => accepted,
         Err(e) => {
-            warn!(component = "hbone", src = %peer_addr, reason = e.reason(), error = %e, "HBONE handshake refused");
+            crate::warn_limited!(component = "hbone", src = %peer_addr, reason = e.reason(), error = %e, "HBONE handshake refused");
+            handler.handshake_refused(&e);
             return Err(e);
         }
     };
