@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     admin, cni, ebpf,
     enroll::discover,
+    http,
     identity::{self, CaSource},
     proxy, telemetry,
 };
@@ -107,6 +108,23 @@ pub struct AgentSection {
     pub cni: Option<CniSection>,
     /// Pod discovery from the node's cgroup tree; without it none runs.
     pub discovery: Option<DiscoverySection>,
+    /// Limits of the admin, metrics and readiness servers.
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// The `agent.http:` section: limits of the admin, metrics and readiness servers
+/// (`http::Limits`; defaults there).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpSection {
+    /// humantime (default `10s`).
+    pub header_timeout: Option<String>,
+    /// humantime (default `10s`).
+    pub body_timeout: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// The `agent.cni:` section.
@@ -231,6 +249,7 @@ impl Config {
             Some(a) => a,
             None => addr("agent.adminAddr", agent.admin_addr.as_ref(), ADMIN_ADDR)?,
         };
+        admin::require_loopback(admin_addr).map_err(|reason| invalid("agent.adminAddr", reason))?;
         let readiness_addr = match overrides.readiness_addr {
             Some(a) => a,
             None => addr(
@@ -264,6 +283,7 @@ impl Config {
                 Err(e) => Err(invalid(field, format!("{text:?}: {e}"))),
             },
         };
+        let http = http_limits(&agent.http, &duration, &invalid)?;
         let cni = match &agent.cni {
             None => None,
             Some(section) => {
@@ -327,6 +347,7 @@ impl Config {
                 admin_addr,
                 readiness_addr,
                 metrics_addr,
+                http,
             },
             proxy: proxy::Config { ports, mark },
             identity,
@@ -335,6 +356,47 @@ impl Config {
             discovery,
         })
     }
+}
+
+/// `agent.http`, over `http::Limits`'s defaults; counts must be at least 1.
+fn http_limits(
+    section: &HttpSection,
+    duration: &impl Fn(&str, Option<&str>, Duration) -> Result<Duration, Error>,
+    invalid: &impl Fn(&str, String) -> Error,
+) -> Result<http::Limits, Error> {
+    let defaults = http::Limits::default();
+    let count = |field: &str, value: Option<usize>, default: usize| match value {
+        Some(0) => Err(invalid(field, "must be at least 1".into())),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(http::Limits {
+        header_timeout: duration(
+            "agent.http.headerTimeout",
+            section.header_timeout.as_deref(),
+            defaults.header_timeout,
+        )?,
+        body_timeout: duration(
+            "agent.http.bodyTimeout",
+            section.body_timeout.as_deref(),
+            defaults.body_timeout,
+        )?,
+        max_body_bytes: count(
+            "agent.http.maxBodyBytes",
+            section.max_body_bytes,
+            defaults.max_body_bytes,
+        )?,
+        max_connections: count(
+            "agent.http.maxConnections",
+            section.max_connections,
+            defaults.max_connections,
+        )?,
+        max_connections_per_ip: count(
+            "agent.http.maxConnectionsPerIp",
+            section.max_connections_per_ip,
+            defaults.max_connections_per_ip,
+        )?,
+    })
 }
 
 /// The identity part of the `agent:` section, with the `--ca-cert`/`--ca-key` overrides.
@@ -539,6 +601,59 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.ebpf.pin_root, PathBuf::from("/sys/fs/bpf/b"));
+    }
+
+    #[test]
+    fn admin_address_off_loopback_is_refused_naming_the_field() {
+        for (yaml, overrides) in [
+            ("cgroupRoot: /a\nadminAddr: 0.0.0.0:15000", Overrides::default()),
+            (
+                "cgroupRoot: /a",
+                Overrides {
+                    admin_addr: Some("10.0.0.1:15000".parse().unwrap()),
+                    ..Overrides::default()
+                },
+            ),
+        ] {
+            let err = Config::new(Path::new("n.yaml"), &section(yaml), overrides)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("agent.adminAddr") && err.contains("loopback"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_bad_ones_name_the_field() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nhttp: {headerTimeout: 2s, maxConnectionsPerIp: 4}"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.admin.http.header_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.admin.http.max_connections_per_ip, 4);
+        assert_eq!(
+            cfg.admin.http.max_connections,
+            http::Limits::default().max_connections
+        );
+        for (yaml, field) in [
+            ("http: {headerTimeout: soon}", "agent.http.headerTimeout"),
+            ("http: {bodyTimeout: 0s}", "agent.http.bodyTimeout"),
+            ("http: {maxConnections: 0}", "agent.http.maxConnections"),
+            ("http: {maxBodyBytes: 0}", "agent.http.maxBodyBytes"),
+        ] {
+            let err = Config::new(
+                Path::new("n.yaml"),
+                &section(&format!("cgroupRoot: /a\n{yaml}")),
+                Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
     }
 
     #[test]
