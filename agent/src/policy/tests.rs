@@ -842,7 +842,7 @@ impl Case {
 fn brute_force(snapshot: &Snapshot, facts: &ConnectionFacts<'_>) -> Decision {
     let matches = |p: &AccessPolicy| {
         // A lone policy in the deny position denies exactly when it matches.
-        !eval::decide([p], [], false, facts).is_allowed()
+        !eval::decide([p], [], false, None, facts).is_allowed()
     };
     let selecting: Vec<&AccessPolicy> = snapshot
         .policies
@@ -944,4 +944,70 @@ proptest! {
         }
         prop_assert_eq!(decision, PolicyIndex::build(&ip_only).evaluate(&facts));
     }
+}
+
+#[test]
+fn service_accounts_and_namespaces_match_only_the_meshs_trust_domain() {
+    let api = workload("prod", "api", &[]);
+    let by_sa = policy(
+        "prod",
+        "by-sa",
+        &[],
+        Action::Allow,
+        vec![Rule {
+            from: vec![Source {
+                service_accounts: vec![ServiceAccount {
+                    namespace: "web".into(),
+                    name: "front".into(),
+                }],
+                ..Source::default()
+            }],
+            ..Rule::default()
+        }],
+    );
+    let by_ns = policy(
+        "prod",
+        "by-ns",
+        &[],
+        Action::Allow,
+        vec![Rule {
+            from: vec![Source {
+                namespaces: vec!["web".into()],
+                ..Source::default()
+            }],
+            ..Rule::default()
+        }],
+    );
+    let ours = id("web", "front");
+    let theirs = SpiffeId::new("other.domain", "web", "front").unwrap();
+    for allow in [by_sa, by_ns] {
+        let index = PolicyIndex::for_trust_domain(Some("cluster.local"))
+            .rebuild(&snapshot(&[&api], vec![allow.clone()]));
+        assert!(index.evaluate(&mtls(&api, 80, &ours)).is_allowed(), "{}", allow.name);
+        assert!(
+            !index.evaluate(&mtls(&api, 80, &theirs)).is_allowed(),
+            "{}: another mesh's web/front was allowed",
+            allow.name
+        );
+    }
+    // A DENY naming the service account still denies this mesh's, and only its.
+    let deny = policy(
+        "prod",
+        "deny-sa",
+        &[],
+        Action::Deny,
+        vec![Rule {
+            from: vec![Source {
+                service_accounts: vec![ServiceAccount {
+                    namespace: "web".into(),
+                    name: "front".into(),
+                }],
+                ..Source::default()
+            }],
+            ..Rule::default()
+        }],
+    );
+    let index =
+        PolicyIndex::for_trust_domain(Some("cluster.local")).rebuild(&snapshot(&[&api], vec![deny]));
+    assert!(!index.evaluate(&mtls(&api, 80, &ours)).is_allowed());
 }
