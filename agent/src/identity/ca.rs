@@ -380,11 +380,35 @@ fn kubernetes_config(
             trust_bundle_namespaces.push(namespace);
         }
     }
+    let defaults = kubernetes::ReviewLimits::default();
+    let review_limits = kubernetes::ReviewLimits {
+        max_concurrent: match section.max_concurrent_token_reviews {
+            Some(0) => {
+                return Err(invalid(
+                    "kubernetes.maxConcurrentTokenReviews",
+                    "must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+            None => defaults.max_concurrent,
+        },
+        per_second: match section.token_reviews_per_second {
+            Some(0) => {
+                return Err(invalid(
+                    "kubernetes.tokenReviewsPerSecond",
+                    "must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+            None => defaults.per_second,
+        },
+    };
     Ok(kubernetes::Config {
         audience,
         agent_service_account,
         trust_bundle_config_map,
         trust_bundle_namespaces,
+        review_limits,
     })
 }
 
@@ -437,6 +461,8 @@ struct KubernetesFile {
     trust_bundle_config_map: Option<String>,
     #[serde(default)]
     trust_bundle_namespaces: Vec<String>,
+    max_concurrent_token_reviews: Option<usize>,
+    token_reviews_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
