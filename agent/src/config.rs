@@ -138,6 +138,10 @@ pub struct CniSection {
     pub mesh_namespaces_file: Option<PathBuf>,
     /// How long a CNI ADD waits for the pod's enrollment, humantime (default `20s`).
     pub enroll_timeout: Option<String>,
+    /// How long the plugin may take to send its request, humantime (default `10s`).
+    pub request_timeout: Option<String>,
+    /// Requests served at once (default 128); more are answered "not ready".
+    pub max_connections: Option<usize>,
 }
 
 /// The `agent.discovery:` section.
@@ -168,6 +172,9 @@ pub struct InProcessCaSection {
     pub cert: PathBuf,
     /// CA key, PKCS#8 PEM (`ca.key`).
     pub key: PathBuf,
+    /// Further roots (PEM files) trusted besides `cert`, during a root rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_roots: Vec<PathBuf>,
 }
 
 /// `agent.ca.remote`: `weft ca` over HTTPS.
@@ -302,6 +309,21 @@ impl Config {
                         section.enroll_timeout.as_deref(),
                         CNI_ENROLL_TIMEOUT,
                     )?,
+                    request_timeout: duration(
+                        "agent.cni.requestTimeout",
+                        section.request_timeout.as_deref(),
+                        CNI_REQUEST_TIMEOUT,
+                    )?,
+                    max_connections: match section.max_connections {
+                        Some(0) => {
+                            return Err(invalid(
+                                "agent.cni.maxConnections",
+                                "must be at least 1".into(),
+                            ));
+                        }
+                        Some(n) => n,
+                        None => CNI_MAX_CONNECTIONS,
+                    },
                 })
             }
         };
@@ -431,7 +453,11 @@ fn identity_config(
         ));
     }
     let ca = match (ca_cert, ca_key, &agent.ca) {
-        (Some(cert), Some(key), _) => CaSource::InProcess { cert, key },
+        (Some(cert), Some(key), _) => CaSource::InProcess {
+            cert,
+            key,
+            trusted_roots: Vec::new(),
+        },
         (Some(_), None, _) | (None, Some(_), _) => {
             return Err((
                 "agent.ca",
@@ -443,6 +469,7 @@ fn identity_config(
             (Some(local), None) => CaSource::InProcess {
                 cert: local.cert.clone(),
                 key: local.key.clone(),
+                trusted_roots: local.trusted_roots.clone(),
             },
             (None, Some(remote)) => {
                 if !remote
@@ -511,6 +538,10 @@ const HBONE_PORT: u16 = ebpf_common::config::HBONE_PORT;
 const PROXY_MARK: u32 = 0x7765;
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 const CNI_ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+const CNI_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Above a node's pod starts at once (kubelet starts pods a few at a time), far below a
+/// task flood.
+const CNI_MAX_CONNECTIONS: usize = 128;
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
@@ -721,7 +752,8 @@ mod tests {
             cfg.identity.ca,
             CaSource::InProcess {
                 cert: "/y/ca.crt".into(),
-                key: "/y/ca.key".into()
+                key: "/y/ca.key".into(),
+                trusted_roots: Vec::new(),
             }
         );
     }

@@ -98,6 +98,7 @@ impl Settings {
             (Some(cert), Some(key), _) => CaSource::InProcess {
                 cert: cert.clone(),
                 key: key.clone(),
+                trusted_roots: Vec::new(),
             },
             (_, _, Some(addr)) => CaSource::Remote {
                 addr: addr.clone(),

@@ -97,6 +97,8 @@ pub struct Config {
     pub trust_domain: String,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
+    /// Further roots published in the trust bundle during a root rotation (`docs/ca.md`).
+    pub trusted_roots: Vec<PathBuf>,
     /// Longest lifetime the CA grants, whatever a request asks for.
     pub max_cert_lifetime: Duration,
     /// DNS names and IP addresses of the CA's own serving certificate.
@@ -243,6 +245,7 @@ impl Config {
             trust_domain,
             ca_cert,
             ca_key,
+            trusted_roots: file.trusted_roots,
             max_cert_lifetime,
             server_names: file.server_names,
             metrics_listen,
@@ -444,6 +447,8 @@ struct ConfigFile {
     trust_domain: Option<String>,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
+    #[serde(default)]
+    trusted_roots: Vec<PathBuf>,
     max_cert_lifetime: Option<String>,
     #[serde(default)]
     server_names: Vec<String>,

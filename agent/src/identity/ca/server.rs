@@ -80,12 +80,15 @@ impl Server {
         config: Config,
         client: Option<kube::Client>,
     ) -> Result<Self, Error> {
-        let signer = Arc::new(Signer::load(
-            &config.ca_cert,
-            &config.ca_key,
-            &config.trust_domain,
-            config.max_cert_lifetime,
-        )?);
+        let signer = Arc::new(
+            Signer::load(
+                &config.ca_cert,
+                &config.ca_key,
+                &config.trust_domain,
+                config.max_cert_lifetime,
+            )?
+            .with_trusted_roots(&config.trusted_roots)?,
+        );
         let resolver = ServingCertResolver::new(Arc::clone(&signer), config.server_names)?;
         let mut tls = ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
