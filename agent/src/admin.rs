@@ -375,15 +375,34 @@ mod tests {
         let shutdown = Notify::new();
         for (headers, status) in [
             (vec![("host", "127.0.0.1:15000")], StatusCode::FORBIDDEN),
-            (vec![("host", "127.0.0.1:15000"), ("weft-admin", "yes")], StatusCode::FORBIDDEN),
+            (
+                vec![("host", "127.0.0.1:15000"), ("weft-admin", "yes")],
+                StatusCode::FORBIDDEN,
+            ),
             // DNS rebinding: the page's own name arrives as Host.
-            (vec![("host", "evil.example:15000"), ("weft-admin", "quit")], StatusCode::FORBIDDEN),
+            (
+                vec![("host", "evil.example:15000"), ("weft-admin", "quit")],
+                StatusCode::FORBIDDEN,
+            ),
             (vec![("weft-admin", "quit")], StatusCode::FORBIDDEN),
-            (vec![("host", "127.0.0.1:15000"), ("weft-admin", "quit")], StatusCode::OK),
-            (vec![("host", "localhost"), ("weft-admin", "quit")], StatusCode::OK),
-            (vec![("host", "[::1]:15000"), ("weft-admin", "quit")], StatusCode::OK),
+            (
+                vec![("host", "127.0.0.1:15000"), ("weft-admin", "quit")],
+                StatusCode::OK,
+            ),
+            (
+                vec![("host", "localhost"), ("weft-admin", "quit")],
+                StatusCode::OK,
+            ),
+            (
+                vec![("host", "[::1]:15000"), ("weft-admin", "quit")],
+                StatusCode::OK,
+            ),
         ] {
-            assert_eq!(quit(&post(&headers), &shutdown).status(), status, "{headers:?}");
+            assert_eq!(
+                quit(&post(&headers), &shutdown).status(),
+                status,
+                "{headers:?}"
+            );
         }
     }
 

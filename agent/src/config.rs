@@ -637,7 +637,10 @@ mod tests {
     #[test]
     fn admin_address_off_loopback_is_refused_naming_the_field() {
         for (yaml, overrides) in [
-            ("cgroupRoot: /a\nadminAddr: 0.0.0.0:15000", Overrides::default()),
+            (
+                "cgroupRoot: /a\nadminAddr: 0.0.0.0:15000",
+                Overrides::default(),
+            ),
             (
                 "cgroupRoot: /a",
                 Overrides {

@@ -185,7 +185,11 @@ impl Gate {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut open = self.gate.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self
+            .gate
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         open.total = open.total.saturating_sub(1);
         if let Some(n) = open.by_ip.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
@@ -227,7 +231,10 @@ pub fn builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
 
 /// Reads a request's body within the limits: a declared length over the limit is refused
 /// before any of it is read.
-pub async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<Request<Bytes>, BodyError> {
+pub async fn read_body(
+    req: Request<Incoming>,
+    limits: &Limits,
+) -> Result<Request<Bytes>, BodyError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)

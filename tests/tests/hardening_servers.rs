@@ -20,7 +20,9 @@ use tokio::{
 use weft_tests::{
     TestAgent, TestNode,
     app::{self, Mode},
-    eventually, metrics::Scrape, privileged, scaled, sys, test_name,
+    eventually,
+    metrics::Scrape,
+    privileged, scaled, sys, test_name,
 };
 
 /// Slowloris against the admin (15000), metrics (15020) and readiness (15021) servers:
@@ -143,7 +145,10 @@ fn quitquitquit_needs_the_admin_header() -> Result<()> {
     );
     std::thread::sleep(scaled(Duration::from_secs(1)));
     ensure!(agent.try_status().is_none(), "the agent exited");
-    ensure!(agent.get("/healthz/ready")?.status == 200, "agent not ready");
+    ensure!(
+        agent.get("/healthz/ready")?.status == 200,
+        "agent not ready"
+    );
 
     let ok = raw_http(
         &netns,
@@ -213,7 +218,10 @@ fn a_root_rotation_trusts_both_roots_then_only_the_new_one() -> Result<()> {
         );
     }
     agent2.expect_record("HBONE from root A", |r| {
-        r.direction == "hbone" && r.src_identity.as_deref().is_some_and(|i| i.ends_with("/sa/one"))
+        r.direction == "hbone"
+            && r.src_identity
+                .as_deref()
+                .is_some_and(|i| i.ends_with("/sa/one"))
     });
 
     // Root A retired on node 2.

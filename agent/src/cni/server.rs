@@ -209,8 +209,11 @@ impl Server {
                 Ok((stream, _)) => {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                         self.metrics.refused("connection_limit");
-                        crate::warn_limited!(component = "cni", limit = self.config.max_connections,
-                            "CNI request refused: too many at once");
+                        crate::warn_limited!(
+                            component = "cni",
+                            limit = self.config.max_connections,
+                            "CNI request refused: too many at once"
+                        );
                         // A short reply fits the socket's buffer: no task, no wait.
                         let _ = stream.try_write(&reply_line(&Reply::NotReady {
                             reason: format!(
@@ -701,7 +704,10 @@ mod tests {
             write
         });
         let mut line = String::new();
-        BufReader::new(&mut read).read_line(&mut line).await.unwrap();
+        BufReader::new(&mut read)
+            .read_line(&mut line)
+            .await
+            .unwrap();
         drop(writer);
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
     }
@@ -760,9 +766,10 @@ mod tests {
         for _ in 0..4 {
             held.push(UnixStream::connect(&socket).await.unwrap());
         }
-        let over = tokio::time::timeout(Duration::from_millis(400), exchange(&socket, good(), false))
-            .await
-            .expect("a request over the cap is answered at once");
+        let over =
+            tokio::time::timeout(Duration::from_millis(400), exchange(&socket, good(), false))
+                .await
+                .expect("a request over the cap is answered at once");
         assert!(
             matches!(&over, Reply::NotReady { reason } if reason.contains("maxConnections")),
             "{over:?}"
@@ -784,9 +791,17 @@ mod tests {
 
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        for reason in ["too_large", "truncated", "invalid_json", "timeout", "connection_limit"] {
+        for reason in [
+            "too_large",
+            "truncated",
+            "invalid_json",
+            "timeout",
+            "connection_limit",
+        ] {
             assert!(
-                text.contains(&format!("cni_requests_refused_total{{reason=\"{reason}\"}}")),
+                text.contains(&format!(
+                    "cni_requests_refused_total{{reason=\"{reason}\"}}"
+                )),
                 "{reason}: {text}"
             );
         }

@@ -949,65 +949,37 @@ proptest! {
 #[test]
 fn service_accounts_and_namespaces_match_only_the_meshs_trust_domain() {
     let api = workload("prod", "api", &[]);
-    let by_sa = policy(
-        "prod",
-        "by-sa",
-        &[],
-        Action::Allow,
-        vec![Rule {
-            from: vec![Source {
-                service_accounts: vec![ServiceAccount {
-                    namespace: "web".into(),
-                    name: "front".into(),
-                }],
-                ..Source::default()
-            }],
-            ..Rule::default()
+    let by_sa = Source {
+        service_accounts: vec![ServiceAccount {
+            namespace: "web".into(),
+            name: "front".into(),
         }],
-    );
-    let by_ns = policy(
-        "prod",
-        "by-ns",
-        &[],
-        Action::Allow,
-        vec![Rule {
-            from: vec![Source {
-                namespaces: vec!["web".into()],
-                ..Source::default()
-            }],
-            ..Rule::default()
-        }],
-    );
+        ..Source::default()
+    };
+    let by_ns = Source {
+        namespaces: vec!["web".into()],
+        ..Source::default()
+    };
     let ours = id("web", "front");
     let theirs = SpiffeId::new("other.domain", "web", "front").unwrap();
-    for allow in [by_sa, by_ns] {
-        let index = PolicyIndex::for_trust_domain(Some("cluster.local"))
-            .rebuild(&snapshot(&[&api], vec![allow.clone()]));
-        assert!(index.evaluate(&mtls(&api, 80, &ours)).is_allowed(), "{}", allow.name);
-        assert!(
-            !index.evaluate(&mtls(&api, 80, &theirs)).is_allowed(),
-            "{}: another mesh's web/front was allowed",
-            allow.name
-        );
+    for source in [by_sa, by_ns] {
+        for action in [Action::Allow, Action::Deny] {
+            let rule = Rule {
+                from: vec![source.clone()],
+                ..Rule::default()
+            };
+            let index = PolicyIndex::for_trust_domain(Some("cluster.local")).rebuild(&snapshot(
+                &[&api],
+                vec![policy("prod", "p", &[], action, vec![rule])],
+            ));
+            let matches = |peer| {
+                index.evaluate(&mtls(&api, 80, peer)).is_allowed() == (action == Action::Allow)
+            };
+            assert!(
+                matches(&ours),
+                "{action:?} {source:?} does not match {ours}"
+            );
+            assert!(!matches(&theirs), "{action:?} {source:?} matches {theirs}");
+        }
     }
-    // A DENY naming the service account still denies this mesh's, and only its.
-    let deny = policy(
-        "prod",
-        "deny-sa",
-        &[],
-        Action::Deny,
-        vec![Rule {
-            from: vec![Source {
-                service_accounts: vec![ServiceAccount {
-                    namespace: "web".into(),
-                    name: "front".into(),
-                }],
-                ..Source::default()
-            }],
-            ..Rule::default()
-        }],
-    );
-    let index =
-        PolicyIndex::for_trust_domain(Some("cluster.local")).rebuild(&snapshot(&[&api], vec![deny]));
-    assert!(!index.evaluate(&mtls(&api, 80, &ours)).is_allowed());
 }

@@ -226,7 +226,8 @@ impl KubernetesAuthorizer {
             .unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let rate = f64::from(self.per_second);
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
         bucket.at = now;
         if bucket.tokens < 1.0 {
             return Err(Denied::TokenReviewRateLimited);

@@ -182,7 +182,11 @@ impl Server {
                 Arc::clone(&self.shared.metrics),
             )))
         });
-        let gate = http::Gate::new("ca", http::Limits::default(), self.shared.metrics.http.clone());
+        let gate = http::Gate::new(
+            "ca",
+            http::Limits::default(),
+            self.shared.metrics.http.clone(),
+        );
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {

@@ -175,14 +175,24 @@ fn during_a_rotation_the_bundle_carries_both_roots_and_the_new_one_signs() {
         .unwrap();
     let bundle = signer.trust_bundle_pem();
     assert_eq!(bundle.len(), 2);
-    assert_eq!(ders(&bundle), [ders(&[fs::read_to_string(&new.cert).unwrap()]), ders(&[fs::read_to_string(&old.cert).unwrap()])].concat());
+    assert_eq!(
+        ders(&bundle),
+        [
+            ders(&[fs::read_to_string(&new.cert).unwrap()]),
+            ders(&[fs::read_to_string(&old.cert).unwrap()])
+        ]
+        .concat()
+    );
     let client = id("default", "client");
     let request = csr::generate(&client).unwrap();
     let issued = signer
         .sign(&client, &request.csr_pem, Duration::from_secs(600))
         .unwrap();
     assert_eq!(issued.trust_bundle_pem, bundle);
-    verify_chain(&ders(&issued.chain_pem), &ders(&[fs::read_to_string(&new.cert).unwrap()]));
+    verify_chain(
+        &ders(&issued.chain_pem),
+        &ders(&[fs::read_to_string(&new.cert).unwrap()]),
+    );
     // A leaf is not a root.
     let leaf = old.dir.path().join("leaf.pem");
     fs::write(&leaf, &issued.chain_pem[0]).unwrap();
@@ -192,7 +202,10 @@ fn during_a_rotation_the_bundle_carries_both_roots_and_the_new_one_signs() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("leaf.pem") && err.contains("CA certificate"), "{err}");
+    assert!(
+        err.contains("leaf.pem") && err.contains("CA certificate"),
+        "{err}"
+    );
 }
 
 #[test]

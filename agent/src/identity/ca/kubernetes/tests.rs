@@ -787,7 +787,12 @@ async fn unauthenticated_token_is_refused_with_the_api_reason() {
     let api = FakeApi::start(cluster());
     let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
     // JWT-shaped (anything else is refused before a review), unknown to the API.
-    let denied = refusal(&authz, "eyJhbGciOiJSUzI1NiJ9.e30.c2ln", &id("default", "client")).await;
+    let denied = refusal(
+        &authz,
+        "eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
+        &id("default", "client"),
+    )
+    .await;
     assert_eq!(denied.reason(), "unauthenticated");
     assert_eq!(denied.http_status(), 401);
     assert!(
@@ -874,7 +879,11 @@ async fn a_flood_of_bogus_tokens_is_bounded_and_a_good_request_is_still_served()
     for i in 0..FLOOD {
         let token = match i % 4 {
             // JWT-shaped, signed by nobody: only the API server can tell.
-            0 | 1 => format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&format!("{{\"n\":{i}}}"))),
+            0 | 1 => format!(
+                "{}.{}.c2ln",
+                b64(r#"{"alg":"RS256"}"#),
+                b64(&format!("{{\"n\":{i}}}"))
+            ),
             2 => format!("not a token {i}"),
             _ => "A".repeat(1 << 20),
         };
@@ -889,14 +898,21 @@ async fn a_flood_of_bogus_tokens_is_bounded_and_a_good_request_is_still_served()
     let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
     while let Some(denied) = flood.join_next().await {
         let denied = denied.unwrap();
-        if matches!(denied.reason(), "token_review_busy" | "token_review_rate_limited") {
+        if matches!(
+            denied.reason(),
+            "token_review_busy" | "token_review_rate_limited"
+        ) {
             assert!(matches!(denied.http_status(), 429 | 503), "{denied}");
         }
         *reasons.entry(denied.reason()).or_default() += 1;
     }
     let (max, reviews) = {
         let state = api.state();
-        let reviews = state.calls.iter().filter(|c| c.contains("tokenreviews")).count();
+        let reviews = state
+            .calls
+            .iter()
+            .filter(|c| c.contains("tokenreviews"))
+            .count();
         (state.max_reviews_in_flight, reviews)
     };
     assert!(
@@ -905,7 +921,11 @@ async fn a_flood_of_bogus_tokens_is_bounded_and_a_good_request_is_still_served()
          {reviews} in all; refusals {reasons:?}"
     );
     // Malformed and oversized tokens cost no review at all.
-    assert_eq!(reasons.get("malformed_token"), Some(&(FLOOD / 2)), "{reasons:?}");
+    assert_eq!(
+        reasons.get("malformed_token"),
+        Some(&(FLOOD / 2)),
+        "{reasons:?}"
+    );
     assert!(reviews <= FLOOD / 2, "{reviews} reviews");
     assert!(
         reasons.get("token_review_busy").is_some_and(|n| *n > 0),
@@ -913,7 +933,10 @@ async fn a_flood_of_bogus_tokens_is_bounded_and_a_good_request_is_still_served()
     );
     // The flood is over: the agent's good token is served.
     assert_eq!(
-        authz.authorize(&good, &id("default", "client")).await.unwrap(),
+        authz
+            .authorize(&good, &id("default", "client"))
+            .await
+            .unwrap(),
         "node-a"
     );
 }
