@@ -7,7 +7,8 @@
 //!   renewal, last error), eBPF maps and counters, connection totals
 //! - `GET /config_dump`        JSON: start-up config and the current state snapshot
 //! - `GET /debug/connections`  JSON: active and recently closed connections
-//! - `POST /quitquitquit`      graceful exit
+//! - `POST /quitquitquit`      graceful exit; only with the header `Weft-Admin: quit` and a
+//!   loopback `Host` (see [`quit_allowed`])
 //!
 //! Readiness (`agent.readinessAddr`, default 0.0.0.0:15021): `GET /healthz/ready` only.
 //!
@@ -16,7 +17,11 @@
 //!   health, read at scrape time (docs/telemetry.md)
 //! - `GET /healthz/ready`      as above
 //!
-//! The three servers share one accept loop and router; each serves its own endpoint set.
+//! The three servers share one accept loop and router; each serves its own endpoint set,
+//! each within the limits of `agent.http` (see `http`).
+//!
+//! The admin address must be a loopback address (`config` refuses any other): the admin
+//! API shows every pod's identity and can stop the agent.
 
 use std::{
     net::SocketAddr,
@@ -25,7 +30,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::Notify};
@@ -46,12 +51,13 @@ use crate::{
     },
 };
 
-/// Admin addresses, fixed at start-up.
+/// Admin addresses and the limits of their servers, fixed at start-up.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub http: http::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +97,7 @@ pub struct Servers {
     admin: TcpListener,
     readiness: TcpListener,
     metrics: TcpListener,
+    limits: http::Limits,
 }
 
 impl Servers {
@@ -99,6 +106,7 @@ impl Servers {
             admin: bind(config.admin_addr).await?,
             readiness: bind(config.readiness_addr).await?,
             metrics: bind(config.metrics_addr).await?,
+            limits: config.http,
         })
     }
 
@@ -118,14 +126,16 @@ impl Servers {
     pub fn spawn(self, mut context: Context) {
         let health = health_collector(&context);
         context.metrics.register_collector(health);
+        let metrics = http::Metrics::new(context.metrics.prometheus_mut());
         let context = Arc::new(context);
-        tokio::spawn(serve(self.admin, Arc::clone(&context), Endpoints::Admin));
-        tokio::spawn(serve(
-            self.readiness,
-            Arc::clone(&context),
-            Endpoints::Readiness,
-        ));
-        tokio::spawn(serve(self.metrics, context, Endpoints::Metrics));
+        for (listener, endpoints) in [
+            (self.admin, Endpoints::Admin),
+            (self.readiness, Endpoints::Readiness),
+            (self.metrics, Endpoints::Metrics),
+        ] {
+            let gate = http::Gate::new(endpoints.name(), self.limits, metrics.clone());
+            tokio::spawn(serve(listener, gate, Arc::clone(&context), endpoints));
+        }
     }
 }
 
@@ -136,18 +146,27 @@ enum Endpoints {
     Metrics,
 }
 
-async fn serve(listener: TcpListener, context: Arc<Context>, endpoints: Endpoints) {
-    http::serve(listener, "admin", move |req| {
-        route(&context, endpoints, req)
-    })
-    .await;
+impl Endpoints {
+    /// The `server` label of the HTTP metrics.
+    fn name(self) -> &'static str {
+        match self {
+            Endpoints::Admin => "admin",
+            Endpoints::Readiness => "readiness",
+            Endpoints::Metrics => "metrics",
+        }
+    }
 }
 
-fn route(
-    context: &Context,
+async fn serve(
+    listener: TcpListener,
+    gate: Arc<http::Gate>,
+    context: Arc<Context>,
     endpoints: Endpoints,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) {
+    http::serve(listener, gate, move |req| route(&context, endpoints, req)).await;
+}
+
+fn route(context: &Context, endpoints: Endpoints, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (endpoints, req.method(), path) {
         (_, &Method::GET, "/healthz/ready") => ready(&context.ready),
@@ -161,11 +180,72 @@ fn route(
             http::json(&context.connections.view())
         }
         (Endpoints::Metrics, &Method::GET, "/metrics") => metrics_response(&context.metrics),
-        (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
-            context.shutdown.notify_one();
+        (Endpoints::Admin, &Method::POST, "/quitquitquit") => quit(req, &context.shutdown),
+        _ => http::text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
+    }
+}
+
+/// `POST /quitquitquit`: shuts down if [`quit_allowed`], else 403 saying why.
+pub(crate) fn quit(req: &Request<Bytes>, shutdown: &Notify) -> Response<Full<Bytes>> {
+    match quit_allowed(req) {
+        Ok(()) => {
+            shutdown.notify_one();
             http::text(StatusCode::OK, "shutting down\n".into())
         }
-        _ => http::text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
+        Err(why) => {
+            crate::warn_limited!(component = "admin", reason = why, "refused /quitquitquit");
+            http::text(StatusCode::FORBIDDEN, format!("refused: {why}\n"))
+        }
+    }
+}
+
+/// Whether a mutating admin request may proceed. The admin port listens on loopback only,
+/// so the remaining attacker is a web page in a browser on the node: a cross-origin page
+/// cannot add a custom header without a CORS preflight, which this server never grants;
+/// and a page that rebinds its own name to 127.0.0.1 (DNS rebinding, same origin) still
+/// sends its own name as `Host`, which is not a loopback address. `curl` and `weft` send
+/// both without effort (`curl -X POST -H 'Weft-Admin: quit' 127.0.0.1:15000/quitquitquit`).
+pub(crate) fn quit_allowed(req: &Request<Bytes>) -> Result<(), &'static str> {
+    if req.headers().get(ADMIN_HEADER).map(|v| v.as_bytes()) != Some(b"quit") {
+        return Err("the header `Weft-Admin: quit` is required");
+    }
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if !is_loopback_host(host) {
+        return Err("the Host header must name a loopback address");
+    }
+    Ok(())
+}
+
+/// `127.0.0.1[:port]`, `[::1][:port]` or `localhost[:port]`.
+fn is_loopback_host(host: &str) -> bool {
+    if let Ok(addr) = host.parse::<SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses an admin address that is not loopback: `Err` says why.
+pub fn require_loopback(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr} is not a loopback address: the admin API shows every identity and can stop \
+             the process, so it listens on 127.0.0.1 or [::1] only (use `kubectl port-forward` \
+             or `weft status` on the node)"
+        ))
     }
 }
 
@@ -273,4 +353,65 @@ fn status(context: &Context) -> serde_json::Value {
         "certificates": context.certs.as_ref().map(CertManager::status).unwrap_or_default(),
         "hbone_pool": context.hbone_pool.as_ref().map(hbone::Pool::stats),
     })
+}
+
+/// The header a mutating admin request must carry (`Weft-Admin: quit`).
+pub const ADMIN_HEADER: &str = "weft-admin";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(headers: &[(&str, &str)]) -> Request<Bytes> {
+        let mut req = Request::post("/quitquitquit");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(Bytes::new()).unwrap()
+    }
+
+    #[test]
+    fn quit_needs_the_admin_header_and_a_loopback_host() {
+        let shutdown = Notify::new();
+        for (headers, status) in [
+            (vec![("host", "127.0.0.1:15000")], StatusCode::FORBIDDEN),
+            (
+                vec![("host", "127.0.0.1:15000"), ("weft-admin", "yes")],
+                StatusCode::FORBIDDEN,
+            ),
+            // DNS rebinding: the page's own name arrives as Host.
+            (
+                vec![("host", "evil.example:15000"), ("weft-admin", "quit")],
+                StatusCode::FORBIDDEN,
+            ),
+            (vec![("weft-admin", "quit")], StatusCode::FORBIDDEN),
+            (
+                vec![("host", "127.0.0.1:15000"), ("weft-admin", "quit")],
+                StatusCode::OK,
+            ),
+            (
+                vec![("host", "localhost"), ("weft-admin", "quit")],
+                StatusCode::OK,
+            ),
+            (
+                vec![("host", "[::1]:15000"), ("weft-admin", "quit")],
+                StatusCode::OK,
+            ),
+        ] {
+            assert_eq!(
+                quit(&post(&headers), &shutdown).status(),
+                status,
+                "{headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_loopback_admin_addresses_are_accepted() {
+        assert!(require_loopback("127.0.0.1:15000".parse().unwrap()).is_ok());
+        assert!(require_loopback("[::1]:15000".parse().unwrap()).is_ok());
+        let err = require_loopback("0.0.0.0:15000".parse().unwrap()).unwrap_err();
+        assert!(err.contains("not a loopback"), "{err}");
+        assert!(require_loopback("10.0.0.1:15000".parse().unwrap()).is_err());
+    }
 }

@@ -146,6 +146,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let enroll_status = Arc::new(Mutex::new(enroller.status()));
     let shutdown = Arc::new(Notify::new());
 
+    let cni_metrics = cni::server::Metrics::new(metrics.prometheus_mut());
     let servers = admin::Servers::bind(&config.admin).await?;
     let (admin_addr, readiness_addr) = servers.addresses();
     let metrics_addr = servers.metrics_address();
@@ -194,7 +195,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     }
     tokio::spawn(node_pods::follow(raw_rx, Arc::clone(&node_pods), state_tx));
     if let Some(cni) = &config.cni {
-        let server = cni::server::Server::bind(cni.clone())?;
+        let server = cni::server::Server::bind(cni.clone(), cni_metrics)?;
         tokio::spawn(server.run(cni::server::Inputs {
             pods: Arc::clone(&node_pods),
             state: state_rx.clone(),

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     admin, cni, ebpf,
     enroll::discover,
+    http,
     identity::{self, CaSource},
     proxy, telemetry,
 };
@@ -113,6 +114,9 @@ pub struct AgentSection {
     /// Connection caps, idle timeouts, keepalives and HTTP/2 limits of the proxy.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Limits of the admin, metrics and readiness servers.
+    #[serde(default)]
+    pub http: HttpSection,
 }
 
 /// The `agent.limits:` section: every field optional, each default in docs/config.md.
@@ -147,6 +151,20 @@ pub struct LimitsSection {
     pub ping_timeout: Option<String>,
 }
 
+/// The `agent.http:` section: limits of the admin, metrics and readiness servers
+/// (`http::Limits`; defaults there).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpSection {
+    /// humantime (default `10s`).
+    pub header_timeout: Option<String>,
+    /// humantime (default `10s`).
+    pub body_timeout: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+}
+
 /// The `agent.cni:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -158,6 +176,10 @@ pub struct CniSection {
     pub mesh_namespaces_file: Option<PathBuf>,
     /// How long a CNI ADD waits for the pod's enrollment, humantime (default `20s`).
     pub enroll_timeout: Option<String>,
+    /// How long the plugin may take to send its request, humantime (default `10s`).
+    pub request_timeout: Option<String>,
+    /// Requests served at once (default 128); more are answered "not ready".
+    pub max_connections: Option<usize>,
 }
 
 /// The `agent.discovery:` section.
@@ -188,6 +210,9 @@ pub struct InProcessCaSection {
     pub cert: PathBuf,
     /// CA key, PKCS#8 PEM (`ca.key`).
     pub key: PathBuf,
+    /// Further roots (PEM files) trusted besides `cert`, during a root rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_roots: Vec<PathBuf>,
 }
 
 /// `agent.ca.remote`: `weft ca` over HTTPS.
@@ -269,6 +294,7 @@ impl Config {
             Some(a) => a,
             None => addr("agent.adminAddr", agent.admin_addr.as_ref(), ADMIN_ADDR)?,
         };
+        admin::require_loopback(admin_addr).map_err(|reason| invalid("agent.adminAddr", reason))?;
         let readiness_addr = match overrides.readiness_addr {
             Some(a) => a,
             None => addr(
@@ -302,6 +328,7 @@ impl Config {
                 Err(e) => Err(invalid(field, format!("{text:?}: {e}"))),
             },
         };
+        let http = http_limits(&agent.http, &duration, &invalid)?;
         let cni = match &agent.cni {
             None => None,
             Some(section) => {
@@ -320,6 +347,21 @@ impl Config {
                         section.enroll_timeout.as_deref(),
                         CNI_ENROLL_TIMEOUT,
                     )?,
+                    request_timeout: duration(
+                        "agent.cni.requestTimeout",
+                        section.request_timeout.as_deref(),
+                        CNI_REQUEST_TIMEOUT,
+                    )?,
+                    max_connections: match section.max_connections {
+                        Some(0) => {
+                            return Err(invalid(
+                                "agent.cni.maxConnections",
+                                "must be at least 1".into(),
+                            ));
+                        }
+                        Some(n) => n,
+                        None => CNI_MAX_CONNECTIONS,
+                    },
                 })
             }
         };
@@ -370,6 +412,7 @@ impl Config {
                 admin_addr,
                 readiness_addr,
                 metrics_addr,
+                http,
             },
             proxy: proxy::Config {
                 ports,
@@ -491,6 +534,47 @@ fn limits_config(
     Ok(limits)
 }
 
+/// `agent.http`, over `http::Limits`'s defaults; counts must be at least 1.
+fn http_limits(
+    section: &HttpSection,
+    duration: &impl Fn(&str, Option<&str>, Duration) -> Result<Duration, Error>,
+    invalid: &impl Fn(&str, String) -> Error,
+) -> Result<http::Limits, Error> {
+    let defaults = http::Limits::default();
+    let count = |field: &str, value: Option<usize>, default: usize| match value {
+        Some(0) => Err(invalid(field, "must be at least 1".into())),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(http::Limits {
+        header_timeout: duration(
+            "agent.http.headerTimeout",
+            section.header_timeout.as_deref(),
+            defaults.header_timeout,
+        )?,
+        body_timeout: duration(
+            "agent.http.bodyTimeout",
+            section.body_timeout.as_deref(),
+            defaults.body_timeout,
+        )?,
+        max_body_bytes: count(
+            "agent.http.maxBodyBytes",
+            section.max_body_bytes,
+            defaults.max_body_bytes,
+        )?,
+        max_connections: count(
+            "agent.http.maxConnections",
+            section.max_connections,
+            defaults.max_connections,
+        )?,
+        max_connections_per_ip: count(
+            "agent.http.maxConnectionsPerIp",
+            section.max_connections_per_ip,
+            defaults.max_connections_per_ip,
+        )?,
+    })
+}
+
 /// The identity part of the `agent:` section, with the `--ca-cert`/`--ca-key` overrides.
 /// Errors are (field, reason).
 fn identity_config(
@@ -523,7 +607,11 @@ fn identity_config(
         ));
     }
     let ca = match (ca_cert, ca_key, &agent.ca) {
-        (Some(cert), Some(key), _) => CaSource::InProcess { cert, key },
+        (Some(cert), Some(key), _) => CaSource::InProcess {
+            cert,
+            key,
+            trusted_roots: Vec::new(),
+        },
         (Some(_), None, _) | (None, Some(_), _) => {
             return Err((
                 "agent.ca",
@@ -535,6 +623,7 @@ fn identity_config(
             (Some(local), None) => CaSource::InProcess {
                 cert: local.cert.clone(),
                 key: local.key.clone(),
+                trusted_roots: local.trusted_roots.clone(),
             },
             (None, Some(remote)) => {
                 if !remote
@@ -605,6 +694,10 @@ const PROXY_MARK: u32 = 0x7765;
 const HOST_CGROUP: &str = "/sys/fs/cgroup";
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 const CNI_ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+const CNI_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Above a node's pod starts at once (kubelet starts pods a few at a time), far below a
+/// task flood.
+const CNI_MAX_CONNECTIONS: usize = 128;
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
@@ -713,6 +806,62 @@ mod tests {
     }
 
     #[test]
+    fn admin_address_off_loopback_is_refused_naming_the_field() {
+        for (yaml, overrides) in [
+            (
+                "cgroupRoot: /a\nadminAddr: 0.0.0.0:15000",
+                Overrides::default(),
+            ),
+            (
+                "cgroupRoot: /a",
+                Overrides {
+                    admin_addr: Some("10.0.0.1:15000".parse().unwrap()),
+                    ..Overrides::default()
+                },
+            ),
+        ] {
+            let err = Config::new(Path::new("n.yaml"), &section(yaml), overrides)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("agent.adminAddr") && err.contains("loopback"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_bad_ones_name_the_field() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a\nhttp: {headerTimeout: 2s, maxConnectionsPerIp: 4}"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.admin.http.header_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.admin.http.max_connections_per_ip, 4);
+        assert_eq!(
+            cfg.admin.http.max_connections,
+            http::Limits::default().max_connections
+        );
+        for (yaml, field) in [
+            ("http: {headerTimeout: soon}", "agent.http.headerTimeout"),
+            ("http: {bodyTimeout: 0s}", "agent.http.bodyTimeout"),
+            ("http: {maxConnections: 0}", "agent.http.maxConnections"),
+            ("http: {maxBodyBytes: 0}", "agent.http.maxBodyBytes"),
+        ] {
+            let err = Config::new(
+                Path::new("n.yaml"),
+                &section(&format!("cgroupRoot: /a\n{yaml}")),
+                Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_admin_address_names_the_field() {
         let err = Config::new(
             Path::new("n.yaml"),
@@ -777,7 +926,8 @@ mod tests {
             cfg.identity.ca,
             CaSource::InProcess {
                 cert: "/y/ca.crt".into(),
-                key: "/y/ca.key".into()
+                key: "/y/ca.key".into(),
+                trusted_roots: Vec::new(),
             }
         );
     }

@@ -254,6 +254,8 @@ pub enum CaSource {
     InProcess {
         cert: std::path::PathBuf,
         key: std::path::PathBuf,
+        /// Further roots to trust during a root rotation (`docs/ca.md`).
+        trusted_roots: Vec<std::path::PathBuf>,
     },
     /// `weft ca` over HTTPS.
     Remote {
@@ -285,12 +287,14 @@ impl Default for Config {
 pub fn start(config: &Config) -> Result<Option<CertManager>, Error> {
     let issuer = match &config.ca {
         CaSource::None => return Ok(None),
-        CaSource::InProcess { cert, key } => Issuer::InProcess(Arc::new(ca::Signer::load(
+        CaSource::InProcess {
             cert,
             key,
-            &config.trust_domain,
-            config.cert_lifetime,
-        )?)),
+            trusted_roots,
+        } => Issuer::InProcess(Arc::new(
+            ca::Signer::load(cert, key, &config.trust_domain, config.cert_lifetime)?
+                .with_trusted_roots(trusted_roots)?,
+        )),
         CaSource::Remote {
             addr,
             server_name,

@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
@@ -98,6 +98,7 @@ impl Settings {
             (Some(cert), Some(key), _) => CaSource::InProcess {
                 cert: cert.clone(),
                 key: key.clone(),
+                trusted_roots: Vec::new(),
             },
             (_, _, Some(addr)) => CaSource::Remote {
                 addr: addr.clone(),
@@ -111,6 +112,10 @@ impl Settings {
             },
             _ => return Err(Error::NoCa),
         };
+        admin::require_loopback(args.admin_addr).map_err(|reason| Error::Invalid {
+            field: "--admin-addr",
+            reason,
+        })?;
         let mut waypoint =
             waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
         waypoint.listen_addr = args.listen_addr;
@@ -126,6 +131,7 @@ impl Settings {
                 admin_addr: args.admin_addr,
                 readiness_addr: args.readiness_addr,
                 metrics_addr: args.metrics_addr,
+                http: crate::http::Limits::default(),
             },
             telemetry: telemetry::Config {
                 metrics_prefix: args.metrics_prefix.clone(),
@@ -265,6 +271,7 @@ pub async fn serve(
         registry.register_collector(source_metrics);
     }
     let metrics = waypoint::Metrics::new(&mut registry);
+    let http_metrics = http::Metrics::new(registry.prometheus_mut());
     let exporter = match (exporter, &settings.otlp_endpoint) {
         (Some(exporter), _) => Some(exporter),
         (None, Some(endpoint)) => {
@@ -317,13 +324,14 @@ pub async fn serve(
         registry,
         shutdown: Arc::clone(&shutdown),
     });
-    for (listener, endpoints) in [
-        (admin, Endpoints::Admin),
-        (metrics_listener, Endpoints::Metrics),
-        (readiness, Endpoints::Readiness),
+    for (listener, endpoints, server) in [
+        (admin, Endpoints::Admin, "admin"),
+        (metrics_listener, Endpoints::Metrics, "metrics"),
+        (readiness, Endpoints::Readiness, "readiness"),
     ] {
         let context = Arc::clone(&context);
-        tokio::spawn(http::serve(listener, "admin", move |req| {
+        let gate = http::Gate::new(server, settings.admin.http, http_metrics.clone());
+        tokio::spawn(http::serve(listener, gate, move |req| {
             route(&context, endpoints, req)
         }));
     }
@@ -355,11 +363,7 @@ enum Endpoints {
     Readiness,
 }
 
-fn route(
-    context: &Context,
-    endpoints: Endpoints,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+fn route(context: &Context, endpoints: Endpoints, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     match (endpoints, req.method(), req.uri().path()) {
         (_, &Method::GET, "/healthz/ready") => admin::ready(&context.ready),
         (Endpoints::Metrics, &Method::GET, "/metrics") => {
@@ -372,10 +376,7 @@ fn route(
             "certificates": context.certs.status(),
             "hbonePool": context.pool.stats(),
         })),
-        (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
-            context.shutdown.notify_one();
-            http::text(StatusCode::OK, "bye\n".into())
-        }
+        (Endpoints::Admin, &Method::POST, "/quitquitquit") => admin::quit(req, &context.shutdown),
         _ => http::text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -9,6 +9,13 @@
 //! not ready: a restarted agent must re-adopt the pods it had before it vouches for new ones.
 //!
 //! The server also keeps the mesh-namespaces file next to its socket (see `cni`'s docs).
+//!
+//! The socket is root's only (0600), but its input is still checked as a peer's: a request
+//! is one JSON line of at most `MAX_MESSAGE` bytes that must arrive within
+//! `agent.cni.requestTimeout`; anything else (too long, cut off, not JSON, too slow) is
+//! answered `Failed` with what was wrong, counted in `cni_requests_refused_total{reason}`,
+//! and the connection closed. At most `agent.cni.maxConnections` requests are served at
+//! once; one more is answered `NotReady` (the runtime retries the sandbox) without a task.
 
 use std::{
     collections::BTreeSet,
@@ -19,11 +26,15 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use serde::Serialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::watch,
+    sync::{Semaphore, watch},
 };
 use tracing::{info, warn};
 
@@ -46,6 +57,65 @@ pub struct Config {
     /// How long an ADD waits for the pod to be enrolled before the sandbox fails.
     #[serde(with = "crate::config::humantime_ms")]
     pub enroll_timeout: Duration,
+    /// How long a connection may take to send its request line.
+    #[serde(with = "crate::config::humantime_ms")]
+    pub request_timeout: Duration,
+    /// Requests served at once.
+    pub max_connections: usize,
+}
+
+/// Refusals of the CNI socket, by reason.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    refused: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "cni_requests_refused",
+            "CNI socket requests refused before they were understood, by reason",
+            metrics.refused.clone(),
+        );
+        metrics
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
+/// Why a request line was not read.
+#[derive(Debug, thiserror::Error)]
+enum BadRequest {
+    #[error("the request is larger than {MAX_MESSAGE} bytes")]
+    TooLarge,
+    #[error("no complete request within {0:?}")]
+    Timeout(Duration),
+    #[error("the request was cut off: the connection closed before its end ({0})")]
+    Truncated(serde_json::Error),
+    #[error("bad request from the CNI plugin: {0} (plugin and agent versions differ?)")]
+    Invalid(serde_json::Error),
+    #[error("cannot read the request: {0}")]
+    Io(io::Error),
+}
+
+impl BadRequest {
+    fn reason(&self) -> &'static str {
+        match self {
+            BadRequest::TooLarge => "too_large",
+            BadRequest::Timeout(_) => "timeout",
+            BadRequest::Truncated(_) => "truncated",
+            BadRequest::Invalid(_) => "invalid_json",
+            BadRequest::Io(_) => "io",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +152,7 @@ pub struct Identity {
 pub struct Server {
     listener: UnixListener,
     config: Config,
+    metrics: Metrics,
 }
 
 /// The mesh-namespaces file's contents.
@@ -102,7 +173,7 @@ enum Verdict {
 
 impl Server {
     /// Binds the socket (replacing a stale one), mode 0600: only root may enroll pods.
-    pub fn bind(config: Config) -> Result<Self, Error> {
+    pub fn bind(config: Config, metrics: Metrics) -> Result<Self, Error> {
         let bind_err = |source| Error::Bind {
             path: config.socket.clone(),
             source,
@@ -118,7 +189,11 @@ impl Server {
         let listener = UnixListener::bind(&config.socket).map_err(bind_err)?;
         std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_err)?;
-        Ok(Self { listener, config })
+        Ok(Self {
+            listener,
+            config,
+            metrics,
+        })
     }
 
     /// Serves until the runtime stops; keeps the mesh-namespaces file up to date.
@@ -127,16 +202,35 @@ impl Server {
             self.config.mesh_namespaces_file.clone(),
             inputs.state.clone(),
         ));
-        let timeout = self.config.enroll_timeout;
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
         info!(component = "cni", socket = %self.config.socket.display(), "CNI server listening");
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        self.metrics.refused("connection_limit");
+                        crate::warn_limited!(
+                            component = "cni",
+                            limit = self.config.max_connections,
+                            "CNI request refused: too many at once"
+                        );
+                        // A short reply fits the socket's buffer: no task, no wait.
+                        let _ = stream.try_write(&reply_line(&Reply::NotReady {
+                            reason: format!(
+                                "the agent is serving {} CNI requests already (agent.cni.maxConnections)",
+                                self.config.max_connections
+                            ),
+                        }));
+                        continue;
+                    };
                     let inputs = inputs.clone();
+                    let config = self.config.clone();
+                    let metrics = self.metrics.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, inputs, timeout).await {
+                        if let Err(e) = serve(stream, inputs, &config, &metrics).await {
                             warn!(component = "cni", error = %e, "CNI request failed");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -148,26 +242,63 @@ impl Server {
     }
 }
 
-async fn serve(stream: UnixStream, inputs: Inputs, timeout: Duration) -> io::Result<()> {
+async fn serve(
+    stream: UnixStream,
+    inputs: Inputs,
+    config: &Config,
+    metrics: &Metrics,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(read).take(MAX_MESSAGE as u64);
-    // A client that connects and says nothing must not hold a task forever.
-    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request within 10s"))??;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => handle(request, inputs, timeout).await,
-        Err(e) => Reply::Failed {
-            reason: format!(
-                "bad request from the CNI plugin: {e} (plugin and agent versions differ?)"
-            ),
-        },
+    let reply = match read_request(read, config.request_timeout).await {
+        Ok(request) => handle(request, inputs, config.enroll_timeout).await,
+        Err(e) => {
+            metrics.refused(e.reason());
+            crate::warn_limited!(component = "cni", reason = e.reason(), error = %e, "CNI request refused");
+            Reply::Failed {
+                reason: e.to_string(),
+            }
+        }
     };
-    let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+    // The reply is small; a client that never reads still cannot hold the task.
+    tokio::time::timeout(config.request_timeout, async {
+        write.write_all(&reply_line(&reply)).await?;
+        write.shutdown().await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the plugin did not read the reply"))?
+}
+
+/// One request line: at most `MAX_MESSAGE` bytes, within `timeout`.
+async fn read_request(
+    read: tokio::net::unix::OwnedReadHalf,
+    timeout: Duration,
+) -> Result<Request, BadRequest> {
+    let mut line = Vec::new();
+    // One byte over the limit tells a line of exactly the limit from a longer one.
+    let mut reader = BufReader::new(read).take(MAX_MESSAGE as u64 + 1);
+    tokio::time::timeout(timeout, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| BadRequest::Timeout(timeout))?
+        .map_err(BadRequest::Io)?;
+    let complete = line.last() == Some(&b'\n');
+    if line.len() > MAX_MESSAGE || (!complete && line.len() as u64 > MAX_MESSAGE as u64) {
+        return Err(BadRequest::TooLarge);
+    }
+    serde_json::from_slice::<Request>(&line).map_err(|e| {
+        if complete || !e.is_eof() {
+            BadRequest::Invalid(e)
+        } else {
+            BadRequest::Truncated(e)
+        }
+    })
+}
+
+/// A reply as the plugin reads it: one JSON line.
+fn reply_line(reply: &Reply) -> Vec<u8> {
+    // Serialising a reply of strings cannot fail; an empty line would read as a bad reply.
+    let mut out = serde_json::to_vec(reply).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    out
 }
 
 async fn handle(request: Request, mut inputs: Inputs, timeout: Duration) -> Reply {
@@ -558,6 +689,123 @@ mod tests {
             matches!(&reply, Reply::Failed { reason } if reason.contains("not enrolled yet")),
             "{reply:?}"
         );
+    }
+
+    /// Sends `bytes` (then half-closes if `close`) and reads the reply line.
+    async fn exchange(socket: &Path, bytes: Vec<u8>, close: bool) -> Reply {
+        let stream = UnixStream::connect(socket).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        // The server may stop reading (too large) and close: the rest fails, as it should.
+        let writer = tokio::spawn(async move {
+            let _ = write.write_all(&bytes).await;
+            if close {
+                let _ = write.shutdown().await;
+            }
+            write
+        });
+        let mut line = String::new();
+        BufReader::new(&mut read)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        drop(writer);
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
+
+    #[tokio::test]
+    async fn garbage_on_the_socket_is_refused_with_a_reason_and_a_good_add_still_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cni.sock");
+        let config = Config {
+            socket: socket.clone(),
+            mesh_namespaces_file: dir.path().join("mesh-namespaces.json"),
+            enroll_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_millis(500),
+            max_connections: 4,
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let pods = Arc::new(NodePods::new());
+        let f = fixture(
+            &pods,
+            state(true, Some(UID)),
+            Some(report("/run/netns/cni-1")),
+        );
+        let server = Server::bind(config, metrics.clone()).unwrap();
+        let serving = tokio::spawn(server.run(f.inputs.clone()));
+        let good = || {
+            let mut line = serde_json::to_vec(&add("/run/netns/cni-1")).unwrap();
+            line.push(b'\n');
+            line
+        };
+        let failed = |reply: Reply, words: &str| match reply {
+            Reply::Failed { reason } => assert!(reason.contains(words), "{reason}"),
+            other => panic!("expected a refusal saying {words:?}, got {other:?}"),
+        };
+
+        failed(
+            exchange(&socket, vec![b'{'; MAX_MESSAGE * 4], false).await,
+            "larger than",
+        );
+        let mut cut = good();
+        cut.truncate(cut.len() / 2);
+        failed(exchange(&socket, cut, true).await, "cut off");
+        failed(
+            exchange(&socket, b"{\"command\": 7}\n".to_vec(), true).await,
+            "bad request",
+        );
+        // Never finished: answered once the request timeout has passed.
+        failed(
+            exchange(&socket, br#"{"command":"#.to_vec(), false).await,
+            "no complete request within",
+        );
+        assert_eq!(exchange(&socket, good(), false).await, Reply::Enrolled);
+
+        // Many at once: the cap's worth are held, the next is told to retry, at once.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(UnixStream::connect(&socket).await.unwrap());
+        }
+        let over =
+            tokio::time::timeout(Duration::from_millis(400), exchange(&socket, good(), false))
+                .await
+                .expect("a request over the cap is answered at once");
+        assert!(
+            matches!(&over, Reply::NotReady { reason } if reason.contains("maxConnections")),
+            "{over:?}"
+        );
+        // The held ones time out and free their places: a good ADD works again.
+        drop(held);
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match exchange(&socket, good(), false).await {
+                    Reply::Enrolled => return Reply::Enrolled,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(reply, Reply::Enrolled);
+        assert!(!serving.is_finished(), "the CNI server stopped");
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for reason in [
+            "too_large",
+            "truncated",
+            "invalid_json",
+            "timeout",
+            "connection_limit",
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "cni_requests_refused_total{{reason=\"{reason}\"}}"
+                )),
+                "{reason}: {text}"
+            );
+        }
+        serving.abort();
     }
 
     #[test]

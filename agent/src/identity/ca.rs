@@ -97,6 +97,8 @@ pub struct Config {
     pub trust_domain: String,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
+    /// Further roots published in the trust bundle during a root rotation (`docs/ca.md`).
+    pub trusted_roots: Vec<PathBuf>,
     /// Longest lifetime the CA grants, whatever a request asks for.
     pub max_cert_lifetime: Duration,
     /// DNS names and IP addresses of the CA's own serving certificate.
@@ -243,6 +245,7 @@ impl Config {
             trust_domain,
             ca_cert,
             ca_key,
+            trusted_roots: file.trusted_roots,
             max_cert_lifetime,
             server_names: file.server_names,
             metrics_listen,
@@ -380,11 +383,35 @@ fn kubernetes_config(
             trust_bundle_namespaces.push(namespace);
         }
     }
+    let defaults = kubernetes::ReviewLimits::default();
+    let review_limits = kubernetes::ReviewLimits {
+        max_concurrent: match section.max_concurrent_token_reviews {
+            Some(0) => {
+                return Err(invalid(
+                    "kubernetes.maxConcurrentTokenReviews",
+                    "must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+            None => defaults.max_concurrent,
+        },
+        per_second: match section.token_reviews_per_second {
+            Some(0) => {
+                return Err(invalid(
+                    "kubernetes.tokenReviewsPerSecond",
+                    "must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+            None => defaults.per_second,
+        },
+    };
     Ok(kubernetes::Config {
         audience,
         agent_service_account,
         trust_bundle_config_map,
         trust_bundle_namespaces,
+        review_limits,
     })
 }
 
@@ -420,6 +447,8 @@ struct ConfigFile {
     trust_domain: Option<String>,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
+    #[serde(default)]
+    trusted_roots: Vec<PathBuf>,
     max_cert_lifetime: Option<String>,
     #[serde(default)]
     server_names: Vec<String>,
@@ -437,6 +466,8 @@ struct KubernetesFile {
     trust_bundle_config_map: Option<String>,
     #[serde(default)]
     trust_bundle_namespaces: Vec<String>,
+    max_concurrent_token_reviews: Option<usize>,
+    token_reviews_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

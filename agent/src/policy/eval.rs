@@ -108,9 +108,10 @@ pub(crate) fn decide<'p>(
     deny: impl IntoIterator<Item = &'p AccessPolicy>,
     allow: impl IntoIterator<Item = &'p AccessPolicy>,
     default_deny: bool,
+    trust_domain: Option<&str>,
     facts: &ConnectionFacts<'_>,
 ) -> Decision {
-    let peer = Peer::new(facts);
+    let peer = Peer::new(facts, trust_domain);
     if let Some(policy) = deny.into_iter().find(|p| peer.matches(p)) {
         let reason = match policy.invalid {
             Some(_) => DenyReason::InvalidPolicy,
@@ -143,13 +144,17 @@ pub(crate) fn decide<'p>(
 /// The connection as rules see it, with the peer id's text formatted at most once.
 struct Peer<'f, 'a> {
     facts: &'f ConnectionFacts<'a>,
+    /// The mesh's trust domain: `serviceAccounts` and `namespaces` name identities of this
+    /// domain only (None: the node has no CA, so no peer has an identity to match).
+    trust_domain: Option<&'f str>,
     id_text: OnceCell<String>,
 }
 
 impl<'f, 'a> Peer<'f, 'a> {
-    fn new(facts: &'f ConnectionFacts<'a>) -> Self {
+    fn new(facts: &'f ConnectionFacts<'a>, trust_domain: Option<&'f str>) -> Self {
         Self {
             facts,
+            trust_domain,
             id_text: OnceCell::new(),
         }
     }
@@ -190,6 +195,12 @@ impl<'f, 'a> Peer<'f, 'a> {
             return false;
         };
         let text = || self.id_text.get_or_init(|| id.to_string()).as_str();
+        // `ns/x/sa/y` of another mesh is another workload, whatever its names: the short
+        // forms match this mesh's identities only (principals spell the domain out).
+        let in_mesh = self.trust_domain.is_none_or(|td| id.trust_domain() == td);
+        if !in_mesh && (!source.service_accounts.is_empty() || !source.namespaces.is_empty()) {
+            return false;
+        }
         (source.principals.is_empty() || source.principals.iter().any(|p| p.matches(id, text)))
             && (source.service_accounts.is_empty()
                 || source.service_accounts.iter().any(|sa| sa.matches(id)))

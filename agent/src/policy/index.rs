@@ -138,6 +138,7 @@ impl PolicyIndex {
             selected.deny.iter().map(|&i| &self.policies[i]),
             selected.allow.iter().map(|&i| &self.policies[i]),
             self.default_deny,
+            self.trust_domain.as_deref(),
             facts,
         )
     }

@@ -844,7 +844,7 @@ impl Case {
 fn brute_force(snapshot: &Snapshot, facts: &ConnectionFacts<'_>) -> Decision {
     let matches = |p: &AccessPolicy| {
         // A lone policy in the deny position denies exactly when it matches.
-        !eval::decide([p], [], false, facts).is_allowed()
+        !eval::decide([p], [], false, None, facts).is_allowed()
     };
     let selecting: Vec<&AccessPolicy> = snapshot
         .policies
@@ -992,4 +992,42 @@ fn a_policy_that_cannot_be_understood_denies_everything_it_selects_whatever_allo
     assert_eq!(index.evaluate(&facts), invalid);
     // What it does not select is untouched.
     assert!(index.evaluate(&mtls(&web, 8080, &peer)).is_allowed());
+}
+
+#[test]
+fn service_accounts_and_namespaces_match_only_the_meshs_trust_domain() {
+    let api = workload("prod", "api", &[]);
+    let by_sa = Source {
+        service_accounts: vec![ServiceAccount {
+            namespace: "web".into(),
+            name: "front".into(),
+        }],
+        ..Source::default()
+    };
+    let by_ns = Source {
+        namespaces: vec!["web".into()],
+        ..Source::default()
+    };
+    let ours = id("web", "front");
+    let theirs = SpiffeId::new("other.domain", "web", "front").unwrap();
+    for source in [by_sa, by_ns] {
+        for action in [Action::Allow, Action::Deny] {
+            let rule = Rule {
+                from: vec![source.clone()],
+                ..Rule::default()
+            };
+            let index = PolicyIndex::for_trust_domain(Some("cluster.local")).rebuild(&snapshot(
+                &[&api],
+                vec![policy("prod", "p", &[], action, vec![rule])],
+            ));
+            let matches = |peer| {
+                index.evaluate(&mtls(&api, 80, peer)).is_allowed() == (action == Action::Allow)
+            };
+            assert!(
+                matches(&ours),
+                "{action:?} {source:?} does not match {ours}"
+            );
+            assert!(!matches(&theirs), "{action:?} {source:?} matches {theirs}");
+        }
+    }
 }

@@ -59,6 +59,11 @@ pub enum Error {
     TlsHandshake(#[source] rustls::Error),
     #[error("peer identity mismatch: expected {expected}, peer presented {actual}")]
     IdentityMismatch { expected: String, actual: String },
+    #[error(
+        "peer {peer} is not in this mesh's trust domain {trust_domain} (a federated mesh's \
+         root in the trust bundle does not admit its identities)"
+    )]
+    ForeignTrustDomain { peer: String, trust_domain: String },
     #[error("peer certificate does not chain to the trust bundle (check the mesh CA): {0}")]
     UntrustedCa(String),
     #[error("peer certificate has expired (is its certificate manager renewing?): {0}")]
@@ -104,6 +109,7 @@ impl Error {
             Error::HandshakeTimeout(_) => "tls_handshake_timeout",
             Error::TlsHandshake(_) => "tls_handshake",
             Error::IdentityMismatch { .. } => "identity_mismatch",
+            Error::ForeignTrustDomain { .. } => "foreign_trust_domain",
             Error::UntrustedCa(_) => "untrusted_ca",
             Error::ExpiredCertificate(_) => "expired_certificate",
             Error::NotYetValidCertificate(_) => "not_yet_valid_certificate",
@@ -188,6 +194,9 @@ impl From<tls::Rejection> for Error {
                 Error::IdentityMismatch { expected, actual }
             }
             tls::Rejection::NotSpiffe(why) => Error::BadCertificate(why),
+            tls::Rejection::ForeignTrustDomain { peer, trust_domain } => {
+                Error::ForeignTrustDomain { peer, trust_domain }
+            }
         }
     }
 }

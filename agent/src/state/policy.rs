@@ -204,7 +204,8 @@ impl Principal {
 }
 
 impl ServiceAccount {
-    /// Whether `id` is this service account's identity (in any trust domain).
+    /// Whether `id` has this service account's names (the policy evaluation also requires
+    /// the mesh's trust domain).
     pub fn matches(&self, id: &SpiffeId) -> bool {
         id.namespace() == self.namespace && id.service_account() == self.name
     }

@@ -160,6 +160,12 @@ impl Registry {
         self.inner.register_collector(Box::new(collector));
     }
 
+    /// The registry itself, for modules below telemetry that register their own metrics
+    /// (`http::Metrics`); names still get the prefix.
+    pub fn prometheus_mut(&mut self) -> &mut prometheus_client::registry::Registry {
+        &mut self.inner
+    }
+
     /// The exposition, in OpenMetrics text (`CONTENT_TYPE`).
     pub fn encode(&self) -> Result<String, fmt::Error> {
         let mut text = String::new();

@@ -97,7 +97,8 @@ impl Waypoint {
         let snapshot = Arc::clone(&state.borrow());
         let view = View {
             routes: RouteTable::build(&snapshot),
-            policy: PolicyIndex::build(&snapshot),
+            policy: PolicyIndex::for_trust_domain(Some(config.identity.trust_domain()))
+                .rebuild(&snapshot),
             snapshot,
         };
         let upstreams = Upstreams::new(

@@ -399,7 +399,16 @@ fn serve_shop(api: &FakeApi) {
 
 /// `POST /quitquitquit`, and `task` ends without an error.
 async fn quit(admin: SocketAddr, task: tokio::task::JoinHandle<Result<(), Error>>) {
-    assert_eq!(get(admin, "POST", "/quitquitquit").await.0, 200);
+    // Without the admin header (what a web page could send) it is refused.
+    assert_eq!(get(admin, "POST", "/quitquitquit").await.0, 403);
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request = format!(
+        "POST /quitquitquit HTTP/1.1\r\nhost: {admin}\r\nweft-admin: quit\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("the waypoint returns after /quitquitquit")

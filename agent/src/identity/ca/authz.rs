@@ -92,6 +92,22 @@ pub enum Denied {
          CA's RBAC allow it?); refused, never passed"
     )]
     ApiUnavailable { what: String, error: String },
+    #[error(
+        "the bearer token is not a service account token (a JWT of three base64url parts, at \
+         most {} bytes); it was not sent for review",
+        super::kubernetes::MAX_TOKEN_LEN
+    )]
+    MalformedToken,
+    #[error(
+        "too many token reviews at once (ca.yaml kubernetes.maxConcurrentTokenReviews): retry \
+         shortly"
+    )]
+    TokenReviewBusy,
+    #[error(
+        "too many token reviews per second (ca.yaml kubernetes.tokenReviewsPerSecond): retry \
+         shortly"
+    )]
+    TokenReviewRateLimited,
 }
 
 /// The static table: nodes, their tokens (kept as SHA-256 digests) and allow lists.
@@ -210,15 +226,21 @@ impl Denied {
             Self::NotOwnIdentity { .. } => "not_own_identity",
             Self::WorkloadPodUnknown { .. } => "workload_pod_unknown",
             Self::ApiUnavailable { .. } => "api_unavailable",
+            Self::MalformedToken => "malformed_token",
+            Self::TokenReviewBusy => "token_review_busy",
+            Self::TokenReviewRateLimited => "token_review_rate_limited",
         }
     }
 
-    /// 401: who are you?; 403: known, but not this identity; 503: ask again later.
+    /// 401: who are you?; 403: known, but not this identity; 429 and 503: ask again later.
     pub fn http_status(&self) -> u16 {
         match self {
-            Self::UnknownCredential | Self::Unauthenticated { .. } | Self::WrongAudience { .. } => {
-                401
-            }
+            Self::UnknownCredential
+            | Self::Unauthenticated { .. }
+            | Self::WrongAudience { .. }
+            | Self::MalformedToken => 401,
+            Self::TokenReviewRateLimited => 429,
+            Self::TokenReviewBusy => 503,
             Self::IdentityNotAllowed { .. }
             | Self::NotAgent { .. }
             | Self::NotPodBound { .. }

@@ -41,6 +41,15 @@
 //! is bypassed. Step 5 never involves a node, so the node rule (steps 3 and 4) is unchanged:
 //! the agent's token still gets only what runs on its node.
 //!
+//! **Bounded reviews.** Whoever reaches the CA can make it ask the API server, so the
+//! reviews are bounded before step 1: a token that cannot be a service account token (not
+//! three base64url parts, or longer than [`MAX_TOKEN_LEN`]) is refused as
+//! `malformed_token` without a review; at most `maxConcurrentTokenReviews` reviews run at
+//! once (more: 503 `token_review_busy`), and at most `tokenReviewsPerSecond` start per
+//! second (more: 429 `token_review_rate_limited`). Every refusal is counted by reason. The
+//! agent retries a refused request with backoff, so a flood delays certificates rather than
+//! denying them, and never reaches the API server beyond the limits.
+//!
 //! Why a query per request and not a pod reflector: certificate requests are rare (one per
 //! identity per node per half lifetime, plus pod starts), while a reflector holds every pod of
 //! the cluster and a watch on them for the CA's whole life. The query is answered from the
@@ -54,7 +63,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -68,7 +77,10 @@ use kube::{
     api::{ListParams, PostParams},
 };
 // Tokio's clock, so tests can move the cache's time.
-use tokio::time::Instant;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
 use super::Denied;
 use crate::identity::SpiffeId;
@@ -86,6 +98,25 @@ pub struct Config {
     /// mount it to verify the CA and their peers (a pod mounts ConfigMaps of its own
     /// namespace only).
     pub trust_bundle_namespaces: Vec<String>,
+    /// Bounds on the TokenReviews a flood of requests can cause.
+    pub review_limits: ReviewLimits,
+}
+
+/// `kubernetes.maxConcurrentTokenReviews` and `kubernetes.tokenReviewsPerSecond`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReviewLimits {
+    pub max_concurrent: usize,
+    /// Also the burst: a full second's worth may start at once.
+    pub per_second: u32,
+}
+
+impl Default for ReviewLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 16,
+            per_second: 50,
+        }
+    }
 }
 
 /// A service account, `namespace/name`.
@@ -102,6 +133,16 @@ pub struct KubernetesAuthorizer {
     agent: ServiceAccountRef,
     agent_username: String,
     scheduled: Mutex<HashMap<Scheduled, Instant>>,
+    reviews: Arc<Semaphore>,
+    review_rate: Mutex<Bucket>,
+    per_second: u32,
+}
+
+/// A token bucket: `tokens` refill at `per_second`, up to `per_second`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
 }
 
 /// A positive "this service account has a pod on this node" answer.
@@ -133,6 +174,12 @@ impl KubernetesAuthorizer {
             agent_username: config.agent_service_account.username(),
             agent: config.agent_service_account.clone(),
             scheduled: Mutex::new(HashMap::new()),
+            reviews: Arc::new(Semaphore::new(config.review_limits.max_concurrent)),
+            review_rate: Mutex::new(Bucket {
+                tokens: f64::from(config.review_limits.per_second),
+                at: Instant::now(),
+            }),
+            per_second: config.review_limits.per_second,
         }
     }
 
@@ -141,7 +188,13 @@ impl KubernetesAuthorizer {
         if credential.is_empty() {
             return Err(Denied::UnknownCredential);
         }
-        let status = self.review(credential).await?;
+        if !plausible_token(credential) {
+            return Err(Denied::MalformedToken);
+        }
+        let status = {
+            let _permit = self.admit_review()?;
+            self.review(credential).await?
+        };
         let username = status
             .user
             .as_ref()
@@ -159,6 +212,28 @@ impl KubernetesAuthorizer {
                 expected: self.agent.to_string(),
             }),
         }
+    }
+
+    /// A place for one TokenReview under the concurrency and rate limits, held while it runs.
+    fn admit_review(&self) -> Result<OwnedSemaphorePermit, Denied> {
+        // The concurrency slot first: a request refused as busy takes no rate token.
+        let permit = Arc::clone(&self.reviews)
+            .try_acquire_owned()
+            .map_err(|_| Denied::TokenReviewBusy)?;
+        let mut bucket = self
+            .review_rate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let rate = f64::from(self.per_second);
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            return Err(Denied::TokenReviewRateLimited);
+        }
+        bucket.tokens -= 1.0;
+        Ok(permit)
     }
 
     /// Step 1: the TokenReview (whose token it is is the caller's question).
@@ -365,6 +440,23 @@ impl fmt::Debug for KubernetesAuthorizer {
 }
 
 /// One API call with a deadline; every failure is a refusal.
+/// Whether `token` can be a JWT (three base64url parts, header and payload non-empty) of
+/// a sane length: anything else is refused without asking the API server.
+fn plausible_token(token: &str) -> bool {
+    let base64url = |part: &str| {
+        part.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+    };
+    let mut parts = token.split('.');
+    token.len() <= MAX_TOKEN_LEN
+        && matches!(
+            (parts.next(), parts.next(), parts.next(), parts.next()),
+            (Some(header), Some(payload), Some(signature), None)
+                if !header.is_empty() && !payload.is_empty()
+                    && base64url(header) && base64url(payload) && base64url(signature)
+        )
+}
+
 async fn ask<T>(
     what: &str,
     call: impl Future<Output = Result<T, kube::Error>>,
@@ -447,6 +539,9 @@ pub const SCHEDULED_CACHE_TTL: Duration = Duration::from_secs(10);
 const SCHEDULED_CACHE_PRUNE_AT: usize = 4096;
 /// Deadline of each API call; past it the request is refused (the agent retries).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest bearer token sent for review: projected service account tokens are about 1 KiB
+/// (a few KiB with many audiences), so anything near this is not one.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// `status.user.extra` keys of pod-bound service account tokens.
 const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";

@@ -6,13 +6,15 @@
 //!   - `weft_ca_requests_refused_total{reason}`: every refusal, by the API's `error` reason
 //!     (`identity_not_on_node`, `unauthenticated`, `api_unavailable`, `invalid_csr`, …)
 //!   - `weft_ca_trust_bundle_publish_total{result}`: `created`, `updated`, `failed`
+//!   - `weft_http_connections_refused_total{server, reason}`: `server` is `ca` (the API) or
+//!     `ca_metrics`; reasons as in `http` (`connection_limit`, `header_timeout`, …)
 //! - `GET /healthz/ready`: 200 once the CA serves (its listener is bound before this one).
 
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -29,6 +31,8 @@ pub struct Metrics {
     issued: Counter,
     refused: Family<ReasonLabels, Counter>,
     bundle: Family<ResultLabels, Counter>,
+    /// The HTTP servers' own refusals (the API's and this one's connection caps, timeouts).
+    pub http: http::Metrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,11 +66,13 @@ impl Metrics {
             "Trust bundle ConfigMap writes, by result",
             bundle.clone(),
         );
+        let http = http::Metrics::new(&mut registry);
         Self {
             registry,
             issued,
             refused,
             bundle,
+            http,
         }
     }
 
@@ -99,7 +105,8 @@ impl Default for Metrics {
 
 /// Serves `/metrics` and `/healthz/ready` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    crate::http::serve(listener, "ca", move |req| answer(&metrics, req)).await;
+    let gate = http::Gate::new("ca_metrics", http::Limits::default(), metrics.http.clone());
+    http::serve(listener, gate, move |req| answer(&metrics, req)).await;
 }
 
 /// Binds the metrics listener (before serving, so a bad address fails start-up).
@@ -109,7 +116,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, super::Error> {
         .map_err(|source| super::Error::Bind { addr, source })
 }
 
-fn answer(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(metrics: &Metrics, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, OPENMETRICS, metrics.encode()),
         (&Method::GET, "/healthz/ready") => (StatusCode::OK, http::TEXT, "ready\n".to_owned()),

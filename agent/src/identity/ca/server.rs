@@ -23,9 +23,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::{
     ServerConfig,
     server::{ClientHello, ResolvesServerCert},
@@ -41,7 +41,7 @@ use super::{
     Error, ErrorResponse, KubernetesAuthorizer, Signer, metrics, metrics::Metrics,
     trust_bundle::Publisher,
 };
-use crate::identity::SpiffeId;
+use crate::{http, identity::SpiffeId};
 
 /// A bound CA server, ready to run.
 pub struct Server {
@@ -80,12 +80,15 @@ impl Server {
         config: Config,
         client: Option<kube::Client>,
     ) -> Result<Self, Error> {
-        let signer = Arc::new(Signer::load(
-            &config.ca_cert,
-            &config.ca_key,
-            &config.trust_domain,
-            config.max_cert_lifetime,
-        )?);
+        let signer = Arc::new(
+            Signer::load(
+                &config.ca_cert,
+                &config.ca_key,
+                &config.trust_domain,
+                config.max_cert_lifetime,
+            )?
+            .with_trusted_roots(&config.trusted_roots)?,
+        );
         let resolver = ServingCertResolver::new(Arc::clone(&signer), config.server_names)?;
         let mut tls = ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
@@ -179,6 +182,11 @@ impl Server {
                 Arc::clone(&self.shared.metrics),
             )))
         });
+        let gate = http::Gate::new(
+            "ca",
+            http::Limits::default(),
+            self.shared.metrics.http.clone(),
+        );
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -193,9 +201,15 @@ impl Server {
                     }
                 },
             };
+            // Over a cap: closed before the handshake costs anything.
+            let Some(admitted) = gate.admit(peer.ip()) else {
+                continue;
+            };
             let acceptor = self.acceptor.clone();
             let shared = Arc::clone(&self.shared);
+            let gate = Arc::clone(&gate);
             tokio::spawn(async move {
+                let _admitted = admitted;
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
@@ -204,22 +218,26 @@ impl Server {
                         return;
                     }
                     Err(_) => {
+                        gate.refused("handshake_timeout");
                         debug!(component = "ca", peer = %peer, "TLS handshake timed out");
                         return;
                     }
                 };
+                let limits = *gate.limits();
+                let service_gate = Arc::clone(&gate);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+                    let gate = Arc::clone(&service_gate);
+                    async move { Ok::<_, Infallible>(handle(&shared, &gate, peer, req).await) }
                 });
-                // The header timeout needs a timer; it keeps idle or slow clients from
-                // holding connections open forever.
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
+                // The header timeout keeps idle or slow clients from holding connections.
+                if let Err(e) = http::builder(&limits)
                     .serve_connection(TokioIo::new(tls), service)
                     .await
                 {
+                    if e.is_timeout() {
+                        gate.refused("header_timeout");
+                    }
                     debug!(component = "ca", peer = %peer, error = %e, "connection ended with an error");
                 }
             });
@@ -238,6 +256,7 @@ impl Drop for AbortOnDrop {
 
 async fn handle(
     shared: &Shared,
+    gate: &http::Gate,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -260,15 +279,13 @@ async fn handle(
         return response;
     }
     let credential = bearer_token(req.headers()).unwrap_or_default();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
+    let body = match http::read_body(req, gate.limits()).await {
+        Ok(req) => req.into_body(),
         Err(e) => {
-            return deny_bad_request(
-                shared,
-                peer,
-                "bad_request",
-                &format!("cannot read the body: {e}"),
-            );
+            gate.refused(e.reason());
+            shared.metrics.refused(e.reason());
+            warn!(component = "ca", peer = %peer, reason = e.reason(), error = %e, "certificate request rejected");
+            return error(e.status(), e.reason(), &e.to_string());
         }
     };
     let request: CertificateRequest = match serde_json::from_slice(&body) {
@@ -437,8 +454,6 @@ fn issue_serving(
     ))
 }
 
-const MAX_BODY: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);

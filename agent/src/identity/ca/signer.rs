@@ -32,6 +32,9 @@ pub struct Signer {
     root_subject: String,
     root_not_after: SystemTime,
     max_lifetime: Duration,
+    /// Further roots the bundle carries during a root rotation (the one being retired, or
+    /// the one coming next); this CA signs with `root` only.
+    trusted: Vec<(CertificateDer<'static>, String)>,
 }
 
 /// A signed workload certificate.
@@ -165,7 +168,44 @@ impl Signer {
             root_subject,
             root_not_after,
             max_lifetime,
+            trusted: Vec::new(),
         })
+    }
+
+    /// Adds the CA certificates of each PEM file in `paths` to the trust bundle (a root
+    /// rotation: `docs/ca.md`). Each must be a CA certificate; this CA's own root is not
+    /// repeated.
+    pub fn with_trusted_roots(mut self, paths: &[PathBuf]) -> Result<Self, Error> {
+        for path in paths {
+            let bad = |reason: String| Error::InvalidRoot {
+                path: path.clone(),
+                reason,
+            };
+            let pem = fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let mut found = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                let (_, x509) =
+                    X509Certificate::from_der(cert.as_ref()).map_err(|e| bad(e.to_string()))?;
+                if !x509.is_ca() {
+                    return Err(bad(
+                        "a trusted root must be a CA certificate (basicConstraints cA)".into(),
+                    ));
+                }
+                found += 1;
+                if cert != self.root && !self.trusted.iter().any(|(c, _)| *c == cert) {
+                    let pem = pem_of(&cert);
+                    self.trusted.push((cert, pem));
+                }
+            }
+            if found == 0 {
+                return Err(bad("no certificate in PEM".into()));
+            }
+        }
+        Ok(self)
     }
 
     /// Creates a self-signed ECDSA P-256 root for `trust_domain` and writes `ca.crt` and
@@ -224,16 +264,20 @@ impl Signer {
         self.max_lifetime
     }
 
-    /// The roots that certificates of this CA chain to.
+    /// The roots peers verify against: this CA's, then the trusted ones of a rotation.
     pub fn trust_bundle(&self) -> TrustBundle {
         TrustBundle {
-            roots: vec![self.root.clone()],
+            roots: std::iter::once(self.root.clone())
+                .chain(self.trusted.iter().map(|(cert, _)| cert.clone()))
+                .collect(),
         }
     }
 
     /// The roots, PEM.
     pub fn trust_bundle_pem(&self) -> Vec<String> {
-        vec![self.root_pem.clone()]
+        std::iter::once(self.root_pem.clone())
+            .chain(self.trusted.iter().map(|(_, pem)| pem.clone()))
+            .collect()
     }
 
     /// Signs `csr_pem` for `identity` after checking that the CSR asks for exactly that

@@ -165,6 +165,50 @@ fn issued_leaf_verifies_against_the_bundle_and_carries_the_identity() {
 }
 
 #[test]
+fn during_a_rotation_the_bundle_carries_both_roots_and_the_new_one_signs() {
+    let old = TestRoot::new();
+    let new = TestRoot::new();
+    // The new root signs; the old one is still trusted (and listed once, however given).
+    let signer = new
+        .signer(Duration::from_secs(3600))
+        .with_trusted_roots(&[old.cert.clone(), old.cert.clone(), new.cert.clone()])
+        .unwrap();
+    let bundle = signer.trust_bundle_pem();
+    assert_eq!(bundle.len(), 2);
+    assert_eq!(
+        ders(&bundle),
+        [
+            ders(&[fs::read_to_string(&new.cert).unwrap()]),
+            ders(&[fs::read_to_string(&old.cert).unwrap()])
+        ]
+        .concat()
+    );
+    let client = id("default", "client");
+    let request = csr::generate(&client).unwrap();
+    let issued = signer
+        .sign(&client, &request.csr_pem, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(issued.trust_bundle_pem, bundle);
+    verify_chain(
+        &ders(&issued.chain_pem),
+        &ders(&[fs::read_to_string(&new.cert).unwrap()]),
+    );
+    // A leaf is not a root.
+    let leaf = old.dir.path().join("leaf.pem");
+    fs::write(&leaf, &issued.chain_pem[0]).unwrap();
+    let err = new
+        .signer(Duration::from_secs(3600))
+        .with_trusted_roots(&[leaf])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("leaf.pem") && err.contains("CA certificate"),
+        "{err}"
+    );
+}
+
+#[test]
 fn lifetime_is_capped_and_backdate_stays_under_a_tenth() {
     let root = TestRoot::new();
     let signer = root.signer(Duration::from_secs(10));

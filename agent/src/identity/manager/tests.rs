@@ -18,6 +18,7 @@ fn in_process(root: &TestRoot, lifetime: Duration) -> CertManager {
         ca: CaSource::InProcess {
             cert: root.cert.clone(),
             key: root.key.clone(),
+            trusted_roots: Vec::new(),
         },
         ..identity::Config::default()
     };

@@ -319,6 +319,22 @@ async fn server_with_another_identity_is_an_identity_mismatch() {
 }
 
 #[tokio::test]
+async fn client_from_another_trust_domain_is_refused_at_the_handshake() {
+    let mut h = Harness::new().await;
+    // Signed by the very root the server trusts: only the trust domain is wrong.
+    let foreign = SpiffeId::new("other.domain", "x", "y").unwrap();
+    h.client_certs.insert(h.ca.issue(&foreign));
+    let (echo, _task) = echo_server().await;
+    h.serve_target(echo);
+    let mut key = h.key();
+    key.source = foreign;
+    let err = h.connect_with(key, echo).await.unwrap_err();
+    assert_eq!(h.server_result().await, Err("foreign_trust_domain"));
+    assert!(h.handler.seen.lock().unwrap().is_empty());
+    assert_eq!(err.reason(), "bad_certificate", "{err}");
+}
+
+#[tokio::test]
 async fn server_cert_from_an_untrusted_ca_is_refused() {
     let mut h = Harness::new().await;
     let rogue = TestCa::new("rogue CA");

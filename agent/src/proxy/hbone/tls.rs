@@ -3,8 +3,10 @@
 //!
 //! Verification is by SPIFFE id, never by DNS name: the chain must verify (webpki) to the
 //! roots the `CertSource` holds at handshake time, the leaf must carry exactly one SPIFFE
-//! URI SAN, and a client additionally requires the server to be the identity it meant to
-//! reach. Certificates are also taken from the `CertSource` at handshake time, so a
+//! URI SAN in this mesh's trust domain (a peer of another trust domain is refused even
+//! when its chain verifies: a root shared with another mesh, or a bundle carrying one,
+//! must not let that mesh's identities in), and a client additionally requires the server
+//! to be the identity it meant to reach. Certificates are also taken from the `CertSource` at handshake time, so a
 //! rotation is picked up by the next handshake.
 
 use std::{
@@ -39,6 +41,8 @@ pub(crate) enum Rejection {
     IdentityMismatch { expected: String, actual: String },
     #[error("{0}")]
     NotSpiffe(String),
+    #[error("peer {peer} is not in this mesh's trust domain {trust_domain}")]
+    ForeignTrustDomain { peer: String, trust_domain: String },
 }
 
 /// The server side of HBONE for one pod: presents `identity`'s current certificate and
@@ -56,6 +60,7 @@ pub fn server_config(
         .map_err(Error::BugTlsConfig)?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
             certs: Arc::clone(&certs),
+            trust_domain: identity.trust_domain().to_owned(),
             provider,
         }))
         .with_cert_resolver(Arc::new(OwnCert { certs, identity }));
@@ -136,6 +141,18 @@ pub(crate) fn peer_identity(leaf: &CertificateDer<'_>) -> Result<SpiffeId, Rejec
         .map_err(|e| Rejection::NotSpiffe(e.to_string()))
 }
 
+/// The peer's SPIFFE id, if it is in `trust_domain`.
+fn peer_in_domain(leaf: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, Rejection> {
+    let peer = peer_identity(leaf)?;
+    if peer.trust_domain() != trust_domain {
+        return Err(Rejection::ForeignTrustDomain {
+            peer: peer.to_string(),
+            trust_domain: trust_domain.to_owned(),
+        });
+    }
+    Ok(peer)
+}
+
 /// Verifies servers for one client connection.
 pub(crate) struct SpiffeServerVerifier {
     certs: Arc<dyn CertSource>,
@@ -173,7 +190,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let actual = peer_identity(end_entity).map_err(other)?;
+        let actual = peer_in_domain(end_entity, self.expected.trust_domain()).map_err(other)?;
         if actual != self.expected {
             *self
                 .rejection
@@ -215,6 +232,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// Verifies clients of a pod's HBONE listener.
 struct SpiffeClientVerifier {
     certs: Arc<dyn CertSource>,
+    /// The mesh's: that of the pod this listener serves.
+    trust_domain: String,
     provider: Arc<CryptoProvider>,
 }
 
@@ -240,7 +259,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         // The only build error is an empty bundle: nothing can be trusted.
         .map_err(|_| rustls::Error::from(CertificateError::UnknownIssuer))?;
         verifier.verify_client_cert(end_entity, intermediates, now)?;
-        peer_identity(end_entity).map_err(other)?;
+        peer_in_domain(end_entity, &self.trust_domain).map_err(other)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -352,7 +371,9 @@ impl fmt::Debug for SpiffeServerVerifier {
 
 impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SpiffeClientVerifier").finish()
+        f.debug_struct("SpiffeClientVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
     }
 }
 

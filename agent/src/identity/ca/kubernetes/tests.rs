@@ -40,6 +40,11 @@ pub(crate) struct FakeState {
     pub ignore_field_selectors: bool,
     /// `METHOD path?query` of every call, in order.
     pub calls: Vec<String>,
+    /// Answer each TokenReview only after this long (an API server under load).
+    pub slow_reviews: Option<Duration>,
+    /// TokenReviews being answered now, and the most there ever were at once.
+    pub reviews_in_flight: usize,
+    pub max_reviews_in_flight: usize,
     resource_version: u64,
 }
 
@@ -80,15 +85,33 @@ impl FakeApi {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
+                let slow = lock(&shared)
+                    .slow_reviews
+                    .filter(|_| parts.uri.path().ends_with("/tokenreviews"));
+                if let Some(delay) = slow {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        {
+                            let mut state = lock(&shared);
+                            state.reviews_in_flight += 1;
+                            state.max_reviews_in_flight =
+                                state.max_reviews_in_flight.max(state.reviews_in_flight);
+                        }
+                        tokio::time::sleep(delay).await;
+                        let answer = {
+                            let mut state = lock(&shared);
+                            state.reviews_in_flight -= 1;
+                            state.answer(&parts.method, &parts.uri, &body)
+                        };
+                        if let Some(answer) = answer {
+                            send.send_response(json_response(answer));
+                        }
+                    });
+                    continue;
+                }
                 let answer = lock(&shared).answer(&parts.method, &parts.uri, &body);
                 match answer {
-                    Some((status, value)) => send.send_response(
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", "application/json")
-                            .body(Body::from(serde_json::to_vec(&value).unwrap()))
-                            .unwrap(),
-                    ),
+                    Some(answer) => send.send_response(json_response(answer)),
                     // Hanging: keep the responder so the call waits, not fails.
                     None => held.push(send),
                 }
@@ -107,6 +130,14 @@ impl FakeApi {
     pub fn calls(&self) -> Vec<String> {
         self.state().calls.clone()
     }
+}
+
+fn json_response((status, value): (u16, Value)) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&value).unwrap()))
+        .unwrap()
 }
 
 impl FakeState {
@@ -378,6 +409,7 @@ pub(crate) fn config() -> Config {
         },
         trust_bundle_config_map: "weft-trust-bundle".into(),
         trust_bundle_namespaces: Vec::new(),
+        review_limits: ReviewLimits::default(),
     }
 }
 
@@ -754,9 +786,10 @@ async fn authenticator_that_ignores_audiences_is_not_trusted() {
 async fn unauthenticated_token_is_refused_with_the_api_reason() {
     let api = FakeApi::start(cluster());
     let authz = KubernetesAuthorizer::new(api.client.clone(), &config());
+    // JWT-shaped (anything else is refused before a review), unknown to the API.
     let denied = refusal(
         &authz,
-        "not-a-token-the-api-knows",
+        "eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
         &id("default", "client"),
     )
     .await;
@@ -833,6 +866,83 @@ async fn api_that_errs_or_hangs_is_a_refusal_never_a_pass() {
     let denied = refusal(&authz, &token, &id("default", "client")).await;
     assert_eq!(denied.reason(), "api_unavailable", "{denied}");
 }
+
+#[tokio::test]
+async fn a_flood_of_bogus_tokens_is_bounded_and_a_good_request_is_still_served() {
+    let mut state = cluster();
+    let good = state.token(AGENT, &["weft-ca"], &[(NODE_NAME, "node-a")]);
+    state.slow_reviews = Some(Duration::from_millis(300));
+    let api = FakeApi::start(state);
+    let authz = Arc::new(KubernetesAuthorizer::new(api.client.clone(), &config()));
+    let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..FLOOD {
+        let token = match i % 4 {
+            // JWT-shaped, signed by nobody: only the API server can tell.
+            0 | 1 => format!(
+                "{}.{}.c2ln",
+                b64(r#"{"alg":"RS256"}"#),
+                b64(&format!("{{\"n\":{i}}}"))
+            ),
+            2 => format!("not a token {i}"),
+            _ => "A".repeat(1 << 20),
+        };
+        let authz = Arc::clone(&authz);
+        flood.spawn(async move {
+            authz
+                .authorize(&token, &id("default", "client"))
+                .await
+                .unwrap_err()
+        });
+    }
+    let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
+    while let Some(denied) = flood.join_next().await {
+        let denied = denied.unwrap();
+        if matches!(
+            denied.reason(),
+            "token_review_busy" | "token_review_rate_limited"
+        ) {
+            assert!(matches!(denied.http_status(), 429 | 503), "{denied}");
+        }
+        *reasons.entry(denied.reason()).or_default() += 1;
+    }
+    let (max, reviews) = {
+        let state = api.state();
+        let reviews = state
+            .calls
+            .iter()
+            .filter(|c| c.contains("tokenreviews"))
+            .count();
+        (state.max_reviews_in_flight, reviews)
+    };
+    assert!(
+        max <= MAX_CONCURRENT_REVIEWS,
+        "{max} TokenReviews at once for {FLOOD} bogus tokens (limit {MAX_CONCURRENT_REVIEWS}); \
+         {reviews} in all; refusals {reasons:?}"
+    );
+    // Malformed and oversized tokens cost no review at all.
+    assert_eq!(
+        reasons.get("malformed_token"),
+        Some(&(FLOOD / 2)),
+        "{reasons:?}"
+    );
+    assert!(reviews <= FLOOD / 2, "{reviews} reviews");
+    assert!(
+        reasons.get("token_review_busy").is_some_and(|n| *n > 0),
+        "{reasons:?}"
+    );
+    // The flood is over: the agent's good token is served.
+    assert_eq!(
+        authz
+            .authorize(&good, &id("default", "client"))
+            .await
+            .unwrap(),
+        "node-a"
+    );
+}
+
+const FLOOD: usize = 400;
+const MAX_CONCURRENT_REVIEWS: usize = 16;
 
 #[tokio::test(start_paused = true)]
 async fn positive_answers_are_reused_briefly_and_refusals_never() {
