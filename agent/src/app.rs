@@ -218,6 +218,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     }
 
     let mut applied: Option<ebpf::Settings> = Some(settings);
+    let mut rejected: Option<ebpf::Settings> = None;
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
     let mut snapshot: Arc<Snapshot> = Arc::clone(&state_rx.borrow_and_update());
     loop {
@@ -236,9 +237,15 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         }
         // Settings first: exclusions must be right before new pods get steered.
         let settings = dataplane_settings(&config, &snapshot.mesh);
-        if applied.as_ref() != Some(&settings) {
+        if applied.as_ref() != Some(&settings) && rejected.as_ref() != Some(&settings) {
             match lock(&dataplane).apply_settings(&settings) {
                 Ok(()) => applied = Some(settings),
+                // Refused whole (too many exclusions): the maps keep the last good set, and
+                // the same settings are not retried (nor logged) until they change.
+                Err(e @ ebpf::Error::TooManyExclusions { .. }) => {
+                    error!(component = "ebpf", reason = e.reason(), error = %e, "data-path settings refused");
+                    rejected = Some(settings);
+                }
                 Err(e) => {
                     applied = None;
                     error!(component = "ebpf", error = %e, "cannot apply data-path settings; will retry");

@@ -16,6 +16,7 @@ mod maps;
 mod query;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 
 use std::{
     collections::BTreeMap,
@@ -151,12 +152,32 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{count} excluded {what} configured, but the map holds at most {max}")]
+    #[error(
+        "{setting} lists {count} entries, but the eBPF map holds at most {max}: the update \
+         is refused and the previous exclusions stay in force"
+    )]
     TooManyExclusions {
-        what: &'static str,
+        setting: &'static str,
         count: usize,
         max: u32,
     },
+    #[error(
+        "cannot read the layout of the map pinned at {path}: {detail}; it is left in place (it \
+         may be what every enrolled pod is steered by) and the agent does not start: check \
+         what is pinned there (`bpftool map show pinned {path}`)"
+    )]
+    InspectPin { path: PathBuf, detail: String },
+    #[error("cannot move the pinned map {path} aside to migrate it: {source}")]
+    SetAside {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot migrate map {map} to this agent's layout: {detail}; the agent does not start \
+         and the previous agent's programs stay attached"
+    )]
+    Migrate { map: &'static str, detail: String },
     #[error("cannot list pinned links in {path}: {source}")]
     ListPins {
         path: PathBuf,
@@ -189,6 +210,9 @@ impl Error {
             Error::Map { .. } | Error::MapSyscall { .. } => "map",
             Error::TooManyExclusions { .. } => "too_many_exclusions",
             Error::ListPins { .. } => "list_pins",
+            Error::InspectPin { .. } => "inspect_pin",
+            Error::SetAside { .. } => "set_aside",
+            Error::Migrate { .. } => "migrate",
         }
     }
 }
@@ -299,12 +323,16 @@ impl Dataplane {
     pub fn load(config: &Config, settings: &Settings) -> Result<Self, Error> {
         loader::prepare_pin_root(&config.pin_root)?;
         let cgroup = loader::open_cgroup(&config.cgroup_root)?;
+        let previous = upgrade::set_aside(&config.pin_root)?;
         let mut ebpf = loader::load(&config.pin_root)?;
         let log = log::Bridge::start(&mut ebpf);
         let mut maps = maps::Maps::take(&mut ebpf)?;
-        // Settings before attaching: a program must never run with an empty config.
+        // Settings and migrated pods before attaching: a program must never run with an
+        // empty config, nor with an empty pod map where the old programs had a full one.
         maps.apply_settings(settings)?;
+        upgrade::migrate(&previous, &mut maps)?;
         let program_ids = links::attach_cgroup_programs(&mut ebpf, &cgroup, config)?;
+        upgrade::finish(previous);
         Ok(Self {
             config: config.clone(),
             ebpf,
