@@ -219,6 +219,10 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
 
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut rejected: Option<ebpf::Settings> = None;
+    let proc_root = config
+        .discovery
+        .as_ref()
+        .map_or(std::path::Path::new("/proc"), |d| d.proc_root.as_path());
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
     let mut snapshot: Arc<Snapshot> = Arc::clone(&state_rx.borrow_and_update());
     loop {
@@ -267,6 +271,10 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             },
         );
         ready.set("ebpf", lock(&dataplane).verify_attached());
+        ready.set(
+            "cgroup",
+            enroller.check_cgroup_root(&config.ebpf.cgroup_root, proc_root),
+        );
 
         tokio::select! {
             changed = state_rx.changed() => {

@@ -70,7 +70,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             &mut upstream,
             &tracked.sent,
             &tracked.received,
-            admission.revoked(),
+            tracked.until_pod_removed(admission.revoked()),
         )
         .await
     }
@@ -216,7 +216,7 @@ impl hbone::Transfer for HboneTransfer {
     }
 
     fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
-        self.admission.revoked()
+        self.tracked.until_pod_removed(self.admission.revoked())
     }
 }
 

@@ -98,8 +98,14 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                     socket::connect(pod.sockets.as_ref(), outbound.upstream, CONNECT_TIMEOUT)
                         .await?;
                 proxy.connections().established(&tracked);
-                copy::bidirectional(&mut client, &mut upstream, &tracked.sent, &tracked.received)
-                    .await
+                copy::bidirectional_until(
+                    &mut client,
+                    &mut upstream,
+                    &tracked.sent,
+                    &tracked.received,
+                    tracked.pod_removed(),
+                )
+                .await
             }
             .await
         }
@@ -187,7 +193,14 @@ async fn hbone_to(
     };
     let mut stream = mtls.pool.connect(key, dial, request).await?;
     proxy.connections().established(tracked);
-    copy::bidirectional(client, &mut stream, &tracked.sent, &tracked.received).await
+    copy::bidirectional_until(
+        client,
+        &mut stream,
+        &tracked.sent,
+        &tracked.received,
+        tracked.pod_removed(),
+    )
+    .await
 }
 
 /// Takes the connection's original destination out of the eBPF table. The key's family is
