@@ -1,7 +1,8 @@
-//! Hardening of the agent's lifecycle (issue "Hardening", findings 10 and 16): a pod's
-//! enrollment changing, a pod disappearing, and a cgroup root that does not hold the pods.
-//! (Findings 9 and 15, upgrades of the pinned maps and exclusion updates, are proven on the
-//! kernel by `agent/src/ebpf/tests.rs`.)
+//! Hardening of the agent's lifecycle (issue "Hardening", findings 9, 10 and 16): an upgrade
+//! that changes a pinned map's layout, a pod's enrollment changing, a pod disappearing, and a
+//! cgroup root that does not hold the pods. (The migration's details, a pin that cannot be
+//! read, and exclusion updates (finding 15) are proven on the kernel by
+//! `agent/src/ebpf/tests.rs`.)
 //!
 //! "Unproxied" is judged by the server, which cannot be fooled: a connect that went around
 //! the proxy arrives from the very address the client's socket has (`getsockname`), while a
@@ -17,6 +18,81 @@ use weft_tests::{
     app::{self, Mode},
     assert_eventually, eventually, privileged, scaled, sys, test_name,
 };
+
+#[test]
+fn an_upgrade_that_changes_the_pod_map_layout_leaves_no_connect_unsteered() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.without_mtls();
+    let client = node.pod("client").create()?;
+    let server = node.pod("server").enrolled(false).create()?;
+    let mut agent = node.start_agent()?;
+    let echo = app::serve(&server, PORT, Mode::Echo)?;
+    let cookie = agent.status()?["pods"]["enrolled"][0]["netns_cookie"]
+        .as_u64()
+        .context("the client's netns cookie in /status")?;
+
+    // The old agent goes; it leaves a pod map whose record is 12 bytes, not 8 (what an
+    // agent with another layout would have pinned), holding the enrolled pod.
+    agent.kill();
+    let pods = node.pin_root().join("PODS");
+    std::fs::remove_file(&pods).with_context(|| format!("unpin {}", pods.display()))?;
+    bpftool(&[
+        "map",
+        "create",
+        &pods.display().to_string(),
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "12",
+        "entries",
+        "1024",
+        "name",
+        "PODS",
+    ])?;
+    let mut update = vec!["map", "update", "pinned"];
+    let path = pods.display().to_string();
+    update.push(&path);
+    let key = hex_bytes(&cookie.to_le_bytes());
+    let value = hex_bytes(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    update.push("key");
+    update.extend(key.iter().map(String::as_str));
+    update.push("value");
+    update.extend(value.iter().map(String::as_str));
+    bpftool(&update)?;
+
+    // The pod connects all along while the new agent starts.
+    let mut loops = vec![connect_loop_from(&client, server.addr(PORT).into(), 0)?];
+    agent.restart()?;
+    let before = echo.accepted().len();
+    assert_eventually(Duration::from_secs(20), || {
+        let now = echo.accepted().len();
+        if now > before + 50 {
+            Ok(())
+        } else {
+            Err(format!(
+                "only {} connects since the new agent is ready",
+                now - before
+            ))
+        }
+    });
+    let client_sockets = stop_loops(&mut loops)?;
+    let accepted: Vec<SocketAddr> = echo.accepted().iter().map(|a| a.peer).collect();
+    let direct: Vec<&SocketAddr> = accepted
+        .iter()
+        .filter(|peer| client_sockets.contains(peer))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "{} of {} connects of the enrolled pod reached the server around the proxy during \
+         the upgrade: {direct:?}",
+        direct.len(),
+        accepted.len()
+    );
+    Ok(())
+}
 
 #[test]
 fn re_enrolment_keeps_every_connect_of_the_pod_steered() -> Result<()> {
@@ -181,6 +257,27 @@ fn connect_loop(pod: &TestPod, to: SocketAddr, i: usize) -> Result<weft_tests::T
         }
     });
     Ok(process)
+}
+
+/// Starts `LOOP_PY` in the pod (its connects may all fail for now).
+fn connect_loop_from(pod: &TestPod, to: SocketAddr, i: usize) -> Result<weft_tests::TestProcess> {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-u",
+        "-c",
+        LOOP_PY,
+        &to.ip().to_string(),
+        &to.port().to_string(),
+    ]);
+    pod.spawn(cmd, &format!("connect-loop-{i}"))
+}
+
+fn bpftool(args: &[&str]) -> Result<String> {
+    sys::run(Command::new("bpftool").args(args))
+}
+
+fn hex_bytes(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Stops the loops and returns every local address their sockets had.

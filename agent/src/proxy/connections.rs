@@ -254,12 +254,12 @@ impl Connections {
     /// resets both ends and records the close as `pod_removed`. Returns how many there were.
     pub fn close_pod(&self, pod: &str) -> usize {
         let registry = self.lock();
-        registry
-            .active
-            .values()
-            .filter(|tracked| tracked.pod == pod)
-            .map(|tracked| tracked.pod_removed.send_replace(true))
-            .count()
+        let mut closed = 0;
+        for tracked in registry.active.values().filter(|t| t.pod == pod) {
+            tracked.pod_removed.send_replace(true);
+            closed += 1;
+        }
+        closed
     }
 
     pub fn view(&self) -> ConnectionsView {
