@@ -57,9 +57,9 @@ fn an_upgrade_that_changes_the_pod_map_layout_leaves_no_connect_unsteered() -> R
     update.push(&path);
     let key = hex_bytes(&cookie.to_le_bytes());
     let value = hex_bytes(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
-    update.push("key");
+    update.extend(["key", "hex"]);
     update.extend(key.iter().map(String::as_str));
-    update.push("value");
+    update.extend(["value", "hex"]);
     update.extend(value.iter().map(String::as_str));
     bpftool(&update)?;
 
@@ -80,6 +80,12 @@ fn an_upgrade_that_changes_the_pod_map_layout_leaves_no_connect_unsteered() -> R
     });
     let client_sockets = stop_loops(&mut loops)?;
     let accepted: Vec<SocketAddr> = echo.accepted().iter().map(|a| a.peer).collect();
+    eprintln!(
+        "{} connects reached the server, {} client sockets recorded ({} not on loopback)",
+        accepted.len(),
+        client_sockets.len(),
+        client_sockets.iter().filter(|a| !a.ip().is_loopback()).count()
+    );
     let direct: Vec<&SocketAddr> = accepted
         .iter()
         .filter(|peer| client_sockets.contains(peer))
