@@ -84,7 +84,10 @@ fn an_upgrade_that_changes_the_pod_map_layout_leaves_no_connect_unsteered() -> R
         "{} connects reached the server, {} client sockets recorded ({} not on loopback)",
         accepted.len(),
         client_sockets.len(),
-        client_sockets.iter().filter(|a| !a.ip().is_loopback()).count()
+        client_sockets
+            .iter()
+            .filter(|a| !a.ip().is_loopback())
+            .count()
     );
     let direct: Vec<&SocketAddr> = accepted
         .iter()
