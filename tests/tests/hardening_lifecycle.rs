@@ -32,36 +32,9 @@ fn an_upgrade_that_changes_the_pod_map_layout_leaves_no_connect_unsteered() -> R
         .as_u64()
         .context("the client's netns cookie in /status")?;
 
-    // The old agent goes; it leaves a pod map whose record is 12 bytes, not 8 (what an
-    // agent with another layout would have pinned), holding the enrolled pod.
+    // The old agent goes, leaving a pod map of another layout.
     agent.kill();
-    let pods = node.pin_root().join("PODS");
-    std::fs::remove_file(&pods).with_context(|| format!("unpin {}", pods.display()))?;
-    bpftool(&[
-        "map",
-        "create",
-        &pods.display().to_string(),
-        "type",
-        "hash",
-        "key",
-        "8",
-        "value",
-        "12",
-        "entries",
-        "1024",
-        "name",
-        "PODS",
-    ])?;
-    let mut update = vec!["map", "update", "pinned"];
-    let path = pods.display().to_string();
-    update.push(&path);
-    let key = hex_bytes(&cookie.to_le_bytes());
-    let value = hex_bytes(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
-    update.extend(["key", "hex"]);
-    update.extend(key.iter().map(String::as_str));
-    update.extend(["value", "hex"]);
-    update.extend(value.iter().map(String::as_str));
-    bpftool(&update)?;
+    pin_old_layout_pods(&node, cookie)?;
 
     // The pod connects all along while the new agent starts.
     let mut loops = vec![connect_loop_from(&client, server.addr(PORT).into(), 0)?];
@@ -99,6 +72,57 @@ fn an_upgrade_that_changes_the_pod_map_layout_leaves_no_connect_unsteered() -> R
          the upgrade: {direct:?}",
         direct.len(),
         accepted.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn an_upgraded_agent_that_dies_before_enrolling_leaves_the_pods_steered() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.without_mtls();
+    let client = node.pod("client").create()?;
+    let server = node.pod("server").enrolled(false).create()?;
+    let mut agent = node.start_agent()?;
+    let echo = app::serve(&server, PORT, Mode::Echo)?;
+    let cookie = agent.status()?["pods"]["enrolled"][0]["netns_cookie"]
+        .as_u64()
+        .context("the client's netns cookie in /status")?;
+    agent.kill();
+    pin_old_layout_pods(&node, cookie)?;
+
+    // The new agent loads its programs, then stops before its first enrollment (here: its
+    // pod discovery cannot read the node; as well the API server could be down): nothing
+    // but the migrated map can keep the pod steered.
+    node.set_agent_setting(
+        "discovery",
+        json!({"cgroupRoot": "/nonexistent/cgroup", "procRoot": "/nonexistent/proc"}),
+    );
+    let mut upgraded = TestAgent::spawn_only(&node)?;
+    let status = upgraded.wait_exit(Duration::from_secs(30))?;
+    assert!(!status.success(), "the agent cannot start: {status}");
+    let mut loops = vec![connect_loop_from(&client, server.addr(PORT).into(), 0)?];
+    assert_eventually(Duration::from_secs(20), || {
+        let tried = loops[0].lines_starting("error").len() + loops[0].lines_starting("ok").len();
+        if tried >= 100 {
+            Ok(())
+        } else {
+            Err(format!("only {tried} connects tried"))
+        }
+    });
+    let client_sockets = stop_loops(&mut loops)?;
+    let accepted: Vec<SocketAddr> = echo.accepted().iter().map(|a| a.peer).collect();
+    let direct: Vec<&SocketAddr> = accepted
+        .iter()
+        .filter(|peer| client_sockets.contains(peer))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "{} of {} connects of the enrolled pod reached the server around the proxy after \
+         the upgraded agent stopped, e.g. {:?}",
+        direct.len(),
+        accepted.len(),
+        &direct[..direct.len().min(5)]
     );
     Ok(())
 }
@@ -279,6 +303,25 @@ fn connect_loop_from(pod: &TestPod, to: SocketAddr, i: usize) -> Result<weft_tes
         &to.port().to_string(),
     ]);
     pod.spawn(cmd, &format!("connect-loop-{i}"))
+}
+
+/// Replaces the pinned pod map with one whose record is 12 bytes, not 8 (what an agent with
+/// another layout would have pinned), holding the pod of netns `cookie`.
+fn pin_old_layout_pods(node: &TestNode, cookie: u64) -> Result<()> {
+    let pods = node.pin_root().join("PODS");
+    std::fs::remove_file(&pods).with_context(|| format!("unpin {}", pods.display()))?;
+    let path = pods.display().to_string();
+    bpftool(&[
+        "map", "create", &path, "type", "hash", "key", "8", "value", "12", "entries", "1024",
+        "name", "PODS",
+    ])?;
+    let key = hex_bytes(&cookie.to_le_bytes());
+    let value = hex_bytes(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    let mut update = vec!["map", "update", "pinned", &path, "key", "hex"];
+    update.extend(key.iter().map(String::as_str));
+    update.extend(["value", "hex"]);
+    update.extend(value.iter().map(String::as_str));
+    bpftool(&update).map(drop)
 }
 
 fn bpftool(args: &[&str]) -> Result<String> {
