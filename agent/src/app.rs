@@ -221,6 +221,11 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     }
 
     let mut applied: Option<ebpf::Settings> = Some(settings);
+    let mut rejected: Option<ebpf::Settings> = None;
+    let proc_root = config
+        .discovery
+        .as_ref()
+        .map_or(std::path::Path::new("/proc"), |d| d.proc_root.as_path());
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
     let mut snapshot: Arc<Snapshot> = Arc::clone(&state_rx.borrow_and_update());
     loop {
@@ -239,9 +244,15 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         }
         // Settings first: exclusions must be right before new pods get steered.
         let settings = dataplane_settings(&config, &snapshot.mesh);
-        if applied.as_ref() != Some(&settings) {
+        if applied.as_ref() != Some(&settings) && rejected.as_ref() != Some(&settings) {
             match lock(&dataplane).apply_settings(&settings) {
                 Ok(()) => applied = Some(settings),
+                // Refused whole (too many exclusions): the maps keep the last good set, and
+                // the same settings are not retried (nor logged) until they change.
+                Err(e @ ebpf::Error::TooManyExclusions { .. }) => {
+                    error!(component = "ebpf", reason = e.reason(), error = %e, "data-path settings refused");
+                    rejected = Some(settings);
+                }
                 Err(e) => {
                     applied = None;
                     error!(component = "ebpf", error = %e, "cannot apply data-path settings; will retry");
@@ -263,6 +274,10 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             },
         );
         ready.set("ebpf", lock(&dataplane).verify_attached());
+        ready.set(
+            "cgroup",
+            enroller.check_cgroup_root(&config.ebpf.cgroup_root, proc_root),
+        );
 
         tokio::select! {
             changed = state_rx.changed() => {

@@ -16,6 +16,7 @@ mod maps;
 mod query;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 
 use std::{
     collections::BTreeMap,
@@ -152,12 +153,32 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{count} excluded {what} configured, but the map holds at most {max}")]
+    #[error(
+        "{setting} lists {count} entries, but the eBPF map holds at most {max}: the update \
+         is refused and the previous exclusions stay in force"
+    )]
     TooManyExclusions {
-        what: &'static str,
+        setting: &'static str,
         count: usize,
         max: u32,
     },
+    #[error(
+        "cannot read the layout of the map pinned at {path}: {detail}; it is left in place (it \
+         may be what every enrolled pod is steered by) and the agent does not start: check \
+         what is pinned there (`bpftool map show pinned {path}`)"
+    )]
+    InspectPin { path: PathBuf, detail: String },
+    #[error("cannot move the pinned map {path} aside to migrate it: {source}")]
+    SetAside {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot migrate map {map} to this agent's layout: {detail}; the agent does not start \
+         and the previous agent's programs stay attached"
+    )]
+    Migrate { map: &'static str, detail: String },
     #[error("cannot list pinned links in {path}: {source}")]
     ListPins {
         path: PathBuf,
@@ -190,6 +211,9 @@ impl Error {
             Error::Map { .. } | Error::MapSyscall { .. } => "map",
             Error::TooManyExclusions { .. } => "too_many_exclusions",
             Error::ListPins { .. } => "list_pins",
+            Error::InspectPin { .. } => "inspect_pin",
+            Error::SetAside { .. } => "set_aside",
+            Error::Migrate { .. } => "migrate",
         }
     }
 }
@@ -325,13 +349,17 @@ impl Dataplane {
             op: "read the node's netns cookie for",
             source,
         })?;
+        let previous = upgrade::set_aside(&config.pin_root)?;
         let mut ebpf = loader::load(&config.pin_root)?;
         let log = log::Bridge::start(&mut ebpf);
         let mut maps = maps::Maps::take(&mut ebpf)?;
-        // Settings before attaching: a program must never run with an empty config.
+        // Settings and migrated pods before attaching: a program must never run with an
+        // empty config, nor with an empty pod map where the old programs had a full one.
         maps.apply_settings(settings)?;
         maps.set_host_config(node_netns)?;
+        upgrade::migrate(&previous, &mut maps)?;
         let program_ids = links::attach_cgroup_programs(&mut ebpf, &cgroup, &host_cgroup, config)?;
+        upgrade::finish(previous);
         Ok(Self {
             config: config.clone(),
             ebpf,

@@ -9,6 +9,7 @@
 //! A pod whose enrollment fails half-way is left steered-but-unserved (fail closed, never
 //! open) and retried at the next reconcile.
 
+mod cgroups;
 pub mod discover;
 mod listeners;
 pub mod netns;
@@ -17,18 +18,19 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     net::SocketAddr,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use ebpf_common::netns::{NetnsCookie, POD_FLAG_REDIRECT_OUTBOUND, PodRecord};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd as _};
 use tracing::{error, info, warn};
 
 use crate::{
     ebpf::{self, Dataplane, ProxySocketTable},
-    proxy::{self, Direction, PodContext, PodHandle, Proxy, SocketFactory},
+    proxy::{self, Direction, PodContext, PodHandle, PodListeners, Proxy, SocketFactory},
     state::{Snapshot, Workload, WorkloadRef},
 };
 use netns::PodNetns;
@@ -121,6 +123,8 @@ struct EnrolledPod {
     pod_id: u32,
     netns: Arc<PodNetns>,
     handle: PodHandle,
+    /// Kept to serve again on an in-place re-enrollment.
+    listeners: PodListeners,
 }
 
 impl Enroller {
@@ -147,29 +151,48 @@ impl Enroller {
         let desired: BTreeMap<&WorkloadRef, &Workload> =
             snapshot.local_enrolled().map(|w| (&w.name, w)).collect();
 
-        // Pods gone, un-enrolled, or changed in what their enrollment is made of (netns,
-        // IPs, identity): take them out first. Anything else (labels, mTLS mode, probe
-        // ports) the proxy reads from the snapshot on each connection. Taking a pod out and
-        // back in for a `kubectl label` would leave it out of the steering maps for a moment,
-        // when its new connections would bypass the proxy.
-        let stale: Vec<WorkloadRef> = self
-            .pods
-            .iter()
-            .filter(|(name, pod)| {
-                desired
-                    .get(name)
-                    .is_none_or(|w| enrollment_changed(&pod.workload, w))
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
+        // Pods gone or un-enrolled: out. Pods changed in what their enrollment is made of
+        // (netns, IPs, identity): re-enrolled in place, never taken out first, which would
+        // leave them out of the steering maps for a moment (their new connections would
+        // bypass the proxy). Anything else (labels, mTLS mode, probe ports) the proxy reads
+        // from the snapshot on each connection.
+        let mut gone = Vec::new();
+        let mut changed = Vec::new();
         for (name, pod) in &mut self.pods {
-            if let Some(workload) = desired.get(name) {
-                pod.workload = (*workload).clone();
+            match desired.get(name) {
+                None => gone.push(name.clone()),
+                Some(w) if enrollment_changed(&pod.workload, w) => changed.push(name.clone()),
+                Some(w) => pod.workload = (*w).clone(),
             }
         }
-        for name in stale {
+        for name in gone {
             if let Some(pod) = self.pods.remove(&name) {
-                self.unenroll(pod);
+                // Deleted (a force delete, too): its processes may live on, but nothing
+                // vouches for them any more, so its open connections go with it. A pod that
+                // merely left the mesh keeps what it has open.
+                let deleted = !snapshot.workloads.contains_key(&name);
+                self.unenroll(pod, deleted);
+            }
+        }
+        for name in changed {
+            let (Some(pod), Some(workload)) = (self.pods.remove(&name), desired.get(&name)) else {
+                continue;
+            };
+            match self.re_enroll(pod, workload) {
+                Ok(pod) => {
+                    self.pods.insert(name, pod);
+                }
+                Err((cookie, e)) => {
+                    error!(component = "enroll", pod = %name, reason = "enroll_failed", error = %e,
+                        "pod re-enrollment failed; its traffic stays blocked until it succeeds");
+                    self.failed.insert(
+                        name,
+                        FailedPod {
+                            cookie,
+                            error: e.to_string(),
+                        },
+                    );
+                }
             }
         }
         let abandoned: Vec<WorkloadRef> = self
@@ -242,6 +265,36 @@ impl Enroller {
         self.failed.is_empty()
     }
 
+    /// Readiness of steering: an error naming the pods whose processes all run outside
+    /// `cgroup_root`, where connect4/6 never see their sockets (a wrong `agent.cgroupRoot`).
+    pub fn check_cgroup_root(&self, cgroup_root: &Path, proc_root: &Path) -> Result<(), String> {
+        let pods: BTreeMap<cgroups::NetnsId, &WorkloadRef> = self
+            .pods
+            .iter()
+            .filter_map(|(name, pod)| {
+                let meta = nix::sys::stat::fstat(pod.netns.fd().as_raw_fd()).ok()?;
+                Some(((meta.st_dev, meta.st_ino), name))
+            })
+            .collect();
+        let outside = cgroups::outside_root(cgroup_root, proc_root, &pods).map_err(|e| {
+            format!(
+                "cannot check that the pods run under agent.cgroupRoot ({}): {e}",
+                cgroup_root.display()
+            )
+        })?;
+        if outside.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = outside.iter().map(ToString::to_string).collect();
+        Err(format!(
+            "enrolled pods {} run outside agent.cgroupRoot ({}), so their outbound \
+             connections are not steered: set agent.cgroupRoot to the cgroup v2 directory \
+             that holds the pods",
+            names.join(", "),
+            cgroup_root.display()
+        ))
+    }
+
     pub fn status(&self) -> EnrollStatus {
         EnrollStatus {
             enrolled: self
@@ -287,30 +340,7 @@ impl Enroller {
         workload: &Workload,
         previous: &mut HashMap<NetnsCookie, PodRecord>,
     ) -> Result<EnrolledPod, (Option<NetnsCookie>, Error)> {
-        let pod = &workload.name;
-        let path = workload
-            .netns()
-            .ok_or_else(|| (None, Error::BugNotLocal(pod.clone())))?;
-        let netns = PodNetns::open(path).map_err(|source| {
-            let path = path.display().to_string();
-            (
-                None,
-                Error::OpenNetns {
-                    pod: pod.clone(),
-                    path,
-                    source,
-                },
-            )
-        })?;
-        let cookie = netns.cookie().map_err(|source| {
-            (
-                None,
-                Error::Cookie {
-                    pod: pod.clone(),
-                    source,
-                },
-            )
-        })?;
+        let (netns, cookie) = open_netns(workload)?;
         self.start_serving(workload, netns, cookie, previous)
             .map_err(|e| (Some(cookie), e))
     }
@@ -352,36 +382,10 @@ impl Enroller {
                     source,
                 }
             })?;
-        {
-            let mut dataplane = self.lock_dataplane();
-            for ip in &workload.ips {
-                let listener = listeners
-                    .inbound
-                    .iter()
-                    .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()));
-                // Every family the pod has got an inbound listener in `listeners::create`.
-                let Some(listener) = listener else { continue };
-                dataplane
-                    .set_inbound_listener(*ip, listener.as_fd())
-                    .map_err(dataplane_err)?;
-            }
-        }
+        self.register_inbound(&workload.ips, &[], &listeners)
+            .map_err(dataplane_err)?;
         let netns = Arc::new(netns);
-        let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets {
-            netns: Arc::clone(&netns),
-            mark: self.config.mark,
-            registry: self.proxy_sockets.clone(),
-            keepalive: self.config.limits.keepalive(),
-        });
-        let handle = self.proxy.serve(
-            PodContext {
-                workload: pod.clone(),
-                pod_id,
-                netns_cookie: cookie,
-                sockets,
-            },
-            listeners,
-        );
+        let handle = self.serve(workload, pod_id, cookie, &netns, &listeners);
         info!(component = "enroll", pod = %pod, pod_id, netns = %netns.path().display(),
             cookie = cookie.0, ips = ?workload.ips, "pod enrolled");
         Ok(EnrolledPod {
@@ -390,10 +394,167 @@ impl Enroller {
             pod_id,
             netns,
             handle,
+            listeners,
         })
     }
 
-    fn unenroll(&mut self, pod: EnrolledPod) {
+    /// Re-enrolls a pod whose netns, IPs or identity changed, without a moment out of the
+    /// pod map. In another netns (its sandbox was recreated), the new one is enrolled before
+    /// the old one is let go. In the same netns, the pod map entry and sk_lookup stay, the
+    /// same listeners are served with the new context before the old accept loops stop,
+    /// and only the inbound-listener entries of its addresses change.
+    fn re_enroll(
+        &mut self,
+        old: EnrolledPod,
+        workload: &Workload,
+    ) -> Result<EnrolledPod, (Option<NetnsCookie>, Error)> {
+        let pod = &workload.name;
+        let (netns, cookie) = open_netns(workload)?;
+        if cookie != old.cookie {
+            let result = self.start_serving(workload, netns, cookie, &mut HashMap::new());
+            self.unenroll(old, false);
+            return result.map_err(|e| (Some(cookie), e));
+        }
+        let EnrolledPod {
+            workload: old_workload,
+            pod_id,
+            handle,
+            listeners,
+            ..
+        } = old;
+        let listeners = if serves_families(&listeners, &workload.ips) {
+            listeners
+        } else {
+            // A new address family needs new sockets, on ports the old ones hold: those
+            // close first. Meanwhile the pod's connects are steered and refused (fail
+            // closed), never let through.
+            handle.stop();
+            drop(listeners);
+            let listeners =
+                listeners::create(&netns, &workload.ips, &self.config).map_err(|source| {
+                    (
+                        Some(cookie),
+                        Error::Listeners {
+                            pod: pod.clone(),
+                            source,
+                        },
+                    )
+                })?;
+            return self.serve_again(
+                workload,
+                pod_id,
+                cookie,
+                netns,
+                listeners,
+                &old_workload.ips,
+                None,
+            );
+        };
+        self.serve_again(
+            workload,
+            pod_id,
+            cookie,
+            netns,
+            listeners,
+            &old_workload.ips,
+            Some(handle),
+        )
+    }
+
+    /// The tail of an in-place re-enrollment: inbound-listener entries, then the new accept
+    /// loops, then the old ones stop.
+    #[expect(clippy::too_many_arguments, reason = "one private step of re_enroll")]
+    fn serve_again(
+        &mut self,
+        workload: &Workload,
+        pod_id: u32,
+        cookie: NetnsCookie,
+        netns: PodNetns,
+        listeners: PodListeners,
+        old_ips: &[std::net::IpAddr],
+        old_handle: Option<PodHandle>,
+    ) -> Result<EnrolledPod, (Option<NetnsCookie>, Error)> {
+        let pod = &workload.name;
+        self.register_inbound(&workload.ips, old_ips, &listeners)
+            .map_err(|source| {
+                (
+                    Some(cookie),
+                    Error::Dataplane {
+                        pod: pod.clone(),
+                        source,
+                    },
+                )
+            })?;
+        let netns = Arc::new(netns);
+        let handle = self.serve(workload, pod_id, cookie, &netns, &listeners);
+        if let Some(old) = old_handle {
+            old.stop();
+        }
+        info!(component = "enroll", pod = %pod, pod_id, cookie = cookie.0, ips = ?workload.ips,
+            service_account = %workload.service_account, "pod re-enrolled in place");
+        Ok(EnrolledPod {
+            workload: workload.clone(),
+            cookie,
+            pod_id,
+            netns,
+            handle,
+            listeners,
+        })
+    }
+
+    /// Points each of `ips` at the pod's inbound listener of its family, and takes the
+    /// entries of `old_ips` that are not among them out.
+    fn register_inbound(
+        &self,
+        ips: &[std::net::IpAddr],
+        old_ips: &[std::net::IpAddr],
+        listeners: &PodListeners,
+    ) -> Result<(), ebpf::Error> {
+        let mut dataplane = self.lock_dataplane();
+        for ip in ips {
+            let listener = listeners
+                .inbound
+                .iter()
+                .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()));
+            // Every family the pod has got an inbound listener in `listeners::create`.
+            let Some(listener) = listener else { continue };
+            dataplane.set_inbound_listener(*ip, listener.as_fd())?;
+        }
+        for ip in old_ips.iter().filter(|ip| !ips.contains(ip)) {
+            dataplane.remove_inbound_listener(*ip)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the pod's accept loops.
+    fn serve(
+        &self,
+        workload: &Workload,
+        pod_id: u32,
+        cookie: NetnsCookie,
+        netns: &Arc<PodNetns>,
+        listeners: &PodListeners,
+    ) -> PodHandle {
+        let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets {
+            netns: Arc::clone(netns),
+            mark: self.config.mark,
+            registry: self.proxy_sockets.clone(),
+            keepalive: self.config.limits.keepalive(),
+        });
+        self.proxy.serve(
+            PodContext {
+                workload: workload.name.clone(),
+                pod_id,
+                netns_cookie: cookie,
+                sockets,
+            },
+            listeners.clone(),
+        )
+    }
+
+    /// Takes a pod out; with `close_connections` (the pod was deleted), its open
+    /// connections are closed too.
+    fn unenroll(&mut self, pod: EnrolledPod, close_connections: bool) {
         let name = &pod.workload.name;
         {
             let mut dataplane = self.lock_dataplane();
@@ -409,6 +570,13 @@ impl Enroller {
         }
         pod.handle.stop();
         info!(component = "enroll", pod = %name, pod_id = pod.pod_id, "pod un-enrolled");
+        if close_connections {
+            let closed = self.proxy.connections().close_pod(&name.to_string());
+            if closed > 0 {
+                info!(component = "enroll", pod = %name, connections = closed, reason = "pod_removed",
+                    "closed the open connections of a deleted pod");
+            }
+        }
     }
 
     fn lock_dataplane(&self) -> MutexGuard<'_, Dataplane> {
@@ -440,6 +608,48 @@ impl SocketFactory for InPodSockets {
         socket.set_nonblocking(true)?;
         Ok(socket)
     }
+}
+
+/// Opens a pod's netns and reads its cookie.
+fn open_netns(
+    workload: &Workload,
+) -> Result<(PodNetns, NetnsCookie), (Option<NetnsCookie>, Error)> {
+    let pod = &workload.name;
+    let path = workload
+        .netns()
+        .ok_or_else(|| (None, Error::BugNotLocal(pod.clone())))?;
+    let netns = PodNetns::open(path).map_err(|source| {
+        let path = path.display().to_string();
+        (
+            None,
+            Error::OpenNetns {
+                pod: pod.clone(),
+                path,
+                source,
+            },
+        )
+    })?;
+    let cookie = netns.cookie().map_err(|source| {
+        (
+            None,
+            Error::Cookie {
+                pod: pod.clone(),
+                source,
+            },
+        )
+    })?;
+    Ok((netns, cookie))
+}
+
+/// Whether the listeners have an inbound and an HBONE socket for each family of `ips`.
+fn serves_families(listeners: &PodListeners, ips: &[std::net::IpAddr]) -> bool {
+    let has = |group: &[Arc<tokio::net::TcpListener>], v4: bool| {
+        group
+            .iter()
+            .any(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == v4))
+    };
+    ips.iter()
+        .all(|ip| has(&listeners.inbound, ip.is_ipv4()) && has(&listeners.hbone, ip.is_ipv4()))
 }
 
 /// Whether `new` differs from the enrolled `old` in what enrollment built from it: the

@@ -111,6 +111,8 @@ pub enum Error {
         reason: DenyReason,
         policy: Option<WorkloadRef>,
     },
+    #[error("closed: the pod was removed from the mesh's state (deleted) while connected")]
+    PodRemoved,
     #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]
     PlaintextRefusedStrict,
     #[error(
@@ -160,6 +162,7 @@ impl Error {
             Error::NotServed(_) => "not_served",
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::PolicyRevoked { .. } => "policy_revoked",
+            Error::PodRemoved => "pod_removed",
             Error::PlaintextRefusedStrict => "plaintext_refused_strict",
             Error::ProxyLoop(_) => "proxy_loop",
             Error::WaypointUnavailable { .. } => "waypoint_unavailable",
@@ -209,11 +212,14 @@ pub struct Mtls {
     pub pool: hbone::Pool,
 }
 
-/// The listeners of one pod, created inside its namespace by enrollment.
+/// The listeners of one pod, created inside its namespace by enrollment. Shared, so that a
+/// re-enrollment serves the same sockets with a new `PodContext` before the old accept
+/// loops stop, and no connect finds the ports closed.
+#[derive(Clone)]
 pub struct PodListeners {
-    pub outbound: Vec<TcpListener>,
-    pub inbound: Vec<TcpListener>,
-    pub hbone: Vec<TcpListener>,
+    pub outbound: Vec<Arc<TcpListener>>,
+    pub inbound: Vec<Arc<TcpListener>>,
+    pub hbone: Vec<Arc<TcpListener>>,
 }
 
 /// What the proxy knows of a pod it serves.
@@ -439,7 +445,7 @@ async fn accept_loop(
     proxy: Proxy,
     pod: Arc<PodContext>,
     direction: Direction,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     hbone_tls: Option<Arc<rustls::ServerConfig>>,
     budget: Arc<limits::PodBudget>,
 ) {

@@ -7,16 +7,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::{Error, links, log};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
     programs::{CgroupSockAddr, SkLookup, SockOps},
 };
 use ebpf_common::maps;
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
-use tracing::warn;
-
-use super::{Error, links, log, maps::LAYOUTS};
 
 /// The eBPF object built by `agent/build.rs` (empty when built with `AYA_BUILD_SKIP`).
 pub(crate) static OBJECT: &[u8] =
@@ -74,12 +71,12 @@ pub(crate) fn open_cgroup(path: &Path) -> Result<File, Error> {
 }
 
 /// Loads the embedded object with every map pinned at `<pin_root>/<MAP>` (re-adopting the
-/// maps a previous agent pinned) and loads every program into the kernel.
+/// maps a previous agent pinned; `upgrade::set_aside` has moved those of another layout out
+/// of the way) and loads every program into the kernel.
 pub(crate) fn load(pin_root: &Path) -> Result<Ebpf, Error> {
     if OBJECT.is_empty() {
         return Err(Error::BugNoObject);
     }
-    remove_incompatible_pins(pin_root);
     let pins: Vec<(&'static str, PathBuf)> = maps::ALL
         .iter()
         .map(|&name| (name, pin_root.join(name)))
@@ -147,43 +144,4 @@ where
     ebpf.program_mut(name)
         .and_then(|p| p.try_into().ok())
         .ok_or(Error::BugMissingProgram(name))
-}
-
-/// aya re-adopts a pinned map without comparing it with the object's definition. A map
-/// pinned by an agent whose layout differs (an upgrade that changed a key, value or capacity)
-/// would then be silently misread; such a pin is removed so the map is created anew. Pods
-/// enrolled by the previous agent are re-enrolled by the reconcile loop.
-fn remove_incompatible_pins(pin_root: &Path) {
-    for layout in LAYOUTS {
-        let path = pin_root.join(layout.name);
-        if !path.exists() {
-            continue;
-        }
-        let found = MapInfo::from_pin(&path).map(|info| {
-            (
-                info.map_type().ok(),
-                info.key_size(),
-                info.value_size(),
-                info.max_entries(),
-            )
-        });
-        let expected = (
-            Some(layout.map_type),
-            layout.key_size,
-            layout.value_size,
-            layout.max_entries,
-        );
-        match found {
-            Ok(found) if found == expected => {}
-            found => {
-                warn!(component = "ebpf", map = layout.name, path = %path.display(),
-                    found = ?found, expected = ?expected,
-                    "pinned map does not match this agent's layout; replacing it (its entries are lost)");
-                if let Err(error) = fs::remove_file(&path) {
-                    warn!(component = "ebpf", path = %path.display(), %error,
-                        "cannot remove incompatible pinned map; loading will likely fail");
-                }
-            }
-        }
-    }
 }

@@ -105,8 +105,11 @@ impl Maps {
             .map_err(map_error(maps::HOST_CONFIG, "write"))
     }
 
-    /// Writes the proxy config and replaces the exclusion maps' contents. New exclusions
-    /// are inserted before stale ones are removed, so nothing is briefly un-excluded.
+    /// Writes the proxy config and replaces the exclusion maps' contents. A set larger than a
+    /// map is refused before anything is written, so the last good one stays. Within
+    /// capacity every update applies: new exclusions go in first while there is room (so
+    /// nothing is briefly un-excluded), stale ones come out, then the rest go in. Should the
+    /// maps be full, a replaced destination is steered for a moment, never let through.
     pub(crate) fn apply_settings(&mut self, settings: &super::Settings) -> Result<(), Error> {
         let ports: BTreeSet<u16> = settings.excluded_ports.iter().copied().collect();
         let cidrs: BTreeSet<(u32, [u8; 16])> = settings
@@ -114,10 +117,13 @@ impl Maps {
             .iter()
             .map(|net| cidr_key(*net))
             .collect();
-        for (what, count) in [("ports", ports.len()), ("CIDRs", cidrs.len())] {
+        for (setting, count) in [
+            ("mesh.excludedPorts", ports.len()),
+            ("mesh.excludedCidrs", cidrs.len()),
+        ] {
             if count > MAX_EXCLUSIONS as usize {
                 return Err(Error::TooManyExclusions {
-                    what,
+                    setting,
                     count,
                     max: MAX_EXCLUSIONS,
                 });
@@ -135,37 +141,39 @@ impl Maps {
             .set(0, config, 0)
             .map_err(map_error(maps::PROXY_CONFIG, "write"))?;
 
-        for &port in &ports {
-            self.excluded_ports
-                .insert(port_key(port), 1, 0)
-                .map_err(map_error(maps::EXCLUDED_PORTS, "insert into"))?;
-        }
-        let stale: Vec<PortKey> = self
+        let current: BTreeSet<u16> = self
             .excluded_ports
             .keys()
+            .map(|key| key.map(|k| k.port))
             .collect::<Result<_, _>>()
             .map_err(map_error(maps::EXCLUDED_PORTS, "list"))?;
-        for key in stale.into_iter().filter(|k| !ports.contains(&k.port)) {
-            remove_if_present(self.excluded_ports.remove(&key), maps::EXCLUDED_PORTS)?;
-        }
+        replace_set(
+            &mut self.excluded_ports,
+            &current,
+            &ports,
+            |map, port| {
+                map.insert(port_key(port), 1, 0)
+                    .map_err(map_error(maps::EXCLUDED_PORTS, "insert into"))
+            },
+            |map, port| remove_if_present(map.remove(&port_key(port)), maps::EXCLUDED_PORTS),
+        )?;
 
-        for &(prefix_len, addr) in &cidrs {
-            self.excluded_cidrs
-                .insert(&Key::new(prefix_len, AddrKey { addr }), 1, 0)
-                .map_err(map_error(maps::EXCLUDED_CIDRS, "insert into"))?;
-        }
-        let stale: Vec<Key<AddrKey>> = self
+        let current: BTreeSet<(u32, [u8; 16])> = self
             .excluded_cidrs
             .keys()
+            .map(|key| key.map(|k| (k.prefix_len(), k.data().addr)))
             .collect::<Result<_, _>>()
             .map_err(map_error(maps::EXCLUDED_CIDRS, "list"))?;
-        for key in stale
-            .into_iter()
-            .filter(|k| !cidrs.contains(&(k.prefix_len(), k.data().addr)))
-        {
-            remove_if_present(self.excluded_cidrs.remove(&key), maps::EXCLUDED_CIDRS)?;
-        }
-        Ok(())
+        replace_set(
+            &mut self.excluded_cidrs,
+            &current,
+            &cidrs,
+            |map, cidr| {
+                map.insert(&lpm_key(cidr), 1, 0)
+                    .map_err(map_error(maps::EXCLUDED_CIDRS, "insert into"))
+            },
+            |map, cidr| remove_if_present(map.remove(&lpm_key(cidr)), maps::EXCLUDED_CIDRS),
+        )
     }
 
     pub(crate) fn insert_pod(
@@ -375,6 +383,35 @@ pub(crate) fn cidr_from_key(prefix_len: u32, addr: [u8; 16]) -> IpNet {
             IpNet::new(IpAddr::V6(v6), len).unwrap_or(IpNet::from(ip))
         }
     }
+}
+
+/// Makes a map holding `current` (at most `MAX_EXCLUSIONS` entries) hold `wanted` instead:
+/// inserts while there is room, removes what is stale, inserts the rest.
+fn replace_set<M, K: Ord + Copy>(
+    map: &mut M,
+    current: &BTreeSet<K>,
+    wanted: &BTreeSet<K>,
+    insert: fn(&mut M, K) -> Result<(), Error>,
+    remove: fn(&mut M, K) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut room = (MAX_EXCLUSIONS as usize).saturating_sub(current.len());
+    let mut later = Vec::new();
+    for &key in wanted.difference(current) {
+        if room == 0 {
+            later.push(key);
+        } else {
+            insert(map, key)?;
+            room -= 1;
+        }
+    }
+    for &key in current.difference(wanted) {
+        remove(map, key)?;
+    }
+    later.into_iter().try_for_each(|key| insert(map, key))
+}
+
+fn lpm_key((prefix_len, addr): (u32, [u8; 16])) -> Key<AddrKey> {
+    Key::new(prefix_len, AddrKey { addr })
 }
 
 fn port_key(port: u16) -> PortKey {

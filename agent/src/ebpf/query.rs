@@ -1,8 +1,9 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose: effective-program queries
 //! (`BPF_PROG_QUERY` + `BPF_F_QUERY_EFFECTIVE`), forced link detach (`BPF_LINK_DETACH`),
 //! opening a pinned object as a plain fd (`BPF_OBJ_GET`) and the atomic read-and-delete the
-//! proxy's accept path needs (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), and an update through a
-//! shared map fd (`BPF_MAP_UPDATE_ELEM`). Each is one small
+//! proxy's accept path needs (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), an update through a
+//! shared map fd (`BPF_MAP_UPDATE_ELEM`), and reading a map of unknown types as raw bytes
+//! (an upgrade's migration). Each is one small
 //! `#[repr(C)]` attribute struct, laid out as the matching member of `union bpf_attr`
 //! (https://github.com/torvalds/linux/blob/v6.18/include/uapi/linux/bpf.h); the kernel
 //! accepts an attribute shorter than its own union as long as it is a prefix.
@@ -25,9 +26,14 @@ pub(crate) const BPF_CGROUP_SOCK_OPS: u32 = 3;
 #[cfg(test)]
 pub(crate) const BPF_SK_LOOKUP: u32 = 36;
 
+#[cfg(test)]
+const BPF_MAP_CREATE: libc::c_int = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
+#[cfg(test)]
+const BPF_OBJ_PIN: libc::c_int = 6;
 const BPF_OBJ_GET: libc::c_int = 7;
 const BPF_PROG_QUERY: libc::c_int = 16;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_int = 21;
@@ -91,6 +97,17 @@ pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// What kind of bpf object an fd is (`bpf-map`, `bpf-prog`, `bpf_link`: the name of its
+/// anonymous inode).
+pub(crate) fn object_kind(object: BorrowedFd<'_>) -> io::Result<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", object.as_raw_fd()))?;
+    let target = target.to_string_lossy();
+    Ok(target
+        .strip_prefix("anon_inode:")
+        .unwrap_or(&target)
+        .to_owned())
 }
 
 /// Detaches a link from its target now, whoever else holds it open or pinned
@@ -162,6 +179,101 @@ pub(crate) fn map_update<K: aya::Pod, V: aya::Pod>(
     unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
+/// Every entry of a map as raw bytes, whatever its key and value types: how an upgrade reads
+/// a map pinned by an agent whose layout differs (`key_size` and `value_size` are the pinned
+/// map's, from its `bpf_map_info`). Not for per-CPU maps, whose values are per-CPU arrays.
+pub(crate) fn map_entries_raw(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut entries = Vec::new();
+    let mut key: Option<Vec<u8>> = None;
+    loop {
+        let mut next = vec![0_u8; key_size];
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ref().map_or(0, |k| k.as_ptr() as u64),
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `key` is null (first key) or `key_size` readable bytes, and `value` (the
+        // next key, for GET_NEXT_KEY) points at `key_size` writable bytes; both outlive the call.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => {}
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Err(error) => return Err(error),
+        }
+        let mut value = vec![0_u8; value_size];
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: next.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `key` points at `key_size` bytes and `value` at `value_size` writable
+        // bytes, the map's own sizes; both outlive the call.
+        match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+            Ok(_) => entries.push((next.clone(), value)),
+            // Deleted between the two calls: it is gone, skip it.
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(error) => return Err(error),
+        }
+        key = Some(next);
+    }
+}
+
+/// Creates a map with raw sizes (tests: a map as an agent with another layout pinned it).
+#[cfg(test)]
+pub(crate) fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_MAP_CREATE attribute prefix.
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
+    // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Writes one entry as raw bytes of the map's own sizes (tests).
+#[cfg(test)]
+pub(crate) fn map_update_raw(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the caller passes slices of the map's key and value sizes; both outlive the call.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Pins a bpf object (tests).
+#[cfg(test)]
+pub(crate) fn obj_pin(object: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: object.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: `attr.pathname` points at a NUL-terminated string that outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+}
+
 /// The kernel-internal "operation not supported" errno some bpf commands leak.
 const ENOTSUPP: libc::c_int = 524;
 
@@ -207,6 +319,17 @@ struct ObjGetAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
+}
+
+/// The `BPF_MAP_CREATE` member of `bpf_attr`, up to `map_flags`.
+#[cfg(test)]
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
 }
 
 /// `bpf_attr.link_detach`.

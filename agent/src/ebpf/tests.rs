@@ -22,7 +22,7 @@ use std::{
 
 use ebpf_common::{
     config::v4_mapped,
-    maps,
+    maps::{self, MAX_EXCLUSIONS},
     netns::{NetnsCookie, POD_FLAG_REDIRECT_OUTBOUND, PodRecord},
     orig_dst::OrigDst,
     stats::Stats,
@@ -372,6 +372,149 @@ fn restart_leaves_exactly_one_attachment_of_each_program() {
 }
 
 #[test]
+fn exclusion_updates_apply_at_full_capacity_and_refuse_beyond_it() {
+    let Some(env) = TestEnv::new() else { return };
+    let mut dataplane = env.load(&settings());
+    let full = |set: u8| Settings {
+        excluded_ports: (0..MAX_EXCLUSIONS as u16)
+            .map(|i| u16::from(set) * 1000 + i)
+            .collect(),
+        excluded_cidrs: (0..MAX_EXCLUSIONS)
+            .map(|i| format!("10.{set}.{i}.0/24").parse().expect("cidr"))
+            .collect(),
+        ..settings()
+    };
+    let excluded = |dataplane: &Dataplane| {
+        let dump = dataplane.dump().expect("dump");
+        let mut ports = dump.excluded_ports;
+        ports.sort_unstable();
+        let mut cidrs = dump.excluded_cidrs;
+        cidrs.sort_unstable();
+        (ports, cidrs)
+    };
+    let sorted = |settings: &Settings| {
+        let mut ports = settings.excluded_ports.clone();
+        ports.sort_unstable();
+        let mut cidrs = settings.excluded_cidrs.clone();
+        cidrs.sort_unstable();
+        (ports, cidrs)
+    };
+
+    dataplane
+        .apply_settings(&full(1))
+        .expect("256 exclusions fit");
+    // Every entry replaced by another while the maps are full.
+    dataplane
+        .apply_settings(&full(2))
+        .unwrap_or_else(|e| panic!("replacing 256 exclusions with 256 others: {e}"));
+    assert_eq!(excluded(&dataplane), sorted(&full(2)));
+    dataplane.apply_settings(&full(1)).expect("and back");
+    assert_eq!(excluded(&dataplane), sorted(&full(1)));
+
+    let mut over = full(3);
+    over.excluded_ports.push(9999);
+    let error = dataplane
+        .apply_settings(&over)
+        .expect_err("257 excluded ports are refused");
+    assert!(
+        error.to_string().contains("mesh.excludedPorts"),
+        "the error names the setting: {error}"
+    );
+    let mut over = full(3);
+    over.excluded_cidrs
+        .push("192.168.0.0/16".parse().expect("cidr"));
+    let error = dataplane
+        .apply_settings(&over)
+        .expect_err("257 excluded CIDRs are refused");
+    assert!(
+        error.to_string().contains("mesh.excludedCidrs"),
+        "the error names the setting: {error}"
+    );
+    assert_eq!(
+        excluded(&dataplane),
+        sorted(&full(1)),
+        "a refused update keeps the last good exclusions"
+    );
+}
+
+#[test]
+fn an_upgrade_migrates_a_pod_map_of_another_layout_and_its_pods_stay_steered() {
+    let Some(env) = TestEnv::new() else { return };
+    let pod = Netns::new("pod");
+    let cookie = pod.cookie();
+    let listener = pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND)))
+        .expect("bind 15001");
+    let mut old = env.load(&settings());
+    old.enroll(cookie, pod_record(), pod.fd()).expect("enroll");
+    drop(old);
+    // The previous agent's pod record was 12 bytes (a field this agent does not know).
+    let mut record = [0_u8; 12];
+    record[..4].copy_from_slice(&7_u32.to_ne_bytes());
+    record[4..8].copy_from_slice(&POD_FLAG_REDIRECT_OUTBOUND.to_ne_bytes());
+    env.pin_raw_hash(maps::PODS, 8, 12, &[(&cookie.0.to_ne_bytes(), &record)]);
+
+    // The new agent starts; no source has spoken yet (the API server may be down), so
+    // nothing re-enrolls the pod: the migrated map alone must keep it steered.
+    let new = env.load(&settings());
+    let out = env.connect_from(&pod, "tcp", "10.9.9.9", 80, 0);
+    assert!(
+        out.contains("connected"),
+        "an enrolled pod's connect went around the proxy after the upgrade: {out}"
+    );
+    let _accepted = accept(&listener);
+    assert_eq!(
+        new.enrolled().expect("enrolled"),
+        vec![(
+            cookie,
+            PodRecord {
+                pod_id: 7,
+                flags: POD_FLAG_REDIRECT_OUTBOUND
+            }
+        )]
+    );
+    assert!(
+        !env.pins
+            .path
+            .join(format!("{}-previous", maps::PODS))
+            .exists(),
+        "the old map's pin goes once the new programs run"
+    );
+}
+
+#[test]
+fn an_unreadable_pinned_map_is_never_deleted_and_the_old_attachments_stay() {
+    let Some(env) = TestEnv::new() else { return };
+    let pod = Netns::new("pod");
+    let cookie = pod.cookie();
+    let listener = pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND)))
+        .expect("bind 15001");
+    let mut old = env.load(&settings());
+    old.enroll(cookie, pod_record(), pod.fd()).expect("enroll");
+    drop(old);
+    // Something that is not a map where the pod map is pinned: its map info cannot be read.
+    let path = env.pins.path.join(maps::PODS);
+    fs::remove_file(&path).expect("unpin PODS");
+    let link: aya::programs::links::FdLink =
+        aya::programs::links::PinnedLink::from_pin(env.pins.path.join("links/connect4"))
+            .expect("open pinned link")
+            .into();
+    drop(link.pin(&path).expect("pin a link at the pod map's path"));
+
+    let error = match Dataplane::load(&env.config(), &settings()) {
+        Ok(_) => panic!("an agent that cannot read a pinned map must not start"),
+        Err(error) => error,
+    };
+    assert_eq!(error.reason(), "inspect_pin", "{error}");
+    assert!(path.exists(), "the unreadable pin is left in place");
+    // The previous agent's programs still steer the pod (fail closed).
+    let out = env.connect_from(&pod, "tcp", "10.9.9.9", 80, 0);
+    assert!(out.contains("connected"), "child: {out}");
+    let _accepted = accept(&listener);
+}
+
+#[test]
 fn bpftool_dumps_pinned_maps_with_named_fields() {
     let Some(env) = TestEnv::new() else { return };
     if Command::new("bpftool").arg("version").output().is_err() {
@@ -513,13 +656,29 @@ impl TestEnv {
         })
     }
 
-    fn load(&self, settings: &Settings) -> Dataplane {
-        let config = Config {
+    fn config(&self) -> Config {
+        Config {
             pin_root: self.pins.path.clone(),
             cgroup_root: self.cgroup.path.clone(),
             host_cgroup: self.host.path.clone(),
-        };
-        Dataplane::load(&config, settings).unwrap_or_else(|e| panic!("load: {e}"))
+        }
+    }
+
+    fn load(&self, settings: &Settings) -> Dataplane {
+        Dataplane::load(&self.config(), settings).unwrap_or_else(|e| panic!("load: {e}"))
+    }
+
+    /// Replaces the pin of map `name` with a hash map of raw sizes holding `entries`: what
+    /// an agent with another layout would have left.
+    fn pin_raw_hash(&self, name: &str, key_size: u32, value_size: u32, entries: &[(&[u8], &[u8])]) {
+        let path = self.pins.path.join(name);
+        fs::remove_file(&path).unwrap_or_else(|e| panic!("unpin {}: {e}", path.display()));
+        let map =
+            query::map_create(BPF_MAP_TYPE_HASH, key_size, value_size, 1024).expect("create map");
+        for (key, value) in entries {
+            query::map_update_raw(map.as_fd(), key, value).expect("write entry");
+        }
+        query::obj_pin(map.as_fd(), &path).expect("pin map");
     }
 
     /// Runs a connect (and a write) in a child process inside the test cgroup and `netns`;
@@ -754,6 +913,7 @@ fn ip(args: &[&str]) {
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The child's connect: `python3 -c CONNECT_PY <tcp|udp> <host> <port> <mark>`.

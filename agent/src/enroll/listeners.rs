@@ -5,6 +5,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -66,10 +67,10 @@ fn bind(addr: SocketAddr, mark: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn into_tokio(sockets: Vec<Socket>) -> io::Result<Vec<tokio::net::TcpListener>> {
+fn into_tokio(sockets: Vec<Socket>) -> io::Result<Vec<Arc<tokio::net::TcpListener>>> {
     sockets
         .into_iter()
-        .map(|s| tokio::net::TcpListener::from_std(s.into()))
+        .map(|s| tokio::net::TcpListener::from_std(s.into()).map(Arc::new))
         .collect()
 }
 

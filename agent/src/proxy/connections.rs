@@ -89,6 +89,8 @@ pub struct Tracked {
     labels: OnceLock<TcpLabels>,
     start_unix_ms: u64,
     started: Instant,
+    /// Set when the pod the connection belongs to is gone: its copy loop then closes it.
+    pod_removed: watch::Sender<bool>,
 }
 
 /// A connection as `/debug/connections` shows it.
@@ -184,6 +186,7 @@ impl Connections {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             started: Instant::now(),
+            pod_removed: watch::Sender::new(false),
         });
         self.lock().active.insert(tracked.id, Arc::clone(&tracked));
         tracked
@@ -252,6 +255,19 @@ impl Connections {
             registry.recent.pop_front();
         }
         registry.recent.push_back(view);
+    }
+
+    /// Closes every open connection of `pod` (a pod deleted while its connections ran:
+    /// its processes may live on, but nothing vouches for them any more). Each copy loop
+    /// resets both ends and records the close as `pod_removed`. Returns how many there were.
+    pub fn close_pod(&self, pod: &str) -> usize {
+        let registry = self.lock();
+        let mut closed = 0;
+        for tracked in registry.active.values().filter(|t| t.pod == pod) {
+            tracked.pod_removed.send_replace(true);
+            closed += 1;
+        }
+        closed
     }
 
     pub fn view(&self) -> ConnectionsView {
@@ -384,6 +400,33 @@ impl Tracked {
     /// connection it evaluates; a denial also closes with the matching error).
     pub fn set_policy(&self, outcome: impl Into<PolicyOutcome>) {
         *self.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome.into());
+    }
+
+    /// Resolves once the connection's pod is gone (`Connections::close_pod`), or never:
+    /// the `stop` of a copy loop.
+    pub fn pod_removed(&self) -> impl Future<Output = Error> + Send + 'static {
+        let mut removed = self.pod_removed.subscribe();
+        async move {
+            if removed.wait_for(|gone| *gone).await.is_err() {
+                // The record is gone, hence the connection too.
+                std::future::pending::<()>().await;
+            }
+            Error::PodRemoved
+        }
+    }
+
+    /// `stop`, or the pod's removal, whichever comes first.
+    pub fn until_pod_removed(
+        &self,
+        stop: impl Future<Output = Error> + Send + 'static,
+    ) -> impl Future<Output = Error> + Send + 'static {
+        let removed = self.pod_removed();
+        async move {
+            tokio::select! {
+                e = stop => e,
+                e = removed => e,
+            }
+        }
     }
 
     fn policy(&self) -> Option<PolicyOutcome> {

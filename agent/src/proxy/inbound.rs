@@ -79,7 +79,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             &tracked.sent,
             &tracked.received,
             proxy.idle_timeout(),
-            admission.revoked(),
+            tracked.until_pod_removed(admission.revoked()),
         )
         .await
     }
@@ -237,7 +237,7 @@ impl hbone::Transfer for HboneTransfer {
     }
 
     fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
-        self.admission.revoked()
+        self.tracked.until_pod_removed(self.admission.revoked())
     }
 
     fn idle_timeout(&self) -> std::time::Duration {

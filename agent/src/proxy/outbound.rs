@@ -120,12 +120,13 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                     socket::connect(pod.sockets.as_ref(), outbound.upstream, CONNECT_TIMEOUT)
                         .await?;
                 proxy.connections().established(&tracked);
-                copy::bidirectional(
+                copy::bidirectional_until(
                     &mut client,
                     &mut upstream,
                     &tracked.sent,
                     &tracked.received,
                     proxy.idle_timeout(),
+                    tracked.pod_removed(),
                 )
                 .await
             }
@@ -215,12 +216,13 @@ async fn hbone_to(
     };
     let mut stream = mtls.pool.connect(key, dial, request).await?;
     proxy.connections().established(tracked);
-    copy::bidirectional(
+    copy::bidirectional_until(
         client,
         &mut stream,
         &tracked.sent,
         &tracked.received,
         proxy.idle_timeout(),
+        tracked.pod_removed(),
     )
     .await
 }
