@@ -132,6 +132,10 @@ impl<H: StreamHandler> StreamHandler for Limited<H> {
             _permit: permit,
         })
     }
+
+    fn handshake_refused(&self, error: &super::hbone::Error) {
+        self.inner.handshake_refused(error);
+    }
 }
 
 impl<T: Tunnel> Tunnel for LimitedTunnel<T> {
