@@ -15,7 +15,7 @@ mod listeners;
 pub mod netns;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io,
     net::SocketAddr,
     path::Path,
@@ -247,9 +247,20 @@ impl Enroller {
             }
         }
 
-        // What the previous agent enrolled and nobody wants any more.
-        if !self.adopted {
+        // What the previous agent enrolled and nobody wants any more. Not while a wanted
+        // pod's namespace could not be opened: its entry is among these but cannot be told
+        // apart, and removing it would leave the pod's connects unsteered (fail open). The
+        // entries of namespaces that are gone cost nothing meanwhile: a netns cookie is
+        // never reused.
+        let unrecognised = self.failed.values().any(|pod| pod.cookie.is_none());
+        if !self.adopted && !unrecognised {
+            let ours: HashSet<NetnsCookie> = (self.pods.values().map(|pod| pod.cookie))
+                .chain(self.failed.values().filter_map(|pod| pod.cookie))
+                .collect();
             for (cookie, _) in previous {
+                if ours.contains(&cookie) {
+                    continue;
+                }
                 if let Err(e) = self.lock_dataplane().unenroll(cookie) {
                     warn!(component = "enroll", cookie = cookie.0, error = %e, "cannot remove a stale pod left by a previous agent");
                 } else {

@@ -128,6 +128,59 @@ fn an_upgraded_agent_that_dies_before_enrolling_leaves_the_pods_steered() -> Res
 }
 
 #[test]
+fn a_restarted_agent_that_cannot_open_a_wanted_pods_namespace_keeps_it_steered() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.without_mtls();
+    let client = node.pod("client").create()?;
+    let server = node.pod("server").enrolled(false).create()?;
+    let mut agent = node.start_agent()?;
+    let echo = app::serve(&server, PORT, Mode::Echo)?;
+    agent.kill();
+
+    // The new agent still wants the pod but cannot open its namespace (a file that is no
+    // namespace here; a runtime race or a vanished pid in a cluster), so it cannot tell the
+    // pod's entry in the pinned map from a stale one. It must keep it.
+    let not_a_netns = node.dir().join("not-a-netns");
+    std::fs::write(&not_a_netns, "").context("write a file that is no namespace")?;
+    let mut config = node.config();
+    set_workload(&mut config, "client", |w| {
+        w["netns"] = json!(not_a_netns.display().to_string());
+    });
+    let mut restarted =
+        TestAgent::spawn_with_config_text(&node, &weft_tests::agent::config_yaml(&config)?)?;
+    assert_eventually(Duration::from_secs(20), || {
+        if restarted.current_log().contains("pod enrollment failed") {
+            Ok(())
+        } else {
+            Err("the restarted agent has not tried the pod yet".to_string())
+        }
+    });
+    let mut loops = vec![connect_loop_from(&client, server.addr(PORT).into(), 0)?];
+    assert_eventually(Duration::from_secs(20), || {
+        let tried = loops[0].lines_starting("error").len() + loops[0].lines_starting("ok").len();
+        if tried >= 100 {
+            Ok(())
+        } else {
+            Err(format!("only {tried} connects tried"))
+        }
+    });
+    let client_sockets = stop_loops(&mut loops)?;
+    let direct = echo
+        .accepted()
+        .iter()
+        .filter(|a| client_sockets.contains(&a.peer))
+        .count();
+    assert_eq!(
+        direct, 0,
+        "connects of the enrolled pod reached the server around the proxy after the \
+         restarted agent dropped the pod's entry"
+    );
+    restarted.kill();
+    Ok(())
+}
+
+#[test]
 fn re_enrolment_keeps_every_connect_of_the_pod_steered() -> Result<()> {
     privileged!();
     let node = TestNode::new(test_name!(), 1)?;
