@@ -83,6 +83,8 @@ pub struct Overrides {
 /// The `agent:` section as written in the file. Compared at reload: a change needs a restart.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+// The schema lists every field for the bad-field test (source/file/bad_fields.rs).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct AgentSection {
     pub node: Option<String>,
     pub pin_root: Option<PathBuf>,
@@ -112,6 +114,7 @@ pub struct AgentSection {
 /// The `agent.cni:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct CniSection {
     /// The unix socket the plugin connects to (default `/var/run/weft/cni.sock`).
     pub socket: Option<PathBuf>,
@@ -125,6 +128,7 @@ pub struct CniSection {
 /// The `agent.discovery:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct DiscoverySection {
     /// The host's cgroup2 mount as the agent sees it (default `/sys/fs/cgroup`).
     pub cgroup_root: Option<PathBuf>,
@@ -137,6 +141,7 @@ pub struct DiscoverySection {
 /// The `agent.ca:` section: exactly one of `inProcess` and `remote`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct CaSection {
     pub in_process: Option<InProcessCaSection>,
     pub remote: Option<RemoteCaSection>,
@@ -145,6 +150,7 @@ pub struct CaSection {
 /// `agent.ca.inProcess`: the agent signs its own certificates with a local root.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct InProcessCaSection {
     /// CA certificate, PEM (`weft ca init` writes `ca.crt`).
     pub cert: PathBuf,
@@ -155,6 +161,7 @@ pub struct InProcessCaSection {
 /// `agent.ca.remote`: `weft ca` over HTTPS.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct RemoteCaSection {
     /// `host:port` of the CA.
     pub addr: String,
@@ -169,6 +176,7 @@ pub struct RemoteCaSection {
 /// The `agent.ports:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct PortsSection {
     pub outbound: Option<u16>,
     pub inbound: Option<u16>,
