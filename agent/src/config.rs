@@ -84,6 +84,8 @@ pub struct Overrides {
 /// The `agent:` section as written in the file. Compared at reload: a change needs a restart.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+// The schema lists every field for the bad-field test (source/file/bad_fields.rs).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct AgentSection {
     pub node: Option<String>,
     pub pin_root: Option<PathBuf>,
@@ -168,6 +170,7 @@ pub struct HttpSection {
 /// The `agent.cni:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct CniSection {
     /// The unix socket the plugin connects to (default `/var/run/weft/cni.sock`).
     pub socket: Option<PathBuf>,
@@ -185,6 +188,7 @@ pub struct CniSection {
 /// The `agent.discovery:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct DiscoverySection {
     /// The host's cgroup2 mount as the agent sees it (default `/sys/fs/cgroup`).
     pub cgroup_root: Option<PathBuf>,
@@ -197,6 +201,7 @@ pub struct DiscoverySection {
 /// The `agent.ca:` section: exactly one of `inProcess` and `remote`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct CaSection {
     pub in_process: Option<InProcessCaSection>,
     pub remote: Option<RemoteCaSection>,
@@ -205,6 +210,7 @@ pub struct CaSection {
 /// `agent.ca.inProcess`: the agent signs its own certificates with a local root.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct InProcessCaSection {
     /// CA certificate, PEM (`weft ca init` writes `ca.crt`).
     pub cert: PathBuf,
@@ -218,6 +224,7 @@ pub struct InProcessCaSection {
 /// `agent.ca.remote`: `weft ca` over HTTPS.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct RemoteCaSection {
     /// `host:port` of the CA.
     pub addr: String,
@@ -232,6 +239,7 @@ pub struct RemoteCaSection {
 /// The `agent.ports:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct PortsSection {
     pub outbound: Option<u16>,
     pub inbound: Option<u16>,

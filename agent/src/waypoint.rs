@@ -42,6 +42,8 @@ use serde::Serialize;
 pub use metrics::Metrics;
 pub use route::RouteTable;
 pub use server::{Tunnel, Waypoint};
+#[doc(hidden)] // for the fuzz target `hbone_headers`.
+pub use {server::forwarded_for, wire::host_without_port};
 
 use crate::{identity::SpiffeId, proxy::hbone, state::WorkloadRef};
 

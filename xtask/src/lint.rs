@@ -6,6 +6,9 @@ use crate::cargo::{self, cargo, cargo_nightly};
 
 pub fn run() -> Result<()> {
     cargo::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The fuzz crate is outside the workspace (`--all` does not reach it); `cargo xtask
+    // fuzz` builds it, which is its compile check.
+    cargo::run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))?;
     // Two clippy runs (STYLE: feature unification): the host crates, then the eBPF
     // programs for their own target on nightly.
     cargo::run(cargo().args([

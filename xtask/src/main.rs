@@ -7,6 +7,7 @@
 //! - `lint`: rustfmt check and clippy in two runs (host workspace, then the eBPF crate).
 //! - `gen`: regenerate files derived from Rust types (the Helm chart's CRDs).
 //! - `demo`: two simulated nodes with a few pods, the real agents, mTLS traffic, explained.
+//! - `fuzz`: each cargo-fuzz target of `fuzz/` for a bounded time (`--seconds`, `--target`).
 //! - `bench`: weft against direct traffic and a stunnel mTLS tunnel, in one run
 //!   (`target/bench/`: results.json, results.md, charts).
 //!
@@ -15,6 +16,7 @@
 mod bench;
 mod cargo;
 mod demo;
+mod fuzz;
 mod generate;
 mod lint;
 mod setup;
@@ -45,6 +47,8 @@ enum Command {
     Gen,
     /// Build two simulated nodes, run the agents, send traffic and explain what happened.
     Demo,
+    /// Run each fuzz target of `fuzz/` for a bounded time; fails if one finds anything.
+    Fuzz(fuzz::Options),
     /// Measure weft against direct traffic and a stunnel mTLS tunnel (needs root).
     Bench(bench::Options),
 }
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Lint => lint::run(),
         Command::Gen => generate::run(),
         Command::Demo => demo::run(),
+        Command::Fuzz(options) => fuzz::run(&options),
         Command::Bench(options) => bench::run(&options),
     };
     match result {

@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: everything a fresh Debian 12 machine (as root) needs to build and
-//! test weft (helm included, for the chart's tests). Idempotent: each step checks first and says "already present" or what it
-//! installs. [`missing`] is the fast check `test` and `demo` run before deciding to set up.
+//! test weft (helm included, for the chart's tests; cargo-fuzz, for `cargo xtask fuzz`).
+//! Idempotent: each step checks first and says "already present" or what it installs.
+//! [`missing`] is the fast check `test` and `demo` run before deciding to set up.
 
 use std::{
     path::{Path, PathBuf},
@@ -16,6 +17,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     nightly()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     helm()?;
     bpffs()?;
     cgroup2()?;
@@ -37,6 +39,9 @@ pub fn missing() -> Vec<String> {
     }
     if !has_bpf_linker() {
         missing.push("bpf-linker".to_string());
+    }
+    if !has_cargo_fuzz() {
+        missing.push("cargo-fuzz".to_string());
     }
     if !has_helm() {
         missing.push("helm".to_string());
@@ -207,6 +212,26 @@ fn bpf_linker() -> Result<()> {
 
 fn has_bpf_linker() -> bool {
     succeeds(Command::new("bpf-linker").arg("--version"))
+}
+
+/// cargo-fuzz for `cargo xtask fuzz` (it runs on nightly; the install builds on stable).
+fn cargo_fuzz() -> Result<()> {
+    if has_cargo_fuzz() {
+        println!("setup: cargo-fuzz: already present");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz (for `cargo xtask fuzz`)");
+    cargo::run(cargo::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    if !has_cargo_fuzz() {
+        bail!(
+            "cargo-fuzz was installed but `cargo fuzz --version` fails: is ~/.cargo/bin on PATH?"
+        );
+    }
+    Ok(())
+}
+
+pub fn has_cargo_fuzz() -> bool {
+    succeeds(Command::new("cargo").args(["fuzz", "--version"]))
 }
 
 /// helm for the chart's tests (tests/tests/kubernetes_helm.rs). Helm publishes no Debian

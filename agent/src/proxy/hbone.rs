@@ -25,6 +25,8 @@ use rustls::{AlertDescription, CertificateError};
 
 pub use client::{ConnectRequest, HboneStream};
 pub use pool::{Key, Pool, PoolConfig, PoolStats};
+#[doc(hidden)] // for the fuzz target `hbone_headers`.
+pub use server::connect_target;
 pub use server::{
     Accepted, ConnectHandler, InboundConnect, Refusal, ServerStream, StreamHandler, Transfer,
     Tunnel, serve, serve_with,

@@ -138,8 +138,14 @@ pub async fn watch(
     // Compared by content, not mtime: editors and ConfigMap mounts swap files by rename.
     // The first read may already differ from what start-up parsed, hence no initial text.
     let mut last_text: Option<String> = None;
+    // A change is taken only once two reads one interval apart agree: a file written in
+    // place (truncated, then written) must not be applied half written, or empty, which is
+    // a valid file without workloads, services or policies.
+    let mut unsettled: Option<String> = None;
     let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Delay, not Skip: reads stay at least one interval apart after a late tick, as the
+    // two-reads rule needs.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         if tx.is_closed() {
@@ -157,8 +163,14 @@ pub async fn watch(
             }
         };
         if last_text.as_deref() == Some(text.as_str()) {
+            unsettled = None;
             continue;
         }
+        if unsettled.as_deref() != Some(text.as_str()) {
+            unsettled = Some(text);
+            continue;
+        }
+        unsettled = None;
         last_text = Some(text.clone());
         match parse(&path, &text) {
             Ok(doc) if *tx.borrow().as_ref() == doc.snapshot => {
@@ -192,6 +204,8 @@ pub async fn watch(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+// The schema lists every field for the bad-field test (source/file/bad_fields.rs).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawFile {
     #[serde(default)]
     agent: AgentSection,
@@ -215,6 +229,7 @@ struct RawFile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawNamespace {
     name: String,
     /// The waypoint every service of the namespace goes through, unless the service says
@@ -224,6 +239,7 @@ struct RawNamespace {
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawMesh {
     #[serde(default)]
     excluded_ports: Vec<u16>,
@@ -239,6 +255,7 @@ struct RawMesh {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawAccessLog {
     #[serde(default = "enabled_by_default")]
     enabled: bool,
@@ -261,6 +278,7 @@ fn enabled_by_default() -> bool {
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawMtls {
     mode: Option<MtlsMode>,
     #[serde(default)]
@@ -269,6 +287,7 @@ struct RawMtls {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawWorkload {
     name: String,
     namespace: Option<String>,
@@ -291,6 +310,7 @@ struct RawWorkload {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawService {
     name: String,
     namespace: Option<String>,
@@ -307,6 +327,7 @@ struct RawService {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawWaypoint {
     name: String,
     namespace: Option<String>,
@@ -319,6 +340,7 @@ struct RawWaypoint {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawServicePort {
     port: u16,
     target_port: Option<u16>,
@@ -326,6 +348,7 @@ struct RawServicePort {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 struct RawPolicy {
     name: String,
     namespace: Option<String>,
@@ -689,6 +712,9 @@ impl Validator<'_> {
 const DEFAULT: &str = "default";
 /// The `waypoint` of a service that opts out of its namespace's (the label's value too).
 const NO_WAYPOINT: &str = "none";
+
+#[cfg(test)]
+mod bad_fields;
 
 #[cfg(test)]
 mod tests {

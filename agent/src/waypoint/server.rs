@@ -292,7 +292,8 @@ fn vouched_for(
 }
 
 /// The IP of `forwarded: for=<ip>` (RFC 7239; quoted, bracketed or with a port too).
-fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+#[doc(hidden)] // pub for the fuzz target `hbone_headers`.
+pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
     let value = headers.get(hbone::FORWARDED)?.to_str().ok()?;
     let element = value.split(',').next()?;
     let node = element.split(';').find_map(|pair| {

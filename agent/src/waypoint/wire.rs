@@ -83,7 +83,8 @@ pub(super) fn authority_of(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     })
 }
 
-pub(super) fn host_without_port(authority: &str) -> String {
+#[doc(hidden)] // pub for the fuzz target `hbone_headers`.
+pub fn host_without_port(authority: &str) -> String {
     if let Some(rest) = authority.strip_prefix('[') {
         return rest.split(']').next().unwrap_or_default().to_owned();
     }

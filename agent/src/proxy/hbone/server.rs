@@ -316,6 +316,14 @@ pub async fn serve_with<H: StreamHandler>(
         .map_err(|e| Error::from_h2(e, None, Role::Client))
 }
 
+/// The CONNECT target: `:authority` as `ip:port` (Istio's HBONE sends nothing else), or
+/// `None`, which the server answers with 400.
+#[doc(hidden)] // pub for the fuzz target `hbone_headers`.
+pub fn connect_target(uri: &http::Uri) -> Option<SocketAddr> {
+    uri.authority()
+        .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
+}
+
 struct Peer {
     identity: SpiffeId,
     addr: SocketAddr,
@@ -332,11 +340,7 @@ async fn stream_task<H: StreamHandler>(
         reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         return;
     }
-    let Some(target) = request
-        .uri()
-        .authority()
-        .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
-    else {
+    let Some(target) = connect_target(request.uri()) else {
         debug!(component = "hbone", src = %peer.addr, uri = %request.uri(), "CONNECT target is not ip:port");
         reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
