@@ -122,6 +122,7 @@ pub struct AgentSection {
 }
 
 /// The `agent.limits:` section: every field optional, each default in docs/config.md.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LimitsSection {
@@ -155,6 +156,7 @@ pub struct LimitsSection {
 
 /// The `agent.http:` section: limits of the admin, metrics and readiness servers
 /// (`http::Limits`; defaults there).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpSection {
