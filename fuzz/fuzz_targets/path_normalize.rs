@@ -40,7 +40,10 @@ fuzz_target!(|input: (Slashes, &str)| {
     if normal_path == "*" {
         return;
     }
-    assert!(normal_path.starts_with('/'), "{normal_path:?} is not absolute");
+    assert!(
+        normal_path.starts_with('/'),
+        "{normal_path:?} is not absolute"
+    );
     // A trailing slash is kept (`/admin/` is not `/admin`): only the last segment may be
     // empty.
     let segments: Vec<&str> = normal_path[1..].split('/').collect();
@@ -62,11 +65,17 @@ fuzz_target!(|input: (Slashes, &str)| {
             "{normal_path:?} keeps an encoded unreserved character"
         );
         if slashes == EscapedSlashes::Reject {
-            assert!(byte != b'/' && byte != b'\\', "{normal_path:?} keeps %2F or %5C");
+            assert!(
+                byte != b'/' && byte != b'\\',
+                "{normal_path:?} keeps %2F or %5C"
+            );
         }
     }
     if slashes != EscapedSlashes::Keep {
-        assert!(!normal_path.contains('\\'), "{normal_path:?} keeps a backslash");
+        assert!(
+            !normal_path.contains('\\'),
+            "{normal_path:?} keeps a backslash"
+        );
     }
 });
 
