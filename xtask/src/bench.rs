@@ -783,10 +783,11 @@ fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// A hostile pod hoards idle connections through its node's proxy while a neighbour pod of
-/// the same node measures round trips: the agent's file descriptors and RSS, how many of the
-/// hoarder's connections the proxy let it keep, and the neighbour's latency before, during
-/// and after.
+/// A hostile pod hoards idle connections through its node's proxy (to a victim pod) while
+/// a neighbour pod of the same node measures round trips to another pod: the agent's file
+/// descriptors and RSS, how many of the hoarder's connections the proxy let it keep, and
+/// the neighbour's latency before and during. (The victim's own inbound budget is the
+/// hoarder's to exhaust, as any client can flood a server: docs/security.md.)
 fn hostile(plan: &Plan, report: &mut Report) -> Result<()> {
     let n = plan.hostile_conns;
     println!("== a hostile pod holding {n} idle connections ==");
@@ -795,12 +796,15 @@ fn hostile(plan: &Plan, report: &mut Report) -> Result<()> {
     plain_if_no_ca(&[&node]);
     let hoarder = node.pod("hoarder").service_account("hoarder").create()?;
     let neighbour = node.pod("neighbour").service_account("client").create()?;
+    let victim = node.pod("victim").service_account("server").create()?;
     let server = node.pod("server").service_account("server").create()?;
     let mut agent = node.start_agent()?;
     agent.show_log_on_drop(false);
+    let _victim = harness::serve(&victim, PORT)?;
     let _server = harness::serve(&server, PORT)?;
     let pid = agent.pid().context("agent is not running")?;
     let to: SocketAddr = server.addr(PORT).into();
+    let hoarded: SocketAddr = victim.addr(PORT).into();
     let neighbour_rr = |when: &str, report: &mut Report| {
         let result = harness::client(
             &neighbour,
@@ -854,7 +858,7 @@ fn hostile(plan: &Plan, report: &mut Report) -> Result<()> {
     for _ in 0..plan.reps {
         report.sample_load();
         neighbour_rr("alone", report);
-        let (hoard, result) = harness::idle(&hoarder, to, n, HOLD_TIMEOUT)?;
+        let (hoard, result) = harness::idle(&hoarder, hoarded, n, HOLD_TIMEOUT)?;
         let fds = harness::fd_count(pid)?;
         let rss = harness::status_bytes(pid, "VmRSS")?;
         println!(
