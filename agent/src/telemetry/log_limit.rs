@@ -4,7 +4,7 @@
 //! event is logged, then at most one per interval, and that line says how many were left out
 //! in between (`suppressed`). Metrics still count every event; the log is only a pointer.
 //!
-//! ```ignore
+//! ```text
 //! warn_limited!(component = "hbone", src = %peer, error = %e, "HBONE handshake refused");
 //! ```
 
