@@ -9,6 +9,9 @@
 //! (`/proc/<pid>/fd`) and the refusal counters on `/metrics`. Needs root; see
 //! `weft_tests::can_run_privileged`.
 
+#[path = "support/hbone_peer.rs"]
+mod hbone_peer;
+
 use std::{
     net::SocketAddr,
     process::Command,
@@ -464,68 +467,12 @@ fn issue(ca_cert: &std::path::Path, ca_key: &std::path::Path, identity: &str) ->
 }
 
 fn tls_connector(identity: &Identity) -> Result<tokio_rustls::TlsConnector> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = hbone_peer::client_config(identity.chain.clone(), identity.key.clone_key())?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 fn server_name(addr: SocketAddr) -> rustls::pki_types::ServerName<'static> {
     rustls::pki_types::ServerName::IpAddress(addr.ip().into())
-}
-
-/// The attacker does not care who the server is; it checks signatures only so that the
-/// handshake completes.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// One HTTP/2 frame: 24-bit length, type, flags, stream id, payload.
