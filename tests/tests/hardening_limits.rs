@@ -12,11 +12,13 @@
 #[path = "support/hbone_peer.rs"]
 mod hbone_peer;
 
+use hbone_peer::Identity;
+
 use std::{
     net::SocketAddr,
     process::Command,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, ensure};
@@ -188,7 +190,7 @@ fn a_hostile_hbone_peer_with_a_valid_certificate_stays_within_bounds() -> Result
     app::churn(&client, sock(server.addr(ECHO_PORT)), 20)?;
     let base = fds(pid)?;
     let ca = node.ensure_ca()?;
-    let identity = issue(
+    let identity = Identity::issue(
         &ca.cert,
         &ca.key,
         "spiffe://cluster.local/ns/default/sa/hostile",
@@ -440,34 +442,8 @@ fn connect_request(target: &str) -> http::Request<()> {
         .expect("a CONNECT request with an ip:port authority is valid")
 }
 
-/// A certificate and key the node's CA signed for `identity`.
-struct Identity {
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-}
-
-fn issue(ca_cert: &std::path::Path, ca_key: &std::path::Path, identity: &str) -> Result<Identity> {
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_key)?)?;
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(ca_cert)?, ca_key)?;
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into()?)];
-    let now = SystemTime::now();
-    params.not_before = (now - Duration::from_secs(3600)).into();
-    params.not_after = (now + Duration::from_secs(3600)).into();
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-    ];
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(Identity {
-        chain: vec![cert.der().clone()],
-        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    })
-}
-
 fn tls_connector(identity: &Identity) -> Result<tokio_rustls::TlsConnector> {
-    let config = hbone_peer::client_config(identity.chain.clone(), identity.key.clone_key())?;
+    let config = identity.client_config()?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

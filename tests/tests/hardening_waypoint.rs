@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -291,32 +291,15 @@ fn paths_are_normalised_before_policy_and_routing_and_ambiguous_ones_refused() -
 }
 
 /// An HBONE client that is not a node proxy: a pod holding a certificate of its own.
-struct Peer {
-    cert: rustls::pki_types::CertificateDer<'static>,
-    key: Vec<u8>,
-}
+struct Peer(hbone_peer::Identity);
 
 impl Peer {
-    /// A certificate for `identity`, signed by the node's CA (valid for an hour).
+    /// A certificate for `identity`, signed by the node's CA.
     fn issue(node: &TestNode, identity: &str) -> Result<Self> {
         let ca = node.ensure_ca()?;
-        let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&ca.key)?)?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(&ca.cert)?, ca_key)?;
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into()?)];
-        let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(600)).into();
-        params.not_after = (now + Duration::from_secs(3600)).into();
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(Self {
-            cert: cert.der().clone(),
-            key: key.serialize_der(),
-        })
+        Ok(Self(hbone_peer::Identity::issue(
+            &ca.cert, &ca.key, identity,
+        )?))
     }
 
     /// From inside `pod`: CONNECT to `target` through the HBONE server at `hbone` (with
@@ -349,11 +332,7 @@ impl Peer {
     }
 
     fn tls(&self) -> Result<Arc<rustls::ClientConfig>> {
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.key.clone().into());
-        Ok(Arc::new(hbone_peer::client_config(
-            vec![self.cert.clone()],
-            key,
-        )?))
+        Ok(Arc::new(self.0.client_config()?))
     }
 }
 
