@@ -448,11 +448,7 @@ fn limits_config(
 ) -> Result<proxy::limits::Config, Error> {
     let defaults = proxy::limits::Config::default();
     let at_least = |field: &str, value: Option<usize>, default: usize, min: usize| {
-        let value = value.unwrap_or(default);
-        if value < min {
-            return Err(invalid(field, format!("must be at least {min}")));
-        }
-        Ok(value)
+        at_least(invalid, field, value, default, min)
     };
     let (s, h) = (section, defaults.hbone);
     let limits = proxy::limits::Config {
@@ -544,17 +540,30 @@ fn limits_config(
     Ok(limits)
 }
 
+/// `value` (or `default` when unset), refused naming `field` when below `min`.
+fn at_least(
+    invalid: &dyn Fn(&str, String) -> Error,
+    field: &str,
+    value: Option<usize>,
+    default: usize,
+    min: usize,
+) -> Result<usize, Error> {
+    let value = value.unwrap_or(default);
+    if value < min {
+        return Err(invalid(field, format!("must be at least {min}")));
+    }
+    Ok(value)
+}
+
 /// `agent.http`, over `http::Limits`'s defaults; counts must be at least 1.
 fn http_limits(
     section: &HttpSection,
-    duration: &impl Fn(&str, Option<&str>, Duration) -> Result<Duration, Error>,
-    invalid: &impl Fn(&str, String) -> Error,
+    duration: &DurationField<'_>,
+    invalid: &dyn Fn(&str, String) -> Error,
 ) -> Result<http::Limits, Error> {
     let defaults = http::Limits::default();
-    let count = |field: &str, value: Option<usize>, default: usize| match value {
-        Some(0) => Err(invalid(field, "must be at least 1".into())),
-        Some(n) => Ok(n),
-        None => Ok(default),
+    let count = |field: &str, value: Option<usize>, default: usize| {
+        at_least(invalid, field, value, default, 1)
     };
     Ok(http::Limits {
         header_timeout: duration(
