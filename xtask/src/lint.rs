@@ -2,9 +2,14 @@
 
 use anyhow::Result;
 
-use crate::cargo::{self, cargo, cargo_nightly};
+use crate::{
+    cargo::{self, cargo, cargo_nightly},
+    layers,
+};
 
 pub fn run() -> Result<()> {
+    // First: it takes a second and names the structural mistakes clippy cannot see.
+    layers::run(&cargo::root().join("agent/src"))?;
     cargo::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     // The fuzz crate is outside the workspace (`--all` does not reach it); `cargo xtask
     // fuzz` builds it, which is its compile check.

@@ -4,7 +4,8 @@
 //!   mount bpffs and cgroup v2; idempotent, says what it does.
 //! - `build`: the agent (its build.rs builds the eBPF object) and the test binaries.
 //! - `test`: unit tests, then the privileged end-to-end tests against the real agent.
-//! - `lint`: rustfmt check and clippy in two runs (host workspace, then the eBPF crate).
+//! - `lint`: the layer check of the agent's modules, rustfmt check and clippy in two runs
+//!   (host workspace, then the eBPF crate).
 //! - `gen`: regenerate files derived from Rust types (the Helm chart's CRDs).
 //! - `demo`: two simulated nodes with a few pods, the real agents, mTLS traffic, explained.
 //! - `fuzz`: each cargo-fuzz target of `fuzz/` for a bounded time (`--seconds`, `--target`).
@@ -18,6 +19,7 @@ mod cargo;
 mod demo;
 mod fuzz;
 mod generate;
+mod layers;
 mod lint;
 mod setup;
 mod test;
@@ -41,7 +43,7 @@ enum Command {
     Build,
     /// Run unit tests, then the privileged end-to-end tests (needs root).
     Test(test::Options),
-    /// rustfmt check, clippy on the workspace and clippy on the eBPF programs.
+    /// The layer check, rustfmt check, clippy on the workspace and on the eBPF programs.
     Lint,
     /// Regenerate files derived from Rust types: the Helm chart's CRDs.
     Gen,
