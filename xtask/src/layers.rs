@@ -22,7 +22,7 @@ use syn::visit::Visit;
 /// The agent's top-level modules, lowest layer first. A module may name modules of the
 /// layers before its own, never its own layer's other modules nor a later layer's.
 const LAYERS: &[&[&str]] = &[
-    &["telemetry", "http", "readiness", "sync"],
+    &["telemetry", "http", "readiness", "settings", "sync"],
     &["identity", "ebpf"],
     &["state"],
     &["policy", "hbone"],
@@ -59,6 +59,8 @@ type ModPath = Vec<String>;
 
 struct Graph {
     modules: BTreeSet<ModPath>,
+    /// Modules declared `#[cfg(test)] mod name;`, with everything below them.
+    test_only: BTreeSet<ModPath>,
     /// Module → the modules it names, each with the first path that named it.
     edges: BTreeMap<ModPath, BTreeMap<ModPath, String>>,
 }
@@ -106,24 +108,43 @@ impl Graph {
     fn read(crate_src: &Path) -> Result<Graph> {
         let mut files = Vec::new();
         collect_files(crate_src, crate_src, &mut files)?;
-        let modules: BTreeSet<ModPath> = files.iter().map(|(module, _)| module.clone()).collect();
-        let mut graph = Graph {
-            modules,
-            edges: BTreeMap::new(),
-        };
-        for (module, path) in &files {
-            let source = fs::read_to_string(path)
+        let mut parsed = Vec::new();
+        for (module, path) in files {
+            let source = fs::read_to_string(&path)
                 .with_context(|| format!("failed to read {}", path.display()))?;
             let file = syn::parse_file(&source)
                 .with_context(|| format!("failed to parse {}", path.display()))?;
-            graph.add_file(module, &file);
+            parsed.push((module, file));
+        }
+        let mut graph = Graph {
+            modules: parsed.iter().map(|(module, _)| module.clone()).collect(),
+            test_only: BTreeSet::new(),
+            edges: BTreeMap::new(),
+        };
+        for (module, file) in &parsed {
+            graph.note_test_only_children(module, file);
+        }
+        for (module, file) in &parsed {
+            graph.add_file(module, file);
         }
         Ok(graph)
     }
 
+    fn note_test_only_children(&mut self, module: &ModPath, file: &syn::File) {
+        for item in &file.items {
+            if let syn::Item::Mod(declared) = item
+                && is_cfg_test(&declared.attrs)
+            {
+                let mut child = module.clone();
+                child.push(declared.ident.to_string());
+                self.test_only.insert(child);
+            }
+        }
+    }
+
     /// Records what one file names, ignoring its test items.
     fn add_file(&mut self, module: &ModPath, file: &syn::File) {
-        if is_test_module(module) {
+        if self.is_test_module(module) {
             return;
         }
         let mut names = Names::default();
@@ -182,12 +203,20 @@ impl Graph {
         Some(base)
     }
 
+    fn is_test_module(&self, module: &[String]) -> bool {
+        module
+            .first()
+            .is_some_and(|top| TEST_ONLY.contains(&top.as_str()))
+            || module.iter().any(|segment| segment == "tests")
+            || (1..=module.len()).any(|n| self.test_only.contains(&module[..n]))
+    }
+
     fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let tops: BTreeSet<&str> = self
             .modules
             .iter()
-            .filter(|m| m.len() == 1 && !is_test_module(m))
+            .filter(|m| m.len() == 1 && !self.is_test_module(m))
             .map(|m| m[0].as_str())
             .collect();
         for top in &tops {
@@ -199,7 +228,7 @@ impl Graph {
         }
         for (from, targets) in &self.edges {
             for (to, via) in targets {
-                if from[0] == to[0] || is_test_module(to) {
+                if from[0] == to[0] || self.is_test_module(to) {
                     continue;
                 }
                 let (Some(from_layer), Some(to_layer)) = (layer(&from[0]), layer(&to[0])) else {
@@ -287,13 +316,6 @@ fn shortest_circle(successors: &[Vec<usize>], members: &BTreeSet<usize>) -> Vec<
 
 fn layer(top: &str) -> Option<usize> {
     LAYERS.iter().position(|layer| layer.contains(&top))
-}
-
-fn is_test_module(module: &[String]) -> bool {
-    module
-        .first()
-        .is_some_and(|top| TEST_ONLY.contains(&top.as_str()))
-        || module.iter().any(|segment| segment == "tests")
 }
 
 /// Every `.rs` file below `dir` with its module path (`lib.rs` is the crate root; `main.rs`
@@ -478,11 +500,23 @@ mod tests {
         };
         let mut graph = Graph {
             modules: files.iter().map(|(name, _)| module(name)).collect(),
+            test_only: BTreeSet::new(),
             edges: BTreeMap::new(),
         };
-        for (name, source) in files {
-            let file = syn::parse_file(source).expect("test source parses");
-            graph.add_file(&module(name), &file);
+        let parsed: Vec<_> = files
+            .iter()
+            .map(|(name, source)| {
+                (
+                    module(name),
+                    syn::parse_file(source).expect("test source parses"),
+                )
+            })
+            .collect();
+        for (module, file) in &parsed {
+            graph.note_test_only_children(module, file);
+        }
+        for (module, file) in &parsed {
+            graph.add_file(module, file);
         }
         graph
     }
@@ -577,6 +611,8 @@ mod tests {
                 "#[cfg(test)] mod tests { use crate::app; } #[cfg(test)] use crate::app::X;",
             ),
             ("state::tests", "use crate::app::Y;"),
+            ("policy", "#[cfg(test)]\nmod fixtures;"),
+            ("policy::fixtures", "use crate::app::Z;"),
         ]);
         assert_eq!(g.problems(), vec![]);
     }
