@@ -48,10 +48,10 @@ use tracing::debug;
 pub struct Limits {
     /// A request's headers must arrive within this, counted from when the server starts
     /// waiting for them (so an idle keep-alive connection is closed after it too).
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub header_timeout: Duration,
     /// A request's body must arrive within this, counted from the end of its headers.
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub body_timeout: Duration,
     /// Longest request body accepted (413 above it).
     pub max_body_bytes: usize,

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod settings;
 pub mod source;
 pub mod state;
 pub mod status;

@@ -11,9 +11,9 @@ use weft::{
         Command, StatusArgs, UninstallArgs, WaypointArgs,
     },
     cni,
-    config::{self, Config, Overrides},
+    config::{Config, Overrides},
     identity::ca,
-    source, status, telemetry, uninstall,
+    settings, source, status, telemetry, uninstall,
 };
 
 fn main() -> ExitCode {
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("weft: {e:#}");
             // 2: the configuration is wrong (fix the file); 1: anything else.
-            if e.downcast_ref::<config::Error>().is_some() {
+            if e.downcast_ref::<settings::Error>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -55,10 +55,10 @@ pub struct Config {
     /// The mesh-namespaces file the plugin reads when the agent is unreachable.
     pub mesh_namespaces_file: PathBuf,
     /// How long an ADD waits for the pod to be enrolled before the sandbox fails.
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub enroll_timeout: Duration,
     /// How long a connection may take to send its request line.
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub request_timeout: Duration,
     /// Requests served at once.
     pub max_connections: usize,

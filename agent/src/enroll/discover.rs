@@ -45,7 +45,7 @@ pub struct Config {
     /// The host's /proc (`/proc` with `hostPID: true`, or a host mount such as `/host/proc`).
     pub proc_root: PathBuf,
     /// How often the tree is scanned again.
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub interval: Duration,
 }
 

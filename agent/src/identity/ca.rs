@@ -35,7 +35,7 @@ pub use kubernetes::KubernetesAuthorizer;
 pub use server::Server;
 pub use signer::{InitPaths, Issued, ServingCert, SignError, Signer};
 
-use crate::{config, identity::SpiffeId};
+use crate::{identity::SpiffeId, settings};
 
 /// A CA error (loading the root, `weft ca init`, serving).
 #[derive(Debug, thiserror::Error)]
@@ -153,8 +153,8 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<InitPaths, Error> {
 
 impl Config {
     /// Reads and validates `ca.yaml`. Errors name the offending field.
-    pub fn load(path: &Path) -> Result<Self, config::Error> {
-        let text = fs::read_to_string(path).map_err(|source| config::Error::Read {
+    pub fn load(path: &Path) -> Result<Self, settings::Error> {
+        let text = fs::read_to_string(path).map_err(|source| settings::Error::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -163,13 +163,13 @@ impl Config {
 
     /// Validates `ca.yaml` text; `path` is for messages and relative `tokenFile`s are read
     /// as given (relative to the working directory).
-    pub fn from_yaml(path: &Path, text: &str) -> Result<Self, config::Error> {
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Self, settings::Error> {
         let file: ConfigFile =
-            serde_yaml::from_str(text).map_err(|source| config::Error::Parse {
+            serde_yaml::from_str(text).map_err(|source| settings::Error::Parse {
                 path: path.to_owned(),
                 source,
             })?;
-        let invalid = |field: &str, reason: String| config::Error::Invalid {
+        let invalid = |field: &str, reason: String| settings::Error::Invalid {
             path: path.to_owned(),
             field: field.to_owned(),
             reason,
@@ -258,8 +258,8 @@ impl Config {
 fn static_nodes(
     nodes_file: Vec<NodeFile>,
     trust_domain: &str,
-    invalid: &dyn Fn(&str, String) -> config::Error,
-) -> Result<StaticNodes, config::Error> {
+    invalid: &dyn Fn(&str, String) -> settings::Error,
+) -> Result<StaticNodes, settings::Error> {
     let mut names = BTreeSet::new();
     let mut tokens = BTreeSet::new();
     let mut nodes = Vec::with_capacity(nodes_file.len());
@@ -331,8 +331,8 @@ fn static_nodes(
 /// Validates the `kubernetes:` section.
 fn kubernetes_config(
     section: KubernetesFile,
-    invalid: &dyn Fn(&str, String) -> config::Error,
-) -> Result<kubernetes::Config, config::Error> {
+    invalid: &dyn Fn(&str, String) -> settings::Error,
+) -> Result<kubernetes::Config, settings::Error> {
     let audience = section
         .audience
         .unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned());

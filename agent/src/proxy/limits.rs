@@ -38,13 +38,13 @@ pub struct Config {
     /// Connections of all pods of the node together.
     pub node_connections: usize,
     /// No bytes either way for this long: both sides are closed.
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub idle_timeout: Duration,
     /// TCP keepalive on every proxy socket: first probe after this much silence…
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub keepalive_time: Duration,
     /// …then one probe per interval…
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub keepalive_interval: Duration,
     /// …and the connection is dropped after this many unanswered probes.
     pub keepalive_retries: u32,
@@ -65,13 +65,13 @@ pub struct Hbone {
     /// Streams the server may reset for the client's protocol errors, before GOAWAY.
     pub max_local_error_reset_streams: usize,
     /// TLS handshake and HTTP/2 preface of a new connection.
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub handshake_timeout: Duration,
     /// An HTTP/2 PING after this much time…
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub ping_interval: Duration,
     /// …unanswered for this long closes the connection (the peer is gone).
-    #[serde(with = "crate::config::humantime_ms")]
+    #[serde(with = "crate::settings::humantime_ms")]
     pub ping_timeout: Duration,
 }
 

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AgentSection, Error},
+    settings::{AgentSection, Error},
     source::{
         SourceStatus, gateway,
         syntax::{self, Invalid, RuleSpec, SelectorSpec},
@@ -122,7 +122,7 @@ fn validate(path: &Path, raw: RawFile) -> Result<FileDoc, Error> {
         .agent
         .node
         .clone()
-        .unwrap_or_else(crate::config::hostname);
+        .unwrap_or_else(crate::settings::node_name);
     Validator { path, node: &node }.file(raw)
 }
 
