@@ -39,9 +39,9 @@ use tracing::debug;
 use crate::{
     ebpf::{self, Dataplane},
     enroll::EnrollStatus,
-    http,
+    hbone, http,
     identity::CertManager,
-    proxy::{Connections, hbone},
+    proxy::Connections,
     readiness::Ready,
     source::SourceStatus,
     state::StateHandle,

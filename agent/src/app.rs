@@ -20,8 +20,9 @@ use crate::{
     config::Config,
     ebpf::{self, Dataplane},
     enroll::{self, Enroller, discover},
+    hbone,
     identity::{self, CertManager, CertSource},
-    proxy::{self, Connections, Proxy, hbone},
+    proxy::{self, Connections, Proxy},
     readiness::Ready,
     source::{
         self, SourceStatus,

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     admin, cni, ebpf,
     enroll::discover,
-    http,
+    hbone, http,
     identity::{self, CaSource},
     proxy,
     settings::{AgentSection, Error, HttpSection, LimitsSection, humantime_ms, node_name},
@@ -296,7 +296,7 @@ fn limits_config(
             defaults.keepalive_retries as usize,
             1,
         )? as u32,
-        hbone: proxy::limits::Hbone {
+        hbone: hbone::Limits {
             // CONNECT carries `forwarded`, `baggage` and `traceparent`: leave them room.
             max_header_list_size: at_least(
                 "agent.limits.maxHeaderListSize",

@@ -10,6 +10,7 @@ pub mod cni;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+pub mod hbone;
 pub mod http;
 pub mod identity;
 pub mod policy;

@@ -15,8 +15,6 @@
 
 mod admission;
 pub mod connections;
-pub mod copy;
-pub mod hbone;
 mod inbound;
 pub mod limits;
 mod loop_guard;
@@ -44,6 +42,7 @@ pub use socket::SocketFactory;
 
 use crate::{
     ebpf::{HostConnTable, OrigDstTable},
+    hbone::{self, copy},
     identity::{CertSource, SpiffeId},
     policy::DenyReason,
     state::{StateHandle, WorkloadRef},
@@ -85,12 +84,8 @@ pub enum Error {
     },
     #[error("connecting to {0} timed out")]
     ConnectTimeout(SocketAddr),
-    #[error("the application side failed: {0}")]
-    Downstream(#[source] io::Error),
-    #[error("the upstream side failed: {0}")]
-    Upstream(#[source] io::Error),
-    #[error("closed: no bytes either way for {} (agent.limits.idleTimeout)", humantime::format_duration(*.0))]
-    IdleTimeout(Duration),
+    #[error(transparent)]
+    Transfer(#[from] copy::Error),
     #[error("mutual TLS is off on this node (no CA configured); HBONE connection reset")]
     HboneUnsupported,
     #[error(transparent)]
@@ -152,9 +147,7 @@ impl Error {
             Error::Socket(_) => "socket",
             Error::Connect { .. } => "upstream_connect",
             Error::ConnectTimeout(_) => "upstream_connect_timeout",
-            Error::Downstream(_) => "downstream",
-            Error::Upstream(_) => "upstream",
-            Error::IdleTimeout(_) => "idle_timeout",
+            Error::Transfer(e) => e.reason(),
             Error::HboneUnsupported => "hbone_unsupported",
             Error::Hbone(e) => e.reason(),
             Error::Identity(_) => "invalid_identity",

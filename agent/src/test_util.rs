@@ -45,7 +45,7 @@ pub async fn reset_server() -> (SocketAddr, JoinHandle<()>) {
         while let Ok((mut stream, _)) = listener.accept().await {
             let mut byte = [0u8; 1];
             let _ = stream.read(&mut byte).await;
-            crate::proxy::copy::reset(&stream);
+            crate::hbone::copy::reset(&stream);
         }
     });
     (addr, task)

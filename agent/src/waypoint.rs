@@ -1,6 +1,6 @@
 //! The waypoint: an L7 proxy for the services bound to it (`weft.dev/use-waypoint`).
 //!
-//! It terminates HBONE (`proxy::hbone`'s server, presenting the waypoint's own identity),
+//! It terminates HBONE (`hbone`'s server, presenting the waypoint's own identity),
 //! takes the CONNECT `:authority` as the original destination (a bound service's VIP:port,
 //! or the pod IP:port of one of its endpoints), and serves HTTP/1.1, HTTP/2 and gRPC on the
 //! tunnelled stream (`server`). Per request:
@@ -45,7 +45,7 @@ pub use server::{Tunnel, Waypoint};
 #[doc(hidden)] // for the fuzz target `hbone_headers`.
 pub use {server::forwarded_for, wire::host_without_port};
 
-use crate::{identity::SpiffeId, proxy::hbone, state::WorkloadRef};
+use crate::{hbone, identity::SpiffeId, state::WorkloadRef};
 
 /// A request the waypoint could not forward, with a stable reason.
 #[derive(Debug, thiserror::Error)]

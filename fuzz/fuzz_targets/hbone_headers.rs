@@ -1,5 +1,5 @@
 //! What an HBONE peer or an HTTP client writes in headers, as weft parses it:
-//! - the CONNECT target (`:authority`, `proxy::hbone::connect_target`);
+//! - the CONNECT target (`:authority`, `hbone::connect_target`);
 //! - `forwarded: for=` (`waypoint::forwarded_for`, the waypoint's source address);
 //! - `:authority`/`Host` without its port (`waypoint::host_without_port`, route matching);
 //! - trace context (`traceparent`/`tracestate`, `b3`, `x-b3-*`:
@@ -16,7 +16,7 @@
 use arbitrary::Arbitrary;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
-use weft::{proxy::hbone, telemetry::trace::TraceContext, waypoint};
+use weft::{hbone, telemetry::trace::TraceContext, waypoint};
 
 #[derive(Arbitrary, Debug)]
 struct Input<'a> {

@@ -20,9 +20,8 @@ use super::{terminate, track_certificate_readiness};
 use crate::{
     admin,
     cli::WaypointArgs,
-    http,
+    hbone, http,
     identity::{self, CaSource, CertManager, CertSource, SpiffeId},
-    proxy::hbone,
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
     state::{MeshSettings, Snapshot},

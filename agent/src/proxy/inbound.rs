@@ -23,11 +23,14 @@ use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
     admission::{Admission, Facts},
     connections::{PolicyOutcome, Tracked},
-    copy, hbone,
     loop_guard::Hop,
     route, socket,
 };
-use crate::{identity::SpiffeId, policy::DenyReason};
+use crate::{
+    hbone::{self, copy},
+    identity::SpiffeId,
+    policy::DenyReason,
+};
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
@@ -222,6 +225,8 @@ impl hbone::ConnectHandler for HboneHandler {
 }
 
 impl hbone::Transfer for HboneTransfer {
+    type Error = Error;
+
     fn sent(&self) -> &AtomicU64 {
         &self.tracked.sent
     }

@@ -23,11 +23,11 @@ use std::{
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{
-    Direction, Proxy,
-    hbone::{InboundConnect, Refusal, ServerStream, StreamHandler, Tunnel},
+use super::{Direction, Proxy};
+use crate::{
+    hbone::{self, InboundConnect, Refusal, ServerStream, StreamHandler, Tunnel},
+    state::WorkloadRef,
 };
-use crate::state::WorkloadRef;
 
 /// The limits, from `agent.limits` (docs/config.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -48,31 +48,7 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// …and the connection is dropped after this many unanswered probes.
     pub keepalive_retries: u32,
-    pub hbone: Hbone,
-}
-
-/// HTTP/2 limits of HBONE, both sides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Hbone {
-    /// SETTINGS_MAX_HEADER_LIST_SIZE: a larger CONNECT is answered 431.
-    pub max_header_list_size: u32,
-    /// SETTINGS_MAX_CONCURRENT_STREAMS of the server (and streams per pooled connection).
-    pub max_concurrent_streams: u32,
-    /// Streams a client may reset before the server accepted them, before GOAWAY
-    /// (rapid reset, CVE-2023-44487).
-    pub max_pending_accept_reset_streams: usize,
-    /// Streams the server may reset for the client's protocol errors, before GOAWAY.
-    pub max_local_error_reset_streams: usize,
-    /// TLS handshake and HTTP/2 preface of a new connection.
-    #[serde(with = "crate::settings::humantime_ms")]
-    pub handshake_timeout: Duration,
-    /// An HTTP/2 PING after this much time…
-    #[serde(with = "crate::settings::humantime_ms")]
-    pub ping_interval: Duration,
-    /// …unanswered for this long closes the connection (the peer is gone).
-    #[serde(with = "crate::settings::humantime_ms")]
-    pub ping_timeout: Duration,
+    pub hbone: hbone::Limits,
 }
 
 /// Why a connection was refused at a cap: the `reason` label.
@@ -133,7 +109,7 @@ impl<H: StreamHandler> StreamHandler for Limited<H> {
         })
     }
 
-    fn handshake_refused(&self, error: &super::hbone::Error) {
+    fn handshake_refused(&self, error: &hbone::Error) {
         self.inner.handshake_refused(error);
     }
 }
@@ -157,21 +133,7 @@ impl Default for Config {
             keepalive_time: Duration::from_secs(60),
             keepalive_interval: Duration::from_secs(15),
             keepalive_retries: 4,
-            hbone: Hbone::default(),
-        }
-    }
-}
-
-impl Default for Hbone {
-    fn default() -> Self {
-        Self {
-            max_header_list_size: 16 * 1024,
-            max_concurrent_streams: 100,
-            max_pending_accept_reset_streams: 20,
-            max_local_error_reset_streams: 1_024,
-            handshake_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(30),
-            ping_timeout: Duration::from_secs(10),
+            hbone: hbone::Limits::default(),
         }
     }
 }

@@ -16,12 +16,14 @@ use tracing::{debug, warn};
 use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
     connections::Tracked,
-    copy, hbone,
     loop_guard::{self, Hop},
     route::{self, Route},
     socket,
 };
-use crate::identity::SpiffeId;
+use crate::{
+    hbone::{self, copy},
+    identity::SpiffeId,
+};
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
     let dst = match original_destination(proxy, pod, peer) {

@@ -14,7 +14,8 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
-use super::{Error, WaypointProblem, hbone};
+use super::{Error, WaypointProblem};
+use crate::hbone;
 use crate::{
     identity::{self, SpiffeId},
     state::{MtlsMode, Service, Snapshot, Waypoint, Workload, WorkloadRef},

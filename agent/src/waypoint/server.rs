@@ -27,9 +27,9 @@ use tracing::debug;
 
 use super::{Config, Metrics, RouteTable, request, upstream::Upstreams};
 use crate::{
+    hbone,
     identity::SpiffeId,
     policy::PolicyIndex,
-    proxy::hbone,
     state::{Snapshot, StateHandle, WorkloadRef},
     telemetry::{AccessLog, trace::SpanExporter},
 };

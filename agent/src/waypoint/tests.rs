@@ -38,8 +38,8 @@ use tokio::{
 
 use super::{Config, Metrics, Waypoint, upstream::BoxBody};
 use crate::{
+    hbone::{self, Pool, PoolConfig},
     identity::SpiffeId,
-    proxy::hbone::{self, Pool, PoolConfig},
     state::{
         AccessPolicy, Action, L7Match, Location, Rule, Service, ServicePort, Snapshot, Workload,
         WorkloadRef, WorkloadSelector,

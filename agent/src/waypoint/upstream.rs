@@ -24,7 +24,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 use super::{Error, backend::Endpoint};
-use crate::{identity::SpiffeId, proxy::hbone};
+use crate::{hbone, identity::SpiffeId};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the waypoint sends, either way.

@@ -304,7 +304,9 @@ fn the_access_log_line_is_one_json_object_with_every_field() {
     let t = outbound(&h);
     h.connections.close(
         &t,
-        Some(&Error::Upstream(std::io::Error::other("connection reset"))),
+        Some(&Error::Transfer(crate::hbone::copy::Error::Upstream(
+            std::io::Error::other("connection reset"),
+        ))),
     );
     let lines = h.access_lines();
     assert_eq!(lines.len(), 1);

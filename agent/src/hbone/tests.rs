@@ -23,7 +23,6 @@ use tokio::{
 use super::*;
 use crate::{
     identity::SpiffeId,
-    proxy,
     test_util::{TestCa, TestCerts, closed_port, echo_server, reset_server, tcp_pair},
 };
 
@@ -62,6 +61,8 @@ struct TestTransfer {
 }
 
 impl Transfer for TestTransfer {
+    type Error = copy::Error;
+
     fn sent(&self) -> &AtomicU64 {
         &self.sent
     }
@@ -70,12 +71,16 @@ impl Transfer for TestTransfer {
         &self.received
     }
 
-    fn finish(self, result: Result<(), proxy::Error>) {
+    fn finish(self, result: Result<(), copy::Error>) {
         let _ = self.finished.send(Finished {
             sent: self.sent.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
             error: result.err().map(|e| e.reason()),
         });
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(3600)
     }
 }
 
@@ -616,7 +621,7 @@ async fn stream_reset_becomes_an_application_reset_through_copy() {
     app.write_all(b"x").await.unwrap();
     let result = timeout(
         PATIENCE,
-        proxy::copy::bidirectional(
+        copy::bidirectional(
             &mut down,
             &mut hbone,
             &sent,

@@ -18,7 +18,27 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::Error;
+/// Why a transfer ended early: which side failed, or that nothing moved for too long.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the application side failed: {0}")]
+    Downstream(#[source] io::Error),
+    #[error("the upstream side failed: {0}")]
+    Upstream(#[source] io::Error),
+    #[error("closed: no bytes either way for {} (agent.limits.idleTimeout)", humantime::format_duration(*.0))]
+    IdleTimeout(Duration),
+}
+
+impl Error {
+    /// The stable `reason` label of metrics and access logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Downstream(_) => "downstream",
+            Error::Upstream(_) => "upstream",
+            Error::IdleTimeout(_) => "idle_timeout",
+        }
+    }
+}
 
 /// One end of a proxied connection: a byte stream that can also be aborted, so that an
 /// error on either side resets the other instead of closing it cleanly.
@@ -76,17 +96,18 @@ pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
 }
 
 /// `bidirectional`, cut short when `stop` resolves first (a policy change revoked the
-/// connection): both ends are aborted and `stop`'s error returned.
-pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized>(
+/// connection): both ends are aborted and `stop`'s error returned. The caller's error type
+/// says why it stopped; a failed copy becomes one through `From`.
+pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized, E: From<Error>>(
     downstream: &mut D,
     upstream: &mut U,
     sent: &AtomicU64,
     received: &AtomicU64,
     idle: Duration,
-    stop: impl Future<Output = Error>,
-) -> Result<(), Error> {
+    stop: impl Future<Output = E>,
+) -> Result<(), E> {
     let stopped = tokio::select! {
-        result = bidirectional(&mut *downstream, &mut *upstream, sent, received, idle) => return result,
+        result = bidirectional(&mut *downstream, &mut *upstream, sent, received, idle) => return result.map_err(E::from),
         e = stop => e,
     };
     downstream.abort();

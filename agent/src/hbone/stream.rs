@@ -118,7 +118,7 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-impl crate::proxy::copy::Stream for H2Stream {
+impl super::copy::Stream for H2Stream {
     fn abort(&mut self) {
         H2Stream::abort(self);
     }

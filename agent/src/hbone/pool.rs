@@ -27,13 +27,10 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 use super::{
-    Error, Role,
+    Error, Limits, Role,
     client::{self, ConnectRequest, Connection, HboneStream, Lease, TlsIo},
 };
-use crate::{
-    identity::{CertSource, SpiffeId},
-    proxy::limits::Hbone,
-};
+use crate::identity::{CertSource, SpiffeId};
 
 /// Which connections a stream may share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -66,7 +63,7 @@ pub struct PoolConfig {
     #[serde(with = "as_humantime")]
     pub response_timeout: Duration,
     /// HTTP/2 limits and PING keepalive of the pooled connections.
-    pub http2: Hbone,
+    pub http2: Limits,
 }
 
 /// What the pool holds, for status and tests.
@@ -121,7 +118,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: 100,
             handshake_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),
-            http2: Hbone::default(),
+            http2: Limits::default(),
         }
     }
 }
@@ -341,7 +338,7 @@ async fn drive(
     connection: Arc<Connection>,
     mut driver: h2::client::Connection<TlsIo, Bytes>,
     idle_timeout: Duration,
-    http2: Hbone,
+    http2: Limits,
 ) {
     // A peer that vanished without a FIN or RST is found by PING, not only by TCP
     // keepalive, which takes minutes.

@@ -24,11 +24,10 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{BAGGAGE, Error, FORWARDED, Key, Role, TRACEPARENT, stream::H2Stream, tls};
-use crate::{
-    identity::{CertSource, SpiffeId},
-    proxy::limits::Hbone,
+use super::{
+    BAGGAGE, Error, FORWARDED, Key, Limits, Role, TRACEPARENT, copy, stream::H2Stream, tls,
 };
+use crate::identity::{CertSource, SpiffeId};
 
 /// What one CONNECT asks for.
 #[derive(Clone, Debug)]
@@ -74,7 +73,7 @@ impl std::fmt::Debug for HboneStream {
     }
 }
 
-impl crate::proxy::copy::Stream for HboneStream {
+impl copy::Stream for HboneStream {
     fn abort(&mut self) {
         HboneStream::abort(self);
     }
@@ -149,7 +148,7 @@ pub(super) async fn handshake(
     serial: String,
     id: u64,
     timeout: Duration,
-    limits: &Hbone,
+    limits: &Limits,
 ) -> Result<Established, Error> {
     let address = key.address;
     let (config, verifier) =

@@ -5,23 +5,27 @@
 //! `CONNECT ip:port` stream per application connection. The server (`server`) checks the
 //! client's SPIFFE id and asks a `StreamHandler` whether to accept: the node proxy's
 //! `ConnectHandler` connects the upstream, so `200` means it is reachable, then bytes are
-//! copied; the waypoint takes the stream itself and speaks HTTP on it. `tls` builds both
-//! rustls configurations and the SPIFFE verifiers. docs/hbone.md describes the wire format.
+//! copied (`copy`, the loop every proxy shares); the waypoint takes the stream itself and
+//! speaks HTTP on it. `tls` builds both rustls configurations and the SPIFFE verifiers.
+//! docs/hbone.md describes the wire format. The node proxy and the waypoint are siblings
+//! on top of this module.
 //!
 //! Inputs: certificates and roots from a `CertSource` (at handshake time), sockets from the
 //! caller (created in the pod's namespace). Outputs: `HboneStream`s, served CONNECTs, and a
 //! `reason()` for every failure.
 
 mod client;
+pub mod copy;
 mod pool;
 mod server;
 mod stream;
 pub mod tls;
 
-use std::io;
+use std::{io, time::Duration};
 
 use h2::Reason;
 use rustls::{AlertDescription, CertificateError};
+use serde::Serialize;
 
 pub use client::{ConnectRequest, HboneStream};
 pub use pool::{Key, Pool, PoolConfig, PoolStats};
@@ -277,6 +281,44 @@ pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
 /// W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
+
+/// HTTP/2 limits of HBONE, both sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// SETTINGS_MAX_HEADER_LIST_SIZE: a larger CONNECT is answered 431.
+    pub max_header_list_size: u32,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS of the server (and streams per pooled connection).
+    pub max_concurrent_streams: u32,
+    /// Streams a client may reset before the server accepted them, before GOAWAY
+    /// (rapid reset, CVE-2023-44487).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset for the client's protocol errors, before GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// TLS handshake and HTTP/2 preface of a new connection.
+    #[serde(with = "crate::settings::humantime_ms")]
+    pub handshake_timeout: Duration,
+    /// An HTTP/2 PING after this much time…
+    #[serde(with = "crate::settings::humantime_ms")]
+    pub ping_interval: Duration,
+    /// …unanswered for this long closes the connection (the peer is gone).
+    #[serde(with = "crate::settings::humantime_ms")]
+    pub ping_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_list_size: 16 * 1024,
+            max_concurrent_streams: 100,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1_024,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests;

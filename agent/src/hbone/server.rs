@@ -25,11 +25,8 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::{Error, Role, stream::H2Stream, tls};
-use crate::{
-    identity::SpiffeId,
-    proxy::{self, copy, limits::Hbone},
-};
+use super::{Error, Limits, Role, copy, stream::H2Stream, tls};
+use crate::identity::SpiffeId;
 
 /// A CONNECT the server received, for the handler to decide on.
 #[derive(Debug)]
@@ -68,21 +65,22 @@ pub struct Accepted<T> {
 
 /// Observes one accepted CONNECT: byte counters updated while bytes move, and the outcome.
 pub trait Transfer: Send + 'static {
+    /// Why a transfer ended badly: a failed copy, or whatever `stopped` says.
+    type Error: From<copy::Error> + Send;
+
     /// Bytes from the HBONE client to the upstream.
     fn sent(&self) -> &AtomicU64;
     /// Bytes from the upstream to the HBONE client.
     fn received(&self) -> &AtomicU64;
     /// Called once, when both directions are done or the transfer failed.
-    fn finish(self, result: Result<(), proxy::Error>);
+    fn finish(self, result: Result<(), Self::Error>);
     /// Resolves when the transfer must stop early (policy revoked it): both ends are then
     /// reset and `finish` gets the error. Never, by default.
-    fn stopped(&self) -> impl Future<Output = proxy::Error> + Send + 'static {
+    fn stopped(&self) -> impl Future<Output = Self::Error> + Send + 'static {
         std::future::pending()
     }
-    /// No bytes either way for this long ends the transfer (`idle_timeout`).
-    fn idle_timeout(&self) -> Duration {
-        proxy::limits::Config::default().idle_timeout
-    }
+    /// No bytes either way for this long ends the transfer.
+    fn idle_timeout(&self) -> Duration;
 }
 
 /// Decides on each CONNECT; an accepted one becomes a `Tunnel` that gets the stream once
@@ -169,7 +167,8 @@ impl<T: Transfer> Tunnel for Accepted<T> {
 
     fn abandon(self, error: std::io::Error) {
         copy::reset(&self.upstream);
-        self.transfer.finish(Err(proxy::Error::Downstream(error)));
+        self.transfer
+            .finish(Err(copy::Error::Downstream(error).into()));
     }
 }
 
@@ -217,7 +216,7 @@ pub async fn serve<H: StreamHandler>(
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
 ) -> Result<(), Error> {
-    serve_with(tcp, tls, handler, &Hbone::default()).await
+    serve_with(tcp, tls, handler, &Limits::default()).await
 }
 
 /// Serves one HBONE connection until the client closes it, within `limits`: a silent
@@ -228,7 +227,7 @@ pub async fn serve_with<H: StreamHandler>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
-    limits: &Hbone,
+    limits: &Limits,
 ) -> Result<(), Error> {
     let peer_addr = tcp.peer_addr().map_err(Error::Socket)?;
     let local_addr = tcp.local_addr().map_err(Error::Socket)?;
