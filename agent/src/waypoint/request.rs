@@ -12,14 +12,13 @@ use hyper::body::Incoming;
 use tracing::{debug, info};
 
 use super::{
-    Error,
+    Error, Target, Tunnel, View,
     backend::{self, Endpoint},
     filters::{self, Plan},
     observe::{Counted, Exchange, Observed},
     path,
     retry::{self, RequestBody},
     route::{RequestView, Routing},
-    server::{Target, Tunnel, View},
     upstream::{BoxBody, Protocol},
     wire::{authority_of, empty, error_response, host_without_port, strip_hop_by_hop},
 };
