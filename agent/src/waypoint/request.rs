@@ -14,7 +14,7 @@ use tracing::{debug, info};
 use super::{
     Error, Target, Tunnel, View,
     backend::{self, Endpoint},
-    filters::{self, Plan},
+    filters::{self, Effects},
     observe::{Counted, Exchange, Observed},
     path,
     retry::{self, RequestBody},
@@ -94,7 +94,7 @@ async fn forward(
         PathAndQuery::try_from(normal).map_err(|e| Error::BadRequest(e.to_string()))?;
     let authority = authority_of(&parts.uri, &parts.headers);
     let host = authority.as_deref().map(host_without_port);
-    let mut plan = Plan::default();
+    let mut effects = Effects::default();
     let mut rule: Option<&RouteRule> = None;
     let mut matched = None;
     let destination = match &tunnel.target {
@@ -123,11 +123,11 @@ async fn forward(
                     exchange.record.route = Some(route);
                     rule = Some(selected.rule);
                     matched = selected.matched;
-                    plan.extend(&selected.rule.filters);
-                    if plan.redirect.is_none() {
+                    effects.extend(&selected.rule.filters);
+                    if effects.redirect.is_none() {
                         let backend = backend::pick_weighted(&selected.rule.backends)
                             .ok_or(Error::NoBackend)?;
-                        plan.extend(&backend.filters);
+                        effects.extend(&backend.filters);
                         Destination::Service(backend.service.clone())
                     } else {
                         Destination::Service(ServiceRef {
@@ -139,7 +139,7 @@ async fn forward(
             }
         }
     };
-    if let Some(redirect) = plan.redirect {
+    if let Some(redirect) = effects.redirect {
         let scheme = parts.uri.scheme_str().unwrap_or("http");
         let port = authority
             .as_deref()
@@ -159,7 +159,7 @@ async fn forward(
         if let Ok(location) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(header::LOCATION, location);
         }
-        for modifier in &plan.response_headers {
+        for modifier in &effects.response_headers {
             filters::modify_headers(response.headers_mut(), modifier);
         }
         return Ok(response);
@@ -168,12 +168,12 @@ async fn forward(
     // The request to the backend: headers filtered, rewritten, trace context injected.
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
-    for modifier in &plan.request_headers {
+    for modifier in &effects.request_headers {
         filters::modify_headers(&mut headers, modifier);
     }
     let mut upstream_authority = authority.clone();
     let mut upstream_pq = path_and_query.as_str().to_owned();
-    if let Some(rewrite) = plan.rewrite {
+    if let Some(rewrite) = effects.rewrite {
         if let Some(hostname) = &rewrite.hostname {
             upstream_authority = Some(hostname.clone());
         }
@@ -204,7 +204,7 @@ async fn forward(
     .map_err(Into::into)
     .boxed_unsync();
     let limit = inner.config.replay_buffer;
-    let mut body = if plan.mirrors.is_empty() {
+    let mut body = if effects.mirrors.is_empty() {
         RequestBody::Streaming(Some(counted))
     } else {
         RequestBody::read(counted, limit).await?
@@ -212,7 +212,7 @@ async fn forward(
     if retry_policy.is_some() {
         body = body.recorded(limit);
     }
-    let mirrors: Vec<&ServiceRef> = plan
+    let mirrors: Vec<&ServiceRef> = effects
         .mirrors
         .iter()
         .filter(|m| fastrand::u32(0..1_000_000) < m.parts_per_million)
@@ -239,7 +239,7 @@ async fn forward(
             .unwrap_or(Err(Error::RequestTimeout)),
         None => tries.run(&mut body, exchange).await,
     }?;
-    for modifier in &plan.response_headers {
+    for modifier in &effects.response_headers {
         filters::modify_headers(response.headers_mut(), modifier);
     }
     Ok(response)
