@@ -3,7 +3,8 @@
 //! It terminates HBONE (`proxy::hbone`'s server, presenting the waypoint's own identity),
 //! takes the CONNECT `:authority` as the original destination (a bound service's VIP:port,
 //! or the pod IP:port of one of its endpoints), and serves HTTP/1.1, HTTP/2 and gRPC on the
-//! tunnelled stream (`server`). Per request:
+//! tunnelled stream (`server`). Per request, `plan` makes the decisions of steps 1 to 4
+//! (pure functions, no I/O) and `request` does the sending:
 //!
 //! 1. `route`: the Gateway API rule of the service's routes that the request matches
 //!    (precedence as the Gateway API orders it); no route at all: the service itself;
@@ -28,6 +29,7 @@ mod filters;
 mod metrics;
 mod observe;
 pub mod path;
+mod plan;
 mod request;
 mod retry;
 mod route;
