@@ -3,7 +3,8 @@
 //! It terminates HBONE (`hbone`'s server, presenting the waypoint's own identity),
 //! takes the CONNECT `:authority` as the original destination (a bound service's VIP:port,
 //! or the pod IP:port of one of its endpoints), and serves HTTP/1.1, HTTP/2 and gRPC on the
-//! tunnelled stream (`server`). Per request:
+//! tunnelled stream (`server`). Per request, `plan` makes the decisions of steps 1 to 4
+//! (pure functions, no I/O) and `request` does the sending:
 //!
 //! 1. `route`: the Gateway API rule of the service's routes that the request matches
 //!    (precedence as the Gateway API orders it); no route at all: the service itself;
@@ -28,6 +29,7 @@ mod filters;
 mod metrics;
 mod observe;
 pub mod path;
+mod plan;
 mod request;
 mod retry;
 mod route;
@@ -35,17 +37,29 @@ mod server;
 mod upstream;
 mod wire;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use serde::Serialize;
 
 pub use metrics::Metrics;
 pub use route::RouteTable;
-pub use server::{Tunnel, Waypoint};
+pub use server::Waypoint;
 #[doc(hidden)] // for the fuzz target `hbone_headers`.
 pub use {server::forwarded_for, wire::host_without_port};
 
-use crate::{hbone, identity::SpiffeId, state::WorkloadRef};
+use upstream::Upstreams;
+
+use crate::{
+    hbone,
+    identity::SpiffeId,
+    policy::PolicyIndex,
+    state::{Snapshot, StateHandle, WorkloadRef},
+    telemetry::{AccessLog, trace::SpanExporter},
+};
 
 /// A request the waypoint could not forward, with a stable reason.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +190,51 @@ mod humantime_serde {
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
+}
+
+/// What the waypoint's tunnels and requests share: settings, the view of the current
+/// snapshot, the upstream pool, telemetry.
+struct Inner {
+    pub config: Config,
+    pub trust_domain: String,
+    state: StateHandle,
+    view: Mutex<Arc<View>>,
+    pub upstreams: Upstreams,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    pub exporter: Option<Arc<dyn SpanExporter>>,
+    /// Requests whose response has not ended yet (drain waits for them).
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// What one snapshot means for routing: the snapshot, its routes by service, its
+/// policies by workload.
+struct View {
+    pub snapshot: Arc<Snapshot>,
+    pub routes: RouteTable,
+    pub policy: PolicyIndex,
+}
+
+/// The original destination of a CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target {
+    /// A bound service's VIP and port: routed.
+    Service { service: WorkloadRef, port: u16 },
+    /// One pod of a bound service, at a target port: that pod only, no routes.
+    Pod {
+        addr: SocketAddr,
+        service: WorkloadRef,
+    },
+}
+
+/// One accepted CONNECT stream: who sent it and where it was going.
+pub struct Tunnel {
+    inner: Arc<Inner>,
+    target: Target,
+    peer_identity: SpiffeId,
+    /// The original client: `forwarded: for=` when it names a workload of the peer's
+    /// identity, else the peer's own address.
+    source: SocketAddr,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::state::route::{
 
 /// What the filters of a rule (and then of its backend) ask for.
 #[derive(Debug, Default)]
-pub struct Plan<'s> {
+pub struct Effects<'s> {
     pub request_headers: Vec<&'s HeaderModifier>,
     pub response_headers: Vec<&'s HeaderModifier>,
     pub mirrors: Vec<&'s Mirror>,
@@ -19,7 +19,7 @@ pub struct Plan<'s> {
     pub rewrite: Option<&'s UrlRewrite>,
 }
 
-impl<'s> Plan<'s> {
+impl<'s> Effects<'s> {
     /// Adds `filters` in order (a later redirect or rewrite replaces an earlier one).
     pub fn extend(&mut self, filters: &'s [Filter]) {
         for filter in filters {

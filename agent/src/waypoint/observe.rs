@@ -20,9 +20,9 @@ use http::{Request, Version, header};
 use hyper::body::Incoming;
 
 use super::{
+    Inner, Target, Tunnel, View,
     access_log::RequestRecord,
     metrics::{HttpLabels, Observation},
-    server::{Inner, Target, Tunnel, View},
     upstream::{BoxBody, BoxError},
     wire::{authority, is_grpc},
 };

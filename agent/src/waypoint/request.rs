@@ -1,35 +1,24 @@
-//! One request through the waypoint: path, route, filters, backend, policy, mirrors, tries,
-//! response.
+//! One request through the waypoint: its plan (`plan`: path, route, filters, backend),
+//! then the sending: body, policy and an endpoint per try, mirrors, retries, the response.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
-use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
-    uri::PathAndQuery,
-};
+use http::{Request, Response, request::Parts};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{debug, info};
 
 use super::{
-    Error,
+    Error, Tunnel, View,
     backend::{self, Endpoint},
-    filters::{self, Plan},
+    filters,
     observe::{Counted, Exchange, Observed},
-    path,
+    plan::{self, Forward, Outcome, Template, plan},
     retry::{self, RequestBody},
-    route::{RequestView, Routing},
-    server::{Target, Tunnel, View},
-    upstream::{BoxBody, Protocol},
-    wire::{authority_of, empty, error_response, host_without_port, strip_hop_by_hop},
+    upstream::BoxBody,
+    wire::{empty, error_response, strip_hop_by_hop},
 };
-use crate::{
-    policy::{ConnectionFacts, Decision, RequestFacts},
-    state::{
-        WorkloadRef,
-        route::{Retry, RouteRule, ServiceRef, Timeouts},
-    },
-};
+use crate::{policy::RequestFacts, state::route::ServiceRef};
 
 /// Serves one request of a tunnel; never fails (errors become responses).
 pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response<Observed> {
@@ -72,232 +61,85 @@ pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response
     Response::from_parts(parts, body)
 }
 
-/// Where the request goes before any try: the endpoint is picked per try.
-enum Destination {
-    /// A backend Service port.
-    Service(ServiceRef),
-    /// A pod the client dialled directly.
-    Pod(SocketAddr, WorkloadRef),
-}
-
+/// Plans the request, then answers a redirect or sends it.
 async fn forward(
     tunnel: &Tunnel,
     view: &View,
     request: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Response<BoxBody>, Error> {
-    let inner = &tunnel.inner;
     let (parts, body) = request.into_parts();
-    // Routes, policy, mirrors and the backend all see the one normal form of the path.
-    let raw = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let normal = path::normalize_path_and_query(raw, inner.config.path_escaped_slashes)?;
-    let path_and_query =
-        PathAndQuery::try_from(normal).map_err(|e| Error::BadRequest(e.to_string()))?;
-    let authority = authority_of(&parts.uri, &parts.headers);
-    let host = authority.as_deref().map(host_without_port);
-    let mut plan = Plan::default();
-    let mut rule: Option<&RouteRule> = None;
-    let mut matched = None;
-    let destination = match &tunnel.target {
-        Target::Pod { addr, service } => Destination::Pod(*addr, service.clone()),
-        Target::Service { service, port } => {
-            let lowered = host.as_deref().map(str::to_ascii_lowercase);
-            let view_of_request = RequestView {
-                method: parts.method.as_str(),
-                path: path_and_query.path(),
-                query: path_and_query.query(),
-                headers: &parts.headers,
-                host: lowered.as_deref(),
-            };
-            match view
-                .routes
-                .select(&view.snapshot, service, *port, &view_of_request)
-            {
-                Routing::Unrouted => Destination::Service(ServiceRef {
-                    name: service.clone(),
-                    port: *port,
-                }),
-                Routing::NoMatch => return Err(Error::NoRoute),
-                Routing::Rule(selected) => {
-                    let route = selected.route.name.to_string();
-                    exchange.labels.route_name.clone_from(&route);
-                    exchange.record.route = Some(route);
-                    rule = Some(selected.rule);
-                    matched = selected.matched;
-                    plan.extend(&selected.rule.filters);
-                    if plan.redirect.is_none() {
-                        let backend = backend::pick_weighted(&selected.rule.backends)
-                            .ok_or(Error::NoBackend)?;
-                        plan.extend(&backend.filters);
-                        Destination::Service(backend.service.clone())
-                    } else {
-                        Destination::Service(ServiceRef {
-                            name: service.clone(),
-                            port: *port,
-                        })
-                    }
-                }
-            }
-        }
-    };
-    if let Some(redirect) = plan.redirect {
-        let scheme = parts.uri.scheme_str().unwrap_or("http");
-        let port = authority
-            .as_deref()
-            .and_then(|a| a.rsplit_once(':'))
-            .and_then(|(_, p)| p.parse().ok());
-        let location = filters::location(
-            redirect,
-            scheme,
-            host.as_deref().unwrap_or_default(),
-            port,
-            &path_and_query,
-            matched,
-        );
-        let mut response = Response::new(empty());
-        *response.status_mut() =
-            StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
-        if let Ok(location) = HeaderValue::from_str(&location) {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
-        for modifier in &plan.response_headers {
-            filters::modify_headers(response.headers_mut(), modifier);
-        }
-        return Ok(response);
+    let slashes = tunnel.inner.config.path_escaped_slashes;
+    let plan = plan(&tunnel.target, view, &parts, slashes);
+    if let Some(route) = plan.route {
+        let route = route.to_string();
+        exchange.labels.route_name.clone_from(&route);
+        exchange.record.route = Some(route);
     }
+    match plan.outcome? {
+        Outcome::Redirect { status, headers } => {
+            let mut response = Response::new(empty());
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            Ok(response)
+        }
+        Outcome::Forward(mut forward) => {
+            exchange.trace.inject(&mut forward.template.headers);
+            send(tunnel, view, &parts, body, &forward, exchange).await
+        }
+    }
+}
 
-    // The request to the backend: headers filtered, rewritten, trace context injected.
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    for modifier in &plan.request_headers {
-        filters::modify_headers(&mut headers, modifier);
-    }
-    let mut upstream_authority = authority.clone();
-    let mut upstream_pq = path_and_query.as_str().to_owned();
-    if let Some(rewrite) = plan.rewrite {
-        if let Some(hostname) = &rewrite.hostname {
-            upstream_authority = Some(hostname.clone());
-        }
-        if let Some(path) = &rewrite.path {
-            upstream_pq = filters::rewrite_path_and_query(&path_and_query, path, matched);
-        }
-    }
-    exchange.trace.inject(&mut headers);
-    let protocol = if exchange.grpc || parts.version == Version::HTTP_2 {
-        Protocol::Http2
-    } else {
-        Protocol::Http1
-    };
-    let template = Template {
-        method: parts.method.clone(),
-        authority: upstream_authority,
-        path_and_query: upstream_pq,
-        headers,
-        protocol,
-    };
-
-    let retry_policy = rule.and_then(|r| r.retry.as_ref());
-    let timeouts = rule.map(|r| r.timeouts).unwrap_or_default();
+/// Sends a planned request: the body read or streamed, the tries within the request
+/// timeout, the response's headers modified.
+async fn send(
+    tunnel: &Tunnel,
+    view: &View,
+    parts: &Parts,
+    body: Incoming,
+    forward: &Forward<'_>,
+    exchange: &mut Exchange,
+) -> Result<Response<BoxBody>, Error> {
     let counted = Counted {
         body,
         count: Arc::clone(&exchange.request_bytes),
     }
     .map_err(Into::into)
     .boxed_unsync();
-    let limit = inner.config.replay_buffer;
-    let mut body = if plan.mirrors.is_empty() {
-        RequestBody::Streaming(Some(counted))
-    } else {
+    let limit = tunnel.inner.config.replay_buffer;
+    let mut body = if forward.mirrored {
         RequestBody::read(counted, limit).await?
+    } else {
+        RequestBody::Streaming(Some(counted))
     };
-    if retry_policy.is_some() {
+    if forward.retry.is_some() {
         body = body.recorded(limit);
     }
-    let mirrors: Vec<&ServiceRef> = plan
-        .mirrors
-        .iter()
-        .filter(|m| fastrand::u32(0..1_000_000) < m.parts_per_million)
-        .map(|m| &m.backend)
-        .collect();
-    let facts_request = RequestFacts {
-        method: parts.method.as_str(),
-        path: path_and_query.path(),
-        headers: &parts.headers,
-    };
+    let facts = forward.facts(parts);
     let tries = Tries {
         tunnel,
         view,
-        destination: &destination,
-        template: &template,
-        retry: retry_policy,
-        timeouts,
-        request: &facts_request,
-        mirrors: &mirrors,
+        forward,
+        request: &facts,
     };
-    let mut response = match timeouts.request {
+    let mut response = match forward.timeouts.request {
         Some(limit) => tokio::time::timeout(limit, tries.run(&mut body, exchange))
             .await
             .unwrap_or(Err(Error::RequestTimeout)),
         None => tries.run(&mut body, exchange).await,
     }?;
-    for modifier in &plan.response_headers {
+    for modifier in &forward.response_headers {
         filters::modify_headers(response.headers_mut(), modifier);
     }
     Ok(response)
-}
-
-/// The request to the backend, without its body (each try gets one).
-struct Template {
-    method: Method,
-    authority: Option<String>,
-    path_and_query: String,
-    headers: HeaderMap,
-    protocol: Protocol,
-}
-
-impl Template {
-    fn build(&self, endpoint: &Endpoint, body: BoxBody) -> Result<Request<BoxBody>, Error> {
-        let authority = self
-            .authority
-            .clone()
-            .unwrap_or_else(|| endpoint.addr.to_string());
-        let uri = match self.protocol {
-            Protocol::Http2 => format!("http://{authority}{}", self.path_and_query),
-            Protocol::Http1 => self.path_and_query.clone(),
-        };
-        let uri: Uri = uri
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| Error::BadRequest(e.to_string()))?;
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
-        *request.headers_mut() = self.headers.clone();
-        match self.protocol {
-            Protocol::Http2 => {
-                *request.version_mut() = Version::HTTP_2;
-                request.headers_mut().remove(header::HOST);
-            }
-            Protocol::Http1 => {
-                let host = HeaderValue::from_str(&authority)
-                    .map_err(|e| Error::BadRequest(e.to_string()))?;
-                request.headers_mut().insert(header::HOST, host);
-            }
-        }
-        Ok(request)
-    }
 }
 
 /// The tries of one request.
 struct Tries<'a> {
     tunnel: &'a Tunnel,
     view: &'a View,
-    destination: &'a Destination,
-    template: &'a Template,
-    retry: Option<&'a Retry>,
-    timeouts: Timeouts,
+    forward: &'a Forward<'a>,
     request: &'a RequestFacts<'a>,
-    /// Mirror backends sampled for this request: sent once the first try passed policy.
-    mirrors: &'a [&'a ServiceRef],
 }
 
 impl Tries<'_> {
@@ -309,15 +151,18 @@ impl Tries<'_> {
         let inner = &self.tunnel.inner;
         let mut attempt = 0u32;
         loop {
-            let endpoint = self.endpoint()?;
+            let endpoint = self
+                .forward
+                .destination
+                .endpoint(&self.view.snapshot, &inner.trust_domain)?;
             admit(self.tunnel, self.view, &endpoint, self.request)?;
             if attempt == 0 {
                 // Only a request its policy admitted is copied: a denied one goes nowhere.
-                for backend in self.mirrors {
+                for backend in &self.forward.mirrors {
                     send_mirror(
                         self.tunnel,
                         self.view,
-                        self.template,
+                        &self.forward.template,
                         backend,
                         body,
                         self.request,
@@ -335,11 +180,10 @@ impl Tries<'_> {
                 .destination_workload_namespace
                 .clone_from(&endpoint.workload.namespace);
             exchange.labels.destination_principal = endpoint.identity.to_string();
-            let request = self.template.build(&endpoint, body.take())?;
-            let send = inner
-                .upstreams
-                .send(&endpoint, self.template.protocol, request);
-            let result = match self.timeouts.backend_request {
+            let template = &self.forward.template;
+            let request = template.build(&endpoint, body.take())?;
+            let send = inner.upstreams.send(&endpoint, template.protocol, request);
+            let result = match self.forward.timeouts.backend_request {
                 Some(limit) => tokio::time::timeout(limit, send)
                     .await
                     .unwrap_or(Err(Error::TryTimeout)),
@@ -347,6 +191,7 @@ impl Tries<'_> {
             };
             // Known only now: a recorded body may have outgrown the replay limit.
             let retry = self
+                .forward
                 .retry
                 .filter(|r| attempt < r.attempts && body.replayable());
             let r = match (result, retry) {
@@ -365,41 +210,22 @@ impl Tries<'_> {
             exchange.record.retries = attempt;
         }
     }
-
-    fn endpoint(&self) -> Result<Endpoint, Error> {
-        let snapshot = &self.view.snapshot;
-        let td = &self.tunnel.inner.trust_domain;
-        match self.destination {
-            Destination::Service(service) => backend::resolve(snapshot, service, td),
-            Destination::Pod(addr, service) => backend::pod(snapshot, *addr, service, td),
-        }
-    }
 }
 
-/// L7 access policy of the endpoint's workload, for the original client.
+/// `plan::admit` for the tunnel's client.
 fn admit(
     tunnel: &Tunnel,
     view: &View,
     endpoint: &Endpoint,
     request: &RequestFacts<'_>,
 ) -> Result<(), Error> {
-    let Some(workload) = view.snapshot.workloads.get(&endpoint.workload) else {
-        return Err(Error::UnknownEndpoint(endpoint.addr.ip()));
-    };
-    let decision = view.policy.evaluate(&ConnectionFacts {
-        destination: workload,
-        dst_port: endpoint.addr.port(),
-        source_identity: Some(&tunnel.peer_identity),
-        source_ip: tunnel.source.ip(),
-        request: Some(request),
-    });
-    match decision {
-        Decision::Allow => Ok(()),
-        Decision::Deny { policy, reason } => Err(Error::PolicyDenied {
-            reason: reason.as_str(),
-            policy,
-        }),
-    }
+    plan::admit(
+        view,
+        endpoint,
+        &tunnel.peer_identity,
+        tunnel.source.ip(),
+        request,
+    )
 }
 
 /// Sends a copy to a mirror backend, fire and forget: its response is read and dropped.

@@ -25,12 +25,14 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use super::{Config, Metrics, RouteTable, request, upstream::Upstreams};
+use super::{
+    Config, Inner, Metrics, RouteTable, Target, Tunnel, View, request, upstream::Upstreams,
+};
 use crate::{
     hbone,
     identity::SpiffeId,
     policy::PolicyIndex,
-    state::{Snapshot, StateHandle, WorkloadRef},
+    state::{Snapshot, StateHandle},
     telemetry::{AccessLog, trace::SpanExporter},
 };
 
@@ -38,49 +40,6 @@ use crate::{
 #[derive(Clone)]
 pub struct Waypoint {
     pub(super) inner: Arc<Inner>,
-}
-
-pub(super) struct Inner {
-    pub config: Config,
-    pub trust_domain: String,
-    state: StateHandle,
-    view: Mutex<Arc<View>>,
-    pub upstreams: Upstreams,
-    pub metrics: Metrics,
-    pub access_log: AccessLog,
-    pub exporter: Option<Arc<dyn SpanExporter>>,
-    /// Requests whose response has not ended yet (drain waits for them).
-    pub in_flight: Arc<AtomicUsize>,
-}
-
-/// What one snapshot means for routing: the snapshot, its routes by service, its
-/// policies by workload.
-pub(super) struct View {
-    pub snapshot: Arc<Snapshot>,
-    pub routes: RouteTable,
-    pub policy: PolicyIndex,
-}
-
-/// The original destination of a CONNECT.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Target {
-    /// A bound service's VIP and port: routed.
-    Service { service: WorkloadRef, port: u16 },
-    /// One pod of a bound service, at a target port: that pod only, no routes.
-    Pod {
-        addr: SocketAddr,
-        service: WorkloadRef,
-    },
-}
-
-/// One accepted CONNECT stream: who sent it and where it was going.
-pub struct Tunnel {
-    pub(super) inner: Arc<Inner>,
-    pub(super) target: Target,
-    pub(super) peer_identity: SpiffeId,
-    /// The original client: `forwarded: for=` when it names a workload of the peer's
-    /// identity, else the peer's own address.
-    pub(super) source: SocketAddr,
 }
 
 impl Waypoint {
@@ -317,6 +276,7 @@ const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::WorkloadRef;
 
     #[test]
     fn forwarded_for_takes_the_first_client_address() {
