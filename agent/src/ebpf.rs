@@ -13,6 +13,7 @@ mod links;
 mod loader;
 mod log;
 mod maps;
+mod programs;
 mod query;
 #[cfg(test)]
 mod tests;

@@ -24,15 +24,9 @@ use tracing::{debug, warn};
 
 use super::{
     Config, Error, loader,
+    programs::{CONNECT4, CONNECT6, HOST_SOCK_OPS, SK_LOOKUP, SOCK_OPS, links_dir, sk_lookup_dir},
     query::{self, QueryScope},
 };
-
-/// Program names in the object (the entry points' identifiers in `weft-ebpf`).
-pub(crate) const CONNECT4: &str = "connect4";
-pub(crate) const CONNECT6: &str = "connect6";
-pub(crate) const SOCK_OPS: &str = "sock_ops";
-pub(crate) const HOST_SOCK_OPS: &str = "host_sock_ops";
-pub(crate) const SK_LOOKUP: &str = "steer_inbound";
 
 /// Kernel ids of this agent's programs.
 #[derive(Debug, Clone, Copy)]
@@ -63,14 +57,6 @@ impl ProgramIds {
             (SOCK_OPS, self.sock_ops, query::BPF_CGROUP_SOCK_OPS),
         ]
     }
-}
-
-pub(crate) fn links_dir(pin_root: &Path) -> PathBuf {
-    pin_root.join("links")
-}
-
-pub(crate) fn sk_lookup_dir(pin_root: &Path) -> PathBuf {
-    links_dir(pin_root).join("sk_lookup")
 }
 
 /// Attaches connect4, connect6 and sock_ops to the cgroup root, and host_sock_ops to the

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Error, links, log};
+use super::{Error, log, programs};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, SkLookup, SockOps},
@@ -44,8 +44,8 @@ pub(crate) fn prepare_pin_root(pin_root: &Path) -> Result<(), Error> {
     }
     for dir in [
         pin_root.to_path_buf(),
-        links::links_dir(pin_root),
-        links::sk_lookup_dir(pin_root),
+        programs::links_dir(pin_root),
+        programs::sk_lookup_dir(pin_root),
     ] {
         fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })?;
     }
@@ -120,19 +120,19 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
             source: Box::new(source),
         }
     };
-    for name in [links::CONNECT4, links::CONNECT6] {
+    for name in [programs::CONNECT4, programs::CONNECT6] {
         program::<CgroupSockAddr>(ebpf, name)?
             .load()
             .map_err(load_error(name))?;
     }
-    for name in [links::SOCK_OPS, links::HOST_SOCK_OPS] {
+    for name in [programs::SOCK_OPS, programs::HOST_SOCK_OPS] {
         program::<SockOps>(ebpf, name)?
             .load()
             .map_err(load_error(name))?;
     }
-    program::<SkLookup>(ebpf, links::SK_LOOKUP)?
+    program::<SkLookup>(ebpf, programs::SK_LOOKUP)?
         .load()
-        .map_err(load_error(links::SK_LOOKUP))?;
+        .map_err(load_error(programs::SK_LOOKUP))?;
     Ok(())
 }
 
