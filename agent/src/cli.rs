@@ -4,7 +4,16 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{source, telemetry::LogFormat};
+use crate::{
+    admin,
+    app::waypoint::{Error, RELOAD_INTERVAL, Settings},
+    http,
+    identity::{self, CaSource, SpiffeId},
+    source,
+    state::WorkloadRef,
+    telemetry::{self, LogFormat},
+    waypoint,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "weft: sidecarless service mesh")]
@@ -182,6 +191,71 @@ pub struct WaypointArgs {
     pub path_escaped_slashes: crate::waypoint::path::EscapedSlashes,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+impl WaypointArgs {
+    /// The waypoint's validated settings, naming the flag that is wrong.
+    pub fn settings(&self) -> Result<Settings, Error> {
+        let args = self;
+        let source = args.source.unwrap_or_default();
+        if source == source::Kind::File && args.config.is_none() {
+            return Err(Error::NoConfig);
+        }
+        let service_account = args.service_account.as_deref().unwrap_or(&args.name);
+        let identity = SpiffeId::new(&args.trust_domain, &args.namespace, service_account)
+            .map_err(|e| Error::Invalid {
+                field: "--service-account",
+                reason: e.to_string(),
+            })?;
+        let ca = match (&args.ca_cert, &args.ca_key, &args.ca_addr) {
+            (Some(cert), Some(key), _) => CaSource::InProcess {
+                cert: cert.clone(),
+                key: key.clone(),
+                trusted_roots: Vec::new(),
+            },
+            (_, _, Some(addr)) => CaSource::Remote {
+                addr: addr.clone(),
+                server_name: args.ca_server_name.clone().unwrap_or_else(|| {
+                    addr.rsplit_once(':')
+                        .map_or(addr.as_str(), |(host, _)| host)
+                        .to_owned()
+                }),
+                root_cert: args.ca_root_cert.clone().ok_or(Error::NoCa)?,
+                token_file: args.ca_token_file.clone().ok_or(Error::NoCa)?,
+            },
+            _ => return Err(Error::NoCa),
+        };
+        admin::require_loopback(args.admin_addr).map_err(|reason| Error::Invalid {
+            field: "--admin-addr",
+            reason,
+        })?;
+        let mut waypoint =
+            waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
+        waypoint.listen_addr = args.listen_addr;
+        waypoint.path_escaped_slashes = args.path_escaped_slashes;
+        Ok(Settings {
+            waypoint,
+            identity: identity::Config {
+                trust_domain: args.trust_domain.clone(),
+                cert_lifetime: identity::DEFAULT_CERT_LIFETIME,
+                ca,
+            },
+            admin: admin::Config {
+                admin_addr: args.admin_addr,
+                readiness_addr: args.readiness_addr,
+                metrics_addr: args.metrics_addr,
+                http: http::Limits::default(),
+            },
+            telemetry: telemetry::Config {
+                metrics_prefix: args.metrics_prefix.clone(),
+            },
+            source,
+            config_path: args.config.clone(),
+            node_name: args.node_name.clone().unwrap_or_default(),
+            reload_interval: RELOAD_INTERVAL,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+        })
+    }
 }
 
 fn parse_prefix(text: &str) -> Result<crate::telemetry::Prefix, String> {

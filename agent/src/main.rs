@@ -92,7 +92,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
 fn waypoint_command(args: &WaypointArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     raise_open_file_limit();
-    let settings = app::waypoint::Settings::from_args(args)?;
+    let settings = args.settings()?;
     tracing::info!(component = "app", config = %serde_json::to_string(&settings).unwrap_or_default(), "starting weft waypoint");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

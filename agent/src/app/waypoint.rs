@@ -18,14 +18,12 @@ use tracing::info;
 
 use super::{terminate, track_certificate_readiness};
 use crate::{
-    admin,
-    cli::WaypointArgs,
-    hbone, http,
-    identity::{self, CaSource, CertManager, CertSource, SpiffeId},
+    admin, hbone, http,
+    identity::{self, CertManager, CertSource},
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
+    state::StateHandle,
     state::{MeshSettings, Snapshot},
-    state::{StateHandle, WorkloadRef},
     telemetry::{self, AccessLog, Registry, otlp, trace::SpanExporter},
     waypoint::{self, Waypoint},
 };
@@ -79,69 +77,6 @@ pub struct Bound {
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub readiness: SocketAddr,
-}
-
-impl Settings {
-    pub fn from_args(args: &WaypointArgs) -> Result<Self, Error> {
-        let source = args.source.unwrap_or_default();
-        if source == source::Kind::File && args.config.is_none() {
-            return Err(Error::NoConfig);
-        }
-        let service_account = args.service_account.as_deref().unwrap_or(&args.name);
-        let identity = SpiffeId::new(&args.trust_domain, &args.namespace, service_account)
-            .map_err(|e| Error::Invalid {
-                field: "--service-account",
-                reason: e.to_string(),
-            })?;
-        let ca = match (&args.ca_cert, &args.ca_key, &args.ca_addr) {
-            (Some(cert), Some(key), _) => CaSource::InProcess {
-                cert: cert.clone(),
-                key: key.clone(),
-                trusted_roots: Vec::new(),
-            },
-            (_, _, Some(addr)) => CaSource::Remote {
-                addr: addr.clone(),
-                server_name: args.ca_server_name.clone().unwrap_or_else(|| {
-                    addr.rsplit_once(':')
-                        .map_or(addr.as_str(), |(host, _)| host)
-                        .to_owned()
-                }),
-                root_cert: args.ca_root_cert.clone().ok_or(Error::NoCa)?,
-                token_file: args.ca_token_file.clone().ok_or(Error::NoCa)?,
-            },
-            _ => return Err(Error::NoCa),
-        };
-        admin::require_loopback(args.admin_addr).map_err(|reason| Error::Invalid {
-            field: "--admin-addr",
-            reason,
-        })?;
-        let mut waypoint =
-            waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
-        waypoint.listen_addr = args.listen_addr;
-        waypoint.path_escaped_slashes = args.path_escaped_slashes;
-        Ok(Self {
-            waypoint,
-            identity: identity::Config {
-                trust_domain: args.trust_domain.clone(),
-                cert_lifetime: identity::DEFAULT_CERT_LIFETIME,
-                ca,
-            },
-            admin: admin::Config {
-                admin_addr: args.admin_addr,
-                readiness_addr: args.readiness_addr,
-                metrics_addr: args.metrics_addr,
-                http: crate::http::Limits::default(),
-            },
-            telemetry: telemetry::Config {
-                metrics_prefix: args.metrics_prefix.clone(),
-            },
-            source,
-            config_path: args.config.clone(),
-            node_name: args.node_name.clone().unwrap_or_default(),
-            reload_interval: RELOAD_INTERVAL,
-            otlp_endpoint: args.otlp_endpoint.clone(),
-        })
-    }
 }
 
 /// Everything the admin endpoints read.
@@ -383,7 +318,8 @@ fn route(context: &Context, endpoints: Endpoints, req: &Request<Bytes>) -> Respo
 /// How long in-flight requests may take to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the state file is checked for changes.
-const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the waypoint's state file is checked for changes.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests;

@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
+use crate::identity::CaSource;
 use crate::{
     cli::{Cli, Command},
     test_util::kube_api::FakeApi,
@@ -49,7 +50,7 @@ fn settings(ca: &identity::ca::InitPaths, flags: &[&str]) -> Settings {
     let Command::Waypoint(args) = Cli::try_parse_from(argv).unwrap().command else {
         unreachable!("parsed the waypoint subcommand")
     };
-    Settings::from_args(&args).unwrap()
+    args.settings().unwrap()
 }
 
 /// Waits until the readiness server says 200.
@@ -116,7 +117,7 @@ fn the_sources_and_the_ca_are_checked_with_a_reason() {
         else {
             unreachable!("parsed the waypoint subcommand")
         };
-        Settings::from_args(&args)
+        args.settings()
     };
     let no_state = Cli::try_parse_from(["weft", "waypoint", "--name", "wp"]).unwrap_err();
     assert!(no_state.to_string().contains("--config"), "{no_state}");
