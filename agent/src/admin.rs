@@ -38,11 +38,11 @@ use tracing::debug;
 
 use crate::{
     ebpf::{self, Dataplane},
-    enroll::EnrollStatus,
     hbone, http,
     identity::CertManager,
     proxy::Connections,
     readiness::Ready,
+    report::EnrollStatus,
     source::SourceStatus,
     state::StateHandle,
     telemetry::{

@@ -16,10 +16,10 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin, cni,
+    admin,
     config::Config,
     ebpf::{self, Dataplane},
-    enroll::{self, Enroller, discover},
+    enroll::{self, Enroller},
     hbone,
     identity::{self, CertManager, CertSource},
     proxy::{self, Connections, Proxy},
@@ -27,7 +27,7 @@ use crate::{
     source::{
         self, SourceStatus,
         file::FileDoc,
-        node_pods::{self, NodePods},
+        node::{self, NodePods, discover},
     },
     state::{MeshSettings, Snapshot},
     telemetry,
@@ -46,7 +46,7 @@ pub enum Error {
     #[error(transparent)]
     Kube(#[from] source::kube::Error),
     #[error(transparent)]
-    Cni(#[from] cni::server::Error),
+    Cni(#[from] node::cni::Error),
     // Fatal at start-up: the first enrollment pass would otherwise drop pods a previous
     // agent enrolled (they look gone), and they would run unmeshed.
     #[error(transparent)]
@@ -122,7 +122,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     // The source's snapshot, then joined with the node's pods (workloads known by pod UID):
     // one join for both sources.
     let first = Arc::new(doc.snapshot.clone());
-    let (state_tx, mut state_rx) = watch::channel(node_pods::join_shared(&first, &node_pods));
+    let (state_tx, mut state_rx) = watch::channel(node::join_shared(&first, &node_pods));
     let (raw_tx, raw_rx) = watch::channel(first);
     let (enrolled_tx, enrolled_rx) = watch::channel(None);
     let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
@@ -147,7 +147,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let enroll_status = Arc::new(Mutex::new(enroller.status()));
     let shutdown = Arc::new(Notify::new());
 
-    let cni_metrics = cni::server::Metrics::new(metrics.prometheus_mut());
+    let cni_metrics = node::cni::Metrics::new(metrics.prometheus_mut());
     let servers = admin::Servers::bind(&config.admin).await?;
     let (admin_addr, readiness_addr) = servers.addresses();
     let metrics_addr = servers.metrics_address();
@@ -194,14 +194,14 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             ));
         }
     }
-    tokio::spawn(node_pods::follow(raw_rx, Arc::clone(&node_pods), state_tx));
+    tokio::spawn(node::follow(raw_rx, Arc::clone(&node_pods), state_tx));
     if let Some(cni) = &config.cni {
-        let server = cni::server::Server::bind(cni.clone(), cni_metrics)?;
-        tokio::spawn(server.run(cni::server::Inputs {
+        let server = node::cni::Server::bind(cni.clone(), cni_metrics)?;
+        tokio::spawn(server.run(node::cni::Inputs {
             pods: Arc::clone(&node_pods),
             state: state_rx.clone(),
             enrolled: enrolled_rx,
-            identity: certs.clone().map(|certs| cni::server::Identity {
+            identity: certs.clone().map(|certs| node::cni::Identity {
                 certs,
                 trust_domain: config.identity.trust_domain.clone(),
             }),

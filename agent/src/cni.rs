@@ -8,9 +8,10 @@
 //! - [`plugin`]: the CNI side (spec 1.0: ADD, DEL, CHECK, VERSION). Input: the network
 //!   config on stdin (with `prevResult`), `CNI_*` variables. Output: `prevResult` unchanged,
 //!   or a CNI error on stdout and a non-zero exit.
-//! - [`server`]: the agent side, a unix socket (default [`DEFAULT_SOCKET`]). Input: one
-//!   [`Request`] per connection. Output: one [`Reply`], after the enroller has enrolled the
-//!   pod (bounded wait), or at once when the state says the pod is not in the mesh.
+//! - the agent side, a unix socket (default [`DEFAULT_SOCKET`]), is `source::node::cni`:
+//!   it is one of the two ways a pod enters the node's knowledge. Input: one [`Request`]
+//!   per connection. Output: one [`Reply`], after the enroller has enrolled the pod
+//!   (bounded wait), or at once when the state says the pod is not in the mesh.
 //! - [`install`]: `weft cni install` / `uninstall`, run by the DaemonSet's installer
 //!   container: the binary into the host's CNI bin dir, the plugin at the end of the
 //!   primary CNI's conflist, kept there.
@@ -26,9 +27,13 @@
 
 pub mod install;
 pub mod plugin;
-pub mod server;
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +92,24 @@ impl std::fmt::Display for PodInfo {
     }
 }
 
+/// The mesh-namespaces file's contents.
+#[derive(Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNamespaces {
+    pub namespaces: BTreeSet<String>,
+}
+
+/// Writes the file by rename, so the plugin never reads half of it.
+pub fn write_mesh_namespaces(path: &Path, namespaces: &BTreeSet<String>) -> io::Result<()> {
+    let doc = MeshNamespaces {
+        namespaces: namespaces.clone(),
+    };
+    let text = serde_json::to_vec_pretty(&doc).map_err(io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Where the agent listens unless told otherwise (plugin config `socket`, `agent.cni.socket`).
 pub const DEFAULT_SOCKET: &str = "/var/run/weft/cni.sock";
 /// The file, next to the socket, listing the mesh namespaces for when the agent is down.
@@ -95,3 +118,19 @@ pub const MESH_NAMESPACES_FILE: &str = "mesh-namespaces.json";
 pub const PLUGIN_TYPE: &str = "weft-cni";
 /// Longest request or reply line accepted.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_namespaces_file_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh-namespaces.json");
+        let set: BTreeSet<String> = ["shop".to_string()].into();
+        write_mesh_namespaces(&path, &set).unwrap();
+        let doc: MeshNamespaces = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(doc.namespaces, set);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -13,12 +13,11 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    admin, cni, ebpf,
-    enroll::discover,
-    hbone, http,
+    admin, cni, ebpf, hbone, http,
     identity::{self, CaSource},
     proxy,
     settings::{AgentSection, Error, HttpSection, LimitsSection, humantime_ms, node_name},
+    source::node::{cni as node_cni, discover},
     telemetry,
 };
 
@@ -40,7 +39,7 @@ pub struct Config {
     /// Metric name prefix.
     pub telemetry: telemetry::Config,
     /// The CNI plugin's socket (`agent.cni`); off without the section.
-    pub cni: Option<cni::server::Config>,
+    pub cni: Option<node_cni::Config>,
     /// Pod discovery from the kubelet's cgroup tree (`agent.discovery`); off without it.
     pub discovery: Option<discover::Config>,
 }
@@ -157,7 +156,7 @@ impl Config {
                     .socket
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(cni::DEFAULT_SOCKET));
-                Some(cni::server::Config {
+                Some(node_cni::Config {
                     mesh_namespaces_file: section
                         .mesh_namespaces_file
                         .clone()

@@ -10,27 +10,25 @@
 //! open) and retried at the next reconcile.
 
 mod cgroups;
-pub mod discover;
 mod listeners;
 pub mod netns;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
-    net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use ebpf_common::netns::{NetnsCookie, POD_FLAG_REDIRECT_OUTBOUND, PodRecord};
-use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::{AsFd, AsRawFd as _};
 use tracing::{error, info, warn};
 
 use crate::{
     ebpf::{self, Dataplane, ProxySocketTable},
-    proxy::{self, Direction, PodContext, PodHandle, PodListeners, Proxy, SocketFactory},
+    proxy::{self, PodContext, PodHandle, PodListeners, Proxy, SocketFactory},
+    report::{EnrollStatus, ListenerStatus, PodStatus},
     state::{Snapshot, Workload, WorkloadRef},
 };
 use netns::PodNetns;
@@ -82,32 +80,6 @@ pub struct Enroller {
     failed: BTreeMap<WorkloadRef, FailedPod>,
     next_pod_id: u32,
     adopted: bool,
-}
-
-/// An enrolled pod as `weft status` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct PodStatus {
-    pub pod: String,
-    pub service_account: String,
-    pub ips: Vec<std::net::IpAddr>,
-    pub netns: String,
-    pub netns_cookie: u64,
-    pub pod_id: u32,
-    pub listeners: Vec<ListenerStatus>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ListenerStatus {
-    pub direction: Direction,
-    pub addr: SocketAddr,
-}
-
-/// What enrollment reports.
-#[derive(Clone, Debug, Serialize)]
-pub struct EnrollStatus {
-    pub enrolled: Vec<PodStatus>,
-    /// Pods that should be enrolled but are not, with the reason.
-    pub failed: BTreeMap<String, String>,
 }
 
 struct FailedPod {

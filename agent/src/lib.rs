@@ -16,6 +16,7 @@ pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod report;
 pub mod settings;
 pub mod source;
 pub mod state;

@@ -8,7 +8,7 @@
 pub mod file;
 pub mod gateway;
 pub mod kube;
-pub mod node_pods;
+pub mod node;
 pub mod syntax;
 
 use std::sync::{

@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["state"],
     &["policy", "hbone"],
     &["proxy", "cni", "waypoint", "ca"],
+    &["report"],
     &["enroll", "source"],
     &["admin", "status", "uninstall"],
     &["config"],

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Command, DEFAULT_SOCKET, MAX_MESSAGE, MESH_NAMESPACES_FILE, PodInfo, Reply, Request,
-    server::MeshNamespaces,
+    Command, DEFAULT_SOCKET, MAX_MESSAGE, MESH_NAMESPACES_FILE, MeshNamespaces, PodInfo, Reply,
+    Request,
 };
 
 /// A CNI error: its spec code and a message for the operator (`kubectl describe pod`

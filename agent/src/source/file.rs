@@ -683,7 +683,7 @@ impl Validator<'_> {
     /// A pod UID as Kubernetes writes them; the CNI plugin and the cgroup tree spell it
     /// the same way.
     fn pod_uid(&self, field: &str, uid: String) -> Result<String, Error> {
-        if !crate::source::node_pods::is_pod_uid(&uid) {
+        if !crate::source::node::is_pod_uid(&uid) {
             return Err(self.invalid(
                 field.to_owned(),
                 format!("{uid:?} is not a pod UID (lowercase hex and '-', e.g. 0d5cb5a1-8f2e-4c55-9a43-3b4f3e0e2a11)"),
@@ -1051,7 +1051,7 @@ routes:
         let client = &doc.snapshot.workloads[&WorkloadRef::new("default", "client")];
         assert_eq!(client.pod_uid(), Some(uid));
         assert_eq!(client.netns(), None);
-        // Not enrollable until `node_pods::join` fills in the netns.
+        // Not enrollable until `node::join` fills in the netns.
         assert_eq!(doc.snapshot.local_enrolled().count(), 0);
 
         let err = parse_str(&GOOD.replace(

@@ -221,7 +221,7 @@ pub fn client_from(mut config: kube::Config) -> Result<kube::Client, Error> {
 
 /// Runs the source until `tx` has no receivers: watches every kind, rebuilds the snapshot
 /// (debounced) on changes of the caches, and publishes it. This node's pods are in it by
-/// pod UID (`Location::Pod`); `source::node_pods::follow` joins in their netns. `mesh` holds
+/// pod UID (`Location::Pod`); `source::node::follow` joins in their netns. `mesh` holds
 /// the mesh-wide settings of the config file (`PeerAuthentication`s add to its mTLS modes).
 pub async fn run(
     client: kube::Client,

@@ -47,7 +47,7 @@ pub enum Location {
     },
     /// A Kubernetes pod of this node, run by the kubelet, known by its pod UID (the
     /// Kubernetes source, or `podUid:` in the local file). `netns` is filled in by
-    /// `source::node_pods::join` once the node has seen the pod (CNI ADD or cgroup
+    /// `source::node::join` once the node has seen the pod (CNI ADD or cgroup
     /// discovery); until then the pod cannot be entered.
     Pod {
         /// `metadata.uid` of the pod.

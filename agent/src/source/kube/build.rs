@@ -1,5 +1,5 @@
 //! Caches → `state::Snapshot`: the join of namespaces (enrollment), pods (this node's by pod
-//! UID, whose netns `source::node_pods::join` fills in; other nodes' as remote), services with the endpoints and
+//! UID, whose netns `source::node::join` fills in; other nodes' as remote), services with the endpoints and
 //! target ports of their slices, access policies and PeerAuthentication modes; waypoint
 //! bindings (the Service's `weft.dev/use-waypoint` label, else its Namespace's) and the
 //! waypoints (Services labelled `weft.dev/role: waypoint`, addressed by their ready
@@ -68,7 +68,7 @@ pub(super) fn snapshot(
         // In the state from the moment it is scheduled here, even before it has an IP: the
         // CNI plugin's ADD (which comes before the kubelet reports the IP) waits for it.
         // Until the CNI plugin or discovery has said where its netns is, it cannot be
-        // entered; `node_pods::join` fills that in.
+        // entered; `node::join` fills that in.
         let location = Location::Pod {
             uid: pod.uid.clone(),
             netns: None,

@@ -24,7 +24,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::*;
 use crate::{
-    source::node_pods::{self, LearnedFrom, NodePod, NodePods},
+    source::node::{self, LearnedFrom, NodePod, NodePods},
     state::{Action, Location, MtlsMode, WorkloadRef},
     test_util::kube_api::FakeApi,
 };
@@ -55,7 +55,7 @@ impl Harness {
         let health = Arc::new(Health::default());
         let ready = Ready::default();
         let node_pods = Arc::new(NodePods::new());
-        tokio::spawn(node_pods::follow(raw_rx, Arc::clone(&node_pods), tx));
+        tokio::spawn(node::follow(raw_rx, Arc::clone(&node_pods), tx));
         let task = tokio::spawn(run(
             client_from(api.config()).unwrap(),
             config,

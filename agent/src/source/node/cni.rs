@@ -38,11 +38,11 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Command, MAX_MESSAGE, Reply, Request};
+use super::{LearnedFrom, NodePod, NodePods};
 use crate::{
-    enroll::EnrollStatus,
+    cni::{Command, MAX_MESSAGE, Reply, Request, write_mesh_namespaces},
     identity::CertManager,
-    source::node_pods::{LearnedFrom, NodePod, NodePods},
+    report::EnrollStatus,
     state::{Snapshot, Workload},
 };
 
@@ -153,13 +153,6 @@ pub struct Server {
     listener: UnixListener,
     config: Config,
     metrics: Metrics,
-}
-
-/// The mesh-namespaces file's contents.
-#[derive(Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshNamespaces {
-    pub namespaces: BTreeSet<String>,
 }
 
 /// What the state and the enroller say of a pod right now.
@@ -384,7 +377,7 @@ fn shutting_down() -> Reply {
 fn judge(
     state: &Snapshot,
     enrolled: Option<&EnrollStatus>,
-    pod: &super::PodInfo,
+    pod: &crate::cni::PodInfo,
     netns: &Path,
     has_cert: impl Fn(&Workload) -> bool,
 ) -> Verdict {
@@ -464,23 +457,12 @@ async fn keep_mesh_namespaces(path: PathBuf, mut state: watch::Receiver<Arc<Snap
     }
 }
 
-/// Writes the file by rename, so the plugin never reads half of it.
-pub fn write_mesh_namespaces(path: &Path, namespaces: &BTreeSet<String>) -> io::Result<()> {
-    let doc = MeshNamespaces {
-        namespaces: namespaces.clone(),
-    };
-    let text = serde_json::to_vec_pretty(&doc).map_err(io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
         cni::PodInfo,
-        enroll::PodStatus,
+        report::PodStatus,
         state::{Location, WorkloadRef},
     };
 
@@ -806,16 +788,5 @@ mod tests {
             );
         }
         serving.abort();
-    }
-
-    #[test]
-    fn the_mesh_namespaces_file_is_replaced_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mesh-namespaces.json");
-        let set: BTreeSet<String> = ["shop".to_string()].into();
-        write_mesh_namespaces(&path, &set).unwrap();
-        let doc: MeshNamespaces = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(doc.namespaces, set);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

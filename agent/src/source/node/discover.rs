@@ -6,7 +6,7 @@
 //! Input: the host's cgroup2 mount and the host's /proc as the agent sees them (in a pod:
 //! host mounts at configurable paths; the agent must share the host PID namespace so that
 //! `cgroup.procs` lists host pids). Output: a [`Scan`] of pods (UID → `/proc/<pid>/ns/net`)
-//! and of pods whose netns could not be reached, applied to `source::node_pods::NodePods`
+//! and of pods whose netns could not be reached, applied to `NodePods`
 //! as `LearnedFrom::Discovery`.
 //!
 //! Layouts (kubelet `--cgroup-driver`), QoS `burstable` / `besteffort` (guaranteed pods
@@ -33,7 +33,7 @@ use std::{
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::source::node_pods::{LearnedFrom, NodePod, NodePods, is_pod_uid};
+use super::{LearnedFrom, NodePod, NodePods, is_pod_uid};
 
 /// Where to look.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
