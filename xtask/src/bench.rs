@@ -1465,13 +1465,13 @@ const STUNNEL_HTTP_PORT: u16 = 7444;
 const CLIENT_SLACK: Duration = Duration::from_secs(60);
 const RR_TIMEOUT: Duration = Duration::from_secs(600);
 const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long after applying a state the agent's CPU time and memory are read.
 /// File descriptors an agent may hold beyond its baseline once the hoarder is gone (pooled
 /// connections still closing, certificates, logs): far below the thousands a leak would
 /// leave (a full run came back to 14 above its baseline).
 const FD_SLACK: usize = 64;
 /// The HBONE pool's idle timeout (`hbone::pool`).
 const POOL_IDLE: Duration = Duration::from_secs(60);
+/// How long after applying a state the agent's CPU time and memory are read.
 const SETTLE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
