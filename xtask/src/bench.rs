@@ -42,12 +42,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{cargo, setup};
-use hostile::hostile;
-use paths::paths;
 use plan::Plan;
 use probe::conditions;
 use report::Report;
-use scale::scale;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -153,13 +150,13 @@ fn measure(options: &Options) -> Result<()> {
     let part = |p: Part| options.only.is_none_or(|only| only == p);
     let result = (|| -> Result<()> {
         if part(Part::Paths) || part(Part::Policies) {
-            paths(&plan, options, &out, &mut report)?;
+            paths::run(&plan, options, &out, &mut report)?;
         }
         if part(Part::Scale) {
-            scale(&plan, &mut report)?;
+            scale::run(&plan, &mut report)?;
         }
         if part(Part::Hostile) {
-            hostile(&plan, &mut report)?;
+            hostile::run(&plan, &mut report)?;
         }
         Ok(())
     })()

@@ -19,7 +19,7 @@ use super::{
 /// descriptors and RSS, how many of the hoarder's connections the proxy let it keep, and
 /// the neighbour's latency before and during. (The victim's own inbound budget is the
 /// hoarder's to exhaust, as any client can flood a server: docs/security.md.)
-pub fn hostile(plan: &Plan, report: &mut Report) -> Result<()> {
+pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let n = plan.hostile_conns;
     println!("== a hostile pod holding {n} idle connections ==");
     let key = "weft-l4";

@@ -17,7 +17,7 @@ use super::{
     Options, PORT, Part, SERVER_APP,
     agent::{plain_if_no_ca, transport},
     plan::Plan,
-    policies::policies,
+    policies,
     probe::args,
     profile::profile,
     report::Report,
@@ -25,7 +25,7 @@ use super::{
 };
 
 /// Throughput, latency and connection rate over every path.
-pub fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Result<()> {
+pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> Result<()> {
     println!("== nodes ==");
     let node1 = TestNode::new("bench", 1)?;
     let node2 = TestNode::new("bench", 2)?;
@@ -187,7 +187,7 @@ pub fn paths(plan: &Plan, options: &Options, out: &Path, report: &mut Report) ->
     if options.profile && data_path {
         profile(plan, &scenarios[1], pid1, out)?;
     }
-    policies(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
+    policies::run(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
     agent1.kill();
     agent2.kill();
     drop((waypoint, tunnel, tunnel_http, servers));

@@ -21,7 +21,7 @@ use super::{
 /// policy and with `cp_policies` of them in the state (a few select the server and allow
 /// the client), over the same workloads and services; then the time from a config write
 /// that denies the client until its first connection is refused.
-pub fn policies(
+pub fn run(
     plan: &Plan,
     node: &TestNode,
     agent: &TestAgent,

@@ -21,7 +21,7 @@ use super::{
 };
 
 /// Enrolment time, agent memory with many pods and connections, and the control plane.
-pub fn scale(plan: &Plan, report: &mut Report) -> Result<()> {
+pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     println!("== scale node: {} pods ==", plan.scale_pods);
     let key = "weft-l4";
     let node = TestNode::new("bench", 3)?;
