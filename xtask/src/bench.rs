@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick] [--profile] [--only paths|policies|scale]`: weft against direct traffic and against a
-//! plain mTLS tunnel (stunnel), measured in one run, side by side.
+//! `cargo xtask bench [--quick] [--profile] [--only paths|policies|scale|hostile]`: weft
+//! against direct traffic and against a plain mTLS tunnel (stunnel), measured in one run,
+//! side by side.
 //!
 //! Builds the agent and the load tool (`weft-bench`, tests/src/bin) in release, then runs
 //! itself again with `WEFT_BIN`/`WEFT_BENCH` pointing at them (the harness finds its
@@ -12,13 +13,21 @@
 //!   service bound to it, routed by an HTTPRoute to `weft-s` (HTTP only);
 //! - node 2, joined to node 1: `xdirect-s` (not enrolled), `xweft-s` (enrolled);
 //! - node 3: the scale node, `scale_pods` enrolled pods (enrolment time, memory under
-//!   load, the control plane).
+//!   load, the control plane);
+//! - node 4: the hostile part, a pod hoarding idle connections beside a neighbour.
 //!
 //! Scenarios are interleaved within each repetition, so slow drift of the machine (other
 //! builds) spreads over all of them instead of biasing one. Every figure is a
 //! [`report::Series`] of samples, one per repetition; `target/bench/` gets `results.json`,
 //! `results.md` and PNG charts. A timing never fails the run; a path that does not carry
 //! traffic does (that is a broken harness or agent, not a slow one).
+//!
+//! This file holds the options, the outer run and the dispatch to the parts, one module
+//! each: [`paths`] (with [`workloads`], what is measured over one path, and [`profile`]),
+//! [`policies`], [`scale`] and [`hostile`]. They share [`plan`] (how much of everything),
+//! [`agent`] (driving the agent under measurement), [`state`] (the big state), [`probe`]
+//! (readings of `/proc`, weft-bench's figures, units), and [`report`] and [`chart`] (the
+//! results).
 
 mod agent;
 mod chart;
