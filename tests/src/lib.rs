@@ -25,6 +25,8 @@ pub mod bench;
 pub mod bpf;
 pub mod cni;
 pub mod eventually;
+#[cfg(feature = "helm")]
+pub mod helm;
 pub mod l7;
 pub mod metrics;
 pub mod node;

