@@ -1,14 +1,16 @@
 //! Workload identity: SPIFFE ids, the certificates that prove them, and the trust bundle
 //! that verifies them. `manager` keeps a current certificate per identity the node runs
-//! (renewed at half life); `ca` is the certificate authority (`weft ca`, or in-process).
+//! (renewed at half life) from `ca_client` (the `weft ca` application's API, `ca_api`) or
+//! from an in-process `signer`.
 //!
 //! The types here are the shared vocabulary of identity: the proxy's HBONE TLS uses
 //! `WorkloadCert` and `TrustBundle`, policy and telemetry use `SpiffeId`.
 
-pub mod ca;
+pub mod ca_api;
 pub mod ca_client;
 pub mod csr;
 pub mod manager;
+pub mod signer;
 
 use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
 
@@ -23,14 +25,22 @@ pub use manager::{CertManager, CertState, CertStatus, Issuer};
 /// An identity error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid SPIFFE id {id:?}: {reason}")]
-    InvalidSpiffeId { id: String, reason: &'static str },
+    #[error(transparent)]
+    InvalidSpiffeId(#[from] InvalidSpiffeId),
     #[error("invalid certificate or key: {0}")]
     InvalidCertificate(String),
     #[error("in-process CA: {0}")]
-    Ca(#[from] ca::Error),
+    Signer(#[from] signer::Error),
     #[error("CA client: {0}")]
     CaClient(#[from] ca_client::Error),
+}
+
+/// A string that is not a SPIFFE id of the mesh's shape, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid SPIFFE id {id:?}: {reason}")]
+pub struct InvalidSpiffeId {
+    pub id: String,
+    pub reason: &'static str,
 }
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, parsed.
@@ -74,7 +84,11 @@ pub trait CertSource: Send + Sync + 'static {
 
 impl SpiffeId {
     /// Builds and checks an id from its parts.
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, Error> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, InvalidSpiffeId> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -92,10 +106,10 @@ impl SpiffeId {
 }
 
 impl FromStr for SpiffeId {
-    type Err = Error;
+    type Err = InvalidSpiffeId;
 
-    fn from_str(id: &str) -> Result<Self, Error> {
-        let invalid = |reason| Error::InvalidSpiffeId {
+    fn from_str(id: &str) -> Result<Self, InvalidSpiffeId> {
+        let invalid = |reason| InvalidSpiffeId {
             id: id.to_owned(),
             reason,
         };
@@ -292,7 +306,7 @@ pub fn start(config: &Config) -> Result<Option<CertManager>, Error> {
             key,
             trusted_roots,
         } => Issuer::InProcess(Arc::new(
-            ca::Signer::load(cert, key, &config.trust_domain, config.cert_lifetime)?
+            signer::Signer::load(cert, key, &config.trust_domain, config.cert_lifetime)?
                 .with_trusted_roots(trusted_roots)?,
         )),
         CaSource::Remote {
@@ -320,6 +334,14 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// Shortest lifetime accepted: renewal at half life needs a few seconds of room.
 pub const MIN_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fills `buf` from the system's secure random generator (serials, backoff jitter).
+pub fn random_bytes(buf: &mut [u8]) {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(buf)
+        .expect("the system random number generator works");
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,14 +5,13 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use weft::{
-    app,
+    app, ca,
     cli::{
         AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, CniCommand, CniDirs, CniInstallArgs,
         Command, StatusArgs, UninstallArgs, WaypointArgs,
     },
     cni,
     config::{Config, Overrides},
-    identity::ca,
     settings, source, status, telemetry, uninstall,
 };
 

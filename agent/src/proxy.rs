@@ -91,7 +91,7 @@ pub enum Error {
     #[error(transparent)]
     Hbone(#[from] hbone::Error),
     #[error("the workload has no valid SPIFFE identity: {0}")]
-    Identity(#[source] crate::identity::Error),
+    Identity(#[source] crate::identity::InvalidSpiffeId),
     #[error("the pod is no longer in the state snapshot")]
     UnknownPod,
     #[error("HBONE CONNECT to {0} refused: not a workload served at this address")]

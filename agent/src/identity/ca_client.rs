@@ -1,4 +1,4 @@
-//! Client of the CA's HTTPS API (`POST /v1/certificates`, see `ca::server`). Verifies the
+//! Client of the CA's HTTPS API (`POST /v1/certificates`, see `crate::ca::server`). Verifies the
 //! CA against a configured root and server name, and reads the node's bearer token from
 //! its file on every request, so a rotated token is picked up without a restart.
 
@@ -22,7 +22,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::identity::{
     SpiffeId,
-    ca::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorResponse},
+    ca_api::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorResponse},
 };
 
 /// A CA client error. `reason()` is a stable label; `Rejected` also carries the CA's own.

@@ -23,9 +23,9 @@ use tracing::{info, warn};
 
 use crate::identity::{
     self, CertSource, SpiffeId, TrustBundle, WorkloadCert,
-    ca::{self, Signer},
     ca_client::{self, CaClient},
     csr,
+    signer::{self, Signer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum IssueError {
     #[error(transparent)]
     Csr(#[from] csr::Error),
     #[error("the in-process CA refused: {0}")]
-    Sign(#[from] ca::SignError),
+    Sign(#[from] signer::SignError),
     #[error(transparent)]
     Ca(#[from] ca_client::Error),
     #[error("the CA's certificate is not usable: {0}")]
@@ -457,7 +457,7 @@ fn until(at: SystemTime) -> Duration {
 /// `backoff`, up to 10 % earlier, so nodes that failed together do not retry together.
 fn jittered(backoff: Duration) -> Duration {
     let mut bytes = [0u8; 4];
-    ca::random_bytes(&mut bytes);
+    identity::random_bytes(&mut bytes);
     let fraction = f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX);
     backoff.mul_f64(1.0 - JITTER * fraction)
 }

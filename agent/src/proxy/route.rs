@@ -108,7 +108,7 @@ pub fn direct(
     upstream: SocketAddr,
     hbone_port: u16,
     trust_domain: Option<&str>,
-) -> Result<Route, identity::Error> {
+) -> Result<Route, identity::InvalidSpiffeId> {
     let Some(trust_domain) = trust_domain else {
         return Ok(Route::Passthrough);
     };

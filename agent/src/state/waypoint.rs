@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::WorkloadRef;
-use crate::identity::{self, SpiffeId};
+use crate::identity::{InvalidSpiffeId, SpiffeId};
 
 /// A waypoint proxy, as the node proxies reach it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -25,7 +25,7 @@ pub struct Waypoint {
 impl Waypoint {
     /// The SPIFFE id the waypoint proves, and the only one that destination proxies
     /// accept a bound service's traffic from.
-    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, identity::Error> {
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, InvalidSpiffeId> {
         SpiffeId::new(trust_domain, &self.name.namespace, &self.service_account)
     }
 }

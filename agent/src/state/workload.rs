@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 use serde::Serialize;
 
 use super::MtlsMode;
-use crate::identity::{self, SpiffeId};
+use crate::identity::{InvalidSpiffeId, SpiffeId};
 
 /// `namespace/name` of a workload or service. Serialized as that string.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,7 +95,7 @@ impl Workload {
     }
 
     /// The pod's SPIFFE identity in `trust_domain`.
-    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, identity::Error> {
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, InvalidSpiffeId> {
         SpiffeId::new(trust_domain, &self.name.namespace, &self.service_account)
     }
 }

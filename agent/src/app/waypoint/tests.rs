@@ -34,7 +34,7 @@ async fn get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
 
 /// The settings of `weft waypoint <flags>` with every address on loopback port 0 and the
 /// in-process CA `ca`.
-fn settings(ca: &identity::ca::InitPaths, flags: &[&str]) -> Settings {
+fn settings(ca: &crate::identity::signer::InitPaths, flags: &[&str]) -> Settings {
     let (cert, key) = (ca.cert.display().to_string(), ca.key.display().to_string());
     let mut argv = vec!["weft", "waypoint"];
     argv.extend_from_slice(flags);
@@ -72,7 +72,7 @@ async fn until_ready(readiness: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_gets_its_certificate_becomes_ready_and_dumps_its_routes() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = identity::ca::init(dir.path(), "cluster.local").unwrap();
+    let ca = crate::ca::init(dir.path(), "cluster.local").unwrap();
     let state = dir.path().join("state.yaml");
     std::fs::write(
         &state,
@@ -164,7 +164,7 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
     api.set_down(true);
     serve_shop(&api);
     let dir = tempfile::tempdir().unwrap();
-    let ca = identity::ca::init(dir.path(), "cluster.local").unwrap();
+    let ca = crate::ca::init(dir.path(), "cluster.local").unwrap();
     let settings = settings(
         &ca,
         &[

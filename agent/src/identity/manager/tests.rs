@@ -3,9 +3,9 @@ use std::{fs, time::Duration};
 use tokio::time::{Instant, sleep_until};
 
 use super::*;
-use crate::identity::{
-    CaSource,
+use crate::{
     ca::tests::{TestCa, TestRoot},
+    identity::CaSource,
 };
 
 fn id(trust_domain: &str, ns: &str, sa: &str) -> SpiffeId {

@@ -1,8 +1,9 @@
-//! The certificate authority: `weft ca`. Signs CSRs for workload identities, for the nodes
-//! that run those workloads, and never lets its key out.
+//! The certificate authority application: `weft ca`. Signs CSRs for workload identities,
+//! for the nodes that run those workloads, and never lets its key out. The signing itself
+//! (`identity::signer`, also used in-process by the agent's certificate manager) and the
+//! API's wire types (`identity::ca_api`) belong to identity; this module decides who may
+//! have which identity and serves the API.
 //!
-//! - `signer`: the root certificate and key; checks CSRs and issues leaves (also used
-//!   in-process by the agent's certificate manager for standalone use and the demo).
 //! - `authz`: which node may have which identity (static tokens, or Kubernetes).
 //! - `kubernetes`: the Kubernetes authorizer (TokenReview, then the pods of the node; a
 //!   waypoint's own token for its own identity).
@@ -17,7 +18,6 @@ pub mod authz;
 pub mod kubernetes;
 pub mod metrics;
 pub mod server;
-pub mod signer;
 pub mod trust_bundle;
 
 use std::{
@@ -28,44 +28,24 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+use crate::{
+    identity::{
+        SpiffeId,
+        signer::{self, InitPaths, Signer},
+    },
+    settings,
+};
 pub use authz::{Allow, Authorizer, Denied, StaticNode, StaticNodes};
 pub use kubernetes::KubernetesAuthorizer;
 pub use server::Server;
-pub use signer::{InitPaths, Issued, ServingCert, SignError, Signer};
-
-use crate::{identity::SpiffeId, settings};
 
 /// A CA error (loading the root, `weft ca init`, serving).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} already exists; refusing to overwrite a CA root (move it away first)")]
-    Exists { path: PathBuf },
-    #[error("invalid trust domain {0:?}: lowercase letters, digits, '-', '.', '_'")]
-    InvalidTrustDomain(String),
-    #[error("{path} is not a usable CA certificate: {reason}")]
-    InvalidRoot { path: PathBuf, reason: String },
-    #[error("{path} is not a usable CA key: {reason}")]
-    InvalidKey { path: PathBuf, reason: String },
-    #[error("the CA key does not belong to the CA certificate (check caCert/caKey)")]
-    KeyMismatch,
-    #[error(
-        "the CA certificate is for trust domain {root}, but the configured trust domain is {configured}"
-    )]
-    TrustDomainMismatch { root: String, configured: String },
+    #[error(transparent)]
+    Root(#[from] signer::Error),
     #[error("cannot listen on {addr}: {source} (is another CA running?)")]
     Bind {
         addr: SocketAddr,
@@ -115,40 +95,9 @@ pub enum Authorization {
     Kubernetes(kubernetes::Config),
 }
 
-/// `POST /v1/certificates` request body.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct CertificateRequest {
-    /// The SPIFFE id asked for.
-    pub identity: String,
-    /// PEM PKCS#10 CSR whose only SAN is `identity`'s URI.
-    pub csr: String,
-    /// Wanted lifetime; capped by the CA's `maxCertLifetime`, which is also the default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lifetime_seconds: Option<u64>,
-}
-
-/// `POST /v1/certificates` 200 response body.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CertificateResponse {
-    /// Leaf first, then the CA, PEM.
-    pub cert_chain: Vec<String>,
-    /// Roots, PEM.
-    pub trust_bundle: Vec<String>,
-}
-
-/// Body of every error response.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct ErrorResponse {
-    /// Stable snake_case reason (`unknown_credential`, `identity_not_allowed`, …).
-    pub error: String,
-    pub message: String,
-}
-
 /// `weft ca init`: a new self-signed root in `dir` (`ca.crt`, `ca.key`).
 pub fn init(dir: &Path, trust_domain: &str) -> Result<InitPaths, Error> {
-    Signer::init(dir, trust_domain)
+    Ok(Signer::init(dir, trust_domain)?)
 }
 
 impl Config {
@@ -431,14 +380,6 @@ fn is_dns_subdomain(text: &str) -> bool {
     text.len() <= 253 && text.split('.').all(is_dns_label)
 }
 
-/// Fills `buf` from the system's secure random generator (serials, backoff jitter).
-pub(crate) fn random_bytes(buf: &mut [u8]) {
-    rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(buf)
-        .expect("the system random number generator works");
-}
-
 /// `ca.yaml` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -487,8 +428,6 @@ struct AllowFile {
     service_account: String,
 }
 
-/// The API path, in one place for the server and the client.
-pub const CERTIFICATES_PATH: &str = "/v1/certificates";
 /// Istio's CA port (istiod 15012), so a firewall rule written for one fits the other.
 const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 const MIN_TOKEN_LEN: usize = 16;

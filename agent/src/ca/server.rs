@@ -37,11 +37,17 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    Authorization, Authorizer, CERTIFICATES_PATH, CertificateRequest, CertificateResponse, Config,
-    Error, ErrorResponse, KubernetesAuthorizer, Signer, metrics, metrics::Metrics,
+    Authorization, Authorizer, Config, Error, KubernetesAuthorizer, metrics, metrics::Metrics,
     trust_bundle::Publisher,
 };
-use crate::{http, identity::SpiffeId};
+use crate::{
+    http,
+    identity::{
+        SpiffeId,
+        ca_api::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorResponse},
+        signer::Signer,
+    },
+};
 
 /// A bound CA server, ready to run.
 pub struct Server {

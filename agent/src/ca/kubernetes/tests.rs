@@ -17,10 +17,12 @@ use kube::client::Body;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::identity::{
+use crate::{
     ca::{self, Server, tests::TestRoot},
-    ca_client::{self, CaClient},
-    csr,
+    identity::{
+        ca_client::{self, CaClient},
+        csr,
+    },
 };
 
 /// What the fake API knows and how it misbehaves.

@@ -164,7 +164,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::identity::ca::kubernetes::tests::{FakeApi, FakeState};
+    use crate::ca::kubernetes::tests::{FakeApi, FakeState};
 
     const ROOTS: [&str; 1] = ["-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"];
 

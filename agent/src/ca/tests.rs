@@ -12,8 +12,10 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::identity::{
     WorkloadCert,
+    ca_api::{CERTIFICATES_PATH, ErrorResponse},
     ca_client::{self, CaClient},
     csr,
+    signer::{self, Signer},
 };
 
 /// A root made by `weft ca init` in a temp dir.
@@ -320,7 +322,10 @@ fn init_writes_a_private_key_and_refuses_to_overwrite() {
     let mode = fs::metadata(&root.key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let err = init(root.dir.path(), "cluster.local").unwrap_err();
-    assert!(matches!(err, Error::Exists { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Root(signer::Error::Exists { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -333,7 +338,10 @@ fn root_of_another_trust_domain_or_foreign_key_is_refused() {
         Duration::from_secs(60),
     )
     .unwrap_err();
-    assert!(matches!(err, Error::TrustDomainMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, signer::Error::TrustDomainMismatch { .. }),
+        "{err}"
+    );
     let other = TestRoot::new();
     let err = Signer::load(
         &root.cert,
@@ -342,7 +350,7 @@ fn root_of_another_trust_domain_or_foreign_key_is_refused() {
         Duration::from_secs(60),
     )
     .unwrap_err();
-    assert!(matches!(err, Error::KeyMismatch), "{err}");
+    assert!(matches!(err, signer::Error::KeyMismatch), "{err}");
 }
 
 #[test]

@@ -20,8 +20,40 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::{certification_request::X509CertificationRequest, prelude::*};
 
-use super::Error;
 use crate::identity::{self, SpiffeId, TrustBundle};
+
+/// Why the CA root could not be loaded, created or used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; refusing to overwrite a CA root (move it away first)")]
+    Exists { path: PathBuf },
+    #[error("invalid trust domain {0:?}: lowercase letters, digits, '-', '.', '_'")]
+    InvalidTrustDomain(String),
+    #[error("{path} is not a usable CA certificate: {reason}")]
+    InvalidRoot { path: PathBuf, reason: String },
+    #[error("{path} is not a usable CA key: {reason}")]
+    InvalidKey { path: PathBuf, reason: String },
+    #[error("the CA key does not belong to the CA certificate (check caCert/caKey)")]
+    KeyMismatch,
+    #[error(
+        "the CA certificate is for trust domain {root}, but the configured trust domain is {configured}"
+    )]
+    TrustDomainMismatch { root: String, configured: String },
+    #[error("BUG: {0}")]
+    Bug(String),
+}
 
 /// Loaded CA root: certificate and signing key.
 pub struct Signer {
@@ -472,7 +504,7 @@ fn requested_sans(csr: &X509CertificationRequest<'_>) -> Vec<String> {
 /// 16 random bytes, positive and minimally encoded (RFC 5280 §4.1.2.2: ≤ 20 octets).
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
-    super::random_bytes(&mut bytes);
+    identity::random_bytes(&mut bytes);
     bytes[0] = (bytes[0] & 0x7f).max(1);
     SerialNumber::from_slice(&bytes)
 }
