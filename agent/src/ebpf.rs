@@ -483,7 +483,12 @@ impl Dataplane {
 
 impl OrigDstTable {
     /// Reads and deletes the original destination of an accepted outbound connection.
-    pub fn take(&self, key: ConnKey) -> Result<Option<OrigDst>, Error> {
+    pub fn take(&self, key: ConnKey) -> Result<Option<SocketAddr>, Error> {
+        Ok(self.take_record(key)?.as_ref().map(orig_dst_addr))
+    }
+
+    /// The record as the eBPF program wrote it.
+    fn take_record(&self, key: ConnKey) -> Result<Option<OrigDst>, Error> {
         use aya::maps::IterableMap as _;
 
         query::map_take(self.map.map().fd().as_fd(), &key).map_err(|source| Error::MapSyscall {
@@ -585,8 +590,7 @@ pub fn conn_key(netns: NetnsCookie, peer: SocketAddr) -> ConnKey {
 
 /// The address the application connected to (a v4-mapped address as plain IPv4).
 pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
-    let ip = Ipv6Addr::from(orig.addr).to_canonical();
-    SocketAddr::new(ip, orig.port)
+    SocketAddr::new(addr_from_bytes(orig.addr), orig.port)
 }
 
 /// An error and its sources, `: `-separated (aya's errors keep the errno in a source).

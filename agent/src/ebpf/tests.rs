@@ -42,6 +42,29 @@ fn map_layouts_cover_every_map_name() {
 }
 
 #[test]
+fn v4_mapped_destinations_come_back_as_ipv4() {
+    let orig = OrigDst {
+        addr: v4_mapped([10, 1, 0, 3]),
+        port: 8080,
+        family: libc::AF_INET as u16,
+        _pad: [0; 4],
+    };
+    assert_eq!(orig_dst_addr(&orig), "10.1.0.3:8080".parse().unwrap());
+}
+
+#[test]
+fn ipv6_destinations_stay_ipv6() {
+    let ip: std::net::Ipv6Addr = "fd00::3".parse().unwrap();
+    let orig = OrigDst {
+        addr: ip.octets(),
+        port: 80,
+        family: libc::AF_INET6 as u16,
+        _pad: [0; 4],
+    };
+    assert_eq!(orig_dst_addr(&orig), SocketAddr::new(ip.into(), 80));
+}
+
+#[test]
 fn loads_every_map_with_its_layout_and_btf() {
     let Some(env) = TestEnv::new() else { return };
     let dataplane = env.load(&settings());
@@ -104,7 +127,7 @@ fn steers_enrolled_tcp_connects_to_the_outbound_listener() {
     let (mut stream, peer) = accept(&listener4);
     assert_eq!(read_all(&mut stream), "hello");
     let orig = table
-        .take(conn_key(cookie, peer))
+        .take_record(conn_key(cookie, peer))
         .expect("take")
         .expect("ORIG_DST holds the original destination under (netns, client port, family)");
     assert_eq!(
@@ -123,7 +146,7 @@ fn steers_enrolled_tcp_connects_to_the_outbound_listener() {
     assert!(out.contains("connected"), "child: {out}");
     let (_stream, peer) = accept(&listener6);
     let orig = table
-        .take(conn_key(cookie, peer))
+        .take_record(conn_key(cookie, peer))
         .expect("take")
         .expect("v6 orig dst");
     assert_eq!(
@@ -137,7 +160,7 @@ fn steers_enrolled_tcp_connects_to_the_outbound_listener() {
     assert!(out.contains("connected"), "child: {out}");
     let (_stream, peer) = accept(&listener4);
     let orig = table
-        .take(conn_key(cookie, peer))
+        .take_record(conn_key(cookie, peer))
         .expect("take")
         .expect("v4-mapped orig dst");
     assert_eq!(

@@ -4,12 +4,9 @@
 //! connection to the destination pod's 15008 when it is in the mesh, to a waypoint's 15008
 //! when the destination is a service bound to one, in plaintext otherwise; copy.
 
-use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::SocketAddr, sync::Arc};
 
-use ebpf_common::orig_dst::{ConnKey, OrigDst};
+use ebpf_common::orig_dst::ConnKey;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -255,54 +252,11 @@ fn original_destination(
             .take(key)
             .map_err(Error::OrigDstLookup)?
         {
-            return Ok(to_socket_addr(&orig));
+            return Ok(orig);
         }
     }
     Err(Error::NoOrigDst)
 }
 
-/// Converts the map's 16-byte form back; v4-mapped addresses become IPv4.
-pub(crate) fn to_socket_addr(orig: &OrigDst) -> SocketAddr {
-    let v6 = Ipv6Addr::from(orig.addr);
-    let ip = match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    };
-    SocketAddr::new(ip, orig.port)
-}
-
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
-
-#[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-
-    #[test]
-    fn v4_mapped_destinations_come_back_as_ipv4() {
-        let orig = OrigDst {
-            addr: ebpf_common::config::v4_mapped([10, 1, 0, 3]),
-            port: 8080,
-            family: AF_INET,
-            _pad: [0; 4],
-        };
-        assert_eq!(
-            to_socket_addr(&orig),
-            SocketAddr::new(Ipv4Addr::new(10, 1, 0, 3).into(), 8080)
-        );
-    }
-
-    #[test]
-    fn ipv6_destinations_stay_ipv6() {
-        let ip: Ipv6Addr = "fd00::3".parse().unwrap();
-        let orig = OrigDst {
-            addr: ip.octets(),
-            port: 80,
-            family: AF_INET6,
-            _pad: [0; 4],
-        };
-        assert_eq!(to_socket_addr(&orig), SocketAddr::new(ip.into(), 80));
-    }
-}
