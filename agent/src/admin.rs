@@ -23,10 +23,7 @@
 //! The admin address must be a loopback address (`config` refuses any other): the admin
 //! API shows every pod's identity and can stop the agent.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -45,6 +42,7 @@ use crate::{
     report::EnrollStatus,
     source::SourceStatus,
     state::StateHandle,
+    sync::Mutex,
     telemetry::{
         Registry,
         metrics::{self, AgentHealth, HealthCollector},
@@ -303,17 +301,12 @@ fn health_collector(context: &Context) -> HealthCollector {
             .collect();
         let ebpf = dataplane
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .stats()
             .map_err(|e| debug!(component = "admin", error = %e, "cannot read eBPF stats"))
             .ok()
             .map(|stats| ebpf::stat_fields(&stats).to_vec());
         AgentHealth {
-            enrolled_pods: enroll
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .enrolled
-                .len() as u64,
+            enrolled_pods: enroll.lock().enrolled.len() as u64,
             certificates,
             config_generation: config.generation,
             // The file source carries policies in the same snapshot as everything else.
@@ -326,12 +319,7 @@ fn health_collector(context: &Context) -> HealthCollector {
 }
 
 fn status(context: &Context) -> serde_json::Value {
-    let dataplane = match context
-        .dataplane
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .dump()
-    {
+    let dataplane = match context.dataplane.lock().dump() {
         Ok(dump) => {
             serde_json::to_value(dump).unwrap_or_else(|e| json!({ "error": e.to_string() }))
         }
@@ -343,7 +331,7 @@ fn status(context: &Context) -> serde_json::Value {
         "ready": context.ready.is_ready(),
         "pending": context.ready.pending(),
         "config": context.source.view(),
-        "pods": &*context.enroll.lock().unwrap_or_else(PoisonError::into_inner),
+        "pods": &*context.enroll.lock(),
         "dataplane": dataplane,
         "connections": {
             "active": connections.active.len(),

@@ -7,10 +7,7 @@
 
 pub mod waypoint;
 
-use std::{
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
@@ -30,6 +27,7 @@ use crate::{
         node::{self, NodePods, discover},
     },
     state::{MeshSettings, Snapshot},
+    sync::Mutex,
     telemetry,
 };
 
@@ -246,7 +244,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         // Settings first: exclusions must be right before new pods get steered.
         let settings = dataplane_settings(&config, &snapshot.mesh);
         if applied.as_ref() != Some(&settings) && rejected.as_ref() != Some(&settings) {
-            match lock(&dataplane).apply_settings(&settings) {
+            match dataplane.lock().apply_settings(&settings) {
                 Ok(()) => applied = Some(settings),
                 // Refused whole (too many exclusions): the maps keep the last good set, and
                 // the same settings are not retried (nor logged) until they change.
@@ -263,7 +261,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         // Policy before enrollment: a pod that starts serving must already be guarded.
         proxy_handle.apply_policies(&snapshot);
         let all_enrolled = enroller.reconcile(&snapshot);
-        *lock(&enroll_status) = enroller.status();
+        *enroll_status.lock() = enroller.status();
         // After the pass: the CNI server vouches for a pod only once it sees it here.
         enrolled_tx.send_replace(Some(Arc::new(enroller.status())));
         ready.set(
@@ -274,7 +272,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 Err("some pods failed to enroll (see /status)")
             },
         );
-        ready.set("ebpf", lock(&dataplane).verify_attached());
+        ready.set("ebpf", dataplane.lock().verify_attached());
         ready.set(
             "cgroup",
             enroller.check_cgroup_root(&config.ebpf.cgroup_root, proc_root),
@@ -346,10 +344,6 @@ fn pool_config(limits: &proxy::limits::Config) -> hbone::PoolConfig {
         http2: limits.hbone,
         ..hbone::PoolConfig::default()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// SIGTERM or SIGINT.

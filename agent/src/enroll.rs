@@ -17,7 +17,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::Arc,
 };
 
 use ebpf_common::netns::{NetnsCookie, POD_FLAG_REDIRECT_OUTBOUND, PodRecord};
@@ -30,6 +30,7 @@ use crate::{
     proxy::{self, PodContext, PodHandle, PodListeners, Proxy, SocketFactory},
     report::{EnrollStatus, ListenerStatus, PodStatus},
     state::{Snapshot, Workload, WorkloadRef},
+    sync::{Mutex, MutexGuard},
 };
 use netns::PodNetns;
 
@@ -101,10 +102,7 @@ struct EnrolledPod {
 
 impl Enroller {
     pub fn new(dataplane: Arc<Mutex<Dataplane>>, proxy: Proxy, config: proxy::Config) -> Self {
-        let proxy_sockets = dataplane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .proxy_socket_table();
+        let proxy_sockets = dataplane.lock().proxy_socket_table();
         Self {
             dataplane,
             proxy_sockets,
@@ -563,9 +561,7 @@ impl Enroller {
     }
 
     fn lock_dataplane(&self) -> MutexGuard<'_, Dataplane> {
-        self.dataplane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.dataplane.lock()
     }
 }
 

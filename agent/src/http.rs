@@ -21,7 +21,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -41,6 +41,8 @@ use prometheus_client::{
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::debug;
+
+use crate::sync::Mutex;
 
 /// The limits every HTTP server applies (`agent.http`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -152,7 +154,7 @@ impl Gate {
 
     /// A place for a connection from `ip`, or None (counted) when a cap is reached.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self.open.lock();
         let from_ip = open.by_ip.get(&ip).copied().unwrap_or(0);
         let reason = if open.total >= self.limits.max_connections {
             "connection_limit"
@@ -185,11 +187,7 @@ impl Gate {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut open = self
-            .gate
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut open = self.gate.open.lock();
         open.total = open.total.saturating_sub(1);
         if let Some(n) = open.by_ip.get_mut(&self.ip) {
             *n = n.saturating_sub(1);

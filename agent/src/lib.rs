@@ -22,6 +22,7 @@ pub mod settings;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod sync;
 pub mod telemetry;
 pub mod uninstall;
 pub mod waypoint;

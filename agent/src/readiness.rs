@@ -2,12 +2,11 @@
 //! ("ebpf", "enroll", ...) and carry the reason they are pending, so `/healthz/ready` and
 //! the logs say what is still missing, not just "not ready".
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use tracing::{info, warn};
+
+use crate::sync::{Mutex, MutexGuard};
 
 /// Shared readiness state.
 #[derive(Clone, Debug, Default)]
@@ -52,7 +51,7 @@ impl Ready {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<&'static str, String>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+        self.pending.lock()
     }
 }
 

@@ -11,12 +11,11 @@ pub mod kube;
 pub mod node;
 pub mod syntax;
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+
+use crate::sync::{Mutex, MutexGuard};
 
 /// Which source the agent runs with (`--source`, `WEFT_SOURCE`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -85,11 +84,8 @@ impl SourceStatus {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        // A poisoned lock only means a panic elsewhere while holding a String: still valid.
-        self.last_rejection
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Option<String>> {
+        self.last_rejection.lock()
     }
 }
 

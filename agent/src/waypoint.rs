@@ -39,7 +39,7 @@ mod wire;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, atomic::AtomicUsize},
     time::Duration,
 };
 
@@ -58,6 +58,7 @@ use crate::{
     identity::SpiffeId,
     policy::PolicyIndex,
     state::{Snapshot, StateHandle, WorkloadRef},
+    sync::Mutex,
     telemetry::{AccessLog, trace::SpanExporter},
 };
 

@@ -22,7 +22,8 @@ use syn::visit::Visit;
 /// The agent's top-level modules, lowest layer first. A module may name modules of the
 /// layers before its own, never its own layer's other modules nor a later layer's.
 const LAYERS: &[&[&str]] = &[
-    &["telemetry", "http", "readiness", "settings", "sync"],
+    &["sync"],
+    &["telemetry", "http", "readiness", "settings"],
     &["identity", "ebpf"],
     &["state"],
     &["policy", "hbone"],

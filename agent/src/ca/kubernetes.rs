@@ -63,7 +63,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -83,7 +83,10 @@ use tokio::{
 };
 
 use super::Denied;
-use crate::identity::SpiffeId;
+use crate::{
+    identity::SpiffeId,
+    sync::{Mutex, MutexGuard},
+};
 
 /// The `kubernetes:` section of `ca.yaml`, validated.
 #[derive(Clone, Debug)]
@@ -220,10 +223,7 @@ impl KubernetesAuthorizer {
         let permit = Arc::clone(&self.reviews)
             .try_acquire_owned()
             .map_err(|_| Denied::TokenReviewBusy)?;
-        let mut bucket = self
-            .review_rate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut bucket = self.review_rate.lock();
         let now = Instant::now();
         let rate = f64::from(self.per_second);
         bucket.tokens =
@@ -423,10 +423,8 @@ impl KubernetesAuthorizer {
         Ok(())
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Scheduled, Instant>> {
-        self.scheduled
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn cache(&self) -> MutexGuard<'_, HashMap<Scheduled, Instant>> {
+        self.scheduled.lock()
     }
 }
 

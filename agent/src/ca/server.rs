@@ -18,7 +18,7 @@ use std::{
     fmt,
     future::Future,
     net::SocketAddr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -47,6 +47,7 @@ use crate::{
         ca_api::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorResponse},
         signer::Signer,
     },
+    sync::Mutex,
 };
 
 /// A bound CA server, ready to run.
@@ -396,7 +397,7 @@ fn status(code: u16) -> StatusCode {
 struct ServingCertResolver {
     signer: Arc<Signer>,
     names: Vec<String>,
-    current: RwLock<(Arc<CertifiedKey>, SystemTime)>,
+    current: Mutex<(Arc<CertifiedKey>, SystemTime)>,
 }
 
 impl ServingCertResolver {
@@ -405,25 +406,21 @@ impl ServingCertResolver {
         Ok(Self {
             signer,
             names,
-            current: RwLock::new(current),
+            current: Mutex::new(current),
         })
     }
 }
 
 impl ResolvesServerCert for ServingCertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let (key, renew_at) = self
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let (key, renew_at) = self.current.lock().clone();
         if SystemTime::now() < renew_at {
             return Some(key);
         }
         match issue_serving(&self.signer, &self.names) {
             Ok(fresh) => {
                 let key = Arc::clone(&fresh.0);
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                *self.current.lock() = fresh;
                 info!(component = "ca", "serving certificate renewed");
                 Some(key)
             }

@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex, OnceLock, PoisonError,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -27,7 +27,10 @@ use tracing::debug;
 use super::{
     BAGGAGE, Error, FORWARDED, Key, Limits, Role, TRACEPARENT, copy, stream::H2Stream, tls,
 };
-use crate::identity::{CertSource, SpiffeId};
+use crate::{
+    identity::{CertSource, SpiffeId},
+    sync::Mutex,
+};
 
 /// What one CONNECT asks for.
 #[derive(Clone, Debug)]
@@ -225,11 +228,7 @@ impl Connection {
     }
 
     pub(super) fn idle_deadline(&self, idle_timeout: Duration) -> Instant {
-        *self
-            .last_active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            + idle_timeout
+        *self.last_active.lock() + idle_timeout
     }
 
     /// Takes a stream slot (the caller holds the pool lock and checked `has_room`).
@@ -244,10 +243,7 @@ impl Connection {
     }
 
     fn touch(&self) {
-        *self
-            .last_active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        *self.last_active.lock() = Instant::now();
     }
 
     pub(super) fn tls_error(&self) -> Option<rustls::Error> {

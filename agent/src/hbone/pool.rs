@@ -15,7 +15,7 @@ use std::{
     net::IpAddr,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        Arc, Weak,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -30,7 +30,10 @@ use super::{
     Error, Limits, Role,
     client::{self, ConnectRequest, Connection, HboneStream, Lease, TlsIo},
 };
-use crate::identity::{CertSource, SpiffeId};
+use crate::{
+    identity::{CertSource, SpiffeId},
+    sync::{Mutex, MutexGuard},
+};
 
 /// Which connections a stream may share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -278,7 +281,7 @@ impl Pool {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+        self.entries.lock()
     }
 
     /// A stream slot on a pooled connection with room, if there is one. Connections opened

@@ -4,7 +4,7 @@ use std::{
     collections::HashSet,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -23,6 +23,7 @@ use tokio::{
 use super::*;
 use crate::{
     identity::SpiffeId,
+    sync::Mutex,
     test_util::{TestCa, TestCerts, closed_port, echo_server, reset_server, tcp_pair},
 };
 
@@ -90,14 +91,14 @@ impl ConnectHandler for TestHandler {
     async fn open(&self, request: InboundConnect) -> Result<Accepted<TestTransfer>, Refusal> {
         let target = request.target;
         let (denied, served, slow) = {
-            let targets = self.targets.lock().unwrap();
+            let targets = self.targets.lock();
             (
                 targets.denied.contains(&target),
                 targets.served.contains(&target),
                 targets.slow.filter(|(addr, _)| *addr == target),
             )
         };
-        self.seen.lock().unwrap().push(request);
+        self.seen.lock().push(request);
         if denied {
             return Err(Refusal::Denied);
         }
@@ -110,7 +111,7 @@ impl ConnectHandler for TestHandler {
         let upstream = TcpStream::connect(target)
             .await
             .map_err(|_| Refusal::Unreachable)?;
-        *self.connected_at.lock().unwrap() = Some(Instant::now());
+        *self.connected_at.lock() = Some(Instant::now());
         Ok(Accepted {
             upstream,
             transfer: TestTransfer {
@@ -175,7 +176,7 @@ impl Harness {
                     let result = serve(tcp, tls, handler).await;
                     let _ = served_tx.send(result.map_err(|e| e.reason()));
                 });
-                tasks.lock().unwrap().push(task.abort_handle());
+                tasks.lock().push(task.abort_handle());
             }
         });
         Self {
@@ -203,7 +204,7 @@ impl Harness {
     }
 
     fn serve_target(&self, target: SocketAddr) {
-        self.handler.targets.lock().unwrap().served.insert(target);
+        self.handler.targets.lock().served.insert(target);
     }
 
     async fn connect_with(&self, key: Key, target: SocketAddr) -> Result<HboneStream, Error> {
@@ -268,7 +269,7 @@ async fn bytes_echo_both_ways_with_half_close() {
     assert_eq!(finished.received, 2_000_000);
     assert_eq!(finished.error, None);
 
-    let seen = h.handler.seen.lock().unwrap();
+    let seen = h.handler.seen.lock();
     let request = &seen[0];
     assert_eq!(request.peer_identity, h.client_id);
     assert_eq!(request.target, echo);
@@ -335,7 +336,7 @@ async fn client_from_another_trust_domain_is_refused_at_the_handshake() {
     key.source = foreign;
     let err = h.connect_with(key, echo).await.unwrap_err();
     assert_eq!(h.server_result().await, Err("foreign_trust_domain"));
-    assert!(h.handler.seen.lock().unwrap().is_empty());
+    assert!(h.handler.seen.lock().is_empty());
     assert_eq!(err.reason(), "bad_certificate", "{err}");
 }
 
@@ -360,7 +361,7 @@ async fn client_cert_from_an_untrusted_ca_is_refused() {
     let err = h.connect(echo).await.unwrap_err();
     assert_eq!(h.server_result().await, Err("untrusted_ca"));
     assert_eq!(err.reason(), "untrusted_ca", "{err}");
-    assert!(h.handler.seen.lock().unwrap().is_empty());
+    assert!(h.handler.seen.lock().is_empty());
 }
 
 #[tokio::test]
@@ -432,7 +433,7 @@ async fn server_without_its_certificate_refuses() {
 async fn refusals_map_to_statuses_and_errors() {
     let h = Harness::new().await;
     let denied = closed_port().await;
-    h.handler.targets.lock().unwrap().denied.insert(denied);
+    h.handler.targets.lock().denied.insert(denied);
     let unreachable = closed_port().await;
     h.serve_target(unreachable);
     let not_served = closed_port().await;
@@ -459,11 +460,11 @@ async fn ok_is_sent_only_after_the_upstream_connected() {
     let h = Harness::new().await;
     let (echo, _task) = echo_server().await;
     let delay = Duration::from_millis(300);
-    h.handler.targets.lock().unwrap().slow = Some((echo, delay));
+    h.handler.targets.lock().slow = Some((echo, delay));
     let started = Instant::now();
     let _stream = h.connect(echo).await.unwrap();
     let answered = Instant::now();
-    let connected = h.handler.connected_at.lock().unwrap().unwrap();
+    let connected = h.handler.connected_at.lock().unwrap();
     assert!(answered - started >= delay);
     assert!(connected <= answered);
 }
@@ -751,7 +752,7 @@ async fn broken_connections_are_not_reused() {
     let mut stream = h.connect(echo).await.unwrap();
     assert_eq!(echo_round_trip(&mut stream, b"one").await, b"one");
     drop(stream);
-    for task in h.server_tasks.lock().unwrap().drain(..) {
+    for task in h.server_tasks.lock().drain(..) {
         task.abort();
     }
     let deadline = Instant::now() + PATIENCE;
@@ -797,7 +798,7 @@ async fn other_methods_get_405_and_bad_targets_400() {
         .body(())
         .unwrap();
     assert_eq!(raw_status(&h, by_name).await, http::StatusCode::BAD_REQUEST);
-    assert!(h.handler.seen.lock().unwrap().is_empty());
+    assert!(h.handler.seen.lock().is_empty());
 }
 
 #[test]

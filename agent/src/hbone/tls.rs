@@ -11,7 +11,7 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex, OnceLock, PoisonError},
+    sync::{Arc, OnceLock},
 };
 
 use rustls::{
@@ -32,7 +32,10 @@ use rustls::{
 };
 
 use super::{ALPN, Error};
-use crate::identity::{CertSource, SpiffeId, leaf_facts};
+use crate::{
+    identity::{CertSource, SpiffeId, leaf_facts},
+    sync::Mutex,
+};
 
 /// Why one of our verifiers refused a certificate that webpki accepted.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -164,10 +167,7 @@ pub(crate) struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// The identity mismatch behind an `ApplicationVerificationFailure`, if that was it.
     pub(crate) fn take_rejection(&self) -> Option<Rejection> {
-        self.rejection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        self.rejection.lock().take()
     }
 }
 
@@ -192,10 +192,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let actual = peer_in_domain(end_entity, self.expected.trust_domain()).map_err(other)?;
         if actual != self.expected {
-            *self
-                .rejection
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Rejection::IdentityMismatch {
+            *self.rejection.lock() = Some(Rejection::IdentityMismatch {
                 expected: self.expected.to_string(),
                 actual: actual.to_string(),
             });

@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
+    sync::{Arc, Weak},
     time::{Duration, SystemTime},
 };
 
@@ -21,11 +21,14 @@ use serde::{Serialize, Serializer};
 use tokio::{sync::watch, task::AbortHandle};
 use tracing::{info, warn};
 
-use crate::identity::{
-    self, CertSource, SpiffeId, TrustBundle, WorkloadCert,
-    ca_client::{self, CaClient},
-    csr,
-    signer::{self, Signer},
+use crate::{
+    identity::{
+        self, CertSource, SpiffeId, TrustBundle, WorkloadCert,
+        ca_client::{self, CaClient},
+        csr,
+        signer::{self, Signer},
+    },
+    sync::{Mutex, MutexGuard},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -327,9 +330,7 @@ impl IssueError {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Every critical section leaves State consistent, so a panic elsewhere does not
-        // make it unusable.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock()
     }
 
     fn notify(&self) {
@@ -401,7 +402,7 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state.get_mut();
         for entry in state.entries.values() {
             entry.task.abort();
         }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
 };
 
 use tracing::warn;
@@ -12,6 +12,7 @@ use super::eval::{ConnectionFacts, Decision, DenyReason, decide};
 use crate::{
     identity::SpiffeId,
     state::{AccessPolicy, Action, Snapshot, Workload, WorkloadRef},
+    sync::Mutex,
 };
 
 /// The policies of one snapshot, indexed so that evaluating a connection touches only the
@@ -215,10 +216,7 @@ impl PolicyIndex {
     /// select a workload on this node. Forgets policies that are gone, so one that comes
     /// back is logged again.
     fn log_l7_policies(&self, snapshot: &Snapshot) {
-        let mut logged = self
-            .l7_logged
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut logged = self.l7_logged.lock();
         logged.retain(|name| {
             snapshot
                 .policies
@@ -310,11 +308,7 @@ fn waypoint_gates(
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io,
-        path::PathBuf,
-        sync::{Arc, Mutex},
-    };
+    use std::{io, path::PathBuf, sync::Arc};
 
     use super::*;
     use crate::state::{L7Match, Location, Rule, Service, ServicePort, Waypoint, WorkloadSelector};
@@ -325,7 +319,7 @@ mod tests {
 
     impl io::Write for Lines {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0.lock().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -383,7 +377,7 @@ mod tests {
             let index = index.rebuild(&snapshot(false));
             let _index = index.rebuild(&snapshot(true));
         });
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(lines.0.lock().clone()).unwrap();
         assert_eq!(text.matches("only a waypoint").count(), 2, "{text}");
         assert!(text.contains("policy=prod/get-only"), "{text}");
         assert!(text.contains("component=\"policy\""), "{text}");

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -26,6 +26,7 @@ use crate::{
     identity::SpiffeId,
     policy::{ConnectionFacts, Decision, DenyReason, PolicyIndex},
     state::{Snapshot, WorkloadRef},
+    sync::Mutex,
 };
 
 /// Policy for the connections into this node's pods.
@@ -100,7 +101,7 @@ impl Admissions {
     /// every open connection they deny is revoked (its copy loop resets both ends).
     pub fn update(&self, snapshot: &Arc<Snapshot>) {
         let index = self.index_for(snapshot);
-        let admitted = lock(&self.admitted);
+        let admitted = self.admitted.lock();
         for (id, conn) in admitted.iter() {
             // A pod gone from the snapshot is unenrolled: its connections end with it.
             let Some(decision) = judge(&index, snapshot, &conn.facts) else {
@@ -140,7 +141,7 @@ impl Admissions {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (revoke, revoked) = watch::channel(None);
-        lock(&self.admitted).insert(id, Admitted { facts, revoke });
+        self.admitted.lock().insert(id, Admitted { facts, revoke });
         Ok(Admission {
             id,
             owner: Arc::clone(self),
@@ -152,7 +153,7 @@ impl Admissions {
 impl Admissions {
     /// The index of `snapshot`'s policies, built once per snapshot.
     fn index_for(&self, snapshot: &Arc<Snapshot>) -> Arc<PolicyIndex> {
-        let mut current = lock(&self.index);
+        let mut current = self.index.lock();
         if !current
             .0
             .as_ref()
@@ -186,7 +187,7 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        lock(&self.owner.admitted).remove(&self.id);
+        self.owner.admitted.lock().remove(&self.id);
     }
 }
 
@@ -209,11 +210,6 @@ fn judge(index: &PolicyIndex, snapshot: &Snapshot, facts: &Facts) -> Option<Resu
         Decision::Allow => Ok(()),
         Decision::Deny { policy, reason } => Err(Denial { reason, policy }),
     })
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain data behind the lock: keep serving after a panic elsewhere.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -468,6 +464,6 @@ mod tests {
         let admissions = admissions();
         let snapshot = snapshot("[]");
         drop(admissions.admit(&snapshot, facts("client")).unwrap());
-        assert!(lock(&admissions.admitted).is_empty());
+        assert!(admissions.admitted.lock().is_empty());
     }
 }

@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -25,6 +25,7 @@ use super::Error;
 use crate::{
     policy::Decision,
     state::{Snapshot, StateHandle, Workload, WorkloadRef},
+    sync::{Mutex, MutexGuard},
     telemetry::{
         AccessLog, AccessRecord, TcpMetrics,
         metrics::{TcpLabels, Transfer},
@@ -282,8 +283,7 @@ impl Connections {
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
-        // A panic while holding the lock leaves plain data behind; keep serving.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock()
     }
 
     /// The connection's labels, resolved (and counted as opened) the first time.
@@ -373,33 +373,30 @@ impl Default for Connections {
 
 impl Tracked {
     pub fn set_upstream(&self, upstream: SocketAddr, service: Option<String>) {
-        *self.upstream.lock().unwrap_or_else(PoisonError::into_inner) = Some(upstream);
-        *self.service.lock().unwrap_or_else(PoisonError::into_inner) = service;
+        *self.upstream.lock() = Some(upstream);
+        *self.service.lock() = service;
     }
 
     /// Records the service alone (a connection that failed before it had an upstream).
     pub fn set_service(&self, service: Option<String>) {
-        *self.service.lock().unwrap_or_else(PoisonError::into_inner) = service;
+        *self.service.lock() = service;
     }
 
     /// Records the waypoint the connection goes through.
     pub fn set_waypoint(&self, waypoint: Option<String>) {
-        *self.waypoint.lock().unwrap_or_else(PoisonError::into_inner) = waypoint;
+        *self.waypoint.lock() = waypoint;
     }
 
     /// Records the identities mutual TLS proved (either may be unknown, e.g. a plaintext
     /// client of a PERMISSIVE pod).
     pub fn set_identities(&self, src: Option<String>, dst: Option<String>) {
-        *self
-            .identities
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Identities { src, dst };
+        *self.identities.lock() = Identities { src, dst };
     }
 
     /// Records what access policy decided (the destination side calls this for every
     /// connection it evaluates; a denial also closes with the matching error).
     pub fn set_policy(&self, outcome: impl Into<PolicyOutcome>) {
-        *self.policy.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome.into());
+        *self.policy.lock() = Some(outcome.into());
     }
 
     /// Resolves once the connection's pod is gone (`Connections::close_pod`), or never:
@@ -430,35 +427,20 @@ impl Tracked {
     }
 
     fn policy(&self) -> Option<PolicyOutcome> {
-        self.policy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.policy.lock().clone()
     }
 
     fn view(&self, error: Option<&'static str>) -> ConnectionView {
-        let identities = self
-            .identities
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let identities = self.identities.lock().clone();
         ConnectionView {
             id: self.id,
             direction: self.direction,
             pod: self.pod.clone(),
             src: self.src,
             dst: self.dst,
-            upstream: *self.upstream.lock().unwrap_or_else(PoisonError::into_inner),
-            service: self
-                .service
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-            waypoint: self
-                .waypoint
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            upstream: *self.upstream.lock(),
+            service: self.service.lock().clone(),
+            waypoint: self.waypoint.lock().clone(),
             src_identity: identities.src,
             dst_identity: identities.dst,
             start_unix_ms: self.start_unix_ms,

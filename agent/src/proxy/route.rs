@@ -8,17 +8,14 @@
 //! destination as the CONNECT authority. When the waypoint cannot be used (unknown, not
 //! ready, or this node has no CA for mutual TLS) the connection fails closed.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Mutex, PoisonError},
-};
+use std::{collections::HashMap, net::SocketAddr};
 
 use super::{Error, WaypointProblem};
 use crate::hbone;
 use crate::{
     identity::{self, SpiffeId},
     state::{MtlsMode, Service, Snapshot, Waypoint, Workload, WorkloadRef},
+    sync::Mutex,
 };
 
 /// Where an outbound connection goes, and what its record says about it.
@@ -143,10 +140,7 @@ impl WaypointWarnings {
         waypoint: &WorkloadRef,
         problem: WaypointProblem,
     ) -> bool {
-        let mut unavailable = self
-            .unavailable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut unavailable = self.unavailable.lock();
         let now = (waypoint.clone(), problem);
         if unavailable.get(service) == Some(&now) {
             return false;
@@ -159,10 +153,7 @@ impl WaypointWarnings {
     /// elsewhere, or its waypoint is known and ready now), so that the next failure is
     /// news again. Returns the (service, waypoint) pairs whose waypoint is ready again.
     pub fn update(&self, snapshot: &Snapshot) -> Vec<(WorkloadRef, WorkloadRef)> {
-        let mut unavailable = self
-            .unavailable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut unavailable = self.unavailable.lock();
         let mut ready = Vec::new();
         unavailable.retain(|service, (waypoint, problem)| {
             let now = snapshot

@@ -59,12 +59,7 @@ mod status;
 mod tests;
 mod unmeshed;
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -90,6 +85,7 @@ use crate::{
     readiness::Ready,
     source::{SourceStatus, syntax::Invalid},
     state::{MeshSettings, Snapshot, WorkloadRef},
+    sync::{Mutex, MutexGuard},
 };
 
 pub use reflector::Backoff;
@@ -453,14 +449,11 @@ impl Health {
 
     /// Pods outside the mesh, by mesh namespace.
     pub fn unmeshed(&self) -> BTreeMap<String, u64> {
-        self.unmeshed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.unmeshed.lock().clone()
     }
 
     fn set_unmeshed(&self, counts: BTreeMap<String, u64>) {
-        *self.unmeshed.lock().unwrap_or_else(PoisonError::into_inner) = counts;
+        *self.unmeshed.lock() = counts;
     }
 
     /// Resolves on the next change of any watch's state (sync, up/down, last error).
@@ -481,8 +474,7 @@ impl Health {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<Kind, WatchHealth>> {
-        // A poisoned lock only means a panic elsewhere while holding plain data: still valid.
-        self.kinds.lock().unwrap_or_else(PoisonError::into_inner)
+        self.kinds.lock()
     }
 }
 

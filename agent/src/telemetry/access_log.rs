@@ -3,13 +3,11 @@
 //! or a test can take every stdout line starting with `{"kind":"access"` as a record.
 //! docs/telemetry.md shows the fields.
 
-use std::{
-    io::Write,
-    net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::{io::Write, net::SocketAddr, sync::Arc};
 
 use serde::Serialize;
+
+use crate::sync::Mutex;
 
 /// One connection, as its access-log line shows it. Field names are ztunnel's where it
 /// has one (`src.addr`, `dst.identity`).
@@ -103,7 +101,7 @@ impl AccessLog {
         };
         line.push(b'\n');
         // One write per line, under the lock, so lines never interleave.
-        let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sink = self.sink.lock();
         let _ = sink.write_all(&line).and_then(|()| sink.flush());
     }
 }
@@ -131,7 +129,7 @@ pub struct Captured(Arc<Mutex<Vec<u8>>>);
 #[cfg(test)]
 impl Captured {
     pub fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().unwrap().clone();
+        let bytes = self.0.lock().clone();
         String::from_utf8(bytes)
             .unwrap()
             .lines()
@@ -143,7 +141,7 @@ impl Captured {
 #[cfg(test)]
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.0.lock().extend_from_slice(buf);
         Ok(buf.len())
     }
 

@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -17,7 +17,10 @@ use rcgen::{
 use rustls::pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
 
-use crate::identity::{CertSource, SpiffeId, TrustBundle, WorkloadCert};
+use crate::{
+    identity::{CertSource, SpiffeId, TrustBundle, WorkloadCert},
+    sync::{Mutex, MutexGuard},
+};
 
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
@@ -118,11 +121,11 @@ impl TestCerts {
     }
 
     pub fn set_bundle(&self, bundle: TrustBundle) {
-        *self.bundle.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(bundle);
+        *self.bundle.lock() = Arc::new(bundle);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, Arc<WorkloadCert>>> {
-        self.certs.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, HashMap<SpiffeId, Arc<WorkloadCert>>> {
+        self.certs.lock()
     }
 }
 
@@ -132,6 +135,6 @@ impl CertSource for TestCerts {
     }
 
     fn trust_bundle(&self) -> Arc<TrustBundle> {
-        Arc::clone(&self.bundle.lock().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.bundle.lock())
     }
 }

@@ -24,7 +24,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -37,6 +37,8 @@ use kube::Resource;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+
+use crate::sync::{Mutex, MutexGuard};
 
 /// The server; stops when dropped.
 pub struct FakeApi {
@@ -297,7 +299,7 @@ impl FakeApi {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.state.lock()
     }
 }
 
@@ -336,7 +338,7 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         .filter_map(|pair| pair.split_once('='))
         .map(|(k, v)| (decode(k), decode(v)))
         .collect();
-    let mut state = lock(state);
+    let mut state = state.lock();
     state
         .requests
         .push(format!("{path}?{}", req.uri().query().unwrap_or_default()));
@@ -447,7 +449,7 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
 
 /// A `PATCH` of `body` (a JSON merge patch) to an object's `/status`.
 fn patch(state: &Mutex<State>, path: &str, body: &[u8]) -> Response<FakeBody> {
-    let mut state = lock(state);
+    let mut state = state.lock();
     state.requests.push(format!("PATCH {path}"));
     if state.down {
         return status_response(
@@ -523,7 +525,7 @@ fn object_path(path: &str) -> Option<(String, (String, String), bool)> {
 
 /// A `POST` of `body` to `path`: recorded, `409 AlreadyExists` if the name is taken there.
 fn create(state: &Mutex<State>, path: String, body: &[u8]) -> Response<FakeBody> {
-    let mut state = lock(state);
+    let mut state = state.lock();
     state.create_requests += 1;
     if state.down {
         return status_response(
@@ -667,9 +669,4 @@ fn decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // A poisoned lock only means a panicking test thread: the data is still usable.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -9,7 +9,7 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -23,7 +23,7 @@ use super::{
     Error,
     upstream::{BoxBody, BoxError},
 };
-use crate::state::route::Retry;
+use crate::{state::route::Retry, sync::Mutex};
 
 /// A request body as the tries see it.
 pub enum RequestBody {
@@ -106,7 +106,7 @@ impl RequestBody {
             Self::Buffered(replay) => replay.clone().boxed_unsync(),
             Self::Recorded(tape) => {
                 let generation = {
-                    let mut tape = lock(tape);
+                    let mut tape = tape.lock();
                     tape.generation += 1;
                     tape.generation
                 };
@@ -128,7 +128,7 @@ impl RequestBody {
     pub fn replayable(&self) -> bool {
         match self {
             Self::Buffered(_) => true,
-            Self::Recorded(tape) => !lock(tape).overflowed,
+            Self::Recorded(tape) => !tape.lock().overflowed,
             Self::Streaming(body) => body.is_some(),
         }
     }
@@ -151,7 +151,7 @@ impl Body for TapeReader {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut tape = lock(&this.tape);
+        let mut tape = this.tape.lock();
         if tape.generation != this.generation {
             return Poll::Ready(Some(Err("request body taken by a later try".into())));
         }
@@ -184,7 +184,7 @@ impl Body for TapeReader {
     }
 
     fn is_end_stream(&self) -> bool {
-        let tape = lock(&self.tape);
+        let tape = self.tape.lock();
         tape.ended && self.position >= tape.frames.len()
     }
 }
@@ -195,10 +195,6 @@ fn copy_frame(frame: &Frame<Bytes>) -> Frame<Bytes> {
         (None, Some(trailers)) => Frame::trailers(trailers.clone()),
         (None, None) => Frame::data(Bytes::new()),
     }
-}
-
-fn lock(tape: &Mutex<Tape>) -> MutexGuard<'_, Tape> {
-    tape.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Body for Replay {

@@ -12,7 +12,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -33,6 +33,7 @@ use crate::{
     identity::SpiffeId,
     policy::PolicyIndex,
     state::{Snapshot, StateHandle},
+    sync::Mutex,
     telemetry::{AccessLog, trace::SpanExporter},
 };
 
@@ -129,7 +130,7 @@ impl Inner {
     /// snapshot applies to the next request.
     pub fn view(&self) -> Arc<View> {
         let snapshot = Arc::clone(&self.state.borrow());
-        let mut view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut view = self.view.lock();
         if !Arc::ptr_eq(&view.snapshot, &snapshot) {
             *view = Arc::new(View {
                 routes: RouteTable::build(&snapshot),

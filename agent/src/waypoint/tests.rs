@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -49,6 +49,7 @@ use crate::{
             RouteRule, ServiceRef, Timeouts, UrlRewrite, ValueMatch,
         },
     },
+    sync::Mutex,
     telemetry::{
         AccessLog, Prefix, Registry,
         access_log::Captured,
@@ -95,7 +96,7 @@ struct BackendState {
 
 impl BackendState {
     fn drop_connections(&self) {
-        for task in self.connections.lock().unwrap().drain(..) {
+        for task in self.connections.lock().drain(..) {
             task.abort();
         }
     }
@@ -126,7 +127,7 @@ struct Spans(Arc<Mutex<Vec<Span>>>);
 
 impl SpanExporter for Spans {
     fn export(&self, span: Span) {
-        self.0.lock().unwrap().push(span);
+        self.0.lock().push(span);
     }
 }
 
@@ -173,11 +174,7 @@ impl Harness {
                 while let Ok((tcp, _)) = listener.accept().await {
                     let task =
                         tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
-                    accepting
-                        .connections
-                        .lock()
-                        .unwrap()
-                        .push(task.abort_handle());
+                    accepting.connections.lock().push(task.abort_handle());
                 }
             });
             backends.insert((*name).to_owned(), state);
@@ -383,7 +380,7 @@ impl hbone::StreamHandler for BackendHandler {
         if request.target != SocketAddr::new(self.0.ip, TARGET_PORT) {
             return Err(hbone::Refusal::NotServed);
         }
-        self.0.peers.lock().unwrap().push(request.peer_identity);
+        self.0.peers.lock().push(request.peer_identity);
         Ok(BackendTunnel(Arc::clone(&self.0)))
     }
 }
@@ -410,7 +407,7 @@ async fn backend_service(
         .uri
         .path_and_query()
         .map_or("/".to_owned(), |pq| pq.to_string());
-    state.seen.lock().unwrap().push(Seen {
+    state.seen.lock().push(Seen {
         method: parts.method.to_string(),
         path_and_query: path_and_query.clone(),
         headers: parts.headers.clone(),

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
+    sync::{Arc, Weak},
     task::{Context, Poll},
     time::Duration,
 };
@@ -24,7 +24,10 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 use super::{Error, backend::Endpoint};
-use crate::{hbone, identity::SpiffeId};
+use crate::{
+    sync::Mutex,
+    {hbone, identity::SpiffeId},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the waypoint sends, either way.
@@ -163,7 +166,7 @@ impl Upstreams {
     }
 
     fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<BoxBody>> {
-        let mut pool = lock(&self.inner.http1);
+        let mut pool = self.inner.http1.lock();
         let idle = pool.get_mut(key)?;
         while let Some((sender, since)) = idle.pop() {
             if sender.is_ready() && since.elapsed() < self.inner.idle_timeout {
@@ -185,7 +188,7 @@ impl Upstreams {
 
     /// The multiplexed connection for `key`, and whether it was pooled already.
     async fn http2_sender(&self, key: &Key) -> Result<(http2::SendRequest<BoxBody>, bool), Error> {
-        let slot = Arc::clone(lock(&self.inner.http2).entry(key.clone()).or_default());
+        let slot = Arc::clone(self.inner.http2.lock().entry(key.clone()).or_default());
         let mut slot = slot.lock().await;
         if let Some(entry) = slot.as_mut().filter(|e| !e.sender.is_closed()) {
             entry.last_used = Instant::now();
@@ -207,7 +210,7 @@ impl Upstreams {
 
     /// Drops the pooled connection of `key` (it failed).
     async fn forget_http2(&self, key: &Key) {
-        let slot = lock(&self.inner.http2).get(key).map(Arc::clone);
+        let slot = self.inner.http2.lock().get(key).map(Arc::clone);
         if let Some(slot) = slot {
             *slot.lock().await = None;
         }
@@ -271,7 +274,8 @@ struct KeepAlive {
 impl KeepAlive {
     fn release(&mut self) {
         if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            lock(&pool.http1)
+            pool.http1
+                .lock()
                 .entry(self.key.clone())
                 .or_default()
                 .push((sender, Instant::now()));
@@ -326,11 +330,11 @@ async fn sweep(pool: Weak<Inner>) {
             return;
         };
         let idle = pool.idle_timeout;
-        lock(&pool.http1).retain(|_, senders| {
+        pool.http1.lock().retain(|_, senders| {
             senders.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < idle);
             !senders.is_empty()
         });
-        lock(&pool.http2).retain(|_, slot| match slot.try_lock() {
+        pool.http2.lock().retain(|_, slot| match slot.try_lock() {
             Ok(mut entry) => {
                 let keep = entry
                     .as_ref()
@@ -346,8 +350,4 @@ async fn sweep(pool: Weak<Inner>) {
             Err(_) => true,
         });
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -32,6 +32,11 @@
 //! schedule whatever the answers do, latency measured from the scheduled send time, so a
 //! stalled server cannot hide its queueing): the L7 workload of the waypoint benchmarks.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test tool outside the agent: std's Mutex is fine where a poisoned lock means a failed run"
+)]
+
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},

@@ -60,6 +60,11 @@
 //!   prints `call {..}` (`ServedCall`), the client `report {..}` (`GrpcCallReport`) and
 //!   exits 1 unless grpc-status was 0.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test tool outside the agent: std's Mutex is fine where a poisoned lock means a failed run"
+)]
+
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},

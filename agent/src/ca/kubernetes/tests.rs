@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs,
     path::Path,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -23,6 +23,7 @@ use crate::{
         ca_client::{self, CaClient},
         csr,
     },
+    sync::{Mutex, MutexGuard},
 };
 
 /// What the fake API knows and how it misbehaves.
@@ -87,21 +88,22 @@ impl FakeApi {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                let slow = lock(&shared)
+                let slow = shared
+                    .lock()
                     .slow_reviews
                     .filter(|_| parts.uri.path().ends_with("/tokenreviews"));
                 if let Some(delay) = slow {
                     let shared = Arc::clone(&shared);
                     tokio::spawn(async move {
                         {
-                            let mut state = lock(&shared);
+                            let mut state = shared.lock();
                             state.reviews_in_flight += 1;
                             state.max_reviews_in_flight =
                                 state.max_reviews_in_flight.max(state.reviews_in_flight);
                         }
                         tokio::time::sleep(delay).await;
                         let answer = {
-                            let mut state = lock(&shared);
+                            let mut state = shared.lock();
                             state.reviews_in_flight -= 1;
                             state.answer(&parts.method, &parts.uri, &body)
                         };
@@ -111,7 +113,7 @@ impl FakeApi {
                     });
                     continue;
                 }
-                let answer = lock(&shared).answer(&parts.method, &parts.uri, &body);
+                let answer = shared.lock().answer(&parts.method, &parts.uri, &body);
                 match answer {
                     Some(answer) => send.send_response(json_response(answer)),
                     // Hanging: keep the responder so the call waits, not fails.
@@ -125,8 +127,8 @@ impl FakeApi {
         }
     }
 
-    pub fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        lock(&self.state)
+    pub fn state(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock()
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -347,10 +349,6 @@ impl FakePod {
                 "containers": [{"name": "app"}]},
             "status": {"phase": self.phase}})
     }
-}
-
-fn lock(state: &Mutex<FakeState>) -> std::sync::MutexGuard<'_, FakeState> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {

@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Debug,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -32,7 +32,10 @@ use super::{
         SliceItem,
     },
 };
-use crate::source::{SourceStatus, syntax::Invalid};
+use crate::{
+    source::{SourceStatus, syntax::Invalid},
+    sync::{Mutex, MutexGuard},
+};
 
 /// Retry delays after an API error: doubling from `initial` up to `max`, reset by success.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -149,8 +152,7 @@ impl Caches {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Stores> {
-        // A poisoned lock only means a panic elsewhere while holding plain data: still valid.
-        self.stores.lock().unwrap_or_else(PoisonError::into_inner)
+        self.stores.lock()
     }
 
     /// Applies an added or modified object.

@@ -9,16 +9,14 @@
 //! [`join`] is that rebuild (one function, used by every source whose workloads are known by
 //! pod UID), and [`follow`] runs it for a source that publishes raw snapshots.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
 
 use tokio::sync::watch;
 
-use crate::state::{Location, Snapshot};
+use crate::{
+    state::{Location, Snapshot},
+    sync::{Mutex, MutexGuard},
+};
 
 /// Pod UID → network namespace path, shared by whoever learns and whoever reads.
 #[derive(Debug)]
@@ -94,8 +92,7 @@ impl NodePods {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, NodePod>> {
-        // A poisoned lock only means a panic elsewhere while holding plain data: still valid.
-        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
+        self.pods.lock()
     }
 }
 

@@ -44,11 +44,11 @@ fn mirrored_to_shadow() -> HttpRoute {
 /// Waits until `backend` saw `n` requests, then returns their paths.
 async fn paths_seen(h: &Harness, backend: &str, n: usize) -> Vec<String> {
     let deadline = Instant::now() + PATIENCE;
-    while h.backend(backend).seen.lock().unwrap().len() < n {
+    while h.backend(backend).seen.lock().len() < n {
         assert!(Instant::now() < deadline, "{backend} saw fewer than {n}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let seen = h.backend(backend).seen.lock().unwrap();
+    let seen = h.backend(backend).seen.lock();
     seen.iter().map(|s| s.path_and_query.clone()).collect()
 }
 

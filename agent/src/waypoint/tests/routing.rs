@@ -205,7 +205,7 @@ async fn redirect_rewrite_and_header_modifiers_do_what_the_route_says() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.headers["x-resp"], "yes");
     assert!(!reply.headers.contains_key("x-backend-remove"));
-    let seen = h.backend("web").seen.lock().unwrap()[0].clone();
+    let seen = h.backend("web").seen.lock()[0].clone();
     assert_eq!(seen.path_and_query, "/api/v2/users?page=2");
     assert_eq!(seen.headers["host"], "internal.web");
     assert_eq!(seen.headers["x-set"], "set");
@@ -215,7 +215,7 @@ async fn redirect_rewrite_and_header_modifiers_do_what_the_route_says() {
     let forwarded = seen.headers["traceparent"].to_str().unwrap();
     assert!(forwarded.starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
     assert!(!forwarded.contains("b7ad6b7169203331"));
-    let spans = h.spans.lock().unwrap();
+    let spans = h.spans.lock();
     let span = spans.last().expect("a span per request");
     assert_eq!(
         span.context.trace_id.to_string(),
@@ -227,7 +227,6 @@ async fn redirect_rewrite_and_header_modifiers_do_what_the_route_says() {
         h.backend("web")
             .peers
             .lock()
-            .unwrap()
             .iter()
             .all(|p| *p == id("waypoint"))
     );
@@ -257,7 +256,7 @@ async fn mirror_gets_a_copy_and_the_client_sees_only_the_primary() {
         assert!(Instant::now() < deadline, "the mirror got no copy");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let copy = h.backend("shadow").seen.lock().unwrap()[0].clone();
+    let copy = h.backend("shadow").seen.lock()[0].clone();
     assert_eq!(copy.path_and_query, "/mirrored?x=1");
     assert_eq!(copy.method, "GET");
     assert_eq!(h.backend("primary").count.load(Ordering::SeqCst), 1);
