@@ -30,11 +30,14 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+};
 use tracing::debug;
 
 use crate::{
-    ebpf::{self, Dataplane},
+    ebpf::{self, DataplaneView},
     hbone, http,
     identity::CertManager,
     proxy::Connections,
@@ -42,7 +45,6 @@ use crate::{
     report::EnrollStatus,
     source::SourceStatus,
     state::StateHandle,
-    sync::Mutex,
     telemetry::{
         Registry,
         metrics::{self, AgentHealth, HealthCollector},
@@ -78,8 +80,9 @@ pub struct Context {
     pub ready: Ready,
     pub state: StateHandle,
     pub source: Arc<SourceStatus>,
-    pub enroll: Arc<Mutex<EnrollStatus>>,
-    pub dataplane: Arc<Mutex<Dataplane>>,
+    /// Published after each enrollment pass; none before the first.
+    pub enroll: watch::Receiver<Option<Arc<EnrollStatus>>>,
+    pub dataplane: Arc<DataplaneView>,
     pub connections: Arc<Connections>,
     /// The certificate manager, when the node has a CA.
     pub certs: Option<CertManager>,
@@ -280,7 +283,7 @@ pub(crate) fn metrics_response(registry: &Registry) -> Response<Full<Bytes>> {
 
 /// The agent's health for `/metrics`, read at each scrape from what `/status` shows.
 fn health_collector(context: &Context) -> HealthCollector {
-    let enroll = Arc::clone(&context.enroll);
+    let enroll = context.enroll.clone();
     let dataplane = Arc::clone(&context.dataplane);
     let source = Arc::clone(&context.source);
     let certs = context.certs.clone();
@@ -300,13 +303,12 @@ fn health_collector(context: &Context) -> HealthCollector {
             })
             .collect();
         let ebpf = dataplane
-            .lock()
             .stats()
             .map_err(|e| debug!(component = "admin", error = %e, "cannot read eBPF stats"))
             .ok()
             .map(|stats| ebpf::stat_fields(&stats).to_vec());
         AgentHealth {
-            enrolled_pods: enroll.lock().enrolled.len() as u64,
+            enrolled_pods: enrollment(&enroll).enrolled.len() as u64,
             certificates,
             config_generation: config.generation,
             // The file source carries policies in the same snapshot as everything else.
@@ -318,8 +320,13 @@ fn health_collector(context: &Context) -> HealthCollector {
     })
 }
 
+/// The last enrollment pass's report; before the first, an empty one.
+fn enrollment(enroll: &watch::Receiver<Option<Arc<EnrollStatus>>>) -> Arc<EnrollStatus> {
+    enroll.borrow().clone().unwrap_or_default()
+}
+
 fn status(context: &Context) -> serde_json::Value {
-    let dataplane = match context.dataplane.lock().dump() {
+    let dataplane = match context.dataplane.dump() {
         Ok(dump) => {
             serde_json::to_value(dump).unwrap_or_else(|e| json!({ "error": e.to_string() }))
         }
@@ -331,7 +338,7 @@ fn status(context: &Context) -> serde_json::Value {
         "ready": context.ready.is_ready(),
         "pending": context.ready.pending(),
         "config": context.source.view(),
-        "pods": &*context.enroll.lock(),
+        "pods": &*enrollment(&context.enroll),
         "dataplane": dataplane,
         "connections": {
             "active": connections.active.len(),

@@ -74,6 +74,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         cgroup_root = %config.ebpf.cgroup_root.display(), "eBPF programs loaded and attached");
     let orig_dst = dataplane.orig_dst_table();
     let host_conns = dataplane.host_conn_table();
+    let dataplane_view = dataplane.view();
     let dataplane = Arc::new(Mutex::new(dataplane));
 
     let certs = identity::start(&config.identity)?;
@@ -142,7 +143,6 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let proxy_handle = proxy.clone();
     let hbone_pool = proxy.hbone_pool();
     let mut enroller = Enroller::new(Arc::clone(&dataplane), proxy, config.proxy);
-    let enroll_status = Arc::new(Mutex::new(enroller.status()));
     let shutdown = Arc::new(Notify::new());
 
     let cni_metrics = node::cni::Metrics::new(metrics.prometheus_mut());
@@ -155,8 +155,8 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         ready: ready.clone(),
         state: state_rx.clone(),
         source: Arc::clone(&source_status),
-        enroll: Arc::clone(&enroll_status),
-        dataplane: Arc::clone(&dataplane),
+        enroll: enrolled_rx.clone(),
+        dataplane: dataplane_view,
         connections,
         certs: certs.clone(),
         hbone_pool,
@@ -261,8 +261,8 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         // Policy before enrollment: a pod that starts serving must already be guarded.
         proxy_handle.apply_policies(&snapshot);
         let all_enrolled = enroller.reconcile(&snapshot);
-        *enroll_status.lock() = enroller.status();
-        // After the pass: the CNI server vouches for a pod only once it sees it here.
+        // After the pass: the CNI server vouches for a pod only once it sees it here, and
+        // admin shows what it sees.
         enrolled_tx.send_replace(Some(Arc::new(enroller.status())));
         ready.set(
             "enroll",

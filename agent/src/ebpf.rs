@@ -255,12 +255,24 @@ pub struct Dataplane {
     /// Owns the loaded programs (sk_lookup is attached from it at each enrollment).
     ebpf: Ebpf,
     maps: maps::Maps,
-    /// Kernel ids of this agent's programs, for `verify_attached` and `dump`.
+    /// Kernel ids of this agent's programs, for `verify_attached`.
     program_ids: links::ProgramIds,
     cgroup: File,
+    view: Arc<DataplaneView>,
     host_cgroup: File,
     /// Aborts the aya-log reader task when the data plane is dropped.
     _log: Option<log::Bridge>,
+}
+
+/// What admin reads of the data plane: counters and a dump of the maps, links and programs.
+/// Its own handles (map pins opened again, a duplicate of the cgroup fd), so a scrape or a
+/// `/status` never takes the enroller's lock and cannot change anything.
+pub struct DataplaneView {
+    maps: maps::MapReader,
+    pin_root: PathBuf,
+    cgroup_root: PathBuf,
+    cgroup: File,
+    programs: BTreeMap<&'static str, u32>,
 }
 
 /// Concurrent handle on the `ORIG_DST` map for the proxy's accept path. Cheap to clone; each
@@ -361,6 +373,16 @@ impl Dataplane {
         upgrade::migrate(&previous, &mut maps)?;
         let program_ids = links::attach_cgroup_programs(&mut ebpf, &cgroup, &host_cgroup, config)?;
         upgrade::finish(previous);
+        let view = Arc::new(DataplaneView {
+            maps: maps::MapReader::open(&config.pin_root)?,
+            pin_root: config.pin_root.clone(),
+            cgroup_root: config.cgroup_root.clone(),
+            cgroup: cgroup.try_clone().map_err(|source| Error::OpenCgroup {
+                path: config.cgroup_root.clone(),
+                source,
+            })?,
+            programs: program_ids.by_name().into_iter().collect(),
+        });
         Ok(Self {
             config: config.clone(),
             ebpf,
@@ -368,6 +390,7 @@ impl Dataplane {
             program_ids,
             cgroup,
             host_cgroup,
+            view,
             _log: log,
         })
     }
@@ -427,7 +450,7 @@ impl Dataplane {
 
     /// Pods in the pod map (after a restart: what the previous agent enrolled).
     pub fn enrolled(&self) -> Result<Vec<(NetnsCookie, PodRecord)>, Error> {
-        self.maps.pods()
+        self.view.maps.pods()
     }
 
     /// Netns cookies that have a pinned sk_lookup link, whether or not they are in the pod
@@ -455,22 +478,18 @@ impl Dataplane {
         }
     }
 
+    /// The read-only view admin serves from.
+    pub fn view(&self) -> Arc<DataplaneView> {
+        Arc::clone(&self.view)
+    }
+
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats, Error> {
-        self.maps.stats()
+        self.view.stats()
     }
 
     pub fn dump(&self) -> Result<MapDump, Error> {
-        let mut dump = self.maps.dump()?;
-        dump.pin_root.clone_from(&self.config.pin_root);
-        dump.cgroup_root.clone_from(&self.config.cgroup_root);
-        dump.programs = self.program_ids.by_name().into_iter().collect();
-        dump.cgroup_attached =
-            links::cgroup_attached(self.cgroup.as_fd(), &self.config.cgroup_root)?
-                .into_iter()
-                .collect();
-        dump.sk_lookup_links = self.pinned_netns()?.into_iter().map(|c| c.0).collect();
-        Ok(dump)
+        self.view.dump()
     }
 
     /// Detaches every program and removes every pin (maps included): the node leaves the
@@ -478,6 +497,28 @@ impl Dataplane {
     pub fn uninstall(self) -> Result<(), Error> {
         links::remove_all(&self.config.pin_root)?;
         loader::remove_map_pins(&self.config.pin_root)
+    }
+}
+
+impl DataplaneView {
+    /// Counters summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, Error> {
+        self.maps.stats()
+    }
+
+    pub fn dump(&self) -> Result<MapDump, Error> {
+        let mut dump = self.maps.dump()?;
+        dump.pin_root.clone_from(&self.pin_root);
+        dump.cgroup_root.clone_from(&self.cgroup_root);
+        dump.programs = self.programs.clone();
+        dump.cgroup_attached = links::cgroup_attached(self.cgroup.as_fd(), &self.cgroup_root)?
+            .into_iter()
+            .collect();
+        dump.sk_lookup_links = links::pinned_sk_lookup(&self.pin_root)?
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        Ok(dump)
     }
 }
 

@@ -28,7 +28,7 @@ pub struct ListenerStatus {
 }
 
 /// What enrollment reports.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct EnrollStatus {
     pub enrolled: Vec<PodStatus>,
     /// Pods that should be enrolled but are not, with the reason.

@@ -7,7 +7,7 @@ use std::{
     mem::size_of,
     net::IpAddr,
     os::fd::{AsRawFd as _, BorrowedFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -35,16 +35,14 @@ use super::{
     addr_from_bytes, orig_dst_addr,
 };
 
-/// Typed handles on every map of the object.
+/// Typed handles on the maps the agent writes (and the tables it hands the proxy).
 pub(crate) struct Maps {
     pods: HashMap<MapData, NetnsCookie, PodRecord>,
-    orig_dst_by_socket: HashMap<MapData, SocketCookie, OrigDst>,
     pub(crate) orig_dst: Arc<HashMap<MapData, ConnKey, OrigDst>>,
     inbound_listeners: SockHash<MapData, ListenerKey>,
     proxy_config: Array<MapData, ProxyConfig>,
     excluded_ports: HashMap<MapData, PortKey, u8>,
     excluded_cidrs: LpmTrie<MapData, AddrKey, u8>,
-    stats: PerCpuArray<MapData, Stats>,
     pub(crate) proxy_sockets: Arc<HashMap<MapData, SocketCookie, u8>>,
     host_config: Array<MapData, HostConfig>,
     pub(crate) host_conns: Arc<HashMap<MapData, HostConnKey, u8>>,
@@ -82,13 +80,11 @@ impl Maps {
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
         Ok(Self {
             pods: typed(ebpf, maps::PODS)?,
-            orig_dst_by_socket: typed(ebpf, maps::ORIG_DST_BY_SOCKET)?,
             orig_dst: Arc::new(typed(ebpf, maps::ORIG_DST)?),
             inbound_listeners: typed(ebpf, maps::INBOUND_LISTENERS)?,
             proxy_config: typed(ebpf, maps::PROXY_CONFIG)?,
             excluded_ports: typed(ebpf, maps::EXCLUDED_PORTS)?,
             excluded_cidrs: typed(ebpf, maps::EXCLUDED_CIDRS)?,
-            stats: typed(ebpf, maps::STATS)?,
             proxy_sockets: Arc::new(typed(ebpf, maps::PROXY_SOCKETS)?),
             host_config: typed(ebpf, maps::HOST_CONFIG)?,
             host_conns: Arc::new(typed(ebpf, maps::HOST_CONNS)?),
@@ -190,13 +186,6 @@ impl Maps {
         remove_if_present(self.pods.remove(&cookie), maps::PODS)
     }
 
-    pub(crate) fn pods(&self) -> Result<Vec<(NetnsCookie, PodRecord)>, Error> {
-        self.pods
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_error(maps::PODS, "list"))
-    }
-
     pub(crate) fn set_inbound_listener(
         &mut self,
         ip: IpAddr,
@@ -215,6 +204,41 @@ impl Maps {
             addr: addr_bytes(ip),
         };
         remove_if_present(self.inbound_listeners.remove(&key), maps::INBOUND_LISTENERS)
+    }
+}
+
+/// Read-only handles of its own on the maps `weft status` and `/metrics` show, opened from
+/// the pins: a reader never waits for the enroller's lock, and cannot write.
+pub(crate) struct MapReader {
+    pods: HashMap<MapData, NetnsCookie, PodRecord>,
+    orig_dst_by_socket: HashMap<MapData, SocketCookie, OrigDst>,
+    orig_dst: HashMap<MapData, ConnKey, OrigDst>,
+    inbound_listeners: SockHash<MapData, ListenerKey>,
+    proxy_config: Array<MapData, ProxyConfig>,
+    excluded_ports: HashMap<MapData, PortKey, u8>,
+    excluded_cidrs: LpmTrie<MapData, AddrKey, u8>,
+    stats: PerCpuArray<MapData, Stats>,
+}
+
+impl MapReader {
+    pub(crate) fn open(pin_root: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            pods: pinned(pin_root, maps::PODS)?,
+            orig_dst_by_socket: pinned(pin_root, maps::ORIG_DST_BY_SOCKET)?,
+            orig_dst: pinned(pin_root, maps::ORIG_DST)?,
+            inbound_listeners: pinned(pin_root, maps::INBOUND_LISTENERS)?,
+            proxy_config: pinned(pin_root, maps::PROXY_CONFIG)?,
+            excluded_ports: pinned(pin_root, maps::EXCLUDED_PORTS)?,
+            excluded_cidrs: pinned(pin_root, maps::EXCLUDED_CIDRS)?,
+            stats: pinned(pin_root, maps::STATS)?,
+        })
+    }
+
+    pub(crate) fn pods(&self) -> Result<Vec<(NetnsCookie, PodRecord)>, Error> {
+        self.pods
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(maps::PODS, "list"))
     }
 
     pub(crate) fn stats(&self) -> Result<Stats, Error> {
@@ -423,6 +447,17 @@ where
     T: TryFrom<Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(Error::BugMissingMap(name))?;
+    T::try_from(map).map_err(map_error(name, "open"))
+}
+
+/// A map of this agent's object, opened again from its pin.
+fn pinned<T>(pin_root: &Path, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let data =
+        MapData::from_pin(pin_root.join(name)).map_err(map_error(name, "open the pin of"))?;
+    let map = Map::from_map_data(data).map_err(map_error(name, "open the pin of"))?;
     T::try_from(map).map_err(map_error(name, "open"))
 }
 
