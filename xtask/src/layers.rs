@@ -21,6 +21,7 @@ use syn::visit::Visit;
 
 /// The agent's top-level modules, lowest layer first. A module may name modules of the
 /// layers before its own, never its own layer's other modules nor a later layer's.
+/// docs/architecture.md explains each layer; keep the two together.
 const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["telemetry", "http", "readiness", "settings"],
