@@ -27,6 +27,7 @@ pub mod cni;
 pub mod eventually;
 #[cfg(feature = "helm")]
 pub mod helm;
+pub mod image;
 pub mod l7;
 pub mod metrics;
 pub mod node;
