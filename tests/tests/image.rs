@@ -151,7 +151,9 @@ fn bpftool_in_the_image_reads_a_map_the_test_pinned() -> Result<()> {
     map.update(7, 0x2a)?;
     let container = Container::from_archive(&archive, test_name!())?;
 
-    // Root with the agent's capability to use bpf(2), and the host's bpffs.
+    // Root with the two capabilities the chart gives the agent for bpf(2) (BPF, and
+    // SYS_ADMIN for opening pinned objects), on top of buildah's default set; the host's
+    // bpffs bind-mounted.
     let mut bpftool = container.run_command(&[
         "--user",
         "0:0",
