@@ -10,8 +10,12 @@
 //! says `run_agent_under_hooks`, where a Kubernetes DaemonSet pod is), and it keeps
 //! the host's mounts. (`ip netns exec` would not do: it remounts `/sys`, hiding bpffs and
 //! the cgroup2 mount from the agent.)
+//!
+//! The agent is `$WEFT_BIN` unless the node names another [`AgentCommand`] (the runtime
+//! image's binary in its own root: see [`crate::image`]).
 
 use std::{
+    ffi::OsString,
     net::SocketAddr,
     path::PathBuf,
     process::{Command, ExitStatus},
@@ -40,8 +44,26 @@ pub struct TestAgent {
     log_path: PathBuf,
     /// Length of the log when the current process started.
     log_offset: usize,
-    bin: PathBuf,
+    command: AgentCommand,
     show_log_on_drop: bool,
+}
+
+/// How the agent is started: `<program> <args…> agent --config <file>`.
+#[derive(Clone, Debug)]
+pub struct AgentCommand {
+    pub program: PathBuf,
+    /// Arguments before the agent's own (a wrapper's, e.g. the chroot into an image).
+    pub args: Vec<OsString>,
+}
+
+impl AgentCommand {
+    /// The agent binary itself: `$WEFT_BIN`, or the one cargo built.
+    pub fn binary() -> Self {
+        AgentCommand {
+            program: weft_bin(),
+            args: Vec::new(),
+        }
+    }
 }
 
 /// `GET /debug/connections`.
@@ -121,7 +143,7 @@ impl TestAgent {
             log_offset: 0,
             show_log_on_drop: true,
             config_path,
-            bin: weft_bin(),
+            command: node.agent_command(),
         };
         agent.write_config_text(yaml)?;
         agent.launch()?;
@@ -129,13 +151,15 @@ impl TestAgent {
     }
 
     fn launch(&mut self) -> Result<()> {
-        if !self.bin.is_file() {
+        let program = &self.command.program;
+        if !program.is_file() {
             bail!(
                 "agent binary {} not found: build it with `cargo build -p weft` or set WEFT_BIN",
-                self.bin.display()
+                program.display()
             );
         }
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = Command::new(program);
+        cmd.args(&self.command.args);
         cmd.arg("agent").arg("--config").arg(&self.config_path);
         // The config file is the whole truth: no flag defaults from the caller's env.
         for var in OVERRIDES {

@@ -27,6 +27,7 @@ pub mod cni;
 pub mod eventually;
 #[cfg(feature = "helm")]
 pub mod helm;
+pub mod image;
 pub mod l7;
 pub mod metrics;
 pub mod node;
@@ -36,7 +37,7 @@ pub mod sys;
 pub mod waypoint;
 pub mod wire;
 
-pub use agent::{ConnRecord, Connections, TestAgent};
+pub use agent::{AgentCommand, ConnRecord, Connections, TestAgent};
 pub use eventually::{assert_eventually, eventually, scaled};
 pub use node::{CaFiles, Service, TestNode};
 pub use pod::{PodBuilder, TestPod};
@@ -71,13 +72,18 @@ pub fn can_run_privileged(test: &str) -> bool {
     match missing_requirement() {
         None => true,
         Some(missing) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: cannot run in CI: {missing}");
-            }
-            eprintln!("skipping {test}: {missing}");
+            skip(test, &missing);
             false
         }
     }
+}
+
+/// Skips `test` because of what is `missing` (a message); panics instead in CI.
+pub fn skip(test: &str, missing: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: cannot run in CI: {missing}");
+    }
+    eprintln!("skipping {test}: {missing}");
 }
 
 /// What stops privileged tests from running here, if anything.

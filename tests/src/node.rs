@@ -33,7 +33,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    agent::TestAgent,
+    agent::{AgentCommand, TestAgent},
     pod::{PodBuilder, PodSpec},
     process::{Placement, TestProcess, unique_path},
     sys,
@@ -72,6 +72,8 @@ pub(crate) struct NodeInner {
     /// Run the agent inside the pods' cgroup subtree, as a Kubernetes DaemonSet pod is
     /// (under the same kubepods root the hooks attach to), instead of outside it.
     pub agent_under_hooks: Cell<bool>,
+    /// How the agent is started (default: the `weft` binary, see `AgentCommand::binary`).
+    pub agent_command: RefCell<Option<AgentCommand>>,
     netns_created: Cell<bool>,
 }
 
@@ -132,6 +134,7 @@ impl TestNode {
                 ca: RefCell::new(None),
                 peers: RefCell::new(Vec::new()),
                 agent_under_hooks: Cell::new(false),
+                agent_command: RefCell::new(None),
                 netns_created: Cell::new(false),
             }),
         };
@@ -394,6 +397,20 @@ impl TestNode {
     /// Kubernetes DaemonSet pod is: the cgroup hooks then see the agent's own sockets too.
     pub fn run_agent_under_hooks(&self) {
         self.inner.agent_under_hooks.set(true);
+    }
+
+    /// Starts the agent with `command` instead of the `weft` binary (e.g. the image's).
+    pub fn set_agent_command(&self, command: AgentCommand) {
+        *self.inner.agent_command.borrow_mut() = Some(command);
+    }
+
+    /// How the agent is started.
+    pub fn agent_command(&self) -> AgentCommand {
+        self.inner
+            .agent_command
+            .borrow()
+            .clone()
+            .unwrap_or_else(AgentCommand::binary)
     }
 
     /// The cgroup the agent joins, if not the test's own (see `run_agent_under_hooks`).
