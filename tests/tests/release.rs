@@ -79,7 +79,12 @@ fn chart_in_dist_names_the_image_the_release_wrote() -> Result<()> {
     let digest = manifest["image"]["digest"]
         .as_str()
         .context("release.json: no image digest")?;
-    let labels = oci_image_labels(&dist.join(image), digest)?;
+    let (labels, name) = oci_image_labels(&dist.join(image), digest)?;
+    // `docker load` and `podman load` name the image after the index's ref.name.
+    ensure!(
+        name.as_deref() == Some(format!("weft:{version}").as_str()),
+        "{image}: the archive names the image {name:?}, want weft:{version}"
+    );
     ensure!(
         labels["org.opencontainers.image.version"].as_str() == Some(version),
         "{image}: image version label {:?}, want {version}",
@@ -129,25 +134,30 @@ fn check_chart(chart: &Path, version: &str) -> Result<()> {
     Ok(())
 }
 
-/// The labels of the image config of manifest `digest` in an OCI archive; fails when the
-/// archive's index does not name that manifest.
-fn oci_image_labels(archive: &Path, digest: &str) -> Result<Value> {
+/// The labels of the image config of manifest `digest` in an OCI archive, and the name the
+/// index gives that manifest; fails when the archive's index does not list it.
+fn oci_image_labels(archive: &Path, digest: &str) -> Result<(Value, Option<String>)> {
     let index = oci_blob(archive, "index.json")?;
-    ensure!(
-        index["manifests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|m| m["digest"] == digest),
-        "{}: index.json names no manifest {digest}: {index}",
-        archive.display()
-    );
+    let entry = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["digest"] == digest)
+        .with_context(|| {
+            format!(
+                "{}: index.json names no manifest {digest}: {index}",
+                archive.display()
+            )
+        })?;
+    let name = entry["annotations"]["org.opencontainers.image.ref.name"]
+        .as_str()
+        .map(str::to_owned);
     let manifest = oci_blob(archive, &blob_path(digest)?)?;
     let config = manifest["config"]["digest"]
         .as_str()
         .context("image manifest without config")?;
     let config = oci_blob(archive, &blob_path(config)?)?;
-    Ok(config["config"]["Labels"].clone())
+    Ok((config["config"]["Labels"].clone(), name))
 }
 
 /// A JSON file of an OCI archive (a tar of an image layout), read with tar.

@@ -187,7 +187,13 @@ fn assemble(
         "--timestamp",
         epoch,
         &container.0,
-        &format!("oci-archive:{}", path_str(&options.out)?),
+        // Named in the archive's index (`org.opencontainers.image.ref.name`), so that
+        // `docker load` and `podman load` give `weft:<version>`; the digest is unchanged.
+        &format!(
+            "oci-archive:{}:weft:{}",
+            path_str(&options.out)?,
+            options.version
+        ),
     ])?;
     drop(container);
 
@@ -245,7 +251,10 @@ struct Container(String);
 impl Container {
     fn new() -> Result<Self> {
         let output = Command::new("buildah")
-            .args(["from", "--quiet", "scratch"])
+            // Named per process: two builds at once never share a working container.
+            .args(["from", "--quiet", "--name"])
+            .arg(format!("weft-image-{}", std::process::id()))
+            .arg("scratch")
             .output()
             .context("run buildah (cargo xtask setup installs it)")?;
         if !output.status.success() {
@@ -290,8 +299,16 @@ fn commit_time() -> Result<String> {
     git(&["log", "-1", "--format=%ct"])
 }
 
+/// The commit, with `-dirty` when tracked files differ from it: such an image is not the
+/// commit's, and its label must not say it is.
 fn revision() -> Result<String> {
-    git(&["rev-parse", "HEAD"])
+    let commit = git(&["rev-parse", "HEAD"])?;
+    let changed = git(&["status", "--porcelain", "--untracked-files=no"])?;
+    Ok(if changed.is_empty() {
+        commit
+    } else {
+        format!("{commit}-dirty")
+    })
 }
 
 fn git(args: &[&str]) -> Result<String> {
