@@ -301,7 +301,7 @@ fn commit_time() -> Result<String> {
 
 /// The commit, with `-dirty` when tracked files differ from it: such an image is not the
 /// commit's, and its label must not say it is.
-fn revision() -> Result<String> {
+pub fn revision() -> Result<String> {
     let commit = git(&["rev-parse", "HEAD"])?;
     let changed = git(&["status", "--porcelain", "--untracked-files=no"])?;
     Ok(if changed.is_empty() {

@@ -59,7 +59,7 @@ pub fn run(options: &Options) -> Result<()> {
     prepare_out(&out)?;
     println!("release {version} into {}", out.display());
 
-    let mut manifest = json!({ "version": version, "revision": revision() });
+    let mut manifest = json!({ "version": version, "revision": crate::image::revision()? });
     // Written first and again at the end: a release that fails halfway still marks `out` as
     // ours, so the next run may empty it.
     write_manifest(&out, &manifest)?;
@@ -221,17 +221,6 @@ fn host_target() -> Result<String> {
         .find_map(|l| l.strip_prefix("host: "))
         .map(str::to_string)
         .context("rustc -vV printed no host line")
-}
-
-/// The commit the release is built from (with `-dirty` for uncommitted changes).
-fn revision() -> Option<String> {
-    output(Command::new("git").args(["-C"]).arg(cargo::root()).args([
-        "describe",
-        "--always",
-        "--dirty",
-        "--abbrev=40",
-    ]))
-    .map(|s| s.trim().to_string())
 }
 
 fn notes(manifest: &Value) -> String {
