@@ -146,7 +146,9 @@ impl Container {
         args.push(std::env::temp_dir().into_os_string());
         args.push("--".into());
         Ok(AgentCommand {
-            program: which("unshare")?,
+            // The agent's program must be a file, not a name to look up.
+            program: sys::find_on_path("unshare")
+                .context("`unshare` is not on PATH (util-linux)")?,
             args,
         })
     }
@@ -182,15 +184,6 @@ fn transport(archive: &Path) -> OsString {
     let mut s = OsString::from("oci-archive:");
     s.push(archive);
     s
-}
-
-/// The full path of a program on PATH (the agent's program must be a file).
-fn which(program: &str) -> Result<PathBuf> {
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
-        .with_context(|| format!("`{program}` is not on PATH (util-linux)"))
 }
 
 /// `sh -c` script: `$1` the root, then the host directories to bind into it, `--`, then the
