@@ -79,7 +79,8 @@ pub fn build(options: &Options) -> Result<Image> {
 /// recipe is unchanged.
 pub fn build_for_tests(agent: &Path) -> Result<Image> {
     let work = cargo::target_dir()?.join("image");
-    let root = cached_root(&work, DEBIAN_MIRROR)?;
+    let epoch = commit_time()?;
+    let root = cached_root(&work, DEBIAN_MIRROR, &epoch)?;
     assemble(
         &Options {
             out: work.join("weft-test.oci.tar"),
@@ -87,7 +88,7 @@ pub fn build_for_tests(agent: &Path) -> Result<Image> {
         },
         agent,
         &root,
-        &commit_time()?,
+        &epoch,
         Instant::now(),
     )
 }
@@ -96,9 +97,10 @@ fn build_from(options: &Options, mirror: &str) -> Result<Image> {
     setup::ensure()?;
     let started = Instant::now();
     cargo::run(cargo().args(["build", "--release", "--locked", "-p", "weft"]))?;
-    let binary = cargo::target_dir()?.join("release/weft");
+    let target = cargo::target_dir()?;
+    let binary = target.join("release/weft");
     let epoch = commit_time()?;
-    let work = cargo::target_dir()?.join("image");
+    let work = target.join("image");
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let rootfs = work.join("rootfs.tar");
     debian_root(&rootfs, mirror, &epoch)?;
@@ -127,7 +129,7 @@ fn debian_root(rootfs: &Path, mirror: &str, epoch: &str) -> Result<()> {
 
 /// The test image's root: built once, then reused while the recipe (packages, excludes,
 /// sources) is the same; a day old, it is built again to pick up security fixes.
-fn cached_root(work: &Path, mirror: &str) -> Result<PathBuf> {
+fn cached_root(work: &Path, mirror: &str, epoch: &str) -> Result<PathBuf> {
     fs::create_dir_all(work).with_context(|| format!("create {}", work.display()))?;
     let rootfs = work.join("rootfs-test.tar");
     let stamp = work.join("rootfs-test.recipe");
@@ -137,7 +139,7 @@ fn cached_root(work: &Path, mirror: &str) -> Result<PathBuf> {
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < ROOT_MAX_AGE));
     if !fresh {
-        debian_root(&rootfs, mirror, &commit_time()?)?;
+        debian_root(&rootfs, mirror, epoch)?;
         fs::write(&stamp, recipe).with_context(|| format!("write {}", stamp.display()))?;
     }
     Ok(rootfs)
