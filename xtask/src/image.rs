@@ -110,7 +110,10 @@ fn build_from(options: &Options, mirror: &str) -> Result<Image> {
 /// A Debian root with the runtime packages, as a tar whose timestamps are `epoch`.
 fn debian_root(rootfs: &Path, mirror: &str, epoch: &str) -> Result<()> {
     cargo::run(
-        Command::new("mmdebstrap")
+        // A mirror that stalls must not hang `cargo xtask test` until CI's limit: the
+        // download takes about 20 s here; after ROOT_TIMEOUT, TERM, then KILL.
+        Command::new("timeout")
+            .args(["--kill-after=10s", ROOT_TIMEOUT, "mmdebstrap"])
             .args(["--quiet", "--variant=minbase", "--format=tar"])
             .arg(format!("--include={}", PACKAGES.join(",")))
             // What debian:bookworm-slim leaves out, and what an image never needs.
@@ -355,6 +358,8 @@ pub const PACKAGES: &[&str] = &["ca-certificates", "bpftool"];
 pub const USER: &str = "65532:65532";
 pub const BINARY: &str = "/usr/local/bin/weft";
 const SUITE: &str = "bookworm";
+/// For `timeout(1)`: how long building the Debian root may take.
+const ROOT_TIMEOUT: &str = "10m";
 const ROOT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 const AGENT_MANIFEST: &str = include_str!("../../agent/Cargo.toml");
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
