@@ -314,6 +314,7 @@ fn health_collector(context: &Context) -> HealthCollector {
             // The file source carries policies in the same snapshot as everything else.
             policy_generation: config.generation,
             config_rejected: config.rejected_total,
+            config_restart_pending: config.restart_pending.len() as u64,
             config_source: config.source.as_str(),
             ebpf,
         }

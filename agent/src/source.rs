@@ -35,6 +35,7 @@ pub struct SourceStatus {
     generation: AtomicU64,
     rejected_total: AtomicU64,
     last_rejection: Mutex<Option<String>>,
+    restart_pending: Mutex<Vec<String>>,
 }
 
 /// A copy of `SourceStatus` for serialization.
@@ -48,6 +49,9 @@ pub struct SourceStatusView {
     pub rejected_total: u64,
     /// The error of the most recent rejection, if the latest change was rejected.
     pub last_rejection: Option<String>,
+    /// Fields of the `agent:` section changed since start-up: read, not applied; they take
+    /// effect at the next restart.
+    pub restart_pending: Vec<String>,
 }
 
 impl SourceStatus {
@@ -75,12 +79,18 @@ impl SourceStatus {
         *self.lock() = Some(error.to_string());
     }
 
+    /// The `agent:` fields that differ from those the agent started with (none: in force).
+    pub fn set_restart_pending(&self, fields: Vec<String>) {
+        *self.restart_pending.lock() = fields;
+    }
+
     pub fn view(&self) -> SourceStatusView {
         SourceStatusView {
             source: self.kind,
             generation: self.generation.load(Ordering::Relaxed),
             rejected_total: self.rejected_total.load(Ordering::Relaxed),
             last_rejection: self.lock().clone(),
+            restart_pending: self.restart_pending.lock().clone(),
         }
     }
 

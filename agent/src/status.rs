@@ -83,6 +83,17 @@ pub fn render(status: &Value) -> String {
             "  last change REJECTED (previous config in force): {rejection}"
         );
     }
+    if let Some(fields) = config["restart_pending"]
+        .as_array()
+        .filter(|f| !f.is_empty())
+    {
+        let fields: Vec<&str> = fields.iter().filter_map(|f| f.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  RESTART PENDING: changed since start-up, not applied: {}",
+            fields.join(", ")
+        );
+    }
 
     let _ = writeln!(out, "\nenrolled pods:");
     let pods = status["pods"]["enrolled"]

@@ -45,6 +45,33 @@ pub struct AgentSection {
     pub http: HttpSection,
 }
 
+impl AgentSection {
+    /// The fields (`agent.<name>`, as written in the file) whose values differ in `other`.
+    pub fn changed_fields(&self, other: &AgentSection) -> Vec<String> {
+        let (ours, theirs) = (to_object(self), to_object(other));
+        let mut names: Vec<&String> = ours.keys().chain(theirs.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter(|name| ours.get(*name) != theirs.get(*name))
+            .map(|name| format!("agent.{name}"))
+            .collect()
+    }
+}
+
+/// The section as a JSON object (None and absent fields compare alike).
+fn to_object(section: &AgentSection) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(section) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter(|(_, value)| !value.is_null())
+            .collect(),
+        // A struct of plain fields always serializes to an object.
+        _ => serde_json::Map::new(),
+    }
+}
+
 /// The `agent.limits:` section: every field optional, each default in docs/config.md.
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -173,16 +173,15 @@ pub async fn watch(
         unsettled = None;
         last_text = Some(text.clone());
         match parse(&path, &text) {
-            Ok(doc) if *tx.borrow().as_ref() == doc.snapshot => {
-                // Same state (first read, or a change of comments or order only).
-                if status.view().last_rejection.is_some() {
-                    status.recovered();
-                }
-            }
             Ok(doc) => {
-                if doc.agent != started_with.agent {
-                    warn!(component = "config", path = %path.display(),
-                        "the agent: section changed; it takes effect after a restart");
+                note_restart_pending(&path, &started_with.agent, &doc.agent, &status);
+                if *tx.borrow().as_ref() == doc.snapshot {
+                    // Same state (first read, or a change of comments, order or the agent:
+                    // section only).
+                    if status.view().last_rejection.is_some() {
+                        status.recovered();
+                    }
+                    continue;
                 }
                 info!(component = "config", path = %path.display(),
                     workloads = doc.snapshot.workloads.len(),
@@ -200,6 +199,28 @@ pub async fn watch(
             }
         }
     }
+}
+
+/// Records (and logs, once per change) which `agent:` fields differ from those in force:
+/// they are start-up settings, read at reload but applied only by a restart.
+fn note_restart_pending(
+    path: &Path,
+    in_force: &AgentSection,
+    read: &AgentSection,
+    status: &SourceStatus,
+) {
+    let changed = in_force.changed_fields(read);
+    if changed == status.view().restart_pending {
+        return;
+    }
+    if changed.is_empty() {
+        info!(component = "config", path = %path.display(),
+            "the agent: section is again the one in force; no restart pending");
+    } else {
+        warn!(component = "config", path = %path.display(), fields = ?changed,
+            "the agent: section changed; it takes effect after a restart");
+    }
+    status.set_restart_pending(changed);
 }
 
 #[derive(Deserialize)]

@@ -95,6 +95,8 @@ pub struct AgentHealth {
     pub policy_generation: u64,
     /// Config changes rejected (the last good config stays in force).
     pub config_rejected: u64,
+    /// Fields of the `agent:` section changed since start-up (applied only by a restart).
+    pub config_restart_pending: u64,
     /// The `source` label of `config_rejected` (`file` when empty).
     pub config_source: &'static str,
     /// eBPF verdict and error counters summed over CPUs, by `Stats` field name; None when
@@ -287,6 +289,12 @@ impl Collector for HealthCollector {
             "agent_config_generation",
             "Configuration snapshots accepted since start-up",
             health.config_generation,
+        )?;
+        gauge(
+            &mut encoder,
+            "agent_config_restart_pending",
+            "Fields of the agent: section changed since start-up; a restart applies them",
+            health.config_restart_pending,
         )?;
         gauge(
             &mut encoder,

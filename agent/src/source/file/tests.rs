@@ -697,3 +697,77 @@ async fn a_bad_reload_keeps_the_last_good_snapshot() {
     assert_eq!(client.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
     assert_eq!(status.view().last_rejection, None);
 }
+
+#[tokio::test]
+async fn an_agent_section_change_is_reported_as_pending_and_applies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.yaml");
+    std::fs::write(&path, GOOD).unwrap();
+    let doc = load(&path).unwrap();
+    let (tx, rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    let status = Arc::new(SourceStatus::default());
+    status.accepted();
+    tokio::spawn(watch(
+        path.clone(),
+        Duration::from_millis(5),
+        doc,
+        tx,
+        Arc::clone(&status),
+    ));
+    let pending_becomes = |want: Vec<&'static str>| {
+        let status = Arc::clone(&status);
+        async move {
+            while status.view().restart_pending != want {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+
+    // Only start-up settings change: they are named, and no new snapshot is published.
+    let changed = GOOD.replace(
+        "  cgroupRoot: /sys/fs/cgroup\n",
+        "  cgroupRoot: /sys/fs/cgroup/other\n  metricsPrefix: istio\n",
+    );
+    std::fs::write(&path, &changed).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        pending_becomes(vec!["agent.cgroupRoot", "agent.metricsPrefix"]),
+    )
+    .await
+    .unwrap();
+    assert!(!rx.has_changed().unwrap());
+    assert_eq!(status.view().generation, 1);
+
+    // With a reloadable change too: that one applies, the pending list stays.
+    std::fs::write(&path, changed.replace("10.1.0.2", "10.1.0.5")).unwrap();
+    let mut applied = rx.clone();
+    tokio::time::timeout(Duration::from_secs(10), applied.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.view().generation, 2);
+    assert_eq!(
+        status.view().restart_pending,
+        ["agent.cgroupRoot", "agent.metricsPrefix"]
+    );
+
+    // Back to the section in force: nothing pending.
+    std::fs::write(&path, GOOD.replace("10.1.0.2", "10.1.0.5")).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pending_becomes(vec![]))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn changed_agent_fields_are_named_as_written() {
+    let base = parse_str(GOOD).unwrap().agent;
+    assert!(base.changed_fields(&base).is_empty());
+    let other = parse_str(&GOOD.replace(
+        "  cgroupRoot: /sys/fs/cgroup\n",
+        "  cgroupRoot: /sys/fs/cgroup\n  ports: {inbound: 16006}\n",
+    ))
+    .unwrap()
+    .agent;
+    assert_eq!(base.changed_fields(&other), ["agent.ports"]);
+    assert_eq!(other.changed_fields(&base), ["agent.ports"]);
+}

@@ -108,6 +108,7 @@ fn health_is_read_at_scrape_time() {
         config_generation: 2,
         policy_generation: 2,
         config_rejected: 1,
+        config_restart_pending: 2,
         config_source: "",
         ebpf: Some(vec![
             ("connect_redirected", 7),
@@ -120,6 +121,7 @@ fn health_is_read_at_scrape_time() {
         "weft_agent_config_generation 2",
         "weft_agent_policy_generation 2",
         "weft_config_rejected_total{source=\"file\"} 1",
+        "weft_agent_config_restart_pending 2",
         "weft_agent_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/default/sa/client\"} 1800000000.0",
         "weft_agent_ebpf_events_total{event=\"connect_redirected\"} 7",
         "weft_agent_ebpf_events_total{event=\"sklookup_error_dropped\"} 0",
