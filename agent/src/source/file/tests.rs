@@ -615,16 +615,23 @@ async fn a_bad_policy_keeps_the_previous_policies_in_force() {
     assert_eq!(policy.action, Action::Deny);
 }
 
-/// Starts watching a file of `good`, writes `bad` (which must be rejected while the
-/// snapshot stays), then `fixed`: (the rejection, the snapshot of `fixed`).
-async fn reload_bad_then_good(good: &str, bad: &str, fixed: &str) -> (String, Snapshot) {
+/// A file of `text` and its watcher, polling every 5 ms: (its directory, its path, the
+/// published snapshots, the source status).
+fn watched(
+    text: &str,
+) -> (
+    tempfile::TempDir,
+    PathBuf,
+    watch::Receiver<Arc<Snapshot>>,
+    Arc<SourceStatus>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.yaml");
-    std::fs::write(&path, good).unwrap();
+    std::fs::write(&path, text).unwrap();
     let doc = load(&path).unwrap();
-    let started = doc.snapshot.clone();
-    let (tx, mut rx) = watch::channel(Arc::new(doc.snapshot.clone()));
+    let (tx, rx) = watch::channel(Arc::new(doc.snapshot.clone()));
     let status = Arc::new(SourceStatus::default());
+    status.accepted();
     tokio::spawn(watch(
         path.clone(),
         Duration::from_millis(5),
@@ -632,6 +639,14 @@ async fn reload_bad_then_good(good: &str, bad: &str, fixed: &str) -> (String, Sn
         tx,
         Arc::clone(&status),
     ));
+    (dir, path, rx, status)
+}
+
+/// Starts watching a file of `good`, writes `bad` (which must be rejected while the
+/// snapshot stays), then `fixed`: (the rejection, the snapshot of `fixed`).
+async fn reload_bad_then_good(good: &str, bad: &str, fixed: &str) -> (String, Snapshot) {
+    let (_dir, path, mut rx, status) = watched(good);
+    let started = rx.borrow().as_ref().clone();
     std::fs::write(&path, bad).unwrap();
     let rejected = async {
         while status.view().rejected_total == 0 {
@@ -656,19 +671,7 @@ async fn reload_bad_then_good(good: &str, bad: &str, fixed: &str) -> (String, Sn
 
 #[tokio::test]
 async fn a_bad_reload_keeps_the_last_good_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node.yaml");
-    std::fs::write(&path, GOOD).unwrap();
-    let doc = load(&path).unwrap();
-    let (tx, mut rx) = watch::channel(Arc::new(doc.snapshot.clone()));
-    let status = Arc::new(SourceStatus::default());
-    tokio::spawn(watch(
-        path.clone(),
-        Duration::from_millis(5),
-        doc,
-        tx,
-        Arc::clone(&status),
-    ));
+    let (_dir, path, mut rx, status) = watched(GOOD);
 
     std::fs::write(&path, GOOD.replace("10.1.0.2", "bad-ip")).unwrap();
     let rejected = async {
@@ -700,20 +703,7 @@ async fn a_bad_reload_keeps_the_last_good_snapshot() {
 
 #[tokio::test]
 async fn an_agent_section_change_is_reported_as_pending_and_applies_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node.yaml");
-    std::fs::write(&path, GOOD).unwrap();
-    let doc = load(&path).unwrap();
-    let (tx, rx) = watch::channel(Arc::new(doc.snapshot.clone()));
-    let status = Arc::new(SourceStatus::default());
-    status.accepted();
-    tokio::spawn(watch(
-        path.clone(),
-        Duration::from_millis(5),
-        doc,
-        tx,
-        Arc::clone(&status),
-    ));
+    let (_dir, path, rx, status) = watched(GOOD);
     let pending_becomes = |want: Vec<&'static str>| {
         let status = Arc::clone(&status);
         async move {
