@@ -5,7 +5,10 @@
 //!   DEL releases the pod;
 //! - discovery finds pods laid out in a kubelet cgroup tree (systemd and cgroupfs drivers)
 //!   with real processes in real network namespaces, and keeps them enrolled across an
-//!   agent restart.
+//!   agent restart; an agent whose first scan fails stops at start-up, leaving the pods the
+//!   previous one enrolled steered (docs/cni.md);
+//! - `weft cni install --watch` waits for the primary CNI, and puts the plugin back each time
+//!   the primary rewrites its config.
 //!
 //! - kubelet probes (plaintext from the node) reach a STRICT pod on its probe ports, and
 //!   nothing else in plaintext does.
@@ -348,6 +351,155 @@ fn kubelet_probes_reach_a_strict_pod_from_the_node_and_nothing_else_does() -> Re
         from_pod.as_ref().map_or(true, |r| r.received_bytes == 0),
         "plaintext from a pod to the probe port got in: {from_pod:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_failing_first_discovery_scan_stops_the_agent_and_leaves_the_pods_steered() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.without_mtls();
+    let client = node.pod("client").create()?;
+    let server = node.pod("server").enrolled(false).create()?;
+    let discovery = |proc_root: &str| {
+        json!({
+            "cgroupRoot": node.cgroup_root().display().to_string(),
+            "procRoot": proc_root,
+        })
+    };
+    node.set_agent_setting("discovery", discovery("/proc"));
+    let mut agent = node.start_agent()?;
+    let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    let to = server.addr(ECHO_PORT).into();
+    app::send(&client, to, 2000, 1)?;
+    agent.kill();
+
+    // The next agent is pointed at a procRoot that is not the host's /proc.
+    let not_proc = node.dir().join("not-proc");
+    std::fs::create_dir_all(&not_proc)?;
+    node.set_agent_setting("discovery", discovery(&not_proc.display().to_string()));
+    let mut broken = TestAgent::spawn_only(&node)?;
+    let status = broken.wait_exit(Duration::from_secs(30))?;
+    let log = broken.current_log();
+    ensure!(!status.success(), "the agent kept running:\n{log}");
+    ensure!(
+        log.contains(&format!("{} is not a /proc", not_proc.display()))
+            && log.contains("agent.discovery.procRoot"),
+        "the error does not name the setting:\n{log}"
+    );
+    ensure!(
+        !log.contains("pod enrolled") && !log.contains("admin servers listening"),
+        "the agent went on past the failed scan:\n{log}"
+    );
+
+    // What the previous agent enrolled stays steered to the (absent) proxy: refused, and
+    // the server sees nothing.
+    let accepted = echo.accepted().len();
+    match app::connect(&client, to, Duration::from_secs(5))? {
+        app::Connect::Failed(kind) => ensure!(kind == "ConnectionRefused", "{kind}"),
+        app::Connect::Connected => anyhow::bail!("connected with no agent running"),
+    }
+    ensure!(
+        echo.accepted().len() == accepted,
+        "a connect reached the server around the proxy: {:?}",
+        echo.accepted().last()
+    );
+
+    // Fixed, the next agent serves the pod again.
+    node.set_agent_setting("discovery", discovery("/proc"));
+    drop(broken);
+    let _agent = node.start_agent()?;
+    let report = app::send(&client, to, 2000, 2)?;
+    ensure!(
+        report.received_sha256 == report.sent_sha256,
+        "echo differs: {report:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn cni_install_watch_keeps_the_plugin_last_in_the_primary_config() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let (bin, conf) = (node.dir().join("cni/bin"), node.dir().join("cni/net.d"));
+    std::fs::create_dir_all(&conf)?;
+    let mut cmd = Command::new(app::weft_bin());
+    cmd.args([
+        "cni",
+        "install",
+        "--watch",
+        "--interval",
+        "100ms",
+        "--bin-dir",
+    ])
+    .arg(&bin)
+    .arg("--conf-dir")
+    .arg(&conf)
+    .args(["--socket", "/var/run/weft/cni.sock"]);
+    let mut installer = node.spawn(cmd, "cni-install")?;
+    let (single, list) = (conf.join("10-bridge.conf"), conf.join("10-bridge.conflist"));
+    let types = || -> Result<Vec<String>> {
+        let doc: Value = serde_json::from_slice(&std::fs::read(&list)?)?;
+        Ok(doc["plugins"]
+            .as_array()
+            .context("no plugins")?
+            .iter()
+            .map(|p| p["type"].as_str().unwrap_or_default().to_string())
+            .collect())
+    };
+    let types_become = |want: &[&str]| {
+        eventually(Duration::from_secs(10), || {
+            let have = types()?;
+            ensure!(have == want, "plugins {have:?}, want {want:?}");
+            Ok(())
+        })
+    };
+    let warnings = |installer: &weft_tests::TestProcess| {
+        installer
+            .output()
+            .matches("cannot insert weft-cni yet")
+            .count()
+    };
+
+    // No primary CNI yet: the installer waits for one, and has put the binary in place.
+    eventually(Duration::from_secs(10), || {
+        ensure!(warnings(&installer) > 0, "no warning yet");
+        Ok(())
+    })?;
+    ensure!(bin.join("weft-cni").is_file(), "no plugin binary");
+
+    // The primary CNI writes a single-plugin config: converted, weft last.
+    std::fs::write(
+        &single,
+        r#"{"cniVersion":"1.0.0","name":"pods","type":"bridge"}"#,
+    )?;
+    types_become(&["bridge", "weft-cni"])?;
+    ensure!(!single.exists(), "the .conf was left beside the .conflist");
+
+    // It rewrites its config without weft (as a CNI daemon does at restart): put back.
+    std::fs::write(
+        &list,
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#,
+    )?;
+    types_become(&["bridge", "portmap", "weft-cni"])?;
+
+    // A config that is not JSON: warned about and left alone, and the installer stays up.
+    let before = warnings(&installer);
+    std::fs::write(&list, "{ half written")?;
+    eventually(Duration::from_secs(10), || {
+        ensure!(warnings(&installer) > before, "no new warning");
+        Ok(())
+    })?;
+    ensure!(
+        std::fs::read_to_string(&list)? == "{ half written",
+        "a broken config was rewritten"
+    );
+    ensure!(installer.try_status().is_none(), "the installer exited");
+    std::fs::write(
+        &list,
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
+    )?;
+    types_become(&["bridge", "weft-cni"])?;
     Ok(())
 }
 
