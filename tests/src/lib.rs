@@ -36,6 +36,7 @@ pub mod process;
 pub mod sys;
 pub mod waypoint;
 pub mod wire;
+pub mod ztunnel;
 
 pub use agent::{AgentCommand, ConnRecord, Connections, TestAgent};
 pub use eventually::{assert_eventually, eventually, scaled};

@@ -220,6 +220,12 @@ impl TestNode {
         self.ensure_ca()
     }
 
+    /// Makes `ca` this node's CA root (before `connect`, which shares it): e.g. the root a
+    /// ztunnel's CA signs under.
+    pub fn use_ca(&self, ca: CaFiles) {
+        *self.inner.ca.borrow_mut() = Some(Rc::new(ca));
+    }
+
     /// The node's CA root, created with `weft ca init` the first time it is needed.
     pub fn ensure_ca(&self) -> Result<Rc<CaFiles>> {
         if let Some(ca) = self.inner.ca.borrow().as_ref() {
@@ -496,7 +502,7 @@ impl TestNode {
 }
 
 impl NodeInner {
-    fn node_name(&self) -> String {
+    pub(crate) fn node_name(&self) -> String {
         format!("{}-node{}", self.test, self.index)
     }
 }

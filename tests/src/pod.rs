@@ -207,6 +207,20 @@ impl TestPod {
         self.with(|p| format!("{}/{}", p.namespace, p.name))
     }
 
+    pub fn service_account(&self) -> String {
+        self.with(|p| p.service_account.clone())
+    }
+
+    /// The node's name, as agent configs (and ztunnel's workloads) name it.
+    pub fn node_name(&self) -> String {
+        self.node.node_name()
+    }
+
+    /// The node's directory, for files the pod's processes read.
+    pub fn dir(&self) -> PathBuf {
+        self.node.dir_path.clone()
+    }
+
     pub fn ip(&self) -> Ipv4Addr {
         self.with(|p| p.ip)
     }
