@@ -151,6 +151,10 @@ impl Ztunnel {
         Ok(sys::http_get(&self.netns, addr(15020), "/metrics")?.body)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// What it has printed so far.
     pub fn log(&self) -> String {
         self.process.output()

@@ -73,6 +73,12 @@ pub struct Options {
     /// (a pod hoarding idle connections beside a neighbour).
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// A ztunnel binary (Istio's node proxy, built with its `testing` feature) for the
+    /// ztunnel paths, which every ratio against ztunnel comes from. Default: `WEFT_ZTUNNEL`,
+    /// else `shared/tools/ztunnel/ztunnel` above this checkout; without one those paths
+    /// are left out, and the report says so.
+    #[arg(long, env = "WEFT_ZTUNNEL")]
+    ztunnel: Option<PathBuf>,
     /// Internal: measure with the binaries the outer run built (set by `cargo xtask bench`).
     #[arg(long, hide = true)]
     measure: bool,
@@ -136,6 +142,13 @@ pub fn run(options: &Options) -> Result<()> {
             Part::Scale => "scale",
             Part::Hostile => "hostile",
         });
+    }
+    match options.ztunnel.clone().or_else(weft_tests::ztunnel::binary) {
+        Some(ztunnel) => {
+            println!("bench: ztunnel {}", ztunnel.display());
+            cmd.env("WEFT_ZTUNNEL", ztunnel);
+        }
+        None => println!("bench: no ztunnel binary (--ztunnel PATH): its paths are left out"),
     }
     cmd.env("WEFT_BIN", &agent)
         .env("WEFT_TESTAPP", release.join("weft-testapp"))

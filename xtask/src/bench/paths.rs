@@ -11,6 +11,7 @@ use weft_tests::{
     Service, TestAgent, TestNode, TestPod, TestWaypoint,
     bench::{self as harness, BenchServer, Stunnel},
     waypoint,
+    ztunnel::Ztunnel,
 };
 
 use super::{
@@ -44,6 +45,23 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .service_account(WAYPOINT)
         .enrolled(false)
         .create()?;
+    // ztunnel's pods: outside weft's mesh, each served by a ztunnel of its own (dedicated
+    // mode, as the baseline ran it: one proxy per pod).
+    let zt_c = node1
+        .pod("zt-c")
+        .service_account("client")
+        .enrolled(false)
+        .create()?;
+    let zt_s = node1
+        .pod("zt-s")
+        .service_account("server")
+        .enrolled(false)
+        .create()?;
+    let xzt_s = node2
+        .pod("xzt-s")
+        .service_account("server")
+        .enrolled(false)
+        .create()?;
     let l7_vip = SocketAddr::from((L7_VIP, HTTP_PORT));
     add_l7_services(&node1, &weft_s, &wp);
     let mtls = plain_if_no_ca(&[&node1, &node2]);
@@ -57,7 +75,25 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     println!("agents ready; the proxy hop is {transport}");
 
     let mut servers: Vec<BenchServer> = Vec::new();
-    for pod in [&direct_s, &weft_s, &xdirect_s, &xweft_s] {
+    let ztunnels = match &options.ztunnel {
+        Some(binary) => {
+            let zt = |pod: &TestPod, peers: &[&TestPod]| Ztunnel::start(binary, pod, peers);
+            let proxies = vec![
+                zt(&zt_c, &[&zt_s, &xzt_s])?,
+                zt(&zt_s, &[&zt_c])?,
+                zt(&xzt_s, &[&zt_c])?,
+            ];
+            println!("ztunnel ready: {}", binary.display());
+            report.ztunnel = Some(binary.display().to_string());
+            proxies
+        }
+        None => Vec::new(),
+    };
+    let zt_pids = ztunnels
+        .iter()
+        .map(|z| z.pid().context("ztunnel is not running"))
+        .collect::<Result<Vec<u32>>>()?;
+    for pod in [&direct_s, &weft_s, &xdirect_s, &xweft_s, &zt_s, &xzt_s] {
         servers.push(harness::serve(pod, PORT)?);
         servers.push(harness::http_serve(pod, HTTP_PORT)?);
     }
@@ -78,7 +114,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .filter_map(|p| p.pid())
         .collect();
     let weft = |topology: &str| format!("weft L4 {topology} ({transport})");
-    let scenarios = [
+    let mut scenarios = vec![
         Scenario {
             key: "direct",
             label: "direct, same node".into(),
@@ -140,6 +176,34 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
             http_only: true,
         },
     ];
+    if !ztunnels.is_empty() {
+        // The cost of a path is the client's and the server's ztunnel, as it is both
+        // agents for weft across nodes.
+        let zt_same = vec![zt_pids[0], zt_pids[1]];
+        let zt_cross = vec![zt_pids[0], zt_pids[2]];
+        scenarios.extend([
+            Scenario {
+                key: "ztunnel",
+                label: "ztunnel, same node".into(),
+                client: &zt_c,
+                to: zt_s.addr(PORT).into(),
+                http_to: zt_s.addr(HTTP_PORT).into(),
+                baseline: Some("direct"),
+                cost_pids: zt_same,
+                http_only: false,
+            },
+            Scenario {
+                key: "ztunnel-x",
+                label: "ztunnel, cross node".into(),
+                client: &zt_c,
+                to: xzt_s.addr(PORT).into(),
+                http_to: xzt_s.addr(HTTP_PORT).into(),
+                baseline: Some("direct-x"),
+                cost_pids: zt_cross,
+                http_only: false,
+            },
+        ]);
+    }
     for s in &scenarios {
         report.scenario(s.key, &s.label, s.baseline);
     }
@@ -190,7 +254,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     policies::run(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
     agent1.kill();
     agent2.kill();
-    drop((waypoint, tunnel, tunnel_http, servers));
+    drop((waypoint, tunnel, tunnel_http, servers, ztunnels));
     Ok(())
 }
 

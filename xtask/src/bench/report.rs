@@ -19,6 +19,8 @@ pub struct Report {
     pub failures: Vec<String>,
     /// The 1-minute load average at the start of each repetition: how busy the machine was.
     pub load: Vec<f64>,
+    /// The ztunnel binary of the ztunnel paths; None: they were not run.
+    pub ztunnel: Option<String>,
 }
 
 pub struct ScenarioInfo {
@@ -83,6 +85,7 @@ impl Report {
             series: Vec::new(),
             failures: Vec::new(),
             load: Vec::new(),
+            ztunnel: None,
         }
     }
 
@@ -104,6 +107,7 @@ impl Report {
             doc["conditions"].clone(),
         );
         report.transport = doc["transport"].as_str().unwrap_or("unknown").into();
+        report.ztunnel = doc["ztunnel"].as_str().map(Into::into);
         report.elapsed = Duration::from_secs_f64(doc["elapsed_s"].as_f64().unwrap_or(0.0));
         report.failures = strings(&doc["failures"]);
         report.load = doc["load_average_per_repetition"]
@@ -243,6 +247,7 @@ impl Report {
         let doc = json!({
             "quick": self.quick,
             "transport": self.transport,
+            "ztunnel": self.ztunnel,
             "conditions": self.conditions,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "failures": self.failures,
@@ -329,25 +334,24 @@ impl Report {
     }
 
     fn agent_table(&self, md: &mut String) {
-        let _ = writeln!(
+        let columns = ["weft-l4", "stunnel", ZTUNNEL, "weft-l4-x", ZTUNNEL_X];
+        let _ = write!(
             md,
-            "\n### Agent: cost, scale and control plane\n\n| metric | unit | {} | {} | {} |\n|---|---|---|---|---|",
-            self.label("weft-l4"),
-            self.label("stunnel"),
-            self.label("weft-l4-x"),
+            "\n### Agent: cost, scale and control plane\n\n| metric | unit |"
         );
+        for key in columns {
+            let _ = write!(md, " {} |", self.label(key));
+        }
+        let _ = writeln!(md, "\n|---|---|{}", "---|".repeat(columns.len()));
         for (metric, unit) in self.metrics(|m| self.get("direct", m).is_none()) {
-            let cell = |key: &str| {
-                self.get(key, &metric)
-                    .map_or_else(|| "–".to_string(), Series::cell)
-            };
-            let _ = writeln!(
-                md,
-                "| {metric} | {unit} | {} | {} | {} |",
-                cell("weft-l4"),
-                cell("stunnel"),
-                cell("weft-l4-x")
-            );
+            let _ = write!(md, "| {metric} | {unit} |");
+            for key in columns {
+                let cell = self
+                    .get(key, &metric)
+                    .map_or_else(|| "–".to_string(), Series::cell);
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
         }
     }
 
@@ -366,9 +370,21 @@ impl Report {
             ("1 KiB round trip p99", Kind::Added),
             ("new connections", Kind::Ratio),
         ];
+        match &self.ztunnel {
+            Some(binary) => {
+                let _ = writeln!(md, "ztunnel paths: `{binary}`, one ztunnel per pod.\n");
+            }
+            None => {
+                let _ = writeln!(
+                    md,
+                    "ztunnel paths: not run (no ztunnel binary; `--ztunnel PATH`): the ztunnel \
+                     columns are empty.\n"
+                );
+            }
+        }
         let _ = writeln!(
             md,
-            "| metric | weft L4 same node vs direct | weft L4 vs stunnel | weft L4 cross node vs direct cross node |\n|---|---|---|---|"
+            "| metric | weft L4 same node vs direct | weft L4 vs stunnel | weft L4 vs ztunnel, same node | weft L4 cross node vs direct cross node | weft L4 vs ztunnel, cross node |\n|---|---|---|---|---|---|"
         );
         for (metric, kind) in rows {
             let cmp = |a: &str, b: &str| -> String {
@@ -382,10 +398,12 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {metric} | {} | {} | {} |",
+                "| {metric} | {} | {} | {} | {} | {} |",
                 cmp("weft-l4", "direct"),
                 cmp("weft-l4", "stunnel"),
-                cmp("weft-l4-x", "direct-x")
+                cmp("weft-l4", ZTUNNEL),
+                cmp("weft-l4-x", "direct-x"),
+                cmp("weft-l4-x", ZTUNNEL_X)
             );
         }
     }
@@ -474,33 +492,48 @@ impl Report {
                 verdict(rss.and_then(Series::median).map(|v| v < 20.0)),
             ),
         ];
-        // Ahead of stunnel on every data-path metric both have.
-        let mut behind = Vec::new();
-        let mut compared = 0;
-        for s in self.series.iter().filter(|s| s.scenario == "stunnel") {
-            let (Some(w), Some(t)) = (m("weft-l4", &s.metric), s.median()) else {
-                continue;
-            };
-            compared += 1;
-            let higher_is_better = s.unit == "Gbit/s" || s.unit == "conn/s";
-            let ahead = if higher_is_better { w > t } else { w < t };
-            if !ahead {
-                behind.push(s.metric.clone());
-            }
+        for (weft, rival, name) in [
+            ("weft-l4", "stunnel", "stunnel"),
+            ("weft-l4", ZTUNNEL, "ztunnel on one node"),
+            ("weft-l4-x", ZTUNNEL_X, "ztunnel across nodes"),
+        ] {
+            let (value, ok) = self.ahead(weft, rival);
+            rows.push((
+                format!("weft L4 ahead of {name} on every metric"),
+                value,
+                verdict(ok),
+            ));
         }
-        rows.push((
-            "weft L4 ahead of stunnel on every metric".into(),
-            if behind.is_empty() {
-                format!("ahead on {compared} of {compared}")
-            } else {
-                format!("behind on: {}", behind.join("; "))
-            },
-            verdict((compared > 0).then_some(behind.is_empty())),
-        ));
         let _ = writeln!(md, "| goal | this run | |\n|---|---|---|");
         for (goal, value, v) in rows {
             let _ = writeln!(md, "| {goal} | {value} | {v} |");
         }
+    }
+
+    /// Whether `weft` beats `rival` on every data-path metric both have: (what it says,
+    /// None when nothing was compared).
+    fn ahead(&self, weft: &str, rival: &str) -> (String, Option<bool>) {
+        let mut behind = Vec::new();
+        let mut compared = 0;
+        for s in self.series.iter().filter(|s| s.scenario == rival) {
+            let (Some(w), Some(r)) = (self.median(weft, &s.metric), s.median()) else {
+                continue;
+            };
+            compared += 1;
+            let higher_is_better = s.unit == "Gbit/s" || s.unit == "conn/s";
+            let ahead = if higher_is_better { w > r } else { w < r };
+            if !ahead {
+                behind.push(s.metric.clone());
+            }
+        }
+        let value = if compared == 0 {
+            "–".to_string()
+        } else if behind.is_empty() {
+            format!("ahead on {compared} of {compared}")
+        } else {
+            format!("behind on: {}", behind.join("; "))
+        };
+        (value, (compared > 0).then_some(behind.is_empty()))
     }
 
     /// Distinct (metric, unit) in first-seen order, filtered.
@@ -524,6 +557,10 @@ enum Kind {
 }
 
 /// About three significant digits.
+/// The ztunnel paths' keys (same node, cross node).
+const ZTUNNEL: &str = "ztunnel";
+const ZTUNNEL_X: &str = "ztunnel-x";
+
 pub fn num(v: f64) -> String {
     let a = v.abs();
     if a >= 100.0 {
