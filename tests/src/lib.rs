@@ -80,9 +80,9 @@ pub fn can_run_privileged(test: &str) -> bool {
 }
 
 /// Skips `test` because of what is `missing` (a message); panics instead in CI. The skip
-/// is recorded for `cargo xtask test`'s summary (see [`weft_test_skip`]).
+/// is recorded for `cargo xtask test`'s summary (see [`weft_test_env`]).
 pub fn skip(test: &str, missing: &str) {
-    weft_test_skip::skip(test, missing);
+    weft_test_env::skip(test, missing);
 }
 
 /// What stops privileged tests from running here, if anything.

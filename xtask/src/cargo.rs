@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use weft_test_skip::Skip;
+use weft_test_env::Skip;
 
 /// The workspace root (xtask lives in `<root>/xtask`).
 pub fn root() -> PathBuf {

@@ -4,13 +4,13 @@
 //! completion).
 //!
 //! A test that cannot run here (not root, a tool missing) returns early, which libtest
-//! counts as passed; it records itself in the skip log (`weft_test_skip`) this command
+//! counts as passed; it records itself in the skip log (`weft_test_env`) this command
 //! names in `$WEFT_TEST_SKIP_LOG`, and the summary counts it as skipped.
 
 use std::{ffi::OsString, path::Path};
 
 use anyhow::{Context, Result};
-use weft_test_skip::Skip;
+use weft_test_env::Skip;
 
 use crate::{
     cargo::{self, TestCounts, TestRun, cargo, run_tests},
@@ -56,7 +56,7 @@ pub fn run(options: &Options) -> Result<()> {
     // build error is better reported alone than inside test output.
     let weft_bin = cargo::build_agent()?;
     // Emptied now: it holds this run's skips only.
-    let skip_log = cargo::target_dir()?.join("weft-test-skips.log");
+    let skip_log = cargo::target_dir()?.join("weft-test-envs.log");
     std::fs::write(&skip_log, "")
         .with_context(|| format!("truncate the skip log {}", skip_log.display()))?;
 
@@ -75,7 +75,7 @@ pub fn run(options: &Options) -> Result<()> {
                         "--exclude",
                         "weft-tests",
                     ])
-                    .env(weft_test_skip::LOG_ENV, &skip_log),
+                    .env(weft_test_env::LOG_ENV, &skip_log),
             )?,
         );
     }
@@ -95,7 +95,7 @@ pub fn run(options: &Options) -> Result<()> {
         cmd.args(["test", "--no-fail-fast", "-p", "weft-tests"])
             .env("WEFT_BIN", &weft_bin)
             .env("WEFT_IMAGE", &image.path)
-            .env(weft_test_skip::LOG_ENV, &skip_log);
+            .env(weft_test_env::LOG_ENV, &skip_log);
         if !options.e2e_args.is_empty() {
             cmd.arg("--").args(&options.e2e_args);
         }
@@ -168,7 +168,7 @@ impl std::fmt::Display for Summary {
 }
 
 fn read_skips(log: &Path) -> Result<Vec<Skip>> {
-    weft_test_skip::read(log).with_context(|| format!("read the skip log {}", log.display()))
+    weft_test_env::read(log).with_context(|| format!("read the skip log {}", log.display()))
 }
 
 /// Tests failed and the summary said so: nothing more to print.
@@ -201,7 +201,7 @@ mod tests {
             failed: 1,
             ignored: 1,
         };
-        let skipped = weft_test_skip::parse(
+        let skipped = weft_test_env::parse(
             "mtls::a\tneeds root\nkubernetes_helm::b\t`helm` is not installed\n",
         );
         let ignored = vec![skip("kube::tests::memory", "a measurement")];

@@ -542,7 +542,7 @@ fn an_unreadable_pinned_map_is_never_deleted_and_the_old_attachments_stay() {
 fn bpftool_dumps_pinned_maps_with_named_fields() {
     let Some(env) = TestEnv::new() else { return };
     if Command::new("bpftool").arg("version").output().is_err() {
-        weft_test_skip::skip(
+        weft_test_env::skip(
             "bpftool_dumps_pinned_maps_with_named_fields",
             "`bpftool` is not installed; run `cargo xtask setup`",
         );
@@ -669,7 +669,7 @@ impl TestEnv {
     fn new() -> Option<Self> {
         if !nix::unistd::geteuid().is_root() {
             // libtest names the thread after the test, which names the skip.
-            weft_test_skip::skip("ebpf test", "eBPF tests need root");
+            weft_test_env::skip("ebpf test", "eBPF tests need root");
             return None;
         }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -1,12 +1,12 @@
-//! A test that cannot run here (not root, a tool or kernel feature missing) returns early,
-//! and libtest counts it as passed. This crate makes such a skip visible:
+//! Skips. A test that cannot run here (not root, a tool or kernel feature missing) returns
+//! early, and libtest counts it as passed. [`skip`] makes such a skip visible:
 //!
 //! - in CI (`CI` set) [`skip`] panics instead: a test never passes by skipping there;
 //! - elsewhere it says why on stderr, and appends one line, `test<TAB>reason`, to the file
 //!   `$WEFT_TEST_SKIP_LOG` names, if set. `cargo xtask test` sets it for the unit and the
 //!   end-to-end tests, and counts those tests as skipped, not passed ([`read`]).
 //!
-//! Writer and reader of that file share this crate, so they share its format.
+//! Writer and reader of that file share this module, so they share its format.
 
 use std::{fs::OpenOptions, io::Write as _, path::Path};
 
@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn a_missing_log_holds_no_skips() {
-        let dir = std::env::temp_dir().join(format!("weft-test-skip-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("weft-test-env-{}", std::process::id()));
         assert_eq!(read(&dir.join("absent")).unwrap(), []);
     }
 
@@ -134,7 +134,7 @@ mod tests {
     fn names_the_test_by_binary_and_libtest_thread() {
         let name = full_name("ignored");
         assert!(
-            name.starts_with("weft_test_skip::")
+            name.starts_with("weft_test_env::")
                 && name.ends_with("tests::names_the_test_by_binary_and_libtest_thread"),
             "{name}"
         );
@@ -143,7 +143,7 @@ mod tests {
     /// Runs [`child_skips`] in a child test process with `env`; returns its success.
     fn run_child(log: &Path, ci: bool) -> bool {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", "tests::child_skips", "--test-threads=1"])
+        cmd.args(["--exact", "skip::tests::child_skips", "--test-threads=1"])
             .env(CHILD_ENV, "1")
             .env(LOG_ENV, log)
             .env_remove("CI")
@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_skip_is_logged_outside_ci_and_fails_in_ci() {
-        let dir = std::env::temp_dir().join(format!("weft-test-skip-child-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("weft-test-env-child-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("skips.log");
         let _ = std::fs::remove_file(&log);
@@ -178,14 +178,14 @@ mod tests {
         assert_eq!(
             skips,
             [Skip {
-                test: "weft_test_skip::tests::child_skips".into(),
+                test: "weft_test_env::skip::tests::child_skips".into(),
                 reason: "needs root".into()
             }],
             "one line, from the run outside CI only"
         );
     }
 
-    const CHILD_ENV: &str = "WEFT_TEST_SKIP_CHILD";
+    const CHILD_ENV: &str = "WEFT_TEST_ENV_SKIP_CHILD";
 
     #[test]
     fn reasons_are_one_line() {
