@@ -2,7 +2,8 @@
 //!
 //! `WEFT_TEST_PATIENCE_MS` (default 100) is the poll interval; every deadline is scaled by
 //! `WEFT_TEST_PATIENCE_MS / 100`, so a slow machine sets e.g. `WEFT_TEST_PATIENCE_MS=300`
-//! to triple all waits (linkerd's `*_TEST_PATIENCE_MS` idea).
+//! to triple all waits (linkerd's `*_TEST_PATIENCE_MS` idea). The scale lives in
+//! `weft_test_env`, shared with the agent's unit tests.
 
 use std::{
     fmt::Display,
@@ -46,22 +47,8 @@ pub fn eventually<T, E: Display>(
     }
 }
 
-/// `d` scaled by `WEFT_TEST_PATIENCE_MS / 100`.
-pub fn scaled(d: Duration) -> Duration {
-    d.mul_f64(patience().as_millis() as f64 / DEFAULT_PATIENCE_MS as f64)
-}
-
-/// The poll interval: `WEFT_TEST_PATIENCE_MS`, default 100 ms.
-pub fn patience() -> Duration {
-    let ms = std::env::var("WEFT_TEST_PATIENCE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
-        .unwrap_or(DEFAULT_PATIENCE_MS);
-    Duration::from_millis(ms)
-}
-
-const DEFAULT_PATIENCE_MS: u64 = 100;
+/// One patience scale for every test: the agent's unit tests use the same.
+pub use weft_test_env::{patience, scaled};
 
 #[cfg(test)]
 mod tests {

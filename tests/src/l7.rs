@@ -58,6 +58,15 @@ pub struct ServedRequest {
     pub status: u16,
 }
 
+/// A request `http-serve` holds (`--delay`, or asked for) before answering: printed as
+/// `holding {..}` as the hold starts, so a test knows the request is in flight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRequest {
+    /// The `seq` its `ServedRequest` will have.
+    pub seq: u64,
+    pub path: String,
+}
+
 /// What `http-load` saw.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpLoadReport {
@@ -313,11 +322,16 @@ impl HttpServer {
         events(&self.process, "request")
     }
 
+    /// Every request that was held before its answer (answered since or not), in order.
+    pub fn held(&self) -> Vec<HeldRequest> {
+        events(&self.process, "holding")
+    }
+
     /// Waits until at least `n` requests were answered (a mirror's copies arrive a little
     /// after the client's answers), and returns them all.
     #[track_caller]
     pub fn wait_requests(&self, n: usize) -> Vec<ServedRequest> {
-        assert_eventually(scaled(Duration::from_secs(30)), || {
+        assert_eventually(Duration::from_secs(30), || {
             let requests = self.requests();
             if requests.len() >= n {
                 Ok(requests)
@@ -344,7 +358,7 @@ impl HttpLoad {
             http2: false,
             body_bytes: 0,
             slow_body: None,
-            timeout: Duration::from_secs(30),
+            timeout: scaled(Duration::from_secs(30)),
         }
     }
 
@@ -465,7 +479,7 @@ impl GrpcCall {
             messages: 3,
             method: None,
             headers: Vec::new(),
-            timeout: Duration::from_secs(30),
+            timeout: scaled(Duration::from_secs(30)),
         }
     }
 
@@ -539,7 +553,7 @@ fn report<T: DeserializeOwned>(done: &Finished) -> Result<T> {
 
 #[track_caller]
 fn wait_listening(process: &TestProcess) {
-    assert_eventually(scaled(Duration::from_secs(10)), || {
+    assert_eventually(Duration::from_secs(10), || {
         if process
             .output()
             .lines()

@@ -56,7 +56,8 @@ macro_rules! test_name {
     }};
 }
 
-/// Returns `Ok(())` early (skipping) when the test cannot run here; panics instead in CI.
+/// Returns `Ok(())` early (skipping, recorded for `cargo xtask test`'s summary) when the
+/// test cannot run here; panics instead in CI.
 #[macro_export]
 macro_rules! privileged {
     () => {
@@ -79,12 +80,10 @@ pub fn can_run_privileged(test: &str) -> bool {
     }
 }
 
-/// Skips `test` because of what is `missing` (a message); panics instead in CI.
+/// Skips `test` because of what is `missing` (a message); panics instead in CI. The skip
+/// is recorded for `cargo xtask test`'s summary (see [`weft_test_env`]).
 pub fn skip(test: &str, missing: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: cannot run in CI: {missing}");
-    }
-    eprintln!("skipping {test}: {missing}");
+    weft_test_env::skip(test, missing);
 }
 
 /// What stops privileged tests from running here, if anything.

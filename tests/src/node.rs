@@ -549,7 +549,7 @@ fn teardown(namespaces: &[String], cgroup_node: &Path, pin_root: &Path) {
         // Deepest first.
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
         for dir in dirs {
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
             loop {
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => break,

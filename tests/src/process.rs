@@ -174,7 +174,7 @@ impl TestProcess {
             return;
         };
         sys::kill(child.id(), signal);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {

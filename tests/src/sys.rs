@@ -185,9 +185,9 @@ pub fn http_request(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     );
     let raw = in_netns(netns, move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        let mut stream = TcpStream::connect_timeout(&addr, crate::scaled(Duration::from_secs(2)))
             .with_context(|| format!("connect to {addr}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(crate::scaled(Duration::from_secs(10))))?;
         stream.write_all(request.as_bytes())?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).context("read response")?;

@@ -9,11 +9,10 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    thread,
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::{eventually::eventually, node::TestNode, pod::TestPod, process::TestProcess};
 
@@ -26,6 +25,8 @@ pub struct Capture {
 /// A finished capture.
 pub struct Pcap {
     pub file: PathBuf,
+    /// The pcap link type (1: Ethernet).
+    link_type: u32,
     packets: Vec<Vec<u8>>,
 }
 
@@ -65,26 +66,107 @@ impl Capture {
         Ok(Capture { process, file })
     }
 
-    /// Stops tcpdump (SIGINT flushes the file) and reads the capture.
+    /// Stops tcpdump once the capture holds at least `bytes` of TCP payload, and reads it.
+    /// What did *not* cross the wire ("no plaintext") is only proven by a capture of all
+    /// that did: give the bytes the test sent (both ways), and a capture that never holds
+    /// them is an error, not a pass.
+    pub fn stop_after(self, bytes: u64) -> Result<Pcap> {
+        let seen = eventually(Duration::from_secs(10), || {
+            let got = Pcap::read(&self.file)?.tcp_payload_bytes();
+            ensure!(
+                got >= bytes,
+                "the capture holds {got} bytes of TCP payload, the test sent at least {bytes}"
+            );
+            Ok(())
+        });
+        let pcap = self.stop()?;
+        seen.with_context(|| format!("short capture {}", pcap.file.display()))?;
+        Ok(pcap)
+    }
+
+    /// Stops tcpdump (SIGINT flushes the file) and reads the capture. Fails when tcpdump
+    /// did not write every packet its filter took (its exit statistics say so).
     pub fn stop(mut self) -> Result<Pcap> {
-        // Packets of the last exchange may still be on their way through the stack.
-        thread::sleep(Duration::from_millis(200));
+        // Lets tcpdump write what is already in its ring: the file stops growing.
+        let mut last = None;
+        let _ = eventually(Duration::from_secs(2), || {
+            let size = std::fs::metadata(&self.file).map(|m| m.len()).ok();
+            let settled = size.is_some() && size == last;
+            last = size;
+            ensure!(settled, "tcpdump still writing");
+            Ok(())
+        });
         self.process.signal_and_reap(libc::SIGINT);
+        let output = self.process.output();
+        let stats = TcpdumpStats::parse(&output)
+            .with_context(|| format!("tcpdump printed no statistics: {output}"))?;
+        ensure!(
+            stats.captured == stats.received && stats.dropped == 0,
+            "tcpdump wrote {} of the {} packets its filter took ({} dropped by the kernel): \
+             {} is short",
+            stats.captured,
+            stats.received,
+            stats.dropped,
+            self.file.display()
+        );
         Pcap::read(&self.file)
+    }
+}
+
+/// The counts tcpdump prints as it exits.
+#[derive(Debug, PartialEq, Eq)]
+struct TcpdumpStats {
+    /// Written to the file.
+    captured: u64,
+    /// Taken by the filter (written or not).
+    received: u64,
+    dropped: u64,
+}
+
+impl TcpdumpStats {
+    /// `N packets captured`, `N packets received by filter`, `N packets dropped by kernel`
+    /// (`1 packet …`).
+    fn parse(output: &str) -> Option<Self> {
+        let count = |what: &str| {
+            output.lines().find_map(|line| {
+                let (n, rest) = line.trim().split_once(' ')?;
+                let rest = rest
+                    .strip_prefix("packets ")
+                    .or(rest.strip_prefix("packet "))?;
+                (rest == what).then(|| n.parse::<u64>().ok()).flatten()
+            })
+        };
+        Some(Self {
+            captured: count("captured")?,
+            received: count("received by filter")?,
+            dropped: count("dropped by kernel")?,
+        })
     }
 }
 
 impl Pcap {
     pub fn read(file: &Path) -> Result<Self> {
         let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+        let (link_type, packets) =
+            parse_pcap(&bytes).with_context(|| format!("parse {}", file.display()))?;
         Ok(Pcap {
             file: file.to_path_buf(),
-            packets: parse_pcap(&bytes).with_context(|| format!("parse {}", file.display()))?,
+            link_type,
+            packets,
         })
     }
 
     pub fn packet_count(&self) -> usize {
         self.packets.len()
+    }
+
+    /// The TCP payload bytes of every captured packet (Ethernet, IPv4 or IPv6), as their IP
+    /// headers give them.
+    pub fn tcp_payload_bytes(&self) -> u64 {
+        if self.link_type != LINKTYPE_ETHERNET {
+            return 0;
+        }
+        self.packets.iter().map(|p| tcp_payload_len(p)).sum()
     }
 
     /// Whether any single captured packet contains `needle` (e.g. a plaintext marker).
@@ -222,8 +304,35 @@ fn tcpdump_args(iface: &str, filter: &str, file: &Path) -> Vec<String> {
     args
 }
 
-/// Packet data of a classic pcap file (either byte order, µs or ns timestamps).
-fn parse_pcap(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+/// The TCP payload length of an Ethernet frame, 0 for anything else.
+fn tcp_payload_len(frame: &[u8]) -> u64 {
+    let be16 = |at: usize| -> Option<u64> {
+        Some(u64::from(u16::from_be_bytes([
+            *frame.get(at)?,
+            *frame.get(at + 1)?,
+        ])))
+    };
+    let tcp_header = |at: usize| -> Option<u64> { Some(u64::from(frame.get(at + 12)? >> 4) * 4) };
+    let len = match be16(12) {
+        // IPv4: total length less its header and the TCP header.
+        Some(0x0800) if frame.get(23) == Some(&IPPROTO_TCP) => (|| {
+            let ip_header = usize::from(frame.get(14)? & 0x0f) * 4;
+            be16(16)?
+                .checked_sub(ip_header as u64)?
+                .checked_sub(tcp_header(14 + ip_header)?)
+        })(),
+        // IPv6 (no extension headers): payload length less the TCP header.
+        Some(0x86dd) if frame.get(20) == Some(&IPPROTO_TCP) => {
+            (|| be16(18)?.checked_sub(tcp_header(54)?))()
+        }
+        _ => None,
+    };
+    len.unwrap_or(0)
+}
+
+/// Link type and packet data of a classic pcap file (either byte order, µs or ns
+/// timestamps).
+fn parse_pcap(bytes: &[u8]) -> Result<(u32, Vec<Vec<u8>>)> {
     if bytes.len() < 24 {
         bail!("{} bytes: too short for a pcap header", bytes.len());
     }
@@ -253,8 +362,11 @@ fn parse_pcap(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         packets.push(data.to_vec());
         at = start + len;
     }
-    Ok(packets)
+    Ok((u32_at(20), packets))
 }
+
+const LINKTYPE_ETHERNET: u32 = 1;
+const IPPROTO_TCP: u8 = 6;
 
 #[cfg(test)]
 mod tests {
@@ -270,12 +382,63 @@ mod tests {
             file.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             file.extend_from_slice(payload);
         }
+        let (link_type, packets) = parse_pcap(&file).unwrap();
         let pcap = Pcap {
             file: PathBuf::new(),
-            packets: parse_pcap(&file).unwrap(),
+            link_type,
+            packets,
         };
         assert_eq!(pcap.packet_count(), 2);
         assert!(pcap.contains(b"marker"));
         assert!(!pcap.contains(b"absent"));
+    }
+
+    /// An Ethernet frame carrying TCP over IPv4 (`v6`: IPv6) with `payload`.
+    fn tcp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0; 12];
+        let tcp_header_len = 32u16; // with options (data offset 8)
+        if v6 {
+            frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            frame.extend_from_slice(&(tcp_header_len + payload.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&[IPPROTO_TCP, 64]);
+            frame.extend_from_slice(&[0; 32]);
+        } else {
+            frame.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+            frame.extend_from_slice(&(20 + tcp_header_len + payload.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&[0, 0, 0, 0, 64, IPPROTO_TCP, 0, 0]);
+            frame.extend_from_slice(&[0; 8]);
+        }
+        let mut tcp = vec![0; usize::from(tcp_header_len)];
+        tcp[12] = 8 << 4;
+        frame.extend_from_slice(&tcp);
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn counts_the_tcp_payload_of_ipv4_and_ipv6_frames() {
+        assert_eq!(tcp_payload_len(&tcp_frame(false, b"hello")), 5);
+        assert_eq!(tcp_payload_len(&tcp_frame(true, b"secret-marker")), 13);
+        assert_eq!(tcp_payload_len(&tcp_frame(false, b"")), 0);
+        let mut udp = tcp_frame(false, b"hello");
+        udp[23] = 17;
+        assert_eq!(tcp_payload_len(&udp), 0);
+        assert_eq!(tcp_payload_len(&[0; 10]), 0, "a cut frame counts nothing");
+    }
+
+    #[test]
+    fn reads_tcpdumps_exit_statistics() {
+        let output = "listening on br0, link-type EN10MB (Ethernet)\n\
+                      12 packets captured\n14 packets received by filter\n\
+                      1 packet dropped by kernel\n";
+        assert_eq!(
+            TcpdumpStats::parse(output),
+            Some(TcpdumpStats {
+                captured: 12,
+                received: 14,
+                dropped: 1
+            })
+        );
+        assert_eq!(TcpdumpStats::parse("listening on br0"), None);
     }
 }

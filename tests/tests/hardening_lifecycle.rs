@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use weft_tests::{
     TestAgent, TestNode, TestPod,
     app::{self, Mode},
-    assert_eventually, eventually, privileged, scaled, sys, test_name,
+    assert_eventually, eventually, privileged, sys, test_name,
 };
 
 #[test]
@@ -299,7 +299,7 @@ fn a_cgroup_root_that_does_not_hold_the_pods_fails_readiness() -> Result<()> {
     agent.show_log_on_drop(true);
 
     // Once the pod is enrolled, readiness says what is wrong, and keeps saying it.
-    let body = eventually(scaled(Duration::from_secs(30)), || {
+    let body = eventually(Duration::from_secs(30), || {
         if agent.status()?["pods"]["enrolled"]
             .as_array()
             .is_none_or(Vec::is_empty)

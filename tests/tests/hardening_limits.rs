@@ -291,7 +291,7 @@ async fn hostile_peer(
         let deadline = Instant::now() + scaled(Duration::from_secs(20));
         while sent < 8 * 1024 * 1024 && Instant::now() < deadline {
             match tokio::time::timeout(
-                Duration::from_secs(5),
+                scaled(Duration::from_secs(5)),
                 io.write_all(&frame(0x9, 0x0, 1, &chunk)),
             )
             .await

@@ -93,7 +93,7 @@ fn slowloris_on_every_http_server_is_closed_in_time_and_capped_while_others_are_
             outcome.held
         );
         ensure!(
-            outcome.longest < HEADER_TIMEOUT + Duration::from_secs(5),
+            outcome.longest < HEADER_TIMEOUT + scaled(Duration::from_secs(5)),
             "port {port}: a slowloris connection lived {:?}",
             outcome.longest
         );
@@ -235,7 +235,7 @@ fn a_root_rotation_trusts_both_roots_then_only_the_new_one() -> Result<()> {
         "a certificate from the retired root was trusted: {result:?}"
     );
     // Refused at the handshake, so no connection record: the reason is in the log.
-    eventually(scaled(Duration::from_secs(10)), || {
+    eventually(Duration::from_secs(10), || {
         let log = agent2.current_log();
         ensure!(
             log.lines()
@@ -273,8 +273,11 @@ async fn slowloris(ports: &[u16]) -> Result<Vec<Outcome>> {
         for i in 0..ATTACK_CONNECTIONS {
             let socket = TcpSocket::new_v4()?;
             socket.bind(SocketAddr::from(([127, 0, 0, 2], 0)))?;
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(2), socket.connect(loopback(port))).await
+            let Ok(Ok(stream)) = tokio::time::timeout(
+                scaled(Duration::from_secs(2)),
+                socket.connect(loopback(port)),
+            )
+            .await
             else {
                 outcome.connect_failed += 1;
                 continue;
@@ -288,7 +291,7 @@ async fn slowloris(ports: &[u16]) -> Result<Vec<Outcome>> {
         while let Some(lived) = tasks.join_next().await {
             match lived? {
                 None => outcome.still_open += 1,
-                Some(d) if d < Duration::from_secs(1) => outcome.refused += 1,
+                Some(d) if d < scaled(Duration::from_secs(1)) => outcome.refused += 1,
                 Some(d) => {
                     outcome.held += 1;
                     outcome.longest = outcome.longest.max(d);
@@ -337,8 +340,8 @@ fn raw_http(netns: &Path, addr: SocketAddr, request: &str) -> Result<String> {
     let request = request.to_owned();
     let netns: PathBuf = netns.to_path_buf();
     sys::in_netns(&netns, move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut stream = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(2)))?;
+        stream.set_read_timeout(Some(scaled(Duration::from_secs(10))))?;
         stream.write_all(request.as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;

@@ -322,7 +322,7 @@ impl Peer {
                 .build()?;
             runtime.block_on(async move {
                 tokio::time::timeout(
-                    Duration::from_secs(20),
+                    weft_tests::scaled(Duration::from_secs(20)),
                     hbone_get(tls, hbone, target, forwarded, request),
                 )
                 .await

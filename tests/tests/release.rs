@@ -50,16 +50,12 @@ fn chart_in_dist_names_the_image_the_release_wrote() -> Result<()> {
     let dist = workspace_root().join("dist");
     let manifest = dist.join("release.json");
     if !manifest.is_file() {
-        let test = test_name!();
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{test}: no release in {}: run `cargo xtask release` first",
+        weft_tests::skip(
+            test_name!(),
+            &format!(
+                "no release in {}; run `cargo xtask release` first",
                 dist.display()
-            );
-        }
-        eprintln!(
-            "skipping {test}: no release in {} (`cargo xtask release`)",
-            dist.display()
+            ),
         );
         return Ok(());
     }

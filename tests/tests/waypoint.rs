@@ -6,7 +6,7 @@
 //! waypoint's identity. What the applications send and receive is asserted, and what the
 //! waypoint counted.
 
-use std::{net::SocketAddr, thread, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
@@ -83,13 +83,13 @@ impl Mesh {
             l7::http_serve(
                 &v1,
                 &HttpServe::new(APP_PORT, "v1")
-                    .delay(SLOW)
+                    .delay(slow())
                     .delay_path("/slow"),
             )?,
             l7::http_serve(
                 &v2,
                 &HttpServe::new(APP_PORT, "v2")
-                    .delay(SLOW)
+                    .delay(slow())
                     .delay_path("/slow"),
             )?,
             l7::http_serve(&flaky, &HttpServe::new(APP_PORT, "flaky").fail_every(2))?,
@@ -180,19 +180,37 @@ fn a_90_10_canary_holds_over_2000_requests_and_a_weight_change_drops_nothing() -
         counted == 2_000.0,
         "waypoint counted {counted} requests, the client sent 2,000"
     );
-    ensure!(
-        mesh.waypoint.access_log().len() >= 2_000,
-        "one access-log line per request"
-    );
+    eventually(Duration::from_secs(10), || {
+        let lines = mesh.waypoint.access_log().len();
+        ensure!(
+            lines == 2_000,
+            "{lines} access-log lines for 2,000 requests"
+        );
+        Ok(())
+    })?;
 
-    // Requests in flight (each held 3 s by the backend) when the weights change all
-    // complete; new requests follow the new weights at once.
+    // Requests in flight (held by the backends) when the weights change all complete; new
+    // requests follow the new weights at once.
     let slow = HttpLoad::new(vip(20, PORT), 20)
         .concurrency(20)
         .path("/slow")
         .start(&mesh.client)?;
-    thread::sleep(Duration::from_millis(700));
+    let backends = [mesh.server("v1"), mesh.server("v2")];
+    eventually(Duration::from_secs(10), || {
+        let held: usize = backends.iter().map(|b| b.held().len()).sum();
+        ensure!(
+            held == 20,
+            "the backends hold {held} of the 20 slow requests"
+        );
+        Ok(())
+    })?;
     mesh.set_routes(json!([split_route(0, 100)]), "\"weight\":0")?;
+    let answered: usize = backends.iter().map(|b| b.requests().len()).sum();
+    ensure!(
+        answered == 2_000,
+        "no slow request was answered before the new weights applied: {} answered",
+        answered.saturating_sub(2_000)
+    );
     let after = HttpLoad::new(vip(20, PORT), 200)
         .concurrency(4)
         .run(&mesh.client)?;
@@ -245,9 +263,13 @@ fn matches_timeouts_retries_and_mirrors_behave_as_routed() -> Result<()> {
         r.latency_ms.max
     );
     ensure!(r.status(504) == 3, "a timed-out request answers 504: {r:?}");
+    // Not at the backend's pace: a waypoint that waited for the backend would answer after
+    // `slow()` at the earliest.
+    let slow_ms = slow().as_secs_f64() * 1_000.0;
     ensure!(
-        (450.0..2_500.0).contains(&r.latency_ms.max),
-        "504 arrives at the timeout, not before and not at the backend's pace: {r:?}"
+        (450.0..slow_ms).contains(&r.latency_ms.max),
+        "504 arrives at the timeout, not before and not at the backend's pace \
+         ({slow_ms:.0} ms): {r:?}"
     );
 
     // Retry: the flaky backend fails every other request with 503.
@@ -310,12 +332,19 @@ fn grpc_unary_and_streaming_calls_keep_their_trailers() -> Result<()> {
         let r = GrpcCall::new(vip(25, GRPC_PORT), mode)
             .messages(messages)
             .run(&mesh.client)?;
+        // Each message echoed once (a server stream repeats the one message).
+        let sent: Vec<String> = match mode {
+            GrpcMode::Bidi => (0..messages).map(|i| format!("msg-{i}")).collect(),
+            _ => vec!["msg-0".to_owned(); messages as usize],
+        };
         ensure!(
             r.grpc_status.as_deref() == Some("0")
                 && r.grpc_message.as_deref() == Some("ok")
                 && r.trailer("x-trailer").is_some()
-                && r.messages_received >= messages,
-            "{mode:?}: status, message and custom trailer pass intact: {r:?}"
+                && r.messages_received == messages
+                && r.messages == sent,
+            "{mode:?}: status, message, custom trailer and exactly the {messages} messages \
+             pass intact: {r:?}"
         );
     }
     let r = GrpcCall::new(vip(25, GRPC_PORT), GrpcMode::Unary)
@@ -415,12 +444,16 @@ fn trace_context_is_propagated_to_the_backend() -> Result<()> {
             && p.body_bytes > 0),
         "OTLP export requests: {posts:?}"
     );
-    let exported =
-        Scrape::parse(&mesh.waypoint.metrics()?).sum("weft_otlp_spans_exported_total", &[]);
-    ensure!(
-        exported >= 2.0,
-        "the waypoint counted its exported spans: {exported}"
-    );
+    // One span per request (both sampled), batched: exported within the batch interval.
+    eventually(Duration::from_secs(10), || {
+        let exported =
+            Scrape::parse(&mesh.waypoint.metrics()?).sum("weft_otlp_spans_exported_total", &[]);
+        ensure!(
+            exported == 2.0,
+            "the waypoint counted {exported} exported spans, not the 2 of 2 requests"
+        );
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -499,9 +532,13 @@ fn grpc_route() -> Value {
     waypoint::route("GRPCRoute", "grpc", "grpc", GRPC_PORT, rules)
 }
 
+/// How long the backends hold requests to `/slow` (scaled: the weight change must apply
+/// while they are held).
+fn slow() -> Duration {
+    weft_tests::scaled(Duration::from_secs(3))
+}
+
 const WAYPOINT: &str = "waypoint";
-/// How long the backends hold requests to `/slow`.
-const SLOW: Duration = Duration::from_secs(3);
 /// Service port and the backends' port.
 const PORT: u16 = 80;
 const APP_PORT: u16 = 8080;

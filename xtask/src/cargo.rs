@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use weft_test_env::Skip;
 
 /// The workspace root (xtask lives in `<root>/xtask`).
 pub fn root() -> PathBuf {
@@ -100,8 +101,28 @@ impl TestCounts {
     }
 }
 
+/// What one `cargo test` run reported.
+#[derive(Debug)]
+pub struct TestRun {
+    pub status: ExitStatus,
+    pub counts: TestCounts,
+    /// The tests libtest ignored (`#[ignore = "reason"]`), with the reason.
+    pub ignored: Vec<Skip>,
+}
+
+/// Parses `test a::b ... ignored, reason` (libtest's line for an ignored test).
+fn parse_ignored(line: &str) -> Option<Skip> {
+    let (test, outcome) = line.strip_prefix("test ")?.split_once(" ... ")?;
+    let reason = outcome.strip_prefix("ignored")?;
+    let reason = reason.strip_prefix(", ").unwrap_or("#[ignore]");
+    Some(Skip {
+        test: test.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
 /// Runs `cargo test …`, echoing its output, and counts the results.
-pub fn run_tests(cmd: &mut Command) -> Result<(ExitStatus, TestCounts)> {
+pub fn run_tests(cmd: &mut Command) -> Result<TestRun> {
     let shown = show(cmd);
     println!("$ {shown}");
     let mut child = cmd
@@ -109,6 +130,7 @@ pub fn run_tests(cmd: &mut Command) -> Result<(ExitStatus, TestCounts)> {
         .spawn()
         .with_context(|| format!("failed to start `{shown}`"))?;
     let mut counts = TestCounts::default();
+    let mut ignored = Vec::new();
     let stdout = child.stdout.take().context("piped stdout")?;
     for line in BufReader::new(stdout).lines() {
         let line = line.context("read cargo test output")?;
@@ -116,9 +138,14 @@ pub fn run_tests(cmd: &mut Command) -> Result<(ExitStatus, TestCounts)> {
         if let Some(c) = TestCounts::parse_line(&line) {
             counts.add(c);
         }
+        ignored.extend(parse_ignored(&line));
     }
     let status = child.wait().context("wait for cargo test")?;
-    Ok((status, counts))
+    Ok(TestRun {
+        status,
+        counts,
+        ignored,
+    })
 }
 
 /// `cargo metadata --format-version 1 <args>`, parsed.
@@ -195,5 +222,22 @@ mod tests {
         .unwrap();
         assert_eq!((c.passed, c.failed, c.ignored), (12, 2, 3));
         assert!(TestCounts::parse_line("running 3 tests").is_none());
+    }
+
+    #[test]
+    fn parses_ignored_tests_with_their_reason() {
+        let with_reason =
+            parse_ignored("test source::kube::tests::memory ... ignored, a measurement: run alone")
+                .unwrap();
+        assert_eq!(
+            (with_reason.test.as_str(), with_reason.reason.as_str()),
+            ("source::kube::tests::memory", "a measurement: run alone")
+        );
+        assert_eq!(
+            parse_ignored("test a::b ... ignored").unwrap().reason,
+            "#[ignore]"
+        );
+        assert!(parse_ignored("test a::b ... ok").is_none());
+        assert!(parse_ignored("test result: ok. 1 passed; 0 failed; 1 ignored").is_none());
     }
 }

@@ -1,13 +1,19 @@
 //! `cargo xtask test`: unit tests of the workspace, then the privileged end-to-end tests
-//! of `tests/` against the freshly built agent. Ends with one summary line and fails if
-//! anything failed (or did not run to completion).
+//! of `tests/` against the freshly built agent. Ends with one summary line, then each
+//! skipped test with its reason, and fails if anything failed (or did not run to
+//! completion).
+//!
+//! A test that cannot run here (not root, a tool missing) returns early, which libtest
+//! counts as passed; it records itself in the skip log (`weft_test_env`) this command
+//! names in `$WEFT_TEST_SKIP_LOG`, and the summary counts it as skipped.
 
-use std::{ffi::OsString, process::ExitStatus};
+use std::{ffi::OsString, path::Path};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use weft_test_env::Skip;
 
 use crate::{
-    cargo::{self, TestCounts, cargo, run_tests},
+    cargo::{self, TestCounts, TestRun, cargo, run_tests},
     image, setup,
 };
 
@@ -27,9 +33,16 @@ pub struct Options {
 pub fn run(options: &Options) -> Result<()> {
     setup::ensure()?;
     let mut total = TestCounts::default();
+    let mut ignored = Vec::new();
     let mut broken = Vec::new();
-    let mut record = |what: &str, (status, counts): (ExitStatus, TestCounts)| {
+    let mut record = |what: &str, run: TestRun| {
+        let TestRun {
+            status,
+            counts,
+            ignored: run_ignored,
+        } = run;
         total.add(counts);
+        ignored.extend(run_ignored);
         if !status.success() && counts.failed == 0 {
             // A build error or a crashed test binary: no test said "failed", yet it failed.
             total.failed += 1;
@@ -42,20 +55,28 @@ pub fn run(options: &Options) -> Result<()> {
     // The agent first: unit tests of the agent need its embedded eBPF object anyway, and a
     // build error is better reported alone than inside test output.
     let weft_bin = cargo::build_agent()?;
+    // Emptied now: it holds this run's skips only.
+    let skip_log = cargo::target_dir()?.join("weft-test-envs.log");
+    std::fs::write(&skip_log, "")
+        .with_context(|| format!("truncate the skip log {}", skip_log.display()))?;
 
     if !options.e2e_only {
         println!("\n== unit tests ==");
         record(
             "unit tests",
-            run_tests(cargo().args([
-                "test",
-                "--no-fail-fast",
-                "--workspace",
-                "--exclude",
-                "weft-ebpf",
-                "--exclude",
-                "weft-tests",
-            ]))?,
+            run_tests(
+                cargo()
+                    .args([
+                        "test",
+                        "--no-fail-fast",
+                        "--workspace",
+                        "--exclude",
+                        "weft-ebpf",
+                        "--exclude",
+                        "weft-tests",
+                    ])
+                    .env(weft_test_env::LOG_ENV, &skip_log),
+            )?,
         );
     }
 
@@ -73,7 +94,8 @@ pub fn run(options: &Options) -> Result<()> {
         // --no-fail-fast: a failing test file must not hide the results of the others.
         cmd.args(["test", "--no-fail-fast", "-p", "weft-tests"])
             .env("WEFT_BIN", &weft_bin)
-            .env("WEFT_IMAGE", &image.path);
+            .env("WEFT_IMAGE", &image.path)
+            .env(weft_test_env::LOG_ENV, &skip_log);
         if !options.e2e_args.is_empty() {
             cmd.arg("--").args(&options.e2e_args);
         }
@@ -90,15 +112,63 @@ pub fn run(options: &Options) -> Result<()> {
     for problem in &broken {
         println!("xtask test: {problem}");
     }
-    println!(
-        "summary: {} passed, {} failed, {} skipped",
-        total.passed, total.failed, total.ignored
-    );
+    let summary = Summary::new(total, ignored, read_skips(&skip_log)?);
+    print!("{summary}");
     if !broken.is_empty() {
-        // Already said above; the summary stays the last line of the output.
+        // Already said above; the summary stays the last thing in the output.
         return Err(Failed.into());
     }
     Ok(())
+}
+
+/// The summary: libtest's counts, less the tests that passed by skipping.
+#[derive(Debug)]
+struct Summary {
+    passed: u64,
+    failed: u64,
+    /// Skipped by the test itself (from the skip log), then ignored by libtest.
+    skipped: Vec<Skip>,
+}
+
+impl Summary {
+    fn new(total: TestCounts, ignored: Vec<Skip>, skipped: Vec<Skip>) -> Self {
+        // Each skip returned early and libtest counted it as passed.
+        let passed = total.passed.saturating_sub(skipped.len() as u64);
+        let mut all = skipped;
+        // libtest's count is the truth for ignored tests; a line it printed that did not
+        // parse still counts, without a reason.
+        let unnamed = total.ignored.saturating_sub(ignored.len() as u64);
+        all.extend(ignored);
+        all.extend((0..unnamed).map(|_| Skip {
+            test: "(a test libtest ignored)".into(),
+            reason: "#[ignore]".into(),
+        }));
+        Self {
+            passed,
+            failed: total.failed,
+            skipped: all,
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "summary: {} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed,
+            self.skipped.len()
+        )?;
+        for skip in &self.skipped {
+            writeln!(f, "  skipped {}: {}", skip.test, skip.reason)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_skips(log: &Path) -> Result<Vec<Skip>> {
+    weft_test_env::read(log).with_context(|| format!("read the skip log {}", log.display()))
 }
 
 /// Tests failed and the summary said so: nothing more to print.
@@ -112,3 +182,60 @@ impl std::fmt::Display for Failed {
 }
 
 impl std::error::Error for Failed {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skip(test: &str, reason: &str) -> Skip {
+        Skip {
+            test: test.into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn skips_count_as_skipped_not_passed_and_are_listed_with_their_reason() {
+        let total = TestCounts {
+            passed: 40,
+            failed: 1,
+            ignored: 1,
+        };
+        let skipped = weft_test_env::parse(
+            "mtls::a\tneeds root\nkubernetes_helm::b\t`helm` is not installed\n",
+        );
+        let ignored = vec![skip("kube::tests::memory", "a measurement")];
+        let summary = Summary::new(total, ignored, skipped);
+        assert_eq!(
+            summary.to_string(),
+            "summary: 38 passed, 1 failed, 3 skipped\n\
+             \x20 skipped mtls::a: needs root\n\
+             \x20 skipped kubernetes_helm::b: `helm` is not installed\n\
+             \x20 skipped kube::tests::memory: a measurement\n"
+        );
+    }
+
+    #[test]
+    fn ignored_tests_libtest_counted_but_did_not_name_still_count() {
+        let total = TestCounts {
+            passed: 3,
+            failed: 0,
+            ignored: 2,
+        };
+        let summary = Summary::new(total, vec![skip("a", "slow")], Vec::new());
+        assert_eq!((summary.passed, summary.skipped.len()), (3, 2));
+    }
+
+    #[test]
+    fn a_run_without_skips_reports_all_passed() {
+        let total = TestCounts {
+            passed: 7,
+            failed: 0,
+            ignored: 0,
+        };
+        assert_eq!(
+            Summary::new(total, Vec::new(), Vec::new()).to_string(),
+            "summary: 7 passed, 0 failed, 0 skipped\n"
+        );
+    }
+}

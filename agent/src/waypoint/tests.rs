@@ -88,6 +88,10 @@ struct BackendState {
     ip: IpAddr,
     count: AtomicU64,
     fail_every_other: AtomicBool,
+    /// CONNECTs that reached its node proxy (HBONE server), refused or not.
+    connects: AtomicU64,
+    /// Its node proxy refuses every CONNECT so (`Denied`: 401, by policy).
+    refuse_connects: Mutex<Option<hbone::Refusal>>,
     seen: Mutex<Vec<Seen>>,
     peers: Mutex<Vec<SpiffeId>>,
     /// The HBONE connections it serves, to break them (a restart, as clients see it).
@@ -95,10 +99,27 @@ struct BackendState {
 }
 
 impl BackendState {
-    fn drop_connections(&self) {
-        for task in self.connections.lock().drain(..) {
+    /// Breaks every HBONE connection it serves, and returns once their tasks have ended
+    /// (their sockets are closed).
+    async fn drop_connections(&self) {
+        let tasks: Vec<_> = self.connections.lock().drain(..).collect();
+        for task in &tasks {
             task.abort();
         }
+        until("the backend's connections closed", || {
+            tasks.iter().all(tokio::task::AbortHandle::is_finished)
+        })
+        .await;
+    }
+}
+
+/// Polls `ready` until it holds; panics naming `what` after `patience()`.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let patience = patience();
+    let deadline = Instant::now() + patience;
+    while !ready() {
+        assert!(Instant::now() < deadline, "not after {patience:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -164,6 +185,8 @@ impl Harness {
                 ip,
                 count: AtomicU64::new(0),
                 fail_every_other: AtomicBool::new(false),
+                connects: AtomicU64::new(0),
+                refuse_connects: Mutex::new(None),
                 seen: Mutex::new(Vec::new()),
                 peers: Mutex::new(Vec::new()),
                 connections: Mutex::new(Vec::new()),
@@ -297,7 +320,7 @@ impl Harness {
             traceparent: None,
         };
         timeout(
-            PATIENCE,
+            patience(),
             self.client_pool
                 .connect(key, move || TcpStream::connect(address), request),
         )
@@ -377,8 +400,12 @@ impl hbone::StreamHandler for BackendHandler {
         &self,
         request: hbone::InboundConnect,
     ) -> Result<BackendTunnel, hbone::Refusal> {
+        self.0.connects.fetch_add(1, Ordering::SeqCst);
         if request.target != SocketAddr::new(self.0.ip, TARGET_PORT) {
             return Err(hbone::Refusal::NotServed);
+        }
+        if let Some(refusal) = *self.0.refuse_connects.lock() {
+            return Err(refusal);
         }
         self.0.peers.lock().push(request.peer_identity);
         Ok(BackendTunnel(Arc::clone(&self.0)))
@@ -539,7 +566,7 @@ impl Client {
             Client::H1(sender) => {
                 let mut sender = sender.lock().await;
                 sender.ready().await.unwrap();
-                timeout(PATIENCE, sender.send_request(request))
+                timeout(patience(), sender.send_request(request))
                     .await
                     .expect("response in time")
                     .unwrap()
@@ -549,7 +576,7 @@ impl Client {
                 *request.uri_mut() = uri.parse().unwrap();
                 request.headers_mut().remove("host");
                 let mut sender = sender.clone();
-                timeout(PATIENCE, sender.send_request(request))
+                timeout(patience(), sender.send_request(request))
                     .await
                     .expect("response in time")
                     .unwrap()
@@ -586,7 +613,7 @@ impl Client {
         };
         let response = self.send(builder.body(body).unwrap()).await;
         let (parts, body) = response.into_parts();
-        let body = timeout(PATIENCE, body.collect())
+        let body = timeout(patience(), body.collect())
             .await
             .expect("body in time")
             .unwrap()
@@ -646,7 +673,14 @@ fn path(p: PathMatch) -> RequestMatch {
     }
 }
 
-const PATIENCE: Duration = Duration::from_secs(10);
+/// How long a test waits for what must happen (scaled by `WEFT_TEST_PATIENCE_MS`, like every
+/// test's deadlines).
+fn patience() -> Duration {
+    weft_test_env::scaled(Duration::from_secs(10))
+}
+
+/// A backend delay no test outlives: a reply that comes is not the backend's.
+const FOREVER_MS: &str = "3600000";
 
 mod hardening;
 mod observability;

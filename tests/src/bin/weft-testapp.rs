@@ -48,7 +48,8 @@
 //! - `http-serve` (`http` module): HTTP/1.1 and h2c on one port. Every response carries
 //!   `x-backend: NAME` and a JSON body echoing the request (`ServedRequest`); the same is
 //!   printed as `request {..}` before answering. `--fail-every N` answers 503 to every Nth
-//!   request; `--delay` holds answers (only under `--delay-path`, if given). A request
+//!   request; `--delay` holds answers (only under `--delay-path`, if given), printing
+//!   `holding {..}` (`HeldRequest`) as each hold starts. A request
 //!   can ask for its own answer with headers `x-testapp-status: 502`,
 //!   `x-testapp-delay-ms: 800`, `x-testapp-response-bytes: 4096` (a body of that many
 //!   bytes instead of the echo).

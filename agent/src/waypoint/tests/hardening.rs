@@ -43,7 +43,7 @@ fn mirrored_to_shadow() -> HttpRoute {
 
 /// Waits until `backend` saw `n` requests, then returns their paths.
 async fn paths_seen(h: &Harness, backend: &str, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while h.backend(backend).seen.lock().len() < n {
         assert!(Instant::now() < deadline, "{backend} saw fewer than {n}");
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -47,7 +47,7 @@ async fn grpc_unary_and_streaming_pass_through_with_trailers() {
     for i in 0..3u8 {
         let message = Bytes::from(vec![0, 0, 0, 0, 1, b'a' + i]);
         tx.send(Frame::data(message.clone())).await.unwrap();
-        let frame = timeout(PATIENCE, body.frame())
+        let frame = timeout(patience(), body.frame())
             .await
             .expect("echo before the stream ends")
             .unwrap()
@@ -56,7 +56,7 @@ async fn grpc_unary_and_streaming_pass_through_with_trailers() {
     }
     drop(tx);
     let mut trailers = None;
-    while let Some(frame) = timeout(PATIENCE, body.frame()).await.unwrap() {
+    while let Some(frame) = timeout(patience(), body.frame()).await.unwrap() {
         if let Ok(t) = frame.unwrap().into_trailers() {
             trailers = Some(t);
         }

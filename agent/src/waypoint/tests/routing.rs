@@ -58,7 +58,7 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
         slow.spawn(async move { client.call("GET", "/slow", &[("x-delay-ms", "1500")]).await });
     }
     // Every slow request has reached v1 before the weights change.
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while h.backend("v1").count.load(Ordering::SeqCst) < 20 {
         assert!(Instant::now() < deadline, "slow requests did not arrive");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -83,7 +83,7 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
         completed += 1;
     }
     assert_eq!(completed, 20);
-    assert!(h.waypoint.drained(PATIENCE).await);
+    assert!(h.waypoint.drained(patience()).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +251,7 @@ async fn mirror_gets_a_copy_and_the_client_sees_only_the_primary() {
         "{}",
         reply.body
     );
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while h.backend("shadow").count.load(Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the mirror got no copy");
         tokio::time::sleep(Duration::from_millis(5)).await;

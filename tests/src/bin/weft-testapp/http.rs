@@ -32,7 +32,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
-use weft_tests::l7::{Headers, HttpLoadReport, Latency, SampleResponse, ServedRequest};
+use weft_tests::l7::{
+    Headers, HeldRequest, HttpLoadReport, Latency, SampleResponse, ServedRequest,
+};
 
 use crate::Flags;
 
@@ -150,6 +152,11 @@ impl Backend {
             .map(Duration::from_millis)
             .or(self.options.delay.filter(|_| delayed));
         if let Some(delay) = delay {
+            let held = HeldRequest {
+                seq,
+                path: path.clone(),
+            };
+            println!("holding {}", crate::json_line(&held));
             tokio::time::sleep(delay).await;
         }
         let fail = self
