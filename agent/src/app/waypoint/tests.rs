@@ -55,7 +55,7 @@ fn settings(ca: &crate::identity::signer::InitPaths, flags: &[&str]) -> Settings
 
 /// Waits until the readiness server says 200.
 async fn until_ready(readiness: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience();
     loop {
         let (status, body) = get(readiness, "GET", "/healthz/ready").await;
         if status == 200 {
@@ -188,7 +188,7 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
     ));
     let bound = bound_rx.await.unwrap();
 
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience();
     let (status, pending) = loop {
         let (status, pending) = get(bound.readiness, "GET", "/healthz/ready").await;
         if !pending.contains("certificates") {
@@ -254,7 +254,7 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
     assert_eq!(v2["location"], json!({"remote": {"node": "node-b"}}));
 
     // The route's status, written for its parent Service.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience();
     let patch = loop {
         let patches = api.patches();
         if let Some((_, patch)) = patches
@@ -410,7 +410,7 @@ async fn quit(admin: SocketAddr, task: tokio::task::JoinHandle<Result<(), Error>
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    tokio::time::timeout(Duration::from_secs(5), task)
+    tokio::time::timeout(weft_test_env::scaled(Duration::from_secs(5)), task)
         .await
         .expect("the waypoint returns after /quitquitquit")
         .unwrap()
@@ -424,4 +424,7 @@ async fn config_dump(admin: SocketAddr) -> Value {
 }
 
 /// How long anything here may take: the source's production backoff starts at 500 ms.
-const PATIENCE: Duration = Duration::from_secs(20);
+/// How long a wait for a condition may take: 20 s, scaled by `WEFT_TEST_PATIENCE_MS`.
+fn patience() -> Duration {
+    weft_test_env::scaled(Duration::from_secs(20))
+}

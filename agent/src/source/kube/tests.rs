@@ -80,7 +80,7 @@ impl Harness {
 
     /// Waits for a published snapshot for which `f` holds.
     async fn until(&mut self, what: &str, f: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let deadline = tokio::time::Instant::now() + patience();
         loop {
             {
                 let snapshot = self.rx.borrow_and_update();
@@ -102,7 +102,7 @@ impl Harness {
 
     /// Waits until `f` holds of the source's health.
     async fn until_health(&self, what: &str, f: impl Fn(&Health, &Ready) -> bool) {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         while !f(&self.health, &self.ready) {
             assert!(
                 Instant::now() < deadline,
@@ -613,7 +613,7 @@ async fn a_watch_resumes_from_the_last_bookmark() {
         .apply(&service("prod", "api", "10.96.0.10", &[("", 80, None)]));
     h.until("the service", |s| s.services.len() == 1).await;
     h.api.bookmark();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(50))).await;
     h.api.close_watches();
     h.until_health("the watches re-opened", |_, _| {
         h.api.open_watches() == Kind::ALL.len()
@@ -747,7 +747,7 @@ async fn a_new_reporter_does_not_repeat_the_events_of_the_old_one() {
             harness.api.create_requests() >= 2
         })
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(200))).await;
     assert_eq!(harness.api.created().len(), 1);
     assert_eq!(harness.api.create_requests(), 2, "node-b tried once");
     assert_eq!(other.health.unmeshed().get("prod"), Some(&1));
@@ -763,13 +763,13 @@ async fn a_waypoint_reports_no_unmeshed_pods_even_on_the_reporting_agents_node()
     let h = Harness::start_with(api, waypoint_config()).await;
     h.until_health("ready", |_, ready| ready.is_ready()).await;
     // Reporting is the agent's job (and the waypoint may not write Events).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(300))).await;
     assert_eq!(h.api.create_requests(), 0, "{:#?}", h.api.created());
 }
 
 /// Waits until `n` objects have been created through the API, and returns them.
 async fn until_events(api: &FakeApi, n: usize) -> Vec<(String, serde_json::Value)> {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         let created = api.created();
         if created.len() >= n {
@@ -1085,7 +1085,10 @@ fn ip(text: &str) -> IpAddr {
 }
 
 const NODE: &str = "node-a";
-const PATIENCE: Duration = Duration::from_secs(20);
+/// How long a wait for a condition may take: 20 s, scaled by `WEFT_TEST_PATIENCE_MS`.
+fn patience() -> Duration {
+    weft_test_env::scaled(Duration::from_secs(20))
+}
 
 #[tokio::test]
 async fn a_local_pod_without_an_ip_waits_in_the_state_with_its_probe_ports() {
@@ -1158,7 +1161,7 @@ async fn a_local_pod_without_an_ip_waits_in_the_state_with_its_probe_ports() {
         running.status = pod("prod", "api", NODE, "10.1.0.2", &[]).status;
         running
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(200))).await;
     assert_eq!(*h.rx.borrow().as_ref(), *before);
 }
 
@@ -1497,7 +1500,7 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
     let mut h = Harness::start_with(api, waypoint_config()).await;
     h.until("the routes", |s| s.routes.len() == 2).await;
 
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     let status_of = |api: &FakeApi, name: &str| api.object::<HttpRouteKind>("prod", name).unwrap();
     while status_of(&h.api, "missing-backend")["status"].is_null()
         || status_of(&h.api, "web")["status"]["parents"]
@@ -1549,7 +1552,7 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
     ));
     h.until("the unrelated service", |s| s.services.len() == 4)
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(200))).await;
     assert_eq!(h.api.patches().len(), writes, "{:?}", h.api.patches());
 
     // The backend appears: ResolvedRefs turns True. An invalid version: UnsupportedValue.
@@ -1559,7 +1562,7 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
     broken["spec"]["rules"][0]["backendRefs"][0]["kind"] = "Pod".into();
     broken["metadata"]["generation"] = 3.into();
     h.api.apply_value::<HttpRouteKind>(broken);
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         let missing = status_of(&h.api, "missing-backend");
         let web = status_of(&h.api, "web");
@@ -1607,7 +1610,7 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
     ));
     h.until("the second unrelated service", |s| s.services.len() == 6)
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(200))).await;
     assert_eq!(reads(&h.api), before);
     assert_eq!(h.api.patches().len(), writes, "{:?}", h.api.patches());
 
@@ -1616,7 +1619,7 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
         service("prod", "web", "10.96.0.10", &[("", 80, None)]),
         &[("weft.dev/use-waypoint", "none")],
     ));
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while conditions(&status_of(&h.api, "missing-backend"), 0)[0].2 != "NoMatchingParent" {
         assert!(Instant::now() < deadline, "{:?}", h.api.patches());
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -85,7 +85,7 @@ async fn fresh_agent_snapshot(api: &FakeApi, node: &str) -> Arc<Snapshot> {
             ready: Ready::default(),
         },
     ));
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience();
     while status.view().generation == 0 {
         tokio::time::timeout_at(deadline, rx.changed())
             .await
@@ -258,7 +258,7 @@ async fn the_accepted_condition_names_the_field_and_is_written_once_by_one_agent
     h.until("the pods", |s| s.workloads.len() == 3).await;
 
     let policy = |api: &FakeApi, name: &str| api.object::<crd::AccessPolicy>("prod", name).unwrap();
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     let all_written = |api: &FakeApi| {
         (0..3).all(|i| accepted(&policy(api, &format!("bad-{i}"))).is_some())
             && accepted(&policy(api, "good")).is_some()
@@ -322,7 +322,7 @@ async fn the_accepted_condition_names_the_field_and_is_written_once_by_one_agent
     // Fixed: Accepted turns True, in one more write.
     h.api
         .apply_value::<crd::AccessPolicy>(policy_object("prod", "bad-0", "ALLOW", "web/front"));
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while accepted(&policy(&h.api, "bad-0")).map(|a| a.0) != Some("True".into()) {
         assert!(Instant::now() < deadline, "{:#?}", h.api.patches());
         tokio::time::sleep(Duration::from_millis(10)).await;
