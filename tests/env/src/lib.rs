@@ -3,11 +3,12 @@
 //! the harness on the agent):
 //!
 //! - [`skip`]: a test that cannot run here says so, is counted as skipped by
-//!   `cargo xtask test`, and fails in CI;
+//!   `cargo xtask test`, and fails in CI ([`skip_optional`]: not in CI, for what no setup
+//!   step can install);
 //! - [`patience`]: one scale for every deadline of every test, `WEFT_TEST_PATIENCE_MS`.
 
 pub mod patience;
 pub mod skip;
 
 pub use patience::{patience, scaled};
-pub use skip::{LOG_ENV, Skip, parse, read, skip};
+pub use skip::{LOG_ENV, Skip, parse, read, skip, skip_optional};

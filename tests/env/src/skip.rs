@@ -30,6 +30,18 @@ pub fn skip(test: &str, reason: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: cannot run in CI: {reason}");
     }
+    record(&test, reason);
+}
+
+/// Skips the running test for want of something no setup step can install (a binary
+/// from outside this repository, such as Istio's ztunnel): recorded and counted as a skip
+/// like [`skip`], but in CI too, where it does not fail the test.
+pub fn skip_optional(test: &str, reason: &str) {
+    record(&full_name(test), reason);
+}
+
+/// Says why `test` is skipped, and appends it to the log.
+fn record(test: &str, reason: &str) {
     eprintln!("skipping {test}: {reason}");
     let Some(log) = std::env::var_os(LOG_ENV) else {
         return;
@@ -160,6 +172,43 @@ mod tests {
     fn child_skips() {
         if std::env::var_os(CHILD_ENV).is_some() {
             skip("unused", "needs\nroot");
+        }
+    }
+
+    #[test]
+    fn an_optional_skip_is_logged_in_ci_too() {
+        let dir = std::env::temp_dir().join(format!("weft-test-env-opt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("skips.log");
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "skip::tests::child_skips_optionally",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .env(LOG_ENV, &log)
+        .env("CI", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let passed = cmd.status().unwrap().success();
+        let skips = read(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(passed, "an optional skip passes in CI");
+        assert_eq!(
+            skips,
+            [Skip {
+                test: "weft_test_env::skip::tests::child_skips_optionally".into(),
+                reason: "no ztunnel".into()
+            }]
+        );
+    }
+
+    /// The child of [`an_optional_skip_is_logged_in_ci_too`]; does nothing alone.
+    #[test]
+    fn child_skips_optionally() {
+        if std::env::var_os(CHILD_ENV).is_some() {
+            skip_optional("unused", "no ztunnel");
         }
     }
 
