@@ -252,9 +252,11 @@ impl TestAgent {
     /// `<prefix>_agent_denied_connections_total{reason}` now: connections this node's
     /// proxy refused for `reason`, including TLS handshakes it refused (which leave no
     /// connection record).
-    pub fn denied_total(&self, reason: &str) -> Result<f64> {
-        Ok(crate::metrics::Scrape::parse(&self.metrics()?)
-            .sum("weft_agent_denied_connections_total", &[("reason", reason)]))
+    pub fn denied_total(&self, reason: &str) -> Result<u64> {
+        let total = crate::metrics::Scrape::parse(&self.metrics()?)
+            .sum("weft_agent_denied_connections_total", &[("reason", reason)]);
+        // A counter: a whole number (and +0 when the agent has not counted any yet).
+        Ok(total.abs() as u64)
     }
 
     /// Waits (up to 10 s) for a connection record matching `pred` and returns it (a record

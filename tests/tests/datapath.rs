@@ -438,7 +438,11 @@ fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()>
             .cloned()
             .with_context(|| format!("record {} not closed yet: {connections:#?}", open.id))
     })?;
-    assert_eq!((done.bytes_sent, done.error.as_deref()), (bytes, None), "{done:?}");
+    assert_eq!(
+        (done.bytes_sent, done.error.as_deref()),
+        (bytes, None),
+        "{done:?}"
+    );
     Ok(())
 }
 

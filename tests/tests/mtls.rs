@@ -316,7 +316,7 @@ fn an_expired_client_certificate_is_refused_and_logged() -> Result<()> {
     eventually(Duration::from_secs(10), || {
         let refused = agent.denied_total("expired_certificate")?;
         ensure!(
-            refused == refused_before + 1.0,
+            refused == refused_before + 1,
             "denied_connections_total{{reason=expired_certificate}} is {refused}, was \
              {refused_before}"
         );
