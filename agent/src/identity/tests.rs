@@ -1,7 +1,7 @@
 //! SPIFFE ids, and `leaf_facts`, the one reader of a leaf certificate's identity (HBONE's
 //! verifiers and the certificate manager both rely on it; docs/hbone.md, "Verification").
 
-use rcgen::SanType;
+use rcgen::{KeyUsagePurpose, SanType};
 use time::OffsetDateTime;
 
 use super::*;
@@ -101,6 +101,27 @@ fn leaf_facts_refuses_a_uri_san_that_is_not_a_spiffe_id() {
             matches!(&err, Error::InvalidSpiffeId(e) if e.id == san && e.reason.contains(why)),
             "{san}: {err}"
         );
+    }
+}
+
+#[test]
+fn leaf_facts_requires_a_signing_key_usage() {
+    let ca = TestCa::new("facts CA");
+    for usages in [
+        vec![KeyUsagePurpose::KeyEncipherment],
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ],
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
+    ] {
+        let (leaf, _) = ca.issue_raw(&client(), |params| params.key_usages = usages.clone());
+        assert_invalid(&leaf, "is not a workload's");
+    }
+    // Signing only, as weft's CA issues it; and no key usage at all (any use, RFC 5280).
+    for usages in [vec![KeyUsagePurpose::DigitalSignature], vec![]] {
+        let (leaf, _) = ca.issue_raw(&client(), |params| params.key_usages = usages.clone());
+        assert_eq!(leaf_facts(&leaf).unwrap().identity, client());
     }
 }
 

@@ -1,8 +1,8 @@
 //! The TLS handshake against peers weft must refuse, and against peers it must get along
 //! with (docs/hbone.md, "Verification" and "Transport"): a rustls peer, configured by hand,
 //! presents what weft's own certificate source never would (zero or two SPIFFE URI SANs,
-//! the wrong extended key usage, no certificate, TLS 1.2 only, X25519 only), and each test
-//! checks both the reason weft gives and the alert the peer received.
+//! the wrong key usage or extended key usage, no certificate, TLS 1.2 only, X25519 only),
+//! and each test checks both the reason weft gives and the alert the peer received.
 
 use rustls::{
     AlertDescription, ClientConfig, ServerConfig, SupportedProtocolVersion,
@@ -58,6 +58,19 @@ async fn server_cert_for_client_authentication_only_is_refused() {
 }
 
 #[tokio::test]
+async fn server_cert_without_digital_signature_usage_is_refused() {
+    let h = Harness::new().await;
+    let cert = h.ca.issue_raw(&h.server_id, |params| {
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyEncipherment];
+    });
+    let (client, server) = weft_client_against(&h, server_offering(cert, TLS13)).await;
+    let err = client.unwrap_err();
+    assert_eq!(err.reason(), "bad_certificate", "{err}");
+    assert!(err.to_string().contains("is not a workload's"), "{err}");
+    assert_eq!(server, Err(alert(AlertDescription::CertificateUnknown)));
+}
+
+#[tokio::test]
 async fn client_cert_without_a_uri_san_is_refused() {
     let mut h = Harness::new().await;
     let cert = h.ca.issue_raw(&h.client_id, |params| {
@@ -102,6 +115,22 @@ async fn client_cert_for_server_authentication_only_is_refused() {
         &mut h,
         client,
         AlertDescription::UnsupportedCertificate,
+        "bad_certificate",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_cert_with_a_ca_key_usage_is_refused() {
+    let mut h = Harness::new().await;
+    let cert = h.ca.issue_raw(&h.client_id, |params| {
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    });
+    let client = client_presenting(&h, Some(cert), TLS13);
+    assert_weft_server_refuses(
+        &mut h,
+        client,
+        AlertDescription::CertificateUnknown,
         "bad_certificate",
     )
     .await;
