@@ -72,66 +72,46 @@ async fn server_cert_without_digital_signature_usage_is_refused() {
 
 #[tokio::test]
 async fn client_cert_without_a_uri_san_is_refused() {
-    let mut h = Harness::new().await;
-    let cert = h.ca.issue_raw(&h.client_id, |params| {
-        params.subject_alt_names = vec![rcgen::SanType::DnsName(
-            "client.default.svc".try_into().unwrap(),
-        )];
-    });
-    let client = client_presenting(&h, Some(cert), TLS13);
-    assert_weft_server_refuses(
-        &mut h,
-        client,
+    assert_client_cert_refused(
+        |params| {
+            params.subject_alt_names = vec![rcgen::SanType::DnsName(
+                "client.default.svc".try_into().unwrap(),
+            )];
+        },
         AlertDescription::CertificateUnknown,
-        "bad_certificate",
     )
     .await;
 }
 
 #[tokio::test]
 async fn client_cert_with_two_spiffe_uri_sans_is_refused() {
-    let mut h = Harness::new().await;
-    let cert = h.ca.issue_raw(&h.client_id, |params| {
-        params.subject_alt_names.push(second_spiffe_san());
-    });
-    let client = client_presenting(&h, Some(cert), TLS13);
-    assert_weft_server_refuses(
-        &mut h,
-        client,
+    assert_client_cert_refused(
+        |params| {
+            params.subject_alt_names.push(second_spiffe_san());
+        },
         AlertDescription::CertificateUnknown,
-        "bad_certificate",
     )
     .await;
 }
 
 #[tokio::test]
 async fn client_cert_for_server_authentication_only_is_refused() {
-    let mut h = Harness::new().await;
-    let cert = h.ca.issue_raw(&h.client_id, |params| {
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    });
-    let client = client_presenting(&h, Some(cert), TLS13);
-    assert_weft_server_refuses(
-        &mut h,
-        client,
+    assert_client_cert_refused(
+        |params| {
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        },
         AlertDescription::UnsupportedCertificate,
-        "bad_certificate",
     )
     .await;
 }
 
 #[tokio::test]
 async fn client_cert_with_a_ca_key_usage_is_refused() {
-    let mut h = Harness::new().await;
-    let cert = h.ca.issue_raw(&h.client_id, |params| {
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    });
-    let client = client_presenting(&h, Some(cert), TLS13);
-    assert_weft_server_refuses(
-        &mut h,
-        client,
+    assert_client_cert_refused(
+        |params| {
+            params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        },
         AlertDescription::CertificateUnknown,
-        "bad_certificate",
     )
     .await;
 }
@@ -369,6 +349,18 @@ fn client_presenting(
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
     Arc::new(config)
+}
+
+/// A client presenting its certificate as `edit` changed it is refused by weft's server
+/// as `bad_certificate`; the client receives `alert`.
+async fn assert_client_cert_refused(
+    edit: impl FnOnce(&mut rcgen::CertificateParams),
+    alert: AlertDescription,
+) {
+    let mut h = Harness::new().await;
+    let cert = h.ca.issue_raw(&h.client_id, edit);
+    let client = client_presenting(&h, Some(cert), TLS13);
+    assert_weft_server_refuses(&mut h, client, alert, "bad_certificate").await;
 }
 
 /// `client` handshakes with the harness's weft server: the client receives `alert`, the
