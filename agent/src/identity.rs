@@ -211,7 +211,9 @@ pub struct LeafFacts {
     pub serial: String,
 }
 
-/// Reads the SPIFFE id (the one URI SAN), validity and serial of a leaf certificate.
+/// Reads the SPIFFE id (the one URI SAN), validity and serial of a leaf certificate, and
+/// checks that its key is a signing key (SPIFFE X.509-SVID: a key usage, when present,
+/// includes digitalSignature and neither keyCertSign nor cRLSign).
 pub fn leaf_facts(der: &CertificateDer<'_>) -> Result<LeafFacts, Error> {
     use x509_parser::prelude::*;
     let invalid = |e: &dyn fmt::Display| Error::InvalidCertificate(e.to_string());
@@ -236,6 +238,16 @@ pub fn leaf_facts(der: &CertificateDer<'_>) -> Result<LeafFacts, Error> {
             uris.len()
         )));
     };
+    // webpki checks the extended key usage, not the key usage of an end-entity certificate.
+    if let Some(usage) = cert.key_usage().map_err(|e| invalid(&e))? {
+        let usage = usage.value;
+        if !usage.digital_signature() || usage.key_cert_sign() || usage.crl_sign() {
+            return Err(invalid(&format!(
+                "key usage {usage} is not a workload's: it must include digitalSignature and \
+                 neither keyCertSign nor cRLSign"
+            )));
+        }
+    }
     let to_time = |t: ASN1Time| {
         SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
     };
@@ -344,37 +356,4 @@ pub fn random_bytes(buf: &mut [u8]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spiffe_ids_round_trip() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/client"
-            .parse()
-            .unwrap();
-        assert_eq!(id.namespace(), "default");
-        assert_eq!(id.service_account(), "client");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/default/sa/client"
-        );
-        assert_eq!(
-            SpiffeId::new("cluster.local", "default", "client").unwrap(),
-            id
-        );
-    }
-
-    #[test]
-    fn malformed_spiffe_ids_are_rejected() {
-        for bad in [
-            "http://cluster.local/ns/a/sa/b",
-            "spiffe://cluster.local/ns/a",
-            "spiffe://cluster.local/ns/a/sa/b/extra",
-            "spiffe://cluster.local/sa/b/ns/a",
-            "spiffe:///ns/a/sa/b",
-            "spiffe://cluster.local/ns/A/sa/b",
-        ] {
-            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} should be rejected");
-        }
-    }
-}
+mod tests;

@@ -231,6 +231,34 @@ impl TestAgent {
             .with_context(|| format!("unexpected /debug/connections shape: {v:#}"))
     }
 
+    /// The id of the newest connection record, if any. Ids grow with every connection, so
+    /// a record with a larger id is one of what the test did after asking.
+    pub fn newest_record_id(&self) -> Result<Option<u64>> {
+        Ok(self.connections()?.all().map(|r| r.id).max())
+    }
+
+    /// Waits for a record matching `pred` that is newer than `after` (see
+    /// [`TestAgent::newest_record_id`]), so an earlier connection's record cannot answer.
+    #[track_caller]
+    pub fn expect_new_record(
+        &self,
+        after: Option<u64>,
+        what: &str,
+        pred: impl Fn(&ConnRecord) -> bool,
+    ) -> ConnRecord {
+        self.expect_record(what, |r| Some(r.id) > after && pred(r))
+    }
+
+    /// `<prefix>_agent_denied_connections_total{reason}` now: connections this node's
+    /// proxy refused for `reason`, including TLS handshakes it refused (which leave no
+    /// connection record).
+    pub fn denied_total(&self, reason: &str) -> Result<u64> {
+        let total = crate::metrics::Scrape::parse(&self.metrics()?)
+            .sum("weft_agent_denied_connections_total", &[("reason", reason)]);
+        // A counter: a whole number (and +0 when the agent has not counted any yet).
+        Ok(total.abs() as u64)
+    }
+
     /// Waits (up to 10 s) for a connection record matching `pred` and returns it (a record
     /// lands in `recent` on close); panics naming `what` and listing the records otherwise.
     #[track_caller]

@@ -118,6 +118,26 @@ impl Server {
             .collect()
     }
 
+    /// Waits until the server has accepted at least `n` connections and returns every one
+    /// it accepted. Tests compare the number with `==`: a connection that must never have
+    /// reached the application shows as one too many.
+    #[track_caller]
+    pub fn wait_accepted(&self, n: usize) -> Vec<Accepted> {
+        assert_eventually(Duration::from_secs(10), || {
+            let accepted = self.accepted();
+            if accepted.len() >= n {
+                Ok(accepted)
+            } else {
+                Err(format!(
+                    "server on port {} accepted {} connections, expected {n}; its output:\n{}",
+                    self.port,
+                    accepted.len(),
+                    self.process.output()
+                ))
+            }
+        })
+    }
+
     /// Waits for the `closed` line of a connection the predicate accepts (e.g. the one
     /// whose received sha256 is what a client sent).
     #[track_caller]

@@ -13,16 +13,16 @@
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
-    thread,
     time::Duration,
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use serde::Deserialize;
 use serde_json::Value;
 use weft_tests::{
     ConnRecord, Service, TestAgent, TestNode, TestPod,
     app::{self, Connect, Mode},
-    assert_eventually, bpf, privileged, scaled, test_name,
+    assert_eventually, bpf, eventually, privileged, scaled, test_name,
     wire::Capture,
 };
 
@@ -270,7 +270,6 @@ fn agent_killed_fails_closed_and_restart_recovers() -> Result<()> {
         matches!(&outcome, Connect::Failed(kind) if kind == "ConnectionRefused" || kind == "TimedOut"),
         "unenrolled client → enrolled pod with the agent dead must fail, got {outcome:?}"
     );
-    thread::sleep(scaled(Duration::from_millis(300)));
     let accepted = echo.accepted();
     assert_eq!(
         accepted.len(),
@@ -294,6 +293,15 @@ fn agent_killed_fails_closed_and_restart_recovers() -> Result<()> {
     assert_echoed(&sent, KIB);
     let sent = app::send(&legacy, to_server, KIB, 4)?;
     assert_echoed(&sent, KIB);
+    // Counted once more, after the restart: a bypass during the outage that was accepted
+    // late (after the check above) would make one too many.
+    let accepted = echo.wait_accepted(accepted_before + 2);
+    assert_eq!(
+        accepted.len(),
+        accepted_before + 2,
+        "the application accepted a connection while the proxy was down: {:?}",
+        &accepted[accepted_before..]
+    );
     agent.expect_record("outbound after restart", |r| {
         is(r, "outbound", &client, to_server)
     });
@@ -357,7 +365,8 @@ fn unenrolling_pods_restores_direct_traffic() -> Result<()> {
         got.peer, sent.local,
         "the server sees the client's own socket"
     );
-    thread::sleep(scaled(Duration::from_millis(500)));
+    // No wait needed: a proxy that carried the connection has its record from accept on,
+    // and the server app has already seen the connection close.
     let new: Vec<ConnRecord> = agent
         .connections()?
         .all()
@@ -388,12 +397,12 @@ fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()>
 
     // One connection kept busy through both pods' listeners while both are relabelled.
     let bytes = 2 * KIB * KIB;
-    let running = app::start_send_paced(&client, to, bytes, 7, Duration::from_secs(6))?;
-    thread::sleep(Duration::from_secs(1));
+    let running = app::start_send_paced(&client, to, bytes, 7, scaled(Duration::from_secs(6)))?;
+    let open = active_hbone(&agent, to, |r| r.bytes_sent > 0)?;
     client.set_label("tier", Some("web"));
     server.set_label("app", Some("echo-v2"));
     agent.reload(&node)?;
-    assert_eventually(scaled(Duration::from_secs(15)), || -> Result<()> {
+    assert_eventually(Duration::from_secs(15), || -> Result<()> {
         let dump = agent.get("/config_dump")?.body;
         ensure!(
             dump.contains("echo-v2"),
@@ -401,6 +410,16 @@ fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()>
         );
         Ok(())
     });
+    // The relabel has applied, and the connection is still open, carrying bytes: the agent
+    // counts more of them on the same record afterwards.
+    let at_relabel = active_hbone(&agent, to, |r| r.id == open.id)?;
+    ensure!(
+        at_relabel.bytes_sent < bytes,
+        "the transfer ended before the relabel applied, so it proves nothing: {at_relabel:?}"
+    );
+    active_hbone(&agent, to, |r| {
+        r.id == open.id && r.bytes_sent > at_relabel.bytes_sent
+    })?;
 
     let report = running.finish()?;
     assert_eq!(report.received_bytes, bytes, "no byte lost");
@@ -409,9 +428,21 @@ fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()>
     // Neither pod was taken out and enrolled again (which would leave it unsteered for a
     // moment): same pod ids, same listeners.
     assert_eq!(enrolled_pods(&agent)?, enrolled_before);
-    agent.expect_record("the busy connection, unbroken", |r| {
-        r.direction == "hbone" && r.bytes_sent == bytes && r.error.is_none()
-    });
+    // Closed (in `recent`), whole and clean.
+    let done = eventually(Duration::from_secs(10), || {
+        let connections = agent.connections()?;
+        connections
+            .recent
+            .iter()
+            .find(|r| r.id == open.id)
+            .cloned()
+            .with_context(|| format!("record {} not closed yet: {connections:#?}", open.id))
+    })?;
+    assert_eq!(
+        (done.bytes_sent, done.error.as_deref()),
+        (bytes, None),
+        "{done:?}"
+    );
     Ok(())
 }
 
@@ -568,19 +599,51 @@ fn is(r: &ConnRecord, direction: &str, pod: &TestPod, dst: SocketAddr) -> bool {
     r.direction == direction && r.pod == pod.pod_ref() && r.dst == dst.to_string()
 }
 
-/// `(pod, pod_id, listeners)` of every enrolled pod, from `/status`.
-fn enrolled_pods(agent: &TestAgent) -> Result<Vec<(String, u64, String)>> {
+/// One entry of `/status` `pods.enrolled`: every field is required, so a missing one is
+/// an error, not an empty value that compares equal to another empty value.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+struct EnrolledPod {
+    pod: String,
+    pod_id: u64,
+    listeners: Vec<Listener>,
+}
+
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+struct Listener {
+    direction: String,
+    addr: SocketAddr,
+}
+
+/// Every enrolled pod, by name, from `/status`; each has its listeners.
+fn enrolled_pods(agent: &TestAgent) -> Result<Vec<EnrolledPod>> {
     let status = agent.status()?;
-    let pods = status["pods"]["enrolled"]
-        .as_array()
-        .ok_or_else(|| anyhow::anyhow!("no pods.enrolled in /status: {status}"))?;
-    Ok(pods
-        .iter()
-        .map(|p| {
-            let id = p["pod_id"].as_u64().unwrap_or_default();
-            (p["pod"].to_string(), id, p["listeners"].to_string())
-        })
-        .collect())
+    let mut pods: Vec<EnrolledPod> = serde_json::from_value(status["pods"]["enrolled"].clone())
+        .with_context(|| format!("pods.enrolled in /status: {status}"))?;
+    pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+    for pod in &pods {
+        ensure!(
+            !pod.listeners.is_empty(),
+            "an enrolled pod without listeners: {pod:?}"
+        );
+    }
+    Ok(pods)
+}
+
+/// Waits for an open (active) HBONE record to `to` that `pred` accepts.
+fn active_hbone(
+    agent: &TestAgent,
+    to: SocketAddr,
+    pred: impl Fn(&ConnRecord) -> bool,
+) -> Result<ConnRecord> {
+    eventually(Duration::from_secs(15), || {
+        let connections = agent.connections()?;
+        connections
+            .active
+            .iter()
+            .find(|r| r.direction == "hbone" && r.dst == to.to_string() && pred(r))
+            .cloned()
+            .with_context(|| format!("no such open HBONE record: {:#?}", connections.active))
+    })
 }
 
 fn record_ids(agent: &TestAgent) -> Result<HashSet<u64>> {

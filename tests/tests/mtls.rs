@@ -20,9 +20,11 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
-    TestAgent, TestNode,
+    TestAgent, TestNode, TestPod,
     app::{self, Mode},
-    assert_eventually, eventually, privileged, scaled, test_name,
+    assert_eventually, eventually,
+    eventually::patience,
+    privileged, scaled, test_name,
     wire::{Capture, TLS13, X25519MLKEM768},
 };
 
@@ -99,12 +101,9 @@ fn cross_node_traffic_is_tls13_only_with_both_identities_and_no_plaintext() -> R
     // Nothing listens on the server's port 9: its proxy answers 503 and the client app
     // sees its connection reset, not a hang.
     let closed_port = sock(server.addr(9));
-    let refused = app::send_text(&client, closed_port, "anyone?");
-    ensure!(
-        refused.is_err(),
-        "a connection to a closed port succeeded: {refused:?}"
-    );
-    agent1.expect_record("503 from the peer", |r| {
+    let seen = agent1.newest_record_id()?;
+    expect_reset(&client, closed_port, "anyone?")?;
+    agent1.expect_new_record(seen, "503 from the peer", |r| {
         r.dst == closed_port.to_string() && r.error.as_deref() == Some("upstream_unreachable")
     });
     Ok(())
@@ -131,18 +130,15 @@ fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Resul
         .service_account("permissive")
         .create()?;
     let agent = node.start_agent()?;
-    let _strict_app = app::serve(&strict, ECHO_PORT, Mode::Echo)?;
+    let strict_app = app::serve(&strict, ECHO_PORT, Mode::Echo)?;
     let _permissive_app = app::serve(&permissive, ECHO_PORT, Mode::Echo)?;
     let _legacy_app = app::serve(&legacy, ECHO_PORT, Mode::Echo)?;
     let _outsider_app = app::serve(&outsider, ECHO_PORT, Mode::Echo)?;
 
     // Plaintext from outside the mesh: STRICT resets it, PERMISSIVE lets it in.
-    let refused = app::send_text(&outsider, sock(strict.addr(ECHO_PORT)), "plaintext");
-    ensure!(
-        refused.as_ref().map_or(true, |r| r.reply.is_none()),
-        "a STRICT pod answered plaintext: {refused:?}"
-    );
-    agent.expect_record("STRICT refusal", |r| {
+    let seen = agent.newest_record_id()?;
+    expect_reset(&outsider, sock(strict.addr(ECHO_PORT)), "plaintext")?;
+    agent.expect_new_record(seen, "STRICT refusal", |r| {
         r.pod == strict.pod_ref()
             && r.direction == "inbound"
             && r.error.as_deref() == Some("plaintext_refused_strict")
@@ -156,43 +152,65 @@ fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Resul
         );
         Ok(())
     });
+    ensure!(
+        strict_app.accepted().is_empty(),
+        "the STRICT pod's app accepted plaintext: {:?}",
+        strict_app.accepted()
+    );
     let accepted = app::send_text(&outsider, sock(permissive.addr(ECHO_PORT)), "hello")?;
     assert_eq!(accepted.reply.as_deref(), Some("hello"));
 
     // From inside the mesh, STRICT is reached over HBONE.
     let to = sock(strict.addr(ECHO_PORT));
+    let seen = agent.newest_record_id()?;
     assert_eq!(
         app::send_text(&meshed, to, "hi")?.reply.as_deref(),
         Some("hi")
     );
-    let hbone = agent.expect_record("HBONE into STRICT", |r| {
+    let hbone = agent.expect_new_record(seen, "HBONE into STRICT", |r| {
         r.direction == "hbone" && r.dst == to.to_string() && r.error.is_none()
     });
+    // Exactly one connection ever reached the STRICT app: this one, not the plaintext.
+    let accepted = strict_app.wait_accepted(1);
+    ensure!(
+        accepted.len() == 1,
+        "the STRICT app accepted {accepted:?}, one of them refused plaintext"
+    );
     assert_eq!(
         hbone.src_identity.as_deref(),
         Some(spiffe("default", "meshed").as_str())
     );
 
     // DISABLED on either end: plaintext both ways, no identities.
+    // New record ids: the outsider's plaintext into the permissive pod above must not
+    // answer for these.
     for (from, to_pod) in [(&legacy, &permissive), (&meshed, &legacy)] {
         let to = sock(to_pod.addr(ECHO_PORT));
+        let seen = agent.newest_record_id()?;
         assert_eq!(
             app::send_text(from, to, "plain")?.reply.as_deref(),
             Some("plain")
         );
-        let plain = agent.expect_record("plaintext into the destination", |r| {
+        let plain = agent.expect_new_record(seen, "plaintext into the destination", |r| {
             r.direction == "inbound" && r.dst == to.to_string() && r.error.is_none()
         });
         assert_eq!(plain.src_identity, None);
+        assert_eq!(plain.dst_identity, None);
+        ensure!(
+            plain.src.starts_with(&format!("{}:", from.ip())),
+            "plaintext comes straight from {}: {plain:?}",
+            from.name()
+        );
     }
 
     // Outside the mesh: plaintext passthrough.
     let to = sock(outsider.addr(ECHO_PORT));
+    let seen = agent.newest_record_id()?;
     assert_eq!(
         app::send_text(&meshed, to, "out")?.reply.as_deref(),
         Some("out")
     );
-    let passthrough = agent.expect_record("passthrough", |r| {
+    let passthrough = agent.expect_new_record(seen, "passthrough", |r| {
         r.direction == "outbound" && r.dst == to.to_string() && r.error.is_none()
     });
     assert_eq!(passthrough.dst_identity, None);
@@ -207,7 +225,7 @@ fn a_peer_with_another_identity_is_refused_and_logged() -> Result<()> {
     let server = node2.pod("server").service_account("server").create()?;
     let agent1 = node1.start_agent()?;
     let _agent2 = node2.start_agent()?;
-    let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
 
     // Node 1 believes the server runs as `payments`; node 2 (rightly) proves `server`.
     let mut config = node1.config();
@@ -220,12 +238,10 @@ fn a_peer_with_another_identity_is_refused_and_logged() -> Result<()> {
     wait_for_config(&agent1, |dump| dump.contains("payments"))?;
 
     let to = sock(server.addr(ECHO_PORT));
-    let result = app::send_text(&client, to, "for payments only");
-    ensure!(
-        result.as_ref().map_or(true, |r| r.reply.is_none()),
-        "an impostor was trusted: {result:?}"
-    );
-    agent1.expect_record("identity mismatch", |r| {
+    let seen = agent1.newest_record_id()?;
+    expect_reset(&client, to, "for payments only")?;
+    ensure!(echo.accepted().is_empty(), "the server app was reached");
+    agent1.expect_new_record(seen, "identity mismatch", |r| {
         r.dst == to.to_string() && r.error.as_deref() == Some("identity_mismatch")
     });
     expect_log(
@@ -248,13 +264,10 @@ fn a_peer_from_an_untrusted_ca_is_refused_on_both_sides() -> Result<()> {
     let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
 
     let to = sock(server.addr(ECHO_PORT));
-    let result = app::send_text(&client, to, "secret");
-    ensure!(
-        result.as_ref().map_or(true, |r| r.reply.is_none()),
-        "a peer from another CA was trusted: {result:?}"
-    );
+    let seen = agent1.newest_record_id()?;
+    expect_reset(&client, to, "secret")?;
     ensure!(echo.accepted().is_empty(), "the server app was reached");
-    agent1.expect_record("client refuses the server", |r| {
+    agent1.expect_new_record(seen, "client refuses the server", |r| {
         r.dst == to.to_string() && r.error.as_deref() == Some("untrusted_ca")
     });
     expect_log(&agent1, &["untrusted_ca"])?;
@@ -269,7 +282,7 @@ fn an_expired_client_certificate_is_refused_and_logged() -> Result<()> {
     let node = TestNode::new(test_name!(), 1)?;
     let server = node.pod("server").service_account("server").create()?;
     let agent = node.start_agent()?;
-    let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
 
     // A certificate for a real identity, signed by the real CA, expired an hour ago.
     let ca = node.ensure_ca()?;
@@ -282,13 +295,41 @@ fn an_expired_client_certificate_is_refused_and_logged() -> Result<()> {
         "-connect",
         &format!("{}:{HBONE_PORT}", server.ip()),
     ]);
-    cmd.args(["-tls1_3", "-alpn", "h2", "-cert"])
+    // -ign_eof: stdin is empty, yet openssl reads on until the agent has answered.
+    cmd.args(["-tls1_3", "-alpn", "h2", "-ign_eof", "-cert"])
         .arg(&expired.0);
     cmd.arg("-key").arg(&expired.1);
     cmd.arg("-CAfile").arg(&ca.cert);
-    let mut peer = node.spawn(cmd, "openssl-expired")?;
+    let refused_before = agent.denied_total("expired_certificate")?;
+    let seen = agent.newest_record_id()?;
+    let peer = node
+        .spawn(cmd, "openssl-expired")?
+        .wait(scaled(Duration::from_secs(20)))?;
+    // What came back over the wire: the agent's certificate_expired alert (number 45).
+    ensure!(
+        peer.output.contains("alert certificate expired")
+            && peer.output.contains("SSL alert number 45"),
+        "openssl did not receive a certificate_expired alert:\n{}",
+        peer.output
+    );
+    // The agent counted exactly this refusal, and logged why; it never became a connection,
+    // and the application was never reached.
+    eventually(Duration::from_secs(10), || {
+        let refused = agent.denied_total("expired_certificate")?;
+        ensure!(
+            refused == refused_before + 1,
+            "denied_connections_total{{reason=expired_certificate}} is {refused}, was \
+             {refused_before}"
+        );
+        Ok(())
+    })?;
     expect_log(&agent, &["HBONE handshake refused", "expired_certificate"])?;
-    peer.kill();
+    assert_eq!(
+        agent.newest_record_id()?,
+        seen,
+        "a refused handshake is no connection"
+    );
+    ensure!(echo.accepted().is_empty(), "the server app was reached");
     Ok(())
 }
 
@@ -320,7 +361,7 @@ fn a_busy_connection_survives_three_certificate_rotations() -> Result<()> {
     let started = std::time::Instant::now();
     while started.elapsed() < BUSY {
         sample(&agent)?;
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(patience());
     }
     let report = running.finish()?;
     sample(&agent)?;
@@ -394,7 +435,7 @@ fn the_ca_refuses_an_identity_the_node_does_not_run() -> Result<()> {
     let client = node.pod("client").service_account("client").create()?;
     let server = node.pod("server").service_account("server").create()?;
     let agent = TestAgent::spawn_only(&node)?;
-    let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
 
     let server_id = spiffe("default", "server");
     let client_id = spiffe("default", "client");
@@ -425,12 +466,10 @@ fn the_ca_refuses_an_identity_the_node_does_not_run() -> Result<()> {
     // The pod without a certificate fails closed: its mesh traffic is reset, never sent
     // in plaintext.
     let to = sock(server.addr(ECHO_PORT));
-    let result = app::send_text(&client, to, "no cert, no entry");
-    ensure!(
-        result.as_ref().map_or(true, |r| r.reply.is_none()),
-        "a pod without a certificate reached the server: {result:?}"
-    );
-    agent.expect_record("no certificate", |r| {
+    let seen = agent.newest_record_id()?;
+    expect_reset(&client, to, "no cert, no entry")?;
+    ensure!(echo.accepted().is_empty(), "the server app was reached");
+    agent.expect_new_record(seen, "no certificate", |r| {
         r.dst == to.to_string() && r.error.as_deref() == Some("no_certificate")
     });
     Ok(())
@@ -481,6 +520,22 @@ fn short_connections_share_a_handful_of_pooled_hbone_connections() -> Result<()>
         "one HBONE stream per application connection"
     );
     Ok(())
+}
+
+/// A connection from `from` to `to` is refused: the application sees its connection reset,
+/// not an answer, a clean close or a hang.
+fn expect_reset(from: &TestPod, to: SocketAddr, text: &str) -> Result<()> {
+    match app::send_text(from, to, text) {
+        Ok(report) => bail!("{} → {to} should be refused, got {report:?}", from.name()),
+        Err(e) => {
+            ensure!(
+                app::is_reset(&e),
+                "{} → {to}: a refusal must reset the connection: {e:#}",
+                from.name()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Two joined nodes with mutual TLS (one CA).
@@ -551,7 +606,7 @@ fn wait_for_config(agent: &TestAgent, pred: impl Fn(&str) -> bool) -> Result<()>
 }
 
 fn expect_log(agent: &TestAgent, needles: &[&str]) -> Result<()> {
-    eventually(scaled(Duration::from_secs(10)), || {
+    eventually(Duration::from_secs(10), || {
         let log = agent.log();
         let found = log.lines().any(|l| needles.iter().all(|n| l.contains(n)));
         ensure!(found, "no log line with all of {needles:?}");

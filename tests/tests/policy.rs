@@ -8,7 +8,7 @@
 //! The client pods run on node 1, the server on node 2, so every meshed connection crosses
 //! the node link as HBONE and policy sees the client's proven SPIFFE id.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{cell::RefCell, collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
@@ -22,7 +22,9 @@ use weft_tests::{
 /// outside the mesh), a server with two ports on node 2.
 /// Fields drop in order: apps and agents stop before the nodes are torn down.
 struct Cluster {
-    _apps: Vec<app::Server>,
+    apps: Vec<app::Server>,
+    /// Connections the test let through to the app on each port: all it may accept.
+    admitted: RefCell<BTreeMap<u16, usize>>,
     _agent1: TestAgent,
     agent2: TestAgent,
     client: TestPod,
@@ -57,7 +59,8 @@ impl Cluster {
             app::serve(&server, OTHER_PORT, Mode::Echo)?,
         ];
         Ok(Cluster {
-            _apps: apps,
+            apps,
+            admitted: RefCell::default(),
             _agent1: agent1,
             agent2,
             client,
@@ -92,6 +95,32 @@ impl Cluster {
             "{} → :{port}: echo missing: {report:?}",
             from.name()
         );
+        self.admit(port);
+        // Also catches a denied connection whose `accepted` line came after its check.
+        self.expect_app_saw_only_admitted(port)
+    }
+
+    /// Counts one connection to `port` the test lets through (and the app will accept).
+    fn admit(&self, port: u16) {
+        *self.admitted.borrow_mut().entry(port).or_default() += 1;
+    }
+
+    /// The app on `port` accepted exactly the connections the test let through: no denied
+    /// one reached it.
+    fn expect_app_saw_only_admitted(&self, port: u16) -> Result<()> {
+        let admitted = self.admitted.borrow().get(&port).copied().unwrap_or(0);
+        let app = self
+            .apps
+            .iter()
+            .find(|a| a.port == port)
+            .context("no app on that port")?;
+        let accepted = app.wait_accepted(admitted);
+        ensure!(
+            accepted.len() == admitted,
+            "the app on :{port} accepted {} connections, {admitted} were let through; a \
+             denied one reached it: {accepted:?}",
+            accepted.len()
+        );
         Ok(())
     }
 
@@ -99,7 +128,7 @@ impl Cluster {
     /// (not a hang, not a clean close), the server app is never reached, and the server's
     /// agent records the denial with `reason`.
     fn expect_denied(&self, from: &TestPod, port: u16, reason: &str) -> Result<()> {
-        let seen = self.agent2.connections()?.all().map(|r| r.id).max();
+        let seen = self.agent2.newest_record_id()?;
         let result = app::send_text(from, self.to(port), "should not pass");
         match result {
             Ok(report) => bail!(
@@ -114,15 +143,15 @@ impl Cluster {
                 );
             }
         }
-        let record = self.agent2.expect_record("the denial", |r| {
-            Some(r.id) > seen && r.dst == self.to(port).to_string() && r.error.is_some()
+        let record = self.agent2.expect_new_record(seen, "the denial", |r| {
+            r.dst == self.to(port).to_string() && r.error.is_some()
         });
         ensure!(
             record.error.as_deref() == Some(reason),
             "{} → :{port}: expected reason {reason}, got {record:?}",
             from.name()
         );
-        Ok(())
+        self.expect_app_saw_only_admitted(port)
     }
 }
 
@@ -213,7 +242,8 @@ fn a_new_policy_closes_the_open_connections_it_denies() -> Result<()> {
     // A long transfer, allowed when it starts.
     let running =
         app::start_send_paced(&c.client, c.to(PORT), 4 << 20, 1, Duration::from_secs(30))?;
-    c.agent2.expect_record("the open connection", |r| {
+    c.admit(PORT);
+    let open = c.agent2.expect_record("the open connection", |r| {
         r.direction == "hbone" && r.dst == c.to(PORT).to_string()
     });
     c.apply(
@@ -228,9 +258,13 @@ fn a_new_policy_closes_the_open_connections_it_denies() -> Result<()> {
         bail!("the transfer should have been cut by the new policy: {result:?}");
     };
     ensure!(app::is_reset(&e), "a revoked connection is reset: {e:#}");
-    c.agent2.expect_record("the revoked connection", |r| {
+    let revoked = c.agent2.expect_record("the revoked connection", |r| {
         r.dst == c.to(PORT).to_string() && r.error.as_deref() == Some("policy_revoked")
     });
+    assert_eq!(
+        revoked.id, open.id,
+        "the connection open before the change was revoked"
+    );
     assert_eventually(Duration::from_secs(5), || {
         ensure!(
             c.agent2

@@ -1,4 +1,9 @@
 //! End-to-end tests over real loopback sockets: pool → TLS → HTTP/2 → server → upstream.
+//! `handshake` meets hand-configured rustls peers, `reset` reads RST_STREAM frames with a
+//! plain h2 peer.
+
+mod handshake;
+mod reset;
 
 use std::{
     collections::HashSet,
@@ -767,21 +772,56 @@ async fn broken_connections_are_not_reused() {
 
 /// Sends one raw request over a fresh HBONE connection and returns the status.
 async fn raw_status(h: &Harness, request: http::Request<()>) -> http::StatusCode {
-    let config = client_config(
-        Arc::<TestCerts>::clone(&h.client_certs),
-        h.client_id.clone(),
-        h.server_id.clone(),
-    )
-    .unwrap();
-    let tcp = TcpStream::connect(h.server_addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(tls::server_name(h.server_addr), tcp)
-        .await
-        .unwrap();
+    let tls = tls_to_server(h, weft_client_config(h)).await;
     let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(connection);
     let (response, _body) = send.send_request(request, true).unwrap();
     timeout(PATIENCE, response).await.unwrap().unwrap().status()
+}
+
+/// Weft's client configuration for the harness's client, expecting its server.
+fn weft_client_config(h: &Harness) -> Arc<rustls::ClientConfig> {
+    client_config(
+        Arc::<TestCerts>::clone(&h.client_certs),
+        h.client_id.clone(),
+        h.server_id.clone(),
+    )
+    .unwrap()
+}
+
+/// A TLS connection to the harness's server, made with `config`.
+async fn tls_to_server(
+    h: &Harness,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(h.server_addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(tls::server_name(h.server_addr), tcp)
+        .await
+        .expect("TLS handshake with the harness's server")
+}
+
+/// HTTP/2 over `tls`, then `CONNECT target`, answered `200`: the request handle (keep it
+/// to keep the connection), the response, and the stream's sending half.
+async fn open_connect(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    target: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    http::Response<h2::RecvStream>,
+    h2::SendStream<bytes::Bytes>,
+) {
+    let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .unwrap();
+    let (response, body_out) = send.send_request(request, false).unwrap();
+    let response = timeout(PATIENCE, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    (send, response, body_out)
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
 use crate::{
@@ -71,30 +71,62 @@ impl TestCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Arc<WorkloadCert> {
-        let key = KeyPair::generate().expect("generate leaf key");
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            id.to_string().try_into().expect("SPIFFE id is IA5"),
-        )];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = not_before;
-        params.not_after = not_after;
-        params.serial_number = Some(SerialNumber::from(
-            self.next_serial.fetch_add(1, Ordering::Relaxed),
-        ));
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let (cert, key) = self.sign(leaf_params(id, not_before, not_after));
         Arc::new(
             WorkloadCert::from_pem(&cert.pem(), &key.serialize_pem()).expect("parse test leaf"),
         )
     }
+
+    /// A certificate for `id` as `issue` makes it, after `edit` changed its parameters,
+    /// with its key, as a rustls peer presents them. For certificates weft must refuse: a
+    /// `WorkloadCert` would not hold them.
+    pub fn issue_raw(
+        &self,
+        id: &SpiffeId,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let now = OffsetDateTime::now_utc();
+        let mut params = leaf_params(id, now - Duration::hours(1), now + Duration::days(1));
+        edit(&mut params);
+        let (cert, key) = self.sign(params);
+        (
+            cert.der().clone(),
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+    }
+
+    fn sign(&self, mut params: CertificateParams) -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate().expect("generate leaf key");
+        params.serial_number = Some(SerialNumber::from(
+            self.next_serial.fetch_add(1, Ordering::Relaxed),
+        ));
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        (cert, key)
+    }
+}
+
+/// A SPIFFE leaf as weft's CA issues it: one URI SAN, server and client authentication.
+fn leaf_params(
+    id: &SpiffeId,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        id.to_string().try_into().expect("SPIFFE id is IA5"),
+    )];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.use_authority_key_identifier_extension = true;
+    params
 }
 
 /// A `CertSource` over a map, changed by tests.
