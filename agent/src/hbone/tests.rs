@@ -221,7 +221,7 @@ impl Harness {
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
         };
         timeout(
-            PATIENCE,
+            patience(),
             self.pool
                 .connect(key, move || TcpStream::connect(address), request),
         )
@@ -234,7 +234,7 @@ impl Harness {
     }
 
     async fn server_result(&mut self) -> Result<(), &'static str> {
-        timeout(PATIENCE, self.served.recv())
+        timeout(patience(), self.served.recv())
             .await
             .expect("server finishes in time")
             .expect("server result")
@@ -252,7 +252,7 @@ async fn echo_round_trip(stream: &mut HboneStream, payload: &[u8]) -> Vec<u8> {
         read.read_to_end(&mut got).await.unwrap();
         got
     };
-    let ((), got) = timeout(PATIENCE, async { tokio::join!(writer, reader) })
+    let ((), got) = timeout(patience(), async { tokio::join!(writer, reader) })
         .await
         .expect("echo finishes in time");
     got
@@ -269,7 +269,10 @@ async fn bytes_echo_both_ways_with_half_close() {
     let got = echo_round_trip(&mut stream, &payload).await;
     assert_eq!(got.len(), payload.len());
     assert!(got == payload);
-    let finished = timeout(PATIENCE, h.finished.recv()).await.unwrap().unwrap();
+    let finished = timeout(patience(), h.finished.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(finished.sent, 2_000_000);
     assert_eq!(finished.received, 2_000_000);
     assert_eq!(finished.error, None);
@@ -303,7 +306,7 @@ async fn half_close_keeps_the_other_direction_open() {
     stream.write_all(b"hello").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut reply = Vec::new();
-    timeout(PATIENCE, stream.read_to_end(&mut reply))
+    timeout(patience(), stream.read_to_end(&mut reply))
         .await
         .unwrap()
         .unwrap();
@@ -592,7 +595,7 @@ async fn rotated_source_cert_moves_new_streams_to_a_new_connection() {
     drop(old);
     drop(new);
     // The retired connection closes once its last stream is gone.
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while h.pool.stats().connections != 1 {
         assert!(Instant::now() < deadline, "{:?}", h.pool.stats());
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -607,7 +610,7 @@ async fn upstream_reset_resets_the_client_stream() {
     let mut stream = h.connect(resetter).await.unwrap();
     stream.write_all(b"x").await.unwrap();
     let mut buf = [0u8; 16];
-    let result = timeout(PATIENCE, stream.read(&mut buf))
+    let result = timeout(patience(), stream.read(&mut buf))
         .await
         .expect("no hang");
     let err = result.expect_err("a reset, not an EOF");
@@ -626,7 +629,7 @@ async fn stream_reset_becomes_an_application_reset_through_copy() {
     let received = AtomicU64::new(0);
     app.write_all(b"x").await.unwrap();
     let result = timeout(
-        PATIENCE,
+        patience(),
         copy::bidirectional(
             &mut down,
             &mut hbone,
@@ -640,7 +643,7 @@ async fn stream_reset_becomes_an_application_reset_through_copy() {
     assert!(result.is_err(), "{result:?}");
     drop(down);
     let mut buf = [0u8; 1];
-    let err = timeout(PATIENCE, app.read(&mut buf))
+    let err = timeout(patience(), app.read(&mut buf))
         .await
         .unwrap()
         .unwrap_err();
@@ -659,7 +662,7 @@ async fn client_abort_resets_the_upstream() {
     let mut byte = [0u8; 1];
     server_side.read_exact(&mut byte).await.unwrap();
     stream.abort();
-    let err = timeout(PATIENCE, server_side.read(&mut byte))
+    let err = timeout(patience(), server_side.read(&mut byte))
         .await
         .expect("no hang")
         .unwrap_err();
@@ -678,7 +681,7 @@ async fn dropping_an_unfinished_stream_resets_the_upstream() {
     let mut byte = [0u8; 1];
     server_side.read_exact(&mut byte).await.unwrap();
     drop(stream);
-    let err = timeout(PATIENCE, server_side.read(&mut byte))
+    let err = timeout(patience(), server_side.read(&mut byte))
         .await
         .expect("no hang")
         .unwrap_err();
@@ -760,7 +763,7 @@ async fn broken_connections_are_not_reused() {
     for task in h.server_tasks.lock().drain(..) {
         task.abort();
     }
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while h.pool.stats().connections != 0 {
         assert!(Instant::now() < deadline, "{:?}", h.pool.stats());
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -776,7 +779,11 @@ async fn raw_status(h: &Harness, request: http::Request<()>) -> http::StatusCode
     let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(connection);
     let (response, _body) = send.send_request(request, true).unwrap();
-    timeout(PATIENCE, response).await.unwrap().unwrap().status()
+    timeout(patience(), response)
+        .await
+        .unwrap()
+        .unwrap()
+        .status()
 }
 
 /// Weft's client configuration for the harness's client, expecting its server.
@@ -819,7 +826,7 @@ async fn open_connect(
         .body(())
         .unwrap();
     let (response, body_out) = send.send_request(request, false).unwrap();
-    let response = timeout(PATIENCE, response).await.unwrap().unwrap();
+    let response = timeout(patience(), response).await.unwrap().unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
     (send, response, body_out)
 }
@@ -857,4 +864,7 @@ fn connect_requests_carry_authority_and_headers() {
     assert!(built.headers().contains_key(TRACEPARENT));
 }
 
-const PATIENCE: Duration = Duration::from_secs(10);
+/// How long a wait may take: 10 s, scaled by `WEFT_TEST_PATIENCE_MS`.
+fn patience() -> Duration {
+    weft_test_env::scaled(Duration::from_secs(10))
+}

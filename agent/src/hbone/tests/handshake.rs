@@ -236,7 +236,7 @@ async fn a_client_without_the_hybrid_group_gets_x25519() {
         .unwrap();
     let mut body_in = response.into_body();
     let mut echoed = Vec::new();
-    while let Some(chunk) = timeout(PATIENCE, body_in.data()).await.unwrap() {
+    while let Some(chunk) = timeout(patience(), body_in.data()).await.unwrap() {
         echoed.extend_from_slice(&chunk.unwrap());
     }
     assert_eq!(echoed, b"x25519");
@@ -319,7 +319,7 @@ async fn weft_client_against(
         ..h.key()
     };
     let client = h.connect_with(key, closed_port().await).await;
-    let server = timeout(PATIENCE, server)
+    let server = timeout(patience(), server)
         .await
         .expect("server finishes in time")
         .unwrap();
@@ -394,7 +394,7 @@ async fn handshake_with_weft_server(
         tls.read(&mut buf).await.map_err(rustls_error)?;
         Ok(())
     };
-    timeout(PATIENCE, attempt).await.expect("no hang")
+    timeout(patience(), attempt).await.expect("no hang")
 }
 
 /// The rustls error inside a TLS stream's I/O error.

@@ -19,12 +19,15 @@ async fn an_upstream_reset_reaches_the_client_as_rst_stream_connect_error() {
     // The upstream reads this byte, then resets its connection.
     body_out.send_data(Bytes::from_static(b"x"), false).unwrap();
     let mut body_in = response.into_body();
-    let frame = timeout(PATIENCE, body_in.data()).await.expect("no hang");
+    let frame = timeout(patience(), body_in.data()).await.expect("no hang");
     let err = frame
         .expect("a reset, not END_STREAM")
         .expect_err("a reset, not data");
     assert_connect_error(&err);
-    let finished = timeout(PATIENCE, h.finished.recv()).await.unwrap().unwrap();
+    let finished = timeout(patience(), h.finished.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(finished.error, Some("upstream"), "{finished:?}");
     assert_eq!(finished.sent, 1, "{finished:?}");
 }
@@ -45,13 +48,13 @@ async fn an_application_reset_reaches_the_server_as_rst_stream_connect_error() {
     drop(app);
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let copied = timeout(
-        PATIENCE,
-        copy::bidirectional(&mut down, &mut hbone, &sent, &received, PATIENCE),
+        patience(),
+        copy::bidirectional(&mut down, &mut hbone, &sent, &received, patience()),
     )
     .await
     .expect("no hang");
     assert_eq!(copied.unwrap_err().reason(), "downstream");
-    let err = timeout(PATIENCE, server)
+    let err = timeout(patience(), server)
         .await
         .expect("server finishes in time")
         .unwrap()
