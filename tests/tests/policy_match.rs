@@ -5,9 +5,10 @@
 //!
 //! Three client pods with one identity (`default/client`) on node 1: `inside` and `excepted`
 //! share the smallest block that holds both, `excepted` is that block's `except`, `outside`
-//! is not in it; `batch` (service account `batch`) is there for `serviceAccounts`. The
-//! server runs on node 2, so every connection crosses the node link as HBONE and the
-//! server's agent judges the address the HBONE connection comes from.
+//! is not in it; `batch` (service account `batch`) is there for `serviceAccounts`, `legacy`
+//! (outside the mesh) for plaintext, which only `ipBlocks` can match. The server runs on
+//! node 2, so every meshed connection crosses the node link as HBONE and the server's agent
+//! judges the address the HBONE connection comes from.
 
 use std::{cell::Cell, net::SocketAddr, net::SocketAddrV4, time::Duration};
 
@@ -50,6 +51,25 @@ fn service_accounts_admit_exactly_their_namespace_and_name() -> Result<()> {
     c.expect_allowed(&c.inside)?;
     c.expect_allowed(&c.outside)?;
     c.expect_denied(&c.batch, "not_allowed")
+}
+
+#[test]
+fn a_plaintext_client_is_judged_by_its_address_alone() -> Result<()> {
+    privileged!();
+    let c = Cluster::new(test_name!())?;
+    let legacy = json!({ "cidr": format!("{}/32", c.legacy.ip()) });
+    // In the block, but the entry also names a namespace, which plaintext never proves.
+    c.apply(
+        "ALLOW",
+        json!({ "ipBlocks": [legacy], "namespaces": ["default"] }),
+    )?;
+    c.expect_denied(&c.legacy, "not_allowed")?;
+    // Meshed and in `default`, but not in the block.
+    c.expect_denied(&c.inside, "not_allowed")?;
+    // The block alone admits it.
+    c.apply("ALLOW", json!({ "ipBlocks": [legacy] }))?;
+    c.expect_allowed(&c.legacy)?;
+    c.expect_denied(&c.inside, "not_allowed")
 }
 
 #[test]
@@ -109,6 +129,7 @@ struct Cluster {
     excepted: TestPod,
     outside: TestPod,
     batch: TestPod,
+    legacy: TestPod,
     server: TestPod,
     node2: TestNode,
     _node1: TestNode,
@@ -124,6 +145,7 @@ impl Cluster {
         let (inside, excepted, outside) =
             (client("inside")?, client("excepted")?, client("outside")?);
         let batch = node1.pod("batch").service_account("batch").create()?;
+        let legacy = node1.pod("legacy").enrolled(false).create()?;
         let server = node2.pod("server").service_account("server").create()?;
         let agent1 = node1.start_agent()?;
         let agent2 = node2.start_agent()?;
@@ -136,6 +158,7 @@ impl Cluster {
             excepted,
             outside,
             batch,
+            legacy,
             server,
             node2,
             _node1: node1,
@@ -171,12 +194,17 @@ impl Cluster {
         from: impl FnOnce(&Cluster) -> Result<Value>,
     ) -> Result<Self> {
         let c = Self::new(test)?;
-        c.node2.set_policies(json!([{
-            "name": "under-test", "action": action,
-            "rules": [{ "from": [from(&c)?] }],
-        }]));
-        c.agent2.reload_and_wait(&c.node2)?;
+        c.apply(action, from(&c)?)?;
         Ok(c)
+    }
+
+    /// Replaces the server node's policies with one, `action` for `from`, and waits until
+    /// its agent applied it.
+    fn apply(&self, action: &str, from: Value) -> Result<()> {
+        self.node2.set_policies(json!([{
+            "name": "under-test", "action": action, "rules": [{ "from": [from] }],
+        }]));
+        self.agent2.reload_and_wait(&self.node2)
     }
 
     fn to(&self) -> SocketAddr {
@@ -196,7 +224,7 @@ impl Cluster {
     }
 
     /// `from` sends BYTES to the server: the echo comes back intact, the server app received
-    /// exactly those bytes, and the server's agent recorded a clean HBONE stream from
+    /// exactly those bytes, and the server's agent recorded a clean connection (see `arrival`) from
     /// `from`'s own address and identity.
     fn expect_allowed(&self, from: &TestPod) -> Result<()> {
         let seen = self.last_record_id()?;
@@ -217,12 +245,12 @@ impl Cluster {
             "{}: the server app saw {got:?}",
             from.name()
         );
-        let identity = from.spiffe_id();
-        self.agent2.expect_record("the allowed stream", |r| {
+        let (direction, identity) = arrival(from);
+        self.agent2.expect_record("the allowed connection", |r| {
             Some(r.id) > seen
-                && r.direction == "hbone"
+                && r.direction == direction
                 && src_ip(r) == Some(from.ip())
-                && r.src_identity.as_deref() == Some(identity.as_str())
+                && r.src_identity == identity
                 && r.dst == self.to().to_string()
                 && r.error.is_none()
                 && r.bytes_sent == BYTES
@@ -245,11 +273,11 @@ impl Cluster {
         });
         ensure!(
             record.error.as_deref() == Some(reason)
-                && record.direction == "hbone"
+                && record.direction == arrival(from).0
                 && src_ip(&record) == Some(from.ip())
                 && record.bytes_sent == 0
                 && record.bytes_received == 0,
-            "{}: expected a denial ({reason}) of an HBONE stream from {}, got {record:?}",
+            "{}: expected a denial ({reason}) of a connection from {}, got {record:?}",
             from.name(),
             from.ip()
         );
@@ -267,6 +295,16 @@ impl Cluster {
 
     fn last_record_id(&self) -> Result<Option<u64>> {
         Ok(self.agent2.connections()?.all().map(|r| r.id).max())
+    }
+}
+
+/// How `pod`'s connections reach the server's agent: meshed pods over HBONE with their
+/// identity, others as plaintext (on the inbound port) with none.
+fn arrival(pod: &TestPod) -> (&'static str, Option<String>) {
+    if pod.enrolled() {
+        ("hbone", Some(pod.spiffe_id()))
+    } else {
+        ("inbound", None)
     }
 }
 
