@@ -6,13 +6,18 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use proptest::prelude::*;
 
-use super::{ip, reference, snapshot, workload};
+use super::{
+    ip,
+    reference::{self, Judge},
+    snapshot, workload,
+};
 use crate::{
     identity::SpiffeId,
     policy::{ConnectionFacts, PolicyIndex, RequestFacts},
     state::{
-        AccessPolicy, Action, IpBlock, L7Match, PortRange, Principal, Rule, ServiceAccount,
-        Snapshot, Source, Workload, WorkloadRef, WorkloadSelector,
+        AccessPolicy, Action, IpBlock, L7Match, PortRange, Principal, Rule, Service,
+        ServiceAccount, ServicePort, Snapshot, Source, Waypoint, Workload, WorkloadRef,
+        WorkloadSelector,
     },
 };
 
@@ -24,7 +29,7 @@ proptest! {
         // The agent's path: an index for the node's trust domain, `admit` per connection.
         let index = PolicyIndex::for_trust_domain(Some(TRUST_DOMAIN)).rebuild(&snapshot);
         let facts = case.facts(None);
-        let expected = reference::decide(&snapshot, TRUST_DOMAIN, &facts);
+        let expected = reference::decide(&snapshot, TRUST_DOMAIN, Judge::NodeProxy, &facts);
         let decision = index.admit(&facts);
         prop_assert!(expected.admits(&decision), "docs say {expected:?}, agent decided {decision:?}");
     }
@@ -38,7 +43,7 @@ proptest! {
         let headers = request.headers();
         let request = RequestFacts { method: request.method, path: request.path, headers: &headers };
         let facts = case.facts(Some(&request));
-        let expected = reference::decide(&snapshot, TRUST_DOMAIN, &facts);
+        let expected = reference::decide(&snapshot, TRUST_DOMAIN, Judge::Waypoint, &facts);
         let decision = index.evaluate(&facts);
         prop_assert!(expected.admits(&decision), "docs say {expected:?}, waypoint decided {decision:?}");
     }
@@ -127,6 +132,9 @@ fn ids() -> Vec<SpiffeId> {
         "spiffe://other.td/ns/a/sa/s1",
         "spiffe://other.td/ns/b/sa/s2",
         "spiffe://cluster.local.evil/ns/a/sa/s1",
+        // The waypoint of namespace `a`, and its names in another trust domain.
+        "spiffe://cluster.local/ns/a/sa/wp-sa",
+        "spiffe://other.td/ns/a/sa/wp-sa",
     ]
     .iter()
     .map(|id| id.parse().unwrap())
@@ -276,6 +284,7 @@ fn workloads() -> impl Strategy<Value = Vec<Workload>> {
                 .enumerate()
                 .map(|(i, (namespace, labels))| Workload {
                     labels,
+                    ips: vec![workload_ip(i)],
                     ..workload(namespace, &format!("w{i}"), &[])
                 })
                 .collect()
@@ -337,12 +346,65 @@ fn case(workloads: &[Workload]) -> impl Strategy<Value = Case> + use<> {
         })
 }
 
-fn world() -> impl Strategy<Value = (Snapshot, Case)> {
-    (workloads(), policies(), any::<bool>()).prop_flat_map(|(workloads, policies, default_deny)| {
-        let mut snapshot = snapshot(&workloads.iter().collect::<Vec<_>>(), policies);
-        snapshot.mesh.default_deny = default_deny;
-        (Just(snapshot), case(&workloads))
+fn workload_ip(i: usize) -> IpAddr {
+    IpAddr::from([10, 9, 0, u8::try_from(i + 1).expect("a few workloads")])
+}
+
+/// Services with some of the workloads as endpoints, some bound to a waypoint: `wp`, which
+/// only namespace `a` has, or `gone`, which none has.
+fn services(workloads: usize) -> impl Strategy<Value = Vec<Service>> {
+    let service = (
+        prop::sample::select(&NAMESPACES[..]),
+        prop::sample::subsequence((0..workloads).collect::<Vec<_>>(), 0..=workloads),
+        prop::sample::subsequence(vec![80u16, 8050, 9000], 1..=2),
+        prop::option::weighted(0.7, prop::sample::select(vec!["wp", "gone"])),
+    );
+    prop::collection::vec(service, 0..=2).prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(n, (namespace, endpoints, ports, waypoint))| Service {
+                name: WorkloadRef::new(namespace, format!("s{n}")),
+                vips: vec![],
+                ports: ports
+                    .into_iter()
+                    .map(|target_port| ServicePort {
+                        port: 80,
+                        target_port,
+                    })
+                    .collect(),
+                endpoints: endpoints.into_iter().map(workload_ip).collect(),
+                waypoint: waypoint.map(String::from),
+            })
+            .collect()
     })
+}
+
+fn world() -> impl Strategy<Value = (Snapshot, Case)> {
+    (workloads(), policies(), any::<bool>())
+        .prop_flat_map(|(workloads, policies, default_deny)| {
+            let services = services(workloads.len());
+            (
+                Just(workloads),
+                Just(policies),
+                Just(default_deny),
+                services,
+            )
+        })
+        .prop_flat_map(|(workloads, policies, default_deny, services)| {
+            let mut snapshot = snapshot(&workloads.iter().collect::<Vec<_>>(), policies);
+            snapshot.mesh.default_deny = default_deny;
+            for service in services {
+                snapshot.services.insert(service.name.clone(), service);
+            }
+            let waypoint = Waypoint {
+                name: WorkloadRef::new("a", "wp"),
+                service_account: "wp-sa".into(),
+                addresses: vec![ip("10.9.1.1")],
+            };
+            snapshot.waypoints.insert(waypoint.name.clone(), waypoint);
+            (Just(snapshot), case(&workloads))
+        })
 }
 
 /// An HTTP request as a waypoint sees it (path already normalised).

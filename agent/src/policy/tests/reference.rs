@@ -2,8 +2,8 @@
 //! from `policy::eval` or `state::policy`), so that the property tests compare the real
 //! decision path with what the documentation promises rather than with itself.
 //!
-//! It is deliberately naive: every policy of the snapshot is looked at for every
-//! connection, principals are read back in the form a user writes them (`*`,
+//! It is deliberately naive: every policy and service of the snapshot is looked at for
+//! every connection, principals are read back in the form a user writes them (`*`,
 //! `spiffe://…/*`, `*/sa/x`), and CIDR containment is done on the address bits by hand.
 
 use std::net::IpAddr;
@@ -27,6 +27,18 @@ pub(super) enum Expected {
     NotAllowed,
     /// Nothing selects the destination with ALLOW and the mesh denies by default.
     DefaultDeny,
+    /// The port is a target port of a service bound to a waypoint, and the peer is not
+    /// (a known) one of those waypoints.
+    WaypointBypassed,
+}
+
+/// Who judges: the destination's node proxy (TCP only; "Services bound to a waypoint"
+/// applies) or a waypoint judging one HTTP request (which is where those services'
+/// traffic is judged against the policies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Judge {
+    NodeProxy,
+    Waypoint,
 }
 
 impl Expected {
@@ -47,18 +59,32 @@ impl Expected {
             (Self::DefaultDeny, Decision::Deny { policy, reason }) => {
                 policy.is_none() && *reason == DenyReason::DefaultDeny
             }
+            (Self::WaypointBypassed, Decision::Deny { policy, reason }) => {
+                policy.is_none() && *reason == DenyReason::WaypointBypassed
+            }
             _ => false,
         }
     }
 }
 
-/// "Decision": DENY wins, then ALLOW policies if any select the destination, then
-/// `mesh.defaultDeny`. `trust_domain` is the mesh's own.
+/// At a node proxy, first "Services bound to a waypoint"; then "Decision": DENY wins,
+/// then ALLOW policies if any select the destination, then `mesh.defaultDeny`.
+/// `trust_domain` is the mesh's own.
 pub(super) fn decide(
     snapshot: &Snapshot,
     trust_domain: &str,
+    judge: Judge,
     facts: &ConnectionFacts<'_>,
 ) -> Expected {
+    if judge == Judge::NodeProxy
+        && let Some(waypoints) = bound_waypoints(snapshot, trust_domain, facts)
+    {
+        // Only the waypoint's identity, and then without the workload's policies.
+        return match facts.source_identity {
+            Some(id) if waypoints.contains(id) => Expected::Allow,
+            _ => Expected::WaypointBypassed,
+        };
+    }
     let selecting: Vec<&AccessPolicy> = snapshot
         .policies
         .values()
@@ -99,6 +125,49 @@ pub(super) fn decide(
     } else {
         Expected::Allow
     }
+}
+
+/// When the destination port is a target port of services bound to a waypoint that have
+/// the destination among their endpoints: the identities of those waypoints the snapshot
+/// knows (a binding to an unknown waypoint admits nothing).
+fn bound_waypoints(
+    snapshot: &Snapshot,
+    trust_domain: &str,
+    facts: &ConnectionFacts<'_>,
+) -> Option<Vec<SpiffeId>> {
+    let destination = facts.destination;
+    let mut bound = false;
+    let mut identities = Vec::new();
+    for service in snapshot.services.values() {
+        let Some(waypoint) = &service.waypoint else {
+            continue;
+        };
+        let endpoint = service
+            .endpoints
+            .iter()
+            .any(|ip| destination.ips.contains(ip));
+        let target = service
+            .ports
+            .iter()
+            .any(|p| p.target_port == facts.dst_port);
+        if !(endpoint && target) {
+            continue;
+        }
+        bound = true;
+        // `weft.dev/use-waypoint: <name>` names a waypoint of the service's namespace.
+        let known = snapshot
+            .waypoints
+            .values()
+            .find(|w| w.name.namespace == service.name.namespace && w.name.name == *waypoint);
+        if let Some(w) = known {
+            let id = format!(
+                "spiffe://{trust_domain}/ns/{}/sa/{}",
+                w.name.namespace, w.service_account
+            );
+            identities.push(id.parse().expect("a waypoint identity parses"));
+        }
+    }
+    bound.then_some(identities)
 }
 
 /// "selector": workloads of the policy's own namespace, carrying every label of
