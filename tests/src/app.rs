@@ -439,6 +439,16 @@ pub fn is_reset(e: &anyhow::Error) -> bool {
     .any(|kind| text.contains(&format!("kind={kind}")))
 }
 
+/// Ok when the send `what` describes was reset; an error naming what came instead (a
+/// reply, a clean close, a timeout).
+pub fn expect_reset(result: Result<SendReport>, what: &str) -> Result<()> {
+    match result {
+        Ok(report) => bail!("{what} should have been reset, but got {report:?}"),
+        Err(e) if is_reset(&e) => Ok(()),
+        Err(e) => bail!("{what} must be reset (not a hang, not a clean close): {e:#}"),
+    }
+}
+
 /// The `weft-testapp` binary: `$WEFT_TESTAPP`, else next to the running executable (cargo
 /// puts it in `target/<profile>/`, integration tests run from `target/<profile>/deps/`).
 pub fn testapp_bin() -> PathBuf {

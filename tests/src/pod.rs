@@ -221,6 +221,16 @@ impl TestPod {
         self.node.dir_path.clone()
     }
 
+    /// The SPIFFE id the pod's certificate carries (the test CA's trust domain).
+    pub fn spiffe_id(&self) -> String {
+        self.with(|p| {
+            format!(
+                "spiffe://cluster.local/ns/{}/sa/{}",
+                p.namespace, p.service_account
+            )
+        })
+    }
+
     pub fn ip(&self) -> Ipv4Addr {
         self.with(|p| p.ip)
     }

@@ -1,6 +1,7 @@
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+//! Unit tests of policy decisions, one documented behaviour each; `properties` checks the
+//! whole decision path against `reference`, a model written from docs/policy.md.
 
-use proptest::prelude::*;
+use std::{net::IpAddr, path::PathBuf};
 
 use super::*;
 use crate::{
@@ -10,6 +11,9 @@ use crate::{
         ServiceAccount, Snapshot, Source, Workload, WorkloadRef, WorkloadSelector,
     },
 };
+
+mod properties;
+mod reference;
 
 fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
     Workload {
@@ -529,7 +533,8 @@ fn sources_match_each_field_and_any_entry() {
     };
     assert!(allowed(&id("web", "front"), "10.1.0.2"));
     assert!(!allowed(&id("web", "back"), "10.1.0.2"));
-    // Service accounts match in any trust domain the mesh trusts.
+    // An index without a trust domain (a node without a CA, which proves no identity)
+    // does not check it; `for_trust_domain` does (see the trust-domain tests below).
     let foreign: SpiffeId = "spiffe://other.td/ns/web/sa/front".parse().unwrap();
     assert!(allowed(&foreign, "10.1.0.2"));
     assert!(allowed(&id("ops", "anyone"), "10.1.0.2"));
@@ -651,303 +656,6 @@ fn a_new_index_applies_a_new_policy_to_the_same_facts() {
     assert!(!after.evaluate(&facts).is_allowed());
 }
 
-// Properties, over a small universe so that selectors, sources and facts collide often.
-
-const NAMESPACES: [&str; 2] = ["a", "b"];
-const LABEL_KEYS: [&str; 2] = ["app", "tier"];
-const LABEL_VALUES: [&str; 2] = ["x", "y"];
-
-fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
-    prop::collection::btree_map(
-        prop::sample::select(&LABEL_KEYS[..]).prop_map(String::from),
-        prop::sample::select(&LABEL_VALUES[..]).prop_map(String::from),
-        0..=2,
-    )
-}
-
-fn ids() -> Vec<SpiffeId> {
-    vec![
-        id("a", "s1"),
-        id("b", "s2"),
-        "spiffe://other.td/ns/a/sa/s2".parse().unwrap(),
-    ]
-}
-
-fn source() -> impl Strategy<Value = Source> {
-    let principals = prop::collection::vec(
-        prop_oneof![
-            Just(Principal::Any),
-            prop::sample::select(ids()).prop_map(Principal::Exact),
-            Just(Principal::Prefix("spiffe://cluster.local/ns/a/".into())),
-            Just(Principal::Suffix("/sa/s2".into())),
-        ],
-        0..=2,
-    );
-    let service_accounts = prop::collection::vec(
-        prop::sample::select(vec![("a", "s1"), ("b", "s2"), ("a", "s2")]).prop_map(|(ns, sa)| {
-            ServiceAccount {
-                namespace: ns.into(),
-                name: sa.into(),
-            }
-        }),
-        0..=1,
-    );
-    let namespaces = prop::collection::vec(
-        prop::sample::select(&NAMESPACES[..]).prop_map(String::from),
-        0..=1,
-    );
-    let ip_blocks = prop::collection::vec(
-        prop::sample::select(vec![
-            ("10.0.0.0/8", Some("10.1.0.0/16")),
-            ("10.1.0.0/16", None),
-            ("192.168.0.0/16", None),
-        ])
-        .prop_map(|(cidr, except)| IpBlock {
-            cidr: cidr.parse().unwrap(),
-            except: except.into_iter().map(|e| e.parse().unwrap()).collect(),
-        }),
-        0..=1,
-    );
-    (principals, service_accounts, namespaces, ip_blocks).prop_map(
-        |(principals, service_accounts, namespaces, ip_blocks)| Source {
-            principals,
-            service_accounts,
-            namespaces,
-            ip_blocks,
-        },
-    )
-}
-
-fn rule() -> impl Strategy<Value = Rule> {
-    let ports = prop::collection::vec(
-        prop::sample::select(vec![(80, 80), (443, 443), (8000, 8100)])
-            .prop_map(|(start, end)| PortRange { start, end }),
-        0..=2,
-    );
-    let l7 = prop::option::weighted(
-        0.2,
-        Just(L7Match {
-            methods: vec!["GET".into()],
-            ..L7Match::default()
-        }),
-    );
-    (prop::collection::vec(source(), 0..=2), ports, l7).prop_map(|(from, to_ports, l7)| Rule {
-        from,
-        to_ports,
-        l7,
-    })
-}
-
-fn access_policy(name: String) -> impl Strategy<Value = AccessPolicy> {
-    (
-        prop::sample::select(&NAMESPACES[..]),
-        labels(),
-        prop_oneof![Just(Action::Allow), Just(Action::Deny)],
-        prop::collection::vec(rule(), 0..=2),
-    )
-        .prop_map(
-            move |(namespace, match_labels, action, rules)| AccessPolicy {
-                name: WorkloadRef::new(namespace, name.clone()),
-                selector: WorkloadSelector {
-                    namespace: namespace.into(),
-                    match_labels,
-                },
-                action,
-                rules,
-                invalid: None,
-            },
-        )
-}
-
-fn policies() -> impl Strategy<Value = Vec<AccessPolicy>> {
-    prop::collection::vec(prop::sample::select((0..12).collect::<Vec<u32>>()), 0..8).prop_flat_map(
-        |names| {
-            names
-                .into_iter()
-                .map(|n| access_policy(format!("p{n}")))
-                .collect::<Vec<_>>()
-        },
-    )
-}
-
-fn workloads() -> impl Strategy<Value = Vec<Workload>> {
-    prop::collection::vec((prop::sample::select(&NAMESPACES[..]), labels()), 1..6).prop_map(
-        |specs| {
-            specs
-                .into_iter()
-                .enumerate()
-                .map(|(i, (namespace, labels))| Workload {
-                    labels,
-                    ..workload(namespace, &format!("w{i}"), &[])
-                })
-                .collect()
-        },
-    )
-}
-
-/// What the proxy would see: a destination (sometimes relabelled or unknown to the
-/// snapshot), a port, a peer.
-#[derive(Clone, Debug)]
-struct Case {
-    destination: Workload,
-    port: u16,
-    identity: Option<SpiffeId>,
-    source_ip: IpAddr,
-}
-
-fn case(workloads: &[Workload]) -> impl Strategy<Value = Case> + use<> {
-    let destination = prop_oneof![
-        4 => prop::sample::select(workloads.to_vec()),
-        1 => (prop::sample::select(workloads.to_vec()), labels())
-            .prop_map(|(w, labels)| Workload { labels, ..w }),
-    ];
-    (
-        destination,
-        prop::sample::select(vec![80u16, 443, 8050, 9000]),
-        prop::option::of(prop::sample::select(ids())),
-        prop::sample::select(vec![
-            ip("10.0.0.5"),
-            ip("10.1.0.5"),
-            ip("192.168.1.1"),
-            ip("172.16.0.1"),
-        ]),
-    )
-        .prop_map(|(destination, port, identity, source_ip)| Case {
-            destination,
-            port,
-            identity,
-            source_ip,
-        })
-}
-
-fn world() -> impl Strategy<Value = (Snapshot, Case)> {
-    (workloads(), policies(), any::<bool>()).prop_flat_map(|(workloads, policies, default_deny)| {
-        let mut snapshot = snapshot(&workloads.iter().collect::<Vec<_>>(), policies);
-        snapshot.mesh.default_deny = default_deny;
-        (Just(snapshot), case(&workloads))
-    })
-}
-
-impl Case {
-    fn facts(&self) -> ConnectionFacts<'_> {
-        ConnectionFacts {
-            destination: &self.destination,
-            dst_port: self.port,
-            source_identity: self.identity.as_ref(),
-            source_ip: self.source_ip,
-            request: None,
-        }
-    }
-}
-
-/// The semantics written out over every policy of the snapshot, without the index.
-fn brute_force(snapshot: &Snapshot, facts: &ConnectionFacts<'_>) -> Decision {
-    let matches = |p: &AccessPolicy| {
-        // A lone policy in the deny position denies exactly when it matches.
-        !eval::decide([p], [], false, None, facts).is_allowed()
-    };
-    let selecting: Vec<&AccessPolicy> = snapshot
-        .policies
-        .values()
-        .filter(|p| p.selects(facts.destination))
-        .collect();
-    if let Some(p) = selecting
-        .iter()
-        .find(|p| p.action == Action::Deny && matches(p))
-    {
-        return Decision::Deny {
-            policy: Some(p.name.clone()),
-            reason: DenyReason::DeniedByPolicy,
-        };
-    }
-    let allows: Vec<_> = selecting
-        .iter()
-        .filter(|p| p.action == Action::Allow)
-        .collect();
-    if !allows.is_empty() {
-        if allows.iter().any(|p| matches(p)) {
-            return Decision::Allow;
-        }
-        return Decision::Deny {
-            policy: None,
-            reason: DenyReason::NotAllowed,
-        };
-    }
-    if snapshot.mesh.default_deny {
-        return Decision::Deny {
-            policy: None,
-            reason: DenyReason::DefaultDeny,
-        };
-    }
-    Decision::Allow
-}
-
-proptest! {
-    #[test]
-    fn the_index_decides_as_brute_force_over_every_policy((snapshot, case) in world()) {
-        let index = PolicyIndex::build(&snapshot);
-        prop_assert_eq!(index.evaluate(&case.facts()), brute_force(&snapshot, &case.facts()));
-    }
-
-    #[test]
-    fn adding_a_deny_policy_never_turns_a_deny_into_an_allow(
-        (snapshot, case, extra) in world().prop_flat_map(|(s, c)| {
-            (Just(s), Just(c), access_policy("extra".into()))
-        })
-    ) {
-        let before = PolicyIndex::build(&snapshot).evaluate(&case.facts());
-        let mut more = snapshot.clone();
-        more.policies.insert(extra.name.clone(), AccessPolicy { action: Action::Deny, ..extra });
-        let after = PolicyIndex::build(&more).evaluate(&case.facts());
-        prop_assert!(before.is_allowed() || !after.is_allowed(), "{before:?} became {after:?}");
-    }
-
-    #[test]
-    fn default_deny_only_changes_unselected_workloads((snapshot, case) in world()) {
-        let mut open = snapshot.clone();
-        open.mesh.default_deny = false;
-        let mut closed = snapshot;
-        closed.mesh.default_deny = true;
-        let open = PolicyIndex::build(&open).evaluate(&case.facts());
-        let closed = PolicyIndex::build(&closed).evaluate(&case.facts());
-        if closed.reason() == Some("default_deny") {
-            prop_assert_eq!(open, Decision::Allow);
-        } else {
-            prop_assert_eq!(open, closed);
-        }
-    }
-
-    #[test]
-    fn plaintext_decisions_ignore_sources_that_need_an_identity(
-        (snapshot, case) in world()
-    ) {
-        let facts = ConnectionFacts { source_identity: None, ..case.facts() };
-        let decision = PolicyIndex::build(&snapshot).evaluate(&facts);
-        // Dropping every source that needs an identity leaves the decision unchanged.
-        let mut ip_only = snapshot.clone();
-        for policy in ip_only.policies.values_mut() {
-            for rule in &mut policy.rules {
-                let had_sources = !rule.from.is_empty();
-                rule.from.retain(|s| {
-                    s.principals.is_empty() && s.service_accounts.is_empty()
-                        && s.namespaces.is_empty()
-                });
-                if had_sources && rule.from.is_empty() {
-                    // No source left that could match: the rule matches nothing.
-                    rule.from.push(Source {
-                        ip_blocks: vec![IpBlock {
-                            cidr: "0.0.0.0/32".parse().unwrap(),
-                            except: vec![],
-                        }],
-                        ..Source::default()
-                    });
-                }
-            }
-        }
-        prop_assert_eq!(decision, PolicyIndex::build(&ip_only).evaluate(&facts));
-    }
-}
-
 #[test]
 fn a_policy_that_cannot_be_understood_denies_everything_it_selects_whatever_allows() {
     let api = workload("prod", "api", &[("app", "api")]);
@@ -1030,4 +738,89 @@ fn service_accounts_and_namespaces_match_only_the_meshs_trust_domain() {
             assert!(!matches(&theirs), "{action:?} {source:?} matches {theirs}");
         }
     }
+}
+
+#[test]
+fn service_accounts_match_exactly_one_namespace_and_name_of_the_meshs_trust_domain() {
+    let api = workload("prod", "api", &[]);
+    let rule = Rule {
+        from: vec![Source {
+            service_accounts: vec![ServiceAccount {
+                namespace: "web".into(),
+                name: "front".into(),
+            }],
+            ..Source::default()
+        }],
+        ..Rule::default()
+    };
+    let index = PolicyIndex::for_trust_domain(Some("cluster.local")).rebuild(&snapshot(
+        &[&api],
+        vec![policy("prod", "front-only", &[], Action::Allow, vec![rule])],
+    ));
+    let allowed = |peer: &str| {
+        let peer: SpiffeId = peer.parse().unwrap();
+        index.admit(&mtls(&api, 80, &peer)).is_allowed()
+    };
+    assert!(allowed("spiffe://cluster.local/ns/web/sa/front"));
+    for other in [
+        // Another account of the namespace, and the same account of another namespace.
+        "spiffe://cluster.local/ns/web/sa/back",
+        "spiffe://cluster.local/ns/prod/sa/front",
+        // Names that the right ones are a prefix or a suffix of.
+        "spiffe://cluster.local/ns/web/sa/frontend",
+        "spiffe://cluster.local/ns/web/sa/xfront",
+        "spiffe://cluster.local/ns/webapp/sa/front",
+        "spiffe://cluster.local/ns/myweb/sa/front",
+        // Namespace and name swapped.
+        "spiffe://cluster.local/ns/front/sa/web",
+        // `ns/web/sa/front` of other trust domains, one of them ours with a suffix.
+        "spiffe://other.td/ns/web/sa/front",
+        "spiffe://cluster.local.evil/ns/web/sa/front",
+        "spiffe://local/ns/web/sa/front",
+    ] {
+        assert!(!allowed(other), "{other} passed a rule for web/front");
+    }
+    // Plaintext from anywhere carries no service account.
+    assert!(!index.admit(&plaintext(&api, 80, "10.1.0.2")).is_allowed());
+}
+
+#[test]
+fn principals_name_other_trust_domains_where_short_forms_cannot() {
+    // `principals` spell the trust domain out, so they (and `*`) may name a peer of a
+    // trust domain the bundle also trusts; `serviceAccounts` and `namespaces` never do.
+    let api = workload("prod", "api", &[]);
+    let foreign: SpiffeId = "spiffe://other.td/ns/web/sa/front".parse().unwrap();
+    let index_for = |principal: Principal| {
+        let rule = Rule {
+            from: vec![Source {
+                principals: vec![principal],
+                ..Source::default()
+            }],
+            ..Rule::default()
+        };
+        PolicyIndex::for_trust_domain(Some("cluster.local")).rebuild(&snapshot(
+            &[&api],
+            vec![policy("prod", "p", &[], Action::Allow, vec![rule])],
+        ))
+    };
+    for principal in [
+        Principal::Any,
+        Principal::Exact(foreign.clone()),
+        Principal::Prefix("spiffe://other.td/".into()),
+        Principal::Suffix("/ns/web/sa/front".into()),
+    ] {
+        assert!(
+            index_for(principal.clone())
+                .admit(&mtls(&api, 80, &foreign))
+                .is_allowed(),
+            "{principal} does not match {foreign}"
+        );
+    }
+    let index = index_for(Principal::Prefix("spiffe://cluster.local/".into()));
+    assert!(!index.admit(&mtls(&api, 80, &foreign)).is_allowed());
+    assert!(
+        index
+            .admit(&mtls(&api, 80, &id("web", "front")))
+            .is_allowed()
+    );
 }

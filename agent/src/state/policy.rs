@@ -83,7 +83,7 @@ pub struct Source {
     /// Peer identities (mTLS only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<Principal>,
-    /// Peer service accounts, in any trust domain the mesh trusts (mTLS only).
+    /// Peer service accounts, in the mesh's own trust domain only (mTLS only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<ServiceAccount>,
     /// Namespaces of the peer identity (mTLS only).
