@@ -101,11 +101,39 @@ impl TestCounts {
     }
 }
 
+/// One test binary's results (its `test result:` line).
+#[derive(Clone, Debug)]
+pub struct BinaryResult {
+    /// The binary's name without cargo's hash (`weft`, `mtls`), or `<crate> doc-tests`.
+    pub name: String,
+    /// What it was built from (`src/lib.rs`, `tests/mtls.rs`).
+    pub source: String,
+    pub counts: TestCounts,
+}
+
+/// From cargo's line before each binary's output, (name, source):
+/// `Running unittests src/lib.rs (target/debug/deps/weft-8e3c6d70e398fb6a)`,
+/// `Running tests/mtls.rs (target/debug/deps/mtls-941c44ddbe14ae42)`, `Doc-tests weft_tests`.
+fn parse_binary(line: &str) -> Option<(String, String)> {
+    let line = line.trim();
+    if let Some(krate) = line.strip_prefix("Doc-tests ") {
+        return Some((format!("{krate} doc-tests"), "doc comments".into()));
+    }
+    let rest = line.strip_prefix("Running ")?;
+    let (source, path) = rest.rsplit_once(" (")?;
+    let stem = Path::new(path.strip_suffix(')')?).file_name()?.to_str()?;
+    let name = stem.rsplit_once('-').map_or(stem, |(name, _hash)| name);
+    let source = source.strip_prefix("unittests ").unwrap_or(source);
+    Some((name.to_owned(), source.to_owned()))
+}
+
 /// What one `cargo test` run reported.
 #[derive(Debug)]
 pub struct TestRun {
     pub status: ExitStatus,
     pub counts: TestCounts,
+    /// Each test binary's results, in the order they ran.
+    pub binaries: Vec<BinaryResult>,
     /// The tests libtest ignored (`#[ignore = "reason"]`), with the reason.
     pub ignored: Vec<Skip>,
 }
@@ -131,12 +159,23 @@ pub fn run_tests(cmd: &mut Command) -> Result<TestRun> {
         .with_context(|| format!("failed to start `{shown}`"))?;
     let mut counts = TestCounts::default();
     let mut ignored = Vec::new();
+    let mut binaries = Vec::new();
+    let mut binary = None;
     let stdout = child.stdout.take().context("piped stdout")?;
     for line in BufReader::new(stdout).lines() {
         let line = line.context("read cargo test output")?;
         println!("{line}");
+        if let Some(found) = parse_binary(&line) {
+            binary = Some(found);
+        }
         if let Some(c) = TestCounts::parse_line(&line) {
             counts.add(c);
+            let (name, source) = binary.take().unwrap_or_else(|| ("?".into(), "?".into()));
+            binaries.push(BinaryResult {
+                name,
+                source,
+                counts: c,
+            });
         }
         ignored.extend(parse_ignored(&line));
     }
@@ -144,6 +183,7 @@ pub fn run_tests(cmd: &mut Command) -> Result<TestRun> {
     Ok(TestRun {
         status,
         counts,
+        binaries,
         ignored,
     })
 }
@@ -222,6 +262,27 @@ mod tests {
         .unwrap();
         assert_eq!((c.passed, c.failed, c.ignored), (12, 2, 3));
         assert!(TestCounts::parse_line("running 3 tests").is_none());
+    }
+
+    #[test]
+    fn names_each_test_binary_from_cargos_running_line() {
+        assert_eq!(
+            parse_binary(
+                "     Running unittests src/lib.rs (target/debug/deps/weft-8e3c6d70e398fb6a)"
+            ),
+            Some(("weft".into(), "src/lib.rs".into()))
+        );
+        assert_eq!(
+            parse_binary(
+                "     Running tests/policy_match.rs (target/debug/deps/policy_match-6f495580fd4dfee4)"
+            ),
+            Some(("policy_match".into(), "tests/policy_match.rs".into()))
+        );
+        assert_eq!(
+            parse_binary("   Doc-tests weft_tests"),
+            Some(("weft_tests doc-tests".into(), "doc comments".into()))
+        );
+        assert_eq!(parse_binary("running 3 tests"), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: unit tests of the workspace, then the privileged end-to-end tests
-//! of `tests/` against the freshly built agent. Ends with one summary line, then each
-//! skipped test with its reason, and fails if anything failed (or did not run to
-//! completion).
+//! of `tests/` against the freshly built agent. Ends with each test binary's counts, one
+//! summary line, then each skipped test with its reason, and fails if anything failed (or
+//! did not run to completion).
 //!
 //! A test that cannot run here (not root, a tool missing) returns early, which libtest
 //! counts as passed; it records itself in the skip log (`weft_test_env`) this command
@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use weft_test_env::Skip;
 
 use crate::{
-    cargo::{self, TestCounts, TestRun, cargo, run_tests},
+    cargo::{self, BinaryResult, TestCounts, TestRun, cargo, run_tests},
     image, setup,
 };
 
@@ -34,14 +34,17 @@ pub fn run(options: &Options) -> Result<()> {
     setup::ensure()?;
     let mut total = TestCounts::default();
     let mut ignored = Vec::new();
+    let mut binaries = Vec::new();
     let mut broken = Vec::new();
     let mut record = |what: &str, run: TestRun| {
         let TestRun {
             status,
             counts,
+            binaries: run_binaries,
             ignored: run_ignored,
         } = run;
         total.add(counts);
+        binaries.extend(run_binaries);
         ignored.extend(run_ignored);
         if !status.success() && counts.failed == 0 {
             // A build error or a crashed test binary: no test said "failed", yet it failed.
@@ -56,7 +59,7 @@ pub fn run(options: &Options) -> Result<()> {
     // build error is better reported alone than inside test output.
     let weft_bin = cargo::build_agent()?;
     // Emptied now: it holds this run's skips only.
-    let skip_log = cargo::target_dir()?.join("weft-test-envs.log");
+    let skip_log = cargo::target_dir()?.join("weft-test-skips.log");
     std::fs::write(&skip_log, "")
         .with_context(|| format!("truncate the skip log {}", skip_log.display()))?;
 
@@ -112,7 +115,7 @@ pub fn run(options: &Options) -> Result<()> {
     for problem in &broken {
         println!("xtask test: {problem}");
     }
-    let summary = Summary::new(total, ignored, read_skips(&skip_log)?);
+    let summary = Summary::new(total, &binaries, ignored, read_skips(&skip_log)?);
     print!("{summary}");
     if !broken.is_empty() {
         // Already said above; the summary stays the last thing in the output.
@@ -121,17 +124,54 @@ pub fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The summary: libtest's counts, less the tests that passed by skipping.
+/// The summary: libtest's counts, less the tests that passed by skipping; per test binary,
+/// then in total.
 #[derive(Debug)]
 struct Summary {
+    binaries: Vec<BinaryLine>,
     passed: u64,
     failed: u64,
     /// Skipped by the test itself (from the skip log), then ignored by libtest.
     skipped: Vec<Skip>,
 }
 
+/// One test binary's line of the summary.
+#[derive(Debug)]
+struct BinaryLine {
+    name: String,
+    source: String,
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl BinaryLine {
+    /// `result`, with the skips logged by its tests (named `<binary>::…`) moved from passed
+    /// to skipped.
+    fn new(result: &BinaryResult, skips: &[Skip]) -> Self {
+        let prefix = format!("{}::", result.name);
+        let logged = skips.iter().filter(|s| s.test.starts_with(&prefix)).count() as u64;
+        Self {
+            name: result.name.clone(),
+            source: result.source.clone(),
+            passed: result.counts.passed.saturating_sub(logged),
+            failed: result.counts.failed,
+            skipped: logged + result.counts.ignored,
+        }
+    }
+}
+
 impl Summary {
-    fn new(total: TestCounts, ignored: Vec<Skip>, skipped: Vec<Skip>) -> Self {
+    fn new(
+        total: TestCounts,
+        binaries: &[BinaryResult],
+        ignored: Vec<Skip>,
+        skipped: Vec<Skip>,
+    ) -> Self {
+        let binaries = binaries
+            .iter()
+            .map(|b| BinaryLine::new(b, &skipped))
+            .collect();
         // Each skip returned early and libtest counted it as passed.
         let passed = total.passed.saturating_sub(skipped.len() as u64);
         let mut all = skipped;
@@ -144,6 +184,7 @@ impl Summary {
             reason: "#[ignore]".into(),
         }));
         Self {
+            binaries,
             passed,
             failed: total.failed,
             skipped: all,
@@ -153,6 +194,21 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.binaries.is_empty() {
+            writeln!(f, "per test binary:")?;
+        }
+        for b in &self.binaries {
+            writeln!(
+                f,
+                "  {:<24} {:>4} passed {:>3} failed {:>3} skipped  {}{}",
+                b.name,
+                b.passed,
+                b.failed,
+                b.skipped,
+                b.source,
+                if b.failed > 0 { "  FAILED" } else { "" }
+            )?;
+        }
         writeln!(
             f,
             "summary: {} passed, {} failed, {} skipped",
@@ -205,7 +261,7 @@ mod tests {
             "mtls::a\tneeds root\nkubernetes_helm::b\t`helm` is not installed\n",
         );
         let ignored = vec![skip("kube::tests::memory", "a measurement")];
-        let summary = Summary::new(total, ignored, skipped);
+        let summary = Summary::new(total, &[], ignored, skipped);
         assert_eq!(
             summary.to_string(),
             "summary: 38 passed, 1 failed, 3 skipped\n\
@@ -216,13 +272,70 @@ mod tests {
     }
 
     #[test]
+    fn each_binary_is_listed_with_its_own_skips_and_failures() {
+        let result = |name: &str, source: &str, passed, failed, ignored| BinaryResult {
+            name: name.into(),
+            source: source.into(),
+            counts: TestCounts {
+                passed,
+                failed,
+                ignored,
+            },
+        };
+        let binaries = [
+            result("weft", "src/lib.rs", 10, 0, 1),
+            result("mtls", "tests/mtls.rs", 5, 1, 0),
+        ];
+        let total = TestCounts {
+            passed: 15,
+            failed: 1,
+            ignored: 1,
+        };
+        let skipped = weft_test_env::parse("mtls::a\tneeds root\nmtls::b\tneeds root\n");
+        let text = Summary::new(total, &binaries, Vec::new(), skipped).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "per test binary:");
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "weft",
+                "10",
+                "passed",
+                "0",
+                "failed",
+                "1",
+                "skipped",
+                "src/lib.rs"
+            ]
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            [
+                "mtls",
+                "3",
+                "passed",
+                "1",
+                "failed",
+                "2",
+                "skipped",
+                "tests/mtls.rs",
+                "FAILED"
+            ]
+        );
+        assert!(
+            lines[3].starts_with("summary: 13 passed, 1 failed, 3 skipped"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn ignored_tests_libtest_counted_but_did_not_name_still_count() {
         let total = TestCounts {
             passed: 3,
             failed: 0,
             ignored: 2,
         };
-        let summary = Summary::new(total, vec![skip("a", "slow")], Vec::new());
+        let summary = Summary::new(total, &[], vec![skip("a", "slow")], Vec::new());
         assert_eq!((summary.passed, summary.skipped.len()), (3, 2));
     }
 
@@ -234,7 +347,7 @@ mod tests {
             ignored: 0,
         };
         assert_eq!(
-            Summary::new(total, Vec::new(), Vec::new()).to_string(),
+            Summary::new(total, &[], Vec::new(), Vec::new()).to_string(),
             "summary: 7 passed, 0 failed, 0 skipped\n"
         );
     }
