@@ -153,22 +153,30 @@ fn parse_ignored(line: &str) -> Option<Skip> {
 pub fn run_tests(cmd: &mut Command) -> Result<TestRun> {
     let shown = show(cmd);
     println!("$ {shown}");
+    // One pipe for both streams, so cargo's `Running …` (stderr) stays in order with the
+    // `test result:` (stdout) of the binary it names.
+    let (output, writer) = std::io::pipe().context("create a pipe for cargo test")?;
     let mut child = cmd
-        .stdout(Stdio::piped())
+        .stdout(writer.try_clone().context("clone the pipe")?)
+        .stderr(writer)
         .spawn()
         .with_context(|| format!("failed to start `{shown}`"))?;
+    // Drop the command's copies of the write end: reading then ends when cargo exits.
+    cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
     let mut counts = TestCounts::default();
     let mut ignored = Vec::new();
     let mut binaries = Vec::new();
     let mut binary = None;
-    let stdout = child.stdout.take().context("piped stdout")?;
-    for line in BufReader::new(stdout).lines() {
+    // Lossy: a test's captured output may hold any bytes.
+    for line in BufReader::new(output).split(b'\n') {
         let line = line.context("read cargo test output")?;
+        let line = String::from_utf8_lossy(&line);
+        let line = line.trim_end_matches('\r');
         println!("{line}");
-        if let Some(found) = parse_binary(&line) {
+        if let Some(found) = parse_binary(line) {
             binary = Some(found);
         }
-        if let Some(c) = TestCounts::parse_line(&line) {
+        if let Some(c) = TestCounts::parse_line(line) {
             counts.add(c);
             let (name, source) = binary.take().unwrap_or_else(|| ("?".into(), "?".into()));
             binaries.push(BinaryResult {
@@ -177,7 +185,7 @@ pub fn run_tests(cmd: &mut Command) -> Result<TestRun> {
                 counts: c,
             });
         }
-        ignored.extend(parse_ignored(&line));
+        ignored.extend(parse_ignored(line));
     }
     let status = child.wait().context("wait for cargo test")?;
     Ok(TestRun {

@@ -168,8 +168,10 @@ impl Summary {
         ignored: Vec<Skip>,
         skipped: Vec<Skip>,
     ) -> Self {
+        // Binaries without tests (most doc-tests, `main.rs`) say nothing worth a line.
         let binaries = binaries
             .iter()
+            .filter(|b| b.counts.passed + b.counts.failed + b.counts.ignored > 0)
             .map(|b| BinaryLine::new(b, &skipped))
             .collect();
         // Each skip returned early and libtest counted it as passed.
