@@ -7,7 +7,7 @@
 //! (`getsockname`), while a steered one arrives from the proxy's own upstream socket.
 //! Needs root; see `weft_tests::can_run_privileged`.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
@@ -199,6 +199,20 @@ fn an_agent_section_change_at_reload_waits_for_a_restart_and_changes_nothing() -
         .filter(|l| l.contains("the agent: section changed; it takes effect after a restart"))
         .count();
     ensure!(warnings == 1, "{warnings} warnings, want one:\n{log}");
+    // What an operator sees.
+    let mut status = Command::new(app::weft_bin());
+    status.arg("status");
+    let shown = node
+        .spawn(status, "weft-status")?
+        .wait(weft_tests::scaled(Duration::from_secs(10)))?;
+    ensure!(
+        shown.status.success()
+            && shown.output.contains(
+                "RESTART PENDING: changed since start-up, not applied: agent.metricsPrefix, agent.ports"
+            ),
+        "weft status:\n{}",
+        shown.output
+    );
     assert_eq!(agent.generation()?, 1, "nothing new was published");
 
     // Nothing changed: the old prefix, the old outbound port, the proxy on the path.
