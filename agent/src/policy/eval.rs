@@ -196,8 +196,9 @@ impl<'f, 'a> Peer<'f, 'a> {
         };
         let text = || self.id_text.get_or_init(|| id.to_string()).as_str();
         // `ns/x/sa/y` of another mesh is another workload, whatever its names: the short
-        // forms match this mesh's identities only (principals spell the domain out).
-        let in_mesh = self.trust_domain.is_none_or(|td| id.trust_domain() == td);
+        // forms match this mesh's identities only (principals spell the domain out), and
+        // nothing where the mesh's trust domain is unknown (fail closed).
+        let in_mesh = self.trust_domain.is_some_and(|td| id.trust_domain() == td);
         if !in_mesh && (!source.service_accounts.is_empty() || !source.namespaces.is_empty()) {
             return false;
         }

@@ -69,13 +69,19 @@ struct Candidates {
     by_label: HashMap<String, HashMap<String, Vec<usize>>>,
 }
 
+/// The trust domain of [`PolicyIndex::build`] (the agent's default, `agent.trustDomain`).
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 impl PolicyIndex {
-    /// Indexes the policies of `snapshot` by the workloads they select. On a later
-    /// snapshot, use [`PolicyIndex::rebuild`], which logs each L7 policy only once.
-    /// Without a trust domain, waypoint-gated ports admit nothing (see
-    /// [`PolicyIndex::for_trust_domain`]).
+    /// Indexes the policies of `snapshot` by the workloads they select, for a mesh in the
+    /// default trust domain (`cluster.local`): tests and tools. The agent starts from
+    /// [`PolicyIndex::for_trust_domain`] with its own, then [`PolicyIndex::rebuild`]s.
     pub fn build(snapshot: &Snapshot) -> Self {
-        Self::build_with(snapshot, None, Arc::default())
+        Self::build_with(
+            snapshot,
+            Some(DEFAULT_TRUST_DOMAIN.to_owned()),
+            Arc::default(),
+        )
     }
 
     /// An empty index whose rebuilds write waypoint identities in `trust_domain` (the
@@ -507,7 +513,7 @@ mod tests {
     #[test]
     fn without_a_trust_domain_a_gate_admits_nothing() {
         let snapshot = bound_snapshot();
-        let index = PolicyIndex::build(&snapshot);
+        let index = PolicyIndex::for_trust_domain(None).rebuild(&snapshot);
         let api = WorkloadRef::new("prod", "api");
         let gate = index.waypoint_gate(&api, 8080).unwrap();
         assert!(gate.identities.is_empty());

@@ -533,10 +533,9 @@ fn sources_match_each_field_and_any_entry() {
     };
     assert!(allowed(&id("web", "front"), "10.1.0.2"));
     assert!(!allowed(&id("web", "back"), "10.1.0.2"));
-    // An index without a trust domain (a node without a CA, which proves no identity)
-    // does not check it; `for_trust_domain` does (see the trust-domain tests below).
+    // The short forms name this mesh's identities only.
     let foreign: SpiffeId = "spiffe://other.td/ns/web/sa/front".parse().unwrap();
-    assert!(allowed(&foreign, "10.1.0.2"));
+    assert!(!allowed(&foreign, "10.1.0.2"));
     assert!(allowed(&id("ops", "anyone"), "10.1.0.2"));
     assert!(allowed(&id("billing", "auditor"), "10.1.0.2"));
     assert!(allowed(&id("jobs", "batch"), "10.2.0.2"));
@@ -821,6 +820,51 @@ fn principals_name_other_trust_domains_where_short_forms_cannot() {
     assert!(
         index
             .admit(&mtls(&api, 80, &id("web", "front")))
+            .is_allowed()
+    );
+}
+
+#[test]
+fn without_a_trust_domain_service_accounts_and_namespaces_match_nothing() {
+    let api = workload("prod", "api", &[]);
+    let rule = Rule {
+        from: vec![
+            Source {
+                service_accounts: vec![ServiceAccount {
+                    namespace: "web".into(),
+                    name: "front".into(),
+                }],
+                ..Source::default()
+            },
+            Source {
+                namespaces: vec!["ops".into()],
+                ..Source::default()
+            },
+        ],
+        ..Rule::default()
+    };
+    let snapshot = snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "short-forms",
+            &[],
+            Action::Allow,
+            vec![rule],
+        )],
+    );
+    // A node without a CA knows no trust domain (and proves no identity): fail closed.
+    let index = PolicyIndex::for_trust_domain(None).rebuild(&snapshot);
+    for peer in [id("web", "front"), id("ops", "anyone")] {
+        assert!(
+            !index.evaluate(&mtls(&api, 80, &peer)).is_allowed(),
+            "{peer} matched a short form with no trust domain known"
+        );
+    }
+    let index = PolicyIndex::build(&snapshot);
+    assert!(
+        index
+            .evaluate(&mtls(&api, 80, &id("web", "front")))
             .is_allowed()
     );
 }
