@@ -88,6 +88,9 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             "MB",
             mb(harness::status_bytes(pid, "VmRSS")?),
         );
+        // Listed is not yet served: the pods' HBONE needs their new certificates, which
+        // readiness waits for. Connecting before that is reset (fail closed).
+        agent.wait_ready()?;
         let hold = harness::hold(&pods[0], pods[1].addr(PORT).into(), conns, HOLD_TIMEOUT)?;
         thread::sleep(Duration::from_secs(1));
         let hwm = harness::status_bytes(pid, "VmHWM")?;
