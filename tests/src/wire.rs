@@ -304,7 +304,9 @@ fn tcpdump_args(iface: &str, filter: &str, file: &Path) -> Vec<String> {
     args
 }
 
-/// The TCP payload length of an Ethernet frame, 0 for anything else.
+/// The TCP payload bytes an Ethernet frame holds, 0 for anything else: what its IP header
+/// declares, but no more than was captured (a frame cut by the snap length holds less, and
+/// a payload search over it would see nothing).
 fn tcp_payload_len(frame: &[u8]) -> u64 {
     let be16 = |at: usize| -> Option<u64> {
         Some(u64::from(u16::from_be_bytes([
@@ -313,21 +315,25 @@ fn tcp_payload_len(frame: &[u8]) -> u64 {
         ])))
     };
     let tcp_header = |at: usize| -> Option<u64> { Some(u64::from(frame.get(at + 12)? >> 4) * 4) };
-    let len = match be16(12) {
+    // (declared payload length, offset of the payload in the frame)
+    let declared = match be16(12) {
         // IPv4: total length less its header and the TCP header.
         Some(0x0800) if frame.get(23) == Some(&IPPROTO_TCP) => (|| {
-            let ip_header = usize::from(frame.get(14)? & 0x0f) * 4;
-            be16(16)?
-                .checked_sub(ip_header as u64)?
-                .checked_sub(tcp_header(14 + ip_header)?)
+            let ip_header = u64::from(frame.get(14)? & 0x0f) * 4;
+            let tcp = tcp_header(14 + ip_header as usize)?;
+            let len = be16(16)?.checked_sub(ip_header)?.checked_sub(tcp)?;
+            Some((len, 14 + ip_header + tcp))
         })(),
         // IPv6 (no extension headers): payload length less the TCP header.
-        Some(0x86dd) if frame.get(20) == Some(&IPPROTO_TCP) => {
-            (|| be16(18)?.checked_sub(tcp_header(54)?))()
-        }
+        Some(0x86dd) if frame.get(20) == Some(&IPPROTO_TCP) => (|| {
+            let tcp = tcp_header(54)?;
+            Some((be16(18)?.checked_sub(tcp)?, 54 + tcp))
+        })(),
         _ => None,
     };
-    len.unwrap_or(0)
+    declared.map_or(0, |(len, offset)| {
+        len.min((frame.len() as u64).saturating_sub(offset))
+    })
 }
 
 /// Link type and packet data of a classic pcap file (either byte order, µs or ns
@@ -424,6 +430,11 @@ mod tests {
         udp[23] = 17;
         assert_eq!(tcp_payload_len(&udp), 0);
         assert_eq!(tcp_payload_len(&[0; 10]), 0, "a cut frame counts nothing");
+        // Cut by the snap length: only the payload bytes captured count.
+        let frame = tcp_frame(false, b"secret-marker");
+        assert_eq!(tcp_payload_len(&frame[..frame.len() - 7]), 6);
+        let frame = tcp_frame(true, b"secret-marker");
+        assert_eq!(tcp_payload_len(&frame[..frame.len() - 13]), 0);
     }
 
     #[test]
