@@ -4,6 +4,9 @@
 //!
 //! Shutting down detaches nothing: pinned maps and links keep enrolled pods steered to
 //! listeners that are gone, so they fail closed until the next agent re-adopts them.
+//! Before it exits the agent drains: it closes every pod listener at once, then serves the
+//! connections still open until they end or `agent.drain.limit` passes (a second signal
+//! cuts it short), with readiness and metrics saying so.
 
 pub mod waypoint;
 
@@ -15,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     config::Config,
+    drain::{self, Drain},
     ebpf::{self, Dataplane},
     enroll::{self, Enroller},
     hbone,
@@ -128,6 +132,8 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     if matches!(source, Source::Kubernetes(_)) {
         metrics.register_collector(source::kube::Metrics::new(Arc::clone(&kube_health)));
     }
+    let drain = Drain::default();
+    metrics.register_collector(drain.metrics());
     let connections = Arc::new(Connections::new(
         state_rx.clone(),
         telemetry::TcpMetrics::new(&mut metrics),
@@ -139,6 +145,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         host_conns,
         Arc::clone(&connections),
         mtls,
+        drain.clone(),
     );
     let proxy_handle = proxy.clone();
     let hbone_pool = proxy.hbone_pool();
@@ -290,11 +297,68 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             () = terminate() => break,
         }
     }
+    // Nothing below writes a map: the pinned state is the next agent's to take over.
+    let second_signal = terminate();
+    let pods = enroller.close_listeners();
+    let open = drain.start();
+    let limit = config.drain.limit;
+    info!(component = "app", connections = open, pods, limit = %humantime::format_duration(limit),
+        "shutting down: every pod listener is closed (the pods fail closed until the next \
+         agent); draining the open connections until they end or the limit passes");
+    ready.block(
+        "draining",
+        "the agent is stopping: it accepts no connection, and serves the open ones until they end",
+    );
+    serve_draining(&drain, limit, &proxy_handle, state_rx, second_signal).await;
     info!(
         component = "app",
         "shutting down; eBPF state stays pinned (pods fail closed until the next agent)"
     );
     Ok(())
+}
+
+/// Serves the open connections (applying policy changes to them) until they end, `limit`
+/// passes or a second signal comes; then cuts what is left.
+async fn serve_draining(
+    drain: &Drain,
+    limit: Duration,
+    proxy: &Proxy,
+    mut state_rx: watch::Receiver<Arc<Snapshot>>,
+    second_signal: impl Future<Output = ()>,
+) {
+    let waited = drain.wait(limit);
+    tokio::pin!(waited, second_signal);
+    let mut state_open = true;
+    let cut = loop {
+        tokio::select! {
+            outcome = &mut waited => match outcome {
+                drain::Outcome::Drained => {
+                    info!(component = "app", "drained: every open connection ended");
+                    return;
+                }
+                drain::Outcome::LimitPassed { open } => {
+                    warn!(component = "app", connections = open, limit = %humantime::format_duration(limit),
+                        "drain limit (agent.drain.limit) passed: cutting the connections still open");
+                    break open;
+                }
+            },
+            // A revocation still closes what it denies.
+            changed = state_rx.changed(), if state_open => match changed {
+                Ok(()) => proxy.apply_policies(&state_rx.borrow_and_update()),
+                Err(_) => state_open = false,
+            },
+            () = &mut second_signal => {
+                warn!(component = "app", connections = drain.open(),
+                    "second signal while draining: exiting now, cutting the open connections");
+                break drain.open();
+            }
+        }
+    };
+    drain.count_cut(cut);
+    proxy.connections().close_all(proxy::Stop::DrainCut);
+    // A moment for the copy loops to reset both ends (an application must not take the cut
+    // for a clean end) and write their access-log lines.
+    let _ = drain.wait(CUT_GRACE).await;
 }
 
 /// Keeps the `certificates` readiness condition in step with the certificate manager:
@@ -346,17 +410,23 @@ fn pool_config(limits: &proxy::limits::Config) -> hbone::PoolConfig {
     }
 }
 
-/// SIGTERM or SIGINT.
-async fn terminate() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM or SIGINT. SIGTERM is listened for from the call on, not from the first poll:
+/// the drain's second signal may come before its loop first runs.
+fn terminate() -> impl Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let Ok(mut term) = term else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     }
 }
+
+/// How long cut connections get to reset both ends before the process exits.
+const CUT_GRACE: Duration = Duration::from_millis(500);
 
 /// How often attachment is re-verified and failed enrollments retried.
 const RECHECK_INTERVAL: Duration = Duration::from_secs(5);

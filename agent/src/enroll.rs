@@ -276,6 +276,19 @@ impl Enroller {
         ))
     }
 
+    /// Stops serving every pod and closes its listeners, with no map write: the pinned
+    /// steering stays, so the pods fail closed (a new connect is refused, inbound is
+    /// dropped) as after the agent exits. Open connections run on. Returns the pods.
+    pub fn close_listeners(self) -> usize {
+        let pods = self.pods.len();
+        for pod in self.pods.into_values() {
+            // Dropping the pod's `listeners` with it closes the sockets; no accept loop
+            // holds them after `stop`.
+            pod.handle.stop();
+        }
+        pods
+    }
+
     pub fn status(&self) -> EnrollStatus {
         EnrollStatus {
             enrolled: self

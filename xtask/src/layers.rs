@@ -25,7 +25,7 @@ use syn::visit::Visit;
 const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["telemetry", "http", "readiness", "settings"],
-    &["identity", "ebpf"],
+    &["identity", "ebpf", "drain"],
     &["state"],
     &["policy", "hbone"],
     &["proxy", "cni", "waypoint", "ca"],

@@ -43,6 +43,9 @@ pub struct AgentSection {
     /// Limits of the admin, metrics and readiness servers.
     #[serde(default)]
     pub http: HttpSection,
+    /// How shutdown serves the connections still open.
+    #[serde(default)]
+    pub drain: DrainSection,
 }
 
 impl AgentSection {
@@ -118,6 +121,16 @@ pub struct HttpSection {
     pub max_body_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
+}
+
+/// The `agent.drain:` section.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DrainSection {
+    /// After SIGTERM or `/quitquitquit`, open connections are served this long at most,
+    /// humantime (default `1h`); what is still open then is cut.
+    pub limit: Option<String>,
 }
 
 /// The `agent.cni:` section.

@@ -1,0 +1,224 @@
+//! Graceful shutdown (issue 16, `agent.drain`): on SIGTERM the agent closes every pod
+//! listener at once (the pinned steering keeps the pods fail closed) and keeps serving the
+//! connections already open, byte-exact both ways, until they end or the drain limit
+//! passes; readiness and metrics say it drains. A second signal ends the drain at once.
+//! Needs root; see `weft_tests::can_run_privileged`.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, ensure};
+use serde_json::json;
+use weft_tests::{
+    TestAgent, TestNode, TestPod,
+    app::{self, Connect, Mode, RunningSend},
+    eventually, privileged,
+    sys::kill,
+    test_name,
+};
+
+/// A plaintext passthrough (to an unenrolled server), an HBONE connection (between two
+/// enrolled pods) and a plaintext inbound one (15006, from the unenrolled pod) open at
+/// SIGTERM carry every byte both ways; a new connect on any of these paths fails, never
+/// reaching a server around the proxy; readiness and metrics show the drain; the agent
+/// exits by itself once the connections end.
+#[test]
+fn open_connections_outlive_sigterm_and_new_ones_fail_closed() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let pods = Pods::create(&node)?;
+    let mut agent = node.start_agent()?;
+    let (plain, mesh) = (pods.plain_addr(), pods.mesh_addr());
+    let plain_server = app::serve(&pods.plain, PORT, Mode::Echo)?;
+    let mesh_server = app::serve(&pods.mesh, PORT, Mode::Echo)?;
+    let paths = [
+        (&pods.client, plain),
+        (&pods.client, mesh),
+        (&pods.plain, mesh),
+    ];
+    let sends = paths.map(|(from, to)| long_send(from, to, TRANSFER));
+    wait_active(&agent, "outbound", 2)?;
+    wait_active(&agent, "inbound", 1)?;
+
+    sigterm(&agent);
+    eventually(Duration::from_secs(10), || {
+        let ready = agent.get("/healthz/ready")?;
+        ensure!(
+            ready.status == 503 && ready.body.contains("draining"),
+            "readiness {}: {}",
+            ready.status,
+            ready.body
+        );
+        let metrics = agent.metrics()?;
+        ensure!(
+            metrics.contains("weft_agent_draining 1\n"),
+            "no weft_agent_draining 1 in:\n{metrics}"
+        );
+        Ok(())
+    })?;
+    for (from, to) in paths {
+        let connect = app::connect(from, to, Duration::from_secs(2))?;
+        ensure!(
+            matches!(connect, Connect::Failed(_)),
+            "a new connect from {} to {to} during the drain: {connect:?}",
+            from.name()
+        );
+    }
+    // Only the connections opened before the signal: nothing went around the proxy.
+    for (server, before) in [(&plain_server, 1), (&mesh_server, 2)] {
+        ensure!(
+            server.accepted().len() == before,
+            "a server got a connection during the drain: {:?}",
+            server.accepted()
+        );
+    }
+    ensure!(
+        agent.try_status().is_none(),
+        "the agent exited while draining"
+    );
+
+    for (send, (_, to)) in sends.into_iter().zip(paths) {
+        let report = send?.finish()?;
+        ensure!(
+            report.sent_bytes == TRANSFER
+                && report.received_bytes == TRANSFER
+                && report.received_sha256 == report.sent_sha256,
+            "to {to}: not every byte came back: {report:?}"
+        );
+    }
+    let status = agent.wait_exit(Duration::from_secs(15))?;
+    ensure!(status.success(), "agent exit: {status}");
+    let log = agent.current_log();
+    ensure!(
+        log.contains("draining the open connections") && log.contains("drained"),
+        "no drain in the log:\n{log}"
+    );
+    Ok(())
+}
+
+/// With a short limit, a connection left open is cut when it passes: the agent exits about
+/// then, says how many it cut, and the client sees a reset, not a clean end.
+#[test]
+fn the_drain_limit_cuts_what_is_still_open() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.set_agent_setting("drain", json!({ "limit": "2s" }));
+    let pods = Pods::create(&node)?;
+    let mut agent = node.start_agent()?;
+    let _server = app::serve(&pods.plain, PORT, Mode::Echo)?;
+    let send = long_send(&pods.client, pods.plain_addr(), TRANSFER)?;
+    wait_active(&agent, "outbound", 1)?;
+
+    let started = Instant::now();
+    sigterm(&agent);
+    agent.wait_exit(Duration::from_secs(20))?;
+    let took = started.elapsed();
+    ensure!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "the agent exited {took:?} after SIGTERM, limit 2s"
+    );
+    let log = agent.current_log();
+    ensure!(
+        log.contains("drain limit (agent.drain.limit) passed") && log.contains("connections=1"),
+        "the cut is not logged with its number:\n{log}"
+    );
+    app::expect_reset(send.finish(), "a connection cut by the drain limit")
+}
+
+/// A second SIGTERM during a (long) drain exits at once.
+#[test]
+fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let pods = Pods::create(&node)?;
+    let mut agent = node.start_agent()?;
+    let _server = app::serve(&pods.plain, PORT, Mode::Echo)?;
+    let _send = long_send(&pods.client, pods.plain_addr(), TRANSFER)?;
+    wait_active(&agent, "outbound", 1)?;
+
+    sigterm(&agent);
+    eventually(Duration::from_secs(10), || {
+        let ready = agent.get("/healthz/ready")?;
+        ensure!(
+            ready.body.contains("draining"),
+            "not draining: {}",
+            ready.body
+        );
+        Ok(())
+    })?;
+    ensure!(
+        agent.try_status().is_none(),
+        "the agent exited on the first signal"
+    );
+    let started = Instant::now();
+    sigterm(&agent);
+    agent.wait_exit(Duration::from_secs(10))?;
+    let took = started.elapsed();
+    ensure!(
+        took < Duration::from_secs(3),
+        "the agent took {took:?} to exit after the second SIGTERM"
+    );
+    let log = agent.current_log();
+    ensure!(
+        log.contains("second signal while draining"),
+        "no second signal in the log:\n{log}"
+    );
+    Ok(())
+}
+
+/// An enrolled client, an unenrolled server (plaintext passthrough) and an enrolled one
+/// (HBONE).
+struct Pods {
+    client: TestPod,
+    plain: TestPod,
+    mesh: TestPod,
+}
+
+impl Pods {
+    fn create(node: &TestNode) -> Result<Self> {
+        Ok(Self {
+            client: node.pod("client").create()?,
+            plain: node.pod("plain").enrolled(false).create()?,
+            mesh: node
+                .pod("mesh")
+                .service_account("server")
+                .mtls_mode("PERMISSIVE")
+                .create()?,
+        })
+    }
+
+    fn plain_addr(&self) -> SocketAddr {
+        SocketAddr::V4(self.plain.addr(PORT))
+    }
+
+    fn mesh_addr(&self) -> SocketAddr {
+        SocketAddr::V4(self.mesh.addr(PORT))
+    }
+}
+
+/// A paced echo transfer that keeps one connection busy both ways across the signal.
+fn long_send(client: &TestPod, to: SocketAddr, bytes: u64) -> Result<RunningSend> {
+    app::start_send_paced(client, to, bytes, 7, TRANSFER_TIME)
+}
+
+/// Waits until the proxy records `n` open connections of `direction`.
+fn wait_active(agent: &TestAgent, direction: &str, n: usize) -> Result<()> {
+    eventually(Duration::from_secs(10), || {
+        let active = agent.connections()?.active;
+        let open = active.iter().filter(|c| c.direction == direction).count();
+        ensure!(open >= n, "{open} {direction} connections open: {active:?}");
+        Ok(())
+    })
+}
+
+fn sigterm(agent: &TestAgent) {
+    if let Some(pid) = agent.pid() {
+        kill(pid, libc::SIGTERM);
+    }
+}
+
+const PORT: u16 = 8080;
+const TRANSFER: u64 = 512 * 1024;
+const TRANSFER_TIME: Duration = Duration::from_secs(6);
