@@ -12,6 +12,7 @@ pub mod config;
 pub mod drain;
 pub mod ebpf;
 pub mod enroll;
+pub mod handover;
 pub mod hbone;
 pub mod http;
 pub mod identity;

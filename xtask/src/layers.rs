@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["telemetry", "http", "readiness", "settings"],
     &["identity", "ebpf", "drain"],
     &["state"],
-    &["policy", "hbone"],
+    &["policy", "hbone", "handover"],
     &["proxy", "cni", "waypoint", "ca"],
     &["report"],
     &["enroll", "source"],
