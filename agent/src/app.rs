@@ -8,6 +8,7 @@
 //! connections still open until they end or `agent.drain.limit` passes (a second signal
 //! cuts it short), with readiness and metrics saying so.
 
+mod handover;
 pub mod waypoint;
 
 use std::{sync::Arc, time::Duration};
@@ -226,6 +227,16 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         }
     }
 
+    // Before the first enrollment: a running agent's listeners are served on, not bound anew.
+    let mut predecessor = None;
+    if let Some(config) = &config.handover
+        && let Some((stream, inherited)) = handover::take_over(config).await
+    {
+        enroller.inherit(inherited);
+        predecessor = Some(stream);
+    }
+    let mut offer = config.handover.clone();
+    let mut successors = None;
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut rejected: Option<ebpf::Settings> = None;
     let proc_root = config
@@ -285,6 +296,26 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             enroller.check_cgroup_root(&config.ebpf.cgroup_root, proc_root),
         );
 
+        // Serving every pod: the predecessor may stop accepting, and a successor may come.
+        if ready.is_ready() {
+            if let Some(stream) = predecessor.take() {
+                handover::tell_ready(stream).await;
+            }
+            if let Some(config) = offer.take() {
+                match handover::offer(&config) {
+                    Ok(rx) => {
+                        info!(component = "handover", socket = %config.socket.display(),
+                            "offering the pod listeners to a successor agent");
+                        successors = Some(rx);
+                    }
+                    Err(e) => {
+                        warn!(component = "handover", socket = %config.socket.display(), error = %e,
+                            "cannot offer the listeners to a successor agent (it will bind its own)");
+                    }
+                }
+            }
+        }
+
         tokio::select! {
             changed = state_rx.changed() => {
                 if changed.is_err() {
@@ -293,6 +324,14 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 snapshot = Arc::clone(&state_rx.borrow_and_update());
             }
             _ = ticker.tick() => {}
+            // Readiness clears outside this loop (certificates): look again soon while a
+            // hand-over waits for it.
+            () = tokio::time::sleep(HANDOVER_RECHECK), if predecessor.is_some() || offer.is_some() => {}
+            stream = handover::next_successor(&mut successors) => {
+                if handover::hand_over(&enroller, stream).await {
+                    break;
+                }
+            }
             () = shutdown.notified() => break,
             () = terminate() => break,
         }
@@ -303,8 +342,9 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let open = drain.start();
     let limit = config.drain.limit;
     info!(component = "app", connections = open, pods, limit = %humantime::format_duration(limit),
-        "shutting down: every pod listener is closed (the pods fail closed until the next \
-         agent); draining the open connections until they end or the limit passes");
+        "shutting down: this agent accepts on no pod listener any more (a successor that took \
+         them over serves them; else the pods fail closed until the next agent); draining the \
+         open connections until they end or the limit passes");
     ready.block(
         "draining",
         "the agent is stopping: it accepts no connection, and serves the open ones until they end",
@@ -427,6 +467,9 @@ fn terminate() -> impl Future<Output = ()> {
 
 /// How long cut connections get to reset both ends before the process exits.
 const CUT_GRACE: Duration = Duration::from_millis(500);
+
+/// How often readiness is looked at while a hand-over waits for it.
+const HANDOVER_RECHECK: Duration = Duration::from_millis(100);
 
 /// How often attachment is re-verified and failed enrollments retried.
 const RECHECK_INTERVAL: Duration = Duration::from_secs(5);

@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    admin, cni, drain, ebpf, hbone, http,
+    admin, cni, drain, ebpf, handover, hbone, http,
     identity::{self, CaSource},
     proxy,
     settings::{AgentSection, Error, HttpSection, LimitsSection, humantime_ms, node_name},
@@ -44,6 +44,8 @@ pub struct Config {
     pub discovery: Option<discover::Config>,
     /// How long shutdown serves open connections (`agent.drain`).
     pub drain: drain::Config,
+    /// Listener hand-over to and from another agent on the node (`agent.handover`).
+    pub handover: Option<handover::Config>,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -253,6 +255,12 @@ impl Config {
             cni,
             discovery,
             drain,
+            handover: agent.handover.as_ref().map(|section| handover::Config {
+                socket: section
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(handover::DEFAULT_SOCKET)),
+            }),
         })
     }
 }

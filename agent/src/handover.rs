@@ -1,5 +1,5 @@
-//! Listener hand-over between two agents on one node (issue 16): the wire format, not yet
-//! the wiring. The running agent sends a size-capped, length-prefixed JSON manifest of its
+//! Listener hand-over between two agents on one node (issue 16): the wire format (`app`
+//! wires both sides). The running agent sends a size-capped, length-prefixed JSON manifest of its
 //! pod listeners, then their file descriptors (SCM_RIGHTS, at most `MAX_FDS_PER_MESSAGE` a
 //! message) over a unix stream socket; the successor checks each descriptor against what
 //! the manifest declares before it may serve it (`validate`).
@@ -22,6 +22,13 @@ use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::ebpf;
+
+/// Where the running agent offers its listeners (`agent.handover`; off without it).
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// The unix socket (mode 0600).
+    pub socket: std::path::PathBuf,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -134,6 +141,22 @@ pub fn receive(stream: &UnixStream) -> Result<Vec<(Declared, OwnedFd)>, Error> {
     Ok(manifest.listeners.into_iter().zip(fds).collect())
 }
 
+/// The successor serves everything it took over: the predecessor may stop accepting.
+pub fn say_ready(mut stream: &UnixStream) -> Result<(), Error> {
+    stream.write_all(&[READY]).map_err(Error::Io)
+}
+
+/// Waits (within the socket's read timeout) for the successor's `say_ready`: false when
+/// it went away first, or said something else.
+pub fn wait_ready(mut stream: &UnixStream) -> Result<bool, Error> {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(1) => Ok(byte[0] == READY),
+        Ok(_) => Ok(false),
+        Err(e) => Err(Error::Io(e)),
+    }
+}
+
 /// Checks that `fd` is the listener `declared` says, and turns it into one.
 pub fn validate(declared: &Declared, fd: OwnedFd) -> Result<TcpListener, Invalid> {
     let socket = socket2::SockRef::from(&fd);
@@ -204,6 +227,9 @@ fn read_frame(mut stream: &UnixStream) -> Result<Vec<u8>, Error> {
     Ok(body)
 }
 
+pub const DEFAULT_SOCKET: &str = "/var/run/weft/handover.sock";
+/// The one byte of `say_ready`.
+const READY: u8 = 0x01;
 /// Version of the manifest; a successor that speaks another binds its listeners afresh.
 pub const VERSION: u32 = 1;
 /// SCM_MAX_FD: the kernel refuses more descriptors in one message.

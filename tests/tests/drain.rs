@@ -2,6 +2,8 @@
 //! listener at once (the pinned steering keeps the pods fail closed) and keeps serving the
 //! connections already open, byte-exact both ways, until they end or the drain limit
 //! passes; readiness and metrics say it drains. A second signal ends the drain at once.
+//! With `agent.handover`, a second agent started beside it takes the listeners over first,
+//! so that no connect is refused across the switch.
 //! Needs root; see `weft_tests::can_run_privileged`.
 
 use std::{
@@ -14,7 +16,7 @@ use serde_json::json;
 use weft_tests::{
     TestAgent, TestNode, TestPod,
     app::{self, Connect, Mode, RunningSend},
-    eventually, privileged,
+    eventually, privileged, scaled,
     sys::kill,
     test_name,
 };
@@ -30,14 +32,8 @@ fn open_connections_outlive_sigterm_and_new_ones_fail_closed() -> Result<()> {
     let node = TestNode::new(test_name!(), 1)?;
     let pods = Pods::create(&node)?;
     let mut agent = node.start_agent()?;
-    let (plain, mesh) = (pods.plain_addr(), pods.mesh_addr());
-    let plain_server = app::serve(&pods.plain, PORT, Mode::Echo)?;
-    let mesh_server = app::serve(&pods.mesh, PORT, Mode::Echo)?;
-    let paths = [
-        (&pods.client, plain),
-        (&pods.client, mesh),
-        (&pods.plain, mesh),
-    ];
+    let [plain_server, mesh_server] = pods.serve()?;
+    let paths = pods.paths();
     let sends = paths.map(|(from, to)| long_send(from, to, TRANSFER));
     wait_active(&agent, "outbound", 2)?;
     wait_active(&agent, "inbound", 1)?;
@@ -168,6 +164,91 @@ fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
     Ok(())
 }
 
+/// A successor agent (same config, `agent.handover`) takes the running agent's pod
+/// listeners over: a connect loop (outbound from the enrolled pod, inbound from the
+/// unenrolled one) sees no failure across the switch, the long-lived connections stay
+/// byte-exact, the old agent exits once they end, and the new one serves alone.
+#[test]
+fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let socket = node.dir().join("handover.sock");
+    node.set_agent_setting("handover", json!({ "socket": socket }));
+    let pods = Pods::create(&node)?;
+    let mut old = node.start_agent()?;
+    let (plain, mesh) = (pods.plain_addr(), pods.mesh_addr());
+    let _servers = pods.serve()?;
+    let paths = pods.paths();
+    let sends = paths
+        .map(|(from, to)| app::start_send_paced(from, to, TRANSFER, 11, Duration::from_secs(12)));
+    wait_active(&old, "outbound", 2)?;
+    wait_active(&old, "inbound", 1)?;
+    eventually(Duration::from_secs(10), || {
+        let offering = old.current_log().contains("offering the pod listeners");
+        ensure!(offering, "the running agent does not offer its listeners");
+        Ok(())
+    })?;
+
+    let mut new = TestAgent::spawn_beside(&node, "successor", 100)?;
+    let (mut attempts, mut failures, mut after_switch) = (0, Vec::new(), 0);
+    let deadline = Instant::now() + scaled(Duration::from_secs(60));
+    while after_switch < 5 {
+        ensure!(Instant::now() < deadline, "no switch within 60 s");
+        ensure!(new.try_status().is_none(), "the successor exited");
+        for (from, to) in [(&pods.client, plain), (&pods.plain, mesh)] {
+            attempts += 1;
+            if let Err(e) = echo_once(from, to) {
+                failures.push(format!("{} -> {to}: {e:#}", from.name()));
+            }
+        }
+        if old.current_log().contains("this one stops accepting") {
+            after_switch += 1;
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {attempts} connects failed across the switch: {failures:#?}",
+        failures.len()
+    );
+    new.wait_ready()?;
+    for (send, (_, to)) in sends.into_iter().zip(paths) {
+        let report = send?.finish()?;
+        ensure!(
+            report.received_bytes == TRANSFER && report.received_sha256 == report.sent_sha256,
+            "to {to}: not every byte came back: {report:?}"
+        );
+    }
+    let status = old.wait_exit(Duration::from_secs(20))?;
+    ensure!(status.success(), "old agent exit: {status}");
+    ensure!(
+        old.current_log().contains("drained"),
+        "the old agent did not drain"
+    );
+    let log = new.current_log();
+    ensure!(
+        log.contains("took over the running agent's pod listeners") && !log.contains("refused="),
+        "the successor did not take every listener:\n{log}"
+    );
+    // Alone now: new connections on every path go through the successor.
+    let before = new.newest_record_id()?;
+    for (from, to) in paths {
+        echo_once(from, to)?;
+    }
+    new.expect_new_record(before, "hbone", |r| r.direction == "hbone");
+    eprintln!("handover: {attempts} connects across the switch, none failed");
+    Ok(())
+}
+
+/// One small echo exchange, checked byte for byte.
+fn echo_once(from: &TestPod, to: SocketAddr) -> Result<()> {
+    let report = app::send(from, to, 4096, 3)?;
+    ensure!(
+        report.received_bytes == 4096 && report.received_sha256 == report.sent_sha256,
+        "echo not intact: {report:?}"
+    );
+    Ok(())
+}
+
 /// An enrolled client, an unenrolled server (plaintext passthrough) and an enrolled one
 /// (HBONE).
 struct Pods {
@@ -187,6 +268,24 @@ impl Pods {
                 .mtls_mode("PERMISSIVE")
                 .create()?,
         })
+    }
+
+    /// Echo servers in the unenrolled and the enrolled server pod.
+    fn serve(&self) -> Result<[app::Server; 2]> {
+        Ok([
+            app::serve(&self.plain, PORT, Mode::Echo)?,
+            app::serve(&self.mesh, PORT, Mode::Echo)?,
+        ])
+    }
+
+    /// Outbound plaintext passthrough, outbound HBONE, inbound plaintext (15006).
+    fn paths(&self) -> [(&TestPod, SocketAddr); 3] {
+        let (plain, mesh) = (self.plain_addr(), self.mesh_addr());
+        [
+            (&self.client, plain),
+            (&self.client, mesh),
+            (&self.plain, mesh),
+        ]
     }
 
     fn plain_addr(&self) -> SocketAddr {
