@@ -54,6 +54,11 @@ pub enum Error {
     // agent enrolled (they look gone), and they would run unmeshed.
     #[error(transparent)]
     Discovery(#[from] discover::Error),
+    #[error(
+        "the previous agent closed the hand-over before this one was ready (it waited too long) \
+         and serves its pods again; stopping, so that only one agent owns them"
+    )]
+    HandoverAbandoned,
 }
 
 /// Where the agent's state comes from after start-up.
@@ -296,10 +301,17 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             enroller.check_cgroup_root(&config.ebpf.cgroup_root, proc_root),
         );
 
+        // A predecessor that gave up waiting for this agent serves its pods again: two
+        // agents must never both own them, so this one stops (before it says it is ready).
+        if predecessor.as_ref().is_some_and(handover::predecessor_gone) {
+            return Err(Error::HandoverAbandoned);
+        }
         // Serving every pod: the predecessor may stop accepting, and a successor may come.
         if ready.is_ready() {
-            if let Some(stream) = predecessor.take() {
-                handover::tell_ready(stream).await;
+            if let Some(stream) = predecessor.take()
+                && !handover::tell_ready(stream).await
+            {
+                return Err(Error::HandoverAbandoned);
             }
             if let Some(config) = offer.take() {
                 match handover::offer(&config) {

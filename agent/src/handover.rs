@@ -141,20 +141,46 @@ pub fn receive(stream: &UnixStream) -> Result<Vec<(Declared, OwnedFd)>, Error> {
     Ok(manifest.listeners.into_iter().zip(fds).collect())
 }
 
-/// The successor serves everything it took over: the predecessor may stop accepting.
-pub fn say_ready(mut stream: &UnixStream) -> Result<(), Error> {
-    stream.write_all(&[READY]).map_err(Error::Io)
+/// The successor serves everything it took over: the predecessor may stop accepting. True
+/// only when the predecessor confirmed it (it stops accepting); false when it had given up
+/// first and serves its pods again.
+pub fn say_ready(mut stream: &UnixStream) -> Result<bool, Error> {
+    stream.write_all(&[READY]).map_err(Error::Io)?;
+    read_ready(stream)
 }
 
-/// Waits (within the socket's read timeout) for the successor's `say_ready`: false when
-/// it went away first, or said something else.
+/// Waits (within the socket's read timeout) for the successor's `say_ready` and confirms
+/// it: false when the successor went away first, or said something else.
 pub fn wait_ready(mut stream: &UnixStream) -> Result<bool, Error> {
+    if !read_ready(stream)? {
+        return Ok(false);
+    }
+    // Confirmed before this agent stops accepting: a successor that hears nothing knows
+    // its predecessor gave up, and stops rather than serve beside it.
+    stream.write_all(&[READY]).map_err(Error::Io)?;
+    Ok(true)
+}
+
+fn read_ready(mut stream: &UnixStream) -> Result<bool, Error> {
     let mut byte = [0u8; 1];
     match stream.read(&mut byte) {
         Ok(1) => Ok(byte[0] == READY),
         Ok(_) => Ok(false),
         Err(e) => Err(Error::Io(e)),
     }
+}
+
+/// The predecessor closed the hand-over before this agent said it was ready: it gave up
+/// waiting and serves its pods again. Never blocks.
+pub fn predecessor_gone(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    let peeked = socket::recv(
+        stream.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    );
+    // Ok(0): end of stream. EAGAIN: still there, silent. A byte: it never sends one.
+    !matches!(peeked, Err(nix::errno::Errno::EAGAIN))
 }
 
 /// Checks that `fd` is the listener `declared` says, and turns it into one.
@@ -336,5 +362,31 @@ mod tests {
         let (_old, new) = UnixStream::pair().unwrap();
         prepare(&new, Duration::from_millis(100)).unwrap();
         assert!(matches!(receive(&new), Err(Error::Io(_))));
+    }
+
+    #[test]
+    fn ready_is_said_and_confirmed() {
+        let (old, new) = UnixStream::pair().unwrap();
+        prepare(&old, Duration::from_secs(10)).unwrap();
+        prepare(&new, Duration::from_secs(10)).unwrap();
+        let waiting = std::thread::spawn(move || wait_ready(&old).unwrap());
+        assert!(say_ready(&new).unwrap());
+        assert!(waiting.join().unwrap());
+        // A predecessor that gave up (closed) confirms nothing.
+        let (old, new) = UnixStream::pair().unwrap();
+        drop(old);
+        assert!(!matches!(say_ready(&new), Ok(true)));
+    }
+
+    #[test]
+    fn a_successor_sees_when_its_predecessor_gives_up() {
+        let (old, new) = UnixStream::pair().unwrap();
+        prepare(&new, Duration::from_secs(10)).unwrap();
+        assert!(
+            !predecessor_gone(&new),
+            "a silent predecessor is still there"
+        );
+        drop(old);
+        assert!(predecessor_gone(&new));
     }
 }

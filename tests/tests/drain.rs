@@ -37,6 +37,9 @@ fn open_connections_outlive_sigterm_and_new_ones_fail_closed() -> Result<()> {
     let sends = paths.map(|(from, to)| long_send(from, to, TRANSFER));
     wait_active(&agent, "outbound", 2)?;
     wait_active(&agent, "inbound", 1)?;
+    // Delivered, not only recorded: the servers' counts below must hold these alone.
+    plain_server.wait_accepted(1);
+    mesh_server.wait_accepted(2);
 
     sigterm(&agent);
     eventually(Duration::from_secs(10), || {
@@ -112,8 +115,8 @@ fn the_drain_limit_cuts_what_is_still_open() -> Result<()> {
     agent.wait_exit(Duration::from_secs(20))?;
     let took = started.elapsed();
     ensure!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
-        "the agent exited {took:?} after SIGTERM, limit 2s"
+        took >= Duration::from_secs(2),
+        "the agent exited {took:?} after SIGTERM, before the 2s limit"
     );
     let log = agent.current_log();
     ensure!(
@@ -148,14 +151,9 @@ fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
         agent.try_status().is_none(),
         "the agent exited on the first signal"
     );
-    let started = Instant::now();
+    // The drain's limit is an hour: an exit within the wait is the second signal's doing.
     sigterm(&agent);
     agent.wait_exit(Duration::from_secs(10))?;
-    let took = started.elapsed();
-    ensure!(
-        took < Duration::from_secs(3),
-        "the agent took {took:?} to exit after the second SIGTERM"
-    );
     let log = agent.current_log();
     ensure!(
         log.contains("second signal while draining"),

@@ -71,18 +71,29 @@ pub async fn take_over(config: &Config) -> Option<(UnixStream, Inherited)> {
     Some((stream, inherited))
 }
 
+pub use crate::handover::predecessor_gone;
+
 /// Tells the predecessor that every pod is served here: it stops accepting and drains.
-pub async fn tell_ready(stream: UnixStream) {
+/// False when it did not confirm: it gave up waiting and serves its pods again.
+pub async fn tell_ready(stream: UnixStream) -> bool {
     let said = tokio::task::spawn_blocking(move || handover::say_ready(&stream)).await;
     match said {
-        Ok(Ok(())) => info!(
-            component = "handover",
-            "told the previous agent to stop accepting"
-        ),
-        Ok(Err(e)) => {
-            warn!(component = "handover", error = %e, "cannot tell the previous agent that this one is ready")
+        Ok(Ok(true)) => {
+            info!(
+                component = "handover",
+                "the previous agent stops accepting: this one serves every pod"
+            );
+            true
         }
-        Err(e) => warn!(component = "handover", error = %e, "BUG: the hand-over task failed"),
+        Ok(Ok(false)) => false,
+        Ok(Err(e)) => {
+            warn!(component = "handover", error = %e, "the previous agent did not confirm the hand-over");
+            false
+        }
+        Err(e) => {
+            warn!(component = "handover", error = %e, "BUG: the hand-over task failed");
+            false
+        }
     }
 }
 
@@ -134,7 +145,8 @@ pub async fn next_successor(offered: &mut Option<mpsc::Receiver<UnixStream>>) ->
 }
 
 /// Sends every pod listener to the successor on `stream` and waits for it to say it is
-/// ready. True: it is, stop accepting. False: it failed or went away; go on as before.
+/// ready. True: it is, stop accepting. False: it failed or went away; go on as before (a
+/// successor still running sees the stream close and stops: `predecessor_gone`).
 /// The caller's reconcile loop does not run meanwhile: no map write while two agents hold
 /// the listeners.
 pub async fn hand_over(enroller: &Enroller, stream: UnixStream) -> bool {
