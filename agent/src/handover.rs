@@ -179,8 +179,12 @@ pub fn predecessor_gone(stream: &UnixStream) -> bool {
         &mut byte,
         MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
     );
-    // Ok(0): end of stream. EAGAIN: still there, silent. A byte: it never sends one.
-    !matches!(peeked, Err(nix::errno::Errno::EAGAIN))
+    // Ok(0): end of stream. EAGAIN: still there, silent. A byte: it never sends one
+    // unasked, so it is broken too.
+    !matches!(
+        peeked,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)
+    )
 }
 
 /// Checks that `fd` is the listener `declared` says, and turns it into one.
@@ -217,18 +221,25 @@ fn receive_batch(stream: &UnixStream, fds: &mut Vec<OwnedFd>) -> Result<(), Erro
     if message.bytes == 0 {
         return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
     }
-    // A truncated control message (more descriptors than room) is refused whole: the
-    // kernel has closed what did not fit.
+    let mut batch = Vec::new();
     let cmsgs = message.cmsgs().map_err(|e| Error::Io(e.into()))?;
     for cmsg in cmsgs {
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
             for fd in raw {
                 // SAFETY: the kernel just installed `fd` in this process for this message
                 // (SCM_RIGHTS); nothing else owns it.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                batch.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
     }
+    // A truncated control message (more descriptors than room) is refused whole: the
+    // kernel closed what did not fit, and dropping `batch` closes the rest.
+    if message.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(Error::Io(io::Error::other(
+            "more descriptors than a message may carry",
+        )));
+    }
+    fds.append(&mut batch);
     Ok(())
 }
 
