@@ -4,7 +4,11 @@
 //!
 //! Shutting down detaches nothing: pinned maps and links keep enrolled pods steered to
 //! listeners that are gone, so they fail closed until the next agent re-adopts them.
+//! Before it exits the agent drains: it closes every pod listener at once, then serves the
+//! connections still open until they end or `agent.drain.limit` passes (a second signal
+//! cuts it short), with readiness and metrics saying so.
 
+mod handover;
 pub mod waypoint;
 
 use std::{sync::Arc, time::Duration};
@@ -15,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     config::Config,
+    drain::{self, Drain},
     ebpf::{self, Dataplane},
     enroll::{self, Enroller},
     hbone,
@@ -49,6 +54,11 @@ pub enum Error {
     // agent enrolled (they look gone), and they would run unmeshed.
     #[error(transparent)]
     Discovery(#[from] discover::Error),
+    #[error(
+        "the previous agent closed the hand-over before this one was ready (it waited too long) \
+         and serves its pods again; stopping, so that only one agent owns them"
+    )]
+    HandoverAbandoned,
 }
 
 /// Where the agent's state comes from after start-up.
@@ -128,6 +138,8 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     if matches!(source, Source::Kubernetes(_)) {
         metrics.register_collector(source::kube::Metrics::new(Arc::clone(&kube_health)));
     }
+    let drain = Drain::default();
+    metrics.register_collector(drain.metrics());
     let connections = Arc::new(Connections::new(
         state_rx.clone(),
         telemetry::TcpMetrics::new(&mut metrics),
@@ -139,6 +151,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         host_conns,
         Arc::clone(&connections),
         mtls,
+        drain.clone(),
     );
     let proxy_handle = proxy.clone();
     let hbone_pool = proxy.hbone_pool();
@@ -219,6 +232,16 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         }
     }
 
+    // Before the first enrollment: a running agent's listeners are served on, not bound anew.
+    let mut predecessor = None;
+    if let Some(config) = &config.handover
+        && let Some((stream, inherited)) = handover::take_over(config).await
+    {
+        enroller.inherit(inherited);
+        predecessor = Some(stream);
+    }
+    let mut offer = config.handover.clone();
+    let mut successors = None;
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut rejected: Option<ebpf::Settings> = None;
     let proc_root = config
@@ -278,6 +301,33 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             enroller.check_cgroup_root(&config.ebpf.cgroup_root, proc_root),
         );
 
+        // A predecessor that gave up waiting for this agent serves its pods again: two
+        // agents must never both own them, so this one stops (before it says it is ready).
+        if predecessor.as_ref().is_some_and(handover::predecessor_gone) {
+            return Err(Error::HandoverAbandoned);
+        }
+        // Serving every pod: the predecessor may stop accepting, and a successor may come.
+        if ready.is_ready() {
+            if let Some(stream) = predecessor.take()
+                && !handover::tell_ready(stream).await
+            {
+                return Err(Error::HandoverAbandoned);
+            }
+            if let Some(config) = offer.take() {
+                match handover::offer(&config) {
+                    Ok(rx) => {
+                        info!(component = "handover", socket = %config.socket.display(),
+                            "offering the pod listeners to a successor agent");
+                        successors = Some(rx);
+                    }
+                    Err(e) => {
+                        warn!(component = "handover", socket = %config.socket.display(), error = %e,
+                            "cannot offer the listeners to a successor agent (it will bind its own)");
+                    }
+                }
+            }
+        }
+
         tokio::select! {
             changed = state_rx.changed() => {
                 if changed.is_err() {
@@ -286,15 +336,81 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 snapshot = Arc::clone(&state_rx.borrow_and_update());
             }
             _ = ticker.tick() => {}
+            // Readiness clears outside this loop (certificates): look again soon while a
+            // hand-over waits for it.
+            () = tokio::time::sleep(HANDOVER_RECHECK), if predecessor.is_some() || offer.is_some() => {}
+            stream = handover::next_successor(&mut successors) => {
+                if handover::hand_over(&enroller, stream).await {
+                    break;
+                }
+            }
             () = shutdown.notified() => break,
             () = terminate() => break,
         }
     }
+    // Nothing below writes a map: the pinned state is the next agent's to take over.
+    let second_signal = terminate();
+    let pods = enroller.close_listeners();
+    let open = drain.start();
+    let limit = config.drain.limit;
+    info!(component = "app", connections = open, pods, limit = %humantime::format_duration(limit),
+        "shutting down: this agent accepts on no pod listener any more (a successor that took \
+         them over serves them; else the pods fail closed until the next agent); draining the \
+         open connections until they end or the limit passes");
+    ready.block(
+        "draining",
+        "the agent is stopping: it accepts no connection, and serves the open ones until they end",
+    );
+    serve_draining(&drain, limit, &proxy_handle, state_rx, second_signal).await;
     info!(
         component = "app",
         "shutting down; eBPF state stays pinned (pods fail closed until the next agent)"
     );
     Ok(())
+}
+
+/// Serves the open connections (applying policy changes to them) until they end, `limit`
+/// passes or a second signal comes; then cuts what is left.
+async fn serve_draining(
+    drain: &Drain,
+    limit: Duration,
+    proxy: &Proxy,
+    mut state_rx: watch::Receiver<Arc<Snapshot>>,
+    second_signal: impl Future<Output = ()>,
+) {
+    let waited = drain.wait(limit);
+    tokio::pin!(waited, second_signal);
+    let mut state_open = true;
+    let cut = loop {
+        tokio::select! {
+            outcome = &mut waited => match outcome {
+                drain::Outcome::Drained => {
+                    info!(component = "app", "drained: every open connection ended");
+                    return;
+                }
+                drain::Outcome::LimitPassed { open } => {
+                    warn!(component = "app", connections = open, limit = %humantime::format_duration(limit),
+                        "drain limit (agent.drain.limit) passed: cutting the connections still open");
+                    break open;
+                }
+            },
+            // A revocation still closes what it denies.
+            changed = state_rx.changed(), if state_open => match changed {
+                Ok(()) => proxy.apply_policies(&state_rx.borrow_and_update()),
+                Err(_) => state_open = false,
+            },
+            () = &mut second_signal => {
+                warn!(component = "app", connections = drain.open(),
+                    "second signal while draining: exiting now, cutting the open connections");
+                break drain.open();
+            }
+        }
+    };
+    drain.count_cut(cut);
+    proxy.connections().close_all(proxy::Stop::DrainCut);
+    // A moment for the copy loops to reset both ends (an application must not take the cut
+    // for a clean end) and write their access-log lines.
+    let _ = drain.wait(CUT_GRACE).await;
 }
 
 /// Keeps the `certificates` readiness condition in step with the certificate manager:
@@ -346,17 +462,26 @@ fn pool_config(limits: &proxy::limits::Config) -> hbone::PoolConfig {
     }
 }
 
-/// SIGTERM or SIGINT.
-async fn terminate() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM or SIGINT. SIGTERM is listened for from the call on, not from the first poll:
+/// the drain's second signal may come before its loop first runs.
+fn terminate() -> impl Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let Ok(mut term) = term else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     }
 }
+
+/// How long cut connections get to reset both ends before the process exits.
+const CUT_GRACE: Duration = Duration::from_millis(500);
+
+/// How often readiness is looked at while a hand-over waits for it.
+const HANDOVER_RECHECK: Duration = Duration::from_millis(100);
 
 /// How often attachment is re-verified and failed enrollments retried.
 const RECHECK_INTERVAL: Duration = Duration::from_secs(5);

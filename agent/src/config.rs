@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    admin, cni, ebpf, hbone, http,
+    admin, cni, drain, ebpf, handover, hbone, http,
     identity::{self, CaSource},
     proxy,
     settings::{AgentSection, Error, HttpSection, LimitsSection, humantime_ms, node_name},
@@ -42,6 +42,10 @@ pub struct Config {
     pub cni: Option<node_cni::Config>,
     /// Pod discovery from the kubelet's cgroup tree (`agent.discovery`); off without it.
     pub discovery: Option<discover::Config>,
+    /// How long shutdown serves open connections (`agent.drain`).
+    pub drain: drain::Config,
+    /// Listener hand-over to and from another agent on the node (`agent.handover`).
+    pub handover: Option<handover::Config>,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -204,6 +208,13 @@ impl Config {
             }),
         };
         let limits = limits_config(&agent.limits, &duration, &invalid)?;
+        let drain = drain::Config {
+            limit: duration(
+                "agent.drain.limit",
+                agent.drain.limit.as_deref(),
+                drain::DEFAULT_LIMIT,
+            )?,
+        };
         if cni.is_some() && discovery.is_none() {
             // Fail closed: the pods the plugin told a previous agent about are known to a
             // restarted one only through discovery; without it they would be dropped from
@@ -243,6 +254,13 @@ impl Config {
             telemetry: telemetry::Config { metrics_prefix },
             cni,
             discovery,
+            drain,
+            handover: agent.handover.as_ref().map(|section| handover::Config {
+                socket: section
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(handover::DEFAULT_SOCKET)),
+            }),
         })
     }
 }
@@ -854,6 +872,26 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(err.contains(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn drain_limit_defaults_long_and_a_bad_one_names_the_field() {
+        let parse = |yaml: &str| {
+            Config::new(
+                Path::new("n.yaml"),
+                &section(&format!("cgroupRoot: /a\n{yaml}")),
+                Overrides::default(),
+            )
+        };
+        assert_eq!(parse("").unwrap().drain.limit, Duration::from_secs(3600));
+        assert_eq!(
+            parse("drain: {limit: 90s}").unwrap().drain.limit,
+            Duration::from_secs(90)
+        );
+        for yaml in ["drain: {limit: soon}", "drain: {limit: 0s}"] {
+            let err = parse(yaml).unwrap_err().to_string();
+            assert!(err.contains("agent.drain.limit"), "{yaml}: {err}");
         }
     }
 

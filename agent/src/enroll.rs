@@ -13,6 +13,8 @@ mod cgroups;
 mod listeners;
 pub mod netns;
 
+pub use listeners::Inherited;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
@@ -27,6 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     ebpf::{self, Dataplane, ProxySocketTable},
+    handover,
     proxy::{self, PodContext, PodHandle, PodListeners, Proxy, SocketFactory},
     report::{EnrollStatus, ListenerStatus, PodStatus},
     state::{Snapshot, Workload, WorkloadRef},
@@ -81,6 +84,8 @@ pub struct Enroller {
     failed: BTreeMap<WorkloadRef, FailedPod>,
     next_pod_id: u32,
     adopted: bool,
+    /// A predecessor's listeners, until the pods they belong to are enrolled.
+    inherited: listeners::Inherited,
 }
 
 struct FailedPod {
@@ -112,6 +117,7 @@ impl Enroller {
             failed: BTreeMap::new(),
             next_pod_id: 1,
             adopted: false,
+            inherited: listeners::Inherited::default(),
         }
     }
 
@@ -243,6 +249,15 @@ impl Enroller {
             }
             self.adopted = true;
         }
+        if !self.inherited.is_empty() {
+            // Left over: pods no longer here, or that failed (a retry binds afresh).
+            info!(
+                component = "enroll",
+                listeners = self.inherited.len(),
+                "closing handed-over listeners that no enrolled pod took"
+            );
+            self.inherited = listeners::Inherited::default();
+        }
         self.failed.is_empty()
     }
 
@@ -274,6 +289,47 @@ impl Enroller {
             names.join(", "),
             cgroup_root.display()
         ))
+    }
+
+    /// Serves these listeners of a predecessor agent instead of binding new ones, for the
+    /// pods enrolled by the next `reconcile`; it closes those no pod took.
+    pub fn inherit(&mut self, inherited: listeners::Inherited) {
+        self.inherited = inherited;
+    }
+
+    /// Every pod listener, for a successor agent to take over (`handover`).
+    pub fn handover_listeners(&self) -> Vec<(handover::Declared, Arc<tokio::net::TcpListener>)> {
+        let mut all = Vec::new();
+        for pod in self.pods.values() {
+            let groups = [
+                &pod.listeners.outbound,
+                &pod.listeners.inbound,
+                &pod.listeners.hbone,
+            ];
+            for listener in groups.into_iter().flatten() {
+                if let Ok(addr) = listener.local_addr() {
+                    let declared = handover::Declared {
+                        netns_cookie: pod.cookie.0,
+                        addr,
+                    };
+                    all.push((declared, Arc::clone(listener)));
+                }
+            }
+        }
+        all
+    }
+
+    /// Stops serving every pod and closes its listeners, with no map write: the pinned
+    /// steering stays, so the pods fail closed (a new connect is refused, inbound is
+    /// dropped) as after the agent exits. Open connections run on. Returns the pods.
+    pub fn close_listeners(self) -> usize {
+        let pods = self.pods.len();
+        for pod in self.pods.into_values() {
+            // Dropping the pod's `listeners` with it closes the sockets; no accept loop
+            // holds them after `stop`.
+            pod.handle.stop();
+        }
+        pods
     }
 
     pub fn status(&self) -> EnrollStatus {
@@ -356,13 +412,7 @@ impl Enroller {
         self.lock_dataplane()
             .enroll(cookie, record, netns.fd())
             .map_err(dataplane_err)?;
-        let listeners =
-            listeners::create(&netns, &workload.ips, &self.config).map_err(|source| {
-                Error::Listeners {
-                    pod: pod.clone(),
-                    source,
-                }
-            })?;
+        let listeners = self.create_listeners(&netns, workload, cookie)?;
         self.register_inbound(&workload.ips, &[], &listeners)
             .map_err(dataplane_err)?;
         let netns = Arc::new(netns);
@@ -389,7 +439,6 @@ impl Enroller {
         old: EnrolledPod,
         workload: &Workload,
     ) -> Result<EnrolledPod, (Option<NetnsCookie>, Error)> {
-        let pod = &workload.name;
         let (netns, cookie) = open_netns(workload)?;
         if cookie != old.cookie {
             let result = self.start_serving(workload, netns, cookie, &mut HashMap::new());
@@ -411,16 +460,9 @@ impl Enroller {
             // closed), never let through.
             handle.stop();
             drop(listeners);
-            let listeners =
-                listeners::create(&netns, &workload.ips, &self.config).map_err(|source| {
-                    (
-                        Some(cookie),
-                        Error::Listeners {
-                            pod: pod.clone(),
-                            source,
-                        },
-                    )
-                })?;
+            let listeners = self
+                .create_listeners(&netns, workload, cookie)
+                .map_err(|e| (Some(cookie), e))?;
             return self.serve_again(
                 workload,
                 pod_id,
@@ -558,6 +600,22 @@ impl Enroller {
                     "closed the open connections of a deleted pod");
             }
         }
+    }
+
+    /// The pod's listeners: handed over by a predecessor, or bound now.
+    fn create_listeners(
+        &mut self,
+        netns: &PodNetns,
+        workload: &Workload,
+        cookie: NetnsCookie,
+    ) -> Result<PodListeners, Error> {
+        let config = &self.config;
+        listeners::create(netns, &workload.ips, config, &mut self.inherited, cookie).map_err(
+            |source| Error::Listeners {
+                pod: workload.name.clone(),
+                source,
+            },
+        )
     }
 
     fn lock_dataplane(&self) -> MutexGuard<'_, Dataplane> {

@@ -37,10 +37,11 @@ use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-pub use connections::{Connections, Direction};
+pub use connections::{Connections, Direction, Stop};
 pub use socket::SocketFactory;
 
 use crate::{
+    drain::Drain,
     ebpf::{HostConnTable, OrigDstTable},
     hbone::{self, copy},
     identity::{CertSource, SpiffeId},
@@ -108,6 +109,10 @@ pub enum Error {
     },
     #[error("closed: the pod was removed from the mesh's state (deleted) while connected")]
     PodRemoved,
+    #[error(
+        "closed: the agent stopped draining (its drain limit, agent.drain.limit, passed, or a second signal came)"
+    )]
+    DrainCut,
     #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]
     PlaintextRefusedStrict,
     #[error(
@@ -156,6 +161,7 @@ impl Error {
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::PolicyRevoked { .. } => "policy_revoked",
             Error::PodRemoved => "pod_removed",
+            Error::DrainCut => "drain_cut",
             Error::PlaintextRefusedStrict => "plaintext_refused_strict",
             Error::ProxyLoop(_) => "proxy_loop",
             Error::WaypointUnavailable { .. } => "waypoint_unavailable",
@@ -255,6 +261,10 @@ struct Inner {
     limits: limits::Config,
     /// Every pod's budgets draw on this one.
     node_budget: Arc<limits::NodeBudget>,
+    /// Every connection task and HBONE stream holds a guard, so shutdown can wait for them.
+    /// The outbound HBONE pool's connections hold none: they carry only streams of
+    /// outbound connections, which do, and are idle once those end.
+    drain: Drain,
 }
 
 impl Proxy {
@@ -265,6 +275,7 @@ impl Proxy {
         host_conns: HostConnTable,
         connections: Arc<Connections>,
         mtls: Option<Mtls>,
+        drain: Drain,
     ) -> Self {
         let trust_domain = mtls.as_ref().map(|m| m.trust_domain.clone());
         Self {
@@ -284,6 +295,7 @@ impl Proxy {
                     config.limits.node_connections,
                     limits::raise_nofile_limit(),
                 ),
+                drain,
             }),
         }
     }
@@ -483,15 +495,18 @@ async fn accept_loop(
             .clone()
             .map(|tls| (tls, Arc::clone(&hbone_handler)));
         let http2 = proxy.inner.limits.hbone;
+        let guard = proxy.inner.drain.guard();
         tokio::spawn(async move {
             let _permit = permit;
+            let _guard = guard;
             match (direction, hbone) {
                 (Direction::Outbound, _) => outbound::handle(&proxy, &pod, stream, peer).await,
                 (Direction::Inbound, _) => inbound::handle(&proxy, &pod, stream, peer).await,
                 (Direction::Hbone, Some((tls, handler))) => {
                     // Failures are logged by the server with their reason; streams record
                     // themselves through the handler.
-                    let _ = hbone::serve_with(stream, tls, handler, &http2).await;
+                    let _ =
+                        hbone::serve_with(stream, tls, handler, &http2, &proxy.inner.drain).await;
                 }
                 (Direction::Hbone, None) => inbound::refuse_hbone(&proxy, &pod, stream, peer),
             }

@@ -9,8 +9,8 @@ mod agent_section;
 use std::path::PathBuf;
 
 pub use agent_section::{
-    AgentSection, CaSection, CniSection, DiscoverySection, HttpSection, InProcessCaSection,
-    LimitsSection, PortsSection, RemoteCaSection,
+    AgentSection, CaSection, CniSection, DiscoverySection, DrainSection, HttpSection,
+    InProcessCaSection, LimitsSection, PortsSection, RemoteCaSection,
 };
 
 /// A configuration error. `field` is the path of the offending field in the file

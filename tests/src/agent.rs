@@ -46,6 +46,8 @@ pub struct TestAgent {
     log_offset: usize,
     command: AgentCommand,
     show_log_on_drop: bool,
+    /// Added to the admin, readiness and metrics ports (a second agent beside the first).
+    port_offset: u16,
 }
 
 /// How the agent is started: `<program> <args…> agent --config <file>`.
@@ -129,25 +131,53 @@ impl TestAgent {
 
     /// Starts the agent with this exact config text (for tests of bad configs).
     pub fn spawn_with_config_text(node: &TestNode, yaml: &str) -> Result<Self> {
-        let dir = node.dir().to_path_buf();
-        let config_path = dir.join("weft.yaml");
+        let dir = node.dir();
         let cgroup = node.agent_cgroup();
         if let Some(dir) = &cgroup {
             std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
         }
-        let mut agent = TestAgent {
+        let mut agent = Self::new_at(node, dir.join("weft.yaml"), dir.join("agent.log"), 0);
+        agent.write_config_text(yaml)?;
+        agent.launch()?;
+        Ok(agent)
+    }
+
+    /// Starts a second agent on the node, as a DaemonSet's surge pod would: the node's
+    /// config with the admin, readiness and metrics ports moved up by `port_offset`, its own
+    /// config file and log (`<name>.yaml`, `<name>.log`). Does not wait for readiness.
+    pub fn spawn_beside(node: &TestNode, name: &str, port_offset: u16) -> Result<Self> {
+        let mut config = node.config();
+        let moved = |addr: &str| -> Result<String> {
+            let addr: SocketAddr = addr.parse()?;
+            Ok(SocketAddr::new(addr.ip(), addr.port() + port_offset).to_string())
+        };
+        config["agent"]["adminAddr"] = moved(ADMIN_ADDR)?.into();
+        config["agent"]["readinessAddr"] = moved(READINESS_ADDR)?.into();
+        config["agent"]["metricsAddr"] = moved(METRICS_ADDR)?.into();
+        let dir = node.dir();
+        let mut agent = Self::new_at(
+            node,
+            dir.join(format!("{name}.yaml")),
+            dir.join(format!("{name}.log")),
+            port_offset,
+        );
+        agent.rewrite_config(&config)?;
+        agent.launch()?;
+        Ok(agent)
+    }
+
+    fn new_at(node: &TestNode, config_path: PathBuf, log_path: PathBuf, port_offset: u16) -> Self {
+        TestAgent {
             process: None,
             netns: node.netns_path(),
-            cgroup,
-            log_path: dir.join("agent.log"),
+            cgroup: node.agent_cgroup(),
+            log_path,
             log_offset: 0,
             show_log_on_drop: true,
             config_path,
             command: node.agent_command(),
-        };
-        agent.write_config_text(yaml)?;
-        agent.launch()?;
-        Ok(agent)
+            port_offset,
+        }
     }
 
     fn launch(&mut self) -> Result<()> {
@@ -212,7 +242,9 @@ impl TestAgent {
 
     /// `GET path` on the admin API.
     pub fn get(&self, path: &str) -> Result<HttpResponse> {
-        sys::http_get(&self.netns, admin_addr(), path)
+        let admin = admin_addr();
+        let admin = SocketAddr::new(admin.ip(), admin.port() + self.port_offset);
+        sys::http_get(&self.netns, admin, path)
     }
 
     /// `GET path` on the admin API, expecting 200 and JSON.
@@ -277,6 +309,7 @@ impl TestAgent {
     /// `GET /metrics` on the metrics port (OpenMetrics text).
     pub fn metrics(&self) -> Result<String> {
         let addr: SocketAddr = METRICS_ADDR.parse().context("METRICS_ADDR")?;
+        let addr = SocketAddr::new(addr.ip(), addr.port() + self.port_offset);
         let r = sys::http_get(&self.netns, addr, "/metrics")?;
         if r.status != 200 {
             bail!("GET /metrics: status {}: {}", r.status, r.body);

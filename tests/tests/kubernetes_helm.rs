@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde_json::json;
+use serde_json::{Value, json};
 use weft_tests::{
     helm::{
         DEFAULT_NS, NON_DEFAULT, OTHER_NS, Object, Rule, TWO_WAYPOINTS, agent_pod,
@@ -771,6 +771,35 @@ fn bad_values_are_refused_naming_the_field() -> Result<()> {
         let err = render(DEFAULT_NS, &[value]).expect_err(value);
         assert!(format!("{err:#}").contains(field), "{value}: {err:#}");
     }
+    Ok(())
+}
+
+#[test]
+fn the_grace_period_covers_the_drain_limit() -> Result<()> {
+    helm_or_skip!();
+    let drain_limit = |objects: &[Object]| -> Result<Value> {
+        Ok(config_file(objects, "weft-agent", "agent.yaml")?["agent"]["drain"]["limit"].clone())
+    };
+    assert_eq!(drain_limit(&render(DEFAULT_NS, &[])?)?, "20s");
+    let err = render(DEFAULT_NS, &["agent.drainLimitSeconds=60"]).expect_err("60s > 30s");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("agent.terminationGracePeriodSeconds (30)")
+            && err.contains("agent.drainLimitSeconds (60)"),
+        "{err}"
+    );
+    let objects = render(
+        DEFAULT_NS,
+        &[
+            "agent.drainLimitSeconds=3600",
+            "agent.terminationGracePeriodSeconds=3630",
+        ],
+    )?;
+    assert_eq!(drain_limit(&objects)?, "3600s");
+    assert_eq!(
+        agent_pod(&objects)?.termination_grace_period_seconds,
+        Some(3630)
+    );
     Ok(())
 }
 

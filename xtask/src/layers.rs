@@ -25,9 +25,9 @@ use syn::visit::Visit;
 const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["telemetry", "http", "readiness", "settings"],
-    &["identity", "ebpf"],
+    &["identity", "ebpf", "drain"],
     &["state"],
-    &["policy", "hbone"],
+    &["policy", "hbone", "handover"],
     &["proxy", "cni", "waypoint", "ca"],
     &["report"],
     &["enroll", "source"],

@@ -3,10 +3,13 @@
 //! HBONE (all addresses). All carry the proxy mark.
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
+
+use ebpf_common::netns::NetnsCookie;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::debug;
@@ -20,24 +23,32 @@ pub fn create(
     netns: &PodNetns,
     pod_ips: &[IpAddr],
     config: &proxy::Config,
+    inherited: &mut Inherited,
+    cookie: NetnsCookie,
 ) -> io::Result<PodListeners> {
     let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
     let ports = config.ports;
+    let mut open = |addr, mark| match inherited.0.remove(&(cookie, addr)) {
+        // The predecessor's socket, checked by `handover::validate`: its queue of
+        // connects is served on, nothing is bound in its place.
+        Some(socket) => socket.set_nonblocking(true).map(|()| socket),
+        None => bind(addr, mark),
+    };
     let sockets = netns.run(|| -> io::Result<_> {
-        let mut outbound = vec![bind(loopback_v4(ports.outbound), config.mark)?];
-        match bind(loopback_v6(ports.outbound), config.mark) {
+        let mut outbound = vec![open(loopback_v4(ports.outbound), config.mark)?];
+        match open(loopback_v6(ports.outbound), config.mark) {
             Ok(s) => outbound.push(s),
             // No IPv6 in this pod: connect6 then has nowhere to go and fails closed.
             Err(e) => debug!(component = "enroll", error = %e, "no IPv6 outbound listener"),
         }
-        let mut inbound = vec![bind(loopback_v4(ports.inbound), config.mark)?];
-        let mut hbone = vec![bind(
+        let mut inbound = vec![open(loopback_v4(ports.inbound), config.mark)?];
+        let mut hbone = vec![open(
             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), ports.hbone),
             config.mark,
         )?];
         if has_v6 {
-            inbound.push(bind(loopback_v6(ports.inbound), config.mark)?);
-            hbone.push(bind(
+            inbound.push(open(loopback_v6(ports.inbound), config.mark)?);
+            hbone.push(open(
                 SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), ports.hbone),
                 config.mark,
             )?);
@@ -50,6 +61,27 @@ pub fn create(
         inbound: into_tokio(inbound)?,
         hbone: into_tokio(hbone)?,
     })
+}
+
+/// Listeners a predecessor agent handed over, by pod netns and address; each is taken once,
+/// by the enrollment of its pod.
+#[derive(Debug, Default)]
+pub struct Inherited(HashMap<(NetnsCookie, SocketAddr), Socket>);
+
+impl Inherited {
+    pub fn insert(&mut self, cookie: NetnsCookie, listener: std::net::TcpListener) {
+        if let Ok(addr) = listener.local_addr() {
+            self.0.insert((cookie, addr), listener.into());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 fn bind(addr: SocketAddr, mark: u32) -> io::Result<Socket> {

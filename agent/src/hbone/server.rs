@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use super::{Error, Limits, Role, copy, stream::H2Stream, tls};
-use crate::identity::SpiffeId;
+use crate::{drain::Drain, identity::SpiffeId};
 
 /// A CONNECT the server received, for the handler to decide on.
 #[derive(Debug)]
@@ -216,18 +216,22 @@ pub async fn serve<H: StreamHandler>(
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
 ) -> Result<(), Error> {
-    serve_with(tcp, tls, handler, &Limits::default()).await
+    // Nothing drains this one: it is served until the client closes it.
+    serve_with(tcp, tls, handler, &Limits::default(), &Drain::default()).await
 }
 
 /// Serves one HBONE connection until the client closes it, within `limits`: a silent
 /// client is cut at the handshake timeout, a vanished one by PING, header lists, streams
 /// and resets are bounded. A refused handshake is logged with its reason and returned;
-/// streams run on their own tasks.
+/// streams run on their own tasks, each holding a guard of `drain`. When `drain` starts,
+/// the client gets GOAWAY: the streams it opened run on, it opens no more, and the
+/// connection ends with its last stream.
 pub async fn serve_with<H: StreamHandler>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
     limits: &Limits,
+    drain: &Drain,
 ) -> Result<(), Error> {
     let peer_addr = tcp.peer_addr().map_err(Error::Socket)?;
     let local_addr = tcp.local_addr().map_err(Error::Socket)?;
@@ -283,9 +287,19 @@ pub async fn serve_with<H: StreamHandler>(
         limits.ping_timeout,
     );
     tokio::pin!(keepalive);
+    let draining = drain.draining();
+    tokio::pin!(draining);
+    let mut going_away = false;
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
+            () = &mut draining, if !going_away => {
+                // An idle pooled connection would otherwise hold the drain up for as long
+                // as the peer keeps it.
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
             e = &mut keepalive => {
                 debug!(component = "hbone", src = %peer_addr, reason = e.reason(), error = %e, "HBONE connection closed");
                 return Err(e);
@@ -294,12 +308,12 @@ pub async fn serve_with<H: StreamHandler>(
         let Some(next) = next else { break };
         match next {
             Ok((request, respond)) => {
-                tokio::spawn(stream_task(
-                    Arc::clone(&handler),
-                    Arc::clone(&peer),
-                    request,
-                    respond,
-                ));
+                let guard = drain.guard();
+                let (handler, peer) = (Arc::clone(&handler), Arc::clone(&peer));
+                tokio::spawn(async move {
+                    stream_task(handler, peer, request, respond).await;
+                    drop(guard);
+                });
             }
             Err(e) => {
                 let e = Error::from_h2(e, None, Role::Client);

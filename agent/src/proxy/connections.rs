@@ -90,8 +90,19 @@ pub struct Tracked {
     labels: OnceLock<TcpLabels>,
     start_unix_ms: u64,
     started: Instant,
-    /// Set when the pod the connection belongs to is gone: its copy loop then closes it.
-    pod_removed: watch::Sender<bool>,
+    /// Set when the connection must end (its pod is gone, the drain limit passed): its
+    /// copy loop then resets both ends with this error.
+    stop: watch::Sender<Option<Stop>>,
+}
+
+/// Why the proxy itself ends an open connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The pod was deleted while connected.
+    PodRemoved,
+    /// The agent stopped draining (its drain limit passed, or a second signal came) while
+    /// the connection was open.
+    DrainCut,
 }
 
 /// A connection as `/debug/connections` shows it.
@@ -187,7 +198,7 @@ impl Connections {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             started: Instant::now(),
-            pod_removed: watch::Sender::new(false),
+            stop: watch::Sender::new(None),
         });
         self.lock().active.insert(tracked.id, Arc::clone(&tracked));
         tracked
@@ -262,10 +273,19 @@ impl Connections {
     /// its processes may live on, but nothing vouches for them any more). Each copy loop
     /// resets both ends and records the close as `pod_removed`. Returns how many there were.
     pub fn close_pod(&self, pod: &str) -> usize {
+        self.stop_where(|t| t.pod == pod, Stop::PodRemoved)
+    }
+
+    /// Closes every open connection (the drain ended), as `close_pod` does.
+    pub fn close_all(&self, why: Stop) -> usize {
+        self.stop_where(|_| true, why)
+    }
+
+    fn stop_where(&self, which: impl Fn(&Tracked) -> bool, why: Stop) -> usize {
         let registry = self.lock();
         let mut closed = 0;
-        for tracked in registry.active.values().filter(|t| t.pod == pod) {
-            tracked.pod_removed.send_replace(true);
+        for tracked in registry.active.values().filter(|t| which(t)) {
+            tracked.stop.send_replace(Some(why));
             closed += 1;
         }
         closed
@@ -399,25 +419,28 @@ impl Tracked {
         *self.policy.lock() = Some(outcome.into());
     }
 
-    /// Resolves once the connection's pod is gone (`Connections::close_pod`), or never:
-    /// the `stop` of a copy loop.
-    pub fn pod_removed(&self) -> impl Future<Output = Error> + Send + 'static {
-        let mut removed = self.pod_removed.subscribe();
+    /// Resolves once the proxy ends the connection (`Connections::close_pod`,
+    /// `close_all`), or never: the `stop` of a copy loop.
+    pub fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
+        let mut stop = self.stop.subscribe();
         async move {
-            if removed.wait_for(|gone| *gone).await.is_err() {
-                // The record is gone, hence the connection too.
-                std::future::pending::<()>().await;
+            match stop.wait_for(Option::is_some).await.map(|why| *why) {
+                Ok(Some(Stop::DrainCut)) => Error::DrainCut,
+                Ok(_) => Error::PodRemoved,
+                Err(_) => {
+                    // The record is gone, hence the connection too.
+                    std::future::pending::<Error>().await
+                }
             }
-            Error::PodRemoved
         }
     }
 
-    /// `stop`, or the pod's removal, whichever comes first.
-    pub fn until_pod_removed(
+    /// `stop`, or the proxy ending the connection, whichever comes first.
+    pub fn until_stopped(
         &self,
         stop: impl Future<Output = Error> + Send + 'static,
     ) -> impl Future<Output = Error> + Send + 'static {
-        let removed = self.pod_removed();
+        let removed = self.stopped();
         async move {
             tokio::select! {
                 e = stop => e,

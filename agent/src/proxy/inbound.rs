@@ -82,7 +82,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             &tracked.sent,
             &tracked.received,
             proxy.idle_timeout(),
-            tracked.until_pod_removed(admission.revoked()),
+            tracked.until_stopped(admission.revoked()),
         )
         .await
     }
@@ -242,7 +242,7 @@ impl hbone::Transfer for HboneTransfer {
     }
 
     fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
-        self.tracked.until_pod_removed(self.admission.revoked())
+        self.tracked.until_stopped(self.admission.revoked())
     }
 
     fn idle_timeout(&self) -> std::time::Duration {

@@ -125,7 +125,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                     &tracked.sent,
                     &tracked.received,
                     proxy.idle_timeout(),
-                    tracked.pod_removed(),
+                    tracked.stopped(),
                 )
                 .await
             }
@@ -221,7 +221,7 @@ async fn hbone_to(
         &tracked.sent,
         &tracked.received,
         proxy.idle_timeout(),
-        tracked.pod_removed(),
+        tracked.stopped(),
     )
     .await
 }

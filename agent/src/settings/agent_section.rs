@@ -43,6 +43,11 @@ pub struct AgentSection {
     /// Limits of the admin, metrics and readiness servers.
     #[serde(default)]
     pub http: HttpSection,
+    /// How shutdown serves the connections still open.
+    #[serde(default)]
+    pub drain: DrainSection,
+    /// Hands the pod listeners to a successor agent; without it none is offered or asked.
+    pub handover: Option<HandoverSection>,
 }
 
 impl AgentSection {
@@ -118,6 +123,25 @@ pub struct HttpSection {
     pub max_body_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
+}
+
+/// The `agent.drain:` section.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DrainSection {
+    /// After SIGTERM or `/quitquitquit`, open connections are served this long at most,
+    /// humantime (default `1h`); what is still open then is cut.
+    pub limit: Option<String>,
+}
+
+/// The `agent.handover:` section.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HandoverSection {
+    /// The unix socket (default `/var/run/weft/handover.sock`).
+    pub socket: Option<PathBuf>,
 }
 
 /// The `agent.cni:` section.

@@ -1,0 +1,254 @@
+//! Drain: tracks open work (proxied connections, HBONE streams) so that shutdown can stop
+//! accepting, serve what is open until it ends or a limit passes, and say how much it cut.
+//!
+//! `Drain` is shared by whoever opens work (each unit holds a `Guard` while it runs) and
+//! whoever shuts down (`start`, then `wait`). Work that must react to the drain, such as an
+//! HBONE connection sending GOAWAY, awaits `draining`. Its `Metrics` report the drain at
+//! scrape time: whether it runs, what is still open, what the limit cut.
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// Drain settings (`agent.drain`).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Config {
+    /// How long open connections are served after shutdown starts; what is still open then
+    /// is cut.
+    #[serde(with = "crate::settings::humantime_ms")]
+    pub limit: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// The tracker. Cheap to clone; every clone is the same tracker.
+#[derive(Clone, Debug, Default)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+/// One unit of open work; dropping it ends the unit.
+#[derive(Debug)]
+#[must_use = "the work counts as open only while its guard lives"]
+pub struct Guard {
+    inner: Arc<Inner>,
+}
+
+/// How a `wait` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing is open any more.
+    Drained,
+    /// The limit passed with this much still open.
+    LimitPassed { open: usize },
+}
+
+/// `/metrics` view of a drain.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    drain: Drain,
+}
+
+#[derive(Debug)]
+struct Inner {
+    open: watch::Sender<usize>,
+    started: watch::Sender<bool>,
+    cut: AtomicU64,
+}
+
+impl Drain {
+    /// Counts a new unit of work as open until the guard drops.
+    pub fn guard(&self) -> Guard {
+        self.inner.open.send_modify(|open| *open += 1);
+        Guard {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Units of work open now.
+    pub fn open(&self) -> usize {
+        *self.inner.open.borrow()
+    }
+
+    /// Starts the drain (once; later calls change nothing). Returns what is open now.
+    pub fn start(&self) -> usize {
+        self.inner.started.send_replace(true);
+        self.open()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.inner.started.borrow()
+    }
+
+    /// Resolves once the drain has started.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut started = self.inner.started.subscribe();
+        async move {
+            // The sender lives in `Inner`, which this future's receiver does not keep
+            // alive: if it is gone, so is every drain that could start.
+            if started.wait_for(|started| *started).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Waits until nothing is open, or `limit` passed.
+    pub async fn wait(&self, limit: Duration) -> Outcome {
+        let mut open = self.inner.open.subscribe();
+        let drained = tokio::time::timeout(limit, open.wait_for(|open| *open == 0)).await;
+        match drained {
+            Ok(_) => Outcome::Drained,
+            Err(_) => Outcome::LimitPassed { open: self.open() },
+        }
+    }
+
+    /// Counts work cut short by the end of the drain (for `/metrics`).
+    pub fn count_cut(&self, n: usize) {
+        self.inner.cut.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics {
+            drain: self.clone(),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.inner
+            .open
+            .send_modify(|open| *open = open.saturating_sub(1));
+    }
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            open: watch::Sender::new(0),
+            started: watch::Sender::new(false),
+            cut: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let gauges = [
+            (
+                "agent_draining",
+                "1 while the agent drains before it exits: it accepts nothing new",
+                i64::from(self.drain.is_draining()),
+            ),
+            (
+                "agent_drain_open_connections",
+                "Proxied connections and HBONE streams open (those a drain waits for)",
+                i64::try_from(self.drain.open()).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let cut = ConstCounter::new(self.drain.inner.cut.load(Ordering::Relaxed));
+        cut.encode(encoder.encode_descriptor(
+            "agent_drain_cut_connections",
+            "Connections still open when the drain limit passed (or a second signal came), cut",
+            None,
+            cut.metric_type(),
+        )?)
+    }
+}
+
+/// Long: a drain should outlive ordinary long-lived connections (issue 16: hours).
+pub const DEFAULT_LIMIT: Duration = Duration::from_secs(60 * 60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_returns_when_the_last_guard_drops() {
+        let drain = Drain::default();
+        let (a, b) = (drain.guard(), drain.guard());
+        assert_eq!(drain.start(), 2);
+        let waiter = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.wait(Duration::from_secs(60)).await }
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        assert_eq!(drain.open(), 1);
+        drop(b);
+        assert_eq!(waiter.await.unwrap(), Outcome::Drained);
+        assert_eq!(drain.open(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_stops_at_the_limit_and_says_what_is_open() {
+        let drain = Drain::default();
+        let _guard = drain.guard();
+        let started = tokio::time::Instant::now();
+        let outcome = drain.wait(Duration::from_secs(2)).await;
+        assert_eq!(outcome, Outcome::LimitPassed { open: 1 });
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_open_drains_at_once() {
+        let drain = Drain::default();
+        drop(drain.guard());
+        assert_eq!(drain.wait(Duration::ZERO).await, Outcome::Drained);
+    }
+
+    #[tokio::test]
+    async fn waiters_hear_the_drain_start() {
+        let drain = Drain::default();
+        let heard = drain.draining();
+        assert!(!drain.is_draining());
+        drain.start();
+        heard.await;
+        assert!(drain.is_draining());
+    }
+
+    #[test]
+    fn metrics_show_draining_open_and_cut() {
+        let drain = Drain::default();
+        let _guard = drain.guard();
+        drain.start();
+        drain.count_cut(3);
+        let mut registry = prometheus_client::registry::Registry::with_prefix("weft");
+        registry.register_collector(Box::new(drain.metrics()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("weft_agent_draining 1\n"), "{text}");
+        assert!(
+            text.contains("weft_agent_drain_open_connections 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_agent_drain_cut_connections_total 3\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! Graceful shutdown (issue 16, `agent.drain`): on SIGTERM the agent closes every pod
+//! listener at once (the pinned steering keeps the pods fail closed) and keeps serving the
+//! connections already open, byte-exact both ways, until they end or the drain limit
+//! passes; readiness and metrics say it drains. A second signal ends the drain at once.
+//! With `agent.handover`, a second agent started beside it takes the listeners over first,
+//! so that no connect is refused across the switch.
+//! Needs root; see `weft_tests::can_run_privileged`.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, ensure};
+use serde_json::json;
+use weft_tests::{
+    TestAgent, TestNode, TestPod,
+    app::{self, Connect, Mode, RunningSend},
+    eventually, privileged, scaled,
+    sys::kill,
+    test_name,
+};
+
+/// A plaintext passthrough (to an unenrolled server), an HBONE connection (between two
+/// enrolled pods) and a plaintext inbound one (15006, from the unenrolled pod) open at
+/// SIGTERM carry every byte both ways; a new connect on any of these paths fails, never
+/// reaching a server around the proxy; readiness and metrics show the drain; the agent
+/// exits by itself once the connections end.
+#[test]
+fn open_connections_outlive_sigterm_and_new_ones_fail_closed() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let pods = Pods::create(&node)?;
+    let mut agent = node.start_agent()?;
+    let [plain_server, mesh_server] = pods.serve()?;
+    let paths = pods.paths();
+    let sends = paths.map(|(from, to)| long_send(from, to, TRANSFER));
+    wait_active(&agent, "outbound", 2)?;
+    wait_active(&agent, "inbound", 1)?;
+    // Delivered, not only recorded: the servers' counts below must hold these alone.
+    plain_server.wait_accepted(1);
+    mesh_server.wait_accepted(2);
+
+    sigterm(&agent);
+    eventually(Duration::from_secs(10), || {
+        let ready = agent.get("/healthz/ready")?;
+        ensure!(
+            ready.status == 503 && ready.body.contains("draining"),
+            "readiness {}: {}",
+            ready.status,
+            ready.body
+        );
+        let metrics = agent.metrics()?;
+        ensure!(
+            metrics.contains("weft_agent_draining 1\n"),
+            "no weft_agent_draining 1 in:\n{metrics}"
+        );
+        Ok(())
+    })?;
+    for (from, to) in paths {
+        let connect = app::connect(from, to, Duration::from_secs(2))?;
+        ensure!(
+            matches!(connect, Connect::Failed(_)),
+            "a new connect from {} to {to} during the drain: {connect:?}",
+            from.name()
+        );
+    }
+    // Only the connections opened before the signal: nothing went around the proxy.
+    for (server, before) in [(&plain_server, 1), (&mesh_server, 2)] {
+        ensure!(
+            server.accepted().len() == before,
+            "a server got a connection during the drain: {:?}",
+            server.accepted()
+        );
+    }
+    ensure!(
+        agent.try_status().is_none(),
+        "the agent exited while draining"
+    );
+
+    for (send, (_, to)) in sends.into_iter().zip(paths) {
+        let report = send?.finish()?;
+        ensure!(
+            report.sent_bytes == TRANSFER
+                && report.received_bytes == TRANSFER
+                && report.received_sha256 == report.sent_sha256,
+            "to {to}: not every byte came back: {report:?}"
+        );
+    }
+    let status = agent.wait_exit(Duration::from_secs(15))?;
+    ensure!(status.success(), "agent exit: {status}");
+    let log = agent.current_log();
+    ensure!(
+        log.contains("draining the open connections") && log.contains("drained"),
+        "no drain in the log:\n{log}"
+    );
+    Ok(())
+}
+
+/// With a short limit, a connection left open is cut when it passes: the agent exits about
+/// then, says how many it cut, and the client sees a reset, not a clean end.
+#[test]
+fn the_drain_limit_cuts_what_is_still_open() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.set_agent_setting("drain", json!({ "limit": "2s" }));
+    let pods = Pods::create(&node)?;
+    let mut agent = node.start_agent()?;
+    let _server = app::serve(&pods.plain, PORT, Mode::Echo)?;
+    let send = long_send(&pods.client, pods.plain_addr(), TRANSFER)?;
+    wait_active(&agent, "outbound", 1)?;
+
+    let started = Instant::now();
+    sigterm(&agent);
+    agent.wait_exit(Duration::from_secs(20))?;
+    let took = started.elapsed();
+    ensure!(
+        took >= Duration::from_secs(2),
+        "the agent exited {took:?} after SIGTERM, before the 2s limit"
+    );
+    let log = agent.current_log();
+    ensure!(
+        log.contains("drain limit (agent.drain.limit) passed") && log.contains("connections=1"),
+        "the cut is not logged with its number:\n{log}"
+    );
+    app::expect_reset(send.finish(), "a connection cut by the drain limit")
+}
+
+/// A second SIGTERM during a (long) drain exits at once.
+#[test]
+fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let pods = Pods::create(&node)?;
+    let mut agent = node.start_agent()?;
+    let _server = app::serve(&pods.plain, PORT, Mode::Echo)?;
+    let _send = long_send(&pods.client, pods.plain_addr(), TRANSFER)?;
+    wait_active(&agent, "outbound", 1)?;
+
+    sigterm(&agent);
+    eventually(Duration::from_secs(10), || {
+        let ready = agent.get("/healthz/ready")?;
+        ensure!(
+            ready.body.contains("draining"),
+            "not draining: {}",
+            ready.body
+        );
+        Ok(())
+    })?;
+    ensure!(
+        agent.try_status().is_none(),
+        "the agent exited on the first signal"
+    );
+    // The drain's limit is an hour: an exit within the wait is the second signal's doing.
+    sigterm(&agent);
+    agent.wait_exit(Duration::from_secs(10))?;
+    let log = agent.current_log();
+    ensure!(
+        log.contains("second signal while draining"),
+        "no second signal in the log:\n{log}"
+    );
+    Ok(())
+}
+
+/// A successor agent (same config, `agent.handover`) takes the running agent's pod
+/// listeners over: a connect loop (outbound from the enrolled pod, inbound from the
+/// unenrolled one) sees no failure across the switch, the long-lived connections stay
+/// byte-exact, the old agent exits once they end, and the new one serves alone.
+#[test]
+fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let socket = node.dir().join("handover.sock");
+    node.set_agent_setting("handover", json!({ "socket": socket }));
+    let pods = Pods::create(&node)?;
+    let mut old = node.start_agent()?;
+    let (plain, mesh) = (pods.plain_addr(), pods.mesh_addr());
+    let _servers = pods.serve()?;
+    let paths = pods.paths();
+    let sends = paths
+        .map(|(from, to)| app::start_send_paced(from, to, TRANSFER, 11, Duration::from_secs(12)));
+    wait_active(&old, "outbound", 2)?;
+    wait_active(&old, "inbound", 1)?;
+    eventually(Duration::from_secs(10), || {
+        let offering = old.current_log().contains("offering the pod listeners");
+        ensure!(offering, "the running agent does not offer its listeners");
+        Ok(())
+    })?;
+
+    let mut new = TestAgent::spawn_beside(&node, "successor", 100)?;
+    let (mut attempts, mut failures, mut after_switch) = (0, Vec::new(), 0);
+    let deadline = Instant::now() + scaled(Duration::from_secs(60));
+    while after_switch < 5 {
+        ensure!(Instant::now() < deadline, "no switch within 60 s");
+        ensure!(new.try_status().is_none(), "the successor exited");
+        for (from, to) in [(&pods.client, plain), (&pods.plain, mesh)] {
+            attempts += 1;
+            if let Err(e) = echo_once(from, to) {
+                failures.push(format!("{} -> {to}: {e:#}", from.name()));
+            }
+        }
+        if old.current_log().contains("this one stops accepting") {
+            after_switch += 1;
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {attempts} connects failed across the switch: {failures:#?}",
+        failures.len()
+    );
+    new.wait_ready()?;
+    for (send, (_, to)) in sends.into_iter().zip(paths) {
+        let report = send?.finish()?;
+        ensure!(
+            report.received_bytes == TRANSFER && report.received_sha256 == report.sent_sha256,
+            "to {to}: not every byte came back: {report:?}"
+        );
+    }
+    let status = old.wait_exit(Duration::from_secs(20))?;
+    ensure!(status.success(), "old agent exit: {status}");
+    ensure!(
+        old.current_log().contains("drained"),
+        "the old agent did not drain"
+    );
+    let log = new.current_log();
+    ensure!(
+        log.contains("took over the running agent's pod listeners") && !log.contains("refused="),
+        "the successor did not take every listener:\n{log}"
+    );
+    // Alone now: new connections on every path go through the successor.
+    let before = new.newest_record_id()?;
+    for (from, to) in paths {
+        echo_once(from, to)?;
+    }
+    new.expect_new_record(before, "hbone", |r| r.direction == "hbone");
+    eprintln!("handover: {attempts} connects across the switch, none failed");
+    Ok(())
+}
+
+/// One small echo exchange, checked byte for byte.
+fn echo_once(from: &TestPod, to: SocketAddr) -> Result<()> {
+    let report = app::send(from, to, 4096, 3)?;
+    ensure!(
+        report.received_bytes == 4096 && report.received_sha256 == report.sent_sha256,
+        "echo not intact: {report:?}"
+    );
+    Ok(())
+}
+
+/// An enrolled client, an unenrolled server (plaintext passthrough) and an enrolled one
+/// (HBONE).
+struct Pods {
+    client: TestPod,
+    plain: TestPod,
+    mesh: TestPod,
+}
+
+impl Pods {
+    fn create(node: &TestNode) -> Result<Self> {
+        Ok(Self {
+            client: node.pod("client").create()?,
+            plain: node.pod("plain").enrolled(false).create()?,
+            mesh: node
+                .pod("mesh")
+                .service_account("server")
+                .mtls_mode("PERMISSIVE")
+                .create()?,
+        })
+    }
+
+    /// Echo servers in the unenrolled and the enrolled server pod.
+    fn serve(&self) -> Result<[app::Server; 2]> {
+        Ok([
+            app::serve(&self.plain, PORT, Mode::Echo)?,
+            app::serve(&self.mesh, PORT, Mode::Echo)?,
+        ])
+    }
+
+    /// Outbound plaintext passthrough, outbound HBONE, inbound plaintext (15006).
+    fn paths(&self) -> [(&TestPod, SocketAddr); 3] {
+        let (plain, mesh) = (self.plain_addr(), self.mesh_addr());
+        [
+            (&self.client, plain),
+            (&self.client, mesh),
+            (&self.plain, mesh),
+        ]
+    }
+
+    fn plain_addr(&self) -> SocketAddr {
+        SocketAddr::V4(self.plain.addr(PORT))
+    }
+
+    fn mesh_addr(&self) -> SocketAddr {
+        SocketAddr::V4(self.mesh.addr(PORT))
+    }
+}
+
+/// A paced echo transfer that keeps one connection busy both ways across the signal.
+fn long_send(client: &TestPod, to: SocketAddr, bytes: u64) -> Result<RunningSend> {
+    app::start_send_paced(client, to, bytes, 7, TRANSFER_TIME)
+}
+
+/// Waits until the proxy records `n` open connections of `direction`.
+fn wait_active(agent: &TestAgent, direction: &str, n: usize) -> Result<()> {
+    eventually(Duration::from_secs(10), || {
+        let active = agent.connections()?.active;
+        let open = active.iter().filter(|c| c.direction == direction).count();
+        ensure!(open >= n, "{open} {direction} connections open: {active:?}");
+        Ok(())
+    })
+}
+
+fn sigterm(agent: &TestAgent) {
+    if let Some(pid) = agent.pid() {
+        kill(pid, libc::SIGTERM);
+    }
+}
+
+const PORT: u16 = 8080;
+const TRANSFER: u64 = 512 * 1024;
+const TRANSFER_TIME: Duration = Duration::from_secs(6);
