@@ -152,10 +152,11 @@ mod tests {
         );
     }
 
-    /// Runs [`child_skips`] in a child test process with `env`; returns its success.
-    fn run_child(log: &Path, ci: bool) -> bool {
+    /// Runs the test `child` (`skip::tests::…`) in a child test process that logs its skips
+    /// to `log`, under CI or not; returns its success.
+    fn run_child(child: &str, log: &Path, ci: bool) -> bool {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", "skip::tests::child_skips", "--test-threads=1"])
+        cmd.args(["--exact", child, "--test-threads=1"])
             .env(CHILD_ENV, "1")
             .env(LOG_ENV, log)
             .env_remove("CI")
@@ -180,18 +181,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-test-env-opt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("skips.log");
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "skip::tests::child_skips_optionally",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .env(LOG_ENV, &log)
-        .env("CI", "true")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-        let passed = cmd.status().unwrap().success();
+        let passed = run_child("skip::tests::child_skips_optionally", &log, true);
         let skips = read(&log).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(passed, "an optional skip passes in CI");
@@ -218,8 +208,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("skips.log");
         let _ = std::fs::remove_file(&log);
-        let passed = run_child(&log, false);
-        let in_ci = run_child(&log, true);
+        let passed = run_child("skip::tests::child_skips", &log, false);
+        let in_ci = run_child("skip::tests::child_skips", &log, true);
         let skips = read(&log).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(passed, "outside CI a skip passes");
