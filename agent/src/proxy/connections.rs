@@ -424,13 +424,16 @@ impl Tracked {
     pub fn stopped(&self) -> impl Future<Output = Error> + Send + 'static {
         let mut stop = self.stop.subscribe();
         async move {
-            match stop.wait_for(Option::is_some).await.map(|why| *why) {
-                Ok(Some(Stop::DrainCut)) => Error::DrainCut,
-                Ok(_) => Error::PodRemoved,
-                Err(_) => {
-                    // The record is gone, hence the connection too.
-                    std::future::pending::<Error>().await
-                }
+            match stop
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|why| *why)
+            {
+                Some(Stop::PodRemoved) => Error::PodRemoved,
+                Some(Stop::DrainCut) => Error::DrainCut,
+                // The record is gone, hence the connection too.
+                None => std::future::pending::<Error>().await,
             }
         }
     }
