@@ -63,7 +63,9 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot listen on {addr}: {source} (is another agent running in this network namespace?)"
+        "cannot listen on {addr}: {source} (is another agent running in this network namespace? \
+         An agent that does not hand over, as before agent.handover, must stop first: \
+         docs/kubernetes.md, Upgrades)"
     )]
     Bind {
         addr: SocketAddr,
@@ -102,11 +104,14 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub async fn bind(config: &Config) -> Result<Self, Error> {
+    /// Binds the three ports. `share` (the agent hands over to a successor): with
+    /// SO_REUSEPORT, so that a successor binds them beside this agent and serves them alone
+    /// once this one stops (`Serving::stop`). Only a process of the same user may join.
+    pub async fn bind(config: &Config, share: Share) -> Result<Self, Error> {
         Ok(Self {
-            admin: bind(config.admin_addr).await?,
-            readiness: bind(config.readiness_addr).await?,
-            metrics: bind(config.metrics_addr).await?,
+            admin: bind_shared(config.admin_addr, share)?,
+            readiness: bind_shared(config.readiness_addr, share)?,
+            metrics: bind_shared(config.metrics_addr, share)?,
             limits: config.http,
         })
     }
@@ -124,18 +129,42 @@ impl Servers {
         self.metrics.local_addr().ok()
     }
 
-    pub fn spawn(self, mut context: Context) {
+    pub fn spawn(self, mut context: Context) -> Serving {
         let health = health_collector(&context);
         context.metrics.register_collector(health);
         let metrics = http::Metrics::new(context.metrics.prometheus_mut());
         let context = Arc::new(context);
-        for (listener, endpoints) in [
+        let tasks = [
             (self.admin, Endpoints::Admin),
             (self.readiness, Endpoints::Readiness),
             (self.metrics, Endpoints::Metrics),
-        ] {
+        ]
+        .map(|(listener, endpoints)| {
             let gate = http::Gate::new(endpoints.name(), self.limits, metrics.clone());
-            tokio::spawn(serve(listener, gate, Arc::clone(&context), endpoints));
+            tokio::spawn(serve(listener, gate, Arc::clone(&context), endpoints))
+        });
+        Serving { tasks }
+    }
+}
+
+/// Whether the admin ports are bound to be shared with a successor agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    Alone,
+    WithSuccessor,
+}
+
+/// The three accept loops, running.
+pub struct Serving {
+    tasks: [tokio::task::JoinHandle<()>; 3],
+}
+
+impl Serving {
+    /// Closes the three listeners: a successor bound beside this agent answers alone. A
+    /// request already accepted is still answered (its task is not the accept loop's).
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
         }
     }
 }
@@ -252,10 +281,25 @@ pub fn require_loopback(addr: SocketAddr) -> Result<(), String> {
 
 /// Binds one of the admin listeners (before serving, so a bad address fails start-up).
 pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })
+    bind_shared(addr, Share::Alone)
 }
+
+fn bind_shared(addr: SocketAddr, share: Share) -> Result<TcpListener, Error> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(share == Share::WithSuccessor)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| Error::Bind { addr, source })
+}
+
+/// The admin ports' accept queue (as std's default).
+const LISTEN_BACKLOG: u32 = 128;
 
 /// `/healthz/ready`: 200, or 503 with each pending condition and why.
 pub(crate) fn ready(ready: &Ready) -> Response<Full<Bytes>> {

@@ -74,6 +74,9 @@ pub enum Source {
 pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Error> {
     // Before any thread enters a pod: remember where home is.
     enroll::netns::remember_home().map_err(Error::HomeNetns)?;
+    // Counted from here on: a signal that comes while the loop below waits on a hand-over
+    // (or between the loop and the drain) is acted on, never lost.
+    let mut signals = count_signals();
     let ready = Ready::default();
     ready.block("ebpf", "loading programs");
     ready.block("enroll", "first reconcile pending");
@@ -158,11 +161,26 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let mut enroller = Enroller::new(Arc::clone(&dataplane), proxy, config.proxy);
     let shutdown = Arc::new(Notify::new());
 
+    // Before anything is bound or enrolled: a running agent's pod listeners are served on,
+    // not bound anew, and from here it answers readiness "not ready" (handing over), so
+    // that a probe reaching it on the shared admin ports never vouches for this agent.
+    let mut predecessor = None;
+    if let Some(config) = &config.handover
+        && let Some((stream, inherited)) = handover::take_over(config).await
+    {
+        enroller.inherit(inherited);
+        predecessor = Some(stream);
+    }
+
     let cni_metrics = node::cni::Metrics::new(metrics.prometheus_mut());
-    let servers = admin::Servers::bind(&config.admin).await?;
+    let share = match config.handover {
+        Some(_) => admin::Share::WithSuccessor,
+        None => admin::Share::Alone,
+    };
+    let servers = admin::Servers::bind(&config.admin, share).await?;
     let (admin_addr, readiness_addr) = servers.addresses();
     let metrics_addr = servers.metrics_address();
-    servers.spawn(admin::Context {
+    let admin_serving = servers.spawn(admin::Context {
         node: config.node.clone(),
         config: serde_json::to_value(&config).unwrap_or_default(),
         ready: ready.clone(),
@@ -228,18 +246,10 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 }
             }
             () = shutdown.notified() => return Ok(()),
-            () = terminate() => return Ok(()),
+            () = signals_reach(signals.clone(), 1) => return Ok(()),
         }
     }
 
-    // Before the first enrollment: a running agent's listeners are served on, not bound anew.
-    let mut predecessor = None;
-    if let Some(config) = &config.handover
-        && let Some((stream, inherited)) = handover::take_over(config).await
-    {
-        enroller.inherit(inherited);
-        predecessor = Some(stream);
-    }
     let mut offer = config.handover.clone();
     let mut successors = None;
     let mut applied: Option<ebpf::Settings> = Some(settings);
@@ -250,7 +260,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         .map_or(std::path::Path::new("/proc"), |d| d.proc_root.as_path());
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
     let mut snapshot: Arc<Snapshot> = Arc::clone(&state_rx.borrow_and_update());
-    loop {
+    let stopping = loop {
         // Certificates for every identity enrolled here (and only those: the CA would refuse
         // others), asked for before the pods' listeners open.
         if let Some(certs) = &certs {
@@ -331,7 +341,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         tokio::select! {
             changed = state_rx.changed() => {
                 if changed.is_err() {
-                    break;
+                    break Stopping::Told;
                 }
                 snapshot = Arc::clone(&state_rx.borrow_and_update());
             }
@@ -340,16 +350,19 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             // hand-over waits for it.
             () = tokio::time::sleep(HANDOVER_RECHECK), if predecessor.is_some() || offer.is_some() => {}
             stream = handover::next_successor(&mut successors) => {
+                // Until the successor is ready or gone: it may bind the admin ports beside
+                // this agent, and a probe that reaches this one must not call it ready.
+                ready.block("handover", "handing the pods over to a successor agent");
                 if handover::hand_over(&enroller, stream).await {
-                    break;
+                    break Stopping::HandedOver;
                 }
+                ready.unblock("handover");
             }
-            () = shutdown.notified() => break,
-            () = terminate() => break,
+            () = shutdown.notified() => break Stopping::Told,
+            () = signals_reach(signals.clone(), 1) => break Stopping::Told,
         }
-    }
+    };
     // Nothing below writes a map: the pinned state is the next agent's to take over.
-    let second_signal = terminate();
     let pods = enroller.close_listeners();
     let open = drain.start();
     let limit = config.drain.limit;
@@ -361,32 +374,82 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         "draining",
         "the agent is stopping: it accepts no connection, and serves the open ones until they end",
     );
-    serve_draining(&drain, limit, &proxy_handle, state_rx, second_signal).await;
-    info!(
-        component = "app",
-        "shutting down; eBPF state stays pinned (pods fail closed until the next agent)"
-    );
+    match stopping {
+        Stopping::Told => {
+            // The next signal cuts: SIGTERM, and then SIGTERM (or SIGINT) again.
+            let cut = signals_reach(signals.clone(), *signals.borrow() + 1);
+            serve_draining(&drain, limit, &proxy_handle, state_rx, cut).await;
+            info!(
+                component = "app",
+                "shutting down; eBPF state stays pinned (pods fail closed until the next agent)"
+            );
+        }
+        Stopping::HandedOver => {
+            // The successor answers on the admin ports alone from now on.
+            admin_serving.stop();
+            // The kubelet's SIGTERM (it deletes this pod once the successor is ready) does
+            // not cut the drain: only a second signal does. Drained before any signal, the
+            // agent waits for one: exiting would restart its container, and the old build
+            // would take the pods back from its successor.
+            let cut = {
+                let signals = signals.clone();
+                let drain = drain.clone();
+                async move {
+                    signals_reach(signals.clone(), 1).await;
+                    info!(
+                        component = "app",
+                        connections = drain.open(),
+                        "signal while draining after a hand-over: draining on until the \
+                         connections end or the limit passes (a second signal cuts them)"
+                    );
+                    signals_reach(signals, 2).await;
+                }
+            };
+            if serve_draining(&drain, limit, &proxy_handle, state_rx, cut).await
+                && *signals.borrow() == 0
+            {
+                info!(
+                    component = "app",
+                    "handed over and drained: waiting for a signal to exit (SIGTERM)"
+                );
+                let _ = signals.wait_for(|n| *n > 0).await;
+            }
+            info!(
+                component = "app",
+                "shutting down; the successor agent serves every pod"
+            );
+        }
+    }
     Ok(())
 }
 
+/// Why the reconcile loop ended.
+enum Stopping {
+    /// A signal, `/quitquitquit`, or the state source ended.
+    Told,
+    /// A successor agent serves every pod now.
+    HandedOver,
+}
+
 /// Serves the open connections (applying policy changes to them) until they end, `limit`
-/// passes or a second signal comes; then cuts what is left.
+/// passes or `cut_now` completes (a second signal); then cuts what is left. True when every
+/// connection ended by itself.
 async fn serve_draining(
     drain: &Drain,
     limit: Duration,
     proxy: &Proxy,
     mut state_rx: watch::Receiver<Arc<Snapshot>>,
-    second_signal: impl Future<Output = ()>,
-) {
+    cut_now: impl Future<Output = ()>,
+) -> bool {
     let waited = drain.wait(limit);
-    tokio::pin!(waited, second_signal);
+    tokio::pin!(waited, cut_now);
     let mut state_open = true;
     let cut = loop {
         tokio::select! {
             outcome = &mut waited => match outcome {
                 drain::Outcome::Drained => {
                     info!(component = "app", "drained: every open connection ended");
-                    return;
+                    return true;
                 }
                 drain::Outcome::LimitPassed { open } => {
                     warn!(component = "app", connections = open, limit = %humantime::format_duration(limit),
@@ -399,7 +462,7 @@ async fn serve_draining(
                 Ok(()) => proxy.apply_policies(&state_rx.borrow_and_update()),
                 Err(_) => state_open = false,
             },
-            () = &mut second_signal => {
+            () = &mut cut_now => {
                 warn!(component = "app", connections = drain.open(),
                     "second signal while draining: exiting now, cutting the open connections");
                 break drain.open();
@@ -411,6 +474,7 @@ async fn serve_draining(
     // A moment for the copy loops to reset both ends (an application must not take the cut
     // for a clean end) and write their access-log lines.
     let _ = drain.wait(CUT_GRACE).await;
+    false
 }
 
 /// Keeps the `certificates` readiness condition in step with the certificate manager:
@@ -462,18 +526,38 @@ fn pool_config(limits: &proxy::limits::Config) -> hbone::PoolConfig {
     }
 }
 
-/// SIGTERM or SIGINT. SIGTERM is listened for from the call on, not from the first poll:
-/// the drain's second signal may come before its loop first runs.
+/// The first SIGTERM or SIGINT from the call on.
 fn terminate() -> impl Future<Output = ()> {
+    signals_reach(count_signals(), 1)
+}
+
+/// The number of SIGTERMs and SIGINTs since the call (the handlers are installed by it,
+/// not by a first poll).
+fn count_signals() -> watch::Receiver<u32> {
+    let (tx, rx) = watch::channel(0);
     let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-    async move {
+    tokio::spawn(async move {
         let Ok(mut term) = term else {
-            return std::future::pending().await;
+            // Keeps the sender: no signal is ever counted.
+            return std::future::pending::<()>().await;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+                // Nobody counts any more.
+                () = tx.closed() => return,
+            }
+            tx.send_modify(|n| *n += 1);
         }
+    });
+    rx
+}
+
+/// Completes once `n` signals were counted.
+async fn signals_reach(mut signals: watch::Receiver<u32>, n: u32) {
+    if signals.wait_for(|count| *count >= n).await.is_err() {
+        std::future::pending().await
     }
 }
 

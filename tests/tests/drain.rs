@@ -162,10 +162,14 @@ fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
     Ok(())
 }
 
-/// A successor agent (same config, `agent.handover`) takes the running agent's pod
-/// listeners over: a connect loop (outbound from the enrolled pod, inbound from the
-/// unenrolled one) sees no failure across the switch, the long-lived connections stay
-/// byte-exact, the old agent exits once they end, and the new one serves alone.
+/// A successor agent (same config and ports, `agent.handover`) takes the running agent's
+/// pod listeners over, and binds the admin ports beside it: a connect loop (outbound from
+/// the enrolled pod, inbound from the unenrolled one) sees no failure across the switch.
+/// Then, as the kubelet does, the old agent gets SIGTERM: the long-lived connections still
+/// end byte-exact (one signal after a hand-over does not cut), the old agent exits once
+/// they end, and only the new one answers on the admin ports. A third agent takes over
+/// from the second, which has nothing open: drained, it waits for its signal, since an
+/// exit would restart its container and the old build would take the pods back.
 #[test]
 fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()> {
     privileged!();
@@ -174,41 +178,29 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
     node.set_agent_setting("handover", json!({ "socket": socket }));
     let pods = Pods::create(&node)?;
     let mut old = node.start_agent()?;
-    let (plain, mesh) = (pods.plain_addr(), pods.mesh_addr());
     let _servers = pods.serve()?;
     let paths = pods.paths();
     let sends = paths
         .map(|(from, to)| app::start_send_paced(from, to, TRANSFER, 11, Duration::from_secs(12)));
     wait_active(&old, "outbound", 2)?;
     wait_active(&old, "inbound", 1)?;
-    eventually(Duration::from_secs(10), || {
-        let offering = old.current_log().contains("offering the pod listeners");
-        ensure!(offering, "the running agent does not offer its listeners");
-        Ok(())
-    })?;
+    wait_offering(&old)?;
 
-    let mut new = TestAgent::spawn_beside(&node, "successor", 100)?;
-    let (mut attempts, mut failures, mut after_switch) = (0, Vec::new(), 0);
-    let deadline = Instant::now() + scaled(Duration::from_secs(60));
-    while after_switch < 5 {
-        ensure!(Instant::now() < deadline, "no switch within 60 s");
-        ensure!(new.try_status().is_none(), "the successor exited");
-        for (from, to) in [(&pods.client, plain), (&pods.plain, mesh)] {
-            attempts += 1;
-            if let Err(e) = echo_once(from, to) {
-                failures.push(format!("{} -> {to}: {e:#}", from.name()));
-            }
-        }
-        if old.current_log().contains("this one stops accepting") {
-            after_switch += 1;
-        }
-    }
-    ensure!(
-        failures.is_empty(),
-        "{} of {attempts} connects failed across the switch: {failures:#?}",
-        failures.len()
-    );
+    let mut new = TestAgent::spawn_beside(&node, "successor", 0)?;
+    let attempts = connect_until_switch(&pods, &mut new, &old)?;
+    // The kubelet deletes the old pod once the new one is ready.
+    sigterm(&old);
     new.wait_ready()?;
+    // While the old agent drains, only the new one answers on the shared ports: were both
+    // listening, twenty fresh connections would almost surely (1 - 2^-19) reach both.
+    for _ in 0..20 {
+        let answer = new.get("/healthz/ready")?;
+        ensure!(
+            answer.status == 200,
+            "an agent other than the successor answered: {answer:?}"
+        );
+    }
+    ensure!(old.try_status().is_none(), "the old agent stopped draining");
     for (send, (_, to)) in sends.into_iter().zip(paths) {
         let report = send?.finish()?;
         ensure!(
@@ -218,9 +210,12 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
     }
     let status = old.wait_exit(Duration::from_secs(20))?;
     ensure!(status.success(), "old agent exit: {status}");
+    let log = old.current_log();
     ensure!(
-        old.current_log().contains("drained"),
-        "the old agent did not drain"
+        log.contains("signal while draining after a hand-over")
+            && log.contains("drained: every open connection ended")
+            && !log.contains("cutting"),
+        "the old agent's drain was cut or did not happen:\n{log}"
     );
     let log = new.current_log();
     ensure!(
@@ -234,7 +229,67 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
     }
     new.expect_new_record(before, "hbone", |r| r.direction == "hbone");
     eprintln!("handover: {attempts} connects across the switch, none failed");
+
+    // Nothing open: the second agent drains at once, and waits for its signal.
+    wait_offering(&new)?;
+    let mut third = TestAgent::spawn_beside(&node, "third", 0)?;
+    connect_until_switch(&pods, &mut third, &new)?;
+    eventually(Duration::from_secs(10), || {
+        let waiting = new.current_log().contains("waiting for a signal to exit");
+        ensure!(
+            waiting,
+            "the handed-over agent does not wait for its signal"
+        );
+        Ok(())
+    })?;
+    ensure!(
+        new.try_status().is_none(),
+        "the handed-over agent exited without a signal"
+    );
+    sigterm(&new);
+    let status = new.wait_exit(Duration::from_secs(10))?;
+    ensure!(status.success(), "second agent exit: {status}");
+    third.wait_ready()?;
+    for (from, to) in paths {
+        echo_once(from, to)?;
+    }
     Ok(())
+}
+
+fn wait_offering(agent: &TestAgent) -> Result<()> {
+    eventually(Duration::from_secs(10), || {
+        let offering = agent.current_log().contains("offering the pod listeners");
+        ensure!(offering, "the running agent does not offer its listeners");
+        Ok(())
+    })
+}
+
+/// Connects on the outbound and the inbound path, one echo each, until `from` said it
+/// stopped accepting and five rounds more went by: every connect must succeed. Returns
+/// how many there were.
+fn connect_until_switch(pods: &Pods, to: &mut TestAgent, from: &TestAgent) -> Result<usize> {
+    let (plain, mesh) = (pods.plain_addr(), pods.mesh_addr());
+    let (mut attempts, mut failures, mut after_switch) = (0, Vec::new(), 0);
+    let deadline = Instant::now() + scaled(Duration::from_secs(60));
+    while after_switch < 5 {
+        ensure!(Instant::now() < deadline, "no switch within 60 s");
+        ensure!(to.try_status().is_none(), "the successor exited");
+        for (client, server) in [(&pods.client, plain), (&pods.plain, mesh)] {
+            attempts += 1;
+            if let Err(e) = echo_once(client, server) {
+                failures.push(format!("{} -> {server}: {e:#}", client.name()));
+            }
+        }
+        if from.current_log().contains("this one stops accepting") {
+            after_switch += 1;
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {attempts} connects failed across the switch: {failures:#?}",
+        failures.len()
+    );
+    Ok(attempts)
 }
 
 /// One small echo exchange, checked byte for byte.
