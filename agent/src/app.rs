@@ -5,8 +5,10 @@
 //! Shutting down detaches nothing: pinned maps and links keep enrolled pods steered to
 //! listeners that are gone, so they fail closed until the next agent re-adopts them.
 //! Before it exits the agent drains: it closes every pod listener at once, then serves the
-//! connections still open until they end or `agent.drain.limit` passes (a second signal
-//! cuts it short), with readiness and metrics saying so.
+//! connections still open until they end or the drain limit passes (a second signal cuts it
+//! short), with readiness and metrics saying so. The limit is long after a hand-over (a
+//! successor serves the pods: `agent.drain.limit`) and short without one (the pods fail
+//! closed meanwhile: `agent.drain.limitWithoutSuccessor`).
 
 mod handover;
 pub mod waypoint;
@@ -365,8 +367,17 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     // Nothing below writes a map: the pinned state is the next agent's to take over.
     let pods = enroller.close_listeners();
     let open = drain.start();
-    let limit = config.drain.limit;
-    info!(component = "app", connections = open, pods, limit = %humantime::format_duration(limit),
+    let limit = match stopping {
+        Stopping::Told => Limit {
+            after: config.drain.limit_without_successor,
+            field: "agent.drain.limitWithoutSuccessor",
+        },
+        Stopping::HandedOver => Limit {
+            after: config.drain.limit,
+            field: "agent.drain.limit",
+        },
+    };
+    info!(component = "app", connections = open, pods, limit = %humantime::format_duration(limit.after),
         "shutting down: this agent accepts on no pod listener any more (a successor that took \
          them over serves them; else the pods fail closed until the next agent); draining the \
          open connections until they end or the limit passes");
@@ -423,6 +434,13 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     Ok(())
 }
 
+/// How long the drain may last, and the setting that says so.
+#[derive(Clone, Copy)]
+struct Limit {
+    after: Duration,
+    field: &'static str,
+}
+
 /// Why the reconcile loop ended.
 enum Stopping {
     /// A signal, `/quitquitquit`, or the state source ended.
@@ -436,12 +454,12 @@ enum Stopping {
 /// connection ended by itself.
 async fn serve_draining(
     drain: &Drain,
-    limit: Duration,
+    limit: Limit,
     proxy: &Proxy,
     mut state_rx: watch::Receiver<Arc<Snapshot>>,
     cut_now: impl Future<Output = ()>,
 ) -> bool {
-    let waited = drain.wait(limit);
+    let waited = drain.wait(limit.after);
     tokio::pin!(waited, cut_now);
     let mut state_open = true;
     let cut = loop {
@@ -452,8 +470,8 @@ async fn serve_draining(
                     return true;
                 }
                 drain::Outcome::LimitPassed { open } => {
-                    warn!(component = "app", connections = open, limit = %humantime::format_duration(limit),
-                        "drain limit (agent.drain.limit) passed: cutting the connections still open");
+                    warn!(component = "app", connections = open, limit = %humantime::format_duration(limit.after),
+                        "drain limit ({}) passed: cutting the connections still open", limit.field);
                     break open;
                 }
             },

@@ -214,6 +214,11 @@ impl Config {
                 agent.drain.limit.as_deref(),
                 drain::DEFAULT_LIMIT,
             )?,
+            limit_without_successor: duration(
+                "agent.drain.limitWithoutSuccessor",
+                agent.drain.limit_without_successor.as_deref(),
+                drain::DEFAULT_LIMIT_WITHOUT_SUCCESSOR,
+            )?,
         };
         if cni.is_some() && discovery.is_none() {
             // Fail closed: the pods the plugin told a previous agent about are known to a
@@ -884,14 +889,24 @@ mod tests {
                 Overrides::default(),
             )
         };
-        assert_eq!(parse("").unwrap().drain.limit, Duration::from_secs(3600));
-        assert_eq!(
-            parse("drain: {limit: 90s}").unwrap().drain.limit,
-            Duration::from_secs(90)
-        );
-        for yaml in ["drain: {limit: soon}", "drain: {limit: 0s}"] {
+        let defaults = parse("").unwrap().drain;
+        assert_eq!(defaults.limit, Duration::from_secs(3600));
+        assert_eq!(defaults.limit_without_successor, Duration::from_secs(30));
+        let set = parse("drain: {limit: 90s, limitWithoutSuccessor: 5s}")
+            .unwrap()
+            .drain;
+        assert_eq!(set.limit, Duration::from_secs(90));
+        assert_eq!(set.limit_without_successor, Duration::from_secs(5));
+        for (yaml, field) in [
+            ("drain: {limit: soon}", "agent.drain.limit"),
+            ("drain: {limit: 0s}", "agent.drain.limit"),
+            (
+                "drain: {limitWithoutSuccessor: 0s}",
+                "agent.drain.limitWithoutSuccessor",
+            ),
+        ] {
             let err = parse(yaml).unwrap_err().to_string();
-            assert!(err.contains("agent.drain.limit"), "{yaml}: {err}");
+            assert!(err.contains(field), "{yaml}: {err}");
         }
     }
 

@@ -23,19 +23,26 @@ use prometheus_client::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// Drain settings (`agent.drain`).
+/// Drain settings (`agent.drain`): how long open connections are served after shutdown
+/// starts; what is still open then is cut.
 #[derive(Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// How long open connections are served after shutdown starts; what is still open then
-    /// is cut.
+    /// After a hand-over: a successor serves the pods, so waiting costs nothing but the old
+    /// process.
     #[serde(with = "crate::settings::humantime_ms")]
     pub limit: Duration,
+    /// With no successor, the node's enrolled pods fail closed until the next agent starts,
+    /// which may be only once this one is gone.
+    #[serde(with = "crate::settings::humantime_ms")]
+    pub limit_without_successor: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             limit: DEFAULT_LIMIT,
+            limit_without_successor: DEFAULT_LIMIT_WITHOUT_SUCCESSOR,
         }
     }
 }
@@ -181,6 +188,7 @@ impl Collector for Metrics {
 
 /// Long: a drain should outlive ordinary long-lived connections (issue 16: hours).
 pub const DEFAULT_LIMIT: Duration = Duration::from_secs(60 * 60);
+pub const DEFAULT_LIMIT_WITHOUT_SUCCESSOR: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

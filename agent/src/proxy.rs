@@ -110,7 +110,7 @@ pub enum Error {
     #[error("closed: the pod was removed from the mesh's state (deleted) while connected")]
     PodRemoved,
     #[error(
-        "closed: the agent stopped draining (its drain limit, agent.drain.limit, passed, or a second signal came)"
+        "closed: the agent stopped draining (its drain limit, agent.drain, passed, or a second signal came)"
     )]
     DrainCut,
     #[error("plaintext connection refused: the destination pod's mTLS mode is STRICT")]

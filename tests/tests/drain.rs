@@ -103,7 +103,7 @@ fn open_connections_outlive_sigterm_and_new_ones_fail_closed() -> Result<()> {
 fn the_drain_limit_cuts_what_is_still_open() -> Result<()> {
     privileged!();
     let node = TestNode::new(test_name!(), 1)?;
-    node.set_agent_setting("drain", json!({ "limit": "2s" }));
+    node.set_agent_setting("drain", json!({ "limitWithoutSuccessor": "2s" }));
     let pods = Pods::create(&node)?;
     let mut agent = node.start_agent()?;
     let _server = app::serve(&pods.plain, PORT, Mode::Echo)?;
@@ -120,7 +120,8 @@ fn the_drain_limit_cuts_what_is_still_open() -> Result<()> {
     );
     let log = agent.current_log();
     ensure!(
-        log.contains("drain limit (agent.drain.limit) passed") && log.contains("connections=1"),
+        log.contains("drain limit (agent.drain.limitWithoutSuccessor) passed")
+            && log.contains("connections=1"),
         "the cut is not logged with its number:\n{log}"
     );
     app::expect_reset(send.finish(), "a connection cut by the drain limit")

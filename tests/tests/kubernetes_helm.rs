@@ -220,15 +220,21 @@ fn agent_pod_has_its_host_mounts_tolerations_probe_and_rollout() -> Result<()> {
     let rolling = strategy.rolling_update.context("rollingUpdate")?;
     assert_eq!(
         rolling.max_unavailable,
-        Some(IntOrString::Int(1)),
-        "one node at a time"
+        Some(IntOrString::Int(0)),
+        "no node without a serving agent"
     );
     assert_eq!(
         rolling.max_surge,
-        Some(IntOrString::Int(0)),
-        "never two agents per node"
+        Some(IntOrString::Int(1)),
+        "the new agent starts beside the old one, and takes over"
     );
     assert!(spec.min_ready_seconds.unwrap_or(0) > 0);
+    // Host ports (hostNetwork) would keep the surge pod off the node.
+    assert!(
+        main.ports.as_ref().is_none_or(|p| p.is_empty()),
+        "{:?}",
+        main.ports
+    );
 
     // The command line other engineers implement.
     assert_eq!(
@@ -775,30 +781,69 @@ fn bad_values_are_refused_naming_the_field() -> Result<()> {
 }
 
 #[test]
-fn the_grace_period_covers_the_drain_limit() -> Result<()> {
+fn the_grace_period_covers_both_drain_limits_and_hand_over_goes_with_surge() -> Result<()> {
     helm_or_skip!();
-    let drain_limit = |objects: &[Object]| -> Result<Value> {
-        Ok(config_file(objects, "weft-agent", "agent.yaml")?["agent"]["drain"]["limit"].clone())
+    let drain = |objects: &[Object]| -> Result<Value> {
+        Ok(config_file(objects, "weft-agent", "agent.yaml")?["agent"]["drain"].clone())
     };
-    assert_eq!(drain_limit(&render(DEFAULT_NS, &[])?)?, "20s");
-    let err = render(DEFAULT_NS, &["agent.drainLimitSeconds=60"]).expect_err("60s > 30s");
-    let err = format!("{err:#}");
+    let defaults = render(DEFAULT_NS, &[])?;
+    assert_eq!(
+        drain(&defaults)?,
+        json!({ "limit": "3600s", "limitWithoutSuccessor": "20s" })
+    );
+    assert_eq!(
+        config_file(&defaults, "weft-agent", "agent.yaml")?["agent"]["handover"],
+        json!({ "socket": "/var/run/weft/handover.sock" })
+    );
+    assert_eq!(
+        agent_pod(&defaults)?.termination_grace_period_seconds,
+        Some(3630)
+    );
+    for (set, named) in [
+        ("agent.drainLimitSeconds=3630", "(3630)"),
+        ("agent.drainLimitWithoutSuccessorSeconds=4000", "(4000)"),
+    ] {
+        let err = format!("{:#}", render(DEFAULT_NS, &[set]).expect_err(set));
+        assert!(
+            err.contains("agent.terminationGracePeriodSeconds (3630)") && err.contains(named),
+            "{set}: {err}"
+        );
+    }
+    let objects = render(
+        DEFAULT_NS,
+        &[
+            "agent.drainLimitSeconds=7200",
+            "agent.terminationGracePeriodSeconds=7230",
+        ],
+    )?;
+    assert_eq!(drain(&objects)?["limit"], "7200s");
+    assert_eq!(
+        agent_pod(&objects)?.termination_grace_period_seconds,
+        Some(7230)
+    );
+
+    // Without hand-over a surge agent could not share the node: refused, unless the
+    // strategy says one at a time.
+    let err = format!(
+        "{:#}",
+        render(DEFAULT_NS, &["agent.handover=false"]).expect_err("surge without hand-over")
+    );
     assert!(
-        err.contains("agent.terminationGracePeriodSeconds (30)")
-            && err.contains("agent.drainLimitSeconds (60)"),
+        err.contains("maxSurge is 1 but agent.handover is off"),
         "{err}"
     );
     let objects = render(
         DEFAULT_NS,
         &[
-            "agent.drainLimitSeconds=3600",
-            "agent.terminationGracePeriodSeconds=3630",
+            "agent.handover=false",
+            "agent.updateStrategy.rollingUpdate.maxSurge=0",
+            "agent.updateStrategy.rollingUpdate.maxUnavailable=1",
         ],
     )?;
-    assert_eq!(drain_limit(&objects)?, "3600s");
-    assert_eq!(
-        agent_pod(&objects)?.termination_grace_period_seconds,
-        Some(3630)
+    assert!(
+        config_file(&objects, "weft-agent", "agent.yaml")?["agent"]
+            .get("handover")
+            .is_none()
     );
     Ok(())
 }

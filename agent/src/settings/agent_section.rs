@@ -130,9 +130,12 @@ pub struct HttpSection {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DrainSection {
-    /// After SIGTERM or `/quitquitquit`, open connections are served this long at most,
-    /// humantime (default `1h`); what is still open then is cut.
+    /// After a hand-over to a successor agent, open connections are served this long at
+    /// most, humantime (default `1h`); what is still open then is cut.
     pub limit: Option<String>,
+    /// After SIGTERM or `/quitquitquit` with no successor, humantime (default `30s`): the
+    /// node's enrolled pods cannot open connections meanwhile, so it is short.
+    pub limit_without_successor: Option<String>,
 }
 
 /// The `agent.handover:` section.
