@@ -485,6 +485,9 @@ async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(component = "proxy", error = %e, "cannot set TCP_NODELAY");
         }
+        if direction != Direction::Hbone {
+            copy::reset_until_finished(&stream);
+        }
         // A peer that vanished without FIN or RST is found by keepalive probes.
         if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
             debug!(component = "proxy", error = %e, "cannot set TCP keepalive");

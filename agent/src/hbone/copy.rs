@@ -45,11 +45,21 @@ impl Error {
 pub trait Stream: AsyncRead + AsyncWrite + Unpin {
     /// Makes the next close an abort: RST for TCP, RST_STREAM for an HBONE stream.
     fn abort(&mut self);
+
+    /// Both directions ended cleanly: the next close is a clean one. (The proxy's TCP
+    /// sockets are reset on close until then: `reset_until_finished`.)
+    fn finished(&mut self) {}
 }
 
 impl Stream for TcpStream {
     fn abort(&mut self) {
         reset(self);
+    }
+
+    fn finished(&mut self) {
+        // Failing to clear it leaves a RST after a clean end: the data was all delivered
+        // (both FINs crossed) by then.
+        let _ = socket2::SockRef::from(&*self).set_linger(None);
     }
 }
 
@@ -88,7 +98,10 @@ pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
         }
     })
     .await;
-    if result.is_err() {
+    if result.is_ok() {
+        downstream.finished();
+        upstream.finished();
+    } else {
         downstream.abort();
         upstream.abort();
     }
@@ -113,6 +126,15 @@ pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized, E: From
     downstream.abort();
     upstream.abort();
     Err(stopped)
+}
+
+/// Makes the proxy's end of an application's connection, from its accept or connect on,
+/// close with a RST until `bidirectional` finishes it cleanly: a refusal, an error, a cut,
+/// and the proxy's own crash (the kernel closes a killed process's sockets as their
+/// SO_LINGER says) are then all resets, so that an application never takes a lost proxy
+/// for the clean end of its stream.
+pub fn reset_until_finished(stream: &TcpStream) {
+    reset(stream);
 }
 
 /// Aborts a connection with RST instead of FIN.

@@ -74,7 +74,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     };
     tracked.set_policy(PolicyOutcome::Allow);
     let result = async {
-        let mut upstream = socket::connect(pod.sockets.as_ref(), dst, CONNECT_TIMEOUT).await?;
+        let mut upstream = socket::connect_app(pod.sockets.as_ref(), dst, CONNECT_TIMEOUT).await?;
         proxy.connections().established(&tracked);
         copy::bidirectional_until(
             &mut client,
@@ -200,7 +200,7 @@ impl hbone::ConnectHandler for HboneHandler {
             }
         };
         tracked.set_policy(PolicyOutcome::Allow);
-        match socket::connect(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
+        match socket::connect_app(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
             Ok(upstream) => {
                 proxy.connections().established(&tracked);
                 Ok(hbone::Accepted {

@@ -116,7 +116,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         None => {
             async {
                 let mut upstream =
-                    socket::connect(pod.sockets.as_ref(), outbound.upstream, CONNECT_TIMEOUT)
+                    socket::connect_app(pod.sockets.as_ref(), outbound.upstream, CONNECT_TIMEOUT)
                         .await?;
                 proxy.connections().established(&tracked);
                 copy::bidirectional_until(

@@ -35,3 +35,15 @@ pub async fn connect(
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
+
+/// `connect` to an application's server (not a peer proxy): its close is a RST until the
+/// copy finishes it cleanly (`copy::reset_until_finished`).
+pub async fn connect_app(
+    factory: &dyn SocketFactory,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
+    let stream = connect(factory, addr, timeout).await?;
+    crate::hbone::copy::reset_until_finished(&stream);
+    Ok(stream)
+}
