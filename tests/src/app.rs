@@ -484,10 +484,10 @@ fn locate(name: &str, env: &str) -> PathBuf {
 }
 
 /// `word k=v k=v …` (values have no spaces, except a trailing `error=`).
-struct KeyValues<'a>(Vec<(&'a str, &'a str)>);
+pub(crate) struct KeyValues<'a>(Vec<(&'a str, &'a str)>);
 
 impl<'a> KeyValues<'a> {
-    fn parse(line: &'a str) -> Self {
+    pub(crate) fn parse(line: &'a str) -> Self {
         KeyValues(
             line.split(' ')
                 .filter_map(|field| field.split_once('='))
@@ -495,7 +495,7 @@ impl<'a> KeyValues<'a> {
         )
     }
 
-    fn get(&self, key: &str) -> Option<&'a str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a str> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 }

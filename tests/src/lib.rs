@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod node;
 pub mod pod;
 pub mod process;
+pub mod steady;
 pub mod sys;
 pub mod waypoint;
 pub mod wire;

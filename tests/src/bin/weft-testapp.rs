@@ -13,6 +13,8 @@
 //! weft-testapp sink    --port P
 //! weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
 //! weft-testapp hammer  --to IP:PORT [--count 1000] [--duration-ms D] [--payload-hex H] [--timeout-ms T]
+//! weft-testapp streams --to IP:PORT --count N --duration-ms D [--chunk B] [--interval-ms I] [--seed S] [--timeout-ms T]
+//! weft-testapp connect-loop --to IP:PORT --duration-ms D [--timeout-ms T]
 //! weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
 //! weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
 //!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
@@ -41,6 +43,8 @@
 //! - `hammer` is a hostile pod's tight loop: connect, write the payload (if any), close at
 //!   once, again, until `count` attempts or `duration-ms` have passed; then
 //!   `hammered attempts=N connected=M failed=F`. Always exits 0: failures are the point.
+//! - `streams` and `connect-loop` (`steady` module): long-lived exact echo streams and a
+//!   connect loop, counting what a restart or upgrade of the mesh cost.
 //!
 //! Those print `key=value` lines. The L7 commands (for the waypoint tests) run on tokio and print `<word> <json>` lines
 //! whose JSON is a `weft_tests::l7` type (the harness parses them with the same structs):
@@ -84,6 +88,8 @@ mod flood;
 mod grpc;
 #[path = "weft-testapp/http.rs"]
 mod http;
+#[path = "weft-testapp/steady.rs"]
+mod steady;
 #[cfg(test)]
 #[path = "weft-testapp/tests.rs"]
 mod tests;
@@ -110,6 +116,8 @@ fn main() -> ExitCode {
         "sink" => flood::sink(&flags),
         "hold" => flood::hold(&flags),
         "hammer" => hammer(&flags),
+        "streams" => steady::streams(&flags),
+        "connect-loop" => steady::connect_loop(&flags),
         "http-serve" => http::serve(&flags),
         "http-load" => http::load(&flags),
         "grpc-serve" => grpc::serve(&flags),

@@ -107,7 +107,7 @@ fn is_open(stream: &TcpStream) -> bool {
 }
 
 /// As many file descriptors as the kernel allows this process (root may raise the hard limit).
-fn raise_nofile() {
+pub fn raise_nofile() {
     let wanted = libc::rlimit {
         rlim_cur: NOFILE,
         rlim_max: NOFILE,
