@@ -36,8 +36,9 @@ use tokio::{
     time::{Instant, timeout},
 };
 
-use super::{Config, Metrics, Waypoint, upstream::BoxBody};
+use super::{Config, DRAIN_METRICS, Metrics, Shutdown, Waypoint, upstream::BoxBody};
 use crate::{
+    drain::Drain,
     hbone::{self, Pool, PoolConfig},
     identity::SpiffeId,
     state::{
@@ -261,6 +262,8 @@ impl Harness {
             Arc::<TestCerts>::clone(&waypoint_certs),
             PoolConfig::default(),
         );
+        let drain = Drain::default();
+        registry.register_collector(drain.metrics_named(&DRAIN_METRICS));
         let waypoint = Waypoint::new(
             config,
             state_rx,
@@ -268,6 +271,7 @@ impl Harness {
             metrics,
             AccessLog::to_writer(log.clone()),
             Some(exporter),
+            drain,
         );
         let tls = hbone::server_config(waypoint_certs, waypoint_id.clone()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -682,6 +686,7 @@ fn patience() -> Duration {
 /// A backend delay no test outlives: a reply that comes is not the backend's.
 const FOREVER_MS: &str = "3600000";
 
+mod drain;
 mod hardening;
 mod observability;
 mod resilience;
