@@ -11,6 +11,7 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
 };
 
@@ -19,7 +20,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
 use super::{
@@ -218,9 +219,11 @@ impl hbone::StreamHandler for Waypoint {
 impl hbone::Tunnel for Tunnel {
     async fn run(self, stream: hbone::ServerStream) {
         let tunnel = Arc::new(self);
+        let first_request = Arc::new(Notify::new());
         let service = {
-            let tunnel = Arc::clone(&tunnel);
+            let (tunnel, first_request) = (Arc::clone(&tunnel), Arc::clone(&first_request));
             service_fn(move |req| {
+                first_request.notify_one();
                 let tunnel = Arc::clone(&tunnel);
                 async move { Ok::<_, Infallible>(request::handle(tunnel, req).await) }
             })
@@ -229,15 +232,23 @@ impl hbone::Tunnel for Tunnel {
         builder.http2().adaptive_window(true);
         let drain = tunnel.inner.drain.clone();
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let (draining, cut) = (drain.draining(), drain.cut_off());
-        tokio::pin!(connection, draining, cut);
+        // A tunnel opened while draining (its CONNECT crossed the GOAWAY) carries a request
+        // its client has already sent: it closes after that one, not before it.
+        let close: Pin<Box<dyn Future<Output = ()> + Send>> = if drain.is_draining() {
+            Box::pin(async move { first_request.notified().await })
+        } else {
+            Box::pin(drain.draining())
+        };
+        let cut = drain.cut_off();
+        tokio::pin!(connection, cut);
+        let mut close = close;
         let mut closing = false;
         let result = loop {
             tokio::select! {
                 result = &mut connection => break result,
                 // HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY: the
                 // client takes its next request elsewhere.
-                () = &mut draining, if !closing => {
+                () = &mut close, if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }

@@ -140,6 +140,8 @@ struct Harness {
     waypoint_pool: Pool,
     waypoint: Waypoint,
     waypoint_id: SpiffeId,
+    /// The waypoint's HBONE server config, for a second listener.
+    waypoint_tls: Arc<rustls::ServerConfig>,
     registry: Registry,
     log: Captured,
     spans: Arc<Mutex<Vec<Span>>>,
@@ -276,7 +278,7 @@ impl Harness {
         let tls = hbone::server_config(waypoint_certs, waypoint_id.clone()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let waypoint_addr = listener.local_addr().unwrap();
-        tokio::spawn(waypoint.clone().serve(listener, tls));
+        tokio::spawn(waypoint.clone().serve(listener, Arc::clone(&tls)));
 
         let client_certs = TestCerts::new(ca.bundle());
         client_certs.insert(ca.issue(&id("client")));
@@ -288,6 +290,7 @@ impl Harness {
             waypoint_pool,
             waypoint,
             waypoint_id,
+            waypoint_tls: tls,
             registry,
             log,
             spans,
@@ -310,7 +313,15 @@ impl Harness {
     }
 
     async fn connect(&self, target: SocketAddr) -> Result<hbone::HboneStream, hbone::Error> {
-        let address = self.waypoint_addr;
+        self.connect_at(self.waypoint_addr, target).await
+    }
+
+    /// `connect` through the HBONE listener at `address`.
+    async fn connect_at(
+        &self,
+        address: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<hbone::HboneStream, hbone::Error> {
         let key = hbone::Key {
             source: id("client"),
             destination: self.waypoint_id.clone(),

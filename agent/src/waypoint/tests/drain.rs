@@ -202,6 +202,45 @@ async fn a_drain_sends_goaway_and_serves_no_new_request_on_the_connection() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_opened_during_the_drain_serves_the_request_it_carries() {
+    let h = draining_harness(patience()).await;
+    // A second HBONE listener of the same waypoint, which nothing drains: its CONNECT is
+    // accepted after the drain started, as one that crossed the GOAWAY is.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (tls, waypoint) = (Arc::clone(&h.waypoint_tls), Arc::new(h.waypoint.clone()));
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = hbone::serve(tcp, tls, waypoint).await;
+    });
+    let _shutdown = start_drain(&h).await;
+    let stream = h.connect_at(address, Harness::vip()).await.unwrap();
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = Request::get("/late")
+        .header("host", "echo.default")
+        .body(empty())
+        .unwrap();
+    let response = timeout(patience(), sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(parts.headers["connection"], "close");
+    assert_eq!(body.collect().await.unwrap().to_bytes(), "v1 GET /late 0");
+    // And then the connection closes: the next request goes elsewhere. (The client may
+    // fail to half-close the tunnel the waypoint has already closed.)
+    let closed = timeout(patience(), connection).await.unwrap().unwrap();
+    assert!(
+        closed
+            .as_ref()
+            .map_or_else(hyper::Error::is_shutdown, |()| true),
+        "{closed:?}"
+    );
+}
+
 /// One GET on the connection: its status, or why h2 would not send or answer it.
 async fn probe(sender: &h2::client::SendRequest<Bytes>) -> Result<StatusCode, h2::Error> {
     let mut sender = sender.clone().ready().await?;
