@@ -189,6 +189,9 @@ pub struct WaypointArgs {
     /// separators) or `decode` (separators).
     #[arg(long, env = "WEFT_PATH_ESCAPED_SLASHES", value_enum, default_value_t)]
     pub path_escaped_slashes: crate::waypoint::path::EscapedSlashes,
+    /// On shutdown, how long open requests are served; what is still open then is cut.
+    #[arg(long, env = "WEFT_DRAIN_LIMIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_limit: Duration,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -233,6 +236,7 @@ impl WaypointArgs {
             waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
         waypoint.listen_addr = args.listen_addr;
         waypoint.path_escaped_slashes = args.path_escaped_slashes;
+        waypoint.drain_limit = args.drain_limit;
         Ok(Settings {
             waypoint,
             identity: identity::Config {
@@ -355,6 +359,10 @@ mod tests {
         assert_eq!(args.readiness_addr, "0.0.0.0:15021".parse().unwrap());
         assert_eq!(args.trust_domain, "cluster.local");
         assert_eq!(args.metrics_prefix.as_str(), "weft");
+        assert_eq!(args.drain_limit, crate::waypoint::DEFAULT_DRAIN_LIMIT);
+        let longer = waypoint(&["--config", "x", "--drain-limit", "2m"]).unwrap();
+        assert_eq!(longer.drain_limit, Duration::from_secs(120));
+        assert!(waypoint(&["--config", "x", "--drain-limit", "soon"]).is_err());
         assert!(waypoint(&[]).is_err(), "a state source is required");
         assert!(waypoint(&["--source", "kubernetes"]).is_ok());
         assert!(waypoint(&["--config", "x", "--ca-addr", "ca:15012"]).is_err());

@@ -3,8 +3,10 @@
 //!
 //! `Drain` is shared by whoever opens work (each unit holds a `Guard` while it runs) and
 //! whoever shuts down (`start`, then `wait`). Work that must react to the drain, such as an
-//! HBONE connection sending GOAWAY, awaits `draining`. Its `Metrics` report the drain at
-//! scrape time: whether it runs, what is still open, what the limit cut.
+//! HBONE connection sending GOAWAY, awaits `draining`; work that must end when the drain is
+//! cut, rather than be cut from outside, awaits `cut_off`. Its `Metrics` report the drain at
+//! scrape time, under the names its owner gives (`MetricNames`): whether it runs, what is
+//! still open, what the limit cut.
 
 use std::{
     fmt,
@@ -73,12 +75,25 @@ pub enum Outcome {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     drain: Drain,
+    names: &'static MetricNames,
+}
+
+/// What a drain's metrics are called and say (after the registry's prefix).
+#[derive(Debug)]
+pub struct MetricNames {
+    /// Gauge: 1 while draining.
+    pub draining: (&'static str, &'static str),
+    /// Gauge: units of work open.
+    pub open: (&'static str, &'static str),
+    /// Counter (`_total` is added): units of work cut.
+    pub cut: (&'static str, &'static str),
 }
 
 #[derive(Debug)]
 struct Inner {
     open: watch::Sender<usize>,
     started: watch::Sender<bool>,
+    cut_off: watch::Sender<bool>,
     cut: AtomicU64,
 }
 
@@ -118,6 +133,22 @@ impl Drain {
         }
     }
 
+    /// Tells the work still open to end now (once; later calls change nothing).
+    pub fn cut(&self) {
+        self.inner.cut_off.send_replace(true);
+    }
+
+    /// Resolves once the drain has been cut.
+    pub fn cut_off(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut cut = self.inner.cut_off.subscribe();
+        async move {
+            // As in `draining`: no sender, no cut to come.
+            if cut.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Waits until nothing is open, or `limit` passed.
     pub async fn wait(&self, limit: Duration) -> Outcome {
         let mut open = self.inner.open.subscribe();
@@ -133,9 +164,16 @@ impl Drain {
         self.inner.cut.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// The metrics under the agent's names (`agent_draining`, …).
     pub fn metrics(&self) -> Metrics {
+        self.metrics_named(&AGENT_METRICS)
+    }
+
+    /// The metrics under `names`.
+    pub fn metrics_named(&self, names: &'static MetricNames) -> Metrics {
         Metrics {
             drain: self.clone(),
+            names,
         }
     }
 }
@@ -153,6 +191,7 @@ impl Default for Inner {
         Self {
             open: watch::Sender::new(0),
             started: watch::Sender::new(false),
+            cut_off: watch::Sender::new(false),
             cut: AtomicU64::new(0),
         }
     }
@@ -160,31 +199,39 @@ impl Default for Inner {
 
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let names = self.names;
         let gauges = [
+            (names.draining, i64::from(self.drain.is_draining())),
             (
-                "agent_draining",
-                "1 while the agent drains before it exits: it accepts nothing new",
-                i64::from(self.drain.is_draining()),
-            ),
-            (
-                "agent_drain_open_connections",
-                "Proxied connections and HBONE streams open (those a drain waits for)",
+                names.open,
                 i64::try_from(self.drain.open()).unwrap_or(i64::MAX),
             ),
         ];
-        for (name, help, value) in gauges {
+        for ((name, help), value) in gauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         let cut = ConstCounter::new(self.drain.inner.cut.load(Ordering::Relaxed));
-        cut.encode(encoder.encode_descriptor(
-            "agent_drain_cut_connections",
-            "Connections still open when the drain limit passed (or a second signal came), cut",
-            None,
-            cut.metric_type(),
-        )?)
+        let (name, help) = names.cut;
+        cut.encode(encoder.encode_descriptor(name, help, None, cut.metric_type())?)
     }
 }
+
+/// The node agent's drain metrics.
+pub const AGENT_METRICS: MetricNames = MetricNames {
+    draining: (
+        "agent_draining",
+        "1 while the agent drains before it exits: it accepts nothing new",
+    ),
+    open: (
+        "agent_drain_open_connections",
+        "Proxied connections and HBONE streams open (those a drain waits for)",
+    ),
+    cut: (
+        "agent_drain_cut_connections",
+        "Connections still open when the drain limit passed (or a second signal came), cut",
+    ),
+};
 
 /// Long: a drain should outlive ordinary long-lived connections (issue 16: hours).
 pub const DEFAULT_LIMIT: Duration = Duration::from_secs(60 * 60);
@@ -237,6 +284,17 @@ mod tests {
         drain.start();
         heard.await;
         assert!(drain.is_draining());
+    }
+
+    #[tokio::test]
+    async fn work_hears_the_cut() {
+        let drain = Drain::default();
+        let heard = drain.cut_off();
+        drain.start();
+        drain.cut();
+        heard.await;
+        // A cut heard late is still heard.
+        drain.cut_off().await;
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //! 7. `metrics` and `access_log`: Istio's HTTP metrics, one JSON line per request, a span
 //!    when an exporter is configured.
 //!
+//! Every HBONE connection, CONNECT stream and request holds a guard of the waypoint's
+//! `drain::Drain`; `shutdown` drains them (GOAWAY, close after the response) within a limit.
+//!
 //! Inputs: the snapshot (`state::StateHandle`), certificates (`identity::CertSource`).
 //! Outputs: served requests, metrics, access-log lines, spans.
 
@@ -34,26 +37,25 @@ mod request;
 mod retry;
 mod route;
 mod server;
+mod shutdown;
 mod upstream;
 mod wire;
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::AtomicUsize},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
 pub use metrics::Metrics;
 pub use route::RouteTable;
 pub use server::Waypoint;
+pub use shutdown::{DRAIN_METRICS, Shutdown};
 #[doc(hidden)] // for the fuzz target `hbone_headers`.
 pub use {server::forwarded_for, wire::host_without_port};
 
 use upstream::Upstreams;
 
 use crate::{
+    drain::Drain,
     hbone,
     identity::SpiffeId,
     policy::PolicyIndex,
@@ -167,6 +169,9 @@ pub struct Config {
     pub replay_buffer: usize,
     /// What a path's `%2F`, `%5C` and `\` mean (`path`): refused by default.
     pub path_escaped_slashes: path::EscapedSlashes,
+    /// How long a drain (shutdown) serves what is open; what is still open then is cut.
+    #[serde(with = "humantime_serde")]
+    pub drain_limit: Duration,
 }
 
 impl Config {
@@ -180,6 +185,7 @@ impl Config {
             upstream_idle_timeout: Duration::from_secs(90),
             replay_buffer: 64 * 1024,
             path_escaped_slashes: path::EscapedSlashes::default(),
+            drain_limit: DEFAULT_DRAIN_LIMIT,
         }
     }
 }
@@ -204,8 +210,8 @@ struct Inner {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub exporter: Option<Arc<dyn SpanExporter>>,
-    /// Requests whose response has not ended yet (drain waits for them).
-    pub in_flight: Arc<AtomicUsize>,
+    /// Tracks HBONE connections, their streams and the requests in them, for shutdown.
+    pub drain: Drain,
 }
 
 /// What one snapshot means for routing: the snapshot, its routes by service, its
@@ -237,6 +243,9 @@ pub struct Tunnel {
     /// identity, else the peer's own address.
     source: SocketAddr,
 }
+
+/// Fits Kubernetes' default grace period (30 s) with room for the process to exit.
+pub const DEFAULT_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,12 @@
 //! plus the routes the test gives, written to `<node dir>/<pod>-waypoint.yaml`; stdout
 //! (the JSON access log) and stderr go to `<node dir>/<pod>-waypoint.log`.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, ExitStatus},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
@@ -15,7 +20,7 @@ use serde_json::Value;
 use crate::{
     agent::print_log_tail,
     app::weft_bin,
-    eventually::eventually,
+    eventually::{eventually, scaled},
     node::TestNode,
     pod::TestPod,
     process::{Placement, TestProcess},
@@ -152,6 +157,12 @@ impl TestWaypoint {
 
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(TestProcess::pid)
+    }
+
+    /// Waits for the waypoint to exit (after a signal) and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let process = self.process.as_mut().context("waypoint not running")?;
+        Ok(process.wait(scaled(timeout))?.status)
     }
 
     pub fn log(&self) -> String {

@@ -317,6 +317,7 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
         assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
         assert_eq!(probe.port, IntOrString::String("readiness".into()));
         assert!(c.liveness_probe.is_none());
+        assert_eq!(pod.termination_grace_period_seconds, Some(30), "{name}");
 
         // The env: the waypoint's name, its namespace from the downward API, its account,
         // and the CA exactly as the agent reaches it.
@@ -345,6 +346,7 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
                 remote["tokenFile"].clone(),
             ),
             ("WEFT_LOG".to_string(), json!("info")),
+            ("WEFT_DRAIN_LIMIT".to_string(), json!("10s")),
         ]);
         for (key, value) in env {
             want.insert((*key).to_string(), json!(value));
@@ -613,6 +615,49 @@ fn waypoint_pod_labels(
         .and_then(|s| s.template.metadata.as_ref())
         .and_then(|m| m.labels.clone())
         .unwrap_or_default())
+}
+
+/// A waypoint's drain limit reaches it as WEFT_DRAIN_LIMIT, and its pod's grace period
+/// must outlast it, as the agent's must.
+#[test]
+fn a_waypoints_grace_period_covers_its_drain_limit() -> Result<()> {
+    helm_or_skip!();
+    let err = render_with_file(
+        DEFAULT_NS,
+        Some(TWO_WAYPOINTS),
+        &["waypointDefaults.drainLimitSeconds=30"],
+    )
+    .expect_err("a 30 s drain in a 30 s grace period");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(
+            "terminationGracePeriodSeconds (30) must be more than its drainLimitSeconds (30)"
+        ),
+        "{err}"
+    );
+    let objects = render_with_file(
+        DEFAULT_NS,
+        Some(TWO_WAYPOINTS),
+        &[
+            "waypointDefaults.drainLimitSeconds=60",
+            "waypointDefaults.terminationGracePeriodSeconds=90",
+        ],
+    )?;
+    let deploy = in_namespace(
+        &objects,
+        "shop",
+        "Deployment",
+        "shop-waypoint",
+        |o| match o {
+            Object::Deployment(d) => Some(&**d),
+            _ => None,
+        },
+    )?;
+    let pod = pod_spec_of(Some(&deploy.spec.as_ref().context("spec")?.template))?;
+    assert_eq!(pod.termination_grace_period_seconds, Some(90));
+    let env = env_of(container(pod, "waypoint")?);
+    assert_eq!(env.get("WEFT_DRAIN_LIMIT"), Some(&json!("60s")));
+    Ok(())
 }
 
 const COMPONENT: &str = "app.kubernetes.io/component";

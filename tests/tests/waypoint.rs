@@ -14,7 +14,9 @@ use weft_tests::{
     Service, TestAgent, TestNode, TestPod, TestWaypoint, eventually,
     l7::{self, GrpcCall, GrpcMode, HttpLoad, HttpServe, HttpServer},
     metrics::Scrape,
-    privileged, test_name, waypoint,
+    privileged,
+    sys::kill,
+    test_name, waypoint,
 };
 
 /// Node 1: the client and the waypoint. Node 2: the backends v1, v2, a flaky one, a
@@ -222,6 +224,48 @@ fn a_90_10_canary_holds_over_2000_requests_and_a_weight_change_drops_nothing() -
     ensure!(
         slow.status(200) == 20 && slow.failed() == 0,
         "in-flight requests survive the weight change: {slow:?}"
+    );
+    Ok(())
+}
+
+/// SIGTERM under HTTP/1.1 load: every request in flight (held by the backend) when the
+/// signal comes completes, the waypoint says it drains, and it exits once they have ended,
+/// having cut nothing.
+#[test]
+fn sigterm_fails_no_request_in_flight() -> Result<()> {
+    privileged!();
+    let mut mesh = Mesh::new(test_name!(), json!([split_route(100, 0)]), json!([]))?;
+    let slow = HttpLoad::new(vip(20, PORT), 20)
+        .concurrency(20)
+        .path("/slow")
+        .start(&mesh.client)?;
+    let v1 = mesh.server("v1");
+    eventually(Duration::from_secs(10), || {
+        let held = v1.held().len();
+        ensure!(held == 20, "v1 holds {held} of the 20 slow requests");
+        Ok(())
+    })?;
+    let pid = mesh.waypoint.pid().context("waypoint running")?;
+    kill(pid, libc::SIGTERM);
+    eventually(Duration::from_secs(10), || {
+        let scrape = Scrape::parse(&mesh.waypoint.metrics()?);
+        ensure!(
+            scrape.sum("weft_waypoint_draining", &[]) == 1.0,
+            "not draining yet"
+        );
+        Ok(())
+    })?;
+    let slow = slow.finish()?;
+    ensure!(
+        slow.status(200) == 20 && slow.failed() == 0,
+        "requests in flight at SIGTERM complete: {slow:?}"
+    );
+    let status = mesh.waypoint.wait_exit(Duration::from_secs(30))?;
+    let log = mesh.waypoint.log();
+    ensure!(status.success(), "the waypoint exited {status}:\n{log}");
+    ensure!(
+        log.contains("drained: every connection and request ended"),
+        "the waypoint did not drain to the end:\n{log}"
     );
     Ok(())
 }

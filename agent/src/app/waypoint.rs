@@ -4,7 +4,8 @@
 //! metrics (15020: `/metrics`, `/healthz/ready`) and readiness (15021: `/healthz/ready`)
 //! servers on `http::serve`.
 //!
-//! Ready when the waypoint has its certificate, its first snapshot and its listener.
+//! Ready when the waypoint has its certificate, its first snapshot and its listener; not
+//! ready again once a signal or `/quitquitquit` starts its drain (`Waypoint::shut_down`).
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -18,7 +19,9 @@ use tracing::info;
 
 use super::{terminate, track_certificate_readiness};
 use crate::{
-    admin, hbone, http,
+    admin,
+    drain::Drain,
+    hbone, http,
     identity::{self, CertManager, CertSource},
     readiness::Ready,
     source::{self, SourceStatus, file::FileDoc},
@@ -218,6 +221,8 @@ pub async fn serve(
         }
         (None, None) => None,
     };
+    let drain = Drain::default();
+    registry.register_collector(drain.metrics_named(&waypoint::DRAIN_METRICS));
     let waypoint = Waypoint::new(
         settings.waypoint.clone(),
         state_rx,
@@ -225,13 +230,15 @@ pub async fn serve(
         metrics,
         AccessLog::stdout(),
         exporter,
+        drain,
     );
     let tls = hbone::server_config(cert_source, own.clone())?;
     let listener = admin::bind(settings.waypoint.listen_addr).await?;
     let hbone_addr = listener
         .local_addr()
         .unwrap_or(settings.waypoint.listen_addr);
-    let serving = tokio::spawn(waypoint.clone().serve(listener, tls));
+    // Ends by itself when the drain starts, closing the listener.
+    tokio::spawn(waypoint.clone().serve(listener, tls));
     ready.unblock("listening");
 
     let admin = admin::bind(settings.admin.admin_addr).await?;
@@ -278,13 +285,16 @@ pub async fn serve(
         () = shutdown.notified() => {}
         () = terminate() => {}
     }
-    // New connections stop; requests already in flight get a grace period to finish.
-    serving.abort();
-    let drained = context.waypoint.drained(DRAIN_TIMEOUT).await;
+    // Listened for before the drain starts: a second signal cuts it short.
+    let second_signal = terminate();
+    context.ready.block(
+        "draining",
+        "the waypoint is stopping: it accepts no connection, and serves the open ones until they end",
+    );
+    let shutdown = context.waypoint.shut_down(second_signal).await;
     info!(
         component = "waypoint",
-        drained,
-        in_flight = context.waypoint.in_flight(),
+        cut = shutdown.cut(),
         "shutting down"
     );
     Ok(())
@@ -315,9 +325,6 @@ fn route(context: &Context, endpoints: Endpoints, req: &Request<Bytes>) -> Respo
     }
 }
 
-/// How long in-flight requests may take to finish at shutdown.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the state file is checked for changes.
 /// How often the waypoint's state file is checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Instant, SystemTime},
@@ -26,7 +26,10 @@ use super::{
     upstream::{BoxBody, BoxError},
     wire::{authority, is_grpc},
 };
-use crate::telemetry::trace::{Span, TraceContext};
+use crate::{
+    drain,
+    telemetry::trace::{Span, TraceContext},
+};
 
 /// One request in progress.
 pub struct Exchange {
@@ -38,25 +41,8 @@ pub struct Exchange {
     pub trace: TraceContext,
     pub request_bytes: Arc<AtomicU64>,
     pub grpc: bool,
-    /// Counts the request in flight while it lives.
-    _in_flight: InFlight,
-}
-
-/// One request in `Inner::in_flight`, from its start until its exchange is finished or
-/// dropped.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(counter))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Holds the request open for a drain, until the exchange is finished or dropped.
+    _guard: drain::Guard,
 }
 
 impl Exchange {
@@ -145,7 +131,7 @@ impl Exchange {
             trace,
             request_bytes: Arc::new(AtomicU64::new(0)),
             grpc,
-            _in_flight: InFlight::new(&inner.in_flight),
+            _guard: inner.drain.guard(),
         }
     }
 

@@ -11,10 +11,8 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    pin::Pin,
+    sync::Arc,
 };
 
 use hyper::service::service_fn;
@@ -22,13 +20,14 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
 use super::{
     Config, Inner, Metrics, RouteTable, Target, Tunnel, View, request, upstream::Upstreams,
 };
 use crate::{
+    drain::Drain,
     hbone,
     identity::SpiffeId,
     policy::PolicyIndex,
@@ -45,7 +44,8 @@ pub struct Waypoint {
 
 impl Waypoint {
     /// A waypoint following `state`; `pool` carries its requests to the backends (it must
-    /// hold the waypoint's certificate).
+    /// hold the waypoint's certificate). Its connections, streams and requests hold guards
+    /// of `drain`, and end when it drains (`shutdown`).
     pub fn new(
         config: Config,
         state: StateHandle,
@@ -53,6 +53,7 @@ impl Waypoint {
         metrics: Metrics,
         access_log: AccessLog,
         exporter: Option<Arc<dyn SpanExporter>>,
+        drain: Drain,
     ) -> Self {
         let snapshot = Arc::clone(&state.borrow());
         let view = View {
@@ -77,17 +78,25 @@ impl Waypoint {
                 metrics,
                 access_log,
                 exporter,
-                in_flight: Arc::new(AtomicUsize::new(0)),
+                drain,
             }),
         }
     }
 
-    /// Serves HBONE on `listener` until the task is dropped: each connection on its own
-    /// task, an accept error logged and retried after a pause.
+    /// Serves HBONE on `listener` until the drain starts (then the listener closes) or the
+    /// task is dropped: each connection on its own task, holding a drain guard, an accept
+    /// error logged and retried after a pause.
     pub async fn serve(self, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let drain = self.inner.drain.clone();
         let handler = Arc::new(self);
+        let draining = drain.draining();
+        tokio::pin!(draining);
         loop {
-            let tcp = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut draining => return,
+            };
+            let tcp = match accepted {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
                     crate::warn_limited!(component = "waypoint", error = %e, "accept failed");
@@ -97,26 +106,25 @@ impl Waypoint {
             };
             // Small HTTP/2 frames must not wait for the peer's delayed ACK (Nagle).
             let _ = tcp.set_nodelay(true);
-            // Handshake failures are logged (with their reason) by `hbone::serve`.
-            tokio::spawn(hbone::serve(tcp, Arc::clone(&tls), Arc::clone(&handler)));
+            let (guard, cut) = (drain.guard(), drain.cut_off());
+            let (tls, handler, drain) = (Arc::clone(&tls), Arc::clone(&handler), drain.clone());
+            tokio::spawn(async move {
+                let limits = hbone::Limits::default();
+                // When the drain starts the client gets GOAWAY; when it is cut, the
+                // connection is dropped with whatever is still open on it.
+                tokio::select! {
+                    // Handshake failures are logged (with their reason) by `hbone`.
+                    _ = hbone::serve_with(tcp, tls, handler, &limits, &drain) => {}
+                    () = cut => {}
+                }
+                drop(guard);
+            });
         }
     }
 
-    /// Requests being served now (until their response body ends).
-    pub fn in_flight(&self) -> usize {
-        self.inner.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Waits until no request is in flight, or `limit` passed; true when drained.
-    pub async fn drained(&self, limit: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.in_flight() > 0 {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-        true
+    /// The drain its connections, streams and requests are tracked by.
+    pub fn drain(&self) -> &Drain {
+        &self.inner.drain
     }
 
     /// The snapshot in force (with its routes), for `/config_dump`.
@@ -211,18 +219,45 @@ impl hbone::StreamHandler for Waypoint {
 impl hbone::Tunnel for Tunnel {
     async fn run(self, stream: hbone::ServerStream) {
         let tunnel = Arc::new(self);
+        let first_request = Arc::new(Notify::new());
         let service = {
-            let tunnel = Arc::clone(&tunnel);
+            let (tunnel, first_request) = (Arc::clone(&tunnel), Arc::clone(&first_request));
             service_fn(move |req| {
+                first_request.notify_one();
                 let tunnel = Arc::clone(&tunnel);
                 async move { Ok::<_, Infallible>(request::handle(tunnel, req).await) }
             })
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http2().adaptive_window(true);
-        if let Err(e) = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .await
+        let drain = tunnel.inner.drain.clone();
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        // A tunnel opened while draining (its CONNECT crossed the GOAWAY) carries a request
+        // its client has already sent: it closes after that one, not before it.
+        let close: Pin<Box<dyn Future<Output = ()> + Send>> = if drain.is_draining() {
+            Box::pin(async move { first_request.notified().await })
+        } else {
+            Box::pin(drain.draining())
+        };
+        let cut = drain.cut_off();
+        tokio::pin!(connection, cut);
+        let mut close = close;
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut connection => break result,
+                // HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY: the
+                // client takes its next request elsewhere.
+                () = &mut close, if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                // Dropping the connection drops the requests still in it.
+                () = &mut cut => return,
+            }
+        };
+        if let Err(e) = result
+            && !(closing && cancelled(&*e))
         {
             tunnel.inner.metrics.connection_error("downstream_http");
             debug!(component = "waypoint", src = %tunnel.source, src.identity = %tunnel.peer_identity,
@@ -233,6 +268,14 @@ impl hbone::Tunnel for Tunnel {
     fn abandon(self, error: std::io::Error) {
         debug!(component = "waypoint", src = %self.source, error = %error, "client left before the CONNECT was answered");
     }
+}
+
+/// A connection the drain closed before its first bytes (hyper-util's version sniffing
+/// ends "cancelled"): not the client's fault.
+fn cancelled(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::Interrupted)
 }
 
 /// Whether a peer of identity `peer` may speak for `ip`: a workload with that identity has
@@ -272,7 +315,6 @@ pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
 }
 
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {

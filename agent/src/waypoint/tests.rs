@@ -36,8 +36,9 @@ use tokio::{
     time::{Instant, timeout},
 };
 
-use super::{Config, Metrics, Waypoint, upstream::BoxBody};
+use super::{Config, DRAIN_METRICS, Metrics, Shutdown, Waypoint, upstream::BoxBody};
 use crate::{
+    drain::Drain,
     hbone::{self, Pool, PoolConfig},
     identity::SpiffeId,
     state::{
@@ -139,6 +140,8 @@ struct Harness {
     waypoint_pool: Pool,
     waypoint: Waypoint,
     waypoint_id: SpiffeId,
+    /// The waypoint's HBONE server config, for a second listener.
+    waypoint_tls: Arc<rustls::ServerConfig>,
     registry: Registry,
     log: Captured,
     spans: Arc<Mutex<Vec<Span>>>,
@@ -261,6 +264,8 @@ impl Harness {
             Arc::<TestCerts>::clone(&waypoint_certs),
             PoolConfig::default(),
         );
+        let drain = Drain::default();
+        registry.register_collector(drain.metrics_named(&DRAIN_METRICS));
         let waypoint = Waypoint::new(
             config,
             state_rx,
@@ -268,11 +273,12 @@ impl Harness {
             metrics,
             AccessLog::to_writer(log.clone()),
             Some(exporter),
+            drain,
         );
         let tls = hbone::server_config(waypoint_certs, waypoint_id.clone()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let waypoint_addr = listener.local_addr().unwrap();
-        tokio::spawn(waypoint.clone().serve(listener, tls));
+        tokio::spawn(waypoint.clone().serve(listener, Arc::clone(&tls)));
 
         let client_certs = TestCerts::new(ca.bundle());
         client_certs.insert(ca.issue(&id("client")));
@@ -284,6 +290,7 @@ impl Harness {
             waypoint_pool,
             waypoint,
             waypoint_id,
+            waypoint_tls: tls,
             registry,
             log,
             spans,
@@ -306,7 +313,15 @@ impl Harness {
     }
 
     async fn connect(&self, target: SocketAddr) -> Result<hbone::HboneStream, hbone::Error> {
-        let address = self.waypoint_addr;
+        self.connect_at(self.waypoint_addr, target).await
+    }
+
+    /// `connect` through the HBONE listener at `address`.
+    async fn connect_at(
+        &self,
+        address: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<hbone::HboneStream, hbone::Error> {
         let key = hbone::Key {
             source: id("client"),
             destination: self.waypoint_id.clone(),
@@ -682,6 +697,7 @@ fn patience() -> Duration {
 /// A backend delay no test outlives: a reply that comes is not the backend's.
 const FOREVER_MS: &str = "3600000";
 
+mod drain;
 mod hardening;
 mod observability;
 mod resilience;

@@ -52,6 +52,8 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
     let h = Harness::new(&["v1", "v2"]).await;
     h.set_routes(vec![route(vec![rule(vec![], &[("v1", 100), ("v2", 0)])])]);
     let client = h.h2().await;
+    // The connection and its CONNECT stream.
+    let idle = h.waypoint.drain().open();
     let mut slow = JoinSet::new();
     for _ in 0..20 {
         let client = client.clone();
@@ -65,11 +67,10 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
     }
     h.set_routes(vec![route(vec![rule(vec![], &[("v1", 0), ("v2", 100)])])]);
     assert_eq!(
-        h.waypoint.in_flight(),
-        20,
+        h.waypoint.drain().open(),
+        idle + 20,
         "the slow requests are in flight"
     );
-    assert!(!h.waypoint.drained(Duration::from_millis(50)).await);
     for _ in 0..50 {
         let reply = client.get("/fast").await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -83,7 +84,10 @@ async fn weight_change_applies_to_new_requests_and_in_flight_ones_complete() {
         completed += 1;
     }
     assert_eq!(completed, 20);
-    assert!(h.waypoint.drained(patience()).await);
+    until("the slow requests are done", || {
+        h.waypoint.drain().open() == idle
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
