@@ -105,6 +105,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The peer did not process the CONNECT, so it may go again on another connection
+    /// (RFC 9113, section 8.7): a GOAWAY left it out (a peer going away, as a draining
+    /// agent's does) or it was refused with REFUSED_STREAM.
+    pub fn unprocessed(&self) -> bool {
+        match self {
+            Error::StreamReset(reason) => *reason == Reason::REFUSED_STREAM,
+            Error::Http2(e) => e.is_go_away() && e.is_remote(),
+            _ => false,
+        }
+    }
+
     /// Stable, snake_case reason: metric label and access-log `error` field.
     pub fn reason(&self) -> &'static str {
         match self {

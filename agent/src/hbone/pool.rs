@@ -145,13 +145,36 @@ impl Pool {
     /// Opens a CONNECT stream to `request.target` through the peer at `key.address`,
     /// reusing a pooled connection when one has room. `dial` is called only when a new
     /// connection is needed; it creates the TCP connection (inside the source pod's
-    /// network namespace — the pool never creates sockets).
+    /// network namespace — the pool never creates sockets). A CONNECT the peer did not
+    /// process (it is going away: `Error::unprocessed`) goes once more, on another
+    /// connection: during an upgrade, the new agent's.
     pub async fn connect<F, Fut>(
         &self,
         key: Key,
         dial: F,
         request: ConnectRequest,
     ) -> Result<HboneStream, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = io::Result<TcpStream>>,
+    {
+        let timeout = self.shared.config.response_timeout;
+        let lease = self.lease(&key, &dial).await?;
+        let connection = Arc::clone(&lease.connection);
+        match lease.open(&request, timeout).await {
+            Err(e) if e.unprocessed() => {
+                connection.retire();
+                debug!(component = "hbone", dst = %key.address, error = %e,
+                    "the peer did not process the CONNECT (it is going away); sending it again on another connection");
+                self.lease(&key, &dial).await?.open(&request, timeout).await
+            }
+            opened => opened,
+        }
+    }
+
+    /// A stream slot for `key`: on a pooled connection with room, or on a new one (one
+    /// dial at a time per key; those waiting share its failure).
+    async fn lease<F, Fut>(&self, key: &Key, dial: F) -> Result<Lease, Error>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
@@ -162,38 +185,35 @@ impl Pool {
             .certs
             .certificate(&key.source)
             .ok_or_else(|| Error::NoCertificate(key.source.clone()))?;
-        let lease = match shared.checkout(&key, &cert.serial) {
-            Some(lease) => lease,
-            None => {
-                let queued_at = Instant::now();
-                let dialing = shared.dialing(&key);
-                let mut single_flight = dialing.lock().await;
-                if let Some(failure) = single_flight.as_ref().filter(|f| f.at >= queued_at) {
-                    return Err(Error::ConcurrentConnectFailed {
-                        reason: failure.reason,
-                        message: failure.message.clone(),
-                    });
-                }
-                match shared.checkout(&key, &cert.serial) {
-                    Some(lease) => lease,
-                    None => match self.establish(&key, dial, cert.serial.clone()).await {
-                        Ok(lease) => {
-                            *single_flight = None;
-                            lease
-                        }
-                        Err(e) => {
-                            *single_flight = Some(Failure {
-                                at: Instant::now(),
-                                reason: e.reason(),
-                                message: e.to_string(),
-                            });
-                            return Err(e);
-                        }
-                    },
-                }
+        if let Some(lease) = shared.checkout(key, &cert.serial) {
+            return Ok(lease);
+        }
+        let queued_at = Instant::now();
+        let dialing = shared.dialing(key);
+        let mut single_flight = dialing.lock().await;
+        if let Some(failure) = single_flight.as_ref().filter(|f| f.at >= queued_at) {
+            return Err(Error::ConcurrentConnectFailed {
+                reason: failure.reason,
+                message: failure.message.clone(),
+            });
+        }
+        if let Some(lease) = shared.checkout(key, &cert.serial) {
+            return Ok(lease);
+        }
+        match self.establish(key, dial, cert.serial.clone()).await {
+            Ok(lease) => {
+                *single_flight = None;
+                Ok(lease)
             }
-        };
-        lease.open(&request, shared.config.response_timeout).await
+            Err(e) => {
+                *single_flight = Some(Failure {
+                    at: Instant::now(),
+                    reason: e.reason(),
+                    message: e.to_string(),
+                });
+                Err(e)
+            }
+        }
     }
 
     pub fn stats(&self) -> PoolStats {

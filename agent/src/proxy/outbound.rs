@@ -202,10 +202,13 @@ async fn hbone_to(
         local: source.ip(),
     };
     let sockets = Arc::clone(&pod.sockets);
-    let dial = move || async move {
-        socket::connect(sockets.as_ref(), addr, CONNECT_TIMEOUT)
-            .await
-            .map_err(Error::into_io)
+    let dial = move || {
+        let sockets = Arc::clone(&sockets);
+        async move {
+            socket::connect(sockets.as_ref(), addr, CONNECT_TIMEOUT)
+                .await
+                .map_err(Error::into_io)
+        }
     };
     let request = hbone::ConnectRequest {
         target,

@@ -2,6 +2,8 @@
 //! either TCP side of a CONNECT is reset, the proxy resets the stream with CONNECT_ERROR
 //! (0xa), which Istio's ztunnel reads as "the TCP connection behind this CONNECT was
 //! reset". A plain h2 peer stands on the other side and reports the frame's error code.
+//! The same peer refuses a CONNECT unprocessed (REFUSED_STREAM), which the pool sends again
+//! on another connection, and resets one it processed, which it does not.
 
 use bytes::Bytes;
 use h2::Reason;
@@ -77,23 +79,11 @@ fn assert_connect_error(err: &h2::Error) {
 /// and reads its body; the task ends with the error that ended the body (`None` for
 /// END_STREAM).
 async fn plain_h2_server(h: &Harness) -> (SocketAddr, JoinHandle<Option<h2::Error>>) {
-    let config = server_config(
-        Arc::<TestCerts>::clone(&h.server_certs),
-        h.server_id.clone(),
-    )
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let server = H2Server::bind(h).await;
+    let addr = server.addr;
     let task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
-            .await
-            .unwrap();
-        let mut connection = h2::server::handshake(tls).await.unwrap();
-        let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+        let (request, mut respond) = server.next_connect().await;
         assert_eq!(request.method(), http::Method::CONNECT);
-        tokio::spawn(async move { while connection.accept().await.is_some() {} });
         respond
             .send_response(http::Response::new(()), false)
             .unwrap();
@@ -109,4 +99,112 @@ async fn plain_h2_server(h: &Harness) -> (SocketAddr, JoinHandle<Option<h2::Erro
         }
     });
     (addr, task)
+}
+
+/// A TLS listener with the harness's server identity, speaking plain h2.
+struct H2Server {
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    addr: SocketAddr,
+}
+
+impl H2Server {
+    async fn bind(h: &Harness) -> Self {
+        let config = server_config(
+            Arc::<TestCerts>::clone(&h.server_certs),
+            h.server_id.clone(),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        H2Server {
+            listener,
+            config,
+            addr,
+        }
+    }
+
+    /// The first request of the next connection; the connection keeps being driven.
+    async fn next_connect(
+        &self,
+    ) -> (
+        http::Request<h2::RecvStream>,
+        h2::server::SendResponse<Bytes>,
+    ) {
+        let (tcp, _) = self.listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut connection = h2::server::handshake(tls).await.unwrap();
+        let first = connection.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        first
+    }
+}
+
+/// A plain h2 server whose first connection answers its CONNECT with RST_STREAM(`first`);
+/// later connections answer 200. The task returns how many connections it served once
+/// `connections` did.
+async fn refusing_h2_server(
+    h: &Harness,
+    first: Reason,
+    connections: usize,
+) -> (SocketAddr, JoinHandle<usize>) {
+    let server = H2Server::bind(h).await;
+    let addr = server.addr;
+    let task = tokio::spawn(async move {
+        for n in 0..connections {
+            let (_request, mut respond) = server.next_connect().await;
+            if n == 0 {
+                respond.send_reset(first);
+            } else {
+                respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+            }
+        }
+        connections
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_connect_the_peer_refused_unprocessed_goes_again_on_a_new_connection() {
+    let h = Harness::new().await;
+    let (addr, server) = refusing_h2_server(&h, Reason::REFUSED_STREAM, 2).await;
+    let key = Key {
+        address: addr,
+        ..h.key()
+    };
+    let opened = h.connect_with(key, closed_port().await).await;
+    assert!(opened.is_ok(), "{:?}", opened.err());
+    let served = timeout(patience(), server)
+        .await
+        .expect("second connection")
+        .unwrap();
+    assert_eq!(served, 2);
+    // The refusing connection is retired: the pool holds only the new one.
+    assert_eq!(h.pool.stats().handshakes, 2);
+}
+
+#[tokio::test]
+async fn a_connect_the_peer_processed_and_reset_is_not_sent_again() {
+    let h = Harness::new().await;
+    let (addr, server) = refusing_h2_server(&h, Reason::CONNECT_ERROR, 1).await;
+    let key = Key {
+        address: addr,
+        ..h.key()
+    };
+    let err = h.connect_with(key, closed_port().await).await.unwrap_err();
+    assert!(
+        matches!(err, Error::StreamReset(Reason::CONNECT_ERROR)),
+        "{err}"
+    );
+    assert_eq!(timeout(patience(), server).await.unwrap().unwrap(), 1);
+    assert_eq!(
+        h.pool.stats().handshakes,
+        1,
+        "no second connection was opened"
+    );
 }
