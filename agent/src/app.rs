@@ -253,6 +253,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     }
 
     let mut offer = config.handover.clone();
+    let mut awaited_certificates = false;
     let mut successors = None;
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut rejected: Option<ebpf::Settings> = None;
@@ -275,6 +276,19 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             // Now, not when the tracker task next runs: the enroll condition below may
             // clear first, and readiness must not flash on before the new pods' certificates.
             certificate_readiness(certs, &ready);
+            // A successor serves its inherited listeners from the reconcile on: without the
+            // pods' certificates it would reset their HBONE connects, which the predecessor
+            // serves meanwhile (bounded: a CA that does not answer leaves this agent not
+            // ready, and the predecessor abandons the hand-over).
+            if predecessor.is_some()
+                && !std::mem::replace(&mut awaited_certificates, true)
+                && tokio::time::timeout(HANDOVER_CERT_WAIT, certs.wait_ready())
+                    .await
+                    .is_err()
+            {
+                warn!(component = "handover", wait = %humantime::format_duration(HANDOVER_CERT_WAIT),
+                    "no certificates for the pods yet: serving the handed-over listeners without them");
+            }
         }
         // Settings first: exclusions must be right before new pods get steered.
         let settings = dataplane_settings(&config, &snapshot.mesh);
@@ -581,6 +595,10 @@ async fn signals_reach(mut signals: watch::Receiver<u32>, n: u32) {
 
 /// How long cut connections get to reset both ends before the process exits.
 const CUT_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a successor waits for its pods' certificates before it serves the handed-over
+/// listeners (the predecessor serves them meanwhile).
+const HANDOVER_CERT_WAIT: Duration = Duration::from_secs(30);
 
 /// How often readiness is looked at while a hand-over waits for it.
 const HANDOVER_RECHECK: Duration = Duration::from_millis(100);
