@@ -362,12 +362,24 @@ impl TestAgent {
         }
     }
 
+    /// SIGTERM, as the kubelet sends when it deletes the pod: the agent drains.
+    pub fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            sys::kill(pid, libc::SIGTERM);
+        }
+    }
+
     /// Starts the agent again with the current config file and waits until ready.
     pub fn restart(&mut self) -> Result<()> {
+        self.relaunch()?;
+        self.wait_ready()
+    }
+
+    /// Kills the agent if it runs and starts it again, without waiting for readiness.
+    pub fn relaunch(&mut self) -> Result<()> {
         self.kill();
         self.note("restarting agent");
-        self.launch()?;
-        self.wait_ready()
+        self.launch()
     }
 
     /// Writes `config` (serialised as YAML) to the config file.

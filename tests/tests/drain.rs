@@ -16,9 +16,7 @@ use serde_json::json;
 use weft_tests::{
     TestAgent, TestNode, TestPod,
     app::{self, Connect, Mode, RunningSend},
-    eventually, privileged, scaled,
-    sys::kill,
-    test_name,
+    eventually, privileged, scaled, test_name,
 };
 
 /// A plaintext passthrough (to an unenrolled server), an HBONE connection (between two
@@ -41,7 +39,7 @@ fn open_connections_outlive_sigterm_and_new_ones_fail_closed() -> Result<()> {
     plain_server.wait_accepted(1);
     mesh_server.wait_accepted(2);
 
-    sigterm(&agent);
+    agent.sigterm();
     eventually(Duration::from_secs(10), || {
         let ready = agent.get("/healthz/ready")?;
         ensure!(
@@ -111,7 +109,7 @@ fn the_drain_limit_cuts_what_is_still_open() -> Result<()> {
     wait_active(&agent, "outbound", 1)?;
 
     let started = Instant::now();
-    sigterm(&agent);
+    agent.sigterm();
     agent.wait_exit(Duration::from_secs(20))?;
     let took = started.elapsed();
     ensure!(
@@ -138,7 +136,7 @@ fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
     let _send = long_send(&pods.client, pods.plain_addr(), TRANSFER)?;
     wait_active(&agent, "outbound", 1)?;
 
-    sigterm(&agent);
+    agent.sigterm();
     eventually(Duration::from_secs(10), || {
         let ready = agent.get("/healthz/ready")?;
         ensure!(
@@ -153,7 +151,7 @@ fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
         "the agent exited on the first signal"
     );
     // The drain's limit is an hour: an exit within the wait is the second signal's doing.
-    sigterm(&agent);
+    agent.sigterm();
     agent.wait_exit(Duration::from_secs(10))?;
     let log = agent.current_log();
     ensure!(
@@ -190,7 +188,7 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
     let mut new = TestAgent::spawn_beside(&node, "successor", 0)?;
     let attempts = connect_until_switch(&pods, &mut new, &old)?;
     // The kubelet deletes the old pod once the new one is ready.
-    sigterm(&old);
+    old.sigterm();
     new.wait_ready()?;
     // While the old agent drains, only the new one answers on the shared ports: were both
     // listening, twenty fresh connections would almost surely (1 - 2^-19) reach both.
@@ -243,14 +241,15 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
         );
         Ok(())
     })?;
+    third.wait_ready()?;
+    // Still there after the third agent's start-up, though it has nothing left to serve.
     ensure!(
         new.try_status().is_none(),
         "the handed-over agent exited without a signal"
     );
-    sigterm(&new);
+    new.sigterm();
     let status = new.wait_exit(Duration::from_secs(10))?;
     ensure!(status.success(), "second agent exit: {status}");
-    third.wait_ready()?;
     for (from, to) in paths {
         echo_once(from, to)?;
     }
@@ -364,12 +363,6 @@ fn wait_active(agent: &TestAgent, direction: &str, n: usize) -> Result<()> {
         ensure!(open >= n, "{open} {direction} connections open: {active:?}");
         Ok(())
     })
-}
-
-fn sigterm(agent: &TestAgent) {
-    if let Some(pid) = agent.pid() {
-        kill(pid, libc::SIGTERM);
-    }
 }
 
 const PORT: u16 = 8080;

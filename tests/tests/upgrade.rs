@@ -23,7 +23,6 @@ use weft_tests::{
     app::{self, Mode},
     eventually, privileged,
     steady::{self, RunningLoop, RunningStreams, Streamed},
-    sys::kill,
     test_name,
 };
 
@@ -59,7 +58,7 @@ fn a_rolling_upgrade_refuses_resets_and_loses_nothing() -> Result<()> {
             Ok(())
         })?;
         // The kubelet deletes the old pod once the new one is ready.
-        sigterm(old);
+        old.sigterm();
         let old = std::mem::replace(&mut agents[i], new);
         mesh.retired.borrow_mut().push(old);
     }
@@ -295,12 +294,6 @@ fn wait_offering(agent: &TestAgent) -> Result<()> {
 
 fn addr(pod: &TestPod) -> SocketAddr {
     SocketAddr::V4(pod.addr(PORT))
-}
-
-fn sigterm(agent: &TestAgent) {
-    if let Some(pid) = agent.pid() {
-        kill(pid, libc::SIGTERM);
-    }
 }
 
 /// Of each kind.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--profile] [--only paths|policies|scale|hostile]`: weft
+//! `cargo xtask bench [--quick] [--profile] [--only paths|policies|scale|hostile|upgrade]`: weft
 //! against direct traffic and against a plain mTLS tunnel (stunnel), measured in one run,
 //! side by side.
 //!
@@ -14,7 +14,8 @@
 //! - node 2, joined to node 1: `xdirect-s` (not enrolled), `xweft-s` (enrolled);
 //! - node 3: the scale node, `scale_pods` enrolled pods (enrolment time, memory under
 //!   load, the control plane);
-//! - node 4: the hostile part, a pod hoarding idle connections beside a neighbour.
+//! - node 4: the hostile part, a pod hoarding idle connections beside a neighbour;
+//! - nodes 5 and 6, joined: the upgrade part, agents replaced and killed under traffic.
 //!
 //! Scenarios are interleaved within each repetition, so slow drift of the machine (other
 //! builds) spreads over all of them instead of biasing one. Every figure is a
@@ -24,7 +25,7 @@
 //!
 //! This file holds the options, the outer run and the dispatch to the parts, one module
 //! each: [`paths`] (with [`workloads`], what is measured over one path, and [`profile`]),
-//! [`policies`], [`scale`] and [`hostile`]. They share [`plan`] (how much of everything),
+//! [`policies`], [`scale`], [`hostile`] and [`upgrade`]. They share [`plan`] (how much of everything),
 //! [`agent`] (driving the agent under measurement), [`state`] (the big state), [`probe`]
 //! (readings of `/proc`, weft-bench's figures, units), and [`report`] and [`chart`] (the
 //! results).
@@ -40,6 +41,7 @@ mod profile;
 mod report;
 mod scale;
 mod state;
+mod upgrade;
 mod workloads;
 
 use std::{
@@ -69,8 +71,9 @@ pub struct Options {
     #[arg(long)]
     render: bool,
     /// Measure one part only: `paths` (the data path, then policies on it), `policies`
-    /// (the policy rows alone), `scale` (enrolment, memory, the control plane) or `hostile`
-    /// (a pod hoarding idle connections beside a neighbour).
+    /// (the policy rows alone), `scale` (enrolment, memory, the control plane), `hostile`
+    /// (a pod hoarding idle connections beside a neighbour) or `upgrade` (agents replaced
+    /// and killed under traffic).
     #[arg(long, value_enum)]
     only: Option<Part>,
     /// A ztunnel binary (Istio's node proxy, built with its `testing` feature) for the
@@ -90,6 +93,7 @@ enum Part {
     Policies,
     Scale,
     Hostile,
+    Upgrade,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -141,6 +145,7 @@ pub fn run(options: &Options) -> Result<()> {
             Part::Policies => "policies",
             Part::Scale => "scale",
             Part::Hostile => "hostile",
+            Part::Upgrade => "upgrade",
         });
     }
     match options.ztunnel.clone().or_else(weft_tests::ztunnel::binary) {
@@ -179,6 +184,9 @@ fn measure(options: &Options) -> Result<()> {
         }
         if part(Part::Hostile) {
             hostile::run(&plan, &mut report)?;
+        }
+        if part(Part::Upgrade) {
+            upgrade::run(&plan, &mut report)?;
         }
         Ok(())
     })()

@@ -18,6 +18,9 @@ pub struct Plan {
     pub cp_policies: usize,
     pub http_rate: f64,
     pub http_secs: f64,
+    /// Long-lived connections streaming across each rolling upgrade, and for how long.
+    pub upgrade_conns: usize,
+    pub upgrade_time: std::time::Duration,
 }
 
 impl Plan {
@@ -39,6 +42,8 @@ impl Plan {
                 cp_policies: 100,
                 http_rate: 500.0,
                 http_secs: 1.0,
+                upgrade_conns: 50,
+                upgrade_time: std::time::Duration::from_secs(8),
             }
         } else {
             Plan {
@@ -57,6 +62,8 @@ impl Plan {
                 cp_policies: 1_000,
                 http_rate: 2_000.0,
                 http_secs: 5.0,
+                upgrade_conns: 200,
+                upgrade_time: std::time::Duration::from_secs(15),
             }
         }
     }
