@@ -1,6 +1,7 @@
 //! The upgrade part (nodes 5 and 6, joined): what replacing and what crashing the agent cost
 //! the traffic. Each repetition upgrades both nodes' agents in turn (a successor from a copy
-//! of the binary, beside the running agent, `agent.handover`, then SIGTERM to the old one)
+//! of the binary, or of `WEFT_UPGRADE_TO`, another build; beside the running agent,
+//! `agent.handover`; then SIGTERM to the old one)
 //! while long-lived echo connections stream across both nodes and a connect loop runs: the
 //! longest gap the loop saw, its failed connects, and how many connections and bytes came
 //! through exact. Then a SIGKILL of node 5's agent: how long after the new agent's start
@@ -130,8 +131,11 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
 /// bring), waits until it serves, then stops `old` as the kubelet does
 /// (it drains, and exits once its connections end). Returns the successor.
 fn upgrade(node: &TestNode, name: &str, old: &TestAgent) -> Result<TestAgent> {
+    // Another build when asked for (an upgrade between two commits), else a copy.
+    let from = std::env::var_os("WEFT_UPGRADE_TO").map_or_else(app::weft_bin, Into::into);
     let next = node.dir().join(format!("weft-{name}"));
-    std::fs::copy(app::weft_bin(), &next).context("copy the agent binary")?;
+    std::fs::copy(&from, &next)
+        .with_context(|| format!("copy the agent binary {}", from.display()))?;
     node.set_agent_command(AgentCommand {
         program: next,
         args: Vec::new(),
