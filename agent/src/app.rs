@@ -430,12 +430,12 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                     signals_reach(signals, 2).await;
                 }
             };
-            if serve_draining(&drain, limit, &proxy_handle, state_rx, cut).await
-                && *signals.borrow() == 0
-            {
+            serve_draining(&drain, limit, &proxy_handle, state_rx, cut).await;
+            // However the drain ended (drained, or cut at the limit).
+            if *signals.borrow() == 0 {
                 info!(
                     component = "app",
-                    "handed over and drained: waiting for a signal to exit (SIGTERM)"
+                    "handed over and done draining: waiting for a signal to exit (SIGTERM)"
                 );
                 let _ = signals.wait_for(|n| *n > 0).await;
             }
@@ -464,15 +464,14 @@ enum Stopping {
 }
 
 /// Serves the open connections (applying policy changes to them) until they end, `limit`
-/// passes or `cut_now` completes (a second signal); then cuts what is left. True when every
-/// connection ended by itself.
+/// passes or `cut_now` completes (a second signal); then cuts what is left.
 async fn serve_draining(
     drain: &Drain,
     limit: Limit,
     proxy: &Proxy,
     mut state_rx: watch::Receiver<Arc<Snapshot>>,
     cut_now: impl Future<Output = ()>,
-) -> bool {
+) {
     let waited = drain.wait(limit.after);
     tokio::pin!(waited, cut_now);
     let mut state_open = true;
@@ -481,7 +480,7 @@ async fn serve_draining(
             outcome = &mut waited => match outcome {
                 drain::Outcome::Drained => {
                     info!(component = "app", "drained: every open connection ended");
-                    return true;
+                    return;
                 }
                 drain::Outcome::LimitPassed { open } => {
                     warn!(component = "app", connections = open, limit = %humantime::format_duration(limit.after),
@@ -506,7 +505,6 @@ async fn serve_draining(
     // A moment for the copy loops to reset both ends (an application must not take the cut
     // for a clean end) and write their access-log lines.
     let _ = drain.wait(CUT_GRACE).await;
-    false
 }
 
 /// Keeps the `certificates` readiness condition in step with the certificate manager:

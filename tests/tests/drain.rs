@@ -167,8 +167,9 @@ fn a_second_sigterm_ends_the_drain_at_once() -> Result<()> {
 /// Then, as the kubelet does, the old agent gets SIGTERM: the long-lived connections still
 /// end byte-exact (one signal after a hand-over does not cut), the old agent exits once
 /// they end, and only the new one answers on the admin ports. A third agent takes over
-/// from the second, which has nothing open: drained, it waits for its signal, since an
-/// exit would restart its container and the old build would take the pods back.
+/// from the second, whose drain limit (1 s) cuts the connection it still serves: it then
+/// waits for its signal, since an exit would restart its container and the old build would
+/// take the pods back.
 #[test]
 fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()> {
     privileged!();
@@ -185,6 +186,8 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
     wait_active(&old, "inbound", 1)?;
     wait_offering(&old)?;
 
+    // The successor's own drain after its hand-over (the third phase) lasts 1 s at most.
+    node.set_agent_setting("drain", json!({ "limit": "1s" }));
     let mut new = TestAgent::spawn_beside(&node, "successor", 0)?;
     let attempts = connect_until_switch(&pods, &mut new, &old)?;
     // The kubelet deletes the old pod once the new one is ready.
@@ -229,18 +232,23 @@ fn a_successor_takes_the_listeners_over_without_a_failed_connect() -> Result<()>
     new.expect_new_record(before, "hbone", |r| r.direction == "hbone");
     eprintln!("handover: {attempts} connects across the switch, none failed");
 
-    // Nothing open: the second agent drains at once, and waits for its signal.
+    // A connection still open when the drain limit passes is cut, and the second agent
+    // then waits for its signal all the same.
     wait_offering(&new)?;
+    let held = long_send(&pods.client, pods.plain_addr(), TRANSFER)?;
+    wait_active(&new, "outbound", 1)?;
     let mut third = TestAgent::spawn_beside(&node, "third", 0)?;
     connect_until_switch(&pods, &mut third, &new)?;
     eventually(Duration::from_secs(10), || {
-        let waiting = new.current_log().contains("waiting for a signal to exit");
+        let log = new.current_log();
         ensure!(
-            waiting,
-            "the handed-over agent does not wait for its signal"
+            log.contains("drain limit (agent.drain.limit) passed")
+                && log.contains("waiting for a signal to exit"),
+            "the handed-over agent did not cut at its limit and wait for its signal"
         );
         Ok(())
     })?;
+    app::expect_reset(held.finish(), "the connection the drain limit cut")?;
     third.wait_ready()?;
     // Still there after the third agent's start-up, though it has nothing left to serve.
     ensure!(
