@@ -362,6 +362,35 @@ impl TestAgent {
         }
     }
 
+    /// Replaces this agent as a rolling upgrade does: a successor run from its own copy of
+    /// `binary` (as a new image brings it) starts beside it with the node's config and the
+    /// same ports and takes its listeners over (`agent.handover`); once it is ready and this
+    /// agent has stopped accepting, this one gets SIGTERM (the kubelet deleting its pod) and
+    /// drains. Returns the successor.
+    pub fn upgrade_to(
+        &self,
+        node: &TestNode,
+        name: &str,
+        binary: &std::path::Path,
+    ) -> Result<TestAgent> {
+        let next = node.dir().join(format!("weft-{name}"));
+        std::fs::copy(binary, &next)
+            .with_context(|| format!("copy the agent binary {}", binary.display()))?;
+        node.set_agent_command(AgentCommand {
+            program: next,
+            args: Vec::new(),
+        });
+        let mut new = TestAgent::spawn_beside(node, name, 0)?;
+        new.wait_ready()?;
+        eventually(Duration::from_secs(30), || {
+            let switched = self.current_log().contains("this one stops accepting");
+            anyhow::ensure!(switched, "the running agent has not handed over");
+            Ok(())
+        })?;
+        self.sigterm();
+        Ok(new)
+    }
+
     /// SIGTERM, as the kubelet sends when it deletes the pod: the agent drains.
     pub fn sigterm(&self) {
         if let Some(pid) = self.pid() {

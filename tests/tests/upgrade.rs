@@ -19,7 +19,6 @@ use anyhow::{Result, ensure};
 use serde_json::json;
 use weft_tests::{
     TestAgent, TestNode, TestPod,
-    agent::AgentCommand,
     app::{self, Mode},
     eventually, privileged,
     steady::{self, RunningLoop, RunningStreams, Streamed},
@@ -42,23 +41,7 @@ fn a_rolling_upgrade_refuses_resets_and_loses_nothing() -> Result<()> {
     let mut loops = mesh.start_loops(STREAMS)?;
 
     for (i, node) in [&mesh.node1, &mesh.node2].into_iter().enumerate() {
-        // The new build comes as a new image: its own copy of the binary.
-        let next = node.dir().join("weft-next");
-        std::fs::copy(app::weft_bin(), &next)?;
-        node.set_agent_command(AgentCommand {
-            program: next,
-            args: Vec::new(),
-        });
-        let mut new = TestAgent::spawn_beside(node, "next", 0)?;
-        new.wait_ready()?;
-        let old = &agents[i];
-        eventually(Duration::from_secs(30), || {
-            let switched = old.current_log().contains("this one stops accepting");
-            ensure!(switched, "node {} has not handed over", i + 1);
-            Ok(())
-        })?;
-        // The kubelet deletes the old pod once the new one is ready.
-        old.sigterm();
+        let new = agents[i].upgrade_to(node, "next", &app::weft_bin())?;
         let old = std::mem::replace(&mut agents[i], new);
         mesh.retired.borrow_mut().push(old);
     }

@@ -12,11 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use serde_json::json;
 use weft_tests::{
     TestAgent, TestNode, TestPod,
-    agent::AgentCommand,
     app::{self, Mode},
     steady,
 };
@@ -48,6 +47,8 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let _server = app::serve(&server, PORT, Mode::Echo)?;
     let to = SocketAddr::V4(server.addr(PORT));
 
+    // Another build when asked for (an upgrade between two commits), else this one.
+    let next_build = std::env::var_os("WEFT_UPGRADE_TO").map_or_else(app::weft_bin, Into::into);
     for rep in 0..plan.reps {
         let over = plan.upgrade_time;
         let streams = steady::start_streams(&client, to, n, over)?;
@@ -55,7 +56,8 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         // The old agents drain the streams: kept until those end.
         let mut retired = Vec::new();
         for (i, node) in [&node1, &node2].into_iter().enumerate() {
-            let new = upgrade(node, &format!("next-{rep}"), &agents[i])?;
+            let mut new = agents[i].upgrade_to(node, &format!("next-{rep}"), &next_build)?;
+            new.show_log_on_drop(false);
             retired.push(std::mem::replace(&mut agents[i], new));
         }
         let streamed = streams.finish()?;
@@ -125,31 +127,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Starts a successor beside `old` (from its own copy of the binary, as a new image would
-/// bring), waits until it serves, then stops `old` as the kubelet does
-/// (it drains, and exits once its connections end). Returns the successor.
-fn upgrade(node: &TestNode, name: &str, old: &TestAgent) -> Result<TestAgent> {
-    // Another build when asked for (an upgrade between two commits), else a copy.
-    let from = std::env::var_os("WEFT_UPGRADE_TO").map_or_else(app::weft_bin, Into::into);
-    let next = node.dir().join(format!("weft-{name}"));
-    std::fs::copy(&from, &next)
-        .with_context(|| format!("copy the agent binary {}", from.display()))?;
-    node.set_agent_command(AgentCommand {
-        program: next,
-        args: Vec::new(),
-    });
-    let mut new = TestAgent::spawn_beside(node, name, 0)?;
-    new.show_log_on_drop(false);
-    new.wait_ready()?;
-    super::agent::wait_within(
-        Duration::from_secs(30),
-        || Ok(old.current_log().contains("this one stops accepting")),
-        "the old agent to hand over",
-    )?;
-    old.sigterm();
-    Ok(new)
 }
 
 /// SIGKILLs `agent`, starts it again at once, and times the first echo that crosses from
