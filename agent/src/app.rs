@@ -500,11 +500,8 @@ async fn serve_draining(
             }
         }
     };
-    drain.count_cut(cut);
     proxy.connections().close_all(proxy::Stop::DrainCut);
-    // A moment for the copy loops to reset both ends (an application must not take the cut
-    // for a clean end) and write their access-log lines.
-    let _ = drain.wait(CUT_GRACE).await;
+    drain.cut_and_settle(cut).await;
 }
 
 /// Keeps the `certificates` readiness condition in step with the certificate manager:
@@ -590,9 +587,6 @@ async fn signals_reach(mut signals: watch::Receiver<u32>, n: u32) {
         std::future::pending().await
     }
 }
-
-/// How long cut connections get to reset both ends before the process exits.
-const CUT_GRACE: Duration = Duration::from_millis(500);
 
 /// How long a successor waits for its pods' certificates before it serves the handed-over
 /// listeners (the predecessor serves them meanwhile).

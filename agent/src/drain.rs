@@ -138,6 +138,16 @@ impl Drain {
         self.inner.cut_off.send_replace(true);
     }
 
+    /// Ends the drain early: counts `open` as cut, tells the work awaiting `cut_off` to
+    /// end, and gives what was cut a moment (`CUT_GRACE`) to reset its peers (an
+    /// application must not take the cut for a clean end) and write its access-log lines
+    /// before the process exits.
+    pub async fn cut_and_settle(&self, open: usize) {
+        self.count_cut(open);
+        self.cut();
+        let _ = self.wait(CUT_GRACE).await;
+    }
+
     /// Resolves once the drain has been cut.
     pub fn cut_off(&self) -> impl Future<Output = ()> + Send + use<> {
         let mut cut = self.inner.cut_off.subscribe();
@@ -232,6 +242,9 @@ pub const AGENT_METRICS: MetricNames = MetricNames {
         "Connections still open when the drain limit passed (or a second signal came), cut",
     ),
 };
+
+/// How long cut work gets to end before the process exits.
+const CUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Long: a drain should outlive ordinary long-lived connections (issue 16: hours).
 pub const DEFAULT_LIMIT: Duration = Duration::from_secs(60 * 60);

@@ -4,8 +4,6 @@
 //! what is open until it ends, `drain_limit` passes or a second signal comes; then it cuts
 //! what is left and counts it (`DRAIN_METRICS`).
 
-use std::time::Duration;
-
 use tracing::{info, warn};
 
 use super::Waypoint;
@@ -60,10 +58,7 @@ impl Waypoint {
                 Shutdown::Interrupted { cut: open }
             }
         };
-        drain.count_cut(shutdown.cut());
-        drain.cut();
-        // A moment for the cut tasks to drop their sockets and write their access-log lines.
-        let _ = drain.wait(CUT_GRACE).await;
+        drain.cut_and_settle(shutdown.cut()).await;
         shutdown
     }
 }
@@ -83,6 +78,3 @@ pub const DRAIN_METRICS: MetricNames = MetricNames {
         "HBONE connections, streams and requests still open when the drain limit passed (or a second signal came), cut",
     ),
 };
-
-/// How long cut work gets to end before the process exits.
-const CUT_GRACE: Duration = Duration::from_millis(500);
