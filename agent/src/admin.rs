@@ -107,7 +107,7 @@ impl Servers {
     /// Binds the three ports. `share` (the agent hands over to a successor): with
     /// SO_REUSEPORT, so that a successor binds them beside this agent and serves them alone
     /// once this one stops (`Serving::stop`). Only a process of the same user may join.
-    pub async fn bind(config: &Config, share: Share) -> Result<Self, Error> {
+    pub fn bind(config: &Config, share: Share) -> Result<Self, Error> {
         Ok(Self {
             admin: bind_shared(config.admin_addr, share)?,
             readiness: bind_shared(config.readiness_addr, share)?,
@@ -280,7 +280,7 @@ pub fn require_loopback(addr: SocketAddr) -> Result<(), String> {
 }
 
 /// Binds one of the admin listeners (before serving, so a bad address fails start-up).
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     bind_shared(addr, Share::Alone)
 }
 

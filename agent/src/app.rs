@@ -179,7 +179,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         Some(_) => admin::Share::WithSuccessor,
         None => admin::Share::Alone,
     };
-    let servers = admin::Servers::bind(&config.admin, share).await?;
+    let servers = admin::Servers::bind(&config.admin, share)?;
     let (admin_addr, readiness_addr) = servers.addresses();
     let metrics_addr = servers.metrics_address();
     let admin_serving = servers.spawn(admin::Context {

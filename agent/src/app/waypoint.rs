@@ -233,7 +233,7 @@ pub async fn serve(
         drain,
     );
     let tls = hbone::server_config(cert_source, own.clone())?;
-    let listener = admin::bind(settings.waypoint.listen_addr).await?;
+    let listener = admin::bind(settings.waypoint.listen_addr)?;
     let hbone_addr = listener
         .local_addr()
         .unwrap_or(settings.waypoint.listen_addr);
@@ -241,9 +241,9 @@ pub async fn serve(
     tokio::spawn(waypoint.clone().serve(listener, tls));
     ready.unblock("listening");
 
-    let admin = admin::bind(settings.admin.admin_addr).await?;
-    let metrics_listener = admin::bind(settings.admin.metrics_addr).await?;
-    let readiness = admin::bind(settings.admin.readiness_addr).await?;
+    let admin = admin::bind(settings.admin.admin_addr)?;
+    let metrics_listener = admin::bind(settings.admin.metrics_addr)?;
+    let readiness = admin::bind(settings.admin.readiness_addr)?;
     let addresses = Bound {
         hbone: hbone_addr,
         admin: admin.local_addr().unwrap_or(settings.admin.admin_addr),
