@@ -148,9 +148,21 @@ impl TestNode {
         sys::ip(&["netns", "add", &n.netns])?;
         n.netns_created.set(true);
         let bridge_ip = format!("{}/16", self.bridge_ip());
+        // A fixed address: a bridge without one takes its lowest port's, so a pod created
+        // later could change the gateway's MAC under the running pods, which then send to
+        // the old one (dropped as not for this host) until their neighbour entry expires.
+        let bridge_mac = format!("02:00:0a:{:02x}:00:01", n.index);
         for args in [
             vec!["link", "set", "lo", "up"],
-            vec!["link", "add", BRIDGE, "type", "bridge"],
+            vec![
+                "link",
+                "add",
+                BRIDGE,
+                "address",
+                &bridge_mac,
+                "type",
+                "bridge",
+            ],
             vec!["addr", "add", &bridge_ip, "dev", BRIDGE],
             vec!["link", "set", BRIDGE, "up"],
         ] {
