@@ -176,13 +176,48 @@ pub struct HttpLoad {
     pub http2: bool,
     pub body_bytes: u64,
     pub slow_body: Option<Duration>,
+    pub pace: Duration,
     pub timeout: Duration,
 }
 
-/// An `http-load` still running (see [`HttpLoad::start`]).
-pub struct RunningLoad {
+/// An `http-load` or a `grpc-load` still running (see [`HttpLoad::start`],
+/// [`GrpcLoad::start`]); [`RunningLoad::finish`] parses its report.
+pub struct RunningLoad<R = HttpLoadReport> {
     process: TestProcess,
     timeout: Duration,
+    report: std::marker::PhantomData<R>,
+}
+
+/// `grpc-load`: `count` bidi calls of `messages` ping-pongs each (`pace` before every
+/// message after the first, so calls stay open a while), `concurrency` at a time, all on
+/// one h2c connection as a gRPC channel multiplexes them; a new connection once the server
+/// ends it (GOAWAY), and a call the server never processed sent once more, as gRPC clients
+/// retry transparently.
+#[derive(Clone, Debug)]
+pub struct GrpcLoad {
+    pub to: SocketAddr,
+    pub count: u64,
+    pub concurrency: u64,
+    pub messages: u64,
+    pub pace: Duration,
+    pub timeout: Duration,
+}
+
+/// What `grpc-load` saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrpcLoadReport {
+    pub calls: u64,
+    /// Calls that ended with grpc-status 0 and every message echoed exactly.
+    pub ok: u64,
+    pub failed: u64,
+    /// Calls sent once more because the server never processed the first attempt.
+    pub retried: u64,
+    /// h2c connections opened.
+    pub connections: u64,
+    /// Failures by what broke (`response`, `status`, `messages`, `timeout`, ...).
+    pub errors: BTreeMap<String, u64>,
+    /// The first few failures in full.
+    pub error_messages: Vec<String>,
 }
 
 /// Which RPC shape `grpc-call` makes.
@@ -358,6 +393,7 @@ impl HttpLoad {
             http2: false,
             body_bytes: 0,
             slow_body: None,
+            pace: Duration::ZERO,
             timeout: scaled(Duration::from_secs(30)),
         }
     }
@@ -395,6 +431,12 @@ impl HttpLoad {
         self
     }
 
+    /// A pause before each worker's next request.
+    pub fn pace(mut self, pace: Duration) -> Self {
+        self.pace = pace;
+        self
+    }
+
     /// Per-request timeout of the client.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -414,14 +456,12 @@ impl HttpLoad {
         Ok(RunningLoad {
             process: pod.spawn(self.command(), "http-load")?,
             timeout: self.deadline(),
+            report: std::marker::PhantomData,
         })
     }
 
     fn deadline(&self) -> Duration {
-        // Every request may take up to its timeout, `concurrency` at a time.
-        let rounds = self.count.div_ceil(self.concurrency.max(1)).max(1);
-        let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
-        scaled(Duration::from_secs(60)) + self.timeout.saturating_mul(rounds)
+        load_deadline(self.count, self.concurrency, self.timeout)
     }
 
     fn command(&self) -> Command {
@@ -442,16 +482,65 @@ impl HttpLoad {
         if let Some(over) = self.slow_body {
             cmd.args(["--slow-body-ms", &over.as_millis().to_string()]);
         }
+        if !self.pace.is_zero() {
+            cmd.args(["--pace-ms", &self.pace.as_millis().to_string()]);
+        }
         cmd.args(["--timeout-ms", &self.timeout.as_millis().to_string()]);
         cmd
     }
 }
 
-impl RunningLoad {
+impl<R: DeserializeOwned> RunningLoad<R> {
+    /// Whether it still runs (a test checks the load outlived what it did).
+    pub fn running(&mut self) -> bool {
+        self.process.try_status().is_none()
+    }
+
     /// Waits for the load to end and parses its report.
-    pub fn finish(mut self) -> Result<HttpLoadReport> {
+    pub fn finish(mut self) -> Result<R> {
         let done = self.process.wait(self.timeout)?;
         report(&done)
+    }
+}
+
+impl GrpcLoad {
+    pub fn new(to: SocketAddr, count: u64) -> Self {
+        Self {
+            to,
+            count,
+            concurrency: 1,
+            messages: 5,
+            pace: Duration::ZERO,
+            timeout: scaled(Duration::from_secs(30)),
+        }
+    }
+
+    pub fn concurrency(mut self, c: u64) -> Self {
+        self.concurrency = c;
+        self
+    }
+
+    /// Each call's ping-pongs, `pace` apart.
+    pub fn messages(mut self, n: u64, pace: Duration) -> Self {
+        self.messages = n;
+        self.pace = pace;
+        self
+    }
+
+    /// Starts the load in the background; [`RunningLoad::finish`] collects the report.
+    pub fn start(&self, pod: &TestPod) -> Result<RunningLoad<GrpcLoadReport>> {
+        let mut cmd = Command::new(testapp_bin());
+        cmd.args(["grpc-load", "--to", &self.to.to_string()]);
+        cmd.args(["--count", &self.count.to_string()]);
+        cmd.args(["--concurrency", &self.concurrency.to_string()]);
+        cmd.args(["--messages", &self.messages.to_string()]);
+        cmd.args(["--pace-ms", &self.pace.as_millis().to_string()]);
+        cmd.args(["--timeout-ms", &self.timeout.as_millis().to_string()]);
+        Ok(RunningLoad {
+            process: pod.spawn(cmd, "grpc-load")?,
+            timeout: load_deadline(self.count, self.concurrency, self.timeout),
+            report: std::marker::PhantomData,
+        })
     }
 }
 
@@ -537,6 +626,14 @@ pub fn parse_events<T: DeserializeOwned>(output: &str, word: &str) -> Vec<T> {
 
 fn events<T: DeserializeOwned>(process: &TestProcess, word: &str) -> Vec<T> {
     parse_events(&process.output(), word)
+}
+
+/// How long a load may run: every request or call may take up to its timeout,
+/// `concurrency` at a time.
+fn load_deadline(count: u64, concurrency: u64, timeout: Duration) -> Duration {
+    let rounds = count.div_ceil(concurrency.max(1)).max(1);
+    let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
+    scaled(Duration::from_secs(60)) + timeout.saturating_mul(rounds)
 }
 
 fn report<T: DeserializeOwned>(done: &Finished) -> Result<T> {

@@ -17,9 +17,12 @@
 //! weft-testapp connect-loop --to IP:PORT --duration-ms D [--timeout-ms T]
 //! weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
 //! weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
-//!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
+//!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS]
+//!                         [--pace-ms MS] [--timeout-ms T]
 //! weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
 //! weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
+//!                         [--header name:value]... [--pace-ms MS] [--timeout-ms T]
+//! weft-testapp grpc-load  --to IP:PORT --count N [--concurrency C] [--messages M] [--pace-ms MS]
 //!                         [--header name:value]... [--timeout-ms T]
 //! ```
 //!
@@ -63,7 +66,9 @@
 //!   response.
 //! - `grpc-serve` / `grpc-call` (`grpc` module): gRPC over h2c, no gRPC library; the server
 //!   prints `call {..}` (`ServedCall`), the client `report {..}` (`GrpcCallReport`) and
-//!   exits 1 unless grpc-status was 0.
+//!   exits 1 unless grpc-status was 0. `grpc-load`: N bidi calls, C at a time, on one
+//!   shared h2c connection (`weft_tests::l7::GrpcLoad`); prints `report {..}`
+//!   (`GrpcLoadReport`), exit 1 if any call failed.
 
 #![allow(
     clippy::disallowed_types,
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
         "http-load" => http::load(&flags),
         "grpc-serve" => grpc::serve(&flags),
         "grpc-call" => grpc::call(&flags),
+        "grpc-load" => grpc::load(&flags),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {

@@ -14,7 +14,7 @@ use std::{
     process::ExitCode,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -23,7 +23,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use weft_tests::l7::{GRPC_SERVICE, GrpcCallReport, ServedCall};
+use weft_tests::l7::{GRPC_SERVICE, GrpcCallReport, GrpcLoadReport, ServedCall};
 
 use crate::{Flags, http::headers_of};
 
@@ -43,6 +43,8 @@ pub struct CallOptions {
     pub messages: u64,
     pub method: Option<String>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// A pause before each bidi message after the first (a long-lived call).
+    pub pace: Duration,
     pub timeout: Duration,
 }
 
@@ -245,6 +247,7 @@ pub fn call(flags: &Flags) -> Result<ExitCode, String> {
         messages: flags.optional("messages")?.unwrap_or(3),
         method: flags.optional("method")?,
         headers: crate::header_flags(flags)?,
+        pace: Duration::from_millis(flags.optional("pace-ms")?.unwrap_or(0)),
         timeout: Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(30_000)),
     };
     let report = crate::runtime()?.block_on(run_call(options));
@@ -257,8 +260,25 @@ pub fn call(flags: &Flags) -> Result<ExitCode, String> {
     })
 }
 
-/// Makes one call and reports everything it saw, including how it broke off.
+/// Makes one call on a connection of its own and reports everything it saw, including how
+/// it broke off.
 pub async fn run_call(options: CallOptions) -> GrpcCallReport {
+    let timeout = options.timeout;
+    let mut report = new_report(&options);
+    let call = async {
+        let client = connect(options.to).await?.0;
+        exchange(client, &options, &mut report).await
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => report.error = Some(e.message),
+        Err(_) => report.error = Some(format!("timeout: the call did not end in {timeout:?}")),
+    }
+    status_of(&mut report);
+    report
+}
+
+fn new_report(options: &CallOptions) -> GrpcCallReport {
     let method = options.method.clone().unwrap_or_else(|| {
         match options.mode {
             Mode::Unary => "Unary",
@@ -273,7 +293,7 @@ pub async fn run_call(options: CallOptions) -> GrpcCallReport {
     } else {
         format!("/{GRPC_SERVICE}/{method}")
     };
-    let mut report = GrpcCallReport {
+    GrpcCallReport {
         path,
         http_status: None,
         headers: Default::default(),
@@ -284,13 +304,11 @@ pub async fn run_call(options: CallOptions) -> GrpcCallReport {
         messages_received: 0,
         messages: Vec::new(),
         error: None,
-    };
-    let timeout = options.timeout;
-    match tokio::time::timeout(timeout, exchange(&options, &mut report)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => report.error = Some(e),
-        Err(_) => report.error = Some(format!("timeout: the call did not end in {timeout:?}")),
     }
+}
+
+/// Fills grpc-status and grpc-message from the trailers, or from a trailers-only response.
+fn status_of(report: &mut GrpcCallReport) {
     let status_from = report.trailers.as_ref().unwrap_or(&report.headers);
     report.grpc_status = status_from
         .get("grpc-status")
@@ -300,24 +318,74 @@ pub async fn run_call(options: CallOptions) -> GrpcCallReport {
         .get("grpc-message")
         .and_then(|v| v.first())
         .cloned();
-    report
 }
 
-async fn exchange(options: &CallOptions, report: &mut GrpcCallReport) -> Result<(), String> {
-    let to = options.to;
+/// An h2c connection (a gRPC channel's), and a flag that turns true when it has ended.
+async fn connect(
+    to: SocketAddr,
+) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), Broke> {
     let stream = TcpStream::connect(to)
         .await
-        .map_err(|e| format!("connect {to}: {e}"))?;
+        .map_err(|e| Broke::processed(format!("connect {to}: {e}")))?;
     let _ = stream.set_nodelay(true);
     let (client, connection) = h2::client::handshake(stream)
         .await
-        .map_err(|e| format!("h2 handshake: {e}"))?;
+        .map_err(|e| Broke::processed(format!("h2 handshake: {e}")))?;
+    let ended = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&ended);
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             println!("connection_error error={e}");
         }
+        flag.store(true, Ordering::Release);
     });
-    let mut client = client.ready().await.map_err(|e| format!("h2: {e}"))?;
+    Ok((client, ended))
+}
+
+/// Why a call broke off. `unprocessed`: the server provably never saw it (its stream was
+/// refused, or opened past a GOAWAY), so a client may send it again (RFC 9113 8.7; gRPC
+/// clients retry such calls transparently).
+#[derive(Debug)]
+struct Broke {
+    message: String,
+    unprocessed: bool,
+}
+
+impl Broke {
+    fn processed(message: String) -> Self {
+        Self {
+            message,
+            unprocessed: false,
+        }
+    }
+
+    /// An h2 error before any response came.
+    fn unanswered(what: &str, e: &h2::Error) -> Self {
+        let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        let past_goaway = e.is_go_away() && e.is_remote();
+        Self {
+            message: format!("{what}: {e}"),
+            unprocessed: refused || past_goaway,
+        }
+    }
+}
+
+impl From<String> for Broke {
+    fn from(message: String) -> Self {
+        Self::processed(message)
+    }
+}
+
+async fn exchange(
+    client: h2::client::SendRequest<Bytes>,
+    options: &CallOptions,
+    report: &mut GrpcCallReport,
+) -> Result<(), Broke> {
+    let to = options.to;
+    let mut client = client
+        .ready()
+        .await
+        .map_err(|e| Broke::unanswered("h2", &e))?;
     let mut request = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{to}{}", report.path))
@@ -342,28 +410,173 @@ async fn exchange(options: &CallOptions, report: &mut GrpcCallReport) -> Result<
     }
     let (response, mut send) = client
         .send_request(request, false)
-        .map_err(|e| format!("send request: {e}"))?;
+        .map_err(|e| Broke::unanswered("send request", &e))?;
     // Ping-pong (each echo awaited before the next message) proves the stream is relayed
     // both ways at once; with another method the messages go out back to back.
     let ping_pong = options.mode == Mode::Bidi && options.method.is_none();
     if ping_pong && sending > 0 {
         send.send_data(frame(&message(0)), false)
-            .map_err(|e| format!("send message 0: {e}"))?;
+            .map_err(|e| Broke::unanswered("send message 0", &e))?;
         report.messages_sent += 1;
         let reader = Reader::new(response_headers(response, report).await?);
-        return ping_pong_rest(options, report, send, reader).await;
+        return Ok(ping_pong_rest(options, report, send, reader).await?);
     }
     for i in 0..sending {
         send.send_data(frame(&message(i)), i + 1 == sending)
-            .map_err(|e| format!("send message {i}: {e}"))?;
+            .map_err(|e| Broke::unanswered(&format!("send message {i}"), &e))?;
         report.messages_sent += 1;
     }
     if sending == 0 {
         send.send_data(Bytes::new(), true)
-            .map_err(|e| format!("end request: {e}"))?;
+            .map_err(|e| Broke::unanswered("end request", &e))?;
     }
     let mut reader = Reader::new(response_headers(response, report).await?);
-    read_to_end(report, &mut reader).await
+    Ok(read_to_end(report, &mut reader).await?)
+}
+
+/// `grpc-load`: see `weft_tests::l7::GrpcLoad`.
+pub fn load(flags: &Flags) -> Result<ExitCode, String> {
+    let call = CallOptions {
+        to: flags.required("to")?,
+        mode: Mode::Bidi,
+        messages: flags.optional("messages")?.unwrap_or(5),
+        method: None,
+        headers: crate::header_flags(flags)?,
+        pace: Duration::from_millis(flags.optional("pace-ms")?.unwrap_or(0)),
+        timeout: Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(30_000)),
+    };
+    let count: u64 = flags.required("count")?;
+    let concurrency: u64 = flags.optional("concurrency")?.unwrap_or(1);
+    let report = crate::runtime()?.block_on(run_load(call, count, concurrency));
+    println!("report {}", crate::json_line(&report));
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub async fn run_load(call: CallOptions, count: u64, concurrency: u64) -> GrpcLoadReport {
+    let call = Arc::new(call);
+    let channel = Arc::new(Channel {
+        to: call.to,
+        current: tokio::sync::Mutex::new(None),
+        opened: AtomicU64::new(0),
+    });
+    let next = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..concurrency.clamp(1, count.max(1)) {
+        let (call, channel, next, tx) = (
+            Arc::clone(&call),
+            Arc::clone(&channel),
+            Arc::clone(&next),
+            tx.clone(),
+        );
+        tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let _ = tx.send(one_call(&channel, &call).await);
+            }
+        });
+    }
+    drop(tx);
+    let mut report = GrpcLoadReport {
+        calls: count,
+        ..GrpcLoadReport::default()
+    };
+    while let Some((outcome, retried)) = rx.recv().await {
+        report.retried += u64::from(retried);
+        match outcome {
+            Ok(()) => report.ok += 1,
+            Err((what, message)) => {
+                report.failed += 1;
+                *report.errors.entry(what.to_owned()).or_default() += 1;
+                if report.error_messages.len() < 10 {
+                    report.error_messages.push(message);
+                }
+            }
+        }
+    }
+    report.connections = channel.opened.load(Ordering::Relaxed);
+    report
+}
+
+/// The one connection every call of a load shares, opened again once it has ended.
+struct Channel {
+    to: SocketAddr,
+    current: tokio::sync::Mutex<Option<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>)>>,
+    opened: AtomicU64,
+}
+
+impl Channel {
+    async fn client(&self) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), Broke> {
+        let mut current = self.current.lock().await;
+        if let Some((client, ended)) = current.as_ref()
+            && !ended.load(Ordering::Acquire)
+        {
+            return Ok((client.clone(), Arc::clone(ended)));
+        }
+        let (client, ended) = connect(self.to).await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        *current = Some((client.clone(), Arc::clone(&ended)));
+        Ok((client, ended))
+    }
+}
+
+/// One call of a load, checked: grpc-status 0 and every message echoed in order. A call
+/// the server never processed goes once more, on a new connection. Returns the outcome
+/// (on failure: what broke, and how) and whether it was sent again.
+async fn one_call(
+    channel: &Channel,
+    options: &CallOptions,
+) -> (Result<(), (&'static str, String)>, bool) {
+    let mut retried = false;
+    loop {
+        let mut report = new_report(options);
+        let attempt = async {
+            let (client, ended) = channel.client().await?;
+            let result = exchange(client, options, &mut report).await;
+            if result.as_ref().is_err_and(|b| b.unprocessed) {
+                // Its server said it takes no more streams: the next call needs another.
+                ended.store(true, Ordering::Release);
+            }
+            result
+        };
+        let broke = match tokio::time::timeout(options.timeout, attempt).await {
+            Ok(Ok(())) => {
+                status_of(&mut report);
+                return (check(&report, options), retried);
+            }
+            Ok(Err(broke)) => broke,
+            Err(_) => {
+                let timeout = options.timeout;
+                return (
+                    Err(("timeout", format!("the call did not end in {timeout:?}"))),
+                    retried,
+                );
+            }
+        };
+        if broke.unprocessed && !retried {
+            retried = true;
+            continue;
+        }
+        return (Err(("broke", broke.message)), retried);
+    }
+}
+
+fn check(report: &GrpcCallReport, options: &CallOptions) -> Result<(), (&'static str, String)> {
+    if report.grpc_status.as_deref() != Some("0") {
+        return Err(("status", format!("grpc-status {:?}", report.grpc_status)));
+    }
+    let sent: Vec<String> = (0..options.messages)
+        .map(|i| String::from_utf8_lossy(&message(i)).into_owned())
+        .collect();
+    if report.messages != sent {
+        return Err((
+            "messages",
+            format!("sent {sent:?}, echoed {:?}", report.messages),
+        ));
+    }
+    Ok(())
 }
 
 /// The bidi loop after the first message: read its echo, send the next, … then end.
@@ -380,6 +593,9 @@ async fn ping_pong_rest(
             send.send_data(Bytes::new(), true)
                 .map_err(|e| format!("end request: {e}"))?;
             break;
+        }
+        if !options.pace.is_zero() {
+            tokio::time::sleep(options.pace).await;
         }
         send.send_data(frame(&message(next)), false)
             .map_err(|e| format!("send message {next}: {e}"))?;
@@ -411,8 +627,10 @@ fn message(i: u64) -> Bytes {
 async fn response_headers(
     response: h2::client::ResponseFuture,
     report: &mut GrpcCallReport,
-) -> Result<RecvStream, String> {
-    let response = response.await.map_err(|e| format!("response: {e}"))?;
+) -> Result<RecvStream, Broke> {
+    let response = response
+        .await
+        .map_err(|e| Broke::unanswered("response", &e))?;
     report.http_status = Some(response.status().as_u16());
     report.headers = headers_of(response.headers());
     Ok(response.into_body())

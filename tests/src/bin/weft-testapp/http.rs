@@ -61,6 +61,8 @@ pub struct LoadOptions {
     pub http2: bool,
     pub body_bytes: u64,
     pub slow_body: Option<Duration>,
+    /// A pause before each worker's next request (a steady load over a while).
+    pub pace: Duration,
     pub timeout: Duration,
 }
 
@@ -221,6 +223,7 @@ pub fn load(flags: &Flags) -> Result<ExitCode, String> {
         slow_body: flags
             .optional::<u64>("slow-body-ms")?
             .map(Duration::from_millis),
+        pace: Duration::from_millis(flags.optional("pace-ms")?.unwrap_or(0)),
         timeout: Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(30_000)),
     };
     let report = crate::runtime()?.block_on(run_load(options));
@@ -268,6 +271,9 @@ pub async fn run_load(options: LoadOptions) -> HttpLoadReport {
                     h1 = None;
                 }
                 let _ = tx.send(outcome.map(|r| (r, sent.elapsed())));
+                if !options.pace.is_zero() {
+                    tokio::time::sleep(options.pace).await;
+                }
             }
         });
     }

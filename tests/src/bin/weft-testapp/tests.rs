@@ -42,6 +42,7 @@ fn load(to: SocketAddr, count: u64) -> http::LoadOptions {
         http2: false,
         body_bytes: 0,
         slow_body: None,
+        pace: Duration::ZERO,
         timeout: Duration::from_secs(10),
     }
 }
@@ -64,6 +65,7 @@ fn call(to: SocketAddr, mode: grpc::Mode, messages: u64) -> grpc::CallOptions {
         messages,
         method: None,
         headers: Vec::new(),
+        pace: Duration::ZERO,
         timeout: Duration::from_secs(10),
     }
 }
@@ -231,6 +233,52 @@ async fn grpc_unary_server_stream_and_bidi_end_with_trailers() {
     assert_eq!(calls[0].path, "/weft.test.Echo/Unary");
     assert_eq!(calls[0].headers["te"], ["trailers"]);
     assert_eq!(calls[2].messages_received, 4);
+}
+
+/// A load's calls share one connection; a connection whose server refuses every stream
+/// (REFUSED_STREAM: provably unprocessed) costs no call, only a retry on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_load_shares_a_connection_and_sends_a_refused_call_again() {
+    let (backend, log) = grpc_backend().await;
+    let mut options = call(backend, grpc::Mode::Bidi, 3);
+    let load = grpc::run_load(options.clone(), 12, 3).await;
+    assert_eq!(
+        (load.ok, load.failed, load.retried, load.connections),
+        (12, 0, 0, 1),
+        "{load:?}"
+    );
+    assert_eq!(log.lock().unwrap().len(), 12);
+
+    // The first connection's server refuses every stream; later ones reach the backend.
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    options.to = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (first, _) = front.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(first).await.unwrap();
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        });
+        while let Ok((mut client, _)) = front.accept().await {
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    let load = grpc::run_load(options, 12, 3).await;
+    assert_eq!(
+        (load.ok, load.failed, load.connections),
+        (12, 0, 2),
+        "{load:?}"
+    );
+    assert!((1..=3).contains(&load.retried), "{load:?}");
+    assert_eq!(
+        log.lock().unwrap().len(),
+        24,
+        "a refused call never reached the backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
