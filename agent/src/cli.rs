@@ -189,6 +189,10 @@ pub struct WaypointArgs {
     /// separators) or `decode` (separators).
     #[arg(long, env = "WEFT_PATH_ESCAPED_SLASHES", value_enum, default_value_t)]
     pub path_escaped_slashes: crate::waypoint::path::EscapedSlashes,
+    /// After the signal, how long the waypoint still accepts (not ready) before it drains:
+    /// the time every node takes to see its endpoint go.
+    #[arg(long, env = "WEFT_LISTEN_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub listen_grace: Duration,
     /// On shutdown, how long open requests are served; what is still open then is cut.
     #[arg(long, env = "WEFT_DRAIN_LIMIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_limit: Duration,
@@ -236,6 +240,7 @@ impl WaypointArgs {
             waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
         waypoint.listen_addr = args.listen_addr;
         waypoint.path_escaped_slashes = args.path_escaped_slashes;
+        waypoint.listen_grace = args.listen_grace;
         waypoint.drain_limit = args.drain_limit;
         Ok(Settings {
             waypoint,
@@ -363,6 +368,9 @@ mod tests {
         let longer = waypoint(&["--config", "x", "--drain-limit", "2m"]).unwrap();
         assert_eq!(longer.drain_limit, Duration::from_secs(120));
         assert!(waypoint(&["--config", "x", "--drain-limit", "soon"]).is_err());
+        assert_eq!(args.listen_grace, Duration::ZERO);
+        let graced = waypoint(&["--config", "x", "--listen-grace", "5s"]).unwrap();
+        assert_eq!(graced.listen_grace, Duration::from_secs(5));
         assert!(waypoint(&[]).is_err(), "a state source is required");
         assert!(waypoint(&["--source", "kubernetes"]).is_ok());
         assert!(waypoint(&["--config", "x", "--ca-addr", "ca:15012"]).is_err());

@@ -169,6 +169,11 @@ pub struct Config {
     pub replay_buffer: usize,
     /// What a path's `%2F`, `%5C` and `\` mean (`path`): refused by default.
     pub path_escaped_slashes: path::EscapedSlashes,
+    /// After the signal, how long the waypoint still accepts (not ready) before its drain
+    /// starts: Kubernetes removes its endpoint as it signals it, and every node's agent
+    /// sends it connections until it has seen that.
+    #[serde(with = "humantime_serde")]
+    pub listen_grace: Duration,
     /// How long a drain (shutdown) serves what is open; what is still open then is cut.
     #[serde(with = "humantime_serde")]
     pub drain_limit: Duration,
@@ -185,6 +190,7 @@ impl Config {
             upstream_idle_timeout: Duration::from_secs(90),
             replay_buffer: 64 * 1024,
             path_escaped_slashes: path::EscapedSlashes::default(),
+            listen_grace: Duration::ZERO,
             drain_limit: DEFAULT_DRAIN_LIMIT,
         }
     }

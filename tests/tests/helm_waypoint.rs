@@ -346,6 +346,7 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
                 remote["tokenFile"].clone(),
             ),
             ("WEFT_LOG".to_string(), json!("info")),
+            ("WEFT_LISTEN_GRACE".to_string(), json!("5s")),
             ("WEFT_DRAIN_LIMIT".to_string(), json!("10s")),
         ]);
         for (key, value) in env {
@@ -617,21 +618,23 @@ fn waypoint_pod_labels(
         .unwrap_or_default())
 }
 
-/// A waypoint's drain limit reaches it as WEFT_DRAIN_LIMIT, and its pod's grace period
-/// must outlast it, as the agent's must.
+/// A waypoint's listen grace and drain limit reach it as WEFT_LISTEN_GRACE and
+/// WEFT_DRAIN_LIMIT, and its pod's grace period must outlast both together, as the agent's
+/// must outlast its drain.
 #[test]
 fn a_waypoints_grace_period_covers_its_drain_limit() -> Result<()> {
     helm_or_skip!();
     let err = render_with_file(
         DEFAULT_NS,
         Some(TWO_WAYPOINTS),
-        &["waypointDefaults.drainLimitSeconds=30"],
+        &["waypointDefaults.drainLimitSeconds=25"],
     )
-    .expect_err("a 30 s drain in a 30 s grace period");
+    .expect_err("5 s of grace and a 25 s drain in a 30 s grace period");
     let err = format!("{err:#}");
     assert!(
         err.contains(
-            "terminationGracePeriodSeconds (30) must be more than its drainLimitSeconds (30)"
+            "terminationGracePeriodSeconds (30) must be more than its listenGraceSeconds and \
+             drainLimitSeconds together (30)"
         ),
         "{err}"
     );
@@ -640,6 +643,7 @@ fn a_waypoints_grace_period_covers_its_drain_limit() -> Result<()> {
         Some(TWO_WAYPOINTS),
         &[
             "waypointDefaults.drainLimitSeconds=60",
+            "waypointDefaults.listenGraceSeconds=8",
             "waypointDefaults.terminationGracePeriodSeconds=90",
         ],
     )?;
@@ -656,6 +660,7 @@ fn a_waypoints_grace_period_covers_its_drain_limit() -> Result<()> {
     let pod = pod_spec_of(Some(&deploy.spec.as_ref().context("spec")?.template))?;
     assert_eq!(pod.termination_grace_period_seconds, Some(90));
     let env = env_of(container(pod, "waypoint")?);
+    assert_eq!(env.get("WEFT_LISTEN_GRACE"), Some(&json!("8s")));
     assert_eq!(env.get("WEFT_DRAIN_LIMIT"), Some(&json!("60s")));
     Ok(())
 }

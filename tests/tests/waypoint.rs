@@ -8,11 +8,11 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
     Service, TestAgent, TestNode, TestPod, TestWaypoint, eventually,
-    l7::{self, GrpcCall, GrpcMode, HttpLoad, HttpServe, HttpServer},
+    l7::{self, GrpcCall, GrpcLoad, GrpcMode, HttpLoad, HttpServe, HttpServer},
     metrics::Scrape,
     privileged,
     sys::kill,
@@ -26,8 +26,8 @@ struct Mesh {
     waypoint: TestWaypoint,
     servers: Vec<HttpServer>,
     _grpc: l7::GrpcServer,
-    _agent1: TestAgent,
-    _agent2: TestAgent,
+    agent1: TestAgent,
+    agent2: TestAgent,
     client: TestPod,
     v1: TestPod,
     _v2: TestPod,
@@ -36,11 +36,21 @@ struct Mesh {
     _wp_pod: TestPod,
     _collector: TestPod,
     node1: TestNode,
-    _node2: TestNode,
+    node2: TestNode,
 }
 
 impl Mesh {
     fn new(test: &str, routes: Value, policies: Value) -> Result<Self> {
+        Self::with_waypoint_args(test, routes, policies, &[])
+    }
+
+    /// [`Mesh::new`] with more `weft waypoint` flags.
+    fn with_waypoint_args(
+        test: &str,
+        routes: Value,
+        policies: Value,
+        args: &[&str],
+    ) -> Result<Self> {
         let node1 = TestNode::new(test, 1)?;
         let node2 = TestNode::new(test, 2)?;
         node1.connect(&node2)?;
@@ -100,19 +110,14 @@ impl Mesh {
         ];
         let grpc = l7::grpc_serve(&v1, GRPC_APP_PORT, "grpc-v1")?;
         let otlp = format!("http://{}", collector.addr(OTLP_PORT));
-        let waypoint = TestWaypoint::start_with_args(
-            &node1,
-            &wp_pod,
-            WAYPOINT,
-            routes,
-            &["--otlp-endpoint", &otlp],
-        )?;
+        let args = [&["--otlp-endpoint", otlp.as_str()], args].concat();
+        let waypoint = TestWaypoint::start_with_args(&node1, &wp_pod, WAYPOINT, routes, &args)?;
         Ok(Mesh {
             waypoint,
             servers,
             _grpc: grpc,
-            _agent1: agent1,
-            _agent2: agent2,
+            agent1,
+            agent2,
             client,
             v1,
             _v2: v2,
@@ -121,7 +126,7 @@ impl Mesh {
             _wp_pod: wp_pod,
             _collector: collector,
             node1,
-            _node2: node2,
+            node2,
         })
     }
 
@@ -266,6 +271,117 @@ fn sigterm_fails_no_request_in_flight() -> Result<()> {
     ensure!(
         log.contains("drained: every connection and request ended"),
         "the waypoint did not drain to the end:\n{log}"
+    );
+    Ok(())
+}
+
+/// The waypoint replaced as its Deployment's rolling update does, under HTTP/1.1 and gRPC
+/// load: a new waypoint pod (same service account) becomes ready, then the old pod gets
+/// SIGTERM and, as Kubernetes does at the same time, the waypoint's address moves to the
+/// new pod in the agents' config. Not one request or call fails: the old waypoint accepts
+/// on for its `--listen-grace` while the agents catch up, then finishes what it has
+/// (HTTP/1.1 closes after the response, HTTP/2 and HBONE get GOAWAY); the clients come
+/// back through the agent to the new one (a gRPC call the old one never processed is sent
+/// again, as gRPC clients do), and the old one exits once it has served everything,
+/// having cut nothing.
+#[test]
+fn a_replaced_waypoint_fails_no_request_and_no_call() -> Result<()> {
+    privileged!();
+    let routes = json!([split_route(100, 0), grpc_route()]);
+    let grace = format!("{}ms", listen_grace().as_millis());
+    let mut mesh = Mesh::with_waypoint_args(
+        test_name!(),
+        routes.clone(),
+        json!([]),
+        &["--listen-grace", &grace],
+    )?;
+    let mut http = HttpLoad::new(vip(20, PORT), HTTP_REQUESTS)
+        .concurrency(4)
+        .pace(Duration::from_millis(50))
+        .start(&mesh.client)?;
+    let mut grpc = GrpcLoad::new(vip(25, GRPC_PORT), GRPC_CALLS)
+        .concurrency(4)
+        .messages(5, Duration::from_millis(40))
+        .start(&mesh.client)?;
+    let served = |waypoint: &TestWaypoint, protocol| -> Result<f64> {
+        Ok(Scrape::parse(&waypoint.metrics()?)
+            .sum("weft_requests_total", &[("request_protocol", protocol)]))
+    };
+    eventually(Duration::from_secs(10), || {
+        let (h, g) = (
+            served(&mesh.waypoint, "http")?,
+            served(&mesh.waypoint, "grpc")?,
+        );
+        ensure!(
+            h > 0.0 && g > 0.0,
+            "not both loads through the waypoint yet: {h} {g}"
+        );
+        Ok(())
+    })?;
+
+    let next_pod = mesh
+        .node1
+        .pod("waypoint-next")
+        .service_account(WAYPOINT)
+        .enrolled(false)
+        .create()?;
+    let next = TestWaypoint::start(&mesh.node1, &next_pod, WAYPOINT, routes.clone())?;
+    let pid = mesh.waypoint.pid().context("waypoint running")?;
+    kill(pid, libc::SIGTERM);
+    let signalled = std::time::Instant::now();
+    let moved = json!([{
+        "name": WAYPOINT, "serviceAccount": WAYPOINT, "ips": [next_pod.ip().to_string()],
+    }]);
+    for (node, agent) in [(&mesh.node1, &mesh.agent1), (&mesh.node2, &mesh.agent2)] {
+        node.set_waypoints(moved.clone());
+        agent.reload_and_wait(node)?;
+    }
+    next.write_config(&mesh.node1, routes)?;
+    ensure!(
+        signalled.elapsed() < listen_grace(),
+        "the agents took {:?} to see the new waypoint, longer than the listen grace: \
+         the test would not show what the grace is for",
+        signalled.elapsed()
+    );
+    eventually(listen_grace() + Duration::from_secs(5), || {
+        let draining = mesh
+            .waypoint
+            .log()
+            .contains("draining: accepting no connection");
+        ensure!(draining, "the old waypoint does not drain yet");
+        Ok(())
+    })?;
+    if !(http.running() && grpc.running()) {
+        bail!(
+            "a load ended before the old waypoint drained (it failed, or proved nothing): \
+             HTTP/1.1 {:?}, gRPC {:?}",
+            http.finish(),
+            grpc.finish()
+        );
+    }
+
+    let status = mesh.waypoint.wait_exit(Duration::from_secs(30))?;
+    let log = mesh.waypoint.log();
+    ensure!(
+        status.success() && log.contains("drained: every connection and request ended"),
+        "the old waypoint did not drain to the end ({status}):\n{log}"
+    );
+    let http = http.finish()?;
+    eprintln!("replaced waypoint: HTTP/1.1 load: {http:?}");
+    ensure!(
+        http.status(200) == HTTP_REQUESTS && http.failed() == 0,
+        "every HTTP/1.1 request answered 200 across the replacement: {http:?}"
+    );
+    let grpc = grpc.finish()?;
+    eprintln!("replaced waypoint: gRPC load: {grpc:?}");
+    ensure!(
+        grpc.ok == GRPC_CALLS && grpc.failed == 0,
+        "every gRPC call exact across the replacement: {grpc:?}"
+    );
+    let (h, g) = (served(&next, "http")?, served(&next, "grpc")?);
+    ensure!(
+        h > 0.0 && g > 0.0,
+        "the new waypoint did not serve the rest of both loads: {h} {g}"
     );
     Ok(())
 }
@@ -582,7 +698,18 @@ fn slow() -> Duration {
     weft_tests::scaled(Duration::from_secs(3))
 }
 
+/// The old waypoint's `--listen-grace` in the replacement test: longer than the agents
+/// take to see the new one (checked).
+fn listen_grace() -> Duration {
+    weft_tests::scaled(Duration::from_secs(3))
+}
+
 const WAYPOINT: &str = "waypoint";
+/// The replacement test's loads: about 15 s each (4 workers; 50 ms between requests, 200
+/// ms per call), long enough to span the new waypoint's start, the grace and the drain
+/// (checked).
+const HTTP_REQUESTS: u64 = 1000;
+const GRPC_CALLS: u64 = 300;
 /// Service port and the backends' port.
 const PORT: u16 = 80;
 const APP_PORT: u16 = 8080;

@@ -287,11 +287,26 @@ pub async fn serve(
     }
     // Listened for before the drain starts: a second signal cuts it short.
     let second_signal = terminate();
+    tokio::pin!(second_signal);
     context.ready.block(
         "draining",
-        "the waypoint is stopping: it accepts no connection, and serves the open ones until they end",
+        "the waypoint is stopping: it serves the open connections until they end",
     );
-    let shutdown = context.waypoint.shut_down(second_signal).await;
+    let grace = settings.waypoint.listen_grace;
+    let interrupted = !grace.is_zero()
+        && {
+            info!(component = "waypoint", grace = %humantime::format_duration(grace),
+            "stopping: not ready, still accepting while every node sees the endpoint go (--listen-grace)");
+            tokio::select! {
+                () = tokio::time::sleep(grace) => false,
+                () = &mut second_signal => true,
+            }
+        };
+    let shutdown = if interrupted {
+        context.waypoint.shut_down(std::future::ready(())).await
+    } else {
+        context.waypoint.shut_down(second_signal).await
+    };
     info!(
         component = "waypoint",
         cut = shutdown.cut(),

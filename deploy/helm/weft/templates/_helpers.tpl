@@ -140,8 +140,9 @@ never let a pod go.
 {{- if and $pdb.enabled (gt (int $w.replicas) 1) (ge (int $pdb.minAvailable) (int $w.replicas)) -}}
 {{- fail (printf "waypoints[%d].podDisruptionBudget.minAvailable: %d of %d replicas would block every drain of their nodes; give fewer than replicas" $i (int $pdb.minAvailable) (int $w.replicas)) -}}
 {{- end -}}
-{{- if le (int $w.terminationGracePeriodSeconds) (int $w.drainLimitSeconds) -}}
-{{- fail (printf "waypoints[%d].terminationGracePeriodSeconds (%d) must be more than its drainLimitSeconds (%d): the kubelet would kill the waypoint in the middle of its drain" $i (int $w.terminationGracePeriodSeconds) (int $w.drainLimitSeconds)) -}}
+{{- $stopping := add (int $w.listenGraceSeconds) (int $w.drainLimitSeconds) -}}
+{{- if le (int $w.terminationGracePeriodSeconds) (int $stopping) -}}
+{{- fail (printf "waypoints[%d].terminationGracePeriodSeconds (%d) must be more than its listenGraceSeconds and drainLimitSeconds together (%d): the kubelet would kill the waypoint in the middle of its drain" $i (int $w.terminationGracePeriodSeconds) (int $stopping)) -}}
 {{- end -}}
 {{- $_ := set $seen $key true -}}
 {{- $_ := set $w "serviceAccount" ($w.serviceAccount | default $w.name) -}}
