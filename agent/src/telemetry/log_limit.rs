@@ -128,19 +128,22 @@ mod tests {
     #[test]
     fn a_flood_on_many_threads_logs_one_line() {
         let limit = Limiter::with_interval(Duration::from_secs(3600));
-        let logged = AtomicU64::new(0);
+        let (logged, reported) = (AtomicU64::new(0), AtomicU64::new(0));
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..10_000 {
-                        if limit.check().is_some() {
+                        if let Some(suppressed) = limit.check() {
                             logged.fetch_add(1, Ordering::Relaxed);
+                            reported.fetch_add(suppressed, Ordering::Relaxed);
                         }
                     }
                 });
             }
         });
         assert_eq!(logged.load(Ordering::Relaxed), 1);
-        assert_eq!(limit.suppressed.load(Ordering::Relaxed), 39_999);
+        // Events that raced the one line may be counted in it or after it, never lost.
+        let pending = limit.suppressed.load(Ordering::Relaxed);
+        assert_eq!(reported.load(Ordering::Relaxed) + pending, 39_999);
     }
 }
