@@ -426,3 +426,29 @@ fn x25519_only() -> Arc<CryptoProvider> {
 
 const TLS12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
 const TLS13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// Either library's record ciphers are TLS 1.3's three suites in one order, so which one
+/// this CPU gets changes the speed, never what is negotiated; the provider uses the pick.
+#[test]
+fn the_record_ciphers_are_the_same_suites_from_either_library() {
+    let names = |suites: &[rustls::SupportedCipherSuite]| -> Vec<_> {
+        suites.iter().map(|s| s.suite()).collect()
+    };
+    let (aws_lc, ring) = (tls::record_ciphers(true), tls::record_ciphers(false));
+    assert_eq!(
+        names(aws_lc),
+        [
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    );
+    assert_eq!(names(aws_lc), names(ring));
+    let tls13: Vec<_> = tls::provider()
+        .cipher_suites
+        .iter()
+        .filter(|s| s.version() == &rustls::version::TLS13)
+        .copied()
+        .collect();
+    assert_eq!(names(&tls13), names(aws_lc));
+}

@@ -1632,3 +1632,13 @@ async fn route_status_is_written_with_its_conditions_and_only_when_it_changes() 
             .any(|r| r.contains("PATCH") && r.ends_with("/status"))
     );
 }
+
+/// kube builds its TLS config from the process's default crypto provider, and with two
+/// compiled in (aws-lc-rs, and ring for HBONE's record ciphers) rustls cannot pick one by
+/// itself; kube installs aws-lc-rs first. Only an HTTPS API server takes that path, and the
+/// fake API of the other tests is plain HTTP.
+#[tokio::test]
+async fn a_client_for_an_https_api_server_builds() {
+    let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+    assert!(client_from(config).is_ok());
+}
