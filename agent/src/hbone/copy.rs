@@ -13,10 +13,12 @@ use std::{
     time::Duration,
 };
 
+use bytes::BytesMut;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
+use tokio_util::io::poll_read_buf;
 
 /// Why a transfer ended early: which side failed, or that nothing moved for too long.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +176,9 @@ impl Side {
 /// A node holding thousands of quiet connections then holds no copy buffers for them.
 struct OneWay {
     side: Side,
-    buf: Vec<u8>,
+    /// Read into its spare capacity, never zeroed first (a bulk transfer reallocates it
+    /// often: see `idle`).
+    buf: BytesMut,
     /// `buf[start..end]` is read but not yet written.
     start: usize,
     end: usize,
@@ -189,7 +193,7 @@ impl OneWay {
     fn new(side: Side) -> Self {
         Self {
             side,
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             start: 0,
             end: 0,
             bulk: false,
@@ -199,18 +203,23 @@ impl OneWay {
         }
     }
 
-    /// The buffer for the next read: allocated on demand, sized by recent traffic.
-    fn read_buffer(&mut self) -> &mut [u8] {
-        let wanted = if self.bulk { BUF_SIZE } else { SMALL_BUF_SIZE };
-        if self.buf.len() != wanted {
-            self.buf = vec![0u8; wanted];
+    /// The buffer for the next read, empty: allocated on demand, sized by recent traffic.
+    fn read_buffer(&mut self) -> &mut BytesMut {
+        let wanted = self.wanted();
+        if self.buf.capacity() != wanted {
+            self.buf = BytesMut::with_capacity(wanted);
         }
+        self.buf.clear();
         &mut self.buf
+    }
+
+    fn wanted(&self) -> usize {
+        if self.bulk { BUF_SIZE } else { SMALL_BUF_SIZE }
     }
 
     /// Records how much a read brought, and whether the traffic looks like bulk.
     fn filled(&mut self, n: usize) {
-        self.bulk = n == self.buf.len();
+        self.bulk = n >= self.wanted();
         self.start = 0;
         self.end = n;
     }
@@ -218,7 +227,7 @@ impl OneWay {
     /// Nothing to write and nothing to read for now: let the buffer go.
     fn idle(&mut self) {
         if self.start == self.end {
-            self.buf = Vec::new();
+            self.buf = BytesMut::new();
         }
     }
 
@@ -239,10 +248,8 @@ impl OneWay {
                 return Poll::Ready(Ok(()));
             }
             if self.start == self.end && !self.read_eof {
-                let mut read = ReadBuf::new(self.read_buffer());
-                match Pin::new(&mut *from).poll_read(cx, &mut read) {
-                    Poll::Ready(Ok(())) => {
-                        let n = read.filled().len();
+                match poll_read_buf(Pin::new(&mut *from), cx, self.read_buffer()) {
+                    Poll::Ready(Ok(n)) => {
                         if n == 0 {
                             self.read_eof = true;
                             self.idle();
