@@ -293,15 +293,15 @@ pub async fn serve(
         "the waypoint is stopping: it serves the open connections until they end",
     );
     let grace = settings.waypoint.listen_grace;
-    let interrupted = !grace.is_zero()
-        && {
-            info!(component = "waypoint", grace = %humantime::format_duration(grace),
+    let mut interrupted = false;
+    if !grace.is_zero() {
+        info!(component = "waypoint", grace = %humantime::format_duration(grace),
             "stopping: not ready, still accepting while every node sees the endpoint go (--listen-grace)");
-            tokio::select! {
-                () = tokio::time::sleep(grace) => false,
-                () = &mut second_signal => true,
-            }
+        interrupted = tokio::select! {
+            () = tokio::time::sleep(grace) => false,
+            () = &mut second_signal => true,
         };
+    }
     let shutdown = if interrupted {
         context.waypoint.shut_down(std::future::ready(())).await
     } else {
