@@ -86,7 +86,7 @@ fn ten_thousand_idle_connections_to_each_listener_are_capped_and_neighbours_keep
         // A sink holds what it accepts and never closes: it goes with its flood, so that
         // the proxy's half-closed connections end too (else only the idle timeout would).
         let mut sink = sink(sink_pod)?;
-        let denied_before = denied(&agent, "pod_connection_limit")?;
+        let denied_before = refused_for_the_flood(&agent)?;
         let started = Instant::now();
         let mut flood = hold(from, to, FLOOD, Duration::from_secs(3))?;
         // The neighbours keep talking while the flood arrives and while it is held.
@@ -109,11 +109,11 @@ fn ten_thousand_idle_connections_to_each_listener_are_capped_and_neighbours_keep
             open <= POD_CONNECTIONS + 20,
             "flood on {listener}: {open} hostile connections held open, cap {POD_CONNECTIONS}"
         );
-        let refused = denied(&agent, "pod_connection_limit")? - denied_before;
+        let refused = refused_for_the_flood(&agent)? - denied_before;
         ensure!(
             refused >= closed.saturating_sub(50) && refused > 0,
             "flood on {listener}: {closed} connections closed but {refused} counted as \
-             pod_connection_limit"
+             pod_connection_limit or tls_handshake_timeout"
         );
         flood.kill();
         sink.kill();
@@ -563,6 +563,13 @@ fn held(process: &TestProcess) -> Result<(u64, u64)> {
         };
         Ok((value("open")?, value("closed")?))
     })
+}
+
+/// What the agent counted as refusing the flood's connections: over the cap, or, on 15008,
+/// admitted but closed when no TLS came within the handshake timeout (10 s: a flood held
+/// that long on a loaded machine reaches it).
+fn refused_for_the_flood(agent: &TestAgent) -> Result<u64> {
+    Ok(denied(agent, "pod_connection_limit")? + denied(agent, "tls_handshake_timeout")?)
 }
 
 fn denied(agent: &TestAgent, reason: &str) -> Result<u64> {
