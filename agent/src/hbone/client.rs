@@ -80,6 +80,22 @@ impl copy::Stream for HboneStream {
     fn abort(&mut self) {
         HboneStream::abort(self);
     }
+
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut copy::ReadBuffer,
+    ) -> Poll<io::Result<Bytes>> {
+        copy::Stream::poll_read_chunk(&mut self.io, cx, buffer)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        copy::Stream::poll_write_chunk(&mut self.io, cx, chunk)
+    }
 }
 
 impl AsyncRead for HboneStream {

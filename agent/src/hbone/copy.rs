@@ -9,11 +9,11 @@ use std::{
     io,
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -44,9 +44,37 @@ impl Error {
 
 /// One end of a proxied connection: a byte stream that can also be aborted, so that an
 /// error on either side resets the other instead of closing it cleanly.
+///
+/// The copy moves bytes as `Bytes` chunks. A stream whose bytes already sit in buffers of
+/// their own (an HBONE stream's DATA frames) hands them over and takes them as they are,
+/// so that no byte is copied in user space between a TCP socket and an HTTP/2 frame.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin {
     /// Makes the next close an abort: RST for TCP, RST_STREAM for an HBONE stream.
     fn abort(&mut self);
+
+    /// Reads the next bytes as a chunk; an empty chunk is the end of the stream. By
+    /// default they are read into `buffer` and split off it, without a copy.
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut ReadBuffer,
+    ) -> Poll<io::Result<Bytes>> {
+        let buf = buffer.for_read();
+        ready!(poll_read_buf(Pin::new(&mut *self), cx, &mut *buf))?;
+        Poll::Ready(Ok(buf.split().freeze()))
+    }
+
+    /// Writes from the front of `chunk` and advances it past what was written; `Ok(0)`
+    /// only for an empty chunk. By default the bytes are copied (into the socket).
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self).poll_write(cx, chunk))?;
+        chunk.advance(n);
+        Poll::Ready(Ok(n))
+    }
 
     /// Both directions ended cleanly: the next close is a clean one. (The proxy's TCP
     /// sockets are reset on close until then: `reset_until_finished`.)
@@ -167,49 +195,26 @@ impl Side {
     }
 }
 
-/// One direction of the copy, polled by hand so both directions share one task and
-/// borrow the two streams without splitting them.
+/// The buffer one direction reads into. It costs nothing while the connection is idle: it
+/// is freed whenever everything read has been written and the source has nothing more for
+/// now, and comes back on the next read — small for request/response traffic, `BUF_SIZE`
+/// once reads fill it (bulk). A node holding thousands of quiet connections then holds no
+/// copy buffers for them.
 ///
-/// The buffer costs nothing while the connection is idle: it is freed whenever everything
-/// read has been written and the source has nothing more for now, and comes back on the
-/// next read — small for request/response traffic, `BUF_SIZE` once reads fill it (bulk).
-/// A node holding thousands of quiet connections then holds no copy buffers for them.
-struct OneWay {
-    side: Side,
-    /// Read into its spare capacity, never zeroed first (a bulk transfer reallocates it
-    /// often: see `idle`).
+/// Each chunk read is split off it and shares its allocation, which it takes back once the
+/// chunks have been written and dropped. Its spare capacity is never zeroed.
+#[derive(Default)]
+pub struct ReadBuffer {
     buf: BytesMut,
-    /// `buf[start..end]` is read but not yet written.
-    start: usize,
-    end: usize,
     /// The last read filled the buffer: the next buffer is a large one.
     bulk: bool,
-    read_eof: bool,
-    unflushed: bool,
-    done: bool,
 }
 
-impl OneWay {
-    fn new(side: Side) -> Self {
-        Self {
-            side,
-            buf: BytesMut::new(),
-            start: 0,
-            end: 0,
-            bulk: false,
-            read_eof: false,
-            unflushed: false,
-            done: false,
-        }
-    }
-
-    /// The buffer for the next read, empty: allocated on demand, sized by recent traffic.
-    fn read_buffer(&mut self) -> &mut BytesMut {
+impl ReadBuffer {
+    /// Empty, with room for the next read: allocated on demand, sized by recent traffic.
+    pub fn for_read(&mut self) -> &mut BytesMut {
         let wanted = self.wanted();
-        if self.buf.capacity() != wanted {
-            self.buf = BytesMut::with_capacity(wanted);
-        }
-        self.buf.clear();
+        self.buf.reserve(wanted);
         &mut self.buf
     }
 
@@ -220,14 +225,35 @@ impl OneWay {
     /// Records how much a read brought, and whether the traffic looks like bulk.
     fn filled(&mut self, n: usize) {
         self.bulk = n >= self.wanted();
-        self.start = 0;
-        self.end = n;
     }
 
-    /// Nothing to write and nothing to read for now: let the buffer go.
-    fn idle(&mut self) {
-        if self.start == self.end {
-            self.buf = BytesMut::new();
+    /// Nothing to write and nothing to read for now: let the allocation go.
+    fn release(&mut self) {
+        self.buf = BytesMut::new();
+    }
+}
+
+/// One direction of the copy, polled by hand so both directions share one task and
+/// borrow the two streams without splitting them.
+struct OneWay {
+    side: Side,
+    buffer: ReadBuffer,
+    /// Read but not yet written.
+    pending: Bytes,
+    read_eof: bool,
+    unflushed: bool,
+    done: bool,
+}
+
+impl OneWay {
+    fn new(side: Side) -> Self {
+        Self {
+            side,
+            buffer: ReadBuffer::default(),
+            pending: Bytes::new(),
+            read_eof: false,
+            unflushed: false,
+            done: false,
         }
     }
 
@@ -239,27 +265,27 @@ impl OneWay {
         counter: &AtomicU64,
     ) -> Poll<Result<(), Error>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: Stream + ?Sized,
+        W: Stream + ?Sized,
     {
         let (read_err, write_err) = self.side.error_constructors();
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            if self.start == self.end && !self.read_eof {
-                match poll_read_buf(Pin::new(&mut *from), cx, self.read_buffer()) {
-                    Poll::Ready(Ok(n)) => {
-                        if n == 0 {
-                            self.read_eof = true;
-                            self.idle();
-                        } else {
-                            self.filled(n);
-                        }
+            if self.pending.is_empty() && !self.read_eof {
+                match from.poll_read_chunk(cx, &mut self.buffer) {
+                    Poll::Ready(Ok(chunk)) if chunk.is_empty() => {
+                        self.read_eof = true;
+                        self.buffer.release();
+                    }
+                    Poll::Ready(Ok(chunk)) => {
+                        self.buffer.filled(chunk.len());
+                        self.pending = chunk;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(read_err(e))),
                     Poll::Pending => {
-                        self.idle();
+                        self.buffer.release();
                         // Nothing more to read for now: push out what was written.
                         if self.unflushed {
                             match Pin::new(&mut *to).poll_flush(cx) {
@@ -272,17 +298,15 @@ impl OneWay {
                     }
                 }
             }
-            while self.start < self.end {
-                let written =
-                    match Pin::new(&mut *to).poll_write(cx, &self.buf[self.start..self.end]) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
-                        }
-                        Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
-                        Poll::Pending => return Poll::Pending,
-                    };
-                self.start += written;
+            while !self.pending.is_empty() {
+                let written = match to.poll_write_chunk(cx, &mut self.pending) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                    Poll::Pending => return Poll::Pending,
+                };
                 self.unflushed = true;
                 counter.fetch_add(written as u64, Ordering::Relaxed);
             }
@@ -341,8 +365,8 @@ mod tests {
         let mut got = [0u8; 4];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
-        assert_eq!(way.buf.capacity(), 0, "buffer freed once idle");
-        assert!(!way.bulk);
+        assert_eq!(way.buffer.buf.capacity(), 0, "buffer freed once idle");
+        assert!(!way.buffer.bulk);
 
         // A read that fills the small buffer marks the traffic as bulk.
         app.write_all(&[1u8; 3 * SMALL_BUF_SIZE]).await.unwrap();
@@ -352,7 +376,40 @@ mod tests {
         });
         settle(&mut way, &mut down, &mut up).await;
         reader.await.unwrap();
-        assert_eq!(way.buf.capacity(), 0, "freed again after the burst");
+        assert_eq!(way.buffer.buf.capacity(), 0, "freed again after the burst");
+    }
+
+    #[tokio::test]
+    async fn chunks_are_split_off_the_read_buffer_which_takes_its_allocation_back() {
+        let (mut app, mut down) = pair().await;
+        let mut buffer = ReadBuffer::default();
+        let mut read = async |buffer: &mut ReadBuffer| {
+            std::future::poll_fn(|cx| down.poll_read_chunk(cx, buffer))
+                .await
+                .unwrap()
+        };
+
+        app.write_all(b"first").await.unwrap();
+        let first = read(&mut buffer).await;
+        assert_eq!(&first[..], b"first");
+        let start = first.as_ptr();
+        // Written (and dropped): the next read lands at the start of the same allocation,
+        // without a copy or a new buffer.
+        drop(first);
+        app.write_all(b"second").await.unwrap();
+        let second = read(&mut buffer).await;
+        assert_eq!(&second[..], b"second");
+        assert_eq!(second.as_ptr(), start);
+
+        // A chunk still queued elsewhere keeps its bytes: the next read goes elsewhere.
+        app.write_all(b"third").await.unwrap();
+        let third = read(&mut buffer).await;
+        assert_eq!(&second[..], b"second");
+        assert_eq!(&third[..], b"third");
+        assert_ne!(third.as_ptr(), start);
+
+        app.shutdown().await.unwrap();
+        assert!(read(&mut buffer).await.is_empty(), "EOF is an empty chunk");
     }
 
     #[tokio::test]

@@ -13,9 +13,11 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::copy;
 
 pub(crate) struct H2Stream {
     send: SendStream<Bytes>,
@@ -42,6 +44,66 @@ impl H2Stream {
     }
 }
 
+impl H2Stream {
+    /// Waits until `pending` holds received bytes, or stays empty at the end of the stream.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => break,
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `n` bytes off `pending`.
+    fn take_received(&mut self, n: usize) -> Bytes {
+        // The window opens as the bytes are taken, so a slow reader slows the sender.
+        let _ = self.recv.flow_control().release_capacity(n);
+        self.pending.split_to(n)
+    }
+
+    /// Waits for send capacity, and returns how many of `len` bytes may be sent now.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if let Poll::Ready(reset) = self.send.poll_reset(cx) {
+            return Poll::Ready(Err(match reset {
+                Ok(reason) => reset_error(reason),
+                Err(e) => to_io(e),
+            }));
+        }
+        self.send.reserve_capacity(len.min(MAX_WRITE));
+        loop {
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity.min(len)));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                // The stream left the sending state: reset by the peer or the connection
+                // went away.
+                None => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            }
+        }
+    }
+
+    /// Sends `data` as DATA, within the capacity `poll_send_capacity` gave.
+    fn queue_data(&mut self, data: Bytes) -> io::Result<usize> {
+        let n = data.len();
+        if n > 0 {
+            self.send.send_data(data, false).map_err(to_io)?;
+        }
+        Ok(n)
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -49,18 +111,9 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => this.pending = data,
-                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-            }
-        }
+        ready!(this.poll_pending(cx))?;
         let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        // Window opens as the application reads, so a slow reader slows the sender.
-        let _ = this.recv.flow_control().release_capacity(n);
+        buf.put_slice(&this.take_received(n));
         Poll::Ready(Ok(()))
     }
 }
@@ -72,36 +125,8 @@ impl AsyncWrite for H2Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if let Poll::Ready(reset) = this.send.poll_reset(cx) {
-            return Poll::Ready(Err(match reset {
-                Ok(reason) => reset_error(reason),
-                Err(e) => to_io(e),
-            }));
-        }
-        this.send.reserve_capacity(buf.len().min(MAX_WRITE));
-        loop {
-            let capacity = this.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(buf.len());
-                this.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(to_io)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-                // The stream left the sending state: reset by the peer or the connection
-                // went away.
-                None => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
-            }
-        }
+        let n = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        Poll::Ready(this.queue_data(Bytes::copy_from_slice(&buf[..n])))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -118,9 +143,29 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-impl super::copy::Stream for H2Stream {
+/// DATA payloads cross without a copy: a received frame's bytes are handed over as h2
+/// holds them, and the bytes read from the other side become the next frame as they are.
+impl copy::Stream for H2Stream {
     fn abort(&mut self) {
         H2Stream::abort(self);
+    }
+
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buffer: &mut copy::ReadBuffer,
+    ) -> Poll<io::Result<Bytes>> {
+        ready!(self.poll_pending(cx))?;
+        Poll::Ready(Ok(self.take_received(self.pending.len())))
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        Poll::Ready(self.queue_data(chunk.split_to(n)))
     }
 }
 
