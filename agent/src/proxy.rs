@@ -508,8 +508,16 @@ async fn accept_loop(
                 (Direction::Hbone, Some((tls, handler))) => {
                     // Failures are logged by the server with their reason; streams record
                     // themselves through the handler.
-                    let _ =
-                        hbone::serve_with(stream, tls, handler, &http2, &proxy.inner.drain).await;
+                    // Boxed: an HBONE connection's state (5 KB) would otherwise size the
+                    // task of every plain connection too.
+                    let _ = Box::pin(hbone::serve_with(
+                        stream,
+                        tls,
+                        handler,
+                        &http2,
+                        &proxy.inner.drain,
+                    ))
+                    .await;
                 }
                 (Direction::Hbone, None) => inbound::refuse_hbone(&proxy, &pod, stream, peer),
             }

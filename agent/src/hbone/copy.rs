@@ -141,13 +141,17 @@ pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
 /// `bidirectional`, cut short when `stop` resolves first (a policy change revoked the
 /// connection): both ends are aborted and `stop`'s error returned. The caller's error type
 /// says why it stopped; a failed copy becomes one through `From`.
+///
+/// `stop` is pinned by the caller (`std::pin::pin!`): a future passed by value would be
+/// stored twice in this one's state (an argument's slot stays reserved after it moves),
+/// and every open connection holds that state.
 pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized, E: From<Error>>(
     downstream: &mut D,
     upstream: &mut U,
     sent: &AtomicU64,
     received: &AtomicU64,
     idle: Duration,
-    stop: impl Future<Output = E>,
+    stop: Pin<&mut impl Future<Output = E>>,
 ) -> Result<(), E> {
     let stopped = tokio::select! {
         result = bidirectional(&mut *downstream, &mut *upstream, sent, received, idle) => return result.map_err(E::from),

@@ -159,7 +159,7 @@ impl<T: Transfer> Tunnel for Accepted<T> {
             transfer.sent(),
             transfer.received(),
             transfer.idle_timeout(),
-            transfer.stopped(),
+            std::pin::pin!(transfer.stopped()),
         )
         .await;
         transfer.finish(result);

@@ -82,7 +82,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             &tracked.sent,
             &tracked.received,
             proxy.idle_timeout(),
-            tracked.until_stopped(admission.revoked()),
+            std::pin::pin!(tracked.until_stopped(admission.revoked())),
         )
         .await
     }

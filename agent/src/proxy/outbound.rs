@@ -125,7 +125,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                     &tracked.sent,
                     &tracked.received,
                     proxy.idle_timeout(),
-                    tracked.stopped(),
+                    std::pin::pin!(tracked.stopped()),
                 )
                 .await
             }
@@ -216,7 +216,9 @@ async fn hbone_to(
         baggage: None,
         traceparent: None,
     };
-    let mut stream = mtls.pool.connect(key, dial, request).await?;
+    // Boxed: the handshake's state (5 KB) is needed only until the stream opens, and a
+    // connection task holds its future for as long as the connection lives.
+    let mut stream = Box::pin(mtls.pool.connect(key, dial, request)).await?;
     proxy.connections().established(tracked);
     copy::bidirectional_until(
         client,
@@ -224,7 +226,7 @@ async fn hbone_to(
         &tracked.sent,
         &tracked.received,
         proxy.idle_timeout(),
-        tracked.stopped(),
+        std::pin::pin!(tracked.stopped()),
     )
     .await
 }
