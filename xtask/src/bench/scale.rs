@@ -113,6 +113,24 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             "MB",
             mb(rss),
         );
+        // Where it goes: the binary's (and libraries') mapped pages, which no per-connection
+        // saving touches, and the anonymous rest (heap, tasks, buffers).
+        let anonymous = harness::smaps_bytes(pid, "Anonymous")?;
+        let mapped = harness::smaps_bytes(pid, "Rss")?.saturating_sub(anonymous);
+        report.add(
+            key,
+            &format!("agent RSS with {n} pods + {conns} connections open: anonymous (heap)"),
+            "MB",
+            mb(anonymous),
+        );
+        report.add(
+            key,
+            &format!(
+                "agent RSS with {n} pods + {conns} connections open: file pages (binary, libraries)"
+            ),
+            "MB",
+            mb(mapped),
+        );
         drop(hold);
         // What the allocator gives back once the connections are gone.
         thread::sleep(Duration::from_secs(1));
