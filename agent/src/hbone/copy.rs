@@ -47,7 +47,8 @@ impl Error {
 ///
 /// The copy moves bytes as `Bytes` chunks. A stream whose bytes already sit in buffers of
 /// their own (an HBONE stream's DATA frames) hands them over and takes them as they are,
-/// so that no byte is copied in user space between a TCP socket and an HTTP/2 frame.
+/// so that bulk bytes are not copied in user space between a TCP socket and an HTTP/2
+/// frame (small reads are: `ReadBuffer`).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin {
     /// Makes the next close an abort: RST for TCP, RST_STREAM for an HBONE stream.
     fn abort(&mut self);
@@ -215,13 +216,13 @@ impl Side {
 #[derive(Default)]
 pub struct ReadBuffer {
     buf: BytesMut,
-    /// The last read filled the buffer: the next buffer is a large one.
+    /// The last read filled the size wanted: the next buffer is a large one.
     bulk: bool,
 }
 
 impl ReadBuffer {
     /// Empty, with room for the next read: allocated on demand, sized by recent traffic.
-    pub fn for_read(&mut self) -> &mut BytesMut {
+    fn for_read(&mut self) -> &mut BytesMut {
         let wanted = self.wanted();
         self.buf.reserve(wanted);
         &mut self.buf
