@@ -17,6 +17,7 @@ mod admission;
 pub mod connections;
 mod inbound;
 pub mod limits;
+mod local;
 mod loop_guard;
 mod outbound;
 mod route;
@@ -97,6 +98,8 @@ pub enum Error {
     UnknownPod,
     #[error("HBONE CONNECT to {0} refused: not a workload served at this address")]
     NotServed(SocketAddr),
+    #[error("the destination pod on this node refused the connection ({})", .0.status())]
+    DestinationRefused(hbone::Refusal),
     #[error("denied by access policy ({}{})", reason.as_str(), policy.as_ref().map(|p| format!(", policy {p}")).unwrap_or_default())]
     PolicyDenied {
         reason: DenyReason,
@@ -158,6 +161,7 @@ impl Error {
             Error::Identity(_) => "invalid_identity",
             Error::UnknownPod => "unknown_pod",
             Error::NotServed(_) => "not_served",
+            Error::DestinationRefused(_) => "destination_refused",
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::PolicyRevoked { .. } => "policy_revoked",
             Error::PodRemoved => "pod_removed",
@@ -235,6 +239,8 @@ pub struct PodContext {
 pub struct PodHandle {
     tasks: JoinSet<()>,
     addresses: Vec<(Direction, SocketAddr)>,
+    /// Node-local connections reach the pod while this is held.
+    _local: local::Registration,
 }
 
 /// The shared proxy: everything a connection handler needs.
@@ -261,6 +267,8 @@ struct Inner {
     limits: limits::Config,
     /// Every pod's budgets draw on this one.
     node_budget: Arc<limits::NodeBudget>,
+    /// The pods served here, for node-local connections.
+    local_pods: Arc<local::LocalPods>,
     /// Every connection task and HBONE stream holds a guard, so shutdown can wait for them.
     /// The outbound HBONE pool's connections hold none: they carry only streams of
     /// outbound connections, which do, and are idle once those end.
@@ -291,6 +299,7 @@ impl Proxy {
                 waypoint_warnings: route::WaypointWarnings::default(),
                 next_endpoint: AtomicUsize::new(0),
                 limits: config.limits,
+                local_pods: Arc::default(),
                 node_budget: limits::NodeBudget::new(
                     config.limits.node_connections,
                     limits::raise_nofile_limit(),
@@ -330,6 +339,10 @@ impl Proxy {
         let pod_limit = self.inner.limits.pod_connections;
         let outbound_budget = limits::PodBudget::new(&self.inner.node_budget, pod_limit);
         let inbound_budget = limits::PodBudget::new(&self.inner.node_budget, pod_limit);
+        let registration = self.inner.local_pods.register(local::LocalPod {
+            pod: Arc::clone(&pod),
+            budget: Arc::clone(&inbound_budget),
+        });
         let mut tasks = JoinSet::new();
         let mut addresses = Vec::new();
         let all = [
@@ -346,7 +359,7 @@ impl Proxy {
                     info_span!("listener", pod = %pod.workload, direction = direction.as_str());
                 let budget = match direction {
                     Direction::Outbound => &outbound_budget,
-                    Direction::Inbound | Direction::Hbone => &inbound_budget,
+                    Direction::Inbound | Direction::Hbone | Direction::Local => &inbound_budget,
                 };
                 tasks.spawn(
                     accept_loop(
@@ -361,7 +374,11 @@ impl Proxy {
                 );
             }
         }
-        PodHandle { tasks, addresses }
+        PodHandle {
+            tasks,
+            addresses,
+            _local: registration,
+        }
     }
 
     /// Whether this node runs mutual TLS (it has a CA to get certificates from).
@@ -400,6 +417,15 @@ impl Proxy {
                 None
             }
         }
+    }
+
+    /// The pod at `ip`, when this proxy serves it and it has `identity` (what the route
+    /// expects of it): a node-local connection's destination.
+    fn served_pod(&self, ip: std::net::IpAddr, identity: &SpiffeId) -> Option<local::LocalPod> {
+        let workload = self.inner.state.borrow().workload_by_ip(ip)?.name.clone();
+        let served = self.inner.local_pods.get(&workload)?;
+        let actual = self.identity_of(&workload).ok().flatten()?;
+        (actual == *identity).then_some(served)
     }
 
     fn pick_endpoint(&self) -> usize {
@@ -520,6 +546,9 @@ async fn accept_loop(
                     .await;
                 }
                 (Direction::Hbone, None) => inbound::refuse_hbone(&proxy, &pod, stream, peer),
+                // Node-local connections are handed over in-process: no listener has this
+                // direction.
+                (Direction::Local, _) => copy::reset(&stream),
             }
         });
     }

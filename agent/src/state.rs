@@ -80,6 +80,23 @@ pub struct MeshSettings {
     pub default_deny: bool,
     /// Which namespaces' pods write access-log lines.
     pub access_log: AccessLogSettings,
+    /// How two enrolled pods of one node are connected.
+    pub same_node: SameNode,
+}
+
+/// How the proxy connects a pod to an enrolled pod it also serves (the same node).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum SameNode {
+    /// Over HBONE, as across nodes: every hop is encrypted.
+    #[default]
+    Hbone,
+    /// Inside the proxy: the client's identity is what the node knows of its socket, the
+    /// destination's policy is checked as for HBONE, and the bytes, which never leave the
+    /// node, are not encrypted (`connection_security_policy="node_local"`).
+    Local,
 }
 
 /// The access-log switch: on or off mesh-wide, with per-namespace exceptions. The

@@ -79,7 +79,8 @@ pub struct Connections {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct ConnRecord {
     pub id: u64,
-    /// `outbound`, `inbound` (plaintext, 15006) or `hbone` (mutual TLS, 15008).
+    /// `outbound`, `inbound` (plaintext, 15006), `hbone` (mutual TLS, 15008) or `local`
+    /// (from a pod of the same node, `mesh.sameNode: LOCAL`).
     pub direction: String,
     /// `namespace/name`.
     pub pod: String,
@@ -99,6 +100,9 @@ pub struct ConnRecord {
     pub src_identity: Option<String>,
     #[serde(default, rename = "dst.identity")]
     pub dst_identity: Option<String>,
+    /// What proved the identities: `mutual_tls`, `node_local` or `none`.
+    #[serde(default)]
+    pub security: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub error: Option<String>,

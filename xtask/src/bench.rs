@@ -217,6 +217,8 @@ fn measure(options: &Options) -> Result<()> {
 }
 
 const PORT: u16 = 7000;
+/// The key of the same-node path without HBONE (`mesh.sameNode: LOCAL`).
+const LOCAL: &str = "weft-l4-local";
 /// The `app` label of the weft server pod, which the policies of the policy rows select.
 const SERVER_APP: &str = "bench-server";
 /// A client gets its run time plus this much before the harness kills it.

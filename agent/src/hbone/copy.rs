@@ -40,6 +40,48 @@ impl Error {
             Error::IdleTimeout(_) => "idle_timeout",
         }
     }
+
+    /// The same failure again (kind and message), for a second record of one connection.
+    pub fn again(&self) -> Self {
+        let again = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Error::Downstream(e) => Error::Downstream(again(e)),
+            Error::Upstream(e) => Error::Upstream(again(e)),
+            Error::IdleTimeout(idle) => Error::IdleTimeout(*idle),
+        }
+    }
+}
+
+/// Where one direction's bytes are counted: a connection record's counter, or both records
+/// of a connection that each side of this node records (`Both`).
+pub trait Counter: Sync {
+    fn add(&self, bytes: u64);
+    /// What has been counted so far.
+    fn total(&self) -> u64;
+}
+
+impl Counter for AtomicU64 {
+    fn add(&self, bytes: u64) {
+        self.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn total(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts into two counters at once; `total` is the first's.
+pub struct Both<'a>(pub &'a AtomicU64, pub &'a AtomicU64);
+
+impl Counter for Both<'_> {
+    fn add(&self, bytes: u64) {
+        self.0.add(bytes);
+        self.1.add(bytes);
+    }
+
+    fn total(&self) -> u64 {
+        self.0.total()
+    }
 }
 
 /// One end of a proxied connection: a byte stream that can also be aborted, so that an
@@ -98,16 +140,16 @@ impl Stream for TcpStream {
 /// Copies until both directions have seen EOF. On error, or when no byte moved either way
 /// for `idle` (`Error::IdleTimeout`), both ends are aborted (RST, or RST_STREAM for
 /// HBONE), so neither peer is left half-open waiting for data that will never come.
-pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
+pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized, C: Counter + ?Sized>(
     downstream: &mut D,
     upstream: &mut U,
-    sent: &AtomicU64,
-    received: &AtomicU64,
+    sent: &C,
+    received: &C,
     idle: Duration,
 ) -> Result<(), Error> {
     let mut to_upstream = OneWay::new(Side::Downstream);
     let mut to_downstream = OneWay::new(Side::Upstream);
-    let moved = || sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
+    let moved = || sent.total() + received.total();
     let mut last_moved = moved();
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
@@ -147,11 +189,16 @@ pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized>(
 /// `stop` is pinned by the caller (`std::pin::pin!`): a future passed by value would be
 /// stored twice in this one's state (an argument's slot stays reserved after it moves),
 /// and every open connection holds that state.
-pub async fn bidirectional_until<D: Stream + ?Sized, U: Stream + ?Sized, E: From<Error>>(
+pub async fn bidirectional_until<
+    D: Stream + ?Sized,
+    U: Stream + ?Sized,
+    C: Counter + ?Sized,
+    E: From<Error>,
+>(
     downstream: &mut D,
     upstream: &mut U,
-    sent: &AtomicU64,
-    received: &AtomicU64,
+    sent: &C,
+    received: &C,
     idle: Duration,
     stop: Pin<&mut impl Future<Output = E>>,
 ) -> Result<(), E> {
@@ -274,16 +321,17 @@ impl OneWay {
         }
     }
 
-    fn poll<R, W>(
+    fn poll<R, W, C>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
-        counter: &AtomicU64,
+        counter: &C,
     ) -> Poll<Result<(), Error>>
     where
         R: Stream + ?Sized,
         W: Stream + ?Sized,
+        C: Counter + ?Sized,
     {
         let (read_err, write_err) = self.side.error_constructors();
         loop {
@@ -322,7 +370,7 @@ impl OneWay {
                     Poll::Pending => return Poll::Pending,
                 };
                 self.unflushed = true;
-                counter.fetch_add(written as u64, Ordering::Relaxed);
+                counter.add(written as u64);
             }
             if self.read_eof {
                 // Half-close: pass the FIN on and keep the other direction open.

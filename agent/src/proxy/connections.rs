@@ -42,6 +42,33 @@ pub enum Direction {
     Inbound,
     /// HBONE toward the pod (15008).
     Hbone,
+    /// Toward the pod from a pod of this node, inside the proxy (`mesh.sameNode: LOCAL`).
+    Local,
+}
+
+/// How the two ends of a connection know each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    /// Plaintext: no identity is known.
+    #[default]
+    None,
+    /// HBONE: certificates proved the identities, and the bytes are encrypted.
+    MutualTls,
+    /// Both pods are on this node, which knows each one's socket: no certificate, and the
+    /// bytes, which never leave the node, are not encrypted.
+    NodeLocal,
+}
+
+impl Security {
+    /// The `connection_security_policy` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::None => "none",
+            Security::MutualTls => "mutual_tls",
+            Security::NodeLocal => "node_local",
+        }
+    }
 }
 
 /// Registry of connections.
@@ -79,7 +106,8 @@ pub struct Tracked {
     /// `namespace/name` of the waypoint the connection goes through (outbound to a bound
     /// service).
     waypoint: Mutex<Option<String>>,
-    /// SPIFFE ids of both ends, once mutual TLS has proven them (None: plaintext hop).
+    /// SPIFFE ids of both ends, once mutual TLS (or the node) has proven them (None:
+    /// plaintext hop).
     identities: Mutex<Identities>,
     /// Application → upstream.
     pub sent: AtomicU64,
@@ -123,6 +151,8 @@ pub struct ConnectionView {
     pub src_identity: Option<String>,
     #[serde(rename = "dst.identity")]
     pub dst_identity: Option<String>,
+    /// What proved the identities: `mutual_tls`, `node_local` or `none`.
+    pub security: Security,
     pub start_unix_ms: u64,
     pub duration_ms: u64,
     pub bytes_sent: u64,
@@ -144,6 +174,7 @@ pub struct ConnectionsView {
 struct Identities {
     src: Option<String>,
     dst: Option<String>,
+    security: Security,
 }
 
 #[derive(Debug, Default)]
@@ -410,7 +441,21 @@ impl Tracked {
     /// Records the identities mutual TLS proved (either may be unknown, e.g. a plaintext
     /// client of a PERMISSIVE pod).
     pub fn set_identities(&self, src: Option<String>, dst: Option<String>) {
-        *self.identities.lock() = Identities { src, dst };
+        let security = if src.is_some() || dst.is_some() {
+            Security::MutualTls
+        } else {
+            Security::None
+        };
+        *self.identities.lock() = Identities { src, dst, security };
+    }
+
+    /// Records the identities of two pods of this node, which the node itself vouches for.
+    pub fn set_node_local_identities(&self, src: String, dst: String) {
+        *self.identities.lock() = Identities {
+            src: Some(src),
+            dst: Some(dst),
+            security: Security::NodeLocal,
+        };
     }
 
     /// Records what access policy decided (the destination side calls this for every
@@ -469,6 +514,7 @@ impl Tracked {
             waypoint: self.waypoint.lock().clone(),
             src_identity: identities.src,
             dst_identity: identities.dst,
+            security: identities.security,
             start_unix_ms: self.start_unix_ms,
             duration_ms: self.started.elapsed().as_millis() as u64,
             bytes_sent: self.sent.load(Ordering::Relaxed),
@@ -484,6 +530,7 @@ impl Direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
             Direction::Hbone => "hbone",
+            Direction::Local => "local",
         }
     }
 }
@@ -494,7 +541,7 @@ impl Direction {
     pub fn reporter(self) -> &'static str {
         match self {
             Direction::Outbound => "source",
-            Direction::Inbound | Direction::Hbone => "destination",
+            Direction::Inbound | Direction::Hbone | Direction::Local => "destination",
         }
     }
 }
@@ -561,7 +608,7 @@ impl<'a> Ends<'a> {
                     service,
                 }
             }
-            Direction::Inbound | Direction::Hbone => Ends {
+            Direction::Inbound | Direction::Hbone | Direction::Local => Ends {
                 src: peer(view.src.ip()),
                 dst: own,
                 service: service_of(snapshot, view.dst.ip()),
@@ -570,8 +617,6 @@ impl<'a> Ends<'a> {
     }
 
     fn labels(&self, view: &ConnectionView) -> TcpLabels {
-        // Identities are recorded only once mutual TLS is in play (HBONE either way).
-        let mutual_tls = view.src_identity.is_some() || view.dst_identity.is_some();
         let or_unknown = |v: Option<&String>| v.cloned().unwrap_or_else(|| UNKNOWN.to_owned());
         TcpLabels {
             reporter: view.direction.reporter(),
@@ -591,7 +636,7 @@ impl<'a> Ends<'a> {
             ),
             destination_service_name: or_unknown(self.service.as_ref().map(|s| &s.name)),
             destination_service_namespace: or_unknown(self.service.as_ref().map(|s| &s.namespace)),
-            connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
+            connection_security_policy: view.security.as_str(),
             response_flags: NO_FLAGS,
         }
     }

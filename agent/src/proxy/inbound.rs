@@ -135,9 +135,9 @@ pub struct HboneHandler {
     pub pod: Arc<PodContext>,
 }
 
-/// The record of one HBONE stream: its counters move with the bytes, and it closes with
-/// the outcome.
-pub struct HboneTransfer {
+/// The record of one HBONE stream or node-local connection into the pod: its counters move
+/// with the bytes, and it closes with the outcome.
+pub struct MeshTransfer {
     proxy: Proxy,
     tracked: Arc<Tracked>,
     /// Held while the stream is open: a later policy may revoke it.
@@ -145,78 +145,13 @@ pub struct HboneTransfer {
 }
 
 impl hbone::ConnectHandler for HboneHandler {
-    type Transfer = HboneTransfer;
+    type Transfer = MeshTransfer;
 
     async fn open(
         &self,
         request: hbone::InboundConnect,
-    ) -> Result<hbone::Accepted<HboneTransfer>, hbone::Refusal> {
-        let (proxy, pod) = (&self.proxy, &self.pod);
-        let tracked = proxy.connections().open(
-            Direction::Hbone,
-            pod.workload.to_string(),
-            request.peer_addr,
-            request.target,
-        );
-        let own = proxy.identity_of(&pod.workload).ok().flatten();
-        tracked.set_identities(
-            Some(request.peer_identity.to_string()),
-            own.map(|id| id.to_string()),
-        );
-        // Never into one of the proxy's ports (the HBONE port included), whatever else.
-        if let Err(e) = proxy.refuse_loop(
-            Hop::Delivery,
-            &pod.workload,
-            request.peer_addr,
-            request.target,
-        ) {
-            proxy.connections().close(&tracked, Some(&e));
-            return Err(hbone::Refusal::NotServed);
-        }
-        tracked.set_upstream(request.target, None);
-        // Only this pod, at the address the connection arrived at: never a relay to
-        // anywhere else.
-        if request.target.ip() != request.local_addr.ip() {
-            crate::warn_limited!(component = "proxy", pod = %pod.workload, src = %request.peer_addr,
-                src.identity = %request.peer_identity, target = %request.target,
-                "HBONE CONNECT refused: not a workload served at this address");
-            proxy
-                .connections()
-                .close(&tracked, Some(&Error::NotServed(request.target)));
-            return Err(hbone::Refusal::NotServed);
-        }
-        let admission = match admit(
-            proxy,
-            pod,
-            request.target,
-            Some(&request.peer_identity),
-            request.peer_addr,
-            false,
-        ) {
-            Ok(admission) => admission,
-            Err(e) => {
-                proxy.connections().close(&tracked, Some(&e));
-                return Err(hbone::Refusal::Denied);
-            }
-        };
-        tracked.set_policy(PolicyOutcome::Allow);
-        match socket::connect_app(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
-            Ok(upstream) => {
-                proxy.connections().established(&tracked);
-                Ok(hbone::Accepted {
-                    upstream,
-                    transfer: HboneTransfer {
-                        proxy: proxy.clone(),
-                        tracked,
-                        admission,
-                    },
-                })
-            }
-            Err(e) => {
-                proxy.connections().close(&tracked, Some(&e));
-                Err(hbone::Refusal::Unreachable)
-            }
-        }
+    ) -> Result<hbone::Accepted<MeshTransfer>, hbone::Refusal> {
+        open_from_mesh(&self.proxy, &self.pod, Direction::Hbone, request).await
     }
 
     fn handshake_refused(&self, error: &hbone::Error) {
@@ -224,7 +159,87 @@ impl hbone::ConnectHandler for HboneHandler {
     }
 }
 
-impl hbone::Transfer for HboneTransfer {
+/// A mesh peer asks for this pod: over HBONE (`Direction::Hbone`: its certificate proved
+/// `peer_identity`), or from a pod of this node (`Direction::Local`: the node knows which
+/// pod's socket it is). Checks that the target is this pod and that policy allows it, then
+/// connects to the application.
+pub(super) async fn open_from_mesh(
+    proxy: &Proxy,
+    pod: &Arc<PodContext>,
+    direction: Direction,
+    request: hbone::InboundConnect,
+) -> Result<hbone::Accepted<MeshTransfer>, hbone::Refusal> {
+    let tracked = proxy.connections().open(
+        direction,
+        pod.workload.to_string(),
+        request.peer_addr,
+        request.target,
+    );
+    let own = proxy.identity_of(&pod.workload).ok().flatten();
+    let peer_identity = request.peer_identity.to_string();
+    match (direction, own) {
+        (Direction::Local, Some(own)) => {
+            tracked.set_node_local_identities(peer_identity, own.to_string());
+        }
+        (_, own) => tracked.set_identities(Some(peer_identity), own.map(|id| id.to_string())),
+    }
+    // Never into one of the proxy's ports (the HBONE port included), whatever else.
+    if let Err(e) = proxy.refuse_loop(
+        Hop::Delivery,
+        &pod.workload,
+        request.peer_addr,
+        request.target,
+    ) {
+        proxy.connections().close(&tracked, Some(&e));
+        return Err(hbone::Refusal::NotServed);
+    }
+    tracked.set_upstream(request.target, None);
+    // Only this pod, at the address the connection arrived at: never a relay to
+    // anywhere else.
+    if request.target.ip() != request.local_addr.ip() {
+        crate::warn_limited!(component = "proxy", pod = %pod.workload, src = %request.peer_addr,
+            src.identity = %request.peer_identity, target = %request.target,
+            "HBONE CONNECT refused: not a workload served at this address");
+        proxy
+            .connections()
+            .close(&tracked, Some(&Error::NotServed(request.target)));
+        return Err(hbone::Refusal::NotServed);
+    }
+    let admission = match admit(
+        proxy,
+        pod,
+        request.target,
+        Some(&request.peer_identity),
+        request.peer_addr,
+        false,
+    ) {
+        Ok(admission) => admission,
+        Err(e) => {
+            proxy.connections().close(&tracked, Some(&e));
+            return Err(hbone::Refusal::Denied);
+        }
+    };
+    tracked.set_policy(PolicyOutcome::Allow);
+    match socket::connect_app(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
+        Ok(upstream) => {
+            proxy.connections().established(&tracked);
+            Ok(hbone::Accepted {
+                upstream,
+                transfer: MeshTransfer {
+                    proxy: proxy.clone(),
+                    tracked,
+                    admission,
+                },
+            })
+        }
+        Err(e) => {
+            proxy.connections().close(&tracked, Some(&e));
+            Err(hbone::Refusal::Unreachable)
+        }
+    }
+}
+
+impl hbone::Transfer for MeshTransfer {
     type Error = Error;
 
     fn sent(&self) -> &AtomicU64 {

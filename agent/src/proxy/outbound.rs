@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
     connections::Tracked,
+    local,
     loop_guard::{self, Hop},
     route::{self, Route},
     socket,
@@ -20,6 +21,7 @@ use super::{
 use crate::{
     hbone::{self, copy},
     identity::SpiffeId,
+    state::SameNode,
 };
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
@@ -42,7 +44,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         proxy
             .connections()
             .open(Direction::Outbound, pod.workload.to_string(), peer, dst);
-    let (outbound, source_ip) = {
+    let (outbound, source_ip, same_node) = {
         let snapshot = proxy.inner.state.borrow();
         let source = snapshot.workloads.get(&pod.workload);
         // Neither what the pod asked for nor what it resolved to (a VIP's endpoint) may be
@@ -82,7 +84,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
             .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == v4))
             .copied()
             .unwrap_or(peer.ip());
-        (outbound, source_ip)
+        (outbound, source_ip, snapshot.mesh.same_node)
     };
     let outbound = match outbound {
         Ok(outbound) => outbound,
@@ -98,6 +100,11 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         outbound.service.as_ref().map(ToString::to_string),
     );
     debug!(component = "proxy", src = %peer, dst = %dst, upstream = %outbound.upstream, route = ?outbound.route, "outbound");
+    // A destination pod this proxy serves too is handed over in-process when the mesh says so.
+    let local_destination = match (&outbound.route, same_node) {
+        (Route::Hbone { identity, addr }, SameNode::Local) => proxy.served_pod(addr.ip(), identity),
+        _ => None,
+    };
     // Over HBONE: to whom (the identity to require), where, and the CONNECT authority.
     let hbone = match outbound.route {
         Route::Passthrough => None,
@@ -133,17 +140,30 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         }
         Some((identity, addr, target)) => {
             let source = SocketAddr::new(source_ip, peer.port());
-            hbone_to(
-                proxy,
-                pod,
-                &tracked,
-                &mut client,
-                identity,
-                addr,
-                target,
-                source,
-            )
-            .await
+            match local_destination {
+                Some(destination) => {
+                    let request = local::Request {
+                        destination_identity: identity,
+                        source,
+                        hbone_addr: addr,
+                        target,
+                    };
+                    local::connect(proxy, pod, &tracked, &mut client, &destination, request).await
+                }
+                None => {
+                    hbone_to(
+                        proxy,
+                        pod,
+                        &tracked,
+                        &mut client,
+                        identity,
+                        addr,
+                        target,
+                        source,
+                    )
+                    .await
+                }
+            }
         }
     };
     if result.is_err() {

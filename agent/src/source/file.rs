@@ -30,7 +30,8 @@ use crate::{
     },
     state::{
         AccessLogSettings, AccessPolicy, Action, HttpRoute, Location, MeshSettings, MtlsMode,
-        MtlsSettings, RouteKind, Service, ServicePort, Snapshot, Waypoint, Workload, WorkloadRef,
+        MtlsSettings, RouteKind, SameNode, Service, ServicePort, Snapshot, Waypoint, Workload,
+        WorkloadRef,
     },
 };
 
@@ -272,6 +273,8 @@ struct RawMesh {
     default_deny: bool,
     #[serde(default)]
     access_log: RawAccessLog,
+    #[serde(default)]
+    same_node: SameNode,
 }
 
 #[derive(Deserialize)]
@@ -536,6 +539,7 @@ impl Validator<'_> {
                 enabled: raw.access_log.enabled,
                 namespaces: raw.access_log.namespaces,
             },
+            same_node: raw.same_node,
         })
     }
 

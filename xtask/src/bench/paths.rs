@@ -1,6 +1,7 @@
 //! The data path: nodes 1 and 2, direct pods, enrolled pods, stunnel and a waypoint, the
-//! six paths between them ([`Scenario`]s: direct, weft L4 and stunnel on one node, direct
-//! and weft L4 across nodes, weft L7 through the waypoint), each checked to carry traffic,
+//! seven paths between them ([`Scenario`]s: direct, weft L4 and stunnel on one node, direct
+//! and weft L4 across nodes, weft L7 through the waypoint; and weft L4 between two pods of
+//! node 3, which joins them node-locally), each checked to carry traffic,
 //! then measured repetition by repetition; the policy rows follow on the same node.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
@@ -15,7 +16,7 @@ use weft_tests::{
 };
 
 use super::{
-    Options, PORT, Part, SERVER_APP,
+    LOCAL, Options, PORT, Part, SERVER_APP,
     agent::{plain_if_no_ca, transport},
     plan::Plan,
     policies,
@@ -38,6 +39,12 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .service_account("server")
         .label("app", SERVER_APP)
         .create()?;
+    // Node 3 joins its pods inside the proxy (`mesh.sameNode: LOCAL`): the same-node path
+    // without HBONE, beside node 1's same-node HBONE.
+    let node3 = TestNode::new("bench", 3)?;
+    node3.set_mesh(json!({ "excludedPorts": [22], "sameNode": "LOCAL" }));
+    let local_c = node3.pod("local-c").service_account("client").create()?;
+    let local_s = node3.pod("local-s").service_account("server").create()?;
     let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
     let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
     let wp = node1
@@ -68,8 +75,10 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     node1.connect(&node2)?;
     let mut agent1 = node1.start_agent()?;
     let mut agent2 = node2.start_agent()?;
+    let mut agent3 = node3.start_agent()?;
     agent1.show_log_on_drop(false);
     agent2.show_log_on_drop(false);
+    agent3.show_log_on_drop(false);
     let transport = transport(&agent1, mtls);
     report.transport = transport.clone();
     println!("agents ready; the proxy hop is {transport}");
@@ -93,7 +102,9 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .iter()
         .map(|z| z.pid().context("ztunnel is not running"))
         .collect::<Result<Vec<u32>>>()?;
-    for pod in [&direct_s, &weft_s, &xdirect_s, &xweft_s, &zt_s, &xzt_s] {
+    for pod in [
+        &direct_s, &weft_s, &local_s, &xdirect_s, &xweft_s, &zt_s, &xzt_s,
+    ] {
         servers.push(harness::serve(pod, PORT)?);
         servers.push(harness::http_serve(pod, HTTP_PORT)?);
     }
@@ -108,7 +119,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     let mut waypoint = TestWaypoint::start(&node1, &wp, WAYPOINT, json!([l7_route()]))?;
     waypoint.show_log_on_drop(false);
     let pid = |a: &TestAgent| a.pid().context("agent is not running");
-    let (pid1, pid2) = (pid(&agent1)?, pid(&agent2)?);
+    let (pid1, pid2, pid3) = (pid(&agent1)?, pid(&agent2)?, pid(&agent3)?);
     let stunnel_pids: Vec<u32> = [&tunnel.client, &tunnel.server]
         .iter()
         .filter_map(|p| p.pid())
@@ -133,6 +144,16 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
             http_to: weft_s.addr(HTTP_PORT).into(),
             baseline: Some("direct"),
             cost_pids: vec![pid1],
+            http_only: false,
+        },
+        Scenario {
+            key: LOCAL,
+            label: "weft L4 same node, node-local (no TLS)".into(),
+            client: &local_c,
+            to: local_s.addr(PORT).into(),
+            http_to: local_s.addr(HTTP_PORT).into(),
+            baseline: Some("direct"),
+            cost_pids: vec![pid3],
             http_only: false,
         },
         Scenario {
@@ -254,6 +275,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     policies::run(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
     agent1.kill();
     agent2.kill();
+    agent3.kill();
     drop((waypoint, tunnel, tunnel_http, servers, ztunnels));
     Ok(())
 }

@@ -7,6 +7,8 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use super::LOCAL;
+
 pub struct Report {
     pub quick: bool,
     pub conditions: Value,
@@ -384,7 +386,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "| metric | weft L4 same node vs direct | weft L4 vs stunnel | weft L4 vs ztunnel, same node | weft L4 cross node vs direct cross node | weft L4 vs ztunnel, cross node |\n|---|---|---|---|---|---|"
+            "| metric | weft L4 same node vs direct | weft L4 vs stunnel | weft L4 vs ztunnel, same node | weft L4 cross node vs direct cross node | weft L4 vs ztunnel, cross node | weft node-local vs direct | weft node-local vs ztunnel, same node |\n|---|---|---|---|---|---|---|---|"
         );
         for (metric, kind) in rows {
             let cmp = |a: &str, b: &str| -> String {
@@ -398,12 +400,14 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {metric} | {} | {} | {} | {} | {} |",
+                "| {metric} | {} | {} | {} | {} | {} | {} | {} |",
                 cmp("weft-l4", "direct"),
                 cmp("weft-l4", "stunnel"),
                 cmp("weft-l4", ZTUNNEL),
                 cmp("weft-l4-x", "direct-x"),
-                cmp("weft-l4-x", ZTUNNEL_X)
+                cmp("weft-l4-x", ZTUNNEL_X),
+                cmp(LOCAL, "direct"),
+                cmp(LOCAL, ZTUNNEL)
             );
         }
     }
