@@ -20,6 +20,8 @@ use tokio::{
 };
 use tokio_util::io::poll_read_buf;
 
+mod splice;
+
 /// Why a transfer ended early: which side failed, or that nothing moved for too long.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -123,6 +125,11 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin {
     /// Both directions ended cleanly: the next close is a clean one. (The proxy's TCP
     /// sockets are reset on close until then: `reset_until_finished`.)
     fn finished(&mut self) {}
+
+    /// The TCP socket this stream is, if it is one: two of them are spliced.
+    fn as_tcp(&mut self) -> Option<&mut TcpStream> {
+        None
+    }
 }
 
 impl Stream for TcpStream {
@@ -135,11 +142,19 @@ impl Stream for TcpStream {
         // (both FINs crossed) by then.
         let _ = socket2::SockRef::from(&*self).set_linger(None);
     }
+
+    fn as_tcp(&mut self) -> Option<&mut TcpStream> {
+        Some(self)
+    }
 }
 
 /// Copies until both directions have seen EOF. On error, or when no byte moved either way
 /// for `idle` (`Error::IdleTimeout`), both ends are aborted (RST, or RST_STREAM for
 /// HBONE), so neither peer is left half-open waiting for data that will never come.
+///
+/// Between two TCP sockets the bytes are spliced (`splice`): moved through a pipe inside
+/// the kernel, never copied into this process. Without pipes (the open-file limit), they
+/// are copied.
 pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized, C: Counter + ?Sized>(
     downstream: &mut D,
     upstream: &mut U,
@@ -147,8 +162,54 @@ pub async fn bidirectional<D: Stream + ?Sized, U: Stream + ?Sized, C: Counter + 
     received: &C,
     idle: Duration,
 ) -> Result<(), Error> {
-    let mut to_upstream = OneWay::new(Side::Downstream);
-    let mut to_downstream = OneWay::new(Side::Upstream);
+    if let (Some(down), Some(up)) = (downstream.as_tcp(), upstream.as_tcp())
+        && let Ok((to_upstream, to_downstream)) = splice::Spliced::pair()
+    {
+        return drive(to_upstream, to_downstream, down, up, sent, received, idle).await;
+    }
+    let to_upstream = OneWay::new(Side::Downstream);
+    let to_downstream = OneWay::new(Side::Upstream);
+    drive(
+        to_upstream,
+        to_downstream,
+        downstream,
+        upstream,
+        sent,
+        received,
+        idle,
+    )
+    .await
+}
+
+/// One direction of a copy, polled by hand so both directions share one task and borrow
+/// the two streams without splitting them.
+trait Way<R: ?Sized, W: ?Sized> {
+    /// Moves what `from` has to `to`, counting it; Ready once `from` ended and `to` was
+    /// half-closed.
+    fn poll<C: Counter + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+        counter: &C,
+    ) -> Poll<Result<(), Error>>;
+}
+
+/// Runs both directions under the idle timer, then finishes both ends, or aborts both.
+async fn drive<D, U, C>(
+    mut to_upstream: impl Way<D, U>,
+    mut to_downstream: impl Way<U, D>,
+    downstream: &mut D,
+    upstream: &mut U,
+    sent: &C,
+    received: &C,
+    idle: Duration,
+) -> Result<(), Error>
+where
+    D: Stream + ?Sized,
+    U: Stream + ?Sized,
+    C: Counter + ?Sized,
+{
     let moved = || sent.total() + received.total();
     let mut last_moved = moved();
     let idle_timer = tokio::time::sleep(idle);
@@ -297,8 +358,8 @@ impl ReadBuffer {
     }
 }
 
-/// One direction of the copy, polled by hand so both directions share one task and
-/// borrow the two streams without splitting them.
+/// One direction of the copy through a buffer of this process (`ReadBuffer`), between any
+/// two streams.
 struct OneWay {
     side: Side,
     buffer: ReadBuffer,
@@ -320,19 +381,16 @@ impl OneWay {
             done: false,
         }
     }
+}
 
-    fn poll<R, W, C>(
+impl<R: Stream + ?Sized, W: Stream + ?Sized> Way<R, W> for OneWay {
+    fn poll<C: Counter + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
         counter: &C,
-    ) -> Poll<Result<(), Error>>
-    where
-        R: Stream + ?Sized,
-        W: Stream + ?Sized,
-        C: Counter + ?Sized,
-    {
+    ) -> Poll<Result<(), Error>> {
         let (read_err, write_err) = self.side.error_constructors();
         loop {
             if self.done {
@@ -569,6 +627,45 @@ mod tests {
         let mut buf = [0u8; 1];
         let err = app.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_spliced_direction_holds_at_most_a_pipe_for_a_destination_that_does_not_read() {
+        let (mut app, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let (mut way, _) = splice::Spliced::pair().unwrap();
+        let counter = AtomicU64::new(0);
+        let writer = tokio::spawn(async move {
+            // Far more than the sockets' buffers hold: the writer must be held back.
+            let chunk = vec![1u8; 1 << 20];
+            for _ in 0..64 {
+                if app.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            app
+        });
+        for _ in 0..20 {
+            std::future::poll_fn(|cx| {
+                assert!(way.poll(cx, &mut down, &mut up, &counter).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let moved = counter.load(Ordering::Relaxed);
+        assert!(moved > 0, "bytes moved before the destination filled up");
+        assert!(
+            way.in_pipe() <= 64 * 1024,
+            "{} bytes in the pipe",
+            way.in_pipe()
+        );
+        assert!(!writer.is_finished(), "the source was held back");
+        // The server reads: everything flows again, every byte once.
+        let mut got = vec![0u8; 1 << 20];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&b| b == 1));
+        writer.abort();
     }
 
     const IDLE: std::time::Duration = std::time::Duration::from_secs(3_600);

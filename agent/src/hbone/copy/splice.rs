@@ -1,0 +1,143 @@
+//! One direction between two TCP sockets, through a pipe: `splice(2)` moves the received
+//! pages from the source socket into the pipe and from the pipe into the destination
+//! socket, so the bytes are never copied into (or out of) this process. The pipe holds at
+//! most what one splice read moved, and is emptied before the next read, so a slow
+//! destination slows the source as a full buffer would.
+
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsFd, OwnedFd},
+    task::{Context, Poll, ready},
+};
+
+use nix::{
+    fcntl::{OFlag, SpliceFFlags, splice},
+    unistd::pipe2,
+};
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{Counter, Error, Side, Way};
+
+/// A direction's pipe and where it stands.
+pub(super) struct Spliced {
+    side: Side,
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Spliced in from the source, not yet out to the destination.
+    in_pipe: usize,
+    read_eof: bool,
+    done: bool,
+}
+
+impl Spliced {
+    /// Both directions' pipes (downstream → upstream first), or the error that keeps the
+    /// copy in user space (most likely the open-file limit).
+    pub(super) fn pair() -> io::Result<(Self, Self)> {
+        Ok((Self::new(Side::Downstream)?, Self::new(Side::Upstream)?))
+    }
+
+    fn new(side: Side) -> io::Result<Self> {
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        Ok(Self {
+            side,
+            read,
+            write,
+            in_pipe: 0,
+            read_eof: false,
+            done: false,
+        })
+    }
+}
+
+#[cfg(test)]
+impl Spliced {
+    pub(super) fn in_pipe(&self) -> usize {
+        self.in_pipe
+    }
+}
+
+impl Way<TcpStream, TcpStream> for Spliced {
+    fn poll<C: Counter + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        counter: &C,
+    ) -> Poll<Result<(), Error>> {
+        let (read_err, write_err) = self.side.error_constructors();
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.in_pipe == 0 && !self.read_eof {
+                // Only into an empty pipe: then EAGAIN can only mean the socket has nothing.
+                match poll_splice(&*from, cx, Interest::READABLE, &*from, &self.write) {
+                    Poll::Ready(Ok(0)) => self.read_eof = true,
+                    Poll::Ready(Ok(n)) => self.in_pipe = n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(read_err(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            while self.in_pipe > 0 {
+                match poll_splice(&*to, cx, Interest::WRITABLE, &self.read, &*to) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.in_pipe -= n.min(self.in_pipe);
+                        counter.add(n as u64);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.read_eof {
+                // Half-close: pass the FIN on and keep the other direction open.
+                socket2::SockRef::from(&*to)
+                    .shutdown(Shutdown::Write)
+                    .map_err(write_err)?;
+                self.done = true;
+            }
+        }
+    }
+}
+
+/// Splices from `input` to `output` (one of them a pipe, the other `socket`) as much as the
+/// pipe holds, once `socket` is ready for `interest`; Pending (and woken on readiness)
+/// while the socket would block.
+fn poll_splice(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    interest: Interest,
+    input: impl AsFd,
+    output: impl AsFd,
+) -> Poll<io::Result<usize>> {
+    loop {
+        if interest.is_readable() {
+            ready!(socket.poll_read_ready(cx))?;
+        } else {
+            ready!(socket.poll_write_ready(cx))?;
+        }
+        // `try_io` clears the readiness it saw when the splice would block, so the next
+        // poll waits for the socket again.
+        let spliced = socket.try_io(interest, || {
+            splice(
+                input.as_fd(),
+                None,
+                output.as_fd(),
+                None,
+                PIPE_BYTES,
+                SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+            )
+            .map_err(io::Error::from)
+        });
+        match spliced {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+/// What one splice moves at most: a default pipe's capacity (16 pages).
+const PIPE_BYTES: usize = 64 * 1024;
