@@ -158,8 +158,8 @@ impl Exceeded {
 }
 
 impl NodeBudget {
-    /// The node's budget: `configured`, lowered so that two descriptors per connection
-    /// plus `RESERVED_FDS` fit under the open-file limit `nofile`.
+    /// The node's budget: `configured`, lowered so that `FDS_PER_CONNECTION` descriptors
+    /// per connection plus `RESERVED_FDS` fit under the open-file limit `nofile`.
     pub fn new(configured: usize, nofile: u64) -> Arc<Self> {
         let fits = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION)
             .unwrap_or(usize::MAX);
@@ -253,8 +253,9 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// A proxied connection holds its own socket and the upstream's.
-const FDS_PER_CONNECTION: u64 = 2;
+/// A proxied connection holds its own socket and the upstream's and, between two TCP
+/// sockets once bytes move, a pipe (two descriptors) per direction (`copy`'s splice).
+const FDS_PER_CONNECTION: u64 = 6;
 /// Descriptors kept out of the connection budget: listeners (three or six per pod), the
 /// HBONE pool's connections, eBPF maps and links, certificates, the admin servers.
 const RESERVED_FDS: u64 = 1_024;
@@ -291,7 +292,7 @@ mod tests {
     fn the_node_budget_fits_the_open_file_limit() {
         assert_eq!(
             NodeBudget::new(16_384, 20_000).limit(),
-            (20_000 - 1_024) / 2
+            (20_000 - 1_024) / 6
         );
         assert_eq!(NodeBudget::new(100, 20_000).limit(), 100);
         assert_eq!(NodeBudget::new(100, 10).limit(), 0);

@@ -3,6 +3,10 @@
 //! socket, so the bytes are never copied into (or out of) this process. The pipe holds at
 //! most what one splice read moved, and is emptied before the next read, so a slow
 //! destination slows the source as a full buffer would.
+//!
+//! The pipe is made when the source first has something (an idle connection, or a flood
+//! of them, holds none). If no pipe can be made (the open-file limit), that direction is
+//! copied through this process instead.
 
 use std::{
     io,
@@ -15,9 +19,52 @@ use nix::{
     fcntl::{OFlag, SpliceFFlags, splice},
     unistd::pipe2,
 };
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{Interest, ReadBuf},
+    net::TcpStream,
+};
 
-use super::{Counter, Error, Side, Way};
+use super::{Counter, Error, OneWay, Side, Way};
+
+/// One direction between two TCP sockets: spliced, or copied when no pipe could be made;
+/// undecided until the source first has a byte or its end.
+pub(super) enum TcpWay {
+    Undecided(Side),
+    Spliced(Spliced),
+    Copied(OneWay),
+}
+
+impl TcpWay {
+    pub(super) fn new(side: Side) -> Self {
+        TcpWay::Undecided(side)
+    }
+}
+
+impl Way<TcpStream, TcpStream> for TcpWay {
+    fn poll<C: Counter + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        counter: &C,
+    ) -> Poll<Result<(), Error>> {
+        if let TcpWay::Undecided(side) = *self {
+            let (read_err, _) = side.error_constructors();
+            // Readiness can be spurious: wait for a byte (or the end) to be there.
+            let mut byte = [0u8; 1];
+            ready!(from.poll_peek(cx, &mut ReadBuf::new(&mut byte))).map_err(read_err)?;
+            *self = match Spliced::new(side) {
+                Ok(spliced) => TcpWay::Spliced(spliced),
+                Err(_) => TcpWay::Copied(OneWay::new(side)),
+            };
+        }
+        match self {
+            TcpWay::Spliced(spliced) => spliced.poll(cx, from, to, counter),
+            TcpWay::Copied(copied) => copied.poll(cx, from, to, counter),
+            TcpWay::Undecided(_) => Poll::Pending,
+        }
+    }
+}
 
 /// A direction's pipe and where it stands.
 pub(super) struct Spliced {
@@ -31,13 +78,7 @@ pub(super) struct Spliced {
 }
 
 impl Spliced {
-    /// Both directions' pipes (downstream → upstream first), or the error that keeps the
-    /// copy in user space (most likely the open-file limit).
-    pub(super) fn pair() -> io::Result<(Self, Self)> {
-        Ok((Self::new(Side::Downstream)?, Self::new(Side::Upstream)?))
-    }
-
-    fn new(side: Side) -> io::Result<Self> {
+    pub(super) fn new(side: Side) -> io::Result<Self> {
         let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         Ok(Self {
             side,
