@@ -100,6 +100,10 @@ pub enum Error {
     NotServed(SocketAddr),
     #[error("the destination pod on this node refused the connection ({})", .0.status())]
     DestinationRefused(hbone::Refusal),
+    #[error(
+        "no valid certificate for {0} yet: a node-local connection needs both ends' (the CA's word that this node may hold them)"
+    )]
+    NoLocalCertificate(SpiffeId),
     #[error("denied by access policy ({}{})", reason.as_str(), policy.as_ref().map(|p| format!(", policy {p}")).unwrap_or_default())]
     PolicyDenied {
         reason: DenyReason,
@@ -162,6 +166,7 @@ impl Error {
             Error::UnknownPod => "unknown_pod",
             Error::NotServed(_) => "not_served",
             Error::DestinationRefused(_) => "destination_refused",
+            Error::NoLocalCertificate(_) => "no_certificate",
             Error::PolicyDenied { reason, .. } => reason.as_str(),
             Error::PolicyRevoked { .. } => "policy_revoked",
             Error::PodRemoved => "pod_removed",

@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Weak},
+    time::SystemTime,
 };
 
 use tokio::net::TcpStream;
@@ -18,7 +19,7 @@ use tokio::net::TcpStream;
 use super::{Direction, Error, PodContext, Proxy, connections::Tracked, inbound, limits};
 use crate::{
     hbone::{self, Transfer, copy},
-    identity::SpiffeId,
+    identity::{CertSource, SpiffeId},
     state::WorkloadRef,
     sync::Mutex,
 };
@@ -105,6 +106,19 @@ pub async fn connect(
     let source_identity = proxy
         .identity_of(&pod.workload)?
         .ok_or(Error::HboneUnsupported)?;
+    // The CA vouches that this node may hold an identity when it signs its certificate:
+    // without both ends' certificates, no node-local connection either (as over HBONE).
+    let certs = &proxy
+        .inner
+        .mtls
+        .as_ref()
+        .ok_or(Error::HboneUnsupported)?
+        .certs;
+    for identity in [&source_identity, &destination_identity] {
+        if !has_valid_certificate(certs.as_ref(), identity) {
+            return Err(Error::NoLocalCertificate(identity.clone()));
+        }
+    }
     tracked.set_node_local_identities(
         source_identity.to_string(),
         destination_identity.to_string(),
@@ -157,6 +171,14 @@ pub async fn connect(
     };
     transfer.finish(destination_side);
     client_side
+}
+
+/// Whether the CA has signed a certificate for `identity` that is valid now.
+fn has_valid_certificate(certs: &dyn CertSource, identity: &SpiffeId) -> bool {
+    let now = SystemTime::now();
+    certs
+        .certificate(identity)
+        .is_some_and(|cert| cert.not_before <= now && now < cert.not_after)
 }
 
 /// Why a node-local copy ended early.
