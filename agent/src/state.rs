@@ -90,12 +90,12 @@ pub struct MeshSettings {
 )]
 #[serde(rename_all = "UPPERCASE")]
 pub enum SameNode {
-    /// Over HBONE, as across nodes: every hop is encrypted.
-    #[default]
+    /// Over HBONE, as across nodes: every hop is encrypted, for operators who must.
     Hbone,
     /// Inside the proxy: the client's identity is what the node knows of its socket, the
     /// destination's policy is checked as for HBONE, and the bytes, which never leave the
     /// node, are not encrypted (`connection_security_policy="node_local"`).
+    #[default]
     Local,
 }
 

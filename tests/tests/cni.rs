@@ -72,7 +72,8 @@ fn cni_add_enrolls_the_pod_before_its_first_connection_and_del_releases_it() -> 
         result == runtime.prev_result(&client),
         "ADD must return prevResult unchanged, got {result}"
     );
-    // The pod's first connection after ADD returns: already through the proxy, as HBONE.
+    // The pod's first connection after ADD returns: already through the proxy, with the
+    // pod's identity (node-local: the server is on this node).
     let sent = app::send(&client, to, 5000, 2)?;
     ensure!(
         sent.received_bytes == 5000,
@@ -83,8 +84,8 @@ fn cni_add_enrolls_the_pod_before_its_first_connection_and_del_releases_it() -> 
         outbound.len() == 1 && outbound[0].dst == to.to_string(),
         "the first connection after ADD was not proxied: {outbound:?}"
     );
-    agent.expect_record("HBONE into the server from the new pod", |r| {
-        r.direction == "hbone"
+    agent.expect_record("into the server from the new pod", |r| {
+        r.direction == "local"
             && r.pod == server.pod_ref()
             && r.src_identity.as_deref() == Some("spiffe://cluster.local/ns/default/sa/client")
     });

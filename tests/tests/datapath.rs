@@ -1,6 +1,7 @@
 //! The node data path, end to end (issue "Node data path"): enrolled pods' connections go
-//! through the node proxy (outbound via connect4 → 15001; inbound as HBONE on 15008 from
-//! an enrolled pod, or in plaintext via sk_lookup → 15006 from any other) with their bytes
+//! through the node proxy (outbound via connect4 → 15001; inbound from an enrolled pod of
+//! the node joined inside the proxy, or in plaintext via sk_lookup → 15006 from any other
+//! pod) with their bytes
 //! intact; unenrolled pods are left alone; the path fails closed when
 //! the agent dies and comes back when it restarts; enrollment changes and bad configs are
 //! handled at reload.
@@ -49,9 +50,10 @@ fn enrolled_pod_to_pod_goes_through_proxy_with_payload_intact() -> Result<()> {
         agent.expect_record("outbound echo", |r| {
             is(r, "outbound", &client, to) && r.bytes_sent == size && r.bytes_received == size
         });
-        // Both pods are in the mesh, so the hop between the proxies is HBONE (mutual TLS).
-        agent.expect_record("HBONE inbound echo", |r| {
-            is(r, "hbone", &server, to) && r.bytes_sent == size && r.bytes_received == size
+        // Both pods are in the mesh and on this node: the proxy joins them itself
+        // (node-local, `mesh.sameNode: LOCAL`), and the server side keeps its record.
+        agent.expect_record("node-local inbound echo", |r| {
+            is(r, "local", &server, to) && r.bytes_sent == size && r.bytes_received == size
         });
 
         // Hash: the server answers only after the client's FIN crossed both proxies.
@@ -326,8 +328,8 @@ fn unenrolling_pods_restores_direct_traffic() -> Result<()> {
     agent.expect_record("outbound while enrolled", |r| {
         is(r, "outbound", &client, to)
     });
-    agent.expect_record("HBONE inbound while enrolled", |r| {
-        is(r, "hbone", &server, to)
+    agent.expect_record("node-local inbound while enrolled", |r| {
+        is(r, "local", &server, to)
     });
 
     client.set_enrolled(false);
@@ -398,7 +400,7 @@ fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()>
     // One connection kept busy through both pods' listeners while both are relabelled.
     let bytes = 2 * KIB * KIB;
     let running = app::start_send_paced(&client, to, bytes, 7, scaled(Duration::from_secs(6)))?;
-    let open = active_hbone(&agent, to, |r| r.bytes_sent > 0)?;
+    let open = active_local(&agent, to, |r| r.bytes_sent > 0)?;
     client.set_label("tier", Some("web"));
     server.set_label("app", Some("echo-v2"));
     agent.reload(&node)?;
@@ -412,12 +414,12 @@ fn relabelling_enrolled_pods_leaves_their_open_connections_alone() -> Result<()>
     });
     // The relabel has applied, and the connection is still open, carrying bytes: the agent
     // counts more of them on the same record afterwards.
-    let at_relabel = active_hbone(&agent, to, |r| r.id == open.id)?;
+    let at_relabel = active_local(&agent, to, |r| r.id == open.id)?;
     ensure!(
         at_relabel.bytes_sent < bytes,
         "the transfer ended before the relabel applied, so it proves nothing: {at_relabel:?}"
     );
-    active_hbone(&agent, to, |r| {
+    active_local(&agent, to, |r| {
         r.id == open.id && r.bytes_sent > at_relabel.bytes_sent
     })?;
 
@@ -629,8 +631,9 @@ fn enrolled_pods(agent: &TestAgent) -> Result<Vec<EnrolledPod>> {
     Ok(pods)
 }
 
-/// Waits for an open (active) HBONE record to `to` that `pred` accepts.
-fn active_hbone(
+/// Waits for an open (active) server-side record of a node-local connection to `to` that
+/// `pred` accepts.
+fn active_local(
     agent: &TestAgent,
     to: SocketAddr,
     pred: impl Fn(&ConnRecord) -> bool,
@@ -640,9 +643,9 @@ fn active_hbone(
         connections
             .active
             .iter()
-            .find(|r| r.direction == "hbone" && r.dst == to.to_string() && pred(r))
+            .find(|r| r.direction == "local" && r.dst == to.to_string() && pred(r))
             .cloned()
-            .with_context(|| format!("no such open HBONE record: {:#?}", connections.active))
+            .with_context(|| format!("no such open node-local record: {:#?}", connections.active))
     })
 }
 

@@ -319,7 +319,10 @@ struct Pods {
 }
 
 impl Pods {
+    /// The pods, on a node whose same-node mesh traffic goes over HBONE (`mesh.sameNode`):
+    /// an HBONE connection is the one whose drain has the most to keep (TLS, HTTP/2).
     fn create(node: &TestNode) -> Result<Self> {
+        node.set_mesh(json!({ "excludedPorts": [22], "sameNode": "HBONE" }));
         Ok(Self {
             client: node.pod("client").create()?,
             plain: node.pod("plain").enrolled(false).create()?,

@@ -182,8 +182,8 @@ fn a_pod_that_sets_the_proxys_mark_is_still_steered() -> Result<()> {
         record.dst == to.to_string() && record.error.is_none(),
         "the marked connection was proxied to its destination: {record:?}"
     );
-    agent.expect_record("the marked connection, as HBONE into the server", |r| {
-        r.direction == "hbone"
+    agent.expect_record("the marked connection, into the server (node-local)", |r| {
+        r.direction == "local"
             && r.pod == server.pod_ref()
             && r.src_identity.as_deref() == Some("spiffe://cluster.local/ns/default/sa/client")
             && r.bytes_sent >= "marked".len() as u64

@@ -191,6 +191,8 @@ fn the_image_agent_enrolls_pods_and_carries_their_traffic() -> Result<()> {
     let root = container.mount()?;
     let node = TestNode::new(test_name!(), 1)?;
     node.set_agent_command(container.agent_command()?);
+    // Same-node pods over HBONE: the image's binary must do the mutual TLS too.
+    node.set_mesh(serde_json::json!({ "excludedPorts": [22], "sameNode": "HBONE" }));
     let client = node.pod("client").service_account("client").create()?;
     let agent = TestAgent::start(&node)?;
     // A pod whose netns is mounted after the agent started: seen through the agent's

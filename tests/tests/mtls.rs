@@ -112,7 +112,7 @@ fn cross_node_traffic_is_tls13_only_with_both_identities_and_no_plaintext() -> R
 #[test]
 fn strict_refuses_plaintext_permissive_accepts_it_disabled_skips_mtls() -> Result<()> {
     privileged!();
-    let node = TestNode::new(test_name!(), 1)?;
+    let node = hbone_node(test_name!())?;
     let outsider = node.pod("outsider").enrolled(false).create()?;
     let meshed = node.pod("meshed").service_account("meshed").create()?;
     let legacy = node
@@ -279,7 +279,7 @@ fn a_peer_from_an_untrusted_ca_is_refused_on_both_sides() -> Result<()> {
 #[test]
 fn an_expired_client_certificate_is_refused_and_logged() -> Result<()> {
     privileged!();
-    let node = TestNode::new(test_name!(), 1)?;
+    let node = hbone_node(test_name!())?;
     let server = node.pod("server").service_account("server").create()?;
     let agent = node.start_agent()?;
     let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
@@ -336,7 +336,7 @@ fn an_expired_client_certificate_is_refused_and_logged() -> Result<()> {
 #[test]
 fn a_busy_connection_survives_three_certificate_rotations() -> Result<()> {
     privileged!();
-    let node = TestNode::new(test_name!(), 1)?;
+    let node = hbone_node(test_name!())?;
     node.set_agent_setting("certLifetime", json!("10s"));
     let client = node.pod("client").service_account("client").create()?;
     let server = node.pod("server").service_account("server").create()?;
@@ -389,6 +389,8 @@ fn a_busy_connection_survives_three_certificate_rotations() -> Result<()> {
 #[test]
 fn the_ca_refuses_an_identity_the_node_does_not_run() -> Result<()> {
     privileged!();
+    // Both pods on this node, joined node-locally (the default): without the CA's
+    // certificate the node does not vouch for the client either.
     let node = TestNode::new(test_name!(), 1)?;
     let ca = node.ensure_ca()?;
     // A standalone CA on the node's loopback: the node may have `default/server` only.
@@ -536,6 +538,14 @@ fn expect_reset(from: &TestPod, to: SocketAddr, text: &str) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// One node whose pods talk to each other over HBONE too (`mesh.sameNode: HBONE`): what
+/// these tests check is the mutual TLS.
+fn hbone_node(test: &str) -> Result<TestNode> {
+    let node = TestNode::new(test, 1)?;
+    node.set_mesh(json!({ "excludedPorts": [22], "sameNode": "HBONE" }));
+    Ok(node)
 }
 
 /// Two joined nodes with mutual TLS (one CA).

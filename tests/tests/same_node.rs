@@ -1,4 +1,4 @@
-//! Node-local connections (`mesh.sameNode: LOCAL`, issue "Data path v2"): two enrolled
+//! Node-local connections (`mesh.sameNode: LOCAL`, the default; issue "Data path v2"): two enrolled
 //! pods of one node are joined inside the proxy, without HBONE. The tests check what the
 //! applications got (sha256 on both ends), that nothing went to a pod's HBONE port, that
 //! half-close and resets behave as on a direct TCP connection, that both sides' records,
@@ -23,7 +23,7 @@ use weft_tests::{
     wire::Capture,
 };
 
-/// A node whose mesh joins same-node pods locally, with a client and a server pod.
+/// A node (whose mesh joins same-node pods locally), with a client and a server pod.
 struct LocalNode {
     node: TestNode,
     client: TestPod,
@@ -33,8 +33,8 @@ struct LocalNode {
 
 impl LocalNode {
     fn new(test: &str) -> Result<Self> {
+        // `mesh.sameNode: LOCAL` is the default.
         let node = TestNode::new(test, 1)?;
-        node.set_mesh(json!({ "excludedPorts": [22], "sameNode": "LOCAL" }));
         let client = node.pod("client").service_account("client").create()?;
         let server = node
             .pod("server")
@@ -310,6 +310,46 @@ fn a_policy_change_revokes_an_open_local_connection() -> Result<()> {
     n.agent.expect_record("its client side", |r| {
         r.direction == "outbound" && r.error.as_deref() == Some("destination_refused")
     });
+    Ok(())
+}
+
+#[test]
+fn a_strict_pod_takes_node_local_connections_and_still_refuses_plaintext() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let client = node.pod("client").service_account("client").create()?;
+    let outsider = node.pod("outsider").enrolled(false).create()?;
+    let strict = node
+        .pod("strict")
+        .service_account("server")
+        .mtls_mode("STRICT")
+        .create()?;
+    let agent = node.start_agent()?;
+    let echo = app::serve(&strict, ECHO_PORT, Mode::Echo)?;
+    let to: SocketAddr = strict.addr(ECHO_PORT).into();
+
+    // The node vouches for the client: a STRICT pod takes it.
+    let sent = app::send_text(&client, to, "hi")?;
+    assert_eq!(sent.reply.as_deref(), Some("hi"));
+    let record = agent.expect_record("the node-local connection", |r| {
+        r.direction == "local" && r.dst == to.to_string() && r.error.is_none()
+    });
+    assert_eq!(
+        record.src_identity.as_deref(),
+        Some(CLIENT_ID),
+        "{record:?}"
+    );
+    // Plaintext from outside the mesh proves nothing: refused, never delivered.
+    let refused = app::send_text(&outsider, to, "plain");
+    app::expect_reset(refused, "plaintext into a STRICT pod")?;
+    agent.expect_record("the STRICT refusal", |r| {
+        r.direction == "inbound" && r.error.as_deref() == Some("plaintext_refused_strict")
+    });
+    assert_eq!(
+        echo.accepted().len(),
+        1,
+        "only the node-local connection arrived"
+    );
     Ok(())
 }
 

@@ -220,7 +220,11 @@ impl Mesh {
         [
             ("passthrough", &self.client, addr(&self.plain)),
             ("inbound 15006", &self.outside, addr(&self.local)),
-            ("HBONE same node", &self.client, addr(&self.local)),
+            (
+                "mesh same node (node-local)",
+                &self.client,
+                addr(&self.local),
+            ),
             ("HBONE cross node", &self.client, addr(&self.remote)),
         ]
     }

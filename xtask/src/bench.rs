@@ -217,8 +217,9 @@ fn measure(options: &Options) -> Result<()> {
 }
 
 const PORT: u16 = 7000;
-/// The key of the same-node path without HBONE (`mesh.sameNode: LOCAL`).
-const LOCAL: &str = "weft-l4-local";
+/// The key of the same-node path over HBONE (`mesh.sameNode: HBONE`; node-local is the
+/// default, `weft-l4`).
+const SAME_NODE_HBONE: &str = "weft-l4-hbone";
 /// The `app` label of the weft server pod, which the policies of the policy rows select.
 const SERVER_APP: &str = "bench-server";
 /// A client gets its run time plus this much before the harness kills it.

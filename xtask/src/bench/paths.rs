@@ -1,7 +1,8 @@
 //! The data path: nodes 1 and 2, direct pods, enrolled pods, stunnel and a waypoint, the
-//! seven paths between them ([`Scenario`]s: direct, weft L4 and stunnel on one node, direct
-//! and weft L4 across nodes, weft L7 through the waypoint; and weft L4 between two pods of
-//! node 3, which joins them node-locally), each checked to carry traffic,
+//! seven paths between them ([`Scenario`]s: direct, weft L4 (node-local) and stunnel on one
+//! node, direct and weft L4 across nodes, weft L7 through the waypoint; and weft L4 between
+//! two pods of node 3, which sends same-node traffic over HBONE), each checked to carry
+//! traffic,
 //! then measured repetition by repetition; the policy rows follow on the same node.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
@@ -16,7 +17,7 @@ use weft_tests::{
 };
 
 use super::{
-    LOCAL, Options, PORT, Part, SERVER_APP,
+    Options, PORT, Part, SAME_NODE_HBONE, SERVER_APP,
     agent::{plain_if_no_ca, transport},
     plan::Plan,
     policies,
@@ -39,12 +40,12 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .service_account("server")
         .label("app", SERVER_APP)
         .create()?;
-    // Node 3 joins its pods inside the proxy (`mesh.sameNode: LOCAL`): the same-node path
-    // without HBONE, beside node 1's same-node HBONE.
+    // Node 3 sends its same-node traffic over HBONE (`mesh.sameNode: HBONE`), beside node
+    // 1's default, which joins the pods inside the proxy.
     let node3 = TestNode::new("bench", 3)?;
-    node3.set_mesh(json!({ "excludedPorts": [22], "sameNode": "LOCAL" }));
-    let local_c = node3.pod("local-c").service_account("client").create()?;
-    let local_s = node3.pod("local-s").service_account("server").create()?;
+    node3.set_mesh(json!({ "excludedPorts": [22], "sameNode": "HBONE" }));
+    let hbone_c = node3.pod("hbone-c").service_account("client").create()?;
+    let hbone_s = node3.pod("hbone-s").service_account("server").create()?;
     let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
     let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
     let wp = node1
@@ -103,7 +104,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .map(|z| z.pid().context("ztunnel is not running"))
         .collect::<Result<Vec<u32>>>()?;
     for pod in [
-        &direct_s, &weft_s, &local_s, &xdirect_s, &xweft_s, &zt_s, &xzt_s,
+        &direct_s, &weft_s, &hbone_s, &xdirect_s, &xweft_s, &zt_s, &xzt_s,
     ] {
         servers.push(harness::serve(pod, PORT)?);
         servers.push(harness::http_serve(pod, HTTP_PORT)?);
@@ -138,7 +139,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         },
         Scenario {
             key: "weft-l4",
-            label: weft("same node"),
+            label: "weft L4 same node (node-local)".into(),
             client: &weft_c,
             to: weft_s.addr(PORT).into(),
             http_to: weft_s.addr(HTTP_PORT).into(),
@@ -147,11 +148,11 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
             http_only: false,
         },
         Scenario {
-            key: LOCAL,
-            label: "weft L4 same node, node-local (no TLS)".into(),
-            client: &local_c,
-            to: local_s.addr(PORT).into(),
-            http_to: local_s.addr(HTTP_PORT).into(),
+            key: SAME_NODE_HBONE,
+            label: weft("same node, sameNode: HBONE"),
+            client: &hbone_c,
+            to: hbone_s.addr(PORT).into(),
+            http_to: hbone_s.addr(HTTP_PORT).into(),
             baseline: Some("direct"),
             cost_pids: vec![pid3],
             http_only: false,

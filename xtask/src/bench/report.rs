@@ -7,7 +7,7 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::LOCAL;
+use super::SAME_NODE_HBONE;
 
 pub struct Report {
     pub quick: bool,
@@ -386,7 +386,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "| metric | weft L4 same node vs direct | weft L4 vs stunnel | weft L4 vs ztunnel, same node | weft L4 cross node vs direct cross node | weft L4 vs ztunnel, cross node | weft node-local vs direct | weft node-local vs ztunnel, same node |\n|---|---|---|---|---|---|---|---|"
+            "| metric | weft L4 same node vs direct | weft L4 vs stunnel | weft L4 vs ztunnel, same node | weft L4 cross node vs direct cross node | weft L4 vs ztunnel, cross node | weft same node over HBONE vs direct | weft same node over HBONE vs ztunnel |\n|---|---|---|---|---|---|---|---|"
         );
         for (metric, kind) in rows {
             let cmp = |a: &str, b: &str| -> String {
@@ -406,8 +406,8 @@ impl Report {
                 cmp("weft-l4", ZTUNNEL),
                 cmp("weft-l4-x", "direct-x"),
                 cmp("weft-l4-x", ZTUNNEL_X),
-                cmp(LOCAL, "direct"),
-                cmp(LOCAL, ZTUNNEL)
+                cmp(SAME_NODE_HBONE, "direct"),
+                cmp(SAME_NODE_HBONE, ZTUNNEL)
             );
         }
     }
