@@ -1,12 +1,15 @@
 //! The node proxy: serves every enrolled pod's listeners. Outbound (15001) connections are
 //! matched to their original destination (from the eBPF `ORIG_DST` map), resolved (a
 //! service VIP becomes an endpoint) and sent from inside the pod: over HBONE (mutual TLS,
-//! `hbone`) to a destination in the mesh, over HBONE to the waypoint of a service bound to
-//! one, in plaintext to anything else (`route` decides).
+//! `hbone`) to a destination in the mesh, handed to the destination's inbound side
+//! in-process when this proxy serves it too (`local`, `mesh.sameNode: LOCAL`), over HBONE
+//! to the waypoint of a service bound to one, in plaintext to anything else (`route`
+//! decides).
 //! HBONE (15008) and plaintext inbound (15006, refused for STRICT pods) connections are
 //! delivered to the application over the pod's loopback. Bytes are copied both ways with
-//! half-close preserved; errors reset both sides. Every listener is bounded (`limits`):
-//! per-pod and per-node connection caps, idle timeouts and keepalives.
+//! half-close preserved (spliced between two TCP sockets); errors reset both sides. Every
+//! listener is bounded (`limits`): per-pod and per-node connection caps, idle timeouts and
+//! keepalives.
 //!
 //! Inputs: per-pod listeners and a socket factory for the pod (`PodContext`), the state
 //! snapshot, the original-destination table, and — when the node has a CA — the
