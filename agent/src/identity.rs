@@ -193,6 +193,12 @@ impl WorkloadCert {
         })
     }
 
+    /// Whether a peer would accept the leaf at `now`: within both bounds of its validity,
+    /// as certificate verification checks them.
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+
     /// Half of the lifetime has passed at this instant: time to renew.
     pub fn renew_at(&self) -> SystemTime {
         let lifetime = self

@@ -175,10 +175,9 @@ pub async fn connect(
 
 /// Whether the CA has signed a certificate for `identity` that is valid now.
 fn has_valid_certificate(certs: &dyn CertSource, identity: &SpiffeId) -> bool {
-    let now = SystemTime::now();
     certs
         .certificate(identity)
-        .is_some_and(|cert| cert.not_before <= now && now < cert.not_after)
+        .is_some_and(|cert| cert.valid_at(SystemTime::now()))
 }
 
 /// Why a node-local copy ended early.

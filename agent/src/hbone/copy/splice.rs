@@ -48,20 +48,27 @@ impl Way<TcpStream, TcpStream> for TcpWay {
         to: &mut TcpStream,
         counter: &C,
     ) -> Poll<Result<(), Error>> {
-        if let TcpWay::Undecided(side) = *self {
-            let (read_err, _) = side.error_constructors();
-            // Readiness can be spurious: wait for a byte (or the end) to be there.
-            let mut byte = [0u8; 1];
-            ready!(from.poll_peek(cx, &mut ReadBuf::new(&mut byte))).map_err(read_err)?;
-            *self = match Spliced::new(side) {
-                Ok(spliced) => TcpWay::Spliced(spliced),
-                Err(_) => TcpWay::Copied(OneWay::new(side)),
-            };
-        }
-        match self {
-            TcpWay::Spliced(spliced) => spliced.poll(cx, from, to, counter),
-            TcpWay::Copied(copied) => copied.poll(cx, from, to, counter),
-            TcpWay::Undecided(_) => Poll::Pending,
+        loop {
+            match self {
+                TcpWay::Spliced(spliced) => return spliced.poll(cx, from, to, counter),
+                TcpWay::Copied(copied) => return copied.poll(cx, from, to, counter),
+                TcpWay::Undecided(side) => {
+                    let side = *side;
+                    let (read_err, _) = side.error_constructors();
+                    // Readiness can be spurious: wait for a byte (or the end) to be there.
+                    let mut byte = [0u8; 1];
+                    ready!(from.poll_peek(cx, &mut ReadBuf::new(&mut byte))).map_err(read_err)?;
+                    *self = match Spliced::new(side) {
+                        Ok(spliced) => TcpWay::Spliced(spliced),
+                        Err(e) => {
+                            crate::warn_limited!(component = "proxy", error = %e,
+                                "cannot make a pipe for splice(2) (the open-file limit?): this \
+                                 connection is copied through the proxy instead");
+                            TcpWay::Copied(OneWay::new(side))
+                        }
+                    };
+                }
+            }
         }
     }
 }
