@@ -46,6 +46,9 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     node3.set_mesh(json!({ "excludedPorts": [22], "sameNode": "HBONE" }));
     let hbone_c = node3.pod("hbone-c").service_account("client").create()?;
     let hbone_s = node3.pod("hbone-s").service_account("server").create()?;
+    // The waypoint's backend has a pod of its own: a port that a waypoint-bound service
+    // targets is reached only through the waypoint, and weft-s's must stay plain L4.
+    let l7_s = node1.pod("l7-s").service_account("server").create()?;
     let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
     let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
     let wp = node1
@@ -71,7 +74,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .enrolled(false)
         .create()?;
     let l7_vip = SocketAddr::from((L7_VIP, HTTP_PORT));
-    add_l7_services(&node1, &weft_s, &wp);
+    add_l7_services(&node1, &l7_s, &wp);
     let mtls = plain_if_no_ca(&[&node1, &node2]);
     node1.connect(&node2)?;
     let mut agent1 = node1.start_agent()?;
@@ -109,6 +112,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         servers.push(harness::serve(pod, PORT)?);
         servers.push(harness::http_serve(pod, HTTP_PORT)?);
     }
+    servers.push(harness::http_serve(&l7_s, HTTP_PORT)?);
     let tunnel = Stunnel::start(node1.dir(), &direct_c, &direct_s, STUNNEL_PORT, PORT)?;
     let tunnel_http = Stunnel::start(
         node1.dir(),
@@ -282,7 +286,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
 }
 
 /// The service the L7 scenario calls: `bench-l7`, bound to the waypoint, routed by an
-/// HTTPRoute to `bench-l7-backend`, whose endpoint is the weft server pod.
+/// HTTPRoute to `bench-l7-backend`, whose endpoint is `server` (a pod of its own).
 fn add_l7_services(node: &TestNode, server: &TestPod, waypoint: &TestPod) {
     for (name, vip, bound) in [
         ("bench-l7", L7_VIP, Some(WAYPOINT.to_string())),
