@@ -25,6 +25,7 @@ pub mod bench;
 pub mod bpf;
 pub mod cni;
 pub mod eventually;
+pub mod fixture;
 #[cfg(feature = "helm")]
 pub mod helm;
 pub mod image;
@@ -41,6 +42,7 @@ pub mod ztunnel;
 
 pub use agent::{AgentCommand, ConnRecord, Connections, TestAgent};
 pub use eventually::{assert_eventually, eventually, scaled};
+pub use fixture::ClientServer;
 pub use node::{CaFiles, Service, TestNode};
 pub use pod::{PodBuilder, TestPod};
 pub use process::TestProcess;

@@ -16,67 +16,40 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use weft_tests::{
-    ConnRecord, TestAgent, TestNode, TestPod,
+    ClientServer, ConnRecord, TestNode, TestPod,
     app::{self, Mode},
     metrics::Scrape,
     privileged, scaled, sys, test_name,
     wire::Capture,
 };
 
-/// A node (whose mesh joins same-node pods locally), with a client and a server pod.
-struct LocalNode {
-    node: TestNode,
-    client: TestPod,
-    server: TestPod,
-    agent: TestAgent,
+/// The server's address at `port`.
+fn to(n: &ClientServer, port: u16) -> SocketAddr {
+    n.server.addr(port).into()
 }
 
-impl LocalNode {
-    fn new(test: &str) -> Result<Self> {
-        // `mesh.sameNode: LOCAL` is the default.
-        let node = TestNode::new(test, 1)?;
-        let client = node.pod("client").service_account("client").create()?;
-        let server = node
-            .pod("server")
-            .service_account("server")
-            .label("app", "server")
-            .create()?;
-        let agent = node.start_agent()?;
-        Ok(Self {
-            node,
-            client,
-            server,
-            agent,
-        })
-    }
-
-    fn to(&self, port: u16) -> SocketAddr {
-        self.server.addr(port).into()
-    }
-
-    /// The client side's and the server side's records of the connection to `to` that
-    /// moved `sent` bytes to the server.
-    fn records(&self, to: SocketAddr, sent: u64) -> (ConnRecord, ConnRecord) {
-        let client = self.agent.expect_record("the client side's record", |r| {
-            r.direction == "outbound"
-                && r.pod == self.client.pod_ref()
-                && r.dst == to.to_string()
-                && r.bytes_sent == sent
-        });
-        let server = self.agent.expect_record("the server side's record", |r| {
-            r.direction == "local"
-                && r.pod == self.server.pod_ref()
-                && r.dst == to.to_string()
-                && r.bytes_sent == sent
-        });
-        (client, server)
-    }
+/// The client side's and the server side's records of the connection to `to` that
+/// moved `sent` bytes to the server.
+fn records(n: &ClientServer, to: SocketAddr, sent: u64) -> (ConnRecord, ConnRecord) {
+    let client = n.agent.expect_record("the client side's record", |r| {
+        r.direction == "outbound"
+            && r.pod == n.client.pod_ref()
+            && r.dst == to.to_string()
+            && r.bytes_sent == sent
+    });
+    let server = n.agent.expect_record("the server side's record", |r| {
+        r.direction == "local"
+            && r.pod == n.server.pod_ref()
+            && r.dst == to.to_string()
+            && r.bytes_sent == sent
+    });
+    (client, server)
 }
 
 #[test]
 fn local_transfers_arrive_whole_with_exact_records_and_never_touch_hbone() -> Result<()> {
     privileged!();
-    let n = LocalNode::new(test_name!())?;
+    let n = ClientServer::new(test_name!())?;
     let echo = app::serve(&n.server, ECHO_PORT, Mode::Echo)?;
     let hash = app::serve(&n.server, HASH_PORT, Mode::Hash)?;
     // Nothing may reach a pod's HBONE port, and no byte crosses the node's bridge.
@@ -84,7 +57,7 @@ fn local_transfers_arrive_whole_with_exact_records_and_never_touch_hbone() -> Re
     let bridge = Capture::on_node(&n.node, "br0", "tcp")?;
 
     for (i, size) in [1, 64 * KIB, 4 * MIB].into_iter().enumerate() {
-        let to = n.to(ECHO_PORT);
+        let to = to(&n, ECHO_PORT);
         let sent = app::send(&n.client, to, size, 10 + i as u64)?;
         ensure!(
             sent.received_bytes == size && sent.received_sha256 == sent.sent_sha256,
@@ -92,7 +65,7 @@ fn local_transfers_arrive_whole_with_exact_records_and_never_touch_hbone() -> Re
         );
         let got = echo.wait_closed_where(|c| c.received_sha256 == sent.sent_sha256);
         assert_eq!(got.received_bytes, size, "the server app got every byte");
-        let (client_side, server_side) = n.records(to, size);
+        let (client_side, server_side) = records(&n, to, size);
         for record in [&client_side, &server_side] {
             assert_eq!(record.bytes_received, size, "{record:?}");
             assert_eq!(record.error, None, "{record:?}");
@@ -111,7 +84,7 @@ fn local_transfers_arrive_whole_with_exact_records_and_never_touch_hbone() -> Re
     }
 
     // A bulk transfer, half-closed by the client: the server answers only after its FIN.
-    let to = n.to(HASH_PORT);
+    let to = to(&n, HASH_PORT);
     let size = BULK;
     let sent = app::send(&n.client, to, size, 3)?;
     let expected = format!("bytes={size} sha256={} ", sent.sent_sha256);
@@ -121,7 +94,7 @@ fn local_transfers_arrive_whole_with_exact_records_and_never_touch_hbone() -> Re
         "the hash server saw something else than the client sent: {reply:?}, expected {expected:?}"
     );
     hash.wait_closed_where(|c| c.received_sha256 == sent.sent_sha256);
-    let (client_side, server_side) = n.records(to, size);
+    let (client_side, server_side) = records(&n, to, size);
     assert_eq!(client_side.bytes_received, sent.received_bytes);
     assert_eq!(server_side.bytes_received, sent.received_bytes);
 
@@ -197,7 +170,7 @@ fn local_transfers_arrive_whole_with_exact_records_and_never_touch_hbone() -> Re
 #[test]
 fn a_server_that_half_closes_first_still_gets_every_byte() -> Result<()> {
     privileged!();
-    let n = LocalNode::new(test_name!())?;
+    let n = ClientServer::new(test_name!())?;
     // The server says hello and shuts its sending side at once, then reads to the end.
     let server = serve_once(&n.server, PORT, |mut stream| {
         stream.write_all(GREETING)?;
@@ -215,7 +188,7 @@ fn a_server_that_half_closes_first_still_gets_every_byte() -> Result<()> {
         }
         Ok((total, hex(&hasher.finalize())))
     })?;
-    let sent = app::send(&n.client, n.to(PORT), 4 * MIB, 5)?;
+    let sent = app::send(&n.client, to(&n, PORT), 4 * MIB, 5)?;
     let (received, sha256) = server.join()?;
     assert_eq!(
         received,
@@ -228,7 +201,7 @@ fn a_server_that_half_closes_first_still_gets_every_byte() -> Result<()> {
         GREETING.len() as u64,
         "the client got the greeting, then EOF"
     );
-    let (client_side, server_side) = n.records(n.to(PORT), 4 * MIB);
+    let (client_side, server_side) = records(&n, to(&n, PORT), 4 * MIB);
     for record in [client_side, server_side] {
         assert_eq!(record.error, None, "a clean end both ways: {record:?}");
         assert_eq!(record.bytes_received, GREETING.len() as u64, "{record:?}");
@@ -239,7 +212,7 @@ fn a_server_that_half_closes_first_still_gets_every_byte() -> Result<()> {
 #[test]
 fn a_reset_by_the_server_resets_the_client() -> Result<()> {
     privileged!();
-    let n = LocalNode::new(test_name!())?;
+    let n = ClientServer::new(test_name!())?;
     // The server reads a little, then closes with a RST (SO_LINGER 0).
     let server = serve_once(&n.server, PORT, |mut stream| {
         let mut buf = vec![0; 4096];
@@ -250,7 +223,7 @@ fn a_reset_by_the_server_resets_the_client() -> Result<()> {
     })?;
     let running = app::start_send_paced(
         &n.client,
-        n.to(PORT),
+        to(&n, PORT),
         8 * MIB,
         6,
         scaled(Duration::from_secs(4)),
@@ -260,7 +233,7 @@ fn a_reset_by_the_server_resets_the_client() -> Result<()> {
     let failed = n
         .agent
         .expect_record("the client side's failed record", |r| {
-            r.direction == "outbound" && r.dst == n.to(PORT).to_string() && r.error.is_some()
+            r.direction == "outbound" && r.dst == to(&n, PORT).to_string() && r.error.is_some()
         });
     assert_eq!(failed.error.as_deref(), Some("upstream"), "{failed:?}");
     n.agent
@@ -273,9 +246,9 @@ fn a_reset_by_the_server_resets_the_client() -> Result<()> {
 #[test]
 fn a_policy_change_revokes_an_open_local_connection() -> Result<()> {
     privileged!();
-    let n = LocalNode::new(test_name!())?;
+    let n = ClientServer::new(test_name!())?;
     let _echo = app::serve(&n.server, ECHO_PORT, Mode::Echo)?;
-    let to = n.to(ECHO_PORT);
+    let to = to(&n, ECHO_PORT);
     let running =
         app::start_send_paced(&n.client, to, 4 * MIB, 1, scaled(Duration::from_secs(30)))?;
     let open = n.agent.expect_record("the open connection", |r| {
