@@ -23,9 +23,10 @@ use crate::{
     config::Config,
     drain::{self, Drain},
     ebpf::{self, Dataplane},
-    enroll::{self, Enroller},
+    enroll::Enroller,
     hbone,
     identity::{self, CertManager, CertSource},
+    netns,
     proxy::{self, Connections, Proxy},
     readiness::Ready,
     source::{
@@ -75,7 +76,7 @@ pub enum Source {
 /// Runs the agent until it is told to stop.
 pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Error> {
     // Before any thread enters a pod: remember where home is.
-    enroll::netns::remember_home().map_err(Error::HomeNetns)?;
+    netns::remember_home().map_err(Error::HomeNetns)?;
     // Counted from here on: a signal that comes while the loop below waits on a hand-over
     // (or between the loop and the drain) is acted on, never lost.
     let mut signals = count_signals();

@@ -105,6 +105,15 @@ impl Config {
                 "must not be 0 (0 is every unmarked socket)".into(),
             ));
         }
+        if mark == crate::netns::reply_route::REPLY_MARK {
+            return Err(invalid(
+                "agent.proxyMark",
+                format!(
+                    "must not be {mark:#x}: weft marks the replies to connections it makes as \
+                     the client with it"
+                ),
+            ));
+        }
         let cgroup_root = overrides
             .cgroup_root
             .or_else(|| agent.cgroup_root.clone())
@@ -920,5 +929,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("agent.ports"), "{err}");
+    }
+
+    #[test]
+    fn the_proxy_mark_is_neither_zero_nor_the_reply_mark() {
+        for mark in [0, crate::netns::reply_route::REPLY_MARK] {
+            let err = Config::new(
+                Path::new("n.yaml"),
+                &section(&format!("cgroupRoot: /a\nproxyMark: {mark}")),
+                Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("agent.proxyMark"), "{mark}: {err}");
+        }
     }
 }

@@ -11,18 +11,19 @@
 
 mod cgroups;
 mod listeners;
-pub mod netns;
 
 pub use listeners::Inherited;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
+    net::{IpAddr, SocketAddr},
     path::Path,
     sync::Arc,
 };
 
 use ebpf_common::netns::{NetnsCookie, POD_FLAG_REDIRECT_OUTBOUND, PodRecord};
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::{AsFd, AsRawFd as _};
 use tracing::{error, info, warn};
@@ -30,12 +31,12 @@ use tracing::{error, info, warn};
 use crate::{
     ebpf::{self, Dataplane, ProxySocketTable},
     handover,
+    netns::{PodNetns, reply_route},
     proxy::{self, PodContext, PodHandle, PodListeners, Proxy, SocketFactory},
     report::{EnrollStatus, ListenerStatus, PodStatus},
     state::{Snapshot, Workload, WorkloadRef},
     sync::{Mutex, MutexGuard},
 };
-use netns::PodNetns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -101,6 +102,8 @@ struct EnrolledPod {
     pod_id: u32,
     netns: Arc<PodNetns>,
     handle: PodHandle,
+    /// The pod's reply routing is installed: its application sees mesh clients' addresses.
+    client_address: bool,
     /// Kept to serve again on an in-place re-enrollment.
     listeners: PodListeners,
 }
@@ -344,6 +347,7 @@ impl Enroller {
                     netns: pod.netns.path().display().to_string(),
                     netns_cookie: pod.cookie.0,
                     pod_id: pod.pod_id,
+                    client_address: pod.client_address,
                     listeners: pod
                         .handle
                         .addresses()
@@ -416,7 +420,7 @@ impl Enroller {
         self.register_inbound(&workload.ips, &[], &listeners)
             .map_err(dataplane_err)?;
         let netns = Arc::new(netns);
-        let handle = self.serve(workload, pod_id, cookie, &netns, &listeners);
+        let (handle, client_address) = self.serve(workload, pod_id, cookie, &netns, &listeners);
         info!(component = "enroll", pod = %pod, pod_id, netns = %netns.path().display(),
             cookie = cookie.0, ips = ?workload.ips, "pod enrolled");
         Ok(EnrolledPod {
@@ -425,6 +429,7 @@ impl Enroller {
             pod_id,
             netns,
             handle,
+            client_address,
             listeners,
         })
     }
@@ -509,7 +514,7 @@ impl Enroller {
                 )
             })?;
         let netns = Arc::new(netns);
-        let handle = self.serve(workload, pod_id, cookie, &netns, &listeners);
+        let (handle, client_address) = self.serve(workload, pod_id, cookie, &netns, &listeners);
         if let Some(old) = old_handle {
             old.stop();
         }
@@ -521,6 +526,7 @@ impl Enroller {
             pod_id,
             netns,
             handle,
+            client_address,
             listeners,
         })
     }
@@ -549,7 +555,8 @@ impl Enroller {
         Ok(())
     }
 
-    /// Starts the pod's accept loops.
+    /// Starts the pod's accept loops; says whether its application will see mesh clients'
+    /// addresses (the reply routing could be installed).
     fn serve(
         &self,
         workload: &Workload,
@@ -557,14 +564,26 @@ impl Enroller {
         cookie: NetnsCookie,
         netns: &Arc<PodNetns>,
         listeners: &PodListeners,
-    ) -> PodHandle {
+    ) -> (PodHandle, bool) {
+        // Without the reply routing, connections into the pod still work: the application
+        // sees the pod's own address instead of the client's.
+        let routes_replies = match reply_route::install(netns) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(component = "enroll", pod = %workload.name, error = %e,
+                    "cannot route replies inside the pod: its applications will see the pod's \
+                     own address instead of their clients'");
+                false
+            }
+        };
         let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets {
             netns: Arc::clone(netns),
             mark: self.config.mark,
+            routes_replies,
             registry: self.proxy_sockets.clone(),
             keepalive: self.config.limits.keepalive(),
         });
-        self.proxy.serve(
+        let handle = self.proxy.serve(
             PodContext {
                 workload: workload.name.clone(),
                 pod_id,
@@ -572,7 +591,8 @@ impl Enroller {
                 sockets,
             },
             listeners.clone(),
-        )
+        );
+        (handle, routes_replies)
     }
 
     /// Takes a pod out; with `close_connections` (the pod was deleted), its open
@@ -624,21 +644,41 @@ impl Enroller {
 }
 
 /// Creates the proxy's upstream sockets inside a pod, registered (by socket cookie) so
-/// connect4/6 never steers them back to the proxy, and marked for operators' rules.
+/// connect4/6 never steers them back to the proxy, and marked for operators' rules (or, as
+/// a client, for the pod's reply routing).
 struct InPodSockets {
     netns: Arc<PodNetns>,
     mark: u32,
+    /// `reply_route` is installed in the pod: a socket may take a client's address.
+    routes_replies: bool,
     registry: ProxySocketTable,
     /// Every upstream socket (plaintext and HBONE) notices a vanished peer.
     keepalive: socket2::TcpKeepalive,
 }
 
 impl SocketFactory for InPodSockets {
-    fn tcp(&self, domain: Domain) -> io::Result<Socket> {
+    fn tcp(&self, domain: Domain, as_client: Option<IpAddr>) -> io::Result<Socket> {
         let socket = self
             .netns
             .run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))??;
-        socket.set_mark(self.mark)?;
+        let client =
+            as_client.filter(|ip| self.routes_replies && reply_route::can_carry(domain, *ip));
+        match client {
+            Some(ip) => {
+                // The replies come back by this mark; the port is the kernel's pick at
+                // connect, so many connections of one client share the address.
+                socket.set_mark(reply_route::REPLY_MARK)?;
+                // Bound to lo, the route to the pod's address is the reply table's, whose
+                // device (lo) is what sk_lookup sees and lets pass. Else it would be the
+                // local table's (eth0) and a client address would be steered to the
+                // inbound listener again.
+                socket.bind_device(Some(b"lo"))?;
+                socket.set_ip_transparent(true)?;
+                setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
+                socket.bind(&SocketAddr::new(ip, 0).into())?;
+            }
+            None => socket.set_mark(self.mark)?,
+        }
         // Before any connect: an unregistered proxy socket would be steered to the proxy.
         self.registry.register(socket.as_fd())?;
         socket.set_tcp_keepalive(&self.keepalive)?;

@@ -18,6 +18,9 @@ pub struct PodStatus {
     pub netns: String,
     pub netns_cookie: u64,
     pub pod_id: u32,
+    /// The application sees its mesh clients' addresses: the pod's reply routing is
+    /// installed (docs/datapath.md, "The client's address").
+    pub client_address: bool,
     pub listeners: Vec<ListenerStatus>,
 }
 

@@ -120,6 +120,13 @@ pub fn render(status: &Value) -> String {
             pod["netns"].as_str().unwrap_or("?"),
             pod["netns_cookie"]
         );
+        if pod["client_address"] == Value::Bool(false) {
+            let _ = writeln!(
+                out,
+                "      its application sees the pod's own address, not its mesh clients' \
+                 (no reply routing in the pod: see the agent's log)"
+            );
+        }
         for listener in pod["listeners"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 out,

@@ -30,6 +30,7 @@ use crate::{
     app::weft_bin,
     eventually::{assert_eventually, eventually, scaled},
     node::TestNode,
+    pod::TestPod,
     process::{Placement, TestProcess},
     sys::{self, HttpResponse},
 };
@@ -64,6 +65,21 @@ impl AgentCommand {
         AgentCommand {
             program: weft_bin(),
             args: Vec::new(),
+        }
+    }
+
+    /// The agent binary in a mount namespace of its own whose `/proc/sys` is read-only, as
+    /// container runtimes mount it for a container that is not privileged.
+    pub fn with_read_only_proc_sys() -> Self {
+        let script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys \
+                      && exec \"$@\"";
+        AgentCommand {
+            program: crate::sys::find_on_path("unshare").unwrap_or_else(|| "unshare".into()),
+            args: ["--mount", "sh", "-c", script, "sh"]
+                .into_iter()
+                .map(OsString::from)
+                .chain([weft_bin().into_os_string()])
+                .collect(),
         }
     }
 }
@@ -334,6 +350,18 @@ impl TestAgent {
     /// `GET /status`.
     pub fn status(&self) -> Result<Value> {
         self.get_json("/status")
+    }
+
+    /// Whether `pod`'s application sees its mesh clients' addresses: `client_address` in
+    /// `/status` (None: the pod is not enrolled).
+    pub fn keeps_client_addresses(&self, pod: &TestPod) -> Result<Option<bool>> {
+        let status = self.status()?;
+        Ok(status["pods"]["enrolled"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["pod"] == pod.pod_ref().as_str())
+            .and_then(|p| p["client_address"].as_bool()))
     }
 
     /// The number of config snapshots the agent has accepted (`/status`

@@ -11,7 +11,9 @@
 //!   the primary rewrites its config.
 //!
 //! - kubelet probes (plaintext from the node) reach a STRICT pod on its probe ports, and
-//!   nothing else in plaintext does.
+//!   nothing else in plaintext does;
+//! - ADD sets the one sysctl of a pod's reply routing that an agent without a writable
+//!   /proc/sys cannot, so the pod's application still sees mesh clients' addresses.
 //!
 //! Pods here are known to the agent by pod UID (`podUid:` in the local config), as the
 //! Kubernetes source knows them: they become local only when the node learns their netns.
@@ -24,7 +26,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
-    ConnRecord, TestAgent, TestNode, TestPod,
+    AgentCommand, ConnRecord, TestAgent, TestNode, TestPod,
     app::{self, Mode, send_from_node},
     assert_eventually,
     cni::{CniRuntime, show},
@@ -501,6 +503,56 @@ fn cni_install_watch_keeps_the_plugin_last_in_the_primary_config() -> Result<()>
         r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
     )?;
     types_become(&["bridge", "weft-cni"])?;
+    Ok(())
+}
+
+#[test]
+fn cni_add_sets_what_an_agent_without_a_writable_proc_sys_cannot() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    // The agent as in a container that is not privileged: /proc/sys is read-only, so it
+    // cannot set the pod's tcp_fwmark_accept itself (docs/datapath.md, the client's
+    // address). The plugin runs as the runtime runs it, root on the host.
+    node.set_agent_command(AgentCommand::with_read_only_proc_sys());
+    let client = node.pod("client").service_account("client").create()?;
+    let server = node
+        .pod("server")
+        .service_account("server")
+        .pod_uid(OTHER_UID)
+        .create()?;
+    let runtime = CniRuntime::install(&node)?;
+    let agent = node.start_agent()?;
+    let echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+
+    let add = runtime.call("ADD", &server, "default", OTHER_UID)?;
+    ensure!(add.status.success(), "ADD failed: {}", show(&add));
+    let fwmark_accept = weft_tests::sys::ip(&[
+        "netns",
+        "exec",
+        &server.netns_name(),
+        "sysctl",
+        "-n",
+        "net.ipv4.tcp_fwmark_accept",
+    ])?;
+    ensure!(
+        fwmark_accept.trim() == "1",
+        "ADD left tcp_fwmark_accept at {fwmark_accept:?}"
+    );
+    ensure!(
+        agent.keeps_client_addresses(&server)? == Some(true),
+        "/status: {}",
+        agent.status()?
+    );
+    // The application sees the node-local client's address.
+    let to = server.addr(ECHO_PORT).into();
+    let sent = app::send(&client, to, 1000, 3)?;
+    let got = echo.wait_closed_where(|c| c.received_sha256 == sent.sent_sha256);
+    ensure!(
+        got.peer.ip() == std::net::IpAddr::V4(client.ip()),
+        "the server saw {}, not the client {}",
+        got.peer,
+        client.ip()
+    );
     Ok(())
 }
 

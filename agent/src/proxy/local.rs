@@ -205,7 +205,7 @@ fn peer_reset(side: fn(std::io::Error) -> copy::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use std::io;
+    use std::{io, net::IpAddr};
 
     use ebpf_common::netns::NetnsCookie;
     use socket2::{Domain, Socket};
@@ -216,7 +216,7 @@ mod tests {
     struct NoSockets;
 
     impl SocketFactory for NoSockets {
-        fn tcp(&self, _domain: Domain) -> io::Result<Socket> {
+        fn tcp(&self, _domain: Domain, _as_client: Option<IpAddr>) -> io::Result<Socket> {
             Err(io::ErrorKind::Unsupported.into())
         }
     }

@@ -122,9 +122,13 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     let result = match hbone {
         None => {
             async {
-                let mut upstream =
-                    socket::connect_app(pod.sockets.as_ref(), outbound.upstream, CONNECT_TIMEOUT)
-                        .await?;
+                let mut upstream = socket::connect_app(
+                    pod.sockets.as_ref(),
+                    outbound.upstream,
+                    None,
+                    CONNECT_TIMEOUT,
+                )
+                .await?;
                 proxy.connections().established(&tracked);
                 copy::bidirectional_until(
                     &mut client,
@@ -225,7 +229,7 @@ async fn hbone_to(
     let dial = move || {
         let sockets = Arc::clone(&sockets);
         async move {
-            socket::connect(sockets.as_ref(), addr, CONNECT_TIMEOUT)
+            socket::connect(sockets.as_ref(), addr, None, CONNECT_TIMEOUT)
                 .await
                 .map_err(Error::into_io)
         }

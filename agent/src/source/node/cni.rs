@@ -507,6 +507,7 @@ mod tests {
                 netns: netns.into(),
                 netns_cookie: 1,
                 pod_id: 1,
+                client_address: true,
                 listeners: vec![],
             }],
             failed: Default::default(),

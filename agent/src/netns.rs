@@ -1,6 +1,8 @@
 //! A pod's network namespace: entering it for a moment to create sockets there, and its
 //! cookie. Sockets keep the namespace they were created in, so the agent creates a socket
-//! inside the pod and then uses it from its own namespace.
+//! inside the pod and then uses it from its own namespace. `reply_route` sets up the
+//! namespace so that the proxy can connect to the application as the client. Shared by
+//! enrollment and the CNI plugin.
 
 use std::{
     fs::File,
@@ -9,6 +11,8 @@ use std::{
     path::{Path, PathBuf},
     sync::OnceLock,
 };
+
+pub mod reply_route;
 
 use ebpf_common::netns::NetnsCookie;
 use nix::sched::{CloneFlags, setns};
