@@ -22,6 +22,7 @@ use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket,
 };
 
+use ebpf_common::netns::LOOPBACK_IFINDEX;
 use socket2::Domain;
 
 use super::PodNetns;
@@ -33,8 +34,6 @@ pub const REPLY_MARK: u32 = 0x7766;
 const REPLY_TABLE: u32 = REPLY_MARK;
 /// Before the main table's rule (32766), after the local table's (0).
 const RULE_PRIORITY: u32 = 32_700;
-/// The loopback device is the first device of every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 

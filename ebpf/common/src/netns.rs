@@ -18,6 +18,11 @@ pub struct PodRecord {
     pub flags: u32,
 }
 
+/// The loopback device has this index in every network namespace (`LOOPBACK_IFINDEX`,
+/// https://github.com/torvalds/linux/blob/v6.18/include/net/flow.h). sk_lookup passes what
+/// arrives on it, and the pod's reply routing delivers through it: they must agree.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
 /// Outbound TCP of this pod is steered to the proxy.
 pub const POD_FLAG_REDIRECT_OUTBOUND: u32 = 1 << 0;
 

@@ -9,9 +9,6 @@ pub(crate) const AF_INET6: u32 = 10;
 /// `SOCK_STREAM`, `IPPROTO_TCP`.
 pub(crate) const SOCK_STREAM: u32 = 1;
 pub(crate) const IPPROTO_TCP: u32 = 6;
-/// The loopback device has this index in every network namespace (`LOOPBACK_IFINDEX`,
-/// https://github.com/torvalds/linux/blob/v6.18/include/net/flow.h).
-pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `127.0.0.1` as the network-order `u32` the context structs store.
 pub(crate) const LOCALHOST_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

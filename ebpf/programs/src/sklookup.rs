@@ -14,11 +14,11 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use aya_log_ebpf::{debug, trace};
-use ebpf_common::config::ListenerKey;
+use ebpf_common::{config::ListenerKey, netns::LOOPBACK_IFINDEX};
 
 use crate::{
     INBOUND_LISTENERS, PROXY_CONFIG,
-    net::{self, AF_INET, IPPROTO_TCP, LOOPBACK_IFINDEX},
+    net::{self, AF_INET, IPPROTO_TCP},
     stats::count,
 };
 
