@@ -42,6 +42,40 @@ fn map_layouts_cover_every_map_name() {
     assert_eq!(names, maps::ALL);
 }
 
+/// The maps that accepting a connection reads, as this release pins them, for every release
+/// after it. During a hand-over the old and the new agent accept on the same listeners
+/// while one build's programs write these maps, so each agent must read what the other's
+/// programs wrote: changed in place, a map would be set aside (`upgrade.rs`) and the overlap
+/// would refuse connects (`ORIG_DST*`, `HOST_CONNS`), drop inbound (`INBOUND_LISTENERS`) or
+/// steer the old proxy's own connects back to it (`PROXY_SOCKETS`). A new layout is a map
+/// under a new name, which the new build's programs write beside the old one for a release
+/// (docs/datapath.md, on upgraded agents).
+#[test]
+fn the_accept_path_maps_keep_their_layout_across_releases() {
+    use aya::maps::MapType::{LruHash, SockHash};
+    let frozen = [
+        (maps::ORIG_DST_BY_SOCKET, LruHash, 8, 24, 65_536),
+        (maps::ORIG_DST, LruHash, 16, 24, 65_536),
+        (maps::INBOUND_LISTENERS, SockHash, 16, 4, 8192),
+        (maps::PROXY_SOCKETS, LruHash, 8, 1, 16_384),
+        (maps::HOST_CONNS, LruHash, 40, 1, 65_536),
+    ];
+    for (name, map_type, key_size, value_size, max_entries) in frozen {
+        let layout = LAYOUTS.iter().find(|l| l.name == name).unwrap();
+        assert_eq!(
+            (
+                layout.map_type,
+                layout.key_size,
+                layout.value_size,
+                layout.max_entries
+            ),
+            (map_type, key_size, value_size, max_entries),
+            "{name} changed in place: an upgrade's overlap would break connections; add a \
+             map under a new name instead (see this test's comment)"
+        );
+    }
+}
+
 #[test]
 fn v4_mapped_destinations_come_back_as_ipv4() {
     let orig = OrigDst {

@@ -13,10 +13,10 @@
 //!
 //! Only `PODS` carries entries across: an empty pod map would leave every enrolled pod
 //! unsteered until the source is heard from (indefinitely with the API server down). The
-//! other maps start empty safely: the config and exclusion maps are written before the
-//! programs are attached, sk_lookup drops while a pod's inbound listener is missing, the
-//! proxy refuses a connection whose original destination it cannot find, and the stats are
-//! counters.
+//! config and exclusion maps start empty safely (they are written before the programs are
+//! attached), and so do the stats (counters). The maps the accept path reads never get
+//! here in a release: their layouts are frozen (`tests.rs`), since both agents of a
+//! hand-over read them.
 
 use std::{
     fs, io,
