@@ -351,8 +351,14 @@ fn health_collector(context: &Context) -> HealthCollector {
             .map_err(|e| debug!(component = "admin", error = %e, "cannot read eBPF stats"))
             .ok()
             .map(|stats| ebpf::stat_fields(&stats).to_vec());
+        let enrollment = enrollment(&enroll);
         AgentHealth {
-            enrolled_pods: enrollment(&enroll).enrolled.len() as u64,
+            enrolled_pods: enrollment.enrolled.len() as u64,
+            pods_without_client_address: enrollment
+                .enrolled
+                .iter()
+                .filter(|pod| !pod.client_address)
+                .count() as u64,
             certificates,
             config_generation: config.generation,
             // The file source carries policies in the same snapshot as everything else.

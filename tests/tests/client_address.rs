@@ -16,6 +16,7 @@ use serde_json::json;
 use weft_tests::{
     AgentCommand, ClientServer, TestAgent, TestNode, TestPod,
     app::{self, Mode},
+    metrics::Scrape,
     privileged, sys, test_name,
     wire::Capture,
 };
@@ -176,6 +177,13 @@ fn without_a_writable_proc_sys_connections_work_and_status_says_the_address_is_n
             .current_log()
             .contains("cannot route replies inside the pod"),
         "the agent did not log why"
+    );
+    // The server pod, and the client for the same reason; the preset pod has its routing.
+    let without =
+        Scrape::parse(&agent.metrics()?).sum("weft_agent_pods_without_client_address", &[]);
+    ensure!(
+        without == 2.0,
+        "weft_agent_pods_without_client_address is {without}, not 2"
     );
     check_sees(
         &node,

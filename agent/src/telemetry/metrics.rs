@@ -86,6 +86,9 @@ pub struct TcpMetrics {
 pub struct AgentHealth {
     /// Pods enrolled on this node.
     pub enrolled_pods: u64,
+    /// Enrolled pods whose application sees the pod's own address instead of its mesh
+    /// clients' (no reply routing in the pod).
+    pub pods_without_client_address: u64,
     /// Certificate expiry (seconds since the epoch) by SPIFFE id; None: no certificate yet.
     pub certificates: Vec<(String, Option<f64>)>,
     /// Snapshots accepted from the config source (1 after start-up).
@@ -283,6 +286,13 @@ impl Collector for HealthCollector {
             "agent_enrolled_pods",
             "Pods enrolled on this node",
             health.enrolled_pods,
+        )?;
+        gauge(
+            &mut encoder,
+            "agent_pods_without_client_address",
+            "Enrolled pods without reply routing: their applications see the pod's own address \
+             instead of their mesh clients'",
+            health.pods_without_client_address,
         )?;
         gauge(
             &mut encoder,

@@ -98,6 +98,7 @@ fn health_is_read_at_scrape_time() {
     let mut registry = Registry::default();
     registry.register_collector(HealthCollector::new(|| AgentHealth {
         enrolled_pods: 3,
+        pods_without_client_address: 1,
         certificates: vec![
             (
                 "spiffe://cluster.local/ns/default/sa/client".into(),
@@ -118,6 +119,7 @@ fn health_is_read_at_scrape_time() {
     let text = registry.encode().unwrap();
     for line in [
         "weft_agent_enrolled_pods 3",
+        "weft_agent_pods_without_client_address 1",
         "weft_agent_config_generation 2",
         "weft_agent_policy_generation 2",
         "weft_config_rejected_total{source=\"file\"} 1",
