@@ -255,10 +255,8 @@ impl Error {
 /// writable /proc/sys, which the plugin, root on the host, has and the agent's container
 /// may not (docs/datapath.md). Best effort: the agent reports a pod without it in /status.
 fn prepare_reply_routing(netns: &Path, file: &Path, pod: &PodInfo, log: &mut impl Write) {
-    let in_mesh = std::fs::read(file)
-        .ok()
-        .and_then(|text| serde_json::from_slice::<MeshNamespaces>(&text).ok())
-        .is_some_and(|mesh| mesh.namespaces.contains(&pod.namespace));
+    let in_mesh =
+        read_mesh_namespaces(file).is_ok_and(|mesh| mesh.namespaces.contains(&pod.namespace));
     if !in_mesh {
         return;
     }
@@ -282,18 +280,16 @@ fn agent_down(socket: &Path, file: &Path, pod: &PodInfo, cause: &io::Error) -> R
         socket: socket.to_owned(),
         reason,
     };
-    let text = std::fs::read(file).map_err(|e| {
-        down(format!(
+    let mesh = read_mesh_namespaces(file).map_err(|e| match e {
+        MeshFileError::Unreadable(e) => down(format!(
             "{cause}; and {} is unreadable ({e}), so whether namespace {} is in the mesh is unknown: refusing the pod until the agent runs",
             file.display(),
             pod.namespace
-        ))
-    })?;
-    let mesh: MeshNamespaces = serde_json::from_slice(&text).map_err(|e| {
-        down(format!(
+        )),
+        MeshFileError::Invalid(e) => down(format!(
             "{cause}; and {} is not valid ({e}): refusing the pod until the agent runs",
             file.display()
-        ))
+        )),
     })?;
     if mesh.namespaces.contains(&pod.namespace) {
         return Err(down(format!(
@@ -302,6 +298,17 @@ fn agent_down(socket: &Path, file: &Path, pod: &PodInfo, cause: &io::Error) -> R
         )));
     }
     Ok(())
+}
+
+/// Why the file of mesh namespaces (the agent's, `MESH_NAMESPACES_FILE`) gave no answer.
+enum MeshFileError {
+    Unreadable(io::Error),
+    Invalid(serde_json::Error),
+}
+
+fn read_mesh_namespaces(file: &Path) -> Result<MeshNamespaces, MeshFileError> {
+    let text = std::fs::read(file).map_err(MeshFileError::Unreadable)?;
+    serde_json::from_slice(&text).map_err(MeshFileError::Invalid)
 }
 
 /// ADD returns `prevResult` unchanged (in the config's version); CHECK returns nothing.

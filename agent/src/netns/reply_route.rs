@@ -18,11 +18,10 @@
 
 use std::{io, net::IpAddr, os::fd::AsRawFd};
 
+use ebpf_common::netns::LOOPBACK_IFINDEX;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket,
 };
-
-use ebpf_common::netns::LOOPBACK_IFINDEX;
 use socket2::Domain;
 
 use super::PodNetns;
