@@ -5,6 +5,7 @@
 //! - a rolling upgrade (a successor agent started beside each node's agent in turn, from its
 //!   own copy of the binary, `agent.handover`) refuses, resets, loses and duplicates nothing,
 //!   and each old agent exits once its connections end;
+//! - so do an upgrade from the previous release's build to this tree's, and its rollback;
 //! - a SIGKILL fails closed (the killed proxy's connections are reset, never left hanging or
 //!   corrupted), and a new agent serves again: the test prints how long after its start.
 //!
@@ -12,13 +13,14 @@
 
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, ensure};
 use serde_json::json;
 use weft_tests::{
-    TestAgent, TestNode, TestPod,
+    AgentCommand, TestAgent, TestNode, TestPod,
     app::{self, Mode},
     eventually, privileged,
     steady::{self, RunningLoop, RunningStreams, Streamed},
@@ -31,60 +33,31 @@ use weft_tests::{
 fn a_rolling_upgrade_refuses_resets_and_loses_nothing() -> Result<()> {
     privileged!();
     let mesh = Mesh::create(test_name!())?;
-    let mut agents = [mesh.node1.start_agent()?, mesh.node2.start_agent()?];
-    let _servers = mesh.serve()?;
-    for agent in &agents {
-        wait_offering(agent)?;
-    }
-    // Traffic flows on every connection before the upgrade.
-    let mut streams = mesh.start_streams(STREAMS)?;
-    let mut loops = mesh.start_loops(STREAMS)?;
+    mesh.roll(&[("next", app::weft_bin())], STREAMS)
+}
 
-    for (i, node) in [&mesh.node1, &mesh.node2].into_iter().enumerate() {
-        let new = agents[i].upgrade_to(node, "next", &app::weft_bin())?;
-        let old = std::mem::replace(&mut agents[i], new);
-        mesh.retired.borrow_mut().push(old);
+/// The same across builds, as a release and its rollback: both nodes start on the previous
+/// release (the main before this tree, `xtask/src/previous.rs`), roll to this tree's agent,
+/// then back, under one long run of traffic. Each side hands over to a build it was not
+/// built with: the hand-over protocol, the pinned maps and programs, the config and the
+/// CNI socket must all be understood both ways.
+#[test]
+fn an_upgrade_from_the_previous_release_and_its_rollback_lose_nothing() -> Result<()> {
+    privileged!();
+    let Some(previous) = weft_test_env::previous_release(test_name!()) else {
+        return Ok(());
+    };
+    let mesh = Mesh::create(test_name!())?;
+    for node in [&mesh.node1, &mesh.node2] {
+        node.set_agent_command(AgentCommand {
+            program: previous.clone(),
+            args: Vec::new(),
+        });
     }
-    ensure!(
-        streams.iter_mut().all(|(_, s)| s.running()) && loops.iter_mut().all(|(_, l)| l.running()),
-        "the traffic ended before the upgrade did: it proved nothing"
-    );
-
-    for (kind, running) in streams {
-        let streamed = running.finish()?;
-        eprintln!("upgrade: {kind}: {streamed:?}");
-        expect_exact(kind, &streamed)?;
-    }
-    for (path, running) in loops {
-        let looped = running.finish()?;
-        eprintln!(
-            "upgrade: connect loop {path}: {} rounds, longest gap {:?}",
-            looped.attempts, looped.longest_gap
-        );
-        ensure!(
-            looped.failed == 0 && looped.ok > 0,
-            "connect loop {path} failed across the upgrade: {looped:?}"
-        );
-    }
-    for mut old in mesh.retired.take() {
-        let status = old.wait_exit(Duration::from_secs(30))?;
-        let log = old.current_log();
-        ensure!(
-            status.success()
-                && log.contains("drained: every open connection ended")
-                && !log.contains("cutting"),
-            "an old agent did not drain and exit cleanly ({status}):\n{log}"
-        );
-    }
-    for agent in &agents {
-        let log = agent.current_log();
-        ensure!(
-            log.contains("took over the running agent's pod listeners")
-                && !log.contains("refused="),
-            "a new agent did not take every listener over:\n{log}"
-        );
-    }
-    Ok(())
+    mesh.roll(
+        &[("this-tree", app::weft_bin()), ("rollback", previous)],
+        STREAMS_ACROSS_BUILDS,
+    )
 }
 
 /// SIGKILL of node 1's agent under the same load: every connection through it is reset
@@ -176,8 +149,6 @@ struct Mesh {
     remote: TestPod,
     node1: TestNode,
     node2: TestNode,
-    /// Agents that handed over, until they exit.
-    retired: std::cell::RefCell<Vec<TestAgent>>,
 }
 
 impl Mesh {
@@ -203,8 +174,72 @@ impl Mesh {
             remote: server(&node2, "remote")?,
             node1,
             node2,
-            retired: Default::default(),
         })
+    }
+
+    /// Starts both nodes' agents, streams every kind of connection and runs the connect
+    /// loops for `over`, and meanwhile rolls both nodes through each of `builds` in turn
+    /// (named, for the copies of the binary), node 1 then node 2 each time. Nothing may be
+    /// refused, reset, lost or duplicated; every old agent drains and exits cleanly, and
+    /// every new one takes every listener over.
+    fn roll(&self, builds: &[(&str, PathBuf)], over: Duration) -> Result<()> {
+        let mut agents = [self.node1.start_agent()?, self.node2.start_agent()?];
+        let _servers = self.serve()?;
+        for agent in &agents {
+            wait_offering(agent)?;
+        }
+        // Traffic flows on every connection before the first hand-over.
+        let mut streams = self.start_streams(over)?;
+        let mut loops = self.start_loops(over)?;
+
+        let mut retired = Vec::new();
+        for (build, binary) in builds {
+            for (i, node) in [&self.node1, &self.node2].into_iter().enumerate() {
+                let new = agents[i].upgrade_to(node, build, binary)?;
+                retired.push(std::mem::replace(&mut agents[i], new));
+            }
+        }
+        ensure!(
+            streams.iter_mut().all(|(_, s)| s.running())
+                && loops.iter_mut().all(|(_, l)| l.running()),
+            "the traffic ended before the upgrade did: it proved nothing"
+        );
+
+        for (kind, running) in streams {
+            let streamed = running.finish()?;
+            eprintln!("upgrade: {kind}: {streamed:?}");
+            expect_exact(kind, &streamed)?;
+        }
+        for (path, running) in loops {
+            let looped = running.finish()?;
+            eprintln!(
+                "upgrade: connect loop {path}: {} rounds, longest gap {:?}",
+                looped.attempts, looped.longest_gap
+            );
+            ensure!(
+                looped.failed == 0 && looped.ok > 0,
+                "connect loop {path} failed across the upgrade: {looped:?}"
+            );
+        }
+        for mut old in retired {
+            let status = old.wait_exit(Duration::from_secs(30))?;
+            let log = old.current_log();
+            ensure!(
+                status.success()
+                    && log.contains("drained: every open connection ended")
+                    && !log.contains("cutting"),
+                "an old agent did not drain and exit cleanly ({status}):\n{log}"
+            );
+        }
+        for agent in &agents {
+            let log = agent.current_log();
+            ensure!(
+                log.contains("took over the running agent's pod listeners")
+                    && !log.contains("refused="),
+                "a new agent did not take every listener over:\n{log}"
+            );
+        }
+        Ok(())
     }
 
     fn serve(&self) -> Result<[app::Server; 3]> {
@@ -294,6 +329,8 @@ const UNTOUCHED_LOOP: usize = 2;
 const PORT: u16 = 8080;
 /// Long enough to span both nodes' upgrades (checked: the traffic still runs after them).
 const STREAMS: Duration = Duration::from_secs(25);
+/// The same for four hand-overs: the upgrade and the rollback of both nodes.
+const STREAMS_ACROSS_BUILDS: Duration = Duration::from_secs(45);
 /// Far longer than the set-up of all four kinds on a loaded machine (the first kind
 /// streams while the others start); every kind crosses the killed proxy, so the crash ends
 /// them all and the length costs nothing.

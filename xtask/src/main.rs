@@ -27,6 +27,7 @@ mod generate;
 mod image;
 mod layers;
 mod lint;
+mod previous;
 mod release;
 mod setup;
 mod test;

@@ -14,7 +14,9 @@ use weft_test_env::Skip;
 
 use crate::{
     cargo::{self, BinaryResult, TestCounts, TestRun, cargo, run_tests},
-    image, setup,
+    image,
+    previous::{self, Previous},
+    setup,
 };
 
 #[derive(clap::Args)]
@@ -84,6 +86,8 @@ pub fn run(options: &Options) -> Result<()> {
     }
 
     if !options.unit_only {
+        // The other side of the upgrade test across builds.
+        let previous = previous::build()?;
         // The runtime image around this agent, for the smoke tests of tests/image.rs.
         let image = image::build_for_tests(&weft_bin)?;
         println!(
@@ -99,6 +103,13 @@ pub fn run(options: &Options) -> Result<()> {
             .env("WEFT_BIN", &weft_bin)
             .env("WEFT_IMAGE", &image.path)
             .env(weft_test_env::LOG_ENV, &skip_log);
+        match previous {
+            Previous::Built(bin) => cmd.env(weft_test_env::previous::BIN_ENV, bin),
+            Previous::Missing(why) => {
+                println!("xtask test: {why}; the upgrade test across builds is skipped");
+                cmd.env(weft_test_env::previous::MISSING_ENV, why)
+            }
+        };
         if !options.e2e_args.is_empty() {
             cmd.arg("--").args(&options.e2e_args);
         }

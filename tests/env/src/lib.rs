@@ -5,10 +5,13 @@
 //! - [`skip`]: a test that cannot run here says so, is counted as skipped by
 //!   `cargo xtask test`, and fails in CI ([`skip_optional`]: not in CI, for what no setup
 //!   step can install);
-//! - [`patience`]: one scale for every deadline of every test, `WEFT_TEST_PATIENCE_MS`.
+//! - [`patience`]: one scale for every deadline of every test, `WEFT_TEST_PATIENCE_MS`;
+//! - [`previous`]: the previous release's agent, for the upgrade test across builds.
 
 pub mod patience;
+pub mod previous;
 pub mod skip;
 
 pub use patience::{patience, scaled};
+pub use previous::previous_release;
 pub use skip::{LOG_ENV, Skip, parse, read, skip, skip_optional};
