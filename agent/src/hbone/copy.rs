@@ -651,6 +651,64 @@ mod tests {
         assert_eq!(&got, b"ping");
     }
 
+    /// `tokio::test` runs on one thread, so the spare pipes this test sees are its own.
+    #[tokio::test]
+    async fn a_pipe_is_reused_only_after_its_direction_ended_cleanly() {
+        let (mut app, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let mut way = splice::TcpWay::new(Side::Downstream);
+        app.write_all(b"first").await.unwrap();
+        settle(&mut way, &mut down, &mut up).await;
+        let first_pipe = spliced(&way).pipe_id();
+        app.shutdown().await.unwrap();
+        let counter = AtomicU64::new(0);
+        std::future::poll_fn(|cx| way.poll(cx, &mut down, &mut up, &counter))
+            .await
+            .unwrap();
+        assert!(matches!(way, splice::TcpWay::Ended));
+        assert_eq!(splice::Spliced::spare_pipes(), 1);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"first", "the bytes, then the FIN");
+
+        // The next direction takes that pipe, and it carries that direction's bytes only.
+        let (mut app, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let mut next = splice::TcpWay::new(Side::Downstream);
+        app.write_all(b"second").await.unwrap();
+        settle(&mut next, &mut down, &mut up).await;
+        assert_eq!(spliced(&next).pipe_id(), first_pipe);
+        assert_eq!(splice::Spliced::spare_pipes(), 0);
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"second");
+
+        // Cut with bytes still in its pipe (a destination that does not read): the pipe
+        // is closed, never given to another connection.
+        let chunk = vec![7u8; 1 << 20];
+        let writer = tokio::spawn(async move {
+            for _ in 0..16 {
+                if app.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        for _ in 0..10 {
+            settle(&mut next, &mut down, &mut up).await;
+        }
+        assert!(spliced(&next).in_pipe() > 0, "the pipe holds bytes");
+        drop(next);
+        assert_eq!(splice::Spliced::spare_pipes(), 0);
+        writer.abort();
+    }
+
+    fn spliced(way: &splice::TcpWay) -> &splice::Spliced {
+        match way {
+            splice::TcpWay::Spliced(spliced) => spliced,
+            _ => panic!("the direction holds no pipe"),
+        }
+    }
+
     #[tokio::test]
     async fn a_spliced_direction_holds_at_most_a_pipe_for_a_destination_that_does_not_read() {
         let (mut app, mut down) = pair().await;

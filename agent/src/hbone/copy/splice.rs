@@ -4,11 +4,13 @@
 //! most what one splice read moved, and is emptied before the next read, so a slow
 //! destination slows the source as a full buffer would.
 //!
-//! The pipe is made when the source first has something (an idle connection, or a flood
+//! The pipe is taken when the source first has something (an idle connection, or a flood
 //! of them, holds none). If no pipe can be made (the open-file limit), that direction is
-//! copied through this process instead.
+//! copied through this process instead. A direction that ends cleanly leaves its pipe
+//! empty and gives it back for the next one (see [`SPARE_PIPES`]).
 
 use std::{
+    cell::RefCell,
     io,
     net::Shutdown,
     os::fd::{AsFd, OwnedFd},
@@ -32,6 +34,8 @@ pub(super) enum TcpWay {
     Undecided(Side),
     Spliced(Spliced),
     Copied(OneWay),
+    /// Spliced to its end; the pipe was given back.
+    Ended,
 }
 
 impl TcpWay {
@@ -50,8 +54,16 @@ impl Way<TcpStream, TcpStream> for TcpWay {
     ) -> Poll<Result<(), Error>> {
         loop {
             match self {
-                TcpWay::Spliced(spliced) => return spliced.poll(cx, from, to, counter),
+                TcpWay::Spliced(spliced) => {
+                    // An error drops the pipe with the way: it may hold bytes.
+                    ready!(spliced.poll(cx, from, to, counter))?;
+                    if let TcpWay::Spliced(ended) = std::mem::replace(self, TcpWay::Ended) {
+                        ended.give_back_pipe();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
                 TcpWay::Copied(copied) => return copied.poll(cx, from, to, counter),
+                TcpWay::Ended => return Poll::Ready(Ok(())),
                 TcpWay::Undecided(side) => {
                     let side = *side;
                     let (read_err, _) = side.error_constructors();
@@ -73,11 +85,47 @@ impl Way<TcpStream, TcpStream> for TcpWay {
     }
 }
 
+/// A pipe's two ends.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+thread_local! {
+    /// Empty pipes of directions that ended cleanly, for the next ones on this worker
+    /// thread: on short node-local connections `pipe2` alone took 3% of the proxy's CPU, and
+    /// closing both ends more (BENCHMARKS.md). Per thread, so taking one takes no lock.
+    static SPARE_PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Spare pipes kept per worker thread at most: two descriptors each, counted against the
+/// open-file limit the connections need too.
+const SPARE_PIPES_MAX: usize = 32;
+
+impl Pipe {
+    /// A spare pipe of this thread, or a new one.
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = SPARE_PIPES.with_borrow_mut(Vec::pop) {
+            return Ok(pipe);
+        }
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Keeps an empty pipe for the next direction (or closes it, past the limit).
+    fn give_back(self) {
+        SPARE_PIPES.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_PIPES_MAX {
+                spare.push(self);
+            }
+        });
+    }
+}
+
 /// A direction's pipe and where it stands.
 pub(super) struct Spliced {
     side: Side,
-    read: OwnedFd,
-    write: OwnedFd,
+    pipe: Pipe,
     /// Spliced in from the source, not yet out to the destination.
     in_pipe: usize,
     read_eof: bool,
@@ -86,15 +134,20 @@ pub(super) struct Spliced {
 
 impl Spliced {
     pub(super) fn new(side: Side) -> io::Result<Self> {
-        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         Ok(Self {
             side,
-            read,
-            write,
+            pipe: Pipe::take()?,
             in_pipe: 0,
             read_eof: false,
             done: false,
         })
+    }
+
+    /// Gives the pipe of a direction that ended cleanly back: only then is it known empty.
+    fn give_back_pipe(self) {
+        if self.done && self.in_pipe == 0 {
+            self.pipe.give_back();
+        }
     }
 }
 
@@ -102,6 +155,17 @@ impl Spliced {
 impl Spliced {
     pub(super) fn in_pipe(&self) -> usize {
         self.in_pipe
+    }
+
+    /// The pipe's read end, to tell one pipe from another.
+    pub(super) fn pipe_id(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd as _;
+        self.pipe.read.as_raw_fd()
+    }
+
+    /// How many spare pipes this thread holds.
+    pub(super) fn spare_pipes() -> usize {
+        SPARE_PIPES.with_borrow(Vec::len)
     }
 }
 
@@ -120,7 +184,7 @@ impl Way<TcpStream, TcpStream> for Spliced {
             }
             if self.in_pipe == 0 && !self.read_eof {
                 // Only into an empty pipe: then EAGAIN can only mean the socket has nothing.
-                match poll_splice(&*from, cx, Interest::READABLE, &*from, &self.write) {
+                match poll_splice(&*from, cx, Interest::READABLE, &*from, &self.pipe.write) {
                     Poll::Ready(Ok(0)) => self.read_eof = true,
                     Poll::Ready(Ok(n)) => self.in_pipe = n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(read_err(e))),
@@ -128,7 +192,7 @@ impl Way<TcpStream, TcpStream> for Spliced {
                 }
             }
             while self.in_pipe > 0 {
-                match poll_splice(&*to, cx, Interest::WRITABLE, &self.read, &*to) {
+                match poll_splice(&*to, cx, Interest::WRITABLE, &self.pipe.read, &*to) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(write_err(io::ErrorKind::WriteZero.into())));
                     }
