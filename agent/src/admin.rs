@@ -398,6 +398,10 @@ fn status(context: &Context) -> serde_json::Value {
         "mtls": context.certs.is_some(),
         "certificates": context.certs.as_ref().map(CertManager::status).unwrap_or_default(),
         "hbone_pool": context.hbone_pool.as_ref().map(hbone::Pool::stats),
+        // From the runtime itself (`agent.workerThreads`), not from the config.
+        "worker_threads": tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.metrics().num_workers()),
     })
 }
 

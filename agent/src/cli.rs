@@ -120,6 +120,10 @@ pub struct AgentArgs {
     /// The in-process CA's PKCS#8 key (with --ca-cert).
     #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+    /// Threads that run the proxy (overrides agent.workerThreads; default: the CPUs the
+    /// agent may use).
+    #[arg(long, env = "WEFT_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }

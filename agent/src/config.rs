@@ -46,6 +46,8 @@ pub struct Config {
     pub drain: drain::Config,
     /// Listener hand-over to and from another agent on the node (`agent.handover`).
     pub handover: Option<handover::Config>,
+    /// Threads of the async runtime that runs the proxy (`agent.workerThreads`).
+    pub worker_threads: usize,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -60,6 +62,8 @@ pub struct Overrides {
     pub ca_cert: Option<PathBuf>,
     /// `--ca-key`: the in-process CA's PKCS#8 key.
     pub ca_key: Option<PathBuf>,
+    /// `--worker-threads` (overrides agent.workerThreads).
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -229,6 +233,16 @@ impl Config {
                 drain::DEFAULT_LIMIT_WITHOUT_SUCCESSOR,
             )?,
         };
+        let worker_threads = match overrides.worker_threads.or(agent.worker_threads) {
+            None => available_cpus(),
+            Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "agent.workerThreads",
+                    format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+                ));
+            }
+        };
         if cni.is_some() && discovery.is_none() {
             // Fail closed: the pods the plugin told a previous agent about are known to a
             // restarted one only through discovery; without it they would be dropped from
@@ -275,8 +289,16 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(handover::DEFAULT_SOCKET)),
             }),
+            worker_threads,
         })
     }
+}
+
+/// The CPUs this process may run on: its affinity and its cgroup's CPU quota (a container's
+/// CPU limit) both count, so a limited agent on a large node does not start a thread per
+/// core of the node.
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// Parses a humantime field (field path, text, default).
@@ -537,6 +559,8 @@ const PROXY_MARK: u32 = 0x7765;
 /// `agent.hostCgroup`: the host's cgroup2 mount, which holds the kubelet on every layout.
 const HOST_CGROUP: &str = "/sys/fs/cgroup";
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
+/// More threads than any node has cores would only add wake-ups.
+const MAX_WORKER_THREADS: usize = 1024;
 const CNI_ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
 const CNI_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Above a node's pod starts at once (kubelet starts pods a few at a time), far below a
@@ -886,6 +910,35 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(err.contains(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cpus_the_agent_may_use_and_a_bad_count_names_the_field() {
+        let parse = |yaml: &str, flag: Option<usize>| {
+            Config::new(
+                Path::new("n.yaml"),
+                &section(&format!("cgroupRoot: /a\n{yaml}")),
+                Overrides {
+                    worker_threads: flag,
+                    ..Overrides::default()
+                },
+            )
+        };
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(parse("", None).unwrap().worker_threads, cpus);
+        assert_eq!(parse("workerThreads: 3", None).unwrap().worker_threads, 3);
+        assert_eq!(
+            parse("workerThreads: 3", Some(1)).unwrap().worker_threads,
+            1,
+            "the flag wins"
+        );
+        for (yaml, flag) in [("workerThreads: 0", None), ("", Some(100_000))] {
+            let err = parse(yaml, flag).unwrap_err().to_string();
+            assert!(
+                err.contains("agent.workerThreads"),
+                "{yaml} {flag:?}: {err}"
+            );
         }
     }
 

@@ -66,6 +66,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             metrics_addr: args.metrics_addr,
             ca_cert: args.ca_cert,
             ca_key: args.ca_key,
+            worker_threads: args.worker_threads,
         },
     )?;
     let source = match (args.source, args.node_name) {
@@ -81,6 +82,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(component = "app", config = %serde_json::to_string(&config).unwrap_or_default(), "starting weft agent");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .worker_threads(config.worker_threads)
         .thread_name("weft")
         .build()
         .context("cannot start the async runtime")?;

@@ -560,4 +560,5 @@ pub const OVERRIDES: &[&str] = &[
     "WEFT_METRICS_ADDR",
     "WEFT_CA_CERT",
     "WEFT_CA_KEY",
+    "WEFT_WORKER_THREADS",
 ];

@@ -27,6 +27,23 @@ use weft_tests::{
     wire::Capture,
 };
 
+/// `agent.workerThreads` sizes the runtime that runs the proxy: the agent says how many
+/// workers it runs, and one carries a transfer whole.
+#[test]
+fn the_proxy_runs_on_the_worker_threads_it_is_given() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    node.set_agent_setting("workerThreads", 1.into());
+    let client = node.pod("client").service_account("client").create()?;
+    let server = node.pod("server").service_account("server").create()?;
+    let agent = node.start_agent()?;
+    let _echo = app::serve(&server, ECHO_PORT, Mode::Echo)?;
+    assert_eq!(agent.status()?["worker_threads"], 1);
+    let sent = app::send(&client, sock(server.addr(ECHO_PORT)), 1 << 20, 1)?;
+    assert_echoed(&sent, 1 << 20);
+    Ok(())
+}
+
 #[test]
 fn enrolled_pod_to_pod_goes_through_proxy_with_payload_intact() -> Result<()> {
     privileged!();

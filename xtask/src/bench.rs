@@ -82,6 +82,9 @@ pub struct Options {
     /// are left out, and the report says so.
     #[arg(long, env = "WEFT_ZTUNNEL")]
     ztunnel: Option<PathBuf>,
+    /// The agents' `agent.workerThreads` on the data paths (default: theirs, the CPUs).
+    #[arg(long)]
+    agent_worker_threads: Option<usize>,
     /// Internal: measure with the binaries the outer run built (set by `cargo xtask bench`).
     #[arg(long, hide = true)]
     measure: bool,
@@ -139,6 +142,9 @@ pub fn run(options: &Options) -> Result<()> {
     if options.profile {
         cmd.arg("--profile");
     }
+    if let Some(threads) = options.agent_worker_threads {
+        cmd.arg("--agent-worker-threads").arg(threads.to_string());
+    }
     if let Some(part) = options.only {
         cmd.arg("--only").arg(match part {
             Part::Paths => "paths",
@@ -170,7 +176,11 @@ fn measure(options: &Options) -> Result<()> {
         .context("WEFT_BENCH_OUT is not set (run `cargo xtask bench`)")?;
     std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
     let started = Instant::now();
-    let mut report = Report::new(options.quick, conditions());
+    let mut conditions = conditions();
+    if let Some(threads) = options.agent_worker_threads {
+        conditions["agentWorkerThreads"] = threads.into();
+    }
+    let mut report = Report::new(options.quick, conditions);
 
     // Nodes are dropped (and everything in them killed and removed) when this scope ends,
     // whatever happens inside it.

@@ -25,6 +25,8 @@ pub struct AgentSection {
     /// dashboards work unchanged.
     pub metrics_prefix: Option<String>,
     pub proxy_mark: Option<u32>,
+    /// Threads that run the proxy (default: the CPUs the agent may use).
+    pub worker_threads: Option<usize>,
     #[serde(default)]
     pub ports: PortsSection,
     /// SPIFFE trust domain (default `cluster.local`).

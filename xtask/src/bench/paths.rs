@@ -68,6 +68,11 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
         .service_account("server")
         .enrolled(false)
         .create()?;
+    if let Some(threads) = options.agent_worker_threads {
+        for node in [&node1, &node2, &node3] {
+            node.set_agent_setting("workerThreads", threads.into());
+        }
+    }
     let xzt_s = node2
         .pod("xzt-s")
         .service_account("server")
