@@ -257,7 +257,8 @@ pub fn raise_nofile_limit() -> u64 {
 /// sockets once bytes move, a pipe (two descriptors) per direction (`copy`'s splice).
 const FDS_PER_CONNECTION: u64 = 6;
 /// Descriptors kept out of the connection budget: listeners (three or six per pod), the
-/// HBONE pool's connections, eBPF maps and links, certificates, the admin servers.
+/// HBONE pool's connections, eBPF maps and links, certificates, the admin servers, and
+/// `copy`'s spare pipes (128 descriptors at most).
 const RESERVED_FDS: u64 = 1_024;
 /// Assumed when the limit cannot be read: the usual soft default.
 const DEFAULT_NOFILE: u64 = 1_024;

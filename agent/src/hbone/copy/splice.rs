@@ -14,6 +14,7 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsFd, OwnedFd},
+    sync::atomic::{AtomicUsize, Ordering},
     task::{Context, Poll, ready},
 };
 
@@ -95,17 +96,31 @@ thread_local! {
     /// Empty pipes of directions that ended cleanly, for the next ones on this worker
     /// thread: on short node-local connections `pipe2` alone took 3% of the proxy's CPU, and
     /// closing both ends more (BENCHMARKS.md). Per thread, so taking one takes no lock.
-    static SPARE_PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static SPARE_PIPES: RefCell<Spares> = const { RefCell::new(Spares(Vec::new())) };
 }
 
-/// Spare pipes kept per worker thread at most: two descriptors each, counted against the
-/// open-file limit the connections need too.
-const SPARE_PIPES_MAX: usize = 32;
+/// Spare pipes of all threads together: at most [`SPARE_PIPES_MAX`], whatever the number
+/// of worker threads.
+static SPARE_PIPES_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// Two descriptors each: within the descriptors the connection budget leaves aside
+/// (`proxy::limits`), so spares never cost a connection its pipes.
+const SPARE_PIPES_MAX: usize = 64;
+
+/// One thread's spare pipes; counted out of [`SPARE_PIPES_HELD`] when the thread ends.
+struct Spares(Vec<Pipe>);
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        SPARE_PIPES_HELD.fetch_sub(self.0.len(), Ordering::Relaxed);
+    }
+}
 
 impl Pipe {
     /// A spare pipe of this thread, or a new one.
     fn take() -> io::Result<Pipe> {
-        if let Some(pipe) = SPARE_PIPES.with_borrow_mut(Vec::pop) {
+        if let Some(pipe) = SPARE_PIPES.with_borrow_mut(|spares| spares.0.pop()) {
+            SPARE_PIPES_HELD.fetch_sub(1, Ordering::Relaxed);
             return Ok(pipe);
         }
         let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
@@ -114,11 +129,12 @@ impl Pipe {
 
     /// Keeps an empty pipe for the next direction (or closes it, past the limit).
     fn give_back(self) {
-        SPARE_PIPES.with_borrow_mut(|spare| {
-            if spare.len() < SPARE_PIPES_MAX {
-                spare.push(self);
-            }
-        });
+        let held = SPARE_PIPES_HELD.fetch_add(1, Ordering::Relaxed);
+        if held >= SPARE_PIPES_MAX {
+            SPARE_PIPES_HELD.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        SPARE_PIPES.with_borrow_mut(|spares| spares.0.push(self));
     }
 }
 
@@ -165,7 +181,7 @@ impl Spliced {
 
     /// How many spare pipes this thread holds.
     pub(super) fn spare_pipes() -> usize {
-        SPARE_PIPES.with_borrow(Vec::len)
+        SPARE_PIPES.with_borrow(|spares| spares.0.len())
     }
 }
 
@@ -253,3 +269,38 @@ fn poll_splice(
 
 /// What one splice moves at most: a default pipe's capacity (16 pages).
 const PIPE_BYTES: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    #[test]
+    fn spare_pipes_stay_under_one_cap_for_all_threads_together() {
+        const THREADS: usize = 4;
+        let all_given_back = Arc::new(Barrier::new(THREADS + 1));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let all_given_back = Arc::clone(&all_given_back);
+                std::thread::spawn(move || {
+                    let pipes: Vec<Pipe> = (0..SPARE_PIPES_MAX)
+                        .map(|_| Pipe::take().unwrap())
+                        .collect();
+                    pipes.into_iter().for_each(Pipe::give_back);
+                    let kept = SPARE_PIPES.with_borrow(|spares| spares.0.len());
+                    // Held until every thread has given its pipes back.
+                    all_given_back.wait();
+                    kept
+                })
+            })
+            .collect();
+        all_given_back.wait();
+        let kept: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(
+            kept > 0 && kept <= SPARE_PIPES_MAX,
+            "{THREADS} threads kept {kept} spare pipes"
+        );
+        assert!(SPARE_PIPES_HELD.load(Ordering::Relaxed) <= SPARE_PIPES_MAX);
+    }
+}
