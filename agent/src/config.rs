@@ -576,6 +576,15 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    /// The config of an `agent:` section holding `yaml` beside the required cgroup root.
+    fn with_cgroup_root(yaml: &str, overrides: Overrides) -> Result<Config, Error> {
+        Config::new(
+            Path::new("n.yaml"),
+            &section(&format!("cgroupRoot: /a\n{yaml}")),
+            overrides,
+        )
+    }
+
     #[test]
     fn defaults_fill_everything_but_the_cgroup_root() {
         let cfg = Config::new(
@@ -718,13 +727,9 @@ mod tests {
             ("http: {maxConnections: 0}", "agent.http.maxConnections"),
             ("http: {maxBodyBytes: 0}", "agent.http.maxBodyBytes"),
         ] {
-            let err = Config::new(
-                Path::new("n.yaml"),
-                &section(&format!("cgroupRoot: /a\n{yaml}")),
-                Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            let err = with_cgroup_root(yaml, Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{yaml}: {err}");
         }
     }
@@ -902,13 +907,9 @@ mod tests {
                 "agent.limits.keepaliveRetries",
             ),
         ] {
-            let err = Config::new(
-                Path::new("n.yaml"),
-                &section(&format!("cgroupRoot: /a\n{yaml}")),
-                Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            let err = with_cgroup_root(yaml, Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{yaml}: {err}");
         }
     }
@@ -916,9 +917,8 @@ mod tests {
     #[test]
     fn worker_threads_default_to_the_cpus_the_agent_may_use_and_a_bad_count_names_the_field() {
         let parse = |yaml: &str, flag: Option<usize>| {
-            Config::new(
-                Path::new("n.yaml"),
-                &section(&format!("cgroupRoot: /a\n{yaml}")),
+            with_cgroup_root(
+                yaml,
                 Overrides {
                     worker_threads: flag,
                     ..Overrides::default()
@@ -944,13 +944,7 @@ mod tests {
 
     #[test]
     fn drain_limit_defaults_long_and_a_bad_one_names_the_field() {
-        let parse = |yaml: &str| {
-            Config::new(
-                Path::new("n.yaml"),
-                &section(&format!("cgroupRoot: /a\n{yaml}")),
-                Overrides::default(),
-            )
-        };
+        let parse = |yaml: &str| with_cgroup_root(yaml, Overrides::default());
         let defaults = parse("").unwrap().drain;
         assert_eq!(defaults.limit, Duration::from_secs(3600));
         assert_eq!(defaults.limit_without_successor, Duration::from_secs(30));
@@ -987,13 +981,9 @@ mod tests {
     #[test]
     fn the_proxy_mark_is_neither_zero_nor_the_reply_mark() {
         for mark in [0, crate::netns::reply_route::REPLY_MARK] {
-            let err = Config::new(
-                Path::new("n.yaml"),
-                &section(&format!("cgroupRoot: /a\nproxyMark: {mark}")),
-                Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            let err = with_cgroup_root(&format!("proxyMark: {mark}"), Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("agent.proxyMark"), "{mark}: {err}");
         }
     }
