@@ -421,16 +421,26 @@ async fn exchange(
         let reader = Reader::new(response_headers(response, report).await?);
         return Ok(ping_pong_rest(options, report, send, reader).await?);
     }
+    let mut unsent = None;
     for i in 0..sending {
-        send.send_data(frame(&message(i)), i + 1 == sending)
-            .map_err(|e| Broke::unanswered(&format!("send message {i}"), &e))?;
+        if let Err(e) = send.send_data(frame(&message(i)), i + 1 == sending) {
+            unsent = Some(Broke::unanswered(&format!("send message {i}"), &e));
+            break;
+        }
         report.messages_sent += 1;
     }
-    if sending == 0 {
-        send.send_data(Bytes::new(), true)
-            .map_err(|e| Broke::unanswered("end request", &e))?;
+    if sending == 0
+        && let Err(e) = send.send_data(Bytes::new(), true)
+    {
+        unsent = Some(Broke::unanswered("end request", &e));
     }
-    let mut reader = Reader::new(response_headers(response, report).await?);
+    // A server may answer and close the stream before it reads the request (a
+    // trailers-only error), and then sending fails. Its answer still counts, as it does for
+    // a gRPC client; only when no answer came is the send the error.
+    let headers = response_headers(response, report)
+        .await
+        .map_err(|broke| unsent.unwrap_or(broke))?;
+    let mut reader = Reader::new(headers);
     Ok(read_to_end(report, &mut reader).await?)
 }
 
