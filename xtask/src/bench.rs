@@ -63,8 +63,8 @@ pub struct Options {
     /// the harness working; its figures are rough.
     #[arg(long)]
     quick: bool,
-    /// Also record a CPU profile of the agent (`perf record -g`) during single-stream
-    /// throughput through weft, into target/bench/profile.txt.
+    /// Also record CPU profiles of the agent (`perf record -g`) during single-stream
+    /// throughput and during new connections through weft, into target/bench/profile*.txt.
     #[arg(long)]
     profile: bool,
     /// Only render results.md and the charts again from target/bench/results.json.
