@@ -146,6 +146,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     }
     let drain = Drain::default();
     metrics.register_collector(drain.metrics());
+    telemetry::register_output_metrics(&mut metrics);
     let connections = Arc::new(Connections::new(
         state_rx.clone(),
         telemetry::TcpMetrics::new(&mut metrics),

@@ -34,6 +34,8 @@ fn main() -> ExitCode {
             Some(CniCommand::Uninstall(dirs)) => cni_uninstall(&dirs),
         },
     };
+    // The last connections' access-log lines and the last logs may still be queued.
+    telemetry::line_writer::flush_at_exit();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,7 +7,7 @@
 //! instead of at each call site. `clippy.toml` disallows the std type elsewhere.
 #![allow(clippy::disallowed_types, reason = "the one wrapper of the std mutex")]
 
-use std::{fmt, sync::PoisonError};
+use std::{fmt, sync::PoisonError, time::Duration};
 
 pub use std::sync::MutexGuard;
 
@@ -36,6 +36,36 @@ impl<T: ?Sized> Mutex<T> {
 impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// A condition variable paired with `Mutex`, whose waits never fail either.
+#[derive(Debug, Default)]
+pub struct Condvar(std::sync::Condvar);
+
+impl Condvar {
+    /// Releases `guard`, waits for a notification, and takes the lock again.
+    pub fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.0.wait(guard).unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// As `wait`, for at most `timeout`.
+    pub fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, T> {
+        self.0
+            .wait_timeout(guard, timeout)
+            .map_or_else(|e| e.into_inner().0, |(guard, _)| guard)
+    }
+
+    pub fn notify_one(&self) {
+        self.0.notify_one();
+    }
+
+    pub fn notify_all(&self) {
+        self.0.notify_all();
     }
 }
 

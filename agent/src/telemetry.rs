@@ -6,12 +6,15 @@
 //!   at close; switchable per namespace (`mesh.accessLog`).
 //! - `metrics`: the registry served on the metrics port, Istio-compatible TCP metrics and
 //!   the agent's health, with a configurable name prefix (`agent.metricsPrefix`).
+//! - `line_writer`: stdout and stderr written by a thread each, so that a log pipe nobody
+//!   drains costs counted lines, never a blocked proxy thread.
 //! - `log_limit`: per-call-site rate limits for warnings a peer can cause at will
 //!   (`warn_limited!`).
 //! - `trace`: trace context (W3C and B3) of the waypoint's L7 requests and their spans.
 //! - `otlp`: exports those spans to an OpenTelemetry collector (OTLP/HTTP, JSON).
 
 pub mod access_log;
+pub mod line_writer;
 pub mod log_limit;
 pub mod metrics;
 pub mod otlp;
@@ -23,6 +26,7 @@ use serde::Serialize;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 pub use access_log::{AccessLog, AccessRecord};
+use line_writer::LineWriter;
 pub use metrics::{Prefix, Registry, TcpMetrics};
 
 /// Telemetry settings fixed at start-up.
@@ -59,7 +63,7 @@ pub fn init(format: LogFormat) {
             .with(
                 fmt::layer()
                     .with_ansi(std::io::stderr().is_terminal())
-                    .with_writer(std::io::stderr),
+                    .with_writer(LineWriter::stderr()),
             )
             .init(),
         LogFormat::Json => registry
@@ -67,10 +71,26 @@ pub fn init(format: LogFormat) {
                 fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_writer(std::io::stderr),
+                    .with_writer(LineWriter::stderr()),
             )
             .init(),
     }
 }
 
 const LOG_ENV: &str = "WEFT_LOG";
+
+/// Exposes the lines the process's stdout (the access log) and stderr (the logs) lost
+/// while they were not keeping up.
+pub fn register_output_metrics(registry: &mut Registry) {
+    let registry = registry.prometheus_mut();
+    registry.register(
+        "access_log_lines_dropped",
+        "Access-log lines lost because stdout was not keeping up or the write failed",
+        LineWriter::stdout().dropped_lines(),
+    );
+    registry.register(
+        "log_lines_dropped",
+        "Log lines lost because stderr was not keeping up or the write failed",
+        LineWriter::stderr().dropped_lines(),
+    );
+}

@@ -223,6 +223,7 @@ pub async fn serve(
     };
     let drain = Drain::default();
     registry.register_collector(drain.metrics_named(&waypoint::DRAIN_METRICS));
+    telemetry::register_output_metrics(&mut registry);
     let waypoint = Waypoint::new(
         settings.waypoint.clone(),
         state_rx,

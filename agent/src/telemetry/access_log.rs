@@ -3,11 +3,11 @@
 //! or a test can take every stdout line starting with `{"kind":"access"` as a record.
 //! docs/telemetry.md shows the fields.
 
-use std::{io::Write, net::SocketAddr, sync::Arc};
+use std::{io::Write, net::SocketAddr};
 
 use serde::Serialize;
 
-use crate::sync::Mutex;
+use super::line_writer::LineWriter;
 
 /// One connection, as its access-log line shows it. Field names are ztunnel's where it
 /// has one (`src.addr`, `dst.identity`).
@@ -69,40 +69,41 @@ pub struct AccessRecord {
     pub error_detail: Option<String>,
 }
 
-/// Where access-log lines go. Cloning shares the destination.
+/// Where access-log lines go: a `LineWriter`, so a connection only queues its line and a
+/// blocked stdout costs counted lines, never a stalled connection. Cloning shares the
+/// destination.
 #[derive(Clone)]
 pub struct AccessLog {
-    sink: Arc<Mutex<Box<dyn Write + Send>>>,
+    lines: LineWriter,
 }
 
 impl AccessLog {
-    /// Lines to the process's stdout.
+    /// The process's stdout.
     pub fn stdout() -> Self {
-        Self::to_writer(std::io::stdout())
+        Self {
+            lines: LineWriter::stdout(),
+        }
     }
 
     pub fn to_writer(writer: impl Write + Send + 'static) -> Self {
         Self {
-            sink: Arc::new(Mutex::new(Box::new(writer))),
+            lines: LineWriter::new("access log", writer),
         }
     }
 
-    /// Writes one line. A failed write is dropped: the access log never holds up or fails
-    /// a connection.
+    /// Queues one line.
     pub fn write(&self, record: &AccessRecord) {
         self.write_json(record);
     }
 
-    /// Writes any record as one line (the waypoint's per-request records use this); it
+    /// Queues any record as one line (the waypoint's per-request records use this); it
     /// should serialize `kind` first, like `AccessRecord`.
     pub fn write_json<T: Serialize>(&self, record: &T) {
         let Ok(mut line) = serde_json::to_vec(record) else {
             return;
         };
         line.push(b'\n');
-        // One write per line, under the lock, so lines never interleave.
-        let mut sink = self.sink.lock();
-        let _ = sink.write_all(&line).and_then(|()| sink.flush());
+        self.lines.write_line(&line);
     }
 }
 
@@ -123,13 +124,32 @@ pub const LINE_PREFIX: &str = "{\"kind\":\"access\"";
 
 /// An in-memory sink, for tests: the lines written so far.
 #[cfg(test)]
-#[derive(Clone, Default)]
-pub struct Captured(Arc<Mutex<Vec<u8>>>);
+#[derive(Clone)]
+pub struct Captured {
+    bytes: std::sync::Arc<crate::sync::Mutex<Vec<u8>>>,
+    lines: LineWriter,
+}
+
+#[cfg(test)]
+impl AccessLog {
+    /// A log whose lines the returned `Captured` reads.
+    pub fn captured() -> (Self, Captured) {
+        let bytes = std::sync::Arc::default();
+        let log = Self::to_writer(CapturedWriter(std::sync::Arc::clone(&bytes)));
+        let lines = log.lines.clone();
+        (log, Captured { bytes, lines })
+    }
+}
 
 #[cfg(test)]
 impl Captured {
+    /// Every line queued so far, once written.
     pub fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().clone();
+        assert!(
+            self.lines.flush(std::time::Duration::from_secs(10)),
+            "the access-log writer is stuck"
+        );
+        let bytes = self.bytes.lock().clone();
         String::from_utf8(bytes)
             .unwrap()
             .lines()
@@ -139,7 +159,10 @@ impl Captured {
 }
 
 #[cfg(test)]
-impl Write for Captured {
+struct CapturedWriter(std::sync::Arc<crate::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for CapturedWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().extend_from_slice(buf);
         Ok(buf.len())

@@ -257,7 +257,7 @@ impl Harness {
         configure(&mut config);
         let mut registry = Registry::new(&Prefix::new("weft").unwrap());
         let metrics = Metrics::new(&mut registry);
-        let log = Captured::default();
+        let (access_log, log) = AccessLog::captured();
         let spans = Arc::new(Mutex::new(Vec::new()));
         let exporter: Arc<dyn SpanExporter> = Arc::new(Spans(Arc::clone(&spans)));
         let waypoint_pool = Pool::new(
@@ -271,7 +271,7 @@ impl Harness {
             state_rx,
             waypoint_pool.clone(),
             metrics,
-            AccessLog::to_writer(log.clone()),
+            access_log,
             Some(exporter),
             drain,
         );

@@ -22,9 +22,9 @@ impl Harness {
     fn new(snapshot: Snapshot) -> Self {
         let (state, rx) = watch::channel(Arc::new(snapshot));
         let mut registry = Registry::default();
-        let lines = Captured::default();
-        let connections = Connections::new(rx, TcpMetrics::new(&mut registry))
-            .with_access_log(AccessLog::to_writer(lines.clone()));
+        let (access_log, lines) = AccessLog::captured();
+        let connections =
+            Connections::new(rx, TcpMetrics::new(&mut registry)).with_access_log(access_log);
         Self {
             connections,
             registry,
