@@ -82,6 +82,22 @@ impl AgentCommand {
                 .collect(),
         }
     }
+
+    /// The agent binary with its stdout sent to `path` (a FIFO whose reader the test
+    /// controls), its stderr to the log as usual.
+    pub fn with_stdout_to(path: &std::path::Path) -> Self {
+        AgentCommand {
+            program: "/bin/sh".into(),
+            args: [
+                OsString::from("-c"),
+                "out=$1; shift; exec \"$@\" > \"$out\"".into(),
+                "sh".into(),
+                path.as_os_str().to_owned(),
+                weft_bin().into_os_string(),
+            ]
+            .into(),
+        }
+    }
 }
 
 /// `GET /debug/connections`.

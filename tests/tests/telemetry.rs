@@ -4,12 +4,22 @@
 //! each end carries the connection's fields; a denied connection is counted by reason and
 //! logged with the policy that denied it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    ffi::CString,
+    fs::OpenOptions,
+    io::{self, Read},
+    net::SocketAddr,
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, fs::OpenOptionsExt},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
-    TestAgent, TestNode,
+    AgentCommand, TestAgent, TestNode,
     app::{self, Mode},
     eventually,
     metrics::Scrape,
@@ -170,6 +180,98 @@ fn byte_counters_labels_and_access_log_match_a_known_transfer() -> Result<()> {
         "the denial is counted by reason"
     );
     Ok(())
+}
+
+/// A log collector that stops reading the agent's stdout (a container's log pipe backed up
+/// behind a slow disk) costs access-log lines, each counted, and never a connection. Until
+/// the lines were queued for a writer thread, the first full pipe blocked every worker
+/// thread that closed a connection, and with them the whole proxy.
+#[test]
+fn a_stdout_nobody_reads_costs_counted_access_lines_and_no_connection() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let client = node.pod("client").create()?;
+    let server = node.pod("server").create()?;
+    let fifo = node.dir().join("agent-stdout.fifo");
+    let path = CString::new(fifo.as_os_str().as_bytes())?;
+    // SAFETY: `path` is a valid NUL-terminated string.
+    let made = unsafe { libc::mkfifo(path.as_ptr(), 0o600) };
+    ensure!(made == 0, "mkfifo: {}", io::Error::last_os_error());
+    // Opened for reading before the agent opens it for writing (that open waits for a
+    // reader), then not read: the pipe fills and stays full.
+    let mut stdout = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)?;
+    node.set_agent_command(AgentCommand::with_stdout_to(&fifo));
+    let mut agent = node.start_agent()?;
+    let _echo = app::serve(&server, PORT, Mode::Echo)?;
+    let to = SocketAddr::V4(server.addr(PORT));
+
+    // Two lines of ~600 bytes per node-local connection (one per side): 2,000 connections
+    // are twice what the pipe and the agent's queue hold together.
+    app::churn(&client, to, 2_000)?;
+    let dropped = dropped_lines(&agent)?;
+    ensure!(dropped > 0.0, "nothing dropped: was stdout read after all?");
+    let log = agent.current_log();
+    let said = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains("output=\"stdout\""))
+            .count()
+    };
+    assert_eq!(said("output is not keeping up"), 1, "said once:\n{log}");
+
+    // The collector reads again: what was queued arrives, and new lines pass.
+    // SAFETY: fcntl on a descriptor this test owns.
+    ensure!(unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETFL, 0) } == 0);
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stdout.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    eventually(Duration::from_secs(10), || {
+        let log = agent.current_log();
+        ensure!(log.contains("output keeps up again"), "not caught up yet");
+        Ok(())
+    })?;
+    app::churn(&client, to, 20)?;
+    let closed = eventually(Duration::from_secs(10), || {
+        let scrape = Scrape::parse(&agent.metrics()?);
+        let closed = scrape.sum("weft_tcp_connections_closed_total", &[]);
+        ensure!(
+            closed >= 2.0 * 2_020.0,
+            "{closed} connections closed so far"
+        );
+        Ok(closed)
+    })?;
+    assert_eq!(
+        dropped_lines(&agent)?,
+        dropped,
+        "a pipe that is read drops nothing"
+    );
+
+    // The agent ends: its last lines are written before it exits, then the pipe closes.
+    agent.sigterm();
+    ensure!(agent.wait_exit(Duration::from_secs(30))?.success());
+    let bytes = reader.join().expect("reader thread")?;
+    let text = String::from_utf8(bytes)?;
+    let mut lines = 0.0;
+    for line in text.lines() {
+        let record: Value =
+            serde_json::from_str(line).with_context(|| format!("not one JSON line: {line}"))?;
+        ensure!(record["kind"] == "access", "{line}");
+        lines += 1.0;
+    }
+    println!("{closed} connections closed: {lines} access lines written, {dropped} dropped");
+    assert_eq!(
+        lines + dropped,
+        closed,
+        "every connection's line was written or counted"
+    );
+    Ok(())
+}
+
+fn dropped_lines(agent: &TestAgent) -> Result<f64> {
+    Ok(Scrape::parse(&agent.metrics()?).sum("weft_access_log_lines_dropped_total", &[]))
 }
 
 /// The access-log line an agent wrote for the connection to `to` in `direction`.
