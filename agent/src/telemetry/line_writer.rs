@@ -184,7 +184,7 @@ fn write_lines(shared: &Shared, mut writer: impl Write) {
         std::mem::swap(&mut batch, &mut queue.bytes);
         let (through, lines) = (queue.queued_lines, queue.queued_lines - queue.done_lines);
         drop(queue);
-        let result = writer.write_all(&batch).and_then(|()| writer.flush());
+        let result = write_whole_lines(&mut writer, &batch);
         batch.clear();
         batch.shrink_to(KEPT_BATCH_BYTES);
         let dropped = {
@@ -217,6 +217,28 @@ fn write_lines(shared: &Shared, mut writer: impl Write) {
             }
         }
     }
+}
+
+/// Writes `batch` (whole lines) in writes of at most `PIPE_BUF` bytes that each end at a
+/// line's end. A pipe takes such a write whole, so a line is never split by another writer
+/// of the same pipe (stdout and stderr are one stream under systemd and `2>&1`). A longer
+/// line goes alone, as it did when each line was its own write.
+fn write_whole_lines(writer: &mut impl Write, batch: &[u8]) -> io::Result<()> {
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let end = if rest.len() <= libc::PIPE_BUF {
+            rest.len()
+        } else {
+            let newline = |bytes: &[u8]| bytes.iter().rposition(|&b| b == b'\n');
+            newline(&rest[..libc::PIPE_BUF])
+                .or_else(|| rest.iter().position(|&b| b == b'\n'))
+                .map_or(rest.len(), |i| i + 1)
+        };
+        let (chunk, tail) = rest.split_at(end);
+        writer.write_all(chunk)?;
+        rest = tail;
+    }
+    writer.flush()
 }
 
 /// For the log subscriber: each event is formatted into a buffer of its own and queued

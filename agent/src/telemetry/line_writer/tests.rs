@@ -148,3 +148,38 @@ fn a_log_event_is_queued_as_one_line_and_the_thread_ends_with_the_last_clone() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_batch_goes_out_in_pipe_sized_writes_of_whole_lines() {
+    /// Records each write it is given.
+    struct Writes(Vec<Vec<u8>>);
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let long = format!("{}\n", "y".repeat(3 * libc::PIPE_BUF)).into_bytes();
+    let mut batch: Vec<u8> = (0..20).flat_map(line).collect();
+    batch.extend_from_slice(&long);
+    batch.extend(line(20));
+    let mut writes = Writes(Vec::new());
+    write_whole_lines(&mut writes, &batch).unwrap();
+
+    assert_eq!(writes.0.concat(), batch, "every byte, in order");
+    assert!(
+        writes.0.len() < 20,
+        "lines are batched: {} writes",
+        writes.0.len()
+    );
+    for write in &writes.0 {
+        assert!(write.ends_with(b"\n"), "a write ends at a line's end");
+        assert!(
+            write.len() <= libc::PIPE_BUF || *write == long,
+            "only a line longer than PIPE_BUF exceeds it"
+        );
+    }
+}
