@@ -327,26 +327,41 @@ async fn exchange_h1(
         Some(sender) => sender,
         None => connect_h1(options.to).await?,
     };
-    let mut request = build_request(options, options.path.clone())?;
-    if !request.headers().contains_key(header::HOST) {
-        let host = HeaderValue::try_from(options.to.to_string())
-            .map_err(|e| Failure::new("http", e.to_string()))?;
-        request.headers_mut().insert(header::HOST, host);
-    }
-    let response = match sender.try_send_request(request).await {
+    let request = || -> Result<Request<ReqBody>, Failure> {
+        let mut request = build_request(options, options.path.clone())?;
+        if !request.headers().contains_key(header::HOST) {
+            let host = HeaderValue::try_from(options.to.to_string())
+                .map_err(|e| Failure::new("http", e.to_string()))?;
+            request.headers_mut().insert(header::HOST, host);
+        }
+        Ok(request)
+    };
+    let response = match sender.try_send_request(request()?).await {
         Ok(response) => response,
-        Err(mut e) => match e.take_message() {
-            // The peer closed the kept-alive connection before the request went out (any
-            // browser retries then): once more on a new connection, not a failure.
-            Some(request) if reused => {
-                sender = connect_h1(options.to).await?;
-                sender
-                    .send_request(request)
-                    .await
-                    .map_err(|e| Failure::http(&e))?
+        Err(mut e) => {
+            // The peer closed the kept-alive connection before the request went out, or
+            // (RFC 9110 9.2.2) before any answer to an idempotent one: once more on a new
+            // connection, as browsers and Go's client do, not a failure. A server closing an
+            // idle connection cannot know a request is already on its way.
+            let closed_before_answer = e.error().is_incomplete_message()
+                && options.method.is_idempotent()
+                && options.slow_body.is_none();
+            let again = match e.take_message() {
+                Some(request) => Some(request),
+                None if closed_before_answer => Some(request()?),
+                None => None,
+            };
+            match again {
+                Some(request) if reused => {
+                    sender = connect_h1(options.to).await?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(|e| Failure::http(&e))?
+                }
+                _ => return Err(Failure::http(e.error())),
             }
-            _ => return Err(Failure::http(e.error())),
-        },
+        }
     };
     let sample = read_response(response).await?;
     *conn = Some(sender);
