@@ -168,8 +168,8 @@ impl Drop for Producer {
     }
 }
 
-/// The writer thread: takes everything queued as one batch, writes it with one call, and
-/// ends once no producer is left and the queue is empty.
+/// The writer thread: takes everything queued as one batch, writes it out, and ends once
+/// no producer is left and the queue is empty. A failed batch counts all its lines as lost.
 fn write_lines(shared: &Shared, mut writer: impl Write) {
     let mut batch = Vec::new();
     let mut failing = false;
@@ -229,8 +229,9 @@ fn write_whole_lines(writer: &mut impl Write, batch: &[u8]) -> io::Result<()> {
         let end = if rest.len() <= libc::PIPE_BUF {
             rest.len()
         } else {
-            let newline = |bytes: &[u8]| bytes.iter().rposition(|&b| b == b'\n');
-            newline(&rest[..libc::PIPE_BUF])
+            rest[..libc::PIPE_BUF]
+                .iter()
+                .rposition(|&b| b == b'\n')
                 .or_else(|| rest.iter().position(|&b| b == b'\n'))
                 .map_or(rest.len(), |i| i + 1)
         };
