@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod kube;
 pub mod node;
 pub mod syntax;
+pub mod traffic;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -6,6 +6,7 @@
 pub mod policy;
 pub mod route;
 pub mod service;
+pub mod traffic;
 pub mod waypoint;
 pub mod workload;
 
@@ -24,6 +25,7 @@ pub use policy::{
 };
 pub use route::{HttpRoute, RouteKind};
 pub use service::{Service, ServicePort};
+pub use traffic::{ConnectionPool, TrafficPolicy};
 pub use waypoint::Waypoint;
 pub use workload::{Location, Workload, WorkloadRef};
 
@@ -42,6 +44,9 @@ pub struct Snapshot {
     pub waypoints: BTreeMap<WorkloadRef, Waypoint>,
     /// L7 routes (for waypoints), ordered by kind, then namespace/name.
     pub routes: Vec<HttpRoute>,
+    /// Traffic policies (for waypoints), oldest first: where two set the same feature for
+    /// one Service, the first wins.
+    pub traffic_policies: Vec<TrafficPolicy>,
     /// Namespaces labelled into the mesh, where the source knows namespace labels (the
     /// Kubernetes source). `None` for the local file, whose workloads say it one by one.
     /// The CNI plugin refuses an unknown pod of such a namespace rather than let it run

@@ -27,11 +27,12 @@ use crate::{
     source::{
         SourceStatus, gateway,
         syntax::{self, Invalid, RuleSpec, SelectorSpec},
+        traffic,
     },
     state::{
         AccessLogSettings, AccessPolicy, Action, HttpRoute, Location, MeshSettings, MtlsMode,
-        MtlsSettings, RouteKind, SameNode, Service, ServicePort, Snapshot, Waypoint, Workload,
-        WorkloadRef,
+        MtlsSettings, RouteKind, SameNode, Service, ServicePort, Snapshot, TrafficPolicy, Waypoint,
+        Workload, WorkloadRef,
     },
 };
 
@@ -102,6 +103,11 @@ pub fn parse_settings(path: &Path, text: &str) -> Result<FileDoc, Error> {
             "Namespace labels (weft.dev/use-waypoint)",
         ),
         ("routes", raw.routes.is_empty(), "Gateway API routes"),
+        (
+            "trafficPolicies",
+            raw.traffic_policies.is_empty(),
+            "TrafficPolicy resources",
+        ),
     ];
     for (field, empty, from) in sections {
         if !empty {
@@ -247,6 +253,9 @@ struct RawFile {
     /// `HTTPRoute` and `GRPCRoute` objects, as their manifests.
     #[serde(default)]
     routes: Vec<serde_json::Value>,
+    /// `TrafficPolicy` objects, as their manifests; the first listed counts as the oldest.
+    #[serde(default)]
+    traffic_policies: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -477,6 +486,7 @@ impl Validator<'_> {
             };
         }
         let routes = self.routes(raw.routes)?;
+        let traffic_policies = self.traffic_policies(raw.traffic_policies)?;
         let policies = self.named_list("policies", "policy", raw.policies, |field, raw| {
             self.policy(field, raw).map(|p| (p.name.clone(), p))
         })?;
@@ -492,6 +502,7 @@ impl Validator<'_> {
                 policies,
                 waypoints,
                 routes,
+                traffic_policies,
                 mesh_namespaces: None,
                 index: Default::default(),
             },
@@ -675,6 +686,23 @@ impl Validator<'_> {
             routes.insert(key, route);
         }
         Ok(routes.into_values().collect())
+    }
+
+    /// The traffic policies, in the file's order (which is the conflict rule's age order).
+    fn traffic_policies(&self, raws: Vec<serde_json::Value>) -> Result<Vec<TrafficPolicy>, Error> {
+        let mut policies: Vec<TrafficPolicy> = Vec::new();
+        for (i, raw) in raws.iter().enumerate() {
+            let field = format!("trafficPolicies[{i}]");
+            let policy = traffic::object(&field, raw, DEFAULT).map_err(|e| self.error(e))?;
+            if policies.iter().any(|p| p.name == policy.name) {
+                return Err(self.invalid(
+                    format!("{field}.metadata.name"),
+                    format!("duplicate TrafficPolicy {}", policy.name),
+                ));
+            }
+            policies.push(policy);
+        }
+        Ok(policies)
     }
 
     /// `field.name` and `field.namespace` (default `default`) of a named object.

@@ -135,6 +135,7 @@ pub(super) fn snapshot(
         policies,
         waypoints,
         routes,
+        traffic_policies: Vec::new(),
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }

@@ -84,6 +84,105 @@ pub struct MtlsSpec {
     pub mode: MtlsMode,
 }
 
+/// How a waypoint treats the backends of the Services it targets: connection pools and
+/// circuit breaking (docs/waypoint.md).
+#[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "AttachedPolicyStatus",
+    shortname = "tp",
+    category = "weft",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRefs[*].name"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "Connection pools and circuit breaking for the Services it targets, at their waypoint"
+)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    /// The Services (in the policy's namespace) it attaches to (Gateway API policy
+    /// attachment). Where two policies set the same feature for one Service, the older wins.
+    #[schemars(length(min = 1, max = 16))]
+    pub target_refs: Vec<TargetRefSpec>,
+    /// Limits of the waypoint's connections and requests to each target's endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+}
+
+/// A Gateway API `LocalPolicyTargetReference`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRefSpec {
+    /// `""` (core) for a Service.
+    #[serde(default)]
+    pub group: String,
+    /// `Service`.
+    pub kind: String,
+    /// The Service's name.
+    pub name: String,
+}
+
+/// Istio's `connectionPool` (tcp.maxConnections, http.http1MaxPendingRequests,
+/// http.http2MaxRequests, http.maxRequestsPerConnection, http.maxRetries) in one place.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPoolSpec {
+    /// HTTP connections open to the service's endpoints, idle or busy; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection while `maxConnections` are busy; 0: none wait.
+    /// Absent: 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight to the service at once; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<u32>,
+    /// Requests one connection carries before it is closed; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests_per_connection: Option<u32>,
+    /// Retries in flight to the service at once; 0: no retries. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+/// Status of a policy attached with `targetRefs`: GEP-713's `PolicyStatus`, one entry per
+/// target (the ancestor, for a policy attached to a Service).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachedPolicyStatus {
+    /// Per target: `Accepted` True, or False with reason `Conflicted`, `TargetNotFound` or
+    /// `Invalid`.
+    #[serde(default)]
+    pub ancestors: Vec<PolicyAncestorStatus>,
+}
+
+/// One ancestor's conditions (GEP-713).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyAncestorStatus {
+    /// The target.
+    pub ancestor_ref: AncestorRef,
+    /// `weft.dev/waypoint`.
+    pub controller_name: String,
+    /// `Accepted`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// A Gateway API `ParentReference` to the policy's target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AncestorRef {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
 /// Status of a weft policy resource.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -96,16 +195,20 @@ pub struct PolicyStatus {
 
 /// The CRD manifests of the chart, as (file name, YAML), in a stable order.
 pub fn files() -> Vec<(String, String)> {
-    [AccessPolicy::crd(), PeerAuthentication::crd()]
-        .into_iter()
-        .map(|crd| {
-            let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"));
-            // Serializing generated API types into YAML cannot fail (no maps with non-string
-            // keys, no non-finite floats).
-            let yaml = serde_yaml::to_string(&crd).expect("BUG: CRD serializes to YAML");
-            (name, format!("{HEADER}{yaml}"))
-        })
-        .collect()
+    [
+        AccessPolicy::crd(),
+        PeerAuthentication::crd(),
+        TrafficPolicy::crd(),
+    ]
+    .into_iter()
+    .map(|crd| {
+        let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"));
+        // Serializing generated API types into YAML cannot fail (no maps with non-string
+        // keys, no non-finite floats).
+        let yaml = serde_yaml::to_string(&crd).expect("BUG: CRD serializes to YAML");
+        (name, format!("{HEADER}{yaml}"))
+    })
+    .collect()
 }
 
 /// Where the chart's CRDs live, relative to the workspace root.

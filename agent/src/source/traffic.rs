@@ -1,0 +1,221 @@
+//! `weft.dev/v1alpha1 TrafficPolicy` objects → `state::TrafficPolicy`: the one validation,
+//! shared by the local file (`trafficPolicies:` items, the objects as their manifests say)
+//! and the Kubernetes source (watched objects). Errors name the field below the caller's
+//! prefix (`trafficPolicies[1].spec.targetRefs[0].kind`).
+//!
+//! Only Services are targets so far; a route (`HTTPRoute`) target is an error naming the
+//! field, never silently ignored.
+
+use serde_json::Value;
+
+use crate::{
+    source::{
+        gateway::at,
+        kube::crd::{ConnectionPoolSpec, TargetRefSpec, TrafficPolicySpec},
+        syntax::{self, Invalid},
+    },
+    state::{
+        TrafficPolicy, WorkloadRef,
+        traffic::{ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS},
+    },
+};
+
+/// The `apiVersion` of traffic policies.
+pub const API_VERSION: &str = "weft.dev/v1alpha1";
+
+/// Validates a whole object (`apiVersion`, `kind`, `metadata`, `spec`) found at `field`; an
+/// object without a namespace is in `default_namespace`.
+pub fn object(
+    field: &str,
+    object: &Value,
+    default_namespace: &str,
+) -> Result<TrafficPolicy, Invalid> {
+    let text = |key: &str| object.get(key).and_then(Value::as_str);
+    if text("apiVersion") != Some(API_VERSION) {
+        return Err(invalid(
+            at(field, "apiVersion"),
+            format!("{:?}: expected {API_VERSION:?}", text("apiVersion")),
+        ));
+    }
+    if text("kind") != Some("TrafficPolicy") {
+        return Err(invalid(
+            at(field, "kind"),
+            format!("{:?}: expected \"TrafficPolicy\"", text("kind")),
+        ));
+    }
+    let metadata = object.get("metadata").cloned().unwrap_or(Value::Null);
+    let name_of = |key: &str| metadata.get(key).and_then(Value::as_str).map(str::to_owned);
+    let namespace = syntax::name(
+        &at(field, "metadata.namespace"),
+        name_of("namespace").unwrap_or_else(|| default_namespace.into()),
+    )?;
+    let name = syntax::name(
+        &at(field, "metadata.name"),
+        name_of("name").unwrap_or_default(),
+    )?;
+    let spec_field = at(field, "spec");
+    let raw = object.get("spec").cloned().unwrap_or(Value::Null);
+    let spec: TrafficPolicySpec = syntax::decode(&spec_field, &raw)?;
+    policy(&spec_field, WorkloadRef::new(namespace, name), spec)
+}
+
+/// Validates the `spec` (found at `field`) of the policy `name`.
+pub fn policy(
+    field: &str,
+    name: WorkloadRef,
+    spec: TrafficPolicySpec,
+) -> Result<TrafficPolicy, Invalid> {
+    if spec.target_refs.is_empty() {
+        return Err(invalid(
+            at(field, "targetRefs"),
+            "at least one target is needed".into(),
+        ));
+    }
+    let targets = spec
+        .target_refs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| target(&format!("{}[{i}]", at(field, "targetRefs")), &name, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let connection_pool = spec
+        .connection_pool
+        .map(|p| connection_pool(&at(field, "connectionPool"), p))
+        .transpose()?;
+    Ok(TrafficPolicy {
+        name,
+        targets,
+        connection_pool,
+    })
+}
+
+fn target(field: &str, policy: &WorkloadRef, raw: TargetRefSpec) -> Result<WorkloadRef, Invalid> {
+    if !(raw.group.is_empty() || raw.group == "core") || raw.kind != "Service" {
+        return Err(invalid(
+            at(field, "kind"),
+            format!(
+                "{}/{}: only a Service (group \"\") is a target so far",
+                raw.group, raw.kind
+            ),
+        ));
+    }
+    let name = syntax::name(&at(field, "name"), raw.name)?;
+    Ok(WorkloadRef::new(policy.namespace.clone(), name))
+}
+
+fn connection_pool(field: &str, raw: ConnectionPoolSpec) -> Result<ConnectionPool, Invalid> {
+    let at_least_one = |key: &str, value: Option<u32>| match value {
+        Some(0) => Err(invalid(
+            at(field, key),
+            "must be at least 1 (absent: no limit)".into(),
+        )),
+        other => Ok(other),
+    };
+    Ok(ConnectionPool {
+        max_connections: at_least_one("maxConnections", raw.max_connections)?,
+        max_pending_requests: raw
+            .max_pending_requests
+            .unwrap_or(DEFAULT_MAX_PENDING_REQUESTS),
+        max_requests: at_least_one("maxRequests", raw.max_requests)?,
+        max_requests_per_connection: at_least_one(
+            "maxRequestsPerConnection",
+            raw.max_requests_per_connection,
+        )?,
+        max_retries: raw.max_retries,
+    })
+}
+
+fn invalid(field: String, reason: String) -> Invalid {
+    Invalid { field, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn manifest(spec: Value) -> Value {
+        json!({
+            "apiVersion": API_VERSION, "kind": "TrafficPolicy",
+            "metadata": {"name": "pool", "namespace": "prod"},
+            "spec": spec,
+        })
+    }
+
+    #[test]
+    fn a_service_target_and_its_pool_are_read() {
+        let policy = object(
+            "trafficPolicies[0]",
+            &manifest(json!({
+                "targetRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                "connectionPool": {"maxConnections": 10, "maxPendingRequests": 0, "maxRetries": 3},
+            })),
+            "default",
+        )
+        .unwrap();
+        assert_eq!(policy.name, WorkloadRef::new("prod", "pool"));
+        assert_eq!(policy.targets, [WorkloadRef::new("prod", "reviews")]);
+        assert_eq!(
+            policy.connection_pool,
+            Some(ConnectionPool {
+                max_connections: Some(10),
+                max_pending_requests: 0,
+                max_retries: Some(3),
+                ..ConnectionPool::default()
+            })
+        );
+    }
+
+    #[test]
+    fn the_pending_queue_has_a_limit_even_when_none_is_written() {
+        let policy = object(
+            "",
+            &manifest(json!({
+                "targetRefs": [{"kind": "Service", "name": "reviews"}],
+                "connectionPool": {"maxConnections": 10},
+            })),
+            "default",
+        )
+        .unwrap();
+        let pool = policy.connection_pool.unwrap();
+        assert_eq!(pool.max_pending_requests, DEFAULT_MAX_PENDING_REQUESTS);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                json!({"targetRefs": []}),
+                "trafficPolicies[0].spec.targetRefs",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}]}),
+                "trafficPolicies[0].spec.targetRefs[0].kind",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "Bad_Name"}]}),
+                "trafficPolicies[0].spec.targetRefs[0].name",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "connectionPool": {"maxConnections": 0}}),
+                "trafficPolicies[0].spec.connectionPool.maxConnections",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "connectionPool": {"maxConections": 5}}),
+                "trafficPolicies[0].spec.connectionPool",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "connectionPool": {"maxRequests": -1}}),
+                "trafficPolicies[0].spec.connectionPool.maxRequests",
+            ),
+        ];
+        for (spec, field) in cases {
+            let e = object("trafficPolicies[0]", &manifest(spec.clone()), "default").unwrap_err();
+            assert_eq!(e.field, field, "{spec}: {e}");
+        }
+        let mut wrong_kind = manifest(json!({}));
+        wrong_kind["kind"] = json!("DestinationRule");
+        let e = object("trafficPolicies[0]", &wrong_kind, "default").unwrap_err();
+        assert_eq!(e.field, "trafficPolicies[0].kind");
+    }
+}
