@@ -28,6 +28,7 @@
 
 mod access_log;
 mod backend;
+mod breaker;
 mod filters;
 mod metrics;
 mod observe;
@@ -100,6 +101,8 @@ pub enum Error {
     Downstream(String),
     #[error("refused the request's path: {0}")]
     Path(#[from] path::Error),
+    #[error("the backend service's connection pool is full ({})", .0.name())]
+    Overflow(breaker::Limit),
 }
 
 impl Error {
@@ -121,6 +124,7 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::Downstream(_) => "downstream",
             Error::Path(e) => e.reason(),
+            Error::Overflow(_) => "overflow",
         }
     }
 
@@ -135,6 +139,7 @@ impl Error {
             Error::Upstream(_) => "UC",
             Error::TryTimeout | Error::RequestTimeout => "UT",
             Error::BadRequest(_) | Error::Downstream(_) | Error::Path(_) => "DPE",
+            Error::Overflow(_) => "UO",
         }
     }
 
@@ -213,6 +218,8 @@ struct Inner {
     state: StateHandle,
     view: Mutex<Arc<View>>,
     pub upstreams: Upstreams,
+    /// Connection-pool limits and counters, per backend Service.
+    pub breakers: breaker::Breakers,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub exporter: Option<Arc<dyn SpanExporter>>,
@@ -226,6 +233,20 @@ struct View {
     pub snapshot: Arc<Snapshot>,
     pub routes: RouteTable,
     pub policy: PolicyIndex,
+    /// The connection pool of each Service a `TrafficPolicy` gives one.
+    pub pools: breaker::Pools,
+}
+
+impl View {
+    /// What `snapshot` means, with `policy` (rebuilt from the previous view's index).
+    fn build(snapshot: Arc<Snapshot>, policy: &PolicyIndex) -> Self {
+        Self {
+            routes: RouteTable::build(&snapshot),
+            policy: policy.rebuild(&snapshot),
+            pools: breaker::pools(&snapshot),
+            snapshot,
+        }
+    }
 }
 
 /// The original destination of a CONNECT.

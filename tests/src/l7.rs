@@ -56,6 +56,9 @@ pub struct ServedRequest {
     pub body_bytes: u64,
     /// What the server answered: 200, or 503 for a `--fail-every` turn.
     pub status: u16,
+    /// Requests the server was answering when this one arrived, this one included.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 /// A request `http-serve` holds (`--delay`, or asked for) before answering: printed as
@@ -81,6 +84,9 @@ pub struct HttpLoadReport {
     pub by_status: BTreeMap<u16, u64>,
     /// Latency of completed requests (first byte out to last byte in).
     pub latency_ms: Latency,
+    /// The same, by status code.
+    #[serde(default)]
+    pub latency_by_status_ms: BTreeMap<u16, Latency>,
     /// Requests that got no complete response, by reason: `connect`, `reset`, `timeout`,
     /// `http` (a protocol error), `body` (the response body broke off).
     pub errors: BTreeMap<String, u64>,

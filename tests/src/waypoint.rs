@@ -37,6 +37,15 @@ pub struct TestWaypoint {
 }
 
 impl TestWaypoint {
+    /// The pod a waypoint named `name` runs in on `node`: its service account is `name`,
+    /// and it is not enrolled (the waypoint owns the pod's 15008).
+    pub fn pod(node: &TestNode, name: &str) -> Result<TestPod> {
+        node.pod(name)
+            .service_account(name)
+            .enrolled(false)
+            .create()
+    }
+
     /// Starts `weft waypoint` in `pod` as `name` (its service account too), with the
     /// node's config plus `routes` (Gateway API objects), and waits until it is ready.
     pub fn start(node: &TestNode, pod: &TestPod, name: &str, routes: Value) -> Result<Self> {
@@ -96,10 +105,16 @@ impl TestWaypoint {
     /// Rewrites the state file from the node's config and `routes`; the waypoint picks the
     /// change up on its next poll.
     pub fn write_config(&self, node: &TestNode, routes: Value) -> Result<()> {
+        self.write_sections(node, serde_json::json!({ "routes": routes }))
+    }
+
+    /// Rewrites the state file from the node's config and `sections` (top-level keys:
+    /// `routes`, `trafficPolicies`); the waypoint picks the change up on its next poll.
+    pub fn write_sections(&self, node: &TestNode, sections: Value) -> Result<()> {
         let mut config = node.config();
-        config["routes"] = routes;
-        // The agent's own section means nothing to a waypoint.
-        if let Some(c) = config.as_object_mut() {
+        if let (Some(c), Some(sections)) = (config.as_object_mut(), sections.as_object()) {
+            c.extend(sections.clone());
+            // The agent's own section means nothing to a waypoint.
             c.remove("agent");
         }
         let yaml = serde_yaml::to_string(&config).context("serialise waypoint config")?;

@@ -54,11 +54,7 @@ impl Mesh {
             .service_account("intruder")
             .enrolled(false)
             .create()?;
-        let wp_pod = node1
-            .pod("waypoint")
-            .service_account(WAYPOINT)
-            .enrolled(false)
-            .create()?;
+        let wp_pod = TestWaypoint::pod(&node1, WAYPOINT)?;
         let backend = |name: &str, app: &str| {
             node2
                 .pod(name)

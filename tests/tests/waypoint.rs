@@ -55,11 +55,7 @@ impl Mesh {
         let node2 = TestNode::new(test, 2)?;
         node1.connect(&node2)?;
         let client = node1.pod("client").service_account("client").create()?;
-        let wp_pod = node1
-            .pod("waypoint")
-            .service_account(WAYPOINT)
-            .enrolled(false)
-            .create()?;
+        let wp_pod = TestWaypoint::pod(&node1, WAYPOINT)?;
         // An OTLP/HTTP collector outside the mesh: the test app records each POST.
         let collector = node1.pod("collector").enrolled(false).create()?;
         let backend = |name: &str| {

@@ -12,7 +12,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, histogram::Histogram},
 };
 
-use crate::telemetry::Registry;
+use super::breaker::Limit;
+use crate::{state::WorkloadRef, telemetry::Registry};
 
 /// Istio's HTTP metric labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +61,15 @@ pub struct RouteLabels {
     pub destination_service: String,
 }
 
+/// Labels of the circuit-breaking counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// `pending_requests`, `requests` or `retries`.
+    pub limit: &'static str,
+}
+
 /// The waypoint's metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -73,6 +83,7 @@ pub struct Metrics {
     rejected: Family<ErrorLabels, Counter>,
     mirrors_skipped: Family<ErrorLabels, Counter>,
     forwarded_ignored: Family<ErrorLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
 }
 
 /// One finished request as the metrics see it.
@@ -109,6 +120,7 @@ impl Metrics {
             rejected: Family::default(),
             mirrors_skipped: Family::default(),
             forwarded_ignored: Family::default(),
+            overflows: Family::default(),
         }
     }
 
@@ -160,6 +172,17 @@ impl Metrics {
     pub fn forwarded_ignored(&self, reason: &'static str) {
         self.forwarded_ignored
             .get_or_create(&ErrorLabels { reason })
+            .inc();
+    }
+
+    /// A request refused, or a retry not made, at a connection-pool limit of `service`.
+    pub fn overflow(&self, service: &WorkloadRef, limit: Limit) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                destination_service_name: service.name.clone(),
+                destination_service_namespace: service.namespace.clone(),
+                limit: limit.name(),
+            })
             .inc();
     }
 
@@ -236,6 +259,12 @@ impl Collector for Exposition {
             "CONNECTs whose forwarded: for= did not name a workload of the peer's identity, by reason",
             None,
             m.forwarded_ignored.metric_type(),
+        )?)?;
+        m.overflows.encode(encoder.encode_descriptor(
+            "waypoint_overflows",
+            "Requests refused with 503 (UO), or retries not made, at a connection-pool limit of a backend Service, by limit",
+            None,
+            m.overflows.metric_type(),
         )?)?;
         Ok(())
     }

@@ -11,6 +11,7 @@ use tracing::{debug, info};
 use super::{
     Error, Tunnel, View,
     backend::{self, Endpoint},
+    breaker::{Breaker, Limit, Permit},
     filters,
     observe::{Counted, Exchange, Observed},
     plan::{self, Forward, Outcome, Template, plan},
@@ -150,6 +151,8 @@ impl Tries<'_> {
     ) -> Result<Response<BoxBody>, Error> {
         let inner = &self.tunnel.inner;
         let mut attempt = 0u32;
+        // The place of the retry in flight under its Service's `maxRetries`.
+        let mut _retrying: Option<Permit> = None;
         loop {
             let endpoint = self
                 .forward
@@ -180,21 +183,33 @@ impl Tries<'_> {
                 .destination_workload_namespace
                 .clone_from(&endpoint.workload.namespace);
             exchange.labels.destination_principal = endpoint.identity.to_string();
+            let breaker = self.breaker(&endpoint);
+            let in_flight = breaker.try_request().map_err(|limit| {
+                overflowed(self.tunnel, &breaker, limit);
+                Error::Overflow(limit)
+            })?;
             let template = &self.forward.template;
             let request = template.build(&endpoint, body.take())?;
-            let send = inner.upstreams.send(&endpoint, template.protocol, request);
+            let send = inner
+                .upstreams
+                .send(&endpoint, template.protocol, request, &breaker);
             let result = match self.forward.timeouts.backend_request {
                 Some(limit) => tokio::time::timeout(limit, send)
                     .await
                     .unwrap_or(Err(Error::TryTimeout)),
                 None => send.await,
             };
+            if let Err(Error::Overflow(limit)) = &result {
+                overflowed(self.tunnel, &breaker, *limit);
+            }
+            // In flight until the response's body has been read.
+            let result = result.map(|response| response.map(|body| hold(body, in_flight)));
             // Known only now: a recorded body may have outgrown the replay limit.
             let retry = self
                 .forward
                 .retry
                 .filter(|r| attempt < r.attempts && body.replayable());
-            let r = match (result, retry) {
+            let r = match (&result, retry) {
                 (Ok(response), Some(r)) if retry::retries_status(r, response.status().as_u16()) => {
                     debug!(component = "waypoint", upstream = %endpoint.addr, status = response.status().as_u16(), attempt, "retrying");
                     r
@@ -203,12 +218,74 @@ impl Tries<'_> {
                     debug!(component = "waypoint", upstream = %endpoint.addr, reason = e.reason(), attempt, "retrying");
                     r
                 }
-                (result, _) => return result,
+                _ => return result,
             };
+            // Over `maxRetries` the client gets this try's answer: no retry storm.
+            match breaker.try_retry() {
+                Ok(permit) => _retrying = Some(permit),
+                Err(limit) => {
+                    overflowed(self.tunnel, &breaker, limit);
+                    return result;
+                }
+            }
             tokio::time::sleep(retry::backoff(r.backoff, attempt)).await;
             attempt += 1;
             exchange.record.retries = attempt;
         }
+    }
+}
+
+impl Tries<'_> {
+    /// The breaker of the endpoint's Service, with its current limits.
+    fn breaker(&self, endpoint: &Endpoint) -> Arc<Breaker> {
+        breaker_of(self.tunnel, self.view, endpoint)
+    }
+}
+
+fn breaker_of(tunnel: &Tunnel, view: &View, endpoint: &Endpoint) -> Arc<Breaker> {
+    let limits = view.pools.get(&endpoint.service).copied();
+    tunnel.inner.breakers.of(&endpoint.service, limits)
+}
+
+/// Counts and logs (once per episode and service) a request or retry a limit refused.
+fn overflowed(tunnel: &Tunnel, breaker: &Breaker, limit: Limit) {
+    tunnel.inner.metrics.overflow(breaker.service(), limit);
+    crate::warn_limited!(component = "waypoint", service = %breaker.service(), limit = limit.name(),
+        "connection pool limit reached: refusing requests (503, UO) until it frees");
+}
+
+/// `body`, holding `permit` until it has been read or dropped.
+fn hold(body: BoxBody, permit: Permit) -> BoxBody {
+    Holding {
+        body,
+        _permit: permit,
+    }
+    .boxed_unsync()
+}
+
+/// A response body and the request's place under `maxRequests`.
+struct Holding {
+    body: BoxBody,
+    _permit: Permit,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = super::upstream::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -258,8 +335,21 @@ fn send_mirror(
         Err(e) => return skipped(e.reason()),
     };
     let protocol = template.protocol;
+    let breaker = breaker_of(tunnel, view, &endpoint);
+    let in_flight = match breaker.try_request() {
+        Ok(permit) => permit,
+        Err(limit) => {
+            overflowed(tunnel, &breaker, limit);
+            return skipped("overflow");
+        }
+    };
     tokio::spawn(async move {
-        match inner.upstreams.send(&endpoint, protocol, request).await {
+        let _in_flight = in_flight;
+        match inner
+            .upstreams
+            .send(&endpoint, protocol, request, &breaker)
+            .await
+        {
             Ok(response) => {
                 // Read to the end so the connection can be reused.
                 let _ = response.into_body().collect().await;

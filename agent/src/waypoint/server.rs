@@ -23,9 +23,7 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
-use super::{
-    Config, Inner, Metrics, RouteTable, Target, Tunnel, View, request, upstream::Upstreams,
-};
+use super::{Config, Inner, Metrics, Target, Tunnel, View, breaker, request, upstream::Upstreams};
 use crate::{
     drain::Drain,
     hbone,
@@ -56,12 +54,8 @@ impl Waypoint {
         drain: Drain,
     ) -> Self {
         let snapshot = Arc::clone(&state.borrow());
-        let view = View {
-            routes: RouteTable::build(&snapshot),
-            policy: PolicyIndex::for_trust_domain(Some(config.identity.trust_domain()))
-                .rebuild(&snapshot),
-            snapshot,
-        };
+        let policy = PolicyIndex::for_trust_domain(Some(config.identity.trust_domain()));
+        let view = View::build(snapshot, &policy);
         let upstreams = Upstreams::new(
             pool,
             config.identity.clone(),
@@ -75,6 +69,7 @@ impl Waypoint {
                 state,
                 view: Mutex::new(Arc::new(view)),
                 upstreams,
+                breakers: breaker::Breakers::default(),
                 metrics,
                 access_log,
                 exporter,
@@ -140,11 +135,9 @@ impl Inner {
         let snapshot = Arc::clone(&self.state.borrow());
         let mut view = self.view.lock();
         if !Arc::ptr_eq(&view.snapshot, &snapshot) {
-            *view = Arc::new(View {
-                routes: RouteTable::build(&snapshot),
-                policy: view.policy.rebuild(&snapshot),
-                snapshot,
-            });
+            self.breakers
+                .retain(|service| snapshot.services.contains_key(service));
+            *view = Arc::new(View::build(snapshot, &view.policy));
         }
         Arc::clone(&view)
     }

@@ -700,5 +700,6 @@ const FOREVER_MS: &str = "3600000";
 mod drain;
 mod hardening;
 mod observability;
+mod pools;
 mod resilience;
 mod routing;

@@ -2,9 +2,15 @@
 //! `hbone::Pool`, which shares TLS connections), pooled by (endpoint, identity, protocol):
 //! HTTP/2 connections are multiplexed, HTTP/1.1 connections are reused once their last
 //! response has been read (keep-alive). Connections unused for the idle timeout close.
+//!
+//! Every connection holds a place under its Service's `maxConnections` (`breaker`). A
+//! request that needs a new connection when they are all taken closes an idle one of the
+//! same Service (to another endpoint), or waits for one to be released, or, when
+//! `maxPendingRequests` are waiting already, is refused.
 
 use std::{
     collections::HashMap,
+    convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     pin::Pin,
     sync::{Arc, Weak},
@@ -23,8 +29,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
-use super::{Error, backend::Endpoint};
+use super::{
+    Error,
+    backend::Endpoint,
+    breaker::{Breaker, Permit},
+};
 use crate::{
+    state::WorkloadRef,
     sync::Mutex,
     {hbone, identity::SpiffeId},
 };
@@ -51,6 +62,8 @@ struct Key {
     endpoint: SocketAddr,
     identity: SpiffeId,
     protocol: Protocol,
+    /// The Service whose `maxConnections` the connection counts against.
+    service: WorkloadRef,
 }
 
 struct Inner {
@@ -65,11 +78,28 @@ struct Inner {
 }
 
 /// An HTTP/1.1 connection waiting for its next request, and since when.
-type IdleHttp1 = (http1::SendRequest<BoxBody>, Instant);
+type IdleHttp1 = (Http1Conn, Instant);
+
+/// An HTTP/1.1 connection, its place under `maxConnections`, and the requests it carried.
+struct Http1Conn {
+    sender: http1::SendRequest<BoxBody>,
+    permit: Permit,
+    served: u32,
+}
 
 struct H2Entry {
     sender: http2::SendRequest<BoxBody>,
     last_used: Instant,
+    /// Dropped (the place given back) when the entry is: a connection retired by
+    /// `maxRequestsPerConnection` stops counting while its last requests finish.
+    _permit: Permit,
+    served: u32,
+}
+
+/// A connection for a request: one to reuse, or the permit to open one.
+enum Checkout<T> {
+    Reuse(T),
+    Open(Permit),
 }
 
 impl Upstreams {
@@ -92,21 +122,24 @@ impl Upstreams {
         Self { inner }
     }
 
-    /// Sends `request` to `endpoint`, on a pooled connection or a new one.
+    /// Sends `request` to `endpoint`, on a pooled connection or a new one, within the
+    /// connection limits of `breaker` (the endpoint's Service's).
     pub async fn send(
         &self,
         endpoint: &Endpoint,
         protocol: Protocol,
         request: Request<BoxBody>,
+        breaker: &Arc<Breaker>,
     ) -> Result<Response<BoxBody>, Error> {
         let key = Key {
             endpoint: endpoint.addr,
             identity: endpoint.identity.clone(),
             protocol,
+            service: breaker.service().clone(),
         };
         match protocol {
             Protocol::Http2 => {
-                let (mut sender, reused) = self.http2_sender(&key).await?;
+                let (mut sender, reused) = self.http2_sender(&key, breaker).await?;
                 let response = match sender.try_send_request(request).await {
                     Ok(response) => response,
                     Err(mut e) => match e.take_message() {
@@ -114,7 +147,7 @@ impl Upstreams {
                         // (the backend went away while idle): once more on a new one.
                         Some(request) if reused => {
                             self.forget_http2(&key).await;
-                            let (mut sender, _) = self.http2_sender(&key).await?;
+                            let (mut sender, _) = self.http2_sender(&key, breaker).await?;
                             sender
                                 .send_request(request)
                                 .await
@@ -126,22 +159,29 @@ impl Upstreams {
                 Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
             }
             Protocol::Http1 => {
-                let (sender, response) = match self.idle_http1(&key) {
-                    Some(mut sender) => match sender.try_send_request(request).await {
-                        Ok(response) => (sender, response),
-                        Err(mut e) => match e.take_message() {
-                            // As above: an idle keep-alive connection the backend closed.
-                            Some(request) => self.send_http1_fresh(&key, request).await?,
-                            None => return Err(Error::Upstream(e.into_error())),
-                        },
-                    },
-                    None => self.send_http1_fresh(&key, request).await?,
+                let checkout = self.checkout(breaker, || self.idle_http1(&key)).await?;
+                let (mut conn, response) = match checkout {
+                    Checkout::Reuse(mut conn) => {
+                        match conn.sender.try_send_request(request).await {
+                            Ok(response) => (conn, response),
+                            Err(mut e) => match e.take_message() {
+                                // As above: an idle keep-alive connection the backend closed.
+                                // Its place goes to the new one.
+                                Some(request) => {
+                                    self.send_http1_fresh(&key, conn.permit, request).await?
+                                }
+                                None => return Err(Error::Upstream(e.into_error())),
+                            },
+                        }
+                    }
+                    Checkout::Open(permit) => self.send_http1_fresh(&key, permit, request).await?,
                 };
+                conn.served += 1;
                 let pool = Arc::downgrade(&self.inner);
                 Ok(response.map(|body| {
                     KeepAlive {
                         body,
-                        sender: Some(sender),
+                        conn: Some(conn),
                         pool,
                         key,
                     }
@@ -151,26 +191,77 @@ impl Upstreams {
         }
     }
 
-    /// Sends on a new HTTP/1.1 connection; the sender goes back to the pool with the body.
+    /// A connection to reuse (`reuse`), else a place for a new one: taken from the limit,
+    /// or from an idle HTTP/1.1 connection of the same Service, which is closed; else the
+    /// request waits, if `maxPendingRequests` allows, for a connection to be released.
+    async fn checkout<T>(
+        &self,
+        breaker: &Arc<Breaker>,
+        mut reuse: impl FnMut() -> Option<T>,
+    ) -> Result<Checkout<T>, Error> {
+        let mut waiting: Option<Permit> = None;
+        loop {
+            let released = breaker.released();
+            tokio::pin!(released);
+            // Enabled before looking, so a release between the look and the wait counts.
+            released.as_mut().enable();
+            if let Some(conn) = reuse() {
+                return Ok(Checkout::Reuse(conn));
+            }
+            if let Some(permit) = breaker.try_connection() {
+                return Ok(Checkout::Open(permit));
+            }
+            if self.close_idle_http1(breaker) {
+                continue;
+            }
+            if waiting.is_none() {
+                waiting = Some(breaker.try_pending().map_err(Error::Overflow)?);
+            }
+            released.await;
+        }
+    }
+
+    /// Closes one idle HTTP/1.1 connection counted against `breaker`, if there is one.
+    fn close_idle_http1(&self, breaker: &Arc<Breaker>) -> bool {
+        let mut pool = self.inner.http1.lock();
+        let closed = pool
+            .values_mut()
+            .find_map(|idle| {
+                let i = idle.iter().position(|(c, _)| c.permit.is_of(breaker))?;
+                Some(idle.swap_remove(i))
+            })
+            .is_some();
+        pool.retain(|_, idle| !idle.is_empty());
+        closed
+    }
+
+    /// Sends on a new HTTP/1.1 connection, which holds `permit`; the connection goes back
+    /// to the pool with the body.
     async fn send_http1_fresh(
         &self,
         key: &Key,
+        permit: Permit,
         request: Request<BoxBody>,
-    ) -> Result<(http1::SendRequest<BoxBody>, Response<Incoming>), Error> {
+    ) -> Result<(Http1Conn, Response<Incoming>), Error> {
         let mut sender = self.dial_http1(key).await?;
         let response = sender
             .send_request(request)
             .await
             .map_err(Error::Upstream)?;
-        Ok((sender, response))
+        let conn = Http1Conn {
+            sender,
+            permit,
+            served: 0,
+        };
+        Ok((conn, response))
     }
 
-    fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<BoxBody>> {
+    fn idle_http1(&self, key: &Key) -> Option<Http1Conn> {
         let mut pool = self.inner.http1.lock();
         let idle = pool.get_mut(key)?;
-        while let Some((sender, since)) = idle.pop() {
-            if sender.is_ready() && since.elapsed() < self.inner.idle_timeout {
-                return Some(sender);
+        while let Some((conn, since)) = idle.pop() {
+            if conn.sender.is_ready() && since.elapsed() < self.inner.idle_timeout {
+                return Some(conn);
             }
         }
         None
@@ -187,13 +278,32 @@ impl Upstreams {
     }
 
     /// The multiplexed connection for `key`, and whether it was pooled already.
-    async fn http2_sender(&self, key: &Key) -> Result<(http2::SendRequest<BoxBody>, bool), Error> {
+    async fn http2_sender(
+        &self,
+        key: &Key,
+        breaker: &Arc<Breaker>,
+    ) -> Result<(http2::SendRequest<BoxBody>, bool), Error> {
         let slot = Arc::clone(self.inner.http2.lock().entry(key.clone()).or_default());
         let mut slot = slot.lock().await;
         if let Some(entry) = slot.as_mut().filter(|e| !e.sender.is_closed()) {
             entry.last_used = Instant::now();
-            return Ok((entry.sender.clone(), true));
+            entry.served += 1;
+            let sender = entry.sender.clone();
+            if breaker
+                .requests_per_connection()
+                .is_some_and(|max| entry.served >= max)
+            {
+                // Retired: the next request opens a new connection.
+                *slot = None;
+            }
+            return Ok((sender, true));
         }
+        // A closed connection gives its place back before a new one asks for it.
+        *slot = None;
+        let permit = match self.checkout(breaker, || None::<Infallible>).await? {
+            Checkout::Reuse(never) => match never {},
+            Checkout::Open(permit) => permit,
+        };
         let stream = self.connect(key).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .adaptive_window(true)
@@ -201,9 +311,12 @@ impl Upstreams {
             .await
             .map_err(Error::Handshake)?;
         drive(connection, key.endpoint, "HTTP/2");
-        *slot = Some(H2Entry {
+        let retired = breaker.requests_per_connection() == Some(1);
+        *slot = (!retired).then(|| H2Entry {
             sender: sender.clone(),
             last_used: Instant::now(),
+            _permit: permit,
+            served: 1,
         });
         Ok((sender, false))
     }
@@ -266,20 +379,31 @@ async fn dial(address: SocketAddr) -> std::io::Result<TcpStream> {
 /// goes back to the pool.
 struct KeepAlive {
     body: Incoming,
-    sender: Option<http1::SendRequest<BoxBody>>,
+    conn: Option<Http1Conn>,
     pool: Weak<Inner>,
     key: Key,
 }
 
 impl KeepAlive {
+    /// Back to the pool, unless it carried `maxRequestsPerConnection` (then it closes).
     fn release(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.http1
-                .lock()
-                .entry(self.key.clone())
-                .or_default()
-                .push((sender, Instant::now()));
+        let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) else {
+            return;
+        };
+        let breaker = conn.permit.breaker();
+        if breaker
+            .requests_per_connection()
+            .is_some_and(|max| conn.served >= max)
+        {
+            return;
         }
+        let breaker = Arc::clone(breaker);
+        pool.http1
+            .lock()
+            .entry(self.key.clone())
+            .or_default()
+            .push((conn, Instant::now()));
+        breaker.connection_idle();
     }
 }
 
@@ -294,7 +418,7 @@ impl Body for KeepAlive {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Err(_))) => self.sender = None,
+            Poll::Ready(Some(Err(_))) => self.conn = None,
             _ => {}
         }
         polled.map_err(BoxError::from)
@@ -331,7 +455,7 @@ async fn sweep(pool: Weak<Inner>) {
         };
         let idle = pool.idle_timeout;
         pool.http1.lock().retain(|_, senders| {
-            senders.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < idle);
+            senders.retain(|(conn, since)| !conn.sender.is_closed() && since.elapsed() < idle);
             !senders.is_empty()
         });
         pool.http2.lock().retain(|_, slot| match slot.try_lock() {

@@ -22,7 +22,8 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
         | Error::UnknownEndpoint(_)
         | Error::Hbone(_)
         | Error::Handshake(_)
-        | Error::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+        | Error::Upstream(_)
+        | Error::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::BadRequest(_) | Error::Downstream(_) | Error::Path(_) => StatusCode::BAD_REQUEST,
     };
     if grpc {

@@ -14,7 +14,6 @@ use crate::{
             ValueMatch,
         },
     },
-    waypoint::RouteTable,
 };
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -78,11 +77,7 @@ fn service(name: &str, endpoints: Vec<IpAddr>) -> Service {
 
 fn view(snapshot: Snapshot) -> View {
     let snapshot = Arc::new(snapshot);
-    View {
-        routes: RouteTable::build(&snapshot),
-        policy: PolicyIndex::for_trust_domain(Some(TRUST_DOMAIN)).rebuild(&snapshot),
-        snapshot,
-    }
+    View::build(snapshot, &PolicyIndex::for_trust_domain(Some(TRUST_DOMAIN)))
 }
 
 /// Route `web`, attached to `echo` (every port).

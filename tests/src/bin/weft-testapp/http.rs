@@ -90,6 +90,7 @@ pub async fn serve_listener(
     let backend = Arc::new(Backend {
         options,
         seq: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
         log: Box::new(log),
     });
     crate::accept_loop(listener, move |stream, peer| {
@@ -115,12 +116,25 @@ type Log = Box<dyn Fn(&ServedRequest) + Send + Sync>;
 struct Backend {
     options: ServeOptions,
     seq: AtomicU64,
+    /// Requests between arrival and answer.
+    in_flight: AtomicU64,
     log: Log,
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Backend {
     async fn answer(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let _in_flight = InFlight(&self.in_flight);
         let (parts, mut body) = req.into_parts();
         let mut body_bytes = 0u64;
         while let Some(frame) = body.frame().await {
@@ -189,6 +203,7 @@ impl Backend {
             headers: headers_of(&parts.headers),
             body_bytes,
             status: status.as_u16(),
+            in_flight,
         };
         // Logged before answering: once a client has its response, the line is there.
         (self.log)(&served);
@@ -512,6 +527,7 @@ struct Tally {
     by_backend: BTreeMap<String, u64>,
     by_status: BTreeMap<u16, u64>,
     latencies: Vec<f64>,
+    latencies_by_status: BTreeMap<u16, Vec<f64>>,
     errors: BTreeMap<String, u64>,
     error_messages: Vec<String>,
     first: Option<SampleResponse>,
@@ -526,6 +542,10 @@ impl Tally {
                 *self.by_backend.entry(backend).or_default() += 1;
                 *self.by_status.entry(response.status).or_default() += 1;
                 self.latencies.push(millis(latency));
+                self.latencies_by_status
+                    .entry(response.status)
+                    .or_default()
+                    .push(millis(latency));
                 self.first.get_or_insert(response);
             }
             Err(failure) => {
@@ -539,22 +559,32 @@ impl Tally {
     }
 
     fn report(mut self, sent: u64, elapsed: Duration) -> HttpLoadReport {
-        self.latencies.sort_by(f64::total_cmp);
         HttpLoadReport {
             sent,
             completed: self.completed,
             by_backend: self.by_backend,
             by_status: self.by_status,
-            latency_ms: Latency {
-                p50: percentile(&self.latencies, 50),
-                p99: percentile(&self.latencies, 99),
-                max: self.latencies.last().copied().unwrap_or(0.0),
-            },
+            latency_ms: latency(&mut self.latencies),
+            latency_by_status_ms: self
+                .latencies_by_status
+                .into_iter()
+                .map(|(status, mut values)| (status, latency(&mut values)))
+                .collect(),
             errors: self.errors,
             error_messages: self.error_messages,
             first: self.first,
             duration_ms: millis(elapsed),
         }
+    }
+}
+
+/// Percentiles of `values` (sorted here).
+fn latency(values: &mut [f64]) -> Latency {
+    values.sort_by(f64::total_cmp);
+    Latency {
+        p50: percentile(values, 50),
+        p99: percentile(values, 99),
+        max: values.last().copied().unwrap_or(0.0),
     }
 }
 
