@@ -25,7 +25,7 @@ pub use policy::{
 };
 pub use route::{HttpRoute, RouteKind};
 pub use service::{Service, ServicePort};
-pub use traffic::{ConnectionPool, TrafficPolicy};
+pub use traffic::{ConnectionPool, Target, TrafficPolicy};
 pub use waypoint::Waypoint;
 pub use workload::{Location, Workload, WorkloadRef};
 

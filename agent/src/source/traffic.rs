@@ -3,8 +3,9 @@
 //! and the Kubernetes source (watched objects). Errors name the field below the caller's
 //! prefix (`trafficPolicies[1].spec.targetRefs[0].kind`).
 //!
-//! Only Services are targets so far; a route (`HTTPRoute`) target is an error naming the
-//! field, never silently ignored.
+//! A target is a Service or an `HTTPRoute` (or one named rule of it, `sectionName`). Each
+//! feature says which kinds it applies to; a feature set on a policy with a target of
+//! another kind is an error naming the feature's field, never silently ignored.
 
 use serde_json::Value;
 
@@ -15,7 +16,7 @@ use crate::{
         syntax::{self, Invalid},
     },
     state::{
-        TrafficPolicy, WorkloadRef,
+        Target, TrafficPolicy, WorkloadRef,
         traffic::{ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS},
     },
 };
@@ -77,10 +78,22 @@ pub fn policy(
         .enumerate()
         .map(|(i, r)| target(&format!("{}[{i}]", at(field, "targetRefs")), &name, r))
         .collect::<Result<Vec<_>, _>>()?;
-    let connection_pool = spec
-        .connection_pool
-        .map(|p| connection_pool(&at(field, "connectionPool"), p))
-        .transpose()?;
+    let only_services = |key: &str| -> Result<(), Invalid> {
+        match targets.iter().find(|t| !matches!(t, Target::Service(_))) {
+            Some(t) => Err(invalid(
+                at(field, key),
+                format!("applies to Service targets only, not to {t}"),
+            )),
+            None => Ok(()),
+        }
+    };
+    let connection_pool = match spec.connection_pool {
+        Some(p) => {
+            only_services("connectionPool")?;
+            Some(connection_pool(&at(field, "connectionPool"), p)?)
+        }
+        None => None,
+    };
     Ok(TrafficPolicy {
         name,
         targets,
@@ -88,19 +101,35 @@ pub fn policy(
     })
 }
 
-fn target(field: &str, policy: &WorkloadRef, raw: TargetRefSpec) -> Result<WorkloadRef, Invalid> {
-    if !(raw.group.is_empty() || raw.group == "core") || raw.kind != "Service" {
-        return Err(invalid(
+fn target(field: &str, policy: &WorkloadRef, raw: TargetRefSpec) -> Result<Target, Invalid> {
+    let name = syntax::name(&at(field, "name"), raw.name)?;
+    let name = WorkloadRef::new(policy.namespace.clone(), name);
+    match (raw.group.as_str(), raw.kind.as_str()) {
+        ("" | "core", "Service") => match raw.section_name {
+            Some(_) => Err(invalid(
+                at(field, "sectionName"),
+                "not supported on a Service target".into(),
+            )),
+            None => Ok(Target::Service(name)),
+        },
+        (GATEWAY_GROUP, "HTTPRoute") => Ok(Target::Route {
+            route: name,
+            rule: raw
+                .section_name
+                .map(|rule| syntax::name(&at(field, "sectionName"), rule))
+                .transpose()?,
+        }),
+        (group, kind) => Err(invalid(
             at(field, "kind"),
             format!(
-                "{}/{}: only a Service (group \"\") is a target so far",
-                raw.group, raw.kind
+                "{group}/{kind}: expected a Service (group \"\") or an HTTPRoute (group \
+                 {GATEWAY_GROUP:?})"
             ),
-        ));
+        )),
     }
-    let name = syntax::name(&at(field, "name"), raw.name)?;
-    Ok(WorkloadRef::new(policy.namespace.clone(), name))
 }
+
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 fn connection_pool(field: &str, raw: ConnectionPoolSpec) -> Result<ConnectionPool, Invalid> {
     let at_least_one = |key: &str, value: Option<u32>| match value {
@@ -154,7 +183,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(policy.name, WorkloadRef::new("prod", "pool"));
-        assert_eq!(policy.targets, [WorkloadRef::new("prod", "reviews")]);
+        assert_eq!(
+            policy.targets,
+            [Target::Service(WorkloadRef::new("prod", "reviews"))]
+        );
         assert_eq!(
             policy.connection_pool,
             Some(ConnectionPool {
@@ -189,8 +221,17 @@ mod tests {
                 "trafficPolicies[0].spec.targetRefs",
             ),
             (
-                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}]}),
+                json!({"targetRefs": [{"group": "", "kind": "Pod", "name": "r"}]}),
                 "trafficPolicies[0].spec.targetRefs[0].kind",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r", "sectionName": "http"}]}),
+                "trafficPolicies[0].spec.targetRefs[0].sectionName",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "connectionPool": {"maxConnections": 1}}),
+                "trafficPolicies[0].spec.connectionPool",
             ),
             (
                 json!({"targetRefs": [{"kind": "Service", "name": "Bad_Name"}]}),

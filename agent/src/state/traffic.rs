@@ -12,12 +12,54 @@ use super::WorkloadRef;
 pub struct TrafficPolicy {
     /// Namespace and name of the policy object.
     pub name: WorkloadRef,
-    /// The Services it attaches to (in the policy's namespace).
-    pub targets: Vec<WorkloadRef>,
-    /// Limits of the waypoint's connections and requests to each target's endpoints.
+    /// What it attaches to (in the policy's namespace).
+    pub targets: Vec<Target>,
+    /// Limits of the waypoint's connections and requests to each target's endpoints
+    /// (Service targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
 }
+
+/// What a policy attaches to (Gateway API policy attachment).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Target {
+    /// A Service: what the waypoint sends to it as a backend.
+    Service(WorkloadRef),
+    /// An `HTTPRoute`, or one named rule of it (`sectionName`): the requests it matches.
+    Route {
+        route: WorkloadRef,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Service(service) => write!(f, "Service {service}"),
+            Target::Route { route, rule: None } => write!(f, "HTTPRoute {route}"),
+            Target::Route {
+                route,
+                rule: Some(rule),
+            } => write!(f, "HTTPRoute {route} rule {rule}"),
+        }
+    }
+}
+
+/// One feature a policy may set, by name (for status messages) and how to read it.
+pub struct Feature {
+    /// The spec field: `connectionPool`.
+    pub field: &'static str,
+    /// Whether a policy sets it.
+    pub set_in: fn(&TrafficPolicy) -> bool,
+}
+
+/// Every feature, for the conflict rule (one winner per feature and target).
+pub const FEATURES: &[Feature] = &[Feature {
+    field: "connectionPool",
+    set_in: |p| p.connection_pool.is_some(),
+}];
 
 /// Limits of what a waypoint sends to one Service, all its endpoints together (Istio's
 /// `DestinationRule` `trafficPolicy.connectionPool`). A request over a limit is answered
@@ -54,38 +96,56 @@ pub struct Conflict {
     /// The losing policy.
     pub policy: WorkloadRef,
     /// The target both attach to.
-    pub target: WorkloadRef,
+    pub target: Target,
+    /// The feature both set (its spec field).
+    pub feature: &'static str,
     /// The policy in force there.
     pub winner: WorkloadRef,
 }
 
-/// The connection pool in force for `service`, and the policy it comes from: the first
-/// policy (oldest first, as `policies` is ordered) that targets the service and sets one.
+/// The first policy (oldest first, as `policies` is ordered) that targets `target` and
+/// sets the feature `get` reads, with that feature.
+pub fn in_force<'a, T>(
+    policies: &'a [TrafficPolicy],
+    target: &Target,
+    get: impl Fn(&'a TrafficPolicy) -> Option<&'a T>,
+) -> Option<(&'a WorkloadRef, &'a T)> {
+    policies.iter().find_map(|p| {
+        let feature = get(p)?;
+        p.targets.contains(target).then_some((&p.name, feature))
+    })
+}
+
+/// The connection pool in force for `service`, and the policy it comes from.
 pub fn connection_pool<'a>(
     policies: &'a [TrafficPolicy],
     service: &WorkloadRef,
 ) -> Option<(&'a WorkloadRef, &'a ConnectionPool)> {
-    policies.iter().find_map(|p| {
-        let pool = p.connection_pool.as_ref()?;
-        p.targets.contains(service).then_some((&p.name, pool))
-    })
+    let target = Target::Service(service.clone());
+    in_force(policies, &target, |p| p.connection_pool.as_ref())
 }
 
-/// Every (policy, target) pair where an older policy's connection pool wins (the Gateway
-/// API's conflict rule: oldest wins, and the loser is marked).
+/// Every (policy, target, feature) where an older policy wins (the Gateway API's conflict
+/// rule: oldest wins, and the loser is marked).
 pub fn conflicts(policies: &[TrafficPolicy]) -> Vec<Conflict> {
     let mut out = Vec::new();
-    for (i, policy) in policies.iter().enumerate() {
-        if policy.connection_pool.is_none() {
-            continue;
-        }
-        for target in &policy.targets {
-            if let Some((winner, _)) = connection_pool(&policies[..i], target) {
-                out.push(Conflict {
-                    policy: policy.name.clone(),
-                    target: target.clone(),
-                    winner: winner.clone(),
-                });
+    for feature in FEATURES {
+        for (i, policy) in policies.iter().enumerate() {
+            if !(feature.set_in)(policy) {
+                continue;
+            }
+            for target in &policy.targets {
+                let older = policies[..i]
+                    .iter()
+                    .find(|p| (feature.set_in)(p) && p.targets.contains(target));
+                if let Some(winner) = older {
+                    out.push(Conflict {
+                        policy: policy.name.clone(),
+                        target: target.clone(),
+                        feature: feature.field,
+                        winner: winner.name.clone(),
+                    });
+                }
             }
         }
     }
@@ -101,7 +161,7 @@ mod tests {
             name: WorkloadRef::new("prod", name),
             targets: targets
                 .iter()
-                .map(|t| WorkloadRef::new("prod", *t))
+                .map(|t| Target::Service(WorkloadRef::new("prod", *t)))
                 .collect(),
             connection_pool: Some(ConnectionPool {
                 max_connections: Some(max_connections),
@@ -129,7 +189,8 @@ mod tests {
             conflicts(&policies),
             [Conflict {
                 policy: WorkloadRef::new("prod", "young"),
-                target: reviews,
+                target: Target::Service(reviews),
+                feature: "connectionPool",
                 winner: WorkloadRef::new("prod", "old"),
             }]
         );

@@ -101,8 +101,9 @@ pub struct MtlsSpec {
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
-    /// The Services (in the policy's namespace) it attaches to (Gateway API policy
-    /// attachment). Where two policies set the same feature for one Service, the older wins.
+    /// The Services and HTTPRoutes (in the policy's namespace) it attaches to (Gateway API
+    /// policy attachment). Where two policies set the same feature for one target, the
+    /// older wins.
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<TargetRefSpec>,
     /// Limits of the waypoint's connections and requests to each target's endpoints.
@@ -110,17 +111,21 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
 }
 
-/// A Gateway API `LocalPolicyTargetReference`.
+/// A Gateway API `LocalPolicyTargetReferenceWithSectionName`: a Service (group `""`), or
+/// an `HTTPRoute` (group `gateway.networking.k8s.io`) or one named rule of it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRefSpec {
-    /// `""` (core) for a Service.
+    /// `""` (core) for a Service, `gateway.networking.k8s.io` for an HTTPRoute.
     #[serde(default)]
     pub group: String,
-    /// `Service`.
+    /// `Service` or `HTTPRoute`.
     pub kind: String,
-    /// The Service's name.
+    /// The Service's or the route's name.
     pub name: String,
+    /// For an `HTTPRoute`: the `name` of one of its rules; absent: every rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
 }
 
 /// Istio's `connectionPool` (tcp.maxConnections, http.http1MaxPendingRequests,

@@ -3,7 +3,7 @@
 //! and the limit of multiplexed requests.
 
 use super::*;
-use crate::state::{ConnectionPool, TrafficPolicy};
+use crate::state::{ConnectionPool, Target, TrafficPolicy};
 
 impl Harness {
     /// Gives the `echo` service the connection pool `pool`.
@@ -11,7 +11,7 @@ impl Harness {
         self.update(|s| {
             s.traffic_policies = vec![TrafficPolicy {
                 name: svc("echo-pool"),
-                targets: vec![svc(SERVICE)],
+                targets: vec![Target::Service(svc(SERVICE))],
                 connection_pool: Some(pool),
             }];
         });
