@@ -11,6 +11,11 @@
 //!   proxy uses (about 1 KiB a pod with a few labels), not with pod specs.
 //! - Services and EndpointSlices, cluster-wide: VIPs, ports, ready endpoints.
 //! - `AccessPolicy` and `PeerAuthentication` (`crd`).
+//! - `TrafficPolicy` (`crd`), by every agent: the waypoint's snapshot carries those that
+//!   target a Service bound to it (oldest first, the Gateway API's conflict rule), a node
+//!   agent's none; the elected node agent writes their `status.ancestors` (`ancestors`).
+//!   Its CRD may be missing after a `helm upgrade` (Helm installs CRDs, never upgrades
+//!   them): then it is empty and synced, as the Gateway API's routes are.
 //! - weft's own agent pods (by the chart's labels, `Config::agent_selector`): which nodes
 //!   host an agent. Pods of mesh namespaces on other nodes (virtual or serverless nodes that
 //!   run no DaemonSet) run outside the mesh; `unmeshed` counts them and reports each one with
@@ -50,6 +55,7 @@
 //! `weft_kubernetes_watch_errors_total{kind}` say the same to Prometheus.
 
 mod accepted;
+mod ancestors;
 mod build;
 pub mod crd;
 mod project;
@@ -149,6 +155,7 @@ pub enum Kind {
     EndpointSlice,
     AccessPolicy,
     PeerAuthentication,
+    TrafficPolicy,
     /// weft's agent pods.
     AgentPod,
     /// Gateway API `HTTPRoute`s (waypoints only).
@@ -296,6 +303,15 @@ pub async fn run(
         (project::peer_authentication, accepted::MODE_FAILS_CLOSED),
         |c| &mut c.peer_authentications,
     );
+    // Read by every agent: a waypoint for its snapshot, the elected node agent for their
+    // status. A rejected one keeps its last good version (it guards no workload).
+    spawn.watch_optional(
+        untyped::<crd::TrafficPolicy>(&client),
+        Kind::TrafficPolicy,
+        (project::traffic_policy, Some(ancestors::KEEPS_LAST_GOOD)),
+        |c| &mut c.traffic_policies,
+        TRAFFIC_POLICY_INSTALL,
+    );
     spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::AgentPod,
@@ -307,14 +323,14 @@ pub async fn run(
         spawn.watch_optional(
             untyped::<gateway_api::experimental::httproutes::HttpRoute>(&client),
             Kind::HttpRoute,
-            project::http_route,
+            (project::http_route, None),
             |c| &mut c.http_routes,
             GATEWAY_API_INSTALL,
         );
         spawn.watch_optional(
             untyped::<gateway_api::experimental::grpcroutes::GrpcRoute>(&client),
             Kind::GrpcRoute,
-            project::grpc_route,
+            (project::grpc_route, None),
             |c| &mut c.grpc_routes,
             GATEWAY_API_INSTALL,
         );
@@ -364,6 +380,7 @@ pub async fn run(
                 workloads = snapshot.workloads.len(),
                 services = snapshot.services.len(),
                 policies = snapshot.policies.len(),
+                traffic_policies = snapshot.traffic_policies.len(),
                 "snapshot built from the cluster"
             );
             tx.send_replace(Arc::new(snapshot));
@@ -481,7 +498,7 @@ impl Health {
 impl Kind {
     /// Every kind every source watches, in the order of `Ord` (a waypoint's also watches
     /// the route kinds).
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::LocalPod,
         Kind::RemotePod,
@@ -489,6 +506,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::AccessPolicy,
         Kind::PeerAuthentication,
+        Kind::TrafficPolicy,
         Kind::AgentPod,
     ];
 
@@ -502,6 +520,7 @@ impl Kind {
             Kind::EndpointSlice => "endpoint_slice",
             Kind::AccessPolicy => "access_policy",
             Kind::PeerAuthentication => "peer_authentication",
+            Kind::TrafficPolicy => "traffic_policy",
             Kind::AgentPod => "agent_pod",
             Kind::HttpRoute => "http_route",
             Kind::GrpcRoute => "grpc_route",
@@ -517,6 +536,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::AccessPolicy => "AccessPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::TrafficPolicy => "TrafficPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
         }
@@ -623,6 +643,10 @@ fn watched(kinds: &BTreeMap<Kind, WatchHealth>) -> impl Iterator<Item = Kind> + 
 /// What a cluster without the Gateway API CRDs needs, for the warning.
 const GATEWAY_API_INSTALL: &str = "the Gateway API CRDs, experimental channel \
     (kubectl apply --server-side -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.3.0/experimental-install.yaml)";
+
+/// What a cluster upgraded without the TrafficPolicy CRD needs, for the warning.
+const TRAFFIC_POLICY_INSTALL: &str = "weft's TrafficPolicy CRD, which `helm upgrade` does not \
+    install (kubectl apply --server-side -f deploy/helm/weft/crds/trafficpolicies.weft.dev.yaml)";
 
 /// The cluster-wide API of `K`'s objects, read as untyped objects.
 fn untyped<K: kube::Resource<DynamicType = ()>>(client: &kube::Client) -> Api<DynamicObject> {

@@ -16,7 +16,8 @@
 //! reason, message, `observedGeneration`): a JSON merge patch of the status subresource
 //! carrying the object's `resourceVersion` (`status::patch_status`), with field manager
 //! `weft-agent`; other controllers' conditions are kept. A write whose own watch event has
-//! not arrived yet is not repeated.
+//! not arrived yet is not repeated. The same writer writes the `status.ancestors` of
+//! TrafficPolicies (`ancestors`), which are not fail-closed resources but want one writer too.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -29,23 +30,25 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{
-    Config, Kind, Rejected, crd,
+    Config, Kind, Rejected, ancestors, crd,
     project::{self, PeerAuthItem, PolicyItem, StatusOf},
-    reflector::{Caches, FailClosed, Store, Stores, next_pass},
+    reflector::{Caches, StandIn, Store, Stores, next_pass},
     status::{CONFLICT, condition, patch_status},
     unmeshed::elected,
 };
 
 /// How an AccessPolicy fails closed.
-pub(super) const POLICY_FAILS_CLOSED: FailClosed<DynamicObject, PolicyItem> = FailClosed {
+pub(super) const POLICY_FAILS_CLOSED: StandIn<DynamicObject, PolicyItem> = StandIn {
     stand_in: project::access_policy_stand_in,
+    keep: never_the_last_good,
     effect: "it fails closed: until it is fixed it denies every connection to the workloads \
              it selects (to its whole namespace if its selector cannot be read)",
 };
 
 /// How a PeerAuthentication fails closed.
-pub(super) const MODE_FAILS_CLOSED: FailClosed<DynamicObject, PeerAuthItem> = FailClosed {
+pub(super) const MODE_FAILS_CLOSED: StandIn<DynamicObject, PeerAuthItem> = StandIn {
     stand_in: project::peer_authentication_stand_in,
+    keep: never_the_last_good,
     effect: "it fails closed: until it is fixed the workloads it selects are STRICT (its \
              whole namespace if its selector cannot be read)",
 };
@@ -53,18 +56,19 @@ pub(super) const MODE_FAILS_CLOSED: FailClosed<DynamicObject, PeerAuthItem> = Fa
 /// The field manager of the writes.
 pub const FIELD_MANAGER: &str = "weft-agent";
 
-/// One object's conditions to write.
+/// One object's status to write.
 #[derive(Debug, PartialEq)]
 pub(super) struct Write {
     pub kind: Kind,
     pub namespace: String,
     pub name: String,
     pub resource_version: Option<String>,
-    pub conditions: Vec<Value>,
+    /// The fields of `status` to set (a merge patch: others are left as they are).
+    pub status: Value,
 }
 
-/// Keeps the `Accepted` conditions current while this agent is elected, until its task is
-/// aborted.
+/// Keeps the `Accepted` conditions (and TrafficPolicies' ancestors) current while this
+/// agent is elected, until its task is aborted.
 pub(super) async fn run(client: kube::Client, config: Config, caches: Arc<Caches>) {
     let mut retry: Option<Instant> = None;
     // Written, by (kind, key): the resourceVersion the write was made on. While the cache
@@ -83,7 +87,9 @@ pub(super) async fn run(client: kube::Client, config: Config, caches: Arc<Caches
                 written.clear();
                 continue;
             }
-            plan(&stores, &now)
+            let mut writes = plan(&stores, &now);
+            writes.extend(ancestors::plan(&stores, &now));
+            writes
         };
         written.retain(|key, _| writes.iter().any(|w| w.key() == *key));
         for write in writes {
@@ -92,33 +98,33 @@ pub(super) async fn run(client: kube::Client, config: Config, caches: Arc<Caches
                 continue;
             }
             let api = api(&client, write.kind, &write.namespace);
-            let status = json!({"conditions": write.conditions});
             let object = format!("{}/{}", write.namespace, write.name);
             match patch_status(
                 &api,
                 &write.name,
                 write.resource_version.as_deref(),
-                status,
+                write.status,
                 FIELD_MANAGER,
             )
             .await
             {
                 Ok(_) => {
                     info!(component = "kubernetes", kind = %write.kind, object = %object,
-                        "Accepted condition written");
+                        "status written");
                     written.insert(key, write.resource_version);
                 }
                 // The object changed meanwhile: its watch event brings the next pass.
                 Err(kube::Error::Api(status)) if status.code == CONFLICT => {
                     debug!(component = "kubernetes", kind = %write.kind, object = %object,
-                        "object changed while its Accepted condition was written; trying again");
+                        "object changed while its status was written; trying again");
                     retry = Some(Instant::now() + config.debounce);
                 }
                 Err(e) => {
                     warn!(component = "kubernetes", kind = %write.kind, object = %object,
                         error = %e, retry_in = ?config.backoff.max,
-                        "cannot write the Accepted condition (check the agent's RBAC: patch \
-                         accesspolicies/status and peerauthentications/status)");
+                        "cannot write the object's status (check the agent's RBAC: patch \
+                         accesspolicies/status, peerauthentications/status and \
+                         trafficpolicies/status)");
                     retry = Some(Instant::now() + config.backoff.max);
                 }
             }
@@ -222,7 +228,7 @@ fn write_for(said: Said<'_>, now: &str) -> Option<Write> {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         resource_version: status.resource_version.clone(),
-        conditions,
+        status: json!({ "conditions": conditions }),
     })
 }
 
@@ -235,12 +241,19 @@ impl Write {
 fn api(client: &kube::Client, kind: Kind, namespace: &str) -> Api<DynamicObject> {
     let resource = match kind {
         Kind::PeerAuthentication => ApiResource::erase::<crd::PeerAuthentication>(&()),
+        Kind::TrafficPolicy => ApiResource::erase::<crd::TrafficPolicy>(&()),
         _ => ApiResource::erase::<crd::AccessPolicy>(&()),
     };
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
+/// What a fail-closed kind keeps of a rejected object: its stand-in, never the last good
+/// version.
+fn never_the_last_good<T>(stand_in: T, _replaced: Option<T>) -> T {
+    stand_in
+}
+
 /// The condition type, and its reason when True.
-const ACCEPTED: &str = "Accepted";
+pub(super) const ACCEPTED: &str = "Accepted";
 /// The reason when False.
-const INVALID: &str = "Invalid";
+pub(super) const INVALID: &str = "Invalid";

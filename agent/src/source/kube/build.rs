@@ -3,11 +3,15 @@
 //! target ports of their slices, access policies and PeerAuthentication modes; waypoint
 //! bindings (the Service's `weft.dev/use-waypoint` label, else its Namespace's) and the
 //! waypoints (Services labelled `weft.dev/role: waypoint`, addressed by their ready
-//! endpoints); for a waypoint, the routes attached to the Services bound to it.
+//! endpoints); for a waypoint, the routes and the TrafficPolicies attached to the Services
+//! bound to it.
 //!
 //! Where the cluster holds conflicting data, the first by name wins, so the same caches
 //! always give the same snapshot: two namespace-wide PeerAuthentications in one namespace,
-//! two selecting one pod, one named port that slices map to different numbers.
+//! two selecting one pod, one named port that slices map to different numbers. Two
+//! TrafficPolicies setting the same feature for one Service are the exception: the older
+//! wins (`creationTimestamp`, then namespace/name: the Gateway API's rule), which the
+//! snapshot leaves to `state::traffic` by listing them oldest first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -19,8 +23,8 @@ use super::{
     reflector::Stores,
 };
 use crate::state::{
-    HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Waypoint,
-    Workload, WorkloadRef,
+    HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, TrafficPolicy,
+    Waypoint, Workload, WorkloadRef,
 };
 
 /// The snapshot of `stores`; `routes_for` is the waypoint whose routes it carries (the
@@ -119,6 +123,16 @@ pub(super) fn snapshot(
         })
         .collect();
     let routes = routes_for.map_or_else(Vec::new, |waypoint| routes(stores, &services, waypoint));
+    // As routes: only a waypoint enforces them, and only for the Services bound to it.
+    let traffic_policies = routes_for.map_or_else(Vec::new, |waypoint| {
+        let mut policies = traffic_policies(stores);
+        policies.retain(|p| {
+            p.targets
+                .iter()
+                .any(|t| bound_to(services.get(t), waypoint))
+        });
+        policies
+    });
 
     let policies = stores
         .policies
@@ -135,7 +149,7 @@ pub(super) fn snapshot(
         policies,
         waypoints,
         routes,
-        traffic_policies: Vec::new(),
+        traffic_policies,
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }
@@ -163,6 +177,19 @@ fn routes(
         .collect();
     routes.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
     routes
+}
+
+/// Every TrafficPolicy in force (a rejected one's last good version), oldest first: by
+/// `creationTimestamp`, then namespace and name.
+pub(super) fn traffic_policies(stores: &Stores) -> Vec<TrafficPolicy> {
+    let mut policies: Vec<_> = stores
+        .traffic_policies
+        .items
+        .values()
+        .filter_map(|item| Some((&item.created, item.policy.as_ref()?)))
+        .collect();
+    policies.sort_by(|(a, p), (b, q)| (a, &p.name).cmp(&(b, &q.name)));
+    policies.into_iter().map(|(_, p)| p.clone()).collect()
 }
 
 /// The waypoint `item` is bound to: its label wins, `none` opts out of its namespace's.

@@ -9,21 +9,22 @@ use k8s_openapi::{
         core::v1::{Namespace, Pod, Service},
         discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::Time, util::intstr::IntOrString},
 };
 use kube::{ResourceExt, core::DynamicObject};
 use serde::de::DeserializeOwned;
 
 use serde_json::Value;
 
-use super::crd::{AccessPolicySpec, PeerAuthenticationSpec};
+use super::crd::{AccessPolicySpec, PeerAuthenticationSpec, TrafficPolicySpec};
 use crate::{
     source::{
         gateway,
         syntax::{self, Invalid, SelectorSpec},
+        traffic,
     },
     state::{
-        AccessPolicy, HttpRoute, MtlsMode, WorkloadRef, WorkloadSelector,
+        AccessPolicy, HttpRoute, MtlsMode, TrafficPolicy, WorkloadRef, WorkloadSelector,
         waypoint::USE_WAYPOINT_LABEL,
     },
 };
@@ -124,6 +125,21 @@ pub(super) struct PeerAuthItem {
 pub(super) struct PolicyItem {
     pub policy: AccessPolicy,
     pub status: StatusOf,
+}
+
+/// A TrafficPolicy: the version in force, and what its status writer needs of the object
+/// as the API has it now. While the object is rejected, `policy` is its last good version
+/// (`None` if it never had one) and the rest is the rejected version's.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct TrafficItem {
+    pub policy: Option<TrafficPolicy>,
+    /// `metadata.creationTimestamp`: the older policy wins a conflict.
+    pub created: Option<Time>,
+    pub status: StatusOf,
+    /// `spec.targetRefs`, as written (the ancestors of a policy that cannot be read).
+    pub target_refs: Vec<Value>,
+    /// `status.ancestors`, as the API has them.
+    pub ancestors: Vec<Value>,
 }
 
 /// What a weft resource's status says now, for the writer of its `Accepted` condition.
@@ -431,6 +447,55 @@ pub(super) fn peer_authentication_stand_in(object: &DynamicObject, _: &Invalid) 
         selector: readable_selector(object).filter(|labels| !labels.is_empty()),
         mode: MtlsMode::Strict,
         status: StatusOf::of(object),
+    }
+}
+
+/// A `TrafficPolicy`, validated by `source::traffic`.
+pub(super) fn traffic_policy(object: DynamicObject) -> Result<Option<TrafficItem>, Invalid> {
+    let name = WorkloadRef::new(object.namespace().unwrap_or_default(), object.name_any());
+    let spec: TrafficPolicySpec = spec_of(&object)?;
+    let policy = traffic::policy("spec", name, spec)?;
+    Ok(Some(TrafficItem {
+        policy: Some(policy),
+        ..TrafficItem::of(&object)
+    }))
+}
+
+/// A rejected `TrafficPolicy` as the object says of itself, nothing in force yet
+/// (`traffic_policy_last_good` adds its last good version).
+pub(super) fn traffic_policy_stand_in(object: &DynamicObject, _: &Invalid) -> TrafficItem {
+    TrafficItem::of(object)
+}
+
+/// What stays of a rejected `TrafficPolicy`: the version the item it replaces had in force
+/// (its last good version), with what the rejected version says of itself.
+pub(super) fn traffic_policy_last_good(
+    stand_in: TrafficItem,
+    replaced: Option<TrafficItem>,
+) -> TrafficItem {
+    TrafficItem {
+        policy: replaced.and_then(|item| item.policy),
+        ..stand_in
+    }
+}
+
+impl TrafficItem {
+    /// `object`'s item, with nothing in force.
+    fn of(object: &DynamicObject) -> Self {
+        let list = |value: Option<&Value>, key: &str| {
+            value
+                .and_then(|v| v.get(key))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        Self {
+            policy: None,
+            created: object.metadata.creation_timestamp.clone(),
+            status: StatusOf::of(object),
+            target_refs: list(object.data.get("spec"), "targetRefs"),
+            ancestors: list(object.data.get("status"), "ancestors"),
+        }
     }
 }
 

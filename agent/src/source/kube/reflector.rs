@@ -6,7 +6,8 @@
 //!
 //! A re-list replaces the cache whole (objects deleted while the watch was down disappear),
 //! except that an object whose new version is rejected keeps its last good version, or, for
-//! a kind that fails closed (`FailClosed`: policies), is replaced by its stand-in.
+//! a kind with a stand-in (`StandIn`), is replaced by it: a policy that fails closed, or a
+//! TrafficPolicy's last good version told what the rejected one says of itself (its status).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,7 +30,7 @@ use super::{
     Config, Health, Kind, Rejected,
     project::{
         AgentItem, NamespaceItem, PeerAuthItem, PodItem, PolicyItem, RouteItem, ServiceItem,
-        SliceItem,
+        SliceItem, TrafficItem,
     },
 };
 use crate::{
@@ -70,6 +71,8 @@ pub(super) struct Stores {
     /// Gateway API routes (a waypoint's source only).
     pub http_routes: Store<RouteItem>,
     pub grpc_routes: Store<RouteItem>,
+    /// weft's `TrafficPolicy`s (a rejected one: its last good version, if any, stays).
+    pub traffic_policies: Store<TrafficItem>,
 }
 
 /// Items of one kind by `namespace/name`, and the objects currently rejected.
@@ -82,13 +85,18 @@ pub(super) struct Store<T> {
 /// (a pod without an IP yet, a slice of no service).
 pub(super) type Project<K, T> = fn(K) -> Result<Option<T>, Invalid>;
 
-/// How a kind whose objects guard something fails closed: a rejected object is not left out
-/// and does not keep its last good version (which only the agents that saw it would have),
-/// it is replaced by a stand-in built from the object alone, so that every agent, restarted
-/// or not, enforces the same.
-pub(super) struct FailClosed<K, T> {
-    /// The item that stands in for a rejected object.
+/// What stands in for a rejected object of a kind, instead of leaving it out or keeping its
+/// last good version as it was. A kind whose objects guard something fails closed: its
+/// stand-in is built from the object alone (never the last good version, which only the
+/// agents that saw it would have), so that every agent, restarted or not, enforces the same.
+/// A kind whose status is written from the cache keeps what its last good version put in
+/// force, with what the rejected version says of itself (its resourceVersion, its status).
+pub(super) struct StandIn<K, T> {
+    /// The item that stands in for a rejected object, from the object alone.
     pub stand_in: fn(&K, &Invalid) -> T,
+    /// What the cache keeps: from the stand-in and the item it replaces, if any (the last
+    /// good version, or an earlier stand-in).
+    pub keep: fn(T, Option<T>) -> T,
     /// What the stand-in does, for the log line.
     pub effect: &'static str,
 }
@@ -96,10 +104,17 @@ pub(super) struct FailClosed<K, T> {
 /// An object as the cache takes it: an item, nothing, or a rejection.
 type Projected<T> = Result<Option<T>, Rejection<T>>;
 
-/// A rejected object, and its stand-in with what that does (kinds that fail closed only).
+/// A rejected object, and its stand-in (kinds with one only).
 struct Rejection<T> {
     invalid: Invalid,
-    stand_in: Option<(T, &'static str)>,
+    stand_in: Option<Standing<T>>,
+}
+
+/// A stand-in built from a rejected object, not yet merged with the item it replaces.
+struct Standing<T> {
+    item: T,
+    keep: fn(T, Option<T>) -> T,
+    effect: &'static str,
 }
 
 /// Picks a kind's store out of `Stores`.
@@ -175,9 +190,12 @@ impl Caches {
                     .rejected
                     .get(&key)
                     .is_some_and(|r| r.invalid == invalid);
-                let effect = stand_in.map(|(item, effect)| {
-                    store.items.insert(key.clone(), item);
-                    effect
+                let effect = stand_in.map(|standing| {
+                    let replaced = store.items.remove(&key);
+                    store
+                        .items
+                        .insert(key.clone(), (standing.keep)(standing.item, replaced));
+                    standing.effect
                 });
                 if !seen {
                     self.reject(kind, store, key, invalid, effect);
@@ -215,9 +233,11 @@ impl Caches {
                 Ok(None) => {}
                 Err(Rejection { invalid, stand_in }) => {
                     let effect = match stand_in {
-                        Some((item, effect)) => {
+                        Some(standing) => {
+                            let replaced = old.remove(&key);
+                            let item = (standing.keep)(standing.item, replaced);
                             store.items.insert(key.clone(), item);
-                            Some(effect)
+                            Some(standing.effect)
                         }
                         None => {
                             if let Some(last_good) = old.remove(&key) {
@@ -247,21 +267,21 @@ impl Caches {
         self.notify();
     }
 
-    /// Records and logs a rejection; `fail_closed`: what the stand-in in force does.
+    /// Records and logs a rejection; `stood_in`: what the stand-in in force does.
     fn reject<T>(
         &self,
         kind: Kind,
         store: &mut Store<T>,
         key: String,
         invalid: Invalid,
-        fail_closed: Option<&'static str>,
+        stood_in: Option<&'static str>,
     ) {
         let rejected = Rejected {
             kind,
             object: key.clone(),
             invalid,
         };
-        let kept = match fail_closed {
+        let kept = match stood_in {
             Some(effect) => effect,
             None if store.items.contains_key(&key) => "its last good version stays in force",
             None => "it is left out",
@@ -362,13 +382,13 @@ impl Spawner<'_> {
         );
     }
 
-    /// As `watch`, for a kind that fails closed: a rejected object is replaced by the
-    /// stand-in of `fail_closed`.
+    /// As `watch`, for a kind with a stand-in (one that fails closed): a rejected object is
+    /// replaced by the stand-in of `stand_in`.
     pub fn watch_fail_closed<K, T>(
         &mut self,
         api: Api<K>,
         kind: Kind,
-        (project, fail_closed): (Project<K, T>, FailClosed<K, T>),
+        (project, stand_in): (Project<K, T>, StandIn<K, T>),
         store: StoreOf<T>,
     ) where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -378,7 +398,7 @@ impl Spawner<'_> {
             api,
             kind,
             (None, None),
-            (project, Some(fail_closed)),
+            (project, Some(stand_in)),
             store,
             None,
         );
@@ -387,11 +407,12 @@ impl Spawner<'_> {
     /// As `watch`, for a kind whose API may not be installed (a CRD of another project):
     /// while its list answers 404, the kind is synced and empty, which is logged once at
     /// warn with `install` (what to install), and the list is retried every `backoff.max`.
+    /// `stand_in`: as for `watch_fail_closed`, if the kind has one.
     pub fn watch_optional<K, T>(
         &mut self,
         api: Api<K>,
         kind: Kind,
-        project: Project<K, T>,
+        (project, stand_in): (Project<K, T>, Option<StandIn<K, T>>),
         store: StoreOf<T>,
         install: &'static str,
     ) where
@@ -402,7 +423,7 @@ impl Spawner<'_> {
             api,
             kind,
             (None, None),
-            (project, None),
+            (project, stand_in),
             store,
             Some(install),
         );
@@ -413,7 +434,7 @@ impl Spawner<'_> {
         api: Api<K>,
         kind: Kind,
         (field_selector, label_selector): (Option<String>, Option<String>),
-        (project, fail_closed): (Project<K, T>, Option<FailClosed<K, T>>),
+        (project, stand_in): (Project<K, T>, Option<StandIn<K, T>>),
         store: StoreOf<T>,
         install: Option<&'static str>,
     ) where
@@ -430,7 +451,7 @@ impl Spawner<'_> {
             field_selector,
             label_selector,
             project,
-            fail_closed,
+            stand_in,
             store,
             caches: Arc::clone(self.caches),
             page_size: self.config.page_size,
@@ -450,7 +471,7 @@ struct Reflector<K, T> {
     field_selector: Option<String>,
     label_selector: Option<String>,
     project: Project<K, T>,
-    fail_closed: Option<FailClosed<K, T>>,
+    stand_in: Option<StandIn<K, T>>,
     store: StoreOf<T>,
     caches: Arc<Caches>,
     page_size: u32,
@@ -591,9 +612,9 @@ where
     }
 
     /// `object` as the cache takes it, with its stand-in if it is rejected and the kind
-    /// fails closed.
+    /// has one.
     fn projected(&self, object: K) -> Projected<T> {
-        let Some(fail_closed) = &self.fail_closed else {
+        let Some(stand_in) = &self.stand_in else {
             return (self.project)(object).map_err(|invalid| Rejection {
                 invalid,
                 stand_in: None,
@@ -601,10 +622,11 @@ where
         };
         // The projection consumes the object; the stand-in is built from it too.
         (self.project)(object.clone()).map_err(|invalid| Rejection {
-            stand_in: Some((
-                (fail_closed.stand_in)(&object, &invalid),
-                fail_closed.effect,
-            )),
+            stand_in: Some(Standing {
+                item: (stand_in.stand_in)(&object, &invalid),
+                keep: stand_in.keep,
+                effect: stand_in.effect,
+            }),
             invalid,
         })
     }

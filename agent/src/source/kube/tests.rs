@@ -30,6 +30,7 @@ use crate::{
 };
 
 mod fail_closed;
+mod traffic;
 
 struct Harness {
     api: FakeApi,
@@ -112,6 +113,25 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits until `rejected` objects of `kind` are rejected, then for a snapshot built
+    /// after that: a later change, the new Service `prod/{name}` at `vip`, makes one.
+    async fn after_rejected(
+        &mut self,
+        kind: Kind,
+        rejected: u64,
+        (name, vip): (&str, &str),
+    ) -> Arc<Snapshot> {
+        self.until_health("the rejection", |health, _| {
+            health.view()[&kind].rejected == rejected
+        })
+        .await;
+        self.api
+            .apply(&service("prod", name, vip, &[("", 80, None)]));
+        let service = WorkloadRef::new("prod", name);
+        self.until("the later service", |s| s.services.contains_key(&service))
+            .await
     }
 
     fn learn(&self, pod: &str) {

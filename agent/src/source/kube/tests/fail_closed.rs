@@ -148,14 +148,9 @@ async fn a_policy_edited_into_a_malformed_one_denies_on_running_and_restarted_ag
     let (_, breaks, _) = malformed()[0];
     h.api
         .apply_value::<crd::AccessPolicy>(broken_policy("api-allow", "ALLOW", breaks));
-    h.until_health("the edit rejected", |health, _| {
-        health.view()[&Kind::AccessPolicy].rejected == 1
-    })
-    .await;
-    // A later change, so the snapshot waited for is built after the rejection.
-    h.api
-        .apply(&service("prod", "api", "10.96.0.10", &[("", 80, None)]));
-    let running = h.until("the service", |s| s.services.len() == 1).await;
+    let running = h
+        .after_rejected(Kind::AccessPolicy, 1, ("api", "10.96.0.10"))
+        .await;
     let restarted = fresh_agent_snapshot(&h.api, NODE).await;
 
     assert_eq!(decide(&running, ("prod", "api")), Some("invalid_policy"));
