@@ -22,7 +22,7 @@ use super::{
     reflector::{StandIn, Stores},
     status::{CONTROLLER_NAME, condition},
 };
-use crate::state::{WorkloadRef, traffic};
+use crate::state::{Target, WorkloadRef, traffic};
 
 /// How a TrafficPolicy that cannot be read stays in the cache: its last good version, with
 /// what the rejected version says of itself for its status.
@@ -56,21 +56,18 @@ pub(super) fn plan(stores: &Stores, now: &str) -> Vec<Write> {
                                 _ if !exists(stores, target) => (
                                     "False",
                                     TARGET_NOT_FOUND,
-                                    format!("Service {target} does not exist"),
+                                    format!("{target} does not exist"),
                                 ),
                                 Some(loss) => (
                                     "False",
                                     CONFLICTED,
                                     format!(
-                                        "TrafficPolicy {} sets connectionPool for Service \
-                                         {target} too and is older: it is in force there, \
-                                         this one is not",
-                                        loss.winner
+                                        "TrafficPolicy {} sets {} for {target} too and is \
+                                         older: it is in force there, this one is not",
+                                        loss.winner, loss.feature
                                     ),
                                 ),
-                                None => {
-                                    ("True", ACCEPTED, format!("In force for Service {target}"))
-                                }
+                                None => ("True", ACCEPTED, format!("In force for {target}")),
                             };
                             (ancestor_ref(target), said)
                         })
@@ -152,18 +149,36 @@ fn write_for(
     })
 }
 
-fn exists(stores: &Stores, service: &WorkloadRef) -> bool {
-    let key = format!("{}/{}", service.namespace, service.name);
-    stores.services.items.contains_key(&key)
+fn exists(stores: &Stores, target: &Target) -> bool {
+    let key = |name: &WorkloadRef| format!("{}/{}", name.namespace, name.name);
+    match target {
+        Target::Service(service) => stores.services.items.contains_key(&key(service)),
+        Target::Route { route, .. } => stores.http_routes.items.contains_key(&key(route)),
+    }
 }
 
-fn ancestor_ref(service: &WorkloadRef) -> Value {
-    json!({
-        "group": "",
-        "kind": "Service",
-        "namespace": service.namespace,
-        "name": service.name,
-    })
+/// The target itself: a Service, or the HTTPRoute (with the rule as `sectionName`).
+fn ancestor_ref(target: &Target) -> Value {
+    match target {
+        Target::Service(service) => json!({
+            "group": "",
+            "kind": "Service",
+            "namespace": service.namespace,
+            "name": service.name,
+        }),
+        Target::Route { route, rule } => {
+            let mut reference = json!({
+                "group": "gateway.networking.k8s.io",
+                "kind": "HTTPRoute",
+                "namespace": route.namespace,
+                "name": route.name,
+            });
+            if let Some(rule) = rule {
+                reference["sectionName"] = json!(rule);
+            }
+            reference
+        }
+    }
 }
 
 /// The reasons when False (GEP-713's).

@@ -23,8 +23,8 @@ use super::{
     reflector::Stores,
 };
 use crate::state::{
-    HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, TrafficPolicy,
-    Waypoint, Workload, WorkloadRef,
+    HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Target,
+    TrafficPolicy, Waypoint, Workload, WorkloadRef,
 };
 
 /// The snapshot of `stores`; `routes_for` is the waypoint whose routes it carries (the
@@ -127,9 +127,10 @@ pub(super) fn snapshot(
     let traffic_policies = routes_for.map_or_else(Vec::new, |waypoint| {
         let mut policies = traffic_policies(stores);
         policies.retain(|p| {
-            p.targets
-                .iter()
-                .any(|t| bound_to(services.get(t), waypoint))
+            p.targets.iter().any(|t| match t {
+                Target::Service(service) => bound_to(services.get(service), waypoint),
+                Target::Route { route, .. } => routes.iter().any(|r| r.name == *route),
+            })
         });
         policies
     });

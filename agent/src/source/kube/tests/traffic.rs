@@ -237,7 +237,7 @@ async fn ancestors_say_accepted_conflicted_target_not_found_or_invalid_once() {
     tokio::time::sleep(weft_test_env::scaled(Duration::from_millis(200))).await;
     assert_eq!(writes(&h.api), 4, "{:#?}", h.api.patches());
 
-    // Broken: every target it names says why (even one that is no Service); the last good
+    // Broken (a connection pool on a route): every target it names says why; the last good
     // version stays in force, so `young` still loses `reviews`.
     let mut broken = object(&h.api, "old");
     broken["spec"]["targetRefs"] = json!([
@@ -260,7 +260,7 @@ async fn ancestors_say_accepted_conflicted_target_not_found_or_invalid_once() {
     let condition = &old["status"]["ancestors"][1]["conditions"][0];
     let message = condition["message"].as_str().unwrap();
     assert!(
-        message.contains("spec.targetRefs[1].kind") && message.contains("last good version"),
+        message.contains("spec.connectionPool") && message.contains("last good version"),
         "{message}"
     );
     assert_eq!(condition["observedGeneration"], 2);
