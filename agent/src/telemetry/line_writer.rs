@@ -187,6 +187,10 @@ fn write_lines(shared: &Shared, mut writer: impl Write) {
         let result = write_whole_lines(&mut writer, &batch);
         batch.clear();
         batch.shrink_to(KEPT_BATCH_BYTES);
+        if result.is_err() {
+            // Counted before the lines are marked done: a flush that returns has seen them.
+            shared.dropped.inc_by(lines);
+        }
         let dropped = {
             let mut queue = shared.queue.lock();
             queue.done_lines = through;
@@ -209,7 +213,6 @@ fn write_lines(shared: &Shared, mut writer: impl Write) {
             }
             Ok(()) => {}
             Err(e) => {
-                shared.dropped.inc_by(lines);
                 if !std::mem::replace(&mut failing, true) {
                     warn!(component = "telemetry", output = shared.name, error = %e,
                         "writing failed; lines are dropped and counted");
