@@ -29,11 +29,13 @@
 mod access_log;
 mod backend;
 mod breaker;
+mod fault;
 mod filters;
 mod metrics;
 mod observe;
 pub mod path;
 mod plan;
+mod rate_limit;
 mod request;
 mod retry;
 mod route;
@@ -42,7 +44,7 @@ mod shutdown;
 mod upstream;
 mod wire;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
@@ -60,7 +62,10 @@ use crate::{
     hbone,
     identity::SpiffeId,
     policy::PolicyIndex,
-    state::{Snapshot, StateHandle, WorkloadRef},
+    state::{
+        Snapshot, StateHandle, Target as PolicyTarget, WorkloadRef,
+        traffic::{self, Fault, RateLimit},
+    },
     sync::Mutex,
     telemetry::{AccessLog, trace::SpanExporter},
 };
@@ -103,6 +108,13 @@ pub enum Error {
     Path(#[from] path::Error),
     #[error("the backend service's connection pool is full ({})", .0.name())]
     Overflow(breaker::Limit),
+    #[error("rate limited by TrafficPolicy {policy}; a token is back in {retry_after:?}")]
+    RateLimited {
+        policy: WorkloadRef,
+        retry_after: Duration,
+    },
+    #[error("fault injected by TrafficPolicy {policy}: abort with {status}")]
+    FaultAbort { policy: WorkloadRef, status: u16 },
 }
 
 impl Error {
@@ -125,6 +137,8 @@ impl Error {
             Error::Downstream(_) => "downstream",
             Error::Path(e) => e.reason(),
             Error::Overflow(_) => "overflow",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::FaultAbort { .. } => "fault_abort",
         }
     }
 
@@ -140,6 +154,8 @@ impl Error {
             Error::TryTimeout | Error::RequestTimeout => "UT",
             Error::BadRequest(_) | Error::Downstream(_) | Error::Path(_) => "DPE",
             Error::Overflow(_) => "UO",
+            Error::RateLimited { .. } => "RL",
+            Error::FaultAbort { .. } => "FI",
         }
     }
 
@@ -220,6 +236,8 @@ struct Inner {
     pub upstreams: Upstreams,
     /// Connection-pool limits and counters, per backend Service.
     pub breakers: breaker::Breakers,
+    /// Rate-limit token buckets.
+    pub buckets: rate_limit::Buckets,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub exporter: Option<Arc<dyn SpanExporter>>,
@@ -235,7 +253,14 @@ struct View {
     pub policy: PolicyIndex,
     /// The connection pool of each Service a `TrafficPolicy` gives one.
     pub pools: breaker::Pools,
+    /// Faults by target (HTTPRoute or rule), with the policy each comes from.
+    pub faults: Attached<Fault>,
+    /// Rate limits by target (Service, HTTPRoute or rule), with their policy.
+    pub rate_limits: Attached<RateLimit>,
 }
+
+/// A feature of `TrafficPolicy` by target, with the policy in force there.
+type Attached<T> = HashMap<PolicyTarget, (WorkloadRef, T)>;
 
 impl View {
     /// What `snapshot` means, with `policy` (rebuilt from the previous view's index).
@@ -244,8 +269,34 @@ impl View {
             routes: RouteTable::build(&snapshot),
             policy: policy.rebuild(&snapshot),
             pools: breaker::pools(&snapshot),
+            faults: traffic::by_target(&snapshot.traffic_policies, |p| p.fault.as_ref()),
+            rate_limits: traffic::by_target(&snapshot.traffic_policies, |p| p.rate_limit.as_ref()),
             snapshot,
         }
+    }
+
+    /// A route-attached feature for a request that took `route`'s rule `rule`: the rule's
+    /// own (`sectionName`) first, else the whole route's; with its target and policy.
+    fn for_route<'a, T>(
+        attached: &'a Attached<T>,
+        route: &WorkloadRef,
+        rule: Option<&str>,
+    ) -> Option<(&'a PolicyTarget, &'a WorkloadRef, &'a T)> {
+        if attached.is_empty() {
+            return None;
+        }
+        let of_rule = rule.map(|rule| PolicyTarget::Route {
+            route: route.clone(),
+            rule: Some(rule.to_owned()),
+        });
+        let of_route = PolicyTarget::Route {
+            route: route.clone(),
+            rule: None,
+        };
+        of_rule
+            .and_then(|t| attached.get_key_value(&t))
+            .or_else(|| attached.get_key_value(&of_route))
+            .map(|(target, (policy, feature))| (target, policy, feature))
     }
 }
 

@@ -7,17 +7,23 @@
 //! feature says which kinds it applies to; a feature set on a policy with a target of
 //! another kind is an error naming the feature's field, never silently ignored.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::{
     source::{
-        gateway::at,
-        kube::crd::{ConnectionPoolSpec, TargetRefSpec, TrafficPolicySpec},
+        gateway::{at, duration},
+        kube::crd::{
+            ConnectionPoolSpec, FaultSpec, RateLimitSpec, TargetRefSpec, TrafficPolicySpec,
+        },
         syntax::{self, Invalid},
     },
     state::{
         Target, TrafficPolicy, WorkloadRef,
-        traffic::{ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS},
+        traffic::{
+            ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS, Fault, FaultAbort, FaultDelay, RateLimit,
+        },
     },
 };
 
@@ -78,28 +84,145 @@ pub fn policy(
         .enumerate()
         .map(|(i, r)| target(&format!("{}[{i}]", at(field, "targetRefs")), &name, r))
         .collect::<Result<Vec<_>, _>>()?;
-    let only_services = |key: &str| -> Result<(), Invalid> {
-        match targets.iter().find(|t| !matches!(t, Target::Service(_))) {
+    // Each feature: its spec field, the target kinds it applies to, its validation.
+    let feature = |key: &str, kinds: Kinds| -> Result<String, Invalid> {
+        let field = at(field, key);
+        match targets.iter().find(|t| !kinds.allow(t)) {
             Some(t) => Err(invalid(
-                at(field, key),
-                format!("applies to Service targets only, not to {t}"),
+                field,
+                format!("applies to {} targets only, not to {t}", kinds.name()),
             )),
-            None => Ok(()),
+            None => Ok(field),
         }
     };
-    let connection_pool = match spec.connection_pool {
-        Some(p) => {
-            only_services("connectionPool")?;
-            Some(connection_pool(&at(field, "connectionPool"), p)?)
+    Ok(TrafficPolicy {
+        connection_pool: spec
+            .connection_pool
+            .map(|p| connection_pool(&feature("connectionPool", Kinds::Services)?, p))
+            .transpose()?,
+        fault: spec
+            .fault
+            .map(|f| fault(&feature("fault", Kinds::Routes)?, f))
+            .transpose()?,
+        rate_limit: spec
+            .rate_limit
+            .map(|r| rate_limit(&feature("rateLimit", Kinds::Any)?, r))
+            .transpose()?,
+        name,
+        targets,
+    })
+}
+
+/// The target kinds a feature applies to.
+#[derive(Clone, Copy)]
+enum Kinds {
+    Services,
+    Routes,
+    Any,
+}
+
+impl Kinds {
+    fn allow(self, target: &Target) -> bool {
+        match self {
+            Kinds::Services => matches!(target, Target::Service(_)),
+            Kinds::Routes => matches!(target, Target::Route { .. }),
+            Kinds::Any => true,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kinds::Services => "Service",
+            Kinds::Routes => "HTTPRoute",
+            Kinds::Any => "Service or HTTPRoute",
+        }
+    }
+}
+
+fn fault(field: &str, raw: FaultSpec) -> Result<Fault, Invalid> {
+    if raw.delay.is_none() && raw.abort.is_none() {
+        return Err(invalid(
+            field.into(),
+            "needs a delay, an abort, or both".into(),
+        ));
+    }
+    let delay = match raw.delay {
+        Some(d) => {
+            let field = at(field, "delay");
+            let fixed = duration(&at(&field, "fixedDelay"), &d.fixed_delay)?;
+            if fixed > MAX_FAULT_DELAY {
+                return Err(invalid(
+                    at(&field, "fixedDelay"),
+                    format!("at most {}", humantime::format_duration(MAX_FAULT_DELAY)),
+                ));
+            }
+            Some(FaultDelay {
+                fixed,
+                parts_per_million: share(&at(&field, "percentage"), d.percentage)?,
+            })
         }
         None => None,
     };
-    Ok(TrafficPolicy {
-        name,
-        targets,
-        connection_pool,
+    let abort = match raw.abort {
+        Some(a) => {
+            let field = at(field, "abort");
+            if !(200..=599).contains(&a.http_status) {
+                return Err(invalid(
+                    at(&field, "httpStatus"),
+                    format!("{}: expected 200 to 599", a.http_status),
+                ));
+            }
+            Some(FaultAbort {
+                status: a.http_status,
+                parts_per_million: share(&at(&field, "percentage"), a.percentage)?,
+            })
+        }
+        None => None,
+    };
+    Ok(Fault { delay, abort })
+}
+
+/// A percentage (0 to 100) as parts per million.
+fn share(field: &str, percentage: f64) -> Result<u32, Invalid> {
+    if !(0.0..=100.0).contains(&percentage) {
+        return Err(invalid(
+            field.into(),
+            format!("{percentage}: expected 0 to 100"),
+        ));
+    }
+    // In range, so the product is 0 to 1e6 and the cast exact.
+    Ok((percentage * 10_000.0).round() as u32)
+}
+
+fn rate_limit(field: &str, raw: RateLimitSpec) -> Result<RateLimit, Invalid> {
+    if raw.max_tokens == 0 {
+        return Err(invalid(at(field, "maxTokens"), "must be at least 1".into()));
+    }
+    let tokens_per_fill = raw.tokens_per_fill.unwrap_or(raw.max_tokens);
+    if tokens_per_fill == 0 {
+        return Err(invalid(
+            at(field, "tokensPerFill"),
+            "must be at least 1".into(),
+        ));
+    }
+    let fill_interval = duration(&at(field, "fillInterval"), &raw.fill_interval)?;
+    if fill_interval < Duration::from_millis(1) {
+        return Err(invalid(
+            at(field, "fillInterval"),
+            "must be at least 1ms".into(),
+        ));
+    }
+    Ok(RateLimit {
+        max_tokens: raw.max_tokens,
+        tokens_per_fill,
+        fill_interval,
+        per_client: raw.per_client,
     })
 }
+
+/// Longest fault delay: a chaos test that holds requests for longer is holding the
+/// waypoint's memory, not testing a timeout.
+const MAX_FAULT_DELAY: Duration = Duration::from_secs(3600);
 
 fn target(field: &str, policy: &WorkloadRef, raw: TargetRefSpec) -> Result<Target, Invalid> {
     let name = syntax::name(&at(field, "name"), raw.name)?;
@@ -199,6 +322,38 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_gets_a_fault_and_a_rate_limit() {
+        let policy = object(
+            "",
+            &manifest(json!({
+                "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "web", "sectionName": "api"}],
+                "fault": {"delay": {"fixedDelay": "100ms", "percentage": 0.5}, "abort": {"httpStatus": 500, "percentage": 10}},
+                "rateLimit": {"maxTokens": 10, "fillInterval": "1s", "perClient": true},
+            })),
+            "default",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.targets,
+            [Target::Route {
+                route: WorkloadRef::new("prod", "web"),
+                rule: Some("api".into())
+            }]
+        );
+        let fault = policy.fault.unwrap();
+        assert_eq!(
+            fault.delay,
+            Some(FaultDelay {
+                fixed: Duration::from_millis(100),
+                parts_per_million: 5_000
+            })
+        );
+        assert_eq!(fault.abort.unwrap().parts_per_million, 100_000);
+        let limit = policy.rate_limit.unwrap();
+        assert_eq!((limit.tokens_per_fill, limit.per_client), (10, true));
+    }
+
+    #[test]
     fn the_pending_queue_has_a_limit_even_when_none_is_written() {
         let policy = object(
             "",
@@ -250,7 +405,47 @@ mod tests {
                 "trafficPolicies[0].spec.connectionPool.maxRequests",
             ),
         ];
-        for (spec, field) in cases {
+        let route = json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "web", "sectionName": "api"}]);
+        let service = json!([{"kind": "Service", "name": "r"}]);
+        let more = [
+            (
+                json!({"targetRefs": service, "fault": {"abort": {"httpStatus": 503, "percentage": 1}}}),
+                "trafficPolicies[0].spec.fault",
+            ),
+            (
+                json!({"targetRefs": route, "fault": {}}),
+                "trafficPolicies[0].spec.fault",
+            ),
+            (
+                json!({"targetRefs": route, "fault": {"abort": {"httpStatus": 700, "percentage": 1}}}),
+                "trafficPolicies[0].spec.fault.abort.httpStatus",
+            ),
+            (
+                json!({"targetRefs": route, "fault": {"abort": {"httpStatus": 503, "percentage": 101}}}),
+                "trafficPolicies[0].spec.fault.abort.percentage",
+            ),
+            (
+                json!({"targetRefs": route, "fault": {"delay": {"fixedDelay": "soon", "percentage": 1}}}),
+                "trafficPolicies[0].spec.fault.delay.fixedDelay",
+            ),
+            (
+                json!({"targetRefs": route, "fault": {"delay": {"fixedDelay": "2h", "percentage": 1}}}),
+                "trafficPolicies[0].spec.fault.delay.fixedDelay",
+            ),
+            (
+                json!({"targetRefs": route, "rateLimit": {"maxTokens": 0, "fillInterval": "1s"}}),
+                "trafficPolicies[0].spec.rateLimit.maxTokens",
+            ),
+            (
+                json!({"targetRefs": route, "rateLimit": {"maxTokens": 1, "tokensPerFill": 0, "fillInterval": "1s"}}),
+                "trafficPolicies[0].spec.rateLimit.tokensPerFill",
+            ),
+            (
+                json!({"targetRefs": route, "rateLimit": {"maxTokens": 1, "fillInterval": "0s"}}),
+                "trafficPolicies[0].spec.rateLimit.fillInterval",
+            ),
+        ];
+        for (spec, field) in cases.into_iter().chain(more) {
             let e = object("trafficPolicies[0]", &manifest(spec.clone()), "default").unwrap_err();
             assert_eq!(e.field, field, "{spec}: {e}");
         }

@@ -2,6 +2,8 @@
 //! circuit breaking so far), attached to the Service by Gateway API policy attachment
 //! (`targetRefs`). Validated by `source::traffic`; enforced by the waypoint.
 
+use std::{collections::HashMap, time::Duration};
+
 use serde::Serialize;
 
 use super::WorkloadRef;
@@ -18,6 +20,58 @@ pub struct TrafficPolicy {
     /// (Service targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
+    /// Delays or aborts injected into a share of the requests (route targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    /// A token bucket the requests must take a token from (route or Service targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Fault injection for chaos tests (Istio's `VirtualService` `fault`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    /// Held this long before being sent on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answered by the waypoint with this status, never sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// A fixed delay for a share of the requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[serde(serialize_with = "super::route::humantime")]
+    pub fixed: Duration,
+    /// The share of requests delayed, in parts per million.
+    pub parts_per_million: u32,
+}
+
+/// An abort for a share of the requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// The HTTP status answered (gRPC requests get the matching `grpc-status`).
+    pub status: u16,
+    /// The share of requests aborted, in parts per million.
+    pub parts_per_million: u32,
+}
+
+/// A local token bucket (Envoy's `local_ratelimit`): it holds at most `max_tokens`, and
+/// gains `tokens_per_fill` every `fill_interval`, continuously. A request takes a token or
+/// is answered 429.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    #[serde(serialize_with = "super::route::humantime")]
+    pub fill_interval: Duration,
+    /// A bucket per client identity (the HBONE peer's SPIFFE ID) instead of one shared.
+    pub per_client: bool,
 }
 
 /// What a policy attaches to (Gateway API policy attachment).
@@ -56,10 +110,20 @@ pub struct Feature {
 }
 
 /// Every feature, for the conflict rule (one winner per feature and target).
-pub const FEATURES: &[Feature] = &[Feature {
-    field: "connectionPool",
-    set_in: |p| p.connection_pool.is_some(),
-}];
+pub const FEATURES: &[Feature] = &[
+    Feature {
+        field: "connectionPool",
+        set_in: |p| p.connection_pool.is_some(),
+    },
+    Feature {
+        field: "fault",
+        set_in: |p| p.fault.is_some(),
+    },
+    Feature {
+        field: "rateLimit",
+        set_in: |p| p.rate_limit.is_some(),
+    },
+];
 
 /// Limits of what a waypoint sends to one Service, all its endpoints together (Istio's
 /// `DestinationRule` `trafficPolicy.connectionPool`). A request over a limit is answered
@@ -125,6 +189,24 @@ pub fn connection_pool<'a>(
     in_force(policies, &target, |p| p.connection_pool.as_ref())
 }
 
+/// Each target's `feature` (read by `get`) and the policy it comes from, the oldest
+/// policy's where several set it: what a waypoint looks up per request.
+pub fn by_target<T: Clone>(
+    policies: &[TrafficPolicy],
+    get: impl Fn(&TrafficPolicy) -> Option<&T>,
+) -> HashMap<Target, (WorkloadRef, T)> {
+    let mut out = HashMap::new();
+    for policy in policies {
+        if let Some(feature) = get(policy) {
+            for target in &policy.targets {
+                out.entry(target.clone())
+                    .or_insert_with(|| (policy.name.clone(), feature.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// Every (policy, target, feature) where an older policy wins (the Gateway API's conflict
 /// rule: oldest wins, and the loser is marked).
 pub fn conflicts(policies: &[TrafficPolicy]) -> Vec<Conflict> {
@@ -167,6 +249,8 @@ mod tests {
                 max_connections: Some(max_connections),
                 ..ConnectionPool::default()
             }),
+            fault: None,
+            rate_limit: None,
         }
     }
 

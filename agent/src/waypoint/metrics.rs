@@ -70,6 +70,15 @@ pub struct OverflowLabels {
     pub limit: &'static str,
 }
 
+/// Labels of the rate-limit and fault counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `namespace/name` of the TrafficPolicy.
+    pub policy: String,
+    /// `abort` or `delay` (faults), `route` or `service` (rate limits).
+    pub kind: &'static str,
+}
+
 /// The waypoint's metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -84,6 +93,8 @@ pub struct Metrics {
     mirrors_skipped: Family<ErrorLabels, Counter>,
     forwarded_ignored: Family<ErrorLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
+    rate_limited: Family<PolicyLabels, Counter>,
+    faults: Family<PolicyLabels, Counter>,
 }
 
 /// One finished request as the metrics see it.
@@ -121,6 +132,8 @@ impl Metrics {
             mirrors_skipped: Family::default(),
             forwarded_ignored: Family::default(),
             overflows: Family::default(),
+            rate_limited: Family::default(),
+            faults: Family::default(),
         }
     }
 
@@ -183,6 +196,22 @@ impl Metrics {
                 destination_service_namespace: service.namespace.clone(),
                 limit: limit.name(),
             })
+            .inc();
+    }
+
+    /// A request refused (429) by the token bucket of `policy` on a `kind` target.
+    pub fn rate_limited(&self, policy: &WorkloadRef, kind: &'static str) {
+        let policy = policy.to_string();
+        self.rate_limited
+            .get_or_create(&PolicyLabels { policy, kind })
+            .inc();
+    }
+
+    /// A fault (`abort` or `delay`) of `policy` injected into a request.
+    pub fn fault(&self, policy: &WorkloadRef, kind: &'static str) {
+        let policy = policy.to_string();
+        self.faults
+            .get_or_create(&PolicyLabels { policy, kind })
             .inc();
     }
 
@@ -265,6 +294,18 @@ impl Collector for Exposition {
             "Requests refused with 503 (UO), or retries not made, at a connection-pool limit of a backend Service, by limit",
             None,
             m.overflows.metric_type(),
+        )?)?;
+        m.rate_limited.encode(encoder.encode_descriptor(
+            "waypoint_rate_limited",
+            "Requests refused with 429 (RL) by a TrafficPolicy rate limit, by policy and target kind (route, service)",
+            None,
+            m.rate_limited.metric_type(),
+        )?)?;
+        m.faults.encode(encoder.encode_descriptor(
+            "waypoint_faults_injected",
+            "Faults injected into requests by a TrafficPolicy, by policy and kind (abort, delay)",
+            None,
+            m.faults.metric_type(),
         )?)?;
         Ok(())
     }

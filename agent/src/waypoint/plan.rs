@@ -39,6 +39,8 @@ pub struct Plan<'v> {
     /// The route whose rule the request took (metrics, access log), named even when that
     /// rule then fails the request.
     pub route: Option<&'v WorkloadRef>,
+    /// That rule's `name`, if it has one (a policy may target it as a `sectionName`).
+    pub rule_name: Option<&'v str>,
     pub outcome: Result<Outcome<'v>, Error>,
 }
 
@@ -100,19 +102,23 @@ pub fn plan<'v>(
     request: &Parts,
     slashes: EscapedSlashes,
 ) -> Plan<'v> {
-    let mut route = None;
-    let outcome = outcome(target, view, request, slashes, &mut route);
-    Plan { route, outcome }
+    let mut taken = None;
+    let outcome = outcome(target, view, request, slashes, &mut taken);
+    Plan {
+        route: taken.map(|(route, _)| route),
+        rule_name: taken.and_then(|(_, rule)| rule),
+        outcome,
+    }
 }
 
-/// `plan`'s outcome; `route` is set as soon as a rule is taken, so an error after it
-/// still names the route.
+/// `plan`'s outcome; `taken` (the route and rule name) is set as soon as a rule is taken,
+/// so an error after it still names the route.
 fn outcome<'v>(
     target: &Target,
     view: &'v View,
     request: &Parts,
     slashes: EscapedSlashes,
-    route: &mut Option<&'v WorkloadRef>,
+    taken: &mut Option<(&'v WorkloadRef, Option<&'v str>)>,
 ) -> Result<Outcome<'v>, Error> {
     // Routes, policy, mirrors and the backend all see the one normal form of the path.
     let raw = request
@@ -151,7 +157,7 @@ fn outcome<'v>(
                 Routing::Unrouted => itself(),
                 Routing::NoMatch => return Err(Error::NoRoute),
                 Routing::Rule(selected) => {
-                    *route = Some(&selected.route.name);
+                    *taken = Some((&selected.route.name, selected.rule.name.as_deref()));
                     rule = Some(selected.rule);
                     matched = selected.matched;
                     effects.extend(&selected.rule.filters);

@@ -6,20 +6,24 @@ use std::sync::Arc;
 use http::{Request, Response, request::Parts};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{
     Error, Tunnel, View,
     backend::{self, Endpoint},
     breaker::{Breaker, Limit, Permit},
-    filters,
+    fault, filters,
     observe::{Counted, Exchange, Observed},
     plan::{self, Forward, Outcome, Template, plan},
     retry::{self, RequestBody},
     upstream::BoxBody,
     wire::{empty, error_response, strip_hop_by_hop},
 };
-use crate::{policy::RequestFacts, state::route::ServiceRef};
+use crate::{
+    policy::RequestFacts,
+    state::{Target as PolicyTarget, WorkloadRef, route::ServiceRef, traffic::RateLimit},
+};
 
 /// Serves one request of a tunnel; never fails (errors become responses).
 pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response<Observed> {
@@ -86,9 +90,22 @@ async fn forward(
         }
         Outcome::Forward(mut forward) => {
             exchange.trace.inject(&mut forward.template.headers);
-            send(tunnel, view, &parts, body, &forward, exchange).await
+            let taken = plan.route.map(|route| (route, plan.rule_name));
+            let request = Planned {
+                parts: &parts,
+                forward: &forward,
+                taken,
+            };
+            send(tunnel, view, request, body, exchange).await
         }
     }
+}
+
+/// A request to send, as planned: its head, where it goes, and the route and rule it took.
+struct Planned<'a> {
+    parts: &'a Parts,
+    forward: &'a Forward<'a>,
+    taken: Option<(&'a WorkloadRef, Option<&'a str>)>,
 }
 
 /// Sends a planned request: the body read or streamed, the tries within the request
@@ -96,11 +113,15 @@ async fn forward(
 async fn send(
     tunnel: &Tunnel,
     view: &View,
-    parts: &Parts,
+    planned: Planned<'_>,
     body: Incoming,
-    forward: &Forward<'_>,
     exchange: &mut Exchange,
 ) -> Result<Response<BoxBody>, Error> {
+    let Planned {
+        parts,
+        forward,
+        taken,
+    } = planned;
     let counted = Counted {
         body,
         count: Arc::clone(&exchange.request_bytes),
@@ -122,6 +143,7 @@ async fn send(
         view,
         forward,
         request: &facts,
+        taken,
     };
     let mut response = match forward.timeouts.request {
         Some(limit) => tokio::time::timeout(limit, tries.run(&mut body, exchange))
@@ -141,6 +163,8 @@ struct Tries<'a> {
     view: &'a View,
     forward: &'a Forward<'a>,
     request: &'a RequestFacts<'a>,
+    /// The route and rule the request took, if any.
+    taken: Option<(&'a WorkloadRef, Option<&'a str>)>,
 }
 
 impl Tries<'_> {
@@ -160,6 +184,8 @@ impl Tries<'_> {
                 .endpoint(&self.view.snapshot, &inner.trust_domain)?;
             admit(self.tunnel, self.view, &endpoint, self.request)?;
             if attempt == 0 {
+                // After policy: a request its policy denies is neither limited nor faulted.
+                self.route_policies(exchange).await?;
                 // Only a request its policy admitted is copied: a denied one goes nowhere.
                 for backend in &self.forward.mirrors {
                     send_mirror(
@@ -184,6 +210,7 @@ impl Tries<'_> {
                 .clone_from(&endpoint.workload.namespace);
             exchange.labels.destination_principal = endpoint.identity.to_string();
             let breaker = self.breaker(&endpoint);
+            self.service_rate_limit(&endpoint)?;
             let in_flight = breaker.try_request().map_err(|limit| {
                 overflowed(self.tunnel, &breaker, limit);
                 Error::Overflow(limit)
@@ -236,6 +263,74 @@ impl Tries<'_> {
 }
 
 impl Tries<'_> {
+    /// The rate limit, then the fault, of the route the request took: refused, answered
+    /// by the waypoint, or held before its first try.
+    async fn route_policies(&self, exchange: &mut Exchange) -> Result<(), Error> {
+        let Some((route, rule)) = self.taken else {
+            return Ok(());
+        };
+        if let Some((target, policy, limit)) = View::for_route(&self.view.rate_limits, route, rule)
+        {
+            self.take_token(target, policy, limit, "route")?;
+        }
+        let Some((_, policy, fault)) = View::for_route(&self.view.faults, route, rule) else {
+            return Ok(());
+        };
+        let metrics = &self.tunnel.inner.metrics;
+        let drawn = fault::draw(fault);
+        if let Some(delay) = drawn.delay {
+            metrics.fault(policy, "delay");
+            exchange.labels.response_flags = "DI";
+            tokio::time::sleep(delay).await;
+        }
+        match drawn.abort {
+            Some(status) => {
+                metrics.fault(policy, "abort");
+                Err(Error::FaultAbort {
+                    policy: policy.clone(),
+                    status,
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A token from the rate limit of the endpoint's Service, if it has one (every try
+    /// loads the backend, so every try takes one).
+    fn service_rate_limit(&self, endpoint: &Endpoint) -> Result<(), Error> {
+        if self.view.rate_limits.is_empty() {
+            return Ok(());
+        }
+        let target = PolicyTarget::Service(endpoint.service.clone());
+        match self.view.rate_limits.get(&target) {
+            Some((policy, limit)) => self.take_token(&target, policy, limit, "service"),
+            None => Ok(()),
+        }
+    }
+
+    fn take_token(
+        &self,
+        target: &PolicyTarget,
+        policy: &WorkloadRef,
+        limit: &RateLimit,
+        kind: &'static str,
+    ) -> Result<(), Error> {
+        let inner = &self.tunnel.inner;
+        let client = &self.tunnel.peer_identity;
+        inner
+            .buckets
+            .take(policy, target, limit, client, Instant::now())
+            .map_err(|limited| {
+                inner.metrics.rate_limited(policy, kind);
+                crate::info_limited!(component = "waypoint", policy = %policy, target = %target,
+                    src.identity = %client, "rate limited: answering 429 until a token is back");
+                Error::RateLimited {
+                    policy: policy.clone(),
+                    retry_after: limited.retry_after,
+                }
+            })
+    }
+
     /// The breaker of the endpoint's Service, with its current limits.
     fn breaker(&self, endpoint: &Endpoint) -> Arc<Breaker> {
         breaker_of(self.tunnel, self.view, endpoint)

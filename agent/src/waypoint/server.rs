@@ -70,6 +70,7 @@ impl Waypoint {
                 view: Mutex::new(Arc::new(view)),
                 upstreams,
                 breakers: breaker::Breakers::default(),
+                buckets: Default::default(),
                 metrics,
                 access_log,
                 exporter,
@@ -137,6 +138,9 @@ impl Inner {
         if !Arc::ptr_eq(&view.snapshot, &snapshot) {
             self.breakers
                 .retain(|service| snapshot.services.contains_key(service));
+            let policies = &snapshot.traffic_policies;
+            self.buckets
+                .retain(|policy| policies.iter().any(|p| p.name == *policy));
             *view = Arc::new(View::build(snapshot, &view.policy));
         }
         Arc::clone(&view)

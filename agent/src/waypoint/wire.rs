@@ -24,14 +24,20 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
         | Error::Handshake(_)
         | Error::Upstream(_)
         | Error::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::FaultAbort { status, .. } => {
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+        }
         Error::BadRequest(_) | Error::Downstream(_) | Error::Path(_) => StatusCode::BAD_REQUEST,
     };
-    if grpc {
+    let mut response = if grpc {
         let code = match e {
             Error::PolicyDenied { .. } => "7",
             Error::RequestTimeout | Error::TryTimeout => "4",
             Error::NoRoute => "12",
             Error::Path(_) => "3",
+            Error::RateLimited { .. } => "8",
+            Error::FaultAbort { status, .. } => grpc_code_of(*status),
             _ => "14",
         };
         let mut response = Response::new(empty());
@@ -44,19 +50,40 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
         if let Ok(message) = HeaderValue::from_str(&e.to_string()) {
             headers.insert("grpc-message", message);
         }
-        return response;
+        response
+    } else {
+        let mut response = Response::new(
+            Full::new(Bytes::from(format!("{}\n", e.reason())))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    if let Error::RateLimited { retry_after, .. } = e {
+        // Whole seconds (RFC 9110), rounded up: never "come back now".
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     }
-    let mut response = Response::new(
-        Full::new(Bytes::from(format!("{}\n", e.reason())))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     response
+}
+
+/// The gRPC status a client gets for an HTTP status (gRPC's HTTP-to-gRPC mapping).
+fn grpc_code_of(status: u16) -> &'static str {
+    match status {
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        404 => "12",
+        429 | 502..=504 => "14",
+        _ => "2",
+    }
 }
 
 pub(super) fn empty() -> BoxBody {

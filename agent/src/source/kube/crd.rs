@@ -106,9 +106,68 @@ pub struct TrafficPolicySpec {
     /// older wins.
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<TargetRefSpec>,
-    /// Limits of the waypoint's connections and requests to each target's endpoints.
+    /// Limits of the waypoint's connections and requests to each target's endpoints
+    /// (Service targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPoolSpec>,
+    /// Delays or aborts for a share of the requests (HTTPRoute targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultSpec>,
+    /// A local token bucket per target, or per target and client (HTTPRoute or Service
+    /// targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// Istio's `HTTPFaultInjection`: a delay, an abort, or both.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelaySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbortSpec>,
+}
+
+/// Hold a share of the requests for `fixedDelay` before sending them on.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelaySpec {
+    /// A Gateway API duration (`100ms`, `2s`), at most 1h.
+    pub fixed_delay: String,
+    /// The share of requests, 0 to 100 (`0.5` is one in two hundred).
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percentage: f64,
+}
+
+/// Answer a share of the requests with `httpStatus`, without sending them.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbortSpec {
+    /// 200 to 599.
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: u16,
+    /// The share of requests, 0 to 100.
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percentage: f64,
+}
+
+/// Envoy's `local_ratelimit` token bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// The bucket's size: the burst allowed after a quiet time.
+    #[schemars(range(min = 1))]
+    pub max_tokens: u32,
+    /// Tokens added every `fillInterval` (spread over it); absent: `maxTokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_fill: Option<u32>,
+    /// A Gateway API duration, at least 1ms.
+    pub fill_interval: String,
+    /// A bucket per client identity instead of one for every client.
+    #[serde(default)]
+    pub per_client: bool,
 }
 
 /// A Gateway API `LocalPolicyTargetReferenceWithSectionName`: a Service (group `""`), or

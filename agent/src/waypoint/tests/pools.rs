@@ -13,6 +13,8 @@ impl Harness {
                 name: svc("echo-pool"),
                 targets: vec![Target::Service(svc(SERVICE))],
                 connection_pool: Some(pool),
+                fault: None,
+                rate_limit: None,
             }];
         });
     }

@@ -1,13 +1,14 @@
-//! Connection pools and circuit breaking at the waypoint (issue "Resilience and end-user
-//! auth at the waypoint", feature 1): `TrafficPolicy` objects in the waypoint's state file
-//! limit what it sends to a Service. A client pod on node 1 calls Services bound to the
-//! waypoint (on node 1); their backends run on node 2. What the client received, what the
-//! backends saw (at most how many at once, on how many connections) and what the waypoint
-//! counted are asserted.
+//! Resilience at the waypoint (issue "Resilience and end-user auth at the waypoint"):
+//! `TrafficPolicy` objects in the waypoint's state file limit what it sends to a Service
+//! (connection pools and circuit breaking), inject faults into a route's requests and
+//! rate-limit them. A client pod on node 1 calls Services bound to the waypoint (on node
+//! 1); their backends run on node 2. What the client received, what the backends saw (at
+//! most how many at once, on how many connections) and what the waypoint counted are
+//! asserted.
 
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
     Service, TestAgent, TestNode, TestPod, TestWaypoint, eventually,
@@ -54,7 +55,7 @@ impl Mesh {
         )?;
         let flaky_server =
             l7::http_serve(&flaky, &HttpServe::new(APP_PORT, "flaky").fail_every(2))?;
-        let waypoint = TestWaypoint::start(&node1, &wp_pod, WAYPOINT, json!([flaky_route()]))?;
+        let waypoint = TestWaypoint::start(&node1, &wp_pod, WAYPOINT, routes())?;
         Ok(Mesh {
             waypoint,
             slow: slow_server,
@@ -70,7 +71,7 @@ impl Mesh {
     /// Replaces the waypoint's traffic policies and waits until its config dump shows
     /// `shows`.
     fn set_policies(&self, policies: Value, shows: &str) -> Result<()> {
-        let sections = json!({ "routes": [flaky_route()], "trafficPolicies": policies });
+        let sections = json!({ "routes": routes(), "trafficPolicies": policies });
         self.waypoint.write_sections(&self.node1, sections)?;
         eventually(Duration::from_secs(10), || {
             let dump = self.waypoint.config_dump()?.to_string();
@@ -235,24 +236,145 @@ fn max_requests_per_connection_and_max_retries_apply_per_service() -> Result<()>
     Ok(())
 }
 
+#[test]
+fn faults_abort_and_delay_their_share_and_a_rate_limit_answers_429_with_retry_after() -> Result<()>
+{
+    privileged!();
+    let mesh = Mesh::new(test_name!())?;
+    let on_rule = |rule: &str| json!({ "group": GATEWAY_GROUP, "kind": "HTTPRoute", "name": "reviews", "sectionName": rule });
+    mesh.set_policies(
+        json!([
+            attached(
+                "chaos",
+                on_rule("faulty"),
+                "fault",
+                json!({ "abort": { "httpStatus": 503, "percentage": 10 } })
+            ),
+            attached(
+                "slowdown",
+                on_rule("delayed"),
+                "fault",
+                json!({ "delay": { "fixedDelay": "250ms", "percentage": 100 } })
+            ),
+            attached(
+                "limit",
+                on_rule("limited"),
+                "rateLimit",
+                json!({ "maxTokens": 5, "tokensPerFill": 1, "fillInterval": "10s" })
+            ),
+        ]),
+        "slowdown",
+    )?;
+
+    // Aborts: 10 % of 2,000, within 3 points (σ ≈ 13 requests: 4.5 σ); the aborted ones
+    // never reach the backend.
+    let before = mesh.slow.requests().len();
+    let r = HttpLoad::new(vip(30), 2_000)
+        .concurrency(8)
+        .path("/faulty")
+        .run(&mesh.client)?;
+    let (aborted, passed) = (r.status(503), r.status(200));
+    let reached = mesh.slow.requests().len() - before;
+    println!(
+        "fault abort 10 %: {aborted} of 2000 answered 503 by the waypoint; the backend saw {reached}"
+    );
+    ensure!(
+        aborted + passed == 2_000 && (140..=260).contains(&aborted),
+        "10 % ± 3 aborted: {r:?}"
+    );
+    ensure!(
+        reached as u64 == passed,
+        "the backend saw only the passed ones: {reached}"
+    );
+    let fi = [("response_flags", "FI"), ("response_code", "503")];
+    ensure!(
+        mesh.metric("weft_requests_total", &fi)? == aborted as f64,
+        "each abort counted with flag FI"
+    );
+
+    // Delays: every request of the rule held 250 ms; the others not.
+    let delayed = HttpLoad::new(vip(30), 20)
+        .path("/delayed")
+        .run(&mesh.client)?;
+    let plain = HttpLoad::new(vip(30), 20)
+        .path("/plain")
+        .run(&mesh.client)?;
+    println!(
+        "fault delay 250 ms: p50 {:.1} ms, max {:.1} ms (without: p50 {:.1} ms)",
+        delayed.latency_ms.p50, delayed.latency_ms.max, plain.latency_ms.p50
+    );
+    ensure!(
+        delayed.status(200) == 20 && plain.status(200) == 20,
+        "{delayed:?} {plain:?}"
+    );
+    ensure!(
+        delayed.latency_ms.p50 >= 250.0 && plain.latency_ms.p50 < 250.0,
+        "delayed by the fault only: {delayed:?} {plain:?}"
+    );
+    let di = [("policy", "default/slowdown"), ("kind", "delay")];
+    ensure!(mesh.metric("weft_waypoint_faults_injected_total", &di)? == 20.0);
+
+    // Rate limit: 5 tokens, one more every 10 s: the first 5 pass, the rest get 429 with
+    // the seconds until the next token (up to 10).
+    let burst = HttpLoad::new(vip(30), 10)
+        .path("/limited")
+        .run(&mesh.client)?;
+    ensure!(
+        burst.status(200) == 5 && burst.status(429) == 5,
+        "5 pass, 5 are limited: {burst:?}"
+    );
+    let refused = HttpLoad::new(vip(30), 1)
+        .path("/limited")
+        .run(&mesh.client)?;
+    let answer = refused.first.as_ref().context("a response")?;
+    let retry_after: u64 = answer
+        .header("retry-after")
+        .context("retry-after")?
+        .parse()?;
+    println!("rate limit: 429 with retry-after {retry_after}");
+    ensure!(
+        answer.status == 429 && (5..=10).contains(&retry_after),
+        "429 says when a token is back: {answer:?}"
+    );
+    let rl = [("response_flags", "RL"), ("response_code", "429")];
+    ensure!(mesh.metric("weft_requests_total", &rl)? == 6.0);
+    Ok(())
+}
+
 fn policy(name: &str, service: &str, pool: Value) -> Value {
+    let service = json!({ "group": "", "kind": "Service", "name": service });
+    attached(name, service, "connectionPool", pool)
+}
+
+/// A TrafficPolicy attached to `target` that sets `feature`.
+fn attached(name: &str, target: Value, feature: &str, value: Value) -> Value {
     json!({
         "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
         "metadata": { "name": name, "namespace": "default" },
-        "spec": {
-            "targetRefs": [{ "group": "", "kind": "Service", "name": service }],
-            "connectionPool": pool,
-        },
+        "spec": { "targetRefs": [target], feature: value },
     })
 }
 
-fn flaky_route() -> Value {
-    let rules = json!([{
+/// `flaky`'s route retries; `reviews`' has named rules for the policies to target.
+fn routes() -> Value {
+    let flaky = json!([{
         "retry": { "attempts": 2, "codes": [503], "backoff": "10ms" },
         "backendRefs": [{ "name": "flaky", "port": PORT }],
     }]);
-    waypoint::route("HTTPRoute", "flaky", "flaky", PORT, rules)
+    let to_reviews = json!([{ "name": "reviews", "port": PORT }]);
+    let rule = |name: &str| {
+        json!({ "name": name, "matches": [{ "path": { "type": "PathPrefix", "value": format!("/{name}") } }],
+                "backendRefs": to_reviews })
+    };
+    let reviews =
+        json!([rule("faulty"), rule("delayed"), rule("limited"), { "backendRefs": to_reviews }]);
+    json!([
+        waypoint::route("HTTPRoute", "flaky", "flaky", PORT, flaky),
+        waypoint::route("HTTPRoute", "reviews", "reviews", PORT, reviews),
+    ])
 }
+
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 fn service(name: &str, vip_host: u8, endpoint: &TestPod) -> Service {
     Service {
