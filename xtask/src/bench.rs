@@ -41,6 +41,7 @@ mod profile;
 mod report;
 mod scale;
 mod state;
+mod traffic_policies;
 mod upgrade;
 mod workloads;
 

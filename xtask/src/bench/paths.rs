@@ -24,6 +24,7 @@ use super::{
     probe::args,
     profile::profile,
     report::Report,
+    traffic_policies,
     workloads::{Scenario, http_load, one_rep, rr},
 };
 
@@ -51,11 +52,7 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
     let l7_s = node1.pod("l7-s").service_account("server").create()?;
     let xdirect_s = node2.pod("xdirect-s").enrolled(false).create()?;
     let xweft_s = node2.pod("xweft-s").service_account("server").create()?;
-    let wp = node1
-        .pod("waypoint")
-        .service_account(WAYPOINT)
-        .enrolled(false)
-        .create()?;
+    let wp = TestWaypoint::pod(&node1, WAYPOINT)?;
     // ztunnel's pods: outside weft's mesh, each served by a ztunnel of its own (dedicated
     // mode, as the baseline ran it: one proxy per pod).
     let zt_c = node1
@@ -281,6 +278,22 @@ pub fn run(plan: &Plan, options: &Options, out: &Path, report: &mut Report) -> R
 
     if options.profile && data_path {
         profile(plan, &scenarios[1], pid1, out)?;
+    }
+    if data_path {
+        let l7 = scenarios
+            .iter()
+            .find(|s| s.key == "weft-l7")
+            .context("the L7 scenario")?;
+        let names = ("bench-l7", "bench-l7-backend");
+        traffic_policies::run(
+            plan,
+            &node1,
+            &waypoint,
+            &json!([l7_route()]),
+            names,
+            l7,
+            report,
+        )?;
     }
     policies::run(plan, &node1, &agent1, &weft_c, &weft_s, report)?;
     agent1.kill();
