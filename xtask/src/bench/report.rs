@@ -345,7 +345,11 @@ impl Report {
             let _ = write!(md, " {} |", self.label(key));
         }
         let _ = writeln!(md, "\n|---|---|{}", "---|".repeat(columns.len()));
-        for (metric, unit) in self.metrics(|m| self.get("direct", m).is_none()) {
+        // Metrics of these columns only (the waypoint's own rows are in its table).
+        let of_columns = |m: &str| {
+            self.get("direct", m).is_none() && columns.iter().any(|k| self.get(k, m).is_some())
+        };
+        for (metric, unit) in self.metrics(of_columns) {
             let _ = write!(md, "| {metric} | {unit} |");
             for key in columns {
                 let cell = self
