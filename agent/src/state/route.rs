@@ -325,7 +325,7 @@ impl std::fmt::Display for RouteKind {
     }
 }
 
-fn humantime<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn humantime<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*d))
 }
 

@@ -229,6 +229,7 @@ impl Harness {
                     }],
                     endpoints: vec![ip],
                     waypoint: None,
+                    traffic_distribution: None,
                 },
             );
         }
@@ -244,6 +245,7 @@ impl Harness {
                 }],
                 endpoints: vec![first_ip],
                 waypoint: Some("waypoint".into()),
+                traffic_distribution: None,
             },
         );
 

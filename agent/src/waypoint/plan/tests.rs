@@ -72,6 +72,7 @@ fn service(name: &str, endpoints: Vec<IpAddr>) -> Service {
         }],
         endpoints,
         waypoint: Some("waypoint".into()),
+        traffic_distribution: None,
     }
 }
 

@@ -13,6 +13,8 @@ impl Harness {
                 name: svc("echo-pool"),
                 targets: vec![Target::Service(svc(SERVICE))],
                 connection_pool: Some(pool),
+                outlier_detection: None,
+                load_balancer: None,
             }];
         });
     }
