@@ -9,7 +9,9 @@
 //! 1. `route`: the Gateway API rule of the service's routes that the request matches
 //!    (precedence as the Gateway API orders it); no route at all: the service itself;
 //! 2. `filters`: redirect, header modifiers, URL rewrite, mirror;
-//! 3. `backend`: a weighted backend, then one of its endpoints at the target port;
+//! 3. `backend`: a weighted backend, then one of its endpoints at the target port, by the
+//!    Service's load balancer, leaving out those outlier detection ejected (`hosts` keeps
+//!    what is known of each endpoint);
 //! 4. L7 access policy (`policy::PolicyIndex`) for that endpoint, with the client's
 //!    identity and the request's method, path and headers; a mirror's copy is sent only
 //!    once the primary passed, and only if the mirror endpoint's policy admits it too;
@@ -30,6 +32,7 @@ mod access_log;
 mod backend;
 mod breaker;
 mod filters;
+mod hosts;
 mod metrics;
 mod observe;
 pub mod path;
@@ -42,7 +45,7 @@ mod shutdown;
 mod upstream;
 mod wire;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
@@ -220,6 +223,8 @@ struct Inner {
     pub upstreams: Upstreams,
     /// Connection-pool limits and counters, per backend Service.
     pub breakers: breaker::Breakers,
+    /// Requests in flight, errors and ejections, per endpoint of each backend Service.
+    pub hosts: hosts::Hosts,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub exporter: Option<Arc<dyn SpanExporter>>,
@@ -235,6 +240,8 @@ struct View {
     pub policy: PolicyIndex,
     /// The connection pool of each Service a `TrafficPolicy` gives one.
     pub pools: breaker::Pools,
+    /// The load balancer and outlier detection of each Service a `TrafficPolicy` gives one.
+    pub balancings: hosts::Balancings,
 }
 
 impl View {
@@ -244,8 +251,48 @@ impl View {
             routes: RouteTable::build(&snapshot),
             policy: policy.rebuild(&snapshot),
             pools: breaker::pools(&snapshot),
+            balancings: hosts::balancings(&snapshot),
             snapshot,
         }
+    }
+
+    /// How the endpoints of `service` are chosen.
+    fn balancing(&self, service: &WorkloadRef) -> &hosts::Balancing {
+        self.balancings
+            .get(service)
+            .unwrap_or(&hosts::DEFAULT_BALANCING)
+    }
+}
+
+/// Something kept per backend Service for as long as the waypoint runs (`Breakers`,
+/// `Hosts`), forgotten once the Service is gone and nothing holds it.
+struct PerService<T> {
+    by_service: Mutex<HashMap<WorkloadRef, Arc<T>>>,
+}
+
+impl<T> Default for PerService<T> {
+    fn default() -> Self {
+        Self {
+            by_service: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> PerService<T> {
+    /// The one of `service`, made by `new` the first time.
+    fn of(&self, service: &WorkloadRef, new: impl FnOnce() -> T) -> Arc<T> {
+        let mut by_service = self.by_service.lock();
+        let item = by_service
+            .entry(service.clone())
+            .or_insert_with(|| Arc::new(new()));
+        Arc::clone(item)
+    }
+
+    /// Forgets those of Services `keep` refuses that nothing holds.
+    fn retain(&self, keep: impl Fn(&WorkloadRef) -> bool) {
+        self.by_service
+            .lock()
+            .retain(|service, item| keep(service) || Arc::strong_count(item) > 1);
     }
 }
 

@@ -2,14 +2,15 @@
 //! (`<prefix>_requests_total`, `<prefix>_request_duration_milliseconds`,
 //! `<prefix>_request_bytes`, `<prefix>_response_bytes`, reporter `waypoint`) plus
 //! `route_name`, and the requests L7 policy denied; requests refused before routing (an
-//! ambiguous path), mirror copies not sent, and `forwarded: for=` headers not believed.
+//! ambiguous path), mirror copies not sent, and `forwarded: for=` headers not believed;
+//! connection-pool overflows, and outlier detection's ejections.
 
 use std::fmt;
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 
 use super::breaker::Limit;
@@ -70,6 +71,13 @@ pub struct OverflowLabels {
     pub limit: &'static str,
 }
 
+/// Labels of the outlier-detection metrics: the backend Service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+}
+
 /// The waypoint's metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -84,6 +92,8 @@ pub struct Metrics {
     mirrors_skipped: Family<ErrorLabels, Counter>,
     forwarded_ignored: Family<ErrorLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+    ejected: Family<ServiceLabels, Gauge>,
 }
 
 /// One finished request as the metrics see it.
@@ -121,6 +131,8 @@ impl Metrics {
             mirrors_skipped: Family::default(),
             forwarded_ignored: Family::default(),
             overflows: Family::default(),
+            ejections: Family::default(),
+            ejected: Family::default(),
         }
     }
 
@@ -184,6 +196,21 @@ impl Metrics {
                 limit: limit.name(),
             })
             .inc();
+    }
+
+    /// An endpoint of `service` ejected by outlier detection; `ejected` are out now.
+    pub fn ejected(&self, service: &WorkloadRef, ejected: usize) {
+        let labels = service_labels(service);
+        self.ejections.get_or_create(&labels).inc();
+        self.ejected_now(service, ejected);
+    }
+
+    /// Endpoints of `service` ejected now.
+    pub fn ejected_now(&self, service: &WorkloadRef, ejected: usize) {
+        let ejected = i64::try_from(ejected).unwrap_or(i64::MAX);
+        self.ejected
+            .get_or_create(&service_labels(service))
+            .set(ejected);
     }
 
     pub fn denied(&self, reason: &'static str, policy: String) {
@@ -266,7 +293,26 @@ impl Collector for Exposition {
             None,
             m.overflows.metric_type(),
         )?)?;
+        m.ejections.encode(encoder.encode_descriptor(
+            "waypoint_outlier_ejections",
+            "Endpoints of a backend Service ejected by outlier detection",
+            None,
+            m.ejections.metric_type(),
+        )?)?;
+        m.ejected.encode(encoder.encode_descriptor(
+            "waypoint_outlier_ejected_endpoints",
+            "Endpoints of a backend Service ejected now (updated as requests arrive)",
+            None,
+            m.ejected.metric_type(),
+        )?)?;
         Ok(())
+    }
+}
+
+fn service_labels(service: &WorkloadRef) -> ServiceLabels {
+    ServiceLabels {
+        destination_service_name: service.name.clone(),
+        destination_service_namespace: service.namespace.clone(),
     }
 }
 

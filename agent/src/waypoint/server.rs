@@ -23,7 +23,9 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
-use super::{Config, Inner, Metrics, Target, Tunnel, View, breaker, request, upstream::Upstreams};
+use super::{
+    Config, Inner, Metrics, Target, Tunnel, View, breaker, hosts, request, upstream::Upstreams,
+};
 use crate::{
     drain::Drain,
     hbone,
@@ -70,6 +72,7 @@ impl Waypoint {
                 view: Mutex::new(Arc::new(view)),
                 upstreams,
                 breakers: breaker::Breakers::default(),
+                hosts: hosts::Hosts::default(),
                 metrics,
                 access_log,
                 exporter,
@@ -136,6 +139,8 @@ impl Inner {
         let mut view = self.view.lock();
         if !Arc::ptr_eq(&view.snapshot, &snapshot) {
             self.breakers
+                .retain(|service| snapshot.services.contains_key(service));
+            self.hosts
                 .retain(|service| snapshot.services.contains_key(service));
             *view = Arc::new(View::build(snapshot, &view.policy));
         }
