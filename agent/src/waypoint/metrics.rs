@@ -213,6 +213,11 @@ impl Metrics {
             .set(ejected);
     }
 
+    /// `service` is gone: its gauge of ejected endpoints goes with it.
+    pub fn service_gone(&self, service: &WorkloadRef) {
+        self.ejected.remove(&service_labels(service));
+    }
+
     pub fn denied(&self, reason: &'static str, policy: String) {
         self.denied
             .get_or_create(&DeniedLabels { reason, policy })

@@ -142,6 +142,13 @@ impl Inner {
                 .retain(|service| snapshot.services.contains_key(service));
             self.hosts
                 .retain(|service| snapshot.services.contains_key(service));
+            for gone in view
+                .balancings
+                .keys()
+                .filter(|s| !snapshot.services.contains_key(*s))
+            {
+                self.metrics.service_gone(gone);
+            }
             *view = Arc::new(View::build(snapshot, &view.policy));
         }
         Arc::clone(&view)

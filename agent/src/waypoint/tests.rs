@@ -699,6 +699,7 @@ fn patience() -> Duration {
 /// A backend delay no test outlives: a reply that comes is not the backend's.
 const FOREVER_MS: &str = "3600000";
 
+mod balancing;
 mod drain;
 mod hardening;
 mod observability;
