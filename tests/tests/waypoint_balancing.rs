@@ -178,9 +178,10 @@ fn an_endpoint_answering_503_is_ejected_and_returns_after_a_growing_ejection_tim
             expected.as_secs_f64(),
         );
         ensure!(*gauge == 1.0, "one endpoint ejected while it is out");
-        // Polled every 20 ms, and the endpoint's next turn comes within 3 requests.
+        // Polled every 20 ms or so (a slow poll sees the ejection late, and the window
+        // shorter), and the endpoint's next turn comes within 3 requests.
         ensure!(
-            out + Duration::from_millis(100) >= expected
+            out + Duration::from_millis(300) >= expected
                 && out <= expected + Duration::from_millis(1500),
             "ejection {} kept bad out {out:?}, not about {expected:?}",
             i + 1
