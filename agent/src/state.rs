@@ -24,7 +24,7 @@ pub use policy::{
     WorkloadSelector,
 };
 pub use route::{HttpRoute, RouteKind};
-pub use service::{Service, ServicePort};
+pub use service::{Service, ServicePort, TrafficDistribution};
 pub use traffic::{ConnectionPool, Target, TrafficPolicy};
 pub use waypoint::Waypoint;
 pub use workload::{Location, Workload, WorkloadRef};
@@ -314,6 +314,7 @@ mod tests {
             }],
             endpoints: vec!["10.1.0.3".parse().unwrap(), "10.1.0.4".parse().unwrap()],
             waypoint: None,
+            traffic_distribution: None,
         };
         Snapshot {
             services: BTreeMap::from([(name, service)]),

@@ -9,7 +9,9 @@
 //! 1. `route`: the Gateway API rule of the service's routes that the request matches
 //!    (precedence as the Gateway API orders it); no route at all: the service itself;
 //! 2. `filters`: redirect, header modifiers, URL rewrite, mirror;
-//! 3. `backend`: a weighted backend, then one of its endpoints at the target port;
+//! 3. `backend`: a weighted backend, then one of its endpoints at the target port, by the
+//!    Service's load balancer, leaving out those outlier detection ejected (`hosts` keeps
+//!    what is known of each endpoint);
 //! 4. L7 access policy (`policy::PolicyIndex`) for that endpoint, with the client's
 //!    identity and the request's method, path and headers; a mirror's copy is sent only
 //!    once the primary passed, and only if the mirror endpoint's policy admits it too;
@@ -31,6 +33,7 @@ mod backend;
 mod breaker;
 mod fault;
 mod filters;
+mod hosts;
 mod metrics;
 mod observe;
 pub mod path;
@@ -238,6 +241,8 @@ struct Inner {
     pub breakers: breaker::Breakers,
     /// Rate-limit token buckets.
     pub buckets: rate_limit::Buckets,
+    /// Requests in flight, errors and ejections, per endpoint of each backend Service.
+    pub hosts: hosts::Hosts,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub exporter: Option<Arc<dyn SpanExporter>>,
@@ -257,6 +262,8 @@ struct View {
     pub faults: Attached<Fault>,
     /// Rate limits by target (Service, HTTPRoute or rule), with their policy.
     pub rate_limits: Attached<RateLimit>,
+    /// The load balancer and outlier detection of each Service a `TrafficPolicy` gives one.
+    pub balancings: hosts::Balancings,
 }
 
 /// A feature of `TrafficPolicy` by target, with the policy in force there.
@@ -271,6 +278,7 @@ impl View {
             pools: breaker::pools(&snapshot),
             faults: traffic::by_target(&snapshot.traffic_policies, |p| p.fault.as_ref()),
             rate_limits: traffic::by_target(&snapshot.traffic_policies, |p| p.rate_limit.as_ref()),
+            balancings: hosts::balancings(&snapshot),
             snapshot,
         }
     }
@@ -297,6 +305,45 @@ impl View {
             .and_then(|t| attached.get_key_value(&t))
             .or_else(|| attached.get_key_value(&of_route))
             .map(|(target, (policy, feature))| (target, policy, feature))
+    }
+
+    /// How the endpoints of `service` are chosen.
+    fn balancing(&self, service: &WorkloadRef) -> &hosts::Balancing {
+        self.balancings
+            .get(service)
+            .unwrap_or(&hosts::DEFAULT_BALANCING)
+    }
+}
+
+/// Something kept per backend Service for as long as the waypoint runs (`Breakers`,
+/// `Hosts`), forgotten once the Service is gone and nothing holds it.
+struct PerService<T> {
+    by_service: Mutex<HashMap<WorkloadRef, Arc<T>>>,
+}
+
+impl<T> Default for PerService<T> {
+    fn default() -> Self {
+        Self {
+            by_service: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> PerService<T> {
+    /// The one of `service`, made by `new` the first time.
+    fn of(&self, service: &WorkloadRef, new: impl FnOnce() -> T) -> Arc<T> {
+        let mut by_service = self.by_service.lock();
+        let item = by_service
+            .entry(service.clone())
+            .or_insert_with(|| Arc::new(new()));
+        Arc::clone(item)
+    }
+
+    /// Forgets those of Services `keep` refuses that nothing holds.
+    fn retain(&self, keep: impl Fn(&WorkloadRef) -> bool) {
+        self.by_service
+            .lock()
+            .retain(|service, item| keep(service) || Arc::strong_count(item) > 1);
     }
 }
 

@@ -114,8 +114,13 @@ impl TestWaypoint {
         let mut config = node.config();
         if let (Some(c), Some(sections)) = (config.as_object_mut(), sections.as_object()) {
             c.extend(sections.clone());
-            // The agent's own section means nothing to a waypoint.
+            // The agent's own section means nothing to a waypoint but its node, which tells
+            // the node's pods (on the waypoint's node) from the others.
+            let node = c.get("agent").and_then(|a| a.get("node")).cloned();
             c.remove("agent");
+            if let Some(node) = node {
+                c.insert("agent".into(), serde_json::json!({ "node": node }));
+            }
         }
         let yaml = serde_yaml::to_string(&config).context("serialise waypoint config")?;
         // Written whole then renamed, so the waypoint never reads half a file.

@@ -421,6 +421,7 @@ mod tests {
                 }],
                 endpoints: endpoints.iter().map(|ip| ip.parse().unwrap()).collect(),
                 waypoint: waypoint.map(str::to_owned),
+                traffic_distribution: None,
             };
             snapshot.services.insert(service.name.clone(), service);
         }

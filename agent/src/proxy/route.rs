@@ -361,6 +361,7 @@ mod tests {
             }],
             endpoints: vec!["10.1.0.3".parse().unwrap()],
             waypoint: waypoint.map(str::to_owned),
+            traffic_distribution: None,
         };
         s.services.insert(api.name.clone(), api);
         let wp = Waypoint {

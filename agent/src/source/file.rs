@@ -31,8 +31,8 @@ use crate::{
     },
     state::{
         AccessLogSettings, AccessPolicy, Action, HttpRoute, Location, MeshSettings, MtlsMode,
-        MtlsSettings, RouteKind, SameNode, Service, ServicePort, Snapshot, TrafficPolicy, Waypoint,
-        Workload, WorkloadRef,
+        MtlsSettings, RouteKind, SameNode, Service, ServicePort, Snapshot, TrafficDistribution,
+        TrafficPolicy, Waypoint, Workload, WorkloadRef,
     },
 };
 
@@ -356,6 +356,8 @@ struct RawService {
     /// The waypoint (in the service's namespace) its traffic goes through; `none`: not
     /// its namespace's either.
     waypoint: Option<String>,
+    /// Kubernetes' `spec.trafficDistribution`: `PreferClose`.
+    traffic_distribution: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -653,6 +655,17 @@ impl Validator<'_> {
             waypoint: raw
                 .waypoint
                 .map(|w| self.name(&format!("{field}.waypoint"), w))
+                .transpose()?,
+            traffic_distribution: raw
+                .traffic_distribution
+                .map(|value| {
+                    TrafficDistribution::parse(&value).ok_or_else(|| {
+                        self.invalid(
+                            format!("{field}.trafficDistribution"),
+                            format!("{value:?}: expected \"PreferClose\""),
+                        )
+                    })
+                })
                 .transpose()?,
         })
     }

@@ -15,14 +15,16 @@ use crate::{
     source::{
         gateway::{at, duration},
         kube::crd::{
-            ConnectionPoolSpec, FaultSpec, RateLimitSpec, TargetRefSpec, TrafficPolicySpec,
+            ConnectionPoolSpec, FaultSpec, LoadBalancerSpec, OutlierDetectionSpec, RateLimitSpec,
+            SimpleLoadBalancer, TargetRefSpec, TrafficPolicySpec,
         },
         syntax::{self, Invalid},
     },
     state::{
         Target, TrafficPolicy, WorkloadRef,
         traffic::{
-            ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS, Fault, FaultAbort, FaultDelay, RateLimit,
+            ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS, Fault, FaultAbort, FaultDelay, HashKey,
+            LoadBalancer, OutlierDetection, RateLimit, SuccessRate,
         },
     },
 };
@@ -99,6 +101,14 @@ pub fn policy(
         connection_pool: spec
             .connection_pool
             .map(|p| connection_pool(&feature("connectionPool", Kinds::Services)?, p))
+            .transpose()?,
+        outlier_detection: spec
+            .outlier_detection
+            .map(|o| outlier_detection(&feature("outlierDetection", Kinds::Services)?, o))
+            .transpose()?,
+        load_balancer: spec
+            .load_balancer
+            .map(|lb| load_balancer(&feature("loadBalancer", Kinds::Services)?, lb))
             .transpose()?,
         fault: spec
             .fault
@@ -276,6 +286,126 @@ fn connection_pool(field: &str, raw: ConnectionPoolSpec) -> Result<ConnectionPoo
     })
 }
 
+fn outlier_detection(field: &str, raw: OutlierDetectionSpec) -> Result<OutlierDetection, Invalid> {
+    let time = |key: &str, text: Option<String>, default: Duration| match text {
+        None => Ok(default),
+        Some(text) => match duration(&at(field, key), &text)? {
+            Duration::ZERO => Err(invalid(at(field, key), "must be more than 0".into())),
+            d => Ok(d),
+        },
+    };
+    let max_ejection_percent = raw.max_ejection_percent.unwrap_or(10);
+    if max_ejection_percent > 100 {
+        return Err(invalid(
+            at(field, "maxEjectionPercent"),
+            format!("{max_ejection_percent}: a percentage, 0 to 100"),
+        ));
+    }
+    let success_rate = match raw.success_rate_stdev_factor {
+        Some(0) => {
+            return Err(invalid(
+                at(field, "successRateStdevFactor"),
+                "must be at least 1 (thousandths of a standard deviation; absent: off)".into(),
+            ));
+        }
+        Some(stdev_factor) => Some(SuccessRate {
+            minimum_hosts: raw.success_rate_minimum_hosts.unwrap_or(5),
+            request_volume: raw.success_rate_request_volume.unwrap_or(100),
+            stdev_factor,
+        }),
+        None => {
+            let set = [
+                ("successRateMinimumHosts", raw.success_rate_minimum_hosts),
+                ("successRateRequestVolume", raw.success_rate_request_volume),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, v)| v.is_some()) {
+                return Err(invalid(
+                    at(field, key),
+                    "means nothing without successRateStdevFactor, which turns success-rate \
+                     detection on"
+                        .into(),
+                ));
+            }
+            None
+        }
+    };
+    Ok(OutlierDetection {
+        consecutive_5xx_errors: raw.consecutive_5xx_errors.unwrap_or(5),
+        consecutive_gateway_errors: raw.consecutive_gateway_errors.unwrap_or(0),
+        success_rate,
+        interval: time("interval", raw.interval, Duration::from_secs(10))?,
+        base_ejection_time: time(
+            "baseEjectionTime",
+            raw.base_ejection_time,
+            Duration::from_secs(30),
+        )?,
+        max_ejection_percent,
+    })
+}
+
+fn load_balancer(field: &str, raw: LoadBalancerSpec) -> Result<LoadBalancer, Invalid> {
+    match (raw.simple, raw.consistent_hash) {
+        (Some(_), Some(_)) => Err(invalid(
+            at(field, "consistentHash"),
+            "set either simple or consistentHash, not both".into(),
+        )),
+        (None, None) => Err(invalid(
+            field.to_owned(),
+            "set simple or consistentHash".into(),
+        )),
+        (Some(simple), None) => Ok(match simple {
+            SimpleLoadBalancer::RoundRobin => LoadBalancer::RoundRobin,
+            SimpleLoadBalancer::LeastRequest => LoadBalancer::LeastRequest,
+            SimpleLoadBalancer::Random => LoadBalancer::Random,
+        }),
+        (None, Some(hash)) => {
+            let field = at(field, "consistentHash");
+            let mut keys = Vec::new();
+            if let Some(name) = hash.http_header_name {
+                let key = at(&field, "httpHeaderName");
+                let name = http::HeaderName::try_from(name.as_str())
+                    .map_err(|e| invalid(key, format!("{name:?}: {e}")))?;
+                keys.push(HashKey::Header(name.as_str().to_owned()));
+            }
+            if let Some(cookie) = hash.http_cookie {
+                if !is_cookie_name(&cookie.name) {
+                    return Err(invalid(
+                        at(&field, "httpCookie.name"),
+                        format!("{:?}: not a cookie name (RFC 6265 token)", cookie.name),
+                    ));
+                }
+                keys.push(HashKey::Cookie(cookie.name));
+            }
+            match hash.use_source_ip {
+                Some(true) => keys.push(HashKey::SourceIp),
+                Some(false) => {
+                    return Err(invalid(
+                        at(&field, "useSourceIp"),
+                        "false means nothing: leave it out".into(),
+                    ));
+                }
+                None => {}
+            }
+            let mut keys = keys.into_iter();
+            match (keys.next(), keys.next()) {
+                (Some(key), None) => Ok(LoadBalancer::ConsistentHash(key)),
+                _ => Err(invalid(
+                    field,
+                    "set exactly one of httpHeaderName, httpCookie, useSourceIp".into(),
+                )),
+            }
+        }
+    }
+}
+
+/// An RFC 6265 `cookie-name` (an RFC 7230 token).
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 fn invalid(field: String, reason: String) -> Invalid {
     Invalid { field, reason }
 }
@@ -292,6 +422,11 @@ mod tests {
             "metadata": {"name": "pool", "namespace": "prod"},
             "spec": spec,
         })
+    }
+
+    /// The policy `spec` makes (the manifest's namespace is `prod`).
+    fn read(spec: Value) -> TrafficPolicy {
+        object("", &manifest(spec), "default").unwrap()
     }
 
     #[test]
@@ -355,17 +490,131 @@ mod tests {
 
     #[test]
     fn the_pending_queue_has_a_limit_even_when_none_is_written() {
-        let policy = object(
-            "",
-            &manifest(json!({
-                "targetRefs": [{"kind": "Service", "name": "reviews"}],
-                "connectionPool": {"maxConnections": 10},
-            })),
-            "default",
-        )
-        .unwrap();
+        let policy = read(json!({
+            "targetRefs": [{"kind": "Service", "name": "reviews"}],
+            "connectionPool": {"maxConnections": 10},
+        }));
         let pool = policy.connection_pool.unwrap();
         assert_eq!(pool.max_pending_requests, DEFAULT_MAX_PENDING_REQUESTS);
+    }
+
+    #[test]
+    fn outlier_detection_and_load_balancer_are_read_with_istios_defaults() {
+        let policy = read(json!({
+            "targetRefs": [{"kind": "Service", "name": "reviews"}],
+            "outlierDetection": {"consecutiveGatewayErrors": 3, "baseEjectionTime": "2s"},
+            "loadBalancer": {"consistentHash": {"httpHeaderName": "X-User"}},
+        }));
+        assert_eq!(
+            policy.outlier_detection,
+            Some(OutlierDetection {
+                consecutive_5xx_errors: 5,
+                consecutive_gateway_errors: 3,
+                success_rate: None,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(2),
+                max_ejection_percent: 10,
+            })
+        );
+        assert_eq!(
+            policy.load_balancer,
+            Some(LoadBalancer::ConsistentHash(HashKey::Header(
+                "x-user".into()
+            )))
+        );
+        let simple = read(json!({
+            "targetRefs": [{"kind": "Service", "name": "reviews"}],
+            "outlierDetection": {"successRateStdevFactor": 1900},
+            "loadBalancer": {"simple": "ROUND_ROBIN"},
+        }));
+        assert_eq!(simple.load_balancer, Some(LoadBalancer::RoundRobin));
+        let rate = simple.outlier_detection.unwrap().success_rate.unwrap();
+        assert_eq!((rate.minimum_hosts, rate.request_volume), (5, 100));
+    }
+
+    #[test]
+    fn outlier_and_load_balancer_errors_name_the_field() {
+        let service = json!([{"kind": "Service", "name": "r"}]);
+        let route =
+            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}]);
+        let cases = [
+            (
+                json!({"targetRefs": route, "outlierDetection": {}}),
+                "outlierDetection",
+            ),
+            (
+                json!({"targetRefs": route, "loadBalancer": {"simple": "RANDOM"}}),
+                "loadBalancer",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"interval": "soon"}}),
+                "outlierDetection.interval",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"baseEjectionTime": "0s"}}),
+                "outlierDetection.baseEjectionTime",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"maxEjectionPercent": 101}}),
+                "outlierDetection.maxEjectionPercent",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"consecutive5xxErrors": -1}}),
+                "outlierDetection.consecutive5xxErrors",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"consecutive5xx": 3}}),
+                "outlierDetection",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"successRateStdevFactor": 0}}),
+                "outlierDetection.successRateStdevFactor",
+            ),
+            (
+                json!({"targetRefs": service, "outlierDetection": {"successRateRequestVolume": 10}}),
+                "outlierDetection.successRateRequestVolume",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {}}),
+                "loadBalancer",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"simple": "LEAST_CONN"}}),
+                "loadBalancer.simple",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"simple": "RANDOM", "consistentHash": {"useSourceIp": true}}}),
+                "loadBalancer.consistentHash",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"consistentHash": {}}}),
+                "loadBalancer.consistentHash",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"consistentHash": {"useSourceIp": true, "httpHeaderName": "x"}}}),
+                "loadBalancer.consistentHash",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"consistentHash": {"httpHeaderName": "bad header"}}}),
+                "loadBalancer.consistentHash.httpHeaderName",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"consistentHash": {"httpCookie": {"name": "a;b"}}}}),
+                "loadBalancer.consistentHash.httpCookie.name",
+            ),
+            (
+                json!({"targetRefs": service, "loadBalancer": {"consistentHash": {"useSourceIp": false}}}),
+                "loadBalancer.consistentHash.useSourceIp",
+            ),
+        ];
+        for (spec, field) in cases {
+            let e = object("trafficPolicies[0]", &manifest(spec.clone()), "default").unwrap_err();
+            assert_eq!(
+                e.field,
+                format!("trafficPolicies[0].spec.{field}"),
+                "{spec}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -21,6 +21,28 @@ pub struct Service {
     /// service's `weft.dev/use-waypoint` label, else its namespace's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<String>,
+    /// Its `spec.trafficDistribution`: which endpoints a waypoint prefers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// Kubernetes' `spec.trafficDistribution` of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum TrafficDistribution {
+    /// Endpoints close to the client first: a waypoint sends to the endpoints on its own
+    /// node while any is in service (weft knows nodes, not zones).
+    PreferClose,
+}
+
+impl TrafficDistribution {
+    /// The Kubernetes value: `PreferClose` (`None` for a value weft does not know, which
+    /// Kubernetes says to ignore).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "PreferClose" => Some(TrafficDistribution::PreferClose),
+            _ => None,
+        }
+    }
 }
 
 /// One port of a service and where it lands on the endpoints.

@@ -1,5 +1,5 @@
 //! Traffic policies: how a waypoint treats the backends of a Service (connection pools and
-//! circuit breaking so far), attached to the Service by Gateway API policy attachment
+//! circuit breaking, outlier detection, load balancing), attached to the Service by Gateway API policy attachment
 //! (`targetRefs`). Validated by `source::traffic`; enforced by the waypoint.
 
 use std::{collections::HashMap, time::Duration};
@@ -20,12 +20,34 @@ pub struct TrafficPolicy {
     /// (Service targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
+    /// Passive health of each target's endpoints: who is ejected, for how long (Service
+    /// targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// How an endpoint is chosen for each request (Service targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
     /// Delays or aborts injected into a share of the requests (route targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
     /// A token bucket the requests must take a token from (route or Service targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+}
+
+impl TrafficPolicy {
+    /// A policy with no feature set yet (fill in with struct update syntax).
+    pub fn new(name: WorkloadRef, targets: Vec<Target>) -> Self {
+        Self {
+            name,
+            targets,
+            connection_pool: None,
+            outlier_detection: None,
+            load_balancer: None,
+            fault: None,
+            rate_limit: None,
+        }
+    }
 }
 
 /// Fault injection for chaos tests (Istio's `VirtualService` `fault`).
@@ -123,6 +145,14 @@ pub const FEATURES: &[Feature] = &[
         field: "rateLimit",
         set_in: |p| p.rate_limit.is_some(),
     },
+    Feature {
+        field: "outlierDetection",
+        set_in: |p| p.outlier_detection.is_some(),
+    },
+    Feature {
+        field: "loadBalancer",
+        set_in: |p| p.load_balancer.is_some(),
+    },
 ];
 
 /// Limits of what a waypoint sends to one Service, all its endpoints together (Istio's
@@ -146,6 +176,73 @@ pub struct ConnectionPool {
     /// Retries in flight to the service at once; a retry over it is not made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+}
+
+/// Passive health checking of a Service's endpoints (Istio's `DestinationRule`
+/// `trafficPolicy.outlierDetection`, Envoy's outlier detection): an endpoint that fails
+/// too often is ejected (gets no requests) for a while, longer each time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// 5xx answers (and connection failures and per-try timeouts) in a row that eject an
+    /// endpoint; 0: not this way.
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: u32,
+    /// 502, 503 and 504 answers (and connection failures and per-try timeouts) in a row
+    /// that eject an endpoint; 0: not this way.
+    pub consecutive_gateway_errors: u32,
+    /// Ejection of endpoints whose success rate is far below their peers'; `None`: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<SuccessRate>,
+    /// How often success rates are judged and an ejection's multiplier decays.
+    #[serde(serialize_with = "super::route::humantime")]
+    pub interval: Duration,
+    /// An ejection lasts this times the number of times the endpoint was ejected.
+    #[serde(serialize_with = "super::route::humantime")]
+    pub base_ejection_time: Duration,
+    /// At most this percentage of the Service's endpoints are ejected at once (one always
+    /// may be).
+    pub max_ejection_percent: u32,
+}
+
+/// Envoy's success-rate outlier detection: once per interval, over the endpoints that
+/// served at least `request_volume` requests in it, if there are at least `minimum_hosts`
+/// of them, an endpoint whose success rate is below `mean - stdev_factor/1000 × stdev` is
+/// ejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SuccessRate {
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+    /// In thousandths, as Envoy's `success_rate_stdev_factor` (1900: 1.9 deviations).
+    pub stdev_factor: u32,
+}
+
+/// How one endpoint of a Service is chosen for a request (Istio's `loadBalancer`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    /// In turn.
+    RoundRobin,
+    /// The one of two random endpoints with fewer requests in flight (the default).
+    LeastRequest,
+    /// At random.
+    Random,
+    /// By a hash of the request's key (session affinity); a request without the key is
+    /// balanced as `LeastRequest`.
+    ConsistentHash(HashKey),
+}
+
+/// What a consistent hash is taken of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashKey {
+    /// A request header's value (name lowercase).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    /// The original client's IP address.
+    SourceIp,
 }
 
 /// Requests that may wait for a connection when a policy sets `maxConnections` but not
@@ -180,13 +277,22 @@ pub fn in_force<'a, T>(
     })
 }
 
+/// The feature `get` reads in force for the Service `service`, and the policy it comes
+/// from.
+pub fn for_service<'a, T>(
+    policies: &'a [TrafficPolicy],
+    service: &WorkloadRef,
+    get: impl Fn(&'a TrafficPolicy) -> Option<&'a T>,
+) -> Option<(&'a WorkloadRef, &'a T)> {
+    in_force(policies, &Target::Service(service.clone()), get)
+}
+
 /// The connection pool in force for `service`, and the policy it comes from.
 pub fn connection_pool<'a>(
     policies: &'a [TrafficPolicy],
     service: &WorkloadRef,
 ) -> Option<(&'a WorkloadRef, &'a ConnectionPool)> {
-    let target = Target::Service(service.clone());
-    in_force(policies, &target, |p| p.connection_pool.as_ref())
+    for_service(policies, service, |p| p.connection_pool.as_ref())
 }
 
 /// Each target's `feature` (read by `get`) and the policy it comes from, the oldest
@@ -239,18 +345,16 @@ mod tests {
     use super::*;
 
     fn policy(name: &str, targets: &[&str], max_connections: u32) -> TrafficPolicy {
+        let targets = targets
+            .iter()
+            .map(|t| Target::Service(WorkloadRef::new("prod", *t)))
+            .collect();
         TrafficPolicy {
-            name: WorkloadRef::new("prod", name),
-            targets: targets
-                .iter()
-                .map(|t| Target::Service(WorkloadRef::new("prod", *t)))
-                .collect(),
             connection_pool: Some(ConnectionPool {
                 max_connections: Some(max_connections),
                 ..ConnectionPool::default()
             }),
-            fault: None,
-            rate_limit: None,
+            ..TrafficPolicy::new(WorkloadRef::new("prod", name), targets)
         }
     }
 
@@ -278,6 +382,29 @@ mod tests {
                 winner: WorkloadRef::new("prod", "old"),
             }]
         );
+    }
+
+    #[test]
+    fn each_feature_has_its_own_winner() {
+        let mut balanced = policy("balanced", &["reviews"], 1);
+        balanced.connection_pool = None;
+        balanced.load_balancer = Some(LoadBalancer::RoundRobin);
+        let mut hashed = policy("hashed", &["reviews"], 2);
+        hashed.load_balancer = Some(LoadBalancer::ConsistentHash(HashKey::SourceIp));
+        let policies = [balanced, hashed];
+        let reviews = WorkloadRef::new("prod", "reviews");
+        let (from, lb) = for_service(&policies, &reviews, |p| p.load_balancer.as_ref()).unwrap();
+        assert_eq!(
+            (from.name.as_str(), lb),
+            ("balanced", &LoadBalancer::RoundRobin)
+        );
+        assert_eq!(
+            connection_pool(&policies, &reviews).unwrap().0.name,
+            "hashed"
+        );
+        assert!(for_service(&policies, &reviews, |p| p.outlier_detection.as_ref()).is_none());
+        let fields: Vec<_> = conflicts(&policies).iter().map(|c| c.feature).collect();
+        assert_eq!(fields, ["loadBalancer"]);
     }
 
     #[test]

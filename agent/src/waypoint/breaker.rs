@@ -18,6 +18,7 @@ use std::{
 
 use tokio::sync::Notify;
 
+use super::PerService;
 use crate::{
     state::{
         Snapshot, WorkloadRef,
@@ -66,25 +67,22 @@ impl Limit {
 /// The breakers of every backend Service the waypoint has sent to.
 #[derive(Default)]
 pub struct Breakers {
-    by_service: Mutex<HashMap<WorkloadRef, Arc<Breaker>>>,
+    by_service: PerService<Breaker>,
 }
 
 impl Breakers {
     /// The breaker of `service`, with `limits` (the current policy's; `None`: no limits).
     pub fn of(&self, service: &WorkloadRef, limits: Option<ConnectionPool>) -> Arc<Breaker> {
-        let mut by_service = self.by_service.lock();
-        let breaker = by_service
-            .entry(service.clone())
-            .or_insert_with(|| Arc::new(Breaker::new(service.clone())));
+        let breaker = self
+            .by_service
+            .of(service, || Breaker::new(service.clone()));
         *breaker.limits.lock() = limits;
-        Arc::clone(breaker)
+        breaker
     }
 
     /// Forgets the breakers of services that are gone and hold nothing.
     pub fn retain(&self, keep: impl Fn(&WorkloadRef) -> bool) {
-        self.by_service
-            .lock()
-            .retain(|service, breaker| keep(service) || Arc::strong_count(breaker) > 1);
+        self.by_service.retain(keep);
     }
 }
 

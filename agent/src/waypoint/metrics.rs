@@ -2,14 +2,15 @@
 //! (`<prefix>_requests_total`, `<prefix>_request_duration_milliseconds`,
 //! `<prefix>_request_bytes`, `<prefix>_response_bytes`, reporter `waypoint`) plus
 //! `route_name`, and the requests L7 policy denied; requests refused before routing (an
-//! ambiguous path), mirror copies not sent, and `forwarded: for=` headers not believed.
+//! ambiguous path), mirror copies not sent, and `forwarded: for=` headers not believed;
+//! connection-pool overflows, and outlier detection's ejections.
 
 use std::fmt;
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 
 use super::breaker::Limit;
@@ -79,6 +80,13 @@ pub struct PolicyLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the outlier-detection metrics: the backend Service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+}
+
 /// The waypoint's metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -95,6 +103,8 @@ pub struct Metrics {
     overflows: Family<OverflowLabels, Counter>,
     rate_limited: Family<PolicyLabels, Counter>,
     faults: Family<PolicyLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+    ejected: Family<ServiceLabels, Gauge>,
 }
 
 /// One finished request as the metrics see it.
@@ -134,6 +144,8 @@ impl Metrics {
             overflows: Family::default(),
             rate_limited: Family::default(),
             faults: Family::default(),
+            ejections: Family::default(),
+            ejected: Family::default(),
         }
     }
 
@@ -213,6 +225,26 @@ impl Metrics {
         self.faults
             .get_or_create(&PolicyLabels { policy, kind })
             .inc();
+    }
+
+    /// An endpoint of `service` ejected by outlier detection; `ejected` are out now.
+    pub fn ejected(&self, service: &WorkloadRef, ejected: usize) {
+        let labels = service_labels(service);
+        self.ejections.get_or_create(&labels).inc();
+        self.ejected_now(service, ejected);
+    }
+
+    /// Endpoints of `service` ejected now.
+    pub fn ejected_now(&self, service: &WorkloadRef, ejected: usize) {
+        let ejected = i64::try_from(ejected).unwrap_or(i64::MAX);
+        self.ejected
+            .get_or_create(&service_labels(service))
+            .set(ejected);
+    }
+
+    /// `service` is gone: its gauge of ejected endpoints goes with it.
+    pub fn service_gone(&self, service: &WorkloadRef) {
+        self.ejected.remove(&service_labels(service));
     }
 
     pub fn denied(&self, reason: &'static str, policy: String) {
@@ -307,7 +339,26 @@ impl Collector for Exposition {
             None,
             m.faults.metric_type(),
         )?)?;
+        m.ejections.encode(encoder.encode_descriptor(
+            "waypoint_outlier_ejections",
+            "Endpoints of a backend Service ejected by outlier detection",
+            None,
+            m.ejections.metric_type(),
+        )?)?;
+        m.ejected.encode(encoder.encode_descriptor(
+            "waypoint_outlier_ejected_endpoints",
+            "Endpoints of a backend Service ejected now (updated as requests arrive)",
+            None,
+            m.ejected.metric_type(),
+        )?)?;
         Ok(())
+    }
+}
+
+fn service_labels(service: &WorkloadRef) -> ServiceLabels {
+    ServiceLabels {
+        destination_service_name: service.name.clone(),
+        destination_service_namespace: service.namespace.clone(),
     }
 }
 

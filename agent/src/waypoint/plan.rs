@@ -28,7 +28,7 @@ use crate::{
     identity::SpiffeId,
     policy::{ConnectionFacts, Decision, RequestFacts},
     state::{
-        Snapshot, WorkloadRef,
+        Service, Snapshot, WorkloadRef,
         route::{HeaderModifier, Redirect, RequestMatch, Retry, RouteRule, ServiceRef, Timeouts},
     },
 };
@@ -302,10 +302,17 @@ impl Forward<'_> {
 }
 
 impl Destination {
-    /// One endpoint to try (random among a Service's endpoints).
-    pub fn endpoint(&self, snapshot: &Snapshot, trust_domain: &str) -> Result<Endpoint, Error> {
+    /// One endpoint to try: the pod, or the one of a Service's endpoints `pick` chooses.
+    pub fn endpoint(
+        &self,
+        snapshot: &Snapshot,
+        trust_domain: &str,
+        pick: impl FnOnce(&Service) -> IpAddr,
+    ) -> Result<Endpoint, Error> {
         match self {
-            Destination::Service(service) => backend::resolve(snapshot, service, trust_domain),
+            Destination::Service(service) => {
+                backend::resolve(snapshot, service, trust_domain, pick)
+            }
             Destination::Pod(addr, service) => backend::pod(snapshot, *addr, service, trust_domain),
         }
     }

@@ -1,7 +1,9 @@
 //! One request through the waypoint: its plan (`plan`: path, route, filters, backend),
-//! then the sending: body, policy and an endpoint per try, mirrors, retries, the response.
+//! then the sending: body, policy and an endpoint per try (by the Service's load balancer,
+//! from what `hosts` knows), mirrors, retries, the response; each try's outcome goes back
+//! to `hosts` for outlier detection.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use http::{Request, Response, request::Parts};
 use http_body_util::BodyExt;
@@ -10,19 +12,24 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{
-    Error, Tunnel, View,
+    Error, Inner, Tunnel, View,
     backend::{self, Endpoint},
     breaker::{Breaker, Limit, Permit},
     fault, filters,
+    hosts::{self, Balancing, InFlight, ServiceHosts},
     observe::{Counted, Exchange, Observed},
-    plan::{self, Forward, Outcome, Template, plan},
+    plan::{self, Destination, Forward, Outcome, Template, plan},
     retry::{self, RequestBody},
     upstream::BoxBody,
     wire::{empty, error_response, strip_hop_by_hop},
 };
 use crate::{
+    hbone,
     policy::RequestFacts,
-    state::{Target as PolicyTarget, WorkloadRef, route::ServiceRef, traffic::RateLimit},
+    state::{
+        Location, Service, Target as PolicyTarget, TrafficDistribution, WorkloadRef,
+        route::ServiceRef, traffic::RateLimit,
+    },
 };
 
 /// Serves one request of a tunnel; never fails (errors become responses).
@@ -138,12 +145,21 @@ async fn send(
         body = body.recorded(limit);
     }
     let facts = forward.facts(parts);
+    let key = match &forward.destination {
+        Destination::Service(service) => backend::hash_key(
+            &view.balancing(&service.name).load_balancer,
+            &parts.headers,
+            tunnel.source.ip(),
+        ),
+        Destination::Pod(..) => None,
+    };
     let tries = Tries {
         tunnel,
         view,
         forward,
         request: &facts,
         taken,
+        key,
     };
     let mut response = match forward.timeouts.request {
         Some(limit) => tokio::time::timeout(limit, tries.run(&mut body, exchange))
@@ -165,6 +181,8 @@ struct Tries<'a> {
     request: &'a RequestFacts<'a>,
     /// The route and rule the request took, if any.
     taken: Option<(&'a WorkloadRef, Option<&'a str>)>,
+    /// The request's consistent-hash key, if its Service hashes and it has the key.
+    key: Option<u64>,
 }
 
 impl Tries<'_> {
@@ -178,10 +196,19 @@ impl Tries<'_> {
         // The place of the retry in flight under its Service's `maxRetries`.
         let mut _retrying: Option<Permit> = None;
         loop {
-            let endpoint = self
-                .forward
-                .destination
-                .endpoint(&self.view.snapshot, &inner.trust_domain)?;
+            // A Service's endpoints are balanced and watched; a pod dialled directly is not.
+            let picker = match &self.forward.destination {
+                Destination::Service(service) => Some(Picker::new(inner, self.view, service)),
+                Destination::Pod(..) => None,
+            };
+            let endpoint = self.forward.destination.endpoint(
+                &self.view.snapshot,
+                &inner.trust_domain,
+                |svc| match &picker {
+                    Some(picker) => picker.pick(svc, self.key),
+                    None => backend::any(svc),
+                },
+            )?;
             admit(self.tunnel, self.view, &endpoint, self.request)?;
             if attempt == 0 {
                 // After policy: a request its policy denies is neither limited nor faulted.
@@ -215,6 +242,7 @@ impl Tries<'_> {
                 overflowed(self.tunnel, &breaker, limit);
                 Error::Overflow(limit)
             })?;
+            let at_endpoint = picker.as_ref().map(|p| p.hosts.start(endpoint.addr.ip()));
             let template = &self.forward.template;
             let request = template.build(&endpoint, body.take())?;
             let send = inner
@@ -229,8 +257,12 @@ impl Tries<'_> {
             if let Err(Error::Overflow(limit)) = &result {
                 overflowed(self.tunnel, &breaker, *limit);
             }
+            if let Some(picker) = &picker {
+                picker.record(endpoint.addr.ip(), &result);
+            }
             // In flight until the response's body has been read.
-            let result = result.map(|response| response.map(|body| hold(body, in_flight)));
+            let result =
+                result.map(|response| response.map(|body| hold(body, (in_flight, at_endpoint))));
             // Known only now: a recorded body may have outgrown the replay limit.
             let retry = self
                 .forward
@@ -349,19 +381,136 @@ fn overflowed(tunnel: &Tunnel, breaker: &Breaker, limit: Limit) {
         "connection pool limit reached: refusing requests (503, UO) until it frees");
 }
 
-/// `body`, holding `permit` until it has been read or dropped.
-fn hold(body: BoxBody, permit: Permit) -> BoxBody {
+/// Chooses the endpoints of one backend Service, and learns from their answers.
+struct Picker<'a> {
+    inner: &'a Inner,
+    view: &'a View,
+    balancing: &'a Balancing,
+    hosts: Arc<ServiceHosts>,
+}
+
+impl<'a> Picker<'a> {
+    fn new(inner: &'a Inner, view: &'a View, service: &ServiceRef) -> Self {
+        Self {
+            inner,
+            view,
+            balancing: view.balancing(&service.name),
+            hosts: inner.hosts.of(&service.name),
+        }
+    }
+
+    /// One of the endpoints of `svc` (not empty), for a request with hash `key`.
+    fn pick(&self, svc: &Service, key: Option<u64>) -> IpAddr {
+        let snapshot = &self.view.snapshot;
+        let prefer_close = svc.traffic_distribution == Some(TrafficDistribution::PreferClose);
+        // The waypoint's own node: the pods its snapshot does not place on another node
+        // (the file source's pods of its `agent.node`, the Kubernetes source's of
+        // `--node-name`).
+        let local = |ip| {
+            prefer_close
+                && snapshot
+                    .workload_by_ip(ip)
+                    .is_some_and(|w| !matches!(w.location, Location::Remote { .. }))
+        };
+        let outlier = self.balancing.outlier.as_ref();
+        let (candidates, events) =
+            self.hosts
+                .candidates(&svc.endpoints, outlier, Instant::now(), local);
+        report(self.inner, self.hosts.service(), events);
+        let (eligible, panic) = backend::eligible(&candidates, prefer_close);
+        if panic {
+            debug!(component = "waypoint", service = %svc.name,
+                "every endpoint is ejected: balancing over all of them (panic)");
+        }
+        let turn = self.hosts.next_turn();
+        let mut rng = fastrand::Rng::new();
+        backend::choose(
+            &self.balancing.load_balancer,
+            &eligible,
+            key,
+            turn,
+            &mut rng,
+        )
+        .unwrap_or_else(|| backend::any(svc))
+    }
+
+    /// Tells outlier detection how `endpoint` answered (or failed) one try.
+    fn record(&self, endpoint: IpAddr, result: &Result<http::Response<BoxBody>, Error>) {
+        let Some(outlier) = &self.balancing.outlier else {
+            return;
+        };
+        let outcome = match result {
+            Ok(response) => match response.status().as_u16() {
+                502..=504 => hosts::Outcome::ServerError { gateway: true },
+                500..=599 => hosts::Outcome::ServerError { gateway: false },
+                _ => hosts::Outcome::Success,
+            },
+            // The endpoint's node refused the waypoint: the pod is not at fault.
+            Err(Error::Hbone(hbone::Error::PolicyDenied)) => return,
+            Err(Error::Hbone(_) | Error::Handshake(_) | Error::Upstream(_) | Error::TryTimeout) => {
+                hosts::Outcome::LocalError
+            }
+            // Refused or failed here (overflow, a bad request, the client): not the endpoint.
+            Err(_) => return,
+        };
+        let endpoints = self
+            .view
+            .snapshot
+            .services
+            .get(self.hosts.service())
+            .map_or(0, |s| s.endpoints.len());
+        let event = self
+            .hosts
+            .record(endpoint, outcome, Some(outlier), endpoints, Instant::now());
+        report(self.inner, self.hosts.service(), event);
+    }
+}
+
+/// Logs and counts each ejection and return, once.
+fn report(inner: &Inner, service: &WorkloadRef, events: impl IntoIterator<Item = hosts::Event>) {
+    for event in events {
+        match event {
+            hosts::Event::Ejected {
+                endpoint,
+                ejections,
+                duration,
+                reason,
+                ejected,
+            } => {
+                info!(component = "waypoint", service = %service, endpoint = %endpoint, ejections,
+                    duration = %humantime::format_duration(duration), reason, ejected,
+                    "endpoint ejected by outlier detection");
+                inner.metrics.ejected(service, ejected);
+            }
+            hosts::Event::Returned {
+                endpoint,
+                ejections,
+                after,
+                ejected,
+            } => {
+                info!(component = "waypoint", service = %service, endpoint = %endpoint, ejections,
+                    duration = %humantime::format_duration(after), ejected,
+                    "ejected endpoint back in service");
+                inner.metrics.ejected_now(service, ejected);
+            }
+        }
+    }
+}
+
+/// `body`, holding `permits` until it has been read or dropped.
+fn hold(body: BoxBody, permits: (Permit, Option<InFlight>)) -> BoxBody {
     Holding {
         body,
-        _permit: permit,
+        _permits: permits,
     }
     .boxed_unsync()
 }
 
-/// A response body and the request's place under `maxRequests`.
+/// A response body, the request's place under `maxRequests`, and its count among the
+/// endpoint's requests in flight.
 struct Holding {
     body: BoxBody,
-    _permit: Permit,
+    _permits: (Permit, Option<InFlight>),
 }
 
 impl hyper::body::Body for Holding {
@@ -419,8 +568,11 @@ fn send_mirror(
     let Some(body) = body.copy() else {
         return skipped("body_too_big");
     };
-    let endpoint = match backend::resolve(&view.snapshot, backend, &inner.trust_domain)
-        .and_then(|endpoint| admit(tunnel, view, &endpoint, request).map(|()| endpoint))
+    let picker = Picker::new(&inner, view, backend);
+    let endpoint = match backend::resolve(&view.snapshot, backend, &inner.trust_domain, |svc| {
+        picker.pick(svc, None)
+    })
+    .and_then(|endpoint| admit(tunnel, view, &endpoint, request).map(|()| endpoint))
     {
         Ok(endpoint) => endpoint,
         Err(e) => return skipped(e.reason()),

@@ -23,7 +23,9 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
-use super::{Config, Inner, Metrics, Target, Tunnel, View, breaker, request, upstream::Upstreams};
+use super::{
+    Config, Inner, Metrics, Target, Tunnel, View, breaker, hosts, request, upstream::Upstreams,
+};
 use crate::{
     drain::Drain,
     hbone,
@@ -71,6 +73,7 @@ impl Waypoint {
                 upstreams,
                 breakers: breaker::Breakers::default(),
                 buckets: Default::default(),
+                hosts: hosts::Hosts::default(),
                 metrics,
                 access_log,
                 exporter,
@@ -141,6 +144,15 @@ impl Inner {
             let policies = &snapshot.traffic_policies;
             self.buckets
                 .retain(|policy| policies.iter().any(|p| p.name == *policy));
+            self.hosts
+                .retain(|service| snapshot.services.contains_key(service));
+            for gone in view
+                .balancings
+                .keys()
+                .filter(|s| !snapshot.services.contains_key(*s))
+            {
+                self.metrics.service_gone(gone);
+            }
             *view = Arc::new(View::build(snapshot, &view.policy));
         }
         Arc::clone(&view)

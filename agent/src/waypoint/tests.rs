@@ -229,6 +229,7 @@ impl Harness {
                     }],
                     endpoints: vec![ip],
                     waypoint: None,
+                    traffic_distribution: None,
                 },
             );
         }
@@ -244,6 +245,7 @@ impl Harness {
                 }],
                 endpoints: vec![first_ip],
                 waypoint: Some("waypoint".into()),
+                traffic_distribution: None,
             },
         );
 
@@ -697,6 +699,7 @@ fn patience() -> Duration {
 /// A backend delay no test outlives: a reply that comes is not the backend's.
 const FOREVER_MS: &str = "3600000";
 
+mod balancing;
 mod drain;
 mod hardening;
 mod observability;

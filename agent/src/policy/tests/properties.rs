@@ -375,6 +375,7 @@ fn services(workloads: usize) -> impl Strategy<Value = Vec<Service>> {
                     .collect(),
                 endpoints: endpoints.into_iter().map(workload_ip).collect(),
                 waypoint: waypoint.map(String::from),
+                traffic_distribution: None,
             })
             .collect()
     })

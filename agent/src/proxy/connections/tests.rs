@@ -108,6 +108,7 @@ fn mesh() -> Snapshot {
         }],
         endpoints: vec!["10.1.0.3".parse().unwrap()],
         waypoint: None,
+        traffic_distribution: None,
     };
     Snapshot {
         workloads: BTreeMap::from([(client.name.clone(), client), (echo.name.clone(), echo)]),

@@ -60,6 +60,7 @@ services:
     ports: [{port: 80, targetPort: 8080}]
     endpoints: ["10.1.0.2"]
     waypoint: wp
+    trafficDistribution: PreferClose
 waypoints:
   - name: wp
     namespace: default

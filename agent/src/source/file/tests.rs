@@ -90,6 +90,21 @@ fn services_bind_to_waypoints_by_name() {
 }
 
 #[test]
+fn a_service_may_prefer_close_endpoints() {
+    let doc = parse_str(
+        "services: [{name: echo, ports: [{port: 80}], trafficDistribution: PreferClose}]",
+    )
+    .unwrap();
+    let echo = &doc.snapshot.services[&WorkloadRef::new("default", "echo")];
+    assert_eq!(
+        echo.traffic_distribution,
+        Some(crate::state::TrafficDistribution::PreferClose)
+    );
+    let bad = parse_str("services: [{name: echo, trafficDistribution: Nearby}]").unwrap_err();
+    assert!(bad.contains("services[0].trafficDistribution"), "{bad}");
+}
+
+#[test]
 fn namespaces_bind_their_services_unless_a_service_says_otherwise() {
     let doc = parse_str(
         "namespaces:\n\

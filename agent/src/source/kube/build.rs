@@ -249,6 +249,7 @@ fn service(item: &ServiceItem, slices: &[&SliceItem]) -> Service {
         ports,
         endpoints,
         waypoint: None,
+        traffic_distribution: item.traffic_distribution,
     }
 }
 

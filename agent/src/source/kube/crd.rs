@@ -85,7 +85,7 @@ pub struct MtlsSpec {
 }
 
 /// How a waypoint treats the backends of the Services it targets: connection pools and
-/// circuit breaking (docs/waypoint.md).
+/// circuit breaking, outlier detection, load balancing (docs/waypoint.md).
 #[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -97,7 +97,7 @@ pub struct MtlsSpec {
     category = "weft",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRefs[*].name"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    doc = "Connection pools and circuit breaking for the Services it targets, at their waypoint"
+    doc = "Resilience at the waypoint for the Services and HTTPRoutes it targets: connection pools, outlier detection, load balancing, faults, rate limits"
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -110,6 +110,12 @@ pub struct TrafficPolicySpec {
     /// (Service targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPoolSpec>,
+    /// Passive health checking of each target's endpoints: ejection of those that fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// How an endpoint is chosen for each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
     /// Delays or aborts for a share of the requests (HTTPRoute targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultSpec>,
@@ -211,6 +217,92 @@ pub struct ConnectionPoolSpec {
     /// Retries in flight to the service at once; 0: no retries. Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+}
+
+/// Istio's `outlierDetection` (and Envoy's success-rate detection, which Istio does not
+/// expose): an endpoint that fails too often gets no requests for a while.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    /// 5xx answers (and connection failures, per-try timeouts) in a row that eject an
+    /// endpoint; 0: off. Absent: 5.
+    #[serde(
+        rename = "consecutive5xxErrors",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// 502, 503, 504 answers (and connection failures, per-try timeouts) in a row that
+    /// eject an endpoint; 0 or absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often success rates are judged (`10s`, `500ms`). Absent: 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// An ejection lasts this times the number of times the endpoint was ejected. Absent:
+    /// 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// At most this percentage of the endpoints are ejected at once (one always may be).
+    /// Absent: 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub max_ejection_percent: Option<u32>,
+    /// Success-rate detection: endpoints with at least `successRateRequestVolume` requests
+    /// in an interval are judged, if there are at least this many of them. Absent: 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate_minimum_hosts: Option<u32>,
+    /// Requests an endpoint must have served in the interval to be judged. Absent: 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate_request_volume: Option<u32>,
+    /// Turns success-rate detection on: an endpoint whose rate is below the mean minus this
+    /// many thousandths of a standard deviation (1900: 1.9 σ) is ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub success_rate_stdev_factor: Option<u32>,
+}
+
+/// Istio's `loadBalancer`: `simple` or `consistentHash`, not both.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    /// `ROUND_ROBIN`, `LEAST_REQUEST` (the default) or `RANDOM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<SimpleLoadBalancer>,
+    /// Session affinity: one of `httpHeaderName`, `httpCookie`, `useSourceIp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHashSpec>,
+}
+
+/// Istio's `simple` load balancers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SimpleLoadBalancer {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+/// What a consistent hash is taken of: set exactly one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConsistentHashSpec {
+    /// A request header's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header_name: Option<String>,
+    /// A cookie's value (the waypoint does not set the cookie).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_cookie: Option<HttpCookieSpec>,
+    /// The original client's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_source_ip: Option<bool>,
+}
+
+/// The cookie a consistent hash is taken of.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpCookieSpec {
+    pub name: String,
 }
 
 /// Status of a policy attached with `targetRefs`: GEP-713's `PolicyStatus`, one entry per

@@ -24,8 +24,8 @@ use crate::{
         traffic,
     },
     state::{
-        AccessPolicy, HttpRoute, MtlsMode, TrafficPolicy, WorkloadRef, WorkloadSelector,
-        waypoint::USE_WAYPOINT_LABEL,
+        AccessPolicy, HttpRoute, MtlsMode, TrafficDistribution, TrafficPolicy, WorkloadRef,
+        WorkloadSelector, waypoint::USE_WAYPOINT_LABEL,
     },
 };
 
@@ -75,6 +75,8 @@ pub(super) struct ServiceItem {
     pub waypoint: Option<String>,
     /// Labelled `weft.dev/role: waypoint`: the service account of the waypoint it fronts.
     pub waypoint_account: Option<String>,
+    /// `spec.trafficDistribution`, if weft knows the value.
+    pub traffic_distribution: Option<TrafficDistribution>,
 }
 
 /// A route (`HTTPRoute` or `GRPCRoute`), valid, with what its status is written from.
@@ -315,12 +317,17 @@ pub(super) fn service(service: Service) -> Result<Option<ServiceItem>, Invalid> 
         }
         _ => None,
     };
+    let traffic_distribution = spec
+        .traffic_distribution
+        .as_deref()
+        .and_then(TrafficDistribution::parse);
     Ok(Some(ServiceItem {
         name,
         vips,
         ports,
         waypoint,
         waypoint_account,
+        traffic_distribution,
     }))
 }
 

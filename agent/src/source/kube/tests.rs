@@ -328,7 +328,11 @@ async fn services_get_endpoints_and_target_ports_from_their_slices() {
             ("admin", 9000, Some(IntOrString::Int(9001))),
         ],
     ));
-    api.apply(&service("prod", "db", "10.96.0.11", &[("", 5432, None)]));
+    let mut db = service("prod", "db", "10.96.0.11", &[("", 5432, None)]);
+    if let Some(spec) = db.spec.as_mut() {
+        spec.traffic_distribution = Some("PreferClose".into());
+    }
+    api.apply(&db);
     api.apply(&slice(
         "prod",
         "db-1",
@@ -368,6 +372,10 @@ async fn services_get_endpoints_and_target_ports_from_their_slices() {
     let db = &s.services[&WorkloadRef::new("prod", "db")];
     assert_eq!(db.ports[0].target_port, 5432);
     assert!(db.endpoints.is_empty());
+    assert_eq!(
+        (db.traffic_distribution, api.traffic_distribution),
+        (Some(crate::state::TrafficDistribution::PreferClose), None)
+    );
     assert_eq!(
         s.resolve("10.96.0.10:80".parse().unwrap(), 1).upstream,
         "10.2.0.4:8080".parse().unwrap()

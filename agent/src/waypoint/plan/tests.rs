@@ -72,6 +72,7 @@ fn service(name: &str, endpoints: Vec<IpAddr>) -> Service {
         }],
         endpoints,
         waypoint: Some("waypoint".into()),
+        traffic_distribution: None,
     }
 }
 
@@ -439,7 +440,8 @@ fn each_try_builds_its_request_for_the_protocol_and_endpoint() {
 #[test]
 fn a_destination_without_a_usable_endpoint_is_an_error_per_cause() {
     let snapshot = snapshot(Vec::new());
-    let endpoint = |destination: Destination| destination.endpoint(&snapshot, TRUST_DOMAIN);
+    let endpoint =
+        |destination: Destination| destination.endpoint(&snapshot, TRUST_DOMAIN, backend::any);
     let found = endpoint(Destination::Service(service_ref("echo"))).unwrap();
     assert_eq!(found.addr, "10.1.0.1:8080".parse().unwrap());
     assert_eq!(found.workload, svc("echo-1"));
@@ -494,7 +496,7 @@ fn each_endpoints_policy_admits_or_denies_the_request_for_the_original_client() 
     snapshot.policies.insert(policy.name.clone(), policy);
     let view = view(snapshot);
     let endpoint = Destination::Service(service_ref("v1"))
-        .endpoint(&view.snapshot, TRUST_DOMAIN)
+        .endpoint(&view.snapshot, TRUST_DOMAIN, backend::any)
         .unwrap();
     let client = SpiffeId::new(TRUST_DOMAIN, "default", "client").unwrap();
     let source: IpAddr = "10.1.0.9".parse().unwrap();

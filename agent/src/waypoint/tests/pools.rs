@@ -9,12 +9,10 @@ impl Harness {
     /// Gives the `echo` service the connection pool `pool`.
     fn set_pool(&self, pool: ConnectionPool) {
         self.update(|s| {
+            let targets = vec![Target::Service(svc(SERVICE))];
             s.traffic_policies = vec![TrafficPolicy {
-                name: svc("echo-pool"),
-                targets: vec![Target::Service(svc(SERVICE))],
                 connection_pool: Some(pool),
-                fault: None,
-                rate_limit: None,
+                ..TrafficPolicy::new(svc("echo-pool"), targets)
             }];
         });
     }
