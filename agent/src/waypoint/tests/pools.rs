@@ -15,6 +15,8 @@ impl Harness {
                 connection_pool: Some(pool),
                 fault: None,
                 rate_limit: None,
+                retry: None,
+                retry_budget: None,
             }];
         });
     }
