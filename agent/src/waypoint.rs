@@ -67,7 +67,7 @@ use crate::{
     policy::PolicyIndex,
     state::{
         Snapshot, StateHandle, Target as PolicyTarget, WorkloadRef,
-        traffic::{self, Fault, RateLimit},
+        traffic::{self, Fault, RateLimit, RetryPolicy},
     },
     sync::Mutex,
     telemetry::{AccessLog, trace::SpanExporter},
@@ -162,13 +162,15 @@ impl Error {
         }
     }
 
-    /// Whether another try may succeed (connection failures and per-try timeouts).
-    pub fn retriable(&self) -> bool {
+    /// How a try that failed so ended, for the retry conditions; `None`: another try
+    /// would end the same (or is not for the retry conditions to decide).
+    pub fn failure(&self) -> Option<retry::Failure> {
         match self {
             // The backend's proxy refused the waypoint by policy: another try gets the same.
-            Error::Hbone(e) => !matches!(e, hbone::Error::PolicyDenied),
-            Error::Handshake(_) | Error::Upstream(_) | Error::TryTimeout => true,
-            _ => false,
+            Error::Hbone(hbone::Error::PolicyDenied) => None,
+            Error::Hbone(_) | Error::Handshake(_) => Some(retry::Failure::Connect),
+            Error::Upstream(_) | Error::TryTimeout => Some(retry::Failure::Reset),
+            _ => None,
         }
     }
 }
@@ -256,14 +258,17 @@ struct View {
     pub snapshot: Arc<Snapshot>,
     pub routes: RouteTable,
     pub policy: PolicyIndex,
-    /// The connection pool of each Service a `TrafficPolicy` gives one.
-    pub pools: breaker::Pools,
+    /// The connection pool and retry budget of each Service a `TrafficPolicy` gives one.
+    pub limits: breaker::LimitsByService,
     /// Faults by target (HTTPRoute or rule), with the policy each comes from.
     pub faults: Attached<Fault>,
     /// Rate limits by target (Service, HTTPRoute or rule), with their policy.
     pub rate_limits: Attached<RateLimit>,
     /// The load balancer and outlier detection of each Service a `TrafficPolicy` gives one.
     pub balancings: hosts::Balancings,
+    /// Retry conditions and maximum backoff by target (HTTPRoute or rule), with their
+    /// policy.
+    pub retries: Attached<RetryPolicy>,
 }
 
 /// A feature of `TrafficPolicy` by target, with the policy in force there.
@@ -275,10 +280,11 @@ impl View {
         Self {
             routes: RouteTable::build(&snapshot),
             policy: policy.rebuild(&snapshot),
-            pools: breaker::pools(&snapshot),
+            limits: breaker::limits(&snapshot),
             faults: traffic::by_target(&snapshot.traffic_policies, |p| p.fault.as_ref()),
             rate_limits: traffic::by_target(&snapshot.traffic_policies, |p| p.rate_limit.as_ref()),
             balancings: hosts::balancings(&snapshot),
+            retries: traffic::by_target(&snapshot.traffic_policies, |p| p.retry.as_ref()),
             snapshot,
         }
     }

@@ -54,11 +54,16 @@ pub struct ServedRequest {
     pub authority: Option<String>,
     pub headers: Headers,
     pub body_bytes: u64,
-    /// What the server answered: 200, or 503 for a `--fail-every` turn.
+    /// What the server answered: 200, or 503 for a `--fail-every` turn, or the status the
+    /// request asked for; 0 when it asked for no answer (`x-testapp-reset`: the connection
+    /// was closed instead).
     pub status: u16,
     /// Requests the server was answering when this one arrived, this one included.
     #[serde(default)]
     pub in_flight: u64,
+    /// When the request's head arrived, in microseconds since the server started.
+    #[serde(default)]
+    pub received_us: u64,
 }
 
 /// A request `http-serve` holds (`--delay`, or asked for) before answering: printed as

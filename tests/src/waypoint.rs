@@ -130,6 +130,19 @@ impl TestWaypoint {
             .with_context(|| format!("rename to {}", self.config_path.display()))
     }
 
+    /// `write_sections`, then waits until the config dump shows `shows` (in force).
+    pub fn apply_sections(&self, node: &TestNode, sections: Value, shows: &str) -> Result<()> {
+        self.write_sections(node, sections)?;
+        eventually(Duration::from_secs(10), || {
+            let dump = self.config_dump()?.to_string();
+            if dump.contains(shows) {
+                Ok(())
+            } else {
+                Err(anyhow!("config not applied yet: no {shows:?} in the dump"))
+            }
+        })
+    }
+
     /// `GET /healthz/ready` until 200; fails early if the waypoint exits.
     pub fn wait_ready(&mut self) -> Result<()> {
         let result = eventually(Duration::from_secs(30), || {
@@ -152,6 +165,11 @@ impl TestWaypoint {
             bail!("GET /metrics: {}: {}", r.status, r.body);
         }
         Ok(r.body)
+    }
+
+    /// The sum of the waypoint's samples of metric `name` with these labels.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(crate::metrics::Scrape::parse(&self.metrics()?).sum(name, labels))
     }
 
     /// `GET /config_dump` on the admin port, as JSON.

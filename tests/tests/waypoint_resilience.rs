@@ -11,9 +11,8 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
-    Service, TestAgent, TestNode, TestPod, TestWaypoint, eventually,
+    Service, TestAgent, TestNode, TestPod, TestWaypoint,
     l7::{self, HttpLoad, HttpServe, HttpServer},
-    metrics::Scrape,
     privileged, test_name, waypoint,
 };
 
@@ -72,16 +71,11 @@ impl Mesh {
     /// `shows`.
     fn set_policies(&self, policies: Value, shows: &str) -> Result<()> {
         let sections = json!({ "routes": routes(), "trafficPolicies": policies });
-        self.waypoint.write_sections(&self.node1, sections)?;
-        eventually(Duration::from_secs(10), || {
-            let dump = self.waypoint.config_dump()?.to_string();
-            ensure!(dump.contains(shows), "traffic policies not applied yet");
-            Ok(())
-        })
+        self.waypoint.apply_sections(&self.node1, sections, shows)
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-        Ok(Scrape::parse(&self.waypoint.metrics()?).sum(name, labels))
+        self.waypoint.metric(name, labels)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
         gateway::{at, duration},
         kube::crd::{
             ConnectionPoolSpec, FaultSpec, LoadBalancerSpec, OutlierDetectionSpec, RateLimitSpec,
-            SimpleLoadBalancer, TargetRefSpec, TrafficPolicySpec,
+            RetryBudgetSpec, RetrySpec, SimpleLoadBalancer, TargetRefSpec, TrafficPolicySpec,
         },
         syntax::{self, Invalid},
     },
@@ -24,7 +24,8 @@ use crate::{
         Target, TrafficPolicy, WorkloadRef,
         traffic::{
             ConnectionPool, DEFAULT_MAX_PENDING_REQUESTS, Fault, FaultAbort, FaultDelay, HashKey,
-            LoadBalancer, OutlierDetection, RateLimit, SuccessRate,
+            LoadBalancer, OutlierDetection, RateLimit, RetryBudget, RetryOn, RetryPolicy,
+            SuccessRate,
         },
     },
 };
@@ -117,6 +118,14 @@ pub fn policy(
         rate_limit: spec
             .rate_limit
             .map(|r| rate_limit(&feature("rateLimit", Kinds::Any)?, r))
+            .transpose()?,
+        retry: spec
+            .retry
+            .map(|r| retry(&feature("retry", Kinds::Routes)?, r))
+            .transpose()?,
+        retry_budget: spec
+            .retry_budget
+            .map(|b| retry_budget(&feature("retryBudget", Kinds::Services)?, b))
             .transpose()?,
         name,
         targets,
@@ -406,6 +415,68 @@ fn is_cookie_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+fn retry(field: &str, raw: RetrySpec) -> Result<RetryPolicy, Invalid> {
+    let defaults = RetryPolicy::default();
+    let on = match raw.on {
+        None => defaults.on,
+        Some(names) if names.is_empty() => {
+            return Err(invalid(
+                at(field, "on"),
+                "at least one condition is needed (absent: reset, retriable-status-codes)".into(),
+            ));
+        }
+        Some(names) => {
+            let mut on = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                let Some(condition) = RetryOn::ALL.into_iter().find(|c| c.name() == name) else {
+                    let known: Vec<_> = RetryOn::ALL.iter().map(|c| c.name()).collect();
+                    return Err(invalid(
+                        format!("{}[{i}]", at(field, "on")),
+                        format!("{name:?} is not a retry condition ({})", known.join(", ")),
+                    ));
+                };
+                if !on.contains(&condition) {
+                    on.push(condition);
+                }
+            }
+            on
+        }
+    };
+    let max = raw.backoff.and_then(|b| b.max);
+    let max_backoff = match max {
+        None => defaults.max_backoff,
+        Some(text) => {
+            let field = at(field, "backoff.max");
+            let max = duration(&field, &text)?;
+            if max.is_zero() {
+                return Err(invalid(
+                    field,
+                    "must be above 0 (no pause at all: a retry storm)".into(),
+                ));
+            }
+            max
+        }
+    };
+    Ok(RetryPolicy { on, max_backoff })
+}
+
+fn retry_budget(field: &str, raw: RetryBudgetSpec) -> Result<RetryBudget, Invalid> {
+    let defaults = RetryBudget::default();
+    let percent = raw.percent.unwrap_or(defaults.percent);
+    if percent > 100 {
+        return Err(invalid(
+            at(field, "percent"),
+            format!("{percent} is not a percentage (0-100)"),
+        ));
+    }
+    Ok(RetryBudget {
+        percent,
+        min_retry_concurrency: raw
+            .min_retry_concurrency
+            .unwrap_or(defaults.min_retry_concurrency),
+    })
+}
+
 fn invalid(field: String, reason: String) -> Invalid {
     Invalid { field, reason }
 }
@@ -618,6 +689,53 @@ mod tests {
     }
 
     #[test]
+    fn a_route_retry_and_a_service_budget_are_read_with_their_defaults() {
+        let route = json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+            "name": "reviews", "sectionName": "canary"}]);
+        let policy = object(
+            "",
+            &manifest(json!({
+                "targetRefs": route,
+                "retry": {"on": ["5xx", "reset", "5xx"], "backoff": {"max": "2s"}},
+            })),
+            "default",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.retry,
+            Some(RetryPolicy {
+                on: vec![RetryOn::ServerError, RetryOn::Reset],
+                max_backoff: std::time::Duration::from_secs(2),
+            })
+        );
+        let policy = object(
+            "",
+            &manifest(json!({"targetRefs": route, "retry": {}})),
+            "default",
+        )
+        .unwrap();
+        assert_eq!(policy.retry, Some(RetryPolicy::default()));
+        let service = json!([{"kind": "Service", "name": "reviews"}]);
+        let budget = |spec: Value| {
+            object(
+                "",
+                &manifest(json!({"targetRefs": service, "retryBudget": spec})),
+                "default",
+            )
+            .unwrap()
+            .retry_budget
+        };
+        assert_eq!(
+            budget(json!({"percent": 50})),
+            Some(RetryBudget {
+                percent: 50,
+                min_retry_concurrency: 3
+            })
+        );
+        assert_eq!(budget(json!({})), Some(RetryBudget::default()));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (
@@ -692,6 +810,52 @@ mod tests {
             (
                 json!({"targetRefs": route, "rateLimit": {"maxTokens": 1, "fillInterval": "0s"}}),
                 "trafficPolicies[0].spec.rateLimit.fillInterval",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "retry": {"on": ["5xx"]}}),
+                "trafficPolicies[0].spec.retry",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "retryBudget": {"percent": 20}}),
+                "trafficPolicies[0].spec.retryBudget",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "retry": {"on": ["5xx", "retriable-4xx"]}}),
+                "trafficPolicies[0].spec.retry.on[1]",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "retry": {"on": []}}),
+                "trafficPolicies[0].spec.retry.on",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "retry": {"backoff": {"max": "2 seconds"}}}),
+                "trafficPolicies[0].spec.retry.backoff.max",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "retry": {"backoff": {"max": "0s"}}}),
+                "trafficPolicies[0].spec.retry.backoff.max",
+            ),
+            (
+                json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}],
+                       "retry": {"backoff": {"base": "1s"}}}),
+                "trafficPolicies[0].spec.retry.backoff",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "retryBudget": {"percent": 101}}),
+                "trafficPolicies[0].spec.retryBudget.percent",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "retryBudget": {"percent": -5}}),
+                "trafficPolicies[0].spec.retryBudget.percent",
+            ),
+            (
+                json!({"targetRefs": [{"kind": "Service", "name": "r"}], "retryBudget": {"minRetryConcurency": 5}}),
+                "trafficPolicies[0].spec.retryBudget",
             ),
         ];
         for (spec, field) in cases.into_iter().chain(more) {

@@ -1,6 +1,8 @@
 //! Traffic policies: how a waypoint treats the backends of a Service (connection pools and
-//! circuit breaking, outlier detection, load balancing), attached to the Service by Gateway API policy attachment
-//! (`targetRefs`). Validated by `source::traffic`; enforced by the waypoint.
+//! circuit breaking, outlier detection, load balancing, a retry budget, rate limits) and the
+//! requests of a route (faults, rate limits, which failures are retried, the longest
+//! backoff), attached by Gateway API policy attachment (`targetRefs`). Validated by
+//! `source::traffic`; enforced by the waypoint.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -33,6 +35,13 @@ pub struct TrafficPolicy {
     /// A token bucket the requests must take a token from (route or Service targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// How the retries of each target's requests are made (route targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Retries in flight to each target, as a share of its requests in flight (Service
+    /// targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
 }
 
 impl TrafficPolicy {
@@ -46,6 +55,8 @@ impl TrafficPolicy {
             load_balancer: None,
             fault: None,
             rate_limit: None,
+            retry: None,
+            retry_budget: None,
         }
     }
 }
@@ -153,6 +164,14 @@ pub const FEATURES: &[Feature] = &[
         field: "loadBalancer",
         set_in: |p| p.load_balancer.is_some(),
     },
+    Feature {
+        field: "retry",
+        set_in: |p| p.retry.is_some(),
+    },
+    Feature {
+        field: "retryBudget",
+        set_in: |p| p.retry_budget.is_some(),
+    },
 ];
 
 /// Limits of what a waypoint sends to one Service, all its endpoints together (Istio's
@@ -245,6 +264,112 @@ pub enum HashKey {
     SourceIp,
 }
 
+/// How the retries of a route's requests are made: it refines the route rule's Gateway API
+/// `retry` (which says how many, the codes and the backoff's base), and never turns retries
+/// on for a rule without one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// What a try must end with to be retried (any of them), in the order written.
+    pub on: Vec<RetryOn>,
+    /// No pause between tries is longer than this.
+    #[serde(serialize_with = "super::route::humantime")]
+    pub max_backoff: Duration,
+}
+
+/// A try's ending that may be retried (Envoy's `retry_on` conditions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum RetryOn {
+    /// No connection to the endpoint (HBONE or its handshake failed).
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// No response at all: a connection failure, a reset or closed connection, or the
+    /// per-try timeout (`backendRequest`) passing.
+    #[serde(rename = "reset")]
+    Reset,
+    /// Any 5xx response, and no response at all (as `reset`).
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// A 502, 503 or 504 response, and no response at all (as `reset`).
+    #[serde(rename = "gateway-error")]
+    GatewayError,
+    /// A response whose status is one of the rule's `retry.codes`.
+    #[serde(rename = "retriable-status-codes")]
+    RetriableStatusCodes,
+}
+
+/// Retries in flight to a Service may be at most `percent` of its requests in flight
+/// (tries being answered and requests waiting for a connection), or `min_retry_concurrency`
+/// where that is more (Envoy's `retry_budget`). A retry over it is not made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// 0 to 100.
+    pub percent: u32,
+    /// Retries in flight that are always allowed, however few requests are.
+    pub min_retry_concurrency: u32,
+}
+
+impl RetryOn {
+    /// Every condition, with its name in the spec.
+    pub const ALL: [RetryOn; 5] = [
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::ServerError,
+        RetryOn::GatewayError,
+        RetryOn::RetriableStatusCodes,
+    ];
+
+    /// The name in the spec (Envoy's).
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryOn::ConnectFailure => "connect-failure",
+            RetryOn::Reset => "reset",
+            RetryOn::ServerError => "5xx",
+            RetryOn::GatewayError => "gateway-error",
+            RetryOn::RetriableStatusCodes => "retriable-status-codes",
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    /// What a rule's `retry` does without a policy: failures without a response and the
+    /// rule's codes are retried, pauses up to 10 s.
+    fn default() -> Self {
+        Self {
+            on: DEFAULT_RETRY_ON.to_vec(),
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+impl RetryBudget {
+    /// Retries that may be in flight while `active` requests are (rounded down, never under
+    /// `min_retry_concurrency`).
+    pub fn max_retries(self, active: u32) -> u32 {
+        let share = u64::from(active) * u64::from(self.percent.min(100)) / 100;
+        u32::try_from(share)
+            .unwrap_or(u32::MAX)
+            .max(self.min_retry_concurrency)
+    }
+}
+
+impl Default for RetryBudget {
+    /// Envoy's defaults: 20 %, at least 3.
+    fn default() -> Self {
+        Self {
+            percent: 20,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+/// What a rule's `retry` retries without a policy.
+pub const DEFAULT_RETRY_ON: [RetryOn; 2] = [RetryOn::Reset, RetryOn::RetriableStatusCodes];
+
+/// The longest pause between tries without a policy.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Requests that may wait for a connection when a policy sets `maxConnections` but not
 /// `maxPendingRequests`: a queue without a limit is memory an overloaded backend hands to
 /// its clients.
@@ -311,6 +436,15 @@ pub fn by_target<T: Clone>(
         }
     }
     out
+}
+
+/// The retry budget in force for `service`, and the policy it comes from.
+pub fn retry_budget<'a>(
+    policies: &'a [TrafficPolicy],
+    service: &WorkloadRef,
+) -> Option<(&'a WorkloadRef, &'a RetryBudget)> {
+    let target = Target::Service(service.clone());
+    in_force(policies, &target, |p| p.retry_budget.as_ref())
 }
 
 /// Every (policy, target, feature) where an older policy wins (the Gateway API's conflict
@@ -415,5 +549,30 @@ mod tests {
         let reviews = WorkloadRef::new("prod", "reviews");
         assert_eq!(connection_pool(&policies, &reviews).unwrap().0.name, "pool");
         assert!(conflicts(&policies).is_empty());
+    }
+
+    #[test]
+    fn a_budget_is_a_share_of_the_requests_in_flight_never_under_its_minimum() {
+        let budget = RetryBudget {
+            percent: 20,
+            min_retry_concurrency: 3,
+        };
+        assert_eq!(budget.max_retries(0), 3);
+        assert_eq!(budget.max_retries(15), 3);
+        assert_eq!(budget.max_retries(20), 4);
+        assert_eq!(budget.max_retries(50), 10);
+        // Rounded down: 20 % of 54 is 10.8.
+        assert_eq!(budget.max_retries(54), 10);
+        assert_eq!(budget.max_retries(u32::MAX), u32::MAX / 5);
+        let none = RetryBudget {
+            percent: 0,
+            min_retry_concurrency: 0,
+        };
+        assert_eq!(none.max_retries(1000), 0);
+        let all = RetryBudget {
+            percent: 100,
+            min_retry_concurrency: 0,
+        };
+        assert_eq!(all.max_retries(7), 7);
     }
 }

@@ -2,6 +2,8 @@
 //! `TrafficPolicy` sets (`state::traffic::ConnectionPool`): connections open, requests
 //! waiting for one, requests and retries in flight. A request over a limit is refused at
 //! once (`Error::Overflow`: 503, response flag `UO`); it never queues past the limits.
+//! The retry budget (`state::traffic::RetryBudget`) limits retries in flight further, to a
+//! share of the requests in flight: a retry over either is not made.
 //!
 //! The counters live as long as the waypoint (`Breakers`), so a policy change applies to
 //! what is already open; the limits are the current snapshot's. Each counted thing holds a
@@ -22,22 +24,34 @@ use super::PerService;
 use crate::{
     state::{
         Snapshot, WorkloadRef,
-        traffic::{self, ConnectionPool},
+        traffic::{self, ConnectionPool, RetryBudget},
     },
     sync::Mutex,
 };
 
-/// The connection pool of each Service a `TrafficPolicy` gives one.
-pub type Pools = HashMap<WorkloadRef, ConnectionPool>;
+/// The limits of each Service a `TrafficPolicy` gives some.
+pub type LimitsByService = HashMap<WorkloadRef, Limits>;
 
-/// The pools in force in `snapshot` (the oldest policy's, where several target a Service).
-pub fn pools(snapshot: &Snapshot) -> Pools {
+/// What the policies of one Service limit (`None`: not limited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub pool: Option<ConnectionPool>,
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// The limits in force in `snapshot` (the oldest policy's, where several target a
+/// Service).
+pub fn limits(snapshot: &Snapshot) -> LimitsByService {
+    let policies = &snapshot.traffic_policies;
     snapshot
         .services
         .keys()
         .filter_map(|service| {
-            let (_, pool) = traffic::connection_pool(&snapshot.traffic_policies, service)?;
-            Some((service.clone(), *pool))
+            let limits = Limits {
+                pool: traffic::connection_pool(policies, service).map(|(_, p)| *p),
+                retry_budget: traffic::retry_budget(policies, service).map(|(_, b)| *b),
+            };
+            (limits != Limits::default()).then(|| (service.clone(), limits))
         })
         .collect()
 }
@@ -51,6 +65,8 @@ pub enum Limit {
     Requests,
     /// `maxRetries` (the retry is not made; the request is not refused).
     Retries,
+    /// `retryBudget` (the retry is not made; the request is not refused).
+    RetryBudget,
 }
 
 impl Limit {
@@ -60,6 +76,7 @@ impl Limit {
             Limit::Pending => "pending_requests",
             Limit::Requests => "requests",
             Limit::Retries => "retries",
+            Limit::RetryBudget => "retry_budget",
         }
     }
 }
@@ -71,8 +88,8 @@ pub struct Breakers {
 }
 
 impl Breakers {
-    /// The breaker of `service`, with `limits` (the current policy's; `None`: no limits).
-    pub fn of(&self, service: &WorkloadRef, limits: Option<ConnectionPool>) -> Arc<Breaker> {
+    /// The breaker of `service`, with `limits` (the current policies').
+    pub fn of(&self, service: &WorkloadRef, limits: Limits) -> Arc<Breaker> {
         let breaker = self
             .by_service
             .of(service, || Breaker::new(service.clone()));
@@ -89,7 +106,7 @@ impl Breakers {
 /// The counters of one backend Service.
 pub struct Breaker {
     service: WorkloadRef,
-    limits: Mutex<Option<ConnectionPool>>,
+    limits: Mutex<Limits>,
     connections: AtomicU32,
     pending: AtomicU32,
     requests: AtomicU32,
@@ -117,7 +134,7 @@ impl Breaker {
     fn new(service: WorkloadRef) -> Self {
         Self {
             service,
-            limits: Mutex::new(None),
+            limits: Mutex::new(Limits::default()),
             connections: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             requests: AtomicU32::new(0),
@@ -131,9 +148,9 @@ impl Breaker {
         &self.service
     }
 
-    /// The current limits (`None`: none).
+    /// The current connection-pool limits (`None`: none).
     pub fn limits(&self) -> Option<ConnectionPool> {
-        *self.limits.lock()
+        self.limits.lock().pool
     }
 
     /// A new connection, if `maxConnections` allows one now.
@@ -154,10 +171,26 @@ impl Breaker {
         self.take(Counted::Request, max).ok_or(Limit::Requests)
     }
 
-    /// One more retry in flight.
+    /// One more retry in flight, under `maxRetries` and the retry budget. The budget's
+    /// share is of the requests in flight now: tries being answered (the one that asks for
+    /// this retry, if it has a response) and requests waiting for a connection.
     pub fn try_retry(self: &Arc<Self>) -> Result<Permit, Limit> {
-        let max = self.limits().and_then(|l| l.max_retries);
-        self.take(Counted::Retry, max).ok_or(Limit::Retries)
+        let limits = *self.limits.lock();
+        let max_retries = limits.pool.and_then(|l| l.max_retries);
+        let budget = limits.retry_budget.map(|budget| {
+            let active = self
+                .requests
+                .load(Ordering::Acquire)
+                .saturating_add(self.pending.load(Ordering::Acquire));
+            budget.max_retries(active)
+        });
+        // The smaller limit is the one that refuses (the connection pool's on a tie).
+        let (max, limit) = match (max_retries, budget) {
+            (Some(max), Some(budget)) if budget < max => (Some(budget), Limit::RetryBudget),
+            (None, Some(budget)) => (Some(budget), Limit::RetryBudget),
+            (max, _) => (max, Limit::Retries),
+        };
+        self.take(Counted::Retry, max).ok_or(limit)
     }
 
     /// Requests one connection may carry.
@@ -242,11 +275,60 @@ mod tests {
         }
     }
 
+    fn limited(pool: ConnectionPool) -> Limits {
+        Limits {
+            pool: Some(pool),
+            retry_budget: None,
+        }
+    }
+
+    #[test]
+    fn the_retry_budget_follows_the_requests_in_flight_and_the_smaller_limit_refuses() {
+        let breakers = Breakers::default();
+        let service = WorkloadRef::new("prod", "reviews");
+        let budget = RetryBudget {
+            percent: 20,
+            min_retry_concurrency: 1,
+        };
+        let limits = Limits {
+            pool: None,
+            retry_budget: Some(budget),
+        };
+        let breaker = breakers.of(&service, limits);
+        // No request in flight: the minimum.
+        let first = breaker.try_retry().unwrap();
+        assert_eq!(breaker.try_retry().err(), Some(Limit::RetryBudget));
+        // 10 in flight: 20 % is 2.
+        let requests: Vec<_> = (0..10).map(|_| breaker.try_request().unwrap()).collect();
+        let second = breaker.try_retry().unwrap();
+        assert_eq!(breaker.try_retry().err(), Some(Limit::RetryBudget));
+        // Requests waiting for a connection count too: 15 in all, still 3 at most.
+        let waiting: Vec<_> = (0..5).map(|_| breaker.try_pending().unwrap()).collect();
+        let third = breaker.try_retry().unwrap();
+        assert_eq!(breaker.try_retry().err(), Some(Limit::RetryBudget));
+        // Fewer in flight: the retries already made stay, no new one until they end.
+        drop((requests, waiting));
+        assert_eq!(breaker.try_retry().err(), Some(Limit::RetryBudget));
+        drop((first, second, third));
+        // `maxRetries` is smaller than the budget: it refuses, and is the one counted.
+        let breaker = breakers.of(
+            &service,
+            Limits {
+                pool: Some(ConnectionPool {
+                    max_retries: Some(0),
+                    ..ConnectionPool::default()
+                }),
+                ..limits
+            },
+        );
+        assert_eq!(breaker.try_retry().err(), Some(Limit::Retries));
+    }
+
     #[test]
     fn each_limit_refuses_past_it_and_a_dropped_permit_gives_its_place_back() {
         let breakers = Breakers::default();
         let service = WorkloadRef::new("prod", "reviews");
-        let breaker = breakers.of(&service, Some(pool(2, 1)));
+        let breaker = breakers.of(&service, limited(pool(2, 1)));
         let connections = [breaker.try_connection(), breaker.try_connection()];
         assert!(connections.iter().all(Option::is_some));
         assert!(breaker.try_connection().is_none());
@@ -267,12 +349,12 @@ mod tests {
     fn no_policy_is_no_limit_and_a_policy_change_applies_to_the_same_counters() {
         let breakers = Breakers::default();
         let service = WorkloadRef::new("prod", "reviews");
-        let breaker = breakers.of(&service, None);
+        let breaker = breakers.of(&service, Limits::default());
         let open: Vec<_> = (0..100)
             .map(|_| breaker.try_connection().unwrap())
             .collect();
         // Now limited to 10 while 100 are open: nothing more until 91 close.
-        let breaker = breakers.of(&service, Some(pool(10, 0)));
+        let breaker = breakers.of(&service, limited(pool(10, 0)));
         assert!(breaker.try_connection().is_none());
         drop(open);
         assert!(breaker.try_connection().is_some());
@@ -281,7 +363,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_connection_wakes_a_waiting_request() {
         let breakers = Breakers::default();
-        let breaker = breakers.of(&WorkloadRef::new("prod", "reviews"), Some(pool(1, 1)));
+        let breaker = breakers.of(&WorkloadRef::new("prod", "reviews"), limited(pool(1, 1)));
         let open = breaker.try_connection().unwrap();
         let waiter = {
             let breaker = Arc::clone(&breaker);

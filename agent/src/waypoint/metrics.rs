@@ -67,7 +67,7 @@ pub struct RouteLabels {
 pub struct OverflowLabels {
     pub destination_service_name: String,
     pub destination_service_namespace: String,
-    /// `pending_requests`, `requests` or `retries`.
+    /// `pending_requests`, `requests`, `retries` or `retry_budget`.
     pub limit: &'static str,
 }
 
@@ -323,7 +323,7 @@ impl Collector for Exposition {
         )?)?;
         m.overflows.encode(encoder.encode_descriptor(
             "waypoint_overflows",
-            "Requests refused with 503 (UO), or retries not made, at a connection-pool limit of a backend Service, by limit",
+            "Requests refused with 503 (UO) at a connection-pool limit of a backend Service, or retries not made over maxRetries or the retry budget, by limit",
             None,
             m.overflows.metric_type(),
         )?)?;

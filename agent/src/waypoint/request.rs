@@ -19,7 +19,7 @@ use super::{
     hosts::{self, Balancing, InFlight, ServiceHosts},
     observe::{Counted, Exchange, Observed},
     plan::{self, Destination, Forward, Outcome, Template, plan},
-    retry::{self, RequestBody},
+    retry::{self, Ending, RequestBody},
     upstream::BoxBody,
     wire::{empty, error_response, strip_hop_by_hop},
 };
@@ -28,7 +28,8 @@ use crate::{
     policy::RequestFacts,
     state::{
         Location, Service, Target as PolicyTarget, TrafficDistribution, WorkloadRef,
-        route::ServiceRef, traffic::RateLimit,
+        route::ServiceRef,
+        traffic::{RateLimit, RetryPolicy},
     },
 };
 
@@ -268,18 +269,19 @@ impl Tries<'_> {
                 .forward
                 .retry
                 .filter(|r| attempt < r.attempts && body.replayable());
-            let r = match (&result, retry) {
-                (Ok(response), Some(r)) if retry::retries_status(r, response.status().as_u16()) => {
-                    debug!(component = "waypoint", upstream = %endpoint.addr, status = response.status().as_u16(), attempt, "retrying");
-                    r
-                }
-                (Err(e), Some(r)) if e.retriable() => {
-                    debug!(component = "waypoint", upstream = %endpoint.addr, reason = e.reason(), attempt, "retrying");
+            let ending = match &result {
+                Ok(response) => Some(Ending::Response(response.status().as_u16())),
+                Err(e) => e.failure().map(Ending::Failed),
+            };
+            let r = match (ending, retry) {
+                (Some(ending), Some(r)) if retry::retries(r, self.retry_policy(), ending) => {
+                    debug!(component = "waypoint", upstream = %endpoint.addr, ?ending, attempt, "retrying");
                     r
                 }
                 _ => return result,
             };
-            // Over `maxRetries` the client gets this try's answer: no retry storm.
+            // Over `maxRetries` or the retry budget the client gets this try's answer: no
+            // retry storm.
             match breaker.try_retry() {
                 Ok(permit) => _retrying = Some(permit),
                 Err(limit) => {
@@ -287,7 +289,10 @@ impl Tries<'_> {
                     return result;
                 }
             }
-            tokio::time::sleep(retry::backoff(r.backoff, attempt)).await;
+            // The answer is not the client's: its connection is free during the pause.
+            drop(result);
+            let max = retry::max_backoff(self.retry_policy());
+            tokio::time::sleep(retry::backoff(r.backoff, attempt, max)).await;
             attempt += 1;
             exchange.record.retries = attempt;
         }
@@ -295,6 +300,13 @@ impl Tries<'_> {
 }
 
 impl Tries<'_> {
+    /// The `TrafficPolicy` retry of the rule the request took (`None`: the default), looked
+    /// up only when a try might be retried.
+    fn retry_policy(&self) -> Option<&RetryPolicy> {
+        let (route, rule) = self.taken?;
+        View::for_route(&self.view.retries, route, rule).map(|(_, _, retry)| retry)
+    }
+
     /// The rate limit, then the fault, of the route the request took: refused, answered
     /// by the waypoint, or held before its first try.
     async fn route_policies(&self, exchange: &mut Exchange) -> Result<(), Error> {
@@ -370,15 +382,27 @@ impl Tries<'_> {
 }
 
 fn breaker_of(tunnel: &Tunnel, view: &View, endpoint: &Endpoint) -> Arc<Breaker> {
-    let limits = view.pools.get(&endpoint.service).copied();
+    let limits = view
+        .limits
+        .get(&endpoint.service)
+        .copied()
+        .unwrap_or_default();
     tunnel.inner.breakers.of(&endpoint.service, limits)
 }
 
-/// Counts and logs (once per episode and service) a request or retry a limit refused.
+/// Counts a request or retry a limit refused, and logs it (rate-limited).
 fn overflowed(tunnel: &Tunnel, breaker: &Breaker, limit: Limit) {
     tunnel.inner.metrics.overflow(breaker.service(), limit);
-    crate::warn_limited!(component = "waypoint", service = %breaker.service(), limit = limit.name(),
-        "connection pool limit reached: refusing requests (503, UO) until it frees");
+    match limit {
+        Limit::Pending | Limit::Requests => {
+            crate::warn_limited!(component = "waypoint", service = %breaker.service(), limit = limit.name(),
+                "connection pool limit reached: refusing requests (503, UO) until it frees");
+        }
+        Limit::Retries | Limit::RetryBudget => {
+            crate::warn_limited!(component = "waypoint", service = %breaker.service(), limit = limit.name(),
+                "retry limit reached: answering with the try's response instead of retrying");
+        }
+    }
 }
 
 /// Chooses the endpoints of one backend Service, and learns from their answers.

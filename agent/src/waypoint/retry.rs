@@ -1,5 +1,7 @@
-//! Retries: which outcomes are retried, the backoff between tries (exponential from the
-//! rule's base, full jitter), and request bodies that can be sent more than once.
+//! Retries: which outcomes are retried (the rule's `retry`, refined by the `TrafficPolicy`
+//! `retry` of its route or rule), the backoff between tries (exponential from
+//! the rule's base, full jitter, capped by the policy's maximum), and request bodies that
+//! can be sent more than once.
 //!
 //! A body of known small length is read whole first (a mirror needs a copy of it too).
 //! Any other body of a rule with retries streams to the first try while a copy is kept
@@ -23,7 +25,29 @@ use super::{
     Error,
     upstream::{BoxBody, BoxError},
 };
-use crate::{state::route::Retry, sync::Mutex};
+use crate::{
+    state::{
+        route::Retry,
+        traffic::{DEFAULT_MAX_BACKOFF, DEFAULT_RETRY_ON, RetryOn, RetryPolicy},
+    },
+    sync::Mutex,
+};
+
+/// How a try ended without a response, as the retry conditions tell endings apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection to the endpoint.
+    Connect,
+    /// A connection, and no (whole) response on it: reset, closed, or the per-try timeout.
+    Reset,
+}
+
+/// How a try ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Response(u16),
+    Failed(Failure),
+}
 
 /// A request body as the tries see it.
 pub enum RequestBody {
@@ -220,36 +244,141 @@ impl Body for Replay {
     }
 }
 
-/// Whether a response status is one the rule retries.
-pub fn retries_status(retry: &Retry, status: u16) -> bool {
-    retry.codes.contains(&status)
+/// Whether a try that ended so is retried, under the rule's `retry` and the conditions of
+/// its `TrafficPolicy` (any of them; no policy: `DEFAULT_RETRY_ON`).
+pub fn retries(retry: &Retry, policy: Option<&RetryPolicy>, ending: Ending) -> bool {
+    let on = policy.map_or(&DEFAULT_RETRY_ON[..], |p| &p.on);
+    on.iter().any(|on| match (on, ending) {
+        (RetryOn::ConnectFailure, Ending::Failed(failure)) => failure == Failure::Connect,
+        // As Envoy's: no response at all is a 5xx and a gateway error (the waypoint's own
+        // answer would be one).
+        (RetryOn::Reset | RetryOn::ServerError | RetryOn::GatewayError, Ending::Failed(_)) => true,
+        (RetryOn::ServerError, Ending::Response(status)) => (500..=599).contains(&status),
+        (RetryOn::GatewayError, Ending::Response(status)) => (502..=504).contains(&status),
+        (RetryOn::RetriableStatusCodes, Ending::Response(status)) => retry.codes.contains(&status),
+        (RetryOn::ConnectFailure | RetryOn::Reset, Ending::Response(_))
+        | (RetryOn::RetriableStatusCodes, Ending::Failed(_)) => false,
+    })
+}
+
+/// The longest pause between tries under `policy` (no policy: `DEFAULT_MAX_BACKOFF`).
+pub fn max_backoff(policy: Option<&RetryPolicy>) -> Duration {
+    policy.map_or(DEFAULT_MAX_BACKOFF, |p| p.max_backoff)
 }
 
 /// The pause before try `attempt + 1` (`attempt` counts from 0): uniformly random in
-/// `[0, base * 2^attempt]` (full jitter), capped at `MAX_BACKOFF`.
-pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
-        .min(MAX_BACKOFF);
+/// `[0, envelope(base, attempt, max)]` (full jitter).
+pub fn backoff(base: Duration, attempt: u32, max: Duration) -> Duration {
+    let ceiling = envelope(base, attempt, max);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
-/// No pause between tries is longer than this.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest pause before try `attempt + 1`: `base * 2^attempt`, at most `max`.
+pub fn envelope(base: Duration, attempt: u32, max: Duration) -> Duration {
+    base.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(max)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_is_jittered_under_an_exponential_ceiling() {
-        let base = Duration::from_millis(10);
-        for attempt in 0..5 {
-            for _ in 0..100 {
-                assert!(backoff(base, attempt) <= base * 2u32.pow(attempt));
-            }
+    fn retry(codes: &[u16]) -> Retry {
+        Retry {
+            attempts: 1,
+            codes: codes.to_vec(),
+            backoff: Duration::from_millis(25),
         }
-        assert!(backoff(Duration::from_secs(5), 30) <= MAX_BACKOFF);
+    }
+
+    fn on(conditions: &[RetryOn]) -> RetryPolicy {
+        RetryPolicy {
+            on: conditions.to_vec(),
+            ..RetryPolicy::default()
+        }
+    }
+
+    #[test]
+    fn the_envelope_doubles_from_the_base_up_to_the_maximum() {
+        let ms = Duration::from_millis;
+        let envelopes: Vec<_> = (0..6)
+            .map(|attempt| envelope(ms(100), attempt, ms(1000)))
+            .collect();
+        assert_eq!(
+            envelopes,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
+        // Far attempts and huge bases saturate at the maximum instead of overflowing.
+        assert_eq!(envelope(ms(100), u32::MAX, ms(1000)), ms(1000));
+        assert_eq!(
+            envelope(Duration::MAX, 3, Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn backoff_is_uniform_under_the_envelope() {
+        let base = Duration::from_millis(10);
+        let max = Duration::from_millis(50);
+        for attempt in 0..5 {
+            let ceiling = envelope(base, attempt, max);
+            let pauses: Vec<_> = (0..2000).map(|_| backoff(base, attempt, max)).collect();
+            assert!(pauses.iter().all(|p| *p <= ceiling));
+            // Full jitter: the mean is half the envelope (σ of the mean ≈ 0.65 % of it,
+            // so 5 % is over 7σ), and the pauses spread over it.
+            let mean = pauses.iter().sum::<Duration>() / 2000;
+            let half = ceiling / 2;
+            assert!(mean.abs_diff(half) < ceiling / 20, "{mean:?} vs {half:?}");
+            assert!(pauses.iter().any(|p| *p < ceiling / 10));
+            assert!(pauses.iter().any(|p| *p > ceiling * 9 / 10));
+        }
+    }
+
+    #[test]
+    fn the_conditions_select_what_is_retried() {
+        use Ending::{Failed, Response};
+        let rule = retry(&[503, 409]);
+        let endings = [
+            Response(409),
+            Response(500),
+            Response(502),
+            Response(503),
+            Response(200),
+            Failed(Failure::Connect),
+            Failed(Failure::Reset),
+        ];
+        let retried = |policy: Option<&RetryPolicy>| -> Vec<Ending> {
+            endings
+                .into_iter()
+                .filter(|e| retries(&rule, policy, *e))
+                .collect()
+        };
+        let failed = [Failed(Failure::Connect), Failed(Failure::Reset)];
+        // Without a policy: the codes, and every failure without a response.
+        assert_eq!(
+            retried(None),
+            [Response(409), Response(503), failed[0], failed[1]]
+        );
+        assert_eq!(retried(Some(&on(&[RetryOn::ConnectFailure]))), [failed[0]]);
+        assert_eq!(retried(Some(&on(&[RetryOn::Reset]))), failed);
+        assert_eq!(
+            retried(Some(&on(&[RetryOn::ServerError]))),
+            [
+                Response(500),
+                Response(502),
+                Response(503),
+                failed[0],
+                failed[1]
+            ]
+        );
+        assert_eq!(
+            retried(Some(&on(&[RetryOn::GatewayError]))),
+            [Response(502), Response(503), failed[0], failed[1]]
+        );
+        assert_eq!(
+            retried(Some(&on(&[RetryOn::RetriableStatusCodes]))),
+            [Response(409), Response(503)]
+        );
     }
 }

@@ -244,7 +244,12 @@ fn the_waypoint_and_route_example_of_the_config_docs_parses() {
     let route = &doc.snapshot.routes[0];
     assert_eq!(route.rules[0].backends.len(), 2);
     assert_eq!(route.rules[0].retry.as_ref().unwrap().attempts, 2);
+    assert_eq!(route.rules[0].name.as_deref(), Some("api"));
     assert_eq!(doc.snapshot.waypoints.len(), 1);
+    let policies = &doc.snapshot.traffic_policies;
+    assert!(policies[0].connection_pool.is_some() && policies[0].retry_budget.is_some());
+    let retry = policies[2].retry.as_ref().unwrap();
+    assert_eq!(retry.max_backoff, std::time::Duration::from_secs(2));
 }
 
 #[test]

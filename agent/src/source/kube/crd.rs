@@ -84,8 +84,9 @@ pub struct MtlsSpec {
     pub mode: MtlsMode,
 }
 
-/// How a waypoint treats the backends of the Services it targets: connection pools and
-/// circuit breaking, outlier detection, load balancing (docs/waypoint.md).
+/// How a waypoint treats the backends of the Services it targets (connection pools and
+/// circuit breaking, outlier detection, load balancing, retry budgets, rate limits) and the
+/// requests of the HTTPRoutes it targets (faults, rate limits, retries); docs/waypoint.md.
 #[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -97,7 +98,7 @@ pub struct MtlsSpec {
     category = "weft",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRefs[*].name"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    doc = "Resilience at the waypoint for the Services and HTTPRoutes it targets: connection pools, outlier detection, load balancing, faults, rate limits"
+    doc = "Resilience at the waypoint for the Services and HTTPRoutes it targets: connection pools, outlier detection, load balancing, retries, faults, rate limits"
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -123,6 +124,14 @@ pub struct TrafficPolicySpec {
     /// targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Which failures of an HTTPRoute's (or rule's) tries are retried, and the longest
+    /// pause between tries; refines the rule's `retry` (HTTPRoute targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// Retries in flight to the Service as a share of its requests in flight (Service
+    /// targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetSpec>,
 }
 
 /// Istio's `HTTPFaultInjection`: a delay, an abort, or both.
@@ -303,6 +312,44 @@ pub struct ConsistentHashSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpCookieSpec {
     pub name: String,
+}
+
+/// Istio's `retries.retryOn` and Envoy's `retry_back_off.max_interval` for a route.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Retried when a try ends with any of: `connect-failure`, `reset`, `5xx`,
+    /// `gateway-error`, `retriable-status-codes` (the rule's `retry.codes`). Absent:
+    /// `reset` and `retriable-status-codes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 5))]
+    pub on: Option<Vec<String>>,
+    /// The pauses between tries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffSpec>,
+}
+
+/// The pauses between tries: random up to the rule's `retry.backoff` × 2^n, capped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackoffSpec {
+    /// No pause is longer (a Gateway API duration: `2s`, `500ms`); absent: 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<String>,
+}
+
+/// Envoy's `retry_budget`: retries in flight at most `percent` of the requests in flight,
+/// or `minRetryConcurrency` where that is more.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudgetSpec {
+    /// 0 to 100; absent: 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub percent: Option<u32>,
+    /// Retries in flight always allowed; absent: 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retry_concurrency: Option<u32>,
 }
 
 /// Status of a policy attached with `targetRefs`: GEP-713's `PolicyStatus`, one entry per

@@ -89,6 +89,7 @@ pub async fn serve_listener(
 ) {
     let backend = Arc::new(Backend {
         options,
+        started: Instant::now(),
         seq: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         log: Box::new(log),
@@ -98,7 +99,7 @@ pub async fn serve_listener(
         async move {
             let service = service_fn(move |req| {
                 let backend = Arc::clone(&backend);
-                async move { Ok::<_, Infallible>(backend.answer(req, peer).await) }
+                async move { backend.answer(req, peer).await }
             });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -115,6 +116,8 @@ type Log = Box<dyn Fn(&ServedRequest) + Send + Sync>;
 
 struct Backend {
     options: ServeOptions,
+    /// What `received_us` counts from.
+    started: Instant,
     seq: AtomicU64,
     /// Requests between arrival and answer.
     in_flight: AtomicU64,
@@ -131,7 +134,14 @@ impl Drop for InFlight<'_> {
 }
 
 impl Backend {
-    async fn answer(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    /// The answer to `req`, or `ResetAsked`: hyper then closes the connection (HTTP/1.1)
+    /// or resets the stream (h2) without an answer.
+    async fn answer(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Full<Bytes>>, ResetAsked> {
+        let received_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let in_flight = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         let _in_flight = InFlight(&self.in_flight);
@@ -186,6 +196,7 @@ impl Backend {
             None if fail => StatusCode::SERVICE_UNAVAILABLE,
             None => StatusCode::OK,
         };
+        let reset = parts.headers.contains_key(ASK_RESET);
         let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
             parts
                 .headers
@@ -202,11 +213,15 @@ impl Backend {
             authority,
             headers: headers_of(&parts.headers),
             body_bytes,
-            status: status.as_u16(),
+            status: if reset { 0 } else { status.as_u16() },
             in_flight,
+            received_us,
         };
         // Logged before answering: once a client has its response, the line is there.
         (self.log)(&served);
+        if reset {
+            return Err(ResetAsked);
+        }
         let (body, content_type) = match asked(ASK_RESPONSE_BYTES) {
             Some(n) => (
                 Bytes::from(vec![b'x'; usize::try_from(n).unwrap_or(0)]),
@@ -221,9 +236,21 @@ impl Backend {
         if let Ok(name) = HeaderValue::try_from(self.options.name.as_str()) {
             headers.insert(X_BACKEND, name);
         }
-        response
+        Ok(response)
     }
 }
+
+/// A request asked for no answer (`x-testapp-reset`).
+#[derive(Debug)]
+struct ResetAsked;
+
+impl std::fmt::Display for ResetAsked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request asked for a reset")
+    }
+}
+
+impl std::error::Error for ResetAsked {}
 
 pub fn load(flags: &Flags) -> Result<ExitCode, String> {
     let options = LoadOptions {
@@ -661,5 +688,8 @@ pub const X_BACKEND: &str = "x-backend";
 const ASK_STATUS: &str = "x-testapp-status";
 const ASK_DELAY_MS: &str = "x-testapp-delay-ms";
 const ASK_RESPONSE_BYTES: &str = "x-testapp-response-bytes";
+/// A request header (any value) that asks `http-serve` to close the connection (reset the
+/// h2 stream) instead of answering.
+const ASK_RESET: &str = "x-testapp-reset";
 const SLOW_BODY_PIECES: u64 = 10;
 const MAX_ERROR_MESSAGES: usize = 10;

@@ -185,6 +185,26 @@ async fn a_request_can_ask_for_its_status_delay_and_body_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_can_ask_for_no_answer_and_arrivals_are_timed() {
+    let (addr, log) = http_backend(named("reset")).await;
+    let mut options = load(addr, 3);
+    options.concurrency = 1;
+    options.headers = vec![(
+        HeaderName::from_static("x-testapp-reset"),
+        HeaderValue::from_static("1"),
+    )];
+    let report = http::run_load(options).await;
+    assert_eq!(report.completed, 0, "{report:?}");
+    assert_eq!(report.failed(), 3, "{report:?}");
+    let log = log.lock().unwrap();
+    assert!(log.iter().all(|r| r.status == 0), "{log:?}");
+    assert!(
+        log.windows(2).all(|w| w[0].received_us < w[1].received_us),
+        "{log:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_errors_and_timeouts_are_counted_with_reasons() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = closed.local_addr().unwrap();
