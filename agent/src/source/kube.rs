@@ -64,6 +64,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 mod unmeshed;
+mod writes;
 
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 

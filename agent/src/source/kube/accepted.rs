@@ -35,6 +35,7 @@ use super::{
     reflector::{Caches, StandIn, Store, Stores, next_pass},
     status::{CONFLICT, condition, patch_status},
     unmeshed::elected,
+    writes::{ACCEPTED, INVALID, Write},
 };
 
 /// How an AccessPolicy fails closed.
@@ -55,17 +56,6 @@ pub(super) const MODE_FAILS_CLOSED: StandIn<DynamicObject, PeerAuthItem> = Stand
 
 /// The field manager of the writes.
 pub const FIELD_MANAGER: &str = "weft-agent";
-
-/// One object's status to write.
-#[derive(Debug, PartialEq)]
-pub(super) struct Write {
-    pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
-    pub resource_version: Option<String>,
-    /// The fields of `status` to set (a merge patch: others are left as they are).
-    pub status: Value,
-}
 
 /// Keeps the `Accepted` conditions (and TrafficPolicies' ancestors) current while this
 /// agent is elected, until its task is aborted.
@@ -252,8 +242,3 @@ fn api(client: &kube::Client, kind: Kind, namespace: &str) -> Api<DynamicObject>
 fn never_the_last_good<T>(stand_in: T, _replaced: Option<T>) -> T {
     stand_in
 }
-
-/// The condition type, and its reason when True.
-pub(super) const ACCEPTED: &str = "Accepted";
-/// The reason when False.
-pub(super) const INVALID: &str = "Invalid";

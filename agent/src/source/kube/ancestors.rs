@@ -15,12 +15,11 @@
 use serde_json::{Value, json};
 
 use super::{
-    Rejected,
-    accepted::{ACCEPTED, INVALID, Write},
-    build,
+    Rejected, build,
     project::{self, TrafficItem},
     reflector::{StandIn, Stores},
     status::{CONTROLLER_NAME, condition},
+    writes::{ACCEPTED, INVALID, Write},
 };
 use crate::state::{Target, WorkloadRef, traffic};
 
