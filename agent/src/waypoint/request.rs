@@ -5,7 +5,7 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use http::{Request, Response, request::Parts};
+use http::{HeaderValue, Request, Response, Version, header, request::Parts};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -38,6 +38,7 @@ pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response
     let inner = &tunnel.inner;
     let view = inner.view();
     let mut exchange = Exchange::start(&tunnel, &view, &request);
+    let http1 = request.version() < Version::HTTP_2;
     let result = forward(&tunnel, &view, request, &mut exchange).await;
     let mut response = match result {
         Ok(response) => response,
@@ -66,6 +67,14 @@ pub async fn handle(tunnel: Arc<Tunnel>, request: Request<Incoming>) -> Response
         }
     };
     strip_hop_by_hop(response.headers_mut());
+    if http1 && inner.drain.is_draining() {
+        // The client takes its next request elsewhere. Said by the response itself: the
+        // connection's graceful shutdown, which says it too, reaches its task a moment
+        // after the drain starts, and a response can be written in between.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let status = response.status().as_u16();
     exchange.labels.response_code = status;
     exchange.record.response_code = status;
