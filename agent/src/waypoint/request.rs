@@ -205,12 +205,13 @@ impl Tries<'_> {
         let mut attempt = 0u32;
         // The place of the retry in flight under its Service's `maxRetries`.
         let mut _retrying: Option<Permit> = None;
+        // A Service's endpoints are balanced and watched; a pod dialled directly is not.
+        // One picker serves every try: the Service and the view do not change between them.
+        let picker = match &self.forward.destination {
+            Destination::Service(service) => Some(Picker::new(inner, self.view, service)),
+            Destination::Pod(..) => None,
+        };
         loop {
-            // A Service's endpoints are balanced and watched; a pod dialled directly is not.
-            let picker = match &self.forward.destination {
-                Destination::Service(service) => Some(Picker::new(inner, self.view, service)),
-                Destination::Pod(..) => None,
-            };
             let endpoint = self.forward.destination.endpoint(
                 &self.view.snapshot,
                 &inner.trust_domain,
