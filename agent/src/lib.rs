@@ -16,6 +16,7 @@ pub mod handover;
 pub mod hbone;
 pub mod http;
 pub mod identity;
+pub mod jwt;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
