@@ -63,7 +63,9 @@ pub enum FetchError {
     #[error("JWKS fetch took longer than {0:?}")]
     Timeout(Duration),
     #[error("JWKS server sent an unusable key set: {0}")]
-    Invalid(#[source] JwksError),
+    Invalid(JwksError),
+    #[error("BUG: {0}")]
+    Bug(String),
 }
 
 impl FetchError {
@@ -81,6 +83,7 @@ impl FetchError {
             Self::TooLarge => "jwks_too_large",
             Self::Timeout(_) => "jwks_timeout",
             Self::Invalid(e) => e.reason(),
+            Self::Bug(_) => "bug",
         }
     }
 }
@@ -116,10 +119,7 @@ impl JwksCache {
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| FetchError::Tls {
-            host: String::new(),
-            reason: format!("BUG: TLS configuration refused: {e}"),
-        })?
+        .map_err(|e| FetchError::Bug(format!("TLS configuration refused: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -241,7 +241,7 @@ impl JwksCache {
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, "weft")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| FetchError::Http(format!("BUG: cannot build the request: {e}")))?;
+            .map_err(|e| FetchError::Bug(format!("cannot build the request: {e}")))?;
         let response = sender
             .send_request(request)
             .await
@@ -301,8 +301,8 @@ impl Slot {
         match (&self.keys, &self.error) {
             (Some(keys), _) => Ok(Arc::clone(keys)),
             (None, Some(error)) => Err(error.clone()),
-            (None, None) => Err(FetchError::Http(
-                "BUG: JWKS cache entry without keys or error".into(),
+            (None, None) => Err(FetchError::Bug(
+                "JWKS cache entry without keys or error".into(),
             )),
         }
     }

@@ -366,6 +366,18 @@ fn claim_values_and_header_values() {
 }
 
 #[test]
+fn debug_output_does_not_carry_the_credential() {
+    let token = sign(ed25519(), "EdDSA", Some("k"), &claims());
+    let printed = format!("{:?}", decode(&token).unwrap());
+    let (_, signature) = token.rsplit_once('.').unwrap();
+    assert!(!printed.contains(signature), "{printed}");
+    assert!(
+        printed.contains("EdDsa") && printed.contains(ISSUER),
+        "{printed}"
+    );
+}
+
+#[test]
 fn a_token_without_sub_has_no_principal() {
     let keys = jwks(&[ed25519().jwk("k", None)]);
     let mut claims = claims();

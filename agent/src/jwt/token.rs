@@ -14,7 +14,7 @@ use super::{
 };
 
 /// A token split and decoded, signature not yet checked.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Unverified {
     alg: Alg,
     kid: Option<String>,
@@ -91,6 +91,18 @@ impl Unverified {
     /// The header's `kid`.
     pub fn kid(&self) -> Option<&str> {
         self.kid.as_deref()
+    }
+}
+
+// Not derived: the signing input and signature together are the bearer credential, which
+// must not reach a log through `?token`.
+impl std::fmt::Debug for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unverified")
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .field("iss", &self.issuer())
+            .finish_non_exhaustive()
     }
 }
 

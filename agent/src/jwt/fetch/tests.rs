@@ -237,6 +237,14 @@ async fn an_unusable_key_set_is_an_error() {
 }
 
 #[test]
+fn the_cache_and_its_sets_can_be_shared_across_tasks() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<JwksCache>();
+    shared::<Arc<Jwks>>();
+    shared::<FetchError>();
+}
+
+#[test]
 fn unreadable_or_empty_ca_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.pem");
