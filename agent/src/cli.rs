@@ -200,6 +200,10 @@ pub struct WaypointArgs {
     /// On shutdown, how long open requests are served; what is still open then is cut.
     #[arg(long, env = "WEFT_DRAIN_LIMIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_limit: Duration,
+    /// PEM certificates to trust, besides the system's, when fetching the key sets (JWKS)
+    /// of end-user token issuers over HTTPS.
+    #[arg(long, env = "WEFT_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -246,6 +250,7 @@ impl WaypointArgs {
         waypoint.path_escaped_slashes = args.path_escaped_slashes;
         waypoint.listen_grace = args.listen_grace;
         waypoint.drain_limit = args.drain_limit;
+        waypoint.jwks_ca_file.clone_from(&args.jwks_ca_file);
         Ok(Settings {
             waypoint,
             identity: identity::Config {

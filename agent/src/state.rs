@@ -3,6 +3,7 @@
 //! change. Sources produce snapshots; enrollment, the eBPF maps, the proxy and policy
 //! evaluation read them through a `StateHandle`.
 
+pub mod authn;
 pub mod policy;
 pub mod route;
 pub mod service;

@@ -12,8 +12,10 @@
 //! 3. `backend`: a weighted backend, then one of its endpoints at the target port, by the
 //!    Service's load balancer, leaving out those outlier detection ejected (`hosts` keeps
 //!    what is known of each endpoint);
-//! 4. L7 access policy (`policy::PolicyIndex`) for that endpoint, with the client's
-//!    identity and the request's method, path and headers; a mirror's copy is sent only
+//! 4. `authn`: the end user's token, checked when the Service addressed has a
+//!    `requestAuthentication` (401 when invalid); then L7 access policy
+//!    (`policy::PolicyIndex`) for that endpoint, with the client's identity, the end user's
+//!    principal and claims, and the request's method, path and headers; a mirror's copy is sent only
 //!    once the primary passed, and only if the mirror endpoint's policy admits it too;
 //! 5. `retry`: tries with per-try and request timeouts, retries with jittered backoff for
 //!    replayable requests;
@@ -29,6 +31,7 @@
 //! Outputs: served requests, metrics, access-log lines, spans.
 
 mod access_log;
+mod authn;
 mod backend;
 mod breaker;
 mod fault;
@@ -64,6 +67,7 @@ use crate::{
     drain::Drain,
     hbone,
     identity::SpiffeId,
+    jwt::JwksCache,
     policy::PolicyIndex,
     state::{
         Snapshot, StateHandle, Target as PolicyTarget, WorkloadRef,
@@ -118,6 +122,11 @@ pub enum Error {
     },
     #[error("fault injected by TrafficPolicy {policy}: abort with {status}")]
     FaultAbort { policy: WorkloadRef, status: u16 },
+    #[error("the end-user token is not valid for TrafficPolicy {policy} ({reason})")]
+    Unauthenticated {
+        policy: WorkloadRef,
+        reason: &'static str,
+    },
 }
 
 impl Error {
@@ -142,6 +151,7 @@ impl Error {
             Error::Overflow(_) => "overflow",
             Error::RateLimited { .. } => "rate_limited",
             Error::FaultAbort { .. } => "fault_abort",
+            Error::Unauthenticated { .. } => "unauthenticated",
         }
     }
 
@@ -159,6 +169,8 @@ impl Error {
             Error::Overflow(_) => "UO",
             Error::RateLimited { .. } => "RL",
             Error::FaultAbort { .. } => "FI",
+            // Envoy has no flag for a JWT refusal: the 401 and the access log's error say it.
+            Error::Unauthenticated { .. } => "-",
         }
     }
 
@@ -203,6 +215,10 @@ pub struct Config {
     /// How long a drain (shutdown) serves what is open; what is still open then is cut.
     #[serde(with = "humantime_serde")]
     pub drain_limit: Duration,
+    /// PEM certificates trusted for fetching end-user token key sets (JWKS), besides the
+    /// system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -218,6 +234,7 @@ impl Config {
             path_escaped_slashes: path::EscapedSlashes::default(),
             listen_grace: Duration::ZERO,
             drain_limit: DEFAULT_DRAIN_LIMIT,
+            jwks_ca_file: None,
         }
     }
 }
@@ -250,6 +267,8 @@ struct Inner {
     pub exporter: Option<Arc<dyn SpanExporter>>,
     /// Tracks HBONE connections, their streams and the requests in them, for shutdown.
     pub drain: Drain,
+    /// The key sets of end-user token issuers, fetched over HTTPS.
+    pub jwks: JwksCache,
 }
 
 /// What one snapshot means for routing: the snapshot, its routes by service, its
@@ -269,6 +288,8 @@ struct View {
     /// Retry conditions and maximum backoff by target (HTTPRoute or rule), with their
     /// policy.
     pub retries: Attached<RetryPolicy>,
+    /// End-user authentication of each Service a `TrafficPolicy` gives one.
+    pub authenticators: authn::Authenticators,
 }
 
 /// A feature of `TrafficPolicy` by target, with the policy in force there.
@@ -285,6 +306,7 @@ impl View {
             rate_limits: traffic::by_target(&snapshot.traffic_policies, |p| p.rate_limit.as_ref()),
             balancings: hosts::balancings(&snapshot),
             retries: traffic::by_target(&snapshot.traffic_policies, |p| p.retry.as_ref()),
+            authenticators: authn::authenticators(&snapshot),
             snapshot,
         }
     }
@@ -363,6 +385,15 @@ enum Target {
         addr: SocketAddr,
         service: WorkloadRef,
     },
+}
+
+impl Target {
+    /// The Service the client addressed (directly, or through one of its pods).
+    fn service(&self) -> &WorkloadRef {
+        match self {
+            Target::Service { service, .. } | Target::Pod { service, .. } => service,
+        }
+    }
 }
 
 /// One accepted CONNECT stream: who sent it and where it was going.

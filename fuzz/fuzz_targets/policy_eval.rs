@@ -112,6 +112,7 @@ fuzz_target!(|input: Input<'_>| {
         method,
         path,
         headers: &headers,
+        user: None,
     });
     let facts = ConnectionFacts {
         destination,

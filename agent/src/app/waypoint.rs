@@ -51,6 +51,8 @@ pub enum Error {
     Hbone(#[from] hbone::Error),
     #[error(transparent)]
     Bind(#[from] admin::Error),
+    #[error("invalid --jwks-ca-file: {0}")]
+    JwksRoots(#[from] crate::jwt::FetchError),
 }
 
 /// Everything `weft waypoint` runs with, from its flags.
@@ -232,7 +234,7 @@ pub async fn serve(
         AccessLog::stdout(),
         exporter,
         drain,
-    );
+    )?;
     let tls = hbone::server_config(cert_source, own.clone())?;
     let listener = admin::bind(settings.waypoint.listen_addr)?;
     let hbone_addr = listener

@@ -197,6 +197,21 @@ impl Claims {
             .map(|sub| format!("{}/{sub}", self.issuer))
     }
 
+    /// Claims as if verified, for the tests of what consumes them (policy, the waypoint).
+    #[cfg(test)]
+    pub(crate) fn for_tests(payload: Value) -> Self {
+        let claims = match payload {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        let text = |key: &str| claims.get(key).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            issuer: text("iss").unwrap_or_default(),
+            subject: text("sub"),
+            claims,
+        }
+    }
+
     /// A top-level claim's values as text: a string is one value, an array of strings each
     /// element, a number or bool its JSON text; objects/null give none.
     pub fn values(&self, name: &str) -> Vec<Cow<'_, str>> {

@@ -6,6 +6,7 @@ use http::HeaderMap;
 
 use crate::{
     identity::SpiffeId,
+    jwt::Claims,
     state::{AccessPolicy, Action, L7Match, Rule, Source, Workload, WorkloadRef},
 };
 
@@ -34,6 +35,9 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
     /// The request headers.
     pub headers: &'a HeaderMap,
+    /// The end user's verified token, if the request carried one its Service's
+    /// `requestAuthentication` accepted.
+    pub user: Option<&'a Claims>,
 }
 
 /// Whether a connection may proceed.
@@ -212,19 +216,44 @@ impl<'f, 'a> Peer<'f, 'a> {
 
 /// Whether a request meets a rule's HTTP conditions: each field it sets must match, by
 /// any of its entries. Methods compare exactly (HTTP methods are case-sensitive), paths
-/// exactly or with one `*` at either end, header values exactly.
+/// and request principals exactly or with one `*` at either end, header values and claims
+/// exactly.
 fn l7_matches(l7: &L7Match, request: &RequestFacts<'_>) -> bool {
     (l7.methods.is_empty() || l7.methods.iter().any(|m| m == request.method))
-        && (l7.paths.is_empty() || l7.paths.iter().any(|p| path_matches(p, request.path)))
+        && (l7.paths.is_empty() || l7.paths.iter().any(|p| pattern_matches(p, request.path)))
         && l7.headers.iter().all(|(name, values)| {
             request.headers.get_all(name.as_str()).iter().any(|v| {
                 v.to_str()
                     .is_ok_and(|v| values.iter().any(|want| want == v))
             })
         })
+        && user_matches(l7, request.user)
 }
 
-fn path_matches(pattern: &str, path: &str) -> bool {
+/// The end-user conditions: none set, or a verified token that meets them all.
+fn user_matches(l7: &L7Match, user: Option<&Claims>) -> bool {
+    if l7.request_principals.is_empty() && l7.claims.is_empty() {
+        return true;
+    }
+    let Some(user) = user else {
+        return false;
+    };
+    let principal = user.principal();
+    (l7.request_principals.is_empty()
+        || principal.as_deref().is_some_and(|principal| {
+            l7.request_principals
+                .iter()
+                .any(|p| pattern_matches(p, principal))
+        }))
+        && l7.claims.iter().all(|(name, values)| {
+            user.values(name)
+                .iter()
+                .any(|have| values.iter().any(|want| want == have))
+        })
+}
+
+/// `*`, `prefix*`, `*suffix` or an exact text.
+fn pattern_matches(pattern: &str, path: &str) -> bool {
     if pattern == "*" {
         true
     } else if let Some(prefix) = pattern.strip_suffix('*') {

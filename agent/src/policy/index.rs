@@ -249,8 +249,8 @@ impl PolicyIndex {
                 Action::Deny => "its rules with HTTP conditions deny on their L4 conditions alone",
             };
             warn!(component = "policy", policy = %policy.name, action = ?policy.action, effect,
-                "policy has HTTP conditions (methods, paths, headers) that only a waypoint \
-                 can enforce; bind the workload to a waypoint");
+                "policy has HTTP conditions (methods, paths, headers, request principals, claims) \
+                 that only a waypoint can enforce; bind the workload to a waypoint");
         }
     }
 }

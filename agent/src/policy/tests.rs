@@ -3,9 +3,12 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
+use serde_json::json;
+
 use super::*;
 use crate::{
     identity::SpiffeId,
+    jwt::Claims,
     state::{
         AccessPolicy, Action, IpBlock, L7Match, Location, PortRange, Principal, Rule,
         ServiceAccount, Snapshot, Source, Workload, WorkloadRef, WorkloadSelector,
@@ -405,6 +408,7 @@ fn a_waypoint_judges_http_conditions_exactly() {
                     methods: vec!["POST".into()],
                     paths: vec!["/admin".into(), "/admin/*".into()],
                     headers: [("x-env".to_string(), vec!["prod".to_string()])].into(),
+                    ..L7Match::default()
                 }),
                 ..Rule::default()
             }],
@@ -418,6 +422,7 @@ fn a_waypoint_judges_http_conditions_exactly() {
             method,
             path,
             headers,
+            user: None,
         };
         index.evaluate(&ConnectionFacts {
             request: Some(&request),
@@ -440,6 +445,96 @@ fn a_waypoint_judges_http_conditions_exactly() {
         judge("post", "/admin", &prod).is_allowed(),
         "methods are case-sensitive"
     );
+}
+
+#[test]
+fn end_users_are_judged_by_principal_and_claims_and_no_token_matches_neither() {
+    let api = workload("prod", "api", &[]);
+    let issuer = "https://issuer.test";
+    let index = PolicyIndex::build(&snapshot(
+        &[&api],
+        vec![policy(
+            "prod",
+            "users",
+            &[],
+            Action::Allow,
+            vec![
+                Rule {
+                    l7: Some(L7Match {
+                        request_principals: vec![format!("{issuer}/alice"), "*/ops-bob".into()],
+                        ..L7Match::default()
+                    }),
+                    ..Rule::default()
+                },
+                Rule {
+                    l7: Some(L7Match {
+                        claims: [
+                            ("group".to_string(), vec!["admins".to_string()]),
+                            ("level".to_string(), vec!["3".to_string()]),
+                        ]
+                        .into(),
+                        ..L7Match::default()
+                    }),
+                    ..Rule::default()
+                },
+            ],
+        )],
+    ));
+    let peer = id("web", "front");
+    let headers = http::HeaderMap::new();
+    let judge = |user: Option<&Claims>| {
+        let request = RequestFacts {
+            method: "GET",
+            path: "/",
+            headers: &headers,
+            user,
+        };
+        index.evaluate(&ConnectionFacts {
+            request: Some(&request),
+            ..mtls(&api, 80, &peer)
+        })
+    };
+    let user = |claims: serde_json::Value| Claims::for_tests(claims);
+    assert!(judge(Some(&user(json!({"iss": issuer, "sub": "alice"})))).is_allowed());
+    assert!(
+        judge(Some(&user(
+            json!({"iss": "https://other", "sub": "ops-bob"})
+        )))
+        .is_allowed(),
+        "a suffix pattern after the issuer"
+    );
+    assert_eq!(
+        judge(Some(&user(json!({"iss": issuer, "sub": "bob"})))),
+        deny(None, DenyReason::NotAllowed)
+    );
+    assert!(
+        judge(Some(&user(
+            json!({"iss": issuer, "sub": "carol", "group": ["dev", "admins"], "level": 3})
+        )))
+        .is_allowed(),
+        "an array claim holding the value, a number claim by its text"
+    );
+    assert!(
+        !judge(Some(&user(
+            json!({"iss": issuer, "sub": "carol", "group": "admins"})
+        )))
+        .is_allowed(),
+        "every claim of the rule must match"
+    );
+    assert!(
+        judge(Some(&user(
+            json!({"iss": issuer, "group": "admins", "level": "3"})
+        )))
+        .is_allowed(),
+        "claims match without a subject"
+    );
+    assert_eq!(
+        judge(None),
+        deny(None, DenyReason::NotAllowed),
+        "no token, no principal"
+    );
+    // A node proxy cannot see the token: the ALLOW rules grant nothing there.
+    assert!(!index.evaluate(&mtls(&api, 80, &peer)).is_allowed());
 }
 
 #[test]
@@ -680,6 +775,7 @@ fn a_policy_that_cannot_be_understood_denies_everything_it_selects_whatever_allo
         method: "GET",
         path: "/",
         headers: &headers,
+        user: None,
     };
     let facts = ConnectionFacts {
         request: Some(&request),

@@ -60,6 +60,16 @@ pub struct RuleSpec {
     /// by waypoints only.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, Vec<String>>,
+    /// End users by verified token, `<iss>/<sub>`, `*` (any valid token), or one `*` at
+    /// either end; any of which must match. Enforced by waypoints only, after a
+    /// TrafficPolicy's `requestAuthentication`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    /// Claims of the verified token by top-level name, each of which must have one of the
+    /// values (a string claim equal to it, or an array claim holding it). Enforced by
+    /// waypoints only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<String, Vec<String>>,
 }
 
 /// A set of sources: matches when every field it sets matches, each field matching when
@@ -236,12 +246,35 @@ fn rule(field: &str, raw: RuleSpec) -> Result<Rule, Invalid> {
             ));
         }
     }
-    let l7 = (!raw.methods.is_empty() || !raw.paths.is_empty() || !raw.headers.is_empty())
-        .then_some(L7Match {
-            methods: raw.methods,
-            paths: raw.paths,
-            headers: raw.headers,
-        });
+    for (i, principal) in raw.request_principals.iter().enumerate() {
+        pattern(&format!("{field}.requestPrincipals[{i}]"), principal)?;
+    }
+    for (name, values) in &raw.claims {
+        if name.is_empty() {
+            return Err(invalid(
+                format!("{field}.claims"),
+                "a claim name must not be empty".into(),
+            ));
+        }
+        if values.is_empty() {
+            return Err(invalid(
+                format!("{field}.claims.{name}"),
+                "at least one value is required".into(),
+            ));
+        }
+    }
+    let l7 = (!raw.methods.is_empty()
+        || !raw.paths.is_empty()
+        || !raw.headers.is_empty()
+        || !raw.request_principals.is_empty()
+        || !raw.claims.is_empty())
+    .then_some(L7Match {
+        methods: raw.methods,
+        paths: raw.paths,
+        headers: raw.headers,
+        request_principals: raw.request_principals,
+        claims: raw.claims,
+    });
     Ok(Rule { from, to_ports, l7 })
 }
 

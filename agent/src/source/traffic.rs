@@ -7,6 +7,8 @@
 //! feature says which kinds it applies to; a feature set on a policy with a target of
 //! another kind is an error naming the feature's field, never silently ignored.
 
+mod authn;
+
 use std::time::Duration;
 
 use serde_json::Value;
@@ -126,6 +128,15 @@ pub fn policy(
         retry_budget: spec
             .retry_budget
             .map(|b| retry_budget(&feature("retryBudget", Kinds::Services)?, b))
+            .transpose()?,
+        request_authentication: spec
+            .request_authentication
+            .map(|a| {
+                authn::request_authentication(
+                    &feature("requestAuthentication", Kinds::Services)?,
+                    a,
+                )
+            })
             .transpose()?,
         name,
         targets,

@@ -150,6 +150,14 @@ pub struct L7Match {
     /// Request headers by lowercase name, each of which must have one of the values.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, Vec<String>>,
+    /// The end user's verified token principal (`<iss>/<sub>`), exactly or with one `*` at
+    /// either end, any of which must match; a request without a valid token matches none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    /// Claims of the verified token by top-level name, each of which must have one of the
+    /// values; a request without a valid token matches none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<String, Vec<String>>,
 }
 
 impl AccessPolicy {

@@ -1,14 +1,14 @@
 //! Traffic policies: how a waypoint treats the backends of a Service (connection pools and
-//! circuit breaking, outlier detection, load balancing, a retry budget, rate limits) and the
-//! requests of a route (faults, rate limits, which failures are retried, the longest
-//! backoff), attached by Gateway API policy attachment (`targetRefs`). Validated by
-//! `source::traffic`; enforced by the waypoint.
+//! circuit breaking, outlier detection, load balancing, a retry budget, rate limits, who the
+//! end user is by JWT: `state::authn`) and the requests of a route (faults, rate limits,
+//! which failures are retried, the longest backoff), attached by Gateway API policy
+//! attachment (`targetRefs`). Validated by `source::traffic`; enforced by the waypoint.
 
 use std::{collections::HashMap, time::Duration};
 
 use serde::Serialize;
 
-use super::WorkloadRef;
+use super::{WorkloadRef, authn::RequestAuthentication};
 
 /// One `TrafficPolicy`, valid as a whole.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -42,6 +42,9 @@ pub struct TrafficPolicy {
     /// targets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    /// End-user authentication of the requests to each target by JWT (Service targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_authentication: Option<RequestAuthentication>,
 }
 
 impl TrafficPolicy {
@@ -57,6 +60,7 @@ impl TrafficPolicy {
             rate_limit: None,
             retry: None,
             retry_budget: None,
+            request_authentication: None,
         }
     }
 }
@@ -171,6 +175,10 @@ pub const FEATURES: &[Feature] = &[
     Feature {
         field: "retryBudget",
         set_in: |p| p.retry_budget.is_some(),
+    },
+    Feature {
+        field: "requestAuthentication",
+        set_in: |p| p.request_authentication.is_some(),
     },
 ];
 

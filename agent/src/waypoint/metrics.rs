@@ -87,6 +87,15 @@ pub struct ServiceLabels {
     pub destination_service_namespace: String,
 }
 
+/// Labels of the end-user authentication failures: the Service addressed, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthnLabels {
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// `expired`, `wrong_issuer`, `bad_signature`, `jwks_unavailable`, ...
+    pub reason: &'static str,
+}
+
 /// The waypoint's metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -105,6 +114,7 @@ pub struct Metrics {
     faults: Family<PolicyLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     ejected: Family<ServiceLabels, Gauge>,
+    authn_failures: Family<AuthnLabels, Counter>,
 }
 
 /// One finished request as the metrics see it.
@@ -146,6 +156,7 @@ impl Metrics {
             faults: Family::default(),
             ejections: Family::default(),
             ejected: Family::default(),
+            authn_failures: Family::default(),
         }
     }
 
@@ -224,6 +235,17 @@ impl Metrics {
         let policy = policy.to_string();
         self.faults
             .get_or_create(&PolicyLabels { policy, kind })
+            .inc();
+    }
+
+    /// A request to `service` refused (401) for its token, for `reason`.
+    pub fn authn_failed(&self, service: &WorkloadRef, reason: &'static str) {
+        self.authn_failures
+            .get_or_create(&AuthnLabels {
+                destination_service_name: service.name.clone(),
+                destination_service_namespace: service.namespace.clone(),
+                reason,
+            })
             .inc();
     }
 
@@ -350,6 +372,12 @@ impl Collector for Exposition {
             "Endpoints of a backend Service ejected now (updated as requests arrive)",
             None,
             m.ejected.metric_type(),
+        )?)?;
+        m.authn_failures.encode(encoder.encode_descriptor(
+            "waypoint_authn_failures",
+            "Requests refused with 401 for an invalid end-user token (TrafficPolicy requestAuthentication), by Service and reason",
+            None,
+            m.authn_failures.metric_type(),
         )?)?;
         Ok(())
     }

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
+    jwt::Claims,
     policy::{ConnectionFacts, Decision, RequestFacts},
     state::{
         Service, Snapshot, WorkloadRef,
@@ -291,12 +292,14 @@ fn forward<'v>(
 }
 
 impl Forward<'_> {
-    /// What access policy judges of the request (`request` is its head, as planned).
-    pub fn facts<'a>(&'a self, request: &'a Parts) -> RequestFacts<'a> {
+    /// What access policy judges of the request (`request` is its head, as planned; `user`
+    /// its verified end user).
+    pub fn facts<'a>(&'a self, request: &'a Parts, user: Option<&'a Claims>) -> RequestFacts<'a> {
         RequestFacts {
             method: request.method.as_str(),
             path: self.path_and_query.path(),
             headers: &request.headers,
+            user,
         }
     }
 }

@@ -25,6 +25,7 @@ use super::{
 };
 use crate::{
     hbone,
+    jwt::Claims,
     policy::RequestFacts,
     state::{
         Location, Service, Target as PolicyTarget, TrafficDistribution, WorkloadRef,
@@ -107,22 +108,53 @@ async fn forward(
         }
         Outcome::Forward(mut forward) => {
             exchange.trace.inject(&mut forward.template.headers);
+            let user = authenticate(tunnel, view, &parts, &mut forward.template).await?;
             let taken = plan.route.map(|route| (route, plan.rule_name));
             let request = Planned {
                 parts: &parts,
                 forward: &forward,
                 taken,
+                user: user.as_ref(),
             };
             send(tunnel, view, request, body, exchange).await
         }
     }
 }
 
-/// A request to send, as planned: its head, where it goes, and the route and rule it took.
+/// The end user of a request to a Service with a `requestAuthentication`; `None` for any
+/// other request, and for one without a token.
+async fn authenticate(
+    tunnel: &Tunnel,
+    view: &View,
+    parts: &Parts,
+    template: &mut Template,
+) -> Result<Option<Claims>, Error> {
+    let service = tunnel.target.service();
+    let Some(authenticator) = view.authenticators.get(service) else {
+        return Ok(None);
+    };
+    let inner = &tunnel.inner;
+    match authenticator
+        .authenticate(&inner.jwks, parts, template)
+        .await
+    {
+        Ok(user) => Ok(user),
+        Err(refused) => {
+            inner.metrics.authn_failed(service, refused.reason);
+            debug!(component = "waypoint", service = %service, policy = %refused.policy,
+                reason = refused.reason, "request refused: invalid end-user token");
+            Err(refused.into())
+        }
+    }
+}
+
+/// A request to send, as planned: its head, where it goes, the route and rule it took, and
+/// its end user.
 struct Planned<'a> {
     parts: &'a Parts,
     forward: &'a Forward<'a>,
     taken: Option<(&'a WorkloadRef, Option<&'a str>)>,
+    user: Option<&'a Claims>,
 }
 
 /// Sends a planned request: the body read or streamed, the tries within the request
@@ -138,6 +170,7 @@ async fn send(
         parts,
         forward,
         taken,
+        user,
     } = planned;
     let counted = Counted {
         body,
@@ -154,7 +187,7 @@ async fn send(
     if forward.retry.is_some() {
         body = body.recorded(limit);
     }
-    let facts = forward.facts(parts);
+    let facts = forward.facts(parts, user);
     let key = match &forward.destination {
         Destination::Service(service) => backend::hash_key(
             &view.balancing(&service.name).load_balancer,

@@ -30,6 +30,7 @@ use crate::{
     drain::Drain,
     hbone,
     identity::SpiffeId,
+    jwt::{FetchError, JwksCache},
     policy::PolicyIndex,
     state::{Snapshot, StateHandle},
     sync::Mutex,
@@ -45,7 +46,8 @@ pub struct Waypoint {
 impl Waypoint {
     /// A waypoint following `state`; `pool` carries its requests to the backends (it must
     /// hold the waypoint's certificate). Its connections, streams and requests hold guards
-    /// of `drain`, and end when it drains (`shutdown`).
+    /// of `drain`, and end when it drains (`shutdown`). Fails when the extra roots for key
+    /// set fetches (`Config::jwks_ca_file`) cannot be read.
     pub fn new(
         config: Config,
         state: StateHandle,
@@ -54,7 +56,8 @@ impl Waypoint {
         access_log: AccessLog,
         exporter: Option<Arc<dyn SpanExporter>>,
         drain: Drain,
-    ) -> Self {
+    ) -> Result<Self, FetchError> {
+        let jwks = JwksCache::new(config.jwks_ca_file.as_deref())?;
         let snapshot = Arc::clone(&state.borrow());
         let policy = PolicyIndex::for_trust_domain(Some(config.identity.trust_domain()));
         let view = View::build(snapshot, &policy);
@@ -64,7 +67,7 @@ impl Waypoint {
             config.upstream_port,
             config.upstream_idle_timeout,
         );
-        Self {
+        Ok(Self {
             inner: Arc::new(Inner {
                 trust_domain: config.identity.trust_domain().to_owned(),
                 config,
@@ -78,8 +81,9 @@ impl Waypoint {
                 access_log,
                 exporter,
                 drain,
+                jwks,
             }),
-        }
+        })
     }
 
     /// Serves HBONE on `listener` until the drain starts (then the listener closes) or the

@@ -276,7 +276,8 @@ impl Harness {
             access_log,
             Some(exporter),
             drain,
-        );
+        )
+        .unwrap();
         let tls = hbone::server_config(waypoint_certs, waypoint_id.clone()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let waypoint_addr = listener.local_addr().unwrap();

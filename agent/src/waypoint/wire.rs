@@ -25,6 +25,7 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
         | Error::Upstream(_)
         | Error::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
         Error::FaultAbort { status, .. } => {
             StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
         }
@@ -37,6 +38,7 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
             Error::NoRoute => "12",
             Error::Path(_) => "3",
             Error::RateLimited { .. } => "8",
+            Error::Unauthenticated { .. } => "16",
             Error::FaultAbort { status, .. } => grpc_code_of(*status),
             _ => "14",
         };
@@ -64,6 +66,13 @@ pub(super) fn error_response(e: &Error, grpc: bool) -> Response<BoxBody> {
         );
         response
     };
+    if let Error::Unauthenticated { .. } = e {
+        // RFC 6750: the client learns that its bearer token, not its request, is at fault.
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
     if let Error::RateLimited { retry_after, .. } = e {
         // Whole seconds (RFC 9110), rounded up: never "come back now".
         let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

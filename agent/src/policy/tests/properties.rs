@@ -41,7 +41,7 @@ proptest! {
         // The waypoint's path: the same index, `evaluate` with the request.
         let index = PolicyIndex::for_trust_domain(Some(TRUST_DOMAIN)).rebuild(&snapshot);
         let headers = request.headers();
-        let request = RequestFacts { method: request.method, path: request.path, headers: &headers };
+        let request = RequestFacts { method: request.method, path: request.path, headers: &headers, user: None };
         let facts = case.facts(Some(&request));
         let expected = reference::decide(&snapshot, TRUST_DOMAIN, Judge::Waypoint, &facts);
         let decision = index.evaluate(&facts);
@@ -218,6 +218,7 @@ fn l7() -> impl Strategy<Value = L7Match> {
             methods,
             paths,
             headers,
+            ..L7Match::default()
         })
         .prop_filter("a rule with HTTP conditions sets one", |l7| {
             *l7 != L7Match::default()

@@ -98,7 +98,7 @@ pub struct MtlsSpec {
     category = "weft",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRefs[*].name"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    doc = "Resilience at the waypoint for the Services and HTTPRoutes it targets: connection pools, outlier detection, load balancing, retries, faults, rate limits"
+    doc = "Resilience at the waypoint for the Services and HTTPRoutes it targets: connection pools, outlier detection, load balancing, retries, faults, rate limits, end-user authentication by JWT"
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -132,6 +132,10 @@ pub struct TrafficPolicySpec {
     /// targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudgetSpec>,
+    /// End-user authentication by JWT of the requests to each target (Istio's
+    /// `RequestAuthentication`; Service targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_authentication: Option<RequestAuthenticationSpec>,
 }
 
 /// Istio's `HTTPFaultInjection`: a delay, an abort, or both.
@@ -350,6 +354,75 @@ pub struct RetryBudgetSpec {
     /// Retries in flight always allowed; absent: 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_retry_concurrency: Option<u32>,
+}
+
+/// Istio's `RequestAuthentication`: the issuers whose tokens are accepted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// One per issuer. A request without a token passes unauthenticated (an AccessPolicy
+    /// with `requestPrincipals` can require one); an invalid token is answered 401.
+    #[schemars(length(min = 1, max = 8))]
+    pub jwt_rules: Vec<JwtRuleSpec>,
+}
+
+/// Istio's `JWTRule`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRuleSpec {
+    /// The token's `iss`, exactly.
+    pub issuer: String,
+    /// The token's `aud` must name one of these; absent or empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub audiences: Vec<String>,
+    /// An HTTPS URL of the issuer's JSON Web Key Set; set this or `jwks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The JSON Web Key Set itself, as JSON text; set this or `jwksUri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// How long a fetched key set is kept (`20m`); at least 1s. Absent: 20m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh_interval: Option<String>,
+    /// How long one fetch of the key set may take (`5s`). Absent: 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_timeout: Option<String>,
+    /// Headers the token may be in. Absent: `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub from_headers: Option<Vec<JwtHeaderSpec>>,
+    /// Query parameters the token may be in. Absent: `access_token` (when `fromHeaders` is
+    /// absent too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub from_params: Option<Vec<String>>,
+    /// Leave the token in the request sent on. Absent: false (it is removed).
+    #[serde(default)]
+    pub forward_original_token: bool,
+    /// Claims copied into request headers for the backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub output_claim_to_headers: Vec<ClaimToHeaderSpec>,
+}
+
+/// A header a token is read from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtHeaderSpec {
+    pub name: String,
+    /// Text before the token (`Bearer `); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// A claim copied into a request header.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimToHeaderSpec {
+    pub header: String,
+    /// A top-level claim.
+    pub claim: String,
 }
 
 /// Status of a policy attached with `targetRefs`: GEP-713's `PolicyStatus`, one entry per

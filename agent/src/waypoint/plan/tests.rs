@@ -320,7 +320,7 @@ fn a_rewrite_changes_host_and_path_to_the_backend_but_not_what_policy_sees() {
     for gone in ["x-drop", "connection", "x-hop", "keep-alive"] {
         assert!(!template.headers.contains_key(gone), "{gone} was kept");
     }
-    let facts = forward.facts(&request);
+    let facts = forward.facts(&request, None);
     assert_eq!((facts.method, facts.path), ("GET", "/v1/users"));
     assert_eq!(facts.headers["x-drop"], "1");
 }
@@ -505,6 +505,7 @@ fn each_endpoints_policy_admits_or_denies_the_request_for_the_original_client() 
         method: "GET",
         path,
         headers: &headers,
+        user: None,
     };
     assert!(admit(&view, &endpoint, &client, source, &request("/ok")).is_ok());
     match admit(&view, &endpoint, &client, source, &request("/admin")) {

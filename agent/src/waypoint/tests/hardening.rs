@@ -26,6 +26,7 @@ fn paths(paths: &[&str]) -> Rule {
             methods: Vec::new(),
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
             headers: BTreeMap::new(),
+            ..L7Match::default()
         }),
         ..Rule::default()
     }

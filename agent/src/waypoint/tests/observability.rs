@@ -95,6 +95,7 @@ async fn l7_deny_blocks_post_admin_and_allows_get() {
                         methods: vec!["POST".into()],
                         paths: vec!["/admin".into()],
                         headers: BTreeMap::new(),
+                        ..L7Match::default()
                     }),
                     ..Rule::default()
                 }],
