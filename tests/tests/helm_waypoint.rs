@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::util::intstr::IntOrString};
 use serde_json::{Value, json};
 use weft_tests::{
     helm::{
@@ -650,17 +650,7 @@ fn a_waypoints_grace_period_covers_its_drain_limit() -> Result<()> {
             "waypointDefaults.terminationGracePeriodSeconds=90",
         ],
     )?;
-    let deploy = in_namespace(
-        &objects,
-        "shop",
-        "Deployment",
-        "shop-waypoint",
-        |o| match o {
-            Object::Deployment(d) => Some(&**d),
-            _ => None,
-        },
-    )?;
-    let pod = pod_spec_of(Some(&deploy.spec.as_ref().context("spec")?.template))?;
+    let pod = shop_waypoint_pod(&objects)?;
     assert_eq!(pod.termination_grace_period_seconds, Some(90));
     let env = env_of(container(pod, "waypoint")?);
     assert_eq!(env.get("WEFT_LISTEN_GRACE"), Some(&json!("8s")));
@@ -669,3 +659,61 @@ fn a_waypoints_grace_period_covers_its_drain_limit() -> Result<()> {
 }
 
 const COMPONENT: &str = "app.kubernetes.io/component";
+
+#[test]
+fn a_jwks_ca_config_map_is_mounted_read_only_and_named_to_the_waypoint() -> Result<()> {
+    helm_or_skip!();
+    let objects = render_with_file(
+        DEFAULT_NS,
+        Some(TWO_WAYPOINTS),
+        &["waypointDefaults.jwksCaConfigMap=issuer-ca"],
+    )?;
+    let pod = shop_waypoint_pod(&objects)?;
+    let c = container(pod, "waypoint")?;
+    let env = env_of(c);
+    assert_eq!(
+        env.get("WEFT_JWKS_CA_FILE"),
+        Some(&json!("/etc/weft/jwks-ca/ca.crt"))
+    );
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "jwks-ca")
+        .context("the jwks-ca mount")?;
+    assert_eq!(mount.mount_path, "/etc/weft/jwks-ca");
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "jwks-ca")
+        .context("the jwks-ca volume")?;
+    let config_map = volume.config_map.as_ref().context("a ConfigMap volume")?;
+    assert_eq!(config_map.name, "issuer-ca");
+
+    // Without it: no variable, no volume (the system roots only).
+    let objects = render_with_file(DEFAULT_NS, Some(TWO_WAYPOINTS), &[])?;
+    let pod = shop_waypoint_pod(&objects)?;
+    ensure!(!env_of(container(pod, "waypoint")?).contains_key("WEFT_JWKS_CA_FILE"));
+    ensure!(
+        !pod.volumes.iter().flatten().any(|v| v.name == "jwks-ca"),
+        "no jwks-ca volume by default"
+    );
+    Ok(())
+}
+
+/// The pod template of the `shop-waypoint` Deployment of `TWO_WAYPOINTS`.
+fn shop_waypoint_pod(objects: &[Object]) -> Result<&PodSpec> {
+    let deploy = in_namespace(
+        objects,
+        "shop",
+        "Deployment",
+        "shop-waypoint",
+        |o| match o {
+            Object::Deployment(d) => Some(&**d),
+            _ => None,
+        },
+    )?;
+    pod_spec_of(Some(&deploy.spec.as_ref().context("spec")?.template))
+}
