@@ -98,6 +98,7 @@ mod flood;
 mod grpc;
 #[path = "weft-testapp/http.rs"]
 mod http;
+#[cfg(feature = "jwt")]
 #[path = "weft-testapp/https.rs"]
 mod https;
 #[path = "weft-testapp/steady.rs"]
@@ -135,6 +136,7 @@ fn main() -> ExitCode {
         "grpc-serve" => grpc::serve(&flags),
         "grpc-call" => grpc::call(&flags),
         "grpc-load" => grpc::load(&flags),
+        #[cfg(feature = "jwt")]
         "https-serve" => https::serve(&flags),
         other => Err(format!("unknown command {other:?}")),
     };

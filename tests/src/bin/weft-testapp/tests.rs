@@ -10,7 +10,7 @@ use ::http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
 use weft_tests::l7::{GrpcCallReport, HttpLoadReport, ServedCall, ServedRequest};
 
-use crate::{grpc, http, https};
+use crate::{grpc, http};
 
 /// An `http-serve` on 127.0.0.1:0, and what it logged.
 async fn http_backend(options: http::ServeOptions) -> (SocketAddr, Arc<Mutex<Vec<ServedRequest>>>) {
@@ -405,6 +405,7 @@ fn switches_take_no_value_and_headers_repeat() {
     assert_eq!(headers[1].1, "2");
 }
 
+#[cfg(feature = "jwt")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_serve_answers_tls13_with_the_file_as_it_is_now() {
     let tls = weft_tests::jwt::TlsFiles::for_ip("127.0.0.1".parse().unwrap()).unwrap();
@@ -412,10 +413,10 @@ async fn https_serve_answers_tls13_with_the_file_as_it_is_now() {
     std::fs::write(&file, r#"{"keys":["one"]}"#).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = https::acceptor(&tls.cert, &tls.key).unwrap();
+    let acceptor = crate::https::acceptor(&tls.cert, &tls.key).unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&log);
-    tokio::spawn(https::serve_listener(
+    tokio::spawn(crate::https::serve_listener(
         listener,
         acceptor,
         file.clone(),
