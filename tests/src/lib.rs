@@ -29,6 +29,8 @@ pub mod fixture;
 #[cfg(feature = "helm")]
 pub mod helm;
 pub mod image;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 pub mod l7;
 pub mod metrics;
 pub mod node;

@@ -143,19 +143,29 @@ impl TestWaypoint {
         })
     }
 
-    /// `GET /healthz/ready` until 200; fails early if the waypoint exits.
+    /// `GET /healthz/ready` until 200; fails at once if the waypoint exits (a flag it does
+    /// not know, a config it rejects) rather than after the whole patience.
     pub fn wait_ready(&mut self) -> Result<()> {
         let result = eventually(Duration::from_secs(30), || {
+            // Ok with the status ends the wait: an exited waypoint never becomes ready.
             if let Some(status) = self.process.as_mut().and_then(TestProcess::try_status) {
-                return Err(anyhow!("waypoint exited ({status}) before it was ready"));
+                return Ok(Some(status));
             }
             let r = sys::http_get(&self.netns, READINESS, "/healthz/ready")?;
             match r.status {
-                200 => Ok(()),
+                200 => Ok(None),
                 s => Err(anyhow!("not ready ({s}): {}", r.body.trim())),
             }
         });
-        result.map_err(|e| anyhow!("waypoint not ready: {e:#}\n--- log ---\n{}", self.log()))
+        let why = match result {
+            Ok(None) => return Ok(()),
+            Ok(Some(status)) => format!("waypoint exited ({status}) before it was ready"),
+            Err(e) => format!("{e:#}"),
+        };
+        Err(anyhow!(
+            "waypoint not ready: {why}\n--- log ---\n{}",
+            self.log()
+        ))
     }
 
     /// The waypoint's `/metrics` text.

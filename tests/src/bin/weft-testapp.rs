@@ -24,6 +24,7 @@
 //!                         [--header name:value]... [--pace-ms MS] [--timeout-ms T]
 //! weft-testapp grpc-load  --to IP:PORT --count N [--concurrency C] [--messages M] [--pace-ms MS]
 //!                         [--header name:value]... [--timeout-ms T]
+//! weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]
 //! ```
 //!
 //! - `serve` prints `listening ...`, then per connection `accepted peer=.. local=..` and
@@ -69,6 +70,10 @@
 //!   exits 1 unless grpc-status was 0. `grpc-load`: N bidi calls, C at a time, on one
 //!   shared h2c connection (`weft_tests::l7::GrpcLoad`); prints `report {..}`
 //!   (`GrpcLoadReport`), exit 1 if any call failed.
+//! - `https-serve` (`https` module): TLS 1.3 (h2 or HTTP/1.1 by ALPN), answering every
+//!   request, whatever its path, with the file's content as it is then
+//!   (`content-type: application/json`), and printing `fetch {..}`
+//!   (`weft_tests::jwt::ServedFile`): the JWKS endpoint of the JWT tests.
 
 #![allow(
     clippy::disallowed_types,
@@ -93,6 +98,9 @@ mod flood;
 mod grpc;
 #[path = "weft-testapp/http.rs"]
 mod http;
+#[cfg(feature = "jwt")]
+#[path = "weft-testapp/https.rs"]
+mod https;
 #[path = "weft-testapp/steady.rs"]
 mod steady;
 #[cfg(test)]
@@ -128,6 +136,8 @@ fn main() -> ExitCode {
         "grpc-serve" => grpc::serve(&flags),
         "grpc-call" => grpc::call(&flags),
         "grpc-load" => grpc::load(&flags),
+        #[cfg(feature = "jwt")]
+        "https-serve" => https::serve(&flags),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
@@ -656,4 +666,5 @@ const USAGE: &str = "usage:
                           [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
   weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
   weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
-                          [--header name:value]... [--timeout-ms T]";
+                          [--header name:value]... [--timeout-ms T]
+  weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]";

@@ -404,3 +404,54 @@ fn switches_take_no_value_and_headers_repeat() {
     assert_eq!(headers.len(), 2);
     assert_eq!(headers[1].1, "2");
 }
+
+#[cfg(feature = "jwt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serve_answers_tls13_with_the_file_as_it_is_now() {
+    let tls = weft_tests::jwt::TlsFiles::for_ip("127.0.0.1".parse().unwrap()).unwrap();
+    let file = tls.dir().join("jwks.json");
+    std::fs::write(&file, r#"{"keys":["one"]}"#).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = crate::https::acceptor(&tls.cert, &tls.key).unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&log);
+    tokio::spawn(crate::https::serve_listener(
+        listener,
+        acceptor,
+        file.clone(),
+        move |f| {
+            sink.lock().unwrap().push(f.clone());
+        },
+    ));
+    let ca = std::fs::read(&tls.ca).unwrap();
+    let get = move |path: &'static str| {
+        let ca = ca.clone();
+        tokio::task::spawn_blocking(move || weft_tests::jwt::https_get(&ca, addr, path))
+    };
+    assert_eq!(
+        get("/jwks.json").await.unwrap().unwrap(),
+        r#"{"keys":["one"]}"#
+    );
+    // Rewritten: the next request gets the new content.
+    std::fs::write(&file, r#"{"keys":["two"]}"#).unwrap();
+    assert_eq!(get("/other").await.unwrap().unwrap(), r#"{"keys":["two"]}"#);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!((log[0].seq, log[0].path.as_str()), (1, "/jwks.json"));
+    assert_eq!((log[1].seq, log[1].path.as_str()), (2, "/other"));
+    assert!(
+        log.iter()
+            .all(|f| f.status == 200 && f.tls == "TLSv1_3" && f.bytes == 16)
+    );
+    assert_ne!(log[0].sha256, log[1].sha256);
+    // A client that trusts another CA gets no answer.
+    let other = weft_tests::jwt::TlsFiles::for_ip("127.0.0.1".parse().unwrap()).unwrap();
+    let other_ca = std::fs::read(&other.ca).unwrap();
+    let refused = tokio::task::spawn_blocking(move || {
+        weft_tests::jwt::https_get(&other_ca, addr, "/jwks.json")
+    })
+    .await
+    .unwrap();
+    assert!(refused.is_err(), "{refused:?}");
+}
