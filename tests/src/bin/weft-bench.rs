@@ -14,7 +14,8 @@
 //! weft-bench idle  --to IP:PORT [--count 10000]
 //! weft-bench until-denied --to IP:PORT [--secs 30]
 //! weft-bench http-serve --port P
-//! weft-bench http-load  --to IP:PORT [--rate 1000] [--secs 5] [--conns 8]
+//! weft-bench http-load  --to IP:PORT [--rate 1000] [--secs 5] [--conns 8] [--header name:value]...
+//! weft-bench jwt --issuer ISS [--valid-secs 86400]
 //! weft-bench spin
 //! ```
 //!
@@ -24,6 +25,9 @@
 //! - `E` (echo): echo every byte until EOF (request/response on one connection);
 //! - `C` (connect): read one byte, answer it and close first, so TIME_WAIT stays on the
 //!   server side and a client can open connections at full rate without running out of ports.
+//!
+//! `jwt` mints end-user tokens for the waypoint's `requestAuthentication` rows: a fresh RS256
+//! and ES256 key each, and prints their JWKS and a token of each (`weft_tests::jwt`).
 //!
 //! `spin` keeps every CPU busy at nice 19 until killed: an idle vCPU is slow to wake, and
 //! the spinner shows how much of a latency figure is that wake-up.
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
         "until-denied" => until_denied(&flags),
         "http-serve" => http_serve(&flags),
         "http-load" => http_load(&flags),
+        #[cfg(feature = "jwt")]
+        "jwt" => jwt(&flags),
         "spin" => spin(),
         other => Err(format!("unknown command {other:?}")),
     };
@@ -400,12 +406,14 @@ fn http_load(flags: &Flags) -> Outcome {
     let rate: f64 = flags.optional("rate")?.unwrap_or(1_000.0);
     let secs: f64 = flags.optional("secs")?.unwrap_or(5.0);
     let conns: usize = flags.optional("conns")?.unwrap_or(8);
+    let request: Arc<[u8]> = http_request(&flags.all("header"))?.into();
     let per_conn = rate / conns as f64;
     let interval = Duration::from_secs_f64(1.0 / per_conn);
     let total = (per_conn * secs) as usize;
     let begin = Instant::now() + Duration::from_millis(50);
     let mut handles = Vec::new();
     for c in 0..conns {
+        let request = Arc::clone(&request);
         handles.push(thread::spawn(move || -> Result<Vec<Duration>, String> {
             let stream = TcpStream::connect(to).map_err(|e| format!("connect {to}: {e}"))?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -421,7 +429,7 @@ fn http_load(flags: &Flags) -> Outcome {
                     thread::sleep(wait);
                 }
                 writer
-                    .write_all(HTTP_REQUEST)
+                    .write_all(&request)
                     .map_err(|e| format!("write: {e}"))?;
                 let mut length = 0usize;
                 loop {
@@ -528,6 +536,42 @@ fn raise_nofile_limit() {
     }
 }
 
+/// The load's GET request, with `headers` (`name:value` each).
+fn http_request(headers: &[&str]) -> Result<Vec<u8>, String> {
+    let mut request = b"GET / HTTP/1.1\r\nHost: bench\r\n".to_vec();
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| format!("--header {header:?}: expected name:value"))?;
+        request.extend_from_slice(format!("{}: {}\r\n", name.trim(), value.trim()).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    Ok(request)
+}
+
+/// Keys, their JWKS and a token of each, valid for `--valid-secs`.
+#[cfg(feature = "jwt")]
+fn jwt(flags: &Flags) -> Outcome {
+    use weft_tests::jwt::{Issuer, SigningKey, jwks, unix_now};
+    let issuer_name: String = flags.required("issuer")?;
+    let valid: u64 = flags.optional("valid-secs")?.unwrap_or(86_400);
+    let issuer = Issuer::new(&issuer_name);
+    let mut claims = issuer.claims("bench-user", &[]);
+    claims["exp"] = json!(unix_now() + valid);
+    let mut out = serde_json::Map::new();
+    for key in [SigningKey::rsa("bench-rsa"), SigningKey::ec("bench-ec")] {
+        let key = key.map_err(|e| e.to_string())?;
+        let token = issuer
+            .mint(&key, claims.clone())
+            .map_err(|e| e.to_string())?;
+        out.insert(
+            key.alg().to_owned(),
+            json!({ "jwks": jwks(&[&key]).to_string(), "token": token }),
+        );
+    }
+    Ok(Some(Value::Object(out)))
+}
+
 /// `--key value` pairs.
 struct Flags(Vec<(String, String)>);
 
@@ -554,6 +598,15 @@ impl Flags {
             .transpose()
     }
 
+    /// Every value of a repeatable flag, in order.
+    fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     fn required<T: std::str::FromStr>(&self, key: &str) -> Result<T, String> {
         self.optional(key)?
             .ok_or_else(|| format!("--{key} is required"))
@@ -562,10 +615,9 @@ impl Flags {
 
 const BUF: usize = 128 * 1024;
 const SERVER_STACK: usize = 256 * 1024;
-const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Long enough for a proxy to refuse what is over its caps.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
-const USAGE: &str = "usage: weft-bench serve|tput|rr|crr|hold|idle|until-denied|http-serve|http-load|spin \
+const USAGE: &str = "usage: weft-bench serve|tput|rr|crr|hold|idle|until-denied|http-serve|http-load|jwt|spin \
      [--flag value]...";

@@ -1,24 +1,34 @@
 //! The cost of each `TrafficPolicy` feature at the waypoint: the L7 path's HTTP/1.1
 //! latency at the plan's fixed rate, with no policy and with each feature switched on in
 //! turn (limits set high enough that nothing is refused, a fault that draws 0 %: what is
-//! measured is the bookkeeping every request pays). Each repetition visits every setting,
-//! so drift over the run spreads over all of them.
+//! measured is the bookkeeping every request pays). Every request carries the same bearer
+//! token, so the `requestAuthentication` rows (an RS256 and an ES256 key, inline) differ
+//! from the others by the verification alone. Each repetition visits every setting, so
+//! drift over the run spreads over all of them.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use weft_tests::{TestNode, TestWaypoint, eventually};
+use weft_tests::{TestNode, TestWaypoint, bench as harness, eventually};
 
 use super::{
     plan::Plan,
-    probe::f,
+    probe::{args, f},
     report::Report,
-    workloads::{Scenario, http_load},
+    workloads::{Scenario, http_load_with},
 };
 
-/// The settings measured: a name for the rows, and the policies that switch it on.
-fn settings(route: &str, service: &str) -> Vec<(&'static str, Value)> {
+/// The issuer of the benchmark's end-user tokens.
+const ISSUER: &str = "https://issuer.bench.weft.test";
+
+/// The algorithms of the `requestAuthentication` rows (`weft-bench jwt` mints one key and
+/// token of each).
+const ALGORITHMS: [&str; 2] = ["RS256", "ES256"];
+
+/// The settings measured: a name for the rows, and the policies that switch it on. `jwt`
+/// is `weft-bench jwt`'s answer: a JWKS and a token per algorithm.
+fn settings(route: &str, service: &str, jwt: &Value) -> Vec<(String, Value)> {
     let on_route =
         json!({ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": route });
     let on_service = json!({ "group": "", "kind": "Service", "name": service });
@@ -29,7 +39,7 @@ fn settings(route: &str, service: &str) -> Vec<(&'static str, Value)> {
             "spec": { "targetRefs": [target], feature: value },
         }])
     };
-    vec![
+    let mut settings = vec![
         ("no TrafficPolicy", json!([])),
         (
             "connectionPool",
@@ -65,6 +75,22 @@ fn settings(route: &str, service: &str) -> Vec<(&'static str, Value)> {
             ),
         ),
     ]
+    .into_iter()
+    .map(|(name, policies)| (name.to_owned(), policies))
+    .collect::<Vec<_>>();
+    for alg in ALGORITHMS {
+        let rule = json!({ "issuer": ISSUER, "jwks": jwt[alg]["jwks"] });
+        settings.push((
+            format!("requestAuthentication ({alg})"),
+            policy(
+                "bench-jwt",
+                &on_service,
+                "requestAuthentication",
+                json!({ "jwtRules": [rule] }),
+            ),
+        ));
+    }
+    settings
 }
 
 /// Measures `scenario` (the L7 path through `waypoint`) under each setting.
@@ -78,16 +104,30 @@ pub fn run(
     report: &mut Report,
 ) -> Result<()> {
     println!("== waypoint TrafficPolicy features ==");
-    let settings = settings(route, service);
+    let jwt = harness::client(
+        scenario.client,
+        &args(&["jwt", "--issuer", ISSUER]),
+        Duration::from_secs(30),
+    )?;
+    let settings = settings(route, service, &jwt);
     let rate = plan.http_rate;
     for _ in 0..plan.reps {
         for (name, policies) in &settings {
             apply(node, waypoint, routes, policies)?;
+            // Every row carries a token: the RS256 one, or its own row's algorithm's.
+            let alg = ALGORITHMS
+                .into_iter()
+                .find(|alg| name.contains(alg))
+                .unwrap_or(ALGORITHMS[0]);
+            let token = jwt[alg]["token"]
+                .as_str()
+                .context("weft-bench jwt: a token")?;
+            let headers = [format!("authorization:Bearer {token}")];
             let metric = |q: &str| format!("HTTP/1.1 at {rate} req/s, {name}: {q}");
-            match http_load(scenario, rate, plan.http_secs) {
+            match http_load_with(scenario, rate, plan.http_secs, &headers) {
                 Ok(v) => {
                     println!(
-                        "  {name:<20} p50 {:.0} µs, p99 {:.0} µs",
+                        "  {name:<30} p50 {:.0} µs, p99 {:.0} µs",
                         f(&v, "p50_us"),
                         f(&v, "p99_us")
                     );

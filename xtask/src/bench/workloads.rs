@@ -144,17 +144,27 @@ fn http_rep(plan: &Plan, s: &Scenario<'_>, report: &mut Report) {
 
 /// `rate` HTTP/1.1 requests a second for `secs` to the scenario's HTTP server.
 pub fn http_load(s: &Scenario<'_>, rate: f64, secs: f64) -> Result<Value> {
+    http_load_with(s, rate, secs, &[])
+}
+
+/// `http_load` with request headers (`name:value`) on every request.
+pub fn http_load_with(s: &Scenario<'_>, rate: f64, secs: f64, headers: &[String]) -> Result<Value> {
+    let (to, rate, secs_text) = (s.http_to.to_string(), rate.to_string(), secs.to_string());
+    let mut argv = args(&[
+        "http-load",
+        "--to",
+        &to,
+        "--rate",
+        &rate,
+        "--secs",
+        &secs_text,
+    ]);
+    for header in headers {
+        argv.extend(args(&["--header", header]));
+    }
     harness::client(
         s.client,
-        &args(&[
-            "http-load",
-            "--to",
-            &s.http_to.to_string(),
-            "--rate",
-            &rate.to_string(),
-            "--secs",
-            &secs.to_string(),
-        ]),
+        &argv,
         Duration::from_secs_f64(secs) + CLIENT_SLACK,
     )
 }
