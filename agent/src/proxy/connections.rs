@@ -203,6 +203,11 @@ impl Connections {
         self
     }
 
+    /// The metrics connections are counted in (for the proxy's other counters).
+    pub fn metrics(&self) -> &TcpMetrics {
+        &self.metrics
+    }
+
     /// Records a new connection.
     pub fn open(
         &self,
@@ -720,6 +725,8 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
         "idle_timeout" => "SI",
         // Envoy's "no healthy upstream": the bound service's waypoint is not there.
         "waypoint_unavailable" => "UH",
+        // Envoy's upstream overflow (circuit breaking): a connection-pool limit.
+        "overflow" => "UO",
         "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported"
         | PROXY_LOOP => "NR",
         "bad_request" | "invalid_request" => "DPE",
