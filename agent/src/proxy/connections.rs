@@ -283,6 +283,11 @@ impl Connections {
                 pod = %view.pod, src = %view.src, dst = %view.dst, upstream = ?view.upstream,
                 bytes_sent = view.bytes_sent, bytes_received = view.bytes_received,
                 duration_ms = view.duration_ms, "connection closed"),
+            // A connection-pool refusal: its burst is logged once (`breaker`), and the
+            // access log and metrics have every one.
+            Some(e @ Error::Overflow { .. }) => debug!(component = "proxy", error = e.reason(),
+                detail = %e, id = view.id, pod = %view.pod, src = %view.src, dst = %view.dst,
+                service = ?view.service, "connection refused"),
             // The error log line: reason first, for grep and alerts. Rate-limited: a client
             // can fail connections at will, and the access log and metrics have every one.
             Some(e) => crate::info_limited!(component = "proxy", error = e.reason(), detail = %e,
