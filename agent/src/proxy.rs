@@ -140,7 +140,7 @@ pub enum Error {
         problem: WaypointProblem,
     },
     #[error(
-        "refused: this node's pods have {max_connections} connections open to service {service}, the limit of TrafficPolicy {policy} (connectionPool.maxConnections, per node); connection reset"
+        "refused: this node's pods have as many connections open to service {service} as TrafficPolicy {policy} allows ({max_connections}: connectionPool.maxConnections, per node); connection reset"
     )]
     Overflow {
         service: WorkloadRef,
