@@ -9,7 +9,8 @@
 //! delivered to the application over the pod's loopback. Bytes are copied both ways with
 //! half-close preserved (spliced between two TCP sockets); errors reset both sides. Every
 //! listener is bounded (`limits`): per-pod and per-node connection caps, idle timeouts and
-//! keepalives.
+//! keepalives. A Service without a waypoint whose TrafficPolicy sets
+//! `connectionPool.maxConnections` is limited per node (`breaker`).
 //!
 //! Inputs: per-pod listeners and a socket factory for the pod (`PodContext`), the state
 //! snapshot, the original-destination table, and — when the node has a CA — the
@@ -17,6 +18,7 @@
 //! records (`connections`) and one access-log line each.
 
 mod admission;
+mod breaker;
 pub mod connections;
 mod inbound;
 pub mod limits;
@@ -137,6 +139,14 @@ pub enum Error {
         waypoint: WorkloadRef,
         problem: WaypointProblem,
     },
+    #[error(
+        "refused: this node's pods have as many connections open to service {service} as TrafficPolicy {policy} allows ({max_connections}: connectionPool.maxConnections, per node); connection reset"
+    )]
+    Overflow {
+        service: WorkloadRef,
+        policy: WorkloadRef,
+        max_connections: u32,
+    },
 }
 
 /// Why a bound service's waypoint cannot take a connection.
@@ -177,6 +187,7 @@ impl Error {
             Error::PlaintextRefusedStrict => "plaintext_refused_strict",
             Error::ProxyLoop(_) => "proxy_loop",
             Error::WaypointUnavailable { .. } => "waypoint_unavailable",
+            Error::Overflow { .. } => "overflow",
         }
     }
 }
@@ -268,6 +279,8 @@ struct Inner {
     /// The pods' listener ports, which the proxy must never dial (`loop_guard`).
     ports: Ports,
     admissions: Arc<admission::Admissions>,
+    /// Connection counts of the Services under a `maxConnections` limit.
+    breakers: Arc<breaker::Breakers>,
     /// Bound services whose waypoint was last seen unavailable (to warn once per change).
     waypoint_warnings: route::WaypointWarnings,
     /// Round-robin position for service endpoints and waypoint addresses.
@@ -294,6 +307,7 @@ impl Proxy {
         drain: Drain,
     ) -> Self {
         let trust_domain = mtls.as_ref().map(|m| m.trust_domain.clone());
+        let breakers = breaker::Breakers::new(connections.metrics().clone());
         Self {
             inner: Arc::new(Inner {
                 state,
@@ -304,6 +318,7 @@ impl Proxy {
                 hbone_port: config.ports.hbone,
                 ports: config.ports,
                 admissions: Arc::new(admission::Admissions::new(trust_domain)),
+                breakers,
                 waypoint_warnings: route::WaypointWarnings::default(),
                 next_endpoint: AtomicUsize::new(0),
                 limits: config.limits,
@@ -323,10 +338,12 @@ impl Proxy {
 
     /// Applies a new snapshot's access policies: to new connections at once, and to open
     /// ones, which are closed when the new policy denies them (a new waypoint binding
-    /// included). Also forgets the waypoint failures the snapshot fixed, saying which
-    /// waypoints are ready again.
+    /// included). Also takes the connection limits of Services without a waypoint (for
+    /// new connections), and forgets the waypoint failures the snapshot fixed, saying
+    /// which waypoints are ready again.
     pub fn apply_policies(&self, snapshot: &Arc<crate::state::Snapshot>) {
         self.inner.admissions.update(snapshot);
+        self.inner.breakers.update(snapshot);
         for (service, waypoint) in self.inner.waypoint_warnings.update(snapshot) {
             info!(component = "proxy", service = %service, waypoint = %waypoint,
                 "waypoint ready again: the bound service's traffic goes to it");

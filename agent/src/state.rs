@@ -45,7 +45,8 @@ pub struct Snapshot {
     pub waypoints: BTreeMap<WorkloadRef, Waypoint>,
     /// L7 routes (for waypoints), ordered by kind, then namespace/name.
     pub routes: Vec<HttpRoute>,
-    /// Traffic policies (for waypoints), oldest first: where two set the same feature for
+    /// Traffic policies (for waypoints; for node proxies, the connection pools of Services
+    /// without a waypoint), oldest first: where two set the same feature for
     /// one Service, the first wins.
     pub traffic_policies: Vec<TrafficPolicy>,
     /// Namespaces labelled into the mesh, where the source knows namespace labels (the

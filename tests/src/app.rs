@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    eventually::{assert_eventually, scaled},
+    eventually::{assert_eventually, eventually, scaled},
     node::TestNode,
     pod::TestPod,
     process::{Finished, TestProcess},
@@ -383,10 +383,7 @@ pub fn start_hammer(
         &count.to_string(),
     ]);
     cmd.args(["--duration-ms", &duration.as_millis().to_string()]);
-    if !payload.is_empty() {
-        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-        cmd.args(["--payload-hex", &hex]);
-    }
+    payload_arg(&mut cmd, payload);
     Ok(RunningHammer {
         process: pod.spawn(cmd, "hammer")?,
         duration,
@@ -420,6 +417,59 @@ impl RunningHammer {
             connected: field("connected")?,
             failed: field("failed")?,
         })
+    }
+}
+
+/// `weft-testapp hold`: `count` connections from `pod` to `to` (`threads` at a time,
+/// default 16), each writing `payload` (when not empty); after `settle` it says which are
+/// still open ([`held`]) and keeps those until killed.
+pub fn hold(
+    pod: &TestPod,
+    to: SocketAddr,
+    count: u64,
+    settle: Duration,
+    threads: Option<usize>,
+    payload: &[u8],
+) -> Result<TestProcess> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "hold",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    cmd.args(["--settle-ms", &settle.as_millis().to_string()]);
+    if let Some(threads) = threads {
+        cmd.args(["--threads", &threads.to_string()]);
+    }
+    payload_arg(&mut cmd, payload);
+    pod.spawn(cmd, "hold")
+}
+
+/// Waits for `hold`'s `held open=X closed=Y` line: (open, closed).
+pub fn held(process: &TestProcess) -> Result<(u64, u64)> {
+    eventually(Duration::from_secs(240), || {
+        let line = process
+            .lines_starting("held")
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no `held` line yet: {}", process.output()))?;
+        let value = |key: &str| -> Result<u64> {
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .context("field")?
+                .parse()
+                .context("number")
+        };
+        Ok((value("open")?, value("closed")?))
+    })
+}
+
+/// `--payload-hex H` of `hammer` and `hold`, unless `payload` is empty.
+fn payload_arg(cmd: &mut Command, payload: &[u8]) {
+    if !payload.is_empty() {
+        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+        cmd.args(["--payload-hex", &hex]);
     }
 }
 

@@ -60,6 +60,8 @@ pub(crate) struct NodeInner {
     pub policies: RefCell<Value>,
     /// The config's `waypoints:` list.
     pub waypoints: RefCell<Value>,
+    /// The config's `trafficPolicies:` list.
+    pub traffic_policies: RefCell<Value>,
     /// Extra keys of the config's `agent:` section (`certLifetime`, `ca`, …).
     pub agent_settings: RefCell<serde_json::Map<String, Value>>,
     /// Mutual TLS between pods: on by default, with an in-process CA (see `ensure_ca`).
@@ -129,6 +131,7 @@ impl TestNode {
                 mesh: RefCell::new(json!({ "excludedPorts": [22] })),
                 policies: RefCell::new(json!([])),
                 waypoints: RefCell::new(json!([])),
+                traffic_policies: RefCell::new(json!([])),
                 agent_settings: RefCell::default(),
                 mtls: Cell::new(true),
                 ca: RefCell::new(None),
@@ -290,6 +293,12 @@ impl TestNode {
         *self.inner.policies.borrow_mut() = policies;
     }
 
+    /// Replaces the config's `trafficPolicies:` list (TrafficPolicy manifests, see
+    /// docs/waypoint.md); written when the agent starts or reloads.
+    pub fn set_traffic_policies(&self, policies: Value) {
+        *self.inner.traffic_policies.borrow_mut() = policies;
+    }
+
     /// Replaces the config's `waypoints:` list (`[{name, namespace, serviceAccount, ips}]`);
     /// written when the agent starts or reloads.
     pub fn set_waypoints(&self, waypoints: Value) {
@@ -394,6 +403,7 @@ impl TestNode {
             "services": services,
             "policies": n.policies.borrow().clone(),
             "waypoints": n.waypoints.borrow().clone(),
+            "trafficPolicies": n.traffic_policies.borrow().clone(),
         })
     }
 

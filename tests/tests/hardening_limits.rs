@@ -88,11 +88,11 @@ fn ten_thousand_idle_connections_to_each_listener_are_capped_and_neighbours_keep
         let mut sink = sink(sink_pod)?;
         let denied_before = refused_for_the_flood(&agent)?;
         let started = Instant::now();
-        let mut flood = hold(from, to, FLOOD, Duration::from_secs(3))?;
+        let mut flood = app::hold(from, to, FLOOD, Duration::from_secs(3), None, b"")?;
         // The neighbours keep talking while the flood arrives and while it is held.
         app::churn(&client, sock(server.addr(ECHO_PORT)), 50)
             .with_context(|| format!("neighbour traffic during the flood on {listener}"))?;
-        let (open, closed) = held(&flood)?;
+        let (open, closed) = app::held(&flood)?;
         let (now_fds, rss) = (fds(pid)?, rss_kib(pid)?);
         eprintln!(
             "flood on {listener}: {open} held open, {closed} refused, agent {now_fds} fds \
@@ -148,8 +148,8 @@ fn an_idle_proxied_connection_is_closed_after_the_idle_timeout_and_counted() -> 
     let to = sock(server.addr(ECHO_PORT));
     // A busy connection longer than the timeout is not idle: it must survive.
     let busy = app::start_send_paced(&client, to, 200_000, 3, Duration::from_secs(5))?;
-    let idle = hold(&client, to, 1, Duration::from_secs(8))?;
-    let (open, closed) = held(&idle)?;
+    let idle = app::hold(&client, to, 1, Duration::from_secs(8), None, b"")?;
+    let (open, closed) = app::held(&idle)?;
     ensure!(
         open == 0 && closed == 1,
         "the idle connection is still open after 8 s (timeout 2 s)"
@@ -531,38 +531,6 @@ fn sink(pod: &TestPod) -> Result<TestProcess> {
         }
     })?;
     Ok(process)
-}
-
-/// `weft-testapp hold`: `count` idle connections from `pod` to `to`.
-fn hold(pod: &TestPod, to: SocketAddr, count: u64, settle: Duration) -> Result<TestProcess> {
-    let mut cmd = Command::new(testapp_bin());
-    cmd.args([
-        "hold",
-        "--to",
-        &to.to_string(),
-        "--count",
-        &count.to_string(),
-    ]);
-    cmd.args(["--settle-ms", &settle.as_millis().to_string()]);
-    pod.spawn(cmd, "hold")
-}
-
-/// Waits for `hold`'s `held open=X closed=Y` line.
-fn held(process: &TestProcess) -> Result<(u64, u64)> {
-    eventually(Duration::from_secs(240), || {
-        let line = process
-            .lines_starting("held")
-            .pop()
-            .ok_or_else(|| anyhow!("no `held` line yet: {}", process.output()))?;
-        let value = |key: &str| -> Result<u64> {
-            line.split(' ')
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-                .context("field")?
-                .parse()
-                .context("number")
-        };
-        Ok((value("open")?, value("closed")?))
-    })
 }
 
 /// What the agent counted as refusing the flood's connections: over the cap, or, on 15008,

@@ -203,6 +203,11 @@ impl Connections {
         self
     }
 
+    /// The metrics connections are counted in (for the proxy's other counters).
+    pub fn metrics(&self) -> &TcpMetrics {
+        &self.metrics
+    }
+
     /// Records a new connection.
     pub fn open(
         &self,
@@ -278,6 +283,11 @@ impl Connections {
                 pod = %view.pod, src = %view.src, dst = %view.dst, upstream = ?view.upstream,
                 bytes_sent = view.bytes_sent, bytes_received = view.bytes_received,
                 duration_ms = view.duration_ms, "connection closed"),
+            // A connection-pool refusal: its burst is logged once (`breaker`), and the
+            // access log and metrics have every one.
+            Some(e @ Error::Overflow { .. }) => debug!(component = "proxy", error = e.reason(),
+                detail = %e, id = view.id, pod = %view.pod, src = %view.src, dst = %view.dst,
+                service = ?view.service, "connection refused"),
             // The error log line: reason first, for grep and alerts. Rate-limited: a client
             // can fail connections at will, and the access log and metrics have every one.
             Some(e) => crate::info_limited!(component = "proxy", error = e.reason(), detail = %e,
@@ -720,6 +730,8 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
         "idle_timeout" => "SI",
         // Envoy's "no healthy upstream": the bound service's waypoint is not there.
         "waypoint_unavailable" => "UH",
+        // Envoy's upstream overflow (circuit breaking): a connection-pool limit.
+        "overflow" => "UO",
         "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported"
         | PROXY_LOOP => "NR",
         "bad_request" | "invalid_request" => "DPE",

@@ -99,6 +99,24 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         outbound.upstream,
         outbound.service.as_ref().map(ToString::to_string),
     );
+    // A Service's connection-pool limit, before anything is dialled. Held until the
+    // connection is recorded closed. A bound Service's limits are its waypoint's.
+    let _permit = match (&outbound.route, &outbound.service) {
+        (Route::Waypoint { .. }, _) | (_, None) => None,
+        (_, Some(service)) => match proxy.inner.breakers.acquire(service) {
+            Ok(permit) => permit,
+            Err(overflow) => {
+                let e = Error::Overflow {
+                    service: service.clone(),
+                    policy: overflow.policy,
+                    max_connections: overflow.max_connections,
+                };
+                copy::reset(&client);
+                proxy.connections().close(&tracked, Some(&e));
+                return;
+            }
+        },
+    };
     debug!(component = "proxy", src = %peer, dst = %dst, upstream = %outbound.upstream, route = ?outbound.route, "outbound");
     // A destination pod this proxy serves too is handed over in-process when the mesh says so.
     let local_destination = match (&outbound.route, same_node) {

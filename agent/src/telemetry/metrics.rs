@@ -15,7 +15,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
     },
     registry::Unit,
@@ -67,6 +67,13 @@ pub struct DeniedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the node proxy's connection-pool metrics: the destination Service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+}
+
 /// The node proxy's per-connection metrics. Cheap to clone (the families are shared).
 #[derive(Clone, Debug)]
 pub struct TcpMetrics {
@@ -78,6 +85,10 @@ pub struct TcpMetrics {
     received_bytes: Family<TcpLabels, Counter>,
     duration: Family<TcpLabels, Histogram>,
     denied: Family<DeniedLabels, Counter>,
+    /// Connections refused at a Service's `connectionPool.maxConnections` (flag `UO`).
+    overflows: Family<PoolLabels, Counter>,
+    /// Connections open to a Service under such a limit.
+    pool_connections: Family<PoolLabels, Gauge>,
 }
 
 /// The agent's health at one scrape, in plain values (so this module needs no other
@@ -196,6 +207,8 @@ impl TcpMetrics {
                 Histogram::new(DURATION_BUCKETS.iter().copied())
             }),
             denied: Family::default(),
+            overflows: Family::default(),
+            pool_connections: Family::default(),
         };
         let r = &mut registry.inner;
         r.register(
@@ -229,6 +242,18 @@ impl TcpMetrics {
             "Connections this node's proxy refused, by reason",
             metrics.denied.clone(),
         );
+        r.register(
+            "tcp_overflows",
+            "Connections this node's proxy refused (reset, flag UO) at a TrafficPolicy's \
+             connectionPool.maxConnections of a Service without a waypoint",
+            metrics.overflows.clone(),
+        );
+        r.register(
+            "tcp_pool_connections",
+            "Connections this node's pods have open to a Service under a TrafficPolicy's \
+             connectionPool.maxConnections (counted by this node's proxy)",
+            metrics.pool_connections.clone(),
+        );
         metrics
     }
 
@@ -254,6 +279,26 @@ impl TcpMetrics {
     /// This node refused a connection.
     pub fn denied(&self, reason: &'static str) {
         self.denied.get_or_create(&DeniedLabels { reason }).inc();
+    }
+
+    /// This node refused a connection to a Service at its connection-pool limit.
+    pub fn overflow(&self, service: &PoolLabels) {
+        self.overflows.get_or_create(service).inc();
+    }
+
+    /// This node's pods have `open` connections to a Service under a connection-pool
+    /// limit; `None`: the Service is no longer tracked (its series goes).
+    pub fn pool_connections(&self, service: &PoolLabels, open: Option<u32>) {
+        match open {
+            Some(open) => {
+                self.pool_connections
+                    .get_or_create(service)
+                    .set(i64::from(open));
+            }
+            None => {
+                self.pool_connections.remove(service);
+            }
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! weft-testapp churn   --to IP:PORT [--count 500] [--timeout-ms T]
 //! weft-testapp connect --to IP:PORT [--timeout-ms T]
 //! weft-testapp sink    --port P
-//! weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
+//! weft-testapp hold    --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T] [--payload-hex H]
 //! weft-testapp hammer  --to IP:PORT [--count 1000] [--duration-ms D] [--payload-hex H] [--timeout-ms T]
 //! weft-testapp streams --to IP:PORT --count N --duration-ms D [--chunk B] [--interval-ms I] [--seed S] [--timeout-ms T]
 //! weft-testapp connect-loop --to IP:PORT --duration-ms D [--timeout-ms T]

@@ -530,3 +530,42 @@ fn a_connection_around_the_waypoint_counts_as_denied() {
     assert_eq!(line["error"], "waypoint_bypassed");
     assert_eq!(line["policy.reason"], "waypoint_bypassed");
 }
+
+#[test]
+fn a_connection_pool_refusal_is_flagged_upstream_overflow_and_not_a_denial() {
+    let h = Harness::new(mesh());
+    let t = h.connections.open(
+        Direction::Outbound,
+        "default/client".into(),
+        "10.1.0.2:40003".parse().unwrap(),
+        "10.96.0.10:80".parse().unwrap(),
+    );
+    t.set_upstream(
+        "10.1.0.3:8080".parse().unwrap(),
+        Some("default/echo".into()),
+    );
+    h.connections.close(
+        &t,
+        Some(&Error::Overflow {
+            service: WorkloadRef::new("default", "echo"),
+            policy: WorkloadRef::new("default", "echo-pool"),
+            max_connections: 10,
+        }),
+    );
+    let labels = ["response_flags=\"UO\"", "destination_service_name=\"echo\""];
+    assert_eq!(h.sample("weft_tcp_connections_closed_total", &labels), 1);
+    let line = &h.access_lines()[0];
+    assert_eq!(line["error"], "overflow");
+    assert_eq!(line["response_flags"], "UO");
+    let detail = line["error_detail"].as_str().unwrap();
+    assert!(
+        detail.contains("default/echo-pool") && detail.contains("maxConnections"),
+        "{detail}"
+    );
+    // Counted in its own family (`breaker`), not among the denials.
+    assert!(
+        !h.metrics().contains("weft_agent_denied_connections_total{"),
+        "{}",
+        h.metrics()
+    );
+}

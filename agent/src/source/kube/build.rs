@@ -123,17 +123,19 @@ pub(super) fn snapshot(
         })
         .collect();
     let routes = routes_for.map_or_else(Vec::new, |waypoint| routes(stores, &services, waypoint));
-    // As routes: only a waypoint enforces them, and only for the Services bound to it.
-    let traffic_policies = routes_for.map_or_else(Vec::new, |waypoint| {
-        let mut policies = traffic_policies(stores);
-        policies.retain(|p| {
+    // A waypoint enforces the policies of the Services bound to it and of their routes. A
+    // node agent enforces one feature at L4 (`connectionPool.maxConnections`), for the
+    // Services bound to no waypoint; it gets the connection pools of those.
+    let mut traffic_policies = traffic_policies(stores);
+    match routes_for {
+        Some(waypoint) => traffic_policies.retain(|p| {
             p.targets.iter().any(|t| match t {
                 Target::Service(service) => bound_to(services.get(service), waypoint),
                 Target::Route { route, .. } => routes.iter().any(|r| r.name == *route),
             })
-        });
-        policies
-    });
+        }),
+        None => traffic_policies.retain(|p| pools_unbound_service(p, &services)),
+    }
 
     let policies = stores
         .policies
@@ -191,6 +193,20 @@ pub(super) fn traffic_policies(stores: &Stores) -> Vec<TrafficPolicy> {
         .collect();
     policies.sort_by(|(a, p), (b, q)| (a, &p.name).cmp(&(b, &q.name)));
     policies.into_iter().map(|(_, p)| p.clone()).collect()
+}
+
+/// Whether `policy` sets `connectionPool` for a Service bound to no waypoint. Any of its
+/// fields, not only the `maxConnections` a node proxy enforces: the conflict rule picks
+/// one pool per Service, and an older pool without `maxConnections` means no limit.
+fn pools_unbound_service(
+    policy: &TrafficPolicy,
+    services: &BTreeMap<WorkloadRef, Service>,
+) -> bool {
+    policy.connection_pool.is_some()
+        && policy.targets.iter().any(|t| match t {
+            Target::Service(service) => services.get(service).is_some_and(|s| s.waypoint.is_none()),
+            Target::Route { .. } => false,
+        })
 }
 
 /// The waypoint `item` is bound to: its label wins, `none` opts out of its namespace's.

@@ -3,13 +3,14 @@
 //! - `sink --port P` accepts and keeps every connection without reading (one thread, no
 //!   thread per connection), printing `sink_listening` and then `sink accepted=N` each time
 //!   the count grew during the last second.
-//! - `hold --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]` opens N
-//!   connections (T at a time), prints `connected ok=A failed=B`, waits S ms, then prints
+//! - `hold --to IP:PORT --count N [--settle-ms S] [--threads T] [--timeout-ms T]
+//!   [--payload-hex H]` opens N connections (T at a time, writing the payload on each),
+//!   prints `connected ok=A failed=B`, waits S ms, then prints
 //!   `held open=X closed=Y` (closed: the peer reset or closed it), and keeps the open ones
 //!   until killed. Raises its own RLIMIT_NOFILE first (as root it may).
 
 use std::{
-    io::{self, Read},
+    io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
     sync::{
@@ -49,6 +50,10 @@ pub fn hold(flags: &Flags) -> Result<ExitCode, String> {
     let settle = Duration::from_millis(flags.optional("settle-ms")?.unwrap_or(3_000));
     let threads: usize = flags.optional("threads")?.unwrap_or(16);
     let timeout = Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(3_000));
+    let payload = match flags.optional::<String>("payload-hex")? {
+        Some(hex) => Arc::new(super::decode_hex(&hex)?),
+        None => Arc::new(Vec::new()),
+    };
     raise_nofile();
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -57,10 +62,17 @@ pub fn hold(flags: &Flags) -> Result<ExitCode, String> {
         .map(|_| {
             let (next, failed, streams) =
                 (Arc::clone(&next), Arc::clone(&failed), Arc::clone(&streams));
+            let payload = Arc::clone(&payload);
             thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < count {
                     match TcpStream::connect_timeout(&to, timeout) {
-                        Ok(s) => streams.lock().unwrap_or_else(|e| e.into_inner()).push(s),
+                        Ok(mut s) => {
+                            // A write the proxy refused fails or is lost: `is_open` tells.
+                            if !payload.is_empty() {
+                                let _ = s.write_all(&payload);
+                            }
+                            streams.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                        }
                         Err(_) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }

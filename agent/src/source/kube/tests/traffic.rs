@@ -1,5 +1,6 @@
 //! TrafficPolicies: in a waypoint's snapshot oldest first, kept at their last good version
-//! when rejected, and their `status.ancestors` written by the elected node agent.
+//! when rejected; in a node agent's, the connection pools of Services without a waypoint;
+//! and their `status.ancestors` written by the elected node agent.
 
 use serde_json::Value;
 
@@ -117,7 +118,7 @@ async fn a_waypoint_gets_the_policies_of_its_services_oldest_first_and_keeps_the
 }
 
 #[tokio::test]
-async fn a_node_agent_carries_no_traffic_policies_and_a_missing_crd_does_not_block_it() {
+async fn a_node_agent_carries_no_policies_of_bound_services_and_a_missing_crd_does_not_block_it() {
     let api = FakeApi::start().await;
     cluster(&api);
     add(&api, "pool", "2026-01-01T00:00:00Z", &["reviews"], 10);
@@ -132,6 +133,57 @@ async fn a_node_agent_carries_no_traffic_policies_and_a_missing_crd_does_not_blo
     let h = Harness::start(api).await;
     h.until_health("ready without the CRD", |_, ready| ready.is_ready())
         .await;
+}
+
+#[tokio::test]
+async fn a_node_agent_gets_the_connection_pools_of_services_without_a_waypoint() {
+    let api = FakeApi::start().await;
+    cluster(&api);
+    // Opted out of its namespace's waypoint: the node proxy limits it.
+    api.apply(&with_labels(
+        service("prod", "plain", "10.96.0.20", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "none")],
+    ));
+    add(&api, "plain-pool", "2026-01-01T00:00:00Z", &["plain"], 10);
+    add(
+        &api,
+        "both",
+        "2026-02-01T00:00:00Z",
+        &["reviews", "plain"],
+        20,
+    );
+    // Bound, or gone: the waypoint's business, or nobody's.
+    add(&api, "bound-pool", "2026-01-01T00:00:00Z", &["reviews"], 5);
+    add(&api, "ghost-pool", "2026-01-01T00:00:00Z", &["ghost"], 5);
+    // No connection pool: nothing a node enforces.
+    let mut fault = traffic_policy("plain-fault", "2026-01-01T00:00:00Z", &["plain"], 1);
+    fault["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("connectionPool");
+    fault["spec"]["rateLimit"] = json!({"maxTokens": 5, "tokensPerFill": 5, "fillInterval": "1s"});
+    api.apply_value::<crd::TrafficPolicy>(fault);
+    let mut h = Harness::start(api).await;
+    let s = h
+        .until("the node's pools", |s| s.traffic_policies.len() == 2)
+        .await;
+    assert_eq!(names(&s), ["plain-pool", "both"]);
+    let plain = WorkloadRef::new("prod", "plain");
+    let (from, pool) = traffic::connection_pool(&s.traffic_policies, &plain).unwrap();
+    assert_eq!(
+        (from.name.as_str(), pool.max_connections),
+        ("plain-pool", Some(10))
+    );
+
+    // Bound to a waypoint after all: the policies leave the node's snapshot.
+    h.api.apply(&with_labels(
+        service("prod", "plain", "10.96.0.20", &[("", 80, None)]),
+        &[("weft.dev/use-waypoint", "wp")],
+    ));
+    let s = h
+        .until("the pools gone", |s| s.traffic_policies.is_empty())
+        .await;
+    assert!(s.services[&plain].waypoint.is_some());
 }
 
 /// Our entries of `status.ancestors` as (Service name, status, reason, message).
