@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::{
     app::weft_bin,
-    eventually::{assert_eventually, eventually, scaled},
+    eventually::{assert_eventually, eventually, scaled, until_ready},
     node::TestNode,
     pod::TestPod,
     process::{Placement, TestProcess},
@@ -250,21 +250,21 @@ impl TestAgent {
         Ok(())
     }
 
-    /// Polls `GET /healthz/ready` until 200; fails early if the agent exits.
+    /// Polls `GET /healthz/ready` until 200; fails at once if the agent exits.
     pub fn wait_ready(&mut self) -> Result<()> {
-        let result = eventually(Duration::from_secs(30), || {
+        let result = until_ready("agent", Duration::from_secs(30), || {
             if let Some(status) = self.try_status() {
-                return Err(anyhow!("agent exited ({status}) before it was ready"));
+                return Ok(Some(status));
             }
             match self.get("/healthz/ready") {
-                Ok(r) if r.status == 200 => Ok(()),
+                Ok(r) if r.status == 200 => Ok(None),
                 Ok(r) => Err(anyhow!("not ready ({}): {}", r.status, r.body.trim())),
                 Err(e) => Err(e),
             }
         });
-        result.map_err(|e| {
+        result.map_err(|why| {
             anyhow!(
-                "agent not ready: {e:#}\n--- agent log ---\n{}",
+                "agent not ready: {why}\n--- agent log ---\n{}",
                 self.current_log()
             )
         })

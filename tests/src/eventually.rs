@@ -7,6 +7,7 @@
 
 use std::{
     fmt::Display,
+    process::ExitStatus,
     thread,
     time::{Duration, Instant},
 };
@@ -47,6 +48,22 @@ pub fn eventually<T, E: Display>(
     }
 }
 
+/// Waits, as [`eventually`], for a process to be ready: `probe` returns `Ok(None)` once it
+/// is, `Ok(Some(status))` when the process has exited, which ends the wait at once (an
+/// exited process never becomes ready), or an error to try again. The error says why
+/// `what` is not ready.
+pub(crate) fn until_ready(
+    what: &str,
+    deadline: Duration,
+    probe: impl FnMut() -> anyhow::Result<Option<ExitStatus>>,
+) -> Result<(), String> {
+    match eventually(deadline, probe) {
+        Ok(None) => Ok(()),
+        Ok(Some(status)) => Err(format!("{what} exited ({status}) before it was ready")),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
 /// One patience scale for every test: the agent's unit tests use the same.
 pub use weft_test_env::{patience, scaled};
 
@@ -62,6 +79,24 @@ mod tests {
             if calls < 3 { Err("not yet") } else { Ok(calls) }
         });
         assert_eq!(v, 3);
+    }
+
+    #[test]
+    fn an_exited_process_ends_the_wait_for_ready_at_once() {
+        use std::os::unix::process::ExitStatusExt;
+        let start = Instant::now();
+        let exited = ExitStatus::from_raw(2 << 8);
+        let why = until_ready("app", Duration::from_secs(60), || Ok(Some(exited))).unwrap_err();
+        assert_eq!(why, "app exited (exit status: 2) before it was ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            until_ready("app", Duration::from_secs(1), || Ok(None)),
+            Ok(())
+        );
     }
 
     #[test]

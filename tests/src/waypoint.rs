@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::{
     agent::print_log_tail,
     app::weft_bin,
-    eventually::{eventually, scaled},
+    eventually::{eventually, scaled, until_ready},
     node::TestNode,
     pod::TestPod,
     process::{Placement, TestProcess},
@@ -146,8 +146,7 @@ impl TestWaypoint {
     /// `GET /healthz/ready` until 200; fails at once if the waypoint exits (a flag it does
     /// not know, a config it rejects) rather than after the whole patience.
     pub fn wait_ready(&mut self) -> Result<()> {
-        let result = eventually(Duration::from_secs(30), || {
-            // Ok with the status ends the wait: an exited waypoint never becomes ready.
+        let result = until_ready("waypoint", Duration::from_secs(30), || {
             if let Some(status) = self.process.as_mut().and_then(TestProcess::try_status) {
                 return Ok(Some(status));
             }
@@ -157,15 +156,7 @@ impl TestWaypoint {
                 s => Err(anyhow!("not ready ({s}): {}", r.body.trim())),
             }
         });
-        let why = match result {
-            Ok(None) => return Ok(()),
-            Ok(Some(status)) => format!("waypoint exited ({status}) before it was ready"),
-            Err(e) => format!("{e:#}"),
-        };
-        Err(anyhow!(
-            "waypoint not ready: {why}\n--- log ---\n{}",
-            self.log()
-        ))
+        result.map_err(|why| anyhow!("waypoint not ready: {why}\n--- log ---\n{}", self.log()))
     }
 
     /// The waypoint's `/metrics` text.
