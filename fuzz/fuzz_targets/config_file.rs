@@ -1,5 +1,6 @@
 //! The agent's config file as bytes: the whole local state file (`source::file::parse`:
-//! `agent:`, `mesh:`, workloads, services, policies, waypoints, namespaces, routes), the
+//! `agent:`, `mesh:`, workloads, services, policies, waypoints, namespaces, routes, traffic
+//! policies with their end-user authentication), the
 //! Kubernetes-mode variant (`parse_settings`), and for a file that parses, the start-up
 //! config built from its `agent:` section (`config::Config::new`).
 //!

@@ -32,6 +32,10 @@ use crate::{
     },
 };
 
+/// Most targets one policy names (the CRD's `maxItems`, enforced here for the local file
+/// too, which no API server checks).
+const MAX_TARGETS: usize = 16;
+
 /// The `apiVersion` of traffic policies.
 pub const API_VERSION: &str = "weft.dev/v1alpha1";
 
@@ -77,10 +81,13 @@ pub fn policy(
     name: WorkloadRef,
     spec: TrafficPolicySpec,
 ) -> Result<TrafficPolicy, Invalid> {
-    if spec.target_refs.is_empty() {
+    if spec.target_refs.is_empty() || spec.target_refs.len() > MAX_TARGETS {
         return Err(invalid(
             at(field, "targetRefs"),
-            "at least one target is needed".into(),
+            format!(
+                "{} targets: expected 1 to {MAX_TARGETS}",
+                spec.target_refs.len()
+            ),
         ));
     }
     let targets = spec
@@ -751,6 +758,10 @@ mod tests {
         let cases = [
             (
                 json!({"targetRefs": []}),
+                "trafficPolicies[0].spec.targetRefs",
+            ),
+            (
+                json!({"targetRefs": (0..17).map(|i| json!({"kind": "Service", "name": format!("s{i}")})).collect::<Vec<_>>()}),
                 "trafficPolicies[0].spec.targetRefs",
             ),
             (
