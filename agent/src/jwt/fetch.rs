@@ -187,10 +187,13 @@ impl JwksCache {
         target: &Target,
         timeout: Duration,
     ) -> Result<Arc<Jwks>, FetchError> {
-        slot.attempted = Some(Instant::now());
+        let started = Instant::now();
         let fetched = tokio::time::timeout(timeout, self.fetch(target))
             .await
             .unwrap_or(Err(FetchError::Timeout(timeout)));
+        // The end of the attempt: `min_refetch` is a quiet time after it, however long the
+        // fetch took, and every caller that arrived during it takes its result.
+        slot.attempted = Some(Instant::now());
         match fetched {
             Ok(keys) => {
                 if slot.failing {
@@ -198,7 +201,7 @@ impl JwksCache {
                 }
                 let keys = Arc::new(keys);
                 slot.keys = Some(Arc::clone(&keys));
-                slot.fetched = slot.attempted;
+                slot.fetched = Some(started);
                 slot.failing = false;
                 slot.error = None;
                 Ok(keys)
@@ -286,9 +289,10 @@ impl std::fmt::Debug for JwksCache {
 #[derive(Default)]
 struct Slot {
     keys: Option<Arc<Jwks>>,
-    /// When `keys` was fetched (the start of that attempt).
+    /// When `keys` was fetched (the start of that attempt, so a set is never older than
+    /// `refresh` counts).
     fetched: Option<Instant>,
-    /// When the last fetch, good or bad, started.
+    /// When the last fetch, good or bad, ended.
     attempted: Option<Instant>,
     /// The last fetch failed (a warning was logged for this streak).
     failing: bool,

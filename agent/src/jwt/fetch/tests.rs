@@ -91,6 +91,27 @@ async fn a_server_that_never_answers_times_out() {
 }
 
 #[tokio::test]
+async fn callers_waiting_on_a_failed_fetch_take_its_error() {
+    let server = TestServer::start(Reply::Hang).await;
+    let cache = server.cache();
+    let uri = server.uri();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, uri) = (cache.clone(), uri.clone());
+            tokio::spawn(async move { cache.get(&uri, LONG, Duration::from_millis(300)).await })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err, FetchError::Timeout(_)), "{err}");
+    }
+    // One timeout, not four in a row.
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    assert_eq!(server.requests(), 1);
+}
+
+#[tokio::test]
 async fn a_body_over_256_kib_is_refused() {
     let big = vec![b' '; MAX_JWKS_BYTES + 1];
     for reply in [Reply::Ok(big.clone()), Reply::Undeclared(big)] {
@@ -119,7 +140,7 @@ async fn a_body_over_256_kib_is_refused() {
 async fn a_failed_refresh_keeps_the_last_good_set() {
     let server = TestServer::start(Reply::Ok(key_set("k1"))).await;
     let mut cache = server.cache();
-    cache.min_refetch = Duration::from_millis(100);
+    cache.min_refetch = Duration::from_millis(300);
     let good = cache.get(&server.uri(), LONG, TIMEOUT).await.unwrap();
     server.set(Reply::Status(500));
     let again = cache
@@ -134,7 +155,7 @@ async fn a_failed_refresh_keeps_the_last_good_set() {
         .await
         .unwrap();
     assert_eq!(server.requests(), 2);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
     server.set(Reply::Ok(key_set("k2")));
     let recovered = cache
         .get(&server.uri(), Duration::ZERO, TIMEOUT)
