@@ -114,6 +114,12 @@ impl JwksCache {
                 roots.add(cert).map_err(|e| fail(e.to_string()))?;
             }
         }
+        if roots.is_empty() {
+            tracing::warn!(
+                component = "jwt",
+                "no trusted roots for JWKS fetches: no system roots and no --jwks-ca-file"
+            );
+        }
         // TLS 1.2 too: issuers' JWKS endpoints are public web servers, not mesh peers.
         let mut tls = ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
@@ -196,6 +202,7 @@ impl JwksCache {
         slot.attempted = Some(Instant::now());
         match fetched {
             Ok(keys) => {
+                tracing::debug!(component = "jwt", uri = %target.uri, keys = keys.len(), "JWKS fetched");
                 if slot.failing {
                     tracing::info!(component = "jwt", uri = %target.uri, "JWKS fetch works again");
                 }

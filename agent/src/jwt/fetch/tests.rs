@@ -19,7 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use super::*;
 use crate::{
     identity::SpiffeId,
-    jwt::tests::{jwks_json, p256, rsa},
+    jwt::{
+        Expect, TokenError, decode,
+        tests::{jwks_json, p256, rsa, sign},
+        verify,
+    },
     test_util::ca::TestCa,
 };
 
@@ -191,6 +195,30 @@ async fn refetch_picks_up_rotated_keys_at_most_once_per_min_refetch() {
 }
 
 #[tokio::test]
+async fn a_token_signed_with_a_rotated_key_verifies_after_refetch() {
+    let server = TestServer::start(Reply::Ok(key_set("old"))).await;
+    let mut cache = server.cache();
+    cache.min_refetch = Duration::ZERO;
+    let claims = serde_json::json!({"iss": "https://issuer.example", "sub": "alice"});
+    let token = decode(&sign(rsa(), "RS256", Some("new"), &claims)).unwrap();
+    let expect = Expect {
+        issuer: "https://issuer.example",
+        audiences: &[],
+        now: std::time::SystemTime::now(),
+    };
+    let keys = cache.get(&server.uri(), LONG, TIMEOUT).await.unwrap();
+    let err = verify(&token, &keys, &expect).unwrap_err();
+    assert_eq!(err, TokenError::UnknownKey);
+    server.set(Reply::Ok(key_set("new")));
+    let keys = cache.refetch(&server.uri(), TIMEOUT).await.unwrap();
+    let claims = verify(&token, &keys, &expect).unwrap();
+    assert_eq!(
+        claims.principal().as_deref(),
+        Some("https://issuer.example/alice")
+    );
+}
+
+#[tokio::test]
 async fn http_and_other_schemes_are_refused() {
     let cache = JwksCache::new(None).unwrap();
     for uri in ["http://127.0.0.1:1/jwks", "ftp://example.com/jwks", "/jwks"] {
@@ -263,6 +291,23 @@ fn the_cache_and_its_sets_can_be_shared_across_tasks() {
     shared::<JwksCache>();
     shared::<Arc<Jwks>>();
     shared::<FetchError>();
+}
+
+#[test]
+fn uris_are_taken_apart_for_connect_tls_and_the_request() {
+    let target = Target::parse(&"https://[::1]:8443/keys?a=b".parse().unwrap()).unwrap();
+    assert_eq!(target.host, "::1");
+    assert_eq!(target.port, 8443);
+    assert_eq!(target.authority, "[::1]:8443");
+    assert_eq!(target.path, "/keys?a=b");
+    assert!(matches!(target.server_name, ServerName::IpAddress(_)));
+    let target = Target::parse(&"https://issuer.example".parse().unwrap()).unwrap();
+    assert_eq!((target.port, target.path.as_str()), (443, "/"));
+    assert!(matches!(target.server_name, ServerName::DnsName(_)));
+    let err = Target::parse(&"https://user@issuer.example/".parse().unwrap())
+        .err()
+        .unwrap();
+    assert_eq!(err.reason(), "jwks_invalid_uri");
 }
 
 #[test]
