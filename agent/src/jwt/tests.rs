@@ -284,15 +284,24 @@ fn small_rsa_keys_and_unknown_types_are_skipped() {
         json!({"kty": "EC", "crv": "secp256k1", "x": b64e(&[1; 32]), "y": b64e(&[1; 32])});
     let mut off_curve = p256().jwk("off", None);
     off_curve["y"] = json!(b64e(&[7; 32]));
+    let mut empty = rsa().jwk("empty", None);
+    empty["n"] = json!("");
+    let mut zero = rsa().jwk("zero", None);
+    zero["n"] = json!(b64e(&[0; 256]));
+    zero["e"] = json!("");
     let mut encryption = rsa().jwk("enc", None);
     encryption["use"] = json!("enc");
     let mut mismatched = p256().jwk("mismatch", Some("RS256"));
     mismatched["kty"] = json!("EC");
-    let set =
-        json!({ "keys": [small, oct, ed448, secp256k1, off_curve, encryption, mismatched, 3] });
+    let keys = [
+        small, empty, zero, oct, ed448, secp256k1, off_curve, encryption, mismatched,
+    ];
+    let mut keys = keys.to_vec();
+    keys.push(json!(3));
+    let set = json!({ "keys": keys });
     assert!(matches!(
         Jwks::parse(set.to_string().as_bytes()),
-        Err(JwksError::NoUsableKey { skipped: 8 })
+        Err(JwksError::NoUsableKey { skipped: 10 })
     ));
 
     let mut with_good = set;
@@ -485,8 +494,14 @@ fn jwk() -> impl Strategy<Value = Value> {
             json_value(),
         ]
     };
+    // Short, all-zero and key-sized values as well as random ones: the edges of the
+    // size checks (an empty or zero RSA modulus once underflowed the bit count).
     let binary = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..600).prop_map(|b| Value::from(b64e(&b))),
+        prop::collection::vec(any::<u8>(), 0..4).prop_map(|b| Value::from(b64e(&b))),
+        (0..300usize).prop_map(|n| Value::from(b64e(&vec![0; n]))),
+        prop::sample::select(&[32usize, 48, 256, 257][..])
+            .prop_map(|n| Value::from(b64e(&vec![0xa5; n]))),
         json_value(),
     ];
     (
