@@ -114,6 +114,12 @@ impl JwksCache {
                 roots.add(cert).map_err(|e| fail(e.to_string()))?;
             }
         }
+        if roots.is_empty() {
+            tracing::warn!(
+                component = "jwt",
+                "no trusted roots for JWKS fetches: no system roots and no --jwks-ca-file"
+            );
+        }
         // TLS 1.2 too: issuers' JWKS endpoints are public web servers, not mesh peers.
         let mut tls = ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
@@ -187,18 +193,22 @@ impl JwksCache {
         target: &Target,
         timeout: Duration,
     ) -> Result<Arc<Jwks>, FetchError> {
-        slot.attempted = Some(Instant::now());
+        let started = Instant::now();
         let fetched = tokio::time::timeout(timeout, self.fetch(target))
             .await
             .unwrap_or(Err(FetchError::Timeout(timeout)));
+        // The end of the attempt: `min_refetch` is a quiet time after it, however long the
+        // fetch took, and every caller that arrived during it takes its result.
+        slot.attempted = Some(Instant::now());
         match fetched {
             Ok(keys) => {
+                tracing::debug!(component = "jwt", uri = %target.uri, keys = keys.len(), "JWKS fetched");
                 if slot.failing {
                     tracing::info!(component = "jwt", uri = %target.uri, "JWKS fetch works again");
                 }
                 let keys = Arc::new(keys);
                 slot.keys = Some(Arc::clone(&keys));
-                slot.fetched = slot.attempted;
+                slot.fetched = Some(started);
                 slot.failing = false;
                 slot.error = None;
                 Ok(keys)
@@ -286,9 +296,10 @@ impl std::fmt::Debug for JwksCache {
 #[derive(Default)]
 struct Slot {
     keys: Option<Arc<Jwks>>,
-    /// When `keys` was fetched (the start of that attempt).
+    /// When `keys` was fetched (the start of that attempt, so a set is never older than
+    /// `refresh` counts).
     fetched: Option<Instant>,
-    /// When the last fetch, good or bad, started.
+    /// When the last fetch, good or bad, ended.
     attempted: Option<Instant>,
     /// The last fetch failed (a warning was logged for this streak).
     failing: bool,

@@ -165,7 +165,8 @@ impl Key {
             "RSA" => {
                 let n = strip_zeros(bytes("n")?);
                 let e = strip_zeros(bytes("e")?);
-                let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+                // `strip_zeros` leaves a non-zero first byte, or nothing (a zero modulus).
+                let bits = n.len() * 8 - n.first().map_or(0, |b| b.leading_zeros() as usize);
                 if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) || e.is_empty() || e.len() > 8 {
                     return None;
                 }

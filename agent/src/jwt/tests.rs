@@ -284,15 +284,24 @@ fn small_rsa_keys_and_unknown_types_are_skipped() {
         json!({"kty": "EC", "crv": "secp256k1", "x": b64e(&[1; 32]), "y": b64e(&[1; 32])});
     let mut off_curve = p256().jwk("off", None);
     off_curve["y"] = json!(b64e(&[7; 32]));
+    let mut empty = rsa().jwk("empty", None);
+    empty["n"] = json!("");
+    let mut zero = rsa().jwk("zero", None);
+    zero["n"] = json!(b64e(&[0; 256]));
+    zero["e"] = json!("");
     let mut encryption = rsa().jwk("enc", None);
     encryption["use"] = json!("enc");
     let mut mismatched = p256().jwk("mismatch", Some("RS256"));
     mismatched["kty"] = json!("EC");
-    let set =
-        json!({ "keys": [small, oct, ed448, secp256k1, off_curve, encryption, mismatched, 3] });
+    let keys = [
+        small, empty, zero, oct, ed448, secp256k1, off_curve, encryption, mismatched,
+    ];
+    let mut keys = keys.to_vec();
+    keys.push(json!(3));
+    let set = json!({ "keys": keys });
     assert!(matches!(
         Jwks::parse(set.to_string().as_bytes()),
-        Err(JwksError::NoUsableKey { skipped: 8 })
+        Err(JwksError::NoUsableKey { skipped: 10 })
     ));
 
     let mut with_good = set;
@@ -400,6 +409,39 @@ proptest! {
     }
 
     #[test]
+    fn signed_tokens_with_arbitrary_claims_never_panic(
+        claims in prop::collection::btree_map(claim_name(), json_value(), 0..6),
+        issued_by_us in any::<bool>(),
+        audiences in prop::collection::vec("[a-c]", 0..3),
+    ) {
+        let keys = jwks(&[ed25519().jwk("k", None)]);
+        let mut claims: serde_json::Map<String, Value> = claims.into_iter().collect();
+        if issued_by_us {
+            claims.insert("iss".to_owned(), json!(ISSUER));
+        }
+        let token = sign(ed25519(), "EdDSA", Some("k"), &Value::Object(claims));
+        if let Ok(verified) = check(&token, &keys, &audiences) {
+            prop_assert_eq!(verified.issuer(), ISSUER);
+            for name in ["iss", "sub", "aud", "exp", "nbf", "groups", "absent"] {
+                let _ = verified.values(name);
+                if let Some(value) = verified.header_value(name) {
+                    prop_assert!(http::HeaderValue::from_str(&value).is_ok());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_keys_never_panic(keys in prop::collection::vec(jwk(), 0..6)) {
+        let set = json!({ "keys": keys.clone() }).to_string();
+        if let Ok(parsed) = Jwks::parse(set.as_bytes()) {
+            prop_assert!(!parsed.is_empty() && parsed.len() <= keys.len());
+            let token = sign(p256(), "ES256", None, &claims());
+            let _ = check(&token, &parsed, &[]);
+        }
+    }
+
+    #[test]
     fn a_token_changed_in_one_character_never_verifies(at in any::<prop::sample::Index>(), with in "[A-Za-z0-9_.=-]") {
         let keys = jwks(&[ed25519().jwk("k", None)]);
         let token = sign(ed25519(), "EdDSA", Some("k"), &claims());
@@ -409,6 +451,71 @@ proptest! {
         prop_assume!(changed != token);
         prop_assert!(check(&changed, &keys, &[]).is_err());
     }
+}
+
+fn claim_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("iss".to_owned()),
+        Just("sub".to_owned()),
+        Just("aud".to_owned()),
+        Just("exp".to_owned()),
+        Just("nbf".to_owned()),
+        Just("groups".to_owned()),
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("JSON numbers are finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        Just(Value::from(ISSUER)),
+        Just(Value::from(NOW)),
+        "[a-c]".prop_map(Value::from),
+        "\\PC{0,8}|[\\x00-\\x1f]{1,3}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z]{1,3}", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A JWK-shaped object: the members weft reads, with plausible and implausible values.
+fn jwk() -> impl Strategy<Value = Value> {
+    let text = |choices: &'static [&'static str]| {
+        prop_oneof![
+            prop::sample::select(choices).prop_map(Value::from),
+            json_value(),
+        ]
+    };
+    // Short, all-zero and key-sized values as well as random ones: the edges of the
+    // size checks (an empty or zero RSA modulus once underflowed the bit count).
+    let binary = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..600).prop_map(|b| Value::from(b64e(&b))),
+        prop::collection::vec(any::<u8>(), 0..4).prop_map(|b| Value::from(b64e(&b))),
+        (0..300usize).prop_map(|n| Value::from(b64e(&vec![0; n]))),
+        prop::sample::select(&[32usize, 48, 256, 257][..])
+            .prop_map(|n| Value::from(b64e(&vec![0xa5; n]))),
+        json_value(),
+    ];
+    (
+        text(&["RSA", "EC", "OKP", "oct"]),
+        text(&["P-256", "P-384", "Ed25519", "Ed448"]),
+        text(&["RS256", "PS512", "ES256", "ES384", "EdDSA", "HS256"]),
+        text(&["sig", "enc"]),
+        text(&["k1", "k2"]),
+        (binary.clone(), binary.clone(), binary.clone(), binary),
+    )
+        .prop_map(|(kty, crv, alg, use_, kid, (n, e, x, y))| {
+            json!({"kty": kty, "crv": crv, "alg": alg, "use": use_, "kid": kid,
+                   "n": n, "e": e, "x": x, "y": y})
+        })
 }
 
 /// A test key of each kind weft verifies with.

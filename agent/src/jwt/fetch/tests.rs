@@ -19,7 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use super::*;
 use crate::{
     identity::SpiffeId,
-    jwt::tests::{jwks_json, p256, rsa},
+    jwt::{
+        Expect, TokenError, decode,
+        tests::{jwks_json, p256, rsa, sign},
+        verify,
+    },
     test_util::ca::TestCa,
 };
 
@@ -91,6 +95,27 @@ async fn a_server_that_never_answers_times_out() {
 }
 
 #[tokio::test]
+async fn callers_waiting_on_a_failed_fetch_take_its_error() {
+    let server = TestServer::start(Reply::Hang).await;
+    let cache = server.cache();
+    let uri = server.uri();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, uri) = (cache.clone(), uri.clone());
+            tokio::spawn(async move { cache.get(&uri, LONG, Duration::from_millis(300)).await })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err, FetchError::Timeout(_)), "{err}");
+    }
+    // One timeout, not four in a row.
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    assert_eq!(server.requests(), 1);
+}
+
+#[tokio::test]
 async fn a_body_over_256_kib_is_refused() {
     let big = vec![b' '; MAX_JWKS_BYTES + 1];
     for reply in [Reply::Ok(big.clone()), Reply::Undeclared(big)] {
@@ -119,7 +144,7 @@ async fn a_body_over_256_kib_is_refused() {
 async fn a_failed_refresh_keeps_the_last_good_set() {
     let server = TestServer::start(Reply::Ok(key_set("k1"))).await;
     let mut cache = server.cache();
-    cache.min_refetch = Duration::from_millis(100);
+    cache.min_refetch = Duration::from_millis(300);
     let good = cache.get(&server.uri(), LONG, TIMEOUT).await.unwrap();
     server.set(Reply::Status(500));
     let again = cache
@@ -134,7 +159,7 @@ async fn a_failed_refresh_keeps_the_last_good_set() {
         .await
         .unwrap();
     assert_eq!(server.requests(), 2);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
     server.set(Reply::Ok(key_set("k2")));
     let recovered = cache
         .get(&server.uri(), Duration::ZERO, TIMEOUT)
@@ -167,6 +192,30 @@ async fn refetch_picks_up_rotated_keys_at_most_once_per_min_refetch() {
     // get serves what refetch brought.
     let keys = cache.get(&server.uri(), LONG, TIMEOUT).await.unwrap();
     assert!(keys.has_kid("new"));
+}
+
+#[tokio::test]
+async fn a_token_signed_with_a_rotated_key_verifies_after_refetch() {
+    let server = TestServer::start(Reply::Ok(key_set("old"))).await;
+    let mut cache = server.cache();
+    cache.min_refetch = Duration::ZERO;
+    let claims = serde_json::json!({"iss": "https://issuer.example", "sub": "alice"});
+    let token = decode(&sign(rsa(), "RS256", Some("new"), &claims)).unwrap();
+    let expect = Expect {
+        issuer: "https://issuer.example",
+        audiences: &[],
+        now: std::time::SystemTime::now(),
+    };
+    let keys = cache.get(&server.uri(), LONG, TIMEOUT).await.unwrap();
+    let err = verify(&token, &keys, &expect).unwrap_err();
+    assert_eq!(err, TokenError::UnknownKey);
+    server.set(Reply::Ok(key_set("new")));
+    let keys = cache.refetch(&server.uri(), TIMEOUT).await.unwrap();
+    let claims = verify(&token, &keys, &expect).unwrap();
+    assert_eq!(
+        claims.principal().as_deref(),
+        Some("https://issuer.example/alice")
+    );
 }
 
 #[tokio::test]
@@ -242,6 +291,23 @@ fn the_cache_and_its_sets_can_be_shared_across_tasks() {
     shared::<JwksCache>();
     shared::<Arc<Jwks>>();
     shared::<FetchError>();
+}
+
+#[test]
+fn uris_are_taken_apart_for_connect_tls_and_the_request() {
+    let target = Target::parse(&"https://[::1]:8443/keys?a=b".parse().unwrap()).unwrap();
+    assert_eq!(target.host, "::1");
+    assert_eq!(target.port, 8443);
+    assert_eq!(target.authority, "[::1]:8443");
+    assert_eq!(target.path, "/keys?a=b");
+    assert!(matches!(target.server_name, ServerName::IpAddress(_)));
+    let target = Target::parse(&"https://issuer.example".parse().unwrap()).unwrap();
+    assert_eq!((target.port, target.path.as_str()), (443, "/"));
+    assert!(matches!(target.server_name, ServerName::DnsName(_)));
+    let err = Target::parse(&"https://user@issuer.example/".parse().unwrap())
+        .err()
+        .unwrap();
+    assert_eq!(err.reason(), "jwks_invalid_uri");
 }
 
 #[test]
