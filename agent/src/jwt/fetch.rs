@@ -1,10 +1,10 @@
 //! Issuers' key sets fetched over HTTPS (`jwksUri`), cached per URI.
 //!
-//! One fetch per URI is in flight at a time: callers that arrive during it wait for it and
-//! take its result instead of fetching again. A set is fetched again after the caller's
-//! `refresh`; when that fails, the last good set keeps serving (and a failed fetch is not
-//! retried for `min_refetch`, so a down server does not make every request wait for a
-//! timeout). A token naming a kid the set lacks asks for [`JwksCache::refetch`], which the
+//! A URI's first fetch is waited for, one in flight at a time: callers that arrive during
+//! it take its result instead of fetching again. A set older than the caller's `refresh`
+//! keeps serving while one background task fetches its successor, so requests never wait
+//! on a refresh (nor on a slow issuer); when that fails, the last good set serves on, and a
+//! failed fetch is not retried for `min_refetch`. A token naming a kid the set lacks asks for [`JwksCache::refetch`], which the
 //! same `min_refetch` bounds, so a flood of made-up kids cannot hammer the issuer.
 //!
 //! Limits: https only, status 200 only (no redirect is followed), a body of at most
@@ -136,9 +136,11 @@ impl JwksCache {
         })
     }
 
-    /// The key set at `uri` (https only): cached, fetched again after `refresh`; one fetch
-    /// in flight per URI (concurrent callers wait on it); each fetch bounded by `timeout`; on
-    /// a failed refetch, the last good set keeps serving.
+    /// The key set at `uri` (https only): cached, fetched again after `refresh`. A URI's
+    /// first fetch is waited for (one in flight; concurrent callers take its result); after
+    /// that a stale set keeps serving while one background task fetches its successor, so
+    /// no request waits on a refresh. Each fetch is bounded by `timeout`; on a failed
+    /// refresh the last good set keeps serving, and the next try waits `min_refetch`.
     pub async fn get(
         &self,
         uri: &http::Uri,
@@ -149,15 +151,18 @@ impl JwksCache {
         let arrived = Instant::now();
         let entry = self.entry(uri);
         let mut slot = entry.lock().await;
-        if let Some(keys) = &slot.keys
-            && slot.fetched.is_some_and(|at| at.elapsed() < refresh)
-        {
-            return Ok(Arc::clone(keys));
+        if let Some(keys) = slot.keys.clone() {
+            let stale = slot.fetched.is_none_or(|at| at.elapsed() >= refresh);
+            if stale && !slot.refreshing && !self.quiet(&slot) {
+                slot.refreshing = true;
+                self.refresh_in_background(Arc::clone(&entry), target, timeout);
+            }
+            return Ok(keys);
         }
         // Someone fetched while we waited, or a failure is too recent to try again.
         if slot
             .attempted
-            .is_some_and(|at| at >= arrived || (slot.failing && at.elapsed() < self.min_refetch))
+            .is_some_and(|at| at >= arrived || self.quiet(&slot))
         {
             return slot.current();
         }
@@ -187,6 +192,34 @@ impl JwksCache {
         self.entries.lock().entry(uri.to_string())
     }
 
+    /// Whether the last fetch failed too recently to try again.
+    fn quiet(&self, slot: &Slot) -> bool {
+        slot.failing
+            && slot
+                .attempted
+                .is_some_and(|at| at.elapsed() < self.min_refetch)
+    }
+
+    /// Fetches `target` into `entry` on a task of its own (the caller serves the stale set).
+    fn refresh_in_background(
+        &self,
+        entry: Arc<tokio::sync::Mutex<Slot>>,
+        target: Target,
+        timeout: Duration,
+    ) {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let fetched = cache.attempt(&target, timeout).await;
+            let mut slot = entry.lock().await;
+            slot.refreshing = false;
+            // A failure is logged and kept; the last good set serves on.
+            let _ = record(&mut slot, &target, started, fetched);
+        });
+    }
+
+    /// Fetches `target` while holding its slot: the caller, and whoever waits on the slot,
+    /// get the result.
     async fn fetch_into(
         &self,
         slot: &mut Slot,
@@ -194,41 +227,15 @@ impl JwksCache {
         timeout: Duration,
     ) -> Result<Arc<Jwks>, FetchError> {
         let started = Instant::now();
-        let fetched = tokio::time::timeout(timeout, self.fetch(target))
+        let fetched = self.attempt(target, timeout).await;
+        record(slot, target, started, fetched)
+    }
+
+    /// One fetch within `timeout`.
+    async fn attempt(&self, target: &Target, timeout: Duration) -> Result<Jwks, FetchError> {
+        tokio::time::timeout(timeout, self.fetch(target))
             .await
-            .unwrap_or(Err(FetchError::Timeout(timeout)));
-        // The end of the attempt: `min_refetch` is a quiet time after it, however long the
-        // fetch took, and every caller that arrived during it takes its result.
-        slot.attempted = Some(Instant::now());
-        match fetched {
-            Ok(keys) => {
-                tracing::debug!(component = "jwt", uri = %target.uri, keys = keys.len(), "JWKS fetched");
-                if slot.failing {
-                    tracing::info!(component = "jwt", uri = %target.uri, "JWKS fetch works again");
-                }
-                let keys = Arc::new(keys);
-                slot.keys = Some(Arc::clone(&keys));
-                slot.fetched = Some(started);
-                slot.failing = false;
-                slot.error = None;
-                Ok(keys)
-            }
-            Err(error) => {
-                // Once per failure streak: a down issuer must not flood the log.
-                if !slot.failing {
-                    tracing::warn!(
-                        component = "jwt",
-                        uri = %target.uri,
-                        reason = error.reason(),
-                        serving_cached = slot.keys.is_some(),
-                        "cannot fetch JWKS: {error}"
-                    );
-                }
-                slot.failing = true;
-                slot.error = Some(error);
-                slot.current()
-            }
-        }
+            .unwrap_or(Err(FetchError::Timeout(timeout)))
     }
 
     async fn fetch(&self, target: &Target) -> Result<Jwks, FetchError> {
@@ -283,6 +290,48 @@ impl JwksCache {
     }
 }
 
+/// Stores the outcome of a fetch that started at `started` in `slot`: a new set, or the
+/// error (logged once per failure streak), the last good set serving on.
+fn record(
+    slot: &mut Slot,
+    target: &Target,
+    started: Instant,
+    fetched: Result<Jwks, FetchError>,
+) -> Result<Arc<Jwks>, FetchError> {
+    // The end of the attempt: `min_refetch` is a quiet time after it, however long the
+    // fetch took, and every caller that arrived during it takes its result.
+    slot.attempted = Some(Instant::now());
+    match fetched {
+        Ok(keys) => {
+            tracing::debug!(component = "jwt", uri = %target.uri, keys = keys.len(), "JWKS fetched");
+            if slot.failing {
+                tracing::info!(component = "jwt", uri = %target.uri, "JWKS fetch works again");
+            }
+            let keys = Arc::new(keys);
+            slot.keys = Some(Arc::clone(&keys));
+            slot.fetched = Some(started);
+            slot.failing = false;
+            slot.error = None;
+            Ok(keys)
+        }
+        Err(error) => {
+            // Once per failure streak: a down issuer must not flood the log.
+            if !slot.failing {
+                tracing::warn!(
+                    component = "jwt",
+                    uri = %target.uri,
+                    reason = error.reason(),
+                    serving_cached = slot.keys.is_some(),
+                    "cannot fetch JWKS: {error}"
+                );
+            }
+            slot.failing = true;
+            slot.error = Some(error);
+            slot.current()
+        }
+    }
+}
+
 impl std::fmt::Debug for JwksCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwksCache")
@@ -303,6 +352,8 @@ struct Slot {
     attempted: Option<Instant>,
     /// The last fetch failed (a warning was logged for this streak).
     failing: bool,
+    /// A background task is fetching the successor of a stale set.
+    refreshing: bool,
     error: Option<FetchError>,
 }
 

@@ -52,16 +52,46 @@ async fn fetches_once_then_serves_from_cache() {
 }
 
 #[tokio::test]
-async fn a_stale_set_is_fetched_again_after_refresh() {
+async fn a_stale_set_serves_at_once_while_its_successor_is_fetched() {
     let server = TestServer::start(Reply::Ok(key_set("k1"))).await;
     let cache = server.cache();
     let refresh = Duration::from_millis(100);
     cache.get(&server.uri(), refresh, TIMEOUT).await.unwrap();
-    server.set(Reply::Ok(key_set("k2")));
+    server.set(Reply::Slow(Duration::from_millis(300), key_set("k2")));
     tokio::time::sleep(Duration::from_millis(150)).await;
+    // Stale: answered with the old set at once, not after the slow fetch.
+    let asked = Instant::now();
     let keys = cache.get(&server.uri(), refresh, TIMEOUT).await.unwrap();
+    assert!(keys.has_kid("k1"));
+    assert!(
+        asked.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Callers during the refresh start no fetch of their own.
+    for _ in 0..5 {
+        cache.get(&server.uri(), refresh, TIMEOUT).await.unwrap();
+    }
+    let keys = until_fetched(&cache, &server, "k2", refresh).await;
     assert!(keys.has_kid("k2"));
     assert_eq!(server.requests(), 2);
+}
+
+/// `get` until the set holds `kid` (a background refresh landed), within a few seconds.
+async fn until_fetched(
+    cache: &JwksCache,
+    server: &TestServer,
+    kid: &str,
+    refresh: Duration,
+) -> Arc<Jwks> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys = cache.get(&server.uri(), refresh, TIMEOUT).await.unwrap();
+        if keys.has_kid(kid) || Instant::now() > deadline {
+            return keys;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -152,19 +182,18 @@ async fn a_failed_refresh_keeps_the_last_good_set() {
         .await
         .unwrap();
     assert!(Arc::ptr_eq(&good, &again));
-    assert_eq!(server.requests(), 2);
+    server.until_requests(2).await;
     // The failure is not retried before min_refetch, however stale the set is.
-    cache
+    let again = cache
         .get(&server.uri(), Duration::ZERO, TIMEOUT)
         .await
         .unwrap();
+    assert!(Arc::ptr_eq(&good, &again));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(server.requests(), 2);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
     server.set(Reply::Ok(key_set("k2")));
-    let recovered = cache
-        .get(&server.uri(), Duration::ZERO, TIMEOUT)
-        .await
-        .unwrap();
+    let recovered = until_fetched(&cache, &server, "k2", Duration::ZERO).await;
     assert!(recovered.has_kid("k2"));
     assert_eq!(server.requests(), 3);
 }
@@ -472,6 +501,15 @@ impl TestServer {
 
     fn set(&self, reply: Reply) {
         *self.reply.lock() = reply;
+    }
+
+    /// Waits (a few seconds at most) until the server has answered `n` requests.
+    async fn until_requests(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.requests() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.requests(), n);
     }
 
     fn requests(&self) -> usize {
