@@ -301,7 +301,54 @@ fn without_param(path_and_query: &str, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::without_param;
+    use http::{HeaderMap, HeaderValue, Uri};
+
+    use super::{Place, Rule, token_at, without_param};
+    use crate::state::authn::{DEFAULT_TOKEN_PARAM, JwksSource, JwtRule, TokenHeader};
+
+    fn rule() -> Rule {
+        Rule::new(JwtRule {
+            issuer: "https://issuer.test".into(),
+            audiences: vec![],
+            jwks: JwksSource::Inline("{}".into()),
+            from_headers: vec![TokenHeader::bearer()],
+            from_params: vec![DEFAULT_TOKEN_PARAM.into()],
+            forward_original_token: false,
+            output_claim_to_headers: vec![],
+        })
+    }
+
+    #[test]
+    fn a_token_is_read_after_its_prefix_and_a_place_given_twice_is_refused() {
+        let rule = rule();
+        let header = Place::Header("authorization");
+        let param = Place::Param("access_token");
+        let uri: Uri = "/a?access_token=t.q.s&b=1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("bearer a.b.c"));
+        assert_eq!(
+            token_at(header, &rule, &headers, &uri),
+            Ok(Some("a.b.c")),
+            "the prefix compares case-insensitively"
+        );
+        assert_eq!(token_at(param, &rule, &headers, &uri), Ok(Some("t.q.s")));
+        headers.insert("authorization", HeaderValue::from_static("Basic dXNlcg=="));
+        assert_eq!(
+            token_at(header, &rule, &headers, &uri),
+            Ok(None),
+            "another scheme holds no token"
+        );
+        headers.append("authorization", HeaderValue::from_static("Bearer x.y.z"));
+        assert_eq!(
+            token_at(header, &rule, &headers, &uri),
+            Err("duplicate_token")
+        );
+        let twice: Uri = "/a?access_token=1.2.3&access_token=4.5.6".parse().unwrap();
+        assert_eq!(
+            token_at(param, &rule, &HeaderMap::new(), &twice),
+            Err("duplicate_token")
+        );
+    }
 
     #[test]
     fn a_token_parameter_is_removed_and_the_others_kept() {
