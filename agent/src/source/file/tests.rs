@@ -247,9 +247,13 @@ fn the_waypoint_and_route_example_of_the_config_docs_parses() {
     assert_eq!(route.rules[0].name.as_deref(), Some("api"));
     assert_eq!(doc.snapshot.waypoints.len(), 1);
     let policies = &doc.snapshot.traffic_policies;
-    assert!(policies[0].connection_pool.is_some() && policies[0].retry_budget.is_some());
-    let retry = policies[2].retry.as_ref().unwrap();
+    let named = |name: &str| policies.iter().find(|p| p.name.name == name).unwrap();
+    let pool = named("echo-pool");
+    assert!(pool.connection_pool.is_some() && pool.retry_budget.is_some());
+    let retry = named("echo-retry").retry.as_ref().unwrap();
     assert_eq!(retry.max_backoff, std::time::Duration::from_secs(2));
+    let users = named("echo-users").request_authentication.as_ref().unwrap();
+    assert_eq!(users.jwt_rules[0].issuer, "https://issuer.example.com");
 }
 
 #[test]
