@@ -147,13 +147,18 @@ impl JwksCache {
         refresh: Duration,
         timeout: Duration,
     ) -> Result<Arc<Jwks>, FetchError> {
-        let target = Target::parse(uri)?;
         let arrived = Instant::now();
         let entry = self.entry(uri);
         let mut slot = entry.lock().await;
+        // The URI is taken apart only when a fetch is due: a cached set is every request's
+        // path, and a set is only ever cached for a URI that parsed.
         if let Some(keys) = slot.keys.clone() {
             let stale = slot.fetched.is_none_or(|at| at.elapsed() >= refresh);
-            if stale && !slot.refreshing && !self.quiet(&slot) {
+            if stale
+                && !slot.refreshing
+                && !self.quiet(&slot)
+                && let Ok(target) = Target::parse(uri)
+            {
                 slot.refreshing = true;
                 self.refresh_in_background(Arc::clone(&entry), target, timeout);
             }
@@ -166,6 +171,7 @@ impl JwksCache {
         {
             return slot.current();
         }
+        let target = Target::parse(uri)?;
         self.fetch_into(&mut slot, &target, timeout).await
     }
 

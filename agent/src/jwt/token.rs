@@ -163,38 +163,45 @@ pub fn verify(token: &Unverified, keys: &Jwks, expect: &Expect<'_>) -> Result<Cl
     }
     let subject = match payload.get("sub") {
         None => None,
-        Some(Value::String(sub)) => Some(sub.clone()),
+        Some(Value::String(sub)) => Some(sub.as_str()),
         Some(_) => return Err(TokenError::Malformed("sub is not a string")),
     };
-    Ok(Claims {
-        issuer: expect.issuer.to_owned(),
-        subject,
-        claims: payload.clone(),
-    })
+    Ok(Claims::new(expect.issuer, subject, payload.clone()))
 }
 
 /// The verified claims.
 #[derive(Clone, Debug)]
 pub struct Claims {
     issuer: String,
-    subject: Option<String>,
+    /// `<iss>/<sub>`, formatted once: access policy matches it for every rule that names
+    /// request principals.
+    principal: Option<String>,
     claims: Map<String, Value>,
 }
 
 impl Claims {
+    fn new(issuer: &str, subject: Option<&str>, claims: Map<String, Value>) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            principal: subject.map(|sub| format!("{issuer}/{sub}")),
+            claims,
+        }
+    }
+
     pub fn issuer(&self) -> &str {
         &self.issuer
     }
 
     pub fn subject(&self) -> Option<&str> {
-        self.subject.as_deref()
+        // The principal is the issuer, a slash, then the subject.
+        self.principal
+            .as_deref()
+            .and_then(|p| p.get(self.issuer.len() + 1..))
     }
 
     /// `<iss>/<sub>`, Istio's request principal; None without `sub`.
-    pub fn principal(&self) -> Option<String> {
-        self.subject
-            .as_ref()
-            .map(|sub| format!("{}/{sub}", self.issuer))
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
     }
 
     /// Claims as if verified, for the tests of what consumes them (policy, the waypoint).
@@ -205,11 +212,8 @@ impl Claims {
             _ => Map::new(),
         };
         let text = |key: &str| claims.get(key).and_then(Value::as_str).map(str::to_owned);
-        Self {
-            issuer: text("iss").unwrap_or_default(),
-            subject: text("sub"),
-            claims,
-        }
+        let (issuer, subject) = (text("iss").unwrap_or_default(), text("sub"));
+        Self::new(&issuer, subject.as_deref(), claims)
     }
 
     /// A top-level claim's values as text: a string is one value, an array of strings each

@@ -238,9 +238,8 @@ fn user_matches(l7: &L7Match, user: Option<&Claims>) -> bool {
     let Some(user) = user else {
         return false;
     };
-    let principal = user.principal();
     (l7.request_principals.is_empty()
-        || principal.as_deref().is_some_and(|principal| {
+        || user.principal().is_some_and(|principal| {
             l7.request_principals
                 .iter()
                 .any(|p| pattern_matches(p, principal))
