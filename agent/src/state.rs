@@ -4,6 +4,7 @@
 //! evaluation read them through a `StateHandle`.
 
 pub mod authn;
+pub mod external;
 pub mod policy;
 pub mod route;
 pub mod service;
@@ -20,6 +21,7 @@ use std::{
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use external::{ExternalPort, ExternalService, OutboundMode, Resolution, TlsOrigination};
 pub use policy::{
     AccessPolicy, Action, IpBlock, L7Match, PortRange, Principal, Rule, ServiceAccount, Source,
     WorkloadSelector,
@@ -49,6 +51,12 @@ pub struct Snapshot {
     /// without a waypoint), oldest first: where two set the same feature for
     /// one Service, the first wins.
     pub traffic_policies: Vec<TrafficPolicy>,
+    /// External services (outside the mesh), by namespace/name of the resource.
+    pub external_services: BTreeMap<WorkloadRef, ExternalService>,
+    /// What the agent's resolver last found for the hosts of `DNS` external services
+    /// (filled in by `source::external`, between the source and the node join). A host
+    /// that has never resolved is absent; one that stops resolving keeps its last answer.
+    pub resolved_hosts: BTreeMap<String, Vec<IpAddr>>,
     /// Namespaces labelled into the mesh, where the source knows namespace labels (the
     /// Kubernetes source). `None` for the local file, whose workloads say it one by one.
     /// The CNI plugin refuses an unknown pod of such a namespace rather than let it run
@@ -71,6 +79,10 @@ struct Addresses {
     services: HashMap<IpAddr, Vec<WorkloadRef>>,
     /// The services with each endpoint IP, in name order.
     endpoints: HashMap<IpAddr, Vec<WorkloadRef>>,
+    /// Waypoint pod addresses.
+    waypoints: std::collections::HashSet<IpAddr>,
+    /// The external services with each address (static or resolved), in name order.
+    external: HashMap<IpAddr, Vec<WorkloadRef>>,
 }
 
 /// Mesh-wide settings of the data path.
@@ -89,6 +101,8 @@ pub struct MeshSettings {
     pub access_log: AccessLogSettings,
     /// How two enrolled pods of one node are connected.
     pub same_node: SameNode,
+    /// Whether enrolled pods may reach destinations the mesh does not know.
+    pub outbound: OutboundMode,
 }
 
 /// How the proxy connects a pod to an enrolled pod it also serves (the same node).
@@ -273,8 +287,55 @@ impl Snapshot {
                     }
                 }
             }
+            for waypoint in self.waypoints.values() {
+                addresses
+                    .waypoints
+                    .extend(waypoint.addresses.iter().copied());
+            }
+            for (name, external) in &self.external_services {
+                let resolved = external
+                    .hosts
+                    .iter()
+                    .filter(|_| external.resolution == Resolution::Dns)
+                    .filter_map(|host| self.resolved_hosts.get(host))
+                    .flatten();
+                for ip in external.addresses.iter().chain(resolved) {
+                    let services = addresses.external.entry(*ip).or_default();
+                    // Two hosts of one service may share an address.
+                    if !services.contains(name) {
+                        services.push(name.clone());
+                    }
+                }
+            }
             addresses
         })
+    }
+
+    /// The external service `dst` belongs to: the first (by name) with `dst`'s address
+    /// among its static or resolved ones and `dst`'s port among its ports.
+    pub fn external_service(&self, dst: SocketAddr) -> Option<&ExternalService> {
+        self.addresses()
+            .external
+            .get(&dst.ip())
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.external_services.get(name))
+            .find(|external| external.port(dst.port()).is_some())
+    }
+
+    /// Whether the mesh knows `dst` (for `OutboundMode::RegistryOnly`): a workload's
+    /// address, a service's VIP at one of its ports, a service's endpoint, a waypoint, or
+    /// an external service at one of its ports.
+    pub fn is_registered(&self, dst: SocketAddr) -> bool {
+        let addresses = self.addresses();
+        let ip = dst.ip();
+        addresses.workloads.contains_key(&ip)
+            || addresses.endpoints.contains_key(&ip)
+            || addresses.waypoints.contains(&ip)
+            || self
+                .services_by_vip(ip)
+                .any(|(_, s)| s.ports.iter().any(|p| p.port == dst.port()))
+            || self.external_service(dst).is_some()
     }
 
     /// Resolves an original destination: a service VIP:port becomes one of the service's
@@ -392,5 +453,61 @@ mod tests {
         // Derived data never makes two equal snapshots differ.
         let fresh = snapshot_with_service();
         assert_eq!(s, fresh);
+    }
+
+    #[test]
+    fn external_services_are_found_by_static_and_resolved_addresses_at_their_ports() {
+        let mut s = snapshot_with_service();
+        let port = |number| ExternalPort {
+            number,
+            name: String::new(),
+            protocol: external::Protocol::Tcp,
+            target_port: number,
+            tls: None,
+        };
+        let by_dns = ExternalService {
+            name: WorkloadRef::new("egress", "api"),
+            hosts: vec!["api.example.test".into(), "www.example.test".into()],
+            ports: vec![port(443)],
+            resolution: Resolution::Dns,
+            addresses: vec![],
+        };
+        let fixed = ExternalService {
+            name: WorkloadRef::new("egress", "db"),
+            hosts: vec!["db.example.test".into()],
+            ports: vec![port(5432)],
+            resolution: Resolution::Static,
+            addresses: vec!["192.0.2.9".parse().unwrap()],
+        };
+        for e in [by_dns, fixed] {
+            s.external_services.insert(e.name.clone(), e);
+        }
+        s.resolved_hosts.insert(
+            "api.example.test".into(),
+            vec!["192.0.2.1".parse().unwrap()],
+        );
+        s.resolved_hosts.insert(
+            "www.example.test".into(),
+            vec!["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()],
+        );
+        // A resolved name of a STATIC service does not count.
+        s.resolved_hosts
+            .insert("db.example.test".into(), vec!["192.0.2.3".parse().unwrap()]);
+        let at = |a: &str| {
+            s.external_service(a.parse().unwrap())
+                .map(|e| e.name.name.as_str())
+        };
+        assert_eq!(at("192.0.2.1:443"), Some("api"));
+        assert_eq!(at("192.0.2.2:443"), Some("api"));
+        assert_eq!(at("192.0.2.1:80"), None);
+        assert_eq!(at("192.0.2.9:5432"), Some("db"));
+        assert_eq!(at("192.0.2.3:5432"), None);
+        let registered = |a: &str| s.is_registered(a.parse().unwrap());
+        assert!(registered("192.0.2.2:443"));
+        assert!(!registered("192.0.2.2:80"));
+        assert!(registered("10.96.0.10:80"));
+        assert!(!registered("10.96.0.10:81"));
+        assert!(registered("10.1.0.3:9999"));
+        assert!(!registered("198.51.100.1:443"));
     }
 }

@@ -31,8 +31,8 @@ use crate::{
     },
     state::{
         AccessLogSettings, AccessPolicy, Action, HttpRoute, Location, MeshSettings, MtlsMode,
-        MtlsSettings, RouteKind, SameNode, Service, ServicePort, Snapshot, TrafficDistribution,
-        TrafficPolicy, Waypoint, Workload, WorkloadRef,
+        MtlsSettings, OutboundMode, RouteKind, SameNode, Service, ServicePort, Snapshot,
+        TrafficDistribution, TrafficPolicy, Waypoint, Workload, WorkloadRef,
     },
 };
 
@@ -284,6 +284,17 @@ struct RawMesh {
     access_log: RawAccessLog,
     #[serde(default)]
     same_node: SameNode,
+    #[serde(default)]
+    outbound_traffic_policy: RawOutboundTrafficPolicy,
+}
+
+/// Istio's `meshConfig.outboundTrafficPolicy`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+struct RawOutboundTrafficPolicy {
+    #[serde(default)]
+    mode: OutboundMode,
 }
 
 #[derive(Deserialize)]
@@ -505,6 +516,8 @@ impl Validator<'_> {
                 waypoints,
                 routes,
                 traffic_policies,
+                external_services: Default::default(),
+                resolved_hosts: Default::default(),
                 mesh_namespaces: None,
                 index: Default::default(),
             },
@@ -553,6 +566,7 @@ impl Validator<'_> {
                 namespaces: raw.access_log.namespaces,
             },
             same_node: raw.same_node,
+            outbound: raw.outbound_traffic_policy.mode,
         })
     }
 

@@ -153,6 +153,8 @@ pub(super) fn snapshot(
         waypoints,
         routes,
         traffic_policies,
+        external_services: Default::default(),
+        resolved_hosts: Default::default(),
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }
