@@ -30,6 +30,7 @@ pub mod sync;
 pub mod telemetry;
 pub mod uninstall;
 pub mod waypoint;
+pub mod web_roots;
 
 #[cfg(test)]
 mod test_util;

@@ -36,13 +36,20 @@
 //! namespaces never match it, only IP blocks do. The source IP is not mapped to a pod's
 //! namespace: an address proves nothing, and identity-based rules exist to require proof.
 //!
+//! External services (`PolicyIndex::evaluate_egress`): a policy whose `targetRefs` name
+//! ExternalServices of its namespace selects no workload. The node proxy of the *source*
+//! pod judges that pod's connections to those services against it, with the same rules
+//! (DENY wins; any ALLOW makes it allow-only), the pod's own identity (the node runs the
+//! pod, so it knows who it is without a handshake) and address. There is no default deny
+//! for them: the mesh's `REGISTRY_ONLY` mode is what closes the way out.
+//!
 //! Cost: `evaluate` touches only the policies that select the destination (precomputed per
 //! workload by `PolicyIndex::build`), never the whole policy set.
 
 pub mod eval;
 pub mod index;
 
-pub use eval::{ConnectionFacts, Decision, DenyReason, RequestFacts};
+pub use eval::{ConnectionFacts, Decision, DenyReason, EgressFacts, RequestFacts};
 pub use index::{PolicyIndex, WaypointGate};
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod inbound;
 pub mod limits;
 mod local;
 mod loop_guard;
+mod originate;
 mod outbound;
 mod route;
 mod socket;
@@ -147,6 +148,12 @@ pub enum Error {
         policy: WorkloadRef,
         max_connections: u32,
     },
+    #[error(
+        "refused: {0} is no workload, service or registered external service, and the mesh's outboundTrafficPolicy is REGISTRY_ONLY (register it with an ExternalService)"
+    )]
+    Unregistered(SocketAddr),
+    #[error("TLS to external host {sni} failed: {reason}")]
+    Originate { sni: String, reason: String },
 }
 
 /// Why a bound service's waypoint cannot take a connection.
@@ -188,6 +195,8 @@ impl Error {
             Error::ProxyLoop(_) => "proxy_loop",
             Error::WaypointUnavailable { .. } => "waypoint_unavailable",
             Error::Overflow { .. } => "overflow",
+            Error::Unregistered(_) => "unregistered_destination",
+            Error::Originate { .. } => "tls_origination_failed",
         }
     }
 }
@@ -285,6 +294,8 @@ struct Inner {
     waypoint_warnings: route::WaypointWarnings,
     /// Round-robin position for service endpoints and waypoint addresses.
     next_endpoint: AtomicUsize,
+    /// TLS to the external services whose ports originate it.
+    originator: originate::Originator,
     limits: limits::Config,
     /// Every pod's budgets draw on this one.
     node_budget: Arc<limits::NodeBudget>,
@@ -321,6 +332,7 @@ impl Proxy {
                 breakers,
                 waypoint_warnings: route::WaypointWarnings::default(),
                 next_endpoint: AtomicUsize::new(0),
+                originator: originate::Originator::default(),
                 limits: config.limits,
                 local_pods: Arc::default(),
                 node_budget: limits::NodeBudget::new(

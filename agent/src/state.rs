@@ -54,7 +54,7 @@ pub struct Snapshot {
     /// External services (outside the mesh), by namespace/name of the resource.
     pub external_services: BTreeMap<WorkloadRef, ExternalService>,
     /// What the agent's resolver last found for the hosts of `DNS` external services
-    /// (filled in by `source::external`, between the source and the node join). A host
+    /// (filled in by `source::resolve`, between the source and the node join). A host
     /// that has never resolved is absent; one that stops resolving keeps its last answer.
     pub resolved_hosts: BTreeMap<String, Vec<IpAddr>>,
     /// Namespaces labelled into the mesh, where the source knows namespace labels (the

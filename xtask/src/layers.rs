@@ -24,7 +24,7 @@ use syn::visit::Visit;
 /// docs/architecture.md explains each layer; keep the two together.
 const LAYERS: &[&[&str]] = &[
     &["sync"],
-    &["telemetry", "http", "readiness", "settings"],
+    &["telemetry", "http", "readiness", "settings", "web_roots"],
     &["identity", "ebpf", "drain", "jwt"],
     &["state", "netns"],
     &["policy", "hbone", "handover"],

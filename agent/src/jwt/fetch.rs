@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -92,27 +92,14 @@ impl JwksCache {
     /// Trusts the system roots plus the PEM certificates in `extra_roots` (the agent setting
     /// `--jwks-ca-file`), if given.
     pub fn new(extra_roots: Option<&Path>) -> Result<JwksCache, FetchError> {
-        let mut roots = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            tracing::warn!(component = "jwt", %error, "cannot load a system root certificate");
-        }
-        roots.add_parsable_certificates(native.certs);
+        let mut roots = crate::web_roots::system().clone();
         if let Some(path) = extra_roots {
             let fail = |reason: String| FetchError::Roots {
                 path: path.display().to_string(),
                 reason,
             };
             let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-            let certs = rustls_pemfile::certs(&mut pem.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| fail(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(fail("no certificate in PEM".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| fail(e.to_string()))?;
-            }
+            crate::web_roots::add_pem(&mut roots, &pem).map_err(|e| fail(e.to_string()))?;
         }
         if roots.is_empty() {
             tracing::warn!(

@@ -26,6 +26,19 @@ pub struct ConnectionFacts<'a> {
     pub request: Option<&'a RequestFacts<'a>>,
 }
 
+/// What a source pod's node proxy knows about that pod's new connection to an external
+/// service: the pod's own identity (which the node vouches for, as it runs the pod) and
+/// address.
+#[derive(Clone, Copy, Debug)]
+pub struct EgressFacts<'a> {
+    /// The external service's port the pod connected to.
+    pub dst_port: u16,
+    /// The source pod's identity; `None` when the node has no trust domain (no CA).
+    pub source_identity: Option<&'a SpiffeId>,
+    /// The source pod's IP address.
+    pub source_ip: IpAddr,
+}
+
 /// What a waypoint knows about one HTTP request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestFacts<'a> {
@@ -113,7 +126,7 @@ pub(crate) fn decide<'p>(
     allow: impl IntoIterator<Item = &'p AccessPolicy>,
     default_deny: bool,
     trust_domain: Option<&str>,
-    facts: &ConnectionFacts<'_>,
+    facts: Subject<'_>,
 ) -> Decision {
     let peer = Peer::new(facts, trust_domain);
     if let Some(policy) = deny.into_iter().find(|p| peer.matches(p)) {
@@ -145,9 +158,42 @@ pub(crate) fn decide<'p>(
     Decision::Allow
 }
 
+/// What rules match on, from either side's facts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Subject<'a> {
+    dst_port: u16,
+    source_identity: Option<&'a SpiffeId>,
+    source_ip: IpAddr,
+    request: Option<&'a RequestFacts<'a>>,
+}
+
+impl<'a> From<&ConnectionFacts<'a>> for Subject<'a> {
+    fn from(facts: &ConnectionFacts<'a>) -> Self {
+        Self {
+            dst_port: facts.dst_port,
+            source_identity: facts.source_identity,
+            source_ip: facts.source_ip,
+            request: facts.request,
+        }
+    }
+}
+
+impl<'a> From<&EgressFacts<'a>> for Subject<'a> {
+    fn from(facts: &EgressFacts<'a>) -> Self {
+        Self {
+            dst_port: facts.dst_port,
+            source_identity: facts.source_identity,
+            source_ip: facts.source_ip,
+            // No waypoint is on the way out: HTTP conditions are judged as a node proxy
+            // judges them.
+            request: None,
+        }
+    }
+}
+
 /// The connection as rules see it, with the peer id's text formatted at most once.
 struct Peer<'f, 'a> {
-    facts: &'f ConnectionFacts<'a>,
+    facts: Subject<'a>,
     /// The mesh's trust domain: `serviceAccounts` and `namespaces` name identities of this
     /// domain only (None: the node has no CA, so no peer has an identity to match).
     trust_domain: Option<&'f str>,
@@ -155,7 +201,7 @@ struct Peer<'f, 'a> {
 }
 
 impl<'f, 'a> Peer<'f, 'a> {
-    fn new(facts: &'f ConnectionFacts<'a>, trust_domain: Option<&'f str>) -> Self {
+    fn new(facts: Subject<'a>, trust_domain: Option<&'f str>) -> Self {
         Self {
             facts,
             trust_domain,

@@ -8,7 +8,7 @@ use std::{
 
 use tracing::warn;
 
-use super::eval::{ConnectionFacts, Decision, DenyReason, decide};
+use super::eval::{ConnectionFacts, Decision, DenyReason, EgressFacts, decide};
 use crate::{
     identity::SpiffeId,
     state::{AccessPolicy, Action, Snapshot, Workload, WorkloadRef},
@@ -25,6 +25,8 @@ pub struct PolicyIndex {
     by_workload: HashMap<WorkloadRef, Selected>,
     /// Candidate policies by namespace, to select for workloads the snapshot did not have.
     by_namespace: HashMap<String, Candidates>,
+    /// The policies naming each external service (`targetRefs`).
+    by_external: HashMap<WorkloadRef, Selected>,
     default_deny: bool,
     /// The ports only a waypoint may connect to, by workload and port.
     gates: HashMap<WorkloadRef, BTreeMap<u16, WaypointGate>>,
@@ -146,7 +148,24 @@ impl PolicyIndex {
             selected.allow.iter().map(|&i| &self.policies[i]),
             self.default_deny,
             self.trust_domain.as_deref(),
-            facts,
+            facts.into(),
+        )
+    }
+
+    /// Decides whether a pod of this node may connect to the external service `service`,
+    /// by the policies naming it: a matching DENY refuses; once any ALLOW names it, only
+    /// what an ALLOW matches passes. The mesh's default-deny switch is about who may reach
+    /// workloads and does not apply (`REGISTRY_ONLY` is the way out's default deny).
+    pub fn evaluate_egress(&self, service: &WorkloadRef, facts: &EgressFacts<'_>) -> Decision {
+        let Some(selected) = self.by_external.get(service) else {
+            return Decision::Allow;
+        };
+        decide(
+            selected.deny.iter().map(|&i| &self.policies[i]),
+            selected.allow.iter().map(|&i| &self.policies[i]),
+            false,
+            self.trust_domain.as_deref(),
+            facts.into(),
         )
     }
 
@@ -157,7 +176,27 @@ impl PolicyIndex {
     ) -> Self {
         let policies: Vec<AccessPolicy> = snapshot.policies.values().cloned().collect();
         let mut by_namespace: HashMap<String, Candidates> = HashMap::new();
+        let mut by_external: HashMap<WorkloadRef, Selected> = HashMap::new();
         for (i, policy) in policies.iter().enumerate() {
+            if !policy.external_services.is_empty() {
+                // Names external services, selects no workload.
+                for name in &policy.external_services {
+                    let service = WorkloadRef::new(policy.name.namespace.clone(), name.clone());
+                    if !policy.targets_external(&service) {
+                        continue;
+                    }
+                    let selected = by_external.entry(service).or_default();
+                    let list = match policy.action {
+                        Action::Deny => &mut selected.deny,
+                        Action::Allow => &mut selected.allow,
+                    };
+                    // Policies come in name order: the first matching DENY is named.
+                    if list.last() != Some(&i) {
+                        list.push(i);
+                    }
+                }
+                continue;
+            }
             let candidates = by_namespace
                 .entry(policy.selector.namespace.clone())
                 .or_default();
@@ -177,6 +216,7 @@ impl PolicyIndex {
             policies,
             by_workload: HashMap::with_capacity(snapshot.workloads.len()),
             by_namespace,
+            by_external,
             default_deny: snapshot.mesh.default_deny,
             gates: waypoint_gates(snapshot, trust_domain.as_deref()),
             trust_domain,
@@ -363,6 +403,7 @@ mod tests {
                     ..Rule::default()
                 }],
                 invalid: None,
+                external_services: vec![],
             };
             snapshot.policies.insert(policy.name.clone(), policy);
         }

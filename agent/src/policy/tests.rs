@@ -54,6 +54,7 @@ fn policy(
         action,
         rules,
         invalid: None,
+        external_services: vec![],
     }
 }
 
@@ -957,4 +958,95 @@ fn short_forms() -> [Source; 2] {
             ..Source::default()
         },
     ]
+}
+
+/// A policy of namespace `egress` naming external services instead of workloads.
+fn egress_policy(name: &str, services: &[&str], action: Action, rules: Vec<Rule>) -> AccessPolicy {
+    AccessPolicy {
+        external_services: services.iter().map(|s| s.to_string()).collect(),
+        ..policy("egress", name, &[], action, rules)
+    }
+}
+
+fn egress_from<'a>(peer: Option<&'a SpiffeId>, src: &str, port: u16) -> EgressFacts<'a> {
+    EgressFacts {
+        dst_port: port,
+        source_identity: peer,
+        source_ip: ip(src),
+    }
+}
+
+#[test]
+fn policies_naming_an_external_service_judge_its_clients_and_select_no_workload() {
+    let api_service = WorkloadRef::new("egress", "api");
+    let db_service = WorkloadRef::new("egress", "db");
+    // A pod of the policies' namespace: none of them may select it (an empty selector
+    // would otherwise mean "the whole namespace").
+    let neighbour = workload("egress", "neighbour", &[]);
+    let s = snapshot(
+        &[&neighbour],
+        vec![
+            egress_policy(
+                "no-batch",
+                &["api"],
+                Action::Deny,
+                vec![from_namespace("batch")],
+            ),
+            egress_policy(
+                "db-from-app",
+                &["db"],
+                Action::Allow,
+                vec![Rule {
+                    to_ports: vec![PortRange::single(5432)],
+                    ..from_namespace("app")
+                }],
+            ),
+        ],
+    );
+    let index = PolicyIndex::build(&s);
+    let batch = id("batch", "job");
+    let app = id("app", "web");
+    assert_eq!(
+        index.evaluate_egress(&api_service, &egress_from(Some(&batch), "10.1.0.2", 443)),
+        deny(Some(("egress", "no-batch")), DenyReason::DeniedByPolicy)
+    );
+    assert_eq!(
+        index.evaluate_egress(&api_service, &egress_from(Some(&app), "10.1.0.3", 443)),
+        Decision::Allow
+    );
+    // An ALLOW makes the service allow-only: its port and namespace, nothing else.
+    assert_eq!(
+        index.evaluate_egress(&db_service, &egress_from(Some(&app), "10.1.0.3", 5432)),
+        Decision::Allow
+    );
+    for (peer, port) in [(Some(&app), 5433), (Some(&batch), 5432), (None, 5432)] {
+        assert_eq!(
+            index.evaluate_egress(&db_service, &egress_from(peer, "10.1.0.3", port)),
+            deny(None, DenyReason::NotAllowed),
+            "{peer:?} {port}"
+        );
+    }
+    // A service no policy names is open; another namespace's service of the same name is
+    // not named by these policies.
+    let other = WorkloadRef::new("egress", "other");
+    let elsewhere = WorkloadRef::new("batch", "api");
+    for service in [&other, &elsewhere] {
+        assert_eq!(
+            index.evaluate_egress(service, &egress_from(Some(&batch), "10.1.0.2", 443)),
+            Decision::Allow
+        );
+    }
+    assert_eq!(
+        index.evaluate(&mtls(&neighbour, 443, &batch)),
+        Decision::Allow,
+        "an egress policy selected a workload"
+    );
+    // The mesh's default deny is about reaching workloads, not about the way out.
+    let mut closed = s.clone();
+    closed.mesh.default_deny = true;
+    let index = PolicyIndex::build(&closed);
+    assert_eq!(
+        index.evaluate_egress(&other, &egress_from(Some(&batch), "10.1.0.2", 443)),
+        Decision::Allow
+    );
 }

@@ -1,5 +1,6 @@
 //! Admission of connections into this node's pods: access policy, evaluated at the
-//! destination proxy for every new connection (HBONE and plaintext), and kept track of
+//! destination proxy for every new connection (HBONE and plaintext), and of this node's
+//! pods' connections to external services (the policies naming them), and kept track of
 //! afterwards, so that a policy change closes the open connections it now denies. A port
 //! that a service bound to a waypoint targets admits only the waypoint
 //! (`PolicyIndex::admit`), so a binding that appears also closes the connections that
@@ -24,7 +25,7 @@ use tracing::info;
 use super::Error;
 use crate::{
     identity::SpiffeId,
-    policy::{ConnectionFacts, Decision, DenyReason, PolicyIndex},
+    policy::{ConnectionFacts, Decision, DenyReason, EgressFacts, PolicyIndex},
     state::{Snapshot, WorkloadRef},
     sync::Mutex,
 };
@@ -41,7 +42,11 @@ pub struct Admissions {
 /// What policy looks at, owned so it can be judged again by a later policy.
 #[derive(Clone, Debug)]
 pub struct Facts {
+    /// The workload connected to; with `egress`, the external service.
     pub destination: WorkloadRef,
+    /// A pod of this node connecting out to the external service `destination`: judged by
+    /// the policies that name the service, with the pod's own identity and address.
+    pub egress: bool,
     pub dst_port: u16,
     /// The peer's proven identity; None for plaintext.
     pub source_identity: Option<SpiffeId>,
@@ -193,6 +198,17 @@ impl Drop for Admission {
 
 /// The decision for `facts` under `index`; None when the destination pod is unknown.
 fn judge(index: &PolicyIndex, snapshot: &Snapshot, facts: &Facts) -> Option<Result<(), Denial>> {
+    if facts.egress {
+        // A service gone from the registry leaves its open connections be, as a pod's
+        // do when it disappears: REGISTRY_ONLY refuses new ones.
+        snapshot.external_services.get(&facts.destination)?;
+        let egress = EgressFacts {
+            dst_port: facts.dst_port,
+            source_identity: facts.source_identity.as_ref(),
+            source_ip: facts.source_ip,
+        };
+        return Some(denial(index.evaluate_egress(&facts.destination, &egress)));
+    }
     let destination = snapshot.workloads.get(&facts.destination)?;
     let connection = ConnectionFacts {
         destination,
@@ -206,10 +222,14 @@ fn judge(index: &PolicyIndex, snapshot: &Snapshot, facts: &Facts) -> Option<Resu
     } else {
         index.admit(&connection)
     };
-    Some(match decision {
+    Some(denial(decision))
+}
+
+fn denial(decision: Decision) -> Result<(), Denial> {
+    match decision {
         Decision::Allow => Ok(()),
         Decision::Deny { policy, reason } => Err(Denial { reason, policy }),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +268,7 @@ mod tests {
     fn facts(sa: &str) -> Facts {
         Facts {
             destination: WorkloadRef::new("default", "server"),
+            egress: false,
             dst_port: 8080,
             source_identity: Some(SpiffeId::new("cluster.local", "default", sa).unwrap()),
             source_ip: "10.1.0.2".parse().unwrap(),

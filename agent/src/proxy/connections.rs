@@ -106,6 +106,8 @@ pub struct Tracked {
     /// `namespace/name` of the waypoint the connection goes through (outbound to a bound
     /// service).
     waypoint: Mutex<Option<String>>,
+    /// The registered external service an outbound connection goes to.
+    external: Mutex<Option<WorkloadRef>>,
     /// SPIFFE ids of both ends, once mutual TLS (or the node) has proven them (None:
     /// plaintext hop).
     identities: Mutex<Identities>,
@@ -147,6 +149,9 @@ pub struct ConnectionView {
     /// waypoint's address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<String>,
+    /// `namespace/name` of the registered external service the connection goes to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_service: Option<String>,
     #[serde(rename = "src.identity")]
     pub src_identity: Option<String>,
     #[serde(rename = "dst.identity")]
@@ -225,6 +230,7 @@ impl Connections {
             upstream: Mutex::new(None),
             service: Mutex::new(None),
             waypoint: Mutex::new(None),
+            external: Mutex::new(None),
             identities: Mutex::default(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -443,6 +449,12 @@ impl Tracked {
         *self.service.lock() = service;
     }
 
+    /// Records the registered external service the connection goes to: telemetry names
+    /// its host as the destination service.
+    pub fn set_external(&self, service: WorkloadRef) {
+        *self.external.lock() = Some(service);
+    }
+
     /// Records the waypoint the connection goes through.
     pub fn set_waypoint(&self, waypoint: Option<String>) {
         *self.waypoint.lock() = waypoint;
@@ -522,6 +534,7 @@ impl Tracked {
             upstream: *self.upstream.lock(),
             service: self.service.lock().clone(),
             waypoint: self.waypoint.lock().clone(),
+            external_service: self.external.lock().as_ref().map(ToString::to_string),
             src_identity: identities.src,
             dst_identity: identities.dst,
             security: identities.security,
@@ -579,6 +592,8 @@ struct Ends<'a> {
     src: End<'a>,
     dst: End<'a>,
     service: Option<WorkloadRef>,
+    /// The registered external service: its host and its resource's namespace.
+    external: Option<(&'a str, &'a str)>,
 }
 
 /// One end: the workload when the snapshot has it, else at least the reporting pod's name.
@@ -612,16 +627,24 @@ impl<'a> Ends<'a> {
                     .as_deref()
                     .and_then(pod_ref)
                     .or_else(|| service_of(snapshot, target.ip()));
+                let external = view
+                    .external_service
+                    .as_deref()
+                    .and_then(pod_ref)
+                    .and_then(|name| snapshot.external_services.get(&name))
+                    .map(|e| (e.host(), e.name.namespace.as_str()));
                 Ends {
                     src: own,
                     dst: peer(target.ip()),
                     service,
+                    external,
                 }
             }
             Direction::Inbound | Direction::Hbone | Direction::Local => Ends {
                 src: peer(view.src.ip()),
                 dst: own,
                 service: service_of(snapshot, view.dst.ip()),
+                external: None,
             },
         }
     }
@@ -640,12 +663,22 @@ impl<'a> Ends<'a> {
             destination_principal: or_unknown(view.dst_identity.as_ref()),
             destination_app: self.dst.label(APP_LABELS),
             destination_version: self.dst.label(VERSION_LABELS),
-            destination_service: self.service.as_ref().map_or_else(
-                || UNKNOWN.to_owned(),
-                |s| format!("{}.{}.svc.{CLUSTER_DOMAIN}", s.name, s.namespace),
-            ),
-            destination_service_name: or_unknown(self.service.as_ref().map(|s| &s.name)),
-            destination_service_namespace: or_unknown(self.service.as_ref().map(|s| &s.namespace)),
+            destination_service: match (&self.service, self.external) {
+                (Some(s), _) => format!("{}.{}.svc.{CLUSTER_DOMAIN}", s.name, s.namespace),
+                // Istio names a ServiceEntry's destination by its host.
+                (None, Some((host, _))) => host.to_owned(),
+                (None, None) => UNKNOWN.to_owned(),
+            },
+            destination_service_name: match (&self.service, self.external) {
+                (Some(s), _) => s.name.clone(),
+                (None, Some((host, _))) => host.to_owned(),
+                (None, None) => UNKNOWN.to_owned(),
+            },
+            destination_service_namespace: match (&self.service, self.external) {
+                (Some(s), _) => s.namespace.clone(),
+                (None, Some((_, namespace))) => namespace.to_owned(),
+                (None, None) => UNKNOWN.to_owned(),
+            },
             connection_security_policy: view.security.as_str(),
             response_flags: NO_FLAGS,
         }
@@ -703,7 +736,11 @@ fn policy_of_error(error: &Error) -> Option<PolicyOutcome> {
 fn denial(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -> Option<&'static str> {
     match (policy, error) {
         (Some(PolicyOutcome::Deny { reason, .. }), _) => Some(reason),
-        (_, Some(reason)) if DENIAL_REASONS.contains(&reason) || reason == PROXY_LOOP => {
+        (_, Some(reason))
+            if DENIAL_REASONS.contains(&reason)
+                || reason == PROXY_LOOP
+                || reason == UNREGISTERED =>
+        {
             Some(reason)
         }
         _ => None,
@@ -733,7 +770,7 @@ fn response_flags(error: Option<&'static str>, policy: Option<&PolicyOutcome>) -
         // Envoy's upstream overflow (circuit breaking): a connection-pool limit.
         "overflow" => "UO",
         "no_orig_dst" | "orig_dst_lookup" | "not_served" | "unknown_pod" | "hbone_unsupported"
-        | PROXY_LOOP => "NR",
+        | PROXY_LOOP | UNREGISTERED => "NR",
         "bad_request" | "invalid_request" => "DPE",
         "unexpected_status" => "UPE",
         // Connect, TLS and identity failures, and anything newer: the upstream connection
@@ -758,6 +795,10 @@ const DENIAL_REASONS: [&str; 6] = [
 /// Refused (and counted as denied) without being a matter of policy: the destination is
 /// the proxy itself (`loop_guard`).
 const PROXY_LOOP: &str = "proxy_loop";
+
+/// Refused because the mesh is `REGISTRY_ONLY` and the destination is not registered:
+/// no route, as Envoy's `NR` says (Istio's BlackHoleCluster).
+const UNREGISTERED: &str = "unregistered_destination";
 
 /// Istio's value for a label the proxy cannot know.
 const UNKNOWN: &str = "unknown";

@@ -111,6 +111,7 @@ fn admit(
 ) -> Result<Admission, Error> {
     let facts = Facts {
         destination: pod.workload.clone(),
+        egress: false,
         dst_port: dst.port(),
         source_identity: source_identity.cloned(),
         source_ip: peer.ip(),

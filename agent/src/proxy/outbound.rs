@@ -4,7 +4,10 @@
 //! connection to the destination pod's 15008 when it is in the mesh, to a waypoint's 15008
 //! when the destination is a service bound to one, in plaintext otherwise; copy.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use ebpf_common::orig_dst::ConnKey;
 use tokio::net::TcpStream;
@@ -12,7 +15,8 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECT_TIMEOUT, Direction, Error, PodContext, Proxy,
-    connections::Tracked,
+    admission::{Admission, Facts},
+    connections::{PolicyOutcome, Tracked},
     local,
     loop_guard::{self, Hop},
     route::{self, Route},
@@ -21,7 +25,7 @@ use super::{
 use crate::{
     hbone::{self, copy},
     identity::SpiffeId,
-    state::SameNode,
+    state::{SameNode, WorkloadRef},
 };
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
@@ -74,7 +78,9 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                 // The waypoint's HBONE port is where this route must go; the authority it
                 // carries is `dst`, checked above.
                 Route::Waypoint { .. } => Ok(o),
-                Route::Hbone { .. } | Route::Passthrough => not_a_loop(o.upstream).map(|()| o),
+                Route::Hbone { .. } | Route::Passthrough | Route::External { .. } => {
+                    not_a_loop(o.upstream).map(|()| o)
+                }
             });
         // The pod's own address of the upstream's family, for `forwarded: for=`.
         let v4 = outbound
@@ -99,6 +105,35 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
         outbound.upstream,
         outbound.service.as_ref().map(ToString::to_string),
     );
+    if let Route::External { service, tls, http } = &outbound.route {
+        let result = async {
+            let admission = external(proxy, pod, &tracked, service, source_ip, dst)?;
+            let upstream = socket::connect_app(
+                pod.sockets.as_ref(),
+                outbound.upstream,
+                None,
+                CONNECT_TIMEOUT,
+            )
+            .await?;
+            let stop = tracked.until_stopped(admission.revoked());
+            match tls {
+                None => copy_to(proxy, &tracked, &mut client, upstream, stop).await,
+                Some(tls) => {
+                    let originator = &proxy.inner.originator;
+                    let upstream = originator
+                        .connect(upstream, tls, *http, CONNECT_TIMEOUT)
+                        .await?;
+                    copy_to(proxy, &tracked, &mut client, upstream, stop).await
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            copy::reset(&client);
+        }
+        proxy.connections().close(&tracked, result.err().as_ref());
+        return;
+    }
     // A Service's connection-pool limit, before anything is dialled. Held until the
     // connection is recorded closed. A bound Service's limits are its waypoint's.
     let _permit = match (&outbound.route, &outbound.service) {
@@ -125,7 +160,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     };
     // Over HBONE: to whom (the identity to require), where, and the CONNECT authority.
     let hbone = match outbound.route {
-        Route::Passthrough => None,
+        Route::Passthrough | Route::External { .. } => None,
         Route::Hbone { identity, addr } => Some((identity, addr, outbound.upstream)),
         Route::Waypoint {
             waypoint,
@@ -194,9 +229,67 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     proxy.connections().close(&tracked, result.err().as_ref());
 }
 
+/// Judges a pod's connection to an external service by the policies naming the service,
+/// with the pod's own identity (the node runs the pod) and address.
+fn external(
+    proxy: &Proxy,
+    pod: &PodContext,
+    tracked: &Tracked,
+    service: &WorkloadRef,
+    source_ip: IpAddr,
+    dst: SocketAddr,
+) -> Result<Admission, Error> {
+    let identity = proxy.identity_of(&pod.workload)?;
+    tracked.set_external(service.clone());
+    let facts = Facts {
+        destination: service.clone(),
+        egress: true,
+        dst_port: dst.port(),
+        source_identity: identity,
+        source_ip,
+        kubelet_probe: false,
+    };
+    let snapshot = Arc::clone(&proxy.inner.state.borrow());
+    let admitted = proxy.inner.admissions.admit(&snapshot, facts);
+    match &admitted {
+        Ok(_) => tracked.set_policy(PolicyOutcome::Allow),
+        Err(e) => {
+            crate::warn_limited!(component = "policy", pod = %pod.workload, dst = %dst,
+                external_service = %service, reason = e.reason(), error = %e,
+                "connection to an external service denied by access policy");
+        }
+    }
+    admitted
+}
+
+/// Copies between the application and an external host until both ends finish, or `stop`.
+async fn copy_to<U: copy::Stream>(
+    proxy: &Proxy,
+    tracked: &Tracked,
+    client: &mut TcpStream,
+    mut upstream: U,
+    stop: impl Future<Output = Error>,
+) -> Result<(), Error> {
+    proxy.connections().established(tracked);
+    copy::bidirectional_until(
+        client,
+        &mut upstream,
+        &tracked.sent,
+        &tracked.received,
+        proxy.idle_timeout(),
+        std::pin::pin!(stop),
+    )
+    .await
+}
+
 /// Says why a connection cannot be routed, once per change for a service whose waypoint
 /// is unavailable (every failure is counted and in the access log anyway).
 fn unroutable(proxy: &Proxy, tracked: &Tracked, e: &Error) {
+    if let Error::Unregistered(dst) = e {
+        crate::warn_limited!(component = "proxy", pod = %tracked.pod, dst = %dst,
+            reason = e.reason(), "connection refused: the destination is not registered and the \
+            mesh's outboundTrafficPolicy is REGISTRY_ONLY");
+    }
     if let Error::WaypointUnavailable {
         service,
         waypoint,

@@ -14,7 +14,10 @@ use super::{Error, WaypointProblem};
 use crate::hbone;
 use crate::{
     identity::{self, SpiffeId},
-    state::{MtlsMode, Service, Snapshot, Waypoint, Workload, WorkloadRef},
+    state::{
+        MtlsMode, OutboundMode, Service, Snapshot, TlsOrigination, Waypoint, Workload, WorkloadRef,
+        external::Protocol,
+    },
     sync::Mutex,
 };
 
@@ -52,6 +55,16 @@ pub enum Route {
     /// Plaintext, straight to the upstream: the destination is outside the mesh, or one
     /// end has mTLS `DISABLED`, or this node runs without a CA.
     Passthrough,
+    /// Straight to a registered external service's host (`upstream`: the address the
+    /// application dialled, at the port's target port), after the egress policies that
+    /// name the service; with TLS opened by the proxy when the port originates it.
+    External {
+        service: WorkloadRef,
+        /// The port's TLS origination, if it has one (the application speaks plaintext).
+        tls: Option<TlsOrigination>,
+        /// The port carries HTTP (offered as the TLS session's ALPN when originating).
+        http: bool,
+    },
 }
 
 /// Remembers which bound services last failed for want of their waypoint, and why, so
@@ -65,9 +78,13 @@ pub struct WaypointWarnings {
 /// `pick` balances among a service's endpoints and a waypoint's addresses (the caller
 /// owns the counter). `trust_domain` is None when the node has no CA (mutual TLS off).
 ///
+/// A mesh destination comes first; then a registered external service (`Route::External`);
+/// then, when the mesh is `REGISTRY_ONLY`, anything else is refused.
+///
 /// Errors fail the connection closed: a destination whose identity cannot be written as
-/// a SPIFFE id (never plaintext to a pod that expects mTLS), and a bound service whose
-/// waypoint cannot be used (never around the waypoint).
+/// a SPIFFE id (never plaintext to a pod that expects mTLS), a bound service whose
+/// waypoint cannot be used (never around the waypoint), and an unknown destination of a
+/// `REGISTRY_ONLY` mesh.
 pub fn outbound(
     snapshot: &Snapshot,
     source: Option<&Workload>,
@@ -80,6 +97,12 @@ pub fn outbound(
         && let Some(outbound) = via_waypoint(service, waypoint, source, dst, pick, trust_domain)?
     {
         return Ok(outbound);
+    }
+    if let Some(outbound) = external(snapshot, dst) {
+        return Ok(outbound);
+    }
+    if snapshot.mesh.outbound == OutboundMode::RegistryOnly && !snapshot.is_registered(dst) {
+        return Err(Error::Unregistered(dst));
     }
     let resolved = snapshot.resolve(dst, pick);
     let route = direct(
@@ -94,6 +117,21 @@ pub fn outbound(
         route,
         upstream: resolved.upstream,
         service: resolved.service,
+    })
+}
+
+/// The route to the external service `dst` belongs to, if it belongs to one.
+fn external(snapshot: &Snapshot, dst: SocketAddr) -> Option<Outbound> {
+    let service = snapshot.external_service(dst)?;
+    let port = service.port(dst.port())?;
+    Some(Outbound {
+        route: Route::External {
+            service: service.name.clone(),
+            tls: port.tls.clone(),
+            http: port.protocol == Protocol::Http,
+        },
+        upstream: SocketAddr::new(dst.ip(), port.target_port),
+        service: None,
     })
 }
 
@@ -517,6 +555,87 @@ mod tests {
         let src = s.workload_by_ip("10.1.0.9".parse().unwrap());
         let out = outbound(&s, src, "10.1.0.3:8080".parse().unwrap(), 0, 15008, TD).unwrap();
         assert!(matches!(out.route, Route::Hbone { .. }), "{out:?}");
+    }
+
+    /// `bound(None, ..)` plus external service `egress/api` at 192.0.2.1 (resolved), port
+    /// 443 passed through and port 80 originating TLS to 443.
+    fn with_external(mode: OutboundMode) -> Snapshot {
+        use crate::state::{ExternalPort, ExternalService, Resolution, external::Protocol};
+        let mut s = bound(None, &[]);
+        s.mesh.outbound = mode;
+        let api = ExternalService {
+            name: WorkloadRef::new("egress", "api"),
+            hosts: vec!["api.example.test".into()],
+            ports: vec![
+                ExternalPort {
+                    number: 443,
+                    name: "https".into(),
+                    protocol: Protocol::Https,
+                    target_port: 443,
+                    tls: None,
+                },
+                ExternalPort {
+                    number: 80,
+                    name: "http".into(),
+                    protocol: Protocol::Http,
+                    target_port: 443,
+                    tls: Some(TlsOrigination {
+                        sni: "api.example.test".into(),
+                        ca_certificates: None,
+                    }),
+                },
+            ],
+            resolution: Resolution::Dns,
+            addresses: vec![],
+        };
+        s.external_services.insert(api.name.clone(), api);
+        s.resolved_hosts.insert(
+            "api.example.test".into(),
+            vec!["192.0.2.1".parse().unwrap()],
+        );
+        s
+    }
+
+    #[test]
+    fn a_registered_external_service_is_routed_to_its_target_port() {
+        let s = with_external(OutboundMode::AllowAny);
+        let https = from_client(&s, "192.0.2.1:443", 0).unwrap();
+        assert_eq!(
+            https.route,
+            Route::External {
+                service: WorkloadRef::new("egress", "api"),
+                tls: None,
+                http: false,
+            }
+        );
+        assert_eq!(https.upstream, "192.0.2.1:443".parse().unwrap());
+        let http = from_client(&s, "192.0.2.1:80", 0).unwrap();
+        assert!(
+            matches!(&http.route, Route::External { tls: Some(t), http: true, .. } if t.sni == "api.example.test"),
+            "{http:?}"
+        );
+        assert_eq!(http.upstream, "192.0.2.1:443".parse().unwrap());
+        // Another port of the same address is not the service's.
+        let other = from_client(&s, "192.0.2.1:8443", 0).unwrap();
+        assert_eq!(other.route, Route::Passthrough);
+    }
+
+    #[test]
+    fn registry_only_refuses_what_the_mesh_does_not_know_and_nothing_else() {
+        let s = with_external(OutboundMode::RegistryOnly);
+        for unknown in ["192.0.2.1:8443", "198.51.100.7:443", "10.96.0.10:81"] {
+            let e = from_client(&s, unknown, 0).expect_err(unknown);
+            assert_eq!(e.reason(), "unregistered_destination", "{unknown}");
+        }
+        for known in ["192.0.2.1:443", "10.96.0.10:80", "10.1.0.3:9999"] {
+            assert!(from_client(&s, known, 0).is_ok(), "{known}");
+        }
+        // A host that stopped resolving keeps its last answer in the snapshot; one that
+        // never resolved has no address to be recognised by.
+        let mut unresolved = s.clone();
+        unresolved.resolved_hosts.clear();
+        unresolved.index = Default::default();
+        assert!(from_client(&unresolved, "192.0.2.1:443", 0).is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::{
     settings::{AgentSection, Error},
     source::{
         SourceStatus, gateway,
-        syntax::{self, Invalid, RuleSpec, SelectorSpec},
+        syntax::{self, Invalid, RuleSpec, SelectorSpec, TargetRefSpec},
         traffic,
     },
     state::{
@@ -400,6 +400,8 @@ struct RawPolicy {
     namespace: Option<String>,
     #[serde(default)]
     selector: SelectorSpec,
+    #[serde(default)]
+    target_refs: Vec<TargetRefSpec>,
     action: Action,
     #[serde(default)]
     rules: Vec<RuleSpec>,
@@ -634,8 +636,13 @@ impl Validator<'_> {
 
     fn policy(&self, field: &str, raw: RawPolicy) -> Result<AccessPolicy, Error> {
         let name = self.object_ref(field, raw.name, raw.namespace)?;
-        syntax::access_policy(field, name, raw.selector, raw.action, raw.rules)
-            .map_err(|e| self.error(e))
+        let parts = syntax::AccessPolicyParts {
+            selector: raw.selector,
+            target_refs: raw.target_refs,
+            action: raw.action,
+            rules: raw.rules,
+        };
+        syntax::access_policy(field, name, parts).map_err(|e| self.error(e))
     }
 
     fn labels(

@@ -115,19 +115,72 @@ pub enum PortSpec {
     Text(String),
 }
 
-/// Validates one access policy named `name`; `field` is the path of the item holding
-/// `selector`, `action` and `rules` (`policies[2]` in the file, `spec` in the CRD).
+/// A Gateway API `LocalPolicyTargetReferenceWithSectionName`: a Service (group `""`), or
+/// an `HTTPRoute` (group `gateway.networking.k8s.io`) or one named rule of it, for a
+/// TrafficPolicy; an `ExternalService` (group `weft.dev`) for an AccessPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRefSpec {
+    /// `""` (core) for a Service, `gateway.networking.k8s.io` for an HTTPRoute, `weft.dev`
+    /// for an ExternalService.
+    #[serde(default)]
+    pub group: String,
+    /// `Service`, `HTTPRoute` or `ExternalService`.
+    pub kind: String,
+    /// The Service's, the route's or the external service's name.
+    pub name: String,
+    /// For an `HTTPRoute`: the `name` of one of its rules; absent: every rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+/// The parts of an access policy as written (`policies[2]` in the file, `spec` in the CRD).
+pub struct AccessPolicyParts {
+    pub selector: SelectorSpec,
+    pub target_refs: Vec<TargetRefSpec>,
+    pub action: Action,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// Validates one access policy named `name`; `field` is the path of the item holding its
+/// parts.
 pub fn access_policy(
     field: &str,
     name: WorkloadRef,
-    selector: SelectorSpec,
-    action: Action,
-    rules: Vec<RuleSpec>,
+    parts: AccessPolicyParts,
 ) -> Result<AccessPolicy, Invalid> {
+    let AccessPolicyParts {
+        selector,
+        target_refs,
+        action,
+        rules,
+    } = parts;
     let match_labels = labels(
         &format!("{field}.selector.matchLabels"),
         selector.match_labels,
     )?;
+    if !target_refs.is_empty() && !match_labels.is_empty() {
+        return Err(invalid(
+            format!("{field}.targetRefs"),
+            "a policy selects workloads (selector) or names external services (targetRefs), \
+             not both"
+                .into(),
+        ));
+    }
+    if target_refs.len() > MAX_POLICY_TARGETS {
+        return Err(invalid(
+            format!("{field}.targetRefs"),
+            format!(
+                "{} targets: at most {MAX_POLICY_TARGETS}",
+                target_refs.len()
+            ),
+        ));
+    }
+    let external_services = target_refs
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| external_target(&format!("{field}.targetRefs[{i}]"), raw))
+        .collect::<Result<_, _>>()?;
     let rules = rules
         .into_iter()
         .enumerate()
@@ -143,9 +196,36 @@ pub fn access_policy(
         name,
         action,
         rules,
+        external_services,
         invalid: None,
     })
 }
+
+/// One `targetRefs` entry of an access policy: an ExternalService of the policy's
+/// namespace, by name.
+fn external_target(field: &str, raw: TargetRefSpec) -> Result<String, Invalid> {
+    if raw.group != WEFT_GROUP || raw.kind != "ExternalService" {
+        return Err(invalid(
+            format!("{field}.kind"),
+            format!(
+                "{}/{}: an access policy targets an ExternalService (group {WEFT_GROUP:?}); \
+                 workloads are chosen with selector",
+                raw.group, raw.kind
+            ),
+        ));
+    }
+    if raw.section_name.is_some() {
+        return Err(invalid(
+            format!("{field}.sectionName"),
+            "not supported on an ExternalService target".into(),
+        ));
+    }
+    name(&format!("{field}.name"), raw.name)
+}
+
+/// At most this many `targetRefs` per access policy, as Gateway API policies allow.
+const MAX_POLICY_TARGETS: usize = 16;
+const WEFT_GROUP: &str = "weft.dev";
 
 /// One IP address.
 pub fn ip(field: &str, text: &str) -> Result<IpAddr, Invalid> {

@@ -18,9 +18,9 @@ use crate::{
         gateway::{at, duration},
         kube::crd::{
             ConnectionPoolSpec, FaultSpec, LoadBalancerSpec, OutlierDetectionSpec, RateLimitSpec,
-            RetryBudgetSpec, RetrySpec, SimpleLoadBalancer, TargetRefSpec, TrafficPolicySpec,
+            RetryBudgetSpec, RetrySpec, SimpleLoadBalancer, TrafficPolicySpec,
         },
-        syntax::{self, Invalid},
+        syntax::{self, Invalid, TargetRefSpec},
     },
     state::{
         Target, TrafficPolicy, WorkloadRef,

@@ -25,6 +25,12 @@ pub struct AccessPolicy {
     pub action: Action,
     /// Matched when any rule matches (OR); a policy without rules matches nothing.
     pub rules: Vec<Rule>,
+    /// The external services of the policy's namespace it applies to (its `targetRefs`),
+    /// by name. Such a policy selects no workload: the node proxy of each *source* pod
+    /// judges that pod's connections to these services against it, with the pod's own
+    /// identity and address. Empty: the policy selects workloads (`selector`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub external_services: Vec<String>,
     /// Set when the policy's resource cannot be understood (the field at fault and why):
     /// the policy then stands in as a DENY of every connection to what it selects,
     /// whatever it says (`AccessPolicy::fail_closed`).
@@ -172,13 +178,21 @@ impl AccessPolicy {
             action: Action::Deny,
             // An empty rule matches every connection.
             rules: vec![Rule::default()],
+            external_services: vec![],
             invalid: Some(invalid),
         }
     }
 
     /// Whether the policy applies to connections to `workload`.
     pub fn selects(&self, workload: &Workload) -> bool {
-        self.selector.selects(workload)
+        self.external_services.is_empty() && self.selector.selects(workload)
+    }
+
+    /// Whether the policy applies to connections to the external service `service`.
+    pub fn targets_external(&self, service: &WorkloadRef) -> bool {
+        self.invalid.is_none()
+            && service.namespace == self.name.namespace
+            && self.external_services.contains(&service.name)
     }
 
     /// Whether some rule carries HTTP conditions, which a node proxy cannot enforce.
@@ -330,6 +344,7 @@ mod tests {
                 }),
             }],
             invalid: None,
+            external_services: vec![],
         };
         let json = serde_json::to_value(&policy).unwrap();
         assert_eq!(

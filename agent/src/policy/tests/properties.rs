@@ -262,6 +262,7 @@ fn access_policy(name: String) -> impl Strategy<Value = AccessPolicy> {
                 action,
                 rules,
                 invalid: None,
+                external_services: vec![],
             }
         })
 }

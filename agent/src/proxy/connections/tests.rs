@@ -569,3 +569,62 @@ fn a_connection_pool_refusal_is_flagged_upstream_overflow_and_not_a_denial() {
         h.metrics()
     );
 }
+
+#[test]
+fn an_external_service_is_named_by_its_host_and_an_unregistered_one_is_refused_no_route() {
+    use crate::state::{ExternalPort, ExternalService, Resolution, external::Protocol};
+    let mut snapshot = mesh();
+    let api = ExternalService {
+        name: WorkloadRef::new("egress", "api"),
+        hosts: vec!["api.example.test".into()],
+        ports: vec![ExternalPort {
+            number: 443,
+            name: String::new(),
+            protocol: Protocol::Https,
+            target_port: 443,
+            tls: None,
+        }],
+        resolution: Resolution::Static,
+        addresses: vec!["192.0.2.1".parse().unwrap()],
+    };
+    snapshot.external_services.insert(api.name.clone(), api);
+    let h = Harness::new(snapshot);
+    let t = h.connections.open(
+        Direction::Outbound,
+        "default/client".into(),
+        "10.1.0.2:40004".parse().unwrap(),
+        "192.0.2.1:443".parse().unwrap(),
+    );
+    t.set_upstream("192.0.2.1:443".parse().unwrap(), None);
+    t.set_external(WorkloadRef::new("egress", "api"));
+    h.connections.established(&t);
+    t.sent.fetch_add(517, Ordering::Relaxed);
+    h.connections.close(&t, None);
+    let labels = [
+        "destination_service=\"api.example.test\"",
+        "destination_service_name=\"api.example.test\"",
+        "destination_service_namespace=\"egress\"",
+        "destination_workload=\"unknown\"",
+        "source_workload=\"client\"",
+    ];
+    // Istio's directions: received = request (client → server).
+    assert_eq!(h.sample("weft_tcp_received_bytes_total", &labels), 517);
+    let line = &h.access_lines()[0];
+    assert_eq!(line["dst.service"], "egress/api.example.test");
+
+    let refused = h.connections.open(
+        Direction::Outbound,
+        "default/client".into(),
+        "10.1.0.2:40005".parse().unwrap(),
+        "198.51.100.7:443".parse().unwrap(),
+    );
+    h.connections.close(
+        &refused,
+        Some(&Error::Unregistered("198.51.100.7:443".parse().unwrap())),
+    );
+    let labels = ["response_flags=\"NR\"", "destination_service=\"unknown\""];
+    assert_eq!(h.sample("weft_tcp_connections_closed_total", &labels), 1);
+    let reason = ["reason=\"unregistered_destination\""];
+    assert_eq!(h.sample("weft_agent_denied_connections_total", &reason), 1);
+    assert_eq!(h.access_lines()[1]["error"], "unregistered_destination");
+}

@@ -602,6 +602,59 @@ fn policy_errors_name_the_field() {
 }
 
 #[test]
+fn policies_may_name_external_services_instead_of_workloads() {
+    let egress = |target_refs: &str, selector: &str| {
+        with_policies(&format!(
+            "policies:\n\
+             - name: no-api\n\
+             \x20 namespace: egress\n\
+             \x20 {selector}\n\
+             \x20 targetRefs: {target_refs}\n\
+             \x20 action: DENY\n\
+             \x20 rules: [{{from: [{{namespaces: [batch]}}]}}]\n"
+        ))
+    };
+    let doc = egress(
+        "[{group: weft.dev, kind: ExternalService, name: api}, \
+         {group: weft.dev, kind: ExternalService, name: db}]",
+        "selector: {}",
+    )
+    .unwrap();
+    let policy = &doc.snapshot.policies[&WorkloadRef::new("egress", "no-api")];
+    assert_eq!(policy.external_services, ["api", "db"]);
+    for (target_refs, selector, field, reason) in [
+        (
+            "[{group: \"\", kind: Service, name: api}]",
+            "selector: {}",
+            "policies[0].targetRefs[0].kind",
+            "ExternalService",
+        ),
+        (
+            "[{group: weft.dev, kind: ExternalService, name: Api}]",
+            "selector: {}",
+            "policies[0].targetRefs[0].name",
+            "Api",
+        ),
+        (
+            "[{group: weft.dev, kind: ExternalService, name: api, sectionName: x}]",
+            "selector: {}",
+            "policies[0].targetRefs[0].sectionName",
+            "not supported",
+        ),
+        (
+            "[{group: weft.dev, kind: ExternalService, name: api}]",
+            "selector: {matchLabels: {app: x}}",
+            "policies[0].targetRefs",
+            "not both",
+        ),
+    ] {
+        let err = egress(target_refs, selector).unwrap_err();
+        assert!(err.contains(field), "{target_refs}: {err}");
+        assert!(err.contains(reason), "{target_refs}: {err}");
+    }
+}
+
+#[test]
 fn the_examples_of_the_policy_docs_parse() {
     let docs = include_str!("../../../../docs/policy.md");
     let blocks: Vec<&str> = docs

@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    source::syntax::{RuleSpec, SelectorSpec},
+    source::syntax::{RuleSpec, SelectorSpec, TargetRefSpec},
     state::{Action, MtlsMode},
 };
 
@@ -39,9 +39,15 @@ use crate::{
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AccessPolicySpec {
-    /// The destination workloads, in the policy's namespace; absent: all of them.
+    /// The destination workloads, in the policy's namespace; absent: all of them (unless
+    /// `targetRefs` names external services).
     #[serde(default)]
     pub selector: SelectorSpec,
+    /// External services of the policy's namespace (group `weft.dev`, kind
+    /// `ExternalService`) instead of workloads: the source pods' node proxies then judge
+    /// their connections to these services. Exclusive with `selector`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<TargetRefSpec>,
     /// ALLOW or DENY the connections the rules match. DENY wins; once an ALLOW policy
     /// selects a workload, connections no ALLOW policy matches are denied.
     pub action: Action,
@@ -187,23 +193,6 @@ pub struct RateLimitSpec {
     /// A bucket per client identity instead of one for every client.
     #[serde(default)]
     pub per_client: bool,
-}
-
-/// A Gateway API `LocalPolicyTargetReferenceWithSectionName`: a Service (group `""`), or
-/// an `HTTPRoute` (group `gateway.networking.k8s.io`) or one named rule of it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TargetRefSpec {
-    /// `""` (core) for a Service, `gateway.networking.k8s.io` for an HTTPRoute.
-    #[serde(default)]
-    pub group: String,
-    /// `Service` or `HTTPRoute`.
-    pub kind: String,
-    /// The Service's or the route's name.
-    pub name: String,
-    /// For an `HTTPRoute`: the `name` of one of its rules; absent: every rule.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub section_name: Option<String>,
 }
 
 /// Istio's `connectionPool` (tcp.maxConnections, http.http1MaxPendingRequests,

@@ -405,7 +405,13 @@ pub(super) fn endpoint_slice(slice: EndpointSlice) -> Result<Option<SliceItem>, 
 pub(super) fn access_policy(object: DynamicObject) -> Result<Option<PolicyItem>, Invalid> {
     let name = WorkloadRef::new(object.namespace().unwrap_or_default(), object.name_any());
     let spec: AccessPolicySpec = spec_of(&object)?;
-    let policy = syntax::access_policy("spec", name, spec.selector, spec.action, spec.rules)?;
+    let parts = syntax::AccessPolicyParts {
+        selector: spec.selector,
+        target_refs: spec.target_refs,
+        action: spec.action,
+        rules: spec.rules,
+    };
+    let policy = syntax::access_policy("spec", name, parts)?;
     Ok(Some(PolicyItem {
         policy,
         status: StatusOf::of(&object),

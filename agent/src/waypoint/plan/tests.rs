@@ -492,6 +492,7 @@ fn each_endpoints_policy_admits_or_denies_the_request_for_the_original_client() 
             ..Rule::default()
         }],
         invalid: None,
+        external_services: vec![],
     };
     snapshot.policies.insert(policy.name.clone(), policy);
     let view = view(snapshot);

@@ -17,6 +17,7 @@ fn policy(name: &str, app: &str, action: Action, rule: Rule) -> AccessPolicy {
         action,
         rules: vec![rule],
         invalid: None,
+        external_services: vec![],
     }
 }
 

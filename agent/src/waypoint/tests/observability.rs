@@ -100,6 +100,7 @@ async fn l7_deny_blocks_post_admin_and_allows_get() {
                     ..Rule::default()
                 }],
                 invalid: None,
+                external_services: vec![],
             },
         );
     });
