@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     config::Config,
+    dns,
     drain::{self, Drain},
     ebpf::{self, Dataplane},
     enroll::Enroller,
@@ -134,10 +135,12 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
         tokio::spawn(discover::watch(discovery.clone(), Arc::clone(&node_pods)));
     }
     let kube_health = Arc::new(source::kube::Health::default());
-    // The source's snapshot, then joined with the node's pods (workloads known by pod UID):
-    // one join for both sources.
+    // The source's snapshot, then the hosts of its external services resolved, then joined
+    // with the node's pods (workloads known by pod UID): one pipeline for both sources. The
+    // first snapshot goes through at once; DNS answers are published as they come.
     let first = Arc::new(doc.snapshot.clone());
     let (state_tx, mut state_rx) = watch::channel(node::join_shared(&first, &node_pods));
+    let (resolved_tx, resolved_rx) = watch::channel(Arc::clone(&first));
     let (raw_tx, raw_rx) = watch::channel(first);
     let (enrolled_tx, enrolled_rx) = watch::channel(None);
     let mut metrics = telemetry::Registry::new(&config.telemetry.metrics_prefix);
@@ -147,6 +150,10 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let drain = Drain::default();
     metrics.register_collector(drain.metrics());
     telemetry::register_output_metrics(&mut metrics);
+    let resolver = dns::Resolver::new(
+        config.dns.clone(),
+        dns::Metrics::new(metrics.prometheus_mut()),
+    );
     let connections = Arc::new(Connections::new(
         state_rx.clone(),
         telemetry::TcpMetrics::new(&mut metrics),
@@ -227,7 +234,13 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
             ));
         }
     }
-    tokio::spawn(node::follow(raw_rx, Arc::clone(&node_pods), state_tx));
+    tokio::spawn(source::resolve::follow(
+        raw_rx,
+        resolved_tx,
+        resolver,
+        source::resolve::Settings::default(),
+    ));
+    tokio::spawn(node::follow(resolved_rx, Arc::clone(&node_pods), state_tx));
     if let Some(cni) = &config.cni {
         let server = node::cni::Server::bind(cni.clone(), cni_metrics)?;
         tokio::spawn(server.run(node::cni::Inputs {

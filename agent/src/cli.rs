@@ -124,6 +124,14 @@ pub struct AgentArgs {
     /// agent may use).
     #[arg(long, env = "WEFT_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// The resolv.conf whose nameservers resolve the hosts of external services (default
+    /// /etc/resolv.conf); read at the first lookup.
+    #[arg(long, env = "WEFT_RESOLV_CONF")]
+    pub resolv_conf: Option<PathBuf>,
+    /// A nameserver (IP:PORT) to resolve the hosts of external services with instead of
+    /// the resolv.conf's; repeat, or separate with commas.
+    #[arg(long = "dns-server", env = "WEFT_DNS_SERVERS", value_delimiter = ',')]
+    pub dns_servers: Vec<SocketAddr>,
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -391,6 +399,28 @@ mod tests {
         );
         let bad = waypoint(&["--config", "x", "--path-escaped-slashes", "maybe"]).unwrap_err();
         assert!(bad.to_string().contains("--path-escaped-slashes"), "{bad}");
+    }
+
+    #[test]
+    fn dns_flags_name_a_resolv_conf_and_nameservers() {
+        let args = agent(&[]).unwrap();
+        assert_eq!(args.resolv_conf, None);
+        assert!(args.dns_servers.is_empty());
+        let args = agent(&[
+            "--resolv-conf",
+            "/run/resolv.conf",
+            "--dns-server",
+            "127.0.0.1:5353,[::1]:53",
+            "--dns-server",
+            "10.0.0.10:53",
+        ])
+        .unwrap();
+        assert_eq!(args.resolv_conf, Some(PathBuf::from("/run/resolv.conf")));
+        assert_eq!(args.dns_servers.len(), 3);
+        assert!(
+            agent(&["--dns-server", "10.0.0.10"]).is_err(),
+            "a port is required"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    admin, cni, drain, ebpf, handover, hbone, http,
+    admin, cni, dns, drain, ebpf, handover, hbone, http,
     identity::{self, CaSource},
     proxy,
     settings::{AgentSection, Error, HttpSection, LimitsSection, humantime_ms, node_name},
@@ -48,6 +48,8 @@ pub struct Config {
     pub handover: Option<handover::Config>,
     /// Threads of the async runtime that runs the proxy (`agent.workerThreads`).
     pub worker_threads: usize,
+    /// Where the hosts of external services are resolved (`--resolv-conf`, `--dns-server`).
+    pub dns: dns::Config,
 }
 
 /// Flag and environment overrides of the file's `agent:` section.
@@ -64,6 +66,11 @@ pub struct Overrides {
     pub ca_key: Option<PathBuf>,
     /// `--worker-threads` (overrides agent.workerThreads).
     pub worker_threads: Option<usize>,
+    /// `--resolv-conf`: the nameservers of external services' hosts (default
+    /// `/etc/resolv.conf`).
+    pub resolv_conf: Option<PathBuf>,
+    /// `--dns-server`: nameservers (`ip:port`) to ask instead of the resolv.conf's.
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -290,6 +297,13 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from(handover::DEFAULT_SOCKET)),
             }),
             worker_threads,
+            dns: dns::Config {
+                resolv_conf: overrides
+                    .resolv_conf
+                    .unwrap_or_else(|| PathBuf::from(dns::DEFAULT_RESOLV_CONF)),
+                nameservers: overrides.dns_servers,
+                timeout: dns::DEFAULT_TIMEOUT,
+            },
         })
     }
 }
@@ -666,6 +680,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("agent.cgroupRoot"), "{err}");
+    }
+
+    #[test]
+    fn dns_defaults_to_the_system_resolv_conf_and_takes_the_flags() {
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a"),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.dns, dns::Config::default());
+        assert_eq!(cfg.dns.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+        let server: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let cfg = Config::new(
+            Path::new("n.yaml"),
+            &section("cgroupRoot: /a"),
+            Overrides {
+                resolv_conf: Some("/run/weft/resolv.conf".into()),
+                dns_servers: vec![server],
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.dns.resolv_conf, PathBuf::from("/run/weft/resolv.conf"));
+        assert_eq!(cfg.dns.nameservers, [server]);
     }
 
     #[test]

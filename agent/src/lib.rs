@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod enroll;

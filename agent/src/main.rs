@@ -69,6 +69,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             ca_cert: args.ca_cert,
             ca_key: args.ca_key,
             worker_threads: args.worker_threads,
+            resolv_conf: args.resolv_conf,
+            dns_servers: args.dns_servers,
         },
     )?;
     let source = match (args.source, args.node_name) {

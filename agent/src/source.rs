@@ -4,11 +4,15 @@
 //! (`source::syntax`). A source publishes only whole, validated snapshots: a rejected change
 //! is recorded in `SourceStatus` (the file source keeps the last good file, the Kubernetes
 //! source the last good version of the rejected object).
+//!
+//! Between a source and its readers the agent runs two stages: `resolve` fills in the
+//! addresses of external services' DNS hosts, then `node` joins the node's own pods.
 
 pub mod file;
 pub mod gateway;
 pub mod kube;
 pub mod node;
+pub mod resolve;
 pub mod syntax;
 pub mod traffic;
 

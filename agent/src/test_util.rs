@@ -1,8 +1,9 @@
 //! Helpers shared by the crate's unit tests: a small certificate authority with a fixed
-//! certificate source (`ca`), a fake Kubernetes API server (`kube_api`), and loopback
-//! servers to proxy to.
+//! certificate source (`ca`), a fake Kubernetes API server (`kube_api`), a real DNS server
+//! (`dnsmasq`), and loopback servers to proxy to.
 
 pub mod ca;
+pub mod dnsmasq;
 pub mod kube_api;
 
 use std::net::SocketAddr;

@@ -25,7 +25,7 @@ use syn::visit::Visit;
 const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["telemetry", "http", "readiness", "settings", "web_roots"],
-    &["identity", "ebpf", "drain", "jwt"],
+    &["identity", "ebpf", "drain", "jwt", "dns"],
     &["state", "netns"],
     &["policy", "hbone", "handover"],
     &["proxy", "cni", "waypoint", "ca"],
