@@ -1,12 +1,17 @@
 //! `REGISTRY_ONLY` at connect time: connect4/6 refuse (EPERM) what the registry does not
 //! list, steer what it does, leave UDP and loopback alone, and refuse nothing when told to
-//! allow or when the registry could not be written whole.
+//! allow or when the registry could not be written whole; and an upgrade from a release
+//! without the registry maps keeps every pod steered.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener},
+    os::fd::AsFd as _,
+};
 
-use ebpf_common::maps::MAX_REGISTRY;
+use ebpf_common::maps::{self, MAX_REGISTRY};
 
-use super::{Netns, OUTBOUND, TestEnv, accept, pod_record, settings};
+use super::{Netns, OUTBOUND, TestEnv, accept, pod_record, query, settings};
 
 #[test]
 fn registry_only_refuses_unregistered_tcp_connects_and_nothing_else() {
@@ -134,6 +139,43 @@ fn an_incomplete_registry_refuses_nothing_and_a_restart_writes_only_the_differen
     let _accepted = accept(&listener4);
 }
 
+#[test]
+fn an_upgrade_from_a_release_without_the_registry_keeps_pods_steered_and_refuses_nothing() {
+    let Some(env) = TestEnv::new() else { return };
+    let pod = Netns::new("pod");
+    let (listener4, _listener6) = listeners(&pod);
+    let mut old = env.load(&settings());
+    old.enroll(pod.cookie(), pod_record(), pod.fd())
+        .expect("enroll");
+    drop(old);
+    // What the previous release pinned: no registry maps, and a STATS one counter shorter.
+    for name in [maps::REGISTRY, maps::REGISTRY_MODE, maps::STATS] {
+        fs::remove_file(env.pins.path.join(name)).expect("unpin");
+    }
+    let stats = query::map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 104, 1).expect("create map");
+    query::obj_pin(stats.as_fd(), &env.pins.path.join(maps::STATS)).expect("pin map");
+
+    let new = env.load(&settings());
+    let dump = new.dump().expect("dump");
+    assert!(!dump.registry_only, "new registry maps refuse nothing");
+    assert_eq!(dump.registry_entries, 0);
+    let out = env.connect_from(&pod, "tcp", "10.9.9.8", 80, 0);
+    assert!(
+        out.contains("connected"),
+        "steered across the upgrade: {out}"
+    );
+    let _accepted = accept(&listener4);
+    let stats = new.stats().expect("stats of the recreated map");
+    assert_eq!(stats.connect_redirected, 1, "{stats:?}");
+    assert!(
+        !env.pins
+            .path
+            .join(format!("{}-previous", maps::STATS))
+            .exists(),
+        "the old STATS pin goes once the new programs run"
+    );
+}
+
 /// One address at one port, one address at every port.
 fn registry() -> [(IpAddr, Option<u16>); 2] {
     [
@@ -160,3 +202,5 @@ fn listeners(pod: &Netns) -> (TcpListener, TcpListener) {
 fn refused(out: &str) -> bool {
     out.contains("[Errno 1]")
 }
+
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
