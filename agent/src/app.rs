@@ -35,7 +35,7 @@ use crate::{
         file::FileDoc,
         node::{self, NodePods, discover},
     },
-    state::{MeshSettings, Snapshot},
+    state::{MeshSettings, OutboundMode, Snapshot},
     sync::Mutex,
     telemetry,
 };
@@ -272,6 +272,7 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
     let mut successors = None;
     let mut applied: Option<ebpf::Settings> = Some(settings);
     let mut rejected: Option<ebpf::Settings> = None;
+    let mut registry_failure: Option<String> = None;
     let proc_root = config
         .discovery
         .as_ref()
@@ -322,6 +323,9 @@ pub async fn run(config: Config, doc: FileDoc, source: Source) -> Result<(), Err
                 }
             }
         }
+        // With the settings, before enrollment: a pod steered from here on is refused in
+        // eBPF only what this snapshot does not know.
+        registry_failure = apply_registry(&mut dataplane.lock(), &snapshot, registry_failure);
         // Policy before enrollment: a pod that starts serving must already be guarded.
         proxy_handle.apply_policies(&snapshot);
         let all_enrolled = enroller.reconcile(&snapshot);
@@ -554,6 +558,36 @@ fn dataplane_settings(config: &Config, mesh: &MeshSettings) -> ebpf::Settings {
         hbone_port: config.proxy.ports.hbone,
         excluded_ports: mesh.excluded_ports.clone(),
         excluded_cidrs: mesh.excluded_cidrs.clone(),
+    }
+}
+
+/// Writes the snapshot's registry into the eBPF maps, for the refusal at connect time under
+/// `REGISTRY_ONLY` (the proxy refuses too, whatever happens here). Logs a failure once per
+/// distinct error, and the recovery; returns the failure still in force.
+fn apply_registry(
+    dataplane: &mut Dataplane,
+    snapshot: &Snapshot,
+    failure: Option<String>,
+) -> Option<String> {
+    // Nothing to list unless eBPF refuses: ALLOW_ANY, the default, costs no registry.
+    let result = match snapshot.mesh.outbound {
+        OutboundMode::RegistryOnly => dataplane.apply_registry(true, snapshot.registry()),
+        OutboundMode::AllowAny => dataplane.apply_registry(false, std::iter::empty()),
+    };
+    match result {
+        Ok(()) => {
+            if failure.is_some() {
+                info!(component = "ebpf", "eBPF registry written whole again");
+            }
+            None
+        }
+        Err(e) => {
+            let text = e.to_string();
+            if failure.as_ref() != Some(&text) {
+                error!(component = "ebpf", reason = e.reason(), error = %e, "eBPF registry not written");
+            }
+            Some(text)
+        }
     }
 }
 

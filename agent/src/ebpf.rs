@@ -15,6 +15,7 @@ mod log;
 mod maps;
 mod programs;
 mod query;
+mod registry;
 #[cfg(test)]
 mod tests;
 mod upgrade;
@@ -180,6 +181,27 @@ pub enum Error {
          and the previous agent's programs stay attached"
     )]
     Migrate { map: &'static str, detail: String },
+    #[error(
+        "the mesh registers {count} destinations, but the eBPF registry map holds at most \
+         {max}"
+    )]
+    RegistryTooLarge { count: usize, max: u32 },
+    #[error(
+        "cannot write the eBPF registry ({}): connect4/6 now refuse nothing, and the proxy \
+         alone refuses unregistered destinations (REGISTRY_ONLY) until a write succeeds",
+        chain(.0)
+    )]
+    RegistryIncomplete(Box<Error>),
+    #[error(
+        "cannot write the eBPF registry ({}), nor turn eBPF refusal off ({}): connect4/6 \
+         may refuse (EPERM) registered destinations until a write succeeds",
+        chain(.error),
+        chain(.fallback)
+    )]
+    RegistryStuck {
+        error: Box<Error>,
+        fallback: Box<Error>,
+    },
     #[error("cannot list pinned links in {path}: {source}")]
     ListPins {
         path: PathBuf,
@@ -215,6 +237,9 @@ impl Error {
             Error::InspectPin { .. } => "inspect_pin",
             Error::SetAside { .. } => "set_aside",
             Error::Migrate { .. } => "migrate",
+            Error::RegistryTooLarge { .. } => "registry_too_large",
+            Error::RegistryIncomplete(_) => "registry_incomplete",
+            Error::RegistryStuck { .. } => "registry_stuck",
         }
     }
 }
@@ -255,6 +280,7 @@ pub struct Dataplane {
     /// Owns the loaded programs (sk_lookup is attached from it at each enrollment).
     ebpf: Ebpf,
     maps: maps::Maps,
+    registry: registry::Registry,
     /// Kernel ids of this agent's programs, for `verify_attached`.
     program_ids: links::ProgramIds,
     cgroup: File,
@@ -323,6 +349,10 @@ pub struct MapDump {
     pub orig_dst: Vec<OrigDstDump>,
     /// Counters summed over CPUs, by `Stats` field name.
     pub stats: BTreeMap<&'static str, u64>,
+    /// Whether connect4/6 refuse destinations absent from the registry (`REGISTRY_ONLY`).
+    pub registry_only: bool,
+    /// Entries of the registry map.
+    pub registry_entries: usize,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -366,6 +396,9 @@ impl Dataplane {
         let mut ebpf = loader::load(&config.pin_root)?;
         let log = log::Bridge::start(&mut ebpf);
         let mut maps = maps::Maps::take(&mut ebpf)?;
+        // Left as pinned: a restarted agent's pods stay refused as before until the first
+        // snapshot rewrites it; a new map (an upgrade) refuses nothing.
+        let registry = registry::Registry::take(&mut ebpf)?;
         // Settings and migrated pods before attaching: a program must never run with an
         // empty config, nor with an empty pod map where the old programs had a full one.
         maps.apply_settings(settings)?;
@@ -387,6 +420,7 @@ impl Dataplane {
             config: config.clone(),
             ebpf,
             maps,
+            registry,
             program_ids,
             cgroup,
             host_cgroup,
@@ -398,6 +432,19 @@ impl Dataplane {
     /// Rewrites the config and exclusion maps (the exclusion maps' contents are replaced).
     pub fn apply_settings(&mut self, settings: &Settings) -> Result<(), Error> {
         self.maps.apply_settings(settings)
+    }
+
+    /// Writes the outbound registry (`registry.rs`): with `registry_only`, connect4/6
+    /// refuse (EPERM) TCP connects of enrolled pods to destinations absent from `registry`,
+    /// each an address at one port or (`None`) at every port; without, they refuse
+    /// nothing. Only what changed since the last write is written. On error, eBPF refuses
+    /// nothing (`Error::RegistryIncomplete`) unless the error says otherwise.
+    pub fn apply_registry(
+        &mut self,
+        registry_only: bool,
+        registry: impl IntoIterator<Item = (IpAddr, Option<u16>)>,
+    ) -> Result<(), Error> {
+        self.registry.apply(registry_only, registry)
     }
 
     /// Checks that connect4, connect6 and sock_ops are in the cgroup's effective set, and

@@ -85,6 +85,12 @@ struct Addresses {
     external: HashMap<IpAddr, Vec<WorkloadRef>>,
 }
 
+/// The ports at which the mesh knows one address (`Snapshot::registered_ports`).
+enum Registered<P> {
+    AnyPort,
+    Ports(P),
+}
+
 /// Mesh-wide settings of the data path.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MeshSettings {
@@ -327,15 +333,58 @@ impl Snapshot {
     /// address, a service's VIP at one of its ports, a service's endpoint, a waypoint, or
     /// an external service at one of its ports.
     pub fn is_registered(&self, dst: SocketAddr) -> bool {
+        match self.registered_ports(dst.ip()) {
+            Registered::AnyPort => true,
+            Registered::Ports(mut ports) => ports.any(|port| port == dst.port()),
+        }
+    }
+
+    /// Every destination `is_registered` says yes to, as plain data for the data plane:
+    /// an address with `None` (known at every port), or with each port it is known at.
+    /// Each address is listed once with `None` or once per port, in address order.
+    pub fn registry(&self) -> impl Iterator<Item = (IpAddr, Option<u16>)> + '_ {
         let addresses = self.addresses();
-        let ip = dst.ip();
-        addresses.workloads.contains_key(&ip)
+        let ips: BTreeSet<IpAddr> = addresses
+            .workloads
+            .keys()
+            .chain(addresses.endpoints.keys())
+            .chain(&addresses.waypoints)
+            .chain(addresses.services.keys())
+            .chain(addresses.external.keys())
+            .copied()
+            .collect();
+        ips.into_iter()
+            .flat_map(move |ip| match self.registered_ports(ip) {
+                Registered::AnyPort => vec![(ip, None)],
+                Registered::Ports(ports) => ports
+                    .collect::<BTreeSet<u16>>()
+                    .into_iter()
+                    .map(|port| (ip, Some(port)))
+                    .collect(),
+            })
+    }
+
+    /// The ports at which the mesh knows `ip`: the one rule behind `is_registered` and
+    /// `registry`. Lazy, so the proxy's per-connection check allocates nothing.
+    fn registered_ports(&self, ip: IpAddr) -> Registered<impl Iterator<Item = u16> + '_> {
+        let addresses = self.addresses();
+        if addresses.workloads.contains_key(&ip)
             || addresses.endpoints.contains_key(&ip)
             || addresses.waypoints.contains(&ip)
-            || self
-                .services_by_vip(ip)
-                .any(|(_, s)| s.ports.iter().any(|p| p.port == dst.port()))
-            || self.external_service(dst).is_some()
+        {
+            return Registered::AnyPort;
+        }
+        let vip_ports = self
+            .services_by_vip(ip)
+            .flat_map(|(_, service)| service.ports.iter().map(|p| p.port));
+        let external_ports = addresses
+            .external
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.external_services.get(name))
+            .flat_map(|external| external.ports.iter().map(|p| p.number));
+        Registered::Ports(vip_ports.chain(external_ports))
     }
 
     /// Resolves an original destination: a service VIP:port becomes one of the service's
@@ -509,5 +558,90 @@ mod tests {
         assert!(!registered("10.96.0.10:81"));
         assert!(registered("10.1.0.3:9999"));
         assert!(!registered("198.51.100.1:443"));
+    }
+
+    #[test]
+    fn the_registry_lists_exactly_what_is_registered() {
+        let mut s = snapshot_with_service();
+        let workload = Workload {
+            name: WorkloadRef::new("default", "client"),
+            service_account: "client".into(),
+            ips: vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            location: Location::Remote { node: "b".into() },
+            enrolled: true,
+            mtls_mode: None,
+            labels: BTreeMap::new(),
+        };
+        s.workloads.insert(workload.name.clone(), workload);
+        let waypoint = Waypoint {
+            name: WorkloadRef::new("default", "waypoint"),
+            service_account: "waypoint".into(),
+            addresses: vec!["10.1.0.9".parse().unwrap()],
+        };
+        s.waypoints.insert(waypoint.name.clone(), waypoint);
+        let port = |number| ExternalPort {
+            number,
+            name: String::new(),
+            protocol: external::Protocol::Tcp,
+            target_port: number,
+            tls: None,
+        };
+        let api = ExternalService {
+            name: WorkloadRef::new("egress", "api"),
+            hosts: vec!["api.example.test".into()],
+            ports: vec![port(443), port(80)],
+            resolution: Resolution::Dns,
+            addresses: vec![],
+        };
+        // Shares an address with the VIP: their ports add up.
+        let db = ExternalService {
+            name: WorkloadRef::new("egress", "db"),
+            hosts: vec!["db.example.test".into()],
+            ports: vec![port(5432), port(80)],
+            resolution: Resolution::Static,
+            addresses: vec!["10.96.0.10".parse().unwrap()],
+        };
+        for e in [api, db] {
+            s.external_services.insert(e.name.clone(), e);
+        }
+        s.resolved_hosts.insert(
+            "api.example.test".into(),
+            vec!["192.0.2.1".parse().unwrap()],
+        );
+
+        let registry: Vec<(IpAddr, Option<u16>)> = s.registry().collect();
+        let entry = |ip: &str, port| (ip.parse::<IpAddr>().unwrap(), port);
+        let expected = BTreeSet::from([
+            entry("10.1.0.2", None),
+            entry("fd00::2", None),
+            entry("10.1.0.3", None),
+            entry("10.1.0.4", None),
+            entry("10.1.0.9", None),
+            entry("10.96.0.10", Some(80)),
+            entry("10.96.0.10", Some(5432)),
+            entry("192.0.2.1", Some(80)),
+            entry("192.0.2.1", Some(443)),
+        ]);
+        assert_eq!(
+            registry.len(),
+            expected.len(),
+            "no duplicates: {registry:?}"
+        );
+        assert_eq!(registry.iter().copied().collect::<BTreeSet<_>>(), expected);
+        for (ip, port) in &registry {
+            let ports = port.map_or(vec![1, 80, 65_535], |p| vec![p]);
+            for p in ports {
+                assert!(s.is_registered(SocketAddr::new(*ip, p)), "{ip}:{p}");
+            }
+        }
+        for unknown in [
+            "10.96.0.10:81",
+            "192.0.2.1:5432",
+            "10.1.0.5:80",
+            "[fd00::3]:80",
+            "198.51.100.1:443",
+        ] {
+            assert!(!s.is_registered(unknown.parse().unwrap()), "{unknown}");
+        }
     }
 }

@@ -22,10 +22,12 @@ use ebpf_common::{
     config::{AddrKey, HostConfig, ListenerKey, PortKey, ProxyConfig, V4_MAPPED_PREFIX},
     host::HostConnKey,
     maps::{
-        self, MAX_CONNS, MAX_EXCLUSIONS, MAX_HOST_CONNS, MAX_LISTENERS, MAX_PODS, MAX_PROXY_SOCKETS,
+        self, MAX_CONNS, MAX_EXCLUSIONS, MAX_HOST_CONNS, MAX_LISTENERS, MAX_PODS,
+        MAX_PROXY_SOCKETS, MAX_REGISTRY,
     },
     netns::{NetnsCookie, PodRecord},
     orig_dst::{ConnKey, OrigDst, SocketCookie},
+    registry::{REGISTRY_MODE_REGISTRY_ONLY, RegistryKey, RegistryMode},
     stats::Stats,
 };
 use ipnet::IpNet;
@@ -73,6 +75,8 @@ pub(crate) const LAYOUTS: &[Layout] = &[
     layout::<SocketCookie, u8>(maps::PROXY_SOCKETS, MapType::LruHash, MAX_PROXY_SOCKETS),
     layout::<u32, HostConfig>(maps::HOST_CONFIG, MapType::Array, 1),
     layout::<HostConnKey, u8>(maps::HOST_CONNS, MapType::LruHash, MAX_HOST_CONNS),
+    layout::<RegistryKey, u8>(maps::REGISTRY, MapType::Hash, MAX_REGISTRY),
+    layout::<u32, RegistryMode>(maps::REGISTRY_MODE, MapType::Array, 1),
 ];
 
 impl Maps {
@@ -218,6 +222,8 @@ pub(crate) struct MapReader {
     excluded_ports: HashMap<MapData, PortKey, u8>,
     excluded_cidrs: LpmTrie<MapData, AddrKey, u8>,
     stats: PerCpuArray<MapData, Stats>,
+    registry: HashMap<MapData, RegistryKey, u8>,
+    registry_mode: Array<MapData, RegistryMode>,
 }
 
 impl MapReader {
@@ -231,6 +237,8 @@ impl MapReader {
             excluded_ports: pinned(pin_root, maps::EXCLUDED_PORTS)?,
             excluded_cidrs: pinned(pin_root, maps::EXCLUDED_CIDRS)?,
             stats: pinned(pin_root, maps::STATS)?,
+            registry: pinned(pin_root, maps::REGISTRY)?,
+            registry_mode: pinned(pin_root, maps::REGISTRY_MODE)?,
         })
     }
 
@@ -306,6 +314,13 @@ impl MapReader {
             }
         }
         let stats = stat_fields(&self.stats()?).into_iter().collect();
+        let registry_only = self
+            .registry_mode
+            .get(&0, 0)
+            .map_err(map_error(maps::REGISTRY_MODE, "read"))?
+            .mode
+            == REGISTRY_MODE_REGISTRY_ONLY;
+        let registry_entries = self.registry.keys().count();
         Ok(MapDump {
             pin_root: PathBuf::new(),
             cgroup_root: PathBuf::new(),
@@ -326,12 +341,14 @@ impl MapReader {
             orig_dst_count,
             orig_dst,
             stats,
+            registry_only,
+            registry_entries,
         })
     }
 }
 
 /// Every counter with its name (the `Stats` field name, used as the metric label value).
-pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 13] {
+pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 14] {
     let Stats {
         connect_redirected,
         connect_not_enrolled,
@@ -346,6 +363,7 @@ pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 13] {
         connect_proxy_socket,
         host_conn_recorded,
         host_conn_error_unrecorded,
+        connect_unregistered_refused,
     } = *stats;
     [
         ("connect_redirected", connect_redirected),
@@ -361,6 +379,7 @@ pub fn stat_fields(stats: &Stats) -> [(&'static str, u64); 13] {
         ("connect_proxy_socket", connect_proxy_socket),
         ("host_conn_recorded", host_conn_recorded),
         ("host_conn_error_unrecorded", host_conn_error_unrecorded),
+        ("connect_unregistered_refused", connect_unregistered_refused),
     ]
 }
 
@@ -379,6 +398,8 @@ fn add(a: &Stats, b: &Stats) -> Stats {
         connect_proxy_socket: a.connect_proxy_socket + b.connect_proxy_socket,
         host_conn_recorded: a.host_conn_recorded + b.host_conn_recorded,
         host_conn_error_unrecorded: a.host_conn_error_unrecorded + b.host_conn_error_unrecorded,
+        connect_unregistered_refused: a.connect_unregistered_refused
+            + b.connect_unregistered_refused,
     }
 }
 
@@ -442,7 +463,7 @@ fn port_key(port: u16) -> PortKey {
     PortKey { port, _pad: [0; 2] }
 }
 
-fn typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+pub(super) fn typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<Map, Error = MapError>,
 {
@@ -461,7 +482,7 @@ where
     T::try_from(map).map_err(map_error(name, "open"))
 }
 
-fn map_error(map: &'static str, op: &'static str) -> impl Fn(MapError) -> Error {
+pub(super) fn map_error(map: &'static str, op: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map {
         map,
         op,
@@ -470,7 +491,10 @@ fn map_error(map: &'static str, op: &'static str) -> impl Fn(MapError) -> Error 
 }
 
 /// Deleting what is already gone is success (unenroll and reconcile are idempotent).
-fn remove_if_present(result: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
+pub(super) fn remove_if_present(
+    result: Result<(), MapError>,
+    map: &'static str,
+) -> Result<(), Error> {
     match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),

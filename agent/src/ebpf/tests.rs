@@ -6,6 +6,8 @@
 //! Not root, or `bpftool` missing for the test that runs it: skipped with the reason, and
 //! counted as skipped by `cargo xtask test` (a failure when `CI` is set).
 
+mod registry;
+
 use std::{
     fs::{self, File},
     io::{Read as _, Write as _},
@@ -615,6 +617,18 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
     assert!(config.contains("outbound_port"), "{config}");
     let stats = dump(maps::STATS);
     assert!(stats.contains("connect_redirected"), "{stats}");
+    dataplane
+        .apply_registry(true, [(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), Some(80))])
+        .expect("registry");
+    let registry = dump(maps::REGISTRY);
+    for field in ["addr", "port"] {
+        assert!(
+            registry.contains(field),
+            "REGISTRY dump names {field}: {registry}"
+        );
+    }
+    let mode = dump(maps::REGISTRY_MODE);
+    assert!(mode.contains("\"mode\": 1"), "{mode}");
 }
 
 #[test]

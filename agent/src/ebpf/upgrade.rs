@@ -14,9 +14,10 @@
 //! Only `PODS` carries entries across: an empty pod map would leave every enrolled pod
 //! unsteered until the source is heard from (indefinitely with the API server down). The
 //! config and exclusion maps start empty safely (they are written before the programs are
-//! attached), and so do the stats (counters). The maps the accept path reads never get
-//! here in a release: their layouts are frozen (`tests.rs`), since both agents of a
-//! hand-over read them.
+//! attached), and so do the stats (counters) and the registry maps (an empty
+//! `REGISTRY_MODE` refuses nothing in eBPF; the proxy refuses until the reconcile loop
+//! writes them). The maps the accept path reads never get here in a release: their layouts
+//! are frozen (`tests.rs`), since both agents of a hand-over read them.
 
 use std::{
     fs, io,

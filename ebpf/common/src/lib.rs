@@ -15,6 +15,7 @@ pub mod host;
 pub mod maps;
 pub mod netns;
 pub mod orig_dst;
+pub mod registry;
 pub mod stats;
 
 /// Implements `aya::Pod` for types that are plain old data by the rules above.

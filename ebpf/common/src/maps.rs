@@ -29,6 +29,13 @@ pub const HOST_CONFIG: &str = "HOST_CONFIG";
 /// own network namespace (the kubelet's probes among them), recorded by `host_sock_ops`
 /// and taken by the proxy when it accepts them in a pod.
 pub const HOST_CONNS: &str = "HOST_CONNS";
+/// `HashMap<RegistryKey, u8>`: the destinations the mesh knows (address at one port, or at
+/// every port), read by connect4/6 in `REGISTRY_ONLY` mode. Written as a diff by the agent.
+pub const REGISTRY: &str = "REGISTRY";
+/// `Array<RegistryMode, 1>`: whether connect4/6 refuse destinations absent from `REGISTRY`.
+/// A map of its own (not a `PROXY_CONFIG` field), so that upgrading adds a map instead of
+/// changing the layout of a pinned one.
+pub const REGISTRY_MODE: &str = "REGISTRY_MODE";
 
 /// Every map the agent expects in the object, for the load-time check.
 pub const ALL: &[&str] = &[
@@ -43,6 +50,8 @@ pub const ALL: &[&str] = &[
     PROXY_SOCKETS,
     HOST_CONFIG,
     HOST_CONNS,
+    REGISTRY,
+    REGISTRY_MODE,
 ];
 
 /// Capacity of the pod map: pods on one node.
@@ -58,3 +67,7 @@ pub const MAX_EXCLUSIONS: u32 = 256;
 pub const MAX_PROXY_SOCKETS: u32 = 16_384;
 /// Capacity of the host-originated connection map (live host connections of the node).
 pub const MAX_HOST_CONNS: u32 = 65_536;
+/// Capacity of the registry map: known destinations (address, or address and port) of the
+/// whole mesh. A registry that does not fit makes the agent fall back to refusing nothing
+/// in eBPF (the proxy still refuses).
+pub const MAX_REGISTRY: u32 = 65_536;

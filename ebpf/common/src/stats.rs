@@ -39,7 +39,10 @@ pub struct Stats {
     /// close callback could not be requested). It is then not recognised as the node's, so
     /// a probe on it is refused like any other plaintext (fail closed).
     pub host_conn_error_unrecorded: u64,
+    /// connect4/6: refused (EPERM) in `REGISTRY_ONLY` mode, the destination being absent
+    /// from `REGISTRY`.
+    pub connect_unregistered_refused: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Stats>() == 104);
+const _: () = assert!(core::mem::size_of::<Stats>() == 112);
 impl_pod!(Stats);

@@ -7,6 +7,11 @@
 //! (socket cookie registered in `PROXY_SOCKETS` by the agent), destinations that stay in the
 //! netns (loopback, unspecified), excluded ports, excluded CIDRs.
 //!
+//! Refused (EPERM), in `REGISTRY_ONLY` mode only: what is left, when its destination is in
+//! neither form of `REGISTRY` (that address at that port, that address at any port). The
+//! proxy refuses such a connection too; this is the early, cheap refusal, so every doubt
+//! (mode unset or unreadable) steers to the proxy instead.
+//!
 //! The proxy's sockets still carry `SO_MARK`, but the mark exempts nothing: any container
 //! with CAP_NET_RAW can set it. Only the agent can write `PROXY_SOCKETS`, and a socket
 //! cookie is unique for the kernel's lifetime, so a pod cannot make its socket look like one
@@ -26,10 +31,12 @@ use ebpf_common::{
     config::{AddrKey, PortKey, ProxyConfig},
     netns::POD_FLAG_REDIRECT_OUTBOUND,
     orig_dst::OrigDst,
+    registry::{REGISTRY_ANY_PORT, REGISTRY_MODE_REGISTRY_ONLY, RegistryKey},
 };
 
 use crate::{
     EXCLUDED_CIDRS, EXCLUDED_PORTS, ORIG_DST_BY_SOCKET, PODS, PROXY_CONFIG, PROXY_SOCKETS,
+    REGISTRY, REGISTRY_MODE,
     net::{self, AF_INET, AF_INET6},
     stats::count,
 };
@@ -63,6 +70,9 @@ pub(crate) fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Error> {
     let port = net::port_from_be16_in_u32(port);
     if excluded(ctx, &addr, port) {
         return Ok(ALLOW);
+    }
+    if unregistered(ctx, &addr, port) {
+        return Ok(REFUSE);
     }
     save_orig_dst(ctx, addr, port, AF_INET as u16)?;
     // SAFETY: as above; user_ip4 and user_port are writable (4-byte stores) in connect4, and
@@ -100,6 +110,9 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Error> {
     let port = net::port_from_be16_in_u32(port);
     if excluded(ctx, &addr, port) {
         return Ok(ALLOW);
+    }
+    if unregistered(ctx, &addr, port) {
+        return Ok(REFUSE);
     }
     save_orig_dst(ctx, addr, port, AF_INET6 as u16)?;
     // A dual-stack socket connecting to a v4-mapped address must stay on IPv4: `::1` would
@@ -210,6 +223,37 @@ fn excluded(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> bool {
         trace!(ctx, "connect: {:i}:{} excluded", *addr, port);
     }
     excluded
+}
+
+/// Whether `REGISTRY_ONLY` mode refuses a connect to `addr:port`: it is in neither form of
+/// the registry (at this port, at every port). Counts the refusal.
+#[inline(always)]
+fn unregistered(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> bool {
+    let registry_only = match REGISTRY_MODE.get(0) {
+        Some(mode) => mode.mode == REGISTRY_MODE_REGISTRY_ONLY,
+        // Index 0 of a one-entry array always exists; were it missing, steer: the proxy
+        // refuses unregistered destinations too, and it must never refuse a registered one
+        // on a guess.
+        None => false,
+    };
+    if !registry_only {
+        return false;
+    }
+    let known = |port| {
+        REGISTRY
+            .get_ptr(RegistryKey {
+                addr: *addr,
+                port,
+                _pad: [0; 2],
+            })
+            .is_some()
+    };
+    if known(port) || known(REGISTRY_ANY_PORT) {
+        return false;
+    }
+    count!(connect_unregistered_refused);
+    debug!(ctx, "connect: {:i}:{} not registered, refused", *addr, port);
+    true
 }
 
 /// Saves the original destination under the socket's cookie, for `sock_ops`.

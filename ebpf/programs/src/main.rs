@@ -22,11 +22,18 @@ use aya_ebpf::{
 use ebpf_common::{
     config::{AddrKey, HostConfig, ListenerKey, PortKey, ProxyConfig},
     host::HostConnKey,
-    maps::{MAX_CONNS, MAX_EXCLUSIONS, MAX_HOST_CONNS, MAX_LISTENERS, MAX_PODS, MAX_PROXY_SOCKETS},
+    maps::{
+        MAX_CONNS, MAX_EXCLUSIONS, MAX_HOST_CONNS, MAX_LISTENERS, MAX_PODS, MAX_PROXY_SOCKETS,
+        MAX_REGISTRY,
+    },
     netns::{NetnsCookie, PodRecord},
     orig_dst::{ConnKey, OrigDst, SocketCookie},
+    registry::{RegistryKey, RegistryMode},
     stats::Stats,
 };
+
+/// `BPF_F_NO_PREALLOC` (https://github.com/torvalds/linux/blob/v6.18/include/uapi/linux/bpf.h).
+const BPF_F_NO_PREALLOC: usize = 1;
 
 // Map names are the `ebpf_common::maps` consts (the statics' identifiers are the names);
 // the agent's load-time check and its tests fail if the two ever drift apart.
@@ -69,6 +76,16 @@ static HOST_CONFIG: Array<HostConfig, 1> = Array::new();
 
 #[btf_map]
 static HOST_CONNS: LruHashMap<HostConnKey, u8, { MAX_HOST_CONNS as usize }> = LruHashMap::new();
+
+// Not preallocated: most meshes run ALLOW_ANY and leave it empty, and a full one would
+// take megabytes of kernel memory up front. Only the agent inserts, so allocation at
+// update time never happens on a connect.
+#[btf_map]
+static REGISTRY: HashMap<RegistryKey, u8, { MAX_REGISTRY as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+static REGISTRY_MODE: Array<RegistryMode, 1> = Array::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
