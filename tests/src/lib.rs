@@ -38,6 +38,8 @@ pub mod pod;
 pub mod process;
 pub mod steady;
 pub mod sys;
+#[cfg(feature = "jwt")]
+pub mod tls;
 pub mod waypoint;
 pub mod wire;
 pub mod ztunnel;
