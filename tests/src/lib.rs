@@ -30,6 +30,8 @@ pub mod fixture;
 pub mod helm;
 pub mod image;
 #[cfg(feature = "jwt")]
+pub mod internet;
+#[cfg(feature = "jwt")]
 pub mod jwt;
 pub mod l7;
 pub mod metrics;
