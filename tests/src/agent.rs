@@ -46,6 +46,8 @@ pub struct TestAgent {
     /// Length of the log when the current process started.
     log_offset: usize,
     command: AgentCommand,
+    /// Extra environment of the agent process (the node's `agent_env`).
+    env: Vec<(String, OsString)>,
     show_log_on_drop: bool,
     /// Added to the admin, readiness and metrics ports (a second agent beside the first).
     port_offset: u16,
@@ -212,6 +214,7 @@ impl TestAgent {
             show_log_on_drop: true,
             config_path,
             command: node.agent_command(),
+            env: node.agent_env(),
             port_offset,
         }
     }
@@ -231,6 +234,8 @@ impl TestAgent {
         for var in OVERRIDES {
             cmd.env_remove(var);
         }
+        // What the test set on purpose (the node's `agent_env`).
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         // Plain text in the log file (tracing-subscriber honours NO_COLOR).
         cmd.env("NO_COLOR", "1");
         if std::env::var_os("WEFT_LOG").is_none() {

@@ -22,15 +22,13 @@
 //! counts the waypoint's JWKS fetches.
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
-    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use aws_lc_rs::{
     rand::SystemRandom,
     rsa::{self, KeySize},
@@ -41,8 +39,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
-    app::testapp_bin, eventually::assert_eventually, l7::parse_events, pod::TestPod,
-    process::TestProcess, sys,
+    app::testapp_bin,
+    eventually::assert_eventually,
+    l7::parse_events,
+    pod::TestPod,
+    process::TestProcess,
+    sys,
+    tls::{self, San, TestCa},
 };
 
 /// Who mints the tokens: its `iss`.
@@ -89,6 +92,9 @@ pub struct ServedFile {
     pub version: String,
     /// The TLS version negotiated (`TLSv1_3`).
     pub tls: String,
+    /// The server name the client asked for (SNI), if it sent one.
+    #[serde(default)]
+    pub sni: Option<String>,
     /// 200, or 500 when the file could not be read.
     pub status: u16,
     /// The body served (the file's content at that moment), its length and SHA-256.
@@ -252,43 +258,15 @@ impl TlsFiles {
             .prefix("weft-jwks-tls-")
             .tempdir()
             .context("create a temp dir for the JWKS server's certificates")?;
-        let now = SystemTime::now();
-        let day = Duration::from_secs(24 * 3600);
-
-        let mut ca_params = rcgen::CertificateParams::default();
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "weft test JWKS CA");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        ca_params.not_before = (now - day).into();
-        ca_params.not_after = (now + day).into();
-        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
-
-        let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, ip.to_string());
-        params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = (now - day).into();
-        params.not_after = (now + day).into();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &*ca)?;
-
+        let ca = TestCa::new("weft test JWKS CA")?;
+        let server = ca.write_server(dir.path(), "server", &San::Ip(ip))?;
         let files = TlsFiles {
             ca: dir.path().join("ca.pem"),
-            cert: dir.path().join("server.pem"),
-            key: dir.path().join("server-key.pem"),
+            cert: server.cert,
+            key: server.key,
             dir,
         };
-        write(&files.ca, &ca.pem())?;
-        write(&files.cert, &cert.pem())?;
-        write(&files.key, &key.serialize_pem())?;
+        ca.write_pem(&files.ca)?;
         Ok(files)
     }
 
@@ -366,42 +344,10 @@ impl JwksServer {
     }
 }
 
-/// A blocking HTTPS/1.1 GET with rustls (TLS 1.3 only), trusting only `ca_pem` (PEM) and
-/// checking the certificate against `addr`'s IP address; the body of a 200, else an error.
+/// A blocking HTTPS/1.1 GET trusting only `ca_pem`, checking the certificate against
+/// `addr`'s IP address (see [`crate::tls::https_get`]).
 pub fn https_get(ca_pem: &[u8], addr: SocketAddr, path: &str) -> Result<String> {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(cert.context("CA PEM")?)?;
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = ServerName::IpAddress(addr.ip().into());
-    let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
-    let timeout = crate::scaled(Duration::from_secs(5));
-    let tcp =
-        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
-    tcp.set_read_timeout(Some(timeout))?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes())
-        .with_context(|| format!("TLS handshake or request to {addr}"))?;
-    let mut raw = Vec::new();
-    // A server may close without close_notify; what arrived before is the response.
-    if let Err(e) = tls.read_to_end(&mut raw)
-        && raw.is_empty()
-    {
-        return Err(e).with_context(|| format!("read the response of {addr}"));
-    }
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET https://{addr}{path}: {head}");
-    }
-    Ok(body.to_owned())
+    tls::https_get(ca_pem, addr, None, path)
 }
 
 fn signing_input(header: &Value, claims: &Value) -> String {

@@ -30,6 +30,8 @@ pub mod fixture;
 pub mod helm;
 pub mod image;
 #[cfg(feature = "jwt")]
+pub mod internet;
+#[cfg(feature = "jwt")]
 pub mod jwt;
 pub mod l7;
 pub mod metrics;
@@ -38,6 +40,8 @@ pub mod pod;
 pub mod process;
 pub mod steady;
 pub mod sys;
+#[cfg(feature = "jwt")]
+pub mod tls;
 pub mod waypoint;
 pub mod wire;
 pub mod ztunnel;

@@ -62,6 +62,10 @@ pub(crate) struct NodeInner {
     pub waypoints: RefCell<Value>,
     /// The config's `trafficPolicies:` list.
     pub traffic_policies: RefCell<Value>,
+    /// The config's `externalServices:` list (left out of the config while empty).
+    pub external_services: RefCell<Value>,
+    /// Environment variables of the agent process (`WEFT_RESOLV_CONF`, …).
+    pub agent_env: RefCell<Vec<(String, std::ffi::OsString)>>,
     /// Extra keys of the config's `agent:` section (`certLifetime`, `ca`, …).
     pub agent_settings: RefCell<serde_json::Map<String, Value>>,
     /// Mutual TLS between pods: on by default, with an in-process CA (see `ensure_ca`).
@@ -132,6 +136,8 @@ impl TestNode {
                 policies: RefCell::new(json!([])),
                 waypoints: RefCell::new(json!([])),
                 traffic_policies: RefCell::new(json!([])),
+                external_services: RefCell::new(json!([])),
+                agent_env: RefCell::default(),
                 agent_settings: RefCell::default(),
                 mtls: Cell::new(true),
                 ca: RefCell::new(None),
@@ -299,6 +305,32 @@ impl TestNode {
         *self.inner.traffic_policies.borrow_mut() = policies;
     }
 
+    /// Replaces the config's `externalServices:` list (ExternalService items, see
+    /// docs/egress.md and `crate::internet::ExternalService`); written when the agent
+    /// starts or reloads. An empty list leaves the key out of the config.
+    pub fn set_external_services(&self, services: Value) {
+        *self.inner.external_services.borrow_mut() = services;
+    }
+
+    /// Sets `mesh.outboundTrafficPolicy.mode` (`ALLOW_ANY` or `REGISTRY_ONLY`), keeping the
+    /// rest of the `mesh:` section; written when the agent starts or reloads.
+    pub fn set_outbound_mode(&self, mode: &str) {
+        self.inner.mesh.borrow_mut()["outboundTrafficPolicy"] = json!({ "mode": mode });
+    }
+
+    /// Sets an environment variable of the agent process, from its next start on (e.g.
+    /// `WEFT_RESOLV_CONF`: see `crate::internet::Internet::serve_dns_to`).
+    pub fn set_agent_env(&self, key: &str, value: impl Into<std::ffi::OsString>) {
+        let mut env = self.inner.agent_env.borrow_mut();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.into()));
+    }
+
+    /// The agent process's extra environment (see [`TestNode::set_agent_env`]).
+    pub fn agent_env(&self) -> Vec<(String, std::ffi::OsString)> {
+        self.inner.agent_env.borrow().clone()
+    }
+
     /// Replaces the config's `waypoints:` list (`[{name, namespace, serviceAccount, ips}]`);
     /// written when the agent starts or reloads.
     pub fn set_waypoints(&self, waypoints: Value) {
@@ -396,7 +428,7 @@ impl TestNode {
         for (key, value) in n.agent_settings.borrow().iter() {
             agent[key] = value.clone();
         }
-        json!({
+        let mut config = json!({
             "agent": agent,
             "mesh": n.mesh.borrow().clone(),
             "workloads": workloads,
@@ -404,7 +436,14 @@ impl TestNode {
             "policies": n.policies.borrow().clone(),
             "waypoints": n.waypoints.borrow().clone(),
             "trafficPolicies": n.traffic_policies.borrow().clone(),
-        })
+        });
+        // Only when there are some: an agent that predates external services rejects the
+        // key, and every other test's config stays what it was.
+        let external = n.external_services.borrow();
+        if external.as_array().is_some_and(|a| !a.is_empty()) {
+            config["externalServices"] = external.clone();
+        }
+        config
     }
 
     /// Runs a process of the node itself (tcpdump, `weft status`, the kubelet): in the

@@ -40,13 +40,24 @@ impl Capture {
 
     /// Captures on `iface` of a pod's netns (`eth0`), from outside the pod's cgroup.
     pub fn on_pod(node: &TestNode, pod: &TestPod, iface: &str, filter: &str) -> Result<Self> {
-        let file = node
-            .dir()
-            .join(format!("capture-{}-{iface}.pcap", pod.name()));
+        Self::in_netns(node, &pod.netns_path(), &pod.name(), iface, filter)
+    }
+
+    /// Captures on `iface` of the network namespace at `netns` (e.g. the internet's of
+    /// `crate::internet`), named `name` in the node's directory, run as a process of `node`.
+    pub fn in_netns(
+        node: &TestNode,
+        netns: &Path,
+        name: &str,
+        iface: &str,
+        filter: &str,
+    ) -> Result<Self> {
+        let file =
+            crate::process::unique_path(node.dir(), &format!("capture-{name}-{iface}"), "pcap");
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", pod.netns_path().display()));
+        cmd.arg(format!("--net={}", netns.display()));
         cmd.arg("--").args(tcpdump_args(iface, filter, &file));
-        let process = node.spawn(cmd, &format!("tcpdump-{}-{iface}", pod.name()))?;
+        let process = node.spawn(cmd, &format!("tcpdump-{name}-{iface}"))?;
         Self::started(process, file)
     }
 

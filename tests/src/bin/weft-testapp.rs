@@ -25,6 +25,7 @@
 //! weft-testapp grpc-load  --to IP:PORT --count N [--concurrency C] [--messages M] [--pace-ms MS]
 //!                         [--header name:value]... [--timeout-ms T]
 //! weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]
+//! weft-testapp https-get   --to IP:PORT --ca PEM [--sni NAME] [--path P]
 //! ```
 //!
 //! - `serve` prints `listening ...`, then per connection `accepted peer=.. local=..` and
@@ -73,7 +74,9 @@
 //! - `https-serve` (`https` module): TLS 1.3 (h2 or HTTP/1.1 by ALPN), answering every
 //!   request, whatever its path, with the file's content as it is then
 //!   (`content-type: application/json`), and printing `fetch {..}`
-//!   (`weft_tests::jwt::ServedFile`): the JWKS endpoint of the JWT tests.
+//!   (`weft_tests::jwt::ServedFile`): the JWKS endpoint of the JWT tests, and the external
+//!   hosts of the egress tests, which also print what they saw of each connection
+//!   (`accepted`, `hello` with the SNI, `tls_error`). `https-get` is their client in a pod.
 
 #![allow(
     clippy::disallowed_types,
@@ -138,6 +141,8 @@ fn main() -> ExitCode {
         "grpc-load" => grpc::load(&flags),
         #[cfg(feature = "jwt")]
         "https-serve" => https::serve(&flags),
+        #[cfg(feature = "jwt")]
+        "https-get" => https::get(&flags),
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
@@ -667,4 +672,5 @@ const USAGE: &str = "usage:
   weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
   weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
                           [--header name:value]... [--timeout-ms T]
-  weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]";
+  weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]
+  weft-testapp https-get   --to IP:PORT --ca PEM [--sni NAME] [--path P]";

@@ -1,6 +1,11 @@
 //! `https-serve`: a file over HTTPS (TLS 1.3, HTTP/1.1 or h2 by ALPN), as a JWKS endpoint
-//! serves its key set. The file is read again for every request, so a test rotates keys by
-//! rewriting it.
+//! serves its key set, or an external host answers. The file is read again for every
+//! request, so a test rotates keys by rewriting it. Besides `fetch {..}` per request, the
+//! server prints what an external host sees of each connection: `accepted {..}` for every
+//! TCP connection (before any TLS), `hello {..}` with the ClientHello's server name, and
+//! `tls_error {..}` for a handshake that failed (`weft_tests::tls::{Accepted, Hello, TlsError}`).
+//!
+//! `https-get`: one GET over TLS 1.3 from inside a pod, trusting only the test's CA.
 
 use std::{
     net::SocketAddr,
@@ -23,8 +28,11 @@ use hyper_util::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use weft_tests::jwt::ServedFile;
+use tokio_rustls::LazyConfigAcceptor;
+use weft_tests::{
+    jwt::ServedFile,
+    tls::{Accepted, Hello, TlsError},
+};
 
 use crate::Flags;
 
@@ -32,17 +40,17 @@ pub fn serve(flags: &Flags) -> Result<ExitCode, String> {
     let cert: PathBuf = flags.required("cert")?;
     let key: PathBuf = flags.required("key")?;
     let file: PathBuf = flags.required("file")?;
-    let acceptor = acceptor(&cert, &key)?;
+    let config = server_config(&cert, &key)?;
     crate::run_server(flags, "https", "file", |listener| {
-        serve_listener(listener, acceptor, file, |served| {
+        serve_listener(listener, config, file, |served| {
             println!("fetch {}", crate::json_line(served));
         })
     })
 }
 
-/// A TLS 1.3 acceptor (aws-lc-rs) for this certificate chain and key, offering h2 and
+/// A TLS 1.3 server config (aws-lc-rs) for this certificate chain and key, offering h2 and
 /// HTTP/1.1.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(|e| format!("read certificates from {}: {e}", cert.display()))?;
@@ -56,13 +64,13 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .with_single_cert(chain, key)
         .map_err(|e| format!("certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Answers every request on `listener` with `file`'s content; `log` sees each answer.
 pub async fn serve_listener(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     file: PathBuf,
     log: impl Fn(&ServedFile) + Send + Sync + 'static,
 ) {
@@ -72,12 +80,53 @@ pub async fn serve_listener(
         log: Box::new(log),
     });
     crate::accept_loop(listener, move |stream, peer| {
-        let (server, acceptor) = (Arc::clone(&server), acceptor.clone());
+        let (server, config) = (Arc::clone(&server), Arc::clone(&config));
         async move {
-            let tls = match acceptor.accept(stream).await {
+            let local = crate::addr_or_unknown(stream.local_addr());
+            event(
+                "accepted",
+                &Accepted {
+                    peer: peer.to_string(),
+                    local,
+                },
+            );
+            // The ClientHello first, so the server name is known even when the handshake
+            // fails (a client that does not trust this server's CA).
+            let start = match LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await
+            {
+                Ok(start) => start,
+                Err(e) => {
+                    event(
+                        "tls_error",
+                        &TlsError {
+                            peer: peer.to_string(),
+                            sni: None,
+                            error: e.to_string(),
+                        },
+                    );
+                    return;
+                }
+            };
+            let sni = start.client_hello().server_name().map(str::to_owned);
+            event(
+                "hello",
+                &Hello {
+                    peer: peer.to_string(),
+                    sni: sni.clone(),
+                },
+            );
+            let tls = match start.into_stream(config).await {
                 Ok(tls) => tls,
                 Err(e) => {
-                    println!("tls_error peer={peer} error={e}");
+                    event(
+                        "tls_error",
+                        &TlsError {
+                            peer: peer.to_string(),
+                            sni,
+                            error: e.to_string(),
+                        },
+                    );
                     return;
                 }
             };
@@ -87,8 +136,10 @@ pub async fn serve_listener(
                 .protocol_version()
                 .map_or_else(|| "unknown".to_owned(), |v| format!("{v:?}"));
             let service = service_fn(move |req| {
-                let (server, version) = (Arc::clone(&server), version.clone());
-                async move { Ok::<_, std::convert::Infallible>(server.answer(&req, peer, version)) }
+                let (server, version, sni) = (Arc::clone(&server), version.clone(), sni.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(server.answer(&req, peer, version, sni))
+                }
             });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
@@ -99,6 +150,40 @@ pub async fn serve_listener(
         }
     })
     .await;
+}
+
+/// `https-get --to IP:PORT --ca PEM [--sni NAME] [--path P]`: one GET over TLS 1.3,
+/// trusting only the CA in `--ca` and checking the certificate against `--sni` (else the
+/// IP address). Prints `response {"body": ..}` and exits 0 on a 200; else `error
+/// stage=https kind=<io::ErrorKind or Other> error=..` and exits 1.
+pub fn get(flags: &Flags) -> Result<ExitCode, String> {
+    let to: SocketAddr = flags.required("to")?;
+    let ca: PathBuf = flags.required("ca")?;
+    let sni: Option<String> = flags.optional("sni")?;
+    let path: String = flags.optional("path")?.unwrap_or_else(|| "/".to_owned());
+    let ca = std::fs::read(&ca).map_err(|e| format!("read {}: {e}", ca.display()))?;
+    match weft_tests::tls::https_get(&ca, to, sni.as_deref(), &path) {
+        Ok(body) => {
+            println!(
+                "response {}",
+                crate::json_line(&serde_json::json!({ "body": body }))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let kind = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<std::io::Error>())
+                .map_or_else(|| "Other".to_owned(), |io| format!("{:?}", io.kind()));
+            println!("error stage=https kind={kind} error={e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// One `<word> {json}` line (`weft_tests::tls`'s event types).
+fn event(word: &str, e: &impl serde::Serialize) {
+    println!("{word} {}", crate::json_line(e));
 }
 
 struct FileServer {
@@ -113,6 +198,7 @@ impl FileServer {
         req: &Request<Incoming>,
         peer: SocketAddr,
         tls: String,
+        sni: Option<String>,
     ) -> Response<Full<Bytes>> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let (status, body) = match std::fs::read(&self.file) {
@@ -133,6 +219,7 @@ impl FileServer {
                 .to_owned(),
             version: format!("{:?}", req.version()),
             tls,
+            sni,
             status: status.as_u16(),
             bytes: body.len() as u64,
             sha256: crate::hex(&Sha256::digest(&body)),

@@ -413,12 +413,12 @@ async fn https_serve_answers_tls13_with_the_file_as_it_is_now() {
     std::fs::write(&file, r#"{"keys":["one"]}"#).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = crate::https::acceptor(&tls.cert, &tls.key).unwrap();
+    let config = crate::https::server_config(&tls.cert, &tls.key).unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&log);
     tokio::spawn(crate::https::serve_listener(
         listener,
-        acceptor,
+        config,
         file.clone(),
         move |f| {
             sink.lock().unwrap().push(f.clone());
