@@ -5,6 +5,7 @@
 //! is recorded in `SourceStatus` (the file source keeps the last good file, the Kubernetes
 //! source the last good version of the rejected object).
 
+pub mod external;
 pub mod file;
 pub mod gateway;
 pub mod kube;
