@@ -8,6 +8,7 @@
 //! Between a source and its readers the agent runs two stages: `resolve` fills in the
 //! addresses of external services' DNS hosts, then `node` joins the node's own pods.
 
+pub mod external;
 pub mod file;
 pub mod gateway;
 pub mod kube;

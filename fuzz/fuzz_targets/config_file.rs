@@ -1,6 +1,7 @@
 //! The agent's config file as bytes: the whole local state file (`source::file::parse`:
 //! `agent:`, `mesh:`, workloads, services, policies, waypoints, namespaces, routes, traffic
-//! policies with their end-user authentication), the
+//! policies with their end-user authentication, external services with their TLS
+//! origination and CA certificates), the
 //! Kubernetes-mode variant (`parse_settings`), and for a file that parses, the start-up
 //! config built from its `agent:` section (`config::Config::new`).
 //!

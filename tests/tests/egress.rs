@@ -139,7 +139,7 @@ impl Egress {
     fn refused_unregistered(&self) -> Result<f64> {
         let scrape = self.scrape()?;
         Ok(scrape.sum(EBPF_EVENTS, &[("event", EBPF_REFUSED_EVENT)])
-            + scrape.sum(PROXY_REFUSED, &[]))
+            + scrape.sum(PROXY_REFUSED, &[("reason", PROXY_REFUSED_REASON)]))
     }
 }
 
@@ -588,9 +588,10 @@ const OPENED: &str = "weft_tcp_connections_opened_total";
 /// The eBPF programs' counters, and the event counting connects refused as unregistered
 /// (`REGISTRY_ONLY`, refused in `cgroup/connect4` with EPERM).
 const EBPF_EVENTS: &str = "weft_agent_ebpf_events_total";
-const EBPF_REFUSED_EVENT: &str = "connect_unregistered";
-/// The proxy's count of connections it refused as unregistered (flag `NR`), any labels.
-const PROXY_REFUSED: &str = "weft_outbound_unregistered_total";
+const EBPF_REFUSED_EVENT: &str = "connect_unregistered_refused";
+/// The proxy's count of connections it refused (here: as unregistered, flag `NR`).
+const PROXY_REFUSED: &str = "weft_agent_denied_connections_total";
+const PROXY_REFUSED_REASON: &str = "unregistered_destination";
 /// How the app sees a refusal: EPERM at connect, a RST answering the SYN, or a reset (on
 /// a read, a write, the shutdown after it) once the proxy accepted and refused.
 const REFUSED_KINDS: [&str; 5] = [

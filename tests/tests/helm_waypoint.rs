@@ -431,7 +431,12 @@ fn waypoint_rbac_grants_exactly_the_snapshot_reads_and_route_status() -> Result<
     let plurals: Vec<&str> = weft_plurals.iter().map(String::as_str).collect();
     assert_eq!(
         plurals,
-        ["accesspolicies", "peerauthentications", "trafficpolicies"]
+        [
+            "accesspolicies",
+            "externalservices",
+            "peerauthentications",
+            "trafficpolicies"
+        ]
     );
     assert_eq!(
         rules(&cluster_role(&objects, "weft-waypoint")?.rules),

@@ -6,6 +6,8 @@
 //!
 //! `routes:` items are `HTTPRoute` and `GRPCRoute` objects as their Kubernetes manifests
 //! write them, read by `source::gateway` as the Kubernetes source reads them.
+//! `externalServices:` items are an `ExternalService`'s spec with `name` and `namespace`,
+//! checked by `source::external` as the Kubernetes source checks the resource.
 //! `namespaces: [{name, waypoint}]` binds every service of a namespace to a waypoint, as
 //! the Namespace label does in Kubernetes; a service's own `waypoint` wins, and
 //! `waypoint: none` opts it out.
@@ -25,14 +27,16 @@ use tracing::{error, info, warn};
 use crate::{
     settings::{AgentSection, Error},
     source::{
-        SourceStatus, gateway,
+        SourceStatus, external, gateway,
+        kube::crd::{ExternalPortSpec, ExternalServiceSpec},
         syntax::{self, Invalid, RuleSpec, SelectorSpec, TargetRefSpec},
         traffic,
     },
     state::{
-        AccessLogSettings, AccessPolicy, Action, HttpRoute, Location, MeshSettings, MtlsMode,
-        MtlsSettings, OutboundMode, RouteKind, SameNode, Service, ServicePort, Snapshot,
-        TrafficDistribution, TrafficPolicy, Waypoint, Workload, WorkloadRef,
+        AccessLogSettings, AccessPolicy, Action, ExternalService, HttpRoute, Location,
+        MeshSettings, MtlsMode, MtlsSettings, OutboundMode, Resolution, RouteKind, SameNode,
+        Service, ServicePort, Snapshot, TrafficDistribution, TrafficPolicy, Waypoint, Workload,
+        WorkloadRef,
     },
 };
 
@@ -107,6 +111,11 @@ pub fn parse_settings(path: &Path, text: &str) -> Result<FileDoc, Error> {
             "trafficPolicies",
             raw.traffic_policies.is_empty(),
             "TrafficPolicy resources",
+        ),
+        (
+            "externalServices",
+            raw.external_services.is_empty(),
+            "ExternalService resources",
         ),
     ];
     for (field, empty, from) in sections {
@@ -256,6 +265,9 @@ struct RawFile {
     /// `TrafficPolicy` objects, as their manifests; the first listed counts as the oldest.
     #[serde(default)]
     traffic_policies: Vec<serde_json::Value>,
+    /// Services outside the mesh, registered by name.
+    #[serde(default)]
+    external_services: Vec<RawExternalService>,
 }
 
 #[derive(Deserialize)]
@@ -407,6 +419,21 @@ struct RawPolicy {
     rules: Vec<RuleSpec>,
 }
 
+/// An `ExternalService`'s spec with its name and namespace (`source::external` checks it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+struct RawExternalService {
+    name: String,
+    namespace: Option<String>,
+    hosts: Vec<String>,
+    #[serde(default)]
+    resolution: Resolution,
+    #[serde(default)]
+    addresses: Vec<String>,
+    ports: Vec<ExternalPortSpec>,
+}
+
 struct Validator<'a> {
     path: &'a Path,
     /// This node's name: workloads naming another node are remote.
@@ -502,6 +529,7 @@ impl Validator<'_> {
         }
         let routes = self.routes(raw.routes)?;
         let traffic_policies = self.traffic_policies(raw.traffic_policies)?;
+        let external_services = self.external_services(raw.external_services)?;
         let policies = self.named_list("policies", "policy", raw.policies, |field, raw| {
             self.policy(field, raw).map(|p| (p.name.clone(), p))
         })?;
@@ -518,7 +546,7 @@ impl Validator<'_> {
                 waypoints,
                 routes,
                 traffic_policies,
-                external_services: Default::default(),
+                external_services,
                 resolved_hosts: Default::default(),
                 mesh_namespaces: None,
                 index: Default::default(),
@@ -737,6 +765,30 @@ impl Validator<'_> {
             policies.push(policy);
         }
         Ok(policies)
+    }
+
+    /// The external services, by namespace/name; at most `external::MAX_SERVICES`.
+    fn external_services(
+        &self,
+        raws: Vec<RawExternalService>,
+    ) -> Result<BTreeMap<WorkloadRef, ExternalService>, Error> {
+        external::total("externalServices", raws.len()).map_err(|e| self.error(e))?;
+        self.named_list(
+            "externalServices",
+            "external service",
+            raws,
+            |field, raw| {
+                let name = self.object_ref(field, raw.name, raw.namespace)?;
+                let spec = ExternalServiceSpec {
+                    hosts: raw.hosts,
+                    resolution: raw.resolution,
+                    addresses: raw.addresses,
+                    ports: raw.ports,
+                };
+                let service = external::service(field, name, spec).map_err(|e| self.error(e))?;
+                Ok((service.name.clone(), service))
+            },
+        )
     }
 
     /// `field.name` and `field.namespace` (default `default`) of a named object.

@@ -16,6 +16,9 @@
 //!   agent's none; the elected node agent writes their `status.ancestors` (`ancestors`).
 //!   Its CRD may be missing after a `helm upgrade` (Helm installs CRDs, never upgrades
 //!   them): then it is empty and synced, as the Gateway API's routes are.
+//! - `ExternalService` (`crd`), by every agent: the services outside the mesh, by name. One
+//!   that cannot be understood is left out (never its last good version), and says why in
+//!   its `Accepted` condition; a missing CRD is no services, as for TrafficPolicy.
 //! - weft's own agent pods (by the chart's labels, `Config::agent_selector`): which nodes
 //!   host an agent. Pods of mesh namespaces on other nodes (virtual or serverless nodes that
 //!   run no DaemonSet) run outside the mesh; `unmeshed` counts them and reports each one with
@@ -157,6 +160,7 @@ pub enum Kind {
     AccessPolicy,
     PeerAuthentication,
     TrafficPolicy,
+    ExternalService,
     /// weft's agent pods.
     AgentPod,
     /// Gateway API `HTTPRoute`s (waypoints only).
@@ -313,6 +317,15 @@ pub async fn run(
         |c| &mut c.traffic_policies,
         TRAFFIC_POLICY_INSTALL,
     );
+    // Read by every agent: the node proxy's registry, and the elected one's status writes.
+    // A rejected one is left out (`accepted::EXTERNAL_LEFT_OUT`).
+    spawn.watch_optional(
+        untyped::<crd::ExternalService>(&client),
+        Kind::ExternalService,
+        (project::external_service, Some(accepted::EXTERNAL_LEFT_OUT)),
+        |c| &mut c.external_services,
+        EXTERNAL_SERVICE_INSTALL,
+    );
     spawn.watch(
         Api::<Pod>::all(client.clone()),
         Kind::AgentPod,
@@ -382,6 +395,7 @@ pub async fn run(
                 services = snapshot.services.len(),
                 policies = snapshot.policies.len(),
                 traffic_policies = snapshot.traffic_policies.len(),
+                external_services = snapshot.external_services.len(),
                 "snapshot built from the cluster"
             );
             tx.send_replace(Arc::new(snapshot));
@@ -499,7 +513,7 @@ impl Health {
 impl Kind {
     /// Every kind every source watches, in the order of `Ord` (a waypoint's also watches
     /// the route kinds).
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::LocalPod,
         Kind::RemotePod,
@@ -508,6 +522,7 @@ impl Kind {
         Kind::AccessPolicy,
         Kind::PeerAuthentication,
         Kind::TrafficPolicy,
+        Kind::ExternalService,
         Kind::AgentPod,
     ];
 
@@ -522,6 +537,7 @@ impl Kind {
             Kind::AccessPolicy => "access_policy",
             Kind::PeerAuthentication => "peer_authentication",
             Kind::TrafficPolicy => "traffic_policy",
+            Kind::ExternalService => "external_service",
             Kind::AgentPod => "agent_pod",
             Kind::HttpRoute => "http_route",
             Kind::GrpcRoute => "grpc_route",
@@ -538,6 +554,7 @@ impl Kind {
             Kind::AccessPolicy => "AccessPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::ExternalService => "ExternalService",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
         }
@@ -648,6 +665,10 @@ const GATEWAY_API_INSTALL: &str = "the Gateway API CRDs, experimental channel \
 /// What a cluster upgraded without the TrafficPolicy CRD needs, for the warning.
 const TRAFFIC_POLICY_INSTALL: &str = "weft's TrafficPolicy CRD, which `helm upgrade` does not \
     install (kubectl apply --server-side -f deploy/helm/weft/crds/trafficpolicies.weft.dev.yaml)";
+
+/// What a cluster upgraded without the ExternalService CRD needs, for the warning.
+const EXTERNAL_SERVICE_INSTALL: &str = "weft's ExternalService CRD, which `helm upgrade` does \
+    not install (kubectl apply --server-side -f deploy/helm/weft/crds/externalservices.weft.dev.yaml)";
 
 /// The cluster-wide API of `K`'s objects, read as untyped objects.
 fn untyped<K: kube::Resource<DynamicType = ()>>(client: &kube::Client) -> Api<DynamicObject> {

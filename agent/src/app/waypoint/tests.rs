@@ -299,6 +299,7 @@ async fn on_kubernetes_a_waypoint_is_ready_once_synced_routes_its_services_and_w
         "/apis/weft.dev/v1alpha1/accesspolicies",
         "/apis/weft.dev/v1alpha1/peerauthentications",
         "/apis/weft.dev/v1alpha1/trafficpolicies",
+        "/apis/weft.dev/v1alpha1/externalservices",
         "/apis/gateway.networking.k8s.io/v1/httproutes",
         "/apis/gateway.networking.k8s.io/v1/grpcroutes",
     ];

@@ -69,6 +69,14 @@ waypoints:
 namespaces:
   - name: prod
     waypoint: none
+externalServices:
+  - name: api
+    namespace: egress
+    hosts: [api.example.test]
+    resolution: STATIC
+    addresses: ["192.0.2.10"]
+    ports:
+      - {number: 80, name: http, protocol: HTTP, targetPort: 443, tls: {sni: api.example.test}}
 policies:
   - name: api-allow
     namespace: prod
@@ -101,6 +109,7 @@ fn the_schema_reaches_every_section() {
         "mesh.mtls.namespaces.k",
         "workloads[0].probePorts[0]",
         "services[0].ports[0].targetPort",
+        "externalServices[0].ports[0].tls.caCertificates",
         "policies[0].rules[0].from[0].ipBlocks[0].except[0]",
         "policies[0].rules[0].headers.k[0]",
     ] {

@@ -276,6 +276,98 @@ fn kubernetes_mode_refuses_routes_waypoints_and_namespaces() {
     }
 }
 
+const EXTERNAL: &str = r#"
+mesh:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+externalServices:
+  - name: api
+    namespace: egress
+    hosts: [API.example.test.]
+    ports:
+      - {number: 443, name: https, protocol: HTTPS}
+      - {number: 80, name: http, protocol: HTTP, targetPort: 443, tls: {}}
+  - name: db
+    hosts: [db.internal]
+    resolution: STATIC
+    addresses: ["192.0.2.10"]
+    ports: [{number: 5432}]
+"#;
+
+#[test]
+fn external_services_are_read_by_namespace_and_name() {
+    let doc = parse_str(EXTERNAL).unwrap();
+    let s = &doc.snapshot;
+    assert_eq!(s.mesh.outbound, OutboundMode::RegistryOnly);
+    let api = &s.external_services[&WorkloadRef::new("egress", "api")];
+    assert_eq!(api.hosts, ["api.example.test"]);
+    assert_eq!(
+        api.port(80).unwrap().tls.as_ref().unwrap().sni,
+        "api.example.test"
+    );
+    let db = &s.external_services[&WorkloadRef::new("default", "db")];
+    assert_eq!(db.resolution, Resolution::Static);
+    assert_eq!(db.addresses, ["192.0.2.10".parse::<IpAddr>().unwrap()]);
+
+    // The same name twice in a namespace: refused, naming the second.
+    let twice =
+        format!("{EXTERNAL}  - {{name: db, hosts: [db2.internal], ports: [{{number: 1}}]}}\n");
+    let err = parse_str(&twice).unwrap_err();
+    assert!(
+        err.contains("externalServices[2].name: duplicate external service default/db"),
+        "{err}"
+    );
+    // Too many.
+    let mut many = String::from("externalServices:\n");
+    for i in 0..=crate::source::external::MAX_SERVICES {
+        many.push_str(&format!(
+            "  - {{name: s{i}, hosts: [s{i}.test], ports: [{{number: 443}}]}}\n"
+        ));
+    }
+    let err = parse_str(&many).unwrap_err();
+    assert!(
+        err.contains("externalServices: 257 external services: at most 256"),
+        "{err}"
+    );
+    // Kubernetes mode: they come from the API.
+    let err = parse_settings(Path::new("agent.yaml"), EXTERNAL)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("externalServices: not allowed with --source kubernetes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_external_services_example_of_the_config_docs_parses() {
+    let docs = include_str!("../../../../docs/config.md");
+    let block = docs.split("```yaml\n").nth(1).unwrap();
+    let from = block.find("\nexternalServices:").unwrap();
+    let to = block.find("\n# Access policies").unwrap();
+    let doc = parse_str(&block[from..to]).unwrap();
+    let s = &doc.snapshot.external_services;
+    let api = &s[&WorkloadRef::new("egress", "api")];
+    assert_eq!(api.port(80).unwrap().target_port, 443);
+    assert!(api.port(80).unwrap().tls.is_some());
+    assert_eq!(s[&WorkloadRef::new("egress", "db")].addresses.len(), 2);
+}
+
+#[tokio::test]
+async fn a_bad_external_service_rejects_the_reload_and_keeps_the_last_good_ones() {
+    let bad = EXTERNAL.replace("tls: {}", "tls: {caCertificates: not a pem}");
+    let fixed = EXTERNAL.replace("tls: {}", "tls: {sni: edge.example.test}");
+    let (rejection, fixed) = reload_bad_then_good(EXTERNAL, &bad, &fixed).await;
+    assert!(
+        rejection.contains("externalServices[0].ports[1].tls.caCertificates: no PEM certificate"),
+        "{rejection}"
+    );
+    let api = &fixed.external_services[&WorkloadRef::new("egress", "api")];
+    assert_eq!(
+        api.port(80).unwrap().tls.as_ref().unwrap().sni,
+        "edge.example.test"
+    );
+}
+
 #[tokio::test]
 async fn a_bad_route_rejects_the_reload_and_keeps_the_last_good_routes() {
     // A good weight change and a bad regex in the same file: neither is taken.

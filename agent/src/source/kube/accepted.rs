@@ -18,8 +18,16 @@
 //! `weft-agent`; other controllers' conditions are kept. A write whose own watch event has
 //! not arrived yet is not repeated. The same writer writes the `status.ancestors` of
 //! TrafficPolicies (`ancestors`), which are not fail-closed resources but want one writer too.
+//!
+//! An `ExternalService` that cannot be understood is left out (`EXTERNAL_LEFT_OUT`), never
+//! kept at its last good version: under `REGISTRY_ONLY` its hosts are then refused, and
+//! every agent has the same registry. Its `Accepted` condition says so, as the policies'
+//! does; one valid but beyond the snapshot's limit says that instead (reason `TooMany`).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use kube::{
     Api,
@@ -30,13 +38,14 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{
-    Config, Kind, Rejected, ancestors, crd,
-    project::{self, PeerAuthItem, PolicyItem, StatusOf},
+    Config, Kind, Rejected, ancestors, build, crd,
+    project::{self, ExternalItem, PeerAuthItem, PolicyItem, StatusOf},
     reflector::{Caches, StandIn, Store, Stores, next_pass},
     status::{CONFLICT, condition, patch_status},
     unmeshed::elected,
     writes::{ACCEPTED, INVALID, Write},
 };
+use crate::source::external;
 
 /// How an AccessPolicy fails closed.
 pub(super) const POLICY_FAILS_CLOSED: StandIn<DynamicObject, PolicyItem> = StandIn {
@@ -53,6 +62,18 @@ pub(super) const MODE_FAILS_CLOSED: StandIn<DynamicObject, PeerAuthItem> = Stand
     effect: "it fails closed: until it is fixed the workloads it selects are STRICT (its \
              whole namespace if its selector cannot be read)",
 };
+
+/// How an ExternalService that cannot be understood is left out (fail closed: its hosts
+/// are not registered, so `REGISTRY_ONLY` refuses them).
+pub(super) const EXTERNAL_LEFT_OUT: StandIn<DynamicObject, ExternalItem> = StandIn {
+    stand_in: project::external_service_stand_in,
+    keep: never_the_last_good,
+    effect: "it is left out until it is fixed: its hosts are not registered (refused when \
+             the mesh is REGISTRY_ONLY)",
+};
+
+/// The reason of `Accepted` False for a valid ExternalService beyond the snapshot's limit.
+const TOO_MANY: &str = "TooMany";
 
 /// The field manager of the writes.
 pub const FIELD_MANAGER: &str = "weft-agent";
@@ -113,8 +134,8 @@ pub(super) async fn run(client: kube::Client, config: Config, caches: Arc<Caches
                     warn!(component = "kubernetes", kind = %write.kind, object = %object,
                         error = %e, retry_in = ?config.backoff.max,
                         "cannot write the object's status (check the agent's RBAC: patch \
-                         accesspolicies/status, peerauthentications/status and \
-                         trafficpolicies/status)");
+                         accesspolicies/status, peerauthentications/status, \
+                         trafficpolicies/status and externalservices/status)");
                     retry = Some(Instant::now() + config.backoff.max);
                 }
             }
@@ -148,8 +169,35 @@ pub(super) fn plan(stores: &Stores, now: &str) -> Vec<Write> {
     policies
         .into_iter()
         .chain(modes)
+        .chain(external_services(stores))
         .filter_map(|said| write_for(said, now))
         .collect()
+}
+
+/// What `Accepted` must say of each ExternalService: as for the policies, and False for a
+/// valid one beyond the snapshot's limit.
+fn external_services(stores: &Stores) -> Vec<Said<'_>> {
+    let mut said = said(Kind::ExternalService, &stores.external_services, |item| {
+        (
+            &item.status,
+            "leaves this ExternalService out of the registry: its hosts are not \
+             registered (so they are refused when the mesh is REGISTRY_ONLY)"
+                .into(),
+        )
+    });
+    let over: HashSet<&str> = build::over_the_limit(stores).map(String::as_str).collect();
+    for entry in said.iter_mut().filter(|s| over.contains(s.key)) {
+        entry.condition = (
+            "False",
+            TOO_MANY,
+            format!(
+                "the cluster has more than {} valid ExternalServices; weft takes the first \
+                 by namespace/name and leaves this one out: its hosts are not registered",
+                external::MAX_SERVICES
+            ),
+        );
+    }
+    said
 }
 
 /// What `Accepted` must say of one object.
@@ -232,6 +280,7 @@ fn api(client: &kube::Client, kind: Kind, namespace: &str) -> Api<DynamicObject>
     let resource = match kind {
         Kind::PeerAuthentication => ApiResource::erase::<crd::PeerAuthentication>(&()),
         Kind::TrafficPolicy => ApiResource::erase::<crd::TrafficPolicy>(&()),
+        Kind::ExternalService => ApiResource::erase::<crd::ExternalService>(&()),
         _ => ApiResource::erase::<crd::AccessPolicy>(&()),
     };
     Api::namespaced_with(client.clone(), namespace, &resource)

@@ -4,7 +4,8 @@
 //! bindings (the Service's `weft.dev/use-waypoint` label, else its Namespace's) and the
 //! waypoints (Services labelled `weft.dev/role: waypoint`, addressed by their ready
 //! endpoints); for a waypoint, the routes and the TrafficPolicies attached to the Services
-//! bound to it.
+//! bound to it; the external services (`ExternalService`s that could be understood, at most
+//! `source::external::MAX_SERVICES`).
 //!
 //! Where the cluster holds conflicting data, the first by name wins, so the same caches
 //! always give the same snapshot: two namespace-wide PeerAuthentications in one namespace,
@@ -22,9 +23,12 @@ use super::{
     },
     reflector::Stores,
 };
-use crate::state::{
-    HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort, Snapshot, Target,
-    TrafficPolicy, Waypoint, Workload, WorkloadRef,
+use crate::{
+    source::external,
+    state::{
+        ExternalService, HttpRoute, Location, MeshSettings, MtlsMode, Service, ServicePort,
+        Snapshot, Target, TrafficPolicy, Waypoint, Workload, WorkloadRef,
+    },
 };
 
 /// The snapshot of `stores`; `routes_for` is the waypoint whose routes it carries (the
@@ -153,7 +157,7 @@ pub(super) fn snapshot(
         waypoints,
         routes,
         traffic_policies,
-        external_services: Default::default(),
+        external_services: external_services(stores),
         resolved_hosts: Default::default(),
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
@@ -195,6 +199,31 @@ pub(super) fn traffic_policies(stores: &Stores) -> Vec<TrafficPolicy> {
         .collect();
     policies.sort_by(|(a, p), (b, q)| (a, &p.name).cmp(&(b, &q.name)));
     policies.into_iter().map(|(_, p)| p.clone()).collect()
+}
+
+/// The external services in force: the valid ones, the first `external::MAX_SERVICES` of
+/// them by namespace/name (`over_the_limit` are the others, whose status says so).
+fn external_services(stores: &Stores) -> BTreeMap<WorkloadRef, ExternalService> {
+    stores
+        .external_services
+        .items
+        .values()
+        .filter_map(|item| item.service.as_ref())
+        .take(external::MAX_SERVICES)
+        .map(|service| (service.name.clone(), service.clone()))
+        .collect()
+}
+
+/// The keys of the valid external services left out of the snapshot because there are more
+/// than `external::MAX_SERVICES`.
+pub(super) fn over_the_limit(stores: &Stores) -> impl Iterator<Item = &String> {
+    stores
+        .external_services
+        .items
+        .iter()
+        .filter(|(_, item)| item.service.is_some())
+        .skip(external::MAX_SERVICES)
+        .map(|(key, _)| key)
 }
 
 /// Whether `policy` sets `connectionPool` for a Service bound to no waypoint. Any of its

@@ -7,10 +7,13 @@
 //! - `PeerAuthentication`: the mTLS mode (STRICT, PERMISSIVE, DISABLED) of a namespace, or of
 //!   the workloads its selector picks. Named and shaped like Istio's resource of the same
 //!   job (`spec.selector.matchLabels`, `spec.mtls.mode`), which is where Istio users look.
+//! - `ExternalService`: the file source's `externalServices:` item as a namespaced resource
+//!   (validated by `source::external`); one that cannot be understood is left out of the
+//!   registry and says why in its `Accepted` condition.
 //!
-//! Both carry `status.conditions` (type `Accepted`): True when in force as written, False
-//! naming the field at fault when the resource fails closed. One elected agent writes it
-//! (`accepted`), since one status written by every node would flap.
+//! Those three carry `status.conditions` (type `Accepted`): True when in force as written,
+//! False naming the field at fault when the resource fails closed. One elected agent writes
+//! it (`accepted`), since one status written by every node would flap.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt};
@@ -21,6 +24,9 @@ use crate::{
     source::syntax::{RuleSpec, SelectorSpec, TargetRefSpec},
     state::{Action, MtlsMode},
 };
+// The external services' enums are the state's own: one spelling in the file, the CRD and
+// the snapshot.
+use crate::state::external::{Protocol, Resolution};
 
 /// Allows or denies connections to the workloads it selects (docs/policy.md).
 #[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -458,12 +464,88 @@ pub struct PolicyStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// A service outside the mesh that enrolled pods reach by name (Istio's `ServiceEntry` with
+/// `location: MESH_EXTERNAL`): the node proxy recognises its addresses, names it in
+/// telemetry, lets access policy name it, originates TLS to it when a port asks, and lets
+/// it through when the mesh is `REGISTRY_ONLY`. Validated by `source::external`, as the
+/// file's `externalServices:` items are.
+#[derive(CustomResource, Clone, Debug, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "ExternalService",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "extsvc",
+    category = "weft",
+    printcolumn = r#"{"name":"Hosts","type":"string","jsonPath":".spec.hosts"}"#,
+    printcolumn = r#"{"name":"Resolution","type":"string","jsonPath":".spec.resolution"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A service outside the mesh (DNS names, ports, TLS origination) that enrolled pods may reach, by name"
+)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExternalServiceSpec {
+    /// DNS names, no wildcard, no IP address; the first is what telemetry reports.
+    #[schemars(length(min = 1, max = 16))]
+    pub hosts: Vec<String>,
+    /// DNS (default): the agent resolves every host; STATIC: the `addresses`.
+    #[serde(default)]
+    pub resolution: Resolution,
+    /// STATIC only: the IP addresses of the hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub addresses: Vec<String>,
+    /// The ports it serves, numbers unique.
+    #[schemars(length(min = 1, max = 16))]
+    pub ports: Vec<ExternalPortSpec>,
+}
+
+/// One port of an `ExternalService`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExternalPortSpec {
+    /// The port applications connect to.
+    #[schemars(range(min = 1))]
+    pub number: u16,
+    /// Its name (lowercase letters, digits, '-', '.'); absent: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// TCP (default), TLS, HTTP or HTTPS.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The port the proxy connects to on the host; absent: `number`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_port: Option<u16>,
+    /// TLS origination: the application speaks plaintext (TCP or HTTP ports only), the
+    /// proxy opens TLS to the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsOriginationSpec>,
+}
+
+/// The TLS the proxy opens to an external host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsOriginationSpec {
+    /// The name sent as SNI and checked against the server's certificate; absent: the
+    /// first host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM certificates of the CAs the server's certificate must chain to; absent: the
+    /// system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub ca_certificates: Option<String>,
+}
+
 /// The CRD manifests of the chart, as (file name, YAML), in a stable order.
 pub fn files() -> Vec<(String, String)> {
     [
         AccessPolicy::crd(),
         PeerAuthentication::crd(),
         TrafficPolicy::crd(),
+        ExternalService::crd(),
     ]
     .into_iter()
     .map(|crd| {

@@ -16,16 +16,18 @@ use serde::de::DeserializeOwned;
 
 use serde_json::Value;
 
-use super::crd::{AccessPolicySpec, PeerAuthenticationSpec, TrafficPolicySpec};
+use super::crd::{
+    AccessPolicySpec, ExternalServiceSpec, PeerAuthenticationSpec, TrafficPolicySpec,
+};
 use crate::{
     source::{
-        gateway,
+        external, gateway,
         syntax::{self, Invalid, SelectorSpec},
         traffic,
     },
     state::{
-        AccessPolicy, HttpRoute, MtlsMode, TrafficDistribution, TrafficPolicy, WorkloadRef,
-        WorkloadSelector, waypoint::USE_WAYPOINT_LABEL,
+        AccessPolicy, ExternalService, HttpRoute, MtlsMode, TrafficDistribution, TrafficPolicy,
+        WorkloadRef, WorkloadSelector, waypoint::USE_WAYPOINT_LABEL,
     },
 };
 
@@ -489,6 +491,35 @@ pub(super) fn traffic_policy_last_good(
     TrafficItem {
         policy: replaced.and_then(|item| item.policy),
         ..stand_in
+    }
+}
+
+/// An `ExternalService`, validated by `source::external`; while the object is rejected,
+/// `service` is `None` (left out of the snapshot, never its last good version) and the
+/// status is the rejected version's.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct ExternalItem {
+    pub service: Option<ExternalService>,
+    pub status: StatusOf,
+}
+
+pub(super) fn external_service(object: DynamicObject) -> Result<Option<ExternalItem>, Invalid> {
+    let name = WorkloadRef::new(object.namespace().unwrap_or_default(), object.name_any());
+    let spec: ExternalServiceSpec = spec_of(&object)?;
+    let service = external::service("spec", name, spec)?;
+    Ok(Some(ExternalItem {
+        service: Some(service),
+        status: StatusOf::of(&object),
+    }))
+}
+
+/// What stands in for an `ExternalService` that cannot be understood: nothing in force,
+/// only its status. Left out, its hosts are not registered: under `REGISTRY_ONLY` they are
+/// refused, which fails closed, and no agent keeps a version the others may not have.
+pub(super) fn external_service_stand_in(object: &DynamicObject, _: &Invalid) -> ExternalItem {
+    ExternalItem {
+        service: None,
+        status: StatusOf::of(object),
     }
 }
 

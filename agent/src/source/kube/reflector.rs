@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 use super::{
     Config, Health, Kind, Rejected,
     project::{
-        AgentItem, NamespaceItem, PeerAuthItem, PodItem, PolicyItem, RouteItem, ServiceItem,
-        SliceItem, TrafficItem,
+        AgentItem, ExternalItem, NamespaceItem, PeerAuthItem, PodItem, PolicyItem, RouteItem,
+        ServiceItem, SliceItem, TrafficItem,
     },
 };
 use crate::{
@@ -73,6 +73,8 @@ pub(super) struct Stores {
     pub grpc_routes: Store<RouteItem>,
     /// weft's `TrafficPolicy`s (a rejected one: its last good version, if any, stays).
     pub traffic_policies: Store<TrafficItem>,
+    /// weft's `ExternalService`s (a rejected one: its status only, nothing in force).
+    pub external_services: Store<ExternalItem>,
 }
 
 /// Items of one kind by `namespace/name`, and the objects currently rejected.

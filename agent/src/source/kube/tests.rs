@@ -29,6 +29,7 @@ use crate::{
     test_util::kube_api::FakeApi,
 };
 
+mod external;
 mod fail_closed;
 mod traffic;
 
