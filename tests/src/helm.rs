@@ -715,6 +715,7 @@ pub const NON_DEFAULT: &[&str] = &[
     "agent.gatewayApi=true",
     "agent.mesh.mtlsMode=STRICT",
     "agent.mesh.excludedPorts={22,3306}",
+    "agent.mesh.outboundTrafficPolicy=REGISTRY_ONLY",
     "agent.workerThreads=2",
     "cni.binDir=/home/kubernetes/bin",
     "image.repository=registry.test/weft",

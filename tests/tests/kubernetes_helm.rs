@@ -654,6 +654,10 @@ fn non_default_values_render_monitor_pdb_privileged_and_another_namespace() -> R
     );
     assert_eq!(config["mesh"]["mtls"]["mode"], "STRICT");
     assert_eq!(config["mesh"]["excludedPorts"], json!([22, 3306]));
+    assert_eq!(
+        config["mesh"]["outboundTrafficPolicy"]["mode"],
+        "REGISTRY_ONLY"
+    );
 
     let ca = deployment(&objects, "weft-ca")?;
     let ca_labels = ca
