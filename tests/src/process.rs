@@ -90,7 +90,7 @@ impl TestProcess {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("spawn `{shown}`"))?;
+        let child = spawn_retrying_busy(&mut cmd).with_context(|| format!("spawn `{shown}`"))?;
         drop((netns, cgroup_procs));
         Ok(TestProcess {
             name: name.to_string(),
@@ -208,4 +208,20 @@ pub(crate) fn unique_path(dir: &Path, name: &str, ext: &str) -> PathBuf {
         n += 1;
     }
     path
+}
+
+/// Spawns `cmd`, again for a while if the kernel says its program is busy (ETXTBSY): a
+/// binary the test has just written (an upgrade's new agent) stays open for writing in any
+/// child another test thread forked while the file was open, until that child execs.
+fn spawn_retrying_busy(cmd: &mut Command) -> io::Result<Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }

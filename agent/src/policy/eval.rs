@@ -33,7 +33,8 @@ pub struct ConnectionFacts<'a> {
 pub struct EgressFacts<'a> {
     /// The external service's port the pod connected to.
     pub dst_port: u16,
-    /// The source pod's identity; `None` when the node has no trust domain (no CA).
+    /// The source pod's identity; `None` when the node has no trust domain (no CA): then
+    /// every rule with an identity condition matches in a DENY and not in an ALLOW.
     pub source_identity: Option<&'a SpiffeId>,
     /// The source pod's IP address.
     pub source_ip: IpAddr,
@@ -161,6 +162,8 @@ pub(crate) fn decide<'p>(
 /// What rules match on, from either side's facts.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Subject<'a> {
+    /// A source pod's own connection out (`EgressFacts`), not a peer arriving.
+    egress: bool,
     dst_port: u16,
     source_identity: Option<&'a SpiffeId>,
     source_ip: IpAddr,
@@ -170,6 +173,7 @@ pub(crate) struct Subject<'a> {
 impl<'a> From<&ConnectionFacts<'a>> for Subject<'a> {
     fn from(facts: &ConnectionFacts<'a>) -> Self {
         Self {
+            egress: false,
             dst_port: facts.dst_port,
             source_identity: facts.source_identity,
             source_ip: facts.source_ip,
@@ -181,6 +185,7 @@ impl<'a> From<&ConnectionFacts<'a>> for Subject<'a> {
 impl<'a> From<&EgressFacts<'a>> for Subject<'a> {
     fn from(facts: &EgressFacts<'a>) -> Self {
         Self {
+            egress: true,
             dst_port: facts.dst_port,
             source_identity: facts.source_identity,
             source_ip: facts.source_ip,
@@ -226,10 +231,10 @@ impl<'f, 'a> Peer<'f, 'a> {
                 .to_ports
                 .iter()
                 .any(|p| p.contains(self.facts.dst_port)))
-            && (rule.from.is_empty() || rule.from.iter().any(|s| self.source(s)))
+            && (rule.from.is_empty() || rule.from.iter().any(|s| self.source(s, action)))
     }
 
-    fn source(&self, source: &Source) -> bool {
+    fn source(&self, source: &Source, action: Action) -> bool {
         let ip = self.facts.source_ip;
         if !source.ip_blocks.is_empty() && !source.ip_blocks.iter().any(|b| b.contains(ip)) {
             return false;
@@ -240,9 +245,12 @@ impl<'f, 'a> Peer<'f, 'a> {
         if !needs_identity {
             return true;
         }
-        // Plaintext: nothing proves who the peer is, so no identity condition holds.
+        // Plaintext: nothing proves who the peer is, so no identity condition holds. A pod
+        // of this node going out without an identity (the node has no CA) is not a stranger
+        // but one whose name cannot be written: identity conditions then fail closed both
+        // ways, a DENY denies it and an ALLOW does not allow it.
         let Some(id) = self.facts.source_identity else {
-            return false;
+            return self.facts.egress && action == Action::Deny;
         };
         let text = || self.id_text.get_or_init(|| id.to_string()).as_str();
         // `ns/x/sa/y` of another mesh is another workload, whatever its names: the short

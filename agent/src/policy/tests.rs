@@ -1041,6 +1041,13 @@ fn policies_naming_an_external_service_judge_its_clients_and_select_no_workload(
         Decision::Allow,
         "an egress policy selected a workload"
     );
+    // No CA on the node, so no identity for the pod: identity conditions fail closed both
+    // ways (the DENY by namespace denies, the ALLOW by namespace does not allow); an
+    // address condition still decides on its own.
+    assert_eq!(
+        index.evaluate_egress(&api_service, &egress_from(None, "10.1.0.3", 443)),
+        deny(Some(("egress", "no-batch")), DenyReason::DeniedByPolicy)
+    );
     // The mesh's default deny is about reaching workloads, not about the way out.
     let mut closed = s.clone();
     closed.mesh.default_deny = true;
