@@ -115,7 +115,7 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
                 CONNECT_TIMEOUT,
             )
             .await?;
-            let stop = tracked.until_stopped(admission.revoked());
+            let stop = std::pin::pin!(tracked.until_stopped(admission.revoked()));
             match tls {
                 None => copy_to(proxy, &tracked, &mut client, upstream, stop).await,
                 Some(tls) => {
@@ -175,23 +175,15 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     let result = match hbone {
         None => {
             async {
-                let mut upstream = socket::connect_app(
+                let upstream = socket::connect_app(
                     pod.sockets.as_ref(),
                     outbound.upstream,
                     None,
                     CONNECT_TIMEOUT,
                 )
                 .await?;
-                proxy.connections().established(&tracked);
-                copy::bidirectional_until(
-                    &mut client,
-                    &mut upstream,
-                    &tracked.sent,
-                    &tracked.received,
-                    proxy.idle_timeout(),
-                    std::pin::pin!(tracked.stopped()),
-                )
-                .await
+                let stop = std::pin::pin!(tracked.stopped());
+                copy_to(proxy, &tracked, &mut client, upstream, stop).await
             }
             .await
         }
@@ -262,13 +254,15 @@ fn external(
     admitted
 }
 
-/// Copies between the application and an external host until both ends finish, or `stop`.
+/// Copies between the application and an upstream it reaches without HBONE (passthrough,
+/// an external host) until both ends finish, or `stop`. `stop` comes pinned by the caller,
+/// for the reason `copy::bidirectional_until` gives.
 async fn copy_to<U: copy::Stream>(
     proxy: &Proxy,
     tracked: &Tracked,
     client: &mut TcpStream,
     mut upstream: U,
-    stop: impl Future<Output = Error>,
+    stop: std::pin::Pin<&mut impl Future<Output = Error>>,
 ) -> Result<(), Error> {
     proxy.connections().established(tracked);
     copy::bidirectional_until(
@@ -277,7 +271,7 @@ async fn copy_to<U: copy::Stream>(
         &tracked.sent,
         &tracked.received,
         proxy.idle_timeout(),
-        std::pin::pin!(stop),
+        stop,
     )
     .await
 }
