@@ -507,27 +507,20 @@ mod tests {
     #[test]
     fn external_services_are_found_by_static_and_resolved_addresses_at_their_ports() {
         let mut s = snapshot_with_service();
-        let port = |number| ExternalPort {
-            number,
-            name: String::new(),
-            protocol: external::Protocol::Tcp,
-            target_port: number,
-            tls: None,
-        };
-        let by_dns = ExternalService {
-            name: WorkloadRef::new("egress", "api"),
-            hosts: vec!["api.example.test".into(), "www.example.test".into()],
-            ports: vec![port(443)],
-            resolution: Resolution::Dns,
-            addresses: vec![],
-        };
-        let fixed = ExternalService {
-            name: WorkloadRef::new("egress", "db"),
-            hosts: vec!["db.example.test".into()],
-            ports: vec![port(5432)],
-            resolution: Resolution::Static,
-            addresses: vec!["192.0.2.9".parse().unwrap()],
-        };
+        let port = |number| ExternalPort::for_test(number, external::Protocol::Tcp);
+        let egress = |name| WorkloadRef::new("egress", name);
+        let by_dns = ExternalService::for_test(
+            egress("api"),
+            &["api.example.test", "www.example.test"],
+            vec![port(443)],
+            &[],
+        );
+        let fixed = ExternalService::for_test(
+            egress("db"),
+            &["db.example.test"],
+            vec![port(5432)],
+            &["192.0.2.9"],
+        );
         for e in [by_dns, fixed] {
             s.external_services.insert(e.name.clone(), e);
         }
@@ -579,28 +572,21 @@ mod tests {
             addresses: vec!["10.1.0.9".parse().unwrap()],
         };
         s.waypoints.insert(waypoint.name.clone(), waypoint);
-        let port = |number| ExternalPort {
-            number,
-            name: String::new(),
-            protocol: external::Protocol::Tcp,
-            target_port: number,
-            tls: None,
-        };
-        let api = ExternalService {
-            name: WorkloadRef::new("egress", "api"),
-            hosts: vec!["api.example.test".into()],
-            ports: vec![port(443), port(80)],
-            resolution: Resolution::Dns,
-            addresses: vec![],
-        };
+        let port = |number| ExternalPort::for_test(number, external::Protocol::Tcp);
+        let egress = |name| WorkloadRef::new("egress", name);
+        let api = ExternalService::for_test(
+            egress("api"),
+            &["api.example.test"],
+            vec![port(443), port(80)],
+            &[],
+        );
         // Shares an address with the VIP: their ports add up.
-        let db = ExternalService {
-            name: WorkloadRef::new("egress", "db"),
-            hosts: vec!["db.example.test".into()],
-            ports: vec![port(5432), port(80)],
-            resolution: Resolution::Static,
-            addresses: vec!["10.96.0.10".parse().unwrap()],
-        };
+        let db = ExternalService::for_test(
+            egress("db"),
+            &["db.example.test"],
+            vec![port(5432), port(80)],
+            &["10.96.0.10"],
+        );
         for e in [api, db] {
             s.external_services.insert(e.name.clone(), e);
         }

@@ -6,6 +6,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
 };
 
@@ -25,7 +26,7 @@ use super::{
 use crate::{
     hbone::{self, copy},
     identity::SpiffeId,
-    state::{SameNode, WorkloadRef},
+    state::{SameNode, TlsOrigination, WorkloadRef},
 };
 
 pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream, peer: SocketAddr) {
@@ -108,24 +109,18 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     if let Route::External { service, tls, http } = &outbound.route {
         let result = async {
             let admission = external(proxy, pod, &tracked, service, source_ip, dst)?;
-            let upstream = socket::connect_app(
-                pod.sockets.as_ref(),
-                outbound.upstream,
-                None,
-                CONNECT_TIMEOUT,
-            )
-            .await?;
             let stop = std::pin::pin!(tracked.until_stopped(admission.revoked()));
-            match tls {
-                None => copy_to(proxy, &tracked, &mut client, upstream, stop).await,
-                Some(tls) => {
-                    let originator = &proxy.inner.originator;
-                    let upstream = originator
-                        .connect(upstream, tls, *http, CONNECT_TIMEOUT)
-                        .await?;
-                    copy_to(proxy, &tracked, &mut client, upstream, stop).await
-                }
-            }
+            let tls = tls.as_ref().map(|tls| (tls, *http));
+            direct(
+                proxy,
+                pod,
+                &tracked,
+                &mut client,
+                outbound.upstream,
+                tls,
+                stop,
+            )
+            .await
         }
         .await;
         if result.is_err() {
@@ -174,17 +169,16 @@ pub async fn handle(proxy: &Proxy, pod: &Arc<PodContext>, mut client: TcpStream,
     };
     let result = match hbone {
         None => {
-            async {
-                let upstream = socket::connect_app(
-                    pod.sockets.as_ref(),
-                    outbound.upstream,
-                    None,
-                    CONNECT_TIMEOUT,
-                )
-                .await?;
-                let stop = std::pin::pin!(tracked.stopped());
-                copy_to(proxy, &tracked, &mut client, upstream, stop).await
-            }
+            let stop = std::pin::pin!(tracked.stopped());
+            direct(
+                proxy,
+                pod,
+                &tracked,
+                &mut client,
+                outbound.upstream,
+                None,
+                stop,
+            )
             .await
         }
         Some((identity, addr, target)) => {
@@ -254,15 +248,41 @@ fn external(
     admitted
 }
 
-/// Copies between the application and an upstream it reaches without HBONE (passthrough,
-/// an external host) until both ends finish, or `stop`. `stop` comes pinned by the caller,
-/// for the reason `copy::bidirectional_until` gives.
+/// Connects from inside the pod to an upstream reached without HBONE (passthrough, an
+/// external host), opens TLS to it when `tls` says so (with whether the port carries
+/// HTTP), and copies until both ends finish, or `stop`. `stop` comes pinned by the
+/// caller, for the reason `copy::bidirectional_until` gives.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the pieces are the connection's, not a bundle"
+)]
+async fn direct(
+    proxy: &Proxy,
+    pod: &PodContext,
+    tracked: &Tracked,
+    client: &mut TcpStream,
+    upstream: SocketAddr,
+    tls: Option<(&TlsOrigination, bool)>,
+    stop: Pin<&mut impl Future<Output = Error>>,
+) -> Result<(), Error> {
+    let tcp = socket::connect_app(pod.sockets.as_ref(), upstream, None, CONNECT_TIMEOUT).await?;
+    match tls {
+        None => copy_to(proxy, tracked, client, tcp, stop).await,
+        Some((tls, http)) => {
+            let originator = &proxy.inner.originator;
+            let upstream = originator.connect(tcp, tls, http, CONNECT_TIMEOUT).await?;
+            copy_to(proxy, tracked, client, upstream, stop).await
+        }
+    }
+}
+
+/// Copies between the application and `upstream` until both ends finish, or `stop`.
 async fn copy_to<U: copy::Stream>(
     proxy: &Proxy,
     tracked: &Tracked,
     client: &mut TcpStream,
     mut upstream: U,
-    stop: std::pin::Pin<&mut impl Future<Output = Error>>,
+    stop: Pin<&mut impl Future<Output = Error>>,
 ) -> Result<(), Error> {
     proxy.connections().established(tracked);
     copy::bidirectional_until(

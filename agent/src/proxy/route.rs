@@ -560,34 +560,23 @@ mod tests {
     /// `bound(None, ..)` plus external service `egress/api` at 192.0.2.1 (resolved), port
     /// 443 passed through and port 80 originating TLS to 443.
     fn with_external(mode: OutboundMode) -> Snapshot {
-        use crate::state::{ExternalPort, ExternalService, Resolution, external::Protocol};
+        use crate::state::{ExternalPort, ExternalService, external::Protocol};
         let mut s = bound(None, &[]);
         s.mesh.outbound = mode;
-        let api = ExternalService {
-            name: WorkloadRef::new("egress", "api"),
-            hosts: vec!["api.example.test".into()],
-            ports: vec![
-                ExternalPort {
-                    number: 443,
-                    name: "https".into(),
-                    protocol: Protocol::Https,
-                    target_port: 443,
-                    tls: None,
-                },
-                ExternalPort {
-                    number: 80,
-                    name: "http".into(),
-                    protocol: Protocol::Http,
-                    target_port: 443,
-                    tls: Some(TlsOrigination {
-                        sni: "api.example.test".into(),
-                        ca_certificates: None,
-                    }),
-                },
-            ],
-            resolution: Resolution::Dns,
-            addresses: vec![],
+        let http = ExternalPort {
+            target_port: 443,
+            tls: Some(TlsOrigination {
+                sni: "api.example.test".into(),
+                ca_certificates: None,
+            }),
+            ..ExternalPort::for_test(80, Protocol::Http)
         };
+        let api = ExternalService::for_test(
+            WorkloadRef::new("egress", "api"),
+            &["api.example.test"],
+            vec![ExternalPort::for_test(443, Protocol::Https), http],
+            &[],
+        );
         s.external_services.insert(api.name.clone(), api);
         s.resolved_hosts.insert(
             "api.example.test".into(),

@@ -118,3 +118,40 @@ impl ExternalService {
         self.hosts.first().map(String::as_str).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+impl ExternalService {
+    /// A service for tests: `namespace/name` with `hosts` and `ports`, `STATIC` at
+    /// `addresses`, or `DNS` when there are none.
+    pub fn for_test(
+        name: WorkloadRef,
+        hosts: &[&str],
+        ports: Vec<ExternalPort>,
+        addresses: &[&str],
+    ) -> Self {
+        Self {
+            name,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            ports,
+            resolution: match addresses {
+                [] => Resolution::Dns,
+                _ => Resolution::Static,
+            },
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ExternalPort {
+    /// Port `number` carrying `protocol`, to the same port on the host, no TLS origination.
+    pub fn for_test(number: u16, protocol: Protocol) -> Self {
+        Self {
+            number,
+            name: String::new(),
+            protocol,
+            target_port: number,
+            tls: None,
+        }
+    }
+}

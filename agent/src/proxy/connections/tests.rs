@@ -572,21 +572,14 @@ fn a_connection_pool_refusal_is_flagged_upstream_overflow_and_not_a_denial() {
 
 #[test]
 fn an_external_service_is_named_by_its_host_and_an_unregistered_one_is_refused_no_route() {
-    use crate::state::{ExternalPort, ExternalService, Resolution, external::Protocol};
+    use crate::state::{ExternalPort, ExternalService, external::Protocol};
     let mut snapshot = mesh();
-    let api = ExternalService {
-        name: WorkloadRef::new("egress", "api"),
-        hosts: vec!["api.example.test".into()],
-        ports: vec![ExternalPort {
-            number: 443,
-            name: String::new(),
-            protocol: Protocol::Https,
-            target_port: 443,
-            tls: None,
-        }],
-        resolution: Resolution::Static,
-        addresses: vec!["192.0.2.1".parse().unwrap()],
-    };
+    let api = ExternalService::for_test(
+        WorkloadRef::new("egress", "api"),
+        &["api.example.test"],
+        vec![ExternalPort::for_test(443, Protocol::Https)],
+        &["192.0.2.1"],
+    );
     snapshot.external_services.insert(api.name.clone(), api);
     let h = Harness::new(snapshot);
     let t = h.connections.open(
