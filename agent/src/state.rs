@@ -5,6 +5,7 @@
 
 pub mod authn;
 pub mod external;
+pub mod gateway;
 pub mod policy;
 pub mod route;
 pub mod service;
@@ -22,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use external::{ExternalPort, ExternalService, OutboundMode, Resolution, TlsOrigination};
+pub use gateway::{Gateway, GatewayParent, Listener, TlsCertificate};
 pub use policy::{
     AccessPolicy, Action, IpBlock, L7Match, PortRange, Principal, Rule, ServiceAccount, Source,
     WorkloadSelector,
@@ -45,8 +47,13 @@ pub struct Snapshot {
     pub policies: BTreeMap<WorkloadRef, AccessPolicy>,
     /// Waypoints, by namespace/name.
     pub waypoints: BTreeMap<WorkloadRef, Waypoint>,
-    /// L7 routes (for waypoints), ordered by kind, then namespace/name.
+    /// L7 routes (for waypoints and gateways), ordered by kind, then namespace/name.
     pub routes: Vec<HttpRoute>,
+    /// Gateways of class `weft` (for `weft gateway`), by namespace/name.
+    pub gateways: BTreeMap<WorkloadRef, Gateway>,
+    /// TLS certificates the gateways' HTTPS listeners name, by namespace/name of their
+    /// Secret. Only those named are read.
+    pub tls_certificates: BTreeMap<WorkloadRef, TlsCertificate>,
     /// Traffic policies (for waypoints; for node proxies, the connection pools of Services
     /// without a waypoint), oldest first: where two set the same feature for
     /// one Service, the first wins.

@@ -17,7 +17,7 @@ use crate::cargo::{self, cargo, run};
 /// The release the upgrade test starts from: the last main that landed before this tree's
 /// changes. Bump it to the newest landed main when a release ships, so that each release
 /// is tested against the one before it.
-pub const COMMIT: &str = "d239eace4d516abc93fa368285f112b19b966190";
+pub const COMMIT: &str = "bff4425d8c58d17bf9b51906bcad602a6a4070fb";
 
 /// Where the previous release can come from.
 pub enum Previous {

@@ -547,6 +547,8 @@ impl Validator<'_> {
                 routes,
                 traffic_policies,
                 external_services,
+                gateways: Default::default(),
+                tls_certificates: Default::default(),
                 resolved_hosts: Default::default(),
                 mesh_namespaces: None,
                 index: Default::default(),

@@ -122,6 +122,7 @@ pub fn http_route(
     }
     Ok(HttpRoute {
         kind: RouteKind::Http,
+        gateway_parents: Vec::new(),
         parents: parents(&spec_field, &name.namespace, spec.parent_refs)?,
         hostnames: hostnames(&spec_field, spec.hostnames)?,
         name,
@@ -169,6 +170,7 @@ pub fn grpc_route(
         reshape(&format!("{spec_field}.parentRefs"), spec.parent_refs)?;
     Ok(HttpRoute {
         kind: RouteKind::Grpc,
+        gateway_parents: Vec::new(),
         parents: parents(&spec_field, &name.namespace, parent_refs)?,
         hostnames: hostnames(&spec_field, spec.hostnames)?,
         name,

@@ -19,6 +19,9 @@ pub struct HttpRoute {
     pub kind: RouteKind,
     /// The Services (and ports) the route attaches to.
     pub parents: Vec<ParentRef>,
+    /// The Gateways (and listeners) the route attaches to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateway_parents: Vec<super::GatewayParent>,
     /// Host names the route is limited to (the request's `Host` / `:authority` without
     /// port); empty matches every host.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -289,6 +289,7 @@ mod tests {
         HttpRoute {
             name: WorkloadRef::new("default", name),
             kind: RouteKind::Http,
+            gateway_parents: Vec::new(),
             parents: vec![ParentRef {
                 service: WorkloadRef::new("default", "echo"),
                 port,

@@ -656,6 +656,7 @@ fn route(rules: Vec<RouteRule>) -> HttpRoute {
     HttpRoute {
         name: svc("echo-route"),
         kind: RouteKind::Http,
+        gateway_parents: Vec::new(),
         parents: vec![ParentRef {
             service: svc(SERVICE),
             port: None,

@@ -158,6 +158,8 @@ pub(super) fn snapshot(
         routes,
         traffic_policies,
         external_services: external_services(stores),
+        gateways: Default::default(),
+        tls_certificates: Default::default(),
         resolved_hosts: Default::default(),
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),

@@ -86,6 +86,7 @@ fn route(rules: Vec<RouteRule>) -> HttpRoute {
     HttpRoute {
         name: svc("web"),
         kind: RouteKind::Http,
+        gateway_parents: Vec::new(),
         parents: vec![ParentRef {
             service: svc("echo"),
             port: None,
