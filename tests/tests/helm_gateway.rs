@@ -447,6 +447,35 @@ fn gateway_rbac_reads_its_own_gateway_and_exactly_the_secrets_it_names() -> Resu
 }
 
 #[test]
+fn the_pdb_and_the_metrics_render_only_when_enabled() -> Result<()> {
+    helm_or_skip!();
+    let objects = render_with_file(
+        DEFAULT_NS,
+        Some(TWO_GATEWAYS),
+        &[
+            "serviceMonitor.enabled=false",
+            "gatewayDefaults.podDisruptionBudget.enabled=false",
+        ],
+    )?;
+    let ids: BTreeSet<String> = objects.iter().map(Object::namespaced_id).collect();
+    for gone in [
+        "edge/PodDisruptionBudget/public",
+        "b2b/PodDisruptionBudget/partners",
+        "edge/Service/public-metrics",
+        "b2b/Service/partners-metrics",
+        "weft-system/ServiceMonitor/weft-gateway",
+    ] {
+        assert!(!ids.contains(gone), "{gone} in {ids:?}");
+    }
+    // One replica: no PDB either (it would block every drain of its node).
+    let objects = render_with_file(DEFAULT_NS, Some(TWO_GATEWAYS), &["gateways[0].replicas=1"])?;
+    let ids: BTreeSet<String> = objects.iter().map(Object::namespaced_id).collect();
+    assert!(!ids.contains("edge/PodDisruptionBudget/public"), "{ids:?}");
+    assert!(ids.contains("b2b/PodDisruptionBudget/partners"), "{ids:?}");
+    Ok(())
+}
+
+#[test]
 fn the_gateway_class_renders_once_for_all_gateways_and_can_be_left_out() -> Result<()> {
     helm_or_skip!();
     let count = |objects: &[Object]| {
@@ -580,6 +609,14 @@ fn bad_gateway_values_are_refused_naming_the_field() -> Result<()> {
                  gateways: [{{name: gw, namespace: edge, {listeners}}}]"
             ),
             &["gateways[0].name", "edge/gw", "waypoint"],
+        ),
+        (
+            format!(
+                "serviceMonitor: {{enabled: true}}\n\
+                 gateways: [{{name: gw, namespace: edge, {listeners}}}, \
+                 {{name: gw-metrics, namespace: edge, {listeners}}}]"
+            ),
+            &["gateways[0].name", "edge/gw-metrics", "metrics Service"],
         ),
         (
             format!(

@@ -166,7 +166,8 @@ let a pod go, and on a grace period the drain does not fit in.
 The gateways of values.yaml (weft.proxies), as a JSON list, with the checks of their own:
 each listener name and port once, none on a port of the gateway itself (admin 15000, metrics
 15020, readiness 15021), loadBalancerSourceRanges on a LoadBalancer only, no gateway where a
-waypoint of that name is, and none running as a waypoint's service account (it would have
+waypoint of that name is, nor one named as another's metrics Service (`<name>-metrics`), and
+none running as a waypoint's service account (it would have
 that waypoint's identity, which the services bound to the waypoint admit). Each entry gains
 `unprivilegedPortStart`: its lowest listener port when that is under 1024, else 0.
 */}}
@@ -177,9 +178,17 @@ that waypoint's identity, which the services bound to the waypoint admit). Each 
 {{- $_ := set $waypointNames (printf "%s/%s" .namespace .name) true -}}
 {{- $_ := set $waypointAccounts (printf "%s/%s" .namespace .serviceAccount) true -}}
 {{- end -}}
+{{- $gateways := include "weft.proxies" (dict "root" . "field" "gateways") | fromJsonArray -}}
+{{- $proxyNames := deepCopy $waypointNames -}}
+{{- range $gateways -}}
+{{- $_ := set $proxyNames (printf "%s/%s" .namespace .name) true -}}
+{{- end -}}
 {{- $out := list -}}
-{{- range $i, $g := include "weft.proxies" (dict "root" . "field" "gateways") | fromJsonArray -}}
+{{- range $i, $g := $gateways -}}
 {{- $at := printf "gateways[%d]" $i -}}
+{{- if and $.Values.serviceMonitor.enabled (hasKey $proxyNames (printf "%s/%s-metrics" $g.namespace $g.name)) -}}
+{{- fail (printf "%s.name: %s/%s-metrics, the name of its metrics Service, is also a waypoint or a gateway" $at $g.namespace $g.name) -}}
+{{- end -}}
 {{- if hasKey $waypointNames (printf "%s/%s" $g.namespace $g.name) -}}
 {{- fail (printf "%s.name: %s/%s is also a waypoint: the two would be one Deployment and one Service" $at $g.namespace $g.name) -}}
 {{- end -}}
