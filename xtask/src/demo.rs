@@ -27,6 +27,9 @@ use weft_tests::{
 
 use crate::{cargo, setup};
 
+mod edge;
+mod outside;
+
 pub fn run() -> Result<()> {
     setup::ensure()?;
     println!("== building the agent and the demo's test application ==");
@@ -283,6 +286,8 @@ fn tour(agent_bin: &str) -> Result<Vec<String>> {
         [&agent1, &agent2],
         &mut problems,
     )?;
+
+    edge::run([&node1, &node2], &client, [&agent1, &agent2], &mut problems)?;
 
     // The agents' own logs help only when something went wrong.
     let failed = !problems.is_empty();
