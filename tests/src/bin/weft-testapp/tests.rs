@@ -44,6 +44,8 @@ fn load(to: SocketAddr, count: u64) -> http::LoadOptions {
         slow_body: None,
         pace: Duration::ZERO,
         timeout: Duration::from_secs(10),
+        tls: None,
+        new_connections: false,
     }
 }
 
@@ -67,6 +69,7 @@ fn call(to: SocketAddr, mode: grpc::Mode, messages: u64) -> grpc::CallOptions {
         headers: Vec::new(),
         pace: Duration::ZERO,
         timeout: Duration::from_secs(10),
+        tls: None,
     }
 }
 
