@@ -26,6 +26,7 @@ pub mod bpf;
 pub mod cni;
 pub mod eventually;
 pub mod fixture;
+pub mod gateway;
 #[cfg(feature = "helm")]
 pub mod helm;
 pub mod image;
