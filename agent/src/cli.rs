@@ -1,12 +1,17 @@
-//! Command line: `weft agent`, `weft waypoint`, `weft status`, `weft ca`, `weft cni`.
+//! Command line: `weft agent`, `weft waypoint`, `weft gateway`, `weft status`, `weft ca`,
+//! `weft cni`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
     admin,
-    app::waypoint::{Error, RELOAD_INTERVAL, Settings},
+    app::waypoint::{Error, Face, RELOAD_INTERVAL, Settings},
     http,
     identity::{self, CaSource, SpiffeId},
     source,
@@ -29,6 +34,9 @@ pub enum Command {
     /// Run a waypoint: the L7 proxy (HTTP routes, retries, L7 policy) of the services
     /// bound to it with `weft.dev/use-waypoint`.
     Waypoint(Box<WaypointArgs>),
+    /// Run an ingress gateway: the listeners of a Gateway of class `weft`, its routes'
+    /// requests sent into the mesh over HBONE as its own identity.
+    Gateway(Box<GatewayArgs>),
     /// Show what the agent on this node is doing (enrolled pods, listeners, eBPF maps).
     Status(StatusArgs),
     /// Run the certificate authority (`--config ca.yaml`), or create its root (`init`).
@@ -138,6 +146,58 @@ pub struct AgentArgs {
 
 #[derive(Debug, Args)]
 pub struct WaypointArgs {
+    /// The waypoint's name: services labelled `weft.dev/use-waypoint: <name>` in its
+    /// namespace are the ones it serves.
+    #[arg(long, env = "WEFT_WAYPOINT_NAME")]
+    pub name: String,
+    /// HBONE listener.
+    #[arg(long, env = "WEFT_LISTEN_ADDR", default_value = "0.0.0.0:15008")]
+    pub listen_addr: SocketAddr,
+    #[command(flatten)]
+    pub l7: L7Args,
+}
+
+impl WaypointArgs {
+    /// The waypoint's validated settings, naming the flag that is wrong.
+    pub fn settings(&self) -> Result<Settings, Error> {
+        let mut settings = self.l7.settings(&self.name, Face::Waypoint)?;
+        settings.waypoint.listen_addr = self.listen_addr;
+        Ok(settings)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// The name of the Gateway object (of class `weft`, in --namespace) it serves.
+    #[arg(long, env = "WEFT_GATEWAY_NAME")]
+    pub name: String,
+    /// The address every listener binds, at the listener's port.
+    #[arg(long, env = "WEFT_LISTEN_IP", default_value = "0.0.0.0")]
+    pub listen_ip: IpAddr,
+    /// With `--source kubernetes`: the only Secrets (in --namespace) it reads, the
+    /// certificates its listeners name; repeat, or separate with commas.
+    #[arg(long = "tls-secret", env = "WEFT_TLS_SECRETS", value_delimiter = ',')]
+    pub tls_secrets: Vec<String>,
+    #[command(flatten)]
+    pub l7: L7Args,
+}
+
+impl GatewayArgs {
+    /// The gateway's validated settings, naming the flag that is wrong.
+    pub fn settings(&self) -> Result<Settings, Error> {
+        self.l7.settings(
+            &self.name,
+            Face::Gateway {
+                listen_ip: self.listen_ip,
+                tls_secrets: self.tls_secrets.clone(),
+            },
+        )
+    }
+}
+
+/// What a waypoint and a gateway are both configured with.
+#[derive(Debug, Args)]
+pub struct L7Args {
     /// Local state file (services, workloads, policies, waypoints, routes; the agent's
     /// format), reloaded on change.
     #[arg(long, env = "WEFT_CONFIG", required_unless_present = "source")]
@@ -145,10 +205,6 @@ pub struct WaypointArgs {
     /// Where services, workloads, policies and routes come from.
     #[arg(long, env = "WEFT_SOURCE", value_enum)]
     pub source: Option<source::Kind>,
-    /// The waypoint's name: services labelled `weft.dev/use-waypoint: <name>` in its
-    /// namespace are the ones it serves.
-    #[arg(long, env = "WEFT_WAYPOINT_NAME")]
-    pub name: String,
     /// The waypoint's namespace.
     #[arg(long, env = "WEFT_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -159,9 +215,6 @@ pub struct WaypointArgs {
     /// `--source kubernetes` only.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// HBONE listener.
-    #[arg(long, env = "WEFT_LISTEN_ADDR", default_value = "0.0.0.0:15008")]
-    pub listen_addr: SocketAddr,
     /// Admin API (`/config_dump`, `/quitquitquit`); keep it on localhost.
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -216,15 +269,15 @@ pub struct WaypointArgs {
     pub log_format: LogFormat,
 }
 
-impl WaypointArgs {
-    /// The waypoint's validated settings, naming the flag that is wrong.
-    pub fn settings(&self) -> Result<Settings, Error> {
+impl L7Args {
+    /// The settings of the waypoint or gateway `name`, naming the flag that is wrong.
+    fn settings(&self, name: &str, face: Face) -> Result<Settings, Error> {
         let args = self;
         let source = args.source.unwrap_or_default();
         if source == source::Kind::File && args.config.is_none() {
             return Err(Error::NoConfig);
         }
-        let service_account = args.service_account.as_deref().unwrap_or(&args.name);
+        let service_account = args.service_account.as_deref().unwrap_or(name);
         let identity = SpiffeId::new(&args.trust_domain, &args.namespace, service_account)
             .map_err(|e| Error::Invalid {
                 field: "--service-account",
@@ -252,15 +305,14 @@ impl WaypointArgs {
             field: "--admin-addr",
             reason,
         })?;
-        let mut waypoint =
-            waypoint::Config::new(WorkloadRef::new(&args.namespace, &args.name), identity);
-        waypoint.listen_addr = args.listen_addr;
+        let mut waypoint = waypoint::Config::new(WorkloadRef::new(&args.namespace, name), identity);
         waypoint.path_escaped_slashes = args.path_escaped_slashes;
         waypoint.listen_grace = args.listen_grace;
         waypoint.drain_limit = args.drain_limit;
         waypoint.jwks_ca_file.clone_from(&args.jwks_ca_file);
         Ok(Settings {
             waypoint,
+            face,
             identity: identity::Config {
                 trust_domain: args.trust_domain.clone(),
                 cert_lifetime: identity::DEFAULT_CERT_LIFETIME,
@@ -372,33 +424,69 @@ mod tests {
     fn waypoint_flags_default_to_the_fixed_ports() {
         let args = waypoint(&["--config", "/etc/weft/state.yaml"]).unwrap();
         assert_eq!(
-            args.path_escaped_slashes,
+            args.l7.path_escaped_slashes,
             crate::waypoint::path::EscapedSlashes::Reject
         );
         assert_eq!(args.listen_addr, "0.0.0.0:15008".parse().unwrap());
-        assert_eq!(args.admin_addr, "127.0.0.1:15000".parse().unwrap());
-        assert_eq!(args.metrics_addr, "0.0.0.0:15020".parse().unwrap());
-        assert_eq!(args.readiness_addr, "0.0.0.0:15021".parse().unwrap());
-        assert_eq!(args.trust_domain, "cluster.local");
-        assert_eq!(args.metrics_prefix.as_str(), "weft");
-        assert_eq!(args.drain_limit, crate::waypoint::DEFAULT_DRAIN_LIMIT);
+        assert_eq!(args.l7.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(args.l7.metrics_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(args.l7.readiness_addr, "0.0.0.0:15021".parse().unwrap());
+        assert_eq!(args.l7.trust_domain, "cluster.local");
+        assert_eq!(args.l7.metrics_prefix.as_str(), "weft");
+        assert_eq!(args.l7.drain_limit, crate::waypoint::DEFAULT_DRAIN_LIMIT);
         let longer = waypoint(&["--config", "x", "--drain-limit", "2m"]).unwrap();
-        assert_eq!(longer.drain_limit, Duration::from_secs(120));
+        assert_eq!(longer.l7.drain_limit, Duration::from_secs(120));
         assert!(waypoint(&["--config", "x", "--drain-limit", "soon"]).is_err());
-        assert_eq!(args.listen_grace, Duration::ZERO);
+        assert_eq!(args.l7.listen_grace, Duration::ZERO);
         let graced = waypoint(&["--config", "x", "--listen-grace", "5s"]).unwrap();
-        assert_eq!(graced.listen_grace, Duration::from_secs(5));
+        assert_eq!(graced.l7.listen_grace, Duration::from_secs(5));
         assert!(waypoint(&[]).is_err(), "a state source is required");
         assert!(waypoint(&["--source", "kubernetes"]).is_ok());
         assert!(waypoint(&["--config", "x", "--ca-addr", "ca:15012"]).is_err());
         assert!(waypoint(&["--config", "x", "--metrics-prefix", "Bad"]).is_err());
         let decode = waypoint(&["--config", "x", "--path-escaped-slashes", "decode"]).unwrap();
         assert_eq!(
-            decode.path_escaped_slashes,
+            decode.l7.path_escaped_slashes,
             crate::waypoint::path::EscapedSlashes::Decode
         );
         let bad = waypoint(&["--config", "x", "--path-escaped-slashes", "maybe"]).unwrap_err();
         assert!(bad.to_string().contains("--path-escaped-slashes"), "{bad}");
+    }
+
+    #[test]
+    fn gateway_flags_name_its_listen_address_and_its_secrets() {
+        let parse = |args: &[&str]| {
+            let argv = ["weft", "gateway", "--name", "public", "--namespace", "edge"];
+            match Cli::try_parse_from(argv.iter().chain(args))?.command {
+                Command::Gateway(args) => Ok::<_, clap::Error>(*args),
+                _ => unreachable!("parsed the gateway subcommand"),
+            }
+        };
+        let args = parse(&["--source", "kubernetes"]).unwrap();
+        assert_eq!(args.listen_ip, IpAddr::from([0, 0, 0, 0]));
+        assert!(args.tls_secrets.is_empty());
+        let args = parse(&[
+            "--source",
+            "kubernetes",
+            "--listen-ip",
+            "::",
+            "--tls-secret",
+            "shop-cert,api-cert",
+            "--tls-secret",
+            "old-cert",
+        ])
+        .unwrap();
+        assert_eq!(args.tls_secrets, ["shop-cert", "api-cert", "old-cert"]);
+        assert!(parse(&["--source", "kubernetes", "--listen-ip", "any"]).is_err());
+        let settings = parse(&["--config", "x", "--ca-cert", "c", "--ca-key", "k"])
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(
+            settings.waypoint.identity.to_string(),
+            "spiffe://cluster.local/ns/edge/sa/public"
+        );
+        assert!(matches!(settings.face, Face::Gateway { .. }));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use weft::{
     app, ca,
     cli::{
         AgentArgs, CaArgs, CaCommand, CaInitArgs, Cli, CniCommand, CniDirs, CniInstallArgs,
-        Command, StatusArgs, UninstallArgs, WaypointArgs,
+        Command, StatusArgs, UninstallArgs,
     },
     cni,
     config::{Config, Overrides},
@@ -24,7 +24,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => agent(args),
-        Command::Waypoint(args) => waypoint_command(&args),
+        Command::Waypoint(args) => l7_command(args.l7.log_format, args.settings()),
+        Command::Gateway(args) => l7_command(args.l7.log_format, args.settings()),
         Command::Status(args) => status_command(&args),
         Command::Ca(args) => ca_command(args),
         Command::Uninstall(args) => uninstall_command(&args),
@@ -94,14 +95,19 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn waypoint_command(args: &WaypointArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+/// `weft waypoint` and `weft gateway`: one L7 engine, facing the mesh or the outside.
+fn l7_command(
+    log_format: telemetry::LogFormat,
+    settings: Result<app::waypoint::Settings, app::waypoint::Error>,
+) -> anyhow::Result<()> {
+    telemetry::init(log_format);
     raise_open_file_limit();
-    let settings = args.settings()?;
-    tracing::info!(component = "app", config = %serde_json::to_string(&settings).unwrap_or_default(), "starting weft waypoint");
+    let settings = settings?;
+    let component = settings.face.component();
+    tracing::info!(component = "app", config = %serde_json::to_string(&settings).unwrap_or_default(), "starting weft {component}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("weft-waypoint")
+        .thread_name(format!("weft-{component}"))
         .build()
         .context("cannot start the async runtime")?;
     match (settings.source, settings.config_path.clone()) {

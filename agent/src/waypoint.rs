@@ -37,6 +37,7 @@ mod breaker;
 mod fault;
 mod filters;
 mod hosts;
+mod listener;
 mod metrics;
 mod observe;
 pub mod path;
@@ -71,6 +72,7 @@ use crate::{
     policy::PolicyIndex,
     state::{
         Snapshot, StateHandle, Target as PolicyTarget, WorkloadRef,
+        gateway::ListenerProtocol,
         traffic::{self, Fault, RateLimit, RetryPolicy},
     },
     sync::Mutex,
@@ -385,13 +387,22 @@ enum Target {
         addr: SocketAddr,
         service: WorkloadRef,
     },
+    /// A port of a gateway's listeners, over plain HTTP or TLS: routed by the routes of
+    /// the listener the request's host picks.
+    Listener {
+        gateway: WorkloadRef,
+        port: u16,
+        protocol: ListenerProtocol,
+    },
 }
 
 impl Target {
-    /// The Service the client addressed (directly, or through one of its pods).
-    fn service(&self) -> &WorkloadRef {
+    /// The Service the client addressed (directly, or through one of its pods); `None`
+    /// for a gateway listener, which addresses no Service.
+    fn service(&self) -> Option<&WorkloadRef> {
         match self {
-            Target::Service { service, .. } | Target::Pod { service, .. } => service,
+            Target::Service { service, .. } | Target::Pod { service, .. } => Some(service),
+            Target::Listener { .. } => None,
         }
     }
 }

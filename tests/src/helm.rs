@@ -16,12 +16,12 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{ConfigMap, Container, PodSpec, Service, ServiceAccount},
+        core::v1::{ConfigMap, Container, PodAffinityTerm, PodSpec, Service, ServiceAccount},
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
@@ -49,6 +49,7 @@ pub enum Object {
     CustomResourceDefinition(CustomResourceDefinition),
     DaemonSet(Box<DaemonSet>),
     Deployment(Box<Deployment>),
+    GatewayClass(GatewayClass),
     PodDisruptionBudget(PodDisruptionBudget),
     Role(Role),
     RoleBinding(RoleBinding),
@@ -81,6 +82,7 @@ impl Object {
                 Object::CustomResourceDefinition(typed(value)?)
             }
             ("monitoring.coreos.com/v1", "ServiceMonitor") => Object::ServiceMonitor(typed(value)?),
+            ("gateway.networking.k8s.io/v1", "GatewayClass") => Object::GatewayClass(typed(value)?),
             _ => bail!(
                 "unknown kind {api_version} {kind}: add it to Object with its API type, or \
                  render a kind the test knows"
@@ -102,6 +104,31 @@ impl Object {
                 );
             }
         }
+        if let Object::Service(svc) = &object {
+            let spec = svc.spec.clone().unwrap_or_default();
+            let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+            // The API server's rules (ValidateService): such a Service is refused.
+            ensure!(
+                spec.external_traffic_policy.is_none()
+                    || matches!(kind, "LoadBalancer" | "NodePort"),
+                "{}: externalTrafficPolicy on a {kind} Service is refused by the API server",
+                object.id()
+            );
+            ensure!(
+                spec.load_balancer_source_ranges.is_none() || kind == "LoadBalancer",
+                "{}: loadBalancerSourceRanges on a {kind} Service is refused by the API server",
+                object.id()
+            );
+        }
+        if let Object::GatewayClass(class) = &object {
+            // The CRD's limit (Gateway API v1.5.1).
+            let description = class.spec.description.as_deref().unwrap_or_default();
+            ensure!(
+                description.chars().count() <= 64,
+                "{}: a description of more than 64 characters is refused by the CRD",
+                object.id()
+            );
+        }
         Ok(object)
     }
 
@@ -113,6 +140,7 @@ impl Object {
             Object::CustomResourceDefinition(o) => serde_json::to_value(&o.metadata),
             Object::DaemonSet(o) => serde_json::to_value(&o.metadata),
             Object::Deployment(o) => serde_json::to_value(&o.metadata),
+            Object::GatewayClass(o) => serde_json::to_value(&o.metadata),
             Object::PodDisruptionBudget(o) => serde_json::to_value(&o.metadata),
             Object::Role(o) => serde_json::to_value(&o.metadata),
             Object::RoleBinding(o) => serde_json::to_value(&o.metadata),
@@ -131,6 +159,7 @@ impl Object {
             Object::CustomResourceDefinition(_) => "CustomResourceDefinition",
             Object::DaemonSet(_) => "DaemonSet",
             Object::Deployment(_) => "Deployment",
+            Object::GatewayClass(_) => "GatewayClass",
             Object::PodDisruptionBudget(_) => "PodDisruptionBudget",
             Object::Role(_) => "Role",
             Object::RoleBinding(_) => "RoleBinding",
@@ -146,6 +175,7 @@ impl Object {
             Object::ClusterRole(_)
                 | Object::ClusterRoleBinding(_)
                 | Object::CustomResourceDefinition(_)
+                | Object::GatewayClass(_)
         )
     }
 
@@ -216,6 +246,25 @@ pub struct MonitorEndpoint {
 pub struct Relabeling {
     pub source_labels: Vec<String>,
     pub target_label: String,
+}
+
+/// The Gateway API's `gateway.networking.k8s.io/v1` GatewayClass, with the field names of its
+/// CRD (the chart does not install the Gateway API CRDs; the clusters it runs on have them).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayClass {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    pub spec: GatewayClassSpec,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayClassSpec {
+    pub controller_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Deserializes into `T`, then requires that serializing `T` gives the same JSON back: a
@@ -386,6 +435,25 @@ pub fn crd_files() -> Result<Vec<CustomResourceDefinition>> {
     Ok(crds)
 }
 
+/// The plural names of the `weft.dev` CRDs in crds/, sorted: what the agent and the proxies
+/// read.
+pub fn weft_plurals() -> Result<Vec<String>> {
+    let mut plurals: Vec<String> = crd_files()?
+        .iter()
+        .filter(|c| c.spec.group == "weft.dev")
+        .map(|c| c.spec.names.plural.clone())
+        .collect();
+    plurals.sort();
+    Ok(plurals)
+}
+
+/// `helm lint --strict` of the chart with `values` (a values file), and its output.
+pub fn lint_with(values: &str) -> Result<String> {
+    let file = values_tempfile(values)?;
+    let path = file.path().to_string_lossy().into_owned();
+    helm(&["lint", "--strict", "--values", &path], &[])
+}
+
 /// Every pod template, with its owner (`Kind/name`).
 pub fn pods(objects: &[Object]) -> Vec<(String, &PodSpec)> {
     objects
@@ -539,10 +607,10 @@ pub fn bindings(objects: &[Object]) -> Vec<((String, bool), String, Vec<Subject>
 /// One RBAC rule, order-insensitive.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rule {
-    api_groups: BTreeSet<String>,
-    resources: BTreeSet<String>,
-    verbs: BTreeSet<String>,
-    resource_names: BTreeSet<String>,
+    pub api_groups: BTreeSet<String>,
+    pub resources: BTreeSet<String>,
+    pub verbs: BTreeSet<String>,
+    pub resource_names: BTreeSet<String>,
 }
 
 /// The CA's Role in its namespace and each waypoint's: create the trust bundle ConfigMap,
@@ -584,26 +652,37 @@ pub fn rules(rules: &Option<Vec<PolicyRule>>) -> BTreeSet<Rule> {
         .collect()
 }
 
-fn all_rules(objects: &[Object]) -> Vec<Rule> {
+/// Every rule of every Role and ClusterRole, with its role's `namespace/Kind/name`.
+pub fn role_rules(objects: &[Object]) -> Vec<(String, Rule)> {
     objects
         .iter()
-        .flat_map(|o| match o {
-            Object::ClusterRole(r) => rules(&r.rules),
-            Object::Role(r) => rules(&r.rules),
-            _ => BTreeSet::new(),
+        .flat_map(|o| {
+            let rules = match o {
+                Object::ClusterRole(r) => rules(&r.rules),
+                Object::Role(r) => rules(&r.rules),
+                _ => BTreeSet::new(),
+            };
+            rules.into_iter().map(|r| (o.namespaced_id(), r))
         })
         .collect()
 }
 
+/// No rule of any role has a wildcard.
+pub fn assert_no_wildcard(objects: &[Object]) {
+    for (role, r) in role_rules(objects) {
+        for field in [&r.resources, &r.verbs, &r.api_groups] {
+            assert!(!field.contains("*"), "{role}: a wildcard: {r:?}");
+        }
+    }
+}
+
 /// No rule of any role has a wildcard or names Secrets.
 pub fn assert_no_wildcard_and_no_secrets(objects: &[Object]) {
-    for r in all_rules(objects) {
-        for field in [&r.resources, &r.verbs, &r.api_groups] {
-            assert!(!field.contains("*"), "a wildcard: {r:?}");
-        }
+    assert_no_wildcard(objects);
+    for (role, r) in role_rules(objects) {
         assert!(
             !r.resources.contains("secrets"),
-            "nobody reads Secrets: {r:?}"
+            "{role}: nobody reads Secrets: {r:?}"
         );
     }
 }
@@ -681,6 +760,292 @@ pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, Strin
     })
 }
 
+/// Whether `svc` selects pods with `labels` (a selector that is not empty).
+pub fn service_selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
+    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    selector.is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// A Service's ports: name → (port, target port as written).
+pub fn service_ports(svc: &Service) -> BTreeMap<String, (i32, String)> {
+    svc.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| {
+            let target = match &p.target_port {
+                Some(IntOrString::String(s)) => s.clone(),
+                Some(IntOrString::Int(i)) => i.to_string(),
+                None => String::new(),
+            };
+            (p.name.clone().unwrap_or_default(), (p.port, target))
+        })
+        .collect()
+}
+
+/// The Deployment `namespace/name` (a waypoint's or a gateway's).
+pub fn deployment_in<'a>(
+    objects: &'a [Object],
+    namespace: &str,
+    name: &str,
+) -> Result<&'a Deployment> {
+    in_namespace(objects, namespace, "Deployment", name, |o| match o {
+        Object::Deployment(d) => Some(&**d),
+        _ => None,
+    })
+}
+
+/// The Service `namespace/name`.
+pub fn service_in<'a>(objects: &'a [Object], namespace: &str, name: &str) -> Result<&'a Service> {
+    in_namespace(objects, namespace, "Service", name, |o| match o {
+        Object::Service(x) => Some(x),
+        _ => None,
+    })
+}
+
+/// The labels of a Deployment's pods.
+pub fn pod_labels(deploy: &Deployment) -> BTreeMap<String, String> {
+    deploy
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
+}
+
+/// The chart with `values` (a values file) and with `serviceMonitor.enabled` alone, both into
+/// [`DEFAULT_NS`]: the objects of the first, each once, and the `namespace/Kind/name` of those
+/// the values add (the rest of the chart must stay).
+pub fn render_added(values: &str) -> Result<(Vec<Object>, BTreeSet<String>)> {
+    let baseline: BTreeSet<String> = render(DEFAULT_NS, &["serviceMonitor.enabled=true"])?
+        .iter()
+        .map(Object::namespaced_id)
+        .collect();
+    let objects = render_with_file(DEFAULT_NS, Some(values), &[])?;
+    let rendered: BTreeSet<String> = objects.iter().map(Object::namespaced_id).collect();
+    ensure!(
+        rendered.len() == objects.len(),
+        "duplicate objects in {rendered:?}"
+    );
+    ensure!(
+        rendered.is_superset(&baseline),
+        "the rest of the chart stays: {:?} are gone",
+        baseline.difference(&rendered).collect::<Vec<_>>()
+    );
+    let added = rendered.difference(&baseline).cloned().collect();
+    Ok((objects, added))
+}
+
+/// The pod and container of the proxy Deployment `namespace/name` (`component`: `waypoint`
+/// or `gateway`), once what every proxy shares is checked: labelled with its component and
+/// never enrolled; nothing of the host; one container, named after the component,
+/// unprivileged (non-root, read-only root, no capability, RuntimeDefault seccomp); ready on
+/// `/healthz/ready` of its `readiness` port, no liveness probe; and the agent's trust bundle
+/// and a projected token of the CA's audience mounted as the agent mounts them.
+pub fn proxy_pod<'a>(
+    objects: &'a [Object],
+    namespace: &str,
+    name: &str,
+    component: &str,
+) -> Result<(&'a PodSpec, &'a Container)> {
+    let deploy = deployment_in(objects, namespace, name)?;
+    let labels = pod_labels(deploy);
+    let label = |key: &str| labels.get(key).map(String::as_str);
+    ensure!(
+        label("weft.dev/mesh") == Some("disabled"),
+        "{name}: never enrolled"
+    );
+    ensure!(label("app.kubernetes.io/component") == Some(component));
+    let pod = pod_spec_of(deploy.spec.as_ref().map(|s| &s.template))?;
+    ensure!(
+        pod.host_network != Some(true) && pod.host_pid != Some(true) && pod.host_ipc != Some(true),
+        "{name}: no host namespace"
+    );
+    ensure!(pod.containers.len() == 1, "{name}: one container");
+    ensure!(pod.init_containers.is_none(), "{name}: no init container");
+    let c = container(pod, component)?;
+    ensure!(
+        host_mounts(pod, component)?.is_empty(),
+        "{name}: no hostPath"
+    );
+    let sc = c.security_context.clone().unwrap_or_default();
+    assert_eq!(sc.privileged, Some(false), "{name}");
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{name}");
+    assert_eq!(sc.run_as_non_root, Some(true), "{name}");
+    assert_ne!(sc.run_as_user, Some(0), "{name}");
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{name}");
+    let caps = sc.capabilities.unwrap_or_default();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "{name}");
+    assert!(
+        caps.add.unwrap_or_default().is_empty(),
+        "{name}: a proxy needs no capability"
+    );
+    assert_eq!(
+        sc.seccomp_profile.map(|p| p.type_).as_deref(),
+        Some("RuntimeDefault")
+    );
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .context("an HTTP readiness probe")?;
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(probe.port, IntOrString::String("readiness".into()));
+    assert!(c.liveness_probe.is_none(), "{name}");
+
+    // The files the CA env names: the same trust bundle ConfigMap and the same projected
+    // token (the CA's audience) as the agent's, from this pod.
+    let agent_pod = agent_pod(objects)?;
+    let agent_container = container(agent_pod, "agent")?;
+    for path in ["/etc/weft/ca", "/var/run/secrets/weft"] {
+        assert_eq!(
+            serde_json::to_value(mounted_volume(pod, c, path)?)?,
+            serde_json::to_value(mounted_volume(agent_pod, agent_container, path)?)?,
+            "{name}: {path}"
+        );
+    }
+    let token = mounted_volume(pod, c, "/var/run/secrets/weft")?;
+    let audience = token
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s.first())
+        .and_then(|s| s.service_account_token.as_ref())
+        .and_then(|t| t.audience.clone());
+    let ca = config_file(objects, "weft-ca", "ca.yaml")?;
+    assert_eq!(audience.as_deref(), ca["kubernetes"]["audience"].as_str());
+    Ok((pod, c))
+}
+
+/// The environment every proxy gets from the chart besides its own: its namespace and node
+/// from the downward API, the trust domain, the CA exactly as the agent reaches it (from the
+/// rendered agent.yaml), and the log filter.
+pub fn proxy_env(objects: &[Object]) -> Result<BTreeMap<String, Value>> {
+    let agent = config_file(objects, "weft-agent", "agent.yaml")?;
+    let remote = &agent["agent"]["ca"]["remote"];
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    Ok(BTreeMap::from([
+        ("WEFT_NAMESPACE".into(), field("metadata.namespace")),
+        ("WEFT_NODE_NAME".into(), field("spec.nodeName")),
+        (
+            "WEFT_TRUST_DOMAIN".into(),
+            agent["agent"]["trustDomain"].clone(),
+        ),
+        ("WEFT_CA_ADDR".into(), remote["addr"].clone()),
+        ("WEFT_CA_SERVER_NAME".into(), remote["serverName"].clone()),
+        ("WEFT_CA_ROOT_CERT".into(), remote["rootCert"].clone()),
+        ("WEFT_CA_TOKEN_FILE".into(), remote["tokenFile"].clone()),
+        ("WEFT_LOG".into(), json!("info")),
+    ]))
+}
+
+/// The minAvailable of the PodDisruptionBudget of the proxy `namespace/name`, once checked
+/// that it covers that proxy's pods and not those of `other` (another proxy's).
+pub fn proxy_pdb_min_available(
+    objects: &[Object],
+    (namespace, name): (&str, &str),
+    other: (&str, &str),
+) -> Result<Option<IntOrString>> {
+    let pdb = in_namespace(
+        objects,
+        namespace,
+        "PodDisruptionBudget",
+        name,
+        |o| match o {
+            Object::PodDisruptionBudget(p) => Some(p),
+            _ => None,
+        },
+    )?;
+    let spec = pdb.spec.as_ref().context("PDB spec")?;
+    let own = pod_labels(deployment_in(objects, namespace, name)?);
+    ensure!(
+        selects(spec.selector.as_ref(), &own),
+        "{name}: its own pods"
+    );
+    let others = pod_labels(deployment_in(objects, other.0, other.1)?);
+    ensure!(
+        !selects(spec.selector.as_ref(), &others),
+        "{name}: its own pods only, not {}'s",
+        other.1
+    );
+    Ok(spec.min_available.clone())
+}
+
+/// The namespaces the ServiceMonitor `weft-<component>` looks in, once checked that it
+/// scrapes the port `metrics` of the Services `scraped` and of none of `not_scraped` (each
+/// `(namespace, name)`).
+pub fn proxy_monitor_namespaces(
+    objects: &[Object],
+    component: &str,
+    scraped: &[(&str, &str)],
+    not_scraped: &[(&str, &str)],
+) -> Result<Vec<String>> {
+    let name = format!("weft-{component}");
+    let monitor = named(objects, "ServiceMonitor", &name, |o| match o {
+        Object::ServiceMonitor(m) => Some(m),
+        _ => None,
+    })?;
+    let selects_service = |(namespace, name): &(&str, &str)| -> Result<bool> {
+        let labels = service_in(objects, namespace, name)?
+            .metadata
+            .labels
+            .clone();
+        Ok(selects(
+            Some(&monitor.spec.selector),
+            &labels.unwrap_or_default(),
+        ))
+    };
+    for service in scraped {
+        ensure!(selects_service(service)?, "{name} scrapes {service:?}");
+    }
+    for service in not_scraped {
+        ensure!(
+            !selects_service(service)?,
+            "{name} leaves {service:?} alone"
+        );
+    }
+    let ports: Vec<&str> = monitor
+        .spec
+        .endpoints
+        .iter()
+        .map(|e| e.port.as_str())
+        .collect();
+    ensure!(ports == ["metrics"], "{name}: endpoints {ports:?}");
+    Ok(monitor
+        .spec
+        .namespace_selector
+        .as_ref()
+        .map(|n| n.match_names.clone())
+        .unwrap_or_default())
+}
+
+/// The chart's default spread of a proxy's pods: preferred anti-affinity between them.
+pub fn preferred_anti_affinity(pod: &PodSpec) -> Result<&PodAffinityTerm> {
+    let term = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .and_then(|p| p.first())
+        .context("preferred pod anti-affinity")?;
+    ensure!(term.pod_affinity_term.topology_key == "kubernetes.io/hostname");
+    Ok(&term.pod_affinity_term)
+}
+
+/// Each values file (YAML text) fails to render, with every one of its words in the error.
+pub fn assert_refused<V: AsRef<str>>(cases: &[(V, &[&str])]) {
+    for (values, words) in cases {
+        let values = values.as_ref();
+        let err = render_with_file(DEFAULT_NS, Some(values), &[]).expect_err(values);
+        let message = format!("{err:#}");
+        for word in *words {
+            assert!(message.contains(word), "{values}: {word:?} in {message}");
+        }
+    }
+}
+
 pub const DEFAULT_NS: &str = "weft-system";
 /// Two waypoints in two namespaces: one with the defaults, one with every value changed.
 pub const TWO_WAYPOINTS: &str = "\
@@ -703,6 +1068,47 @@ waypoints:
       pool: edge
     tolerations:
       - {key: edge, operator: Exists, effect: NoSchedule}
+";
+/// Two gateways in two namespaces: one with the defaults (and two TLS Secrets), one with
+/// every gateway value changed (and none).
+pub const TWO_GATEWAYS: &str = "\
+serviceMonitor:
+  enabled: true
+gateways:
+  - name: public
+    namespace: edge
+    listeners:
+      - {name: https, port: 443}
+      - {name: http, port: 80}
+    tlsSecrets: [shop-cert, api-cert]
+  - name: partners
+    namespace: b2b
+    replicas: 3
+    serviceAccount: partners-gw
+    listeners:
+      - {name: api, port: 8443}
+    service:
+      type: NodePort
+      externalTrafficPolicy: Cluster
+      annotations: {example.com/lb-scheme: internal}
+    resources:
+      requests:
+        cpu: 500m
+    logFormat: text
+    listenGraceSeconds: 8
+    drainLimitSeconds: 60
+    terminationGracePeriodSeconds: 90
+    nodeSelector:
+      pool: edge
+    tolerations:
+      - {key: edge, operator: Exists, effect: NoSchedule}
+    affinity:
+      nodeAffinity:
+        requiredDuringSchedulingIgnoredDuringExecution:
+          nodeSelectorTerms:
+            - matchExpressions: [{key: pool, operator: In, values: [edge]}]
+    podDisruptionBudget:
+      minAvailable: 2
 ";
 pub const OTHER_NS: &str = "mesh-prod";
 /// Every optional part on, and values that move things around.

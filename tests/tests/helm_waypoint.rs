@@ -11,13 +11,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::util::intstr::IntOrString};
-use serde_json::{Value, json};
+use serde_json::json;
 use weft_tests::{
     helm::{
-        DEFAULT_NS, NON_DEFAULT, OTHER_NS, Object, TWO_WAYPOINTS, agent_pod,
-        assert_no_wildcard_and_no_secrets, ca_trust_bundle_rules, cluster_role, config_file,
-        container, crd_files, env_of, helm, host_mounts, in_namespace, mounted_volume, named,
-        pod_spec_of, render, render_with_file, rule, rules, selects, service, set, values_tempfile,
+        DEFAULT_NS, NON_DEFAULT, OTHER_NS, Object, TWO_WAYPOINTS,
+        assert_no_wildcard_and_no_secrets, assert_refused, ca_trust_bundle_rules, cluster_role,
+        config_file, container, deployment_in, env_of, helm, in_namespace, lint_with, named,
+        pod_labels, pod_spec_of, preferred_anti_affinity, proxy_env, proxy_monitor_namespaces,
+        proxy_pdb_min_available, proxy_pod, render, render_added, render_with_file, rule, rules,
+        selects, service, service_in, service_ports, service_selects, set, weft_plurals,
     },
     helm_or_skip,
 };
@@ -42,25 +44,9 @@ fn default_values_render_no_waypoint() -> Result<()> {
 #[test]
 fn two_waypoints_in_two_namespaces_render_exactly_their_objects() -> Result<()> {
     helm_or_skip!();
-    let baseline: BTreeSet<String> = render(DEFAULT_NS, &["serviceMonitor.enabled=true"])?
-        .iter()
-        .map(Object::namespaced_id)
-        .collect();
-    let objects = render_with_file(DEFAULT_NS, Some(TWO_WAYPOINTS), &[])?;
-    let rendered: BTreeSet<String> = objects.iter().map(Object::namespaced_id).collect();
-    ensure!(
-        rendered.len() == objects.len(),
-        "duplicate objects in {rendered:?}"
-    );
-    assert!(
-        rendered.is_superset(&baseline),
-        "the rest of the chart stays"
-    );
+    let (objects, added) = render_added(TWO_WAYPOINTS)?;
     assert_eq!(
-        rendered
-            .difference(&baseline)
-            .cloned()
-            .collect::<BTreeSet<_>>(),
+        added,
         set([
             "shop/ServiceAccount/shop-waypoint",
             "shop/Deployment/shop-waypoint",
@@ -90,27 +76,16 @@ fn two_waypoints_in_two_namespaces_render_exactly_their_objects() -> Result<()> 
         ("shop", "shop-waypoint", "shop-waypoint", 2),
         ("payments", "pay", "pay-wp", 1),
     ] {
-        let deploy = in_namespace(&objects, namespace, "Deployment", name, |o| match o {
-            Object::Deployment(d) => Some(&**d),
-            _ => None,
-        })?;
+        let deploy = deployment_in(&objects, namespace, name)?;
         let spec = deploy.spec.as_ref().context("Deployment spec")?;
         assert_eq!(spec.replicas, Some(replicas), "{name}");
-        let pod_labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.clone())
-            .unwrap_or_default();
+        let pod_labels = pod_labels(deploy);
         assert!(selects(Some(&spec.selector), &pod_labels), "{name}");
         let pod = pod_spec_of(Some(&spec.template))?;
         assert_eq!(pod.service_account_name.as_deref(), Some(account));
 
         // The Service is the waypoint: its name, its role label, its identity's account.
-        let svc = in_namespace(&objects, namespace, "Service", name, |o| match o {
-            Object::Service(x) => Some(x),
-            _ => None,
-        })?;
+        let svc = service_in(&objects, namespace, name)?;
         let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
         assert_eq!(
             svc_labels.get("weft.dev/role").map(String::as_str),
@@ -124,26 +99,12 @@ fn two_waypoints_in_two_namespaces_render_exactly_their_objects() -> Result<()> 
                 .map(String::as_str),
             Some(account)
         );
-        let svc_spec = svc.spec.as_ref().context("Service spec")?;
-        let selector = svc_spec.selector.clone().unwrap_or_default();
         ensure!(
-            !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            service_selects(svc, &pod_labels),
             "{name}: the Service selects the waypoint's pods"
         );
-        let ports: BTreeMap<String, (i32, String)> = svc_spec
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| {
-                let target = match &p.target_port {
-                    Some(IntOrString::String(s)) => s.clone(),
-                    other => format!("{other:?}"),
-                };
-                (p.name.clone().unwrap_or_default(), (p.port, target))
-            })
-            .collect();
         assert_eq!(
-            ports,
+            service_ports(svc),
             BTreeMap::from([
                 ("hbone".to_string(), (15008, "hbone".to_string())),
                 ("metrics".to_string(), (15020, "metrics".to_string())),
@@ -156,52 +117,20 @@ fn two_waypoints_in_two_namespaces_render_exactly_their_objects() -> Result<()> 
         });
         ensure!(account_exists, "{name}: its ServiceAccount is rendered");
     }
-    let pdb = in_namespace(
-        &objects,
-        "shop",
-        "PodDisruptionBudget",
-        "shop-waypoint",
-        |o| match o {
-            Object::PodDisruptionBudget(p) => Some(p),
-            _ => None,
-        },
-    )?;
-    let pdb_spec = pdb.spec.as_ref().context("PDB spec")?;
-    assert_eq!(pdb_spec.min_available, Some(IntOrString::Int(1)));
-    let shop_pods = waypoint_pod_labels(&objects, "shop", "shop-waypoint")?;
-    assert!(selects(pdb_spec.selector.as_ref(), &shop_pods));
-    assert!(
-        !selects(
-            pdb_spec.selector.as_ref(),
-            &waypoint_pod_labels(&objects, "payments", "pay")?
-        ),
-        "each waypoint's PDB covers its own pods only"
+    assert_eq!(
+        proxy_pdb_min_available(&objects, ("shop", "shop-waypoint"), ("payments", "pay"))?,
+        Some(IntOrString::Int(1))
     );
 
     // One ServiceMonitor next to the agents', for the waypoint Services of both namespaces.
-    let monitor = named(&objects, "ServiceMonitor", "weft-waypoint", |o| match o {
-        Object::ServiceMonitor(m) => Some(m),
-        _ => None,
-    })?;
     assert_eq!(
-        monitor
-            .spec
-            .namespace_selector
-            .as_ref()
-            .map(|n| &n.match_names),
-        Some(&vec!["payments".to_string(), "shop".to_string()])
-    );
-    for (namespace, name) in [("shop", "shop-waypoint"), ("payments", "pay")] {
-        let svc = in_namespace(&objects, namespace, "Service", name, |o| match o {
-            Object::Service(x) => Some(x),
-            _ => None,
-        })?;
-        let labels = svc.metadata.labels.clone().unwrap_or_default();
-        assert!(selects(Some(&monitor.spec.selector), &labels), "{name}");
-    }
-    assert_eq!(
-        monitor.spec.endpoints.first().map(|e| e.port.as_str()),
-        Some("metrics")
+        proxy_monitor_namespaces(
+            &objects,
+            "waypoint",
+            &[("shop", "shop-waypoint"), ("payments", "pay")],
+            &[]
+        )?,
+        ["payments", "shop"]
     );
     Ok(())
 }
@@ -211,11 +140,6 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
 -> Result<()> {
     helm_or_skip!();
     let objects = render_with_file(DEFAULT_NS, Some(TWO_WAYPOINTS), &[])?;
-    let agent = config_file(&objects, "weft-agent", "agent.yaml")?;
-    let remote = &agent["agent"]["ca"]["remote"];
-    let ca = config_file(&objects, "weft-ca", "ca.yaml")?;
-    let agent_pod = agent_pod(&objects)?;
-    let agent_container = container(agent_pod, "agent")?;
 
     for (namespace, name, env) in [
         (
@@ -243,50 +167,9 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
             .as_slice(),
         ),
     ] {
-        let deploy = in_namespace(&objects, namespace, "Deployment", name, |o| match o {
-            Object::Deployment(d) => Some(&**d),
-            _ => None,
-        })?;
-        let template = &deploy.spec.as_ref().context("spec")?.template;
-        let pod = pod_spec_of(Some(template))?;
-        let labels = template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.clone())
-            .unwrap_or_default();
-        assert_eq!(
-            labels.get("weft.dev/mesh").map(String::as_str),
-            Some("disabled")
-        );
-        assert_eq!(labels.get(COMPONENT).map(String::as_str), Some("waypoint"));
-
-        // No privilege of any kind, and nothing of the host.
-        assert!(pod.host_network != Some(true) && pod.host_pid != Some(true));
-        assert!(pod.host_ipc != Some(true));
-        assert_eq!(pod.containers.len(), 1, "{name}: one container");
-        ensure!(pod.init_containers.is_none(), "{name}: no init container");
-        let c = container(pod, "waypoint")?;
-        assert!(
-            host_mounts(pod, "waypoint")?.is_empty(),
-            "{name}: no hostPath"
-        );
-        let sc = c.security_context.clone().unwrap_or_default();
-        assert_eq!(sc.privileged, Some(false));
-        assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.run_as_non_root, Some(true));
-        assert_ne!(sc.run_as_user, Some(0));
-        assert_eq!(sc.read_only_root_filesystem, Some(true));
-        let caps = sc.capabilities.unwrap_or_default();
-        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
-        assert!(
-            caps.add.unwrap_or_default().is_empty(),
-            "{name}: the waypoint needs no capability"
-        );
-        assert_eq!(
-            sc.seccomp_profile.map(|p| p.type_),
-            Some("RuntimeDefault".to_string())
-        );
-
+        // Unprivileged, never enrolled, nothing of the host, the agent's CA files: as every
+        // proxy of the chart.
+        let (pod, c) = proxy_pod(&objects, namespace, name, "waypoint")?;
         assert_eq!(
             c.args,
             Some(vec![
@@ -309,94 +192,26 @@ fn waypoint_pod_runs_unprivileged_with_its_probe_env_labels_and_the_agents_ca_se
                 ("readiness".to_string(), 15021),
             ])
         );
-        let probe = c
-            .readiness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .context("an HTTP readiness probe")?;
-        assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
-        assert_eq!(probe.port, IntOrString::String("readiness".into()));
-        assert!(c.liveness_probe.is_none());
         assert_eq!(pod.termination_grace_period_seconds, Some(30), "{name}");
 
-        // The env: the waypoint's name, its namespace from the downward API, its account,
-        // and the CA exactly as the agent reaches it.
-        let mut want: BTreeMap<String, Value> = BTreeMap::from([
-            ("WEFT_WAYPOINT_NAME".to_string(), json!(name)),
-            (
-                "WEFT_NAMESPACE".to_string(),
-                json!({"fieldRef": {"fieldPath": "metadata.namespace"}}),
-            ),
-            (
-                "WEFT_NODE_NAME".to_string(),
-                json!({"fieldRef": {"fieldPath": "spec.nodeName"}}),
-            ),
-            (
-                "WEFT_TRUST_DOMAIN".to_string(),
-                agent["agent"]["trustDomain"].clone(),
-            ),
-            ("WEFT_CA_ADDR".to_string(), remote["addr"].clone()),
-            (
-                "WEFT_CA_SERVER_NAME".to_string(),
-                remote["serverName"].clone(),
-            ),
-            ("WEFT_CA_ROOT_CERT".to_string(), remote["rootCert"].clone()),
-            (
-                "WEFT_CA_TOKEN_FILE".to_string(),
-                remote["tokenFile"].clone(),
-            ),
-            ("WEFT_LOG".to_string(), json!("info")),
-            ("WEFT_LISTEN_GRACE".to_string(), json!("5s")),
-            ("WEFT_DRAIN_LIMIT".to_string(), json!("10s")),
-        ]);
+        // The env: what every proxy gets (its namespace, the CA exactly as the agent reaches
+        // it), the waypoint's name, its account and its own settings.
+        let mut want = proxy_env(&objects)?;
+        want.insert("WEFT_WAYPOINT_NAME".to_string(), json!(name));
+        want.insert("WEFT_LISTEN_GRACE".to_string(), json!("5s"));
+        want.insert("WEFT_DRAIN_LIMIT".to_string(), json!("10s"));
         for (key, value) in env {
             want.insert((*key).to_string(), json!(value));
         }
         assert_eq!(env_of(c), want, "{name}");
-        // The files those paths name: the same trust bundle ConfigMap and the same
-        // projected token (the CA's audience) as the agent's, from this pod.
-        for path in ["/etc/weft/ca", "/var/run/secrets/weft"] {
-            assert_eq!(
-                serde_json::to_value(mounted_volume(pod, c, path)?)?,
-                serde_json::to_value(mounted_volume(agent_pod, agent_container, path)?)?,
-                "{name}: {path}"
-            );
-        }
-        let token = mounted_volume(pod, c, "/var/run/secrets/weft")?;
-        let audience = token
-            .projected
-            .as_ref()
-            .and_then(|p| p.sources.as_ref())
-            .and_then(|s| s.first())
-            .and_then(|s| s.service_account_token.as_ref())
-            .and_then(|t| t.audience.clone());
-        assert_eq!(audience.as_deref(), ca["kubernetes"]["audience"].as_str());
 
         // Spread over nodes, by default, between this waypoint's own pods.
-        let anti = pod
-            .affinity
-            .as_ref()
-            .and_then(|a| a.pod_anti_affinity.as_ref())
-            .and_then(|a| {
-                a.preferred_during_scheduling_ignored_during_execution
-                    .as_ref()
-            })
-            .and_then(|p| p.first())
-            .context("preferred pod anti-affinity")?;
-        assert_eq!(
-            anti.pod_affinity_term.topology_key,
-            "kubernetes.io/hostname"
-        );
-        assert!(selects(
-            anti.pod_affinity_term.label_selector.as_ref(),
-            &labels
-        ));
+        let anti = preferred_anti_affinity(pod)?;
+        let labels = pod_labels(deployment_in(&objects, namespace, name)?);
+        assert!(selects(anti.label_selector.as_ref(), &labels));
     }
     // Per-waypoint values, merged over waypointDefaults.
-    let pay = in_namespace(&objects, "payments", "Deployment", "pay", |o| match o {
-        Object::Deployment(d) => Some(&**d),
-        _ => None,
-    })?;
+    let pay = deployment_in(&objects, "payments", "pay")?;
     let pay_pod = pod_spec_of(pay.spec.as_ref().map(|s| &s.template))?;
     assert_eq!(
         pay_pod.node_selector,
@@ -422,12 +237,7 @@ fn waypoint_rbac_grants_exactly_the_snapshot_reads_and_route_status() -> Result<
     helm_or_skip!();
     let objects = render_with_file(DEFAULT_NS, Some(TWO_WAYPOINTS), &[])?;
     let read = ["get", "list", "watch"];
-    let mut weft_plurals: Vec<String> = crd_files()?
-        .iter()
-        .filter(|c| c.spec.group == "weft.dev")
-        .map(|c| c.spec.names.plural.clone())
-        .collect();
-    weft_plurals.sort();
+    let weft_plurals = weft_plurals()?;
     let plurals: Vec<&str> = weft_plurals.iter().map(String::as_str).collect();
     assert_eq!(
         plurals,
@@ -548,7 +358,7 @@ fn waypoints_in_the_release_namespace_share_an_account_and_add_no_ca_role() -> R
 #[test]
 fn bad_waypoint_values_are_refused_naming_the_field() -> Result<()> {
     helm_or_skip!();
-    for (values, words) in [
+    assert_refused(&[
         (
             "waypoints: [{name: shop-waypoint}]",
             &["/waypoints/0", "namespace"][..],
@@ -589,41 +399,13 @@ fn bad_waypoint_values_are_refused_naming_the_field() -> Result<()> {
             "waypoints: [{name: wp, namespace: shop, podDisruptionBudget: {minAvailable: 2}}]",
             &["waypoints[0].podDisruptionBudget.minAvailable", "2 of 2"],
         ),
-    ] {
-        let err = render_with_file(DEFAULT_NS, Some(values), &[]).expect_err(values);
-        let message = format!("{err:#}");
-        for word in words {
-            assert!(message.contains(word), "{values}: {word:?} in {message}");
-        }
-    }
+    ]);
     // helm lint refuses them too.
-    let file = values_tempfile("waypoints: [{name: shop-waypoint}]")?;
-    let path = file.path().to_string_lossy().into_owned();
-    let err = helm(&["lint", "--strict", "--values", &path], &[]).expect_err("lint");
+    let err = lint_with("waypoints: [{name: shop-waypoint}]").expect_err("lint");
     assert!(format!("{err:#}").contains("namespace"), "{err:#}");
     helm(&["lint", "--strict", "--namespace", DEFAULT_NS], &[])?;
-    let file = values_tempfile(TWO_WAYPOINTS)?;
-    let path = file.path().to_string_lossy().into_owned();
-    helm(&["lint", "--strict", "--values", &path], &[])?;
+    lint_with(TWO_WAYPOINTS)?;
     Ok(())
-}
-
-/// The labels of a waypoint Deployment's pods.
-fn waypoint_pod_labels(
-    objects: &[Object],
-    namespace: &str,
-    name: &str,
-) -> Result<BTreeMap<String, String>> {
-    let deploy = in_namespace(objects, namespace, "Deployment", name, |o| match o {
-        Object::Deployment(d) => Some(&**d),
-        _ => None,
-    })?;
-    Ok(deploy
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default())
 }
 
 /// A waypoint's listen grace and drain limit reach it as WEFT_LISTEN_GRACE and
@@ -710,15 +492,6 @@ fn a_jwks_ca_config_map_is_mounted_read_only_and_named_to_the_waypoint() -> Resu
 
 /// The pod template of the `shop-waypoint` Deployment of `TWO_WAYPOINTS`.
 fn shop_waypoint_pod(objects: &[Object]) -> Result<&PodSpec> {
-    let deploy = in_namespace(
-        objects,
-        "shop",
-        "Deployment",
-        "shop-waypoint",
-        |o| match o {
-            Object::Deployment(d) => Some(&**d),
-            _ => None,
-        },
-    )?;
-    pod_spec_of(Some(&deploy.spec.as_ref().context("spec")?.template))
+    let deploy = deployment_in(objects, "shop", "shop-waypoint")?;
+    pod_spec_of(deploy.spec.as_ref().map(|s| &s.template))
 }

@@ -22,11 +22,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use weft_tests::{
     helm::{
-        DEFAULT_NS, NON_DEFAULT, OTHER_NS, Object, Rule, TWO_WAYPOINTS, agent_pod,
+        DEFAULT_NS, NON_DEFAULT, OTHER_NS, Object, Rule, TWO_GATEWAYS, TWO_WAYPOINTS, agent_pod,
         assert_no_wildcard_and_no_secrets, bindings, ca_trust_bundle_rules, cluster_role,
         config_file, container, containers, crd_files, daemonset, deployment, helm, host_mounts,
         mounted_volume, named, pod_spec_of, pods, render, render_with_file, role, rule, rules,
-        selects, service, set, str_at,
+        selects, service, set, str_at, weft_plurals,
     },
     helm_or_skip,
 };
@@ -489,11 +489,12 @@ fn the_real_ca_accepts_the_rendered_ca_yaml() -> Result<()> {
     helm_or_skip!();
     // `weft ca` validates ca.yaml whole first (exit 2 naming the field); a valid file in
     // Kubernetes mode then needs the API, which this machine has not: exit 1 saying so.
-    // With waypoints, ca.yaml also names their namespaces (trustBundleNamespaces).
+    // With waypoints or gateways, ca.yaml also names their namespaces (trustBundleNamespaces).
     for (namespace, file, values) in [
         (DEFAULT_NS, None, &[][..]),
         (OTHER_NS, None, NON_DEFAULT),
         (DEFAULT_NS, Some(TWO_WAYPOINTS), &[][..]),
+        (DEFAULT_NS, Some(TWO_GATEWAYS), &[][..]),
     ] {
         let objects = render_with_file(namespace, file, values)?;
         let stderr = run_with_rendered_config(&objects, "weft-ca", "ca.yaml", |cmd, _| {
@@ -547,13 +548,7 @@ fn run_with_rendered_config(
 #[test]
 fn rbac_grants_exactly_what_each_component_needs() -> Result<()> {
     helm_or_skip!();
-    let crds = crd_files()?;
-    let mut weft_plurals: Vec<String> = crds
-        .iter()
-        .filter(|c| c.spec.group == "weft.dev")
-        .map(|c| c.spec.names.plural.clone())
-        .collect();
-    weft_plurals.sort();
+    let weft_plurals = weft_plurals()?;
     let read = ["get", "list", "watch"];
 
     for (namespace, values, gateway) in
@@ -901,6 +896,32 @@ fn validation_rejects_unknown_fields_unknown_kinds_and_wrong_types() {
         format!("{err:#}").contains("allowPrivilegeEscalation"),
         "{err:#}"
     );
+    // The API server's rules for Services and the Gateway API CRD's for GatewayClass.
+    let service = |spec: Value| {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "x", "namespace": "y"}, "spec": spec})
+    };
+    for (object, word) in [
+        (
+            service(json!({"type": "ClusterIP", "externalTrafficPolicy": "Local"})),
+            "externalTrafficPolicy",
+        ),
+        (
+            service(json!({"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]})),
+            "loadBalancerSourceRanges",
+        ),
+        (
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                "metadata": {"name": "x"},
+                "spec": {"controllerName": "weft.dev/gateway", "description": "d".repeat(65)},
+            }),
+            "64 characters",
+        ),
+    ] {
+        let err = Object::from_rendered(&object).expect_err(word);
+        assert!(format!("{err:#}").contains(word), "{err:#}");
+    }
     let ok = json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": "x", "namespace": "y", "labels": {"a": "b"}},

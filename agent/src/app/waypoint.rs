@@ -55,11 +55,13 @@ pub enum Error {
     JwksRoots(#[from] crate::jwt::FetchError),
 }
 
-/// Everything `weft waypoint` runs with, from its flags.
+/// Everything `weft waypoint` or `weft gateway` runs with, from its flags.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
     pub waypoint: waypoint::Config,
+    /// What the L7 engine faces: the mesh (HBONE) or the outside (a Gateway's listeners).
+    pub face: Face,
     pub identity: identity::Config,
     pub admin: admin::Config,
     pub telemetry: telemetry::Config,
@@ -73,6 +75,31 @@ pub struct Settings {
     pub reload_interval: Duration,
     /// The OTLP collector; the caller builds the exporter from it.
     pub otlp_endpoint: Option<String>,
+}
+
+/// Who the L7 engine serves.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Face {
+    /// A waypoint: HBONE from the mesh, for the services bound to it.
+    Waypoint,
+    /// An ingress gateway: the listeners of the Gateway of its name, bound at `listen_ip`.
+    #[serde(rename_all = "camelCase")]
+    Gateway {
+        listen_ip: std::net::IpAddr,
+        /// The Secrets the Kubernetes source may read (the listeners' certificates).
+        tls_secrets: Vec<String>,
+    },
+}
+
+impl Face {
+    /// `waypoint` or `gateway`: the log's component.
+    pub fn component(&self) -> &'static str {
+        match self {
+            Face::Waypoint => "waypoint",
+            Face::Gateway { .. } => "gateway",
+        }
+    }
 }
 
 /// Addresses actually bound (port 0 resolved).
@@ -147,7 +174,7 @@ pub async fn run_on_cluster(
     let ready = Ready::default();
     let health = Arc::new(source::kube::Health::default());
     let config = source::kube::Config {
-        routes_for: Some(settings.waypoint.name.clone()),
+        routes_for: matches!(settings.face, Face::Waypoint).then(|| settings.waypoint.name.clone()),
         ..source::kube::Config::new(settings.node_name.clone())
     };
     info!(component = "kubernetes", waypoint = %settings.waypoint.name, "watching the Kubernetes API");
@@ -187,7 +214,7 @@ pub async fn serve(
     exporter: Option<Arc<dyn SpanExporter>>,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), Error> {
-    ready.block("listening", "HBONE listener not bound yet");
+    ready.block("listening", "listener not bound yet");
     let certs = identity::start(&settings.identity)?.ok_or(Error::NoCa)?;
     let own = settings.waypoint.identity.clone();
     certs.set_wanted(BTreeSet::from([own.clone()]));
@@ -235,14 +262,25 @@ pub async fn serve(
         exporter,
         drain,
     )?;
-    let tls = hbone::server_config(cert_source, own.clone())?;
-    let listener = admin::bind(settings.waypoint.listen_addr)?;
-    let hbone_addr = listener
-        .local_addr()
-        .unwrap_or(settings.waypoint.listen_addr);
-    // Ends by itself when the drain starts, closing the listener.
-    tokio::spawn(waypoint.clone().serve(listener, tls));
-    ready.unblock("listening");
+    let hbone_addr = match &settings.face {
+        Face::Waypoint => {
+            let tls = hbone::server_config(cert_source, own.clone())?;
+            let listener = admin::bind(settings.waypoint.listen_addr)?;
+            let hbone_addr = listener
+                .local_addr()
+                .unwrap_or(settings.waypoint.listen_addr);
+            // Ends by itself when the drain starts, closing the listener.
+            tokio::spawn(waypoint.clone().serve(listener, tls));
+            ready.unblock("listening");
+            hbone_addr
+        }
+        Face::Gateway { listen_ip, .. } => {
+            let (bound_tx, bound_rx) = watch::channel(Vec::new());
+            tokio::spawn(waypoint.clone().serve_gateway(*listen_ip, bound_tx));
+            track_listeners(bound_rx, ready.clone());
+            SocketAddr::new(*listen_ip, 0)
+        }
+    };
 
     let admin = admin::bind(settings.admin.admin_addr)?;
     let metrics_listener = admin::bind(settings.admin.metrics_addr)?;
@@ -316,6 +354,23 @@ pub async fn serve(
         "shutting down"
     );
     Ok(())
+}
+
+/// Ready while the gateway listens on some port: a gateway without listeners (its
+/// Gateway not there yet, or not valid) takes no traffic.
+fn track_listeners(mut bound: watch::Receiver<Vec<SocketAddr>>, ready: Ready) {
+    tokio::spawn(async move {
+        loop {
+            if bound.borrow_and_update().is_empty() {
+                ready.block("listening", "no listener of the Gateway is bound");
+            } else {
+                ready.unblock("listening");
+            }
+            if bound.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 #[derive(Clone, Copy)]

@@ -55,6 +55,12 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the gateway's TLS handshakes counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// Labels of the retries counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -106,6 +112,7 @@ pub struct Metrics {
     denied: Family<DeniedLabels, Counter>,
     retries: Family<RouteLabels, Counter>,
     connection_errors: Family<ErrorLabels, Counter>,
+    tls_handshakes: Family<ResultLabels, Counter>,
     rejected: Family<ErrorLabels, Counter>,
     mirrors_skipped: Family<ErrorLabels, Counter>,
     forwarded_ignored: Family<ErrorLabels, Counter>,
@@ -148,6 +155,7 @@ impl Metrics {
             denied: Family::default(),
             retries: Family::default(),
             connection_errors: Family::default(),
+            tls_handshakes: Family::default(),
             rejected: Family::default(),
             mirrors_skipped: Family::default(),
             forwarded_ignored: Family::default(),
@@ -189,6 +197,14 @@ impl Metrics {
     pub fn connection_error(&self, reason: &'static str) {
         self.connection_errors
             .get_or_create(&ErrorLabels { reason })
+            .inc();
+    }
+
+    /// A TLS handshake on a gateway's HTTPS listener: `ok`, `no_certificate` (no listener
+    /// serves the SNI), `failed` or `timeout`.
+    pub fn tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
@@ -324,6 +340,12 @@ impl Collector for Exposition {
             "Client HTTP connections that failed (protocol errors, resets), by reason",
             None,
             m.connection_errors.metric_type(),
+        )?)?;
+        m.tls_handshakes.encode(encoder.encode_descriptor(
+            "gateway_tls_handshakes",
+            "TLS handshakes on a gateway's HTTPS listeners, by result (ok, no_certificate, failed, timeout)",
+            None,
+            m.tls_handshakes.metric_type(),
         )?)?;
         m.rejected.encode(encoder.encode_descriptor(
             "waypoint_rejected_requests",

@@ -28,6 +28,7 @@ use super::{
 };
 use crate::{
     drain,
+    state::WorkloadRef,
     telemetry::trace::{Span, TraceContext},
 };
 
@@ -58,13 +59,22 @@ impl Exchange {
             .filter(|w| w.identity(&inner.trust_domain).is_ok_and(|id| &id == peer))
             .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.name.clone());
         let (service, dst_workload) = match &tunnel.target {
-            Target::Service { service, .. } => (service.clone(), None),
+            Target::Service { service, .. } => (Some(service), None),
             Target::Pod { addr, service } => (
-                service.clone(),
+                Some(service),
                 view.snapshot
                     .workload_by_ip(addr.ip())
                     .map(|w| w.name.clone()),
             ),
+            // Known once the route picked a backend (`destination_service`).
+            Target::Listener { .. } => (None, None),
+        };
+        // A gateway's client comes from outside the mesh: no identity, no mTLS.
+        let outside = matches!(tunnel.target, Target::Listener { .. });
+        let src_identity = if outside {
+            "-".to_owned()
+        } else {
+            peer.to_string()
         };
         let record = RequestRecord {
             kind: "access",
@@ -79,9 +89,8 @@ impl Exchange {
                 _ => "HTTP/1.1",
             },
             response_flags: "-",
-            src_identity: peer.to_string(),
+            src_identity,
             src_addr: tunnel.source.to_string(),
-            dst_service: Some(service.to_string()),
             dst_workload: dst_workload.as_ref().map(ToString::to_string),
             trace_id: trace.trace_id.to_string(),
             traceparent: format!(
@@ -100,8 +109,16 @@ impl Exchange {
         let labels = HttpLabels {
             reporter: REPORTER,
             source_workload,
-            source_workload_namespace: peer.namespace().to_owned(),
-            source_principal: peer.to_string(),
+            source_workload_namespace: if outside {
+                UNKNOWN.to_owned()
+            } else {
+                peer.namespace().to_owned()
+            },
+            source_principal: if outside {
+                UNKNOWN.to_owned()
+            } else {
+                peer.to_string()
+            },
             destination_workload: dst_workload
                 .as_ref()
                 .map_or_else(|| UNKNOWN.to_owned(), |w| w.name.clone()),
@@ -109,20 +126,17 @@ impl Exchange {
                 .as_ref()
                 .map_or_else(|| UNKNOWN.to_owned(), |w| w.namespace.clone()),
             destination_principal: UNKNOWN.to_owned(),
-            destination_service: format!(
-                "{}.{}.svc.{CLUSTER_DOMAIN}",
-                service.name, service.namespace
-            ),
-            destination_service_name: service.name.clone(),
-            destination_service_namespace: service.namespace.clone(),
+            destination_service: UNKNOWN.to_owned(),
+            destination_service_name: UNKNOWN.to_owned(),
+            destination_service_namespace: UNKNOWN.to_owned(),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: 0,
             grpc_response_status: "-".to_owned(),
             response_flags: "-",
-            connection_security_policy: "mutual_tls",
+            connection_security_policy: if outside { "none" } else { "mutual_tls" },
             route_name: String::new(),
         };
-        Exchange {
+        let mut exchange = Exchange {
             inner: Arc::clone(inner),
             start: Instant::now(),
             start_time: SystemTime::now(),
@@ -132,7 +146,27 @@ impl Exchange {
             request_bytes: Arc::new(AtomicU64::new(0)),
             grpc,
             _guard: inner.drain.guard(),
+        };
+        if let Some(service) = service {
+            exchange.destination_service(service);
         }
+        exchange
+    }
+
+    /// Names the Service the request goes to: the one addressed, or (a gateway's request)
+    /// the backend its route picked.
+    pub fn destination_service(&mut self, service: &WorkloadRef) {
+        self.record.dst_service = Some(service.to_string());
+        self.labels.destination_service = format!(
+            "{}.{}.svc.{CLUSTER_DOMAIN}",
+            service.name, service.namespace
+        );
+        self.labels
+            .destination_service_name
+            .clone_from(&service.name);
+        self.labels
+            .destination_service_namespace
+            .clone_from(&service.namespace);
     }
 
     /// Records the finished request: metrics, the access-log line, the span.

@@ -20,7 +20,7 @@ use super::{
     backend::{self, Endpoint},
     filters::{self, Effects},
     path::{self, EscapedSlashes},
-    route::{RequestView, Routing},
+    route::{self, RequestView, Routing},
     upstream::Protocol,
     wire::{authority_of, host_without_port, is_grpc, strip_hop_by_hop},
 };
@@ -134,43 +134,67 @@ fn outcome<'v>(
     let mut effects = Effects::default();
     let mut rule: Option<&RouteRule> = None;
     let mut matched = None;
-    let destination = match target {
-        Target::Pod { addr, service } => Destination::Pod(*addr, service.clone()),
-        Target::Service { service, port } => {
-            let lowered = host.as_deref().map(str::to_ascii_lowercase);
-            let view_of_request = RequestView {
-                method: request.method.as_str(),
-                path: path_and_query.path(),
-                query: path_and_query.query(),
-                headers: &request.headers,
-                host: lowered.as_deref(),
-            };
-            let itself = || {
-                Destination::Service(ServiceRef {
-                    name: service.clone(),
-                    port: *port,
+    let lowered = host.as_deref().map(str::to_ascii_lowercase);
+    let view_of_request = RequestView {
+        method: request.method.as_str(),
+        path: path_and_query.path(),
+        query: path_and_query.query(),
+        headers: &request.headers,
+        host: lowered.as_deref(),
+    };
+    let (routing, itself) = match target {
+        Target::Pod { addr, service } => (
+            Routing::Unrouted,
+            Some(Destination::Pod(*addr, service.clone())),
+        ),
+        Target::Service { service, port } => (
+            view.routes
+                .select(&view.snapshot, service, *port, &view_of_request),
+            Some(Destination::Service(ServiceRef {
+                name: service.clone(),
+                port: *port,
+            })),
+        ),
+        // A gateway serves only what its routes say: nothing is "itself".
+        Target::Listener {
+            gateway,
+            port,
+            protocol,
+        } => {
+            let routing = view
+                .snapshot
+                .gateways
+                .get(gateway)
+                .and_then(|gateway| {
+                    let listener =
+                        route::listener_for(gateway, *port, *protocol, lowered.as_deref())?;
+                    Some(view.routes.select_for_listener(
+                        &view.snapshot,
+                        gateway,
+                        listener,
+                        &view_of_request,
+                    ))
                 })
-            };
-            match view
-                .routes
-                .select(&view.snapshot, service, *port, &view_of_request)
-            {
-                Routing::Unrouted => itself(),
-                Routing::NoMatch => return Err(Error::NoRoute),
-                Routing::Rule(selected) => {
-                    *taken = Some((&selected.route.name, selected.rule.name.as_deref()));
-                    rule = Some(selected.rule);
-                    matched = selected.matched;
-                    effects.extend(&selected.rule.filters);
-                    if effects.redirect.is_none() {
-                        let backend = backend::pick_weighted(&selected.rule.backends)
-                            .ok_or(Error::NoBackend)?;
-                        effects.extend(&backend.filters);
-                        Destination::Service(backend.service.clone())
-                    } else {
-                        itself()
-                    }
-                }
+                .unwrap_or(Routing::NoMatch);
+            (routing, None)
+        }
+    };
+    let destination = match routing {
+        Routing::Unrouted => Some(itself.ok_or(Error::NoRoute)?),
+        Routing::NoMatch => return Err(Error::NoRoute),
+        Routing::Rule(selected) => {
+            *taken = Some((&selected.route.name, selected.rule.name.as_deref()));
+            rule = Some(selected.rule);
+            matched = selected.matched;
+            effects.extend(&selected.rule.filters);
+            if effects.redirect.is_none() {
+                let backend =
+                    backend::pick_weighted(&selected.rule.backends).ok_or(Error::NoBackend)?;
+                effects.extend(&backend.filters);
+                Some(Destination::Service(backend.service.clone()))
+            } else {
+                // Redirected: answered here, no destination.
+                None
             }
         }
     };
@@ -184,6 +208,7 @@ fn outcome<'v>(
     if let Some(to) = effects.redirect {
         return Ok(redirect(&head, to, &effects.response_headers));
     }
+    let destination = destination.ok_or(Error::NoBackend)?;
     Ok(Outcome::Forward(Box::new(forward(
         head,
         destination,

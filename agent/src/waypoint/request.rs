@@ -5,14 +5,14 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use http::{HeaderValue, Request, Response, Version, header, request::Parts};
+use http::{HeaderMap, HeaderValue, Request, Response, Version, header, request::Parts};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{
-    Error, Inner, Tunnel, View,
+    Error, Inner, Target, Tunnel, View,
     backend::{self, Endpoint},
     breaker::{Breaker, Limit, Permit},
     fault, filters,
@@ -29,6 +29,7 @@ use crate::{
     policy::RequestFacts,
     state::{
         Location, Service, Target as PolicyTarget, TrafficDistribution, WorkloadRef,
+        gateway::ListenerProtocol,
         route::ServiceRef,
         traffic::{RateLimit, RetryPolicy},
     },
@@ -108,6 +109,12 @@ async fn forward(
         }
         Outcome::Forward(mut forward) => {
             exchange.trace.inject(&mut forward.template.headers);
+            if let Target::Listener { protocol, .. } = &tunnel.target {
+                if let Destination::Service(backend) = &forward.destination {
+                    exchange.destination_service(&backend.name);
+                }
+                forwarded_headers(&mut forward.template.headers, tunnel.source.ip(), *protocol);
+            }
             let user = authenticate(tunnel, view, &parts, &mut forward.template).await?;
             let taken = plan.route.map(|route| (route, plan.rule_name));
             let request = Planned {
@@ -121,6 +128,31 @@ async fn forward(
     }
 }
 
+/// What a gateway tells the backend about its client: `X-Forwarded-For` (the client's
+/// address appended to what the client claimed, which is kept but never believed by the
+/// gateway) and `X-Forwarded-Proto`.
+fn forwarded_headers(headers: &mut HeaderMap, client: IpAddr, protocol: ListenerProtocol) {
+    let chain = match headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+    {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    let proto = match protocol {
+        ListenerProtocol::Http => "http",
+        ListenerProtocol::Https => "https",
+    };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+
 /// The end user of a request to a Service with a `requestAuthentication`; `None` for any
 /// other request, and for one without a token.
 async fn authenticate(
@@ -129,7 +161,9 @@ async fn authenticate(
     parts: &Parts,
     template: &mut Template,
 ) -> Result<Option<Claims>, Error> {
-    let service = tunnel.target.service();
+    let Some(service) = tunnel.target.service() else {
+        return Ok(None);
+    };
     let Some(authenticator) = view.authenticators.get(service) else {
         return Ok(None);
     };

@@ -1,7 +1,15 @@
 //! Which route rule a request takes: the routes whose parents name the service (and the
-//! port, if they set one), then the Gateway API precedence among the matches that hold:
-//! exact path over prefix (longest first) over regex, then a method match, then the most
-//! header matches, then the most query matches; ties go to the earlier route and rule.
+//! port, if they set one), or the gateway listener; then the Gateway API precedence among
+//! the matches that hold: exact path over prefix (longest first) over regex, then a method
+//! match, then the most header matches, then the most query matches; ties go to the
+//! earlier route and rule.
+//!
+//! A gateway's request first picks its listener: among the listeners of the port it came
+//! in on, the one whose hostname matches the request's host most specifically (exact, then
+//! the longest wildcard, then a listener without hostname). Routes attach to a listener
+//! when a parentRef names the Gateway (and the listener's name or port, if it sets them),
+//! the listener admits the route's namespace and kind, and, when both name hosts, one of
+//! the route's hostnames meets the listener's.
 
 use std::collections::HashMap;
 
@@ -9,14 +17,19 @@ use http::HeaderMap;
 
 use crate::state::{
     HttpRoute, Snapshot, WorkloadRef,
+    gateway::{
+        Gateway, GatewayParent, Listener, ListenerProtocol, RouteNamespaces, hostname_matches,
+    },
     route::{PathMatch, RequestMatch, RouteRule, ValueMatch},
 };
 
-/// Routes by the service they attach to, built once per snapshot.
+/// Routes by the service or gateway they attach to, built once per snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     /// Service → (index into `snapshot.routes`, the parent's port).
     by_service: HashMap<WorkloadRef, Vec<(usize, Option<u16>)>>,
+    /// Gateway → (index into `snapshot.routes`, the parentRef).
+    by_gateway: HashMap<WorkloadRef, Vec<(usize, GatewayParent)>>,
 }
 
 /// The parts of a request that matches look at.
@@ -51,16 +64,24 @@ pub enum Routing<'s> {
 
 impl RouteTable {
     pub fn build(snapshot: &Snapshot) -> Self {
-        let mut by_service: HashMap<WorkloadRef, Vec<(usize, Option<u16>)>> = HashMap::new();
+        let mut table = Self::default();
         for (index, route) in snapshot.routes.iter().enumerate() {
             for parent in &route.parents {
-                by_service
+                table
+                    .by_service
                     .entry(parent.service.clone())
                     .or_default()
                     .push((index, parent.port));
             }
+            for parent in &route.gateway_parents {
+                table
+                    .by_gateway
+                    .entry(parent.gateway.clone())
+                    .or_default()
+                    .push((index, parent.clone()));
+            }
         }
-        Self { by_service }
+        table
     }
 
     /// The rule for a request to `service`'s `port`.
@@ -74,49 +95,159 @@ impl RouteTable {
         let Some(parents) = self.by_service.get(service) else {
             return Routing::Unrouted;
         };
-        let mut attached = false;
-        let mut best: Option<(Precedence, Selected<'s>)> = None;
-        for &(index, parent_port) in parents {
-            if parent_port.is_some_and(|p| p != port) {
-                continue;
-            }
-            let Some(route) = snapshot.routes.get(index) else {
-                continue;
+        let attached = parents
+            .iter()
+            .filter(|(_, parent_port)| parent_port.is_none_or(|p| p == port))
+            .map(|&(index, _)| index);
+        best_rule(snapshot, attached, request)
+    }
+
+    /// The rule for a request that came in on `listener` of `gateway`: `Unrouted` when no
+    /// route attaches to the listener (the gateway answers 404 then too).
+    pub fn select_for_listener<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        gateway: &Gateway,
+        listener: &Listener,
+        request: &RequestView<'_>,
+    ) -> Routing<'s> {
+        let Some(parents) = self.by_gateway.get(&gateway.name) else {
+            return Routing::Unrouted;
+        };
+        let attached = parents
+            .iter()
+            .filter(|(index, parent)| {
+                snapshot
+                    .routes
+                    .get(*index)
+                    .is_some_and(|route| attaches(gateway, listener, parent, route))
+            })
+            .map(|&(index, _)| index);
+        best_rule(snapshot, attached, request)
+    }
+}
+
+/// The listener of `gateway` a request on `port` over `protocol` belongs to: the most
+/// specific hostname match of `host` (see the module's doc).
+pub fn listener_for<'g>(
+    gateway: &'g Gateway,
+    port: u16,
+    protocol: ListenerProtocol,
+    host: Option<&str>,
+) -> Option<&'g Listener> {
+    gateway
+        .listeners
+        .iter()
+        .filter(|l| l.port == port && l.protocol == protocol)
+        .filter_map(|l| {
+            let specificity = match (&l.hostname, host) {
+                (None, _) => 0,
+                (Some(name), Some(host)) if hostname_matches(name, host) => {
+                    if name.starts_with("*.") {
+                        name.len()
+                    } else {
+                        usize::MAX
+                    }
+                }
+                _ => return None,
             };
-            attached = true;
-            if !host_matches(&route.hostnames, request.host) {
-                continue;
-            }
-            for (rule_index, rule) in route.rules.iter().enumerate() {
-                let order = (index, rule_index);
-                let candidates: Vec<Option<&RequestMatch>> = if rule.matches.is_empty() {
-                    vec![None]
-                } else {
-                    rule.matches.iter().map(Some).collect()
-                };
-                for candidate in candidates {
-                    if !candidate.is_none_or(|m| matches(m, request)) {
-                        continue;
-                    }
-                    let precedence = Precedence::of(candidate, order);
-                    if best.as_ref().is_none_or(|(b, _)| precedence > *b) {
-                        best = Some((
-                            precedence,
-                            Selected {
-                                route,
-                                rule,
-                                matched: candidate,
-                            },
-                        ));
-                    }
+            Some((specificity, l))
+        })
+        // Ties keep the earlier listener.
+        .fold(
+            None,
+            |best: Option<(usize, &Listener)>, (s, l)| match best {
+                Some((b, _)) if b >= s => best,
+                _ => Some((s, l)),
+            },
+        )
+        .map(|(_, l)| l)
+}
+
+/// Whether `route`, through `parent`, attaches to `listener` of `gateway`.
+fn attaches(
+    gateway: &Gateway,
+    listener: &Listener,
+    parent: &GatewayParent,
+    route: &HttpRoute,
+) -> bool {
+    let named = parent
+        .section_name
+        .as_deref()
+        .is_none_or(|name| name == listener.name)
+        && parent.port.is_none_or(|port| port == listener.port);
+    let namespace_admitted = match listener.allowed_routes.namespaces {
+        RouteNamespaces::Same => route.name.namespace == gateway.name.namespace,
+        RouteNamespaces::All => true,
+    };
+    let kind_admitted = listener.allowed_routes.kinds.contains(&route.kind);
+    let hosts_meet = match &listener.hostname {
+        None => true,
+        Some(listener_host) => {
+            route.hostnames.is_empty()
+                || route
+                    .hostnames
+                    .iter()
+                    .any(|h| hostnames_intersect(listener_host, h))
+        }
+    };
+    named && namespace_admitted && kind_admitted && hosts_meet
+}
+
+/// Whether some host matches both names (each exact or `*.` wildcard).
+fn hostnames_intersect(a: &str, b: &str) -> bool {
+    let concrete = |name: &str| {
+        name.strip_prefix("*.")
+            .map_or(name.to_owned(), |s| format!("x.{s}"))
+    };
+    hostname_matches(a, &concrete(b)) || hostname_matches(b, &concrete(a))
+}
+
+/// The best rule among the routes at `attached` (indexes into `snapshot.routes`).
+fn best_rule<'s>(
+    snapshot: &'s Snapshot,
+    attached: impl Iterator<Item = usize>,
+    request: &RequestView<'_>,
+) -> Routing<'s> {
+    let mut any_attached = false;
+    let mut best: Option<(Precedence, Selected<'s>)> = None;
+    for index in attached {
+        let Some(route) = snapshot.routes.get(index) else {
+            continue;
+        };
+        any_attached = true;
+        if !host_matches(&route.hostnames, request.host) {
+            continue;
+        }
+        for (rule_index, rule) in route.rules.iter().enumerate() {
+            let order = (index, rule_index);
+            let candidates: Vec<Option<&RequestMatch>> = if rule.matches.is_empty() {
+                vec![None]
+            } else {
+                rule.matches.iter().map(Some).collect()
+            };
+            for candidate in candidates {
+                if !candidate.is_none_or(|m| matches(m, request)) {
+                    continue;
+                }
+                let precedence = Precedence::of(candidate, order);
+                if best.as_ref().is_none_or(|(b, _)| precedence > *b) {
+                    best = Some((
+                        precedence,
+                        Selected {
+                            route,
+                            rule,
+                            matched: candidate,
+                        },
+                    ));
                 }
             }
         }
-        match best {
-            Some((_, selected)) => Routing::Rule(selected),
-            None if attached => Routing::NoMatch,
-            None => Routing::Unrouted,
-        }
+    }
+    match best {
+        Some((_, selected)) => Routing::Rule(selected),
+        None if any_attached => Routing::NoMatch,
+        None => Routing::Unrouted,
     }
 }
 

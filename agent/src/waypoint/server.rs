@@ -17,7 +17,7 @@ use std::{
 
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::Notify};
@@ -231,6 +231,22 @@ impl hbone::StreamHandler for Waypoint {
 
 impl hbone::Tunnel for Tunnel {
     async fn run(self, stream: hbone::ServerStream) {
+        self.serve_http(stream).await;
+    }
+
+    fn abandon(self, error: std::io::Error) {
+        debug!(component = "waypoint", src = %self.source, error = %error, "client left before the CONNECT was answered");
+    }
+}
+
+impl Tunnel {
+    /// Serves HTTP/1.1 or HTTP/2 (by preface) on `stream`, every request through
+    /// `request::handle`, until the client closes, the drain closes it after the request in
+    /// progress, or the drain's limit cuts it.
+    pub(super) async fn serve_http<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let tunnel = Arc::new(self);
         let first_request = Arc::new(Notify::new());
         let service = {
@@ -243,6 +259,11 @@ impl hbone::Tunnel for Tunnel {
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http2().adaptive_window(true);
+        // A client that starts a request head must finish it: slow heads hold memory.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
         let drain = tunnel.inner.drain.clone();
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         // A tunnel opened while draining (its CONNECT crossed the GOAWAY) carries a request
@@ -276,10 +297,6 @@ impl hbone::Tunnel for Tunnel {
             debug!(component = "waypoint", src = %tunnel.source, src.identity = %tunnel.peer_identity,
                 reason = "downstream_http", error = %e, "client HTTP connection ended with an error");
         }
-    }
-
-    fn abandon(self, error: std::io::Error) {
-        debug!(component = "waypoint", src = %self.source, error = %error, "client left before the CONNECT was answered");
     }
 }
 
@@ -327,7 +344,9 @@ pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
         })
 }
 
-const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+pub(super) const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long an HTTP/1.1 client may take to send a request head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

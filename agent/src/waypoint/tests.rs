@@ -703,6 +703,7 @@ const FOREVER_MS: &str = "3600000";
 
 mod balancing;
 mod drain;
+mod gateway;
 mod hardening;
 mod observability;
 mod pools;
