@@ -169,7 +169,8 @@ pub fn route(
 
 /// The outside client's address, as the gateway (and `X-Forwarded-For`) sees it.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-/// The metric of the gateway's TLS handshakes, by `listener` and `result`.
+/// The metric of the gateway's TLS handshakes, by `result` (`ok`, `no_certificate`,
+/// `failed`, `timeout`).
 pub const TLS_HANDSHAKES: &str = "weft_gateway_tls_handshakes_total";
 
 /// `out0` in the node, `eth0` outside, `203.0.113.0/24` (TEST-NET-3): not the node's
