@@ -290,7 +290,7 @@ fn https_from_outside_reaches_strict_services_on_two_nodes_as_the_gateway() -> R
         let from_outside = log
             .iter()
             .filter(|l| {
-                l["src_addr"]
+                l["src.addr"]
                     .as_str()
                     .is_some_and(|a| a.starts_with(&format!("{OUTSIDE_IP}:")))
             })
