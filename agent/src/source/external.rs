@@ -12,7 +12,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use crate::{
     source::{
-        gateway::at,
+        gateway::{at, certificate},
         kube::crd::{ExternalPortSpec, ExternalServiceSpec, TlsOriginationSpec},
         syntax::{self, Invalid},
     },
@@ -235,26 +235,11 @@ fn ca_certificates(field: &str, pem: String) -> Result<String, Invalid> {
             format!("{} bytes: at most {MAX_CA_BYTES}", pem.len()),
         ));
     }
-    let mut certificates = 0;
-    for (i, item) in rustls_pemfile::read_all(&mut pem.as_bytes()).enumerate() {
-        let item = item.map_err(|e| invalid(field.into(), format!("PEM block {i}: {e}")))?;
-        let rustls_pemfile::Item::X509Certificate(der) = item else {
-            // A private key pasted here would be stored in the snapshot and shown by the
-            // config dump: refuse it rather than ignore it.
-            return Err(invalid(
-                field.into(),
-                format!("PEM block {i} is not a CERTIFICATE (only CA certificates belong here)"),
-            ));
-        };
-        x509_parser::parse_x509_certificate(&der).map_err(|e| {
-            invalid(
-                field.into(),
-                format!("PEM block {i} is not an X.509 certificate: {e}"),
-            )
-        })?;
-        certificates += 1;
-    }
-    if certificates == 0 {
+    // A private key pasted here would be stored in the snapshot and shown by the config
+    // dump: refused rather than ignored.
+    let certificates =
+        certificate::pem_certificates(field, pem.as_bytes(), "only CA certificates belong here")?;
+    if certificates.is_empty() {
         return Err(invalid(
             field.into(),
             "no PEM certificate (-----BEGIN CERTIFICATE-----) found".into(),

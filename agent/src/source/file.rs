@@ -5,7 +5,11 @@
 //! `policies[2].rules[0].from[1].ipBlocks[0].cidr`, `routes[0].spec.rules[1].matches[0]`).
 //!
 //! `routes:` items are `HTTPRoute` and `GRPCRoute` objects as their Kubernetes manifests
-//! write them, read by `source::gateway` as the Kubernetes source reads them.
+//! write them, read by `source::gateway` as the Kubernetes source reads them; so are
+//! `gateways:` (`Gateway` objects; one of another class is left out, silently: it is
+//! someone else's) and `secrets:` (`Secret`s of type `kubernetes.io/tls`, with `data` in
+//! base64 or `stringData`; every one of them is read, and an HTTPS listener naming a
+//! certificate the file does not hold is an error).
 //! `externalServices:` items are an `ExternalService`'s spec with `name` and `namespace`,
 //! checked by `source::external` as the Kubernetes source checks the resource.
 //! `namespaces: [{name, waypoint}]` binds every service of a namespace to a waypoint, as
@@ -33,10 +37,10 @@ use crate::{
         traffic,
     },
     state::{
-        AccessLogSettings, AccessPolicy, Action, ExternalService, HttpRoute, Location,
+        AccessLogSettings, AccessPolicy, Action, ExternalService, Gateway, HttpRoute, Location,
         MeshSettings, MtlsMode, MtlsSettings, OutboundMode, Resolution, RouteKind, SameNode,
-        Service, ServicePort, Snapshot, TrafficDistribution, TrafficPolicy, Waypoint, Workload,
-        WorkloadRef,
+        Service, ServicePort, Snapshot, TlsCertificate, TrafficDistribution, TrafficPolicy,
+        Waypoint, Workload, WorkloadRef,
     },
 };
 
@@ -107,6 +111,8 @@ pub fn parse_settings(path: &Path, text: &str) -> Result<FileDoc, Error> {
             "Namespace labels (weft.dev/use-waypoint)",
         ),
         ("routes", raw.routes.is_empty(), "Gateway API routes"),
+        ("gateways", raw.gateways.is_empty(), "Gateway API Gateways"),
+        ("secrets", raw.secrets.is_empty(), "Secrets"),
         (
             "trafficPolicies",
             raw.traffic_policies.is_empty(),
@@ -203,7 +209,8 @@ pub async fn watch(
                     workloads = doc.snapshot.workloads.len(),
                     services = doc.snapshot.services.len(),
                     policies = doc.snapshot.policies.len(),
-                    routes = doc.snapshot.routes.len(), "config reloaded");
+                    routes = doc.snapshot.routes.len(),
+                    gateways = doc.snapshot.gateways.len(), "config reloaded");
                 tx.send_replace(Arc::new(doc.snapshot));
                 // After the new state is visible: whoever sees the new generation sees it.
                 status.accepted();
@@ -262,6 +269,12 @@ struct RawFile {
     /// `HTTPRoute` and `GRPCRoute` objects, as their manifests.
     #[serde(default)]
     routes: Vec<serde_json::Value>,
+    /// `Gateway` objects, as their manifests (those of class `weft` are read).
+    #[serde(default)]
+    gateways: Vec<serde_json::Value>,
+    /// `Secret` objects of type `kubernetes.io/tls`, as their manifests.
+    #[serde(default)]
+    secrets: Vec<serde_json::Value>,
     /// `TrafficPolicy` objects, as their manifests; the first listed counts as the oldest.
     #[serde(default)]
     traffic_policies: Vec<serde_json::Value>,
@@ -528,6 +541,15 @@ impl Validator<'_> {
             };
         }
         let routes = self.routes(raw.routes)?;
+        let tls_certificates = self.objects("secrets", "Secret", &raw.secrets, |field, raw| {
+            let certificate = gateway::certificate::certificate(field, raw, DEFAULT)?;
+            Ok(Some((certificate.name.clone(), certificate)))
+        })?;
+        let gateways = self.objects("gateways", "Gateway", &raw.gateways, |field, raw| {
+            let gateway = gateway::listeners::gateway(field, raw, DEFAULT)?;
+            Ok(gateway.map(|g| (g.name.clone(), g)))
+        })?;
+        self.certificates_exist(&raw.gateways, &gateways, &tls_certificates)?;
         let traffic_policies = self.traffic_policies(raw.traffic_policies)?;
         let external_services = self.external_services(raw.external_services)?;
         let policies = self.named_list("policies", "policy", raw.policies, |field, raw| {
@@ -547,8 +569,8 @@ impl Validator<'_> {
                 routes,
                 traffic_policies,
                 external_services,
-                gateways: Default::default(),
-                tls_certificates: Default::default(),
+                gateways,
+                tls_certificates,
                 resolved_hosts: Default::default(),
                 mesh_namespaces: None,
                 index: Default::default(),
@@ -750,6 +772,64 @@ impl Validator<'_> {
             routes.insert(key, route);
         }
         Ok(routes.into_values().collect())
+    }
+
+    /// Validates each object of the list `key` with `convert` into a map by namespace/name
+    /// (`None`: someone else's, left out); a second object of one name is an error.
+    fn objects<T>(
+        &self,
+        key: &str,
+        what: &str,
+        raws: &[serde_json::Value],
+        convert: impl Fn(&str, &serde_json::Value) -> Result<Option<(WorkloadRef, T)>, Invalid>,
+    ) -> Result<BTreeMap<WorkloadRef, T>, Error> {
+        let mut objects = BTreeMap::new();
+        for (i, raw) in raws.iter().enumerate() {
+            let field = format!("{key}[{i}]");
+            let Some((name, object)) = convert(&field, raw).map_err(|e| self.error(e))? else {
+                continue;
+            };
+            if objects.contains_key(&name) {
+                return Err(self.invalid(
+                    format!("{field}.metadata.name"),
+                    format!("duplicate {what} {name}"),
+                ));
+            }
+            objects.insert(name, object);
+        }
+        Ok(objects)
+    }
+
+    /// Every certificate an HTTPS listener names is in `secrets:` (a typo would leave the
+    /// listener without a certificate).
+    fn certificates_exist(
+        &self,
+        raws: &[serde_json::Value],
+        gateways: &BTreeMap<WorkloadRef, Gateway>,
+        certificates: &BTreeMap<WorkloadRef, TlsCertificate>,
+    ) -> Result<(), Error> {
+        for (i, raw) in raws.iter().enumerate() {
+            let name = WorkloadRef::new(
+                raw["metadata"]["namespace"].as_str().unwrap_or(DEFAULT),
+                raw["metadata"]["name"].as_str().unwrap_or_default(),
+            );
+            let Some(gateway) = gateways.get(&name) else {
+                continue;
+            };
+            for (j, listener) in gateway.listeners.iter().enumerate() {
+                for (k, certificate) in listener.certificates.iter().enumerate() {
+                    if !certificates.contains_key(certificate) {
+                        return Err(self.invalid(
+                            format!(
+                                "gateways[{i}].spec.listeners[{j}].tls.certificateRefs[{k}].name"
+                            ),
+                            format!("no Secret {certificate} in secrets"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The traffic policies, in the file's order (which is the conflict rule's age order).

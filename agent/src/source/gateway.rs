@@ -11,8 +11,11 @@
 //! the types do not know (a typo in a hand-written file).
 //!
 //! Semantics, where the Gateway API leaves them to the implementation (docs/config.md):
-//! - parentRefs: only kind `Service` (group `""` or `core`) attach a route to a waypoint
-//!   (GAMMA); other parents (Gateways) are not errors, they are someone else's.
+//! - parentRefs: kind `Service` (group `""` or `core`) attach a route to a waypoint
+//!   (GAMMA); kind `Gateway` (group `gateway.networking.k8s.io`, the spec's default for
+//!   both) to a Gateway's listeners (`gateway_parents`, namespace defaulting to the
+//!   route's; a Gateway weft does not know is kept, it may appear later); other parents
+//!   are not errors, they are someone else's.
 //! - gRPC method matches are path matches on `/<service>/<method>`: service and method
 //!   exact → `Exact /svc/method`; only one of them → the regex `/svc/[^/]+` or
 //!   `/[^/]+/method` (a path prefix would be segment-based and also match `/svc/a/b`);
@@ -24,6 +27,12 @@
 //!   elsewhere" for any method), `backoff` default 25ms (Envoy's base interval);
 //!   `attempts: 0` is no retry.
 //! - Mirror share: `percent` or `fraction` → parts per million; neither: every request.
+//!
+//! The ingress side of the Gateway API has its own modules: `listeners` (Gateway objects
+//! of class `weft`) and `certificate` (the Secrets their HTTPS listeners name).
+
+pub mod certificate;
+pub mod listeners;
 
 use std::{str::FromStr, time::Duration};
 
@@ -34,7 +43,7 @@ use serde_json::Value;
 use crate::{
     source::syntax::{self, Invalid},
     state::{
-        HttpRoute, RouteKind, WorkloadRef,
+        GatewayParent, HttpRoute, RouteKind, WorkloadRef,
         route::{
             Backend, Filter, HeaderMatch, HeaderModifier, Mirror, ParentRef, PathMatch,
             PathRewrite, Pattern, QueryParamMatch, Redirect, RequestMatch, Retry, RouteRule,
@@ -45,6 +54,8 @@ use crate::{
 
 /// The `apiVersion` of the routes weft reads.
 pub const API_VERSION: &str = "gateway.networking.k8s.io/v1";
+/// The Gateway API's group.
+pub const GROUP: &str = "gateway.networking.k8s.io";
 
 /// Default retries after the first try, when `retry` leaves `attempts` out.
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 1;
@@ -84,7 +95,7 @@ pub fn http_route(
     default_namespace: &str,
 ) -> Result<HttpRoute, Invalid> {
     let route: http::HttpRoute = decode(field, object)?;
-    let name = route_name(field, &route.metadata, default_namespace)?;
+    let name = object_name(field, &route.metadata, default_namespace)?;
     let spec_field = at(field, "spec");
     let spec = route.spec;
     let mut rules = Vec::new();
@@ -120,10 +131,11 @@ pub fn http_route(
             .flatten();
         rules.push(rule);
     }
+    let (parents, gateway_parents) = parents(&spec_field, &name.namespace, spec.parent_refs)?;
     Ok(HttpRoute {
         kind: RouteKind::Http,
-        gateway_parents: Vec::new(),
-        parents: parents(&spec_field, &name.namespace, spec.parent_refs)?,
+        gateway_parents,
+        parents,
         hostnames: hostnames(&spec_field, spec.hostnames)?,
         name,
         rules,
@@ -137,7 +149,7 @@ pub fn grpc_route(
     default_namespace: &str,
 ) -> Result<HttpRoute, Invalid> {
     let route: grpc::GrpcRoute = decode(field, object)?;
-    let name = route_name(field, &route.metadata, default_namespace)?;
+    let name = object_name(field, &route.metadata, default_namespace)?;
     let spec_field = at(field, "spec");
     let spec = route.spec;
     let mut rules = Vec::new();
@@ -168,10 +180,11 @@ pub fn grpc_route(
     }
     let parent_refs: Option<Vec<http::HttpRouteParentRefs>> =
         reshape(&format!("{spec_field}.parentRefs"), spec.parent_refs)?;
+    let (parents, gateway_parents) = parents(&spec_field, &name.namespace, parent_refs)?;
     Ok(HttpRoute {
         kind: RouteKind::Grpc,
-        gateway_parents: Vec::new(),
-        parents: parents(&spec_field, &name.namespace, parent_refs)?,
+        gateway_parents,
+        parents,
         hostnames: hostnames(&spec_field, spec.hostnames)?,
         name,
         rules,
@@ -188,6 +201,29 @@ pub fn duration(field: &str, text: &str) -> Result<Duration, Invalid> {
                 format!("{text:?} is not a Gateway API duration (e.g. 10s, 500ms, 1h30m): {e}"),
             )
         })
+}
+
+/// Checks the `apiVersion` and `kind` of an object found at `field`.
+pub fn object_type(
+    field: &str,
+    object: &Value,
+    api_version: &str,
+    kind: &str,
+) -> Result<(), Invalid> {
+    let text = |key: &str| object.get(key).and_then(Value::as_str);
+    if text("apiVersion") != Some(api_version) {
+        return Err(invalid(
+            at(field, "apiVersion"),
+            format!("{:?}: expected {api_version:?}", text("apiVersion")),
+        ));
+    }
+    if text("kind") != Some(kind) {
+        return Err(invalid(
+            at(field, "kind"),
+            format!("{:?}: expected {kind:?}", text("kind")),
+        ));
+    }
+    Ok(())
 }
 
 /// The path of `sub` below `field` (`field` may be empty: an API object's root).
@@ -253,7 +289,7 @@ fn reshape<S: Serialize, T: DeserializeOwned>(field: &str, value: S) -> Result<T
     serde_json::from_value(json).map_err(|e| bug(field, &e))
 }
 
-fn route_name(
+fn object_name(
     field: &str,
     metadata: &kube::api::ObjectMeta,
     default_namespace: &str,
@@ -272,32 +308,49 @@ fn route_name(
     Ok(WorkloadRef::new(namespace, name))
 }
 
+/// The Service parents and the Gateway parents of a route.
 fn parents(
     spec: &str,
     namespace: &str,
     refs: Option<Vec<http::HttpRouteParentRefs>>,
-) -> Result<Vec<ParentRef>, Invalid> {
+) -> Result<(Vec<ParentRef>, Vec<GatewayParent>), Invalid> {
     let mut parents = Vec::new();
+    let mut gateways = Vec::new();
     for (i, raw) in refs.unwrap_or_default().into_iter().enumerate() {
         let field = format!("{spec}.parentRefs[{i}]");
-        // The parentRef default is a Gateway: only an explicit Service is the mesh's.
-        if !is_core(raw.group.as_deref()) || raw.kind.as_deref() != Some("Service") {
-            continue;
+        let parent_port =
+            |raw: Option<i32>| raw.map(|p| port(&format!("{field}.port"), p)).transpose();
+        // The spec's defaults: group gateway.networking.k8s.io, kind Gateway.
+        let gateway_group = matches!(raw.group.as_deref(), None | Some(GROUP));
+        match raw.kind.as_deref() {
+            Some("Service") if is_core(raw.group.as_deref()) => {
+                if raw.section_name.is_some() {
+                    return Err(invalid(
+                        format!("{field}.sectionName"),
+                        "not supported on a Service parent (use port)".into(),
+                    ));
+                }
+                let service = named_ref(&field, namespace, raw.namespace, raw.name)?;
+                let port = parent_port(raw.port)?;
+                parents.push(ParentRef { service, port });
+            }
+            None | Some("Gateway") if gateway_group => {
+                let gateway = named_ref(&field, namespace, raw.namespace, raw.name)?;
+                let section_name = raw
+                    .section_name
+                    .map(|s| syntax::name(&format!("{field}.sectionName"), s))
+                    .transpose()?;
+                gateways.push(GatewayParent {
+                    gateway,
+                    section_name,
+                    port: parent_port(raw.port)?,
+                });
+            }
+            // Someone else's parent (a ListenerSet, another project's kind).
+            _ => {}
         }
-        if raw.section_name.is_some() {
-            return Err(invalid(
-                format!("{field}.sectionName"),
-                "not supported on a Service parent (use port)".into(),
-            ));
-        }
-        let service = service_name(&field, namespace, raw.namespace, raw.name)?;
-        let port = raw
-            .port
-            .map(|p| port(&format!("{field}.port"), p))
-            .transpose()?;
-        parents.push(ParentRef { service, port });
     }
-    Ok(parents)
+    Ok((parents, gateways))
 }
 
 fn hostnames(spec: &str, hostnames: Option<Vec<String>>) -> Result<Vec<String>, Invalid> {
@@ -867,7 +920,7 @@ fn backend_ref(
             format!("{kind:?}: only Services are backends"),
         ));
     }
-    let service = service_name(field, namespace, ref_namespace, name)?;
+    let service = named_ref(field, namespace, ref_namespace, name)?;
     if service.namespace != namespace {
         return Err(invalid(
             format!("{field}.namespace"),
@@ -890,7 +943,7 @@ fn backend_ref(
     })
 }
 
-fn service_name(
+fn named_ref(
     field: &str,
     namespace: &str,
     ref_namespace: Option<String>,
@@ -1030,7 +1083,7 @@ fn unsupported_filter(field: &str, kind: &str) -> Invalid {
 }
 
 fn bug(field: &str, e: &dyn std::fmt::Display) -> Invalid {
-    invalid(field.into(), format!("BUG: cannot re-read the route: {e}"))
+    invalid(field.into(), format!("BUG: cannot re-read the object: {e}"))
 }
 
 fn invalid(field: String, reason: String) -> Invalid {

@@ -28,11 +28,20 @@
 //!   `weft.dev/service-account`, else the name; addresses: the ready endpoints), and the
 //!   bindings: a Service's `weft.dev/use-waypoint` label, else its Namespace's (`none` on
 //!   the Service opts out).
-//! - Gateway API `HTTPRoute` and `GRPCRoute`, only for a waypoint (`Config::routes_for`);
-//!   node agents never watch them. The snapshot carries the routes with a parent Service
-//!   bound to that waypoint, converted by `source::gateway`. Without the Gateway API CRDs
+//! - Gateway API `HTTPRoute` and `GRPCRoute`, only for a waypoint (`Config::routes_for`)
+//!   or a gateway (`Config::gateway_for`); node agents never watch them. The snapshot
+//!   carries the routes with a parent Service bound to that waypoint, or with a parent
+//!   naming that Gateway, converted by `source::gateway`. Without the Gateway API CRDs
 //!   (404), routes are empty and synced, logged once at warn, and looked for again every
-//!   `backoff.max`; readiness does not wait for them. `status` writes the routes' status.
+//!   `backoff.max`; readiness does not wait for them. `status` writes the routes' status
+//!   (a waypoint's only: a gateway writes none yet).
+//! - For a gateway only (`Config::gateway_for`): its own `Gateway` (by name, in its
+//!   namespace; one of another class is not in the snapshot), and the `kubernetes.io/tls`
+//!   Secrets it is told to read, each by name in that namespace: one list and watch per
+//!   name with the field selector `metadata.name=NAME`, which is all an RBAC rule with
+//!   `resourceNames` allows, and which keeps every other Secret out of the agent's memory.
+//!   A Gateway or Secret that cannot be understood is left out (never its last good
+//!   version: a restarted gateway would not have it), logged once per reason.
 //!
 //! Output: a snapshot on `tx`, rebuilt at most once per `Config::debounce` after any change
 //! (and after `NodePods` changes), published only once every watch has listed in full, and
@@ -72,7 +81,7 @@ mod writes;
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
+    core::v1::{Namespace, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -144,6 +153,20 @@ pub struct Config {
     /// The waypoint (namespace/name) this source serves: its routes are watched, carried
     /// in the snapshot and given status. `None` (node agents): routes are not watched.
     pub routes_for: Option<WorkloadRef>,
+    /// The Gateway this source serves (a `weft gateway`): it, its certificates and the
+    /// routes naming it are watched and carried in the snapshot. `None`: not a gateway.
+    /// (Boxed: `Config` travels in enums, and most agents are not gateways.)
+    pub gateway_for: Option<Box<GatewayFor>>,
+}
+
+/// What a `weft gateway`'s source reads besides the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayFor {
+    /// The Gateway (namespace/name), watched alone.
+    pub gateway: WorkloadRef,
+    /// The names of the Secrets of its namespace it may read (its listeners'
+    /// certificates), each watched alone.
+    pub tls_secrets: Vec<String>,
 }
 
 /// The kinds of object the source watches, one watch each.
@@ -167,6 +190,10 @@ pub enum Kind {
     HttpRoute,
     /// Gateway API `GRPCRoute`s (waypoints only).
     GrpcRoute,
+    /// The Gateway API `Gateway` a gateway serves.
+    Gateway,
+    /// The `kubernetes.io/tls` Secrets a gateway reads.
+    TlsSecret,
 }
 
 /// What each watch is doing, for readiness, metrics and status.
@@ -195,6 +222,17 @@ pub struct WatchHealth {
     pub last_error: Option<String>,
     /// The most recent rejection of an object of this kind, while any is rejected.
     pub last_rejection: Option<String>,
+    /// For a kind watched one object at a time (`Spawner::watch_named`): each watch's
+    /// state, by `namespace/name`; the kind is synced once all are, up while all are.
+    #[serde(skip)]
+    parts: BTreeMap<String, PartHealth>,
+}
+
+/// The state of one of the watches of a kind watched one object at a time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PartHealth {
+    synced: bool,
+    up: bool,
 }
 
 /// Where the source reports how it is doing.
@@ -333,7 +371,7 @@ pub async fn run(
         project::agent,
         |c| &mut c.agents,
     );
-    if let Some(waypoint) = &config.routes_for {
+    if config.routes_for.is_some() || config.gateway_for.is_some() {
         spawn.watch_optional(
             untyped::<gateway_api::experimental::httproutes::HttpRoute>(&client),
             Kind::HttpRoute,
@@ -348,6 +386,36 @@ pub async fn run(
             |c| &mut c.grpc_routes,
             GATEWAY_API_INSTALL,
         );
+    }
+    if let Some(gateway) = &config.gateway_for {
+        let namespace = &gateway.gateway.namespace;
+        spawn.watch_named(
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                namespace,
+                &ApiResource::erase::<gateway_api::experimental::gateways::Gateway>(&()),
+            ),
+            Kind::Gateway,
+            &gateway.gateway,
+            (project::gateway, Some(accepted::GATEWAY_LEFT_OUT)),
+            |c| &mut c.gateways,
+            Some(GATEWAY_API_INSTALL),
+        );
+        // One watch per name: RBAC's resourceNames allow no wider list. A name given twice
+        // is one watch (two would share one object's part of the store).
+        let names: std::collections::BTreeSet<&String> = gateway.tls_secrets.iter().collect();
+        for name in names {
+            spawn.watch_named(
+                Api::<Secret>::namespaced(client.clone(), namespace),
+                Kind::TlsSecret,
+                &WorkloadRef::new(namespace.as_str(), name.as_str()),
+                (project::tls_secret, Some(accepted::CERTIFICATE_LEFT_OUT)),
+                |c| &mut c.tls_secrets,
+                None,
+            );
+        }
+    }
+    if let Some(waypoint) = &config.routes_for {
         watches.spawn(status::run(
             client.clone(),
             waypoint.clone(),
@@ -355,9 +423,9 @@ pub async fn run(
             (config.debounce, config.backoff),
         ));
     }
-    // Reporting unmeshed pods is the node agents' job: a waypoint on the reporting agent's
-    // node would be elected too, and it may not write Events.
-    if config.routes_for.is_none() {
+    // Reporting unmeshed pods is the node agents' job: a waypoint or gateway on the
+    // reporting agent's node would be elected too, and it may not write Events.
+    if config.routes_for.is_none() && config.gateway_for.is_none() {
         watches.spawn(unmeshed::run(
             client.clone(),
             config.clone(),
@@ -387,7 +455,12 @@ pub async fn run(
             ready.set(READY_CONDITION, readiness);
             continue;
         }
-        let snapshot = build::snapshot(&caches.lock(), &mesh, config.routes_for.as_ref());
+        let snapshot = build::snapshot(
+            &caches.lock(),
+            &mesh,
+            config.routes_for.as_ref(),
+            config.gateway_for.as_ref().map(|g| &g.gateway),
+        );
         if *tx.borrow().as_ref() != snapshot || status.view().generation == 0 {
             info!(
                 component = "kubernetes",
@@ -396,6 +469,7 @@ pub async fn run(
                 policies = snapshot.policies.len(),
                 traffic_policies = snapshot.traffic_policies.len(),
                 external_services = snapshot.external_services.len(),
+                gateways = snapshot.gateways.len(),
                 "snapshot built from the cluster"
             );
             tx.send_replace(Arc::new(snapshot));
@@ -430,6 +504,7 @@ impl Config {
             agent_selector: "app.kubernetes.io/name=weft,app.kubernetes.io/component=agent".into(),
             unmeshed_grace: Duration::from_secs(60),
             routes_for: None,
+            gateway_for: None,
         }
     }
 }
@@ -510,9 +585,46 @@ impl Health {
     }
 }
 
+impl WatchHealth {
+    /// Adds the watch of `part` (a kind watched one object at a time), not listed yet.
+    fn add_part(&mut self, part: Option<&str>) {
+        if let Some(part) = part {
+            self.parts.entry(part.to_owned()).or_default();
+            self.synced = false;
+            self.up = false;
+        }
+    }
+
+    /// Records that the watch of `part` (`None`: the kind's one watch) is up or down.
+    fn set_up(&mut self, part: Option<&str>, up: bool) {
+        match part {
+            None => self.up = up,
+            Some(part) => {
+                self.parts.entry(part.to_owned()).or_default().up = up;
+                self.up = self.parts.values().all(|p| p.up);
+            }
+        }
+        if self.up {
+            self.last_error = None;
+        }
+    }
+
+    /// Records a full list of `part` (`None`: of the kind's one watch).
+    fn set_listed(&mut self, part: Option<&str>) {
+        match part {
+            None => self.synced = true,
+            Some(name) => {
+                self.parts.entry(name.to_owned()).or_default().synced = true;
+                self.synced = self.parts.values().all(|p| p.synced);
+            }
+        }
+        self.set_up(part, true);
+    }
+}
+
 impl Kind {
     /// Every kind every source watches, in the order of `Ord` (a waypoint's also watches
-    /// the route kinds).
+    /// the route kinds; a gateway's the route kinds, its Gateway and its Secrets).
     pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::LocalPod,
@@ -541,6 +653,8 @@ impl Kind {
             Kind::AgentPod => "agent_pod",
             Kind::HttpRoute => "http_route",
             Kind::GrpcRoute => "grpc_route",
+            Kind::Gateway => "gateway",
+            Kind::TlsSecret => "tls_secret",
         }
     }
 
@@ -557,6 +671,8 @@ impl Kind {
             Kind::ExternalService => "ExternalService",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::Gateway => "Gateway",
+            Kind::TlsSecret => "Secret",
         }
     }
 }

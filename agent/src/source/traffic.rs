@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::{
     source::{
-        gateway::{at, duration},
+        gateway::{self, at, duration},
         kube::crd::{
             ConnectionPoolSpec, FaultSpec, LoadBalancerSpec, OutlierDetectionSpec, RateLimitSpec,
             RetryBudgetSpec, RetrySpec, SimpleLoadBalancer, TrafficPolicySpec,
@@ -46,19 +46,7 @@ pub fn object(
     object: &Value,
     default_namespace: &str,
 ) -> Result<TrafficPolicy, Invalid> {
-    let text = |key: &str| object.get(key).and_then(Value::as_str);
-    if text("apiVersion") != Some(API_VERSION) {
-        return Err(invalid(
-            at(field, "apiVersion"),
-            format!("{:?}: expected {API_VERSION:?}", text("apiVersion")),
-        ));
-    }
-    if text("kind") != Some("TrafficPolicy") {
-        return Err(invalid(
-            at(field, "kind"),
-            format!("{:?}: expected \"TrafficPolicy\"", text("kind")),
-        ));
-    }
+    gateway::object_type(field, object, API_VERSION, "TrafficPolicy")?;
     let metadata = object.get("metadata").cloned().unwrap_or(Value::Null);
     let name_of = |key: &str| metadata.get(key).and_then(Value::as_str).map(str::to_owned);
     let namespace = syntax::name(

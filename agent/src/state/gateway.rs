@@ -37,7 +37,7 @@ pub struct Listener {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// Certificates an HTTPS listener terminates TLS with (Secrets in the Gateway's
-    /// namespace), picked by SNI; empty for HTTP.
+    /// namespace), picked by SNI; empty for the other protocols.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<WorkloadRef>,
     /// Which routes may attach.
@@ -52,6 +52,12 @@ pub enum ListenerProtocol {
     /// TLS terminated here, then HTTP.
     #[serde(rename = "HTTPS")]
     Https,
+    /// TLS passed through to the backend the SNI routes to (`tls.mode: Passthrough`).
+    #[serde(rename = "TLS")]
+    Tls,
+    /// Bytes passed through to the backend of the listener's route.
+    #[serde(rename = "TCP")]
+    Tcp,
 }
 
 impl ListenerProtocol {
@@ -60,7 +66,14 @@ impl ListenerProtocol {
     pub fn default_kinds(self) -> &'static [RouteKind] {
         match self {
             ListenerProtocol::Http | ListenerProtocol::Https => &[RouteKind::Http, RouteKind::Grpc],
+            ListenerProtocol::Tls => &[RouteKind::Tls],
+            ListenerProtocol::Tcp => &[RouteKind::Tcp],
         }
+    }
+
+    /// Whether the gateway speaks HTTP on it (the other protocols pass bytes through).
+    pub fn is_http(self) -> bool {
+        matches!(self, ListenerProtocol::Http | ListenerProtocol::Https)
     }
 }
 

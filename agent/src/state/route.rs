@@ -39,6 +39,12 @@ pub enum RouteKind {
     /// `GRPCRoute`.
     #[serde(rename = "GRPCRoute")]
     Grpc,
+    /// `TLSRoute`: a gateway's TLS passthrough, by SNI; its rules have backends only.
+    #[serde(rename = "TLSRoute")]
+    Tls,
+    /// `TCPRoute`: a gateway's TCP listener; its rules have backends only.
+    #[serde(rename = "TCPRoute")]
+    Tcp,
 }
 
 /// A Service a route attaches to (`parentRefs` of kind Service).
@@ -324,6 +330,8 @@ impl std::fmt::Display for RouteKind {
         f.write_str(match self {
             RouteKind::Http => "HTTPRoute",
             RouteKind::Grpc => "GRPCRoute",
+            RouteKind::Tls => "TLSRoute",
+            RouteKind::Tcp => "TCPRoute",
         })
     }
 }

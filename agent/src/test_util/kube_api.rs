@@ -16,8 +16,9 @@
 //! `PATCH` of its `/status` (a JSON merge patch) changes its status, refused with `409` if
 //! the patch's `metadata.resourceVersion` is not the object's; `patches` returns them.
 //! `set_missing` makes a collection answer `404`, as an API whose CRD is not installed.
-//! Not modelled: namespaced lists, set-based label selectors, watch timeouts, other
-//! updates through the API.
+//! A namespaced collection (`/api/v1/namespaces/NS/secrets`) lists and watches the objects
+//! of that namespace in the cluster-wide one, so that tests apply objects as always.
+//! Not modelled: set-based label selectors, watch timeouts, other updates through the API.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -357,6 +358,19 @@ fn handle(state: &Mutex<State>, req: &Request<Incoming>) -> Response<FakeBody> {
         query.get("labelSelector").map_or("", String::as_str),
         true,
     ));
+    // A namespaced collection: the cluster-wide one, of that namespace.
+    let path = match namespaced_collection(&path) {
+        Some((collection, namespace)) => {
+            selector.push(FieldRequirement {
+                path: "metadata.namespace".into(),
+                value: namespace,
+                equal: true,
+                label: false,
+            });
+            collection
+        }
+        None => path,
+    };
     if state.missing.contains(&path) {
         return status_response(
             StatusCode::NOT_FOUND,
@@ -518,6 +532,20 @@ fn object_path(path: &str) -> Option<(String, (String, String), bool)> {
             let status = rest.len() == 5;
             let collection = format!("/{}/{plural}", prefix.join("/"));
             Some((collection, ((*ns).to_owned(), (*name).to_owned()), status))
+        }
+        _ => None,
+    }
+}
+
+/// A namespaced collection's path (`/api/v1/namespaces/NS/PLURAL`) as (the cluster-wide
+/// collection's path, the namespace).
+fn namespaced_collection(path: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let at = parts.iter().position(|p| *p == "namespaces")?;
+    let (prefix, rest) = parts.split_at(at);
+    match rest {
+        ["namespaces", ns, plural] => {
+            Some((format!("/{}/{plural}", prefix.join("/")), (*ns).to_owned()))
         }
         _ => None,
     }

@@ -1,7 +1,9 @@
 //! The gateway's front door: the ports of its Gateway's listeners, bound and unbound as the
 //! snapshot changes, plain HTTP or TLS terminated with the certificate the client's SNI
 //! picks; every connection's requests then go through the same engine as a waypoint's
-//! (`Tunnel::serve_http`, routed by the listener's routes).
+//! (`Tunnel::serve_http`, routed by the listener's routes). TLS passthrough and TCP
+//! listeners pass the connection's bytes to one backend endpoint (`passthrough`), picked by
+//! the listener's TLSRoute (by SNI) or TCPRoute.
 //!
 //! Certificates are looked up at each handshake in the snapshot in force, so a Secret
 //! that changes serves its new certificate to the next handshake while open connections
@@ -28,6 +30,8 @@ use rustls::{
 };
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info};
+
+mod passthrough;
 
 use super::{Inner, Target, Tunnel, Waypoint, server::ACCEPT_RETRY};
 use crate::{
@@ -174,6 +178,7 @@ async fn accept(
         tokio::spawn(async move {
             let served = async {
                 match acceptor {
+                    None if !protocol.is_http() => passthrough::serve(tunnel, tcp).await,
                     None => tunnel.serve_http(tcp).await,
                     Some(acceptor) => {
                         let metrics = &tunnel.inner.metrics;

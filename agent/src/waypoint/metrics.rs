@@ -113,6 +113,7 @@ pub struct Metrics {
     retries: Family<RouteLabels, Counter>,
     connection_errors: Family<ErrorLabels, Counter>,
     tls_handshakes: Family<ResultLabels, Counter>,
+    passthrough: Family<ResultLabels, Counter>,
     rejected: Family<ErrorLabels, Counter>,
     mirrors_skipped: Family<ErrorLabels, Counter>,
     forwarded_ignored: Family<ErrorLabels, Counter>,
@@ -156,6 +157,7 @@ impl Metrics {
             retries: Family::default(),
             connection_errors: Family::default(),
             tls_handshakes: Family::default(),
+            passthrough: Family::default(),
             rejected: Family::default(),
             mirrors_skipped: Family::default(),
             forwarded_ignored: Family::default(),
@@ -204,6 +206,14 @@ impl Metrics {
     /// serves the SNI), `failed` or `timeout`.
     pub fn tls_handshake(&self, result: &'static str) {
         self.tls_handshakes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// A connection a gateway's TLS passthrough or TCP listener passed on (`ok`), or
+    /// refused or lost, by reason.
+    pub fn passthrough(&self, result: &'static str) {
+        self.passthrough
             .get_or_create(&ResultLabels { result })
             .inc();
     }
@@ -346,6 +356,12 @@ impl Collector for Exposition {
             "TLS handshakes on a gateway's HTTPS listeners, by result (ok, no_certificate, failed, timeout)",
             None,
             m.tls_handshakes.metric_type(),
+        )?)?;
+        m.passthrough.encode(encoder.encode_descriptor(
+            "gateway_passthrough_connections",
+            "Connections of a gateway's TLS passthrough and TCP listeners, by result (ok, no_route, no_endpoints, bad_client_hello, ...)",
+            None,
+            m.passthrough.metric_type(),
         )?)?;
         m.rejected.encode(encoder.encode_descriptor(
             "waypoint_rejected_requests",

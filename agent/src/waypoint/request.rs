@@ -144,8 +144,8 @@ fn forwarded_headers(headers: &mut HeaderMap, client: IpAddr, protocol: Listener
         headers.insert(X_FORWARDED_FOR, value);
     }
     let proto = match protocol {
-        ListenerProtocol::Http => "http",
-        ListenerProtocol::Https => "https",
+        ListenerProtocol::Https | ListenerProtocol::Tls => "https",
+        ListenerProtocol::Http | ListenerProtocol::Tcp => "http",
     };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }

@@ -331,18 +331,38 @@ impl Upstreams {
 
     /// One HBONE stream to the endpoint's pod, as the waypoint's identity.
     async fn connect(&self, key: &Key) -> Result<hbone::HboneStream, Error> {
+        // The stream carries many clients' requests: the waypoint is its source.
+        let source = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        self.stream(key.endpoint, &key.identity, source).await
+    }
+
+    /// One HBONE stream to `endpoint` for one client's bytes (a gateway's passthrough):
+    /// `client` is said in the CONNECT's `forwarded`.
+    pub async fn tunnel(
+        &self,
+        endpoint: &Endpoint,
+        client: SocketAddr,
+    ) -> Result<hbone::HboneStream, Error> {
+        self.stream(endpoint.addr, &endpoint.identity, client).await
+    }
+
+    async fn stream(
+        &self,
+        endpoint: SocketAddr,
+        identity: &SpiffeId,
+        source: SocketAddr,
+    ) -> Result<hbone::HboneStream, Error> {
         let inner = &self.inner;
-        let address = SocketAddr::new(key.endpoint.ip(), inner.hbone_port);
+        let address = SocketAddr::new(endpoint.ip(), inner.hbone_port);
         let pool_key = hbone::Key {
             source: inner.source.clone(),
-            destination: key.identity.clone(),
+            destination: identity.clone(),
             address,
             local: Ipv4Addr::UNSPECIFIED.into(),
         };
         let request = hbone::ConnectRequest {
-            target: key.endpoint,
-            // The stream carries many clients' requests: the waypoint is its source.
-            source: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            target: endpoint,
+            source,
             baggage: None,
             traceparent: None,
         };

@@ -1,6 +1,8 @@
 use super::*;
 use crate::state::{PortRange, Principal};
 
+mod gateways;
+
 fn parse_str(yaml: &str) -> Result<FileDoc, String> {
     parse(Path::new("node.yaml"), yaml).map_err(|e| e.to_string())
 }
@@ -232,16 +234,36 @@ fn routes_are_read_as_manifests_and_sorted_by_kind_and_name() {
     assert_eq!(parse_str(&both).unwrap().snapshot.routes.len(), 3);
 }
 
-#[test]
-fn the_waypoint_and_route_example_of_the_config_docs_parses() {
+/// The example file of docs/config.md (its first YAML block), with a real certificate
+/// and key in place of the elided PEM of its `secrets:` item.
+fn config_docs_example() -> String {
     let docs = include_str!("../../../../docs/config.md");
     let block = docs.split("```yaml\n").nth(1).unwrap();
     let block = block.split_once("```").unwrap().0;
+    assert!(block.contains(ELIDED_CERT) && block.contains(ELIDED_KEY));
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
+    let indented = |pem: String| {
+        pem.lines()
+            .map(|l| format!("        {l}\n"))
+            .collect::<String>()
+    };
+    block
+        .replace(ELIDED_CERT, &indented(cert.cert.pem()))
+        .replace(ELIDED_KEY, &indented(cert.signing_key.serialize_pem()))
+}
+
+const ELIDED_CERT: &str = "        -----BEGIN CERTIFICATE-----\n        MIIBhTCCASugAwIBAgIU...\n        -----END CERTIFICATE-----\n";
+const ELIDED_KEY: &str = "        -----BEGIN PRIVATE KEY-----\n        MIGHAgEAMBMGByqGSM49...\n        -----END PRIVATE KEY-----\n";
+
+#[test]
+fn the_waypoint_and_route_example_of_the_config_docs_parses() {
+    let block = config_docs_example();
     let from = block.find("\nwaypoints:").unwrap();
     let to = block.find("\n# Access policies").unwrap();
     let doc = parse_str(&block[from..to]).unwrap();
-    assert_eq!(doc.snapshot.routes.len(), 1);
+    assert_eq!(doc.snapshot.routes.len(), 2);
     let route = &doc.snapshot.routes[0];
+    assert_eq!(route.name, WorkloadRef::new("default", "echo"));
     assert_eq!(route.rules[0].backends.len(), 2);
     assert_eq!(route.rules[0].retry.as_ref().unwrap().attempts, 2);
     assert_eq!(route.rules[0].name.as_deref(), Some("api"));
@@ -257,9 +279,36 @@ fn the_waypoint_and_route_example_of_the_config_docs_parses() {
 }
 
 #[test]
-fn kubernetes_mode_refuses_routes_waypoints_and_namespaces() {
+fn the_gateway_example_of_the_config_docs_parses() {
+    let block = config_docs_example();
+    let from = block.find("\nroutes:").unwrap();
+    let to = block.find("\n# Traffic policies").unwrap();
+    let doc = parse_str(&block[from..to]).unwrap();
+    let s = &doc.snapshot;
+    let public = &s.gateways[&WorkloadRef::new("edge", "public")];
+    assert_eq!(public.listeners.len(), 2);
+    assert_eq!(
+        public.listeners[0].hostname.as_deref(),
+        Some("*.example.com")
+    );
+    assert!(
+        s.tls_certificates
+            .contains_key(&WorkloadRef::new("edge", "shop-cert"))
+    );
+    let shop = s.routes.iter().find(|r| r.name.name == "shop").unwrap();
+    assert_eq!(shop.gateway_parents[0].gateway, public.name);
+    assert_eq!(
+        shop.gateway_parents[0].section_name.as_deref(),
+        Some("https")
+    );
+}
+
+#[test]
+fn kubernetes_mode_refuses_routes_gateways_waypoints_and_namespaces() {
     for section in [
         ROUTES.to_owned(),
+        "gateways: [{}]\n".into(),
+        "secrets: [{}]\n".into(),
         "waypoints: [{name: wp}]\n".into(),
         "namespaces: [{name: prod, waypoint: wp}]\n".into(),
     ] {
@@ -340,8 +389,7 @@ fn external_services_are_read_by_namespace_and_name() {
 
 #[test]
 fn the_external_services_example_of_the_config_docs_parses() {
-    let docs = include_str!("../../../../docs/config.md");
-    let block = docs.split("```yaml\n").nth(1).unwrap();
+    let block = config_docs_example();
     let from = block.find("\nexternalServices:").unwrap();
     let to = block.find("\n# Access policies").unwrap();
     let doc = parse_str(&block[from..to]).unwrap();

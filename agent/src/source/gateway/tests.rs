@@ -16,6 +16,8 @@ spec:
     - {group: "", kind: Service, name: api, port: 80}
     - {kind: Service, name: api-admin, namespace: prod}
     - {name: public-gateway}
+    - {group: gateway.networking.k8s.io, kind: Gateway, name: edge, namespace: infra, sectionName: https, port: 443}
+    - {group: gateway.networking.k8s.io, kind: ListenerSet, name: extra}
   hostnames: [API.example.com, "*.example.org"]
   rules:
     - name: canary
@@ -84,7 +86,7 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {name: echo}
 spec:
-  parentRefs: [{kind: Service, group: core, name: echo}]
+  parentRefs: [{kind: Service, group: core, name: echo}, {kind: Gateway, name: public, port: 80}]
   rules:
     - matches:
         - method: {service: echo.v1.Echo, method: Say}
@@ -128,7 +130,23 @@ fn an_http_route_converts_every_field() {
     let r = parse(HTTP).unwrap();
     assert_eq!(r.name, WorkloadRef::new("prod", "api"));
     assert_eq!(r.kind, RouteKind::Http);
-    // The Gateway parent is someone else's: not an error, not a parent here.
+    // Service parents attach to a waypoint, Gateway parents to listeners; a ListenerSet is
+    // someone else's: not an error, not a parent here.
+    assert_eq!(
+        r.gateway_parents,
+        [
+            GatewayParent {
+                gateway: WorkloadRef::new("prod", "public-gateway"),
+                section_name: None,
+                port: None,
+            },
+            GatewayParent {
+                gateway: WorkloadRef::new("infra", "edge"),
+                section_name: Some("https".into()),
+                port: Some(443),
+            },
+        ]
+    );
     assert_eq!(
         r.parents,
         [
@@ -286,6 +304,14 @@ fn a_grpc_route_matches_paths_of_service_and_method() {
         "default namespace"
     );
     assert_eq!(r.parents[0].service, WorkloadRef::new("default", "echo"));
+    assert_eq!(
+        r.gateway_parents,
+        [GatewayParent {
+            gateway: WorkloadRef::new("default", "public"),
+            section_name: None,
+            port: Some(80),
+        }]
+    );
     let rule = &r.rules[0];
     let path = |i: usize| rule.matches[i].path.clone().unwrap();
     assert_eq!(path(0), PathMatch::Exact("/echo.v1.Echo/Say".into()));
@@ -530,6 +556,24 @@ fn errors_name_the_field_path() {
             "{kind: Service, name: api-admin, namespace: prod}",
             "{kind: Service, name: Api_Admin}",
             "spec.parentRefs[1].name",
+            "not a valid name",
+        ),
+        (
+            "sectionName: https, port: 443}",
+            "sectionName: https, port: 0}",
+            "routes[0].spec.parentRefs[3].port",
+            "not a port",
+        ),
+        (
+            "sectionName: https, port: 443}",
+            "sectionName: HTTPS, port: 443}",
+            "routes[0].spec.parentRefs[3].sectionName",
+            "not a valid name",
+        ),
+        (
+            "name: edge, namespace: infra,",
+            "name: edge, namespace: Infra,",
+            "routes[0].spec.parentRefs[3].namespace",
             "not a valid name",
         ),
         (

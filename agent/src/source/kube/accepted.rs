@@ -29,6 +29,7 @@ use std::{
     sync::Arc,
 };
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api,
     core::{ApiResource, DynamicObject},
@@ -45,7 +46,10 @@ use super::{
     unmeshed::elected,
     writes::{ACCEPTED, INVALID, Write},
 };
-use crate::source::external;
+use crate::{
+    source::external,
+    state::{Gateway, TlsCertificate},
+};
 
 /// How an AccessPolicy fails closed.
 pub(super) const POLICY_FAILS_CLOSED: StandIn<DynamicObject, PolicyItem> = StandIn {
@@ -70,6 +74,22 @@ pub(super) const EXTERNAL_LEFT_OUT: StandIn<DynamicObject, ExternalItem> = Stand
     keep: never_the_last_good,
     effect: "it is left out until it is fixed: its hosts are not registered (refused when \
              the mesh is REGISTRY_ONLY)",
+};
+
+/// How the Gateway a gateway serves is left out when it cannot be understood: no listener
+/// is served (never its last good version, which a restarted gateway would not have).
+pub(super) const GATEWAY_LEFT_OUT: StandIn<DynamicObject, Option<Gateway>> = StandIn {
+    stand_in: |_, _| None,
+    keep: never_the_last_good,
+    effect: "it is left out until it is fixed: none of its listeners is served",
+};
+
+/// How a certificate Secret is left out when it cannot be understood: the listeners naming
+/// it do not have it (never its last good version, as for the Gateway).
+pub(super) const CERTIFICATE_LEFT_OUT: StandIn<Secret, Option<TlsCertificate>> = StandIn {
+    stand_in: |_, _| None,
+    keep: never_the_last_good,
+    effect: "it is left out until it is fixed: the listeners naming it do not serve it",
 };
 
 /// The reason of `Accepted` False for a valid ExternalService beyond the snapshot's limit.

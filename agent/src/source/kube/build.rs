@@ -4,7 +4,8 @@
 //! bindings (the Service's `weft.dev/use-waypoint` label, else its Namespace's) and the
 //! waypoints (Services labelled `weft.dev/role: waypoint`, addressed by their ready
 //! endpoints); for a waypoint, the routes and the TrafficPolicies attached to the Services
-//! bound to it; the external services (`ExternalService`s that could be understood, at most
+//! bound to it; for a gateway, its Gateway, its certificates, the routes naming it and the
+//! TrafficPolicies targeting those routes; the external services (`ExternalService`s that could be understood, at most
 //! `source::external::MAX_SERVICES`).
 //!
 //! Where the cluster holds conflicting data, the first by name wins, so the same caches
@@ -32,11 +33,13 @@ use crate::{
 };
 
 /// The snapshot of `stores`; `routes_for` is the waypoint whose routes it carries (the
-/// routes with a parent Service bound to it), `None` for a node agent (no routes).
+/// routes with a parent Service bound to it), `gateway` the Gateway whose routes it
+/// carries (the routes naming it as a parent), both `None` for a node agent (no routes).
 pub(super) fn snapshot(
     stores: &Stores,
     mesh: &MeshSettings,
     routes_for: Option<&WorkloadRef>,
+    gateway: Option<&WorkloadRef>,
 ) -> Snapshot {
     let mut mesh = mesh.clone();
     let mut namespace_modes = BTreeSet::new();
@@ -126,19 +129,26 @@ pub(super) fn snapshot(
             Some((item.name.clone(), waypoint))
         })
         .collect();
-    let routes = routes_for.map_or_else(Vec::new, |waypoint| routes(stores, &services, waypoint));
+    let routes = routes(stores, &services, routes_for, gateway);
     // A waypoint enforces the policies of the Services bound to it and of their routes. A
     // node agent enforces one feature at L4 (`connectionPool.maxConnections`), for the
     // Services bound to no waypoint; it gets the connection pools of those.
+    // A gateway applies the policies of the routes it carries.
     let mut traffic_policies = traffic_policies(stores);
-    match routes_for {
-        Some(waypoint) => traffic_policies.retain(|p| {
+    match (routes_for, gateway) {
+        (Some(waypoint), _) => traffic_policies.retain(|p| {
             p.targets.iter().any(|t| match t {
                 Target::Service(service) => bound_to(services.get(service), waypoint),
                 Target::Route { route, .. } => routes.iter().any(|r| r.name == *route),
             })
         }),
-        None => traffic_policies.retain(|p| pools_unbound_service(p, &services)),
+        (None, Some(_)) => traffic_policies.retain(|p| {
+            p.targets.iter().any(|t| match t {
+                Target::Service(_) => false,
+                Target::Route { route, .. } => routes.iter().any(|r| r.name == *route),
+            })
+        }),
+        (None, None) => traffic_policies.retain(|p| pools_unbound_service(p, &services)),
     }
 
     let policies = stores
@@ -158,19 +168,33 @@ pub(super) fn snapshot(
         routes,
         traffic_policies,
         external_services: external_services(stores),
-        gateways: Default::default(),
-        tls_certificates: Default::default(),
+        gateways: stores
+            .gateways
+            .items
+            .values()
+            .flatten()
+            .map(|g| (g.name.clone(), g.clone()))
+            .collect(),
+        tls_certificates: stores
+            .tls_secrets
+            .items
+            .values()
+            .flatten()
+            .map(|c| (c.name.clone(), c.clone()))
+            .collect(),
         resolved_hosts: Default::default(),
         mesh_namespaces: Some(mesh_namespaces),
         index: Default::default(),
     }
 }
 
-/// The routes with a parent Service bound to `waypoint`, by kind, namespace and name.
+/// The routes with a parent Service bound to `waypoint`, or naming `gateway` as a parent,
+/// by kind, namespace and name.
 fn routes(
     stores: &Stores,
     services: &BTreeMap<WorkloadRef, Service>,
-    waypoint: &WorkloadRef,
+    waypoint: Option<&WorkloadRef>,
+    gateway: Option<&WorkloadRef>,
 ) -> Vec<HttpRoute> {
     let mut routes: Vec<HttpRoute> = stores
         .http_routes
@@ -179,10 +203,15 @@ fn routes(
         .chain(stores.grpc_routes.items.values())
         .map(|item| &item.route)
         .filter(|route| {
-            route
-                .parents
-                .iter()
-                .any(|p| bound_to(services.get(&p.service), waypoint))
+            let to_waypoint = waypoint.is_some_and(|waypoint| {
+                route
+                    .parents
+                    .iter()
+                    .any(|p| bound_to(services.get(&p.service), waypoint))
+            });
+            let to_gateway = gateway
+                .is_some_and(|gateway| route.gateway_parents.iter().any(|p| p.gateway == *gateway));
+            to_waypoint || to_gateway
         })
         .cloned()
         .collect();

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{Namespace, Pod, Secret, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::{apis::meta::v1::Time, util::intstr::IntOrString},
@@ -21,13 +21,15 @@ use super::crd::{
 };
 use crate::{
     source::{
-        external, gateway,
+        external,
+        gateway::{self, certificate, listeners},
         syntax::{self, Invalid, SelectorSpec},
         traffic,
     },
     state::{
-        AccessPolicy, ExternalService, HttpRoute, MtlsMode, TrafficDistribution, TrafficPolicy,
-        WorkloadRef, WorkloadSelector, waypoint::USE_WAYPOINT_LABEL,
+        AccessPolicy, ExternalService, Gateway, HttpRoute, MtlsMode, TlsCertificate,
+        TrafficDistribution, TrafficPolicy, WorkloadRef, WorkloadSelector,
+        waypoint::USE_WAYPOINT_LABEL,
     },
 };
 
@@ -348,13 +350,37 @@ fn route(
     object: DynamicObject,
     convert: fn(&str, &Value, &str) -> Result<HttpRoute, Invalid>,
 ) -> Result<Option<RouteItem>, Invalid> {
-    let object = serde_json::to_value(&object).map_err(|e| Invalid {
-        field: "metadata".into(),
-        reason: format!("BUG: cannot re-encode the object: {e}"),
-    })?;
+    let object = reencode(&object)?;
     let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
     let route = convert("", &object, namespace)?;
     Ok(Some(RouteItem { route, object }))
+}
+
+/// The Gateway a gateway serves, validated by `source::gateway::listeners`; `Ok(None)`:
+/// of another class, not in the cache.
+pub(super) fn gateway(object: DynamicObject) -> Result<Option<Option<Gateway>>, Invalid> {
+    let mut object = reencode(&object)?;
+    // The kind comes from the watch: list items may leave it out.
+    object["apiVersion"] = gateway::API_VERSION.into();
+    object["kind"] = "Gateway".into();
+    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    Ok(listeners::gateway("", &object, namespace)?.map(Some))
+}
+
+/// A Secret a gateway reads, validated by `source::gateway::certificate`.
+pub(super) fn tls_secret(secret: Secret) -> Result<Option<Option<TlsCertificate>>, Invalid> {
+    let namespace = secret.namespace().unwrap_or_default();
+    let object = reencode(&secret)?;
+    Ok(Some(Some(certificate::certificate(
+        "", &object, &namespace,
+    )?)))
+}
+
+fn reencode(object: &impl serde::Serialize) -> Result<Value, Invalid> {
+    serde_json::to_value(object).map_err(|e| Invalid {
+        field: "metadata".into(),
+        reason: format!("BUG: cannot re-encode the object: {e}"),
+    })
 }
 
 /// The `weft.dev/use-waypoint` label of an object, a valid name if set.

@@ -4,6 +4,10 @@
 //! error is retried with exponential backoff and marks the kind's watch down in `Health`
 //! until the next list or watch opens.
 //!
+//! A kind may also be watched one object at a time (`Spawner::watch_named`: Secrets, whose
+//! RBAC grants names only): several list+watches by name share the kind's store, each
+//! re-list replacing its own object only, and its health (synced once all have listed).
+//!
 //! A re-list replaces the cache whole (objects deleted while the watch was down disappear),
 //! except that an object whose new version is rejected keeps its last good version, or, for
 //! a kind with a stand-in (`StandIn`), is replaced by it: a policy that fails closed, or a
@@ -35,6 +39,7 @@ use super::{
 };
 use crate::{
     source::{SourceStatus, syntax::Invalid},
+    state::{Gateway, TlsCertificate, WorkloadRef},
     sync::{Mutex, MutexGuard},
 };
 
@@ -75,6 +80,10 @@ pub(super) struct Stores {
     pub traffic_policies: Store<TrafficItem>,
     /// weft's `ExternalService`s (a rejected one: its status only, nothing in force).
     pub external_services: Store<ExternalItem>,
+    /// The Gateway a gateway serves (`None`: rejected, left out).
+    pub gateways: Store<Option<Gateway>>,
+    /// The certificates a gateway reads, by Secret (`None`: rejected, left out).
+    pub tls_secrets: Store<Option<TlsCertificate>>,
 }
 
 /// Items of one kind by `namespace/name`, and the objects currently rejected.
@@ -221,12 +230,27 @@ impl Caches {
         self.notify();
     }
 
-    /// Replaces a kind's cache with a full list.
-    fn replace<T>(&self, kind: Kind, store: StoreOf<T>, listed: Vec<(String, Projected<T>)>) {
+    /// Replaces a kind's cache with a full list; `part`: the list of this one object
+    /// (`namespace/name`) only, which replaces it alone.
+    fn replace<T>(
+        &self,
+        kind: Kind,
+        store: StoreOf<T>,
+        listed: Vec<(String, Projected<T>)>,
+        part: Option<&str>,
+    ) {
         let mut stores = self.lock();
         let store = store(&mut stores);
-        let mut old = std::mem::take(&mut store.items);
-        let old_rejected = std::mem::take(&mut store.rejected);
+        let (mut old, old_rejected): (BTreeMap<_, _>, HashMap<_, _>) = match part {
+            None => (
+                std::mem::take(&mut store.items),
+                std::mem::take(&mut store.rejected),
+            ),
+            Some(key) => (
+                store.items.remove_entry(key).into_iter().collect(),
+                store.rejected.remove_entry(key).into_iter().collect(),
+            ),
+        };
         for (key, item) in listed {
             match item {
                 Ok(Some(item)) => {
@@ -262,9 +286,7 @@ impl Caches {
         drop(stores);
         self.health.update(kind, |h| {
             set_counts(h, counts);
-            h.synced = true;
-            h.up = true;
-            h.last_error = None;
+            h.set_listed(part);
         });
         self.notify();
     }
@@ -431,12 +453,41 @@ impl Spawner<'_> {
         );
     }
 
+    /// As `watch` (or `watch_optional` with `install`), for the one object `name` of
+    /// `api` (namespaced in its namespace): the list and watch select it with
+    /// `metadata.name=NAME`. Several of a kind share its store and health.
+    pub fn watch_named<K, T>(
+        &mut self,
+        api: Api<K>,
+        kind: Kind,
+        name: &WorkloadRef,
+        (project, stand_in): (Project<K, T>, Option<StandIn<K, T>>),
+        store: StoreOf<T>,
+        install: Option<&'static str>,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let part = name.to_string();
+        self.caches
+            .health
+            .update(kind, |h| h.add_part(Some(part.as_str())));
+        self.spawn_part(
+            api,
+            kind,
+            (Some(format!("metadata.name={}", name.name)), None),
+            (project, stand_in),
+            store,
+            (install, Some(part)),
+        );
+    }
+
     fn spawn<K, T>(
         &mut self,
         api: Api<K>,
         kind: Kind,
-        (field_selector, label_selector): (Option<String>, Option<String>),
-        (project, stand_in): (Project<K, T>, Option<StandIn<K, T>>),
+        selectors: (Option<String>, Option<String>),
+        projection: (Project<K, T>, Option<StandIn<K, T>>),
         store: StoreOf<T>,
         install: Option<&'static str>,
     ) where
@@ -445,11 +496,27 @@ impl Spawner<'_> {
     {
         // Known from the start, so readiness waits for its first list.
         self.caches.health.update(kind, |_| {});
+        self.spawn_part(api, kind, selectors, projection, store, (install, None));
+    }
+
+    fn spawn_part<K, T>(
+        &mut self,
+        api: Api<K>,
+        kind: Kind,
+        (field_selector, label_selector): (Option<String>, Option<String>),
+        (project, stand_in): (Project<K, T>, Option<StandIn<K, T>>),
+        store: StoreOf<T>,
+        (install, part): (Option<&'static str>, Option<String>),
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        T: Send + 'static,
+    {
         let reflector = Reflector {
             client: api.clone().into_client(),
             api,
             kind,
             install,
+            part,
             field_selector,
             label_selector,
             project,
@@ -470,6 +537,8 @@ struct Reflector<K, T> {
     kind: Kind,
     /// Set for an optional kind: what to install when its API is missing (404).
     install: Option<&'static str>,
+    /// Set for a watch of one object (`namespace/name`) of a kind watched so.
+    part: Option<String>,
     field_selector: Option<String>,
     label_selector: Option<String>,
     project: Project<K, T>,
@@ -537,7 +606,8 @@ where
                             install = self.install.unwrap_or_default(),
                             "API not installed; treating it as empty until it is");
                     }
-                    self.caches.replace(self.kind, self.store, Vec::new());
+                    self.caches
+                        .replace(self.kind, self.store, Vec::new(), self.part.as_deref());
                     tokio::time::sleep(self.backoff.max).await;
                 }
                 Err(e) => {
@@ -549,7 +619,7 @@ where
                         retry_in = ?delay, "Kubernetes API request failed; the cache of this kind is stale until it recovers");
                     let message = e.to_string();
                     self.caches.health.update(self.kind, |h| {
-                        h.up = false;
+                        h.set_up(self.part.as_deref(), false);
                         h.errors_total += 1;
                         h.last_error = Some(message);
                     });
@@ -578,7 +648,8 @@ where
                 Some(token) => params.continue_token = Some(token),
                 None => {
                     let version = page.metadata.resource_version.unwrap_or_default();
-                    self.caches.replace(self.kind, self.store, listed);
+                    self.caches
+                        .replace(self.kind, self.store, listed, self.part.as_deref());
                     return Ok(Ended::Listed(version));
                 }
             }
@@ -588,10 +659,9 @@ where
     /// Watches from `from` until the server closes the watch; keeps `version` current.
     async fn watch(&self, from: String, version: &mut Option<String>) -> Result<Ended, WatchError> {
         let mut body = self.open_watch(&from).await?;
-        self.caches.health.update(self.kind, |h| {
-            h.up = true;
-            h.last_error = None;
-        });
+        self.caches
+            .health
+            .update(self.kind, |h| h.set_up(self.part.as_deref(), true));
         let mut pending: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {

@@ -31,6 +31,7 @@ use crate::{
 
 mod external;
 mod fail_closed;
+mod gateway;
 mod traffic;
 
 struct Harness {

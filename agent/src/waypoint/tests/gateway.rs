@@ -117,16 +117,7 @@ impl Front {
                 gateway_route("default", "b", &["b.example.com"], &[("v2", 1)]),
             ];
         });
-        let (bound_tx, mut bound) = watch::channel(Vec::new());
-        tokio::spawn(
-            h.waypoint
-                .clone()
-                .serve_gateway(IpAddr::V4(Ipv4Addr::LOCALHOST), bound_tx),
-        );
-        timeout(patience(), bound.wait_for(|ports| ports.len() == 2))
-            .await
-            .expect("both listeners bound in time")
-            .unwrap();
+        let bound = serve_listeners(&h, 2).await;
         Self {
             h,
             http: SocketAddr::from(([127, 0, 0, 1], http)),
@@ -166,6 +157,21 @@ impl Front {
         let presented = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
         Ok((stream, presented))
     }
+}
+
+/// Serves `h`'s Gateway on 127.0.0.1 until `ports` of its listeners are bound.
+async fn serve_listeners(h: &Harness, ports: usize) -> watch::Receiver<Vec<SocketAddr>> {
+    let (bound_tx, mut bound) = watch::channel(Vec::new());
+    tokio::spawn(
+        h.waypoint
+            .clone()
+            .serve_gateway(IpAddr::V4(Ipv4Addr::LOCALHOST), bound_tx),
+    );
+    timeout(patience(), bound.wait_for(|bound| bound.len() == ports))
+        .await
+        .expect("the listeners bound in time")
+        .unwrap();
+    bound
 }
 
 /// An HTTP/1.1 client over `io`.
@@ -343,4 +349,101 @@ fn label_value(h: &Harness, metric: &str, result: &str) -> f64 {
         .find(|line| line.starts_with(metric) && line.contains(&format!("result=\"{result}\"")))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// A TLS passthrough listener with TLSRoutes by SNI, and a TCP listener with a TCPRoute.
+async fn passthrough_front() -> (Harness, SocketAddr, SocketAddr) {
+    let h = Harness::new(&["v1", "v2"]).await;
+    let (tls, tcp) = (free_port(), free_port());
+    let l4_route = |name: &str, kind: RouteKind, hostnames: &[&str], backend: &str| HttpRoute {
+        kind,
+        ..gateway_route("default", name, hostnames, &[(backend, 1)])
+    };
+    h.update(|s| {
+        s.gateways.insert(
+            svc("waypoint"),
+            Gateway {
+                name: svc("waypoint"),
+                listeners: vec![
+                    listener("tls", tls, ListenerProtocol::Tls, &[]),
+                    listener("tcp", tcp, ListenerProtocol::Tcp, &[]),
+                ],
+            },
+        );
+        s.routes = vec![
+            l4_route("a", RouteKind::Tls, &["a.example.com"], "v1"),
+            l4_route("b", RouteKind::Tls, &["b.example.com"], "v2"),
+            l4_route("raw", RouteKind::Tcp, &[], "v2"),
+        ];
+    });
+    serve_listeners(&h, 2).await;
+    (
+        h,
+        SocketAddr::from(([127, 0, 0, 1], tls)),
+        SocketAddr::from(([127, 0, 0, 1], tcp)),
+    )
+}
+
+#[tokio::test]
+async fn tcp_passes_bytes_through_to_the_routes_backend() {
+    let (h, _, tcp) = passthrough_front().await;
+    let stream = TcpStream::connect(tcp).await.unwrap();
+    // The gateway does not speak HTTP here: the backend's own server answers.
+    let reply = get_host(&h1_over(stream).await, "anything", &[]).await;
+    assert_eq!(reply.backend(), "v2");
+    let seen = h.backend("v2").seen.lock().clone();
+    assert!(
+        seen.last()
+            .unwrap()
+            .headers
+            .get("x-forwarded-for")
+            .is_none()
+    );
+    assert_eq!(h.backend("v2").peers.lock().last(), Some(&h.waypoint_id));
+    until("the connection is counted", || {
+        label_value(&h, "weft_gateway_passthrough_connections_total", "ok") >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tls_passthrough_routes_by_sni_and_refuses_garbage() {
+    let (h, tls, _) = passthrough_front().await;
+    // A real ClientHello for b.example.com: it reaches v2 untouched (whose HTTP server
+    // then refuses it: the gateway neither answered nor changed it).
+    let config = rustls::ClientConfig::builder_with_provider(hbone::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(tls).await.unwrap();
+    let handshake = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("b.example.com").unwrap(), tcp)
+        .await;
+    assert!(handshake.is_err(), "the backend speaks no TLS");
+    until("v2's node proxy got the connection", || {
+        h.backend("v2").peers.lock().last() == Some(&h.waypoint_id)
+    })
+    .await;
+    assert!(h.backend("v1").peers.lock().is_empty());
+
+    // Not TLS at all: refused before any backend is asked.
+    let mut garbage = TcpStream::connect(tls).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = timeout(
+        patience(),
+        tokio::io::AsyncReadExt::read_to_end(&mut garbage, &mut answer),
+    )
+    .await;
+    assert!(answer.is_empty());
+    until("the bad hello is counted", || {
+        label_value(
+            &h,
+            "weft_gateway_passthrough_connections_total",
+            "bad_client_hello",
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(h.backend("v1").connects.load(Ordering::SeqCst), 0);
 }

@@ -142,7 +142,7 @@ fn beyond_the_limit_external_services_are_left_out_and_say_so() {
             },
         );
     }
-    let s = build::snapshot(&stores, &MeshSettings::default(), None);
+    let s = build::snapshot(&stores, &MeshSettings::default(), None, None);
     assert_eq!(
         s.external_services.len(),
         crate::source::external::MAX_SERVICES
