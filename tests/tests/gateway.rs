@@ -3,7 +3,8 @@
 //! calls `weft gateway` (a pod of node 1, namespace `edge`, outside the mesh) over HTTPS on
 //! one listener serving two hostnames, each with its own certificate from its own Secret
 //! and CA; the gateway routes by the Gateway API routes of its state file into STRICT
-//! services of namespace `shop` on both nodes, over HBONE, as its own identity. What the
+//! services of namespace `shop` on both nodes, over HBONE, as its own identity (the only
+//! one an AccessPolicy of `shop` admits). What the
 //! client got (status, backend, the certificate of every handshake), what the apps
 //! received (headers, `X-Forwarded-For`), what the backends' node proxies recorded (the
 //! gateway's SPIFFE id), what crossed the wire (TLS from outside, HBONE inside) and what
@@ -40,7 +41,9 @@ struct Ingress {
     agent1: TestAgent,
     agent2: TestAgent,
     gw_pod: TestPod,
-    _v1: TestPod,
+    /// An enrolled pod of namespace `default`: not the gateway.
+    stranger: TestPod,
+    v1: TestPod,
     _v2: TestPod,
     _api: TestPod,
     outside: Outside,
@@ -66,6 +69,7 @@ impl Ingress {
         let node2 = TestNode::new(test, 2)?;
         node1.connect(&node2)?;
         let gw_pod = TestGateway::pod(&node1, GW_NS, GW_NAME)?;
+        let stranger = node1.pod("stranger").service_account("stranger").create()?;
         let backend = |node: &TestNode, name: &str| {
             node.pod(name)
                 .namespace(SHOP_NS)
@@ -78,10 +82,16 @@ impl Ingress {
             backend(&node2, "v2")?,
             backend(&node2, "api")?,
         );
+        // Namespace shop admits the gateway's identity only: an AccessPolicy names it.
+        let from_gateway = json!([{
+            "name": "from-gateway", "namespace": SHOP_NS, "action": "ALLOW",
+            "rules": [{ "from": [{ "principals": [gw_pod.spiffe_id()] }] }],
+        }]);
         for node in [&node1, &node2] {
             node.add_service(service("shop-v1", 21, HTTP_PORT, APP_PORT, &v1));
             node.add_service(service("shop-v2", 22, HTTP_PORT, APP_PORT, &v2));
             node.add_service(service("api", 23, GRPC_PORT, GRPC_PORT, &api));
+            node.set_policies(from_gateway.clone());
         }
         let agent1 = node1.start_agent()?;
         let agent2 = node2.start_agent()?;
@@ -100,7 +110,8 @@ impl Ingress {
             agent1,
             agent2,
             gw_pod,
-            _v1: v1,
+            stranger,
+            v1,
             _v2: v2,
             _api: api,
             outside,
@@ -454,6 +465,7 @@ fn a_rotated_certificate_serves_new_handshakes_and_keeps_open_connections() -> R
 /// serves on: a name the listener has no certificate for (a handshake alert, or a
 /// certificate that is not for that name), a host no route serves on the HTTP listener
 /// (404), and plaintext HTTP to the HTTPS port (the connection ends, no HTTP answer).
+/// Inside, a mesh pod that is not the gateway is refused by the policy that admits it.
 #[test]
 fn unknown_names_and_plaintext_are_refused_and_the_gateway_keeps_serving() -> Result<()> {
     privileged!();
@@ -504,6 +516,21 @@ fn unknown_names_and_plaintext_are_refused_and_the_gateway_keeps_serving() -> Re
         Err(e) if app::is_reset(&e) => println!("plaintext to the HTTPS port: reset"),
         Err(e) => bail!("plaintext HTTP to the HTTPS port did not end cleanly: {e:#}"),
     }
+    // Inside the mesh, shop's AccessPolicy admits the gateway alone: another identity is
+    // refused by v1's node proxy.
+    let seen = ingress.agent1.newest_record_id()?;
+    let direct = ingress.v1.addr(APP_PORT).into();
+    match app::send_text(&ingress.stranger, direct, &plaintext) {
+        Ok(report) => bail!("a pod that is not the gateway reached v1: {report:?}"),
+        Err(e) => ensure!(app::is_reset(&e), "the refusal resets: {e:#}"),
+    }
+    let record = ingress.agent1.expect_new_record(seen, "the refusal", |r| {
+        r.dst == direct.to_string() && r.error.is_some()
+    });
+    ensure!(
+        record.error.as_deref() == Some("not_allowed"),
+        "v1's node proxy refuses the stranger by policy: {record:?}"
+    );
     ensure!(
         ingress.served() == 0 && ingress.grpc_app.calls().is_empty(),
         "no refused request reached a backend: v1 {:?} v2 {:?}",
