@@ -340,6 +340,11 @@ fn https_from_outside_reaches_strict_services_on_two_nodes_as_the_gateway() -> R
             pcap.file.display()
         );
     }
+    ensure!(
+        !outside_pcap.contains(b"HTTP/1.1"),
+        "no plaintext HTTP on the outside link: {}",
+        outside_pcap.file.display()
+    );
     let hellos = outside_pcap.tshark(
         HTTPS_PORT,
         &format!("tls.handshake.type == 1 && tcp.dstport == {HTTPS_PORT}"),
