@@ -166,13 +166,6 @@ fn listener(field: &str, namespace: &str, raw: gw::GatewayListeners) -> Result<L
         (ListenerProtocol::Https, Some(tls)) => {
             certificates(&format!("{field}.tls"), namespace, tls)?
         }
-        // Refused above; kept here so the match stays whole.
-        (ListenerProtocol::Tls | ListenerProtocol::Tcp, _) => {
-            return Err(not_yet(
-                format!("{field}.protocol"),
-                "TLS and TCP listeners (only HTTP and HTTPS)",
-            ));
-        }
     };
     let allowed_routes = allowed_routes(
         &format!("{field}.allowedRoutes"),
