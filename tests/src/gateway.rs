@@ -131,6 +131,23 @@ pub fn http_listener(name: &str, port: u16) -> Value {
     })
 }
 
+/// A TLS listener that passes TLS through, routed by SNI (TLSRoutes), for every namespace.
+pub fn passthrough_listener(name: &str, port: u16) -> Value {
+    json!({
+        "name": name, "port": port, "protocol": "TLS",
+        "tls": { "mode": "Passthrough" },
+        "allowedRoutes": { "namespaces": { "from": "All" } },
+    })
+}
+
+/// A TCP listener (TCPRoutes), for every namespace.
+pub fn tcp_listener(name: &str, port: u16) -> Value {
+    json!({
+        "name": name, "port": port, "protocol": "TCP",
+        "allowedRoutes": { "namespaces": { "from": "All" } },
+    })
+}
+
 /// A Secret of type `kubernetes.io/tls` with a PEM chain (leaf first) and its key.
 pub fn tls_secret(namespace: &str, name: &str, cert_pem: &str, key_pem: &str) -> Value {
     json!({
@@ -142,8 +159,9 @@ pub fn tls_secret(namespace: &str, name: &str, cert_pem: &str, key_pem: &str) ->
     })
 }
 
-/// A route of `kind` (`HTTPRoute`, `GRPCRoute`) `namespace/name` for `hostnames`, attached
-/// to the listener `section` of the Gateway `gateway` (`namespace/name`), with `rules`.
+/// A route of `kind` (`HTTPRoute`, `GRPCRoute`, `TLSRoute`, `TCPRoute`) `namespace/name`
+/// for `hostnames` (none: the field is left out, as a TCPRoute has none), attached to the
+/// listener `section` of the Gateway `gateway` (`namespace/name`), with `rules`.
 pub fn route(
     kind: &str,
     (namespace, name): (&str, &str),
@@ -152,8 +170,10 @@ pub fn route(
     hostnames: &[&str],
     rules: Value,
 ) -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
+    // TCPRoute is in the Gateway API's experimental channel only.
+    let version = if kind == "TCPRoute" { "v1alpha2" } else { "v1" };
+    let mut route = json!({
+        "apiVersion": format!("gateway.networking.k8s.io/{version}"),
         "kind": kind,
         "metadata": { "name": name, "namespace": namespace },
         "spec": {
@@ -161,10 +181,13 @@ pub fn route(
                 "group": "gateway.networking.k8s.io", "kind": "Gateway",
                 "namespace": gateway.0, "name": gateway.1, "sectionName": section,
             }],
-            "hostnames": hostnames,
             "rules": rules,
         },
-    })
+    });
+    if !hostnames.is_empty() {
+        route["spec"]["hostnames"] = json!(hostnames);
+    }
+    route
 }
 
 /// The outside client's address, as the gateway (and `X-Forwarded-For`) sees it.
@@ -172,6 +195,9 @@ pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// The metric of the gateway's TLS handshakes, by `result` (`ok`, `no_certificate`,
 /// `failed`, `timeout`).
 pub const TLS_HANDSHAKES: &str = "weft_gateway_tls_handshakes_total";
+/// The metric of the gateway's passthrough (TLS and TCP listener) connections, by
+/// `result` (`ok`, `no_route`, `bad_client_hello`, ...).
+pub const PASSTHROUGH: &str = "weft_gateway_passthrough_connections_total";
 
 /// `out0` in the node, `eth0` outside, `203.0.113.0/24` (TEST-NET-3): not the node's
 /// default route, the node answers the client over the link's own subnet.

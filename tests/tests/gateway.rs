@@ -8,7 +8,8 @@
 //! client got (status, backend, the certificate of every handshake), what the apps
 //! received (headers, `X-Forwarded-For`), what the backends' node proxies recorded (the
 //! gateway's SPIFFE id), what crossed the wire (TLS from outside, HBONE inside) and what
-//! the gateway counted are asserted.
+//! the gateway counted are asserted. A TLS passthrough and a TCP listener carry the
+//! client's own bytes to a STRICT backend (`tls_passthrough_and_tcp_reach_the_backend_untouched`).
 //!
 //! ```text
 //!  outside 203.0.113.2 ──out0── node 1 ──br0── gateway edge/public :8443 (HTTPS) :8080 (HTTP)
@@ -23,6 +24,7 @@ use serde_json::{Value, json};
 use weft_tests::{
     Service, TestAgent, TestNode, TestPod, app, eventually,
     gateway::{self, OUTSIDE_IP, TestGateway},
+    jwt,
     l7::{self, GrpcCall, GrpcMode, HttpLoad, HttpServe, HttpServer},
     outside::Outside,
     privileged, test_name,
@@ -572,6 +574,109 @@ fn unknown_names_and_plaintext_are_refused_and_the_gateway_keeps_serving() -> Re
     Ok(())
 }
 
+/// A TLS passthrough listener and a TCP listener: the outside client's TLS reaches the
+/// STRICT backend's own HTTPS server untouched (the client verifies the backend's
+/// certificate for the SNI the TLSRoute matched; the server saw that SNI), and the TCP
+/// listener's bytes reach a plain HTTP app with nothing added (no `X-Forwarded-For`); both
+/// over HBONE as the gateway, the only identity the backend's policy admits.
+#[test]
+fn tls_passthrough_and_tcp_reach_the_backend_untouched() -> Result<()> {
+    privileged!();
+    let node = TestNode::new(test_name!(), 1)?;
+    let gw_pod = TestGateway::pod(&node, GW_NS, GW_NAME)?;
+    let db = node
+        .pod("db")
+        .namespace(SHOP_NS)
+        .service_account("db")
+        .mtls_mode("STRICT")
+        .create()?;
+    node.add_service(service("db-tls", 31, DB_TLS_PORT, DB_TLS_PORT, &db));
+    node.add_service(service("db-raw", 32, HTTP_PORT, APP_PORT, &db));
+    node.set_policies(json!([{
+        "name": "from-gateway", "namespace": SHOP_NS, "action": "ALLOW",
+        "rules": [{ "from": [{ "principals": [gw_pod.spiffe_id()] }] }],
+    }]));
+    let _agent = node.start_agent()?;
+    let db_tls = jwt::JwksServer::start_as(
+        &db,
+        DB_TLS_PORT,
+        &json!({ "keys": [] }),
+        &San::Dns(DB_HOST.to_owned()),
+    )?;
+    let db_raw = l7::http_serve(&db, &HttpServe::new(APP_PORT, "db"))?;
+    let outside = gateway::outside_client(&node)?;
+    let gw = (GW_NS, GW_NAME);
+    let backend =
+        |name: &str, port: u16| json!([{ "backendRefs": [{ "name": name, "port": port }] }]);
+    let gateway = TestGateway::start(
+        &node,
+        &gw_pod,
+        json!({
+            "gateways": [gateway::gateway(GW_NS, GW_NAME, json!([
+                gateway::passthrough_listener("db", PASSTHROUGH_PORT),
+                gateway::tcp_listener("raw", TCP_PORT),
+            ]))],
+            "routes": [
+                gateway::route("TLSRoute", (SHOP_NS, "db"), gw, "db", &[DB_HOST], backend("db-tls", DB_TLS_PORT)),
+                gateway::route("TCPRoute", (SHOP_NS, "raw"), gw, "raw", &[], backend("db-raw", HTTP_PORT)),
+            ],
+        }),
+    )?;
+
+    let addr = |port| -> SocketAddr { gw_pod.addr(port).into() };
+    let tls_load = HttpLoad::new(addr(PASSTHROUGH_PORT), 3)
+        .tls(db_tls.ca_file(), Some(DB_HOST))
+        .path(MARKER_PATH)
+        .run(&outside)?;
+    ensure!(
+        tls_load.status(200) == 3 && tls_load.failed() == 0,
+        "TLS through the passthrough listener: {tls_load:?}"
+    );
+    let backend_cert = tls::fingerprint_pem(&db_tls.certificate_pem()?)?;
+    ensure!(
+        !tls_load.certificates.is_empty()
+            && tls_load.certificates.iter().all(|c| *c == backend_cert),
+        "the client saw the backend's own certificate, never one of the gateway's: {:?}",
+        tls_load.certificates
+    );
+    let served = db_tls.served();
+    ensure!(
+        served.len() == 3
+            && served
+                .iter()
+                .all(|s| s.sni.as_deref() == Some(DB_HOST) && s.path == MARKER_PATH),
+        "the backend's server terminated the client's TLS, SNI {DB_HOST}: {served:?}"
+    );
+
+    let tcp_load = HttpLoad::new(addr(TCP_PORT), 3)
+        .header("host", DB_HOST)
+        .path(MARKER_PATH)
+        .run(&outside)?;
+    ensure!(
+        tcp_load.status(200) == 3,
+        "plain bytes through the TCP listener: {tcp_load:?}"
+    );
+    let requests = db_raw.requests();
+    ensure!(
+        requests.len() == 3
+            && requests
+                .iter()
+                .all(|r| r.path == MARKER_PATH && !r.headers.contains_key("x-forwarded-for")),
+        "the app got the client's request as sent, nothing added: {requests:?}"
+    );
+    eventually(Duration::from_secs(10), || {
+        let ok = gateway.metric(gateway::PASSTHROUGH, &[("result", "ok")])?;
+        // One kept-alive connection per listener at least.
+        ensure!(
+            ok >= 2.0,
+            "{} counts {ok} passed connections, not 2",
+            gateway::PASSTHROUGH
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// The gateway's state: Gateway `edge/public` (HTTPS 8443 with both Secrets, HTTP 8080
 /// with no routes), the two Secrets (the shop one with `rotated` instead when given), an
 /// HTTPRoute for shop (90/10) and a GRPCRoute for api (one method).
@@ -631,6 +736,11 @@ const HTTP_PORT: u16 = 80;
 const APP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
 const HBONE_PORT: u16 = 15008;
+/// The passthrough and TCP listeners' ports, the backend's HTTPS port and its host name.
+const PASSTHROUGH_PORT: u16 = 9443;
+const TCP_PORT: u16 = 9000;
+const DB_TLS_PORT: u16 = 8443;
+const DB_HOST: &str = "db.example.com";
 /// What the outside client asks for: searched for in every capture.
 const MARKER_PATH: &str = "/gateway-e2e-marker-5f0c7a";
 const REQUESTS: u64 = 200;
