@@ -404,6 +404,14 @@ async fn tcp_passes_bytes_through_to_the_routes_backend() {
         label_value(&h, "weft_gateway_passthrough_connections_total", "ok") >= 1.0
     })
     .await;
+    let log = h.access_log();
+    let line = log.iter().find(|l| l["kind"] == "connection").unwrap();
+    assert_eq!(line["protocol"], "TCP", "{line}");
+    assert_eq!(line["route"], "default/raw", "{line}");
+    assert_eq!(line["dst.service"], "default/v2", "{line}");
+    assert!(line["bytes_received"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["bytes_sent"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["error"].is_null(), "{line}");
 }
 
 #[tokio::test]
