@@ -204,6 +204,17 @@ fn https_from_outside_reaches_strict_services_on_two_nodes_as_the_gateway() -> R
     );
     let (v1, v2) = (report.backend("v1"), report.backend("v2"));
     println!("90/10 split over {REQUESTS} requests through the gateway: v1 {v1}, v2 {v2}");
+    // Measured, not asserted (performance lives in the benchmarks).
+    println!(
+        "through the gateway over HTTPS: p50 {:.1} ms, p99 {:.1} ms; gateway RSS {:.1} MB",
+        report.latency_ms.p50,
+        report.latency_ms.p99,
+        ingress
+            .gateway
+            .pid()
+            .and_then(|pid| weft_tests::bench::status_bytes(pid, "VmRSS").ok())
+            .map_or(0.0, |b| b as f64 / 1e6)
+    );
     ensure!(
         v1 + v2 == REQUESTS && (150..=195).contains(&v1),
         "a 90/10 split sends 150..=195 of {REQUESTS} to v1: v1 {v1}, v2 {v2}"
