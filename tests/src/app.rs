@@ -9,7 +9,7 @@ use crate::{
     eventually::{assert_eventually, eventually, scaled},
     node::TestNode,
     pod::TestPod,
-    process::{Finished, TestProcess},
+    process::{Finished, Spawn, TestProcess},
 };
 
 /// How a `serve` answers.
@@ -199,13 +199,13 @@ impl RunningSend {
 }
 
 /// `send --to --text`: sends exactly `text` (a marker to look for on the wire).
-pub fn send_text(pod: &TestPod, to: SocketAddr, text: &str) -> Result<SendReport> {
+pub fn send_text(pod: &impl Spawn, to: SocketAddr, text: &str) -> Result<SendReport> {
     let mut cmd = Command::new(testapp_bin());
     cmd.args(["send", "--to", &to.to_string(), "--text", text]);
     run_send(pod, to, cmd)
 }
 
-fn run_send(pod: &TestPod, to: SocketAddr, cmd: Command) -> Result<SendReport> {
+fn run_send(pod: &impl Spawn, to: SocketAddr, cmd: Command) -> Result<SendReport> {
     // 100 MiB through a debug-build proxy on a busy 2-core machine: be generous.
     let done = pod.run(cmd, "send", scaled(Duration::from_secs(180)))?;
     check_send(to, &done)

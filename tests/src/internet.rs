@@ -1,7 +1,7 @@
 //! `Internet`: hosts outside the cluster, for the egress tests (external services,
 //! `REGISTRY_ONLY`, TLS origination): a network namespace `weft-<test>-<pid>~internet` that
-//! is neither a node nor enrolled, reached from a node the way a real node reaches the
-//! internet: through its default route.
+//! is neither a node nor enrolled (an [`Outside`]), reached from a node the way a real node
+//! reaches the internet: through its default route.
 //!
 //! ```text
 //!  pod 10.1.0.2 ──br0── node netns ──inet0 198.51.100.1 ─── eth0 198.51.100.254── internet netns
@@ -47,8 +47,9 @@ use crate::{
     jwt::ServedFile,
     l7::parse_events,
     node::TestNode,
+    outside::{Link, Outside},
     pod::TestPod,
-    process::{Placement, TestProcess, unique_path},
+    process::{Spawn, TestProcess},
     sys,
     tls::{self, San, TestCa},
     wire::Capture,
@@ -56,7 +57,7 @@ use crate::{
 
 /// The internet of one test, attached to one node. See the module docs.
 pub struct Internet {
-    netns: String,
+    outside: Outside,
     /// The node's netns (where lookups run) and directory (where files go).
     node_netns: PathBuf,
     dir: PathBuf,
@@ -114,16 +115,14 @@ impl Internet {
     /// starts dnsmasq answering with `ttl` (whole seconds) for [`API_HOST`] ([`API_IP`]) and
     /// [`OTHER_HOST`] ([`OTHER_IP`]). Waits until dnsmasq answers from the node.
     pub fn new(node: &TestNode, ttl: Duration) -> Result<Self> {
-        let prefix = node
-            .netns_name()
-            .rsplit_once('~')
-            .map_or(node.netns_name(), |(prefix, _)| prefix);
         let dir = node.dir().to_path_buf();
         let ca = TestCa::new("weft test internet CA")?;
         let ca_file = dir.join("internet-ca.pem");
         ca.write_pem(&ca_file)?;
+        // On error what was created is dropped, which removes it.
+        let outside = Outside::new(node, "internet", LINK)?;
         let internet = Internet {
-            netns: format!("{prefix}~internet"),
+            outside,
             node_netns: node.netns_path(),
             hosts_file: dir.join("internet-hosts"),
             dir,
@@ -137,46 +136,9 @@ impl Internet {
             addresses: RefCell::default(),
             dnsmasq: RefCell::default(),
         };
-        // On error the half-built internet is dropped here, which removes what was created.
-        internet.create(node)?;
+        internet.add_address(DNS_IP)?;
         internet.start_dns()?;
         Ok(internet)
-    }
-
-    fn create(&self, node: &TestNode) -> Result<()> {
-        let (inet, node_ns) = (self.netns.as_str(), node.netns_name());
-        sys::ip(&["netns", "add", inet])?;
-        sys::ip(&["-n", inet, "link", "set", "lo", "up"])?;
-        sys::ip(&[
-            "-n", node_ns, "link", "add", NODE_LINK, "type", "veth", "peer", "name", LINK, "netns",
-            inet,
-        ])?;
-        let node_addr = format!("{NODE_SIDE}/24");
-        let inet_addr = format!("{ROUTER}/24");
-        for args in [
-            vec!["-n", node_ns, "addr", "add", &node_addr, "dev", NODE_LINK],
-            vec!["-n", node_ns, "link", "set", NODE_LINK, "up"],
-            vec!["-n", inet, "addr", "add", &inet_addr, "dev", LINK],
-            vec!["-n", inet, "link", "set", LINK, "up"],
-            // The node reaches the internet through its default route, as a real node does.
-            vec!["-n", node_ns, "route", "add", "default", "via", ROUTER_STR],
-            // And the internet routes the cluster's addresses back to the node, untranslated.
-            vec![
-                "-n",
-                inet,
-                "route",
-                "add",
-                "10.0.0.0/8",
-                "via",
-                NODE_SIDE_STR,
-            ],
-        ] {
-            sys::ip(&args)?;
-        }
-        sys::in_netns(&node.netns_path(), || {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable ip_forward")
-        })?;
-        self.add_address(DNS_IP)
     }
 
     fn start_dns(&self) -> Result<()> {
@@ -228,11 +190,11 @@ impl Internet {
     }
 
     pub fn netns_name(&self) -> &str {
-        &self.netns
+        self.outside.netns_name()
     }
 
     pub fn netns_path(&self) -> PathBuf {
-        sys::netns_path(&self.netns)
+        self.outside.netns_path()
     }
 
     /// Writes a resolv.conf naming the internet's DNS server into the node's directory and
@@ -400,7 +362,7 @@ impl Internet {
     /// Captures on the internet's side of the link to the node (everything the node sends
     /// to, and receives from, the internet). Run as a process of `node`.
     pub fn capture(&self, node: &TestNode, filter: &str) -> Result<Capture> {
-        Capture::in_netns(node, &self.netns_path(), "internet", LINK, filter)
+        self.outside.capture(node, filter)
     }
 
     /// Adds `ip/32` to the internet's loopback (a host's address), once.
@@ -408,15 +370,7 @@ impl Internet {
         if self.addresses.borrow().contains(&ip) {
             return Ok(());
         }
-        sys::ip(&[
-            "-n",
-            &self.netns,
-            "addr",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            "lo",
-        ])?;
+        self.outside.add_loopback_address(ip)?;
         self.addresses.borrow_mut().push(ip);
         Ok(())
     }
@@ -437,35 +391,15 @@ impl Internet {
 
     /// Runs `cmd` in the internet's netns (outside every pod's cgroup).
     fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess> {
-        let name = format!("internet-{name}");
-        TestProcess::spawn(
-            cmd,
-            &name,
-            unique_path(&self.dir, &name, "out"),
-            &Placement {
-                netns: &self.netns_path(),
-                cgroup: None,
-            },
-        )
+        self.outside.spawn(cmd, name)
     }
 }
 
 impl Drop for Internet {
+    // Then `outside` deletes the namespace with whatever else runs there.
     fn drop(&mut self) {
         if let Some(mut dnsmasq) = self.dnsmasq.borrow_mut().take() {
             dnsmasq.kill();
-        }
-        if !sys::netns_path(&self.netns).exists() {
-            return;
-        }
-        if let Ok(pids) = sys::ip(&["netns", "pids", &self.netns]) {
-            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-                sys::kill(pid, libc::SIGKILL);
-            }
-        }
-        // Deleting the namespace takes its end of the link, and so the node's end, along.
-        if let Err(e) = sys::ip(&["netns", "delete", &self.netns]) {
-            eprintln!("weft-tests: cleanup: {e:#}");
         }
     }
 }
@@ -712,14 +646,15 @@ pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
 pub const RESOLV_CONF_ENV: &str = "WEFT_RESOLV_CONF";
 
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
-/// The link: `inet0` in the node, `eth0` in the internet.
-const NODE_LINK: &str = "inet0";
-const LINK: &str = "eth0";
-const NODE_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const NODE_SIDE_STR: &str = "198.51.100.1";
-/// The internet's end of the link: the node's default gateway.
-const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
-const ROUTER_STR: &str = "198.51.100.254";
+/// The link: `inet0` in the node, `eth0` in the internet, whose end is the node's default
+/// gateway.
+const LINK: Link = Link {
+    node_end: "inet0",
+    far_end: "eth0",
+    node_ip: Ipv4Addr::new(198, 51, 100, 1),
+    far_ip: Ipv4Addr::new(198, 51, 100, 254),
+    default_route: true,
+};
 const QUERY_ID: u16 = 0x7e57;
 
 #[cfg(test)]

@@ -254,12 +254,17 @@ impl TlsFiles {
     /// A fresh CA and a certificate for `ip` signed by it (ECDSA P-256, valid a day around
     /// now, server auth).
     pub fn for_ip(ip: IpAddr) -> Result<Self> {
+        Self::for_san(&San::Ip(ip))
+    }
+
+    /// A CA and a server certificate for `san` (an IP address or a DNS name).
+    pub fn for_san(san: &San) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("weft-jwks-tls-")
             .tempdir()
             .context("create a temp dir for the JWKS server's certificates")?;
         let ca = TestCa::new("weft test JWKS CA")?;
-        let server = ca.write_server(dir.path(), "server", &San::Ip(ip))?;
+        let server = ca.write_server(dir.path(), "server", san)?;
         let files = TlsFiles {
             ca: dir.path().join("ca.pem"),
             cert: server.cert,
@@ -280,7 +285,12 @@ impl JwksServer {
     /// Serves `jwks` at `https://<pod ip>:<port>/jwks.json` (any path, really) from `pod`,
     /// with a fresh CA and certificate, and waits until it listens.
     pub fn start(pod: &TestPod, port: u16, jwks: &Value) -> Result<Self> {
-        let tls = TlsFiles::for_ip(IpAddr::V4(pod.ip()))?;
+        Self::start_as(pod, port, jwks, &San::Ip(IpAddr::V4(pod.ip())))
+    }
+
+    /// `start`, with a certificate for `san` (a host name its clients ask for by SNI).
+    pub fn start_as(pod: &TestPod, port: u16, jwks: &Value, san: &San) -> Result<Self> {
+        let tls = TlsFiles::for_san(san)?;
         let file = tls.dir().join("jwks.json");
         write_json(&file, jwks)?;
         let mut cmd = Command::new(testapp_bin());
@@ -310,6 +320,11 @@ impl JwksServer {
     /// `https://<ip>:<port>/jwks.json`: the policy's `jwksUri`.
     pub fn url(&self) -> String {
         format!("https://{}{JWKS_PATH}", self.addr)
+    }
+
+    /// The server's certificate, PEM.
+    pub fn certificate_pem(&self) -> Result<String> {
+        std::fs::read_to_string(&self.tls.cert).context("read the server's certificate")
     }
 
     /// The CA that signed the server's certificate: the waypoint's `--jwks-ca-file`.

@@ -20,7 +20,13 @@
 //! (one per request an `http-serve` answered), `call {..}` (one per `grpc-serve` call),
 //! `report {..}` (the client's summary, last).
 
-use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -29,7 +35,7 @@ use crate::{
     app::testapp_bin,
     eventually::{assert_eventually, scaled},
     pod::TestPod,
-    process::{Finished, TestProcess},
+    process::{Finished, Spawn, TestProcess},
 };
 
 /// Header names and values as received (names lowercase; repeated headers keep every value
@@ -101,6 +107,10 @@ pub struct HttpLoadReport {
     pub first: Option<SampleResponse>,
     /// Wall time of the whole run.
     pub duration_ms: f64,
+    /// Over TLS: the SHA-256 fingerprint ([`crate::tls::fingerprint`]) of the certificate
+    /// the server presented on each handshake, in order (verified or not).
+    #[serde(default)]
+    pub certificates: Vec<String>,
 }
 
 /// Latency percentiles (nearest rank), milliseconds; all 0 when nothing completed.
@@ -189,6 +199,16 @@ pub struct HttpLoad {
     pub slow_body: Option<Duration>,
     pub pace: Duration,
     pub timeout: Duration,
+    pub tls: Option<ClientTls>,
+    pub new_connections: bool,
+}
+
+/// The TLS an L7 client opens (`--tls-ca`, `--sni`): trusting only the CA in `ca` (PEM),
+/// checking the server's certificate against `sni` (sent as SNI), else against the address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub sni: Option<String>,
 }
 
 /// An `http-load` or a `grpc-load` still running (see [`HttpLoad::start`],
@@ -253,6 +273,7 @@ pub struct GrpcCall {
     pub method: Option<String>,
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
+    pub tls: Option<ClientTls>,
 }
 
 /// A `grpc-serve` running in a pod.
@@ -406,11 +427,25 @@ impl HttpLoad {
             slow_body: None,
             pace: Duration::ZERO,
             timeout: scaled(Duration::from_secs(30)),
+            tls: None,
+            new_connections: false,
         }
     }
 
     pub fn concurrency(mut self, c: u64) -> Self {
         self.concurrency = c;
+        self
+    }
+
+    /// Over TLS (HTTP/1.1, or h2 with [`HttpLoad::http2`], by ALPN): see [`ClientTls`].
+    pub fn tls(mut self, ca: &Path, sni: Option<&str>) -> Self {
+        self.tls = Some(ClientTls::new(ca, sni));
+        self
+    }
+
+    /// A new connection (and TLS handshake) for every request instead of keep-alive.
+    pub fn new_connections(mut self) -> Self {
+        self.new_connections = true;
         self
     }
 
@@ -456,16 +491,16 @@ impl HttpLoad {
 
     /// Runs the load to completion and parses its report. A non-zero exit is not an error
     /// here: the report says what failed.
-    pub fn run(&self, pod: &TestPod) -> Result<HttpLoadReport> {
-        let done = pod.run(self.command(), "http-load", self.deadline())?;
+    pub fn run(&self, at: &impl Spawn) -> Result<HttpLoadReport> {
+        let done = at.run(self.command(), "http-load", self.deadline())?;
         report(&done)
     }
 
     /// Starts the load in the background (long requests in flight while the test changes
     /// something); [`RunningLoad::finish`] collects the report.
-    pub fn start(&self, pod: &TestPod) -> Result<RunningLoad> {
+    pub fn start(&self, at: &impl Spawn) -> Result<RunningLoad> {
         Ok(RunningLoad {
-            process: pod.spawn(self.command(), "http-load")?,
+            process: at.spawn(self.command(), "http-load")?,
             timeout: self.deadline(),
             report: std::marker::PhantomData,
         })
@@ -497,7 +532,29 @@ impl HttpLoad {
             cmd.args(["--pace-ms", &self.pace.as_millis().to_string()]);
         }
         cmd.args(["--timeout-ms", &self.timeout.as_millis().to_string()]);
+        if let Some(tls) = &self.tls {
+            tls.add_args(&mut cmd);
+        }
+        if self.new_connections {
+            cmd.arg("--new-connections");
+        }
         cmd
+    }
+}
+
+impl ClientTls {
+    pub fn new(ca: &Path, sni: Option<&str>) -> Self {
+        Self {
+            ca: ca.to_path_buf(),
+            sni: sni.map(str::to_owned),
+        }
+    }
+
+    fn add_args(&self, cmd: &mut Command) {
+        cmd.arg("--tls-ca").arg(&self.ca);
+        if let Some(sni) = &self.sni {
+            cmd.args(["--sni", sni]);
+        }
     }
 }
 
@@ -580,7 +637,14 @@ impl GrpcCall {
             method: None,
             headers: Vec::new(),
             timeout: scaled(Duration::from_secs(30)),
+            tls: None,
         }
+    }
+
+    /// Over TLS (h2 by ALPN): see [`ClientTls`].
+    pub fn tls(mut self, ca: &Path, sni: Option<&str>) -> Self {
+        self.tls = Some(ClientTls::new(ca, sni));
+        self
     }
 
     pub fn messages(mut self, n: u64) -> Self {
@@ -600,7 +664,7 @@ impl GrpcCall {
     }
 
     /// Makes the call and parses its report (a failed call is a report, not an error).
-    pub fn run(&self, pod: &TestPod) -> Result<GrpcCallReport> {
+    pub fn run(&self, at: &impl Spawn) -> Result<GrpcCallReport> {
         let mut cmd = Command::new(testapp_bin());
         cmd.args(["grpc-call", "--to", &self.to.to_string(), "--mode"]);
         cmd.arg(match self.mode {
@@ -616,7 +680,10 @@ impl GrpcCall {
             cmd.args(["--header", &format!("{name}:{value}")]);
         }
         cmd.args(["--timeout-ms", &self.timeout.as_millis().to_string()]);
-        let done = pod.run(
+        if let Some(tls) = &self.tls {
+            tls.add_args(&mut cmd);
+        }
+        let done = at.run(
             cmd,
             "grpc-call",
             self.timeout + scaled(Duration::from_secs(30)),

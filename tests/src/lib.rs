@@ -26,6 +26,7 @@ pub mod bpf;
 pub mod cni;
 pub mod eventually;
 pub mod fixture;
+pub mod gateway;
 #[cfg(feature = "helm")]
 pub mod helm;
 pub mod image;
@@ -36,8 +37,10 @@ pub mod jwt;
 pub mod l7;
 pub mod metrics;
 pub mod node;
+pub mod outside;
 pub mod pod;
 pub mod process;
+pub mod standalone;
 pub mod steady;
 pub mod sys;
 #[cfg(feature = "jwt")]
@@ -51,7 +54,7 @@ pub use eventually::{assert_eventually, eventually, scaled};
 pub use fixture::ClientServer;
 pub use node::{CaFiles, Service, TestNode};
 pub use pod::{PodBuilder, TestPod};
-pub use process::TestProcess;
+pub use process::{Spawn, TestProcess};
 pub use waypoint::TestWaypoint;
 
 /// The name of the enclosing test function (names the test's namespaces and cgroups).

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     node::{NodeInner, TestNode},
-    process::{Finished, Placement, TestProcess, unique_path},
+    process::{Finished, Placement, Spawn, TestProcess, unique_path},
     sys,
 };
 
@@ -302,5 +302,11 @@ impl TestPod {
     /// Runs a process inside the pod to completion (killed after `timeout`).
     pub fn run(&self, cmd: Command, name: &str, timeout: Duration) -> Result<Finished> {
         self.spawn(cmd, name)?.wait(timeout)
+    }
+}
+
+impl Spawn for TestPod {
+    fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess> {
+        TestPod::spawn(self, cmd, name)
     }
 }

@@ -31,6 +31,18 @@ pub struct TestProcess {
     status: Option<ExitStatus>,
 }
 
+/// Something processes run in: a pod (its netns and cgroup) or a namespace outside the
+/// cluster ([`crate::outside::Outside`]). The L7 clients of [`crate::l7`] run in either.
+pub trait Spawn {
+    /// Starts `cmd` there; its output goes to a file named after `name`.
+    fn spawn(&self, cmd: Command, name: &str) -> Result<TestProcess>;
+
+    /// Runs `cmd` there to completion (killed after `timeout`).
+    fn run(&self, cmd: Command, name: &str, timeout: Duration) -> Result<Finished> {
+        self.spawn(cmd, name)?.wait(timeout)
+    }
+}
+
 /// What a finished process left behind.
 #[derive(Clone, Debug)]
 pub struct Finished {

@@ -178,6 +178,26 @@ pub fn https_get(
     Ok(body.to_owned())
 }
 
+/// The lowercase hex SHA-256 of a certificate's DER: how clients, and the gateway's config
+/// dump, name the certificate a server presents.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// [`fingerprint`] of the first certificate of a PEM chain (the leaf).
+pub fn fingerprint_pem(pem: &str) -> Result<String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let leaf = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .context("no certificate in the PEM")?
+        .context("a PEM certificate")?;
+    Ok(fingerprint(&leaf))
+}
+
 /// Valid from a day ago to a day from now: clocks of the test's processes agree anyway.
 fn validity(params: &mut rcgen::CertificateParams) {
     let now = SystemTime::now();

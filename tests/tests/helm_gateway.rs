@@ -349,9 +349,27 @@ fn gateway_rbac_reads_its_own_gateway_and_exactly_the_secrets_it_names() -> Resu
                 &READ,
                 &[]
             ),
+            rule(
+                "gateway.networking.k8s.io",
+                &["tlsroutes", "tcproutes"],
+                &READ,
+                &[]
+            ),
         ])
     );
     let waypoint_rules = rules(&cluster_role(&objects, "weft-waypoint")?.rules);
+    // The waypoint has the gateway's reads but the passthrough routes', plus status writes.
+    assert_eq!(
+        gateway_rules
+            .difference(&waypoint_rules)
+            .collect::<Vec<_>>(),
+        [&rule(
+            "gateway.networking.k8s.io",
+            &["tlsroutes", "tcproutes"],
+            &READ,
+            &[]
+        )]
+    );
     assert_eq!(
         waypoint_rules
             .difference(&gateway_rules)

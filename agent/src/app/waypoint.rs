@@ -175,6 +175,13 @@ pub async fn run_on_cluster(
     let health = Arc::new(source::kube::Health::default());
     let config = source::kube::Config {
         routes_for: matches!(settings.face, Face::Waypoint).then(|| settings.waypoint.name.clone()),
+        gateway_for: match &settings.face {
+            Face::Waypoint => None,
+            Face::Gateway { tls_secrets, .. } => Some(Box::new(source::kube::GatewayFor {
+                gateway: settings.waypoint.name.clone(),
+                tls_secrets: tls_secrets.clone(),
+            })),
+        },
         ..source::kube::Config::new(settings.node_name.clone())
     };
     info!(component = "kubernetes", waypoint = %settings.waypoint.name, "watching the Kubernetes API");

@@ -33,6 +33,7 @@
 
 pub mod certificate;
 pub mod listeners;
+pub mod passthrough;
 
 use std::{str::FromStr, time::Duration};
 
@@ -69,22 +70,32 @@ pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// `default_namespace`.
 pub fn route(field: &str, object: &Value, default_namespace: &str) -> Result<HttpRoute, Invalid> {
     let text = |key: &str| object.get(key).and_then(Value::as_str);
-    match text("apiVersion") {
-        Some(API_VERSION) => {}
+    let kind = text("kind");
+    let versions: &[&str] = match kind {
+        Some("HTTPRoute" | "GRPCRoute") => &[API_VERSION],
+        Some("TLSRoute") => &passthrough::TLS_ROUTE_VERSIONS,
+        Some("TCPRoute") => &[passthrough::TCP_ROUTE_VERSION],
         other => {
             return Err(invalid(
-                at(field, "apiVersion"),
-                format!("{other:?}: expected {API_VERSION:?}"),
+                at(field, "kind"),
+                format!(
+                    "{other:?}: expected \"HTTPRoute\", \"GRPCRoute\", \"TLSRoute\" or \"TCPRoute\""
+                ),
             ));
         }
+    };
+    let version = text("apiVersion");
+    if !version.is_some_and(|v| versions.contains(&v)) {
+        return Err(invalid(
+            at(field, "apiVersion"),
+            format!("{version:?}: expected {}", versions.join(" or ")),
+        ));
     }
-    match text("kind") {
+    match kind {
         Some("HTTPRoute") => http_route(field, object, default_namespace),
         Some("GRPCRoute") => grpc_route(field, object, default_namespace),
-        other => Err(invalid(
-            at(field, "kind"),
-            format!("{other:?}: expected \"HTTPRoute\" or \"GRPCRoute\""),
-        )),
+        Some("TLSRoute") => passthrough::tls_route(field, object, default_namespace),
+        _ => passthrough::tcp_route(field, object, default_namespace),
     }
 }
 

@@ -190,6 +190,10 @@ pub enum Kind {
     HttpRoute,
     /// Gateway API `GRPCRoute`s (waypoints only).
     GrpcRoute,
+    /// Gateway API `TLSRoute`s (gateways only).
+    TlsRoute,
+    /// Gateway API `TCPRoute`s (gateways only).
+    TcpRoute,
     /// The Gateway API `Gateway` a gateway serves.
     Gateway,
     /// The `kubernetes.io/tls` Secrets a gateway reads.
@@ -388,6 +392,22 @@ pub async fn run(
         );
     }
     if let Some(gateway) = &config.gateway_for {
+        // The routes of its passthrough and TCP listeners; TCPRoute is in the Gateway API's
+        // experimental channel only, and may well not be installed.
+        spawn.watch_optional(
+            untyped::<gateway_api::experimental::tlsroutes::TlsRoute>(&client),
+            Kind::TlsRoute,
+            (project::tls_route, None),
+            |c| &mut c.tls_routes,
+            GATEWAY_API_INSTALL,
+        );
+        spawn.watch_optional(
+            untyped::<gateway_api::experimental::tcproutes::TcpRoute>(&client),
+            Kind::TcpRoute,
+            (project::tcp_route, None),
+            |c| &mut c.tcp_routes,
+            GATEWAY_API_INSTALL,
+        );
         let namespace = &gateway.gateway.namespace;
         spawn.watch_named(
             Api::<DynamicObject>::namespaced_with(
@@ -653,6 +673,8 @@ impl Kind {
             Kind::AgentPod => "agent_pod",
             Kind::HttpRoute => "http_route",
             Kind::GrpcRoute => "grpc_route",
+            Kind::TlsRoute => "tls_route",
+            Kind::TcpRoute => "tcp_route",
             Kind::Gateway => "gateway",
             Kind::TlsSecret => "tls_secret",
         }
@@ -671,6 +693,8 @@ impl Kind {
             Kind::ExternalService => "ExternalService",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::TlsRoute => "TLSRoute",
+            Kind::TcpRoute => "TCPRoute",
             Kind::Gateway => "Gateway",
             Kind::TlsSecret => "Secret",
         }

@@ -71,6 +71,16 @@ impl ListenerProtocol {
         }
     }
 
+    /// As the Gateway API writes it (`HTTPS`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerProtocol::Http => "HTTP",
+            ListenerProtocol::Https => "HTTPS",
+            ListenerProtocol::Tls => "TLS",
+            ListenerProtocol::Tcp => "TCP",
+        }
+    }
+
     /// Whether the gateway speaks HTTP on it (the other protocols pass bytes through).
     pub fn is_http(self) -> bool {
         matches!(self, ListenerProtocol::Http | ListenerProtocol::Https)

@@ -115,7 +115,21 @@ async fn forward(
                 }
                 forwarded_headers(&mut forward.template.headers, tunnel.source.ip(), *protocol);
             }
-            let user = authenticate(tunnel, view, &parts, &mut forward.template).await?;
+            // A gateway's request addresses no Service: the backend's own authentication
+            // applies, which no waypoint will check for it.
+            let authenticated = match (tunnel.target.service(), &forward.destination) {
+                (Some(service), _)
+                | (None, Destination::Service(ServiceRef { name: service, .. })) => {
+                    Some(service.clone())
+                }
+                (None, Destination::Pod(..)) => None,
+            };
+            let user = match &authenticated {
+                Some(service) => {
+                    authenticate(tunnel, view, service, &parts, &mut forward.template).await?
+                }
+                None => None,
+            };
             let taken = plan.route.map(|route| (route, plan.rule_name));
             let request = Planned {
                 parts: &parts,
@@ -158,12 +172,10 @@ const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 async fn authenticate(
     tunnel: &Tunnel,
     view: &View,
+    service: &WorkloadRef,
     parts: &Parts,
     template: &mut Template,
 ) -> Result<Option<Claims>, Error> {
-    let Some(service) = tunnel.target.service() else {
-        return Ok(None);
-    };
     let Some(authenticator) = view.authenticators.get(service) else {
         return Ok(None);
     };

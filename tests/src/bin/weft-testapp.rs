@@ -18,10 +18,10 @@
 //! weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
 //! weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
 //!                         [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS]
-//!                         [--pace-ms MS] [--timeout-ms T]
+//!                         [--pace-ms MS] [--timeout-ms T] [--tls-ca PEM [--sni NAME]] [--new-connections]
 //! weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
 //! weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
-//!                         [--header name:value]... [--pace-ms MS] [--timeout-ms T]
+//!                         [--header name:value]... [--pace-ms MS] [--timeout-ms T] [--tls-ca PEM [--sni NAME]]
 //! weft-testapp grpc-load  --to IP:PORT --count N [--concurrency C] [--messages M] [--pace-ms MS]
 //!                         [--header name:value]... [--timeout-ms T]
 //! weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]
@@ -64,8 +64,9 @@
 //!   bytes instead of the echo).
 //! - `http-load`: N requests, C at a time (HTTP/1.1 keep-alive connections, or one h2c
 //!   connection with `--http2`), then `report {..}` (`HttpLoadReport`): counts by
-//!   `x-backend` and status, latency, errors by reason. Exit 1 if any request got no
-//!   response.
+//!   `x-backend` and status, latency, errors by reason, and over TLS the certificate of
+//!   every handshake. Exit 1 if any request got no response. `--new-connections`: one
+//!   connection per request instead of keep-alive.
 //! - `grpc-serve` / `grpc-call` (`grpc` module): gRPC over h2c, no gRPC library; the server
 //!   prints `call {..}` (`ServedCall`), the client `report {..}` (`GrpcCallReport`) and
 //!   exits 1 unless grpc-status was 0. `grpc-load`: N bidi calls, C at a time, on one
@@ -106,6 +107,11 @@ mod http;
 mod https;
 #[path = "weft-testapp/steady.rs"]
 mod steady;
+
+#[cfg(feature = "jwt")]
+use https::ClientTls;
+#[cfg(not(feature = "jwt"))]
+use no_tls::ClientTls;
 #[cfg(test)]
 #[path = "weft-testapp/tests.rs"]
 mod tests;
@@ -150,6 +156,43 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("weft-testapp {command}: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Without the `jwt` feature the clients have no TLS: `--tls-ca` is refused.
+#[cfg(not(feature = "jwt"))]
+mod no_tls {
+    use std::net::SocketAddr;
+
+    #[derive(Debug)]
+    pub enum ClientTls {}
+
+    impl ClientTls {
+        pub fn from_flags(
+            flags: &crate::Flags,
+            _to: SocketAddr,
+            _alpn: &[u8],
+        ) -> Result<Option<Self>, String> {
+            match flags.optional::<String>("tls-ca")? {
+                Some(_) => Err("--tls-ca: built without TLS (feature jwt)".to_owned()),
+                None => Ok(None),
+            }
+        }
+
+        pub fn host(&self) -> Option<String> {
+            match *self {}
+        }
+
+        pub async fn connect(
+            &self,
+            _tcp: tokio::net::TcpStream,
+        ) -> Result<tokio::net::TcpStream, String> {
+            match *self {}
+        }
+
+        pub fn seen(&self) -> Vec<String> {
+            match *self {}
         }
     }
 }
@@ -655,7 +698,7 @@ fn addr_or_unknown(addr: io::Result<SocketAddr>) -> String {
 
 const MAX_REPLY_TEXT: usize = 4096;
 /// Flags without a value.
-const SWITCHES: [&str; 1] = ["http2"];
+const SWITCHES: [&str; 2] = ["http2", "new-connections"];
 
 const USAGE: &str = "usage:
   weft-testapp serve   --port P [--bind IP] [--mode echo|hash]
@@ -669,8 +712,9 @@ const USAGE: &str = "usage:
   weft-testapp http-serve --port P --name NAME [--bind IP] [--fail-every N] [--delay MS] [--delay-path PREFIX]
   weft-testapp http-load  --to IP:PORT --count N [--concurrency C] [--method M] [--path P]
                           [--header name:value]... [--http2] [--body-bytes B] [--slow-body-ms MS] [--timeout-ms T]
+                          [--tls-ca PEM [--sni NAME]] [--new-connections]
   weft-testapp grpc-serve --port P [--name NAME] [--bind IP]
   weft-testapp grpc-call  --to IP:PORT --mode unary|server-stream|bidi [--messages N] [--method M]
-                          [--header name:value]... [--timeout-ms T]
+                          [--header name:value]... [--timeout-ms T] [--tls-ca PEM [--sni NAME]]
   weft-testapp https-serve --port P --cert PEM --key PEM --file F [--bind IP]
   weft-testapp https-get   --to IP:PORT --ca PEM [--sni NAME] [--path P]";

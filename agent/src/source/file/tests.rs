@@ -286,7 +286,8 @@ fn the_gateway_example_of_the_config_docs_parses() {
     let doc = parse_str(&block[from..to]).unwrap();
     let s = &doc.snapshot;
     let public = &s.gateways[&WorkloadRef::new("edge", "public")];
-    assert_eq!(public.listeners.len(), 2);
+    let protocols: Vec<_> = public.listeners.iter().map(|l| l.protocol.name()).collect();
+    assert_eq!(protocols, ["HTTPS", "HTTP", "TLS", "TCP"]);
     assert_eq!(
         public.listeners[0].hostname.as_deref(),
         Some("*.example.com")

@@ -117,12 +117,20 @@ fn entry(field: &str, raw: &RawSecret, key: &str) -> Result<(String, Vec<u8>), I
             "required in a Secret of type kubernetes.io/tls".into(),
         ));
     };
-    // Bounded before decoding: base64 is 4/3 of the bytes.
-    if encoded.len() > MAX_PEM_BYTES / 3 * 4 + 4 {
+    // Bounded before decoding (base64 is 4/3 of the bytes). Line breaks, as the `base64`
+    // tool writes them into a hand-made file, are not part of the value.
+    if encoded.len() > 2 * MAX_BASE64 {
         return Err(too_large(field, encoded.len() / 4 * 3));
     }
+    let compact: String = encoded
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    if compact.len() > MAX_BASE64 {
+        return Err(too_large(field, compact.len() / 4 * 3));
+    }
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
+        .decode(compact)
         .map_err(|e| invalid(field.clone(), format!("not base64: {e}")))?;
     bounded(field, bytes)
 }
@@ -213,6 +221,8 @@ fn too_large(field: String, bytes: usize) -> Invalid {
     invalid(field, format!("{bytes} bytes: at most {MAX_PEM_BYTES}"))
 }
 
+/// The longest base64 of `MAX_PEM_BYTES`.
+const MAX_BASE64: usize = MAX_PEM_BYTES.div_ceil(3) * 4;
 const CERT_KEY: &str = "tls.crt";
 const KEY_KEY: &str = "tls.key";
 
@@ -269,11 +279,30 @@ mod tests {
     fn data_is_base64_as_the_api_keeps_it() {
         let (mut object, crt, key) = secret("shop.example.com");
         object.as_object_mut().unwrap().remove("stringData");
-        object["data"] = serde_json::json!({"tls.crt": encode(&crt), "tls.key": encode(&key)});
+        // Wrapped at 76 columns, as the base64 tool writes it.
+        let wrapped: String = encode(&key)
+            .as_bytes()
+            .chunks(76)
+            .map(|line| format!("{}\n", std::str::from_utf8(line).unwrap()))
+            .collect();
+        object["data"] = serde_json::json!({"tls.crt": encode(&crt), "tls.key": wrapped});
         // What the API adds to every object is not the Secret's to validate.
         object["metadata"]["resourceVersion"] = "7".into();
         object["metadata"]["managedFields"] = serde_json::json!([{"manager": "kubectl"}]);
         certificate("", &object, "default").unwrap();
+    }
+
+    #[test]
+    fn base64_is_bounded_before_it_is_decoded() {
+        let (mut object, _, key) = secret("shop.example.com");
+        object["stringData"] = serde_json::json!({"tls.key": key});
+        object["data"] = serde_json::json!({"tls.crt": "A".repeat(MAX_BASE64 + 4)});
+        let err = certificate("s", &object, "default").unwrap_err();
+        assert_eq!(err.field, "s.data.tls.crt");
+        assert!(err.reason.contains("at most 65536"), "{err}");
+        object["data"]["tls.crt"] = "A".repeat(3 * MAX_BASE64).into();
+        let err = certificate("s", &object, "default").unwrap_err();
+        assert!(err.reason.contains("at most 65536"), "{err}");
     }
 
     #[test]

@@ -7,10 +7,10 @@
 //! field (`gateways[0].spec.listeners[1].tls.certificateRefs[0].namespace`).
 //!
 //! What weft does not build yet is an error naming the field, never silently ignored:
-//! protocols other than HTTP and HTTPS, TLS passthrough and TLS `options`, certificates in
-//! another namespace (they need a ReferenceGrant, which weft does not read),
-//! `allowedRoutes.namespaces.from: Selector`, route kinds other than HTTPRoute and
-//! GRPCRoute, ListenerSets (`allowedListeners` other than `None`), `defaultScope`,
+//! UDP listeners, TLS listeners that terminate (`TLS` is passthrough; HTTPS terminates),
+//! TLS `options`, certificates in another namespace (they need a ReferenceGrant, which weft
+//! does not read), `allowedRoutes.namespaces.from: Selector`, route kinds the protocol does
+//! not carry (HTTP/HTTPS: HTTPRoute and GRPCRoute; TLS: TLSRoute; TCP: TCPRoute), ListenerSets (`allowedListeners` other than `None`), `defaultScope`,
 //! Gateway-wide `tls`, and `addresses`: a `weft gateway` listens on its `--listen-ip`, and
 //! an address it would not serve is refused rather than reported nowhere (weft writes no
 //! Gateway status yet). `infrastructure.labels` and `annotations` are read and left alone:
@@ -19,8 +19,8 @@
 //!
 //! The listener rules the Gateway API states and weft enforces: names unique; 1 to
 //! `MAX_LISTENERS` listeners; one protocol per port (HTTP and HTTPS cannot share a socket);
-//! no two listeners of one port with the same hostname; `tls` on HTTPS only, required
-//! there with at least one certificate.
+//! no two listeners of one port with the same hostname; `tls` on HTTPS (required, with at
+//! least one certificate) and TLS (required, `mode: Passthrough`, no certificates) only.
 
 use gateway_api::experimental::gateways as gw;
 use serde_json::Value;
@@ -31,7 +31,7 @@ use super::{
 use crate::{
     source::syntax::{self, Invalid},
     state::{
-        Gateway, Listener, RouteKind, WorkloadRef,
+        Gateway, Listener, WorkloadRef,
         gateway::{AllowedRoutes, GATEWAY_CLASS, ListenerProtocol, RouteNamespaces},
     },
 };
@@ -126,16 +126,18 @@ fn listener(field: &str, namespace: &str, raw: gw::GatewayListeners) -> Result<L
     let protocol = match raw.protocol.as_str() {
         "HTTP" => ListenerProtocol::Http,
         "HTTPS" => ListenerProtocol::Https,
-        "TLS" | "TCP" | "UDP" => {
+        "TLS" => ListenerProtocol::Tls,
+        "TCP" => ListenerProtocol::Tcp,
+        "UDP" => {
             return Err(not_yet(
                 format!("{field}.protocol"),
-                &format!("{:?} listeners (only HTTP and HTTPS)", raw.protocol),
+                "UDP listeners (HTTP, HTTPS, TLS and TCP are)",
             ));
         }
         other => {
             return Err(invalid(
                 format!("{field}.protocol"),
-                format!("{other:?}: expected \"HTTP\" or \"HTTPS\""),
+                format!("{other:?}: expected \"HTTP\", \"HTTPS\", \"TLS\" or \"TCP\""),
             ));
         }
     };
@@ -144,12 +146,16 @@ fn listener(field: &str, namespace: &str, raw: gw::GatewayListeners) -> Result<L
         .map(|h| listener_hostname(&format!("{field}.hostname"), h))
         .transpose()?;
     let certificates = match (protocol, raw.tls) {
-        (ListenerProtocol::Http, None) => Vec::new(),
-        (ListenerProtocol::Http, Some(_)) => {
+        (ListenerProtocol::Http | ListenerProtocol::Tcp, None) => Vec::new(),
+        (ListenerProtocol::Http | ListenerProtocol::Tcp, Some(_)) => {
             return Err(invalid(
                 format!("{field}.tls"),
-                "only for an HTTPS listener (remove it, or make the protocol HTTPS)".into(),
+                "only for an HTTPS or TLS listener (remove it, or change the protocol)".into(),
             ));
+        }
+        (ListenerProtocol::Tls, tls) => {
+            passthrough(&format!("{field}.tls"), tls)?;
+            Vec::new()
         }
         (ListenerProtocol::Https, None) => {
             return Err(invalid(
@@ -176,6 +182,33 @@ fn listener(field: &str, namespace: &str, raw: gw::GatewayListeners) -> Result<L
     })
 }
 
+/// A TLS listener's `tls`: passthrough, the only mode weft serves on one (terminating TLS
+/// for a TLSRoute is not built), without certificates, which it would never present.
+fn passthrough(field: &str, tls: Option<gw::GatewayListenersTls>) -> Result<(), Invalid> {
+    let Some(tls) = tls else {
+        return Err(invalid(
+            field.into(),
+            "required for a TLS listener: {mode: Passthrough}".into(),
+        ));
+    };
+    if !matches!(tls.mode, Some(gw::GatewayListenersTlsMode::Passthrough)) {
+        return Err(not_yet(
+            format!("{field}.mode"),
+            "TLS listeners that terminate (use HTTPS, or mode Passthrough)",
+        ));
+    }
+    if tls.certificate_refs.as_ref().is_some_and(|r| !r.is_empty()) {
+        return Err(invalid(
+            format!("{field}.certificateRefs"),
+            "a passthrough listener presents no certificate: the backend does".into(),
+        ));
+    }
+    if tls.options.as_ref().is_some_and(|o| !o.is_empty()) {
+        return Err(not_yet(format!("{field}.options"), "TLS options"));
+    }
+    Ok(())
+}
+
 /// A listener's host name: a DNS name or `*.` and one, lowercased; never an IP address.
 fn listener_hostname(field: &str, host: String) -> Result<String, Invalid> {
     if host.parse::<std::net::IpAddr>().is_ok() {
@@ -193,7 +226,10 @@ fn certificates(
     tls: gw::GatewayListenersTls,
 ) -> Result<Vec<WorkloadRef>, Invalid> {
     if matches!(tls.mode, Some(gw::GatewayListenersTlsMode::Passthrough)) {
-        return Err(not_yet(format!("{field}.mode"), "TLS passthrough"));
+        return Err(invalid(
+            format!("{field}.mode"),
+            "Passthrough is for a TLS listener (an HTTPS listener terminates TLS)".into(),
+        ));
     }
     if tls.options.as_ref().is_some_and(|o| !o.is_empty()) {
         return Err(not_yet(format!("{field}.options"), "TLS options"));
@@ -268,15 +304,22 @@ fn allowed_routes(
                 format!("{:?}: expected {GROUP:?}", raw.group),
             ));
         }
-        let kind = match raw.kind.as_str() {
-            "HTTPRoute" => RouteKind::Http,
-            "GRPCRoute" => RouteKind::Grpc,
-            other => {
-                return Err(not_yet(
-                    format!("{field}.kind"),
-                    &format!("{other:?} routes (only HTTPRoute and GRPCRoute)"),
-                ));
-            }
+        let served = protocol.default_kinds();
+        let Some(kind) = served
+            .iter()
+            .copied()
+            .find(|kind| kind.to_string() == raw.kind)
+        else {
+            let names: Vec<String> = served.iter().map(ToString::to_string).collect();
+            return Err(invalid(
+                format!("{field}.kind"),
+                format!(
+                    "{:?}: a listener of protocol {} serves {}",
+                    raw.kind,
+                    protocol.name(),
+                    names.join(" and ")
+                ),
+            ));
         };
         if !kinds.contains(&kind) {
             kinds.push(kind);

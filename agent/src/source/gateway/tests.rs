@@ -590,7 +590,7 @@ fn errors_name_the_field_path() {
         ),
         (
             "kind: HTTPRoute",
-            "kind: TCPRoute",
+            "kind: UDPRoute",
             "routes[0].kind",
             "HTTPRoute",
         ),

@@ -201,6 +201,8 @@ fn routes(
         .items
         .values()
         .chain(stores.grpc_routes.items.values())
+        .chain(stores.tls_routes.items.values())
+        .chain(stores.tcp_routes.items.values())
         .map(|item| &item.route)
         .filter(|route| {
             let to_waypoint = waypoint.is_some_and(|waypoint| {

@@ -345,6 +345,16 @@ pub(super) fn grpc_route(object: DynamicObject) -> Result<Option<RouteItem>, Inv
     route(object, gateway::grpc_route)
 }
 
+/// A `TLSRoute`, validated by `source::gateway`.
+pub(super) fn tls_route(object: DynamicObject) -> Result<Option<RouteItem>, Invalid> {
+    route(object, gateway::passthrough::tls_route)
+}
+
+/// A `TCPRoute`, validated by `source::gateway`.
+pub(super) fn tcp_route(object: DynamicObject) -> Result<Option<RouteItem>, Invalid> {
+    route(object, gateway::passthrough::tcp_route)
+}
+
 // The kind comes from the watch, not the object: list items may leave `kind` out.
 fn route(
     object: DynamicObject,

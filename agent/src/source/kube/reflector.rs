@@ -76,6 +76,8 @@ pub(super) struct Stores {
     /// Gateway API routes (a waypoint's source only).
     pub http_routes: Store<RouteItem>,
     pub grpc_routes: Store<RouteItem>,
+    pub tls_routes: Store<RouteItem>,
+    pub tcp_routes: Store<RouteItem>,
     /// weft's `TrafficPolicy`s (a rejected one: its last good version, if any, stays).
     pub traffic_policies: Store<TrafficItem>,
     /// weft's `ExternalService`s (a rejected one: its status only, nothing in force).

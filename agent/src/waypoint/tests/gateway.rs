@@ -404,6 +404,14 @@ async fn tcp_passes_bytes_through_to_the_routes_backend() {
         label_value(&h, "weft_gateway_passthrough_connections_total", "ok") >= 1.0
     })
     .await;
+    let log = h.access_log();
+    let line = log.iter().find(|l| l["kind"] == "connection").unwrap();
+    assert_eq!(line["protocol"], "TCP", "{line}");
+    assert_eq!(line["route"], "default/raw", "{line}");
+    assert_eq!(line["dst.service"], "default/v2", "{line}");
+    assert!(line["bytes_received"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["bytes_sent"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["error"].is_null(), "{line}");
 }
 
 #[tokio::test]
@@ -446,4 +454,42 @@ async fn tls_passthrough_routes_by_sni_and_refuses_garbage() {
     })
     .await;
     assert_eq!(h.backend("v1").connects.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn the_backends_end_user_authentication_applies_at_the_gateway() {
+    use crate::state::{
+        TrafficPolicy,
+        authn::{DEFAULT_TOKEN_PARAM, JwksSource, JwtRule, RequestAuthentication, TokenHeader},
+        traffic::Target as PolicyTarget,
+    };
+    let f = Front::new().await;
+    f.h.update(|s| {
+        s.traffic_policies = vec![TrafficPolicy {
+            request_authentication: Some(RequestAuthentication {
+                jwt_rules: vec![JwtRule {
+                    issuer: "https://issuer.test".into(),
+                    audiences: vec![],
+                    jwks: JwksSource::Inline(r#"{"keys":[]}"#.into()),
+                    from_headers: vec![TokenHeader::bearer()],
+                    from_params: vec![DEFAULT_TOKEN_PARAM.into()],
+                    forward_original_token: false,
+                    output_claim_to_headers: vec![],
+                }],
+            }),
+            ..TrafficPolicy::new(svc("v1-users"), vec![PolicyTarget::Service(svc("v1"))])
+        }];
+    });
+    let client = f.plain().await;
+    // A token the backend's issuer did not sign: refused by the gateway, which is the only
+    // L7 proxy on the way.
+    let forged = [("authorization", "Bearer a.b.c")];
+    let reply = get_host(&client, "a.example.com", &forged).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{reply:?}");
+    assert!(f.h.backend("v1").seen.lock().is_empty());
+    // No token: the policy authenticates only what is presented.
+    assert_eq!(
+        get_host(&client, "a.example.com", &[]).await.backend(),
+        "v1"
+    );
 }

@@ -1,5 +1,6 @@
 //! `grpc-serve` and `grpc-call`: gRPC over h2c without a gRPC library, so a test sees the
-//! wire as a proxy must pass it. Messages are length-prefixed (1 byte compressed flag, 4
+//! wire as a proxy must pass it (`grpc-call --tls-ca PEM [--sni NAME]`: over TLS, h2 by
+//! ALPN, as a gRPC client calls an ingress). Messages are length-prefixed (1 byte compressed flag, 4
 //! bytes big-endian length; https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md),
 //! requests carry `content-type: application/grpc` and `te: trailers`, and the status
 //! comes in trailers.
@@ -25,7 +26,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use tokio::net::{TcpListener, TcpStream};
 use weft_tests::l7::{GRPC_SERVICE, GrpcCallReport, GrpcLoadReport, ServedCall};
 
-use crate::{Flags, http::headers_of};
+use crate::{ClientTls, Flags, http::headers_of};
 
 /// Which RPC shape a call makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct CallOptions {
     /// A pause before each bidi message after the first (a long-lived call).
     pub pace: Duration,
     pub timeout: Duration,
+    /// TLS to the server (`--tls-ca`), else h2c.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 pub fn serve(flags: &Flags) -> Result<ExitCode, String> {
@@ -241,14 +244,16 @@ pub fn call(flags: &Flags) -> Result<ExitCode, String> {
         "bidi" => Mode::Bidi,
         other => return Err(format!("--mode {other:?}: unary|server-stream|bidi")),
     };
+    let to = flags.required("to")?;
     let options = CallOptions {
-        to: flags.required("to")?,
+        to,
         mode,
         messages: flags.optional("messages")?.unwrap_or(3),
         method: flags.optional("method")?,
         headers: crate::header_flags(flags)?,
         pace: Duration::from_millis(flags.optional("pace-ms")?.unwrap_or(0)),
         timeout: Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(30_000)),
+        tls: ClientTls::from_flags(flags, to, b"h2")?.map(Arc::new),
     };
     let report = crate::runtime()?.block_on(run_call(options));
     println!("report {}", crate::json_line(&report));
@@ -266,7 +271,7 @@ pub async fn run_call(options: CallOptions) -> GrpcCallReport {
     let timeout = options.timeout;
     let mut report = new_report(&options);
     let call = async {
-        let client = connect(options.to).await?.0;
+        let client = connect(options.to, options.tls.as_deref()).await?.0;
         exchange(client, &options, &mut report).await
     };
     match tokio::time::timeout(timeout, call).await {
@@ -323,11 +328,16 @@ fn status_of(report: &mut GrpcCallReport) {
 /// An h2c connection (a gRPC channel's), and a flag that turns true when it has ended.
 async fn connect(
     to: SocketAddr,
+    tls: Option<&ClientTls>,
 ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), Broke> {
     let stream = TcpStream::connect(to)
         .await
         .map_err(|e| Broke::processed(format!("connect {to}: {e}")))?;
     let _ = stream.set_nodelay(true);
+    let stream: Box<dyn crate::http::Io> = match tls {
+        None => Box::new(stream),
+        Some(tls) => Box::new(tls.connect(stream).await?),
+    };
     let (client, connection) = h2::client::handshake(stream)
         .await
         .map_err(|e| Broke::processed(format!("h2 handshake: {e}")))?;
@@ -381,14 +391,20 @@ async fn exchange(
     options: &CallOptions,
     report: &mut GrpcCallReport,
 ) -> Result<(), Broke> {
-    let to = options.to;
+    let (scheme, authority) = match options.tls.as_deref() {
+        Some(tls) => (
+            "https",
+            tls.host().unwrap_or_else(|| options.to.to_string()),
+        ),
+        None => ("http", options.to.to_string()),
+    };
     let mut client = client
         .ready()
         .await
         .map_err(|e| Broke::unanswered("h2", &e))?;
     let mut request = Request::builder()
         .method(Method::POST)
-        .uri(format!("http://{to}{}", report.path))
+        .uri(format!("{scheme}://{authority}{}", report.path))
         .body(())
         .map_err(|e| format!("bad request: {e}"))?;
     let headers = request.headers_mut();
@@ -454,6 +470,7 @@ pub fn load(flags: &Flags) -> Result<ExitCode, String> {
         headers: crate::header_flags(flags)?,
         pace: Duration::from_millis(flags.optional("pace-ms")?.unwrap_or(0)),
         timeout: Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(30_000)),
+        tls: None,
     };
     let count: u64 = flags.required("count")?;
     let concurrency: u64 = flags.optional("concurrency")?.unwrap_or(1);
@@ -525,7 +542,7 @@ impl Channel {
         {
             return Ok((client.clone(), Arc::clone(ended)));
         }
-        let (client, ended) = connect(self.to).await?;
+        let (client, ended) = connect(self.to, None).await?;
         self.opened.fetch_add(1, Ordering::Relaxed);
         *current = Some((client.clone(), Arc::clone(&ended)));
         Ok((client, ended))

@@ -1,5 +1,6 @@
 //! `http-serve` and `http-load`: a plaintext HTTP/1.1 + h2c (prior knowledge) backend that
-//! echoes each request as JSON, and a load client that reports what answered.
+//! echoes each request as JSON, and a load client that reports what answered, in plaintext
+//! or over TLS (`--tls-ca`, [`crate::ClientTls`]: HTTP/1.1 or, with `--http2`, h2 by ALPN).
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +30,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
@@ -36,7 +38,7 @@ use weft_tests::l7::{
     Headers, HeldRequest, HttpLoadReport, Latency, SampleResponse, ServedRequest,
 };
 
-use crate::Flags;
+use crate::{ClientTls, Flags};
 
 /// How an `http-serve` answers.
 #[derive(Clone, Debug, Default)]
@@ -64,6 +66,10 @@ pub struct LoadOptions {
     /// A pause before each worker's next request (a steady load over a while).
     pub pace: Duration,
     pub timeout: Duration,
+    /// TLS to the server (`--tls-ca`), else plaintext.
+    pub tls: Option<Arc<ClientTls>>,
+    /// A new connection for every request (`--new-connections`), else keep-alive.
+    pub new_connections: bool,
 }
 
 pub fn serve(flags: &Flags) -> Result<ExitCode, String> {
@@ -253,20 +259,25 @@ impl std::fmt::Display for ResetAsked {
 impl std::error::Error for ResetAsked {}
 
 pub fn load(flags: &Flags) -> Result<ExitCode, String> {
+    let to = flags.required("to")?;
+    let http2 = flags.switch("http2");
+    let alpn: &[u8] = if http2 { b"h2" } else { b"http/1.1" };
     let options = LoadOptions {
-        to: flags.required("to")?,
+        to,
         count: flags.required("count")?,
         concurrency: flags.optional("concurrency")?.unwrap_or(1),
         method: flags.optional("method")?.unwrap_or(Method::GET),
         path: flags.optional("path")?.unwrap_or_else(|| "/".to_owned()),
         headers: crate::header_flags(flags)?,
-        http2: flags.switch("http2"),
+        http2,
         body_bytes: flags.optional("body-bytes")?.unwrap_or(0),
         slow_body: flags
             .optional::<u64>("slow-body-ms")?
             .map(Duration::from_millis),
         pace: Duration::from_millis(flags.optional("pace-ms")?.unwrap_or(0)),
         timeout: Duration::from_millis(flags.optional("timeout-ms")?.unwrap_or(30_000)),
+        tls: ClientTls::from_flags(flags, to, alpn)?.map(Arc::new),
+        new_connections: flags.switch("new-connections"),
     };
     let report = crate::runtime()?.block_on(run_load(options));
     println!("report {}", crate::json_line(&report));
@@ -324,7 +335,13 @@ pub async fn run_load(options: LoadOptions) -> HttpLoadReport {
     while let Some(outcome) = rx.recv().await {
         tally.record(outcome);
     }
-    tally.report(options.count, started.elapsed())
+    let mut report = tally.report(options.count, started.elapsed());
+    report.certificates = options
+        .tls
+        .as_deref()
+        .map(ClientTls::seen)
+        .unwrap_or_default();
+    report
 }
 
 #[derive(Debug)]
@@ -356,6 +373,31 @@ async fn connect(to: SocketAddr) -> Result<TcpStream, Failure> {
     Ok(stream)
 }
 
+/// A connection to the server: TCP, and TLS over it when asked.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+async fn open(options: &LoadOptions) -> Result<Box<dyn Io>, Failure> {
+    let stream = connect(options.to).await?;
+    match &options.tls {
+        None => Ok(Box::new(stream)),
+        Some(tls) => match tls.connect(stream).await {
+            Ok(tls) => Ok(Box::new(tls)),
+            Err(e) => Err(Failure::new("tls", e)),
+        },
+    }
+}
+
+/// The `Host` (`:authority`) a request carries unless one is given: the TLS name, else
+/// the address dialled.
+fn default_host(options: &LoadOptions) -> String {
+    options
+        .tls
+        .as_deref()
+        .and_then(ClientTls::host)
+        .unwrap_or_else(|| options.to.to_string())
+}
+
 async fn exchange_h1(
     options: &LoadOptions,
     conn: &mut Option<http1::SendRequest<ReqBody>>,
@@ -367,12 +409,12 @@ async fn exchange_h1(
     let reused = kept.is_some();
     let mut sender = match kept {
         Some(sender) => sender,
-        None => connect_h1(options.to).await?,
+        None => connect_h1(options).await?,
     };
     let request = || -> Result<Request<ReqBody>, Failure> {
         let mut request = build_request(options, options.path.clone())?;
         if !request.headers().contains_key(header::HOST) {
-            let host = HeaderValue::try_from(options.to.to_string())
+            let host = HeaderValue::try_from(default_host(options))
                 .map_err(|e| Failure::new("http", e.to_string()))?;
             request.headers_mut().insert(header::HOST, host);
         }
@@ -395,7 +437,7 @@ async fn exchange_h1(
             };
             match again {
                 Some(request) if reused => {
-                    sender = connect_h1(options.to).await?;
+                    sender = connect_h1(options).await?;
                     sender
                         .send_request(request)
                         .await
@@ -406,12 +448,14 @@ async fn exchange_h1(
         }
     };
     let sample = read_response(response).await?;
-    *conn = Some(sender);
+    if !options.new_connections {
+        *conn = Some(sender);
+    }
     Ok(sample)
 }
 
-async fn connect_h1(to: SocketAddr) -> Result<http1::SendRequest<ReqBody>, Failure> {
-    let stream = connect(to).await?;
+async fn connect_h1(options: &LoadOptions) -> Result<http1::SendRequest<ReqBody>, Failure> {
+    let stream = open(options).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| Failure::http(&e))?;
@@ -428,7 +472,7 @@ async fn h2_sender(
     if let Some(sender) = shared.as_ref().filter(|s| !s.is_closed()) {
         return Ok(sender.clone());
     }
-    let stream = connect(options.to).await?;
+    let stream = open(options).await?;
     let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .map_err(|e| Failure::http(&e))?;
@@ -447,10 +491,16 @@ async fn exchange_h2(
         .iter()
         .find(|(n, _)| n == header::HOST)
         .map_or_else(
-            || options.to.to_string(),
+            || default_host(options),
             |(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned(),
         );
-    let mut request = build_request(options, format!("http://{authority}{}", options.path))?;
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let uri = format!("{scheme}://{authority}{}", options.path);
+    let mut request = build_request(options, uri)?;
     request.headers_mut().remove(header::HOST);
     sender.ready().await.map_err(|e| Failure::http(&e))?;
     let response = sender
@@ -601,6 +651,7 @@ impl Tally {
             error_messages: self.error_messages,
             first: self.first,
             duration_ms: millis(elapsed),
+            certificates: Vec::new(),
         }
     }
 }

@@ -6,13 +6,16 @@
 //! `tls_error {..}` for a handshake that failed (`weft_tests::tls::{Accepted, Hello, TlsError}`).
 //!
 //! `https-get`: one GET over TLS 1.3 from inside a pod, trusting only the test's CA.
+//!
+//! [`ClientTls`]: the TLS the L7 clients (`http-load`, `grpc-call`) open with `--tls-ca PEM
+//! [--sni NAME]`, recording the certificate the server presented on every handshake.
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -25,10 +28,17 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio_rustls::LazyConfigAcceptor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector, client::TlsStream};
 use weft_tests::{
     jwt::ServedFile,
     tls::{Accepted, Hello, TlsError},
@@ -178,6 +188,138 @@ pub fn get(flags: &Flags) -> Result<ExitCode, String> {
             println!("error stage=https kind={kind} error={e:#}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// The TLS a client opens (`--tls-ca PEM [--sni NAME]`): trusting only that CA, checking
+/// the certificate against the name (else the address dialled), offering one ALPN
+/// protocol, and recording the leaf certificate of every handshake, whether it verifies or
+/// not (what a refused name was shown).
+pub struct ClientTls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl ClientTls {
+    /// None without `--tls-ca`.
+    pub fn from_flags(flags: &Flags, to: SocketAddr, alpn: &[u8]) -> Result<Option<Self>, String> {
+        let Some(ca) = flags.optional::<PathBuf>("tls-ca")? else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(&ca).map_err(|e| format!("read {}: {e}", ca.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|e| format!("verifier: {e}"))?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let verifier = Arc::new(Recording {
+            inner,
+            seen: Arc::clone(&seen),
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        // Every handshake a full one: a resumed session shows no certificate.
+        config.resumption = rustls::client::Resumption::disabled();
+        let name = match flags.optional::<String>("sni")? {
+            Some(sni) => {
+                ServerName::try_from(sni.clone()).map_err(|e| format!("--sni {sni}: {e}"))?
+            }
+            None => ServerName::IpAddress(to.ip().into()),
+        };
+        Ok(Some(ClientTls {
+            connector: TlsConnector::from(Arc::new(config)),
+            name,
+            seen,
+        }))
+    }
+
+    /// The name asked for, as a `Host` or `:authority` (None: an address).
+    pub fn host(&self) -> Option<String> {
+        match &self.name {
+            ServerName::DnsName(name) => Some(name.as_ref().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// The TLS handshake on `tcp`.
+    pub async fn connect(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+        self.connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))
+    }
+
+    /// The SHA-256 fingerprint of the leaf certificate of every handshake so far, in order.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The web PKI verifier, recording each leaf certificate first.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<WebPkiServerVerifier>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(weft_tests::tls::fingerprint(end_entity));
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -44,6 +44,8 @@ fn load(to: SocketAddr, count: u64) -> http::LoadOptions {
         slow_body: None,
         pace: Duration::ZERO,
         timeout: Duration::from_secs(10),
+        tls: None,
+        new_connections: false,
     }
 }
 
@@ -67,6 +69,7 @@ fn call(to: SocketAddr, mode: grpc::Mode, messages: u64) -> grpc::CallOptions {
         headers: Vec::new(),
         pace: Duration::ZERO,
         timeout: Duration::from_secs(10),
+        tls: None,
     }
 }
 
@@ -454,4 +457,58 @@ async fn https_serve_answers_tls13_with_the_file_as_it_is_now() {
     .await
     .unwrap();
     assert!(refused.is_err(), "{refused:?}");
+}
+
+#[cfg(feature = "jwt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_load_over_tls_records_the_certificate_of_every_handshake() {
+    let tls = weft_tests::jwt::TlsFiles::for_ip("127.0.0.1".parse().unwrap()).unwrap();
+    let file = tls.dir().join("body.json");
+    std::fs::write(&file, "{}").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let config = crate::https::server_config(&tls.cert, &tls.key).unwrap();
+    tokio::spawn(crate::https::serve_listener(listener, config, file, |_| {}));
+    let leaf = weft_tests::tls::fingerprint_pem(&std::fs::read_to_string(&tls.cert).unwrap());
+    let leaf = leaf.unwrap();
+    let client = |sni: Option<&str>| {
+        let mut args = vec!["--tls-ca".to_owned(), tls.ca.display().to_string()];
+        if let Some(sni) = sni {
+            args.extend(["--sni".to_owned(), sni.to_owned()]);
+        }
+        let flags = crate::Flags::parse(&args).unwrap();
+        crate::ClientTls::from_flags(&flags, to, b"http/1.1")
+            .unwrap()
+            .map(Arc::new)
+    };
+    // Keep-alive: one handshake; a new connection per request: one each, none resumed.
+    let kept = http::run_load(http::LoadOptions {
+        concurrency: 1,
+        tls: client(None),
+        ..load(to, 3)
+    })
+    .await;
+    assert_eq!(
+        (kept.status(200), kept.certificates.clone()),
+        (3, vec![leaf.clone()])
+    );
+    let fresh = http::run_load(http::LoadOptions {
+        concurrency: 1,
+        tls: client(None),
+        new_connections: true,
+        ..load(to, 3)
+    })
+    .await;
+    assert_eq!(
+        (fresh.status(200), fresh.certificates),
+        (3, vec![leaf.clone(); 3])
+    );
+    // A name the certificate is not for: a TLS failure, and the certificate it was shown.
+    let refused = http::run_load(http::LoadOptions {
+        tls: client(Some("other.example")),
+        ..load(to, 1)
+    })
+    .await;
+    assert_eq!(refused.errors.get("tls"), Some(&1), "{refused:?}");
+    assert_eq!(refused.certificates, vec![leaf]);
 }

@@ -75,7 +75,7 @@ fn gateway_and_secret_errors_name_the_field() {
     let mut opaque = tls_secret("edge", "opaque");
     opaque["type"] = "Opaque".into();
     let mut other = gateway("weft", &["shop-cert"]);
-    other["spec"]["listeners"][1]["protocol"] = "TCP".into();
+    other["spec"]["listeners"][1]["protocol"] = "UDP".into();
     let cases = [
         (
             file(

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use super::*;
+use crate::state::RouteKind;
 
 const GATEWAY: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -145,21 +146,21 @@ fn errors_name_the_field_path() {
         ),
         (
             "{name: http, port: 8080, protocol: HTTP}",
-            "{name: http, port: 8080, protocol: TCP}",
+            "{name: http, port: 8080, protocol: UDP}",
             "gateways[0].spec.listeners[1].protocol",
             "not supported by weft yet",
         ),
         (
             "{name: http, port: 8080, protocol: HTTP}",
-            "{name: http, port: 8080, protocol: TLS}",
-            "gateways[0].spec.listeners[1].protocol",
-            "not supported by weft yet",
+            "{name: http, port: 8443, protocol: TLS}",
+            "gateways[0].spec.listeners[1].tls",
+            "required for a TLS listener",
         ),
         (
             "{name: http, port: 8080, protocol: HTTP}",
             "{name: http, port: 8080, protocol: http}",
             "gateways[0].spec.listeners[1].protocol",
-            "expected \"HTTP\" or \"HTTPS\"",
+            "expected \"HTTP\", \"HTTPS\", \"TLS\" or \"TCP\"",
         ),
         (
             "{name: http, port: 8080, protocol: HTTP}",
@@ -177,7 +178,7 @@ fn errors_name_the_field_path() {
             "{name: http, port: 8080, protocol: HTTP}",
             "{name: http, port: 8080, protocol: HTTP, tls: {certificateRefs: [{name: a}]}}",
             "gateways[0].spec.listeners[1].tls",
-            "only for an HTTPS listener",
+            "only for an HTTPS or TLS listener",
         ),
         (
             "{name: http, port: 8080, protocol: HTTP}",
@@ -189,7 +190,7 @@ fn errors_name_the_field_path() {
             "mode: Terminate",
             "mode: Passthrough",
             "gateways[0].spec.listeners[0].tls.mode",
-            "not supported by weft yet",
+            "Passthrough is for a TLS listener",
         ),
         (
             "mode: Terminate",
@@ -243,7 +244,7 @@ fn errors_name_the_field_path() {
             "{kind: HTTPRoute}, {group",
             "{kind: TLSRoute}, {group",
             "gateways[0].spec.listeners[0].allowedRoutes.kinds[0].kind",
-            "not supported by weft yet",
+            "a listener of protocol HTTPS serves HTTPRoute and GRPCRoute",
         ),
         (
             "{kind: HTTPRoute}, {group",
@@ -283,6 +284,24 @@ fn errors_name_the_field_path() {
         ),
         (
             "{name: http, port: 8080, protocol: HTTP}",
+            "{name: db, port: 5443, protocol: TLS, tls: {mode: Terminate, certificateRefs: [{name: a}]}}",
+            "gateways[0].spec.listeners[1].tls.mode",
+            "not supported by weft yet",
+        ),
+        (
+            "{name: http, port: 8080, protocol: HTTP}",
+            "{name: db, port: 5443, protocol: TLS, tls: {mode: Passthrough, certificateRefs: [{name: a}]}}",
+            "gateways[0].spec.listeners[1].tls.certificateRefs",
+            "presents no certificate",
+        ),
+        (
+            "{name: http, port: 8080, protocol: HTTP}",
+            "{name: raw, port: 9000, protocol: TCP, allowedRoutes: {kinds: [{kind: HTTPRoute}]}}",
+            "gateways[0].spec.listeners[1].allowedRoutes.kinds[0].kind",
+            "a listener of protocol TCP serves TCPRoute",
+        ),
+        (
+            "{name: http, port: 8080, protocol: HTTP}",
             "{name: http, port: 8080, protocol: HTTP, hostnme: a.example}",
             "gateways[0].spec.listeners[1].hostnme",
             "unknown field",
@@ -312,4 +331,22 @@ fn errors_name_the_field_path() {
         "  gatewayClassName: weft\n  allowedListeners: {namespaces: {from: None}}\n  defaultScope: None\n  addresses: []\n",
     );
     parse(&explicit).unwrap().unwrap();
+}
+
+#[test]
+fn passthrough_and_tcp_listeners_admit_their_route_kinds() {
+    let text = GATEWAY.replace(
+        "{name: http, port: 8080, protocol: HTTP}",
+        "{name: db, port: 5443, protocol: TLS, hostname: db.example.com, tls: {mode: Passthrough}}\n    - {name: raw, port: 9000, protocol: TCP}",
+    );
+    let object: Value = serde_yaml::from_str(&text).unwrap();
+    let gateway = gateway("g", &object, "default").unwrap().unwrap();
+    let db = &gateway.listeners[1];
+    assert_eq!(db.protocol, ListenerProtocol::Tls);
+    assert_eq!(db.hostname.as_deref(), Some("db.example.com"));
+    assert!(db.certificates.is_empty());
+    assert_eq!(db.allowed_routes.kinds, [RouteKind::Tls]);
+    let raw = &gateway.listeners[2];
+    assert_eq!(raw.protocol, ListenerProtocol::Tcp);
+    assert_eq!(raw.allowed_routes.kinds, [RouteKind::Tcp]);
 }

@@ -167,9 +167,9 @@ async fn an_invalid_gateway_or_secret_is_left_out_and_logged_once() {
         "{last}"
     );
 
-    let mut tcp = gateway_object("public", "weft");
-    tcp["spec"]["listeners"][0]["protocol"] = "TCP".into();
-    h.api.apply_value::<GatewayKind>(tcp);
+    let mut udp = gateway_object("public", "weft");
+    udp["spec"]["listeners"][0]["protocol"] = "UDP".into();
+    h.api.apply_value::<GatewayKind>(udp);
     h.until("the gateway left out", |s| s.gateways.is_empty())
         .await;
     let last = h.health.view()[&Kind::Gateway]
