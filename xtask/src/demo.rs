@@ -27,8 +27,8 @@ use weft_tests::{
 
 use crate::{cargo, setup};
 
+mod ca;
 mod edge;
-mod outside;
 
 pub fn run() -> Result<()> {
     setup::ensure()?;

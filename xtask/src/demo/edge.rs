@@ -5,22 +5,22 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use weft_tests::{
-    TestAgent, TestNode, TestPod, TestProcess, app,
+    Spawn, TestAgent, TestNode, TestPod, app,
+    gateway::{self, TestGateway},
     l7::{self, HttpLoad, HttpServe},
     metrics::Scrape,
-    sys,
+    outside::{Link, Outside},
 };
 
-use super::outside::{DemoCa, Outside, describe_certificate};
+use super::ca::{DemoCa, describe_certificate};
 
 /// Sections 8 and 9, with the world outside the cluster (linked to node 1) between them.
 pub fn run(
@@ -29,12 +29,12 @@ pub fn run(
     agents: [&TestAgent; 2],
     problems: &mut Vec<String>,
 ) -> Result<()> {
-    let mut outside = Outside::new(nodes[0])?;
+    let outside = Outside::new(nodes[0], "outside", OUTSIDE_LINK)?;
     let ca = DemoCa::new(nodes[0].dir(), "weft demo public CA")?;
     println!("\n== 8. from outside, through the ingress gateway ==");
     gateway(nodes, agents, &outside, &ca, problems)?;
     println!("\n== 9. leaving the mesh: a registered external service, an unregistered host ==");
-    egress(nodes[0], client, agents[0], &mut outside, &ca, problems)
+    egress(nodes[0], client, agents[0], &outside, &ca, problems)
 }
 
 /// Section 8: `weft gateway` for the Gateway edge/public runs in a pod of node 1 outside
@@ -54,12 +54,7 @@ fn gateway(
         .label("app", "shop")
         .mtls_mode("STRICT")
         .create()?;
-    let gw_pod = nodes[0]
-        .pod(GATEWAY)
-        .namespace(GATEWAY_NS)
-        .service_account(GATEWAY)
-        .enrolled(false)
-        .create()?;
+    let gw_pod = TestGateway::pod(nodes[0], GATEWAY_NS, GATEWAY)?;
     for node in nodes {
         node.add_service(weft_tests::Service {
             name: "shop".into(),
@@ -75,38 +70,15 @@ fn gateway(
     }
     let shop_app = l7::http_serve(&shop, &HttpServe::new(APP_PORT, "shop"))?;
     let cert = ca.issue(SHOP_HOST)?;
+    let mut listener = gateway::https_listener("https", GATEWAY_PORT, &["shop-cert"]);
+    listener["hostname"] = json!("*.example.test");
+    let rules = json!([{ "backendRefs": [{ "name": "shop", "port": 80 }] }]);
     let sections = json!({
-        "gateways": [{
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "Gateway",
-            "metadata": { "name": GATEWAY, "namespace": GATEWAY_NS },
-            "spec": {
-                "gatewayClassName": "weft",
-                "listeners": [{
-                    "name": "https", "port": GATEWAY_PORT, "protocol": "HTTPS",
-                    "hostname": "*.example.test",
-                    "tls": { "mode": "Terminate", "certificateRefs": [{ "kind": "Secret", "name": "shop-cert" }] },
-                    "allowedRoutes": { "namespaces": { "from": "All" } },
-                }],
-            },
-        }],
-        "secrets": [{
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": { "name": "shop-cert", "namespace": GATEWAY_NS },
-            "type": "kubernetes.io/tls",
-            "stringData": { "tls.crt": cert.cert_pem, "tls.key": cert.key_pem },
-        }],
-        "routes": [{
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": { "name": "shop", "namespace": SHOP_NS },
-            "spec": {
-                "parentRefs": [{ "kind": "Gateway", "name": GATEWAY, "namespace": GATEWAY_NS, "sectionName": "https" }],
-                "hostnames": [SHOP_HOST],
-                "rules": [{ "backendRefs": [{ "name": "shop", "port": 80 }] }],
-            },
-        }],
+        "gateways": [gateway::gateway(GATEWAY_NS, GATEWAY, json!([listener]))],
+        "secrets": [gateway::tls_secret(GATEWAY_NS, "shop-cert", &cert.cert_pem, &cert.key_pem)],
+        "routes": [gateway::route(
+            "HTTPRoute", (SHOP_NS, "shop"), (GATEWAY_NS, GATEWAY), "https", &[SHOP_HOST], rules,
+        )],
     });
     let gateway_id = format!("spiffe://cluster.local/ns/{GATEWAY_NS}/sa/{GATEWAY}");
     println!(
@@ -121,35 +93,26 @@ fn gateway(
         gw_pod.ip(),
         nodes[0].node_name(),
     );
-    let gw = Gateway::start(nodes[0], &gw_pod, &sections)?;
+    let mut gw = TestGateway::start(nodes[0], &gw_pod, sections)?;
+    gw.show_log_on_drop(false);
     let seen = agents[1].newest_record_id()?;
     let to = SocketAddr::from((gw_pod.ip(), GATEWAY_PORT));
     let request = format!("GET /cart HTTP/1.1\r\nHost: {SHOP_HOST}\r\nConnection: close\r\n\r\n");
-    let connect = to.to_string();
     let ca_file = ca.cert_path().display().to_string();
-    let session = outside.run(
-        "timeout",
-        &[
-            "20",
-            "openssl",
-            "s_client",
-            "-connect",
-            &connect,
-            "-servername",
-            SHOP_HOST,
-            "-CAfile",
-            &ca_file,
-            "-verify_hostname",
-            SHOP_HOST,
-            "-verify_return_error",
-            "-ign_eof",
-        ],
-        &request,
-    )?;
+    let script = format!(
+        "printf '{}' | timeout 20 openssl s_client -connect {to} -servername {SHOP_HOST} \
+         -CAfile {ca_file} -verify_hostname {SHOP_HOST} -verify_return_error -ign_eof",
+        request.replace("\r\n", "\\r\\n")
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script]);
+    let session = outside
+        .run(cmd, "s_client", weft_tests::scaled(Duration::from_secs(30)))?
+        .output;
     println!(
         "A client outside the cluster ({}, routed to the cluster through {}) opens TLS to \
          {to} with SNI {SHOP_HOST}\n(`openssl s_client`) and sends GET /cart:",
-        outside.client_ip(),
+        outside.ip(),
         nodes[0].node_name()
     );
     let leaf = session
@@ -202,10 +165,10 @@ fn gateway(
         .requests()
         .last()
         .and_then(|r| r.header("x-forwarded-for").map(str::to_owned));
-    if xff.as_deref() != Some(&outside.client_ip().to_string()) {
+    if xff.as_deref() != Some(&outside.ip().to_string()) {
         problems.push(format!(
             "the app should see X-Forwarded-For {}, it saw {xff:?}",
-            outside.client_ip()
+            outside.ip()
         ));
     }
     match gw.access_log().first() {
@@ -241,14 +204,14 @@ fn egress(
     node: &TestNode,
     client: &TestPod,
     agent: &TestAgent,
-    outside: &mut Outside,
+    outside: &Outside,
     ca: &DemoCa,
     problems: &mut Vec<String>,
 ) -> Result<()> {
     let testapp = app::testapp_bin();
     let mut hosts = Vec::new();
     for (host, ip) in [(API_HOST, API_IP), (OTHER_HOST, OTHER_IP)] {
-        outside.add_host_address(ip)?;
+        outside.add_loopback_address(ip)?;
         let cert = ca.issue(host)?;
         let body = node.dir().join(format!("{host}.json"));
         std::fs::write(&body, json!({ "host": host }).to_string())?;
@@ -271,8 +234,9 @@ fn egress(
             "--file",
             &body,
         ];
-        let out = outside.serve(host, &testapp, &args)?;
-        hosts.push(HttpsHost { out });
+        let mut cmd = Command::new(&testapp);
+        cmd.args(args);
+        hosts.push(outside.spawn(cmd, host)?);
     }
     for host in &hosts {
         wait_for(
@@ -374,85 +338,6 @@ fn egress(
     Ok(())
 }
 
-/// `weft gateway` in a pod: the node's config plus the gateway's sections as its state
-/// file; its output (the JSON access log) in the node's directory.
-struct Gateway {
-    process: TestProcess,
-    netns: PathBuf,
-}
-
-impl Gateway {
-    fn start(node: &TestNode, pod: &TestPod, sections: &Value) -> Result<Self> {
-        let mut config = node.config();
-        if let (Some(c), Some(sections)) = (config.as_object_mut(), sections.as_object()) {
-            c.extend(sections.clone());
-            // Of the agent's own section only the node means something to a gateway.
-            let node = c.get("agent").and_then(|a| a.get("node")).cloned();
-            c.insert("agent".into(), json!({ "node": node }));
-        }
-        let path = node.dir().join("gateway.yaml");
-        std::fs::write(&path, serde_yaml_text(&config)?)?;
-        let ca = node.ensure_ca()?;
-        let mut cmd = Command::new(app::weft_bin());
-        cmd.arg("gateway")
-            .arg("--config")
-            .arg(&path)
-            .args(["--name", GATEWAY, "--namespace", GATEWAY_NS])
-            .args(["--service-account", GATEWAY])
-            .arg("--ca-cert")
-            .arg(&ca.cert)
-            .arg("--ca-key")
-            .arg(&ca.key);
-        for var in weft_tests::agent::OVERRIDES {
-            cmd.env_remove(var);
-        }
-        cmd.env("NO_COLOR", "1").env("WEFT_LOG", "info");
-        let mut gateway = Gateway {
-            process: pod.spawn(cmd, "gateway")?,
-            netns: pod.netns_path(),
-        };
-        let ready = SocketAddr::from((Ipv4Addr::LOCALHOST, 15021));
-        let deadline = Instant::now() + weft_tests::scaled(Duration::from_secs(30));
-        loop {
-            if let Some(status) = gateway.process.try_status() {
-                bail!("weft gateway exited ({status}):\n{}", gateway.log());
-            }
-            let r = sys::http_get(&gateway.netns, ready, "/healthz/ready");
-            if r.as_ref().is_ok_and(|r| r.status == 200) {
-                return Ok(gateway);
-            }
-            if Instant::now() > deadline {
-                return Err(anyhow!("weft gateway not ready: {r:?}\n{}", gateway.log()));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Its access-log lines (JSON, `kind: "access"`).
-    fn access_log(&self) -> Vec<Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["kind"] == "access")
-            .collect()
-    }
-
-    fn log(&self) -> String {
-        self.process.output()
-    }
-}
-
-/// An HTTPS host outside the cluster (`weft-testapp https-serve`), by its output file.
-struct HttpsHost {
-    out: PathBuf,
-}
-
-impl HttpsHost {
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-}
-
 fn wait_for(mut ok: impl FnMut() -> bool, what: &str) -> Result<()> {
     let deadline = Instant::now() + weft_tests::scaled(Duration::from_secs(10));
     while !ok() {
@@ -464,10 +349,15 @@ fn wait_for(mut ok: impl FnMut() -> bool, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn serde_yaml_text(config: &Value) -> Result<String> {
-    weft_tests::agent::config_yaml(config).context("the gateway's state file")
-}
-
+/// Node 1's link to the world outside: its default route (the internet) and the way the
+/// outside client reaches the cluster.
+const OUTSIDE_LINK: Link = Link {
+    node_end: "out0",
+    far_end: "eth0",
+    node_ip: Ipv4Addr::new(203, 0, 113, 1),
+    far_ip: gateway::OUTSIDE_IP,
+    default_route: true,
+};
 const APP_PORT: u16 = 8080;
 const GATEWAY: &str = "public";
 const GATEWAY_NS: &str = "edge";
