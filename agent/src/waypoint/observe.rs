@@ -71,6 +71,7 @@ impl Exchange {
         };
         // A gateway's client comes from outside the mesh: no identity, no mTLS.
         let outside = matches!(tunnel.target, Target::Listener { .. });
+        let reporter = if outside { "gateway" } else { REPORTER };
         let src_identity = if outside {
             "-".to_owned()
         } else {
@@ -78,7 +79,7 @@ impl Exchange {
         };
         let record = RequestRecord {
             kind: "access",
-            reporter: REPORTER,
+            reporter,
             start_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             method: request.method().to_string(),
             path: request.uri().path().to_owned(),
@@ -107,7 +108,7 @@ impl Exchange {
             ..RequestRecord::default()
         };
         let labels = HttpLabels {
-            reporter: REPORTER,
+            reporter,
             source_workload,
             source_workload_namespace: if outside {
                 UNKNOWN.to_owned()

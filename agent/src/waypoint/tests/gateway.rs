@@ -235,6 +235,7 @@ async fn http_routes_by_host_into_the_mesh_as_the_gateway_with_the_client_addres
     let log = f.h.access_log();
     let line = log.last().unwrap();
     assert_eq!(line["src.identity"], "-");
+    assert_eq!(line["reporter"], "gateway");
     assert!(
         line["src.addr"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{line}"
