@@ -31,19 +31,14 @@ pub fn tls_route(
     default_namespace: &str,
 ) -> Result<HttpRoute, Invalid> {
     let route: tls::TlsRoute = decode(field, &with_version(object, "v1"))?;
-    let name = object_name(field, &route.metadata, default_namespace)?;
-    let spec_field = at(field, "spec");
     let spec = route.spec;
-    let rules = reshape(&format!("{spec_field}.rules"), spec.rules)?;
-    let parent_refs = reshape(&format!("{spec_field}.parentRefs"), spec.parent_refs)?;
-    Ok(HttpRoute {
+    let parts = L4Parts {
         kind: RouteKind::Tls,
-        parents: Vec::new(),
-        gateway_parents: gateway_parents(&spec_field, &name.namespace, parent_refs)?,
-        hostnames: hostnames(&spec_field, Some(spec.hostnames))?,
-        rules: one_rule(&spec_field, &name.namespace, rules)?,
-        name,
-    })
+        hostnames: Some(spec.hostnames),
+        parent_refs: &spec.parent_refs,
+        rules: &spec.rules,
+    };
+    l4_route(field, &route.metadata, default_namespace, parts)
 }
 
 /// Validates a `TCPRoute` object.
@@ -53,16 +48,40 @@ pub fn tcp_route(
     default_namespace: &str,
 ) -> Result<HttpRoute, Invalid> {
     let route: tcp::TcpRoute = decode(field, object)?;
-    let name = object_name(field, &route.metadata, default_namespace)?;
-    let spec_field = at(field, "spec");
     let spec = route.spec;
-    let rules = reshape(&format!("{spec_field}.rules"), spec.rules)?;
-    let parent_refs = reshape(&format!("{spec_field}.parentRefs"), spec.parent_refs)?;
-    Ok(HttpRoute {
+    let parts = L4Parts {
         kind: RouteKind::Tcp,
+        hostnames: None,
+        parent_refs: &spec.parent_refs,
+        rules: &spec.rules,
+    };
+    l4_route(field, &route.metadata, default_namespace, parts)
+}
+
+/// What a TLSRoute and a TCPRoute both carry, as their own types have it.
+struct L4Parts<'a, P, R> {
+    kind: RouteKind,
+    hostnames: Option<Vec<String>>,
+    parent_refs: &'a P,
+    rules: &'a R,
+}
+
+/// The route of `parts`, its parentRefs and rules read through the HTTP types.
+fn l4_route<P: serde::Serialize, R: serde::Serialize>(
+    field: &str,
+    metadata: &kube::api::ObjectMeta,
+    default_namespace: &str,
+    parts: L4Parts<'_, P, R>,
+) -> Result<HttpRoute, Invalid> {
+    let name = object_name(field, metadata, default_namespace)?;
+    let spec_field = at(field, "spec");
+    let rules = reshape(&format!("{spec_field}.rules"), parts.rules)?;
+    let parent_refs = reshape(&format!("{spec_field}.parentRefs"), parts.parent_refs)?;
+    Ok(HttpRoute {
+        kind: parts.kind,
         parents: Vec::new(),
         gateway_parents: gateway_parents(&spec_field, &name.namespace, parent_refs)?,
-        hostnames: Vec::new(),
+        hostnames: hostnames(&spec_field, parts.hostnames)?,
         rules: one_rule(&spec_field, &name.namespace, rules)?,
         name,
     })
