@@ -371,20 +371,13 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Route hostnames: exact, or `*.example.com` for any subdomain.
+/// Route hostnames (lowercase, as the source reads them): exact, or `*.example.com` for
+/// any subdomain; none: every host.
 fn host_matches(hostnames: &[String], host: Option<&str>) -> bool {
     if hostnames.is_empty() {
         return true;
     }
-    let Some(host) = host else {
-        return false;
-    };
-    hostnames.iter().any(|name| match name.strip_prefix("*.") {
-        Some(suffix) => host
-            .strip_suffix(suffix)
-            .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
-        None => name.eq_ignore_ascii_case(host),
-    })
+    host.is_some_and(|host| hostnames.iter().any(|name| hostname_matches(name, host)))
 }
 
 #[cfg(test)]
